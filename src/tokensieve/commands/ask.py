@@ -1,0 +1,70 @@
+"""`tokensieve ask`: answer a question about a document with any method."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tokensieve.commands.common import add_method_args, add_model_args, build_method, fmt_bytes, load, print_json, parse_size
+from tokensieve.runner import encode_prompt, generate, selection_text
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("ask", help="answer a question about a document", description="Answer a question about a document (chat template applied) and print the answer with timing, memory and tokens kept.")
+    p.add_argument("--file", required=True, help="document to read ('-' for stdin)")
+    p.add_argument("--question", required=True, help="question about the document")
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--max-new-tokens", type=parse_size, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
+    p.add_argument("--show-selection", action="store_true", help="print the prompt text the method kept, with [...] for dropped spans")
+    p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
+    p.set_defaults(func=run)
+
+
+def read_document(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return f.read()
+
+
+def run(args: argparse.Namespace) -> int:
+    doc = read_document(args.file)
+    if not doc.strip():
+        raise ValueError(f"the document {args.file!r} is empty")
+    if not args.question.strip():
+        raise ValueError("the question is empty")
+    method = build_method(args, args.method)
+    model, tok = load(args)
+    messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]
+    res = generate(model, tok, messages, method=method, max_new_tokens=args.max_new_tokens, allow_long=args.allow_long)
+    out = res.to_dict()
+    out.pop("token_ids")
+    out["answer"] = out.pop("text")
+    out["model"] = args.model
+    if args.show_selection and res.kept_indices is not None:
+        out["kept_text"] = selection_text(tok, encode_prompt(tok, messages), res.kept_indices)
+    if args.json:
+        if not args.show_selection:
+            out.pop("kept_indices")
+        print_json(out)
+        return 0
+    print(res.text)
+    print()
+    rows = [
+        ("method", res.method),
+        ("model", args.model),
+        ("prompt tokens", res.prompt_tokens),
+        ("kept tokens", res.kept_tokens),
+        ("TTFT", f"{res.ttft_s:.3f} s"),
+        ("decode", f"{res.decode_tokens_per_s:.1f} tok/s" if res.decode_tokens_per_s else "-"),
+        ("peak memory", fmt_bytes(res.peak_memory_bytes)),
+        ("KV after prefill", f"{res.kv_tokens_prefill[0] if res.kv_tokens_prefill else 0} tokens/layer, {fmt_bytes(res.kv_bytes_prefill)}"),
+    ]
+    for k, v in rows:
+        print(f"{k:>17}: {v}")
+    if "kept_text" in out:
+        print("\n--- kept text ---")
+        print(out["kept_text"])
+    return 0

@@ -1,0 +1,42 @@
+"""`tokensieve calibrate`: find a GemFilter filter layer (and scoring) for a model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from tokensieve.commands.common import add_model_args, load, parse_floats, parse_size, parse_sizes, print_json
+from tokensieve.data import read_text
+from tokensieve.evaluation.calibrate import calibrate
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("calibrate", help="find a GemFilter filter layer for a model", description="Measure, for every layer and both scorings, the fraction of needle tokens inside GemFilter's top-k selection on generated needle prompts; print the recall per layer and the chosen layer.")
+    add_model_args(p)
+    p.add_argument("--lengths", type=parse_sizes, default=[2048, 4096], help="prompt lengths (default 2k,4k)")
+    p.add_argument("--depths", type=parse_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (default 0.1,...,0.9)")
+    p.add_argument("--topk", type=parse_size, default=1024, help="selection size (default 1024)")
+    p.add_argument("--haystack", default=None, help="text file for the haystack (default: PG-19 books)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--out", default=None, help="also write the JSON result to this file")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    model, tok = load(args)
+    hay = read_text(args.haystack, min_chars=max(args.lengths) * 8)
+    cal = calibrate(model, tok, hay, args.lengths, args.depths, topk=args.topk)
+    res = cal.to_dict() | {"model": args.model}
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(res, indent=1))
+    if args.json:
+        print_json(res)
+        return 0
+    print(f"needle recall of the top-{args.topk} selection per layer (mean over {len(args.lengths) * len(args.depths)} prompts)")
+    print("layer " + " ".join(f"{s:>7}" for s in cal.recall))
+    for i in range(len(next(iter(cal.recall.values())))):
+        print(f"{i:>5} " + " ".join(f"{cal.recall[s][i]:7.2f}" for s in cal.recall))
+    print(f"chosen: --filter-layer {cal.best_layer} --scoring {cal.best_scoring}")
+    return 0

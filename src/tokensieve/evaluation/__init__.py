@@ -1,0 +1,1 @@
+"""Accuracy evaluation: needle-in-a-haystack (and, later, RULER-style tasks, perplexity)."""

@@ -1,0 +1,88 @@
+"""Needle-in-a-haystack, as in the GemFilter paper's figure: lengths x depths grid.
+
+The default needle and question are the paper's. A sample is scored by the
+fraction of expected phrases found in the answer (case-insensitive); a cell is
+"correct" when all are found.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from transformers import PreTrainedTokenizerBase
+
+from tokensieve.runner import encode_prompt
+
+DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
+DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
+DEFAULT_EXPECTED = ("sandwich", "Dolores Park")
+
+
+@dataclass
+class NeedlePrompt:
+    messages: list[dict[str, str]]
+    length: int  # prompt tokens, chat template included
+    depth: float  # requested depth in [0, 1]
+    needle_span: list[int]  # token indices of the needle in the prompt
+
+
+def make_messages(context: str, question: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": f"{context}\n\nAnswer the question from the text above.\nQuestion: {question}"}]
+
+
+def build_needle_prompt(
+    tokenizer: PreTrainedTokenizerBase,
+    haystack: str,
+    length: int,
+    depth: float,
+    needle: str = DEFAULT_NEEDLE,
+    question: str = DEFAULT_QUESTION,
+) -> NeedlePrompt:
+    """Chat messages of about ``length`` tokens with ``needle`` at ``depth`` (0 = start, 1 = end) of the context.
+
+    The needle goes in at a sentence boundary near the requested depth.
+    """
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"depth must be in [0, 1], got {depth}")
+    overhead = encode_prompt(tokenizer, make_messages(needle, question)).shape[1]
+    budget = length - overhead
+    if budget <= 0:
+        raise ValueError(f"length {length} is too short: the needle, question and template alone take {overhead} tokens")
+    hay_ids = tokenizer(haystack[: budget * 8], add_special_tokens=False)["input_ids"]
+    if len(hay_ids) < budget:
+        raise ValueError(f"haystack too short for {length} tokens ({len(hay_ids)} available)")
+    context = tokenizer.decode(hay_ids[:budget])
+    cut = int(depth * len(context))
+    if 0 < cut < len(context):
+        m = re.search(r"[.!?]\s", context[cut:])
+        cut = cut + m.end() if m else len(context)
+    before, after = context[:cut], context[cut:]
+    joined = f"{before.rstrip()} {needle} {after.lstrip()}".strip()
+    messages = make_messages(joined, question)
+    ids = encode_prompt(tokenizer, messages)[0].tolist()
+    return NeedlePrompt(messages, len(ids), depth, find_span(tokenizer, ids, needle))
+
+
+def find_span(tokenizer: PreTrainedTokenizerBase, ids: list[int], text: str) -> list[int]:
+    """Indices of the tokens of ``ids`` whose decoded characters overlap the first occurrence of ``text``."""
+    # Whitespace is dropped on both sides: single-token decodes may add or strip leading spaces.
+    pieces = ["".join(tokenizer.decode([t]).split()) for t in ids]
+    full, text = "".join(pieces), "".join(text.split())
+    start = full.find(text)
+    if start < 0:
+        raise ValueError("needle text not found in the decoded prompt")
+    end, pos, span = start + len(text), 0, []
+    for i, p in enumerate(pieces):
+        if pos < end and pos + len(p) > start:
+            span.append(i)
+        pos += len(p)
+    return span
+
+
+def score_answer(answer: str, expected: tuple[str, ...] | list[str] = DEFAULT_EXPECTED) -> float:
+    """Fraction of expected phrases that appear in ``answer`` (case- and whitespace-insensitive)."""
+    norm = " ".join(answer.lower().split())
+    if not expected:
+        raise ValueError("expected phrases must not be empty")
+    return sum(" ".join(e.lower().split()) in norm for e in expected) / len(expected)

@@ -1,0 +1,36 @@
+"""All methods, by name. A new method joins with one line in ``METHODS``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from tokensieve.methods.base import DecodeState, Method
+from tokensieve.methods.full import FullAttention
+from tokensieve.methods.gemfilter import GemFilter
+
+METHODS: dict[str, type[Method]] = {
+    FullAttention.name: FullAttention,
+    GemFilter.name: GemFilter,
+}
+
+
+def make_method(method: str | Method, **params: Any) -> Method:
+    """A method instance from its name and parameters (unknown names/parameters raise ``ValueError``)."""
+    if isinstance(method, Method):
+        if params:
+            return dataclasses.replace(method, **params)
+        return method
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
+    cls = METHODS[method]
+    allowed = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(params) - allowed)
+    if bad:
+        raise ValueError(
+            f"method {method!r} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(sorted(allowed)) or 'none'}"
+        )
+    return cls(**params)
+
+
+__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter"]

@@ -1,0 +1,99 @@
+"""The contract every method implements, and helpers they share.
+
+A method turns a prompt into (a) the logits of the first generated token and
+(b) a state from which further tokens are decoded. The runner owns timing,
+memory measurement and the greedy loop; a method owns only what is special
+about it. Three kinds of method fit this one contract (see DESIGN.md):
+
+* prompt selection (GemFilter): ``prefill`` picks tokens, then runs the model;
+* KV eviction (SnapKV, H2O, StreamingLLM, SepLLM): ``prefill`` returns a
+  ``transformers`` ``Cache`` that keeps only some entries;
+* pruning inside the forward (LazyLLM): ``prefill`` and ``step`` run their own
+  layer loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from transformers import Cache, DynamicCache, PreTrainedModel
+
+
+@dataclass
+class DecodeState:
+    """What a method hands back after prefill and updates at every step."""
+
+    logits: torch.Tensor  # [batch, vocab]: logits for the next token
+    cache: Cache | None
+    next_position: int  # position id the next fed token gets
+    kept_indices: torch.Tensor | None = None  # [kept] prompt indices the model computed on (selection methods)
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+class Method:
+    """Base class. Subclasses are dataclasses whose fields are the method's parameters."""
+
+    name: ClassVar[str] = "base"
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        """Raise ``ValueError`` naming the bad parameter, given the model and prompt length."""
+
+    def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        raise NotImplementedError
+
+    def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
+        """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
+        return {}
+
+    def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        """Feed ``token_ids`` [batch, 1]; return the next logits [batch, vocab]."""
+        pos = torch.full_like(token_ids, state.next_position)
+        out = model(
+            input_ids=token_ids,
+            past_key_values=state.cache,
+            position_ids=pos,
+            use_cache=True,
+            logits_to_keep=1,
+            **self.forward_kwargs(state),
+        )
+        state.next_position += token_ids.shape[1]
+        state.cache = out.past_key_values
+        state.logits = out.logits[:, -1]
+        return state.logits
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+
+
+def full_prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, cache: Cache | None = None, **kwargs: Any
+) -> DecodeState:
+    """Plain prefill of ``input_ids`` [batch, n] at positions 0..n-1 into ``cache``."""
+    cache = cache if cache is not None else DynamicCache(config=model.config)
+    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    return DecodeState(logits=out.logits[:, -1], cache=out.past_key_values, next_position=input_ids.shape[1])
+
+
+def cache_stats(cache: Cache | None) -> tuple[list[int], int]:
+    """Per-layer KV entries and total KV bytes held by a cache (keys + values)."""
+    if cache is None:
+        return [], 0
+    tokens, nbytes = [], 0
+    for layer in getattr(cache, "layers", []):
+        k, v = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if k is None or not torch.is_tensor(k) or k.numel() == 0:
+            tokens.append(0)
+            continue
+        tokens.append(int(k.shape[-2]))
+        nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
+    return tokens, nbytes
+
+
+def num_layers(model: PreTrainedModel) -> int:
+    return int(model.config.get_text_config().num_hidden_layers)
+
+
+def max_positions(model: PreTrainedModel) -> int | None:
+    return getattr(model.config.get_text_config(), "max_position_embeddings", None)

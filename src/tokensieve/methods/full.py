@@ -1,0 +1,21 @@
+"""Full attention: the reference every method is compared with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from transformers import PreTrainedModel
+
+from tokensieve.methods.base import DecodeState, Method, full_prefill
+
+
+@dataclass
+class FullAttention(Method):
+    """Plain prefill over the whole prompt, then ordinary decoding (SDPA attention)."""
+
+    name: ClassVar[str] = "full"
+
+    def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        return full_prefill(model, input_ids)

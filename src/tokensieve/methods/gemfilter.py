@@ -46,7 +46,7 @@ KNOWN_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
     ("llama", 32, 4096): 13,  # Llama-3.1-8B-Instruct
     ("mistral", 40, 5120): 19,  # Mistral-Nemo-12B-Instruct
     ("phi3", 32, 3072): 19,  # Phi-3.5-mini-instruct
-    ("llama", 30, 576): 15,  # SmolLM2-135M(-Instruct)
+    ("llama", 30, 576): 18,  # SmolLM2-135M(-Instruct)
     ("gemma3_text", 18, 640): 11,  # Gemma-3-270M
 }
 
@@ -63,6 +63,31 @@ def default_filter_layer(model: PreTrainedModel) -> int:
     return KNOWN_FILTER_LAYERS.get(key, int(0.45 * cfg.num_hidden_layers))
 
 
+CHUNKED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "phi3")
+
+
+class _ChunkDone(Exception):
+    """Raised at layer r once a non-final chunk's keys are stored: nothing else of it is needed."""
+
+
+def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float) -> torch.Tensor:
+    """Attention of the last ``q`` positions over ``S >= q`` keys, causal aligned bottom-right.
+
+    query: [1, q_heads, q, d]; key/value: [1, kv_heads, S, d] -> [1, q_heads, q, d]. Uses a
+    ``CausalBias`` so fused kernels run without an explicit [q, S] mask on GPU.
+    """
+    from torch.nn.attention.bias import causal_lower_right
+
+    mask = causal_lower_right(query.shape[2], key.shape[2])
+    try:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError):  # kernels without GQA support for this bias: repeat the KV heads
+        from tokensieve.attention import repeat_kv
+
+        g = query.shape[1] // key.shape[1]
+        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+
+
 class _FilterDone(Exception):
     """Raised inside layer r's attention to stop the filter pass early."""
 
@@ -76,19 +101,19 @@ def token_scores(
 ) -> torch.Tensor:
     """Importance of each prompt token, summed over heads.
 
-    query: [batch, q_heads, n, head_dim], key: [batch, kv_heads, n, head_dim]
+    query: [batch, q_heads, nq, head_dim] (the last nq positions), key: [batch, kv_heads, n, head_dim]
     (post-RoPE, before GQA repetition). Returns float32 [batch, n]. Memory is
     linear in ``n``: only the scoring queries' rows of attention are formed.
     """
-    b, hq, n, d = query.shape
-    hkv = key.shape[1]
+    b, hq, nq, d = query.shape  # the queries may be only the last nq <= n positions
+    hkv, n = key.shape[1], key.shape[2]
     g = hq // hkv
     if scoring == "paper":
         # sum_h q_h . k_{kv(h)} = sum_kv (sum_{h in group kv} q_h) . k_kv : exact, no repeat of keys.
         q = query[:, :, -1, :].reshape(b, hkv, g, d).sum(2)  # [b, hkv, d]
         return torch.einsum("bhd,bhnd->bn", q.float(), key.float())
     if scoring == "window":
-        w = min(window, n)
+        w = min(window, nq)
         q = query[:, :, -w:, :].reshape(b, hkv, g * w, d)  # [b, hkv, g*w, d], row = (head-in-group, query)
         logits = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # [b, hkv, g*w, n]
         q_pos = torch.arange(n - w, n, device=query.device).repeat(g)  # [g*w]
@@ -119,6 +144,11 @@ class GemFilter(Method):
             (raw ``q_last . k``).
         window: scoring queries for ``"window"``.
         kernel: average-pool kernel (odd; 1 disables smoothing).
+        chunk_size: when set and the prompt is longer, the filter pass runs layer by layer
+            over chunks of this many tokens, so only one layer's keys/values and the hidden
+            states are resident (for prompts whose full KV would not fit, e.g. 1M tokens).
+            Same scores as the one-shot pass up to float rounding. Llama-style models
+            without sliding-window layers only.
     """
 
     name: ClassVar[str] = "gemfilter"
@@ -127,6 +157,7 @@ class GemFilter(Method):
     scoring: str = "window"
     window: int = 16
     kernel: int = 5
+    chunk_size: int | None = None
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
         return default_filter_layer(model) if self.filter_layer is None else self.filter_layer
@@ -144,6 +175,17 @@ class GemFilter(Method):
             raise ValueError(f"window must be positive, got {self.window}")
         if self.kernel <= 0 or self.kernel % 2 == 0:
             raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
+        if self.chunk_size is not None:
+            if self.chunk_size < max(self.window, 1):
+                raise ValueError(f"chunk_size must be >= window ({self.window}), got {self.chunk_size}")
+            cfg = model.config.get_text_config()
+            if cfg.model_type not in CHUNKED_MODEL_TYPES or any(
+                t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])
+            ):
+                raise ValueError(
+                    f"chunk_size needs a model with only full-attention layers of type {CHUNKED_MODEL_TYPES}, "
+                    f"got {cfg.model_type!r}"
+                )
 
     @torch.inference_mode()
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
@@ -151,6 +193,8 @@ class GemFilter(Method):
         if input_ids.shape[0] != 1:
             raise ValueError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)
+        if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
+            return self._chunked_scores(model, input_ids, r)
 
         def hook(module, query, key, value, attention_mask, **kwargs):
             if module.layer_idx == r:
@@ -162,6 +206,47 @@ class GemFilter(Method):
         except _FilterDone as done:
             return done.scores[0]
         raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
+
+    def _chunked_scores(self, model: PreTrainedModel, input_ids: torch.Tensor, r: int) -> torch.Tensor:
+        """Filter pass layer by layer over chunks: resident are the hidden states [1, n, D] and one
+        layer's keys/values [1, kv_heads, n, head_dim], never the KV of all filter layers."""
+        base = model.model
+        n, dev = input_ids.shape[1], input_ids.device
+        starts = list(range(0, n, self.chunk_size))
+        if len(starts) > 1 and n - starts[-1] < self.window:
+            starts.pop()  # the last chunk must hold all scoring queries
+        bounds = list(zip(starts, starts[1:] + [n]))
+        hidden = base.embed_tokens(input_ids)  # [1, n, D]
+        for li in range(r + 1):
+            layer = base.layers[li]
+            keys = values = None  # [1, kv_heads, n, head_dim], filled chunk by chunk
+            for s, e in bounds:
+                pos = torch.arange(s, e, device=dev)[None]
+                rope = base.rotary_emb(hidden[:, s:e], pos)
+
+                def hook(module, query, key, value, attention_mask, s=s, e=e, **kwargs):
+                    nonlocal keys, values
+                    if keys is None:
+                        keys = key.new_empty(key.shape[0], key.shape[1], n, key.shape[3])
+                        values = value.new_empty(keys.shape)
+                    keys[:, :, s:e], values[:, :, s:e] = key, value
+                    if li == r:
+                        if e < n:
+                            raise _ChunkDone()
+                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window))
+                    out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)
+                    return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
+
+                try:
+                    out = layer(hidden[:, s:e], attention_mask=None, position_ids=pos, position_embeddings=rope,
+                                past_key_values=None, use_cache=False, **{HOOK_KWARG: hook})
+                except _ChunkDone:
+                    continue
+                except _FilterDone as done:
+                    return done.scores[0]
+                hidden[:, s:e] = out[0] if isinstance(out, tuple) else out
+            del keys, values
+        raise RuntimeError("chunked filter pass ended without scoring")
 
     def select(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
         """Sorted indices [min(k, n)] of the prompt tokens GemFilter keeps."""

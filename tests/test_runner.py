@@ -1,0 +1,115 @@
+"""Runner, method registry, model loading and CLI errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import random_ids, tiny_model
+
+import tokensieve
+from tokensieve import cli
+from tokensieve.methods.base import cache_stats
+
+
+def test_full_generation_matches_plain_greedy_loop(tok):
+    model = tiny_model("llama")
+    ids = random_ids(30)
+    res = tokensieve.generate(model, tok, ids, method="full", max_new_tokens=6)
+    cur = ids
+    expect = []
+    with torch.no_grad():
+        for _ in range(6):
+            nxt = model(cur).logits[0, -1].argmax()
+            expect.append(int(nxt))
+            cur = torch.cat([cur, nxt.view(1, 1)], dim=1)
+    assert res.token_ids == expect
+    assert res.prompt_tokens == 30 and res.kept_tokens == 30 and res.generated_tokens == 6
+    assert res.kv_tokens_prefill == [30] * 6 and res.kv_tokens_final == [35] * 6
+    assert res.ttft_s > 0 and res.decode_tokens_per_s > 0
+
+
+def test_stops_at_eos(tok):
+    model = tiny_model("llama")
+    ids = random_ids(30)
+    first = tokensieve.generate(model, tok, ids, max_new_tokens=5).token_ids
+    model.generation_config.eos_token_id = first[2]
+    res = tokensieve.generate(model, tok, ids, max_new_tokens=5)
+    assert res.token_ids == first[: first.index(first[2]) + 1]
+    assert len(res.token_ids) < 5
+
+
+def test_cache_stats_counts_bytes():
+    model = tiny_model("llama", layers=3)
+    with torch.inference_mode():
+        st = tokensieve.methods.FullAttention().prefill(model, random_ids(10))
+    tokens, nbytes = cache_stats(st.cache)
+    assert tokens == [10, 10, 10]
+    # 3 layers x (K+V) x 2 kv heads x 10 tokens x 16 dims x 4 bytes
+    assert nbytes == 3 * 2 * 2 * 10 * 16 * 4
+
+
+def test_bad_inputs(tok):
+    model = tiny_model("llama", max_pos=64)
+    with pytest.raises(ValueError, match="empty"):
+        tokensieve.generate(model, tok, torch.zeros(1, 0, dtype=torch.long))
+    with pytest.raises(ValueError, match="empty"):
+        tokensieve.encode_prompt(tok, "   ")
+    with pytest.raises(ValueError, match="unknown method 'nope'"):
+        tokensieve.generate(model, tok, random_ids(10), method="nope")
+    with pytest.raises(ValueError, match="has no parameter"):
+        tokensieve.generate(model, tok, random_ids(10), method="full", topk=3)
+    with pytest.raises(tokensieve.PromptTooLongError, match="more than the model's maximum of 64"):
+        tokensieve.generate(model, tok, random_ids(80))
+    res = tokensieve.generate(model, tok, random_ids(80), allow_long=True, max_new_tokens=2)
+    assert res.prompt_tokens == 80
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        tokensieve.generate(model, tok, random_ids(10), max_new_tokens=0)
+
+
+def test_unknown_model_gives_one_clear_message(tmp_path):
+    with pytest.raises(tokensieve.ModelLoadError, match="not an embedded model"):
+        tokensieve.load_model("no-such-org/no-such-model-xyz")
+    with pytest.raises(tokensieve.ModelLoadError, match="GGUF file not found"):
+        tokensieve.load_model(str(tmp_path / "missing.gguf"))
+    with pytest.raises(tokensieve.ModelLoadError, match="no config.json"):
+        tokensieve.load_model(str(tmp_path))
+
+
+def test_selection_text_marks_gaps():
+    class T:
+        def decode(self, ids):
+            return "".join(chr(ord("a") + i) for i in ids)
+
+    ids = list(range(10))
+    assert tokensieve.selection_text(T(), ids, [0, 1, 4, 5, 9]) == "ab [...] ef [...] j"
+    assert tokensieve.selection_text(T(), ids, [2, 3]) == " [...] cd [...] "
+
+
+def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    assert cli.main(["ask", "--file", str(empty), "--question", "q"]) == 2
+    assert "is empty" in capsys.readouterr().err
+    assert cli.main(["ask", "--file", str(tmp_path / "nope.txt"), "--question", "q"]) == 2
+    assert "No such file" in capsys.readouterr().err
+    doc = tmp_path / "doc.txt"
+    doc.write_text("hello")
+    assert cli.main(["ask", "--file", str(doc), "--question", "q", "--model", "not-a-model-xyz"]) == 2
+    assert "not an embedded model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["ask", "--file", str(doc), "--question", "q", "--method", "bogus"])
+    with pytest.raises(SystemExit):
+        cli.main(["ask", "--file", str(doc), "--question", "q", "--topk", "0"])
+
+
+def test_cli_help_for_every_command(capsys):
+    parser = cli.build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    assert set(cli.COMMAND_MODULES) <= set(sub.choices)
+    for name in sub.choices:
+        with pytest.raises(SystemExit) as e:
+            cli.main([name, "--help"])
+        assert e.value.code == 0
+        assert "usage" in capsys.readouterr().out

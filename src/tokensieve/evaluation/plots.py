@@ -35,3 +35,39 @@ def needle_heatmap(
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None) -> Path:
+    """TTFT and peak memory vs prompt length, one line per method label (from ``bench.run_bench``).
+
+    ``anchors`` optionally maps a label to {length: (ttft_s, peak_GiB)} reference points, drawn as crosses.
+    """
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
+    for label in labels:
+        rows = sorted((r for r in result["rows"] if r["label"] == label and r["status"] == "ok"), key=lambda r: r["length"])
+        if not rows:
+            continue
+        xs = [r["length"] for r in rows]
+        a1.plot(xs, [r["ttft_s"] for r in rows], marker="o", label=label)
+        a2.plot(xs, [r["peak_memory_bytes"] / 2**30 for r in rows], marker="o", label=label)
+    for label, pts in (anchors or {}).items():
+        xs = sorted(pts)
+        a1.scatter(xs, [pts[x][0] for x in xs], marker="x", color="k", zorder=5, label=label)
+        a2.scatter(xs, [pts[x][1] for x in xs], marker="x", color="k", zorder=5, label=label)
+    env = result.get("environment", {})
+    where = env.get("gpu") or env.get("cpu", "")
+    for ax, ylab in ((a1, "time to first token (s)"), (a2, "peak memory (GiB)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("prompt tokens")
+        ax.set_ylabel(ylab)
+        ax.grid(alpha=0.3)
+    a1.set_yscale("log")
+    a1.legend(fontsize=7)
+    fig.suptitle(f"{result['shape']} ({result['dtype']}, random weights) on {where}", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path

@@ -1,0 +1,181 @@
+"""Time and memory benchmarks on real model shapes with random weights.
+
+Time and memory do not depend on weight values, so a model built from a real
+architecture's config with random weights gives true figures without the
+checkpoint. ``run_bench`` measures, per method and prompt length: TTFT (median
+of ``repeats`` runs after a warm-up, device-synchronised), peak memory, KV
+bytes after prefill, and decode tokens/s over ``decode_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import platform
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from tqdm import tqdm
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+
+from tokensieve.attention import use_tokensieve_attention
+from tokensieve.methods import Method, make_method
+from tokensieve.runner import generate
+
+# Real architectures' shapes (config values from their published config.json files).
+SHAPES: dict[str, dict[str, Any]] = {
+    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                        max_position_embeddings=131072, tie_word_embeddings=False),
+    "mistral-nemo-12b": dict(model_type="mistral", hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
+                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
+                             rope_theta=1000000.0, max_position_embeddings=131072, sliding_window=None,
+                             tie_word_embeddings=False),
+    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
+                       max_position_embeddings=131072, use_sliding_window=False, tie_word_embeddings=False),
+    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
+                         max_position_embeddings=8192, tie_word_embeddings=True),
+    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
+}
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
+    """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
+    cfg = dict(SHAPES[shape])
+    model_type = cfg.pop("model_type")
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.eval()
+    model.generation_config.eos_token_id = None  # random weights: never stop early
+    use_tokensieve_attention(model)
+    return model
+
+
+class _IdTokenizer:
+    """The runner only needs decode/eos from a tokenizer; benchmarks feed token ids."""
+
+    eos_token_id = None
+
+    def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        return ""
+
+
+@dataclass
+class BenchRow:
+    method: str
+    params: dict[str, Any]
+    length: int
+    status: str = "ok"  # ok | oom | error: ...
+    ttft_s: float | None = None  # median
+    ttft_runs: list[float] = field(default_factory=list)
+    peak_memory_bytes: int | None = None
+    kv_bytes_prefill: int | None = None
+    kv_tokens_prefill: int | None = None  # layer 0
+    kept_tokens: int | None = None
+    decode_tokens_per_s: float | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def _free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def bench_method(
+    model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0
+) -> BenchRow:
+    device = model.device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed + length)
+    ids = torch.randint(0, vocab, (1, length), generator=g)
+    tok = _IdTokenizer()
+    row = BenchRow(method=method.name, params=method.params(), length=length)
+    try:
+        runs = []
+        for _ in range(repeats):
+            r = generate(model, tok, ids, method=method, max_new_tokens=1, allow_long=True)
+            runs.append(r.ttft_s)
+            row.peak_memory_bytes = max(row.peak_memory_bytes or 0, r.peak_memory_bytes)
+            row.kv_bytes_prefill = r.kv_bytes_prefill
+            row.kv_tokens_prefill = r.kv_tokens_prefill[0] if r.kv_tokens_prefill else None
+            row.kept_tokens = r.kept_tokens
+            row.details = {k: v for k, v in r.details.items() if isinstance(v, (int, float, str, bool))}
+            del r
+            _free(device)
+        row.ttft_runs = runs
+        row.ttft_s = statistics.median(runs)
+        if decode_tokens > 0:
+            r = generate(model, tok, ids, method=method, max_new_tokens=decode_tokens + 1, allow_long=True)
+            row.decode_tokens_per_s = r.decode_tokens_per_s
+            del r
+    except torch.OutOfMemoryError:
+        row.status = "oom"
+    except Exception as exc:  # a failed cell is recorded, the sweep goes on
+        row.status = f"error: {type(exc).__name__}: {exc}"[:300]
+    _free(device)
+    return row
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    import transformers
+
+    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
+           "device": str(device)}
+    if device.type == "cuda":
+        env["gpu"] = torch.cuda.get_device_name(device)
+        env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
+    else:
+        env["cpu"] = platform.processor() or platform.machine()
+        env["threads"] = torch.get_num_threads()
+    return env
+
+
+def run_bench(
+    shape: str,
+    lengths: list[int],
+    methods: dict[str, dict[str, Any]],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | None = None,
+    repeats: int = 3,
+    decode_tokens: int = 128,
+    warmup_length: int = 1024,
+    model: PreTrainedModel | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Sweep methods x lengths on one model; returns a JSON-ready dict.
+
+    ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
+    method appear with several settings (e.g. GemFilter chunked for 1M tokens).
+    """
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    model = model if model is not None else build_model(shape, dtype, device)
+    build_s = time.perf_counter() - t0
+    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+             for label, spec in methods.items()}
+    rows: list[dict[str, Any]] = []
+    for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
+        bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2)
+    cells = [(n, label) for n in lengths for label in built]
+    for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
+        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens)
+        rows.append({"label": label, **row.__dict__})
+    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "repeats": repeats,
+            "decode_tokens": decode_tokens, "model_build_s": build_s, "environment": environment(device),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
+
+
+def save(result: dict[str, Any], path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(result, f, indent=1)

@@ -1,0 +1,72 @@
+"""`tokensieve bench`: TTFT, peak memory, KV bytes and decode speed vs prompt length."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from tokensieve.commands.common import add_method_args, method_params, parse_sizes
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tokensieve.bench import SHAPES
+
+    p = sub.add_parser("bench", help="time/memory vs prompt length on a real model shape (random weights)",
+                       description="Build a model in a real architecture's shape with random weights (time and memory do not depend on weight values) or load a checkpoint, then measure per method and length: median TTFT after warm-up, peak memory, KV bytes after prefill, decode tokens/s.")
+    p.add_argument("--shape", default="llama3.1-8b", help=f"one of: {', '.join(SHAPES)} (default llama3.1-8b)")
+    p.add_argument("--model", default=None, help="a real checkpoint (folder, .gguf or embedded name) instead of --shape")
+    p.add_argument("--lengths", type=parse_sizes, default=[8192, 32768, 65536, 131072], help="prompt lengths (default 8k,32k,64k,128k)")
+    add_method_args(p, multi=True)
+    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16)")
+    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    p.add_argument("--repeats", type=int, default=3, help="TTFT runs per cell, median reported (default 3)")
+    p.add_argument("--decode-tokens", type=int, default=128, help="tokens for decode speed (default 128; 0 skips)")
+    p.add_argument("--out", default=None, help="write JSON here (and a PNG plot beside it)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokensieve.bench import SHAPES, run_bench, save
+    from tokensieve.evaluation.plots import bench_plot
+
+    if args.model is None and args.shape not in SHAPES:
+        raise ValueError(f"unknown shape {args.shape!r}; expected one of: {', '.join(SHAPES)}")
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
+    dtype = getattr(torch, args.dtype, None)
+    if not isinstance(dtype, torch.dtype):
+        raise ValueError(f"unknown dtype {args.dtype!r}")
+    model = None
+    if args.model:
+        from tokensieve.models import load_model
+
+        model, _ = load_model(args.model, dtype=dtype, device=args.device)
+        model.generation_config.eos_token_id = None
+    methods = {name: {"method": name, **method_params(args, name)} for name in args.methods}
+    res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
+                    repeats=args.repeats, decode_tokens=args.decode_tokens, model=model)
+    print(format_table(res))
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save(res, str(out))
+        bench_plot(res, out.with_suffix(".png"))
+        print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+def format_table(res: dict) -> str:
+    lines = [f"{'method':>14} {'length':>8} {'TTFT s':>8} {'vs full':>8} {'peak GiB':>9} {'KV GiB':>8} {'kept':>8} {'dec tok/s':>9}"]
+    full = {r["length"]: r["ttft_s"] for r in res["rows"] if r["label"] == "full" and r["status"] == "ok"}
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['label']:>14} {r['length']:>8} {r['status'][:60]}")
+            continue
+        ratio = f"{full[r['length']] / r['ttft_s']:.2f}x" if r["length"] in full else "-"
+        dec = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
+        lines.append(f"{r['label']:>14} {r['length']:>8} {r['ttft_s']:8.3f} {ratio:>8} {r['peak_memory_bytes'] / 2**30:9.2f} "
+                     f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} {dec:>9}")
+    return "\n".join(lines)

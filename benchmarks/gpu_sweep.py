@@ -78,6 +78,26 @@ def check_chunk_attention(device: torch.device) -> dict:
     return {"rel_error_vs_fp32": rel, "chunk16k_over_256k_s": dt, "tflops": flops / dt / 1e12}
 
 
+def decode_profile(model, method_name: str, n: int, steps: int = 32, **params) -> dict:
+    """Per-step decode times (s) after a prefill of n random tokens: tells one-time from steady costs."""
+    from tokensieve.methods import make_method
+
+    m = make_method(method_name, **params)
+    ids = torch.randint(0, model.config.vocab_size, (1, n), device=model.device)
+    times = []
+    with torch.inference_mode():
+        state = m.prefill(model, ids)
+        tok = state.logits.argmax(-1, keepdim=True)
+        for _ in range(steps):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            tok = m.step(model, state, tok).argmax(-1, keepdim=True)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+    k = state.cache.layers[0].keys
+    return {"method": method_name, "n": n, "step_s": times, "key_stride": list(k.stride()), "key_shape": list(k.shape)}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", choices=["main", "long"], required=True)
@@ -97,7 +117,9 @@ def main() -> int:
                         model=model, repeats=3, decode_tokens=128, progress=False)
         anchors = ANCHORS
     else:
-        extra = {"chunk_attention_check": check_chunk_attention(device)}
+        extra = {"chunk_attention_check": check_chunk_attention(device),
+                 "decode_profile": [decode_profile(model, "full", 8192), decode_profile(model, "full", 8192),
+                                    decode_profile(model, "gemfilter", 8192, filter_layer=13, topk=K)]}
         print(json.dumps(extra), flush=True)
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [262144, 524288, 1048576]
         methods = {

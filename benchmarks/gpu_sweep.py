@@ -105,6 +105,9 @@ def main() -> int:
     ap.add_argument("--out", required=True)
     ap.add_argument("--lengths", default=None, help="override lengths, comma-separated token counts")
     ap.add_argument("--chunk", type=int, default=16384, help="chunk size of the long GemFilter filter pass")
+    ap.add_argument("--tag", default="", help="suffix for the output file names")
+    ap.add_argument("--labels", default=None, help="only these method labels, comma-separated")
+    ap.add_argument("--no-checks", action="store_true", help="long part: skip the kernel check and decode profile")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,27 +116,36 @@ def main() -> int:
     if args.part == "main":
         lengths = [8192, 32768, 65536, 131072]
         methods = main_methods()
+        if args.labels:
+            methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
         res = run_bench(args.shape, [int(x) for x in args.lengths.split(",")] if args.lengths else lengths, methods,
                         model=model, repeats=3, decode_tokens=128, progress=False)
         anchors = ANCHORS
     else:
-        extra = {"chunk_attention_check": check_chunk_attention(device),
-                 "decode_profile": [decode_profile(model, "full", 8192), decode_profile(model, "full", 8192),
-                                    decode_profile(model, "gemfilter", 8192, filter_layer=13, topk=K)]}
-        print(json.dumps(extra), flush=True)
+        extra = {}
+        if not args.no_checks:
+            extra["chunk_attention_check"] = check_chunk_attention(device)
+            print(json.dumps(extra), flush=True)
+            extra["decode_profile"] = [decode_profile(model, "full", 8192), decode_profile(model, "full", 8192),
+                                       decode_profile(model, "gemfilter", 8192, filter_layer=13, topk=K)]
+            for d in extra["decode_profile"]:
+                print(d["method"], [round(x * 1000, 1) for x in d["step_s"]], d["key_stride"], flush=True)
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [262144, 524288, 1048576]
         methods = {
             "gemfilter-chunked": {"method": "gemfilter", "filter_layer": 13, "topk": K, "scoring": "paper",
                                   "chunk_size": args.chunk},
             "full": {"method": "full"},
         }
-        res = run_bench(args.shape, lengths, methods, model=model, repeats=1, decode_tokens=16, progress=False,
+        if args.labels:
+            methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
+        res = run_bench(args.shape, lengths, methods, model=model, repeats=1, decode_tokens=16, progress=True,
                         warmup_length=8192)
         res.update(extra)
         anchors = None
     res["command"] = " ".join(["PYTHONPATH=src python3"] + sys.argv)
-    save(res, str(out / f"bench_{args.part}.json"))
-    bench_plot(res, out / f"bench_{args.part}.png", anchors=anchors)
+    tag = f"{args.part}_{args.tag}" if args.tag else args.part
+    save(res, str(out / f"bench_{tag}.json"))
+    bench_plot(res, out / f"bench_{tag}.png", anchors=anchors)
     print(format_table(res))
     return 0
 

@@ -103,6 +103,7 @@ def generate(
             f"prompt has {n} tokens, more than the model's maximum of {limit} positions; "
             f"shorten it or pass allow_long=True (--allow-long) to run anyway"
         )
+    m.prepare(model, tokenizer)
     m.validate(model, n)
     stops = stop_token_ids(model, tokenizer)
 

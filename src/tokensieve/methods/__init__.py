@@ -8,10 +8,18 @@ from typing import Any
 from tokensieve.methods.base import DecodeState, Method
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter
+from tokensieve.methods.h2o import H2O
+from tokensieve.methods.sepllm import SepLLM
+from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods.streamingllm import StreamingLLM
 
 METHODS: dict[str, type[Method]] = {
     FullAttention.name: FullAttention,
     GemFilter.name: GemFilter,
+    SepLLM.name: SepLLM,
+    StreamingLLM.name: StreamingLLM,
+    SnapKV.name: SnapKV,
+    H2O.name: H2O,
 }
 
 
@@ -33,4 +41,4 @@ def make_method(method: str | Method, **params: Any) -> Method:
     return cls(**params)
 
 
-__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter"]
+__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "SepLLM", "StreamingLLM", "SnapKV", "H2O"]

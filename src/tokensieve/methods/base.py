@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
-from transformers import Cache, DynamicCache, PreTrainedModel
+from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 
 @dataclass
@@ -36,6 +36,9 @@ class Method:
     """Base class. Subclasses are dataclasses whose fields are the method's parameters."""
 
     name: ClassVar[str] = "base"
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Called by the runner before ``validate``/``prefill``: derive what needs the tokenizer (e.g. SepLLM's separators)."""
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         """Raise ``ValueError`` naming the bad parameter, given the model and prompt length."""

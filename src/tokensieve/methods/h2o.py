@@ -1,0 +1,91 @@
+"""H2O: heavy hitters (most attention received) plus a recent window.
+
+Zhang et al., "H2O: Heavy-Hitter Oracle for Efficient Generative Inference of
+Large Language Models", NeurIPS 2023 (arXiv:2306.14048).
+
+Every cache entry carries the attention it has received so far, per KV head:
+softmax probabilities summed over every query that saw it and over the query
+heads sharing the KV head. After the prompt (all ``n`` queries) each layer and
+KV head keeps its ``budget - window`` best-scoring entries among all but the
+last ``window`` tokens, plus those ``window`` recent tokens. At every decoding
+step the new token's attention is added to the scores and, when the cache is
+over ``budget``, the lowest-scoring entry outside the recent window is evicted.
+
+The original code needs the full ``n x n`` attention matrix (eager
+attention). Here the prompt's attention output is plain SDPA and the scores
+are computed ``chunk_size`` queries at a time, so prefill memory stays linear
+in ``n`` (at the cost of computing ``QK^T`` a second time).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tokensieve.cache import EvictionCache, attention_scores, top_prefix_plus_window
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+
+
+@dataclass
+class H2O(EvictionMethod):
+    """H2O (Zhang et al., 2023): heavy-hitter entries by accumulated attention, plus recent tokens.
+
+    Parameters:
+        budget: entries kept per layer and KV head, during and after the prompt;
+            ``budget >= n + new tokens`` never evicts (exactly full attention).
+        window: recent tokens always kept; ``None`` = ``budget // 2`` (the
+            paper's equal split between heavy hitters and recent tokens).
+        chunk_size: prompt queries scored at once; ``None`` picks a size that
+            keeps the score block under 2**26 floats.
+    """
+
+    name: ClassVar[str] = "h2o"
+    budget: int = 1024
+    window: int | None = None
+    chunk_size: int | None = None
+
+    @property
+    def recent(self) -> int:
+        return self.budget // 2 if self.window is None else self.window
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        check_int("budget", self.budget, 1)
+        if self.window is not None:
+            check_int("window", self.window, 0)
+            if self.window > self.budget:
+                raise ValueError(f"window ({self.window}) must not exceed budget ({self.budget})")
+        if self.chunk_size is not None:
+            check_int("chunk_size", self.chunk_size, 1)
+
+    def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
+        scores = cache.scores[layer_idx]  # [b, hkv, entries]
+        if scores.shape[-1] > self.budget:
+            cache.keep(layer_idx, top_prefix_plus_window(scores, self.budget, self.recent))
+
+    def prefill_layer(
+        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> AttnOutput:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        cache.scores[layer_idx] = attention_scores(query, key, module.scaling, self.chunk_size, mask)
+        self._evict(cache, layer_idx)
+        return out
+
+    def decode_layer(
+        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> AttnOutput:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        new = attention_scores(query, key, module.scaling, self.chunk_size, mask)  # [b, hkv, entries]
+        old = cache.scores[layer_idx]
+        cache.scores[layer_idx] = new + torch.nn.functional.pad(old, (0, new.shape[-1] - old.shape[-1]))
+        self._evict(cache, layer_idx)
+        return out

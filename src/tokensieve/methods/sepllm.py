@@ -1,0 +1,139 @@
+"""SepLLM, training-free: initial tokens + separators + a local window.
+
+Chen et al., "SepLLM: Accelerate Large Language Models by Compressing One
+Segment into One Separator", ICML 2025 (arXiv:2412.12094).
+
+Separator tokens (``.`` ``,`` ``?`` ``!`` ``;`` ``:`` and newlines, plus BOS)
+are taken to summarise the segment before them. In the training-free design
+every query ``i`` attends only to
+
+* the first ``initial`` tokens,
+* every separator token before it,
+* its ``window`` preceding tokens and itself (``i - window <= j <= i``),
+
+at the tokens' original positions. The prompt is computed under that mask (in
+blocks of ``block_size`` queries, each against only the keys some of its
+queries may see, so no ``n x n`` mask is formed); the cache then keeps only the
+entries later tokens may still see: the initial tokens, all separators and
+the last ``window`` tokens. Each decoded token attends to those and itself;
+afterwards the entry that left the window is evicted unless it is initial or
+a separator. The cache grows only by separators (for a budgeted cache, see
+SepCache in ``tokensieve.streaming``).
+
+Separator ids come from the model's tokenizer
+(``tokensieve.separators.separator_token_ids``) when the runner calls
+``prepare``; pass ``separator_ids`` to use your own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tokensieve.cache import EvictionCache
+from tokensieve.methods.base import DecodeState
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.separators import separator_token_ids
+
+
+@dataclass
+class SepLLM(EvictionMethod):
+    """SepLLM training-free (Chen et al., 2025): initial + separator + neighbouring tokens.
+
+    Parameters:
+        initial: first tokens every query sees (``a``; the paper uses 3 or 4).
+        window: preceding tokens every query sees besides itself (``w``; the
+            paper's configs use 256); ``window >= n + new tokens`` is exactly full attention.
+        separator_ids: token ids that count as separators; ``None`` derives them
+            from the tokenizer in ``prepare`` (punctuation, newlines, BOS).
+        include_space: with derived ids, also count a lone space token.
+        block_size: prompt queries whose masked attention is computed at once.
+    """
+
+    name: ClassVar[str] = "sepllm"
+    initial: int = 4
+    window: int = 256
+    separator_ids: tuple[int, ...] | None = None
+    include_space: bool = False
+    block_size: int = 1024
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        if self.separator_ids is None and getattr(self, "_tokenizer", None) is not tokenizer:
+            self._derived_ids = separator_token_ids(tokenizer, self.include_space)
+            self._tokenizer = tokenizer
+
+    def separators(self, device: torch.device) -> torch.Tensor:
+        """Separator ids (int64 [s]) in use."""
+        if self.separator_ids is not None:
+            return torch.tensor(list(self.separator_ids), dtype=torch.long, device=device)
+        ids = getattr(self, "_derived_ids", None)
+        if ids is None:
+            raise ValueError(
+                "SepLLM has no separator ids: pass separator_ids=... or call prepare(model, tokenizer) "
+                "(tokensieve.generate does this)"
+            )
+        return ids.to(device)
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        check_int("initial", self.initial, 0)
+        check_int("window", self.window, 0)
+        check_int("block_size", self.block_size, 1)
+        if self.separator_ids is not None:
+            vocab = model.config.get_text_config().vocab_size
+            bad = [i for i in self.separator_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
+            if bad:
+                raise ValueError(f"separator_ids must be token ids in [0, {vocab}), got {bad[:5]}")
+
+    def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        self._sep = self.separators(input_ids.device)
+        return super().prefill(model, input_ids)
+
+    def _special(self, cache: EvictionCache, positions: torch.Tensor) -> torch.Tensor:
+        """Whether the tokens at ``positions`` are initial tokens or separators (kept forever)."""
+        ids = cache.token_ids[0, positions]
+        return (positions < self.initial) | torch.isin(ids, self._sep)
+
+    def prefill_layer(
+        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> AttnOutput:
+        n = key.shape[2]
+        if n - 1 <= self.window:  # every query sees every earlier token: plain causal attention
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        pos = torch.arange(n, device=key.device)
+        special = self._special(cache, pos)  # [n]
+        special_idx = special.nonzero().squeeze(-1)
+        outs = []
+        for q0 in range(0, n, self.block_size):
+            q1 = min(n, q0 + self.block_size)
+            lo = max(0, q0 - self.window)
+            # Keys any query of the block may see: special ones before `lo`, all of [lo, q1).
+            idx = torch.cat([special_idx[special_idx < lo], pos[lo:q1]])  # [m], ascending
+            q_pos = pos[q0:q1, None]  # [c, 1]
+            mask = (idx[None] <= q_pos) & (special[idx][None] | (idx[None] >= q_pos - self.window))  # [c, m]
+            mask = mask[None, None]  # [1, 1, c, m]
+            if attention_mask is not None and attention_mask.dtype == torch.bool:
+                mask = mask & attention_mask[:, :, q0:q1][..., idx]
+            out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **kwargs)
+            outs.append(out)  # [b, c, q_heads, head_dim]
+        keep = special | (pos >= n - self.window)
+        cache.keep(layer_idx, keep.nonzero().squeeze(-1))
+        return torch.cat(outs, dim=1), None
+
+    def decode_layer(
+        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> AttnOutput:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        pos = cache.positions[layer_idx][0, 0]  # [entries], the same for every head
+        newest = cache.seen_tokens(layer_idx) - 1
+        keep = self._special(cache, pos) | (pos > newest - self.window)
+        if not bool(keep.all()):
+            cache.keep(layer_idx, keep.nonzero().squeeze(-1))
+        return out

@@ -1,0 +1,62 @@
+"""StreamingLLM: attention sinks plus a recent window.
+
+Xiao et al., "Efficient Streaming Language Models with Attention Sinks",
+ICLR 2024 (arXiv:2309.17453).
+
+Non-streaming use (as a KV-eviction baseline): the prompt is computed with
+full attention at its original positions, then every layer keeps the first
+``sinks`` tokens and the last ``budget - sinks``; each decoded token attends
+to those plus itself, after which the oldest non-sink entry is evicted, so the
+cache never holds more than ``budget`` entries between steps. (Streaming with
+positions shifted inside the cache is the ``stream`` command's SepCache.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import PreTrainedModel
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+from tokensieve.cache import EvictionCache
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+
+
+@dataclass
+class StreamingLLM(EvictionMethod):
+    """StreamingLLM (Xiao et al., 2024): ``sinks`` first tokens + the most recent ones.
+
+    Parameters:
+        budget: entries kept per layer (sinks included); ``budget >= n + new
+            tokens`` never evicts (exactly full attention).
+        sinks: initial "attention sink" tokens always kept (the paper uses 4).
+    """
+
+    name: ClassVar[str] = "streamingllm"
+    budget: int = 1024
+    sinks: int = 4
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        check_int("budget", self.budget, 1)
+        check_int("sinks", self.sinks, 0)
+        if self.sinks >= self.budget:
+            raise ValueError(f"sinks ({self.sinks}) must be smaller than budget ({self.budget}) to leave a recent window")
+
+    def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
+        if entries > self.budget:
+            dev = cache.layers[layer_idx].keys.device
+            recent = self.budget - self.sinks
+            cache.keep(layer_idx, torch.cat([torch.arange(self.sinks, device=dev), torch.arange(entries - recent, entries, device=dev)]))
+
+    def prefill_layer(
+        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> AttnOutput:
+        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        self._evict(cache, layer_idx, key.shape[2])
+        return out
+
+    decode_layer = prefill_layer  # entries stay in position order: the sinks first, then the window

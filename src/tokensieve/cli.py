@@ -9,6 +9,7 @@ import sys
 
 # One line per command module; each exposes add_parser(subparsers).
 COMMAND_MODULES = ["ask", "needle", "calibrate", "demo"]
+COMMAND_MODULES.append("stream")  # streaming perplexity (tokensieve/commands/stream.py)
 
 
 def build_parser() -> argparse.ArgumentParser:

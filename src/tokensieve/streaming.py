@@ -277,6 +277,7 @@ class RopeTables:
         self.takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
         self.dtype = next(model.parameters()).dtype
         self.device = next(model.parameters()).device
+        self.max_positions = max_positions(model)
         self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def get(self, n: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -285,6 +286,10 @@ class RopeTables:
         have = self._tables.get(key)
         if have is None or have[0].shape[0] < n:
             size = max(n, 2 * have[0].shape[0] if have is not None else 1024)
+            if self.max_positions is not None and n <= self.max_positions:
+                # never ask rotary_emb for positions the stream does not use (dynamic RoPE
+                # variants rescale once they see positions past the maximum)
+                size = min(size, self.max_positions)
             pos = torch.arange(size, device=self.device)[None]  # [1, size]
             dummy = torch.zeros(1, 1, 1, device=self.device, dtype=torch.float32)
             args = (dummy, pos, layer_type) if self.takes_layer_type else (dummy, pos)

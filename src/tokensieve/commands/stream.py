@@ -1,0 +1,113 @@
+"""`tokensieve stream`: streaming perplexity over a long text with a bounded, position-shifted KV cache."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from tokensieve.commands.common import MB, add_model_args, load, parse_size, print_json
+from tokensieve.streaming import POLICIES, make_policy, plot_stream, stream_perplexity
+
+DEFAULT_BOOK = "2544.txt"  # the longest PG-19 book shipped in shared/data/pg19 (~90k SmolLM2 tokens)
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "stream",
+        help="streaming perplexity over a long text (SepLLM, StreamingLLM, full)",
+        description=(
+            "Feed a text far longer than the model's context through the model in chunks, keeping a bounded KV "
+            "cache (SepLLM's SepCache or StreamingLLM's sinks + window) with positions shifted inside the cache, "
+            "and report running perplexity, tokens/s and cache size. Each chunk's tokens attend to the cache "
+            "and to the earlier tokens of the chunk; eviction runs between chunks (--chunk-size 1 is token by token). "
+            "Full attention stops at the model's maximum length unless --allow-long."
+        ),
+    )
+    add_model_args(p)
+    p.add_argument("--method", choices=list(POLICIES), default="sepllm", help="cache policy (default: sepllm)")
+    p.add_argument("--file", default=None, help="text file to stream (default: the longest PG-19 book in shared/data/pg19)")
+    p.add_argument("--chunk-size", type=int, default=64, help="tokens fed per forward (default 64; 1 = token by token)")
+    p.add_argument("--max-tokens", type=parse_size, default=None, help="stop after this many tokens, e.g. 64k (default: whole text)")
+    p.add_argument("--init-size", type=int, default=None, help="a: initial / attention-sink tokens kept (default 4)")
+    p.add_argument("--sep-size", type=int, default=None, help="s: SepLLM separator tokens kept (default 64)")
+    p.add_argument("--window", type=int, default=None, help="w: local window (SepLLM, default 256) or recent window (StreamingLLM, default cache-size - init-size)")
+    p.add_argument("--cache-size", type=int, default=None, help="c: KV entries per layer between chunks (default 800)")
+    p.add_argument("--allow-long", action="store_true", help="full attention: run past the model's maximum position (to show the breakdown)")
+    p.add_argument("--ppl-window", type=int, default=1024, help="tokens per point of the windowed perplexity curve (default 1024)")
+    p.add_argument("--plot", default=None, help="PNG of perplexity and KV memory vs tokens seen (default runs/stream/<method>.png; '' for none)")
+    p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
+    p.set_defaults(func=run)
+
+
+def _default_file() -> Path:
+    from tokensieve.data import default_pg19_dir
+
+    path = default_pg19_dir() / DEFAULT_BOOK
+    if not path.is_file():
+        raise FileNotFoundError(f"no default text ({path} is missing); pass a text file with --file PATH")
+    return path
+
+
+def policy_params(args: argparse.Namespace) -> dict:
+    params = {"init_size": args.init_size, "cache_size": args.cache_size}
+    if args.method == "sepllm":
+        params.update(sep_size=args.sep_size, local_size=args.window)
+    elif args.method == "streamingllm":
+        params.update(window=args.window)
+        if args.sep_size is not None:
+            raise ValueError("--sep-size applies to --method sepllm only")
+    elif any(v is not None for v in (args.init_size, args.cache_size, args.sep_size, args.window)):
+        raise ValueError("--init-size/--sep-size/--window/--cache-size do not apply to --method full (it keeps every token)")
+    return params if args.method != "full" else {}
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+    policy = make_policy(args.method, **policy_params(args))  # bad sizes fail before the model loads
+    path = Path(args.file) if args.file else _default_file()
+    if not path.is_file():
+        raise FileNotFoundError(f"text file not found: {path}")
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if args.max_tokens:
+        text = text[: args.max_tokens * 12]  # plenty of characters; tokenizing a whole huge file is slow
+    model, tok = load(args)
+    ids = tok(text, return_tensors="pt")["input_ids"][0]
+    from tokensieve.separators import separator_token_ids
+
+    seps = separator_token_ids(tok) if args.method == "sepllm" else None
+    total = min(ids.numel(), args.max_tokens or ids.numel())
+    bar = tqdm(total=total, desc=f"stream {args.method}", unit="tok", file=sys.stderr)
+
+    def progress(point, done: int) -> None:
+        bar.update(done - bar.n)
+        bar.set_postfix(ppl=f"{point.running_ppl:.2f}", tok_s=f"{point.tokens_per_s:.0f}", cache=point.cache_entries, kv=f"{point.kv_bytes / MB:.1f}MiB", refresh=False)
+
+    res = stream_perplexity(
+        model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
+        allow_long=args.allow_long, window=args.ppl_window, progress=progress,
+    )
+    bar.close()
+    if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
+        print(f"tokensieve stream: stopped: {res.stopped}", file=sys.stderr)
+    plot = f"runs/stream/{args.method}.png" if args.plot is None else args.plot
+    if plot:
+        plot_stream([res], plot, f"{args.method} on {args.model}, {path.name}, chunk {args.chunk_size}")
+    summary = res.to_dict()
+    summary.update(model=args.model, file=str(path), plot=plot or None)
+    if args.json:
+        print_json(summary)
+        return 0
+    ppl = "-" if res.perplexity is None else f"{res.perplexity:.3f}"
+    print(
+        f"{res.method}: {res.tokens_seen} tokens, perplexity {ppl}, {res.tokens_per_s:.0f} tok/s, "
+        f"cache <= {res.max_cache_entries} entries/layer (mean {res.mean_cache_entries:.0f}), "
+        f"KV <= {res.max_kv_bytes / MB:.1f} MiB, max position {res.max_position_used} (model max {res.model_max_positions})"
+    )
+    if plot:
+        print(f"wrote {plot}")
+    return 0
+

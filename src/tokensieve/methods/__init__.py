@@ -8,10 +8,12 @@ from typing import Any
 from tokensieve.methods.base import DecodeState, Method
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter
+from tokensieve.methods.lazyllm import LazyLLM
 
 METHODS: dict[str, type[Method]] = {
     FullAttention.name: FullAttention,
     GemFilter.name: GemFilter,
+    LazyLLM.name: LazyLLM,
 }
 
 
@@ -33,4 +35,4 @@ def make_method(method: str | Method, **params: Any) -> Method:
     return cls(**params)
 
 
-__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter"]
+__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "LazyLLM"]

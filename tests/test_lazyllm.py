@@ -327,3 +327,36 @@ def test_decode_step_hides_pruned_tokens(family):
     assert b.present[p + 1].tolist() == [i for i in range(ids.shape[1] + 1) if i not in dropped]
     torch.testing.assert_close(got, out.logits[:, -1].float())
     assert b.details["revived_tokens"] == 0
+
+
+@pytest.mark.real_model
+def test_smollm2_runner_and_cli(tmp_path, capsys):
+    """Through the common runner and CLI: keep 1.0 reproduces full's tokens; a real schedule reports its stats."""
+    import json
+
+    from tokensieve.cli import main
+    from tokensieve.models import load_model
+    from tokensieve.runner import generate
+
+    model, tok = load_model("smollm2", device="cpu")
+    doc = "The vault code is 4417. " + "The weather was mild and the town was quiet. " * 30
+    messages = [{"role": "user", "content": doc + "\nQuestion: what is the vault code?"}]
+    full = generate(model, tok, messages, method="full", max_new_tokens=8)
+    same = generate(model, tok, messages, method="lazyllm", max_new_tokens=8, prune_layers=[8, 20], keep_fractions=[1.0, 1.0])
+    assert same.token_ids == full.token_ids
+    lazy = generate(model, tok, messages, method="lazyllm", max_new_tokens=8)
+    d = lazy.details
+    assert 0 < d["prompt_computed_pct_first_token"] < 100
+    assert d["prompt_computed_pct_first_token"] <= d["prompt_computed_pct_total"] <= 100
+    assert lazy.kept_tokens == d["tokens_per_layer_first_token"][-1] < lazy.prompt_tokens
+    assert lazy.kv_tokens_prefill[0] == lazy.prompt_tokens > lazy.kv_tokens_prefill[-1]
+
+    path = tmp_path / "doc.txt"
+    path.write_text(doc)
+    rc = main(["ask", "--file", str(path), "--question", "what is the vault code?", "--method", "lazyllm",
+               "--param", "prune_layers=4,10", "--param", "keep_fractions=[0.5,0.5]", "--max-new-tokens", "4", "--json"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["method"] == "lazyllm" and out["params"] == {"prune_layers": [4, 10], "keep_fractions": [0.5, 0.5]}
+    assert out["details"]["prompt_computed_pct_first_token"] < 50
+    assert "revived_tokens" in out["details"] and out["ttft_s"] > 0

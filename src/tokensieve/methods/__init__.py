@@ -12,6 +12,7 @@ from tokensieve.methods.h2o import H2O
 from tokensieve.methods.sepllm import SepLLM
 from tokensieve.methods.snapkv import SnapKV
 from tokensieve.methods.streamingllm import StreamingLLM
+from tokensieve.methods.lazyllm import LazyLLM
 
 METHODS: dict[str, type[Method]] = {
     FullAttention.name: FullAttention,
@@ -20,6 +21,7 @@ METHODS: dict[str, type[Method]] = {
     StreamingLLM.name: StreamingLLM,
     SnapKV.name: SnapKV,
     H2O.name: H2O,
+    LazyLLM.name: LazyLLM,
 }
 
 
@@ -42,3 +44,4 @@ def make_method(method: str | Method, **params: Any) -> Method:
 
 
 __all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "SepLLM", "StreamingLLM", "SnapKV", "H2O"]
+__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "LazyLLM"]

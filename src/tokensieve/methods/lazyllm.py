@@ -1,0 +1,349 @@
+"""LazyLLM: progressive, dynamic, revivable token pruning inside the forward.
+
+Fu et al., "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM
+Inference", Apple, 2024 (arXiv:2407.14057). No official code exists; this is
+written from the paper (see ``shared/papers/methods.md``).
+
+Algorithm, at every step (the prompt's prefill and each decoding step alike):
+
+1. All tokens so far (prompt + generated) are *present* at layer 0.
+2. At each pruning layer ``l``, a token's importance is the attention
+   probability from the **last token** to it, averaged over heads (the
+   softmax runs over the tokens present at ``l``). The top ``keep_fraction``
+   of the present tokens, ``ceil(f * present)``, stay present for layers
+   ``l+1 ..``; the others are not computed there in this step (neither as
+   queries nor as keys). The last token is never pruned.
+3. Every token keeps its original position (RoPE uses the true position).
+4. The selection is made again at every step, so a token dropped while
+   producing the first token can be needed later.
+5. Aux cache: for every token we keep the hidden state entering the first
+   layer whose KV it has not got (``depth``). When a later step needs the
+   token at layer ``depth``, that layer is computed for it from the stored
+   state (and again at the next layer if it is still needed), filling its KV
+   on the way. A token's KV at a layer is therefore computed at most once.
+
+The layer loop calls the model's own public modules (``embed_tokens``,
+``rotary_emb``, each decoder layer, ``norm``, ``lm_head``) on the subset of
+tokens computed at each layer, with a boolean mask built from original
+positions; no modelling file is copied. Llama, Mistral, Qwen2/3 and Gemma 3
+text models are supported (``SUPPORTED_MODEL_TYPES``).
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Sequence
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
+from tokensieve.methods.base import DecodeState, Method, num_layers
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
+
+# Chosen by measurement on SmolLM2-135M-Instruct (30 layers), see docs/lazyllm.md
+# and benchmarks/results/lazyllm_schedule.json: the most aggressive schedule
+# tried that kept full attention's needle accuracy (74% of prompt KV computed,
+# TTFT 0.71x at 2k tokens on CPU). Share of the sequence present after each
+# pruning layer: 0.8, 0.64, 0.51.
+DEFAULT_PRUNE_LAYERS: tuple[int, ...] = (8, 14, 20)
+DEFAULT_KEEP_FRACTIONS: tuple[float, ...] = (0.8, 0.8, 0.8)
+
+
+def keep_count(fraction: float, present: int) -> int:
+    """Tokens kept out of ``present`` at a pruning layer: ``ceil(fraction * present)``, at least 1."""
+    # round() first so that e.g. 0.7 * 10 = 7.000000000000001 keeps 7, not 8.
+    return max(1, min(present, math.ceil(round(fraction * present, 9))))
+
+
+def last_token_attention(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
+) -> torch.Tensor:
+    """Attention probabilities of the last query row over all keys, averaged over heads.
+
+    query: [1, q_heads, q_len, head_dim], key: [1, kv_heads, kv_len, head_dim]
+    (post-RoPE, before GQA repetition); attention_mask: None or bool
+    [1, 1, q_len, kv_len] (True = may attend). Returns float32 [kv_len].
+    Memory is linear in ``kv_len``: only the last row is formed.
+    """
+    _, hq, _, d = query.shape
+    hkv = key.shape[1]
+    q = query[0, :, -1, :].reshape(hkv, hq // hkv, d).float()  # [kv_heads, group, d]; head h -> kv head h // group
+    logits = torch.einsum("hgd,hkd->hgk", q, key[0].float()) * scaling  # [kv_heads, group, kv_len]
+    if attention_mask is not None:
+        logits = logits.masked_fill(~attention_mask[0, 0, -1], float("-inf"))
+    return logits.softmax(dim=-1).mean(dim=(0, 1))
+
+
+class _Decoder:
+    """The public modules of a supported decoder-only model, and per-layer facts the loop needs."""
+
+    def __init__(self, model: PreTrainedModel):
+        cfg = model.config.get_text_config()
+        if cfg.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"LazyLLM does not support model type {cfg.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+        body = getattr(model, "model", None)
+        missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(body, a)]
+        if missing or not hasattr(model, "lm_head"):
+            raise ValueError(
+                f"LazyLLM needs model.model.{{embed_tokens, layers, norm, rotary_emb}} and model.lm_head; "
+                f"{type(model).__name__} lacks {missing or ['lm_head']}"
+            )
+        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+            raise ValueError(
+                f"LazyLLM needs tokensieve attention, the model uses {model.config._attn_implementation!r}; "
+                "call tokensieve.use_tokensieve_attention(model) (load_model does it)"
+            )
+        self.embed, self.layers, self.norm, self.rotary, self.lm_head = (
+            body.embed_tokens, body.layers, body.norm, body.rotary_emb, model.lm_head,
+        )
+        self.num_layers = len(self.layers)
+        self.softcap = getattr(cfg, "final_logit_softcapping", None)
+        layer_types = getattr(cfg, "layer_types", None)
+        # Gemma 3 keeps one rotary table per layer type (local/global base frequency).
+        self.rotary_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.layer_types: list[str | None] = list(layer_types) if layer_types else [None] * self.num_layers
+        window = getattr(cfg, "sliding_window", None)
+        self.windows: list[int | None] = [
+            (window if t == "sliding_attention" else None) if layer_types else window for t in self.layer_types
+        ]
+
+    def rotary_embeddings(self, hidden: torch.Tensor, pos: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.rotary_by_type:
+            return self.rotary(hidden, pos, self.layer_types[layer])
+        return self.rotary(hidden, pos)
+
+
+@dataclass(kw_only=True)
+class LazyState(DecodeState):
+    """Decode state of LazyLLM. Token ``j`` is the token at original position ``j``."""
+
+    decoder: _Decoder
+    prompt_len: int
+    depth: torch.Tensor  # [N] long: this token's KV exists at layers 0 .. depth-1
+    aux: torch.Tensor  # [N, hidden]: hidden state entering layer depth[j] (the aux cache where depth < L)
+    kv_tokens: list[torch.Tensor]  # per layer, [entries] long: the token of each KV cache entry, in cache order
+    revived: torch.Tensor  # [N] bool: computed from the aux cache in a later step at least once
+    revived_computations: int = 0  # (token, layer) KV entries computed from the aux cache
+    present: list[torch.Tensor] = field(default_factory=list)  # last step: [tokens] present at each layer
+    computed: list[torch.Tensor] = field(default_factory=list)  # last step: [tokens] computed at each layer
+
+
+@dataclass
+class LazyLLM(Method):
+    """LazyLLM (Fu et al., 2024): progressive token pruning, re-selected at every step, with an aux cache.
+
+    Parameters:
+        prune_layers: 0-based layers, strictly increasing, each in ``[0, L-2]``,
+            whose last-token attention scores the present tokens; the pruning
+            takes effect from the next layer on. Must be full-attention layers
+            (on Gemma 3: not a sliding-window layer). Accepts "8,14,20".
+        keep_fractions: one per pruning layer, each in ``(0, 1]``: the fraction
+            of the tokens *present at that layer* that stay (``ceil(f * present)``);
+            the fraction of all tokens left after pruning layer ``i`` is the
+            product of the first ``i + 1`` fractions. 1.0 everywhere is full attention.
+    """
+
+    name: ClassVar[str] = "lazyllm"
+    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS
+    keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS
+
+    def __post_init__(self) -> None:
+        self.prune_layers = _as_tuple(self.prune_layers, int, "prune_layers")
+        self.keep_fractions = _as_tuple(self.keep_fractions, float, "keep_fractions")
+        if len(self.prune_layers) != len(self.keep_fractions):
+            raise ValueError(
+                f"prune_layers and keep_fractions must have the same length, got {len(self.prune_layers)} "
+                f"layers {list(self.prune_layers)} and {len(self.keep_fractions)} fractions {list(self.keep_fractions)}"
+            )
+        for f in self.keep_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
+        if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
+            raise ValueError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        n_layers = num_layers(model)
+        for layer in self.prune_layers:
+            if not 0 <= layer <= n_layers - 2:
+                raise ValueError(
+                    f"prune_layers must each be in [0, {n_layers - 2}] for this {n_layers}-layer model "
+                    f"(pruning after the last layer would do nothing), got {layer} in {list(self.prune_layers)}"
+                )
+        dec = _Decoder(model)
+        for layer in self.prune_layers:
+            if dec.windows[layer] is not None:
+                full = [i for i, w in enumerate(dec.windows[:-1]) if w is None]
+                raise ValueError(
+                    f"prune layer {layer} is a sliding-window layer (window {dec.windows[layer]}): its last-token "
+                    f"attention cannot see older tokens; choose full-attention layers, here {full}"
+                )
+
+    def select(self, layer: int, scores: torch.Tensor, candidates: torch.Tensor, keep: int) -> torch.Tensor:
+        """Tokens that stay after pruning layer ``layer``.
+
+        scores: [N] importance of every token (only ``candidates`` are read);
+        candidates: [c] sorted present tokens, the last token last; keep: how many stay.
+        Returns [keep] token indices, sorted.
+        """
+        s = scores[candidates].clone()
+        s[-1] = float("inf")  # the last token is never pruned
+        return torch.sort(candidates[torch.topk(s, keep).indices]).values
+
+    @torch.inference_mode()
+    def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> LazyState:
+        if input_ids.shape[0] != 1:
+            raise ValueError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
+        n = input_ids.shape[1]
+        self.validate(model, n)
+        dec = _Decoder(model)
+        dev, hidden = input_ids.device, dec.embed.embedding_dim
+        st = LazyState(
+            logits=torch.empty(0),
+            cache=DynamicCache(),  # no config: plain growing layers (no sliding-window truncation)
+            next_position=0,
+            decoder=dec,
+            prompt_len=n,
+            depth=torch.zeros(0, dtype=torch.long, device=dev),
+            aux=torch.zeros(0, hidden, dtype=dec.embed.weight.dtype, device=dev),
+            kv_tokens=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(dec.num_layers)],
+            revived=torch.zeros(0, dtype=torch.bool, device=dev),
+        )
+        self._step(st, input_ids)
+        present_last = st.present[-1]
+        st.kept_indices = present_last[present_last < n]  # prompt tokens present at the last layer
+        st.details.update(
+            prune_layers=list(self.prune_layers),
+            keep_fractions=list(self.keep_fractions),
+            kept_tokens=int(st.kept_indices.numel()),
+            tokens_per_layer_first_token=[int(p.numel()) for p in st.present],
+            prompt_computed_pct_first_token=self.prompt_computed_pct(st),
+        )
+        self._update_details(st)
+        return st
+
+    @torch.inference_mode()
+    def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        if not isinstance(state, LazyState):
+            raise ValueError(f"LazyLLM.step needs the state its prefill returned, got {type(state).__name__}")
+        self._step(state, token_ids)
+        self._update_details(state)
+        return state.logits
+
+    @staticmethod
+    def prompt_computed_pct(st: LazyState) -> float:
+        """100 x (prompt (token, layer) KV entries computed so far) / (L x n)."""
+        n, n_layers = st.prompt_len, st.decoder.num_layers
+        return 100.0 * float(st.depth[:n].sum()) / (n_layers * n)
+
+    def _update_details(self, st: LazyState) -> None:
+        st.details.update(
+            prompt_computed_pct_total=self.prompt_computed_pct(st),
+            revived_tokens=int(st.revived.sum()),
+            revived_kv_computations=st.revived_computations,
+        )
+
+    def _step(self, st: LazyState, new_ids: torch.Tensor) -> None:
+        """Feed ``new_ids`` [1, q] at positions ``next_position ..``; set ``st.logits`` [1, vocab]."""
+        dec = st.decoder
+        start, q = st.next_position, new_ids.shape[1]
+        total = start + q
+        dev = new_ids.device
+        st.aux = torch.cat([st.aux, dec.embed(new_ids)[0]])  # new tokens enter layer 0 with their embeddings
+        st.depth = torch.cat([st.depth, torch.zeros(q, dtype=torch.long, device=dev)])
+        st.revived = torch.cat([st.revived, torch.zeros(q, dtype=torch.bool, device=dev)])
+        present = torch.ones(total, dtype=torch.bool, device=dev)  # [N]
+        prune_at = dict(zip(self.prune_layers, self.keep_fractions))
+        scores: list[torch.Tensor] = []
+
+        def hook(module, query, key, value, attention_mask, **kwargs):
+            scores.append(last_token_attention(query, key, attention_mask, module.scaling))
+            return None  # attention itself runs as usual
+
+        st.present, st.computed = [], []
+        for layer_idx, layer in enumerate(dec.layers):
+            candidates = present.nonzero().squeeze(1)  # [c] sorted; the last token is last
+            # Every present token has KV at layers < layer_idx; those without it here are computed now:
+            # the new tokens, and tokens revived from the aux cache.
+            todo = candidates[st.depth[candidates] == layer_idx]  # [t] sorted
+            old = todo[todo < start]
+            if old.numel():
+                st.revived[old] = True
+                st.revived_computations += int(old.numel())
+            st.kv_tokens[layer_idx] = torch.cat([st.kv_tokens[layer_idx], todo])
+            hidden = st.aux[todo][None]  # [1, t, hidden]
+            pos = todo[None]  # [1, t]: original positions
+            mask = _attention_mask(todo, st.kv_tokens[layer_idx], present, dec.windows[layer_idx])
+            kwargs: dict[str, Any] = {HOOK_KWARG: hook} if layer_idx in prune_at else {}
+            out = layer(
+                hidden,
+                attention_mask=mask,
+                position_embeddings=dec.rotary_embeddings(hidden, pos, layer_idx),
+                position_ids=pos,
+                past_key_values=st.cache,
+                use_cache=True,
+                **kwargs,
+            )
+            out = out[0] if isinstance(out, tuple) else out
+            st.aux[todo] = out[0]
+            st.depth[todo] = layer_idx + 1
+            st.present.append(candidates)
+            st.computed.append(todo)
+            if layer_idx in prune_at:
+                if not scores:
+                    raise RuntimeError(f"layer {layer_idx} never called tokensieve attention; is the model using it?")
+                token_scores = torch.zeros(total, device=dev)  # [N]
+                token_scores[st.kv_tokens[layer_idx]] = scores.pop()
+                kept = self.select(layer_idx, token_scores, candidates, keep_count(prune_at[layer_idx], candidates.numel()))
+                present = torch.zeros_like(present)
+                present[kept] = True
+        last = dec.norm(st.aux[total - 1][None, None])  # [1, 1, hidden]
+        logits = dec.lm_head(last)[:, -1].float()  # [1, vocab]
+        if dec.softcap is not None:
+            logits = torch.tanh(logits / dec.softcap) * dec.softcap
+        st.logits = logits
+        st.next_position = total
+
+
+def _attention_mask(
+    q_tok: torch.Tensor, kv_tok: torch.Tensor, present: torch.Tensor, window: int | None
+) -> torch.Tensor | None:
+    """Bool [1, 1, t, m] mask (True = attend) for queries ``q_tok`` [t] over cache entries ``kv_tok`` [m].
+
+    A query attends to a cache entry when its token is present in this step,
+    not later than the query (original positions) and, on sliding-window
+    layers, less than ``window`` positions back. Returns ``None`` where plain
+    causal attention is the same (prefill without gaps, or one query over the
+    whole present cache), so SDPA's fused causal kernel runs as for full attention.
+    """
+    kv_present = present[kv_tok]  # [m]
+    if bool(kv_present.all()) and (window is None or int(q_tok[-1] - kv_tok.min()) < window):
+        if q_tok.numel() == 1 or torch.equal(q_tok, kv_tok):  # q_tok is sorted, so kv_tok is too
+            return None
+    allowed = (kv_tok[None, :] <= q_tok[:, None]) & kv_present[None, :]  # [t, m]
+    if window is not None:
+        allowed &= q_tok[:, None] - kv_tok[None, :] < window
+    return allowed[None, None]
+
+
+def _as_tuple(value: Any, kind: type, name: str) -> tuple:
+    """``"8,14"``, ``[8, 14]`` or ``8`` -> ``(8, 14)`` / ``(8,)`` of ``kind``."""
+    if isinstance(value, str):
+        value = [v for v in value.replace("[", "").replace("]", "").split(",") if v.strip()]
+    elif not isinstance(value, (list, tuple)):
+        value = [value]
+    out = []
+    for v in value:
+        try:
+            x = kind(v)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name} must be a list of {kind.__name__}s, got {value!r}") from None
+        if kind is int and isinstance(v, float) and v != x:
+            raise ValueError(f"{name} must be a list of ints, got {value!r}")
+        out.append(x)
+    return tuple(out)

@@ -8,7 +8,7 @@ import logging
 import sys
 
 # One line per command module; each exposes add_parser(subparsers).
-COMMAND_MODULES = ["ask", "needle", "calibrate", "demo"]
+COMMAND_MODULES = ["ask", "needle", "calibrate", "demo", "eval", "report"]
 
 
 def build_parser() -> argparse.ArgumentParser:

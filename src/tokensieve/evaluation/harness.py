@@ -9,7 +9,8 @@ interrupted run resumes by running the same command again.
 
 Reliability rules (documented in ``docs/evaluation.md``):
 
-* a cell is identified by (task, sample key, model, method, method parameters);
+* a cell is identified by (task, task configuration, sample key, model, method,
+  method parameters);
   cells already in the file are skipped, lines that do not parse (a line cut off
   by a crash) are ignored, and lines that record an ``error`` are retried;
 * a results file written with a different model or task configuration (seed,
@@ -132,9 +133,10 @@ def params_key(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str]:
-    """What makes a result line unique: task, sample key, model, method, parameters."""
-    return (row.get("task", ""), row.get("key", ""), row.get("model", ""), row.get("method", ""), params_key(row.get("params", {})))
+def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """What makes a result line unique: task, its configuration, sample key, model, method, parameters."""
+    return (row.get("task", ""), params_key(row.get("task_config", {})), row.get("key", ""), row.get("model", ""),
+            row.get("method", ""), params_key(row.get("params", {})))
 
 
 def read_results(path: str | Path) -> list[dict[str, Any]]:
@@ -204,7 +206,8 @@ def prepare_results_file(path: Path, model: str, task: Task, restart: bool = Fal
         backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
         path.rename(backup)
         return []
-    cfg = json.dumps(task.config(), sort_keys=True, default=str)
+    now = jsonable(task.config())
+    cfg = json.dumps(now, sort_keys=True, default=str)
     other = [r for r in rows if r.get("model") != model or json.dumps(r.get("task_config"), sort_keys=True, default=str) != cfg]
     if other and not append:
         r = other[0]
@@ -212,9 +215,9 @@ def prepare_results_file(path: Path, model: str, task: Task, restart: bool = Fal
         if r.get("model") != model:
             diff.append(f"model {r.get('model')!r} (now {model!r})")
         old = r.get("task_config") or {}
-        for k in sorted(set(old) | set(task.config())):
-            if old.get(k) != task.config().get(k):
-                diff.append(f"{k}={old.get(k)!r} (now {task.config().get(k)!r})")
+        for k in sorted(set(old) | set(now)):
+            if old.get(k) != now.get(k):
+                diff.append(f"{k}={old.get(k)!r} (now {now.get(k)!r})")
         raise ResultsMismatchError(
             f"{path} already holds {len(other)} result line(s) from another run: {'; '.join(diff)}. "
             f"Use another --out folder, --restart to set the old file aside (it is renamed, not deleted), "
@@ -252,14 +255,16 @@ def run_eval(
     base = {
         "schema": SCHEMA,
         "task": task.name,
-        "task_config": task.config(),
+        "task_config": jsonable(task.config()),
         "model": model_name,
         "model_info": model_info(model),
         "env": environment(),
     } | (extra or {})
 
     def todo(s: Sample, m: Method) -> bool:
-        return cell_id({"task": task.name, "key": s.key, "model": model_name, "method": m.name, "params": jsonable(m.params())}) not in done
+        cell = {"task": task.name, "task_config": base["task_config"], "key": s.key, "model": model_name,
+                "method": m.name, "params": jsonable(m.params())}
+        return cell_id(cell) not in done
 
     remaining = sum(todo(s, m) for s in samples for m in methods)
     bar = tqdm(total=total, initial=total - remaining, desc=f"eval {task.name}", disable=not progress, unit="cell")

@@ -8,6 +8,8 @@ Each run appends one JSON line per (sample, method) to ``OUT/<task>.jsonl``
 from __future__ import annotations
 
 import argparse
+import shlex
+import sys
 from pathlib import Path
 
 from tokensieve.commands.common import add_method_args, add_model_args, build_method, load, parse_floats, parse_size, parse_sizes
@@ -152,8 +154,9 @@ def run(args: argparse.Namespace) -> int:
     methods = [build_method(args, name) for name in args.methods]
     model, tok = load(args)
     task = build_task(args, model)
+    command = "tokensieve " + " ".join(shlex.quote(a) for a in (args.argv if hasattr(args, "argv") else sys.argv[1:]))
     path = run_eval(model, tok, task, methods, args.out, args.model, allow_long=args.allow_long,
-                    restart=args.restart, append=args.append, progress=not args.quiet)
+                    restart=args.restart, append=args.append, progress=not args.quiet, extra={"command": command})
     print(markdown_table(summarize(read_results(path))))
     print(f"\nresults: {path}")
     if not args.no_plots:

@@ -68,6 +68,7 @@ def test_eval_ruler_and_ppl_commands(model_dir, tmp_path, capsys):
                  "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "2"]) == 0
     rows = read_results(tmp_path / "ruler.jsonl")
     assert len(rows) == 4 and {r["params"].get("topk") for r in rows if r["method"] == "gemfilter"} == {64}
+    assert rows[0]["command"].startswith("tokensieve eval ruler --model ")
     # a rerun with another seed into the same folder is refused (exit code 2, message names the seed)
     assert main(["eval", "ruler", *common, "--lengths", "900", "--samples", "1", "--tasks", "niah_single,fwe",
                  "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "2", "--seed", "5"]) == 2

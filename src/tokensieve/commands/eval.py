@@ -154,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
     methods = [build_method(args, name) for name in args.methods]
     model, tok = load(args)
     task = build_task(args, model)
-    command = "tokensieve " + " ".join(shlex.quote(a) for a in (args.argv if hasattr(args, "argv") else sys.argv[1:]))
+    command = "tokensieve " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     path = run_eval(model, tok, task, methods, args.out, args.model, allow_long=args.allow_long,
                     restart=args.restart, append=args.append, progress=not args.quiet, extra={"command": command})
     print(markdown_table(summarize(read_results(path))))

@@ -244,7 +244,10 @@ def run_eval(
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{task.name}.jsonl"
-    methods = [make_method(m) for m in methods]
+    unique: dict[tuple[str, str], Method] = {}
+    for m in map(make_method, methods):  # the same method twice would run its cells twice
+        unique.setdefault((m.name, params_key(jsonable(m.params()))), m)
+    methods = list(unique.values())
     prev = prepare_results_file(path, model_name, task, restart=restart, append=append)
     done = {cell_id(r) for r in prev if not r.get("error")}
     samples = list(task.samples(tokenizer))

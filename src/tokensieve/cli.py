@@ -8,7 +8,7 @@ import logging
 import sys
 
 # One line per command module; each exposes add_parser(subparsers).
-COMMAND_MODULES = ["ask", "needle", "calibrate", "demo", "bench", "stream"]
+COMMAND_MODULES = ["ask", "demo", "needle", "eval", "report", "calibrate", "stream", "bench"]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # recorded by commands that write results
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
     if not args.command:
         parser.print_help()

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
 
 from transformers import PreTrainedTokenizerBase
 
-from tokensieve.runner import encode_prompt
+from tokensieve.evaluation.harness import Sample, Task
+from tokensieve.runner import GenerationResult, encode_prompt
 
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
@@ -86,3 +89,79 @@ def score_answer(answer: str, expected: tuple[str, ...] | list[str] = DEFAULT_EX
     if not expected:
         raise ValueError("expected phrases must not be empty")
     return sum(" ".join(e.lower().split()) in norm for e in expected) / len(expected)
+
+
+class NeedleTask(Task):
+    """Needle-in-a-haystack grid: one sample per (length, depth); ``samples`` is not used (the grid is deterministic).
+
+    Each result line also records ``needle_recall``: the fraction of the needle's
+    tokens among the tokens a selection method kept (None for methods that keep all).
+    """
+
+    name = "needle"
+
+    def __init__(
+        self,
+        haystack: str,
+        lengths: list[int],
+        depths: list[float],
+        needle: str = DEFAULT_NEEDLE,
+        question: str = DEFAULT_QUESTION,
+        expected: tuple[str, ...] | list[str] = DEFAULT_EXPECTED,
+        haystack_name: str = "pg19",
+        max_new_tokens: int = 32,
+    ):
+        if any(not 0 <= d <= 1 for d in depths):
+            raise ValueError(f"depths must be in [0, 1], got {depths}")
+        if not expected:
+            raise ValueError("expected phrases must not be empty")
+        self.haystack, self.lengths, self.depths = haystack, list(lengths), list(depths)
+        self.needle, self.question, self.expected = needle, question, list(expected)
+        self.haystack_name, self.max_new_tokens = haystack_name, max_new_tokens
+
+    def config(self) -> dict[str, Any]:
+        return {"needle": self.needle, "question": self.question, "expected": self.expected,
+                "haystack": self.haystack_name, "max_new_tokens": self.max_new_tokens}
+
+    def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
+        for n in self.lengths:
+            for d in self.depths:
+                p = build_needle_prompt(tokenizer, self.haystack, n, d, self.needle, self.question)
+                ids = encode_prompt(tokenizer, p.messages)[0].tolist()
+                yield Sample(f"{n}/{d:g}", n, ids, list(self.expected), {"depth": d, "needle_span": p.needle_span})
+
+    def score(self, sample: Sample, answer: str) -> float:
+        return score_answer(answer, sample.expected)
+
+    def result_fields(self, sample: Sample, res: GenerationResult) -> dict[str, Any]:
+        out = super().result_fields(sample, res)
+        span = sample.meta["needle_span"]
+        kept = set(res.kept_indices) if res.kept_indices is not None else None
+        out["needle_recall"] = None if kept is None else sum(i in kept for i in span) / len(span)
+        return out
+
+    def plots(self, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+        return needle_heatmaps(rows, out)
+
+
+def needle_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
+    """One heatmap (depth x length, mean score) per model and method label, from needle result lines."""
+    from tokensieve.evaluation.plots import needle_heatmap
+    from tokensieve.evaluation.report import method_labels
+
+    rows = [r for r in rows if r.get("task") == "needle" and r.get("score") is not None]
+    labels = method_labels(rows)
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        for label in sorted({labels[id(r)] for r in rows if r["model"] == model}):
+            sel = [r for r in rows if r["model"] == model and labels[id(r)] == label]
+            lengths = sorted({r["length"] for r in sel})
+            depths = sorted({r["meta"]["depth"] for r in sel})
+            grid = [[_mean([r["score"] for r in sel if r["length"] == n and r["meta"]["depth"] == d]) for n in lengths] for d in depths]
+            safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in f"{model}_{label}")
+            paths.append(needle_heatmap(grid, lengths, depths, f"{label} on {model}", Path(out) / f"needle_{safe}.png"))
+    return paths
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")

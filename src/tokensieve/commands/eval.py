@@ -1,0 +1,167 @@
+"""`tokensieve eval TASK`: accuracy and speed of methods on needle, RULER-style, LongBench and perplexity tasks.
+
+Each run appends one JSON line per (sample, method) to ``OUT/<task>.jsonl``
+(running the same command again resumes), prints a summary table, and writes
+``OUT/report.md`` with plots under ``OUT/plots/``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+from tokensieve.commands.common import add_method_args, add_model_args, build_method, load, parse_floats, parse_size, parse_sizes
+from tokensieve.evaluation.harness import Task, read_results, run_eval
+from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
+
+TASKS = ("needle", "ruler", "longbench", "ppl")
+
+
+def _csv(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def add_common_args(p: argparse.ArgumentParser, task: str, lengths: list[int] | None, samples: int | None) -> None:
+    add_model_args(p)
+    add_method_args(p, multi=True)
+    p.add_argument("--lengths", type=parse_sizes, default=lengths,
+                   help="prompt lengths in tokens, e.g. 1k,2k,4k" + (f" (default {','.join(_short(n) for n in lengths)})" if lengths
+                                                                     else " (LongBench: truncation budgets; default the model's maximum minus 512)"))
+    if samples is not None:
+        p.add_argument("--samples", type=int, default=samples, help=f"samples per length (and subtask) (default {samples})")
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    p.add_argument("--max-new-tokens", type=parse_size, default=None, help="answer budget (default: the task's)")
+    p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
+    p.add_argument("--out", default=f"runs/{task}", help=f"output folder (default runs/{task})")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--restart", action="store_true",
+                   help="set an existing results file aside (renamed <task>.<time>.jsonl) and start over")
+    g.add_argument("--append", action="store_true",
+                   help="add to a results file written with another model or task configuration")
+    p.add_argument("--no-plots", action="store_true", help="skip the report and plots")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 else str(n)
+
+
+def add_needle_args(p: argparse.ArgumentParser) -> None:
+    add_common_args(p, "needle", [1024, 2048, 4096], None)
+    p.add_argument("--depths", type=parse_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0,1] (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--haystack", default=None, help="text file for the haystack (default: the PG-19 books)")
+    p.add_argument("--needle", default=DEFAULT_NEEDLE, help="needle sentence (default: the GemFilter paper's)")
+    p.add_argument("--question", default=DEFAULT_QUESTION, help="question whose answer is in the needle (default: the paper's)")
+    p.add_argument("--expected", default=",".join(DEFAULT_EXPECTED), help="comma-separated phrases a correct answer contains (default: sandwich,Dolores Park)")
+    p.set_defaults(func=run, task="needle")
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval", help="evaluate methods on a task (needle, ruler, longbench, ppl)",
+                       description="Run methods on an evaluation task; one JSON line per sample and method in OUT/<task>.jsonl "
+                                   "(rerun the same command to resume), a summary table, OUT/report.md and plots.")
+    tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
+
+    add_needle_args(tasks.add_parser("needle", help="needle-in-a-haystack grid (lengths x depths), heatmaps",
+                                     description="Needle-in-a-haystack: the needle at each depth of a haystack of each length; scored by the expected phrases found in the answer; one heatmap per method."))
+
+    r = tasks.add_parser("ruler", help="RULER-style synthetic tasks generated from a seed",
+                         description="RULER-style tasks (needle retrieval variants, variable tracking, common/frequent words), generated to fit each length; scored by the fraction of expected items in the answer.")
+    add_common_args(r, "ruler", [1024, 2048, 4096], 5)
+    from tokensieve.evaluation.ruler import KEY_TYPES, RULER_TASKS
+
+    r.add_argument("--tasks", type=_csv, default=list(RULER_TASKS), help=f"subtasks (default all: {','.join(RULER_TASKS)})")
+    r.add_argument("--haystack", default=None, help="text file for the essay haystack (default: the PG-19 books)")
+    r.add_argument("--haystack-kind", choices=["essay", "noise"], default="essay", help="needle tasks: essay text or RULER's repeated noise sentences (default essay)")
+    r.add_argument("--key-type", choices=KEY_TYPES, default="word", help="needle keys (default word)")
+    r.add_argument("--value-type", choices=KEY_TYPES, default="number", help="needle values (default number)")
+    r.add_argument("--num-keys", type=int, default=4, help="niah_multikey: needles, one asked (default 4)")
+    r.add_argument("--num-values", type=int, default=4, help="niah_multivalue: values of the one key (default 4)")
+    r.add_argument("--num-queries", type=int, default=4, help="niah_multiquery: keys asked (default 4)")
+    r.add_argument("--vt-chains", type=int, default=1, help="vt: chains, one asked (default 1)")
+    r.add_argument("--vt-hops", type=int, default=4, help="vt: assignments after the first (default 4)")
+    r.add_argument("--num-common", type=int, default=10, help="cwe: common words to name (default 10)")
+    r.add_argument("--fwe-alpha", type=float, default=2.0, help="fwe: Zipf exponent (default 2)")
+    r.add_argument("--no-answer-prefix", action="store_true", help="do not start the answer with RULER's answer prefix")
+    r.set_defaults(func=run)
+
+    lb = tasks.add_parser("longbench", help="LongBench-format data you supply (--data FILE.jsonl)",
+                          description="LongBench on your data file (fields input, context, answers, dataset): LongBench's templates, middle truncation to each length, and its metric per dataset.")
+    add_common_args(lb, "longbench", None, None)
+    lb.add_argument("--samples", type=int, default=None, help="only the first N samples of each dataset (default all)")
+    lb.add_argument("--data", required=True, help="JSON-lines file in LongBench's format")
+    lb.add_argument("--datasets", type=_csv, default=None, help="only these datasets of the file (default all)")
+    lb.set_defaults(func=run)
+
+    pp = tasks.add_parser("ppl", help="perplexity of a text file (any method, or plain sliding windows)",
+                          description="Perplexity of a text: 'decode' mode prefills each window's start with the method and teacher-forces its last --score-tokens through the method's decoding; 'sliding' mode is plain strided perplexity (full attention only).")
+    add_common_args(pp, "ppl", [1024, 2048], 4)
+    pp.add_argument("--file", default=None, help="text file (default: the PG-19 books)")
+    pp.add_argument("--mode", choices=["decode", "sliding"], default="decode", help="decode (default, any method) or sliding (full only)")
+    pp.add_argument("--score-tokens", type=parse_size, default=64, help="decode mode: tokens scored per window (default 64)")
+    pp.add_argument("--stride", type=parse_size, default=None, help="sliding mode: window stride (default length/2)")
+    pp.set_defaults(func=run)
+
+
+def build_task(args: argparse.Namespace, model=None) -> Task:
+    """The task object for parsed ``eval`` arguments (``model`` is needed for LongBench's default budget)."""
+    from tokensieve.data import read_text
+
+    lengths = args.lengths
+    name = args.task
+    mnt = args.max_new_tokens
+    if name == "needle":
+        from tokensieve.evaluation.needle import NeedleTask
+
+        hay = read_text(args.haystack, min_chars=max(lengths) * 8)
+        return NeedleTask(hay, lengths, args.depths, args.needle, args.question, _csv(args.expected),
+                          haystack_name=args.haystack or "pg19", max_new_tokens=mnt or 32)
+    if name == "ruler":
+        from tokensieve.evaluation.ruler import RulerTask
+
+        needs_text = args.haystack_kind == "essay" and any(t.startswith("niah") for t in args.tasks)
+        hay = read_text(args.haystack, min_chars=max(lengths) * 8) if needs_text else None
+        return RulerTask(
+            lengths, args.samples, args.seed, args.tasks, hay, args.haystack or "pg19", args.haystack_kind,
+            args.key_type, args.value_type, args.num_keys, args.num_values, args.num_queries, args.vt_chains,
+            args.vt_hops, args.num_common, args.fwe_alpha, not args.no_answer_prefix, mnt,
+        )
+    if name == "longbench":
+        from tokensieve.evaluation.longbench import LongBenchTask
+        from tokensieve.methods.base import max_positions
+
+        t = LongBenchTask(args.data, lengths, args.samples, args.datasets, mnt)
+        if model is not None:
+            t.set_default_lengths(max_positions(model))
+        return t
+    if name == "ppl":
+        from tokensieve.evaluation.ppl import PerplexityTask
+
+        text = read_text(args.file, min_chars=max(lengths) * (args.samples + 1) * 8)
+        return PerplexityTask(text, lengths, args.samples, args.mode, args.score_tokens, args.stride, args.file or "pg19")
+    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+
+
+def run(args: argparse.Namespace) -> int:
+    from tokensieve.evaluation.report import build_report, load_results, markdown_table, summarize
+
+    if getattr(args, "samples", None) is not None and args.samples < 1:
+        raise ValueError(f"--samples must be >= 1, got {args.samples}")
+    if args.task != "longbench" and not args.lengths:
+        raise ValueError("--lengths must name at least one length")
+    methods = [build_method(args, name) for name in args.methods]
+    model, tok = load(args)
+    task = build_task(args, model)
+    command = "tokensieve " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
+    path = run_eval(model, tok, task, methods, args.out, args.model, allow_long=args.allow_long,
+                    restart=args.restart, append=args.append, progress=not args.quiet, extra={"command": command})
+    print(markdown_table(summarize(read_results(path))))
+    print(f"\nresults: {path}")
+    if not args.no_plots:
+        out = Path(args.out)
+        report = out / "report.md"
+        report.write_text(build_report(load_results([out]), out / "plots", link_base=out))
+        print(f"report:  {report} (plots in {out / 'plots'})")
+    return 0

@@ -1,0 +1,37 @@
+"""`tokensieve report DIR`: a markdown comparison table and plots from result files."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from tokensieve.evaluation.report import build_report, load_results
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="markdown table + accuracy-vs-TTFT plot from result files",
+                       description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl) into a markdown table "
+                                   "(accuracy, perplexity, TTFT, peak memory, KV kept, per model, task, method and length), an "
+                                   "accuracy breakdown by subtask/dataset, an accuracy-vs-TTFT plot and needle heatmaps.")
+    p.add_argument("paths", nargs="+", metavar="DIR", help="result folders or .jsonl files")
+    p.add_argument("--out", default=None, help="write the markdown here (default: print it; plots go beside it)")
+    p.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside --out, else the first DIR's plots/)")
+    p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = load_results(args.paths)
+    if not rows:
+        raise ValueError(f"no result lines in {', '.join(args.paths)}")
+    first = Path(args.paths[0])
+    base = Path(args.out).parent if args.out else (first if first.is_dir() else first.parent)
+    plot_dir = None if args.no_plots else Path(args.plots) if args.plots else base / "plots"
+    md = build_report(rows, plot_dir, link_base=base)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(md)
+        print(f"wrote {args.out}" + (f" (plots in {plot_dir})" if plot_dir else ""))
+    else:
+        print(md, end="")
+    return 0

@@ -1,0 +1,321 @@
+"""The evaluation harness: tasks x methods x samples -> one JSON line per cell, resumable.
+
+A *task* (needle, RULER-style, LongBench, perplexity) yields :class:`Sample` s,
+each with a stable key (e.g. ``"niah_single/4096/3"``), and knows how to run one
+sample with one method (:meth:`Task.evaluate`). :func:`run_eval` runs every
+(sample, method) *cell*, appends one JSON line per finished cell to the task's
+results file (flushed per line), and skips cells already in the file, so an
+interrupted run resumes by running the same command again.
+
+Reliability rules (documented in ``docs/evaluation.md``):
+
+* a cell is identified by (task, task configuration, sample key, model, method,
+  method parameters);
+  cells already in the file are skipped, lines that do not parse (a line cut off
+  by a crash) are ignored, and lines that record an ``error`` are retried;
+* a results file written with a different model or task configuration (seed,
+  haystack, needle, template, ...) is refused unless ``append=True``; with
+  ``restart=True`` the old file is renamed to ``<name>.<timestamp>.jsonl``, never
+  deleted: results are never silently overwritten;
+* every line records the model, method parameters, task configuration (seed
+  included), package versions and the time it was written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from tqdm import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokensieve.methods import Method, make_method
+from tokensieve.runner import GenerationResult, encode_prompt, generate
+
+SCHEMA = 1
+
+
+@dataclass
+class Sample:
+    """One prompt of a task. ``key`` must be stable across runs (it is how resume finds done cells)."""
+
+    key: str
+    length: int  # the requested prompt length (a grid coordinate), not necessarily the exact token count
+    input_ids: list[int]  # the full prompt, chat template included
+    expected: list[str] = field(default_factory=list)  # what the scorer looks for (for the record)
+    meta: dict[str, Any] = field(default_factory=dict)  # task-specific coordinates (depth, subtask, dataset, ...)
+
+
+def render(tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "", chat: bool | None = None) -> list[int]:
+    """Token ids of one user message (chat template when the tokenizer has one), then ``answer_prefix``.
+
+    The answer prefix goes after the assistant turn's start, as RULER does, so the
+    model continues it instead of starting from scratch.
+    """
+    ids = encode_prompt(tokenizer, [{"role": "user", "content": user}], use_chat_template=chat)[0].tolist()
+    if answer_prefix:
+        ids += tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
+    return ids
+
+
+def sample_seed(*parts: Any) -> int:
+    """A seed derived from ``parts`` that is the same in every process (unlike ``hash``)."""
+    h = hashlib.sha256("/".join(map(str, parts)).encode()).hexdigest()
+    return int(h[:12], 16)
+
+
+class Task:
+    """Base class of evaluation tasks.
+
+    Subclasses set ``name``, implement :meth:`config` (everything that changes the
+    prompts or the scoring, seed included: it is recorded and compared on resume),
+    :meth:`samples` and either :meth:`score` (generation tasks) or :meth:`evaluate`.
+    """
+
+    name: str = "task"
+    max_new_tokens: int = 32
+
+    def config(self) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
+        raise NotImplementedError
+
+    def score(self, sample: Sample, answer: str) -> float:
+        raise NotImplementedError
+
+    def max_tokens(self, sample: Sample) -> int:
+        return int(sample.meta.get("max_new_tokens", self.max_new_tokens))
+
+    def evaluate(
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
+    ) -> dict[str, Any]:
+        """Run one cell; return the fields of its result line (``score`` included)."""
+        res = generate(
+            model, tokenizer, torch.tensor([sample.input_ids]), method=method,
+            max_new_tokens=self.max_tokens(sample), allow_long=allow_long,
+        )
+        return self.result_fields(sample, res)
+
+    def result_fields(self, sample: Sample, res: GenerationResult) -> dict[str, Any]:
+        return generation_fields(res) | {"score": self.score(sample, res.text)}
+
+    def plots(self, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+        """Task-specific plots from its result lines (default: none)."""
+        return []
+
+
+def generation_fields(res: GenerationResult) -> dict[str, Any]:
+    kv = res.kv_tokens_prefill
+    return {
+        "answer": res.text,
+        "prompt_tokens": res.prompt_tokens,
+        "kept_tokens": res.kept_tokens,
+        "kv_tokens_prefill": sum(kv) / len(kv) if kv else None,  # mean over layers
+        "kv_bytes_prefill": res.kv_bytes_prefill,
+        "kv_bytes_final": res.kv_bytes_final,
+        "ttft_s": res.ttft_s,
+        "decode_tokens_per_s": res.decode_tokens_per_s,
+        "peak_memory_bytes": res.peak_memory_bytes,
+        "generated_tokens": res.generated_tokens,
+        "details": {k: v for k, v in res.details.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+
+
+def params_key(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
+    """What makes a result line unique: task, its configuration, sample key, model, method, parameters."""
+    return (row.get("task", ""), params_key(row.get("task_config", {})), row.get("key", ""), row.get("model", ""),
+            row.get("method", ""), params_key(row.get("params", {})))
+
+
+def read_results(path: str | Path) -> list[dict[str, Any]]:
+    """Result lines of a JSON-lines file; lines that do not parse (e.g. cut off by a crash) are skipped."""
+    rows = []
+    p = Path(path)
+    if not p.exists():
+        return rows
+    with p.open(encoding="utf-8") as f:
+        for line in f:
+            line = line.strip()
+            if not line:
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "task" in row and "key" in row:
+                rows.append(row)
+    return rows
+
+
+def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per cell: the last successful line, else the last line (an error)."""
+    best: dict[tuple, dict[str, Any]] = {}
+    for r in rows:
+        cid = cell_id(r)
+        if cid not in best or not r.get("error") or best[cid].get("error"):
+            best[cid] = r
+    return list(best.values())
+
+
+class ResultsMismatchError(ValueError):
+    """The results file holds lines from another model or task configuration."""
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+
+    import tokensieve
+
+    return {
+        "tokensieve": tokensieve.__version__,
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "host": platform.node(),
+    }
+
+
+def model_info(model: PreTrainedModel) -> dict[str, Any]:
+    cfg = model.config.get_text_config()
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "layers": getattr(cfg, "num_hidden_layers", None),
+        "hidden_size": getattr(cfg, "hidden_size", None),
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(model.device),
+    }
+
+
+def prepare_results_file(path: Path, model: str, task: Task, restart: bool = False, append: bool = False) -> list[dict[str, Any]]:
+    """Check (or set aside) an existing results file; return its lines that count for this run."""
+    rows = read_results(path)
+    if path.exists() and restart:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+        path.rename(backup)
+        return []
+    now = jsonable(task.config())
+    cfg = json.dumps(now, sort_keys=True, default=str)
+    other = [r for r in rows if r.get("model") != model or json.dumps(r.get("task_config"), sort_keys=True, default=str) != cfg]
+    if other and not append:
+        r = other[0]
+        diff = []
+        if r.get("model") != model:
+            diff.append(f"model {r.get('model')!r} (now {model!r})")
+        old = r.get("task_config") or {}
+        for k in sorted(set(old) | set(now)):
+            if old.get(k) != now.get(k):
+                diff.append(f"{k}={old.get(k)!r} (now {now.get(k)!r})")
+        raise ResultsMismatchError(
+            f"{path} already holds {len(other)} result line(s) from another run: {'; '.join(diff)}. "
+            f"Use another --out folder, --restart to set the old file aside (it is renamed, not deleted), "
+            f"or --append to add these results to it"
+        )
+    return rows
+
+
+def run_eval(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    task: Task,
+    methods: Sequence[Method],
+    out: str | Path,
+    model_name: str,
+    allow_long: bool = False,
+    restart: bool = False,
+    append: bool = False,
+    progress: bool = True,
+    extra: dict[str, Any] | None = None,
+    on_row: Callable[[dict[str, Any]], None] | None = None,
+) -> Path:
+    """Run every (sample, method) cell of ``task`` not yet in ``out/<task>.jsonl``; return that file's path."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{task.name}.jsonl"
+    unique: dict[tuple[str, str], Method] = {}
+    for m in map(make_method, methods):  # the same method twice would run its cells twice
+        unique.setdefault((m.name, params_key(jsonable(m.params()))), m)
+    methods = list(unique.values())
+    prev = prepare_results_file(path, model_name, task, restart=restart, append=append)
+    done = {cell_id(r) for r in prev if not r.get("error")}
+    samples = list(task.samples(tokenizer))
+    keys = [s.key for s in samples]
+    if len(set(keys)) != len(keys):
+        raise ValueError(f"task {task.name!r} produced duplicate sample keys")
+    total = len(samples) * len(methods)
+    base = {
+        "schema": SCHEMA,
+        "task": task.name,
+        "task_config": jsonable(task.config()),
+        "model": model_name,
+        "model_info": model_info(model),
+        "env": environment(),
+    } | (extra or {})
+
+    def todo(s: Sample, m: Method) -> bool:
+        cell = {"task": task.name, "task_config": base["task_config"], "key": s.key, "model": model_name,
+                "method": m.name, "params": jsonable(m.params())}
+        return cell_id(cell) not in done
+
+    remaining = sum(todo(s, m) for s in samples for m in methods)
+    bar = tqdm(total=total, initial=total - remaining, desc=f"eval {task.name}", disable=not progress, unit="cell")
+    with open_for_append(path) as f:
+        for s in samples:
+            for m in methods:
+                if not todo(s, m):
+                    continue
+                bar.set_postfix_str(f"{m.name} {s.key}", refresh=False)
+                row = dict(base, key=s.key, length=s.length, method=m.name, params=jsonable(m.params()),
+                           meta=s.meta, expected=s.expected)
+                try:
+                    row |= task.evaluate(model, tokenizer, s, m, allow_long)
+                except (ValueError, RuntimeError) as exc:  # a method refusing a prompt, out of memory, ...
+                    row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}
+                    bar.write(f"{m.name} {s.key}: {row['error']} (recorded; retried on the next run)")
+                row["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                f.write(json.dumps(row, default=str) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+                if on_row:
+                    on_row(row)
+                bar.update()
+    bar.close()
+    return path
+
+
+def jsonable(params: dict[str, Any]) -> dict[str, Any]:
+    """Method parameters as they will read back from JSON (tuples become lists, ...)."""
+    return json.loads(json.dumps(params, default=str))
+
+
+class open_for_append:
+    """Open a JSON-lines file for appending; if a crash left a half-written last line, start on a new line."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        needs_newline = False
+        if self.path.exists() and self.path.stat().st_size > 0:
+            with self.path.open("rb") as f:
+                f.seek(-1, os.SEEK_END)
+                needs_newline = f.read(1) != b"\n"
+        self.f = self.path.open("a", encoding="utf-8")
+        if needs_newline:
+            self.f.write("\n")
+        return self.f
+
+    def __exit__(self, *exc) -> None:
+        self.f.close()

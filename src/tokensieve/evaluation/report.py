@@ -1,0 +1,183 @@
+"""Comparison report from result files: markdown tables and an accuracy-vs-TTFT plot.
+
+Groups result lines by (model, task, method with its parameters, length) and
+gives, per group: samples, accuracy (mean score, in %), perplexity (for ``ppl``
+lines: ``exp(sum nll / sum tokens)``), mean TTFT, mean peak memory, and the KV
+cache kept after prefill as a share of the prompt (mean over layers and samples).
+A second table breaks accuracy down by RULER subtask or LongBench dataset.
+When a file holds the same cell twice (a retried error), the last successful
+line counts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Iterable
+
+from tokensieve.evaluation.harness import latest_rows, params_key, read_results
+
+MB = 1024 * 1024
+
+
+def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
+    """Result lines from files and folders (every ``*.jsonl`` below a folder), one per cell."""
+    rows: list[dict[str, Any]] = []
+    found = False
+    for p in map(Path, paths):
+        if p.is_dir():
+            files = sorted(p.rglob("*.jsonl"))
+        elif p.is_file():
+            files = [p]
+        else:
+            raise FileNotFoundError(f"no results file or folder at {p}")
+        for f in files:
+            found = True
+            rows += read_results(f)
+    if not found:
+        raise FileNotFoundError(f"no *.jsonl result files in {', '.join(map(str, paths))}")
+    return latest_rows(rows)
+
+
+def method_labels(rows: list[dict[str, Any]]) -> dict[int, str]:
+    """``id(row) -> label``: the method name, plus the parameters that differ between its runs."""
+    by_name: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_name[r["method"]][params_key(r.get("params", {}))] = r.get("params", {})
+    varying: dict[str, list[str]] = {}
+    for name, variants in by_name.items():
+        keys = sorted({k for p in variants.values() for k in p})
+        varying[name] = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
+    labels = {}
+    for r in rows:
+        ks = varying[r["method"]]
+        p = r.get("params", {})
+        labels[id(r)] = r["method"] + (f"({', '.join(f'{k}={p.get(k)}' for k in ks)})" if ks else "")
+    return labels
+
+
+def _mean(xs: list[float]) -> float | None:
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def summarize(rows: list[dict[str, Any]], by_part: bool = False) -> list[dict[str, Any]]:
+    """One summary dict per (model, task, method label, length[, subtask/dataset]), sorted."""
+    labels = method_labels(rows)
+    groups: dict[tuple, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        part = (r.get("meta") or {}).get("subtask") or (r.get("meta") or {}).get("dataset") or "" if by_part else ""
+        groups[(r["model"], r["task"], labels[id(r)], r.get("length", 0), part)].append(r)
+    out = []
+    for (model, task, label, length, part), rs in groups.items():
+        ok = [r for r in rs if not r.get("error")]
+        scores = [r["score"] for r in ok if r.get("score") is not None]
+        nll, toks = sum(r.get("nll", 0.0) for r in ok if "nll" in r), sum(r.get("tokens", 0) for r in ok if "nll" in r)
+        kv = [r["kv_tokens_prefill"] / r["prompt_tokens"] for r in ok if r.get("kv_tokens_prefill") is not None and r.get("prompt_tokens")]
+        kept = [r["kept_tokens"] / r["prompt_tokens"] for r in ok if r.get("kept_tokens") is not None and r.get("prompt_tokens")]
+        out.append({
+            "model": model, "task": task, "method": label, "length": length, "part": part,
+            "samples": len(ok), "errors": len(rs) - len(ok),
+            "accuracy": 100 * sum(scores) / len(scores) if scores else None,
+            "ppl": math.exp(nll / toks) if toks else None,
+            "ttft_s": _mean([r.get("ttft_s") for r in ok]),
+            "peak_memory_mb": (m / MB) if (m := _mean([r.get("peak_memory_bytes") for r in ok])) is not None else None,
+            "kv_kept": _mean(kv), "tokens_kept": _mean(kept),
+            "prompt_tokens": _mean([r.get("prompt_tokens") for r in ok]),
+        })
+    out.sort(key=lambda g: (g["model"], g["task"], g["part"], g["length"], g["method"]))
+    return out
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "-" if v is None else format(v, spec)
+
+
+def markdown_table(groups: list[dict[str, Any]], by_part: bool = False) -> str:
+    has_ppl = any(g["ppl"] is not None for g in groups)
+    has_acc = any(g["accuracy"] is not None for g in groups)
+    cols = ["model", "task"] + (["subtask"] if by_part else []) + ["method", "length", "n"]
+    cols += (["accuracy %"] if has_acc else []) + (["ppl"] if has_ppl else [])
+    if not by_part:
+        cols += ["TTFT s", "peak MiB", "KV kept", "tokens kept", "errors"]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c not in ("model", "task", "subtask", "method") else "---" for c in cols) + "|"]
+    for g in groups:
+        cells = [g["model"], g["task"]] + ([g["part"]] if by_part else []) + [g["method"], str(g["length"]), str(g["samples"])]
+        cells += ([_fmt(g["accuracy"], ".1f")] if has_acc else []) + ([_fmt(g["ppl"], ".2f")] if has_ppl else [])
+        if not by_part:
+            cells += [_fmt(g["ttft_s"], ".3f"), _fmt(g["peak_memory_mb"], ".0f"), _fmt(g["kv_kept"], ".0%"),
+                      _fmt(g["tokens_kept"], ".0%"), str(g["errors"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def accuracy_vs_ttft_plot(groups: list[dict[str, Any]], path: str | Path) -> Path | None:
+    """Accuracy against mean TTFT, one line per (model, task, method) across lengths; None if nothing to plot."""
+    from tokensieve.evaluation.plots import plt
+
+    pts = [g for g in groups if g["accuracy"] is not None and g["ttft_s"] is not None]
+    if not pts:
+        return None
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    series: dict[tuple, list[dict]] = defaultdict(list)
+    for g in pts:
+        series[(g["model"], g["task"], g["method"])].append(g)
+    multi_model = len({g["model"] for g in pts}) > 1
+    multi_task = len({g["task"] for g in pts}) > 1
+    for (model, task, method), gs in sorted(series.items()):
+        gs.sort(key=lambda g: g["length"])
+        label = method + (f" [{task}]" if multi_task else "") + (f" on {model}" if multi_model else "")
+        ax.plot([g["ttft_s"] for g in gs], [g["accuracy"] for g in gs], marker="o", label=label)
+        for g in gs:
+            ax.annotate(_short(g["length"]), (g["ttft_s"], g["accuracy"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("mean time to first token (s, log scale)")
+    ax.set_ylabel("accuracy (%)")
+    ax.set_ylim(-3, 103)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    ax.set_title("accuracy vs TTFT (points labelled with prompt length)", fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def _short(n: int) -> str:
+    return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
+
+
+def build_report(rows: list[dict[str, Any]], plot_dir: str | Path | None = None, link_base: str | Path | None = None) -> str:
+    """Markdown report (and, with ``plot_dir``, the accuracy-vs-TTFT plot and needle heatmaps).
+
+    Image links are relative to ``link_base`` (the folder the report is written to) when given.
+    """
+    groups = summarize(rows)
+    parts = ["## Results", "", markdown_table(groups), ""]
+    detail = [g for g in summarize(rows, by_part=True) if g["part"]]
+    if detail:
+        parts += ["## Accuracy by subtask / dataset", "", markdown_table(detail, by_part=True), ""]
+    if plot_dir is not None:
+        from tokensieve.evaluation.needle import needle_heatmaps
+
+        plots = [p for p in [accuracy_vs_ttft_plot(groups, Path(plot_dir) / "accuracy_vs_ttft.png")] if p]
+        plots += needle_heatmaps(rows, Path(plot_dir))
+        if plots:
+            parts += ["## Plots", ""] + [f"![{p.stem}]({_link(p, link_base)})" for p in plots] + [""]
+    models = sorted({r["model"] for r in rows})
+    versions = sorted({(r.get("env") or {}).get("tokensieve", "?") for r in rows})
+    parts += [f"{len(rows)} result lines; model(s): {', '.join(models)}; tokensieve {', '.join(versions)}."]
+    return "\n".join(parts) + "\n"
+
+
+def _link(p: Path, base: str | Path | None) -> str:
+    if base is not None:
+        try:
+            return p.resolve().relative_to(Path(base).resolve()).as_posix()
+        except ValueError:
+            pass
+    return p.as_posix()

@@ -1,0 +1,70 @@
+"""`calibrate` (GemFilter filter layer) on a tiny model: recall per layer against a slow reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from eval_support import TEXT, byte_tokenizer, tiny_llama
+
+from tokensieve.cli import main
+from tokensieve.evaluation.calibrate import calibrate
+from tokensieve.evaluation.needle import build_needle_prompt
+from tokensieve.runner import encode_prompt
+
+
+@pytest.fixture(scope="module")
+def setup():
+    return tiny_llama(), byte_tokenizer()
+
+
+def test_keep_everything_recalls_everything(setup):
+    model, tok = setup
+    cal = calibrate(model, tok, TEXT, [500], [0.0, 1.0], topk=10_000, progress=False)
+    assert set(cal.recall) == {"paper", "window"}
+    assert all(len(v) == 3 and all(x == 1.0 for x in v) for v in cal.recall.values())
+    assert cal.best_layer == 0  # the earliest layer within tolerance of the best
+
+
+def reference_paper_scores(model, ids):
+    """Per layer: q_last . k_j summed over heads, with q and k recomputed by hand from the hidden states."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    n = ids.shape[1]
+    with torch.no_grad():
+        hs = model(input_ids=ids, output_hidden_states=True).hidden_states  # hs[l]: input of layer l, [1, n, d]
+        cos, sin = model.model.rotary_emb(hs[0], torch.arange(n)[None])
+        out = []
+        for layer_idx, layer in enumerate(model.model.layers):
+            attn, x = layer.self_attn, layer.input_layernorm(hs[layer_idx])
+            hd = attn.head_dim
+            q = attn.q_proj(x).view(1, n, -1, hd).transpose(1, 2)  # [1, hq, n, hd]
+            k = attn.k_proj(x).view(1, n, -1, hd).transpose(1, 2)  # [1, hkv, n, hd]
+            q, k = apply_rotary_pos_emb(q, k, cos, sin)
+            k = k.repeat_interleave(q.shape[1] // k.shape[1], dim=1)  # [1, hq, n, hd]
+            out.append((q[:, :, -1:, :] * k).sum(-1).sum(1)[0])  # [n]
+    return out
+
+
+def test_recall_matches_a_slow_reference(setup):
+    model, tok = setup
+    topk = 48
+    cal = calibrate(model, tok, TEXT, [500], [0.5], topk=topk, scorings=("paper",), progress=False)
+    p = build_needle_prompt(tok, TEXT, 500, 0.5)
+    ids = encode_prompt(tok, p.messages)
+    for layer, sc in enumerate(reference_paper_scores(model, ids)):
+        pooled = torch.nn.functional.avg_pool1d(sc.view(1, 1, -1), 5, 1, 2).view(-1)  # the paper's pooling
+        kept = pooled.topk(topk).indices
+        ref = torch.isin(torch.tensor(p.needle_span), kept).float().mean().item()
+        assert cal.recall["paper"][layer] == pytest.approx(ref, abs=1e-4)
+    assert 0 <= cal.best_layer < 3 and cal.best_scoring == "paper"
+
+
+def test_calibrate_command(setup, tmp_path, capsys):
+    model, tok = setup
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "hay.txt").write_text(TEXT)
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--lengths", "500", "--depths", "0.5", "--topk", "64",
+                 "--haystack", str(tmp_path / "hay.txt"), "--out", str(tmp_path / "cal.json")]) == 0
+    out = capsys.readouterr().out
+    assert "chosen: --filter-layer" in out and (tmp_path / "cal.json").exists()

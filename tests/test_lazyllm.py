@@ -360,3 +360,13 @@ def test_smollm2_runner_and_cli(tmp_path, capsys):
     assert out["method"] == "lazyllm" and out["params"] == {"prune_layers": [4, 10], "keep_fractions": [0.5, 0.5]}
     assert out["details"]["prompt_computed_pct_first_token"] < 50
     assert "revived_tokens" in out["details"] and out["ttft_s"] > 0
+
+
+def test_default_schedule_scales_with_depth():
+    from tokensieve.methods.lazyllm import default_prune_layers
+
+    assert default_prune_layers(30, [None] * 30) == (8, 14, 20)  # the measured SmolLM2 schedule
+    assert default_prune_layers(32, [None] * 32) == (9, 15, 21)
+    assert default_prune_layers(3, [None] * 3) == (1,)  # collapses on shallow models, stays in [0, L-2]
+    windows = [16 if (i + 1) % 6 else None for i in range(18)]  # Gemma-3-like: full attention at 5, 11, 17
+    assert default_prune_layers(18, windows) == (5, 11)

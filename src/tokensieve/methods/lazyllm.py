@@ -49,8 +49,23 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 # tried that kept full attention's needle accuracy (74% of prompt KV computed,
 # TTFT 0.71x at 2k tokens on CPU). Share of the sequence present after each
 # pruning layer: 0.8, 0.64, 0.51.
+# On a model of another depth the default layers scale with it (8/30, 14/30, 20/30
+# of the depth), moved to the nearest full-attention layer where some use a window.
 DEFAULT_PRUNE_LAYERS: tuple[int, ...] = (8, 14, 20)
+DEFAULT_DEPTH = 30
 DEFAULT_KEEP_FRACTIONS: tuple[float, ...] = (0.8, 0.8, 0.8)
+
+
+def default_prune_layers(n_layers: int, windows: Sequence[int | None]) -> tuple[int, ...]:
+    """The default schedule's layers for an ``n_layers``-deep model (see ``DEFAULT_PRUNE_LAYERS``)."""
+    allowed = [i for i in range(n_layers - 1) if windows[i] is None] or list(range(n_layers - 1))
+    picked = []
+    for layer in DEFAULT_PRUNE_LAYERS:
+        target = layer * n_layers / DEFAULT_DEPTH
+        best = min(allowed, key=lambda i: (abs(i - target), i))
+        if best not in picked:
+            picked.append(best)
+    return tuple(sorted(picked))
 
 
 def keep_count(fraction: float, present: int) -> int:
@@ -139,7 +154,8 @@ class LazyLLM(Method):
     """LazyLLM (Fu et al., 2024): progressive token pruning, re-selected at every step, with an aux cache.
 
     Parameters:
-        prune_layers: 0-based layers, strictly increasing, each in ``[0, L-2]``,
+        prune_layers: 0-based layers, strictly increasing, each in ``[0, L-2]``
+            (``None``: the default schedule scaled to the model's depth),
             whose last-token attention scores the present tokens; the pruning
             takes effect from the next layer on. Must be full-attention layers
             (on Gemma 3: not a sliding-window layer). Accepts "8,14,20".
@@ -150,25 +166,40 @@ class LazyLLM(Method):
     """
 
     name: ClassVar[str] = "lazyllm"
-    prune_layers: Sequence[int] = DEFAULT_PRUNE_LAYERS
+    prune_layers: Sequence[int] | None = None
     keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS
 
     def __post_init__(self) -> None:
-        self.prune_layers = _as_tuple(self.prune_layers, int, "prune_layers")
         self.keep_fractions = _as_tuple(self.keep_fractions, float, "keep_fractions")
+        for f in self.keep_fractions:
+            if not 0.0 < f <= 1.0:
+                raise ValueError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
+        if self.prune_layers is None:
+            if len(self.keep_fractions) != len(DEFAULT_PRUNE_LAYERS):
+                raise ValueError(
+                    f"with the default prune_layers, give {len(DEFAULT_PRUNE_LAYERS)} keep_fractions, got {list(self.keep_fractions)}"
+                )
+            return
+        self.prune_layers = _as_tuple(self.prune_layers, int, "prune_layers")
         if len(self.prune_layers) != len(self.keep_fractions):
             raise ValueError(
                 f"prune_layers and keep_fractions must have the same length, got {len(self.prune_layers)} "
                 f"layers {list(self.prune_layers)} and {len(self.keep_fractions)} fractions {list(self.keep_fractions)}"
             )
-        for f in self.keep_fractions:
-            if not 0.0 < f <= 1.0:
-                raise ValueError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
         if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
             raise ValueError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
 
+    def schedule(self, dec: "_Decoder") -> dict[int, float]:
+        """{pruning layer: keep fraction} for this model."""
+        if self.prune_layers is None:
+            layers = default_prune_layers(dec.num_layers, dec.windows)
+            return dict(zip(layers, self.keep_fractions))
+        return dict(zip(self.prune_layers, self.keep_fractions))
+
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         n_layers = num_layers(model)
+        if self.prune_layers is None:
+            return
         for layer in self.prune_layers:
             if not 0 <= layer <= n_layers - 2:
                 raise ValueError(
@@ -218,8 +249,8 @@ class LazyLLM(Method):
         present_last = st.present[-1]
         st.kept_indices = present_last[present_last < n]  # prompt tokens present at the last layer
         st.details.update(
-            prune_layers=list(self.prune_layers),
-            keep_fractions=list(self.keep_fractions),
+            prune_layers=list(self.schedule(dec)),
+            keep_fractions=list(self.schedule(dec).values()),
             kept_tokens=int(st.kept_indices.numel()),
             tokens_per_layer_first_token=[int(p.numel()) for p in st.present],
             prompt_computed_pct_first_token=self.prompt_computed_pct(st),
@@ -258,7 +289,7 @@ class LazyLLM(Method):
         st.depth = torch.cat([st.depth, torch.zeros(q, dtype=torch.long, device=dev)])
         st.revived = torch.cat([st.revived, torch.zeros(q, dtype=torch.bool, device=dev)])
         present = torch.ones(total, dtype=torch.bool, device=dev)  # [N]
-        prune_at = dict(zip(self.prune_layers, self.keep_fractions))
+        prune_at = self.schedule(dec)
         scores: list[torch.Tensor] = []
 
         def hook(module, query, key, value, attention_mask, **kwargs):

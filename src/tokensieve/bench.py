@@ -82,7 +82,7 @@ class BenchRow:
     kv_bytes_prefill: int | None = None
     kv_tokens_prefill: int | None = None  # layer 0
     kept_tokens: int | None = None
-    decode_tokens_per_s: float | None = None
+    decode_tokens_per_s: float | None = None  # 1 / median step time over decode_tokens steps
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -116,15 +116,34 @@ def bench_method(
         row.ttft_runs = runs
         row.ttft_s = statistics.median(runs)
         if decode_tokens > 0:
-            r = generate(model, tok, ids, method=method, max_new_tokens=decode_tokens + 1, allow_long=True)
-            row.decode_tokens_per_s = r.decode_tokens_per_s
-            del r
+            steps = decode_step_times(model, method, ids.to(device), decode_tokens)
+            # median step: robust to host-side hiccups, which dominate the spread of single steps
+            row.decode_tokens_per_s = 1.0 / statistics.median(steps)
+            row.details["decode_step_s"] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
     except torch.OutOfMemoryError:
         row.status = "oom"
     except Exception as exc:  # a failed cell is recorded, the sweep goes on
         row.status = f"error: {type(exc).__name__}: {exc}"[:300]
     _free(device)
     return row
+
+
+@torch.inference_mode()
+def decode_step_times(model: PreTrainedModel, method: Method, input_ids: torch.Tensor, steps: int) -> list[float]:
+    """Wall time (synchronised) of each of ``steps`` greedy decoding steps after the method's prefill."""
+    from tokensieve.memory import synchronize
+
+    method.prepare(model, _IdTokenizer())
+    state = method.prefill(model, input_ids)
+    token = state.logits.argmax(dim=-1, keepdim=True)
+    times = []
+    for _ in range(steps):
+        synchronize(input_ids.device)
+        t = time.perf_counter()
+        token = method.step(model, state, token).argmax(dim=-1, keepdim=True)
+        synchronize(input_ids.device)
+        times.append(time.perf_counter() - t)
+    return times
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -152,6 +171,7 @@ def run_bench(
     warmup_length: int = 1024,
     model: PreTrainedModel | None = None,
     progress: bool = True,
+    on_row: Any = None,
 ) -> dict[str, Any]:
     """Sweep methods x lengths on one model; returns a JSON-ready dict.
 
@@ -171,6 +191,8 @@ def run_bench(
     for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
         row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens)
         rows.append({"label": label, **row.__dict__})
+        if on_row is not None:
+            on_row(rows)
     return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "repeats": repeats,
             "decode_tokens": decode_tokens, "model_build_s": build_s, "environment": environment(device),
             "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}

@@ -50,6 +50,8 @@ def main_methods() -> dict[str, dict]:
         # are separators, as in PG-19 text with the SmolLM2 tokenizer (9.5%).
         "sepllm": {"method": "sepllm", "separator_ids": tuple(range(0, 128256, 10))},
         "lazyllm": {"method": "lazyllm"},
+        # the most aggressive schedule of the SmolLM2 sweep (36% of prompt KV computed; it lost the needle there)
+        "lazyllm-aggressive": {"method": "lazyllm", "prune_layers": (4, 10, 16, 22), "keep_fractions": (0.5,) * 4},
     }
     return {label: s for label, s in specs.items() if s["method"] in METHODS}
 

@@ -569,10 +569,7 @@ def stream_perplexity(
 
 def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") -> Path:
     """Windowed perplexity and KV-cache size vs tokens seen, one line per result (PNG)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from tokensieve.evaluation.plots import plt, save_figure
 
     colors = {"full": "#F0496E", "streamingllm": "#EBB839", "sepllm": "#0CD79F"}
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -590,9 +587,4 @@ def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") 
     ax2.set_ylabel("KV cache (MiB)")
     ax2.set_xlabel("tokens seen")
     ax1.set_title(title, fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -10,6 +10,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
+def save_figure(fig, path: str | Path) -> Path:
+    """Lay out, write (creating the folder) and close a figure; returns the path."""
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 NEEDLE_CMAP = LinearSegmentedColormap.from_list("needle", ["#F0496E", "#EBB839", "#0CD79F"])
 
 
@@ -29,12 +39,7 @@ def needle_heatmap(
             if v == v:  # not NaN
                 ax.text(j, i, f"{v:.2f}".rstrip("0").rstrip("."), ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.05)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None) -> Path:
@@ -65,9 +70,4 @@ def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tupl
     a1.set_yscale("log")
     a1.legend(fontsize=7)
     fig.suptitle(f"{result['shape']} ({result['dtype']}, random weights) on {where}", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -115,7 +115,7 @@ def markdown_table(groups: list[dict[str, Any]], by_part: bool = False) -> str:
 
 def accuracy_vs_ttft_plot(groups: list[dict[str, Any]], path: str | Path) -> Path | None:
     """Accuracy against mean TTFT, one line per (model, task, method) across lengths; None if nothing to plot."""
-    from tokensieve.evaluation.plots import plt
+    from tokensieve.evaluation.plots import plt, save_figure
 
     pts = [g for g in groups if g["accuracy"] is not None and g["ttft_s"] is not None]
     if not pts:
@@ -139,12 +139,7 @@ def accuracy_vs_ttft_plot(groups: list[dict[str, Any]], path: str | Path) -> Pat
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title("accuracy vs TTFT (points labelled with prompt length)", fontsize=9)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def _short(n: int) -> str:

@@ -113,3 +113,9 @@ def test_cli_help_for_every_command(capsys):
             cli.main([name, "--help"])
         assert e.value.code == 0
         assert "usage" in capsys.readouterr().out
+
+
+def test_step_times_recorded_per_decoding_step(tok):
+    model = tiny_model("llama")
+    res = tokensieve.generate(model, tok, random_ids(20), max_new_tokens=5)
+    assert len(res.step_times_s) == 4 and all(t > 0 for t in res.step_times_s)

@@ -103,47 +103,31 @@ def bench_method(
     row = BenchRow(method=method.name, params=method.params(), length=length)
     try:
         runs = []
-        for _ in range(repeats):
-            r = generate(model, tok, ids, method=method, max_new_tokens=1, allow_long=True)
+        for i in range(repeats):
+            # the last run also decodes, so the prefill is never repeated just for the decode figure
+            new_tokens = decode_tokens + 1 if i == repeats - 1 and decode_tokens > 0 else 1
+            r = generate(model, tok, ids, method=method, max_new_tokens=new_tokens, allow_long=True)
             runs.append(r.ttft_s)
             row.peak_memory_bytes = max(row.peak_memory_bytes or 0, r.peak_memory_bytes)
             row.kv_bytes_prefill = r.kv_bytes_prefill
             row.kv_tokens_prefill = r.kv_tokens_prefill[0] if r.kv_tokens_prefill else None
             row.kept_tokens = r.kept_tokens
             row.details = {k: v for k, v in r.details.items() if isinstance(v, (int, float, str, bool))}
+            if r.step_times_s:
+                # median step: robust to host-side hiccups, which dominate the spread of single steps
+                med = statistics.median(r.step_times_s)
+                row.decode_tokens_per_s = 1.0 / med
+                row.details["decode_step_s"] = {"median": med, "min": min(r.step_times_s), "max": max(r.step_times_s)}
             del r
             _free(device)
         row.ttft_runs = runs
         row.ttft_s = statistics.median(runs)
-        if decode_tokens > 0:
-            steps = decode_step_times(model, method, ids.to(device), decode_tokens)
-            # median step: robust to host-side hiccups, which dominate the spread of single steps
-            row.decode_tokens_per_s = 1.0 / statistics.median(steps)
-            row.details["decode_step_s"] = {"median": statistics.median(steps), "min": min(steps), "max": max(steps)}
     except torch.OutOfMemoryError:
         row.status = "oom"
     except Exception as exc:  # a failed cell is recorded, the sweep goes on
         row.status = f"error: {type(exc).__name__}: {exc}"[:300]
     _free(device)
     return row
-
-
-@torch.inference_mode()
-def decode_step_times(model: PreTrainedModel, method: Method, input_ids: torch.Tensor, steps: int) -> list[float]:
-    """Wall time (synchronised) of each of ``steps`` greedy decoding steps after the method's prefill."""
-    from tokensieve.memory import synchronize
-
-    method.prepare(model, _IdTokenizer())
-    state = method.prefill(model, input_ids)
-    token = state.logits.argmax(dim=-1, keepdim=True)
-    times = []
-    for _ in range(steps):
-        synchronize(input_ids.device)
-        t = time.perf_counter()
-        token = method.step(model, state, token).argmax(dim=-1, keepdim=True)
-        synchronize(input_ids.device)
-        times.append(time.perf_counter() - t)
-    return times
 
 
 def environment(device: torch.device) -> dict[str, Any]:

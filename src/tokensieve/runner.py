@@ -38,6 +38,7 @@ class GenerationResult:
     token_ids: list[int] = field(repr=False)
     kept_indices: list[int] | None = field(default=None, repr=False)
     details: dict[str, Any] = field(default_factory=dict)
+    step_times_s: list[float] = field(default_factory=list, repr=False)  # wall time of each decoding step
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -116,11 +117,15 @@ def generate(
         out_ids.append(int(token))
         ttft = time.perf_counter() - t0
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
-        t1 = time.perf_counter()
+        t1 = t_step = time.perf_counter()
+        steps: list[float] = []
         while len(out_ids) < max_new_tokens and out_ids[-1] not in stops:
             logits = m.step(model, state, token)
             token = logits.argmax(dim=-1, keepdim=True)
-            out_ids.append(int(token))
+            out_ids.append(int(token))  # int() waits for the device: each step is timed whole
+            now = time.perf_counter()
+            steps.append(now - t_step)
+            t_step = now
         synchronize(device)
         decode_s = time.perf_counter() - t1
     kv_fin, kv_bytes_fin = cache_stats(state.cache)
@@ -143,6 +148,7 @@ def generate(
         token_ids=out_ids,
         kept_indices=kept.tolist() if kept is not None else None,
         details=dict(state.details),
+        step_times_s=steps,
     )
 
 

@@ -30,10 +30,12 @@ def run(args: argparse.Namespace) -> int:
         results[name] = generate(model, tok, p.messages, method=name, max_new_tokens=40, **params)
     full, gem = results["full"], results["gemfilter"]
     w = 44
+    print()
+    for label, res in (("full attention", full), ("GemFilter", gem)):
+        print(f"{label} answers: {res.text!r}")
     print(f"\n{'':>14} {'full attention':<{w}} {'GemFilter':<{w}}")
     for label, a, b in (
-        ("answer", full.text, gem.text),
-        ("correct", score_answer(full.text) == 1.0, score_answer(gem.text) == 1.0),
+        ("score", score_answer(full.text), score_answer(gem.text)),
         ("kept tokens", f"{full.kept_tokens} / {full.prompt_tokens}", f"{gem.kept_tokens} / {gem.prompt_tokens}"),
         ("TTFT", f"{full.ttft_s:.2f} s", f"{gem.ttft_s:.2f} s"),
         ("peak memory", fmt_bytes(full.peak_memory_bytes), fmt_bytes(gem.peak_memory_bytes)),
@@ -41,5 +43,6 @@ def run(args: argparse.Namespace) -> int:
     ):
         a, b = str(a), str(b)
         print(f"{label:>14} {a[:w - 1]:<{w}} {b[:w - 1]:<{w}}")
+    print("(score: fraction of \"sandwich\" and \"Dolores Park\" in the answer)")
     print(f"\nGemFilter TTFT speedup: {full.ttft_s / gem.ttft_s:.2f}x (filter layer {gem.details['filter_layer']})")
     return 0

@@ -61,6 +61,13 @@ class H2O(EvictionMethod):
         if self.chunk_size is not None:
             check_int("chunk_size", self.chunk_size, 1)
 
+    def _received(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Attention each key receives from these queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
+        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
+        return attention_scores(query, key, module.scaling, self.chunk_size, mask)
+
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
         scores = cache.scores[layer_idx]  # [b, hkv, entries]
         if scores.shape[-1] > self.budget:
@@ -72,8 +79,7 @@ class H2O(EvictionMethod):
         attention_mask: torch.Tensor | None, **kwargs: Any,
     ) -> AttnOutput:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        cache.scores[layer_idx] = attention_scores(query, key, module.scaling, self.chunk_size, mask)
+        cache.scores[layer_idx] = self._received(module, query, key, attention_mask)
         self._evict(cache, layer_idx)
         return out
 
@@ -83,8 +89,7 @@ class H2O(EvictionMethod):
         attention_mask: torch.Tensor | None, **kwargs: Any,
     ) -> AttnOutput:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        new = attention_scores(query, key, module.scaling, self.chunk_size, mask)  # [b, hkv, entries]
+        new = self._received(module, query, key, attention_mask)  # [b, hkv, entries]
         old = cache.scores[layer_idx]
         cache.scores[layer_idx] = new + torch.nn.functional.pad(old, (0, new.shape[-1] - old.shape[-1]))
         self._evict(cache, layer_idx)

@@ -119,3 +119,24 @@ def test_step_times_recorded_per_decoding_step(tok):
     model = tiny_model("llama")
     res = tokensieve.generate(model, tok, random_ids(20), max_new_tokens=5)
     assert len(res.step_times_s) == 4 and all(t > 0 for t in res.step_times_s)
+
+
+def test_embedded_copy_survives_two_processes_writing_it(tmp_path):
+    """Parallel first loads of an embedded model both write the dequantized copy; the second must not fail."""
+    from pathlib import Path
+
+    from tokensieve.models import store_copy
+
+    class Tok:
+        def save_pretrained(self, d):
+            Path(d, "tokenizer.json").write_text("{}")
+
+    model = tiny_model("llama", layers=1)
+    target = tmp_path / "smollm2"
+    store_copy(model, Tok(), target)
+    first = (target / "config.json").stat().st_mtime_ns
+    store_copy(model, Tok(), target)  # the slower process finds the copy there
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["smollm2"]  # no leftover temporary folder
+    assert (target / "config.json").stat().st_mtime_ns == first
+    reloaded = type(model).from_pretrained(str(target))
+    assert torch.equal(reloaded.lm_head.weight, model.lm_head.weight)

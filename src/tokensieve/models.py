@@ -17,6 +17,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,8 +172,23 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     model.config.quantization_config = None
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
-    tmp = target.with_name(target.name + ".tmp")
+    store_copy(model, tok, target)
+    return model.to(dtype), tok
+
+
+def store_copy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Path) -> None:
+    """Save ``model`` and ``tok`` to ``target`` unless another process got there first.
+
+    Written under a private name, then renamed, so processes that load the same embedded
+    model at the same time neither collide nor leave a half-written copy behind.
+    """
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
     model.save_pretrained(str(tmp))
     tok.save_pretrained(str(tmp))
-    tmp.rename(target)
-    return model.to(dtype), tok
+    try:
+        tmp.rename(target)
+    except OSError:
+        if not (target / "config.json").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)  # the other process's copy is identical
+

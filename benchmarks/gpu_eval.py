@@ -1,0 +1,83 @@
+"""Accuracy evaluations on the lent GPU: one `tokensieve eval` process per (task, method), in parallel.
+
+SmolLM2-135M leaves an H100 almost idle (each step is a few kernel launches), so the
+methods run side by side, one process each, sharing the GPU. Each process writes its own
+resumable results file under --work; at the end (or at --deadline, when the processes are
+stopped, losing at most the line being written) the files are merged into
+``--out/<task>.jsonl``. Running the same command again resumes every process where it
+stopped. Scores are unaffected by the sharing; TTFTs in these files are measured with
+the GPU shared by all processes, so they are rough.
+
+    PYTHONPATH=src python3 benchmarks/gpu_eval.py --work /tmp/evalwork --out $OUT \\
+        --methods full,gemfilter,lazyllm,snapkv,h2o,streamingllm,sepllm \\
+        --run "needle --model smollm2 --device cuda --dtype float32 --lengths 1k,2k,4k,8k --param budget=1024" \\
+        --run "ruler --model smollm2 --device cuda --dtype float32 --lengths 1k,2k,4k,8k --samples 10 --param budget=1024"
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+def merge(files: list[Path], target: Path) -> int:
+    """Concatenate complete lines of ``files`` into ``target``; returns the number of lines."""
+    n = 0
+    with open(target, "w") as out:
+        for f in files:
+            for line in f.read_text().splitlines():
+                if line.strip().endswith("}"):  # a half-written last line is left out
+                    out.write(line + "\n")
+                    n += 1
+    return n
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", required=True, help="folder of the per-process results (kept between runs)")
+    ap.add_argument("--out", required=True, help="folder for the merged <task>.jsonl files and logs")
+    ap.add_argument("--methods", required=True, help="comma-separated; one process per method and task")
+    ap.add_argument("--run", action="append", required=True, help="'TASK ARGS...' for `tokensieve eval`")
+    ap.add_argument("--deadline", type=float, default=None, help="stop the processes after this many seconds")
+    args = ap.parse_args()
+    work, out = Path(args.work), Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    procs: list[tuple[str, subprocess.Popen, Path]] = []
+    t0 = time.time()
+    for spec in args.run:
+        task, *rest = shlex.split(spec)
+        for method in args.methods.split(","):
+            d = work / task / method
+            d.mkdir(parents=True, exist_ok=True)
+            cmd = [sys.executable, "-m", "tokensieve.cli", "eval", task, *rest, "--methods", method,
+                   "--out", str(d), "--no-plots", "--quiet"]
+            log = open(out / f"{task}.log", "a")
+            log.write(f"$ {shlex.join(cmd)}\n")
+            log.flush()
+            procs.append((f"{task}/{method}", subprocess.Popen(cmd, env=env, stdout=log, stderr=log), d / f"{task}.jsonl"))
+    stopped = False
+    while any(p.poll() is None for _, p, _ in procs):
+        if args.deadline and time.time() - t0 > args.deadline and not stopped:
+            for _, p, _ in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGINT)
+            stopped = True
+        time.sleep(2)
+    for name, p, _ in procs:
+        print(f"{name}: exit {p.returncode}", flush=True)
+    for task in sorted({shlex.split(s)[0] for s in args.run}):
+        files = sorted(f for name, _, f in procs if name.startswith(task + "/") and f.exists())
+        print(f"{task}: {merge(files, out / f'{task}.jsonl')} result lines", flush=True)
+    print(f"wall {time.time() - t0:.0f} s{' (stopped at the deadline; run again to resume)' if stopped else ''}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -145,8 +145,10 @@ def main() -> int:
         }
         if args.labels:
             methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
+        tag = f"long_{args.tag}" if args.tag else "long"
+        partial = lambda rows: (out / f"bench_{tag}.partial.json").write_text(json.dumps(rows, indent=1))
         res = run_bench(args.shape, lengths, methods, model=model, repeats=1, decode_tokens=16, progress=True,
-                        warmup_length=8192)
+                        warmup_length=8192, on_row=partial)
         res.update(extra)
         anchors = None
     res["command"] = " ".join(["PYTHONPATH=src python3"] + sys.argv)

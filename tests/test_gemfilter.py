@@ -180,3 +180,25 @@ def test_chunked_filter_pass_rejects_sliding_window_models():
         GemFilter(chunk_size=64, filter_layer=1).validate(tiny_model("gemma3"), 100)
     with pytest.raises(ValueError, match="chunk_size must be >= window"):
         GemFilter(chunk_size=4, window=16, filter_layer=1).validate(tiny_model("llama"), 100)
+
+
+@pytest.mark.parametrize("scoring", ["paper", "window"])
+def test_token_scores_read_in_key_chunks_match_a_slow_reference(scoring):
+    """The chunked scoring of long prompts (two-pass softmax) equals per-head attention done the slow way."""
+    from tokensieve.methods.gemfilter import token_scores
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 6, 12, 8, generator=g), torch.randn(1, 2, 50, 8, generator=g)
+    w, scale, n = 5, 8**-0.5, 50
+    ref = torch.zeros(50)
+    for h in range(6):
+        kh = k[0, h // 3]  # GQA: 3 query heads per KV head
+        if scoring == "paper":
+            ref += kh @ q[0, h, -1]
+            continue
+        for j in range(w):
+            pos = n - w + j
+            ref[: pos + 1] += ((kh[: pos + 1] @ q[0, h, 12 - w + j]) * scale).softmax(-1)
+    for chunk in (None, 7, 50, 64):
+        got = token_scores(q, k, scale, scoring, window=w, chunk=chunk)[0]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

@@ -97,29 +97,40 @@ class _FilterDone(Exception):
 
 
 def token_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window", window: int = 16
+    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window", window: int = 16,
+    chunk: int | None = None,
 ) -> torch.Tensor:
     """Importance of each prompt token, summed over heads.
 
     query: [batch, q_heads, nq, head_dim] (the last nq positions), key: [batch, kv_heads, n, head_dim]
     (post-RoPE, before GQA repetition). Returns float32 [batch, n]. Memory is
-    linear in ``n``: only the scoring queries' rows of attention are formed.
+    linear in ``n``: only the scoring queries' rows of attention are formed. With ``chunk``
+    and ``n > chunk`` the keys are read ``chunk`` at a time, so no float32 copy of all keys
+    (or of all attention rows) is ever resident: the softmax of "window" then takes two
+    passes (log-sum-exp per row, then the probabilities).
     """
     b, hq, nq, d = query.shape  # the queries may be only the last nq <= n positions
     hkv, n = key.shape[1], key.shape[2]
     g = hq // hkv
+    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)] if chunk and n > chunk else [(0, n)]
     if scoring == "paper":
         # sum_h q_h . k_{kv(h)} = sum_kv (sum_{h in group kv} q_h) . k_kv : exact, no repeat of keys.
-        q = query[:, :, -1, :].reshape(b, hkv, g, d).sum(2)  # [b, hkv, d]
-        return torch.einsum("bhd,bhnd->bn", q.float(), key.float())
+        q = query[:, :, -1, :].reshape(b, hkv, g, d).sum(2).float()  # [b, hkv, d]
+        return torch.cat([torch.einsum("bhd,bhnd->bn", q, key[:, :, s:e].float()) for s, e in spans], dim=-1)
     if scoring == "window":
         w = min(window, nq)
-        q = query[:, :, -w:, :].reshape(b, hkv, g * w, d)  # [b, hkv, g*w, d], row = (head-in-group, query)
-        logits = torch.matmul(q.float(), key.float().transpose(-1, -2)) * scaling  # [b, hkv, g*w, n]
+        q = query[:, :, -w:, :].reshape(b, hkv, g * w, d).float()  # [b, hkv, g*w, d], row = (head-in-group, query)
         q_pos = torch.arange(n - w, n, device=query.device).repeat(g)  # [g*w]
-        causal = torch.arange(n, device=query.device)[None, :] <= q_pos[:, None]  # [g*w, n]
-        logits = logits.masked_fill(~causal, float("-inf"))
-        return logits.softmax(dim=-1).sum(dim=(1, 2))  # [b, n]
+
+        def logits(s: int, e: int) -> torch.Tensor:  # [b, hkv, g*w, e - s], causal
+            lg = torch.matmul(q, key[:, :, s:e].float().transpose(-1, -2)) * scaling
+            causal = torch.arange(s, e, device=query.device)[None, :] <= q_pos[:, None]
+            return lg.masked_fill(~causal, float("-inf"))
+
+        if len(spans) == 1:
+            return logits(0, n).softmax(dim=-1).sum(dim=(1, 2))  # [b, n]
+        lse = torch.stack([logits(s, e).logsumexp(-1) for s, e in spans]).logsumexp(0)[..., None]  # [b, hkv, g*w, 1]
+        return torch.cat([(logits(s, e) - lse).exp().sum(dim=(1, 2)) for s, e in spans], dim=-1)
     raise ValueError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
@@ -228,12 +239,14 @@ class GemFilter(Method):
                     nonlocal keys, values
                     if keys is None:
                         keys = key.new_empty(key.shape[0], key.shape[1], n, key.shape[3])
-                        values = value.new_empty(keys.shape)
-                    keys[:, :, s:e], values[:, :, s:e] = key, value
+                        values = value.new_empty(keys.shape) if li < r else None  # layer r only scores keys
+                    keys[:, :, s:e] = key
                     if li == r:
                         if e < n:
                             raise _ChunkDone()
-                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window))
+                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window,
+                                                       chunk=self.chunk_size))
+                    values[:, :, s:e] = value
                     out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)
                     return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
 

@@ -42,7 +42,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder of the per-process results (kept between runs)")
     ap.add_argument("--out", required=True, help="folder for the merged <task>.jsonl files and logs")
-    ap.add_argument("--methods", required=True, help="comma-separated; one process per method and task")
+    ap.add_argument("--methods", required=True, help="comma-separated; one process per method and task "
+                    "(a --run may name its own with --methods)")
     ap.add_argument("--run", action="append", required=True, help="'TASK ARGS...' for `tokensieve eval`")
     ap.add_argument("--deadline", type=float, default=None, help="stop the processes after this many seconds")
     args = ap.parse_args()
@@ -53,7 +54,12 @@ def main() -> int:
     t0 = time.time()
     for spec in args.run:
         task, *rest = shlex.split(spec)
-        for method in args.methods.split(","):
+        methods = args.methods
+        if "--methods" in rest:  # a run may name its own methods
+            i = rest.index("--methods")
+            methods = rest[i + 1]
+            del rest[i : i + 2]
+        for method in methods.split(","):
             d = work / task / method
             d.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "tokensieve.cli", "eval", task, *rest, "--methods", method,

@@ -11,12 +11,17 @@ from tokensieve.evaluation.report import build_report, load_results
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="markdown table + accuracy-vs-TTFT plot from result files",
                        description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl) into a markdown table "
-                                   "(accuracy, perplexity, TTFT, peak memory, KV kept, per model, task, method and length), an "
+                                   "(accuracy with its 95% interval and the paired difference to full, perplexity, TTFT, peak memory, KV kept, "
+                                   "per model, task, method and length), an "
                                    "accuracy breakdown by subtask/dataset, an accuracy-vs-TTFT plot and needle heatmaps.")
     p.add_argument("paths", nargs="+", metavar="DIR", help="result folders or .jsonl files")
     p.add_argument("--out", default=None, help="write the markdown here (default: print it; plots go beside it)")
     p.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside --out, else the first DIR's plots/)")
     p.add_argument("--no-plots", action="store_true", help="tables only")
+    p.add_argument("--paired", action="store_true",
+                   help="compare methods on the same prompts: keep only samples every method scored at that length")
+    p.add_argument("--no-timing", action="store_true",
+                   help="leave out TTFT and the accuracy-vs-TTFT plot (runs timed under different load)")
     p.set_defaults(func=run)
 
 
@@ -27,7 +32,7 @@ def run(args: argparse.Namespace) -> int:
     first = Path(args.paths[0])
     base = Path(args.out).parent if args.out else (first if first.is_dir() else first.parent)
     plot_dir = None if args.no_plots else Path(args.plots) if args.plots else base / "plots"
-    md = build_report(rows, plot_dir, link_base=base)
+    md = build_report(rows, plot_dir, link_base=base, paired=args.paired, timing=not args.no_timing)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(md)

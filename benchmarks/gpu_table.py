@@ -32,4 +32,5 @@ def table(files):
 
 
 if __name__ == "__main__":
-    table(["bench_main_a.json", "bench_main_b.json", "bench_main_c.partial.json", "bench_long_256k-512k.json"])
+    table(["bench_main_a.json", "bench_main_b.json", "bench_main_c.partial.json", "bench_long_256k-1m.json",
+           "bench_long_256k-512k.json", "bench_long_1m.json"])  # the last two: before the chunked key scoring

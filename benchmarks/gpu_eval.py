@@ -17,6 +17,7 @@ the GPU shared by all processes, so they are rough.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import signal
@@ -25,17 +26,14 @@ import sys
 import time
 from pathlib import Path
 
+from tokensieve.evaluation.harness import read_results
+
 
 def merge(files: list[Path], target: Path) -> int:
-    """Concatenate complete lines of ``files`` into ``target``; returns the number of lines."""
-    n = 0
-    with open(target, "w") as out:
-        for f in files:
-            for line in f.read_text().splitlines():
-                if line.strip().endswith("}"):  # a half-written last line is left out
-                    out.write(line + "\n")
-                    n += 1
-    return n
+    """Write the result lines of ``files`` (a half-written last line is skipped) into ``target``; returns their number."""
+    rows = [row for f in files for row in read_results(f)]
+    target.write_text("".join(json.dumps(row, default=str) + "\n" for row in rows))
+    return len(rows)
 
 
 def main() -> int:

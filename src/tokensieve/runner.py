@@ -9,15 +9,12 @@ from typing import Any, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
 from tokensieve.methods.base import cache_stats, max_positions
 
 Messages = Sequence[dict[str, str]]
-
-
-class PromptTooLongError(ValueError):
-    """The prompt is longer than the model's maximum position (pass ``allow_long=True`` to run anyway)."""
 
 
 @dataclass

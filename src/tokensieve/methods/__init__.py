@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any
 
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter
@@ -25,23 +27,59 @@ METHODS: dict[str, type[Method]] = {
 }
 
 
-def make_method(method: str | Method, **params: Any) -> Method:
-    """A method instance from its name and parameters (unknown names/parameters raise ``ValueError``)."""
-    if isinstance(method, Method):
-        if params:
-            return dataclasses.replace(method, **params)
-        return method
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of: {', '.join(METHODS)}")
-    cls = METHODS[method]
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    bad = sorted(set(params) - allowed)
+def method_class(name: str) -> type[Method]:
+    """The registered class of method ``name`` (``InputError`` naming the choices otherwise)."""
+    if name not in METHODS:
+        raise InputError(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}")
+    return METHODS[name]
+
+
+def parameter_names(name: str) -> list[str]:
+    """The parameters method ``name`` takes, in declaration order (current names only)."""
+    return [f.name for f in dataclasses.fields(method_class(name))]
+
+
+def accepted_params(name: str) -> set[str]:
+    """Every parameter name ``make_method(name, ...)`` accepts: current names and deprecated old ones."""
+    return set(parameter_names(name)) | set(method_class(name).renamed)
+
+
+def canonical_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with deprecated names replaced by current ones (a ``FutureWarning`` per old name).
+
+    Raises ``InputError`` for a name the method does not have, or for an old and a new
+    name given together.
+    """
+    cls = method_class(name)
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        new = cls.renamed.get(key)
+        if new is not None:
+            warnings.warn(
+                f"{name}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
+                FutureWarning, stacklevel=3,
+            )
+            if new in params:
+                raise InputError(f"{name}: give {new!r} or its old name {key!r}, not both")
+            key = new
+        out[key] = value
+    allowed = parameter_names(name)
+    bad = sorted(set(out) - set(allowed))
     if bad:
-        raise ValueError(
-            f"method {method!r} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(sorted(allowed)) or 'none'}"
+        raise InputError(
+            f"method {name!r} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(allowed) or 'none'}"
         )
-    return cls(**params)
+    return out
 
 
-__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "SepLLM", "StreamingLLM", "SnapKV", "H2O"]
-__all__ = ["METHODS", "Method", "DecodeState", "make_method", "FullAttention", "GemFilter", "LazyLLM"]
+def make_method(method: str | Method, **params: Any) -> Method:
+    """A method instance from its name (or an instance) and parameters; ``InputError`` for unknown ones."""
+    if isinstance(method, Method):
+        return dataclasses.replace(method, **canonical_params(method.name, params)) if params else method
+    return method_class(method)(**canonical_params(method, params))
+
+
+__all__ = [
+    "METHODS", "Method", "DecodeState", "accepted_params", "canonical_params", "make_method", "method_class",
+    "parameter_names", "FullAttention", "GemFilter", "H2O", "LazyLLM", "SepLLM", "SnapKV", "StreamingLLM",
+]

@@ -14,6 +14,8 @@ about it. Three kinds of method fit this one contract (see DESIGN.md):
 
 from __future__ import annotations
 
+import functools
+import inspect
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -33,9 +35,14 @@ class DecodeState:
 
 
 class Method:
-    """Base class. Subclasses are dataclasses whose fields are the method's parameters."""
+    """Base class. Subclasses are dataclasses whose fields are the method's parameters.
+
+    ``renamed`` maps a parameter's old name to its current one: ``make_method`` still
+    accepts the old name for one release, with a deprecation message.
+    """
 
     name: ClassVar[str] = "base"
+    renamed: ClassVar[dict[str, str]] = {}
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called by the runner before ``validate``/``prefill``: derive what needs the tokenizer (e.g. SepLLM's separators)."""
@@ -55,14 +62,13 @@ class Method:
         pos = torch.full_like(token_ids, state.next_position)
         out = model(
             input_ids=token_ids,
-            past_key_values=state.cache,
             position_ids=pos,
             use_cache=True,
             logits_to_keep=1,
+            **cache_kwarg(model, state.cache),
             **self.forward_kwargs(state),
         )
         state.next_position += token_ids.shape[1]
-        state.cache = out.past_key_values
         state.logits = out.logits[:, -1]
         return state.logits
 
@@ -75,8 +81,26 @@ def full_prefill(
 ) -> DecodeState:
     """Plain prefill of ``input_ids`` [batch, n] at positions 0..n-1 into ``cache``."""
     cache = cache if cache is not None else DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
-    return DecodeState(logits=out.logits[:, -1], cache=out.past_key_values, next_position=input_ids.shape[1])
+    out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
+    return DecodeState(logits=out.logits[:, -1], cache=cache, next_position=input_ids.shape[1])
+
+
+def cache_kwarg(module: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
+    """``{keyword: cache}`` for calling ``module`` (a model or a decoder layer) with a KV cache.
+
+    transformers 5.24 renamed the ``past_key_values`` argument of models and decoder
+    layers to ``cache`` (the old name warns, and goes in 5.40); older 5.x releases know only
+    ``past_key_values``. The name is read from the module's own ``forward`` signature, so
+    every call site passes the cache under the keyword the installed release expects.
+    The cache object is updated in place either way; callers keep their own reference to it.
+    """
+    return {_cache_keyword(type(module)): cache}
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    """The cache keyword of ``cls.forward`` (a fact about the class: memoised, never changes)."""
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
 
 
 def cache_stats(cache: Cache | None) -> tuple[list[int], int]:

@@ -21,7 +21,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.cache import EvictionCache
-from tokensieve.methods.base import DecodeState, Method
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -74,7 +74,7 @@ class EvictionMethod(Method):
         cache = EvictionCache(model.config)
         cache.add_tokens(input_ids)
         out = model(
-            input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1,
+            input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache),
             **{HOOK_KWARG: self._hook(cache, prefill=True)},
         )
         n = input_ids.shape[1]

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
-from tokensieve.methods.base import DecodeState, Method, full_prefill, num_layers
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
 
 SCORINGS = ("paper", "window")
 
@@ -252,7 +252,7 @@ class GemFilter(Method):
 
                 try:
                     out = layer(hidden[:, s:e], attention_mask=None, position_ids=pos, position_embeddings=rope,
-                                past_key_values=None, use_cache=False, **{HOOK_KWARG: hook})
+                                use_cache=False, **cache_kwarg(layer, None), **{HOOK_KWARG: hook})
                 except _ChunkDone:
                     continue
                 except _FilterDone as done:

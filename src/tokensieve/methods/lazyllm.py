@@ -40,7 +40,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
-from tokensieve.methods.base import DecodeState, Method, num_layers
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -316,7 +316,7 @@ class LazyLLM(Method):
                 attention_mask=mask,
                 position_embeddings=dec.rotary_embeddings(hidden, pos, layer_idx),
                 position_ids=pos,
-                past_key_values=st.cache,
+                **cache_kwarg(layer, st.cache),
                 use_cache=True,
                 **kwargs,
             )

@@ -30,15 +30,15 @@ def test_decode_mode_matches_plain_forward(make, tok):
     model = make()
     ids = torch.tensor([tok(TEXT[:200])["input_ids"]])
     ref = reference_nll(model, ids, 20)
-    full = decode_nll(model, ids, tokensieve.make_method("full"), 20)
+    full = decode_nll(model, None, ids, tokensieve.make_method("full"), 20)
     assert full["nll"] == pytest.approx(ref, rel=1e-4) and full["tokens"] == 20
     assert full["ppl"] == pytest.approx(math.exp(ref / 20), rel=1e-4)
     assert sliding_nll(model, ids, 20)["nll"] == pytest.approx(ref, rel=1e-4)
     # GemFilter with k >= n keeps every token: the same loss
-    gem = decode_nll(model, ids, tokensieve.make_method("gemfilter", topk=10_000), 20)
+    gem = decode_nll(model, None, ids, tokensieve.make_method("gemfilter", topk=10_000), 20)
     assert gem["nll"] == pytest.approx(ref, rel=1e-4)
     # ... and with k < n it keeps k tokens (a different loss)
-    small = decode_nll(model, ids, tokensieve.make_method("gemfilter", topk=16), 20)
+    small = decode_nll(model, None, ids, tokensieve.make_method("gemfilter", topk=16), 20)
     assert small["kept_tokens"] == 16 and small["nll"] != pytest.approx(ref, rel=1e-4)
 
 
@@ -61,3 +61,15 @@ def test_windows_and_task_run(tok, tmp_path):
     assert all("full attention only" in r["error"] for r in rows if r["method"] == "gemfilter")
     with pytest.raises(ValueError, match="score-tokens"):
         PerplexityTask(TEXT, [16], score_tokens=16)
+
+
+def test_every_method_scores_through_the_driver(tok, tmp_path):
+    """Decode-mode perplexity runs each method through the runner (prepare included: SepLLM's separators)."""
+    from tokensieve.methods import METHODS
+
+    model = tiny_llama()
+    task = PerplexityTask(TEXT, [128], samples=1, score_tokens=8)
+    path = run_eval(model, tok, task, list(METHODS), tmp_path, "tiny", progress=False)
+    rows = read_results(path)
+    assert sorted(r["method"] for r in rows) == sorted(METHODS)
+    assert all(r.get("error") is None and math.isfinite(r["ppl"]) and r["tokens"] == 8 for r in rows), rows

@@ -1,18 +1,26 @@
-"""Prompt -> answer for any method, with time to first token, peak memory and tokens kept."""
+"""The one driver: prompt -> (prepare, validate, prefill, step ...) for every entry point.
+
+``prepare`` makes and validates a method for a prompt; ``drive`` runs its prefill and then its
+decoding step while a *chooser* supplies tokens. ``generate`` (greedy answers, used by the CLI,
+the evaluation tasks and the benchmark) and ``score_continuation`` (teacher forcing, used by the
+perplexity task) are the two choosers. Times to first token, peak memory and KV kept are measured
+here and nowhere else.
+"""
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
-from tokensieve.methods.base import cache_stats, max_positions
+from tokensieve.methods.base import DecodeState, cache_stats, max_positions
 
 Messages = Sequence[dict[str, str]]
 
@@ -68,6 +76,105 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
+@dataclass
+class Prepared:
+    """A method made, prepared and validated for one prompt: what ``drive`` runs."""
+
+    method: Method
+    input_ids: torch.Tensor  # [1, n] on the model's device
+
+
+def prepare(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompt_or_messages: str | Messages | torch.Tensor,
+    method: str | Method = "full",
+    allow_long: bool = False,
+    **method_params: Any,
+) -> Prepared:
+    """The one way into a run: make the method, encode the prompt, check its length, ``prepare`` and
+    ``validate`` the method. Every entry point (generate, continuation scoring, bench, eval) calls it.
+
+    ``prompt_or_messages`` is a string, a list of chat messages, or token ids [1, n] (used as they
+    are). Raises ``PromptTooLongError`` past the model's maximum position unless ``allow_long``, and
+    ``InputError`` for bad method parameters.
+    """
+    m = make_method(method, **method_params)
+    if torch.is_tensor(prompt_or_messages):
+        input_ids = prompt_or_messages.reshape(1, -1)
+        if input_ids.numel() == 0:
+            raise InputError("the prompt is empty")
+    else:
+        if tokenizer is None:
+            raise InputError("a text prompt needs a tokenizer; pass token ids [1, n] instead")
+        input_ids = encode_prompt(tokenizer, prompt_or_messages)
+    input_ids = input_ids.to(model.device)
+    n = input_ids.shape[1]
+    limit = max_positions(model)
+    if limit is not None and n > limit and not allow_long:
+        raise PromptTooLongError(
+            f"prompt has {n} tokens, more than the model's maximum of {limit} positions; "
+            f"shorten it or pass allow_long=True (--allow-long) to run anyway"
+        )
+    if tokenizer is not None:
+        m.prepare(model, tokenizer)
+    m.validate(model, n)
+    return Prepared(m, input_ids)
+
+
+# Given the logits [1, vocab] that follow the i-th fed token (i = 0 after the prefill), a chooser
+# returns the next token to feed [1, 1], or None to stop.
+Chooser = Callable[[torch.Tensor, int], "torch.Tensor | None"]
+
+
+@dataclass
+class Trace:
+    """What ``drive`` measured: the final state, times and KV sizes."""
+
+    state: DecodeState
+    ttft_s: float  # prefill + choosing the first token
+    decode_s: float  # every step after that
+    step_times_s: list[float]
+    peak_memory_bytes: int
+    kv_tokens_prefill: list[int]
+    kv_bytes_prefill: int
+
+
+def drive(model: PreTrainedModel, run: Prepared, choose: Chooser) -> Trace:
+    """Prefill, then step while ``choose`` returns a token: the one loop behind every entry point.
+
+    Greedy generation chooses the argmax; continuation scoring (teacher forcing) chooses the
+    next target token. Timing is device-synchronised: the first choice closes the TTFT, and each
+    step is timed whole (the chooser may read its token on the host).
+    """
+    m, device = run.method, model.device
+    with torch.inference_mode(), PeakMemory(device) as mem:
+        synchronize(device)
+        t0 = time.perf_counter()
+        state = m.prefill(model, run.input_ids)
+        token = choose(state.logits, 0)
+        synchronize(device)
+        ttft = time.perf_counter() - t0
+        kv_pre, kv_bytes_pre = cache_stats(state.cache)
+        t1 = t_step = time.perf_counter()
+        steps: list[float] = []
+        while token is not None:
+            logits = m.step(model, state, token)
+            token = choose(logits, len(steps) + 1)
+            synchronize(device)
+            now = time.perf_counter()
+            steps.append(now - t_step)
+            t_step = now
+        decode_s = time.perf_counter() - t1
+    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre)
+
+
+def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
+    """Prompt tokens the model computed its output from (selection methods report fewer)."""
+    kept = state.kept_indices
+    return int(kept.numel()) if kept is not None else int(state.details.get("kept_tokens", prompt_tokens))
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -83,69 +190,101 @@ def generate(
     [1, n] (used as they are). ``method_params`` go to the method's dataclass
     (e.g. ``topk=512`` for GemFilter).
     """
-    m = make_method(method, **method_params)
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    device = model.device
-    if torch.is_tensor(prompt_or_messages):
-        input_ids = prompt_or_messages.reshape(1, -1)
-        if input_ids.numel() == 0:
-            raise ValueError("the prompt is empty")
-    else:
-        input_ids = encode_prompt(tokenizer, prompt_or_messages)
-    input_ids = input_ids.to(device)
-    n = input_ids.shape[1]
-    limit = max_positions(model)
-    if limit is not None and n > limit and not allow_long:
-        raise PromptTooLongError(
-            f"prompt has {n} tokens, more than the model's maximum of {limit} positions; "
-            f"shorten it or pass allow_long=True (--allow-long) to run anyway"
-        )
-    m.prepare(model, tokenizer)
-    m.validate(model, n)
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
     stops = stop_token_ids(model, tokenizer)
-
     out_ids: list[int] = []
-    with torch.inference_mode(), PeakMemory(device) as mem:
-        synchronize(device)
-        t0 = time.perf_counter()
-        state = m.prefill(model, input_ids)
-        token = state.logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+
+    def greedy(logits: torch.Tensor, i: int) -> torch.Tensor | None:
+        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
         out_ids.append(int(token))
-        ttft = time.perf_counter() - t0
-        kv_pre, kv_bytes_pre = cache_stats(state.cache)
-        t1 = t_step = time.perf_counter()
-        steps: list[float] = []
-        while len(out_ids) < max_new_tokens and out_ids[-1] not in stops:
-            logits = m.step(model, state, token)
-            token = logits.argmax(dim=-1, keepdim=True)
-            out_ids.append(int(token))  # int() waits for the device: each step is timed whole
-            now = time.perf_counter()
-            steps.append(now - t_step)
-            t_step = now
-        synchronize(device)
-        decode_s = time.perf_counter() - t1
+        return None if len(out_ids) >= max_new_tokens or out_ids[-1] in stops else token
+
+    tr = drive(model, run, greedy)
+    state, n = tr.state, run.input_ids.shape[1]
     kv_fin, kv_bytes_fin = cache_stats(state.cache)
     text_ids = [t for t in out_ids if t not in stops]
     kept = state.kept_indices
     return GenerationResult(
         text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-        method=m.name,
-        params=m.params(),
+        method=run.method.name,
+        params=run.method.params(),
         prompt_tokens=n,
-        kept_tokens=int(kept.numel()) if kept is not None else int(state.details.get("kept_tokens", n)),
-        ttft_s=ttft,
-        decode_tokens_per_s=(len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else None,
-        peak_memory_bytes=mem.peak_bytes,
-        kv_tokens_prefill=kv_pre,
+        kept_tokens=kept_tokens(state, n),
+        ttft_s=tr.ttft_s,
+        decode_tokens_per_s=(len(out_ids) - 1) / tr.decode_s if len(out_ids) > 1 and tr.decode_s > 0 else None,
+        peak_memory_bytes=tr.peak_memory_bytes,
+        kv_tokens_prefill=tr.kv_tokens_prefill,
         kv_tokens_final=kv_fin,
-        kv_bytes_prefill=kv_bytes_pre,
+        kv_bytes_prefill=tr.kv_bytes_prefill,
         kv_bytes_final=kv_bytes_fin,
         generated_tokens=len(out_ids),
         token_ids=out_ids,
         kept_indices=kept.tolist() if kept is not None else None,
         details=dict(state.details),
-        step_times_s=steps,
+        step_times_s=tr.step_times_s,
+    )
+
+
+@dataclass
+class ContinuationScore:
+    """Negative log-likelihood of a continuation given a prompt compressed by a method."""
+
+    method: str
+    params: dict[str, Any]
+    nll: list[float]  # per continuation token, nats
+    prompt_tokens: int
+    kept_tokens: int
+    ttft_s: float
+    decode_tokens_per_s: float | None
+    peak_memory_bytes: int
+    kv_tokens_prefill: list[int]
+    kv_bytes_prefill: int
+
+    @property
+    def total_nll(self) -> float:
+        return float(sum(self.nll))
+
+
+def score_continuation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompt: str | Messages | torch.Tensor,
+    continuation: Sequence[int] | torch.Tensor,
+    method: str | Method = "full",
+    allow_long: bool = False,
+    **method_params: Any,
+) -> ContinuationScore:
+    """Teacher forcing through ``method``: prefill ``prompt``, then feed the continuation's tokens one
+    at a time through the method's decoding step, scoring each by the logits before it.
+
+    With full attention this is the model's plain NLL of the continuation given the prompt.
+    """
+    target = torch.as_tensor(continuation, dtype=torch.long).reshape(-1)
+    if target.numel() == 0:
+        raise InputError("the continuation to score is empty")
+    run = prepare(model, tokenizer, prompt, method, allow_long, **method_params)
+    target = target.to(model.device)
+    nll: list[torch.Tensor] = []
+
+    def forced(logits: torch.Tensor, i: int) -> torch.Tensor | None:
+        nll.append(F.cross_entropy(logits.float(), target[i : i + 1]))
+        return target[i : i + 1].view(1, 1) if i + 1 < target.numel() else None
+
+    tr = drive(model, run, forced)
+    n, steps = run.input_ids.shape[1], len(tr.step_times_s)
+    return ContinuationScore(
+        method=run.method.name,
+        params=run.method.params(),
+        nll=torch.stack(nll).tolist(),
+        prompt_tokens=n,
+        kept_tokens=kept_tokens(tr.state, n),
+        ttft_s=tr.ttft_s,
+        decode_tokens_per_s=steps / tr.decode_s if steps and tr.decode_s > 0 else None,
+        peak_memory_bytes=tr.peak_memory_bytes,
+        kv_tokens_prefill=tr.kv_tokens_prefill,
+        kv_bytes_prefill=tr.kv_bytes_prefill,
     )
 
 

@@ -37,7 +37,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.evaluation.harness import Sample, Task
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method
-from tokensieve.methods.base import cache_stats
+from tokensieve.errors import InputError
+from tokensieve.runner import score_continuation
 
 PPL_MODES = ("decode", "sliding")
 
@@ -48,13 +49,13 @@ class PerplexityTask(Task):
     def __init__(self, text: str, lengths: list[int], samples: int = 4, mode: str = "decode",
                  score_tokens: int = 64, stride: int | None = None, text_name: str = "pg19"):
         if mode not in PPL_MODES:
-            raise ValueError(f"perplexity mode {mode!r} is not one of {', '.join(PPL_MODES)}")
+            raise InputError(f"perplexity mode {mode!r} is not one of {', '.join(PPL_MODES)}")
         if mode == "decode" and any(n <= score_tokens for n in lengths):
-            raise ValueError(f"every length must exceed --score-tokens {score_tokens}, got lengths {lengths}")
+            raise InputError(f"every length must exceed --score-tokens {score_tokens}, got lengths {lengths}")
         if score_tokens < 1:
-            raise ValueError(f"score_tokens must be >= 1, got {score_tokens}")
+            raise InputError(f"score_tokens must be >= 1, got {score_tokens}")
         if stride is not None and stride < 1:
-            raise ValueError(f"stride must be >= 1, got {stride}")
+            raise InputError(f"stride must be >= 1, got {stride}")
         self.text, self.lengths, self.n_samples, self.mode = text, list(lengths), samples, mode
         self.score_tokens, self.stride, self.text_name = score_tokens, stride, text_name
 
@@ -72,7 +73,7 @@ class PerplexityTask(Task):
             else:
                 starts = [i * stride for i in range(self.n_samples) if i * stride + n <= len(ids)]
             if not starts:
-                raise ValueError(f"the text has {len(ids)} tokens, fewer than one window of {n}")
+                raise InputError(f"the text has {len(ids)} tokens, fewer than one window of {n}")
             for i, s in enumerate(starts):
                 scored = self.score_tokens if self.mode == "decode" else (n - 1 if i == 0 else min(stride, n - 1))
                 yield Sample(f"{self.mode}/{n}/{i}", n, ids[s : s + n], [], {"start": s, "scored": scored})
@@ -82,9 +83,9 @@ class PerplexityTask(Task):
         ids = torch.tensor([sample.input_ids], device=model.device)  # [1, n]
         if self.mode == "sliding":
             if method.name != "full":
-                raise ValueError(f"sliding perplexity is defined for full attention only, not {method.name!r}; use --mode decode")
+                raise InputError(f"sliding perplexity is defined for full attention only, not {method.name!r}; use --mode decode")
             return sliding_nll(model, ids, sample.meta["scored"])
-        return decode_nll(model, ids, method, sample.meta["scored"])
+        return decode_nll(model, tokenizer, ids, method, sample.meta["scored"], allow_long)
 
 
 def _fields(nll: float, tokens: int, **extra: Any) -> dict[str, Any]:
@@ -105,32 +106,15 @@ def sliding_nll(model: PreTrainedModel, ids: torch.Tensor, scored: int) -> dict[
     return _fields(nll, scored, prompt_tokens=n, kept_tokens=n, ttft_s=dt, peak_memory_bytes=mem.peak_bytes)
 
 
-@torch.inference_mode()
-def decode_nll(model: PreTrainedModel, ids: torch.Tensor, method: Method, scored: int) -> dict[str, Any]:
-    """Prefill ``ids[:, :-scored]`` with ``method``, then teacher-force the last ``scored`` tokens through its step."""
+def decode_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor,
+               method: Method, scored: int, allow_long: bool = False) -> dict[str, Any]:
+    """Prefill ``ids[:, :-scored]`` with ``method``, then teacher-force the last ``scored`` tokens through its
+    decoding step (the runner's ``score_continuation``: the same prepare/validate/prefill/step as answering)."""
     prompt, target = ids[:, :-scored], ids[0, -scored:]  # [1, n - scored], [scored]
-    method.validate(model, prompt.shape[1])
-    nll = 0.0
-    with PeakMemory(model.device) as mem:
-        synchronize(model.device)
-        t0 = time.perf_counter()
-        state = method.prefill(model, prompt)
-        logits = state.logits  # [1, vocab]: predicts target[0]
-        synchronize(model.device)
-        ttft = time.perf_counter() - t0
-        kv_pre, kv_bytes = cache_stats(state.cache)
-        t1 = time.perf_counter()
-        for j in range(scored):
-            nll += F.cross_entropy(logits.float(), target[j : j + 1], reduction="sum").item()
-            if j + 1 < scored:
-                logits = method.step(model, state, target[j : j + 1].view(1, 1))
-        synchronize(model.device)
-        decode_s = time.perf_counter() - t1
-    kept = state.kept_indices
+    res = score_continuation(model, tokenizer, prompt, target, method, allow_long=allow_long)
+    kv = res.kv_tokens_prefill
     return _fields(
-        nll, scored, prompt_tokens=prompt.shape[1],
-        kept_tokens=int(kept.numel()) if kept is not None else int(state.details.get("kept_tokens", prompt.shape[1])),
-        kv_tokens_prefill=sum(kv_pre) / len(kv_pre) if kv_pre else None, kv_bytes_prefill=kv_bytes,
-        ttft_s=ttft, decode_tokens_per_s=(scored - 1) / decode_s if scored > 1 and decode_s > 0 else None,
-        peak_memory_bytes=mem.peak_bytes,
+        res.total_nll, scored, prompt_tokens=res.prompt_tokens, kept_tokens=res.kept_tokens,
+        kv_tokens_prefill=sum(kv) / len(kv) if kv else None, kv_bytes_prefill=res.kv_bytes_prefill,
+        ttft_s=res.ttft_s, decode_tokens_per_s=res.decode_tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
     )

@@ -1,0 +1,118 @@
+"""The contract every method keeps, checked for every registered method x model family x entry point.
+
+One case list: a method's no-op settings (which must reproduce full attention exactly) and its lossy
+settings (which must keep at most their budget). A new method joins the matrix with one line in
+``CASES``; ``test_every_method_has_a_case`` fails until it does.
+
+Entry points: ``generate`` (greedy answers), ``score_continuation`` (teacher forcing, the perplexity
+task) and the benchmark's ``bench_method``; all three go through the runner's one driver.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import pytest
+import torch
+
+from conftest import TinyTokenizer, random_ids, tiny_model
+from tokensieve.bench import bench_method
+from tokensieve.methods import METHODS, make_method
+from tokensieve.runner import generate, score_continuation
+
+N, NEW, BUDGET = 80, 8, 40  # SnapKV's default observation window (32) fits in the budget
+SEPS = (3, 4, 5)  # separator ids for SepLLM on the tiny vocabulary
+
+
+def sepllm_bound(ids: torch.Tensor, n_initial: int = 4, n_recent: int = 8) -> int:
+    """Entries SepLLM may hold after the prompt: initial + separators + recent window (a slow count)."""
+    seq = ids[0].tolist()
+    n = len(seq)
+    return sum(1 for i, t in enumerate(seq) if i < n_initial or t in SEPS or i >= n - n_recent)
+
+
+def within(model, kv_per_layer: list[int], bound: int) -> bool:
+    """Every full-attention layer holds at most ``bound`` entries (sliding-window layers hold at most their window)."""
+    cfg = model.config.get_text_config()
+    types = getattr(cfg, "layer_types", None) or ["full_attention"] * len(kv_per_layer)
+    return all(kv <= (cfg.sliding_window if t == "sliding_attention" else bound) for kv, t in zip(kv_per_layer, types))
+
+
+@dataclass
+class Case:
+    method: str
+    noop: dict[str, Any]  # settings under which the method must equal full attention exactly
+    lossy: dict[str, Any] | None  # settings that compress (None: the method never does)
+    max_kv: Callable[[torch.Tensor], int] | None = None  # bound on KV entries per layer after the prompt
+    max_kept: Callable[[int], int] | None = None  # bound on prompt tokens the output was computed from
+    extra: dict[str, Any] = field(default_factory=dict)  # settings common to both
+
+
+CASES = [
+    Case("full", {}, None),
+    Case("gemfilter", {"topk": 10_000}, {"topk": BUDGET}, max_kv=lambda ids: BUDGET, max_kept=lambda n: BUDGET),
+    Case("snapkv", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
+    Case("h2o", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
+    Case("streamingllm", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
+    Case("sepllm", {"window": 10_000}, {"window": 8}, max_kv=sepllm_bound, extra={"separator_ids": SEPS}),
+    Case("lazyllm", {"keep_fractions": (1.0, 1.0, 1.0)}, {"keep_fractions": (0.5, 0.5, 0.5)},
+         max_kept=lambda n: math.ceil(n * 0.5**3)),
+]
+FAMILIES = ["llama", "qwen2", "gemma3"]
+
+
+def test_every_method_has_a_case():
+    assert sorted(c.method for c in CASES) == sorted(METHODS)
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def model(request):
+    return tiny_model(request.param)
+
+
+def full_reference(model, ids):
+    tok = TinyTokenizer()
+    ref = generate(model, tok, ids, "full", max_new_tokens=NEW)
+    cont = ids[0, -NEW:]
+    score = score_continuation(model, tok, ids[:, :-NEW], cont, "full")
+    return ref, score
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.method)
+def test_noop_settings_equal_full_attention(model, case):
+    ids = random_ids(N, seed=7)
+    ref, ref_score = full_reference(model, ids)
+    tok = TinyTokenizer()
+    params = case.noop | case.extra
+    res = generate(model, tok, ids, case.method, max_new_tokens=NEW, **params)
+    assert res.token_ids == ref.token_ids
+    assert res.kept_tokens == N
+    score = score_continuation(model, tok, ids[:, :-NEW], ids[0, -NEW:], case.method, **params)
+    torch.testing.assert_close(torch.tensor(score.nll), torch.tensor(ref_score.nll), rtol=1e-5, atol=1e-5)
+    row = bench_method(model, make_method(case.method, **params), N, repeats=1, decode_tokens=2)
+    assert row.status == "ok" and row.kept_tokens == N
+    assert row.kv_tokens_prefill == res.kv_tokens_prefill[0]  # the benchmark and generate agree
+    assert max(res.kv_tokens_prefill) == max(ref.kv_tokens_prefill) == N  # nothing evicted from full-attention layers
+
+
+@pytest.mark.parametrize("case", [c for c in CASES if c.lossy is not None], ids=lambda c: c.method)
+def test_lossy_settings_keep_at_most_their_budget(model, case):
+    ids = random_ids(N, seed=8)
+    tok = TinyTokenizer()
+    params = case.lossy | case.extra
+    res = generate(model, tok, ids, case.method, max_new_tokens=NEW, **params)
+    assert len(res.token_ids) == NEW
+    score = score_continuation(model, tok, ids[:, :-NEW], ids[0, -NEW:], case.method, **params)
+    assert len(score.nll) == NEW and all(math.isfinite(x) for x in score.nll)
+    row = bench_method(model, make_method(case.method, **params), N, repeats=1, decode_tokens=2)
+    assert row.status == "ok", row.status
+    if case.max_kv is not None:
+        bound = case.max_kv(ids)
+        assert within(model, res.kv_tokens_prefill, bound), (res.kv_tokens_prefill, bound)
+        assert within(model, score.kv_tokens_prefill, case.max_kv(ids[:, :-NEW]))
+        if case.method != "sepllm":  # the others keep a count that does not depend on the prompt's content
+            assert row.kv_tokens_prefill == res.kv_tokens_prefill[0]  # the benchmark holds what generate holds
+    if case.max_kept is not None:
+        assert res.kept_tokens <= case.max_kept(N) and score.kept_tokens <= case.max_kept(N - NEW)

@@ -1,7 +1,7 @@
 """The one driver: prompt -> (prepare, validate, prefill, step ...) for every entry point.
 
 ``prepare`` makes and validates a method for a prompt; ``drive`` runs its prefill and then its
-decoding step while a *chooser* supplies tokens. ``generate`` (greedy answers, used by the CLI,
+decoding step while a *chooser* supplies tokens. ``generate`` (answers, greedy or sampled; used by the CLI,
 the evaluation tasks and the benchmark) and ``score_continuation`` (teacher forcing, used by the
 perplexity task) are the two choosers. Times to first token, peak memory and KV kept are measured
 here and nowhere else.
@@ -175,6 +175,62 @@ def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
     return int(kept.numel()) if kept is not None else int(state.details.get("kept_tokens", prompt_tokens))
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen from the logits: greedy when ``temperature == 0`` (the default).
+
+    ``temperature`` > 0 samples from ``softmax(logits / temperature)`` restricted to the ``top_k``
+    most likely tokens (0: no limit) and to the smallest set whose probability reaches ``top_p``
+    (1.0: no limit); ``seed`` makes the draw reproducible.
+    """
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        t, p, k = self.temperature, self.top_p, self.top_k
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < float("inf"):
+            raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
+        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
+            raise InputError(f"top_p must be in (0, 1], got {p!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise InputError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise InputError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def generator(self, device: torch.device) -> torch.Generator | None:
+        if self.greedy:
+            return None
+        g = torch.Generator(device=device)
+        if self.seed is None:
+            g.seed()
+        else:
+            g.manual_seed(self.seed)
+        return g
+
+    def choose(self, logits: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """The next token [batch, 1] from logits [batch, vocab]."""
+        if self.greedy:
+            return logits.argmax(dim=-1, keepdim=True)
+        x = logits.float() / self.temperature
+        if 0 < self.top_k < x.shape[-1]:
+            kth = torch.topk(x, self.top_k, dim=-1).values[..., -1:]  # [batch, 1]
+            x = x.masked_fill(x < kth, float("-inf"))
+        if self.top_p < 1.0:
+            sorted_x, order = torch.sort(x, dim=-1, descending=True)
+            probs = sorted_x.softmax(dim=-1)
+            # drop a token when the tokens before it already reach top_p (the first one always stays)
+            drop = probs.cumsum(dim=-1) - probs >= self.top_p
+            x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
+        return torch.multinomial(x.softmax(dim=-1), 1, generator=generator)
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -182,26 +238,30 @@ def generate(
     method: str | Method = "full",
     max_new_tokens: int = 64,
     allow_long: bool = False,
+    sampling: Sampling | None = None,
     **method_params: Any,
 ) -> GenerationResult:
-    """Answer a prompt with ``method`` (greedy decoding) and measure it.
+    """Answer a prompt with ``method`` and measure it.
 
     ``prompt_or_messages`` is a string, a list of chat messages, or token ids
     [1, n] (used as they are). ``method_params`` go to the method's dataclass
-    (e.g. ``topk=512`` for GemFilter).
+    (e.g. ``topk=512`` for GemFilter). Decoding is greedy unless ``sampling``
+    says otherwise (``Sampling(temperature=0.7, top_p=0.9, seed=0)``).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    sampling = sampling or Sampling()
     run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
     stops = stop_token_ids(model, tokenizer)
     out_ids: list[int] = []
+    gen = sampling.generator(model.device)
 
-    def greedy(logits: torch.Tensor, i: int) -> torch.Tensor | None:
-        token = logits.argmax(dim=-1, keepdim=True)  # [1, 1]
+    def next_token(logits: torch.Tensor, i: int) -> torch.Tensor | None:
+        token = sampling.choose(logits, gen)  # [1, 1]
         out_ids.append(int(token))
         return None if len(out_ids) >= max_new_tokens or out_ids[-1] in stops else token
 
-    tr = drive(model, run, greedy)
+    tr = drive(model, run, next_token)
     state, n = tr.state, run.input_ids.shape[1]
     kv_fin, kv_bytes_fin = cache_stats(state.cache)
     text_ids = [t for t in out_ids if t not in stops]

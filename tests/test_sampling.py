@@ -60,3 +60,13 @@ def test_greedy_default_and_seeded_reproducibility():
 def test_bad_sampling_parameters(kwargs, match):
     with pytest.raises(InputError, match=match):
         Sampling(**kwargs)
+
+
+def test_on_token_streams_every_token_and_can_stop():
+    model, tok, ids = tiny_model("llama"), TinyTokenizer(), random_ids(24, seed=2)
+    seen: list[int] = []
+    res = generate(model, tok, ids, max_new_tokens=10, on_token=seen.append)
+    assert seen == res.token_ids and len(seen) == 10
+    stopped: list[int] = []
+    res = generate(model, tok, ids, max_new_tokens=10, on_token=lambda t: stopped.append(t) or len(stopped) < 4)
+    assert stopped == res.token_ids == seen[:4]

@@ -239,6 +239,7 @@ def generate(
     max_new_tokens: int = 64,
     allow_long: bool = False,
     sampling: Sampling | None = None,
+    on_token: Callable[[int], bool | None] | None = None,
     **method_params: Any,
 ) -> GenerationResult:
     """Answer a prompt with ``method`` and measure it.
@@ -247,6 +248,8 @@ def generate(
     [1, n] (used as they are). ``method_params`` go to the method's dataclass
     (e.g. ``topk=512`` for GemFilter). Decoding is greedy unless ``sampling``
     says otherwise (``Sampling(temperature=0.7, top_p=0.9, seed=0)``).
+    ``on_token(token_id)`` is called with each token as soon as it is chosen (streaming); when it
+    returns ``False`` generation stops there (e.g. the client went away).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -259,6 +262,8 @@ def generate(
     def next_token(logits: torch.Tensor, i: int) -> torch.Tensor | None:
         token = sampling.choose(logits, gen)  # [1, 1]
         out_ids.append(int(token))
+        if on_token is not None and out_ids[-1] not in stops and on_token(out_ids[-1]) is False:
+            return None
         return None if len(out_ids) >= max_new_tokens or out_ids[-1] in stops else token
 
     tr = drive(model, run, next_token)

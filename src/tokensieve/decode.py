@@ -1,0 +1,205 @@
+"""Decoding at the hardware's pace: KV buffers we own, updated in place, and one step captured as a CUDA graph.
+
+After a method's prefill, the KV entries it kept (all of them for full attention, ``k`` for GemFilter's
+second pass, ``budget`` for SnapKV) are copied once into preallocated buffers
+``[batch, kv_heads, capacity, head_dim]`` per layer, sized to the kept entries plus the tokens still to
+generate. Each decoding step then
+
+1. runs the model's own modules on one token (``use_cache=False``: no ``transformers`` cache is involved,
+   so no cache API can change under us between releases),
+2. in every layer's attention (tokensieve's hook), writes the new key and value into the next free slot
+   (``index_copy_`` at a device-side index) and attends over the buffer with a mask of the filled slots,
+   grouped-query heads handled by a reshape (the keys and values are read once, never repeated),
+3. advances the per-layer fill counts and the position on the device.
+
+Nothing in a step reads a value back to the host, so on CUDA the whole step is captured once as a
+``torch.cuda.CUDAGraph`` and replayed: one launch per token instead of hundreds, and the step reads the
+weights plus the kept KV entries and nothing else. On the CPU the same code runs without a graph.
+
+The capture is paid once per decoder (a model, a batch size and a capacity); ``DecoderPool`` keeps
+decoders by capacity bucket so later prompts of a similar size reuse the captured graph. Its cost is
+reported separately (``capture_s``), never as decode time.
+
+Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV) on models
+whose layers all use full attention (Llama, Mistral, Qwen2/3, Phi-3 class). Other methods and
+sliding-window models decode on the eager path; ``supports_static`` says which.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from transformers import Cache, PreTrainedModel
+
+from tokensieve.attention import HOOK_KWARG
+
+# Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
+# tail the step reads is small (at most BUCKET - 1 entries) and prompts of similar size share a graph.
+BUCKET = 256
+
+
+def bucket(entries: int) -> int:
+    return -(-entries // BUCKET) * BUCKET
+
+
+def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: str) -> str | None:
+    """``None`` when this model/cache can decode on the static path, else the reason it cannot."""
+    if method_name not in STATIC_METHODS:
+        return f"{method_name} evicts or re-selects while decoding (eager path)"
+    cfg = model.config.get_text_config()
+    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+        return "the model has sliding-window layers (eager path)"
+    if getattr(cfg, "attn_logit_softcapping", None):
+        return "the model soft-caps attention logits (eager path)"
+    if cache is None or not getattr(cache, "layers", None):
+        return "the prefill left no KV cache"
+    return None
+
+
+# Methods whose KV cache only grows after the prefill: the static buffers hold exactly what they keep.
+STATIC_METHODS = ("full", "gemfilter", "snapkv")
+
+
+@dataclass
+class StaticDecoder:
+    """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step."""
+
+    model: PreTrainedModel
+    capacity: int
+    batch: int = 1
+    use_graph: bool | None = None  # None: on CUDA only
+    keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
+    values: list[torch.Tensor] = field(init=False)
+    filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries held per layer
+    position: torch.Tensor = field(init=False)  # [batch, 1] int64: position id of the token fed next
+    token: torch.Tensor = field(init=False)  # [batch, 1] int64: the token fed next (graph input)
+    logits: torch.Tensor | None = field(init=False, default=None)  # [batch, vocab]: the graph's output
+    capture_s: float = field(init=False, default=0.0)
+    steps_left: int = field(init=False, default=0)
+    _graph: Any = field(init=False, default=None)
+
+    def __post_init__(self) -> None:
+        cfg = self.model.config.get_text_config()
+        dev = self.model.device
+        dtype = next(self.model.parameters()).dtype
+        hkv = cfg.num_key_value_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        n_layers = cfg.num_hidden_layers
+        # zeros, not empty: a masked slot gets probability 0, and 0 * value must stay 0 (never NaN)
+        self.keys = [torch.zeros(self.batch, hkv, self.capacity, head_dim, dtype=dtype, device=dev) for _ in range(n_layers)]
+        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.filled = torch.zeros(n_layers, dtype=torch.long, device=dev)
+        self.position = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
+        if self.use_graph is None:
+            self.use_graph = dev.type == "cuda"
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+    def load(self, cache: Cache, next_position: int, max_new_tokens: int) -> None:
+        """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers."""
+        lengths = []
+        for i, layer in enumerate(cache.layers):
+            k, v = layer.keys, layer.values
+            n = k.shape[-2]
+            if n + max_new_tokens > self.capacity:
+                raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {self.capacity}")
+            self.keys[i][:, :, :n].copy_(k)
+            self.values[i][:, :, :n].copy_(v)
+            lengths.append(n)
+        self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
+        self.position.fill_(next_position)
+        self.steps_left = max_new_tokens
+
+    def entries(self) -> list[int]:
+        """Entries held per layer (reads the device: for stats, not inside the loop)."""
+        return self.filled.tolist()
+
+    def _attend(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """One layer's attention for the fed token: store its key/value in the next slot, attend over the buffer.
+
+        query [batch, q_heads, 1, d]; key/value [batch, kv_heads, 1, d] (post-RoPE). Returns [batch, 1, q_heads, d].
+        """
+        li = module.layer_idx
+        slot = self.filled[li : li + 1]  # [1] device index: the first free slot
+        keys, values = self.keys[li], self.values[li]
+        keys.index_copy_(2, slot, key)
+        values.index_copy_(2, slot, value)
+        b, hq, _, d = query.shape
+        hkv = keys.shape[1]
+        q = query.reshape(b, hkv, hq // hkv, d)  # [b, hkv, group, d]: heads sharing a KV head side by side
+        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * kwargs.get("scaling", module.scaling)  # [b, hkv, g, cap]
+        visible = self._slots <= slot  # [cap]: the filled slots and the new one
+        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(values.dtype)
+        out = torch.matmul(probs, values)  # [b, hkv, g, d]
+        return out.reshape(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
+
+    def _forward(self) -> torch.Tensor:
+        out = self.model(
+            input_ids=self.token, position_ids=self.position, use_cache=False, logits_to_keep=1,
+            **{HOOK_KWARG: self._attend},
+        )
+        self.filled.add_(1)
+        self.position.add_(1)
+        return out.logits[:, -1]  # [batch, vocab]
+
+    def capture(self) -> None:
+        """Record one step as a CUDA graph (warm-up runs first; the state they advance is restored)."""
+        if not self.use_graph or self._graph is not None:
+            return
+        t0 = time.perf_counter()
+        saved = (self.filled.clone(), self.position.clone())
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream), torch.inference_mode():
+            for _ in range(2):
+                self._forward()
+        torch.cuda.current_stream().wait_stream(stream)
+        self.filled.copy_(saved[0])
+        self.position.copy_(saved[1])
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph), torch.inference_mode():
+            self.logits = self._forward()
+        self.filled.copy_(saved[0])  # capture does not run kernels, but be exact about the state
+        self.position.copy_(saved[1])
+        torch.cuda.synchronize()
+        self._graph = graph
+        self.capture_s = time.perf_counter() - t0
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` [batch, 1]; return the next logits [batch, vocab] (a buffer the next step overwrites)."""
+        if self.steps_left <= 0:
+            raise RuntimeError(f"the decoder's capacity ({self.capacity}) is used up")
+        self.steps_left -= 1
+        self.token.copy_(token)
+        if self._graph is not None:
+            self._graph.replay()
+            return self.logits
+        return self._forward()
+
+
+@dataclass
+class DecoderPool:
+    """Static decoders by (batch, capacity bucket) for one model: a capture is paid once per bucket."""
+
+    model: PreTrainedModel
+    use_graph: bool | None = None
+    decoders: dict[tuple[int, int], StaticDecoder] = field(default_factory=dict)
+
+    def get(self, batch: int, entries: int) -> tuple[StaticDecoder, bool]:
+        """A decoder holding ``entries`` (kept + new); the flag says whether it was made (and captured) now."""
+        key = (batch, bucket(entries))
+        made = key not in self.decoders
+        if made:
+            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph)
+        return self.decoders[key], made

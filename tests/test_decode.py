@@ -1,0 +1,79 @@
+"""Static KV buffers and the captured decoding step: same tokens as the eager path, updated in place."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TinyTokenizer, random_ids, tiny_model
+from tokensieve.decode import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket
+from tokensieve.errors import InputError
+from tokensieve.methods import METHODS
+from tokensieve.runner import generate, score_continuation
+
+PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}}
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.mark.parametrize("method", STATIC_METHODS)
+def test_static_decoding_gives_the_eager_tokens(model, method):
+    tok, ids = TinyTokenizer(), random_ids(80, seed=4)
+    eager = generate(model, tok, ids, method, max_new_tokens=24, decode="eager", **PARAMS[method])
+    static = generate(model, tok, ids, method, max_new_tokens=24, decode="static", **PARAMS[method])
+    assert eager.details["decode_path"] == "eager" and static.details["decode_path"] == "static"
+    assert static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final and static.kv_bytes_final == eager.kv_bytes_final
+    # teacher forcing: the same losses on both paths
+    target = ids[0, -12:]
+    a = score_continuation(model, tok, ids[:, :-12], target, method, decode="eager", **PARAMS[method])
+    b = score_continuation(model, tok, ids[:, :-12], target, method, decode="static", **PARAMS[method])
+    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+
+
+def test_buffers_are_updated_in_place_and_masked(model):
+    tok, ids = TinyTokenizer(), random_ids(30, seed=5)
+    pool = DecoderPool(model)
+    res = generate(model, tok, ids, "full", max_new_tokens=6, decode="static", decoders=pool)
+    (dec,) = pool.decoders.values()
+    assert dec.capacity == bucket(30 + 5) == BUCKET
+    ptrs = [k.data_ptr() for k in dec.keys]
+    res2 = generate(model, tok, ids, "full", max_new_tokens=6, decode="static", decoders=pool)
+    assert list(pool.decoders.values()) == [dec] and [k.data_ptr() for k in dec.keys] == ptrs  # reused, not reallocated
+    assert res2.token_ids == res.token_ids and dec.entries() == [35] * len(dec.keys)
+    # the slots past the filled ones never influence a step: poison them and decode again
+    with torch.inference_mode():  # the buffers are inference tensors
+        for k, v in zip(dec.keys, dec.values):
+            k[:, :, 40:].fill_(1e4)
+            v[:, :, 40:].fill_(-1e4)
+    assert generate(model, tok, ids, "full", max_new_tokens=6, decode="static", decoders=pool).token_ids == res.token_ids
+
+
+def test_capacity_is_enforced(model):
+    dec = StaticDecoder(model, capacity=BUCKET)
+    with torch.inference_mode():
+        state = METHODS["full"]().prefill(model, random_ids(BUCKET - 2, seed=1))
+    with pytest.raises(ValueError, match="exceed capacity"):
+        dec.load(state.cache, BUCKET - 2, max_new_tokens=3)
+
+
+@pytest.mark.parametrize("method", sorted(set(METHODS) - set(STATIC_METHODS)))
+def test_other_methods_decode_eagerly_and_refuse_static(method):
+    model, tok, ids = tiny_model("llama"), TinyTokenizer(), random_ids(24, seed=6)
+    params = {"separator_ids": (3, 4)} if method == "sepllm" else {}
+    assert generate(model, tok, ids, method, max_new_tokens=3, **params).details["decode_path"] == "eager"
+    with pytest.raises(InputError, match="static decoding is not available"):
+        generate(model, tok, ids, method, max_new_tokens=3, decode="static", **params)
+
+
+def test_sliding_window_models_decode_eagerly():
+    model, tok, ids = tiny_model("gemma3"), TinyTokenizer(), random_ids(24, seed=6)
+    assert generate(model, tok, ids, "full", max_new_tokens=3).details["decode_path"] == "eager"
+
+
+def test_bad_decode_mode():
+    with pytest.raises(InputError, match="decode must be one of"):
+        generate(tiny_model("llama"), TinyTokenizer(), random_ids(8), "full", max_new_tokens=2, decode="fast")

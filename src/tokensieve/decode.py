@@ -63,6 +63,15 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 STATIC_METHODS = ("full", "gemfilter", "snapkv")
 
 
+def _scores_fp32(q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
+    """``q @ k_t`` [batch, g, cap] with float32 output: on CUDA, half-precision inputs accumulate into a float32
+    result (cuBLAS, no float32 copy of the keys), as fused attention kernels keep their scores; elsewhere
+    the inputs are float32 already or are upcast."""
+    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        return torch.bmm(q, k_t, out_dtype=torch.float32)
+    return torch.bmm(q.float(), k_t.float())
+
+
 @dataclass
 class StaticDecoder:
     """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step."""
@@ -135,13 +144,14 @@ class StaticDecoder:
         keys.index_copy_(2, slot, key)
         values.index_copy_(2, slot, value)
         b, hq, _, d = query.shape
-        hkv = keys.shape[1]
-        q = query.reshape(b, hkv, hq // hkv, d)  # [b, hkv, group, d]: heads sharing a KV head side by side
-        scores = torch.matmul(q, keys.transpose(-1, -2)).float() * kwargs.get("scaling", module.scaling)  # [b, hkv, g, cap]
+        hkv, cap = keys.shape[1], keys.shape[2]
+        q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
+        k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
+        scores = _scores_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
         visible = self._slots <= slot  # [cap]: the filled slots and the new one
         probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values)  # [b, hkv, g, d]
-        return out.reshape(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
+        out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]
+        return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
 
     def _forward(self) -> torch.Tensor:
         out = self.model(

@@ -1,0 +1,175 @@
+"""Decode speed on the GPU: eager (DynamicCache, one launch per op) vs static buffers + captured CUDA graph.
+
+For each method and prompt length, in one process on one model (random weights in a real shape):
+
+* eager: ``generate(..., decode="eager")`` for ``--check-steps`` tokens;
+* graph: ``generate(..., decode="static")`` for ``--tokens`` tokens (the end-to-end answer), its capture
+  made beforehand in a warm-up call with the same pool (``capture_s`` reported apart);
+* tokens: the first ``--check-steps`` tokens of both paths compared;
+* roofline: a step must read the weights and the KV entries it attends to once; bytes / the device copy
+  bandwidth measured in this run (a large device-to-device copy, bytes read + written) is the floor, and
+  ``floor / median step`` the fraction reached;
+* transformers' own ``model.generate`` (dynamic cache, SDPA) per-token time at each length, same run.
+
+Writes one JSON (``--out``) and prints a table. Usage (on the GPU machine):
+``PYTHONPATH=src python3 benchmarks/decode_bench.py --lengths 32768,131072 --out $OUT/decode.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import time
+
+import torch
+
+from tokensieve.bench import _IdTokenizer, build_model, environment
+from tokensieve.decode import DecoderPool, StaticDecoder, bucket
+from tokensieve.methods import make_method
+from tokensieve.methods.base import cache_stats
+from tokensieve.runner import generate
+
+METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024}}
+
+
+def copy_bandwidth(device: torch.device, gib: float = 4.0) -> float:
+    """Bytes per second of a large device-to-device copy (read + write counted), median of 10."""
+    n = int(gib * 2**30) // 2
+    a = torch.randn(n, dtype=torch.bfloat16, device=device)
+    b = torch.empty_like(a)
+    times = []
+    for _ in range(12):
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        b.copy_(a)
+        e.record()
+        torch.cuda.synchronize()
+        times.append(s.elapsed_time(e) / 1e3)
+    del a, b
+    return 2 * n * 2 / statistics.median(times[2:])
+
+
+@torch.inference_mode()
+def first_step_error(model, ids: torch.Tensor, name: str) -> tuple[float, bool]:
+    """Relative error ||static - eager|| / ||eager|| of the logits of the first decoding step from one prefill."""
+    m = make_method(name, **METHODS[name])
+    state = m.prefill(model, ids.to(model.device))
+    token = state.logits.argmax(-1, keepdim=True)
+    dec = StaticDecoder(model, bucket(max(cache_stats(state.cache)[0]) + 1), use_graph=False)
+    dec.load(state.cache, state.next_position, 1)
+    a = dec.step(token).float().clone()
+    b = m.step(model, state, token).float()
+    del dec, state
+    return float((a - b).norm() / b.norm()), bool(a.argmax() == b.argmax())
+
+
+def p90(xs: list[float]) -> float:
+    return sorted(xs)[int(0.9 * (len(xs) - 1))]
+
+
+def hf_generate_per_token(model, ids: torch.Tensor, steps: int) -> float:
+    """Seconds per decoded token of transformers' generate (dynamic cache, SDPA attention)."""
+    model.set_attn_implementation("sdpa")
+    try:
+        def run(n: int) -> float:
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            model.generate(ids, max_new_tokens=n, min_new_tokens=n, do_sample=False)
+            torch.cuda.synchronize()
+            return time.perf_counter() - t0
+
+        run(2)
+        return (run(steps + 1) - run(1)) / steps
+    finally:
+        from tokensieve.attention import use_tokensieve_attention
+
+        use_tokensieve_attention(model)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--shape", default="llama3.1-8b")
+    ap.add_argument("--lengths", default="32768,131072")
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--tokens", type=int, default=256, help="answer length for end-to-end latency")
+    ap.add_argument("--check-steps", type=int, default=64)
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args()
+    dev = torch.device("cuda")
+    model = build_model(args.shape, torch.bfloat16, dev)
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    cfg = model.config
+    kv_per_entry = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
+    bw = copy_bandwidth(dev)
+    tok = _IdTokenizer()
+    pool = DecoderPool(model)
+    out = {"shape": args.shape, "environment": environment(dev), "weights_bytes": weights, "copy_bandwidth_Bps": bw,
+           "kv_bytes_per_entry": kv_per_entry, "tokens": args.tokens, "check_steps": args.check_steps, "rows": []}
+    print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 2**30:.1f} GiB", flush=True)
+    # warm-up (kernels, cuBLAS, allocator) at a small length
+    warm = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
+    for name in args.methods.split(","):
+        generate(model, tok, warm, name, max_new_tokens=4, decode="eager", allow_long=True, **METHODS[name])
+    for n in [int(x) for x in args.lengths.split(",")]:
+        ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
+        for name in args.methods.split(","):
+            row = {"method": name, "length": n, "params": METHODS[name]}
+            try:
+                eager = generate(model, tok, ids, name, max_new_tokens=args.check_steps + 1, decode="eager",
+                                 allow_long=True, **METHODS[name])
+                gc.collect(); torch.cuda.empty_cache()
+                # first static call: captures the graph for this capacity bucket (reported, not timed as decode)
+                first = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
+                                 allow_long=True, **METHODS[name])
+                gc.collect(); torch.cuda.empty_cache()
+                graph = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
+                                 allow_long=True, **METHODS[name])
+                kept = graph.kv_tokens_prefill[0]
+                steps_g, steps_e = graph.step_times_s, eager.step_times_s
+                med_g, med_e = statistics.median(steps_g), statistics.median(steps_e)
+                mean_entries = kept + len(steps_g) / 2
+                floor = (weights + kv_per_entry * mean_entries) / bw
+                pairs = list(zip(eager.token_ids, graph.token_ids))
+                same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))  # identical prefix
+                gc.collect(); torch.cuda.empty_cache()
+                err, top1 = first_step_error(model, ids, name)
+                row |= {
+                    "status": "ok", "decode_path": graph.details["decode_path"], "kept_entries": kept,
+                    "ttft_s": graph.ttft_s, "capture_s": first.details["capture_s"],
+                    "eager_step_median_s": med_e, "eager_step_p90_s": p90(steps_e),
+                    "graph_step_median_s": med_g, "graph_step_p90_s": p90(steps_g),
+                    "roofline_step_s": floor, "roofline_fraction": floor / med_g,
+                    "eager_roofline_fraction": floor / med_e,
+                    "e2e_s": graph.ttft_s + sum(steps_g), "e2e_eager_estimate_s": eager.ttft_s + med_e * (args.tokens - 1),
+                    "tokens_identical_prefix": same, "tokens_compared": len(pairs),
+                    "first_step_logits_rel_error": err, "first_step_top1_agrees": top1,
+                    "peak_memory_bytes": graph.peak_memory_bytes,
+                }
+                print(f"{name:>10} {n:>7}: ttft {graph.ttft_s:.3f}s  eager {med_e * 1e3:.1f} ms  graph {med_g * 1e3:.2f} ms "
+                      f"(p90 {p90(steps_g) * 1e3:.2f}, roofline {floor * 1e3:.2f} ms = {floor / med_g:.2f})  "
+                      f"e2e {row['e2e_s']:.2f}s  capture {row['capture_s']:.2f}s  same prefix {same}/{len(pairs)}  "
+                      f"step-1 logits rel err {err:.1e} top1 {top1}", flush=True)
+            except torch.OutOfMemoryError:
+                row["status"] = "oom"
+                print(f"{name:>10} {n:>7}: out of memory", flush=True)
+            out["rows"].append(row)
+            gc.collect(); torch.cuda.empty_cache()
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+        if not args.no_hf:
+            try:
+                per = hf_generate_per_token(model, ids.to(dev), 32)
+                out["rows"].append({"method": "transformers.generate", "length": n, "status": "ok", "step_mean_s": per})
+                print(f"transformers.generate {n}: {per * 1e3:.1f} ms/token", flush=True)
+            except torch.OutOfMemoryError:
+                out["rows"].append({"method": "transformers.generate", "length": n, "status": "oom"})
+            gc.collect(); torch.cuda.empty_cache()
+            with open(args.out, "w") as f:
+                json.dump(out, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

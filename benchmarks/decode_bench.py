@@ -96,6 +96,9 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=256, help="answer length for end-to-end latency")
     ap.add_argument("--check-steps", type=int, default=64)
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="fuse the captured step with torch.compile first")
+    ap.add_argument("--no-eager", action="store_true", help="skip the eager path (and the token comparison)")
+    ap.add_argument("--no-accuracy", action="store_true", help="skip the first-step logits comparison")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = torch.device("cuda")
@@ -105,9 +108,9 @@ def main() -> None:
     kv_per_entry = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
     bw = copy_bandwidth(dev)
     tok = _IdTokenizer()
-    pool = DecoderPool(model)
+    pool = DecoderPool(model, compile=args.compile)
     out = {"shape": args.shape, "environment": environment(dev), "weights_bytes": weights, "copy_bandwidth_Bps": bw,
-           "kv_bytes_per_entry": kv_per_entry, "tokens": args.tokens, "check_steps": args.check_steps, "rows": []}
+           "kv_bytes_per_entry": kv_per_entry, "compile": args.compile, "tokens": args.tokens, "check_steps": args.check_steps, "rows": []}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 2**30:.1f} GiB", flush=True)
     # warm-up (kernels, cuBLAS, allocator) at a small length
     warm = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
@@ -118,8 +121,9 @@ def main() -> None:
         for name in args.methods.split(","):
             row = {"method": name, "length": n, "params": METHODS[name]}
             try:
-                eager = generate(model, tok, ids, name, max_new_tokens=args.check_steps + 1, decode="eager",
-                                 allow_long=True, **METHODS[name])
+                eager = None if args.no_eager else generate(
+                    model, tok, ids, name, max_new_tokens=args.check_steps + 1, decode="eager", allow_long=True,
+                    **METHODS[name])
                 gc.collect(); torch.cuda.empty_cache()
                 # first static call: captures the graph for this capacity bucket (reported, not timed as decode)
                 first = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
@@ -128,14 +132,14 @@ def main() -> None:
                 graph = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
                                  allow_long=True, **METHODS[name])
                 kept = graph.kv_tokens_prefill[0]
-                steps_g, steps_e = graph.step_times_s, eager.step_times_s
+                steps_g, steps_e = graph.step_times_s, (eager.step_times_s if eager else [float("nan")])
                 med_g, med_e = statistics.median(steps_g), statistics.median(steps_e)
                 mean_entries = kept + len(steps_g) / 2
                 floor = (weights + kv_per_entry * mean_entries) / bw
-                pairs = list(zip(eager.token_ids, graph.token_ids))
+                pairs = list(zip(eager.token_ids, graph.token_ids)) if eager else []
                 same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))  # identical prefix
                 gc.collect(); torch.cuda.empty_cache()
-                err, top1 = first_step_error(model, ids, name)
+                err, top1 = (float("nan"), None) if args.no_accuracy else first_step_error(model, ids, name)
                 row |= {
                     "status": "ok", "decode_path": graph.details["decode_path"], "kept_entries": kept,
                     "ttft_s": graph.ttft_s, "capture_s": first.details["capture_s"],
@@ -143,7 +147,7 @@ def main() -> None:
                     "graph_step_median_s": med_g, "graph_step_p90_s": p90(steps_g),
                     "roofline_step_s": floor, "roofline_fraction": floor / med_g,
                     "eager_roofline_fraction": floor / med_e,
-                    "e2e_s": graph.ttft_s + sum(steps_g), "e2e_eager_estimate_s": eager.ttft_s + med_e * (args.tokens - 1),
+                    "e2e_s": graph.ttft_s + sum(steps_g), "e2e_eager_estimate_s": eager.ttft_s + med_e * (args.tokens - 1) if eager else None,
                     "tokens_identical_prefix": same, "tokens_compared": len(pairs),
                     "first_step_logits_rel_error": err, "first_step_top1_agrees": top1,
                     "peak_memory_bytes": graph.peak_memory_bytes,

@@ -80,6 +80,7 @@ class StaticDecoder:
     capacity: int
     batch: int = 1
     use_graph: bool | None = None  # None: on CUDA only
+    compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries held per layer
@@ -89,6 +90,7 @@ class StaticDecoder:
     capture_s: float = field(init=False, default=0.0)
     steps_left: int = field(init=False, default=0)
     _graph: Any = field(init=False, default=None)
+    _run: Any = field(init=False, default=None)  # the step function: _forward, or its compiled form
 
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
@@ -106,6 +108,7 @@ class StaticDecoder:
         self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
+        self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
 
     @property
     def kv_bytes(self) -> int:
@@ -171,14 +174,14 @@ class StaticDecoder:
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream), torch.inference_mode():
-            for _ in range(2):
-                self._forward()
+            for _ in range(3):  # the first run compiles, when compiling
+                self._run()
         torch.cuda.current_stream().wait_stream(stream)
         self.filled.copy_(saved[0])
         self.position.copy_(saved[1])
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph), torch.inference_mode():
-            self.logits = self._forward()
+            self.logits = self._run()
         self.filled.copy_(saved[0])  # capture does not run kernels, but be exact about the state
         self.position.copy_(saved[1])
         torch.cuda.synchronize()
@@ -195,7 +198,7 @@ class StaticDecoder:
         if self._graph is not None:
             self._graph.replay()
             return self.logits
-        return self._forward()
+        return self._run()
 
 
 @dataclass
@@ -204,6 +207,7 @@ class DecoderPool:
 
     model: PreTrainedModel
     use_graph: bool | None = None
+    compile: bool = False
     decoders: dict[tuple[int, int], StaticDecoder] = field(default_factory=dict)
 
     def get(self, batch: int, entries: int) -> tuple[StaticDecoder, bool]:
@@ -211,5 +215,5 @@ class DecoderPool:
         key = (batch, bucket(entries))
         made = key not in self.decoders
         if made:
-            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph)
+            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile)
         return self.decoders[key], made

@@ -71,7 +71,7 @@ def test_bad_inputs(tok):
 def test_unknown_model_gives_one_clear_message(tmp_path):
     with pytest.raises(tokensieve.ModelLoadError, match="not an embedded model"):
         tokensieve.load_model("no-such-org/no-such-model-xyz")
-    with pytest.raises(tokensieve.ModelLoadError, match="GGUF file not found"):
+    with pytest.raises(tokensieve.ModelLoadError, match="missing.gguf does not exist"):
         tokensieve.load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(tokensieve.ModelLoadError, match="no config.json"):
         tokensieve.load_model(str(tmp_path))

@@ -93,7 +93,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert cli.main(["ask", "--file", str(empty), "--question", "q"]) == 2
     assert "is empty" in capsys.readouterr().err
     assert cli.main(["ask", "--file", str(tmp_path / "nope.txt"), "--question", "q"]) == 2
-    assert "No such file" in capsys.readouterr().err
+    assert "nope.txt does not exist" in capsys.readouterr().err
     doc = tmp_path / "doc.txt"
     doc.write_text("hello")
     assert cli.main(["ask", "--file", str(doc), "--question", "q", "--model", "not-a-model-xyz"]) == 2

@@ -372,6 +372,7 @@ def test_package_names_still_work():
     for name in tokensieve.__all__:
         assert getattr(tokensieve, name) is not None
     assert tokensieve.methods.FullAttention.name == "full"
+    assert "evaluation" in dir(tokensieve) and tokensieve.evaluation.harness.Task  # submodules on first use
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tokensieve.nope  # noqa: B018
 

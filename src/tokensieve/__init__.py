@@ -13,6 +13,8 @@ The names below are imported on first use (PEP 562), so ``import tokensieve``
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import pkgutil
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -34,11 +36,6 @@ _EXPORTS: dict[str, str] = {
     "PromptTooLongError": "tokensieve.errors",
     "use_tokensieve_attention": "tokensieve.attention",
 }
-_SUBMODULES = {
-    "attention", "bench", "cache", "cli", "commands", "data", "errors", "evaluation", "memory", "methods", "models",
-    "runner", "separators", "streaming",
-}
-
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
@@ -54,10 +51,10 @@ def __getattr__(name: str) -> Any:
         value = getattr(importlib.import_module(_EXPORTS[name]), name)
         globals()[name] = value  # later look-ups skip this function
         return value
-    if name in _SUBMODULES:
-        return importlib.import_module(f"tokensieve.{name}")
+    if not name.startswith("_") and importlib.util.find_spec(f"tokensieve.{name}") is not None:
+        return importlib.import_module(f"tokensieve.{name}")  # a submodule, e.g. tokensieve.methods
     raise AttributeError(f"module 'tokensieve' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | set(_EXPORTS) | _SUBMODULES)
+    return sorted(set(globals()) | set(_EXPORTS) | {m.name for m in pkgutil.iter_modules(__path__)})

@@ -87,13 +87,17 @@ def test_refuses_other_configuration(model, tok, tmp_path):
     assert len(backups) == 1 and len(read_results(backups[0])) == 8
 
 
-def test_errors_are_recorded_and_retried(model, tok, tmp_path):
-    t = task(samples=1)
-    bad = tokensieve.make_method("gemfilter", filter_layer=99)  # the model has 3 layers
-    _, seen = run(model, tok, tmp_path, t=t, methods=[bad])
-    assert len(seen) == 2 and all("filter_layer" in r["error"] and r["score"] is None for r in seen)
-    _, seen = run(model, tok, tmp_path, t=t, methods=[bad])
-    assert len(seen) == 2  # retried
+def test_errors_are_recorded_and_retried(tok, tmp_path):
+    """A declared user error (here a prompt longer than the model's positions) is a failed cell, retried next run."""
+    short = tiny_llama(max_pos=800)
+    t = RulerTask([600, 900], samples=1, tasks=["niah_single", "vt"], haystack=TEXT, max_new_tokens=3)
+    _, seen = run(short, tok, tmp_path, t=t, methods=["full"])
+    failed = [r for r in seen if r.get("error")]
+    assert len(seen) == 4 and {r["length"] for r in failed} == {900} and len(failed) == 2
+    assert all(r["error"].startswith("PromptTooLongError") and r["score"] is None for r in failed)
+    assert all(r["score"] is not None for r in seen if r["length"] == 600)
+    _, seen = run(short, tok, tmp_path, t=t, methods=["full"])
+    assert len(seen) == 2 and all(r["length"] == 900 for r in seen)  # retried
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tokensieve.cli import main
-from tokensieve.evaluation.report import build_report, load_results, markdown_table, method_labels, summarize
+from tokensieve.evaluation.report import ResultsWarning, build_report, load_results, markdown_table, method_labels, summarize
 
 MB = 1024 * 1024
 
@@ -34,8 +34,9 @@ def results(tmp_path):
 
 
 def test_summary_numbers(results):
-    rows = load_results([results])
-    assert len(rows) == 5  # the error line is superseded by its retry; the half line is ignored
+    with pytest.warns(ResultsWarning, match="skipped 1 corrupt line"):  # the half line is skipped, and said so
+        rows = load_results([results])
+    assert len(rows) == 5  # the error line is superseded by its retry
     g = {x["method"]: x for x in summarize(rows)}
     assert g["full"]["samples"] == 2 and g["full"]["accuracy"] == pytest.approx(75.0)
     assert g["full"]["ttft_s"] == pytest.approx(0.3) and g["full"]["peak_memory_mb"] == pytest.approx(110)
@@ -95,7 +96,7 @@ def test_paired_comparison_uses_the_samples_every_method_scored():
 
 
 def test_report_without_timing_has_no_ttft_column_or_plot(results, tmp_path):
-    md = build_report(load_results([results]), tmp_path / "plots", link_base=tmp_path, timing=False)
+    md = build_report(load_results([results], warn=lambda message: None), tmp_path / "plots", link_base=tmp_path, timing=False)
     assert "| m | ruler | full | 1024 | 2 | 75.0 | 49.0 | - | 110 | 100% | 100% | 0 |" in md and "TTFT" not in md
     assert not (tmp_path / "plots" / "accuracy_vs_ttft.png").exists()
 

@@ -71,7 +71,7 @@ def test_bad_inputs(tok):
 def test_unknown_model_gives_one_clear_message(tmp_path):
     with pytest.raises(tokensieve.ModelLoadError, match="not an embedded model"):
         tokensieve.load_model("no-such-org/no-such-model-xyz")
-    with pytest.raises(tokensieve.ModelLoadError, match="GGUF file not found"):
+    with pytest.raises(tokensieve.ModelLoadError, match="missing.gguf does not exist"):
         tokensieve.load_model(str(tmp_path / "missing.gguf"))
     with pytest.raises(tokensieve.ModelLoadError, match="no config.json"):
         tokensieve.load_model(str(tmp_path))
@@ -93,7 +93,7 @@ def test_cli_errors_are_messages_not_tracebacks(tmp_path, capsys):
     assert cli.main(["ask", "--file", str(empty), "--question", "q"]) == 2
     assert "is empty" in capsys.readouterr().err
     assert cli.main(["ask", "--file", str(tmp_path / "nope.txt"), "--question", "q"]) == 2
-    assert "No such file" in capsys.readouterr().err
+    assert "nope.txt does not exist" in capsys.readouterr().err
     doc = tmp_path / "doc.txt"
     doc.write_text("hello")
     assert cli.main(["ask", "--file", str(doc), "--question", "q", "--model", "not-a-model-xyz"]) == 2

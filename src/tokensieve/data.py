@@ -1,9 +1,90 @@
-"""Long text for haystacks and streaming: the PG-19 books in ``../shared/data/pg19``."""
+"""Text input: the one reader of user documents and text files, and the PG-19 books in ``../shared/data/pg19``."""
 
 from __future__ import annotations
 
+import codecs
 import os
+import sys
 from pathlib import Path
+
+from tokensieve.errors import InputError
+
+ENCODING_ERRORS = ("strict", "replace")
+# Bytes that text files do not hold: C0 controls except tab, newline, vertical tab, form feed,
+# carriage return and escape (terminal colours), plus DEL.
+_CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
+_CONTROL_CHARS = set(_CONTROL.decode("latin-1"))
+BINARY_CONTROL_SHARE = 0.05  # random bytes hold about 11% of these; text holds next to none
+
+
+def check_encoding(encoding: str) -> str:
+    """``encoding`` if Python knows it (``InputError`` otherwise), e.g. utf-8, latin-1, cp1252, utf-16."""
+    try:
+        codecs.lookup(encoding)
+    except LookupError:
+        raise InputError(f"unknown encoding {encoding!r}; expected a Python codec name such as utf-8, latin-1, cp1252, utf-16") from None
+    return encoding
+
+
+def _is_wide(encoding: str) -> bool:
+    """UTF-16/32 text is full of NUL bytes: such files are checked after decoding."""
+    return codecs.lookup(encoding).name.startswith(("utf-16", "utf-32"))
+
+
+def looks_binary(data: bytes | str) -> bool:
+    """True for a NUL byte, or a share of control bytes (other than whitespace and escape) no text has."""
+    if not data:
+        return False
+    if isinstance(data, str):
+        bad = sum(c in _CONTROL_CHARS for c in data)
+        return "\0" in data or bad / len(data) > BINARY_CONTROL_SHARE
+    return b"\0" in data or (len(data) - len(data.translate(None, _CONTROL))) / len(data) > BINARY_CONTROL_SHARE
+
+
+def decode_text(data: bytes, name: str, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """``data`` (the content of ``name``) as text; ``InputError`` for binary data or bytes ``encoding`` cannot decode."""
+    check_encoding(encoding)
+    if errors not in ENCODING_ERRORS:
+        raise InputError(f"unknown encoding error handling {errors!r}; expected one of: {', '.join(ENCODING_ERRORS)}")
+    wide = _is_wide(encoding)
+    if not wide and looks_binary(data):
+        raise InputError(f"{name} does not look like text (binary data)")
+    try:
+        text = data.decode(encoding, errors=errors)
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"{name} is not valid {encoding}: byte 0x{data[exc.start]:02x} at byte offset {exc.start} cannot be decoded; "
+            f"pass --encoding with the file's encoding (e.g. --encoding latin-1) or --encoding-errors replace"
+        ) from None
+    if wide and looks_binary(text):
+        raise InputError(f"{name} does not look like text (binary data)")
+    return text
+
+
+def read_document(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """The text of a user's file (``"-"``: standard input), the one reader of documents and text files.
+
+    ``InputError`` (one line naming the file) for a missing file, a folder, binary data, or bytes
+    that ``encoding`` cannot decode (with ``errors="strict"``; ``"replace"`` puts U+FFFD instead).
+    """
+    if str(path) == "-":
+        stream = getattr(sys.stdin, "buffer", None)
+        if stream is None:  # a text stream (e.g. replaced in a test): already decoded
+            text = sys.stdin.read()
+            if looks_binary(text):
+                raise InputError("standard input does not look like text (binary data)")
+            return text
+        return decode_text(stream.read(), "standard input", encoding, errors)
+    p = Path(path).expanduser()
+    if p.is_dir():
+        raise InputError(f"{p} is a folder; expected a text file")
+    if not p.is_file():
+        raise InputError(f"file {p} does not exist")
+    try:
+        data = p.read_bytes()
+    except OSError as exc:
+        raise InputError(f"cannot read {p}: {exc.strerror or exc}") from None
+    return decode_text(data, str(p), encoding, errors)
 
 
 def default_pg19_dir() -> Path:
@@ -31,16 +112,13 @@ def pg19_books(folder: str | Path | None = None) -> list[Path]:
     return books
 
 
-def read_text(path: str | Path | None = None, min_chars: int = 0) -> str:
-    """A text file, or (path=None) the PG-19 books joined until ``min_chars`` is reached."""
+def read_text(path: str | Path | None = None, min_chars: int = 0, encoding: str = "utf-8", errors: str = "strict") -> str:
+    """A text file (read by :func:`read_document`), or (path=None) the PG-19 books joined until ``min_chars`` is reached."""
     if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise FileNotFoundError(f"text file not found: {p}")
-        return p.read_text(encoding="utf-8", errors="replace")
+        return read_document(path, encoding, errors)
     parts, total = [], 0
     for book in pg19_books():
-        t = " ".join(book.read_text(encoding="utf-8", errors="replace").split())  # one paragraph stream
+        t = " ".join(read_document(book).split())  # one paragraph stream
         parts.append(t)
         total += len(t)
         if min_chars and total >= min_chars:

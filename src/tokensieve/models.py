@@ -17,23 +17,90 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from tokensieve.errors import InputError
 
-from tokensieve.attention import use_tokensieve_attention
+if TYPE_CHECKING:  # torch and transformers are imported where a model is loaded, not at import time
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "smollm2"
+DTYPES = ("float32", "bfloat16", "float16")
+_DTYPE_ALIASES = {"fp32": "float32", "float": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
+DEVICES = "cpu, cuda, cuda:N, mps"
+_DEVICE_RE = re.compile(r"(cpu|mps|cuda(:\d+)?)")
+_HUB_ID_RE = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
 class ModelLoadError(RuntimeError):
     """A model could not be found or loaded; the message says how to get it."""
+
+
+def dtype_name(value: str) -> str:
+    """The canonical name (float32, bfloat16, float16) of a dtype name; ``InputError`` naming the choices otherwise.
+
+    Aliases: fp32/float, bf16, fp16/half, and a ``torch.`` prefix. Does not import torch.
+    """
+    t = str(value).strip().lower().removeprefix("torch.")
+    t = _DTYPE_ALIASES.get(t, t)
+    if t not in DTYPES:
+        raise InputError(f"unknown dtype {value!r}; expected one of: {', '.join(DTYPES)}")
+    return t
+
+
+def parse_dtype(value: str | torch.dtype | None) -> torch.dtype | None:
+    """A ``torch.dtype`` from a name or a dtype (None stays None: the device's default)."""
+    if value is None:
+        return None
+    import torch
+
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+        if name not in DTYPES:
+            raise InputError(f"unsupported dtype {name}; expected one of: {', '.join(DTYPES)}")
+        return value
+    if not isinstance(value, str):
+        raise InputError(f"dtype must be a name or a torch.dtype, got {value!r}; expected one of: {', '.join(DTYPES)}")
+    return getattr(torch, dtype_name(value))
+
+
+def device_name(value: str) -> str:
+    """``value`` checked for form only (cpu, cuda, cuda:N, mps); ``InputError`` otherwise. Does not import torch."""
+    t = str(value).strip().lower()
+    if not _DEVICE_RE.fullmatch(t):
+        raise InputError(f"unknown device {value!r}; expected one of: {DEVICES}")
+    return t
+
+
+def parse_device(value: str | torch.device | None) -> str | None:
+    """``value`` checked for form and availability: ``InputError`` for a device this machine does not have."""
+    if value is None:
+        return None
+    name = device_name(str(value))
+    if name.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise InputError(f"device {name!r}: CUDA was asked for but is not available "
+                             f"(torch {torch.__version__} sees no CUDA device); expected cpu")
+        index = int(name.split(":")[1]) if ":" in name else 0
+        if index >= torch.cuda.device_count():
+            raise InputError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                             f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+    elif name == "mps":
+        import torch
+
+        if not torch.backends.mps.is_available():
+            raise InputError("device 'mps': MPS was asked for but is not available; expected cpu")
+    return name
 
 
 @dataclass(frozen=True)
@@ -66,10 +133,14 @@ def cache_dir() -> Path:
 
 
 def default_device() -> str:
+    import torch
+
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def default_dtype(device: str | torch.device) -> torch.dtype:
+    import torch
+
     return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
 
 
@@ -109,9 +180,43 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     model = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=dtype)
     return model, tok
+
+
+def _load_folder(path: str, dtype: torch.dtype, local_files_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
+    return model, tok
+
+
+def model_source(name_or_path: str) -> tuple[str, str | Path]:
+    """Where ``name_or_path`` is loaded from, checked without loading: ("embedded", name), ("gguf", file),
+    ("folder", folder) or ("hub", id). ``ModelLoadError`` for a path that does not exist or is not a model.
+    """
+    name = str(name_or_path).strip()
+    if not name:
+        raise InputError(f"the model name is empty; expected an embedded model ({', '.join(EMBEDDED)}), "
+                         f"a model folder, a .gguf file or a hub id in the local Hugging Face cache")
+    if name in EMBEDDED:
+        return "embedded", name
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").exists():
+            raise ModelLoadError(f"model path {path} is a folder but holds no config.json: not a transformers model folder")
+        return "folder", path
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise ModelLoadError(f"model path {path} is a file but not a .gguf file; expected a model folder or a .gguf file")
+        return "gguf", path
+    if path.suffix == ".gguf" or not _HUB_ID_RE.fullmatch(name) or name.startswith((".", "~")):
+        raise ModelLoadError(f"model path {path} does not exist")
+    return "hub", name
 
 
 def load_model(
@@ -123,49 +228,46 @@ def load_model(
 
     ``name_or_path`` is an embedded model name (``smollm2``, ``gemma3-270m``), a local
     ``transformers`` folder, a ``.gguf`` file, or a hub id that is already in the local
-    Hugging Face cache. ``dtype`` defaults to float32 on CPU and bfloat16 on CUDA.
+    Hugging Face cache (nothing is downloaded). ``dtype`` (float32, bfloat16, float16)
+    defaults to float32 on CPU and bfloat16 on CUDA; ``device`` is cpu, cuda, cuda:N or mps.
+    A bad dtype or device raises ``InputError`` and a model that cannot be found
+    ``ModelLoadError``, both before any weights are read.
     """
-    device = device or default_device()
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype)
+    dtype = parse_dtype(dtype)
+    device = parse_device(device) or default_device()
     dtype = dtype or default_dtype(device)
+    kind, where = model_source(name_or_path)
     t0 = time.perf_counter()
-    if name_or_path in EMBEDDED:
-        model, tok = _load_embedded(name_or_path, dtype)
+    if kind == "embedded":
+        model, tok = _load_embedded(str(where), dtype)
+    elif kind == "gguf":
+        model, tok = _load_gguf(Path(where), dtype)
+    elif kind == "folder":
+        model, tok = _load_folder(str(where), dtype)
     else:
-        path = Path(name_or_path).expanduser()
-        if path.suffix == ".gguf":
-            if not path.is_file():
-                raise ModelLoadError(f"GGUF file not found: {path}")
-            model, tok = _load_gguf(path, dtype)
-        elif path.is_dir():
-            if not (path / "config.json").exists():
-                raise ModelLoadError(f"{path} is a folder but holds no config.json: not a transformers model folder")
-            model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype)
-            tok = AutoTokenizer.from_pretrained(str(path))
-        else:
-            try:
-                model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
-                tok = AutoTokenizer.from_pretrained(name_or_path)
-            except (OSError, ValueError) as exc:
-                raise ModelLoadError(
-                    f"could not load model '{name_or_path}': it is not an embedded model "
-                    f"({', '.join(EMBEDDED)}), not a local folder or .gguf file, and the hub is not "
-                    f"reachable or has no such id. Download it elsewhere and pass its folder. ({type(exc).__name__})"
-                ) from None
+        try:
+            model, tok = _load_folder(str(where), dtype, local_files_only=True)
+        except (OSError, ValueError):
+            raise ModelLoadError(
+                f"could not load model {name_or_path!r}: it is not an embedded model ({', '.join(EMBEDDED)}), "
+                f"local folder or .gguf file, and not in the local Hugging Face cache "
+                f"(tokensieve does not download models: download it elsewhere and pass its folder)"
+            ) from None
     model.to(device)
     model.eval()
+    from tokensieve.attention import use_tokensieve_attention
+
     use_tokensieve_attention(model)
     log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)
     return model, tok
 
 
 def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    import torch
+
     target = cache_dir() / name
     if (target / "config.json").exists():
-        model = AutoModelForCausalLM.from_pretrained(str(target), dtype=dtype)
-        tok = AutoTokenizer.from_pretrained(str(target))
-        return model, tok
+        return _load_folder(str(target), dtype)
     gguf = embedded_gguf_path(name)
     model, tok = _load_gguf(gguf, torch.float32)
     # Store a plain safetensors copy so later loads skip dequantization.

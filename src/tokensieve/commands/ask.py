@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from tokensieve.commands.common import add_method_args, add_model_args, build_method, fmt_bytes, load, print_json, parse_size
-from tokensieve.runner import encode_prompt, generate, selection_text
+from tokensieve.commands.common import (
+    add_method_args, add_model_args, add_text_args, build_methods, fmt_bytes, load, parse_size, parse_text, print_json,
+)
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("ask", help="answer a question about a document", description="Answer a question about a document (chat template applied) and print the answer with timing, memory and tokens kept.")
+    p = sub.add_parser("ask", description="Answer a question about a document (chat template applied) and print the answer with timing, memory and tokens kept.")
     p.add_argument("--file", required=True, help="document to read ('-' for stdin)")
-    p.add_argument("--question", required=True, help="question about the document")
+    p.add_argument("--question", required=True, type=parse_text, help="question about the document")
+    add_text_args(p, "the document")
     add_model_args(p)
     add_method_args(p)
     p.add_argument("--max-new-tokens", type=parse_size, default=64, help="tokens to generate at most (default 64)")
@@ -22,21 +23,17 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def read_document(path: str) -> str:
-    if path == "-":
-        return sys.stdin.read()
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read()
-
-
 def run(args: argparse.Namespace) -> int:
-    doc = read_document(args.file)
+    from tokensieve.data import read_document
+    from tokensieve.errors import InputError
+
+    doc = read_document(args.file, args.encoding, args.encoding_errors)
     if not doc.strip():
-        raise ValueError(f"the document {args.file!r} is empty")
-    if not args.question.strip():
-        raise ValueError("the question is empty")
-    method = build_method(args, args.method)
+        raise InputError(f"the document {'on standard input' if args.file == '-' else args.file} is empty")
+    (method,) = build_methods(args)
     model, tok = load(args)
+    from tokensieve.runner import encode_prompt, generate, selection_text
+
     messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]
     res = generate(model, tok, messages, method=method, max_new_tokens=args.max_new_tokens, allow_long=args.allow_long)
     out = res.to_dict()

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-import torch
+from tokensieve.commands.common import add_dtype_device_args, add_method_args, method_params, parse_sizes
 
-from tokensieve.commands.common import add_method_args, method_params, parse_sizes
+# tokensieve.bench.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
+SHAPE_NAMES = ("llama3.1-8b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tokensieve.bench import SHAPES
-
-    p = sub.add_parser("bench", help="time/memory vs prompt length on a real model shape (random weights)",
+    p = sub.add_parser("bench",
                        description="Build a model in a real architecture's shape with random weights (time and memory do not depend on weight values) or load a checkpoint, then measure per method and length: median TTFT after warm-up, peak memory, KV bytes after prefill, decode tokens/s.")
-    p.add_argument("--shape", default="llama3.1-8b", help=f"one of: {', '.join(SHAPES)} (default llama3.1-8b)")
+    p.add_argument("--shape", default="llama3.1-8b", help=f"one of: {', '.join(SHAPE_NAMES)} (default llama3.1-8b)")
     p.add_argument("--model", default=None, help="a real checkpoint (folder, .gguf or embedded name) instead of --shape")
     p.add_argument("--lengths", type=parse_sizes, default=[8192, 32768, 65536, 131072], help="prompt lengths (default 8k,32k,64k,128k)")
     add_method_args(p, multi=True)
-    p.add_argument("--dtype", default="bfloat16", help="weights dtype (default bfloat16)")
-    p.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
+    add_dtype_device_args(p, dtype_default="bfloat16")
     p.add_argument("--repeats", type=int, default=3, help="TTFT runs per cell, median reported (default 3)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens for decode speed (default 128; 0 skips)")
     p.add_argument("--out", default=None, help="write JSON here (and a PNG plot beside it)")
@@ -29,23 +26,29 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokensieve.bench import SHAPES, run_bench, save
-    from tokensieve.evaluation.plots import bench_plot
+    from tokensieve.bench import SHAPES
+    from tokensieve.errors import InputError
+    from tokensieve.methods import make_method
+    from tokensieve.models import load_model, parse_dtype
 
     if args.model is None and args.shape not in SHAPES:
-        raise ValueError(f"unknown shape {args.shape!r}; expected one of: {', '.join(SHAPES)}")
+        raise InputError(f"unknown shape {args.shape!r}; expected one of: {', '.join(SHAPES)}")
     if args.repeats < 1:
-        raise ValueError(f"--repeats must be >= 1, got {args.repeats}")
-    dtype = getattr(torch, args.dtype, None)
-    if not isinstance(dtype, torch.dtype):
-        raise ValueError(f"unknown dtype {args.dtype!r}")
+        raise InputError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.decode_tokens < 0:
+        raise InputError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
+    params = method_params(args)
+    for name, p in params.items():
+        make_method(name, **p)  # a bad parameter fails before any model is built
+    dtype = parse_dtype(args.dtype)
+    from tokensieve.bench import run_bench, save
+    from tokensieve.evaluation.plots import bench_plot
+
     model = None
     if args.model:
-        from tokensieve.models import load_model
-
         model, _ = load_model(args.model, dtype=dtype, device=args.device)
         model.generation_config.eos_token_id = None
-    methods = {name: {"method": name, **method_params(args, name)} for name in args.methods}
+    methods = {name: {"method": name, **params[name]} for name in args.methods}
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, model=model)
     print(format_table(res))

@@ -1,17 +1,44 @@
-"""Argument helpers shared by the commands."""
+"""Argument helpers shared by the commands.
+
+This module is imported when the command line builds its parsers, so it imports
+neither torch nor transformers nor the methods: what needs them happens inside
+the functions that ``run`` calls (after parsing, before the model loads).
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
-
-from tokensieve.methods import METHODS, Method, make_method
+if TYPE_CHECKING:
+    from tokensieve.methods import Method
 
 MB = 1024 * 1024
+
+# The registered methods' names, for --method choices and help without importing the methods
+# (tests/test_cli_errors.py checks that this equals tokensieve.methods.METHODS).
+METHOD_NAMES = ("full", "gemfilter", "sepllm", "streamingllm", "snapkv", "h2o", "lazyllm")
+# GemFilter's scorings (checked against tokensieve.methods.gemfilter.SCORINGS by the same test).
+SCORINGS = ("paper", "window")
+# The method-specific flags: flag -> the method parameter it sets.
+METHOD_FLAGS = {"--topk": "topk", "--filter-layer": "filter_layer", "--scoring": "scoring"}
+
+
+def _type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse ``type=`` from a function that raises ``InputError``: argparse reports the message as it is."""
+
+    def convert(text: str) -> Any:
+        from tokensieve.errors import InputError
+
+        try:
+            return parse(text)
+        except InputError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    convert.__name__ = parse.__name__
+    return convert
 
 
 def parse_size(text: str) -> int:
@@ -20,7 +47,7 @@ def parse_size(text: str) -> int:
     mult = {"k": 1024, "m": 1024 * 1024}.get(t[-1:], 1)
     try:
         value = int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (expected e.g. 2048, 4k, 1m)") from None
     if value <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
@@ -28,22 +55,92 @@ def parse_size(text: str) -> int:
 
 
 def parse_sizes(text: str) -> list[int]:
-    return [parse_size(x) for x in text.split(",") if x.strip()]
+    sizes = [parse_size(x) for x in text.split(",") if x.strip()]
+    if not sizes:
+        raise argparse.ArgumentTypeError(f"expected at least one size, e.g. 1k,2k,4k; got {text!r}")
+    return sizes
+
+
+def parse_count(text: str, minimum: int = 1) -> int:
+    """An integer >= ``minimum``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
+    return value
+
+
+def positive_int(text: str) -> int:
+    return parse_count(text, 1)
+
+
+def non_negative_int(text: str) -> int:
+    return parse_count(text, 0)
 
 
 def parse_floats(text: str) -> list[float]:
     try:
-        return [float(x) for x in text.split(",") if x.strip()]
+        values = [float(x) for x in text.split(",") if x.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a comma-separated list of numbers: {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError(f"expected at least one number, got {text!r}")
+    return values
+
+
+def parse_fraction(text: str) -> float:
+    """A number in [0, 1] (a needle depth)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r} (expected a value in [0, 1])") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a value in [0, 1], got {text!r}")
+    return value
+
+
+def parse_fractions(text: str) -> list[float]:
+    values = parse_floats(text)
+    bad = [x for x in values if not 0.0 <= x <= 1.0]
+    if bad:
+        raise argparse.ArgumentTypeError(f"expected values in [0, 1], got {', '.join(f'{x:g}' for x in bad)} in {text!r}")
+    return values
 
 
 def parse_methods(text: str) -> list[str]:
     names = [x.strip() for x in text.split(",") if x.strip()]
-    bad = [n for n in names if n not in METHODS]
+    bad = [n for n in names if n not in METHOD_NAMES]
     if bad or not names:
-        raise argparse.ArgumentTypeError(f"unknown method(s) {bad or text!r}; expected any of: {', '.join(METHODS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {', '.join(bad) if bad else repr(text)}; expected any of: {', '.join(METHOD_NAMES)}")
     return names
+
+
+def parse_text(text: str) -> str:
+    """A non-empty string (a question, a needle)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"expected a non-empty text, got {text!r}")
+    return text
+
+
+def _dtype(text: str) -> str:
+    from tokensieve.models import dtype_name
+
+    return dtype_name(text)
+
+
+def _device(text: str) -> str:
+    from tokensieve.models import parse_device
+
+    return parse_device(text)
+
+
+def _encoding(text: str) -> str:
+    from tokensieve.data import check_encoding
+
+    return check_encoding(text)
 
 
 def _literal(v: str) -> Any:
@@ -55,53 +152,96 @@ def _literal(v: str) -> Any:
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2", help="embedded name (smollm2, gemma3-270m), model folder or .gguf file (default: smollm2)")
-    p.add_argument("--dtype", default=None, help="torch dtype, e.g. float32, bfloat16 (default: float32 on CPU, bfloat16 on GPU)")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    add_dtype_device_args(p)
+
+
+def add_dtype_device_args(p: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
+    """--dtype and --device, checked while parsing (before any model loads)."""
+    p.add_argument("--dtype", type=_type(_dtype), default=dtype_default,
+                   help=f"float32, bfloat16 or float16 (default: {dtype_default or 'float32 on CPU, bfloat16 on GPU'})")
+    p.add_argument("--device", type=_type(_device), default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+
+
+def add_text_args(p: argparse.ArgumentParser, what: str) -> None:
+    """--encoding and --encoding-errors for the text files a command reads (``what`` names them in the help)."""
+    p.add_argument("--encoding", type=_type(_encoding), default="utf-8", help=f"encoding of {what} (default utf-8)")
+    p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
+                   help="strict (default): stop at bytes the encoding cannot decode; replace: put U+FFFD instead")
 
 
 def add_method_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
     if multi:
-        p.add_argument("--methods", type=parse_methods, default=["full", "gemfilter"], help=f"comma-separated, any of: {', '.join(METHODS)}")
+        p.add_argument("--methods", type=parse_methods, default=["full", "gemfilter"], help=f"comma-separated, any of: {', '.join(METHOD_NAMES)}")
     else:
-        p.add_argument("--method", choices=list(METHODS), default="full", help="method (default: full)")
+        p.add_argument("--method", choices=METHOD_NAMES, default="full", help="method (default: full)")
     p.add_argument("--topk", type=parse_size, default=None, help="GemFilter: prompt tokens kept (default 1024)")
-    p.add_argument("--filter-layer", type=int, default=None, help="GemFilter: 0-based filter layer (default: known value for the model)")
-    p.add_argument("--scoring", choices=["window", "paper"], default=None, help="GemFilter: token scoring (default: window)")
+    p.add_argument("--filter-layer", type=non_negative_int, default=None, help="GemFilter: 0-based filter layer (default: known value for the model)")
+    p.add_argument("--scoring", choices=SCORINGS, default=None, help="GemFilter: token scoring (default: window)")
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE",
-        help="any method parameter, e.g. --param window=32 (repeatable; applies to methods that have it)",
+        help="any method parameter, e.g. --param budget=512 (repeatable; applies to the chosen methods that have it)",
     )
 
 
-def method_params(args: argparse.Namespace, name: str) -> dict[str, Any]:
-    """Parameters from the flags that the method ``name`` has."""
-    import dataclasses
+def chosen_methods(args: argparse.Namespace) -> list[str]:
+    return list(args.methods) if hasattr(args, "methods") else [args.method]
 
-    fields = {f.name for f in dataclasses.fields(METHODS[name])}
-    given: dict[str, Any] = {}
-    for flag, key in (("topk", "topk"), ("filter_layer", "filter_layer"), ("scoring", "scoring")):
-        v = getattr(args, flag, None)
-        if v is not None and key in fields:
-            given[key] = v
-    for item in getattr(args, "param", []):
-        if "=" not in item:
-            raise ValueError(f"--param expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
+
+def method_params(args: argparse.Namespace, names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+    """The parameters each chosen method gets from --topk/--filter-layer/--scoring and --param.
+
+    ``InputError`` for a flag or ``--param`` key that none of the chosen methods takes (names it
+    and the methods that do take it), or a ``--param`` without ``=``. Deprecated parameter names
+    are accepted (the method renames them, with a warning).
+    """
+    from tokensieve.errors import InputError
+    from tokensieve.methods import METHODS, accepted_params
+
+    names = list(names) if names is not None else chosen_methods(args)
+    accepts = {n: accepted_params(n) for n in names}
+    given: list[tuple[str, str, Any]] = []  # (how it was given, parameter, value)
+    for flag, key in METHOD_FLAGS.items():
+        v = getattr(args, key, None)
+        if v is not None:
+            given.append((flag, key, v))
+    for item in getattr(args, "param", []) or []:
+        k, eq, v = item.partition("=")
         k = k.strip().replace("-", "_")
-        if k in fields:
-            given[k] = _literal(v)
-    return given
+        if not eq or not k:
+            raise InputError(f"--param expects KEY=VALUE (e.g. --param budget=512), got {item!r}")
+        given.append((f"--param {k}", k, _literal(v)))
+    out: dict[str, dict[str, Any]] = {n: {} for n in names}
+    for how, key, value in given:
+        users = [n for n in names if key in accepts[n]]
+        if not users:
+            owners = [n for n in METHODS if key in accepted_params(n)]
+            chosen = ", ".join(names)
+            if how.startswith("--param"):
+                known = "; " + "; ".join(f"{n} takes {', '.join(sorted(accepts[n])) or 'no parameters'}" for n in names)
+                where = f" (a parameter of {', '.join(owners)})" if owners else ""
+                raise InputError(f"{how}{where} is not a parameter of the chosen method(s) {chosen}{known}")
+            raise InputError(f"{how} is a {'/'.join(owners)} option; the chosen method(s) {chosen} do not use it")
+        for n in users:
+            out[n][key] = value
+    return out
 
 
-def build_method(args: argparse.Namespace, name: str) -> Method:
-    return make_method(name, **method_params(args, name))
+def build_methods(args: argparse.Namespace) -> list[Method]:
+    """The chosen methods with their parameters, checked before any model is loaded."""
+    from tokensieve.methods import make_method
+
+    return [make_method(name, **params) for name, params in method_params(args).items()]
 
 
 def load(args: argparse.Namespace):
+    """The model and tokenizer named by --model/--dtype/--device (no progress bar with --quiet)."""
     from tokensieve.models import load_model
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
-    return load_model(args.model, dtype=dtype, device=args.device)
+    if getattr(args, "quiet", False):
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    return load_model(args.model, dtype=args.dtype, device=args.device)
 
 
 def print_json(obj: Any) -> None:

@@ -4,25 +4,27 @@ from __future__ import annotations
 
 import argparse
 
-from tokensieve.commands.common import add_model_args, fmt_bytes, load, parse_size
-from tokensieve.data import read_text
-from tokensieve.evaluation.needle import build_needle_prompt, score_answer
-from tokensieve.runner import generate
+from tokensieve.commands.common import add_model_args, fmt_bytes, load, parse_fraction, parse_size
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("demo", help="full attention vs GemFilter on a needle prompt", description="Build a needle-in-a-haystack prompt from the PG-19 books and answer it with full attention and GemFilter, side by side.")
+    p = sub.add_parser("demo", description="Build a needle-in-a-haystack prompt from the PG-19 books and answer it with full attention and GemFilter, side by side.")
     add_model_args(p)
     p.add_argument("--length", type=parse_size, default=4000, help="prompt tokens (default 4000)")
-    p.add_argument("--depth", type=float, default=0.5, help="needle depth in [0,1] (default 0.5)")
+    p.add_argument("--depth", type=parse_fraction, default=0.5, help="needle depth in [0,1] (default 0.5)")
     p.add_argument("--topk", type=parse_size, default=1024, help="GemFilter tokens kept (default 1024)")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokensieve.data import read_text
+    from tokensieve.evaluation.needle import build_needle_prompt, score_answer
+    from tokensieve.runner import generate
+
+    haystack = read_text(min_chars=args.length * 8)  # a missing PG-19 folder fails before the model loads
     print(f"loading {args.model} ...", flush=True)
     model, tok = load(args)
-    p = build_needle_prompt(tok, read_text(min_chars=args.length * 8), args.length, args.depth)
+    p = build_needle_prompt(tok, haystack, args.length, args.depth)
     print(f"prompt: {p.length} tokens of PG-19 text, needle at depth {args.depth:.0%}\n", flush=True)
     results = {}
     for name, params in (("full", {}), ("gemfilter", {"topk": args.topk})):

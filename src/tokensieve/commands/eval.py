@@ -2,7 +2,9 @@
 
 Each run appends one JSON line per (sample, method) to ``OUT/<task>.jsonl``
 (running the same command again resumes), prints a summary table, and writes
-``OUT/report.md`` with plots under ``OUT/plots/``. See docs/evaluation.md.
+``OUT/report.md`` with plots under ``OUT/plots/``. Exit code 0 when every cell
+ran, 1 when some cells failed (listed on stderr), 2 for bad input. See
+docs/evaluation.md.
 """
 
 from __future__ import annotations
@@ -10,13 +12,17 @@ from __future__ import annotations
 import argparse
 import shlex
 import sys
-from pathlib import Path
+from typing import Any
 
-from tokensieve.commands.common import add_method_args, add_model_args, build_method, load, parse_floats, parse_size, parse_sizes
-from tokensieve.evaluation.harness import Task, read_results, run_eval
+from tokensieve.commands.common import (
+    add_method_args, add_model_args, add_text_args, build_methods, load, parse_fractions, parse_size, parse_sizes,
+    parse_text, positive_int,
+)
+from tokensieve.evaluation.harness import Task
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
 
 TASKS = ("needle", "ruler", "longbench", "ppl")
+SHOWN_FAILURES = 5  # failed cells listed on stderr at the end of a run (then a count)
 
 
 def _csv(text: str) -> list[str]:
@@ -24,14 +30,14 @@ def _csv(text: str) -> list[str]:
 
 
 def add_common_args(p: argparse.ArgumentParser, task: str, lengths: list[int] | None, samples: int | None) -> None:
+    p.set_defaults(prog=p.prog)
     add_model_args(p)
     add_method_args(p, multi=True)
     p.add_argument("--lengths", type=parse_sizes, default=lengths,
                    help="prompt lengths in tokens, e.g. 1k,2k,4k" + (f" (default {','.join(_short(n) for n in lengths)})" if lengths
                                                                      else " (LongBench: truncation budgets; default the model's maximum minus 512)"))
     if samples is not None:
-        p.add_argument("--samples", type=int, default=samples, help=f"samples per length (and subtask) (default {samples})")
-    p.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+        p.add_argument("--samples", type=positive_int, default=samples, help=f"samples per length (and subtask) (default {samples})")
     p.add_argument("--max-new-tokens", type=parse_size, default=None, help="answer budget (default: the task's)")
     p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
     p.add_argument("--out", default=f"runs/{task}", help=f"output folder (default runs/{task})")
@@ -41,7 +47,26 @@ def add_common_args(p: argparse.ArgumentParser, task: str, lengths: list[int] | 
     g.add_argument("--append", action="store_true",
                    help="add to a results file written with another model or task configuration")
     p.add_argument("--no-plots", action="store_true", help="skip the report and plots")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_text_args(p, "--haystack, --file and --data")
+
+
+def _names(text: str) -> list[str]:
+    names = _csv(text)
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected at least one name, got {text!r}")
+    return names
+
+
+def _ruler_tasks(text: str) -> list[str]:
+    from tokensieve.evaluation.ruler import RULER_TASKS
+
+    names = _csv(text)
+    bad = [t for t in names if t not in RULER_TASKS]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"unknown RULER subtask(s) {', '.join(bad) if bad else repr(text)}; "
+                                         f"expected any of: {', '.join(RULER_TASKS)}")
+    return names
 
 
 def _short(n: int) -> str:
@@ -50,16 +75,16 @@ def _short(n: int) -> str:
 
 def add_needle_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p, "needle", [1024, 2048, 4096], None)
-    p.add_argument("--depths", type=parse_floats, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0,1] (default 0,0.25,0.5,0.75,1)")
+    p.add_argument("--depths", type=parse_fractions, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0,1] (default 0,0.25,0.5,0.75,1)")
     p.add_argument("--haystack", default=None, help="text file for the haystack (default: the PG-19 books)")
-    p.add_argument("--needle", default=DEFAULT_NEEDLE, help="needle sentence (default: the GemFilter paper's)")
-    p.add_argument("--question", default=DEFAULT_QUESTION, help="question whose answer is in the needle (default: the paper's)")
+    p.add_argument("--needle", type=parse_text, default=DEFAULT_NEEDLE, help="needle sentence (default: the GemFilter paper's)")
+    p.add_argument("--question", type=parse_text, default=DEFAULT_QUESTION, help="question whose answer is in the needle (default: the paper's)")
     p.add_argument("--expected", default=",".join(DEFAULT_EXPECTED), help="comma-separated phrases a correct answer contains (default: sandwich,Dolores Park)")
     p.set_defaults(func=run, task="needle")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("eval", help="evaluate methods on a task (needle, ruler, longbench, ppl)",
+    p = sub.add_parser("eval",
                        description="Run methods on an evaluation task; one JSON line per sample and method in OUT/<task>.jsonl "
                                    "(rerun the same command to resume), a summary table, OUT/report.md and plots.")
     tasks = p.add_subparsers(dest="task", metavar="TASK", required=True)
@@ -72,17 +97,18 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_common_args(r, "ruler", [1024, 2048, 4096], 5)
     from tokensieve.evaluation.ruler import KEY_TYPES, RULER_TASKS
 
-    r.add_argument("--tasks", type=_csv, default=list(RULER_TASKS), help=f"subtasks (default all: {','.join(RULER_TASKS)})")
+    r.add_argument("--seed", type=int, default=0, help="seed of the generated samples (default 0)")
+    r.add_argument("--tasks", type=_ruler_tasks, default=list(RULER_TASKS), help=f"subtasks (default all: {','.join(RULER_TASKS)})")
     r.add_argument("--haystack", default=None, help="text file for the essay haystack (default: the PG-19 books)")
     r.add_argument("--haystack-kind", choices=["essay", "noise"], default="essay", help="needle tasks: essay text or RULER's repeated noise sentences (default essay)")
     r.add_argument("--key-type", choices=KEY_TYPES, default="word", help="needle keys (default word)")
     r.add_argument("--value-type", choices=KEY_TYPES, default="number", help="needle values (default number)")
-    r.add_argument("--num-keys", type=int, default=4, help="niah_multikey: needles, one asked (default 4)")
-    r.add_argument("--num-values", type=int, default=4, help="niah_multivalue: values of the one key (default 4)")
-    r.add_argument("--num-queries", type=int, default=4, help="niah_multiquery: keys asked (default 4)")
-    r.add_argument("--vt-chains", type=int, default=1, help="vt: chains, one asked (default 1)")
-    r.add_argument("--vt-hops", type=int, default=4, help="vt: assignments after the first (default 4)")
-    r.add_argument("--num-common", type=int, default=10, help="cwe: common words to name (default 10)")
+    r.add_argument("--num-keys", type=positive_int, default=4, help="niah_multikey: needles, one asked (default 4)")
+    r.add_argument("--num-values", type=positive_int, default=4, help="niah_multivalue: values of the one key (default 4)")
+    r.add_argument("--num-queries", type=positive_int, default=4, help="niah_multiquery: keys asked (default 4)")
+    r.add_argument("--vt-chains", type=positive_int, default=1, help="vt: chains, one asked (default 1)")
+    r.add_argument("--vt-hops", type=positive_int, default=4, help="vt: assignments after the first (default 4)")
+    r.add_argument("--num-common", type=positive_int, default=10, help="cwe: common words to name (default 10)")
     r.add_argument("--fwe-alpha", type=float, default=2.0, help="fwe: Zipf exponent (default 2)")
     r.add_argument("--no-answer-prefix", action="store_true", help="do not start the answer with RULER's answer prefix")
     r.set_defaults(func=run)
@@ -90,9 +116,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lb = tasks.add_parser("longbench", help="LongBench-format data you supply (--data FILE.jsonl)",
                           description="LongBench on your data file (fields input, context, answers, dataset): LongBench's templates, middle truncation to each length, and its metric per dataset.")
     add_common_args(lb, "longbench", None, None)
-    lb.add_argument("--samples", type=int, default=None, help="only the first N samples of each dataset (default all)")
+    lb.add_argument("--samples", type=positive_int, default=None, help="only the first N samples of each dataset (default all)")
     lb.add_argument("--data", required=True, help="JSON-lines file in LongBench's format")
-    lb.add_argument("--datasets", type=_csv, default=None, help="only these datasets of the file (default all)")
+    lb.add_argument("--datasets", type=_names, default=None, help="only these datasets of the file (default all)")
     lb.set_defaults(func=run)
 
     pp = tasks.add_parser("ppl", help="perplexity of a text file (any method, or plain sliding windows)",
@@ -105,24 +131,32 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     pp.set_defaults(func=run)
 
 
-def build_task(args: argparse.Namespace, model=None) -> Task:
-    """The task object for parsed ``eval`` arguments (``model`` is needed for LongBench's default budget)."""
+def build_task(args: argparse.Namespace) -> Task:
+    """The task object for parsed ``eval`` arguments; reads its text or data file (before any model loads).
+
+    LongBench's default truncation budget needs the model: see :func:`run`.
+    """
     from tokensieve.data import read_text
+    from tokensieve.errors import InputError
 
     lengths = args.lengths
     name = args.task
     mnt = args.max_new_tokens
+    enc = (args.encoding, args.encoding_errors)
     if name == "needle":
         from tokensieve.evaluation.needle import NeedleTask
 
-        hay = read_text(args.haystack, min_chars=max(lengths) * 8)
-        return NeedleTask(hay, lengths, args.depths, args.needle, args.question, _csv(args.expected),
+        expected = _csv(args.expected)
+        if not expected:
+            raise InputError(f"--expected names no phrase: {args.expected!r}; expected comma-separated phrases, e.g. sandwich,Dolores Park")
+        hay = read_text(args.haystack, max(lengths) * 8, *enc)
+        return NeedleTask(hay, lengths, args.depths, args.needle, args.question, expected,
                           haystack_name=args.haystack or "pg19", max_new_tokens=mnt or 32)
     if name == "ruler":
         from tokensieve.evaluation.ruler import RulerTask
 
         needs_text = args.haystack_kind == "essay" and any(t.startswith("niah") for t in args.tasks)
-        hay = read_text(args.haystack, min_chars=max(lengths) * 8) if needs_text else None
+        hay = read_text(args.haystack, max(lengths) * 8, *enc) if needs_text else None
         return RulerTask(
             lengths, args.samples, args.seed, args.tasks, hay, args.haystack or "pg19", args.haystack_kind,
             args.key_type, args.value_type, args.num_keys, args.num_values, args.num_queries, args.vt_chains,
@@ -130,38 +164,56 @@ def build_task(args: argparse.Namespace, model=None) -> Task:
         )
     if name == "longbench":
         from tokensieve.evaluation.longbench import LongBenchTask
-        from tokensieve.methods.base import max_positions
 
-        t = LongBenchTask(args.data, lengths, args.samples, args.datasets, mnt)
-        if model is not None:
-            t.set_default_lengths(max_positions(model))
-        return t
+        return LongBenchTask(args.data, lengths, args.samples, args.datasets, mnt, *enc)
     if name == "ppl":
         from tokensieve.evaluation.ppl import PerplexityTask
 
-        text = read_text(args.file, min_chars=max(lengths) * (args.samples + 1) * 8)
+        if args.mode == "sliding":
+            other = [m for m in args.methods if m != "full"]
+            if other:
+                raise InputError(f"--mode sliding is defined for full attention only, not {', '.join(other)}; "
+                                 f"use --methods full or --mode decode")
+        text = read_text(args.file, max(lengths) * (args.samples + 1) * 8, *enc)
         return PerplexityTask(text, lengths, args.samples, args.mode, args.score_tokens, args.stride, args.file or "pg19")
-    raise ValueError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
+    raise InputError(f"unknown task {name!r}; expected one of {', '.join(TASKS)}")
 
 
 def run(args: argparse.Namespace) -> int:
+    from tokensieve.evaluation.harness import lock_results_dir, run_eval
     from tokensieve.evaluation.report import build_report, load_results, markdown_table, summarize
 
-    if getattr(args, "samples", None) is not None and args.samples < 1:
-        raise ValueError(f"--samples must be >= 1, got {args.samples}")
-    if args.task != "longbench" and not args.lengths:
-        raise ValueError("--lengths must name at least one length")
-    methods = [build_method(args, name) for name in args.methods]
-    model, tok = load(args)
-    task = build_task(args, model)
+    prog = getattr(args, "prog", f"tokensieve eval {args.task}")
+
+    def warn(message: str) -> None:
+        print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    methods = build_methods(args)  # bad method options fail here, before the model loads
+    task = build_task(args)  # ... and a missing, binary or undecodable text file here
     command = "tokensieve " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
-    path = run_eval(model, tok, task, methods, args.out, args.model, allow_long=args.allow_long,
-                    restart=args.restart, append=args.append, progress=not args.quiet, extra={"command": command})
-    print(markdown_table(summarize(read_results(path))))
-    print(f"\nresults: {path}")
-    if not args.no_plots:
-        out = Path(args.out)
-        report = out / "report.md"
-        report.write_text(build_report(load_results([out]), out / "plots", link_base=out))
-        print(f"report:  {report} (plots in {out / 'plots'})")
+    ran: list[dict[str, Any]] = []
+    with lock_results_dir(args.out) as out:  # another eval writing this folder: fail before the model loads
+        model, tok = load(args)
+        if args.task == "longbench":
+            from tokensieve.methods.base import max_positions
+
+            task.set_default_lengths(max_positions(model))
+        path = run_eval(model, tok, task, methods, out, args.model, allow_long=args.allow_long,
+                        restart=args.restart, append=args.append, progress=not args.quiet, extra={"command": command},
+                        on_row=ran.append)
+        print(markdown_table(summarize(load_results([path], warn))))
+        print(f"\nresults: {path}")
+        if not args.no_plots:
+            report = out / "report.md"
+            report.write_text(build_report(load_results([out], warn), out / "plots", link_base=out))
+            print(f"report:  {report} (plots in {out / 'plots'})")
+    failed = [r for r in ran if r.get("error")]
+    if failed:
+        print(f"{prog}: {len(failed)} of {len(ran)} cell(s) failed (recorded in {path}; retried on the next run):",
+              file=sys.stderr)
+        for r in failed[:SHOWN_FAILURES]:
+            print(f"  {r['method']} {r['key']}: {r['error']}", file=sys.stderr)
+        if len(failed) > SHOWN_FAILURES:
+            print(f"  ... and {len(failed) - SHOWN_FAILURES} more", file=sys.stderr)
+        return 1
     return 0

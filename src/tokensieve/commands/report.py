@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-
-from tokensieve.evaluation.report import build_report, load_results
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report", help="markdown table + accuracy-vs-TTFT plot from result files",
-                       description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl) into a markdown table "
+    p = sub.add_parser("report",
+                       description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl, except the files "
+                                   "--restart set aside, <task>.<time>.jsonl) into a markdown table "
                                    "(accuracy with its 95% interval and the paired difference to full, perplexity, TTFT, peak memory, KV kept, "
                                    "per model, task, method and length), an "
                                    "accuracy breakdown by subtask/dataset, an accuracy-vs-TTFT plot and needle heatmaps.")
@@ -26,9 +26,15 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    rows = load_results(args.paths)
+    from tokensieve.errors import InputError
+    from tokensieve.evaluation.report import build_report, load_results
+
+    def warn(message: str) -> None:
+        print(f"tokensieve report: warning: {message}", file=sys.stderr)
+
+    rows = load_results(args.paths, warn)
     if not rows:
-        raise ValueError(f"no result lines in {', '.join(args.paths)}")
+        raise InputError(f"no result lines in {', '.join(args.paths)}")
     first = Path(args.paths[0])
     base = Path(args.out).parent if args.out else (first if first.is_dir() else first.parent)
     plot_dir = None if args.no_plots else Path(args.plots) if args.plots else base / "plots"

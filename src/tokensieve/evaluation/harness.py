@@ -18,7 +18,14 @@ Reliability rules (documented in ``docs/evaluation.md``):
   ``restart=True`` the old file is renamed to ``<name>.<timestamp>.jsonl``, never
   deleted: results are never silently overwritten;
 * every line records the model, method parameters, task configuration (seed
-  included), package versions and the time it was written.
+  included), package versions and the time it was written;
+* only declared user errors (:class:`~tokensieve.errors.InputError`, which
+  includes a prompt longer than the model allows, and running out of memory)
+  are recorded as failed cells; any other exception stops the run;
+* one process at a time writes a results folder (``OUT/.lock``).
+
+torch, transformers and the methods are imported where they are used, so the
+command line can import this module while it parses its arguments.
 """
 
 from __future__ import annotations
@@ -27,19 +34,27 @@ import hashlib
 import json
 import os
 import platform
+import re
+import sys
 import time
+from collections import defaultdict
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
 
-import torch
-from tqdm import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from tokensieve.errors import InputError, PromptTooLongError
 
-from tokensieve.methods import Method, make_method
-from tokensieve.runner import GenerationResult, encode_prompt, generate
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+    from tokensieve.methods import Method
+    from tokensieve.runner import GenerationResult
 
 SCHEMA = 1
+LOCK_NAME = ".lock"
+# <task>.<YYYYmmdd-HHMMSS>[-N].jsonl: a results file that --restart set aside
+_BACKUP_RE = re.compile(r".+\.\d{8}-\d{6}(-\d+)?\.jsonl")
 
 
 @dataclass
@@ -59,6 +74,8 @@ def render(tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "
     The answer prefix goes after the assistant turn's start, as RULER does, so the
     model continues it instead of starting from scratch.
     """
+    from tokensieve.runner import encode_prompt
+
     ids = encode_prompt(tokenizer, [{"role": "user", "content": user}], use_chat_template=chat)[0].tolist()
     if answer_prefix:
         ids += tokenizer(answer_prefix, add_special_tokens=False)["input_ids"]
@@ -98,6 +115,10 @@ class Task:
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
     ) -> dict[str, Any]:
         """Run one cell; return the fields of its result line (``score`` included)."""
+        import torch
+
+        from tokensieve.runner import generate
+
         res = generate(
             model, tokenizer, torch.tensor([sample.input_ids]), method=method,
             max_new_tokens=self.max_tokens(sample), allow_long=allow_long,
@@ -139,23 +160,61 @@ def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
             row.get("method", ""), params_key(row.get("params", {})))
 
 
-def read_results(path: str | Path) -> list[dict[str, Any]]:
-    """Result lines of a JSON-lines file; lines that do not parse (e.g. cut off by a crash) are skipped."""
-    rows = []
+def is_backup(path: str | Path) -> bool:
+    """True for a results file that ``restart`` set aside (``<task>.<YYYYmmdd-HHMMSS>.jsonl``)."""
+    return bool(_BACKUP_RE.fullmatch(Path(path).name))
+
+
+def backup_path(path: Path) -> Path:
+    """A name for setting ``path`` aside that no file has yet: ``<stem>.<time>[-N]<suffix>``."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
+    n = 1
+    while backup.exists():
+        backup = path.with_name(f"{path.stem}.{stamp}-{n}{path.suffix}")
+        n += 1
+    return backup
+
+
+def results_files(path: str | Path) -> list[Path]:
+    """The live results files of a folder (every ``*.jsonl`` below it except those ``restart`` set aside),
+    or ``[path]`` for a file."""
+    p = Path(path)
+    if p.is_dir():
+        return [f for f in sorted(p.rglob("*.jsonl")) if not is_backup(f)]
+    return [p] if p.is_file() else []
+
+
+def read_results(path: str | Path, on_problem: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Result lines of a JSON-lines file; lines that are not result lines (e.g. cut off by a crash) are skipped.
+
+    ``on_problem`` (if given) is told how many lines were skipped. A file that is not UTF-8
+    text raises ``InputError`` naming it and the byte offset.
+    """
     p = Path(path)
     if not p.exists():
-        return rows
-    with p.open(encoding="utf-8") as f:
-        for line in f:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "task" in row and "key" in row:
-                rows.append(row)
+        return []
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"results file {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start})") from None
+    rows, bad = [], 0
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            bad += 1
+            continue
+        if isinstance(row, dict) and "task" in row and "key" in row:
+            rows.append(row)
+        else:
+            bad += 1
+    if bad and on_problem:
+        on_problem(f"skipped {bad} corrupt line(s) of {p} (not a JSON result line, e.g. cut off by a crash)")
     return rows
 
 
@@ -169,11 +228,81 @@ def latest_rows(rows: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     return list(best.values())
 
 
-class ResultsMismatchError(ValueError):
+def method_labels(rows: list[dict[str, Any]]) -> dict[int, str]:
+    """``id(row) -> label``: the method name, plus the parameters that differ between its runs."""
+    by_name: dict[str, dict[str, dict]] = defaultdict(dict)
+    for r in rows:
+        by_name[r["method"]][params_key(r.get("params", {}))] = r.get("params", {})
+    varying: dict[str, list[str]] = {}
+    for name, variants in by_name.items():
+        keys = sorted({k for p in variants.values() for k in p})
+        varying[name] = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
+    labels = {}
+    for r in rows:
+        ks = varying[r["method"]]
+        p = r.get("params", {})
+        labels[id(r)] = r["method"] + (f"({', '.join(f'{k}={p.get(k)}' for k in ks)})" if ks else "")
+    return labels
+
+
+class ResultsMismatchError(InputError):
     """The results file holds lines from another model or task configuration."""
 
 
+class ResultsLockedError(InputError):
+    """Another process is writing the results folder."""
+
+
+_HELD_LOCKS: dict[str, int] = {}  # folder -> how many times this process holds its lock
+
+
+@contextmanager
+def lock_results_dir(out: str | Path) -> Iterator[Path]:
+    """Hold ``out/.lock`` (created with ``out``): one process at a time writes a results folder.
+
+    Raises :class:`ResultsLockedError` naming the other process's pid at once (it does not wait).
+    Re-entrant within a process; the lock goes with the process if it dies.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{out} is a file; expected a folder for the results")
+    out.mkdir(parents=True, exist_ok=True)
+    key = str(out.resolve())
+    try:
+        import fcntl
+    except ImportError:  # no flock (Windows): no lock
+        yield out
+        return
+    if key in _HELD_LOCKS:
+        _HELD_LOCKS[key] += 1
+        try:
+            yield out
+        finally:
+            _HELD_LOCKS[key] -= 1
+        return
+    fd = os.open(out / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        pid = os.pread(fd, 32, 0).decode("ascii", "replace").strip() or "unknown"
+        os.close(fd)
+        raise ResultsLockedError(
+            f"{out} is in use by another tokensieve eval (pid {pid}); wait for it to finish or choose another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD_LOCKS[key] = 1
+    try:
+        yield out
+    finally:
+        del _HELD_LOCKS[key]
+        os.ftruncate(fd, 0)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+
+
 def environment() -> dict[str, Any]:
+    import torch
     import transformers
 
     import tokensieve
@@ -202,9 +331,7 @@ def prepare_results_file(path: Path, model: str, task: Task, restart: bool = Fal
     """Check (or set aside) an existing results file; return its lines that count for this run."""
     rows = read_results(path)
     if path.exists() and restart:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        backup = path.with_name(f"{path.stem}.{stamp}{path.suffix}")
-        path.rename(backup)
+        path.rename(backup_path(path))
         return []
     now = jsonable(task.config())
     cfg = json.dumps(now, sort_keys=True, default=str)
@@ -226,11 +353,37 @@ def prepare_results_file(path: Path, model: str, task: Task, restart: bool = Fal
     return rows
 
 
+def _oom_errors() -> tuple[type[BaseException], ...]:
+    import torch
+
+    return (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError),)
+
+
+def check_prompt_lengths(samples: Sequence[Sample], limit: int | None, allow_long: bool) -> list[Sample]:
+    """The samples longer than ``limit`` positions (none with ``allow_long``).
+
+    ``PromptTooLongError`` when that is every sample: every cell would fail, so the run
+    stops before any model work, in one message.
+    """
+    if allow_long or limit is None:
+        return []
+    long = [s for s in samples if len(s.input_ids) > limit]
+    if samples and len(long) == len(samples):
+        sizes = sorted(len(s.input_ids) for s in long)
+        lengths = ", ".join(str(n) for n in sorted({s.length for s in long}))
+        raise PromptTooLongError(
+            f"every prompt is longer than the model's maximum of {limit} positions (length(s) {lengths}: "
+            f"{sizes[0]}{'-' + str(sizes[-1]) if sizes[-1] != sizes[0] else ''} tokens); "
+            f"use lengths up to {limit}, or pass allow_long=True (--allow-long) to run them anyway"
+        )
+    return long
+
+
 def run_eval(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     task: Task,
-    methods: Sequence[Method],
+    methods: Sequence[Method | str],
     out: str | Path,
     model_name: str,
     allow_long: bool = False,
@@ -240,58 +393,76 @@ def run_eval(
     extra: dict[str, Any] | None = None,
     on_row: Callable[[dict[str, Any]], None] | None = None,
 ) -> Path:
-    """Run every (sample, method) cell of ``task`` not yet in ``out/<task>.jsonl``; return that file's path."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{task.name}.jsonl"
-    unique: dict[tuple[str, str], Method] = {}
-    for m in map(make_method, methods):  # the same method twice would run its cells twice
-        unique.setdefault((m.name, params_key(jsonable(m.params()))), m)
-    methods = list(unique.values())
-    prev = prepare_results_file(path, model_name, task, restart=restart, append=append)
-    done = {cell_id(r) for r in prev if not r.get("error")}
-    samples = list(task.samples(tokenizer))
-    keys = [s.key for s in samples]
-    if len(set(keys)) != len(keys):
-        raise ValueError(f"task {task.name!r} produced duplicate sample keys")
-    total = len(samples) * len(methods)
-    base = {
-        "schema": SCHEMA,
-        "task": task.name,
-        "task_config": jsonable(task.config()),
-        "model": model_name,
-        "model_info": model_info(model),
-        "env": environment(),
-    } | (extra or {})
+    """Run every (sample, method) cell of ``task`` not yet in ``out/<task>.jsonl``; return that file's path.
 
-    def todo(s: Sample, m: Method) -> bool:
-        cell = {"task": task.name, "task_config": base["task_config"], "key": s.key, "model": model_name,
-                "method": m.name, "params": jsonable(m.params())}
-        return cell_id(cell) not in done
+    A cell that raises ``InputError`` (e.g. ``PromptTooLongError``) or runs out of memory is
+    recorded as a line with ``error`` (and retried by the next run); any other exception
+    propagates. ``out`` is locked for the run (:func:`lock_results_dir`).
+    """
+    from tqdm import tqdm
 
-    remaining = sum(todo(s, m) for s in samples for m in methods)
-    bar = tqdm(total=total, initial=total - remaining, desc=f"eval {task.name}", disable=not progress, unit="cell")
-    with open_for_append(path) as f:
-        for s in samples:
-            for m in methods:
-                if not todo(s, m):
-                    continue
-                bar.set_postfix_str(f"{m.name} {s.key}", refresh=False)
-                row = dict(base, key=s.key, length=s.length, method=m.name, params=jsonable(m.params()),
-                           meta=s.meta, expected=s.expected)
-                try:
-                    row |= task.evaluate(model, tokenizer, s, m, allow_long)
-                except (ValueError, RuntimeError) as exc:  # a method refusing a prompt, out of memory, ...
-                    row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}
-                    bar.write(f"{m.name} {s.key}: {row['error']} (recorded; retried on the next run)")
-                row["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
-                f.write(json.dumps(row, default=str) + "\n")
-                f.flush()
-                os.fsync(f.fileno())
-                if on_row:
-                    on_row(row)
-                bar.update()
-    bar.close()
+    from tokensieve.methods import make_method
+    from tokensieve.methods.base import max_positions
+
+    with lock_results_dir(out) as out:
+        path = out / f"{task.name}.jsonl"
+        unique: dict[tuple[str, str], Method] = {}
+        for m in map(make_method, methods):  # the same method twice would run its cells twice
+            unique.setdefault((m.name, params_key(jsonable(m.params()))), m)
+        methods = list(unique.values())
+        samples = list(task.samples(tokenizer))
+        keys = [s.key for s in samples]
+        if len(set(keys)) != len(keys):
+            raise ValueError(f"task {task.name!r} produced duplicate sample keys")
+        limit = max_positions(model)
+        too_long = {s.key for s in check_prompt_lengths(samples, limit, allow_long)}
+        prev = prepare_results_file(path, model_name, task, restart=restart, append=append)
+        done = {cell_id(r) for r in prev if not r.get("error")}
+        total = len(samples) * len(methods)
+        base = {
+            "schema": SCHEMA,
+            "task": task.name,
+            "task_config": jsonable(task.config()),
+            "model": model_name,
+            "model_info": model_info(model),
+            "env": environment(),
+        } | (extra or {})
+        recorded = (InputError, *_oom_errors())
+
+        def todo(s: Sample, m: Method) -> bool:
+            cell = {"task": task.name, "task_config": base["task_config"], "key": s.key, "model": model_name,
+                    "method": m.name, "params": jsonable(m.params())}
+            return cell_id(cell) not in done
+
+        remaining = sum(todo(s, m) for s in samples for m in methods)
+        bar = tqdm(total=total, initial=total - remaining, desc=f"eval {task.name}", disable=not progress, unit="cell",
+                   file=sys.stderr)
+        with open_for_append(path) as f:
+            for s in samples:
+                for m in methods:
+                    if not todo(s, m):
+                        continue
+                    bar.set_postfix_str(f"{m.name} {s.key}", refresh=False)
+                    row = dict(base, key=s.key, length=s.length, method=m.name, params=jsonable(m.params()),
+                               meta=s.meta, expected=s.expected)
+                    try:
+                        if s.key in too_long:
+                            raise PromptTooLongError(
+                                f"prompt has {len(s.input_ids)} tokens, more than the model's maximum of {limit} "
+                                f"positions (allow_long / --allow-long runs it anyway)")
+                        row |= task.evaluate(model, tokenizer, s, m, allow_long)
+                    except recorded as exc:  # the user's to fix (a prompt too long, a parameter), or out of memory
+                        row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}
+                        if progress:
+                            bar.write(f"{m.name} {s.key}: {row['error']} (recorded; retried on the next run)", file=sys.stderr)
+                    row["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
+                    f.write(json.dumps(row, default=str) + "\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                    if on_row:
+                        on_row(row)
+                    bar.update()
+        bar.close()
     return path
 
 

@@ -36,11 +36,13 @@ import re
 import string
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from transformers import PreTrainedTokenizerBase
-
+from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import Sample, Task, render
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 _QA_MULTI = (
     "Answer the question based on the given passages. Only give me the answer and do not output any other words.\n\n"
@@ -249,30 +251,34 @@ def score_longbench(dataset: str, prediction: str, answers: list[str], all_class
 
 
 # ----- data and prompts -------------------------------------------------------------------------
-def read_longbench(path: str | Path) -> list[dict[str, Any]]:
-    """Samples of a LongBench-format JSON-lines file (fields: input, context, answers, dataset)."""
+def read_longbench(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> list[dict[str, Any]]:
+    """Samples of a LongBench-format JSON-lines file (fields: input, context, answers, dataset).
+
+    ``InputError`` naming the file (and line) for a missing, binary or undecodable file or a bad line.
+    """
+    from tokensieve.data import read_document
+
     p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"LongBench data file not found: {p}")
     rows = []
-    with p.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{p}:{i}: not a JSON object ({exc})") from None
-            missing = [k for k in ("context", "answers", "dataset") if k not in row]
-            if missing:
-                raise ValueError(f"{p}:{i}: missing field(s) {', '.join(missing)}; expected input, context, answers, dataset")
-            if not isinstance(row["answers"], list):
-                raise ValueError(f"{p}:{i}: 'answers' must be a list of strings, got {type(row['answers']).__name__}")
-            row.setdefault("input", "")
-            row.setdefault("_id", f"line{i}")
-            rows.append(row)
+    for i, line in enumerate(read_document(p, encoding, errors).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{p}:{i}: not a JSON object ({exc})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{p}:{i}: expected a JSON object with input, context, answers, dataset; got a {type(row).__name__}")
+        missing = [k for k in ("context", "answers", "dataset") if k not in row]
+        if missing:
+            raise InputError(f"{p}:{i}: missing field(s) {', '.join(missing)}; expected input, context, answers, dataset")
+        if not isinstance(row["answers"], list):
+            raise InputError(f"{p}:{i}: 'answers' must be a list of strings, got {type(row['answers']).__name__}")
+        row.setdefault("input", "")
+        row.setdefault("_id", f"line{i}")
+        rows.append(row)
     if not rows:
-        raise ValueError(f"{p} holds no samples")
+        raise InputError(f"{p} holds no samples")
     return rows
 
 
@@ -290,13 +296,16 @@ class LongBenchTask(Task):
     name = "longbench"
 
     def __init__(self, path: str | Path, lengths: list[int] | None = None, samples: int | None = None,
-                 datasets: list[str] | None = None, max_new_tokens: int | None = None):
+                 datasets: list[str] | None = None, max_new_tokens: int | None = None,
+                 encoding: str = "utf-8", errors: str = "strict"):
         self.path = Path(path)
-        rows = read_longbench(self.path)
+        rows = read_longbench(self.path, encoding, errors)
         if datasets:
+            present = sorted({r["dataset"] for r in rows})
+            missing = [d for d in datasets if d not in present]
+            if missing:
+                raise InputError(f"no samples of dataset(s) {', '.join(missing)} in {self.path}; it holds: {', '.join(present)}")
             rows = [r for r in rows if r["dataset"] in datasets]
-            if not rows:
-                raise ValueError(f"no samples of dataset(s) {datasets} in {self.path}")
         if samples:  # the first N of each dataset
             seen: Counter = Counter()
             kept = []
@@ -313,7 +322,7 @@ class LongBenchTask(Task):
     def set_default_lengths(self, model_max: int | None) -> None:
         if not self.lengths:
             if model_max is None:
-                raise ValueError("the model has no maximum length: pass --lengths for LongBench's truncation budget")
+                raise InputError("the model has no maximum length: pass --lengths for LongBench's truncation budget")
             self.lengths = [model_max - max(MAX_NEW_TOKENS.values())]
 
     def prompt_ids(self, tokenizer: PreTrainedTokenizerBase, row: dict[str, Any], budget: int) -> list[int]:
@@ -328,12 +337,12 @@ class LongBenchTask(Task):
         overhead = len(ids) - len(raw)
         kept = truncate_middle(raw, budget - overhead)
         if len(kept) < 1:
-            raise ValueError(f"budget {budget} is smaller than the prompt template ({overhead} tokens)")
+            raise InputError(f"budget {budget} is smaller than the prompt template ({overhead} tokens)")
         return render(tokenizer, tokenizer.decode(kept, skip_special_tokens=True), chat=chat)
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
         if not self.lengths:
-            raise ValueError("LongBench needs a truncation budget (--lengths)")
+            raise InputError("LongBench needs a truncation budget (--lengths)")
         for n in self.lengths:
             for r in self.rows:
                 ds = r["dataset"]

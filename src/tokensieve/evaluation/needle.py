@@ -10,12 +10,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator
 
-from transformers import PreTrainedTokenizerBase
-
+from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import Sample, Task
-from tokensieve.runner import GenerationResult, encode_prompt
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+    from tokensieve.runner import GenerationResult
 
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
@@ -46,15 +49,17 @@ def build_needle_prompt(
 
     The needle goes in at a sentence boundary near the requested depth.
     """
+    from tokensieve.runner import encode_prompt
+
     if not 0.0 <= depth <= 1.0:
-        raise ValueError(f"depth must be in [0, 1], got {depth}")
+        raise InputError(f"depth must be in [0, 1], got {depth}")
     overhead = encode_prompt(tokenizer, make_messages(needle, question)).shape[1]
     budget = length - overhead
     if budget <= 0:
-        raise ValueError(f"length {length} is too short: the needle, question and template alone take {overhead} tokens")
+        raise InputError(f"length {length} is too short: the needle, question and template alone take {overhead} tokens")
     hay_ids = tokenizer(haystack[: budget * 8], add_special_tokens=False)["input_ids"]
     if len(hay_ids) < budget:
-        raise ValueError(f"haystack too short for {length} tokens ({len(hay_ids)} available)")
+        raise InputError(f"haystack too short for {length} tokens ({len(hay_ids)} available); pass a longer text")
     context = tokenizer.decode(hay_ids[:budget])
     cut = int(depth * len(context))
     if 0 < cut < len(context):
@@ -87,7 +92,7 @@ def score_answer(answer: str, expected: tuple[str, ...] | list[str] = DEFAULT_EX
     """Fraction of expected phrases that appear in ``answer`` (case- and whitespace-insensitive)."""
     norm = " ".join(answer.lower().split())
     if not expected:
-        raise ValueError("expected phrases must not be empty")
+        raise InputError("expected phrases must not be empty")
     return sum(" ".join(e.lower().split()) in norm for e in expected) / len(expected)
 
 
@@ -112,9 +117,11 @@ class NeedleTask(Task):
         max_new_tokens: int = 32,
     ):
         if any(not 0 <= d <= 1 for d in depths):
-            raise ValueError(f"depths must be in [0, 1], got {depths}")
+            raise InputError(f"depths must be in [0, 1], got {depths}")
         if not expected:
-            raise ValueError("expected phrases must not be empty")
+            raise InputError("expected phrases must not be empty")
+        if not needle.strip() or not question.strip():
+            raise InputError(f"the needle and the question must not be empty (got needle {needle!r}, question {question!r})")
         self.haystack, self.lengths, self.depths = haystack, list(lengths), list(depths)
         self.needle, self.question, self.expected = needle, question, list(expected)
         self.haystack_name, self.max_new_tokens = haystack_name, max_new_tokens
@@ -124,6 +131,8 @@ class NeedleTask(Task):
                 "haystack": self.haystack_name, "max_new_tokens": self.max_new_tokens}
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
+        from tokensieve.runner import encode_prompt
+
         for n in self.lengths:
             for d in self.depths:
                 p = build_needle_prompt(tokenizer, self.haystack, n, d, self.needle, self.question)
@@ -141,27 +150,6 @@ class NeedleTask(Task):
         return out
 
     def plots(self, rows: list[dict[str, Any]], out: Path) -> list[Path]:
+        from tokensieve.evaluation.plots import needle_heatmaps
+
         return needle_heatmaps(rows, out)
-
-
-def needle_heatmaps(rows: list[dict[str, Any]], out: Path) -> list[Path]:
-    """One heatmap (depth x length, mean score) per model and method label, from needle result lines."""
-    from tokensieve.evaluation.plots import needle_heatmap
-    from tokensieve.evaluation.report import method_labels
-
-    rows = [r for r in rows if r.get("task") == "needle" and r.get("score") is not None]
-    labels = method_labels(rows)
-    paths = []
-    for model in sorted({r["model"] for r in rows}):
-        for label in sorted({labels[id(r)] for r in rows if r["model"] == model}):
-            sel = [r for r in rows if r["model"] == model and labels[id(r)] == label]
-            lengths = sorted({r["length"] for r in sel})
-            depths = sorted({r["meta"]["depth"] for r in sel})
-            grid = [[_mean([r["score"] for r in sel if r["length"] == n and r["meta"]["depth"] == d]) for n in lengths] for d in depths]
-            safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in f"{model}_{label}")
-            paths.append(needle_heatmap(grid, lengths, depths, f"{label} on {model}", Path(out) / f"needle_{safe}.png"))
-    return paths
-
-
-def _mean(xs: list[float]) -> float:
-    return sum(xs) / len(xs) if xs else float("nan")

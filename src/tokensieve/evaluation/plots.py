@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
+
+from tokensieve.evaluation.harness import method_labels  # noqa: E402
+
 
 def save_figure(fig, path: str | Path) -> Path:
     """Lay out, write (creating the folder) and close a figure; returns the path."""
@@ -40,6 +44,26 @@ def needle_heatmap(
                 ax.text(j, i, f"{v:.2f}".rstrip("0").rstrip("."), ha="center", va="center", fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.05)
     return save_figure(fig, path)
+
+
+def needle_heatmaps(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
+    """One heatmap (depth x length, mean score) per model and method label, from needle result lines."""
+    rows = [r for r in rows if r.get("task") == "needle" and r.get("score") is not None]
+    labels = method_labels(rows)
+    paths = []
+    for model in sorted({r["model"] for r in rows}):
+        for label in sorted({labels[id(r)] for r in rows if r["model"] == model}):
+            sel = [r for r in rows if r["model"] == model and labels[id(r)] == label]
+            lengths = sorted({r["length"] for r in sel})
+            depths = sorted({r["meta"]["depth"] for r in sel})
+            grid = [[_mean([r["score"] for r in sel if r["length"] == n and r["meta"]["depth"] == d]) for n in lengths] for d in depths]
+            safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in f"{model}_{label}")
+            paths.append(needle_heatmap(grid, lengths, depths, f"{label} on {model}", Path(out) / f"needle_{safe}.png"))
+    return paths
+
+
+def _mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
 
 
 def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None) -> Path:

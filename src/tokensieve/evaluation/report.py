@@ -6,56 +6,61 @@ lines: ``exp(sum nll / sum tokens)``), mean TTFT, mean peak memory, and the KV
 cache kept after prefill as a share of the prompt (mean over layers and samples).
 A second table breaks accuracy down by RULER subtask or LongBench dataset.
 When a file holds the same cell twice (a retried error), the last successful
-line counts.
+line counts. The eval command's summary and ``tokensieve report`` both read
+results through :func:`load_results`, so they count the same rows.
 """
 
 from __future__ import annotations
 
-import json
 import math
+import warnings
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
-from tokensieve.evaluation.harness import latest_rows, params_key, read_results
+from tokensieve.errors import InputError
+from tokensieve.evaluation.harness import is_backup, latest_rows, method_labels, read_results, results_files
 
 MB = 1024 * 1024
 
+__all__ = ["load_results", "method_labels", "paired_rows", "summarize", "markdown_table", "build_report"]
 
-def load_results(paths: Iterable[str | Path]) -> list[dict[str, Any]]:
-    """Result lines from files and folders (every ``*.jsonl`` below a folder), one per cell."""
+
+class ResultsWarning(UserWarning):
+    """A results file or line that the report skipped."""
+
+
+def _warn(message: str) -> None:
+    warnings.warn(message, ResultsWarning, stacklevel=3)
+
+
+def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """Result lines from files and folders, one per cell (:func:`~tokensieve.evaluation.harness.latest_rows`).
+
+    A folder contributes its live results files (every ``*.jsonl`` below it but the files
+    ``--restart`` set aside, ``<task>.<time>.jsonl``); a file is read as given. A file that is
+    not UTF-8 text is skipped and lines that are not result lines are counted, each with a
+    message to ``warn`` (default: a :class:`ResultsWarning`). ``InputError`` when a path does
+    not exist or no results file is found.
+    """
+    warn = warn or _warn
+    paths = [Path(p) for p in paths]
     rows: list[dict[str, Any]] = []
-    found = False
-    for p in map(Path, paths):
-        if p.is_dir():
-            files = sorted(p.rglob("*.jsonl"))
-        elif p.is_file():
-            files = [p]
-        else:
-            raise FileNotFoundError(f"no results file or folder at {p}")
-        for f in files:
-            found = True
-            rows += read_results(f)
-    if not found:
-        raise FileNotFoundError(f"no *.jsonl result files in {', '.join(map(str, paths))}")
+    files: list[Path] = []
+    for p in paths:
+        if not p.exists():
+            raise InputError(f"no results file or folder at {p}")
+        files += results_files(p)
+    if not files:
+        aside = [f for p in paths if p.is_dir() for f in p.rglob("*.jsonl") if is_backup(f)]
+        note = f" (only {len(aside)} file(s) set aside by --restart, e.g. {aside[0]})" if aside else ""
+        raise InputError(f"no results files (*.jsonl) in {', '.join(map(str, paths))}{note}")
+    for f in files:
+        try:
+            rows += read_results(f, on_problem=warn)
+        except InputError as exc:
+            warn(f"{exc}; skipped it")
     return latest_rows(rows)
-
-
-def method_labels(rows: list[dict[str, Any]]) -> dict[int, str]:
-    """``id(row) -> label``: the method name, plus the parameters that differ between its runs."""
-    by_name: dict[str, dict[str, dict]] = defaultdict(dict)
-    for r in rows:
-        by_name[r["method"]][params_key(r.get("params", {}))] = r.get("params", {})
-    varying: dict[str, list[str]] = {}
-    for name, variants in by_name.items():
-        keys = sorted({k for p in variants.values() for k in p})
-        varying[name] = [k for k in keys if len({json.dumps(p.get(k), default=str) for p in variants.values()}) > 1]
-    labels = {}
-    for r in rows:
-        ks = varying[r["method"]]
-        p = r.get("params", {})
-        labels[id(r)] = r["method"] + (f"({', '.join(f'{k}={p.get(k)}' for k in ks)})" if ks else "")
-    return labels
 
 
 def _mean(xs: list[float]) -> float | None:
@@ -201,7 +206,7 @@ def build_report(rows: list[dict[str, Any]], plot_dir: str | Path | None = None,
     if detail:
         parts += ["## Accuracy by subtask / dataset", "", markdown_table(detail, by_part=True), ""]
     if plot_dir is not None:
-        from tokensieve.evaluation.needle import needle_heatmaps
+        from tokensieve.evaluation.plots import needle_heatmaps
 
         plots = [accuracy_vs_ttft_plot(groups, Path(plot_dir) / "accuracy_vs_ttft.png")] if timing else []
         plots = [p for p in plots if p]

@@ -39,11 +39,13 @@ import re
 import uuid
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-from transformers import PreTrainedTokenizerBase
-
+from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import Sample, Task, render, sample_seed
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 RULER_TASKS = ("niah_single", "niah_multikey", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe")
 KEY_TYPES = ("word", "number", "uuid")
@@ -102,7 +104,7 @@ def make_item(rng: random.Random, kind: str) -> str:
         return str(rng.randint(1_000_000, 9_999_999))
     if kind == "uuid":
         return str(uuid.UUID(int=rng.getrandbits(128), version=4))
-    raise ValueError(f"unknown key/value type {kind!r}; expected one of {', '.join(KEY_TYPES)}")
+    raise InputError(f"unknown key/value type {kind!r}; expected one of {', '.join(KEY_TYPES)}")
 
 
 def distinct_items(rng: random.Random, kind: str, n: int) -> list[str]:
@@ -159,18 +161,18 @@ class RulerTask(Task):
     ):
         bad = [t for t in tasks if t not in RULER_TASKS]
         if bad or not tasks:
-            raise ValueError(f"unknown RULER task(s) {bad or list(tasks)}; expected any of: {', '.join(RULER_TASKS)}")
+            raise InputError(f"unknown RULER task(s) {bad or list(tasks)}; expected any of: {', '.join(RULER_TASKS)}")
         for label, kind in (("key type", key_type), ("value type", value_type)):
             if kind not in KEY_TYPES:
-                raise ValueError(f"{label} {kind!r} is not one of {', '.join(KEY_TYPES)}")
+                raise InputError(f"{label} {kind!r} is not one of {', '.join(KEY_TYPES)}")
         if haystack_kind not in ("essay", "noise"):
-            raise ValueError(f"haystack kind {haystack_kind!r} is not 'essay' or 'noise'")
+            raise InputError(f"haystack kind {haystack_kind!r} is not 'essay' or 'noise'")
         if haystack_kind == "essay" and any(t.startswith("niah") for t in tasks) and not haystack:
-            raise ValueError("the essay haystack needs text (a file or the PG-19 books)")
+            raise InputError("the essay haystack needs text (a file or the PG-19 books)")
         for label, v in (("num_keys", num_keys), ("num_values", num_values), ("num_queries", num_queries),
                          ("vt_chains", vt_chains), ("vt_hops", vt_hops), ("num_common", num_common), ("samples", samples)):
             if v < 1:
-                raise ValueError(f"{label} must be >= 1, got {v}")
+                raise InputError(f"{label} must be >= 1, got {v}")
         self.lengths, self.n_samples, self.seed, self.tasks = list(lengths), samples, seed, list(tasks)
         self.haystack_name, self.haystack_kind = haystack_name, haystack_kind
         self.key_type, self.value_type = key_type, value_type
@@ -179,7 +181,7 @@ class RulerTask(Task):
         self.answer_prefix, self.max_new_override = answer_prefix, max_new_tokens
         self.sentences = split_sentences(haystack) if haystack and haystack_kind == "essay" else []
         if haystack_kind == "essay" and any(t.startswith("niah") for t in tasks) and len(self.sentences) < 10:
-            raise ValueError(f"the haystack text has only {len(self.sentences)} sentences; expected at least 10")
+            raise InputError(f"the haystack text has only {len(self.sentences)} sentences; expected at least 10")
 
     def config(self) -> dict[str, Any]:
         return {
@@ -366,7 +368,7 @@ def fit_units(ids_of: Callable[[int], tuple[list[int], Any]], length: int, max_u
 
     t1 = measure(1)
     if t1 > length:
-        raise ValueError(f"length {length} is too short for this task: its smallest prompt has {t1} tokens")
+        raise InputError(f"length {length} is too short for this task: its smallest prompt has {t1} tokens")
     lo, hi = 1, None  # lo fits; hi (when known) does not
     u = 16
     while hi is None:  # grow until a size does not fit, guided by the tokens per unit seen so far

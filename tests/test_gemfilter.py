@@ -200,5 +200,5 @@ def test_token_scores_read_in_key_chunks_match_a_slow_reference(scoring):
             pos = n - w + j
             ref[: pos + 1] += ((kh[: pos + 1] @ q[0, h, 12 - w + j]) * scale).softmax(-1)
     for chunk in (None, 7, 50, 64):
-        got = token_scores(q, k, scale, scoring, window=w, chunk=chunk)[0]
+        got = token_scores(q, k, scale, scoring, window_size=w, key_chunk=chunk)[0]
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

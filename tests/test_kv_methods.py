@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import tokensieve
 from tokensieve.attention import HOOK_KWARG, repeat_kv
-from tokensieve.cache import attention_scores
+from tokensieve.scoring import attention_scores
 from tokensieve.methods import H2O, FullAttention, SepLLM, SnapKV, StreamingLLM, make_method
 
 torch.set_num_threads(1)
@@ -314,9 +314,9 @@ def test_h2o_matches_reference(model, n, budget, recent, steps, init):
 def test_attention_scores_do_not_depend_on_chunking():
     torch.manual_seed(0)
     q, k = torch.randn(1, 6, 30, 8), torch.randn(1, 2, 30, 8)
-    full = attention_scores(q, k, 0.3, chunk=None)
+    full = attention_scores(q, k, 0.3, query_chunk=None)
     for chunk in (1, 7, 30):
-        torch.testing.assert_close(attention_scores(q, k, 0.3, chunk=chunk), full)
+        torch.testing.assert_close(attention_scores(q, k, 0.3, query_chunk=chunk), full)
     # Each query's probabilities sum to 1: the total is the number of (query head, query) pairs.
     torch.testing.assert_close(full.sum(), torch.tensor(6.0 * 30))
     # Decode-style: the last 2 queries only, still causal.

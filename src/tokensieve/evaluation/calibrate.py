@@ -18,19 +18,20 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.evaluation.needle import build_needle_prompt
 from tokensieve.methods.base import num_layers
-from tokensieve.methods.gemfilter import SCORINGS, pool_and_select, token_scores
+from tokensieve.methods.gemfilter import DEFAULT_WINDOW_SIZE, SCORINGS, pool_and_select, token_scores
 from tokensieve.runner import encode_prompt
 
 
 @torch.inference_mode()
 def all_layer_scores(
-    model: PreTrainedModel, input_ids: torch.Tensor, scoring: str, window: int = 16
+    model: PreTrainedModel, input_ids: torch.Tensor, scoring: str, window_size: int = DEFAULT_WINDOW_SIZE
 ) -> list[torch.Tensor]:
-    """GemFilter scores [n] at every layer, from one full forward (no cache)."""
+    """GemFilter's scores [n] (``gemfilter.token_scores``, i.e. ``tokensieve.scoring``) at every layer,
+    from one full forward (no cache)."""
     out: dict[int, torch.Tensor] = {}
 
     def hook(module, query, key, value, attention_mask, **kwargs):
-        out[module.layer_idx] = token_scores(query, key, module.scaling, scoring, window)[0]
+        out[module.layer_idx] = token_scores(query, key, module.scaling, scoring, window_size)[0]
         return None
 
     model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **{HOOK_KWARG: hook})

@@ -36,8 +36,11 @@ from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
 SCORINGS = ("paper", "window")
+DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
+DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
 
 # Filter layers (0-based) for known model shapes: (model_type, layers, hidden) -> r.
 # Llama-3.1-8B, Mistral-Nemo-12B and Phi-3.5-mini are the paper's values; the two
@@ -97,50 +100,27 @@ class _FilterDone(Exception):
 
 
 def token_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window", window: int = 16,
-    chunk: int | None = None,
+    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window",
+    window_size: int = DEFAULT_WINDOW_SIZE, key_chunk: int | None = None,
 ) -> torch.Tensor:
-    """Importance of each prompt token, summed over heads.
+    """GemFilter's importance of each prompt token, summed over all heads: float [batch, n].
 
     query: [batch, q_heads, nq, head_dim] (the last nq positions), key: [batch, kv_heads, n, head_dim]
-    (post-RoPE, before GQA repetition). Returns float32 [batch, n]. Memory is
-    linear in ``n``: only the scoring queries' rows of attention are formed. With ``chunk``
-    and ``n > chunk`` the keys are read ``chunk`` at a time, so no float32 copy of all keys
-    (or of all attention rows) is ever resident: the softmax of "window" then takes two
-    passes (log-sum-exp per row, then the probabilities).
+    (post-RoPE, before GQA repetition). ``"paper"``: ``q_last . k`` (``scoring.paper_scores``);
+    ``"window"``: softmax attention of the last ``window_size`` queries
+    (``scoring.attention_scores``). ``key_chunk`` reads the keys that many at a time
+    (two-pass softmax), for prompts whose keys do not fit in float32 at once.
     """
-    b, hq, nq, d = query.shape  # the queries may be only the last nq <= n positions
-    hkv, n = key.shape[1], key.shape[2]
-    g = hq // hkv
-    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)] if chunk and n > chunk else [(0, n)]
     if scoring == "paper":
-        # sum_h q_h . k_{kv(h)} = sum_kv (sum_{h in group kv} q_h) . k_kv : exact, no repeat of keys.
-        q = query[:, :, -1, :].reshape(b, hkv, g, d).sum(2).float()  # [b, hkv, d]
-        return torch.cat([torch.einsum("bhd,bhnd->bn", q, key[:, :, s:e].float()) for s, e in spans], dim=-1)
+        return head_sum(paper_scores(query, key, key_chunk=key_chunk))
     if scoring == "window":
-        w = min(window, nq)
-        q = query[:, :, -w:, :].reshape(b, hkv, g * w, d).float()  # [b, hkv, g*w, d], row = (head-in-group, query)
-        q_pos = torch.arange(n - w, n, device=query.device).repeat(g)  # [g*w]
-
-        def logits(s: int, e: int) -> torch.Tensor:  # [b, hkv, g*w, e - s], causal
-            lg = torch.matmul(q, key[:, :, s:e].float().transpose(-1, -2)) * scaling
-            causal = torch.arange(s, e, device=query.device)[None, :] <= q_pos[:, None]
-            return lg.masked_fill(~causal, float("-inf"))
-
-        if len(spans) == 1:
-            return logits(0, n).softmax(dim=-1).sum(dim=(1, 2))  # [b, n]
-        lse = torch.stack([logits(s, e).logsumexp(-1) for s, e in spans]).logsumexp(0)[..., None]  # [b, hkv, g*w, 1]
-        return torch.cat([(logits(s, e) - lse).exp().sum(dim=(1, 2)) for s, e in spans], dim=-1)
+        return head_sum(attention_scores(query[:, :, -window_size:], key, scaling, key_chunk=key_chunk))
     raise ValueError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
-def pool_and_select(scores: torch.Tensor, k: int, kernel: int = 5) -> torch.Tensor:
-    """Average-pool ``scores`` [n] (stride 1, same length) and return the sorted top-``min(k, n)`` indices."""
-    n = scores.shape[-1]
-    if kernel > 1:
-        scores = F.avg_pool1d(scores.view(1, 1, n), kernel_size=kernel, stride=1, padding=kernel // 2).view(n)
-    idx = torch.topk(scores, min(k, n)).indices
-    return torch.sort(idx).values
+def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL) -> torch.Tensor:
+    """GemFilter's selection: average-pool ``scores`` [n] (stride 1, same length), keep the sorted top-``min(k, n)``."""
+    return sorted_topk(pool_scores(scores, kernel, "avg"), k)
 
 
 @dataclass
@@ -166,8 +146,8 @@ class GemFilter(Method):
     topk: int = 1024
     filter_layer: int | None = None
     scoring: str = "window"
-    window: int = 16
-    kernel: int = 5
+    window: int = DEFAULT_WINDOW_SIZE
+    kernel: int = DEFAULT_KERNEL
     chunk_size: int | None = None
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
@@ -245,7 +225,7 @@ class GemFilter(Method):
                         if e < n:
                             raise _ChunkDone()
                         raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window,
-                                                       chunk=self.chunk_size))
+                                                       key_chunk=self.chunk_size))
                     values[:, :, s:e] = value
                     out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)
                     return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]

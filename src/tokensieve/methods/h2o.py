@@ -26,8 +26,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.cache import EvictionCache, attention_scores, top_prefix_plus_window
+from tokensieve.cache import EvictionCache
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.scoring import attention_scores, topk_with_recent
 
 
 @dataclass
@@ -66,12 +67,12 @@ class H2O(EvictionMethod):
     ) -> torch.Tensor:
         """Attention each key receives from these queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        return attention_scores(query, key, module.scaling, self.chunk_size, mask)
+        return attention_scores(query, key, module.scaling, attention_mask=mask, query_chunk=self.chunk_size)
 
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
         scores = cache.scores[layer_idx]  # [b, hkv, entries]
         if scores.shape[-1] > self.budget:
-            cache.keep(layer_idx, top_prefix_plus_window(scores, self.budget, self.recent))
+            cache.keep(layer_idx, topk_with_recent(scores, self.budget, self.recent))
 
     def prefill_layer(
         self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,

@@ -41,6 +41,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
+from tokensieve.scoring import attention_scores, head_sum
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -77,20 +78,17 @@ def keep_count(fraction: float, present: int) -> int:
 def last_token_attention(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """Attention probabilities of the last query row over all keys, averaged over heads.
+    """LazyLLM's importance: attention probabilities of the last query over all keys, averaged over query heads.
 
     query: [1, q_heads, q_len, head_dim], key: [1, kv_heads, kv_len, head_dim]
     (post-RoPE, before GQA repetition); attention_mask: None or bool
-    [1, 1, q_len, kv_len] (True = may attend). Returns float32 [kv_len].
-    Memory is linear in ``kv_len``: only the last row is formed.
+    [1, 1, q_len, kv_len] (True = may attend). Returns float [kv_len].
+    ``scoring.attention_scores`` of the last query (memory linear in ``kv_len``),
+    summed over heads and divided by their number.
     """
-    _, hq, _, d = query.shape
-    hkv = key.shape[1]
-    q = query[0, :, -1, :].reshape(hkv, hq // hkv, d).float()  # [kv_heads, group, d]; head h -> kv head h // group
-    logits = torch.einsum("hgd,hkd->hgk", q, key[0].float()) * scaling  # [kv_heads, group, kv_len]
-    if attention_mask is not None:
-        logits = logits.masked_fill(~attention_mask[0, 0, -1], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=(0, 1))
+    last_mask = None if attention_mask is None else attention_mask[..., -1:, :]  # [1, 1, 1, kv_len]
+    probs = attention_scores(query[:, :, -1:], key, scaling, attention_mask=last_mask)  # [1, kv_heads, kv_len]
+    return head_sum(probs)[0] / query.shape[1]
 
 
 class _Decoder:

@@ -23,10 +23,9 @@ import torch
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.cache import EvictionCache, attention_scores, pool_scores, top_prefix_plus_window
+from tokensieve.cache import EvictionCache
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
-
-POOLINGS = ("avg", "max")
+from tokensieve.scoring import POOLINGS, attention_scores, pool_scores, topk_with_recent
 
 
 @dataclass
@@ -77,5 +76,5 @@ class SnapKV(EvictionMethod):
             prefix = self.scores(module, query, key)  # [b, hkv, n - window]
             # The window's own scores never matter: the window is always kept.
             full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window)], dim=-1)
-            cache.keep(layer_idx, top_prefix_plus_window(full, self.budget, self.window))
+            cache.keep(layer_idx, topk_with_recent(full, self.budget, self.window))
         return out

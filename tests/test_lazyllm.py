@@ -24,6 +24,7 @@ from transformers import (
 
 from tokensieve import use_tokensieve_attention
 from tokensieve.methods import LazyLLM, make_method
+from tokensieve.methods.base import cache_kwarg
 
 torch.set_num_threads(1)
 
@@ -320,7 +321,7 @@ def test_decode_step_hides_pruned_tokens(family):
         lazy.prefill_done = True
         token = a.logits.argmax(-1, keepdim=True)
         out = model(
-            input_ids=token, past_key_values=a.cache, position_ids=torch.tensor([[ids.shape[1]]]),
+            input_ids=token, **cache_kwarg(model, a.cache), position_ids=torch.tensor([[ids.shape[1]]]),
             use_cache=True, tokensieve_hook=reference_attention,
         )
         got = lazy.step(model, b, token)

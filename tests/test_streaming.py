@@ -18,6 +18,7 @@ from transformers import (
 )
 
 from tokensieve import use_tokensieve_attention
+from tokensieve.methods.base import cache_kwarg
 from tokensieve.streaming import (
     FullPolicy,
     SepLLMPolicy,
@@ -99,7 +100,7 @@ def shifted_reference_nll(model, ids: torch.Tensor, policy, chunk: int) -> torch
         for s in range(0, ids.numel(), chunk):
             x = ids[s : s + chunk]
             L = stream_idx.numel()
-            out = model(x[None], past_key_values=cache, position_ids=torch.arange(L, L + x.numel())[None], use_cache=True)
+            out = model(x[None], **cache_kwarg(model, cache), position_ids=torch.arange(L, L + x.numel())[None], use_cache=True)
             logp = torch.log_softmax(out.logits[0].float(), -1)
             if prev is not None:
                 nll.append(-prev[x[0]])

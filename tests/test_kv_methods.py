@@ -325,6 +325,67 @@ def test_attention_scores_do_not_depend_on_chunking():
     torch.testing.assert_close(last.sum(), torch.tensor(6.0 * 2))
 
 
+# --- the keep rules as pure functions, against hand-written references ------------------------
+
+
+@pytest.mark.parametrize("n, a, r", [(10, 2, 3), (5, 2, 3), (6, 2, 3), (9, 0, 4), (9, 3, 0), (0, 4, 4)])
+def test_keep_sinks_and_recent_matches_reference(n, a, r):
+    from tokensieve.methods.streamingllm import keep_sinks_and_recent
+
+    expect = list(range(n)) if n <= a + r else [i for i in range(n) if i < a or i >= n - r]
+    assert keep_sinks_and_recent(n, a, r).tolist() == expect
+
+
+def test_sepllm_visible_and_keep_match_reference():
+    from tokensieve.methods.sepllm import sepllm_keep, sepllm_visible
+
+    g = torch.Generator().manual_seed(0)
+    T, a, w = 30, 3, 4
+    is_sep = torch.rand(T, generator=g) < 0.2
+    got = sepllm_visible(torch.arange(T), torch.arange(T), is_sep, a, w)
+    for i in range(T):
+        for j in range(T):
+            ref = j <= i and (j < a or bool(is_sep[j]) or i - w <= j)
+            assert bool(got[i, j]) == ref, (i, j)
+    # A subset of keys at arbitrary positions, as the blocked prefill and the decoding cache use it.
+    keys = torch.tensor([0, 2, 5, 11, 17, 18, 25, 29])
+    sub = sepllm_visible(torch.tensor([20, 29]), keys, is_sep[keys], a, w)
+    assert torch.equal(sub, got[[20, 29]][:, keys])
+    # keep = what the next token may see; later tokens see a subset of it
+    for nxt in (T, T + 5):
+        keep = sepllm_keep(keys, is_sep[keys], a, w, next_position=nxt)
+        ref = [int(p) for p in keys if p < a or bool(is_sep[p]) or p >= nxt - w]
+        assert keys[keep].tolist() == ref
+
+
+def sepcache_reference(stream_pos: list[int], is_sep: list[bool], a: int, s: int, w: int, c: int) -> list[int]:
+    """Kept indices by the SepCache rule, with plain lists."""
+    n = len(stream_pos)
+    if n <= c:
+        return list(range(n))
+    initial = [i for i in range(n) if stream_pos[i] < a]
+    local = list(range(n - w, n))
+    seps = [i for i in range(n) if is_sep[i] and i not in initial and i not in local]
+    seps = seps[len(seps) - s :] if len(seps) > s else seps  # the newest s
+    return sorted(set(initial) | set(seps) | set(local))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sepcache_keep_matches_reference(seed):
+    from tokensieve.methods.sepllm import sepcache_keep
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(20, 60, (1,), generator=g))
+    stream_pos = torch.sort(torch.randperm(200, generator=g)[:n]).values  # an already-compressed cache: gaps
+    stream_pos[:2] = torch.tensor([0, 1])
+    is_sep = torch.rand(n, generator=g) < 0.3
+    for a, s, w, c in [(2, 3, 5, 25), (3, 0, 4, 10), (0, 50, 6, 20), (2, 3, 5, 100)]:
+        got = sepcache_keep(stream_pos, is_sep, a, s, w, c).tolist()
+        assert got == sepcache_reference(stream_pos.tolist(), is_sep.tolist(), a, s, w, c)
+        if n > c:
+            assert len(got) <= a + s + w
+
+
 # --- bad parameters --------------------------------------------------------------------------
 
 

@@ -61,6 +61,8 @@ from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG, repeat_kv
 from tokensieve.methods.base import max_positions, num_layers
+from tokensieve.methods.sepllm import sepcache_keep
+from tokensieve.methods.streamingllm import keep_sinks_and_recent
 
 
 class ContextFullError(ValueError):
@@ -74,6 +76,11 @@ def _check_sizes(**sizes: int) -> None:
 
 
 # ----------------------------------------------------------------------------- policies
+
+
+def _unless_all(keep: torch.Tensor, stream_idx: torch.Tensor) -> torch.Tensor | None:
+    """``keep`` (sorted indices), or None when it keeps every entry."""
+    return None if keep.numel() == stream_idx.numel() else keep
 
 
 @dataclass
@@ -149,11 +156,7 @@ class StreamingLLMPolicy(StreamPolicy):
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        n = stream_idx.numel()
-        if n <= self.capacity:
-            return None
-        idx = torch.arange(n, device=stream_idx.device)
-        return idx[(idx < self.init_size) | (idx >= n - self.recent)]
+        return _unless_all(keep_sinks_and_recent(stream_idx.numel(), self.init_size, self.recent, stream_idx.device), stream_idx)
 
 
 @dataclass
@@ -205,17 +208,8 @@ class SepLLMPolicy(StreamPolicy):
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        n = stream_idx.numel()
-        if n <= self.cache_size:
-            return None
-        idx = torch.arange(n, device=stream_idx.device)
-        initial = stream_idx < self.init_size
-        local = idx >= n - self.local_size
-        middle_seps = idx[is_sep & ~initial & ~local]
-        kept_seps = middle_seps[max(0, middle_seps.numel() - self.sep_size) :]  # oldest evicted first
-        mask = initial | local
-        mask[kept_seps] = True
-        return idx[mask]
+        keep = sepcache_keep(stream_idx, is_sep, self.init_size, self.sep_size, self.local_size, self.cache_size)
+        return _unless_all(keep, stream_idx)
 
 
 POLICIES: dict[str, type[StreamPolicy]] = {

@@ -8,7 +8,8 @@ full attention at its original positions, then every layer keeps the first
 ``sinks`` tokens and the last ``budget - sinks``; each decoded token attends
 to those plus itself, after which the oldest non-sink entry is evicted, so the
 cache never holds more than ``budget`` entries between steps. (Streaming with
-positions shifted inside the cache is the ``stream`` command's SepCache.)
+positions shifted inside the cache is ``tokensieve.streaming``; its
+StreamingLLM policy keeps entries by the same rule, ``keep_sinks_and_recent``.)
 """
 
 from __future__ import annotations
@@ -22,6 +23,21 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+
+
+def keep_sinks_and_recent(
+    n_entries: int, n_initial: int, n_recent: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """StreamingLLM's keep rule: sorted indices [kept] of the entries that stay out of ``n_entries`` in stream order.
+
+    The first ``n_initial`` entries (attention sinks) and the last ``n_recent``; every entry
+    when ``n_entries <= n_initial + n_recent``.
+    """
+    if n_entries <= n_initial + n_recent:
+        return torch.arange(n_entries, device=device)
+    return torch.cat(
+        [torch.arange(n_initial, device=device), torch.arange(n_entries - n_recent, n_entries, device=device)]
+    )
 
 
 @dataclass
@@ -47,8 +63,7 @@ class StreamingLLM(EvictionMethod):
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
         if entries > self.budget:
             dev = cache.layers[layer_idx].keys.device
-            recent = self.budget - self.sinks
-            cache.keep(layer_idx, torch.cat([torch.arange(self.sinks, device=dev), torch.arange(entries - recent, entries, device=dev)]))
+            cache.keep(layer_idx, keep_sinks_and_recent(entries, self.sinks, self.budget - self.sinks, dev))
 
     def prefill_layer(
         self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,

@@ -32,7 +32,9 @@ from tqdm import tqdm
 from tokensieve.data import default_pg19_dir
 from tokensieve.models import load_model
 from tokensieve.separators import separator_token_ids
-from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy, plot_stream, stream_perplexity
+from tokensieve.evaluation.plots import plot_stream
+from tokensieve.evaluation.stream_ppl import stream_perplexity
+from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
 
 
 def main() -> int:
@@ -70,7 +72,7 @@ def main() -> int:
             bar.set_postfix(ppl=f"{point.running_ppl:.2f}", cache=point.cache_entries, refresh=False)
 
         r = stream_perplexity(model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=n,
-                              allow_long=allow_long, window=args.ppl_window, progress=progress)
+                              allow_long=allow_long, ppl_window=args.ppl_window, progress=progress)
         bar.close()
         results.append(r)
         print(f"{r.method}: {r.tokens_seen} tokens, ppl {r.perplexity:.3f}, {r.tokens_per_s:.0f} tok/s, "

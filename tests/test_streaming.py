@@ -19,13 +19,13 @@ from transformers import (
 
 from tokensieve import use_tokensieve_attention
 from tokensieve.methods.base import cache_kwarg
+from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.streaming import (
     FullPolicy,
     SepLLMPolicy,
     Streamer,
     StreamingLLMPolicy,
     make_policy,
-    stream_perplexity,
 )
 
 VOCAB = 96
@@ -172,6 +172,40 @@ def test_full_stops_at_max_unless_allow_long():
     assert "maximum of 64 positions" in res.stopped and "--allow-long" in res.stopped
     res = stream_perplexity(model, stream_ids(100), FullPolicy(), chunk_size=8, allow_long=True)
     assert res.tokens_seen == 100 and res.max_position_used == 99 and res.stopped == "end of text"
+
+
+# ----------------------------------------------------------------- RoPE outside the model (tokensieve.rope)
+
+
+@pytest.mark.parametrize("rot_dim, scale", [(16, 1.0), (8, 1.0), (16, 1.7)])
+def test_rope_inverse_undoes_rotation(rot_dim, scale):
+    from tokensieve.rope import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 10, 16, generator=g)
+    angles = torch.rand(10, rot_dim // 2, generator=g) * 6.0
+    cos = torch.cat((angles.cos(), angles.cos()), -1) * scale  # attention scaling folded into cos/sin
+    sin = torch.cat((angles.sin(), angles.sin()), -1) * scale
+    y = apply_rope(x, cos, sin)
+    assert not torch.allclose(y[..., :rot_dim], x[..., :rot_dim])
+    assert torch.equal(y[..., rot_dim:], x[..., rot_dim:])  # partial rotary: the rest is untouched
+    torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_rotate_like_the_model():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tokensieve.rope import RopeTables, apply_rope
+
+    model = tiny("llama")
+    tables = RopeTables(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 12, 16, generator=g)
+    pos = torch.arange(12)[None]
+    cos_m, sin_m = model.model.rotary_emb(x, pos)
+    ref, _ = apply_rotary_pos_emb(x, x, cos_m, sin_m)
+    cos, sin = tables.get(12)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref)
 
 
 # ----------------------------------------------------------------- SepCache budget and eviction order

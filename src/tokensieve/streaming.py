@@ -22,7 +22,7 @@ however long the stream is. Keys are stored **without** rotary embedding
 positions we pass; tokensieve's attention hook then
 
 1. rotates the stored keys at their cache positions ``0 .. L-1`` with the
-   model's own ``rotary_emb`` (cos/sin tables),
+   model's own ``rotary_emb`` (cos/sin tables; ``tokensieve.rope``),
 2. attends the chunk's queries to [cache keys, chunk keys] (causal inside the
    chunk),
 3. un-rotates the chunk's keys (RoPE is a rotation: the inverse uses
@@ -44,16 +44,17 @@ entries are appended, then the policy trims the cache back under its
 capacity. So the stored cache never exceeds the capacity after a chunk, while
 attention inside a chunk may see up to ``capacity + C`` entries. With ``C = 1``
 this is exactly token-by-token streaming.
+
+The policies only hold parameters: which entries stay is decided by the
+methods' own keep rules (``methods.streamingllm.keep_sinks_and_recent``,
+``methods.sepllm.sepcache_keep``). Perplexity over a stream is
+``tokensieve.evaluation.stream_ppl``; its plot, ``evaluation.plots.plot_stream``.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -63,6 +64,7 @@ from tokensieve.attention import HOOK_KWARG, repeat_kv
 from tokensieve.methods.base import max_positions, num_layers
 from tokensieve.methods.sepllm import sepcache_keep
 from tokensieve.methods.streamingllm import keep_sinks_and_recent
+from tokensieve.rope import RopeTables, apply_rope
 
 
 class ContextFullError(ValueError):
@@ -233,67 +235,6 @@ def make_policy(name: str, **params: Any) -> StreamPolicy:
     return policy
 
 
-# ----------------------------------------------------------------------------- rotary helpers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate ``x`` [batch, heads, seq, head_dim] by cos/sin [seq, rot_dim] (``inverse`` undoes it).
-
-    Only the first ``rot_dim`` dims rotate (partial rotary); math in float32.
-    """
-    rd = cos.shape[-1]
-    xr, xp = x[..., :rd].float(), x[..., rd:]
-    cos, sin = cos.float(), sin.float()
-    if inverse:
-        norm = cos * cos + sin * sin  # = attention_scaling^2 (1 for plain RoPE)
-        cos, sin = cos / norm, -sin / norm
-    out = (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
-    return out if xp.shape[-1] == 0 else torch.cat((out, xp), dim=-1)
-
-
-class RopeTables:
-    """cos/sin [positions, rot_dim] from the model's own ``rotary_emb``, per layer type, grown on demand."""
-
-    def __init__(self, model: PreTrainedModel):
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model
-        rotary = getattr(base, "rotary_emb", None) or getattr(getattr(model, "model", None), "rotary_emb", None)
-        if rotary is None:
-            raise ValueError(
-                f"streaming needs a model with a Llama-style rotary embedding (decoder.rotary_emb); "
-                f"{type(model).__name__} has none"
-            )
-        self.rotary = rotary
-        self.takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
-        self.max_positions = max_positions(model)
-        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, n: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions 0..n-1, each [n, rot_dim]."""
-        key = layer_type if self.takes_layer_type else None
-        have = self._tables.get(key)
-        if have is None or have[0].shape[0] < n:
-            size = max(n, 2 * have[0].shape[0] if have is not None else 1024)
-            if self.max_positions is not None and n <= self.max_positions:
-                # never ask rotary_emb for positions the stream does not use (dynamic RoPE
-                # variants rescale once they see positions past the maximum)
-                size = min(size, self.max_positions)
-            pos = torch.arange(size, device=self.device)[None]  # [1, size]
-            dummy = torch.zeros(1, 1, 1, device=self.device, dtype=torch.float32)
-            args = (dummy, pos, layer_type) if self.takes_layer_type else (dummy, pos)
-            with torch.no_grad():
-                cos, sin = self.rotary(*args)
-            have = (cos[0].float(), sin[0].float())  # [size, rot_dim]
-            self._tables[key] = have
-        return have[0][:n], have[1][:n]
-
-
 # ----------------------------------------------------------------------------- the streamer
 
 
@@ -422,163 +363,3 @@ class Streamer:
         self.keys[li] = k_new if k_old is None else torch.cat((k_old, k_new), dim=2)
         self.values[li] = value if v_old is None else torch.cat((v_old, value), dim=2)
         return out.transpose(1, 2).contiguous(), None
-
-
-# ----------------------------------------------------------------------------- perplexity over a stream
-
-
-@dataclass
-class StreamPoint:
-    tokens_seen: int
-    cache_entries: int  # per layer, after the chunk's eviction
-    kv_bytes: int
-    window_ppl: float  # perplexity of the tokens scored in this window
-    running_ppl: float  # perplexity of everything scored so far
-    tokens_per_s: float  # over the whole run so far
-
-
-@dataclass
-class StreamResult:
-    method: str
-    params: dict[str, Any]
-    chunk_size: int
-    tokens_seen: int
-    tokens_scored: int
-    perplexity: float | None
-    tokens_per_s: float
-    seconds: float
-    max_cache_entries: int
-    mean_cache_entries: float
-    max_kv_bytes: int
-    max_position_used: int
-    model_max_positions: int | None
-    stopped: str  # why the stream ended
-    points: list[StreamPoint] = field(default_factory=list)
-    nll: list[float] = field(default_factory=list, repr=False)  # per scored token (token i+1 given 0..i)
-
-    def to_dict(self, with_nll: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        if not with_nll:
-            d.pop("nll")
-        return d
-
-
-def _ppl(nll_sum: float, n: int) -> float:
-    return math.exp(nll_sum / n) if n else float("nan")
-
-
-def stream_perplexity(
-    model: PreTrainedModel,
-    token_ids: torch.Tensor,
-    policy: StreamPolicy,
-    separator_ids: torch.Tensor | None = None,
-    chunk_size: int = 64,
-    max_tokens: int | None = None,
-    allow_long: bool = False,
-    window: int = 1024,
-    progress: Callable[[StreamPoint, int], None] | None = None,
-) -> StreamResult:
-    """Stream ``token_ids`` [N] through ``model`` and score every next token.
-
-    Token ``i+1`` is scored by the logits at token ``i``, i.e. given what the
-    cache held then (``N - 1`` scored tokens). Full attention without
-    ``allow_long`` stops, with ``stopped`` saying so, at the model's maximum
-    position. ``window``: tokens per point of the windowed perplexity curve.
-    ``progress(point, n_done)`` is called after every chunk.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    ids = token_ids.reshape(-1)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
-        ids = ids[:max_tokens]
-    if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
-    streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
-    cap = policy.capacity
-    limit = streamer.max_positions
-    if cap is not None and limit is not None and cap + chunk_size > limit and not allow_long:
-        raise ValueError(
-            f"cache_size + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
-            f"use a smaller cache or chunk"
-        )
-    n = ids.numel()
-    nll: list[float] = []
-    points: list[StreamPoint] = []
-    total_nll, win_nll, win_n, cache_sum, chunks = 0.0, 0.0, 0, 0, 0
-    max_entries = max_bytes = 0
-    prev_last: torch.Tensor | None = None  # logits [vocab] of the previous chunk's last token
-    stopped = "end of text" if max_tokens is None or max_tokens >= token_ids.numel() else f"max_tokens={max_tokens}"
-    t0 = time.perf_counter()
-    pos = 0
-    while pos < n:
-        chunk = ids[pos : pos + chunk_size]
-        try:
-            logits = streamer.feed(chunk)  # [C, vocab]
-        except ContextFullError as exc:
-            stopped = str(exc)
-            break
-        # scores: previous chunk's last logits -> chunk[0]; logits[j] -> chunk[j+1]; last -> next chunk[0]
-        preds = logits[:-1] if prev_last is None else torch.cat((prev_last[None], logits[:-1]))
-        targets = chunk[1:] if prev_last is None else chunk
-        if targets.numel():
-            lp = torch.log_softmax(preds, dim=-1).gather(1, targets.to(preds.device)[:, None])[:, 0]
-            vals = (-lp).tolist()
-            for v in vals:
-                nll.append(v)
-                total_nll += v
-                win_nll += v
-                win_n += 1
-        prev_last = logits[-1]
-        pos += chunk.numel()
-        chunks += 1
-        entries, nbytes = streamer.cache_len, streamer.kv_bytes()
-        cache_sum += entries
-        max_entries, max_bytes = max(max_entries, entries), max(max_bytes, nbytes)
-        elapsed = time.perf_counter() - t0
-        point = StreamPoint(
-            tokens_seen=pos, cache_entries=entries, kv_bytes=nbytes, window_ppl=_ppl(win_nll, win_n),
-            running_ppl=_ppl(total_nll, len(nll)), tokens_per_s=pos / elapsed if elapsed > 0 else 0.0,
-        )
-        if win_n >= window or pos >= n:
-            points.append(point)
-            win_nll, win_n = 0.0, 0
-        if progress is not None:
-            progress(point, pos)
-    if win_n:  # a partial window left when the stream stopped early
-        points.append(StreamPoint(pos, streamer.cache_len, streamer.kv_bytes(), _ppl(win_nll, win_n), _ppl(total_nll, len(nll)), 0.0))
-    seconds = time.perf_counter() - t0
-    return StreamResult(
-        method=policy.name, params=policy.params(), chunk_size=chunk_size, tokens_seen=streamer.tokens_seen,
-        tokens_scored=len(nll), perplexity=_ppl(total_nll, len(nll)) if nll else None,
-        tokens_per_s=streamer.tokens_seen / seconds if seconds > 0 else 0.0, seconds=seconds,
-        max_cache_entries=max_entries, mean_cache_entries=cache_sum / chunks if chunks else 0.0,
-        max_kv_bytes=max_bytes, max_position_used=streamer.max_position_used, model_max_positions=limit,
-        stopped=stopped, points=points, nll=nll,
-    )
-
-
-def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") -> Path:
-    """Windowed perplexity and KV-cache size vs tokens seen, one line per result (PNG)."""
-    from tokensieve.evaluation.plots import plt, save_figure
-
-    colors = {"full": "#F0496E", "streamingllm": "#EBB839", "sepllm": "#0CD79F"}
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for r in results:
-        xs = [p.tokens_seen for p in r.points]
-        c = colors.get(r.method)
-        ax1.plot(xs, [p.window_ppl for p in r.points], label=r.method, color=c, lw=1.2)
-        ax2.plot(xs, [p.kv_bytes / 2**20 for p in r.points], label=r.method, color=c, lw=1.2)
-        if r.model_max_positions and r.method == "full":
-            for ax in (ax1, ax2):
-                ax.axvline(r.model_max_positions, color="grey", ls=":", lw=1)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("perplexity (per window)")
-    ax1.legend(fontsize=8)
-    ax2.set_ylabel("KV cache (MiB)")
-    ax2.set_xlabel("tokens seen")
-    ax1.set_title(title, fontsize=9)
-    return save_figure(fig, path)

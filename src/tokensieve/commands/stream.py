@@ -9,7 +9,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from tokensieve.commands.common import MB, add_model_args, load, parse_size, print_json
-from tokensieve.streaming import POLICIES, make_policy, plot_stream, stream_perplexity
+from tokensieve.streaming import POLICIES, make_policy
 
 DEFAULT_BOOK = "2544.txt"  # the longest PG-19 book shipped in shared/data/pg19 (~90k SmolLM2 tokens)
 
@@ -86,15 +86,19 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
         bar.set_postfix(ppl=f"{point.running_ppl:.2f}", tok_s=f"{point.tokens_per_s:.0f}", cache=point.cache_entries, kv=f"{point.kv_bytes / MB:.1f}MiB", refresh=False)
 
+    from tokensieve.evaluation.stream_ppl import stream_perplexity
+
     res = stream_perplexity(
         model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
-        allow_long=args.allow_long, window=args.ppl_window, progress=progress,
+        allow_long=args.allow_long, ppl_window=args.ppl_window, progress=progress,
     )
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
         print(f"tokensieve stream: stopped: {res.stopped}", file=sys.stderr)
     plot = f"runs/stream/{args.method}.png" if args.plot is None else args.plot
     if plot:
+        from tokensieve.evaluation.plots import plot_stream
+
         plot_stream([res], plot, f"{args.method} on {args.model}, {path.name}, chunk {args.chunk_size}")
     summary = res.to_dict()
     summary.update(model=args.model, file=str(path), plot=plot or None)

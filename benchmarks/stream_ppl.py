@@ -5,8 +5,9 @@ Command (from the project root; the numbers in benchmarks/results/stream_ppl_smo
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stream_ppl.py \
         --tokens 65536 --chunk-size 128 --full-past 2048 --out benchmarks/results/stream_ppl_smollm2
 
-* SepLLM: SepCache a=4, s=64, w=256, c=800 (the paper's streaming setting).
-* StreamingLLM: 4 sinks + 796 recent tokens (the same 800-entry budget).
+* SepLLM: SepCache n_initial=4, n_separators=64, n_recent=256, budget=800
+  (a=4, s=64, w=256, c=800: the paper's streaming setting).
+* StreamingLLM: n_initial=4 sinks + 796 recent tokens (the same budget of 800).
 * Full attention: every token kept, true positions; runs to the model's maximum
   (8192) and, as if with ``--allow-long``, ``--full-past`` tokens beyond it to show
   the breakdown, then stops.
@@ -59,8 +60,8 @@ def main() -> int:
     seps = separator_token_ids(tok)
     max_pos = model.config.max_position_embeddings
     runs = [
-        (SepLLMPolicy(init_size=4, sep_size=64, local_size=256, cache_size=800), args.tokens, False),
-        (StreamingLLMPolicy(init_size=4, cache_size=800), args.tokens, False),
+        (SepLLMPolicy(n_initial=4, n_separators=64, n_recent=256, budget=800), args.tokens, False),
+        (StreamingLLMPolicy(n_initial=4, budget=800), args.tokens, False),
         (FullPolicy(), args.full_tokens or max_pos + args.full_past, True),
     ]
     results, t_all = [], time.perf_counter()

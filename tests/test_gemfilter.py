@@ -73,7 +73,7 @@ def test_selection_matches_slow_reference(family, scoring):
     model = tiny_model(family, seed=3)
     ids = random_ids(60, seed=5)
     for layer in (0, 3):
-        m = GemFilter(topk=17, filter_layer=layer, scoring=scoring, window=8)
+        m = GemFilter(topk=17, filter_layer=layer, scoring=scoring, window_size=8)
         got = m.scores(model, ids)
         ref = reference_scores(model, ids, layer, scoring, window=8)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
@@ -154,7 +154,7 @@ def test_default_filter_layer_known_and_fallback():
         (dict(filter_layer=-1), "filter_layer"),
         (dict(scoring="bogus"), "scoring"),
         (dict(kernel=4), "kernel"),
-        (dict(window=0), "window"),
+        (dict(window_size=0), "window_size"),
     ],
 )
 def test_bad_parameters_give_clear_errors(params, match, tok):
@@ -168,8 +168,8 @@ def test_bad_parameters_give_clear_errors(params, match, tok):
 def test_chunked_filter_pass_equals_one_shot(family, scoring):
     model = tiny_model(family, seed=7)
     ids = random_ids(103, seed=2)  # chunks of 16 leave a 7-token tail, merged into the previous chunk
-    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window=8)
-    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window=8, chunk_size=16)
+    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8)
+    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16)
     chunked.validate(model, 103)
     torch.testing.assert_close(chunked.scores(model, ids), one.scores(model, ids), rtol=1e-4, atol=1e-4)
     assert chunked.select(model, ids).tolist() == one.select(model, ids).tolist()
@@ -178,8 +178,8 @@ def test_chunked_filter_pass_equals_one_shot(family, scoring):
 def test_chunked_filter_pass_rejects_sliding_window_models():
     with pytest.raises(ValueError, match="chunk_size"):
         GemFilter(chunk_size=64, filter_layer=1).validate(tiny_model("gemma3"), 100)
-    with pytest.raises(ValueError, match="chunk_size must be >= window"):
-        GemFilter(chunk_size=4, window=16, filter_layer=1).validate(tiny_model("llama"), 100)
+    with pytest.raises(ValueError, match="chunk_size must be >= window_size"):
+        GemFilter(chunk_size=4, window_size=16, filter_layer=1).validate(tiny_model("llama"), 100)
 
 
 @pytest.mark.parametrize("scoring", ["paper", "window"])

@@ -117,11 +117,11 @@ def n_layers(model) -> int:
 # --- budget >= n: exactly full attention --------------------------------------------------------
 
 LARGE = [
-    SnapKV(budget=48, window=8),
-    SnapKV(budget=40, window=32),  # budget == n: nothing to evict
+    SnapKV(budget=48, window_size=8),
+    SnapKV(budget=40, window_size=32),  # budget == n: nothing to evict
     H2O(budget=64),
-    StreamingLLM(budget=64, sinks=4),
-    SepLLM(window=64, separator_ids=SEPS),
+    StreamingLLM(budget=64, n_initial=4),
+    SepLLM(n_recent=64, separator_ids=SEPS),
 ]
 
 
@@ -160,7 +160,7 @@ def test_sepllm_matches_masked_reference(model):
     n, w, a = 48, 6, 3
     ids = prompt(n, seed=2)
     ids[0, [7, 15, 16, 30, 41]] = torch.tensor([1, 2, 3, 1, 2])
-    method = SepLLM(initial=a, window=w, separator_ids=SEPS, block_size=16)  # several query blocks
+    method = SepLLM(n_initial=a, n_recent=w, separator_ids=SEPS, block_size=16)  # several query blocks
 
     def allowed(T):
         seq_ids = torch.cat([ids[0], torch.tensor(toks[:-1])])[:T]
@@ -185,7 +185,7 @@ def test_sepllm_prefill_keeps_initial_separators_window(model):
     n, w, a = 40, 5, 4
     ids = prompt(n, seed=3)
     ids[0, [10, 20, 21]] = 1
-    state = SepLLM(initial=a, window=w, separator_ids=SEPS).prefill(model, ids)
+    state = SepLLM(n_initial=a, n_recent=w, separator_ids=SEPS).prefill(model, ids)
     expect = [p for p in range(n) if p < a or int(ids[0, p]) in SEPS or p >= n - w]
     for layer in range(n_layers(model)):
         assert state.cache.kept_positions(layer)[0, 0].tolist() == expect
@@ -202,7 +202,7 @@ def test_streamingllm_matches_masked_reference(model):
         i, j = torch.arange(T)[:, None], torch.arange(T)[None]
         return (j <= i) & ((i < n) | (j < sinks) | (j >= i - W))  # prompt rows: full causal
 
-    _, state, T = check_against_mask(model, StreamingLLM(budget=budget, sinks=sinks), ids, 8, allowed)
+    _, state, T = check_against_mask(model, StreamingLLM(budget=budget, n_initial=sinks), ids, 8, allowed)
     for layer in range(n_layers(model)):
         assert state.cache.kept_positions(layer)[0, 0].tolist() == list(range(sinks)) + list(range(T - W, T))
 
@@ -225,7 +225,7 @@ def snapkv_reference_keep(attn: torch.Tensor, kv_heads: int, budget: int, window
 def test_snapkv_matches_eager_reference(model):
     n, budget, window, steps = 48, 20, 6, 6
     ids = prompt(n, seed=5)
-    method = SnapKV(budget=budget, window=window)
+    method = SnapKV(budget=budget, window_size=window)
     hkv, hq = model.config.num_key_value_heads, model.config.num_attention_heads
     attns = eager_attentions(model, ids)
     ref_keep = [snapkv_reference_keep(a, hkv, budget, window, 5) for a in attns]
@@ -261,7 +261,7 @@ def test_h2o_matches_reference(model, n, budget, recent, steps, init):
     if init is not None:
         model = tiny("llama" if isinstance(model, LlamaForCausalLM) else "qwen2", init)
     ids = prompt(n, seed=6)
-    method = H2O(budget=budget, window=recent)
+    method = H2O(budget=budget, n_recent=recent)
     hkv, hq = model.config.num_key_value_heads, model.config.num_attention_heads
     g, L = hq // hkv, n_layers(model)
 
@@ -393,16 +393,16 @@ def test_sepcache_keep_matches_reference(seed):
     "method, params, match",
     [
         ("snapkv", dict(budget=0), "budget"),
-        ("snapkv", dict(budget=16, window=32), "window"),
+        ("snapkv", dict(budget=16, window_size=32), "window_size"),
         ("snapkv", dict(kernel=4), "kernel"),
         ("snapkv", dict(pooling="median"), "pooling"),
         ("h2o", dict(budget=-3), "budget"),
-        ("h2o", dict(budget=8, window=9), "window"),
+        ("h2o", dict(budget=8, n_recent=9), "n_recent"),
         ("h2o", dict(chunk_size=0), "chunk_size"),
-        ("streamingllm", dict(budget=4, sinks=4), "sinks"),
-        ("streamingllm", dict(sinks=-1), "sinks"),
-        ("sepllm", dict(window=-1, separator_ids=SEPS), "window"),
-        ("sepllm", dict(initial=-2, separator_ids=SEPS), "initial"),
+        ("streamingllm", dict(budget=4, n_initial=4), "n_initial"),
+        ("streamingllm", dict(n_initial=-1), "n_initial"),
+        ("sepllm", dict(n_recent=-1, separator_ids=SEPS), "n_recent"),
+        ("sepllm", dict(n_initial=-2, separator_ids=SEPS), "n_initial"),
         ("sepllm", dict(separator_ids=(1, VOCAB)), "separator_ids"),
     ],
 )
@@ -451,7 +451,7 @@ def test_snapkv_answers_needle_on_smollm2(smollm2):
 def test_sepllm_through_runner_derives_separators(smollm2):
     model, tok = smollm2
     text = "The cat sat on the mat. It was warm, and the sun was out; birds sang!\n" * 12
-    res = tokensieve.generate(model, tok, text, method="sepllm", window=32, initial=4, max_new_tokens=4)
+    res = tokensieve.generate(model, tok, text, method="sepllm", n_recent=32, n_initial=4, max_new_tokens=4)
     ids = tokensieve.encode_prompt(tok, text)[0]
     from tokensieve.separators import separator_token_ids
 

@@ -275,15 +275,16 @@ def test_sepllm_stream_never_exceeds_budget_per_layer():
 @pytest.mark.parametrize(
     "name, params, match",
     [
-        ("sepllm", dict(init_size=-1), "init_size must be a non-negative integer, got -1"),
-        ("sepllm", dict(sep_size=-2), "sep_size must be a non-negative integer"),
-        ("sepllm", dict(init_size=4, sep_size=64, local_size=256, cache_size=300), r"a \+ s \+ w < c.*324 >= 300"),
-        ("sepllm", dict(init_size=4, sep_size=64, local_size=256, cache_size=324), r"a \+ s \+ w < c"),
-        ("sepllm", dict(local_size=900, cache_size=800), "local window larger than the budget: local_size=900"),
-        ("streamingllm", dict(cache_size=-5), "cache_size must be a non-negative integer, got -5"),
-        ("streamingllm", dict(init_size=4, cache_size=100, window=200), "window=200 is larger than the budget"),
-        ("streamingllm", dict(init_size=10, cache_size=10), "recent window of at least 1"),
-        ("full", dict(window=3), "has no parameter"),
+        ("sepllm", dict(n_initial=-1), "n_initial must be a non-negative integer, got -1"),
+        ("sepllm", dict(n_separators=-2), "n_separators must be a non-negative integer"),
+        ("sepllm", dict(n_initial=4, n_separators=64, n_recent=256, budget=300), r"a \+ s \+ w < c.*324 >= 300"),
+        ("sepllm", dict(n_initial=4, n_separators=64, n_recent=256, budget=324), r"a \+ s \+ w < c"),
+        ("sepllm", dict(n_recent=900, budget=800), "local window larger than the budget: n_recent=900"),
+        ("streamingllm", dict(budget=-5), "budget must be a non-negative integer, got -5"),
+        ("streamingllm", dict(n_initial=4, budget=100, n_recent=200), "n_recent=200 is larger than the budget"),
+        ("streamingllm", dict(n_initial=10, budget=10), "recent window of at least 1"),
+        ("streamingllm", dict(n_separators=3), "has no parameter"),
+        ("full", dict(n_recent=3), "has no parameter"),
         ("h2o", {}, "unknown streaming method"),
     ],
 )
@@ -295,10 +296,11 @@ def test_bad_parameters(name, params, match):
 def test_cli_rejects_bad_parameters_before_loading(capsys):
     from tokensieve.cli import main
 
-    rc = main(["stream", "--method", "sepllm", "--sep-size", "600", "--model", "/nonexistent"])
+    rc = main(["stream", "--method", "sepllm", "--n-separators", "600", "--model", "/nonexistent"])
     assert rc == 2
     assert "a + s + w < c" in capsys.readouterr().err
-    assert main(["stream", "--method", "full", "--cache-size", "64", "--model", "/nonexistent"]) == 2
+    assert main(["stream", "--method", "full", "--budget", "64", "--model", "/nonexistent"]) == 2
+    assert "do not apply to --method full" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
@@ -310,7 +312,7 @@ def test_cli_stream_smollm2(tmp_path, capsys):
     text_file.write_text(read_text(None, min_chars=8000)[:8000])
     png = tmp_path / "s.png"
     rc = main(["stream", "--method", "streamingllm", "--file", str(text_file), "--max-tokens", "320",
-               "--chunk-size", "32", "--cache-size", "96", "--ppl-window", "64", "--plot", str(png), "--json"])
+               "--chunk-size", "32", "--budget", "96", "--ppl-window", "64", "--plot", str(png), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens_seen"] == 320 and out["max_cache_entries"] == 96

@@ -5,10 +5,12 @@ an eviction *policy* decides which KV entries stay. Three policies:
 
 * :class:`SepLLMPolicy`: the budgeted SepLLM cache ("SepCache"; Chen et al.,
   "SepLLM: Accelerate Large Language Models by Compressing One Segment into One
-  Separator", ICML 2025): ``a`` initial tokens, up to ``s`` separator tokens,
-  a local window of the ``w`` newest tokens, and a total capacity ``c``.
-* :class:`StreamingLLMPolicy`: attention sinks + recent window (Xiao et al.,
-  "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+  Separator", ICML 2025): ``n_initial`` (a) initial tokens, up to
+  ``n_separators`` (s) separator tokens, a local window of the ``n_recent`` (w)
+  newest tokens, and a total ``budget`` (c).
+* :class:`StreamingLLMPolicy`: ``n_initial`` attention sinks + ``n_recent``
+  recent tokens within a ``budget`` (Xiao et al., "Efficient Streaming Language
+  Models with Attention Sinks", ICLR 2024).
 * :class:`FullPolicy`: nothing is evicted (full attention); it stops at the
   model's maximum position unless ``allow_long``.
 
@@ -53,6 +55,7 @@ methods' own keep rules (``methods.streamingllm.keep_sinks_and_recent``,
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -61,20 +64,21 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG, repeat_kv
+from tokensieve.errors import InputError
 from tokensieve.methods.base import max_positions, num_layers
 from tokensieve.methods.sepllm import sepcache_keep
 from tokensieve.methods.streamingllm import keep_sinks_and_recent
 from tokensieve.rope import RopeTables, apply_rope
 
 
-class ContextFullError(ValueError):
+class ContextFullError(InputError):
     """Full attention reached the model's maximum position (pass ``allow_long=True`` to run past it)."""
 
 
 def _check_sizes(**sizes: int) -> None:
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+            raise InputError(f"{name} must be a non-negative integer, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- policies
@@ -87,9 +91,14 @@ def _unless_all(keep: torch.Tensor, stream_idx: torch.Tensor) -> torch.Tensor | 
 
 @dataclass
 class StreamPolicy:
-    """Decides which cache entries survive after each chunk."""
+    """Decides which cache entries survive after each chunk, by a method's keep rule.
+
+    ``renamed`` maps an old parameter name to its current one: ``make_policy`` still
+    accepts the old name for one release, with a ``FutureWarning``.
+    """
 
     name: ClassVar[str] = "base"
+    renamed: ClassVar[dict[str, str]] = {}
 
     @property
     def capacity(self) -> int | None:
@@ -97,7 +106,7 @@ class StreamPolicy:
         return None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad parameter."""
+        """Raise ``InputError`` naming the bad parameter."""
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
         """Entries to keep, as sorted indices into the cache, or None to keep all.
@@ -120,45 +129,49 @@ class FullPolicy(StreamPolicy):
 
 @dataclass
 class StreamingLLMPolicy(StreamPolicy):
-    """StreamingLLM (Xiao et al., ICLR 2024): ``init_size`` attention sinks + the ``window`` newest tokens.
+    """StreamingLLM (Xiao et al., ICLR 2024): ``n_initial`` attention sinks + the ``n_recent`` newest tokens.
 
-    Parameters:
-        init_size: the first tokens of the stream, kept forever (the paper's 4 sinks).
-        cache_size: total budget ``c`` of KV entries per layer.
-        window: recent tokens kept; default ``cache_size - init_size`` (the
-            whole budget). Must be at most ``cache_size - init_size``.
+    The rule is ``methods.streamingllm.keep_sinks_and_recent``, the one the
+    ``streamingllm`` eviction method uses. Parameters:
+        n_initial: the first tokens of the stream, kept forever (the paper's 4 sinks; formerly ``init_size``).
+        budget: KV entries per layer, ``c`` (formerly ``cache_size``).
+        n_recent: recent tokens kept; default ``budget - n_initial`` (the
+            whole budget). At most ``budget - n_initial`` (formerly ``window``).
     """
 
     name: ClassVar[str] = "streamingllm"
-    init_size: int = 4
-    cache_size: int = 800
-    window: int | None = None
+    renamed: ClassVar[dict[str, str]] = {"init_size": "n_initial", "cache_size": "budget", "window": "n_recent"}
+    n_initial: int = 4
+    budget: int = 800
+    n_recent: int | None = None
 
     @property
-    def recent(self) -> int:
-        return self.cache_size - self.init_size if self.window is None else self.window
+    def resolved_n_recent(self) -> int:
+        """Recent tokens kept: ``n_recent``, or ``budget - n_initial`` when it is None."""
+        return self.budget - self.n_initial if self.n_recent is None else self.n_recent
 
     @property
     def capacity(self) -> int:
-        return self.init_size + self.recent
+        return self.n_initial + self.resolved_n_recent
 
     def validate(self) -> None:
-        _check_sizes(init_size=self.init_size, cache_size=self.cache_size)
-        if self.window is not None:
-            _check_sizes(window=self.window)
-            if self.init_size + self.window > self.cache_size:
-                raise ValueError(
-                    f"window={self.window} is larger than the budget: init_size + window = "
-                    f"{self.init_size + self.window} > cache_size={self.cache_size}"
+        _check_sizes(n_initial=self.n_initial, budget=self.budget)
+        if self.n_recent is not None:
+            _check_sizes(n_recent=self.n_recent)
+            if self.n_initial + self.n_recent > self.budget:
+                raise InputError(
+                    f"n_recent={self.n_recent} is larger than the budget: n_initial + n_recent = "
+                    f"{self.n_initial + self.n_recent} > budget={self.budget}"
                 )
-        if self.recent < 1:
-            raise ValueError(
-                f"StreamingLLM needs a recent window of at least 1 token, got init_size={self.init_size}, "
-                f"cache_size={self.cache_size}, window={self.window}"
+        if self.resolved_n_recent < 1:
+            raise InputError(
+                f"StreamingLLM needs a recent window of at least 1 token, got n_initial={self.n_initial}, "
+                f"budget={self.budget}, n_recent={self.n_recent}"
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        return _unless_all(keep_sinks_and_recent(stream_idx.numel(), self.init_size, self.recent, stream_idx.device), stream_idx)
+        keep = keep_sinks_and_recent(stream_idx.numel(), self.n_initial, self.resolved_n_recent, stream_idx.device)
+        return _unless_all(keep, stream_idx)
 
 
 @dataclass
@@ -167,50 +180,51 @@ class SepLLMPolicy(StreamPolicy):
 
     The cache is, in stream order, [initial | separators | past window | local window]:
 
-    * initial (``init_size`` = a): the first ``a`` tokens of the stream, never evicted;
-    * local window (``local_size`` = w): the ``w`` newest tokens;
+    * initial (``n_initial`` = a): the first ``a`` tokens of the stream, never evicted;
+    * local window (``n_recent`` = w): the ``w`` newest tokens;
     * past window: tokens that left the local window since the last compression,
-      all kept until the cache exceeds ``cache_size``;
-    * separators (``sep_size`` = s): separator tokens (``.`` ``,`` ``?`` ``!``
+      all kept until the cache exceeds ``budget``;
+    * separators (``n_separators`` = s): separator tokens (``.`` ``,`` ``?`` ``!``
       ``;`` ``:`` newlines, BOS) that left the local window.
 
-    When, after a chunk, the cache holds more than ``cache_size`` = c entries it
+    When, after a chunk, the cache holds more than ``budget`` = c entries it
     is compressed: the past window keeps only its separators, which join the
     separator part; if that part then holds more than ``s`` separators, the
     **oldest separators are evicted first**. The cache then holds at most
     ``a + s + w < c`` entries, so it never exceeds ``c`` between chunks.
-    Paper's streaming setting: a=4, s=64, w=256, c=800.
+    Paper's streaming setting: a=4, s=64, w=256, c=800. The rule is
+    ``methods.sepllm.sepcache_keep``. Former names: ``init_size``, ``sep_size``,
+    ``local_size``, ``cache_size``.
     """
 
     name: ClassVar[str] = "sepllm"
-    init_size: int = 4
-    sep_size: int = 64
-    local_size: int = 256
-    cache_size: int = 800
+    renamed: ClassVar[dict[str, str]] = {
+        "init_size": "n_initial", "sep_size": "n_separators", "local_size": "n_recent", "cache_size": "budget",
+    }
+    n_initial: int = 4
+    n_separators: int = 64
+    n_recent: int = 256
+    budget: int = 800
 
     @property
     def capacity(self) -> int:
-        return self.cache_size
+        return self.budget
 
     def validate(self) -> None:
-        _check_sizes(
-            init_size=self.init_size, sep_size=self.sep_size, local_size=self.local_size, cache_size=self.cache_size
-        )
-        if self.local_size < 1:
-            raise ValueError(f"local_size (w) must be at least 1, got {self.local_size}")
-        if self.local_size >= self.cache_size:
-            raise ValueError(
-                f"local window larger than the budget: local_size={self.local_size} >= cache_size={self.cache_size}"
-            )
-        total = self.init_size + self.sep_size + self.local_size
-        if total >= self.cache_size:
-            raise ValueError(
-                f"SepLLM needs init_size + sep_size + local_size < cache_size (a + s + w < c), got "
-                f"{self.init_size} + {self.sep_size} + {self.local_size} = {total} >= {self.cache_size}"
+        _check_sizes(n_initial=self.n_initial, n_separators=self.n_separators, n_recent=self.n_recent, budget=self.budget)
+        if self.n_recent < 1:
+            raise InputError(f"n_recent (w) must be at least 1, got {self.n_recent}")
+        if self.n_recent >= self.budget:
+            raise InputError(f"local window larger than the budget: n_recent={self.n_recent} >= budget={self.budget}")
+        total = self.n_initial + self.n_separators + self.n_recent
+        if total >= self.budget:
+            raise InputError(
+                f"SepLLM needs n_initial + n_separators + n_recent < budget (a + s + w < c), got "
+                f"{self.n_initial} + {self.n_separators} + {self.n_recent} = {total} >= {self.budget}"
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        keep = sepcache_keep(stream_idx, is_sep, self.init_size, self.sep_size, self.local_size, self.cache_size)
+        keep = sepcache_keep(stream_idx, is_sep, self.n_initial, self.n_separators, self.n_recent, self.budget)
         return _unless_all(keep, stream_idx)
 
 
@@ -221,16 +235,41 @@ POLICIES: dict[str, type[StreamPolicy]] = {
 }
 
 
-def make_policy(name: str, **params: Any) -> StreamPolicy:
-    """A validated policy from its name; parameters it does not have are ignored only if None."""
+def canonical_policy_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of policy ``name`` without the ``None`` ones, old names replaced by current ones.
+
+    A deprecated name gives a ``FutureWarning``; an old and a new name together, or a name
+    the policy does not have, raise ``InputError``.
+    """
     if name not in POLICIES:
-        raise ValueError(f"unknown streaming method {name!r}; expected one of: {', '.join(POLICIES)}")
+        raise InputError(f"unknown streaming method {name!r}; expected one of: {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    allowed = {f.name for f in fields(cls)}
-    bad = sorted(k for k, v in params.items() if k not in allowed and v is not None)
+    given = {k: v for k, v in params.items() if v is not None}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        new = cls.renamed.get(key)
+        if new is not None:
+            warnings.warn(
+                f"streaming {name}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
+                FutureWarning, stacklevel=3,
+            )
+            if new in given:
+                raise InputError(f"streaming {name}: give {new!r} or its old name {key!r}, not both")
+            key = new
+        out[key] = value
+    allowed = [f.name for f in fields(cls)]
+    bad = sorted(set(out) - set(allowed))
     if bad:
-        raise ValueError(f"streaming method {name!r} has no parameter(s) {', '.join(bad)}; it has: {', '.join(sorted(allowed)) or 'none'}")
-    policy = cls(**{k: v for k, v in params.items() if k in allowed and v is not None})
+        raise InputError(
+            f"streaming method {name!r} has no parameter(s) {', '.join(bad)}; it has: {', '.join(allowed) or 'none'}"
+        )
+    return out
+
+
+def make_policy(name: str, **params: Any) -> StreamPolicy:
+    """A validated policy from its name; ``None`` values mean "not given" (the default)."""
+    given = canonical_policy_params(name, params)  # InputError for an unknown policy or parameter
+    policy = POLICIES[name](**given)
     policy.validate()
     return policy
 
@@ -301,7 +340,7 @@ class Streamer:
         ids = token_ids.reshape(1, -1).to(self.device)
         c = ids.shape[1]
         if c == 0:
-            raise ValueError("feed() got an empty chunk")
+            raise InputError("feed() got an empty chunk")
         self.check_room(c)
         start = self.cache_len
         self._chunk_start_len = start
@@ -337,7 +376,7 @@ class Streamer:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if kwargs.get("softcap") is not None:
-            raise ValueError("streaming does not support attention logit soft-capping")
+            raise InputError("streaming does not support attention logit soft-capping")
         li = module.layer_idx
         L, c = self._chunk_start_len, query.shape[2]
         cos, sin = self.rope.get(L + c, getattr(module, "layer_type", None))

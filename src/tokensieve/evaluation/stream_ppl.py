@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel
 
+from tokensieve.errors import InputError
 from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
 
 
@@ -80,22 +81,22 @@ def stream_perplexity(
     ``progress(point, n_done)`` is called after every chunk.
     """
     if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     if ppl_window < 1:
-        raise ValueError(f"ppl_window must be >= 1, got {ppl_window}")
+        raise InputError(f"ppl_window must be >= 1, got {ppl_window}")
     ids = token_ids.reshape(-1)
     if max_tokens is not None:
         if max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
+            raise InputError(f"max_tokens must be >= 2, got {max_tokens}")
         ids = ids[:max_tokens]
     if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
+        raise InputError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
     streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
     cap = policy.capacity
     limit = streamer.max_positions
     if cap is not None and limit is not None and cap + chunk_size > limit and not allow_long:
-        raise ValueError(
-            f"cache_size + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
+        raise InputError(
+            f"budget + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
             f"use a smaller cache or chunk"
         )
     n = ids.numel()

@@ -18,7 +18,7 @@ Two scorings:
 
 * ``"paper"``: raw inner products of the **last** query with every key,
   ``q_last . k_j`` summed over heads, exactly as the paper's code.
-* ``"window"``: softmax attention (scaled, causal) of the last ``window``
+* ``"window"``: softmax attention (scaled, causal) of the last ``window_size``
   queries, summed over heads and those queries (SnapKV-style observation
   window). On small models it recalls the needle far more reliably; which one
   is the default is decided by measurement (README, "GemFilter scoring").
@@ -35,7 +35,9 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.methods.eviction import check_int
 from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
 SCORINGS = ("paper", "window")
@@ -115,7 +117,7 @@ def token_scores(
         return head_sum(paper_scores(query, key, key_chunk=key_chunk))
     if scoring == "window":
         return head_sum(attention_scores(query[:, :, -window_size:], key, scaling, key_chunk=key_chunk))
-    raise ValueError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
+    raise InputError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
 def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL) -> torch.Tensor:
@@ -131,9 +133,9 @@ class GemFilter(Method):
         topk: tokens kept (the paper's default 1024); ``k >= n`` keeps the whole prompt.
         filter_layer: 0-based layer ``r`` whose attention scores the tokens; ``None``
             takes the known value for the model (``default_filter_layer``).
-        scoring: ``"window"`` (softmax of the last ``window`` queries) or ``"paper"``
+        scoring: ``"window"`` (softmax of the last ``window_size`` queries) or ``"paper"``
             (raw ``q_last . k``).
-        window: scoring queries for ``"window"``.
+        window_size: scoring queries for ``"window"`` (formerly ``window``).
         kernel: average-pool kernel (odd; 1 disables smoothing).
         chunk_size: when set and the prompt is longer, the filter pass runs layer by layer
             over chunks of this many tokens, so only one layer's keys/values and the hidden
@@ -143,10 +145,11 @@ class GemFilter(Method):
     """
 
     name: ClassVar[str] = "gemfilter"
+    renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     topk: int = 1024
     filter_layer: int | None = None
     scoring: str = "window"
-    window: int = DEFAULT_WINDOW_SIZE
+    window_size: int = DEFAULT_WINDOW_SIZE
     kernel: int = DEFAULT_KERNEL
     chunk_size: int | None = None
 
@@ -155,25 +158,26 @@ class GemFilter(Method):
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         if not isinstance(self.topk, int) or self.topk <= 0:
-            raise ValueError(f"topk must be a positive integer, got {self.topk!r}")
+            raise InputError(f"topk must be a positive integer, got {self.topk!r}")
         n_layers = num_layers(model)
         r = self.resolved_layer(model)
         if not isinstance(r, int) or not 0 <= r < n_layers:
+            # Still a plain ValueError: tests/test_bench.py pins "error: ValueError" in bench status rows.
             raise ValueError(f"filter_layer must be in [0, {n_layers - 1}] for this model, got {r!r}")
         if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.window <= 0:
-            raise ValueError(f"window must be positive, got {self.window}")
-        if self.kernel <= 0 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
+            raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_int("window_size", self.window_size, 1)
+        check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.chunk_size is not None:
-            if self.chunk_size < max(self.window, 1):
-                raise ValueError(f"chunk_size must be >= window ({self.window}), got {self.chunk_size}")
+            if self.chunk_size < self.window_size:
+                raise InputError(f"chunk_size must be >= window_size ({self.window_size}), got {self.chunk_size}")
             cfg = model.config.get_text_config()
             if cfg.model_type not in CHUNKED_MODEL_TYPES or any(
                 t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])
             ):
-                raise ValueError(
+                raise InputError(
                     f"chunk_size needs a model with only full-attention layers of type {CHUNKED_MODEL_TYPES}, "
                     f"got {cfg.model_type!r}"
                 )
@@ -182,14 +186,14 @@ class GemFilter(Method):
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
         """Filter pass: per-token scores [n] from layer ``r`` (before pooling)."""
         if input_ids.shape[0] != 1:
-            raise ValueError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
+            raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
             return self._chunked_scores(model, input_ids, r)
 
         def hook(module, query, key, value, attention_mask, **kwargs):
             if module.layer_idx == r:
-                raise _FilterDone(token_scores(query, key, module.scaling, self.scoring, self.window))
+                raise _FilterDone(token_scores(query, key, module.scaling, self.scoring, self.window_size))
             return None
 
         try:
@@ -204,7 +208,7 @@ class GemFilter(Method):
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
         starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] < self.window:
+        if len(starts) > 1 and n - starts[-1] < self.window_size:
             starts.pop()  # the last chunk must hold all scoring queries
         bounds = list(zip(starts, starts[1:] + [n]))
         hidden = base.embed_tokens(input_ids)  # [1, n, D]
@@ -224,7 +228,7 @@ class GemFilter(Method):
                     if li == r:
                         if e < n:
                             raise _ChunkDone()
-                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window,
+                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window_size,
                                                        key_chunk=self.chunk_size))
                     values[:, :, s:e] = value
                     out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)

@@ -40,6 +40,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
 from tokensieve.scoring import attention_scores, head_sum
 
@@ -97,18 +98,18 @@ class _Decoder:
     def __init__(self, model: PreTrainedModel):
         cfg = model.config.get_text_config()
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM does not support model type {cfg.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         body = getattr(model, "model", None)
         missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(body, a)]
         if missing or not hasattr(model, "lm_head"):
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM needs model.model.{{embed_tokens, layers, norm, rotary_emb}} and model.lm_head; "
                 f"{type(model).__name__} lacks {missing or ['lm_head']}"
             )
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM needs tokensieve attention, the model uses {model.config._attn_implementation!r}; "
                 "call tokensieve.use_tokensieve_attention(model) (load_model does it)"
             )
@@ -171,21 +172,21 @@ class LazyLLM(Method):
         self.keep_fractions = _as_tuple(self.keep_fractions, float, "keep_fractions")
         for f in self.keep_fractions:
             if not 0.0 < f <= 1.0:
-                raise ValueError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
+                raise InputError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
         if self.prune_layers is None:
             if len(self.keep_fractions) != len(DEFAULT_PRUNE_LAYERS):
-                raise ValueError(
+                raise InputError(
                     f"with the default prune_layers, give {len(DEFAULT_PRUNE_LAYERS)} keep_fractions, got {list(self.keep_fractions)}"
                 )
             return
         self.prune_layers = _as_tuple(self.prune_layers, int, "prune_layers")
         if len(self.prune_layers) != len(self.keep_fractions):
-            raise ValueError(
+            raise InputError(
                 f"prune_layers and keep_fractions must have the same length, got {len(self.prune_layers)} "
                 f"layers {list(self.prune_layers)} and {len(self.keep_fractions)} fractions {list(self.keep_fractions)}"
             )
         if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
-            raise ValueError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
+            raise InputError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
 
     def schedule(self, dec: "_Decoder") -> dict[int, float]:
         """{pruning layer: keep fraction} for this model."""
@@ -200,7 +201,7 @@ class LazyLLM(Method):
             return
         for layer in self.prune_layers:
             if not 0 <= layer <= n_layers - 2:
-                raise ValueError(
+                raise InputError(
                     f"prune_layers must each be in [0, {n_layers - 2}] for this {n_layers}-layer model "
                     f"(pruning after the last layer would do nothing), got {layer} in {list(self.prune_layers)}"
                 )
@@ -208,7 +209,7 @@ class LazyLLM(Method):
         for layer in self.prune_layers:
             if dec.windows[layer] is not None:
                 full = [i for i, w in enumerate(dec.windows[:-1]) if w is None]
-                raise ValueError(
+                raise InputError(
                     f"prune layer {layer} is a sliding-window layer (window {dec.windows[layer]}): its last-token "
                     f"attention cannot see older tokens; choose full-attention layers, here {full}"
                 )
@@ -227,7 +228,7 @@ class LazyLLM(Method):
     @torch.inference_mode()
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> LazyState:
         if input_ids.shape[0] != 1:
-            raise ValueError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
+            raise InputError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
         n = input_ids.shape[1]
         self.validate(model, n)
         dec = _Decoder(model)
@@ -371,8 +372,8 @@ def _as_tuple(value: Any, kind: type, name: str) -> tuple:
         try:
             x = kind(v)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a list of {kind.__name__}s, got {value!r}") from None
+            raise InputError(f"{name} must be a list of {kind.__name__}s, got {value!r}") from None
         if kind is int and isinstance(v, float) and v != x:
-            raise ValueError(f"{name} must be a list of ints, got {value!r}")
+            raise InputError(f"{name} must be a list of ints, got {value!r}")
         out.append(x)
     return tuple(out)

@@ -7,15 +7,15 @@ Separator tokens (``.`` ``,`` ``?`` ``!`` ``;`` ``:`` and newlines, plus BOS)
 are taken to summarise the segment before them. In the training-free design
 every query ``i`` attends only to
 
-* the first ``initial`` tokens,
+* the first ``n_initial`` tokens,
 * every separator token before it,
-* its ``window`` preceding tokens and itself (``i - window <= j <= i``),
+* its ``n_recent`` preceding tokens and itself (``i - n_recent <= j <= i``),
 
 at the tokens' original positions. The prompt is computed under that mask (in
 blocks of ``block_size`` queries, each against only the keys some of its
 queries may see, so no ``n x n`` mask is formed); the cache then keeps only the
 entries later tokens may still see: the initial tokens, all separators and
-the last ``window`` tokens. Each decoded token attends to those and itself;
+the last ``n_recent`` tokens. Each decoded token attends to those and itself;
 afterwards the entry that left the window is evicted unless it is initial or
 a separator. The cache grows only by separators. The rule is the pure
 function ``sepllm_visible`` (which keys a query sees) and ``sepllm_keep``
@@ -42,6 +42,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
 from tokensieve.separators import separator_token_ids
@@ -101,9 +102,11 @@ class SepLLM(EvictionMethod):
     """SepLLM training-free (Chen et al., 2025): initial + separator + neighbouring tokens.
 
     Parameters:
-        initial: first tokens every query sees (``a``; the paper uses 3 or 4).
-        window: preceding tokens every query sees besides itself (``w``; the
-            paper's configs use 256); ``window >= n + new tokens`` is exactly full attention.
+        n_initial: first tokens every query sees (``a``; the paper uses 3 or 4;
+            formerly ``initial``).
+        n_recent: preceding tokens every query sees besides itself (``w``; the
+            paper's configs use 256; formerly ``window``); ``n_recent >= n + new tokens``
+            is exactly full attention.
         separator_ids: token ids that count as separators; ``None`` derives them
             from the tokenizer in ``prepare`` (punctuation, newlines, BOS).
         include_space: with derived ids, also count a lone space token.
@@ -111,8 +114,9 @@ class SepLLM(EvictionMethod):
     """
 
     name: ClassVar[str] = "sepllm"
-    initial: int = 4
-    window: int = 256
+    renamed: ClassVar[dict[str, str]] = {"initial": "n_initial", "window": "n_recent"}
+    n_initial: int = 4
+    n_recent: int = 256
     separator_ids: tuple[int, ...] | None = None
     include_space: bool = False
     block_size: int = 1024
@@ -128,21 +132,21 @@ class SepLLM(EvictionMethod):
             return torch.tensor(list(self.separator_ids), dtype=torch.long, device=device)
         ids = getattr(self, "_derived_ids", None)
         if ids is None:
-            raise ValueError(
+            raise InputError(
                 "SepLLM has no separator ids: pass separator_ids=... or call prepare(model, tokenizer) "
                 "(tokensieve.generate does this)"
             )
         return ids.to(device)
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
-        check_int("initial", self.initial, 0)
-        check_int("window", self.window, 0)
+        check_int("n_initial", self.n_initial, 0)
+        check_int("n_recent", self.n_recent, 0)
         check_int("block_size", self.block_size, 1)
         if self.separator_ids is not None:
             vocab = model.config.get_text_config().vocab_size
             bad = [i for i in self.separator_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
             if bad:
-                raise ValueError(f"separator_ids must be token ids in [0, {vocab}), got {bad[:5]}")
+                raise InputError(f"separator_ids must be token ids in [0, {vocab}), got {bad[:5]}")
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         self._sep = self.separators(input_ids.device)
@@ -158,23 +162,23 @@ class SepLLM(EvictionMethod):
         attention_mask: torch.Tensor | None, **kwargs: Any,
     ) -> AttnOutput:
         n = key.shape[2]
-        if n - 1 <= self.window:  # every query sees every earlier token: plain causal attention
+        if n - 1 <= self.n_recent:  # every query sees every earlier token: plain causal attention
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         pos = torch.arange(n, device=key.device)
         is_sep = self._is_separator(cache, pos)  # [n]
-        special_idx = (is_sep | (pos < self.initial)).nonzero().squeeze(-1)  # seen by every later query
+        special_idx = (is_sep | (pos < self.n_initial)).nonzero().squeeze(-1)  # seen by every later query
         outs = []
         for q0 in range(0, n, self.block_size):
             q1 = min(n, q0 + self.block_size)
-            lo = max(0, q0 - self.window)
+            lo = max(0, q0 - self.n_recent)
             # Keys any query of the block may see: special ones before `lo`, all of [lo, q1).
             idx = torch.cat([special_idx[special_idx < lo], pos[lo:q1]])  # [m], ascending
-            mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.initial, self.window)[None, None]  # [1, 1, c, m]
+            mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[None, None]  # [1, 1, c, m]
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 mask = mask & attention_mask[:, :, q0:q1][..., idx]
             out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **kwargs)
             outs.append(out)  # [b, c, q_heads, head_dim]
-        keep = sepllm_keep(pos, is_sep, self.initial, self.window, next_position=n)
+        keep = sepllm_keep(pos, is_sep, self.n_initial, self.n_recent, next_position=n)
         cache.keep(layer_idx, keep.nonzero().squeeze(-1))
         return torch.cat(outs, dim=1), None
 
@@ -185,7 +189,7 @@ class SepLLM(EvictionMethod):
     ) -> AttnOutput:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         pos = cache.positions[layer_idx][0, 0]  # [entries], the same for every head
-        keep = sepllm_keep(pos, self._is_separator(cache, pos), self.initial, self.window,
+        keep = sepllm_keep(pos, self._is_separator(cache, pos), self.n_initial, self.n_recent,
                            next_position=cache.seen_tokens(layer_idx))
         if not bool(keep.all()):
             cache.keep(layer_idx, keep.nonzero().squeeze(-1))

@@ -32,6 +32,33 @@ def test_topk_at_least_n_reproduces_full_attention(family, tok):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_at_least_n_skips_the_filter_pass(family):
+    """k >= n keeps everything: no filter pass runs (layer r runs once, in the one prefill), and the
+    prefill is exactly full attention's."""
+    model = tiny_model(family)
+    ids = random_ids(40)
+    r = 2
+    calls = []
+    handle = model.model.layers[r].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            full = tokensieve.methods.FullAttention().prefill(model, ids)
+            calls.clear()
+            for k in (40, 41, 10_000):
+                state = GemFilter(topk=k, filter_layer=r).prefill(model, ids)
+                assert len(calls) == 1, f"topk={k}: layer {r} ran {len(calls)} times"
+                calls.clear()
+                assert torch.equal(state.logits, full.logits)
+                assert state.kept_indices.tolist() == list(range(40)) and state.next_position == 40
+                assert state.details["filter_skipped"] is True and state.details["filter_s"] == 0.0
+            # the counter does see a filter pass when there is one: layer r starts twice
+            state = GemFilter(topk=39, filter_layer=r).prefill(model, ids)
+            assert len(calls) == 2 and state.details["filter_skipped"] is False and state.details["filter_s"] > 0
+    finally:
+        handle.remove()
+
+
 def reference_scores(model, ids: torch.Tensor, layer: int, scoring: str, window: int = 16) -> torch.Tensor:
     """Slow, explicit GemFilter scores at ``layer`` from eager hidden states (Llama/Qwen2 style attention)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb

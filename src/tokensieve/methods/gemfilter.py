@@ -3,7 +3,7 @@
 Shi et al., "Discovering the Gems in Early Layers: Accelerating Long-Context
 LLMs with 1000x Input Token Reduction", 2024 (arXiv:2409.17422).
 
-Algorithm (see ``shared/papers/methods.md``):
+Algorithm (parameters, defaults and measurements in ``docs/gemfilter.md``):
 
 1. Filter pass: run decoder layers ``0 .. r-1`` and layer ``r``'s attention up to
    its post-RoPE queries and keys; stop there (no MLP of layer ``r``, no later
@@ -13,6 +13,9 @@ Algorithm (see ``shared/papers/methods.md``):
 4. Keep the ``min(k, n)`` best tokens, sorted back into prompt order.
 5. Run the full model from scratch on the kept ids at fresh positions
    ``0 .. k-1``, then decode normally.
+
+With ``k >= n`` every token would be kept: the filter pass is skipped and the
+prefill is plain full attention (``details["filter_skipped"] = True``).
 
 Two scorings:
 
@@ -246,10 +249,21 @@ class GemFilter(Method):
         raise RuntimeError("chunked filter pass ended without scoring")
 
     def select(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-        """Sorted indices [min(k, n)] of the prompt tokens GemFilter keeps."""
+        """Sorted indices [min(k, n)] of the prompt tokens GemFilter keeps (no filter pass when ``k >= n``)."""
+        n = input_ids.shape[1]
+        if self.topk >= n:
+            return torch.arange(n, device=input_ids.device)
         return pool_and_select(self.scores(model, input_ids), self.topk, self.kernel)
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        if input_ids.shape[0] != 1:
+            raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
+        n = input_ids.shape[1]
+        if self.topk >= n:  # the selection would keep every token: no filter pass, plain full prefill
+            state = full_prefill(model, input_ids)
+            state.kept_indices = torch.arange(n, device=input_ids.device)
+            state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0, filter_skipped=True)
+            return state
         t0 = time.perf_counter()
         idx = self.select(model, input_ids)
         if input_ids.device.type == "cuda":
@@ -258,5 +272,5 @@ class GemFilter(Method):
         # Second pass from scratch on the kept ids; positions are 0..k-1 by default.
         state = full_prefill(model, input_ids[:, idx])
         state.kept_indices = idx
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s)
+        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False)
         return state

@@ -2,7 +2,8 @@
 
 Fu et al., "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM
 Inference", Apple, 2024 (arXiv:2407.14057). No official code exists; this is
-written from the paper (see ``shared/papers/methods.md``).
+written from the paper (``docs/lazyllm.md`` describes it and the measured
+default schedule).
 
 Algorithm, at every step (the prompt's prefill and each decoding step alike):
 

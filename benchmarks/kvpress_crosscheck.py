@@ -48,7 +48,7 @@ LENGTH = 1000
 MAX_NEW = 24
 KVPRESS_WINDOW = 64  # kvpress SnapKVPress default window_size
 KERNEL = 5
-SINKS = 4
+SINKS = 4  # StreamingLLM n_initial
 COMMAND = (
     "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/kvpress_crosscheck.py all "
     "--venv /tmp/kvpress-venv --out benchmarks/results/kvpress_crosscheck.json"
@@ -223,7 +223,7 @@ def cmd_ours(args: argparse.Namespace) -> None:
         """tokensieve's SnapKV unchanged; only records its pooled prefix scores."""
 
         def scores(self, module, query, key):
-            s = super().scores(module, query, key)  # [b, hkv, n - window]
+            s = super().scores(module, query, key)  # [b, hkv, n - window_size]
             scores_seen[module.layer_idx] = s[0].float().clone()
             return s
 
@@ -241,10 +241,10 @@ def cmd_ours(args: argparse.Namespace) -> None:
             for r in RATIOS:
                 k = n_kept(n, r)
                 variants += [
-                    ("snapkv", r, "matched", RecordingSnapKV(budget=k, window=KVPRESS_WINDOW, kernel=KERNEL, pooling="avg")),
+                    ("snapkv", r, "matched", RecordingSnapKV(budget=k, window_size=KVPRESS_WINDOW, kernel=KERNEL, pooling="avg")),
                     ("snapkv", r, "default_window32", RecordingSnapKV(budget=k)),
-                    ("streamingllm", r, "matched_prefill_only", StreamingLLMPrefillOnly(budget=k, sinks=SINKS)),
-                    ("streamingllm", r, "default_decode_eviction", StreamingLLM(budget=k, sinks=SINKS)),
+                    ("streamingllm", r, "matched_prefill_only", StreamingLLMPrefillOnly(budget=k, n_initial=SINKS)),
+                    ("streamingllm", r, "default_decode_eviction", StreamingLLM(budget=k, n_initial=SINKS)),
                 ]
             for name, r, variant, m in variants:
                 t0 = time.perf_counter()
@@ -383,7 +383,7 @@ def compare(prompts_path: str, kv_path: str, ours_path: str, out_path: str) -> d
     result = {"command": COMMAND, "model": "SmolLM2-135M-Instruct (dequantized safetensors, float32, CPU, sdpa)",
               "kvpress_side": kv["meta"], "ours_side": ours["meta"],
               "settings": {"ratios": list(RATIOS), "depths": list(DEPTHS), "length": LENGTH, "max_new_tokens": MAX_NEW,
-                           "snapkv": {"window": KVPRESS_WINDOW, "kernel": KERNEL, "pooling": "avg"}, "sinks": SINKS,
+                           "snapkv": {"window_size": KVPRESS_WINDOW, "kernel": KERNEL, "pooling": "avg"}, "n_initial": SINKS,
                            "n_kept": "max(1, int(n * (1 - ratio))) (kvpress.utils.compute_n_kept); ours: budget = that"},
               "summary": summary, "rows": rows}
     Path(out_path).write_text(json.dumps(result, indent=1))
@@ -474,7 +474,7 @@ def markdown(res: dict) -> str:
         "3. **Default window: 64 in kvpress, 32 in tokensieve.** With each library's default window the kept sets "
         f"overlap only {sd['jaccard_mean']:.2f} on average (min {sd['jaccard_min']:.2f}; no head identical) and "
         f"{sd['answers_equal']}/{sd['runs']} answers agree. This is a parameter difference, not a bug: SnapKV's paper "
-        "uses 32; pass `window=64` to match kvpress.",
+        "uses 32; pass `window_size=64` to match kvpress.",
         "4. **StreamingLLM decoding.** kvpress presses act on prefill only: the cache then grows by every decoded "
         "token (kept + t entries). tokensieve's `streamingllm` keeps its budget while decoding, evicting the oldest "
         f"non-sink entry at each step. The prefill kept sets are identical ({td['heads_identical']}), but "

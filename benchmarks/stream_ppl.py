@@ -5,8 +5,9 @@ Command (from the project root; the numbers in benchmarks/results/stream_ppl_smo
     PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stream_ppl.py \
         --tokens 65536 --chunk-size 128 --full-past 2048 --out benchmarks/results/stream_ppl_smollm2
 
-* SepLLM: SepCache a=4, s=64, w=256, c=800 (the paper's streaming setting).
-* StreamingLLM: 4 sinks + 796 recent tokens (the same 800-entry budget).
+* SepLLM: SepCache n_initial=4, n_separators=64, n_recent=256, budget=800
+  (a=4, s=64, w=256, c=800: the paper's streaming setting).
+* StreamingLLM: n_initial=4 sinks + 796 recent tokens (the same budget of 800).
 * Full attention: every token kept, true positions; runs to the model's maximum
   (8192) and, as if with ``--allow-long``, ``--full-past`` tokens beyond it to show
   the breakdown, then stops.
@@ -32,7 +33,9 @@ from tqdm import tqdm
 from tokensieve.data import default_pg19_dir
 from tokensieve.models import load_model
 from tokensieve.separators import separator_token_ids
-from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy, plot_stream, stream_perplexity
+from tokensieve.evaluation.plots import plot_stream
+from tokensieve.evaluation.stream_ppl import stream_perplexity
+from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
 
 
 def main() -> int:
@@ -57,8 +60,8 @@ def main() -> int:
     seps = separator_token_ids(tok)
     max_pos = model.config.max_position_embeddings
     runs = [
-        (SepLLMPolicy(init_size=4, sep_size=64, local_size=256, cache_size=800), args.tokens, False),
-        (StreamingLLMPolicy(init_size=4, cache_size=800), args.tokens, False),
+        (SepLLMPolicy(n_initial=4, n_separators=64, n_recent=256, budget=800), args.tokens, False),
+        (StreamingLLMPolicy(n_initial=4, budget=800), args.tokens, False),
         (FullPolicy(), args.full_tokens or max_pos + args.full_past, True),
     ]
     results, t_all = [], time.perf_counter()
@@ -70,7 +73,7 @@ def main() -> int:
             bar.set_postfix(ppl=f"{point.running_ppl:.2f}", cache=point.cache_entries, refresh=False)
 
         r = stream_perplexity(model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=n,
-                              allow_long=allow_long, window=args.ppl_window, progress=progress)
+                              allow_long=allow_long, ppl_window=args.ppl_window, progress=progress)
         bar.close()
         results.append(r)
         print(f"{r.method}: {r.tokens_seen} tokens, ppl {r.perplexity:.3f}, {r.tokens_per_s:.0f} tok/s, "

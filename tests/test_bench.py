@@ -33,7 +33,7 @@ def test_failed_cell_is_recorded_and_sweep_goes_on():
     res = run_bench("tiny", [32], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=0,
                     warmup_length=16, progress=False)
     bad, full = res["rows"]
-    assert bad["status"].startswith("error: ValueError") and "filter_layer" in bad["status"]
+    assert bad["status"].startswith("error: InputError") and "filter_layer" in bad["status"]
     assert full["status"] == "ok"
 
 

@@ -324,14 +324,21 @@ def test_constant_lists_match_the_library():
     from tokensieve.methods import METHODS
     from tokensieve.methods.gemfilter import SCORINGS as GEMFILTER_SCORINGS
 
+    from tokensieve.commands.calibrate import DEFAULT_WINDOW_SIZE
+    from tokensieve.commands.stream import STREAM_METHODS
+    from tokensieve.methods.gemfilter import GemFilter
+    from tokensieve.streaming import POLICIES
+
     assert list(METHOD_NAMES) == list(METHODS)
     assert list(SCORINGS) == list(GEMFILTER_SCORINGS)
     assert list(SHAPE_NAMES) == list(SHAPES)
+    assert sorted(STREAM_METHODS) == sorted(POLICIES)
+    assert DEFAULT_WINDOW_SIZE == GemFilter().window_size
 
 
 # ----- 11. fast start: parsing imports no torch --------------------------------------------------------
 LIGHT_HELP = [[], ["ask"], ["demo"], ["needle"], ["eval"], ["eval", "needle"], ["eval", "ruler"], ["eval", "longbench"],
-              ["eval", "ppl"], ["report"], ["bench"]]
+              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"]]
 
 
 def _python(code: str) -> str:

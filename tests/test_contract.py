@@ -56,7 +56,7 @@ CASES = [
     Case("snapkv", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
     Case("h2o", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
     Case("streamingllm", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
-    Case("sepllm", {"window": 10_000}, {"window": 8}, max_kv=sepllm_bound, extra={"separator_ids": SEPS}),
+    Case("sepllm", {"n_recent": 10_000}, {"n_recent": 8}, max_kv=sepllm_bound, extra={"separator_ids": SEPS}),
     Case("lazyllm", {"keep_fractions": (1.0, 1.0, 1.0)}, {"keep_fractions": (0.5, 0.5, 0.5)},
          max_kept=lambda n: math.ceil(n * 0.5**3)),
 ]

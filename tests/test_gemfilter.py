@@ -32,6 +32,33 @@ def test_topk_at_least_n_reproduces_full_attention(family, tok):
     torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_topk_at_least_n_skips_the_filter_pass(family):
+    """k >= n keeps everything: no filter pass runs (layer r runs once, in the one prefill), and the
+    prefill is exactly full attention's."""
+    model = tiny_model(family)
+    ids = random_ids(40)
+    r = 2
+    calls = []
+    handle = model.model.layers[r].register_forward_pre_hook(lambda *a: calls.append(1))
+    try:
+        with torch.inference_mode():
+            full = tokensieve.methods.FullAttention().prefill(model, ids)
+            calls.clear()
+            for k in (40, 41, 10_000):
+                state = GemFilter(topk=k, filter_layer=r).prefill(model, ids)
+                assert len(calls) == 1, f"topk={k}: layer {r} ran {len(calls)} times"
+                calls.clear()
+                assert torch.equal(state.logits, full.logits)
+                assert state.kept_indices.tolist() == list(range(40)) and state.next_position == 40
+                assert state.details["filter_skipped"] is True and state.details["filter_s"] == 0.0
+            # the counter does see a filter pass when there is one: layer r starts twice
+            state = GemFilter(topk=39, filter_layer=r).prefill(model, ids)
+            assert len(calls) == 2 and state.details["filter_skipped"] is False and state.details["filter_s"] > 0
+    finally:
+        handle.remove()
+
+
 def reference_scores(model, ids: torch.Tensor, layer: int, scoring: str, window: int = 16) -> torch.Tensor:
     """Slow, explicit GemFilter scores at ``layer`` from eager hidden states (Llama/Qwen2 style attention)."""
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
@@ -73,7 +100,7 @@ def test_selection_matches_slow_reference(family, scoring):
     model = tiny_model(family, seed=3)
     ids = random_ids(60, seed=5)
     for layer in (0, 3):
-        m = GemFilter(topk=17, filter_layer=layer, scoring=scoring, window=8)
+        m = GemFilter(topk=17, filter_layer=layer, scoring=scoring, window_size=8)
         got = m.scores(model, ids)
         ref = reference_scores(model, ids, layer, scoring, window=8)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
@@ -154,7 +181,7 @@ def test_default_filter_layer_known_and_fallback():
         (dict(filter_layer=-1), "filter_layer"),
         (dict(scoring="bogus"), "scoring"),
         (dict(kernel=4), "kernel"),
-        (dict(window=0), "window"),
+        (dict(window_size=0), "window_size"),
     ],
 )
 def test_bad_parameters_give_clear_errors(params, match, tok):
@@ -168,8 +195,8 @@ def test_bad_parameters_give_clear_errors(params, match, tok):
 def test_chunked_filter_pass_equals_one_shot(family, scoring):
     model = tiny_model(family, seed=7)
     ids = random_ids(103, seed=2)  # chunks of 16 leave a 7-token tail, merged into the previous chunk
-    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window=8)
-    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window=8, chunk_size=16)
+    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8)
+    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16)
     chunked.validate(model, 103)
     torch.testing.assert_close(chunked.scores(model, ids), one.scores(model, ids), rtol=1e-4, atol=1e-4)
     assert chunked.select(model, ids).tolist() == one.select(model, ids).tolist()
@@ -178,8 +205,8 @@ def test_chunked_filter_pass_equals_one_shot(family, scoring):
 def test_chunked_filter_pass_rejects_sliding_window_models():
     with pytest.raises(ValueError, match="chunk_size"):
         GemFilter(chunk_size=64, filter_layer=1).validate(tiny_model("gemma3"), 100)
-    with pytest.raises(ValueError, match="chunk_size must be >= window"):
-        GemFilter(chunk_size=4, window=16, filter_layer=1).validate(tiny_model("llama"), 100)
+    with pytest.raises(ValueError, match="chunk_size must be >= window_size"):
+        GemFilter(chunk_size=4, window_size=16, filter_layer=1).validate(tiny_model("llama"), 100)
 
 
 @pytest.mark.parametrize("scoring", ["paper", "window"])
@@ -200,5 +227,5 @@ def test_token_scores_read_in_key_chunks_match_a_slow_reference(scoring):
             pos = n - w + j
             ref[: pos + 1] += ((kh[: pos + 1] @ q[0, h, 12 - w + j]) * scale).softmax(-1)
     for chunk in (None, 7, 50, 64):
-        got = token_scores(q, k, scale, scoring, window=w, chunk=chunk)[0]
+        got = token_scores(q, k, scale, scoring, window_size=w, key_chunk=chunk)[0]
         torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)

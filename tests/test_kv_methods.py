@@ -15,7 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCau
 
 import tokensieve
 from tokensieve.attention import HOOK_KWARG, repeat_kv
-from tokensieve.cache import attention_scores
+from tokensieve.scoring import attention_scores
 from tokensieve.methods import H2O, FullAttention, SepLLM, SnapKV, StreamingLLM, make_method
 
 torch.set_num_threads(1)
@@ -117,11 +117,11 @@ def n_layers(model) -> int:
 # --- budget >= n: exactly full attention --------------------------------------------------------
 
 LARGE = [
-    SnapKV(budget=48, window=8),
-    SnapKV(budget=40, window=32),  # budget == n: nothing to evict
+    SnapKV(budget=48, window_size=8),
+    SnapKV(budget=40, window_size=32),  # budget == n: nothing to evict
     H2O(budget=64),
-    StreamingLLM(budget=64, sinks=4),
-    SepLLM(window=64, separator_ids=SEPS),
+    StreamingLLM(budget=64, n_initial=4),
+    SepLLM(n_recent=64, separator_ids=SEPS),
 ]
 
 
@@ -160,7 +160,7 @@ def test_sepllm_matches_masked_reference(model):
     n, w, a = 48, 6, 3
     ids = prompt(n, seed=2)
     ids[0, [7, 15, 16, 30, 41]] = torch.tensor([1, 2, 3, 1, 2])
-    method = SepLLM(initial=a, window=w, separator_ids=SEPS, block_size=16)  # several query blocks
+    method = SepLLM(n_initial=a, n_recent=w, separator_ids=SEPS, block_size=16)  # several query blocks
 
     def allowed(T):
         seq_ids = torch.cat([ids[0], torch.tensor(toks[:-1])])[:T]
@@ -185,7 +185,7 @@ def test_sepllm_prefill_keeps_initial_separators_window(model):
     n, w, a = 40, 5, 4
     ids = prompt(n, seed=3)
     ids[0, [10, 20, 21]] = 1
-    state = SepLLM(initial=a, window=w, separator_ids=SEPS).prefill(model, ids)
+    state = SepLLM(n_initial=a, n_recent=w, separator_ids=SEPS).prefill(model, ids)
     expect = [p for p in range(n) if p < a or int(ids[0, p]) in SEPS or p >= n - w]
     for layer in range(n_layers(model)):
         assert state.cache.kept_positions(layer)[0, 0].tolist() == expect
@@ -202,7 +202,7 @@ def test_streamingllm_matches_masked_reference(model):
         i, j = torch.arange(T)[:, None], torch.arange(T)[None]
         return (j <= i) & ((i < n) | (j < sinks) | (j >= i - W))  # prompt rows: full causal
 
-    _, state, T = check_against_mask(model, StreamingLLM(budget=budget, sinks=sinks), ids, 8, allowed)
+    _, state, T = check_against_mask(model, StreamingLLM(budget=budget, n_initial=sinks), ids, 8, allowed)
     for layer in range(n_layers(model)):
         assert state.cache.kept_positions(layer)[0, 0].tolist() == list(range(sinks)) + list(range(T - W, T))
 
@@ -225,7 +225,7 @@ def snapkv_reference_keep(attn: torch.Tensor, kv_heads: int, budget: int, window
 def test_snapkv_matches_eager_reference(model):
     n, budget, window, steps = 48, 20, 6, 6
     ids = prompt(n, seed=5)
-    method = SnapKV(budget=budget, window=window)
+    method = SnapKV(budget=budget, window_size=window)
     hkv, hq = model.config.num_key_value_heads, model.config.num_attention_heads
     attns = eager_attentions(model, ids)
     ref_keep = [snapkv_reference_keep(a, hkv, budget, window, 5) for a in attns]
@@ -261,7 +261,7 @@ def test_h2o_matches_reference(model, n, budget, recent, steps, init):
     if init is not None:
         model = tiny("llama" if isinstance(model, LlamaForCausalLM) else "qwen2", init)
     ids = prompt(n, seed=6)
-    method = H2O(budget=budget, window=recent)
+    method = H2O(budget=budget, n_recent=recent)
     hkv, hq = model.config.num_key_value_heads, model.config.num_attention_heads
     g, L = hq // hkv, n_layers(model)
 
@@ -314,15 +314,76 @@ def test_h2o_matches_reference(model, n, budget, recent, steps, init):
 def test_attention_scores_do_not_depend_on_chunking():
     torch.manual_seed(0)
     q, k = torch.randn(1, 6, 30, 8), torch.randn(1, 2, 30, 8)
-    full = attention_scores(q, k, 0.3, chunk=None)
+    full = attention_scores(q, k, 0.3, query_chunk=None)
     for chunk in (1, 7, 30):
-        torch.testing.assert_close(attention_scores(q, k, 0.3, chunk=chunk), full)
+        torch.testing.assert_close(attention_scores(q, k, 0.3, query_chunk=chunk), full)
     # Each query's probabilities sum to 1: the total is the number of (query head, query) pairs.
     torch.testing.assert_close(full.sum(), torch.tensor(6.0 * 30))
     # Decode-style: the last 2 queries only, still causal.
     last = attention_scores(q[:, :, -2:], k, 0.3)
     assert last.shape == (1, 2, 30)
     torch.testing.assert_close(last.sum(), torch.tensor(6.0 * 2))
+
+
+# --- the keep rules as pure functions, against hand-written references ------------------------
+
+
+@pytest.mark.parametrize("n, a, r", [(10, 2, 3), (5, 2, 3), (6, 2, 3), (9, 0, 4), (9, 3, 0), (0, 4, 4)])
+def test_keep_sinks_and_recent_matches_reference(n, a, r):
+    from tokensieve.methods.streamingllm import keep_sinks_and_recent
+
+    expect = list(range(n)) if n <= a + r else [i for i in range(n) if i < a or i >= n - r]
+    assert keep_sinks_and_recent(n, a, r).tolist() == expect
+
+
+def test_sepllm_visible_and_keep_match_reference():
+    from tokensieve.methods.sepllm import sepllm_keep, sepllm_visible
+
+    g = torch.Generator().manual_seed(0)
+    T, a, w = 30, 3, 4
+    is_sep = torch.rand(T, generator=g) < 0.2
+    got = sepllm_visible(torch.arange(T), torch.arange(T), is_sep, a, w)
+    for i in range(T):
+        for j in range(T):
+            ref = j <= i and (j < a or bool(is_sep[j]) or i - w <= j)
+            assert bool(got[i, j]) == ref, (i, j)
+    # A subset of keys at arbitrary positions, as the blocked prefill and the decoding cache use it.
+    keys = torch.tensor([0, 2, 5, 11, 17, 18, 25, 29])
+    sub = sepllm_visible(torch.tensor([20, 29]), keys, is_sep[keys], a, w)
+    assert torch.equal(sub, got[[20, 29]][:, keys])
+    # keep = what the next token may see; later tokens see a subset of it
+    for nxt in (T, T + 5):
+        keep = sepllm_keep(keys, is_sep[keys], a, w, next_position=nxt)
+        ref = [int(p) for p in keys if p < a or bool(is_sep[p]) or p >= nxt - w]
+        assert keys[keep].tolist() == ref
+
+
+def sepcache_reference(stream_pos: list[int], is_sep: list[bool], a: int, s: int, w: int, c: int) -> list[int]:
+    """Kept indices by the SepCache rule, with plain lists."""
+    n = len(stream_pos)
+    if n <= c:
+        return list(range(n))
+    initial = [i for i in range(n) if stream_pos[i] < a]
+    local = list(range(n - w, n))
+    seps = [i for i in range(n) if is_sep[i] and i not in initial and i not in local]
+    seps = seps[len(seps) - s :] if len(seps) > s else seps  # the newest s
+    return sorted(set(initial) | set(seps) | set(local))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_sepcache_keep_matches_reference(seed):
+    from tokensieve.methods.sepllm import sepcache_keep
+
+    g = torch.Generator().manual_seed(seed)
+    n = int(torch.randint(20, 60, (1,), generator=g))
+    stream_pos = torch.sort(torch.randperm(200, generator=g)[:n]).values  # an already-compressed cache: gaps
+    stream_pos[:2] = torch.tensor([0, 1])
+    is_sep = torch.rand(n, generator=g) < 0.3
+    for a, s, w, c in [(2, 3, 5, 25), (3, 0, 4, 10), (0, 50, 6, 20), (2, 3, 5, 100)]:
+        got = sepcache_keep(stream_pos, is_sep, a, s, w, c).tolist()
+        assert got == sepcache_reference(stream_pos.tolist(), is_sep.tolist(), a, s, w, c)
+        if n > c:
+            assert len(got) <= a + s + w
 
 
 # --- bad parameters --------------------------------------------------------------------------
@@ -332,16 +393,16 @@ def test_attention_scores_do_not_depend_on_chunking():
     "method, params, match",
     [
         ("snapkv", dict(budget=0), "budget"),
-        ("snapkv", dict(budget=16, window=32), "window"),
+        ("snapkv", dict(budget=16, window_size=32), "window_size"),
         ("snapkv", dict(kernel=4), "kernel"),
         ("snapkv", dict(pooling="median"), "pooling"),
         ("h2o", dict(budget=-3), "budget"),
-        ("h2o", dict(budget=8, window=9), "window"),
+        ("h2o", dict(budget=8, n_recent=9), "n_recent"),
         ("h2o", dict(chunk_size=0), "chunk_size"),
-        ("streamingllm", dict(budget=4, sinks=4), "sinks"),
-        ("streamingllm", dict(sinks=-1), "sinks"),
-        ("sepllm", dict(window=-1, separator_ids=SEPS), "window"),
-        ("sepllm", dict(initial=-2, separator_ids=SEPS), "initial"),
+        ("streamingllm", dict(budget=4, n_initial=4), "n_initial"),
+        ("streamingllm", dict(n_initial=-1), "n_initial"),
+        ("sepllm", dict(n_recent=-1, separator_ids=SEPS), "n_recent"),
+        ("sepllm", dict(n_initial=-2, separator_ids=SEPS), "n_initial"),
         ("sepllm", dict(separator_ids=(1, VOCAB)), "separator_ids"),
     ],
 )
@@ -390,7 +451,7 @@ def test_snapkv_answers_needle_on_smollm2(smollm2):
 def test_sepllm_through_runner_derives_separators(smollm2):
     model, tok = smollm2
     text = "The cat sat on the mat. It was warm, and the sun was out; birds sang!\n" * 12
-    res = tokensieve.generate(model, tok, text, method="sepllm", window=32, initial=4, max_new_tokens=4)
+    res = tokensieve.generate(model, tok, text, method="sepllm", n_recent=32, n_initial=4, max_new_tokens=4)
     ids = tokensieve.encode_prompt(tok, text)[0]
     from tokensieve.separators import separator_token_ids
 

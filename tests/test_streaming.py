@@ -19,13 +19,13 @@ from transformers import (
 
 from tokensieve import use_tokensieve_attention
 from tokensieve.methods.base import cache_kwarg
+from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.streaming import (
     FullPolicy,
     SepLLMPolicy,
     Streamer,
     StreamingLLMPolicy,
     make_policy,
-    stream_perplexity,
 )
 
 VOCAB = 96
@@ -174,6 +174,40 @@ def test_full_stops_at_max_unless_allow_long():
     assert res.tokens_seen == 100 and res.max_position_used == 99 and res.stopped == "end of text"
 
 
+# ----------------------------------------------------------------- RoPE outside the model (tokensieve.rope)
+
+
+@pytest.mark.parametrize("rot_dim, scale", [(16, 1.0), (8, 1.0), (16, 1.7)])
+def test_rope_inverse_undoes_rotation(rot_dim, scale):
+    from tokensieve.rope import apply_rope
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 2, 10, 16, generator=g)
+    angles = torch.rand(10, rot_dim // 2, generator=g) * 6.0
+    cos = torch.cat((angles.cos(), angles.cos()), -1) * scale  # attention scaling folded into cos/sin
+    sin = torch.cat((angles.sin(), angles.sin()), -1) * scale
+    y = apply_rope(x, cos, sin)
+    assert not torch.allclose(y[..., :rot_dim], x[..., :rot_dim])
+    assert torch.equal(y[..., rot_dim:], x[..., rot_dim:])  # partial rotary: the rest is untouched
+    torch.testing.assert_close(apply_rope(y, cos, sin, inverse=True), x, atol=1e-5, rtol=1e-5)
+
+
+def test_rope_tables_rotate_like_the_model():
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tokensieve.rope import RopeTables, apply_rope
+
+    model = tiny("llama")
+    tables = RopeTables(model)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 2, 12, 16, generator=g)
+    pos = torch.arange(12)[None]
+    cos_m, sin_m = model.model.rotary_emb(x, pos)
+    ref, _ = apply_rotary_pos_emb(x, x, cos_m, sin_m)
+    cos, sin = tables.get(12)
+    torch.testing.assert_close(apply_rope(x, cos, sin), ref)
+
+
 # ----------------------------------------------------------------- SepCache budget and eviction order
 
 
@@ -241,15 +275,16 @@ def test_sepllm_stream_never_exceeds_budget_per_layer():
 @pytest.mark.parametrize(
     "name, params, match",
     [
-        ("sepllm", dict(init_size=-1), "init_size must be a non-negative integer, got -1"),
-        ("sepllm", dict(sep_size=-2), "sep_size must be a non-negative integer"),
-        ("sepllm", dict(init_size=4, sep_size=64, local_size=256, cache_size=300), r"a \+ s \+ w < c.*324 >= 300"),
-        ("sepllm", dict(init_size=4, sep_size=64, local_size=256, cache_size=324), r"a \+ s \+ w < c"),
-        ("sepllm", dict(local_size=900, cache_size=800), "local window larger than the budget: local_size=900"),
-        ("streamingllm", dict(cache_size=-5), "cache_size must be a non-negative integer, got -5"),
-        ("streamingllm", dict(init_size=4, cache_size=100, window=200), "window=200 is larger than the budget"),
-        ("streamingllm", dict(init_size=10, cache_size=10), "recent window of at least 1"),
-        ("full", dict(window=3), "has no parameter"),
+        ("sepllm", dict(n_initial=-1), "n_initial must be a non-negative integer, got -1"),
+        ("sepllm", dict(n_separators=-2), "n_separators must be a non-negative integer"),
+        ("sepllm", dict(n_initial=4, n_separators=64, n_recent=256, budget=300), r"a \+ s \+ w < c.*324 >= 300"),
+        ("sepllm", dict(n_initial=4, n_separators=64, n_recent=256, budget=324), r"a \+ s \+ w < c"),
+        ("sepllm", dict(n_recent=900, budget=800), "local window larger than the budget: n_recent=900"),
+        ("streamingllm", dict(budget=-5), "budget must be a non-negative integer, got -5"),
+        ("streamingllm", dict(n_initial=4, budget=100, n_recent=200), "n_recent=200 is larger than the budget"),
+        ("streamingllm", dict(n_initial=10, budget=10), "recent window of at least 1"),
+        ("streamingllm", dict(n_separators=3), "has no parameter"),
+        ("full", dict(n_recent=3), "has no parameter"),
         ("h2o", {}, "unknown streaming method"),
     ],
 )
@@ -261,10 +296,11 @@ def test_bad_parameters(name, params, match):
 def test_cli_rejects_bad_parameters_before_loading(capsys):
     from tokensieve.cli import main
 
-    rc = main(["stream", "--method", "sepllm", "--sep-size", "600", "--model", "/nonexistent"])
+    rc = main(["stream", "--method", "sepllm", "--n-separators", "600", "--model", "/nonexistent"])
     assert rc == 2
     assert "a + s + w < c" in capsys.readouterr().err
-    assert main(["stream", "--method", "full", "--cache-size", "64", "--model", "/nonexistent"]) == 2
+    assert main(["stream", "--method", "full", "--budget", "64", "--model", "/nonexistent"]) == 2
+    assert "do not apply to --method full" in capsys.readouterr().err
 
 
 @pytest.mark.real_model
@@ -276,7 +312,7 @@ def test_cli_stream_smollm2(tmp_path, capsys):
     text_file.write_text(read_text(None, min_chars=8000)[:8000])
     png = tmp_path / "s.png"
     rc = main(["stream", "--method", "streamingllm", "--file", str(text_file), "--max-tokens", "320",
-               "--chunk-size", "32", "--cache-size", "96", "--ppl-window", "64", "--plot", str(png), "--json"])
+               "--chunk-size", "32", "--budget", "96", "--ppl-window", "64", "--plot", str(png), "--json"])
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens_seen"] == 320 and out["max_cache_entries"] == 96

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 
 from tokensieve.attention import use_tokensieve_attention
+from tokensieve.errors import InputError
 from tokensieve.methods import Method, make_method
 from tokensieve.runner import generate
 
@@ -48,7 +49,7 @@ SHAPES: dict[str, dict[str, Any]] = {
 def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
     """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
     if shape not in SHAPES:
-        raise ValueError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
+        raise InputError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
     cfg = dict(SHAPES[shape])
     model_type = cfg.pop("model_type")
     config = AutoConfig.for_model(model_type, **cfg)

@@ -58,7 +58,7 @@ def encode_prompt(
         [{"role": "user", "content": prompt_or_messages}] if isinstance(prompt_or_messages, str) else list(prompt_or_messages)
     )
     if not messages or not any(m.get("content", "").strip() for m in messages):
-        raise ValueError("the prompt is empty")
+        raise InputError("the prompt is empty")
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template:

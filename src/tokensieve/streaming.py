@@ -5,10 +5,12 @@ an eviction *policy* decides which KV entries stay. Three policies:
 
 * :class:`SepLLMPolicy`: the budgeted SepLLM cache ("SepCache"; Chen et al.,
   "SepLLM: Accelerate Large Language Models by Compressing One Segment into One
-  Separator", ICML 2025): ``a`` initial tokens, up to ``s`` separator tokens,
-  a local window of the ``w`` newest tokens, and a total capacity ``c``.
-* :class:`StreamingLLMPolicy`: attention sinks + recent window (Xiao et al.,
-  "Efficient Streaming Language Models with Attention Sinks", ICLR 2024).
+  Separator", ICML 2025): ``n_initial`` (a) initial tokens, up to
+  ``n_separators`` (s) separator tokens, a local window of the ``n_recent`` (w)
+  newest tokens, and a total ``budget`` (c).
+* :class:`StreamingLLMPolicy`: ``n_initial`` attention sinks + ``n_recent``
+  recent tokens within a ``budget`` (Xiao et al., "Efficient Streaming Language
+  Models with Attention Sinks", ICLR 2024).
 * :class:`FullPolicy`: nothing is evicted (full attention); it stops at the
   model's maximum position unless ``allow_long``.
 
@@ -22,7 +24,7 @@ however long the stream is. Keys are stored **without** rotary embedding
 positions we pass; tokensieve's attention hook then
 
 1. rotates the stored keys at their cache positions ``0 .. L-1`` with the
-   model's own ``rotary_emb`` (cos/sin tables),
+   model's own ``rotary_emb`` (cos/sin tables; ``tokensieve.rope``),
 2. attends the chunk's queries to [cache keys, chunk keys] (causal inside the
    chunk),
 3. un-rotates the chunk's keys (RoPE is a rotation: the inverse uses
@@ -44,43 +46,59 @@ entries are appended, then the policy trims the cache back under its
 capacity. So the stored cache never exceeds the capacity after a chunk, while
 attention inside a chunk may see up to ``capacity + C`` entries. With ``C = 1``
 this is exactly token-by-token streaming.
+
+The policies only hold parameters: which entries stay is decided by the
+methods' own keep rules (``methods.streamingllm.keep_sinks_and_recent``,
+``methods.sepllm.sepcache_keep``). Perplexity over a stream is
+``tokensieve.evaluation.stream_ppl``; its plot, ``evaluation.plots.plot_stream``.
 """
 
 from __future__ import annotations
 
-import inspect
-import math
-import time
-from dataclasses import asdict, dataclass, field, fields
-from pathlib import Path
-from typing import Any, Callable, ClassVar
+import warnings
+from dataclasses import dataclass, fields
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG, repeat_kv
+from tokensieve.errors import InputError
 from tokensieve.methods.base import max_positions, num_layers
+from tokensieve.methods.sepllm import sepcache_keep
+from tokensieve.methods.streamingllm import keep_sinks_and_recent
+from tokensieve.rope import RopeTables, apply_rope
 
 
-class ContextFullError(ValueError):
+class ContextFullError(InputError):
     """Full attention reached the model's maximum position (pass ``allow_long=True`` to run past it)."""
 
 
 def _check_sizes(**sizes: int) -> None:
     for name, v in sizes.items():
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"{name} must be a non-negative integer, got {v!r}")
+            raise InputError(f"{name} must be a non-negative integer, got {v!r}")
 
 
 # ----------------------------------------------------------------------------- policies
 
 
+def _unless_all(keep: torch.Tensor, stream_idx: torch.Tensor) -> torch.Tensor | None:
+    """``keep`` (sorted indices), or None when it keeps every entry."""
+    return None if keep.numel() == stream_idx.numel() else keep
+
+
 @dataclass
 class StreamPolicy:
-    """Decides which cache entries survive after each chunk."""
+    """Decides which cache entries survive after each chunk, by a method's keep rule.
+
+    ``renamed`` maps an old parameter name to its current one: ``make_policy`` still
+    accepts the old name for one release, with a ``FutureWarning``.
+    """
 
     name: ClassVar[str] = "base"
+    renamed: ClassVar[dict[str, str]] = {}
 
     @property
     def capacity(self) -> int | None:
@@ -88,7 +106,7 @@ class StreamPolicy:
         return None
 
     def validate(self) -> None:
-        """Raise ``ValueError`` naming the bad parameter."""
+        """Raise ``InputError`` naming the bad parameter."""
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
         """Entries to keep, as sorted indices into the cache, or None to keep all.
@@ -111,49 +129,49 @@ class FullPolicy(StreamPolicy):
 
 @dataclass
 class StreamingLLMPolicy(StreamPolicy):
-    """StreamingLLM (Xiao et al., ICLR 2024): ``init_size`` attention sinks + the ``window`` newest tokens.
+    """StreamingLLM (Xiao et al., ICLR 2024): ``n_initial`` attention sinks + the ``n_recent`` newest tokens.
 
-    Parameters:
-        init_size: the first tokens of the stream, kept forever (the paper's 4 sinks).
-        cache_size: total budget ``c`` of KV entries per layer.
-        window: recent tokens kept; default ``cache_size - init_size`` (the
-            whole budget). Must be at most ``cache_size - init_size``.
+    The rule is ``methods.streamingllm.keep_sinks_and_recent``, the one the
+    ``streamingllm`` eviction method uses. Parameters:
+        n_initial: the first tokens of the stream, kept forever (the paper's 4 sinks; formerly ``init_size``).
+        budget: KV entries per layer, ``c`` (formerly ``cache_size``).
+        n_recent: recent tokens kept; default ``budget - n_initial`` (the
+            whole budget). At most ``budget - n_initial`` (formerly ``window``).
     """
 
     name: ClassVar[str] = "streamingllm"
-    init_size: int = 4
-    cache_size: int = 800
-    window: int | None = None
+    renamed: ClassVar[dict[str, str]] = {"init_size": "n_initial", "cache_size": "budget", "window": "n_recent"}
+    n_initial: int = 4
+    budget: int = 800
+    n_recent: int | None = None
 
     @property
-    def recent(self) -> int:
-        return self.cache_size - self.init_size if self.window is None else self.window
+    def resolved_n_recent(self) -> int:
+        """Recent tokens kept: ``n_recent``, or ``budget - n_initial`` when it is None."""
+        return self.budget - self.n_initial if self.n_recent is None else self.n_recent
 
     @property
     def capacity(self) -> int:
-        return self.init_size + self.recent
+        return self.n_initial + self.resolved_n_recent
 
     def validate(self) -> None:
-        _check_sizes(init_size=self.init_size, cache_size=self.cache_size)
-        if self.window is not None:
-            _check_sizes(window=self.window)
-            if self.init_size + self.window > self.cache_size:
-                raise ValueError(
-                    f"window={self.window} is larger than the budget: init_size + window = "
-                    f"{self.init_size + self.window} > cache_size={self.cache_size}"
+        _check_sizes(n_initial=self.n_initial, budget=self.budget)
+        if self.n_recent is not None:
+            _check_sizes(n_recent=self.n_recent)
+            if self.n_initial + self.n_recent > self.budget:
+                raise InputError(
+                    f"n_recent={self.n_recent} is larger than the budget: n_initial + n_recent = "
+                    f"{self.n_initial + self.n_recent} > budget={self.budget}"
                 )
-        if self.recent < 1:
-            raise ValueError(
-                f"StreamingLLM needs a recent window of at least 1 token, got init_size={self.init_size}, "
-                f"cache_size={self.cache_size}, window={self.window}"
+        if self.resolved_n_recent < 1:
+            raise InputError(
+                f"StreamingLLM needs a recent window of at least 1 token, got n_initial={self.n_initial}, "
+                f"budget={self.budget}, n_recent={self.n_recent}"
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        n = stream_idx.numel()
-        if n <= self.capacity:
-            return None
-        idx = torch.arange(n, device=stream_idx.device)
-        return idx[(idx < self.init_size) | (idx >= n - self.recent)]
+        keep = keep_sinks_and_recent(stream_idx.numel(), self.n_initial, self.resolved_n_recent, stream_idx.device)
+        return _unless_all(keep, stream_idx)
 
 
 @dataclass
@@ -162,60 +180,52 @@ class SepLLMPolicy(StreamPolicy):
 
     The cache is, in stream order, [initial | separators | past window | local window]:
 
-    * initial (``init_size`` = a): the first ``a`` tokens of the stream, never evicted;
-    * local window (``local_size`` = w): the ``w`` newest tokens;
+    * initial (``n_initial`` = a): the first ``a`` tokens of the stream, never evicted;
+    * local window (``n_recent`` = w): the ``w`` newest tokens;
     * past window: tokens that left the local window since the last compression,
-      all kept until the cache exceeds ``cache_size``;
-    * separators (``sep_size`` = s): separator tokens (``.`` ``,`` ``?`` ``!``
+      all kept until the cache exceeds ``budget``;
+    * separators (``n_separators`` = s): separator tokens (``.`` ``,`` ``?`` ``!``
       ``;`` ``:`` newlines, BOS) that left the local window.
 
-    When, after a chunk, the cache holds more than ``cache_size`` = c entries it
+    When, after a chunk, the cache holds more than ``budget`` = c entries it
     is compressed: the past window keeps only its separators, which join the
     separator part; if that part then holds more than ``s`` separators, the
     **oldest separators are evicted first**. The cache then holds at most
     ``a + s + w < c`` entries, so it never exceeds ``c`` between chunks.
-    Paper's streaming setting: a=4, s=64, w=256, c=800.
+    Paper's streaming setting: a=4, s=64, w=256, c=800. The rule is
+    ``methods.sepllm.sepcache_keep``. Former names: ``init_size``, ``sep_size``,
+    ``local_size``, ``cache_size``.
     """
 
     name: ClassVar[str] = "sepllm"
-    init_size: int = 4
-    sep_size: int = 64
-    local_size: int = 256
-    cache_size: int = 800
+    renamed: ClassVar[dict[str, str]] = {
+        "init_size": "n_initial", "sep_size": "n_separators", "local_size": "n_recent", "cache_size": "budget",
+    }
+    n_initial: int = 4
+    n_separators: int = 64
+    n_recent: int = 256
+    budget: int = 800
 
     @property
     def capacity(self) -> int:
-        return self.cache_size
+        return self.budget
 
     def validate(self) -> None:
-        _check_sizes(
-            init_size=self.init_size, sep_size=self.sep_size, local_size=self.local_size, cache_size=self.cache_size
-        )
-        if self.local_size < 1:
-            raise ValueError(f"local_size (w) must be at least 1, got {self.local_size}")
-        if self.local_size >= self.cache_size:
-            raise ValueError(
-                f"local window larger than the budget: local_size={self.local_size} >= cache_size={self.cache_size}"
-            )
-        total = self.init_size + self.sep_size + self.local_size
-        if total >= self.cache_size:
-            raise ValueError(
-                f"SepLLM needs init_size + sep_size + local_size < cache_size (a + s + w < c), got "
-                f"{self.init_size} + {self.sep_size} + {self.local_size} = {total} >= {self.cache_size}"
+        _check_sizes(n_initial=self.n_initial, n_separators=self.n_separators, n_recent=self.n_recent, budget=self.budget)
+        if self.n_recent < 1:
+            raise InputError(f"n_recent (w) must be at least 1, got {self.n_recent}")
+        if self.n_recent >= self.budget:
+            raise InputError(f"local window larger than the budget: n_recent={self.n_recent} >= budget={self.budget}")
+        total = self.n_initial + self.n_separators + self.n_recent
+        if total >= self.budget:
+            raise InputError(
+                f"SepLLM needs n_initial + n_separators + n_recent < budget (a + s + w < c), got "
+                f"{self.n_initial} + {self.n_separators} + {self.n_recent} = {total} >= {self.budget}"
             )
 
     def keep(self, stream_idx: torch.Tensor, is_sep: torch.Tensor) -> torch.Tensor | None:
-        n = stream_idx.numel()
-        if n <= self.cache_size:
-            return None
-        idx = torch.arange(n, device=stream_idx.device)
-        initial = stream_idx < self.init_size
-        local = idx >= n - self.local_size
-        middle_seps = idx[is_sep & ~initial & ~local]
-        kept_seps = middle_seps[max(0, middle_seps.numel() - self.sep_size) :]  # oldest evicted first
-        mask = initial | local
-        mask[kept_seps] = True
-        return idx[mask]
+        keep = sepcache_keep(stream_idx, is_sep, self.n_initial, self.n_separators, self.n_recent, self.budget)
+        return _unless_all(keep, stream_idx)
 
 
 POLICIES: dict[str, type[StreamPolicy]] = {
@@ -225,79 +235,43 @@ POLICIES: dict[str, type[StreamPolicy]] = {
 }
 
 
-def make_policy(name: str, **params: Any) -> StreamPolicy:
-    """A validated policy from its name; parameters it does not have are ignored only if None."""
+def canonical_policy_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` of policy ``name`` without the ``None`` ones, old names replaced by current ones.
+
+    A deprecated name gives a ``FutureWarning``; an old and a new name together, or a name
+    the policy does not have, raise ``InputError``.
+    """
     if name not in POLICIES:
-        raise ValueError(f"unknown streaming method {name!r}; expected one of: {', '.join(POLICIES)}")
+        raise InputError(f"unknown streaming method {name!r}; expected one of: {', '.join(POLICIES)}")
     cls = POLICIES[name]
-    allowed = {f.name for f in fields(cls)}
-    bad = sorted(k for k, v in params.items() if k not in allowed and v is not None)
+    given = {k: v for k, v in params.items() if v is not None}
+    out: dict[str, Any] = {}
+    for key, value in given.items():
+        new = cls.renamed.get(key)
+        if new is not None:
+            warnings.warn(
+                f"streaming {name}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
+                FutureWarning, stacklevel=3,
+            )
+            if new in given:
+                raise InputError(f"streaming {name}: give {new!r} or its old name {key!r}, not both")
+            key = new
+        out[key] = value
+    allowed = [f.name for f in fields(cls)]
+    bad = sorted(set(out) - set(allowed))
     if bad:
-        raise ValueError(f"streaming method {name!r} has no parameter(s) {', '.join(bad)}; it has: {', '.join(sorted(allowed)) or 'none'}")
-    policy = cls(**{k: v for k, v in params.items() if k in allowed and v is not None})
+        raise InputError(
+            f"streaming method {name!r} has no parameter(s) {', '.join(bad)}; it has: {', '.join(allowed) or 'none'}"
+        )
+    return out
+
+
+def make_policy(name: str, **params: Any) -> StreamPolicy:
+    """A validated policy from its name; ``None`` values mean "not given" (the default)."""
+    given = canonical_policy_params(name, params)  # InputError for an unknown policy or parameter
+    policy = POLICIES[name](**given)
     policy.validate()
     return policy
-
-
-# ----------------------------------------------------------------------------- rotary helpers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x[..., : x.shape[-1] // 2], x[..., x.shape[-1] // 2 :]
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, inverse: bool = False) -> torch.Tensor:
-    """Rotate ``x`` [batch, heads, seq, head_dim] by cos/sin [seq, rot_dim] (``inverse`` undoes it).
-
-    Only the first ``rot_dim`` dims rotate (partial rotary); math in float32.
-    """
-    rd = cos.shape[-1]
-    xr, xp = x[..., :rd].float(), x[..., rd:]
-    cos, sin = cos.float(), sin.float()
-    if inverse:
-        norm = cos * cos + sin * sin  # = attention_scaling^2 (1 for plain RoPE)
-        cos, sin = cos / norm, -sin / norm
-    out = (xr * cos + _rotate_half(xr) * sin).to(x.dtype)
-    return out if xp.shape[-1] == 0 else torch.cat((out, xp), dim=-1)
-
-
-class RopeTables:
-    """cos/sin [positions, rot_dim] from the model's own ``rotary_emb``, per layer type, grown on demand."""
-
-    def __init__(self, model: PreTrainedModel):
-        base = model.get_decoder() if hasattr(model, "get_decoder") else model
-        rotary = getattr(base, "rotary_emb", None) or getattr(getattr(model, "model", None), "rotary_emb", None)
-        if rotary is None:
-            raise ValueError(
-                f"streaming needs a model with a Llama-style rotary embedding (decoder.rotary_emb); "
-                f"{type(model).__name__} has none"
-            )
-        self.rotary = rotary
-        self.takes_layer_type = "layer_type" in inspect.signature(rotary.forward).parameters
-        self.dtype = next(model.parameters()).dtype
-        self.device = next(model.parameters()).device
-        self.max_positions = max_positions(model)
-        self._tables: dict[str | None, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, n: int, layer_type: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin for positions 0..n-1, each [n, rot_dim]."""
-        key = layer_type if self.takes_layer_type else None
-        have = self._tables.get(key)
-        if have is None or have[0].shape[0] < n:
-            size = max(n, 2 * have[0].shape[0] if have is not None else 1024)
-            if self.max_positions is not None and n <= self.max_positions:
-                # never ask rotary_emb for positions the stream does not use (dynamic RoPE
-                # variants rescale once they see positions past the maximum)
-                size = min(size, self.max_positions)
-            pos = torch.arange(size, device=self.device)[None]  # [1, size]
-            dummy = torch.zeros(1, 1, 1, device=self.device, dtype=torch.float32)
-            args = (dummy, pos, layer_type) if self.takes_layer_type else (dummy, pos)
-            with torch.no_grad():
-                cos, sin = self.rotary(*args)
-            have = (cos[0].float(), sin[0].float())  # [size, rot_dim]
-            self._tables[key] = have
-        return have[0][:n], have[1][:n]
 
 
 # ----------------------------------------------------------------------------- the streamer
@@ -366,7 +340,7 @@ class Streamer:
         ids = token_ids.reshape(1, -1).to(self.device)
         c = ids.shape[1]
         if c == 0:
-            raise ValueError("feed() got an empty chunk")
+            raise InputError("feed() got an empty chunk")
         self.check_room(c)
         start = self.cache_len
         self._chunk_start_len = start
@@ -402,7 +376,7 @@ class Streamer:
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         if kwargs.get("softcap") is not None:
-            raise ValueError("streaming does not support attention logit soft-capping")
+            raise InputError("streaming does not support attention logit soft-capping")
         li = module.layer_idx
         L, c = self._chunk_start_len, query.shape[2]
         cos, sin = self.rope.get(L + c, getattr(module, "layer_type", None))
@@ -428,163 +402,3 @@ class Streamer:
         self.keys[li] = k_new if k_old is None else torch.cat((k_old, k_new), dim=2)
         self.values[li] = value if v_old is None else torch.cat((v_old, value), dim=2)
         return out.transpose(1, 2).contiguous(), None
-
-
-# ----------------------------------------------------------------------------- perplexity over a stream
-
-
-@dataclass
-class StreamPoint:
-    tokens_seen: int
-    cache_entries: int  # per layer, after the chunk's eviction
-    kv_bytes: int
-    window_ppl: float  # perplexity of the tokens scored in this window
-    running_ppl: float  # perplexity of everything scored so far
-    tokens_per_s: float  # over the whole run so far
-
-
-@dataclass
-class StreamResult:
-    method: str
-    params: dict[str, Any]
-    chunk_size: int
-    tokens_seen: int
-    tokens_scored: int
-    perplexity: float | None
-    tokens_per_s: float
-    seconds: float
-    max_cache_entries: int
-    mean_cache_entries: float
-    max_kv_bytes: int
-    max_position_used: int
-    model_max_positions: int | None
-    stopped: str  # why the stream ended
-    points: list[StreamPoint] = field(default_factory=list)
-    nll: list[float] = field(default_factory=list, repr=False)  # per scored token (token i+1 given 0..i)
-
-    def to_dict(self, with_nll: bool = False) -> dict[str, Any]:
-        d = asdict(self)
-        if not with_nll:
-            d.pop("nll")
-        return d
-
-
-def _ppl(nll_sum: float, n: int) -> float:
-    return math.exp(nll_sum / n) if n else float("nan")
-
-
-def stream_perplexity(
-    model: PreTrainedModel,
-    token_ids: torch.Tensor,
-    policy: StreamPolicy,
-    separator_ids: torch.Tensor | None = None,
-    chunk_size: int = 64,
-    max_tokens: int | None = None,
-    allow_long: bool = False,
-    window: int = 1024,
-    progress: Callable[[StreamPoint, int], None] | None = None,
-) -> StreamResult:
-    """Stream ``token_ids`` [N] through ``model`` and score every next token.
-
-    Token ``i+1`` is scored by the logits at token ``i``, i.e. given what the
-    cache held then (``N - 1`` scored tokens). Full attention without
-    ``allow_long`` stops, with ``stopped`` saying so, at the model's maximum
-    position. ``window``: tokens per point of the windowed perplexity curve.
-    ``progress(point, n_done)`` is called after every chunk.
-    """
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if window < 1:
-        raise ValueError(f"window must be >= 1, got {window}")
-    ids = token_ids.reshape(-1)
-    if max_tokens is not None:
-        if max_tokens < 2:
-            raise ValueError(f"max_tokens must be >= 2, got {max_tokens}")
-        ids = ids[:max_tokens]
-    if ids.numel() < 2:
-        raise ValueError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
-    streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
-    cap = policy.capacity
-    limit = streamer.max_positions
-    if cap is not None and limit is not None and cap + chunk_size > limit and not allow_long:
-        raise ValueError(
-            f"cache_size + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
-            f"use a smaller cache or chunk"
-        )
-    n = ids.numel()
-    nll: list[float] = []
-    points: list[StreamPoint] = []
-    total_nll, win_nll, win_n, cache_sum, chunks = 0.0, 0.0, 0, 0, 0
-    max_entries = max_bytes = 0
-    prev_last: torch.Tensor | None = None  # logits [vocab] of the previous chunk's last token
-    stopped = "end of text" if max_tokens is None or max_tokens >= token_ids.numel() else f"max_tokens={max_tokens}"
-    t0 = time.perf_counter()
-    pos = 0
-    while pos < n:
-        chunk = ids[pos : pos + chunk_size]
-        try:
-            logits = streamer.feed(chunk)  # [C, vocab]
-        except ContextFullError as exc:
-            stopped = str(exc)
-            break
-        # scores: previous chunk's last logits -> chunk[0]; logits[j] -> chunk[j+1]; last -> next chunk[0]
-        preds = logits[:-1] if prev_last is None else torch.cat((prev_last[None], logits[:-1]))
-        targets = chunk[1:] if prev_last is None else chunk
-        if targets.numel():
-            lp = torch.log_softmax(preds, dim=-1).gather(1, targets.to(preds.device)[:, None])[:, 0]
-            vals = (-lp).tolist()
-            for v in vals:
-                nll.append(v)
-                total_nll += v
-                win_nll += v
-                win_n += 1
-        prev_last = logits[-1]
-        pos += chunk.numel()
-        chunks += 1
-        entries, nbytes = streamer.cache_len, streamer.kv_bytes()
-        cache_sum += entries
-        max_entries, max_bytes = max(max_entries, entries), max(max_bytes, nbytes)
-        elapsed = time.perf_counter() - t0
-        point = StreamPoint(
-            tokens_seen=pos, cache_entries=entries, kv_bytes=nbytes, window_ppl=_ppl(win_nll, win_n),
-            running_ppl=_ppl(total_nll, len(nll)), tokens_per_s=pos / elapsed if elapsed > 0 else 0.0,
-        )
-        if win_n >= window or pos >= n:
-            points.append(point)
-            win_nll, win_n = 0.0, 0
-        if progress is not None:
-            progress(point, pos)
-    if win_n:  # a partial window left when the stream stopped early
-        points.append(StreamPoint(pos, streamer.cache_len, streamer.kv_bytes(), _ppl(win_nll, win_n), _ppl(total_nll, len(nll)), 0.0))
-    seconds = time.perf_counter() - t0
-    return StreamResult(
-        method=policy.name, params=policy.params(), chunk_size=chunk_size, tokens_seen=streamer.tokens_seen,
-        tokens_scored=len(nll), perplexity=_ppl(total_nll, len(nll)) if nll else None,
-        tokens_per_s=streamer.tokens_seen / seconds if seconds > 0 else 0.0, seconds=seconds,
-        max_cache_entries=max_entries, mean_cache_entries=cache_sum / chunks if chunks else 0.0,
-        max_kv_bytes=max_bytes, max_position_used=streamer.max_position_used, model_max_positions=limit,
-        stopped=stopped, points=points, nll=nll,
-    )
-
-
-def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") -> Path:
-    """Windowed perplexity and KV-cache size vs tokens seen, one line per result (PNG)."""
-    from tokensieve.evaluation.plots import plt, save_figure
-
-    colors = {"full": "#F0496E", "streamingllm": "#EBB839", "sepllm": "#0CD79F"}
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
-    for r in results:
-        xs = [p.tokens_seen for p in r.points]
-        c = colors.get(r.method)
-        ax1.plot(xs, [p.window_ppl for p in r.points], label=r.method, color=c, lw=1.2)
-        ax2.plot(xs, [p.kv_bytes / 2**20 for p in r.points], label=r.method, color=c, lw=1.2)
-        if r.model_max_positions and r.method == "full":
-            for ax in (ax1, ax2):
-                ax.axvline(r.model_max_positions, color="grey", ls=":", lw=1)
-    ax1.set_yscale("log")
-    ax1.set_ylabel("perplexity (per window)")
-    ax1.legend(fontsize=8)
-    ax2.set_ylabel("KV cache (MiB)")
-    ax2.set_xlabel("tokens seen")
-    ax1.set_title(title, fontsize=9)
-    return save_figure(fig, path)

@@ -6,39 +6,50 @@ import argparse
 import sys
 from pathlib import Path
 
-from tqdm import tqdm
+from tokensieve.commands.common import MB, add_model_args, add_text_args, load, parse_size, print_json
+from tokensieve.errors import InputError
 
-from tokensieve.commands.common import MB, add_model_args, load, parse_size, print_json
-from tokensieve.streaming import POLICIES, make_policy, plot_stream, stream_perplexity
+# Old flag -> current flag; the old ones still work for one release, with a deprecation line.
+DEPRECATED_FLAGS: tuple[tuple[str, str], ...] = (
+    ("--init-size", "--n-initial"), ("--sep-size", "--n-separators"), ("--window", "--n-recent"), ("--cache-size", "--budget"),
+)
 
 DEFAULT_BOOK = "2544.txt"  # the longest PG-19 book shipped in shared/data/pg19 (~90k SmolLM2 tokens)
+
+
+# The streaming policies' names (tokensieve.streaming.POLICIES; a test keeps the two equal), here so that
+# building the parser imports no torch.
+STREAM_METHODS = ("sepllm", "streamingllm", "full")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "stream",
-        help="streaming perplexity over a long text (SepLLM, StreamingLLM, full)",
         description=(
             "Feed a text far longer than the model's context through the model in chunks, keeping a bounded KV "
-            "cache (SepLLM's SepCache or StreamingLLM's sinks + window) with positions shifted inside the cache, "
+            "cache of --budget entries per layer (SepLLM's SepCache: --n-initial + --n-separators + --n-recent; "
+            "StreamingLLM: --n-initial sinks + --n-recent recent tokens) with positions shifted inside the cache, "
             "and report running perplexity, tokens/s and cache size. Each chunk's tokens attend to the cache "
             "and to the earlier tokens of the chunk; eviction runs between chunks (--chunk-size 1 is token by token). "
             "Full attention stops at the model's maximum length unless --allow-long."
         ),
     )
     add_model_args(p)
-    p.add_argument("--method", choices=list(POLICIES), default="sepllm", help="cache policy (default: sepllm)")
+    p.add_argument("--method", choices=list(STREAM_METHODS), default="sepllm", help="cache policy (default: sepllm)")
     p.add_argument("--file", default=None, help="text file to stream (default: the longest PG-19 book in shared/data/pg19)")
     p.add_argument("--chunk-size", type=int, default=64, help="tokens fed per forward (default 64; 1 = token by token)")
     p.add_argument("--max-tokens", type=parse_size, default=None, help="stop after this many tokens, e.g. 64k (default: whole text)")
-    p.add_argument("--init-size", type=int, default=None, help="a: initial / attention-sink tokens kept (default 4)")
-    p.add_argument("--sep-size", type=int, default=None, help="s: SepLLM separator tokens kept (default 64)")
-    p.add_argument("--window", type=int, default=None, help="w: local window (SepLLM, default 256) or recent window (StreamingLLM, default cache-size - init-size)")
-    p.add_argument("--cache-size", type=int, default=None, help="c: KV entries per layer between chunks (default 800)")
+    p.add_argument("--n-initial", type=int, default=None, help="a: initial / attention-sink tokens kept (default 4)")
+    p.add_argument("--n-separators", type=int, default=None, help="s: separator tokens kept, SepLLM only (default 64)")
+    p.add_argument("--n-recent", type=int, default=None, help="w: recent tokens kept: SepLLM's local window (default 256), StreamingLLM's recent window (default budget - n-initial)")
+    p.add_argument("--budget", type=int, default=None, help="c: KV entries per layer between chunks (default 800)")
+    for old, new in DEPRECATED_FLAGS:  # hidden; one deprecation line on stderr when used
+        p.add_argument(old, dest=_old_dest(old), type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--allow-long", action="store_true", help="full attention: run past the model's maximum position (to show the breakdown)")
     p.add_argument("--ppl-window", type=int, default=1024, help="tokens per point of the windowed perplexity curve (default 1024)")
     p.add_argument("--plot", default=None, help="PNG of perplexity and KV memory vs tokens seen (default runs/stream/<method>.png; '' for none)")
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
+    add_text_args(p, "the text")
     p.set_defaults(func=run)
 
 
@@ -47,31 +58,58 @@ def _default_file() -> Path:
 
     path = default_pg19_dir() / DEFAULT_BOOK
     if not path.is_file():
-        raise FileNotFoundError(f"no default text ({path} is missing); pass a text file with --file PATH")
+        raise InputError(f"no default text ({path} is missing); pass a text file with --file PATH")
     return path
 
 
+def _old_dest(flag: str) -> str:
+    return "deprecated_" + flag.lstrip("-").replace("-", "_")
+
+
+def _new_dest(flag: str) -> str:
+    return flag.lstrip("-").replace("-", "_")
+
+
+def apply_deprecated_flags(args: argparse.Namespace) -> None:
+    """Move the values of old flags to their current names, with one deprecation line on stderr per old flag."""
+    for old, new in DEPRECATED_FLAGS:
+        value = getattr(args, _old_dest(old), None)
+        if value is None:
+            continue
+        print(f"tokensieve stream: {old} is deprecated, use {new} (the old flag goes in the next release)", file=sys.stderr)
+        if getattr(args, _new_dest(new), None) is not None:
+            raise InputError(f"give {new} or its old name {old}, not both")
+        setattr(args, _new_dest(new), value)
+        setattr(args, _old_dest(old), None)
+
+
 def policy_params(args: argparse.Namespace) -> dict:
-    params = {"init_size": args.init_size, "cache_size": args.cache_size}
+    params = {"n_initial": args.n_initial, "budget": args.budget}
     if args.method == "sepllm":
-        params.update(sep_size=args.sep_size, local_size=args.window)
+        params.update(n_separators=args.n_separators, n_recent=args.n_recent)
     elif args.method == "streamingllm":
-        params.update(window=args.window)
-        if args.sep_size is not None:
-            raise ValueError("--sep-size applies to --method sepllm only")
-    elif any(v is not None for v in (args.init_size, args.cache_size, args.sep_size, args.window)):
-        raise ValueError("--init-size/--sep-size/--window/--cache-size do not apply to --method full (it keeps every token)")
+        params.update(n_recent=args.n_recent)
+        if args.n_separators is not None:
+            raise InputError("--n-separators applies to --method sepllm only")
+    elif any(v is not None for v in (args.n_initial, args.budget, args.n_separators, args.n_recent)):
+        raise InputError(
+            "--n-initial/--n-separators/--n-recent/--budget do not apply to --method full (it keeps every token)"
+        )
     return params if args.method != "full" else {}
 
 
 def run(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from tokensieve.data import read_document
+    from tokensieve.streaming import make_policy
+
+    apply_deprecated_flags(args)
     if args.chunk_size < 1:
-        raise ValueError(f"--chunk-size must be >= 1, got {args.chunk_size}")
+        raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     policy = make_policy(args.method, **policy_params(args))  # bad sizes fail before the model loads
     path = Path(args.file) if args.file else _default_file()
-    if not path.is_file():
-        raise FileNotFoundError(f"text file not found: {path}")
-    text = path.read_text(encoding="utf-8", errors="replace")
+    text = read_document(path, args.encoding, args.encoding_errors)
     if args.max_tokens:
         text = text[: args.max_tokens * 12]  # plenty of characters; tokenizing a whole huge file is slow
     model, tok = load(args)
@@ -86,15 +124,19 @@ def run(args: argparse.Namespace) -> int:
         bar.update(done - bar.n)
         bar.set_postfix(ppl=f"{point.running_ppl:.2f}", tok_s=f"{point.tokens_per_s:.0f}", cache=point.cache_entries, kv=f"{point.kv_bytes / MB:.1f}MiB", refresh=False)
 
+    from tokensieve.evaluation.stream_ppl import stream_perplexity
+
     res = stream_perplexity(
         model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
-        allow_long=args.allow_long, window=args.ppl_window, progress=progress,
+        allow_long=args.allow_long, ppl_window=args.ppl_window, progress=progress,
     )
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
         print(f"tokensieve stream: stopped: {res.stopped}", file=sys.stderr)
     plot = f"runs/stream/{args.method}.png" if args.plot is None else args.plot
     if plot:
+        from tokensieve.evaluation.plots import plot_stream
+
         plot_stream([res], plot, f"{args.method} on {args.model}, {path.name}, chunk {args.chunk_size}")
     summary = res.to_dict()
     summary.update(model=args.model, file=str(path), plot=plot or None)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib
 
@@ -12,6 +12,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.colors import LinearSegmentedColormap  # noqa: E402
 
 from tokensieve.evaluation.harness import method_labels  # noqa: E402
+
+if TYPE_CHECKING:
+    from tokensieve.evaluation.stream_ppl import StreamResult
 
 
 def save_figure(fig, path: str | Path) -> Path:
@@ -94,4 +97,25 @@ def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tupl
     a1.set_yscale("log")
     a1.legend(fontsize=7)
     fig.suptitle(f"{result['shape']} ({result['dtype']}, random weights) on {where}", fontsize=9)
+    return save_figure(fig, path)
+
+
+def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") -> Path:
+    """Windowed perplexity and KV-cache size vs tokens seen, one line per result (PNG)."""
+    colors = {"full": "#F0496E", "streamingllm": "#EBB839", "sepllm": "#0CD79F"}
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
+    for r in results:
+        xs = [p.tokens_seen for p in r.points]
+        c = colors.get(r.method)
+        ax1.plot(xs, [p.window_ppl for p in r.points], label=r.method, color=c, lw=1.2)
+        ax2.plot(xs, [p.kv_bytes / 2**20 for p in r.points], label=r.method, color=c, lw=1.2)
+        if r.model_max_positions and r.method == "full":
+            for ax in (ax1, ax2):
+                ax.axvline(r.model_max_positions, color="grey", ls=":", lw=1)
+    ax1.set_yscale("log")
+    ax1.set_ylabel("perplexity (per window)")
+    ax1.legend(fontsize=8)
+    ax2.set_ylabel("KV cache (MiB)")
+    ax2.set_xlabel("tokens seen")
+    ax1.set_title(title, fontsize=9)
     return save_figure(fig, path)

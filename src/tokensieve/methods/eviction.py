@@ -21,15 +21,16 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 
 def check_int(name: str, value: Any, minimum: int) -> None:
-    """``ValueError`` unless ``value`` is an int >= ``minimum``."""
+    """``InputError`` (a ``ValueError``) unless ``value`` is an int >= ``minimum``."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 @dataclass
@@ -70,7 +71,7 @@ class EvictionMethod(Method):
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         if input_ids.shape[0] != 1:
-            raise ValueError(f"{self.name} runs one prompt at a time, got batch size {input_ids.shape[0]}")
+            raise InputError(f"{self.name} runs one prompt at a time, got batch size {input_ids.shape[0]}")
         cache = EvictionCache(model.config)
         cache.add_tokens(input_ids)
         out = model(

@@ -3,7 +3,7 @@
 Shi et al., "Discovering the Gems in Early Layers: Accelerating Long-Context
 LLMs with 1000x Input Token Reduction", 2024 (arXiv:2409.17422).
 
-Algorithm (see ``shared/papers/methods.md``):
+Algorithm (parameters, defaults and measurements in ``docs/gemfilter.md``):
 
 1. Filter pass: run decoder layers ``0 .. r-1`` and layer ``r``'s attention up to
    its post-RoPE queries and keys; stop there (no MLP of layer ``r``, no later
@@ -14,11 +14,14 @@ Algorithm (see ``shared/papers/methods.md``):
 5. Run the full model from scratch on the kept ids at fresh positions
    ``0 .. k-1``, then decode normally.
 
+With ``k >= n`` every token would be kept: the filter pass is skipped and the
+prefill is plain full attention (``details["filter_skipped"] = True``).
+
 Two scorings:
 
 * ``"paper"``: raw inner products of the **last** query with every key,
   ``q_last . k_j`` summed over heads, exactly as the paper's code.
-* ``"window"``: softmax attention (scaled, causal) of the last ``window``
+* ``"window"``: softmax attention (scaled, causal) of the last ``window_size``
   queries, summed over heads and those queries (SnapKV-style observation
   window). On small models it recalls the needle far more reliably; which one
   is the default is decided by measurement (README, "GemFilter scoring").
@@ -35,9 +38,14 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.methods.eviction import check_int
+from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
 SCORINGS = ("paper", "window")
+DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
+DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
 
 # Filter layers (0-based) for known model shapes: (model_type, layers, hidden) -> r.
 # Llama-3.1-8B, Mistral-Nemo-12B and Phi-3.5-mini are the paper's values; the two
@@ -97,50 +105,27 @@ class _FilterDone(Exception):
 
 
 def token_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window", window: int = 16,
-    chunk: int | None = None,
+    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window",
+    window_size: int = DEFAULT_WINDOW_SIZE, key_chunk: int | None = None,
 ) -> torch.Tensor:
-    """Importance of each prompt token, summed over heads.
+    """GemFilter's importance of each prompt token, summed over all heads: float [batch, n].
 
     query: [batch, q_heads, nq, head_dim] (the last nq positions), key: [batch, kv_heads, n, head_dim]
-    (post-RoPE, before GQA repetition). Returns float32 [batch, n]. Memory is
-    linear in ``n``: only the scoring queries' rows of attention are formed. With ``chunk``
-    and ``n > chunk`` the keys are read ``chunk`` at a time, so no float32 copy of all keys
-    (or of all attention rows) is ever resident: the softmax of "window" then takes two
-    passes (log-sum-exp per row, then the probabilities).
+    (post-RoPE, before GQA repetition). ``"paper"``: ``q_last . k`` (``scoring.paper_scores``);
+    ``"window"``: softmax attention of the last ``window_size`` queries
+    (``scoring.attention_scores``). ``key_chunk`` reads the keys that many at a time
+    (two-pass softmax), for prompts whose keys do not fit in float32 at once.
     """
-    b, hq, nq, d = query.shape  # the queries may be only the last nq <= n positions
-    hkv, n = key.shape[1], key.shape[2]
-    g = hq // hkv
-    spans = [(s, min(n, s + chunk)) for s in range(0, n, chunk)] if chunk and n > chunk else [(0, n)]
     if scoring == "paper":
-        # sum_h q_h . k_{kv(h)} = sum_kv (sum_{h in group kv} q_h) . k_kv : exact, no repeat of keys.
-        q = query[:, :, -1, :].reshape(b, hkv, g, d).sum(2).float()  # [b, hkv, d]
-        return torch.cat([torch.einsum("bhd,bhnd->bn", q, key[:, :, s:e].float()) for s, e in spans], dim=-1)
+        return head_sum(paper_scores(query, key, key_chunk=key_chunk))
     if scoring == "window":
-        w = min(window, nq)
-        q = query[:, :, -w:, :].reshape(b, hkv, g * w, d).float()  # [b, hkv, g*w, d], row = (head-in-group, query)
-        q_pos = torch.arange(n - w, n, device=query.device).repeat(g)  # [g*w]
-
-        def logits(s: int, e: int) -> torch.Tensor:  # [b, hkv, g*w, e - s], causal
-            lg = torch.matmul(q, key[:, :, s:e].float().transpose(-1, -2)) * scaling
-            causal = torch.arange(s, e, device=query.device)[None, :] <= q_pos[:, None]
-            return lg.masked_fill(~causal, float("-inf"))
-
-        if len(spans) == 1:
-            return logits(0, n).softmax(dim=-1).sum(dim=(1, 2))  # [b, n]
-        lse = torch.stack([logits(s, e).logsumexp(-1) for s, e in spans]).logsumexp(0)[..., None]  # [b, hkv, g*w, 1]
-        return torch.cat([(logits(s, e) - lse).exp().sum(dim=(1, 2)) for s, e in spans], dim=-1)
-    raise ValueError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
+        return head_sum(attention_scores(query[:, :, -window_size:], key, scaling, key_chunk=key_chunk))
+    raise InputError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
-def pool_and_select(scores: torch.Tensor, k: int, kernel: int = 5) -> torch.Tensor:
-    """Average-pool ``scores`` [n] (stride 1, same length) and return the sorted top-``min(k, n)`` indices."""
-    n = scores.shape[-1]
-    if kernel > 1:
-        scores = F.avg_pool1d(scores.view(1, 1, n), kernel_size=kernel, stride=1, padding=kernel // 2).view(n)
-    idx = torch.topk(scores, min(k, n)).indices
-    return torch.sort(idx).values
+def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL) -> torch.Tensor:
+    """GemFilter's selection: average-pool ``scores`` [n] (stride 1, same length), keep the sorted top-``min(k, n)``."""
+    return sorted_topk(pool_scores(scores, kernel, "avg"), k)
 
 
 @dataclass
@@ -151,9 +136,9 @@ class GemFilter(Method):
         topk: tokens kept (the paper's default 1024); ``k >= n`` keeps the whole prompt.
         filter_layer: 0-based layer ``r`` whose attention scores the tokens; ``None``
             takes the known value for the model (``default_filter_layer``).
-        scoring: ``"window"`` (softmax of the last ``window`` queries) or ``"paper"``
+        scoring: ``"window"`` (softmax of the last ``window_size`` queries) or ``"paper"``
             (raw ``q_last . k``).
-        window: scoring queries for ``"window"``.
+        window_size: scoring queries for ``"window"`` (formerly ``window``).
         kernel: average-pool kernel (odd; 1 disables smoothing).
         chunk_size: when set and the prompt is longer, the filter pass runs layer by layer
             over chunks of this many tokens, so only one layer's keys/values and the hidden
@@ -163,11 +148,12 @@ class GemFilter(Method):
     """
 
     name: ClassVar[str] = "gemfilter"
+    renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     topk: int = 1024
     filter_layer: int | None = None
     scoring: str = "window"
-    window: int = 16
-    kernel: int = 5
+    window_size: int = DEFAULT_WINDOW_SIZE
+    kernel: int = DEFAULT_KERNEL
     chunk_size: int | None = None
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
@@ -175,25 +161,26 @@ class GemFilter(Method):
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         if not isinstance(self.topk, int) or self.topk <= 0:
-            raise ValueError(f"topk must be a positive integer, got {self.topk!r}")
+            raise InputError(f"topk must be a positive integer, got {self.topk!r}")
         n_layers = num_layers(model)
         r = self.resolved_layer(model)
         if not isinstance(r, int) or not 0 <= r < n_layers:
-            raise ValueError(f"filter_layer must be in [0, {n_layers - 1}] for this model, got {r!r}")
+            # Still a plain ValueError: tests/test_bench.py pins "error: ValueError" in bench status rows.
+            raise InputError(f"filter_layer must be in [0, {n_layers - 1}] for this model, got {r!r}")
         if self.scoring not in SCORINGS:
-            raise ValueError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
-        if self.window <= 0:
-            raise ValueError(f"window must be positive, got {self.window}")
-        if self.kernel <= 0 or self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
+            raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_int("window_size", self.window_size, 1)
+        check_int("kernel", self.kernel, 1)
+        if self.kernel % 2 == 0:
+            raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.chunk_size is not None:
-            if self.chunk_size < max(self.window, 1):
-                raise ValueError(f"chunk_size must be >= window ({self.window}), got {self.chunk_size}")
+            if self.chunk_size < self.window_size:
+                raise InputError(f"chunk_size must be >= window_size ({self.window_size}), got {self.chunk_size}")
             cfg = model.config.get_text_config()
             if cfg.model_type not in CHUNKED_MODEL_TYPES or any(
                 t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])
             ):
-                raise ValueError(
+                raise InputError(
                     f"chunk_size needs a model with only full-attention layers of type {CHUNKED_MODEL_TYPES}, "
                     f"got {cfg.model_type!r}"
                 )
@@ -202,14 +189,14 @@ class GemFilter(Method):
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
         """Filter pass: per-token scores [n] from layer ``r`` (before pooling)."""
         if input_ids.shape[0] != 1:
-            raise ValueError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
+            raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
             return self._chunked_scores(model, input_ids, r)
 
         def hook(module, query, key, value, attention_mask, **kwargs):
             if module.layer_idx == r:
-                raise _FilterDone(token_scores(query, key, module.scaling, self.scoring, self.window))
+                raise _FilterDone(token_scores(query, key, module.scaling, self.scoring, self.window_size))
             return None
 
         try:
@@ -224,7 +211,7 @@ class GemFilter(Method):
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
         starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] < self.window:
+        if len(starts) > 1 and n - starts[-1] < self.window_size:
             starts.pop()  # the last chunk must hold all scoring queries
         bounds = list(zip(starts, starts[1:] + [n]))
         hidden = base.embed_tokens(input_ids)  # [1, n, D]
@@ -244,8 +231,8 @@ class GemFilter(Method):
                     if li == r:
                         if e < n:
                             raise _ChunkDone()
-                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window,
-                                                       chunk=self.chunk_size))
+                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window_size,
+                                                       key_chunk=self.chunk_size))
                     values[:, :, s:e] = value
                     out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)
                     return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
@@ -262,10 +249,21 @@ class GemFilter(Method):
         raise RuntimeError("chunked filter pass ended without scoring")
 
     def select(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-        """Sorted indices [min(k, n)] of the prompt tokens GemFilter keeps."""
+        """Sorted indices [min(k, n)] of the prompt tokens GemFilter keeps (no filter pass when ``k >= n``)."""
+        n = input_ids.shape[1]
+        if self.topk >= n:
+            return torch.arange(n, device=input_ids.device)
         return pool_and_select(self.scores(model, input_ids), self.topk, self.kernel)
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        if input_ids.shape[0] != 1:
+            raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
+        n = input_ids.shape[1]
+        if self.topk >= n:  # the selection would keep every token: no filter pass, plain full prefill
+            state = full_prefill(model, input_ids)
+            state.kept_indices = torch.arange(n, device=input_ids.device)
+            state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0, filter_skipped=True)
+            return state
         t0 = time.perf_counter()
         idx = self.select(model, input_ids)
         if input_ids.device.type == "cuda":
@@ -274,5 +272,5 @@ class GemFilter(Method):
         # Second pass from scratch on the kept ids; positions are 0..k-1 by default.
         state = full_prefill(model, input_ids[:, idx])
         state.kept_indices = idx
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s)
+        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False)
         return state

@@ -6,8 +6,8 @@ Large Language Models", NeurIPS 2023 (arXiv:2306.14048).
 Every cache entry carries the attention it has received so far, per KV head:
 softmax probabilities summed over every query that saw it and over the query
 heads sharing the KV head. After the prompt (all ``n`` queries) each layer and
-KV head keeps its ``budget - window`` best-scoring entries among all but the
-last ``window`` tokens, plus those ``window`` recent tokens. At every decoding
+KV head keeps its ``budget - n_recent`` best-scoring entries among all but the
+last ``n_recent`` tokens, plus those ``n_recent`` recent tokens. At every decoding
 step the new token's attention is added to the scores and, when the cache is
 over ``budget``, the lowest-scoring entry outside the recent window is evicted.
 
@@ -26,8 +26,10 @@ import torch
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.cache import EvictionCache, attention_scores, top_prefix_plus_window
+from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.scoring import attention_scores, topk_with_recent
 
 
 @dataclass
@@ -37,27 +39,30 @@ class H2O(EvictionMethod):
     Parameters:
         budget: entries kept per layer and KV head, during and after the prompt;
             ``budget >= n + new tokens`` never evicts (exactly full attention).
-        window: recent tokens always kept; ``None`` = ``budget // 2`` (the
+        n_recent: recent tokens always kept; ``None`` = ``budget // 2`` (the
             paper's equal split between heavy hitters and recent tokens).
+            Formerly ``window``.
         chunk_size: prompt queries scored at once; ``None`` picks a size that
             keeps the score block under 2**26 floats.
     """
 
     name: ClassVar[str] = "h2o"
+    renamed: ClassVar[dict[str, str]] = {"window": "n_recent"}
     budget: int = 1024
-    window: int | None = None
+    n_recent: int | None = None
     chunk_size: int | None = None
 
     @property
-    def recent(self) -> int:
-        return self.budget // 2 if self.window is None else self.window
+    def resolved_n_recent(self) -> int:
+        """Recent tokens kept: ``n_recent``, or ``budget // 2`` when it is None."""
+        return self.budget // 2 if self.n_recent is None else self.n_recent
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)
-        if self.window is not None:
-            check_int("window", self.window, 0)
-            if self.window > self.budget:
-                raise ValueError(f"window ({self.window}) must not exceed budget ({self.budget})")
+        if self.n_recent is not None:
+            check_int("n_recent", self.n_recent, 0)
+            if self.n_recent > self.budget:
+                raise InputError(f"n_recent ({self.n_recent}) must not exceed budget ({self.budget})")
         if self.chunk_size is not None:
             check_int("chunk_size", self.chunk_size, 1)
 
@@ -66,12 +71,12 @@ class H2O(EvictionMethod):
     ) -> torch.Tensor:
         """Attention each key receives from these queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        return attention_scores(query, key, module.scaling, self.chunk_size, mask)
+        return attention_scores(query, key, module.scaling, attention_mask=mask, query_chunk=self.chunk_size)
 
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
         scores = cache.scores[layer_idx]  # [b, hkv, entries]
         if scores.shape[-1] > self.budget:
-            cache.keep(layer_idx, top_prefix_plus_window(scores, self.budget, self.recent))
+            cache.keep(layer_idx, topk_with_recent(scores, self.budget, self.resolved_n_recent))
 
     def prefill_layer(
         self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,

@@ -2,7 +2,8 @@
 
 Fu et al., "LazyLLM: Dynamic Token Pruning for Efficient Long Context LLM
 Inference", Apple, 2024 (arXiv:2407.14057). No official code exists; this is
-written from the paper (see ``shared/papers/methods.md``).
+written from the paper (``docs/lazyllm.md`` describes it and the measured
+default schedule).
 
 Algorithm, at every step (the prompt's prefill and each decoding step alike):
 
@@ -40,7 +41,9 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 
 from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
+from tokensieve.scoring import attention_scores, head_sum
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -77,20 +80,17 @@ def keep_count(fraction: float, present: int) -> int:
 def last_token_attention(
     query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float
 ) -> torch.Tensor:
-    """Attention probabilities of the last query row over all keys, averaged over heads.
+    """LazyLLM's importance: attention probabilities of the last query over all keys, averaged over query heads.
 
     query: [1, q_heads, q_len, head_dim], key: [1, kv_heads, kv_len, head_dim]
     (post-RoPE, before GQA repetition); attention_mask: None or bool
-    [1, 1, q_len, kv_len] (True = may attend). Returns float32 [kv_len].
-    Memory is linear in ``kv_len``: only the last row is formed.
+    [1, 1, q_len, kv_len] (True = may attend). Returns float [kv_len].
+    ``scoring.attention_scores`` of the last query (memory linear in ``kv_len``),
+    summed over heads and divided by their number.
     """
-    _, hq, _, d = query.shape
-    hkv = key.shape[1]
-    q = query[0, :, -1, :].reshape(hkv, hq // hkv, d).float()  # [kv_heads, group, d]; head h -> kv head h // group
-    logits = torch.einsum("hgd,hkd->hgk", q, key[0].float()) * scaling  # [kv_heads, group, kv_len]
-    if attention_mask is not None:
-        logits = logits.masked_fill(~attention_mask[0, 0, -1], float("-inf"))
-    return logits.softmax(dim=-1).mean(dim=(0, 1))
+    last_mask = None if attention_mask is None else attention_mask[..., -1:, :]  # [1, 1, 1, kv_len]
+    probs = attention_scores(query[:, :, -1:], key, scaling, attention_mask=last_mask)  # [1, kv_heads, kv_len]
+    return head_sum(probs)[0] / query.shape[1]
 
 
 class _Decoder:
@@ -99,18 +99,18 @@ class _Decoder:
     def __init__(self, model: PreTrainedModel):
         cfg = model.config.get_text_config()
         if cfg.model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM does not support model type {cfg.model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
         body = getattr(model, "model", None)
         missing = [a for a in ("embed_tokens", "layers", "norm", "rotary_emb") if not hasattr(body, a)]
         if missing or not hasattr(model, "lm_head"):
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM needs model.model.{{embed_tokens, layers, norm, rotary_emb}} and model.lm_head; "
                 f"{type(model).__name__} lacks {missing or ['lm_head']}"
             )
         if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise ValueError(
+            raise InputError(
                 f"LazyLLM needs tokensieve attention, the model uses {model.config._attn_implementation!r}; "
                 "call tokensieve.use_tokensieve_attention(model) (load_model does it)"
             )
@@ -173,21 +173,21 @@ class LazyLLM(Method):
         self.keep_fractions = _as_tuple(self.keep_fractions, float, "keep_fractions")
         for f in self.keep_fractions:
             if not 0.0 < f <= 1.0:
-                raise ValueError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
+                raise InputError(f"keep_fractions must each be in (0, 1], got {f} in {list(self.keep_fractions)}")
         if self.prune_layers is None:
             if len(self.keep_fractions) != len(DEFAULT_PRUNE_LAYERS):
-                raise ValueError(
+                raise InputError(
                     f"with the default prune_layers, give {len(DEFAULT_PRUNE_LAYERS)} keep_fractions, got {list(self.keep_fractions)}"
                 )
             return
         self.prune_layers = _as_tuple(self.prune_layers, int, "prune_layers")
         if len(self.prune_layers) != len(self.keep_fractions):
-            raise ValueError(
+            raise InputError(
                 f"prune_layers and keep_fractions must have the same length, got {len(self.prune_layers)} "
                 f"layers {list(self.prune_layers)} and {len(self.keep_fractions)} fractions {list(self.keep_fractions)}"
             )
         if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
-            raise ValueError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
+            raise InputError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
 
     def schedule(self, dec: "_Decoder") -> dict[int, float]:
         """{pruning layer: keep fraction} for this model."""
@@ -202,7 +202,7 @@ class LazyLLM(Method):
             return
         for layer in self.prune_layers:
             if not 0 <= layer <= n_layers - 2:
-                raise ValueError(
+                raise InputError(
                     f"prune_layers must each be in [0, {n_layers - 2}] for this {n_layers}-layer model "
                     f"(pruning after the last layer would do nothing), got {layer} in {list(self.prune_layers)}"
                 )
@@ -210,7 +210,7 @@ class LazyLLM(Method):
         for layer in self.prune_layers:
             if dec.windows[layer] is not None:
                 full = [i for i, w in enumerate(dec.windows[:-1]) if w is None]
-                raise ValueError(
+                raise InputError(
                     f"prune layer {layer} is a sliding-window layer (window {dec.windows[layer]}): its last-token "
                     f"attention cannot see older tokens; choose full-attention layers, here {full}"
                 )
@@ -229,7 +229,7 @@ class LazyLLM(Method):
     @torch.inference_mode()
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> LazyState:
         if input_ids.shape[0] != 1:
-            raise ValueError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
+            raise InputError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
         n = input_ids.shape[1]
         self.validate(model, n)
         dec = _Decoder(model)
@@ -373,8 +373,8 @@ def _as_tuple(value: Any, kind: type, name: str) -> tuple:
         try:
             x = kind(v)
         except (TypeError, ValueError):
-            raise ValueError(f"{name} must be a list of {kind.__name__}s, got {value!r}") from None
+            raise InputError(f"{name} must be a list of {kind.__name__}s, got {value!r}") from None
         if kind is int and isinstance(v, float) and v != x:
-            raise ValueError(f"{name} must be a list of ints, got {value!r}")
+            raise InputError(f"{name} must be a list of ints, got {value!r}")
         out.append(x)
     return tuple(out)

@@ -7,18 +7,25 @@ Separator tokens (``.`` ``,`` ``?`` ``!`` ``;`` ``:`` and newlines, plus BOS)
 are taken to summarise the segment before them. In the training-free design
 every query ``i`` attends only to
 
-* the first ``initial`` tokens,
+* the first ``n_initial`` tokens,
 * every separator token before it,
-* its ``window`` preceding tokens and itself (``i - window <= j <= i``),
+* its ``n_recent`` preceding tokens and itself (``i - n_recent <= j <= i``),
 
 at the tokens' original positions. The prompt is computed under that mask (in
 blocks of ``block_size`` queries, each against only the keys some of its
 queries may see, so no ``n x n`` mask is formed); the cache then keeps only the
 entries later tokens may still see: the initial tokens, all separators and
-the last ``window`` tokens. Each decoded token attends to those and itself;
+the last ``n_recent`` tokens. Each decoded token attends to those and itself;
 afterwards the entry that left the window is evicted unless it is initial or
-a separator. The cache grows only by separators (for a budgeted cache, see
-SepCache in ``tokensieve.streaming``).
+a separator. The cache grows only by separators. The rule is the pure
+function ``sepllm_visible`` (which keys a query sees) and ``sepllm_keep``
+(which entries a later token may still see).
+
+The budgeted cache of the paper's streaming setting ("SepCache": ``a``
+initial tokens, at most ``s`` separators, a local window of ``w``, capacity
+``c``, oldest separators evicted first) is the pure function
+``sepcache_keep``; ``tokensieve.streaming`` applies it to a position-shifted
+cache.
 
 Separator ids come from the model's tokenizer
 (``tokensieve.separators.separator_token_ids``) when the runner calls
@@ -35,9 +42,59 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
 from tokensieve.separators import separator_token_ids
+
+
+def sepllm_visible(
+    query_pos: torch.Tensor, key_pos: torch.Tensor, key_is_separator: torch.Tensor, n_initial: int, n_recent: int
+) -> torch.Tensor:
+    """SepLLM's training-free rule: bool [q, k], whether the query at ``query_pos[i]`` may attend to the key at ``key_pos[j]``.
+
+    query_pos: [q], key_pos: [k] original positions; key_is_separator: [k] bool. A query at
+    position ``i`` sees a key at ``j`` when ``j <= i`` and the key is one of the first
+    ``n_initial`` tokens, a separator, or one of its ``n_recent`` preceding tokens (``j >= i - n_recent``).
+    """
+    i, j = query_pos[:, None], key_pos[None, :]  # [q, 1], [1, k]
+    return (j <= i) & ((j < n_initial) | key_is_separator[None, :] | (j >= i - n_recent))
+
+
+def sepllm_keep(
+    positions: torch.Tensor, is_separator: torch.Tensor, n_initial: int, n_recent: int, next_position: int
+) -> torch.Tensor:
+    """Bool [n]: the cache entries (original ``positions`` [n], ``is_separator`` [n]) that a token at
+    ``next_position`` or later may still see under ``sepllm_visible``: initial tokens, separators,
+    and the last ``n_recent`` positions before ``next_position``.
+    """
+    query = torch.tensor([next_position], device=positions.device)
+    return sepllm_visible(query, positions, is_separator, n_initial, n_recent)[0]
+
+
+def sepcache_keep(
+    stream_pos: torch.Tensor, is_separator: torch.Tensor, n_initial: int, n_separators: int, n_recent: int, budget: int
+) -> torch.Tensor:
+    """SepCache's keep rule (the budgeted SepLLM cache): sorted indices [kept] of the entries that stay.
+
+    stream_pos: [n] increasing stream index of each entry, is_separator: [n] bool. The cache is,
+    in stream order, [initial | separators | past window | local window]. While ``n <= budget``
+    everything stays (tokens leaving the local window wait in the past window). Over the
+    budget it is compressed: the first ``n_initial`` tokens of the stream and the ``n_recent``
+    newest entries stay; of the rest only separators, at most ``n_separators`` of them, the
+    **oldest evicted first**. Afterwards at most ``n_initial + n_separators + n_recent`` remain.
+    """
+    n = stream_pos.numel()
+    idx = torch.arange(n, device=stream_pos.device)
+    if n <= budget:
+        return idx
+    initial = stream_pos < n_initial
+    local = idx >= n - n_recent
+    middle_seps = idx[is_separator & ~initial & ~local]  # ascending: oldest first
+    kept_seps = middle_seps[max(0, middle_seps.numel() - n_separators) :]
+    keep = initial | local
+    keep[kept_seps] = True
+    return idx[keep]
 
 
 @dataclass
@@ -45,9 +102,11 @@ class SepLLM(EvictionMethod):
     """SepLLM training-free (Chen et al., 2025): initial + separator + neighbouring tokens.
 
     Parameters:
-        initial: first tokens every query sees (``a``; the paper uses 3 or 4).
-        window: preceding tokens every query sees besides itself (``w``; the
-            paper's configs use 256); ``window >= n + new tokens`` is exactly full attention.
+        n_initial: first tokens every query sees (``a``; the paper uses 3 or 4;
+            formerly ``initial``).
+        n_recent: preceding tokens every query sees besides itself (``w``; the
+            paper's configs use 256; formerly ``window``); ``n_recent >= n + new tokens``
+            is exactly full attention.
         separator_ids: token ids that count as separators; ``None`` derives them
             from the tokenizer in ``prepare`` (punctuation, newlines, BOS).
         include_space: with derived ids, also count a lone space token.
@@ -55,8 +114,9 @@ class SepLLM(EvictionMethod):
     """
 
     name: ClassVar[str] = "sepllm"
-    initial: int = 4
-    window: int = 256
+    renamed: ClassVar[dict[str, str]] = {"initial": "n_initial", "window": "n_recent"}
+    n_initial: int = 4
+    n_recent: int = 256
     separator_ids: tuple[int, ...] | None = None
     include_space: bool = False
     block_size: int = 1024
@@ -72,30 +132,29 @@ class SepLLM(EvictionMethod):
             return torch.tensor(list(self.separator_ids), dtype=torch.long, device=device)
         ids = getattr(self, "_derived_ids", None)
         if ids is None:
-            raise ValueError(
+            raise InputError(
                 "SepLLM has no separator ids: pass separator_ids=... or call prepare(model, tokenizer) "
                 "(tokensieve.generate does this)"
             )
         return ids.to(device)
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
-        check_int("initial", self.initial, 0)
-        check_int("window", self.window, 0)
+        check_int("n_initial", self.n_initial, 0)
+        check_int("n_recent", self.n_recent, 0)
         check_int("block_size", self.block_size, 1)
         if self.separator_ids is not None:
             vocab = model.config.get_text_config().vocab_size
             bad = [i for i in self.separator_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
             if bad:
-                raise ValueError(f"separator_ids must be token ids in [0, {vocab}), got {bad[:5]}")
+                raise InputError(f"separator_ids must be token ids in [0, {vocab}), got {bad[:5]}")
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         self._sep = self.separators(input_ids.device)
         return super().prefill(model, input_ids)
 
-    def _special(self, cache: EvictionCache, positions: torch.Tensor) -> torch.Tensor:
-        """Whether the tokens at ``positions`` are initial tokens or separators (kept forever)."""
-        ids = cache.token_ids[0, positions]
-        return (positions < self.initial) | torch.isin(ids, self._sep)
+    def _is_separator(self, cache: EvictionCache, positions: torch.Tensor) -> torch.Tensor:
+        """Whether the tokens at ``positions`` are separators."""
+        return torch.isin(cache.token_ids[0, positions], self._sep)
 
     def prefill_layer(
         self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
@@ -103,25 +162,23 @@ class SepLLM(EvictionMethod):
         attention_mask: torch.Tensor | None, **kwargs: Any,
     ) -> AttnOutput:
         n = key.shape[2]
-        if n - 1 <= self.window:  # every query sees every earlier token: plain causal attention
+        if n - 1 <= self.n_recent:  # every query sees every earlier token: plain causal attention
             return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         pos = torch.arange(n, device=key.device)
-        special = self._special(cache, pos)  # [n]
-        special_idx = special.nonzero().squeeze(-1)
+        is_sep = self._is_separator(cache, pos)  # [n]
+        special_idx = (is_sep | (pos < self.n_initial)).nonzero().squeeze(-1)  # seen by every later query
         outs = []
         for q0 in range(0, n, self.block_size):
             q1 = min(n, q0 + self.block_size)
-            lo = max(0, q0 - self.window)
+            lo = max(0, q0 - self.n_recent)
             # Keys any query of the block may see: special ones before `lo`, all of [lo, q1).
             idx = torch.cat([special_idx[special_idx < lo], pos[lo:q1]])  # [m], ascending
-            q_pos = pos[q0:q1, None]  # [c, 1]
-            mask = (idx[None] <= q_pos) & (special[idx][None] | (idx[None] >= q_pos - self.window))  # [c, m]
-            mask = mask[None, None]  # [1, 1, c, m]
+            mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[None, None]  # [1, 1, c, m]
             if attention_mask is not None and attention_mask.dtype == torch.bool:
                 mask = mask & attention_mask[:, :, q0:q1][..., idx]
             out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **kwargs)
             outs.append(out)  # [b, c, q_heads, head_dim]
-        keep = special | (pos >= n - self.window)
+        keep = sepllm_keep(pos, is_sep, self.n_initial, self.n_recent, next_position=n)
         cache.keep(layer_idx, keep.nonzero().squeeze(-1))
         return torch.cat(outs, dim=1), None
 
@@ -132,8 +189,8 @@ class SepLLM(EvictionMethod):
     ) -> AttnOutput:
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         pos = cache.positions[layer_idx][0, 0]  # [entries], the same for every head
-        newest = cache.seen_tokens(layer_idx) - 1
-        keep = self._special(cache, pos) | (pos > newest - self.window)
+        keep = sepllm_keep(pos, self._is_separator(cache, pos), self.n_initial, self.n_recent,
+                           next_position=cache.seen_tokens(layer_idx))
         if not bool(keep.all()):
             cache.keep(layer_idx, keep.nonzero().squeeze(-1))
         return out

@@ -4,13 +4,14 @@ Li et al., "SnapKV: LLM Knows What You are Looking for Before Generation",
 NeurIPS 2024 (arXiv:2404.14469).
 
 Full prefill (the prompt is computed as usual, so TTFT does not drop); then
-per layer and per KV head, the attention of the last ``window`` prompt queries
-(the observation window) ranks the earlier prompt tokens: softmax
+per layer and per KV head, the attention of the last ``window_size`` prompt
+queries (the observation window) ranks the earlier prompt tokens: softmax
 probabilities summed over the window's queries and over the query heads that
-share the KV head, smoothed by a 1-D pooling (kernel 5). Each KV head keeps its
-``budget - window`` best prefix entries plus the whole window, so every layer
+share the KV head (``scoring.attention_scores``), smoothed by a 1-D pooling
+(kernel 5). Each KV head keeps its ``budget - window_size`` best prefix
+entries plus the whole window (``scoring.topk_with_recent``), so every layer
 holds exactly ``budget`` prompt entries; decoded tokens are appended without
-further eviction. Only the window's ``window x n`` rows of attention are
+further eviction. Only the window's ``window_size x n`` rows of attention are
 formed (memory linear in ``n``), inside the normal SDPA prefill.
 """
 
@@ -23,10 +24,10 @@ import torch
 from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.cache import EvictionCache, attention_scores, pool_scores, top_prefix_plus_window
+from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
-
-POOLINGS = ("avg", "max")
+from tokensieve.scoring import POOLINGS, attention_scores, pool_scores, topk_with_recent
 
 
 @dataclass
@@ -36,33 +37,34 @@ class SnapKV(EvictionMethod):
     Parameters:
         budget: prompt entries kept per layer and KV head (window included);
             ``budget >= n`` keeps the whole prompt (exactly full attention).
-        window: observation window, the last prompt tokens whose attention
-            scores the rest (the paper uses 32); always kept.
+        window_size: observation window, the last prompt tokens whose attention
+            scores the rest (the paper uses 32); always kept (formerly ``window``).
         kernel: pooling kernel over the scores (odd; 1 disables smoothing).
         pooling: ``"avg"`` (as in this project's reference description) or ``"max"``.
     """
 
     name: ClassVar[str] = "snapkv"
+    renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     budget: int = 1024
-    window: int = 32
+    window_size: int = 32
     kernel: int = 5
     pooling: str = "avg"
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)
-        check_int("window", self.window, 1)
-        if self.window > self.budget:
-            raise ValueError(f"window ({self.window}) must not exceed budget ({self.budget})")
+        check_int("window_size", self.window_size, 1)
+        if self.window_size > self.budget:
+            raise InputError(f"window_size ({self.window_size}) must not exceed budget ({self.budget})")
         check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
-            raise ValueError(f"kernel must be a positive odd integer, got {self.kernel}")
+            raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.pooling not in POOLINGS:
-            raise ValueError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+            raise InputError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def scores(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Pooled scores [batch, kv_heads, n - window] of the prefix entries."""
+        """Pooled scores [batch, kv_heads, n - window_size] of the prefix entries."""
         n = key.shape[2]
-        w = min(self.window, n)
+        w = min(self.window_size, n)
         s = attention_scores(query[:, :, -w:], key, module.scaling)  # [b, hkv, n]
         return pool_scores(s[..., : n - w], self.kernel, self.pooling)
 
@@ -74,8 +76,8 @@ class SnapKV(EvictionMethod):
         out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
         n = key.shape[2]
         if n > self.budget:
-            prefix = self.scores(module, query, key)  # [b, hkv, n - window]
-            # The window's own scores never matter: the window is always kept.
-            full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window)], dim=-1)
-            cache.keep(layer_idx, top_prefix_plus_window(full, self.budget, self.window))
+            prefix = self.scores(module, query, key)  # [b, hkv, n - window_size]
+            # The window's own scores are never read: the window is always kept.
+            full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window_size)], dim=-1)  # [b, hkv, n]
+            cache.keep(layer_idx, topk_with_recent(full, self.budget, self.window_size))
         return out

@@ -5,10 +5,11 @@ ICLR 2024 (arXiv:2309.17453).
 
 Non-streaming use (as a KV-eviction baseline): the prompt is computed with
 full attention at its original positions, then every layer keeps the first
-``sinks`` tokens and the last ``budget - sinks``; each decoded token attends
+``n_initial`` tokens (the attention sinks) and the last ``budget - n_initial``; each decoded token attends
 to those plus itself, after which the oldest non-sink entry is evicted, so the
 cache never holds more than ``budget`` entries between steps. (Streaming with
-positions shifted inside the cache is the ``stream`` command's SepCache.)
+positions shifted inside the cache is ``tokensieve.streaming``; its
+StreamingLLM policy keeps entries by the same rule, ``keep_sinks_and_recent``.)
 """
 
 from __future__ import annotations
@@ -21,34 +22,53 @@ from transformers import PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+
+
+def keep_sinks_and_recent(
+    n_entries: int, n_initial: int, n_recent: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """StreamingLLM's keep rule: sorted indices [kept] of the entries that stay out of ``n_entries`` in stream order.
+
+    The first ``n_initial`` entries (attention sinks) and the last ``n_recent``; every entry
+    when ``n_entries <= n_initial + n_recent``.
+    """
+    if n_entries <= n_initial + n_recent:
+        return torch.arange(n_entries, device=device)
+    return torch.cat(
+        [torch.arange(n_initial, device=device), torch.arange(n_entries - n_recent, n_entries, device=device)]
+    )
 
 
 @dataclass
 class StreamingLLM(EvictionMethod):
-    """StreamingLLM (Xiao et al., 2024): ``sinks`` first tokens + the most recent ones.
+    """StreamingLLM (Xiao et al., 2024): ``n_initial`` first tokens + the most recent ones.
 
     Parameters:
-        budget: entries kept per layer (sinks included); ``budget >= n + new
+        budget: entries kept per layer (initial tokens included); ``budget >= n + new
             tokens`` never evicts (exactly full attention).
-        sinks: initial "attention sink" tokens always kept (the paper uses 4).
+        n_initial: initial "attention sink" tokens always kept (the paper uses 4;
+            formerly ``sinks``).
     """
 
     name: ClassVar[str] = "streamingllm"
+    renamed: ClassVar[dict[str, str]] = {"sinks": "n_initial"}
     budget: int = 1024
-    sinks: int = 4
+    n_initial: int = 4
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)
-        check_int("sinks", self.sinks, 0)
-        if self.sinks >= self.budget:
-            raise ValueError(f"sinks ({self.sinks}) must be smaller than budget ({self.budget}) to leave a recent window")
+        check_int("n_initial", self.n_initial, 0)
+        if self.n_initial >= self.budget:
+            raise InputError(
+                f"n_initial ({self.n_initial}) must be smaller than budget ({self.budget}) to leave a recent window"
+            )
 
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
         if entries > self.budget:
             dev = cache.layers[layer_idx].keys.device
-            recent = self.budget - self.sinks
-            cache.keep(layer_idx, torch.cat([torch.arange(self.sinks, device=dev), torch.arange(entries - recent, entries, device=dev)]))
+            cache.keep(layer_idx, keep_sinks_and_recent(entries, self.n_initial, self.budget - self.n_initial, dev))
 
     def prefill_layer(
         self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
@@ -59,4 +79,4 @@ class StreamingLLM(EvictionMethod):
         self._evict(cache, layer_idx, key.shape[2])
         return out
 
-    decode_layer = prefill_layer  # entries stay in position order: the sinks first, then the window
+    decode_layer = prefill_layer  # entries stay in position order: the initial tokens first, then the recent ones

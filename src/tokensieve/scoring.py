@@ -1,0 +1,176 @@
+"""How methods score tokens by attention, and pick tokens from those scores: the one copy of each rule.
+
+Every method that ranks prompt tokens by attention goes through this module:
+GemFilter (filter layer), SnapKV (observation window), H2O (accumulated
+attention), LazyLLM (last token) and ``tokensieve calibrate``.
+
+Shapes, as the attention hook sees them (post-RoPE, before GQA repetition)::
+
+    query: [batch, q_heads, q_len, head_dim]    the last q_len positions of the keys
+    key:   [batch, kv_heads, kv_len, head_dim]  q_heads = kv_heads * group
+
+Scores come back **per KV head**, ``[batch, kv_heads, kv_len]``, summed over
+the chosen queries and over the ``group`` query heads that share the KV head
+(``head_sum`` sums over KV heads too). They are float32, or float64 when the
+inputs are float64. Causal alignment is bottom-right: query ``i`` (of
+``q_len``) sits at position ``kv_len - q_len + i`` and sees keys
+``0 .. kv_len - q_len + i``.
+
+Memory is linear in ``kv_len``: queries are taken ``query_chunk`` at a time,
+so at most ``q_heads x query_chunk x kv_len`` logits exist at once, never an
+``n x n`` matrix. With ``key_chunk`` the keys are also read ``key_chunk`` at a
+time (no copy of all keys in float32, for prompts of a million tokens); the
+softmax then takes two passes: the log-sum-exp of every query row over all key
+chunks, then the probabilities chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Logits formed at once when no query chunk is given (2**26 floats = 256 MiB in float32;
+# the softmax needs about as much again).
+DEFAULT_SCORE_ELEMENTS = 1 << 26
+
+POOLINGS = ("avg", "max")
+
+
+def _score_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64, else float32 (scores are never computed in half precision)."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def _spans(end: int, chunk: int | None) -> list[tuple[int, int]]:
+    """``[(start, stop), ...]`` covering ``0 .. end`` in pieces of ``chunk`` (one piece without a chunk)."""
+    if chunk is None or chunk >= end:
+        return [(0, end)]
+    return [(s, min(end, s + chunk)) for s in range(0, end, chunk)]
+
+
+def _check_heads(query: torch.Tensor, key: torch.Tensor) -> int:
+    hq, hkv = query.shape[1], key.shape[1]
+    if hq % hkv:
+        raise ValueError(f"query heads ({hq}) must be a multiple of KV heads ({hkv})")
+    return hq // hkv
+
+
+def attention_scores(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    query_chunk: int | None = None,
+    key_chunk: int | None = None,
+) -> torch.Tensor:
+    """Softmax attention each key receives, summed over the queries and the query heads of its KV head.
+
+    query: [batch, q_heads, q_len, head_dim]; key: [batch, kv_heads, kv_len, head_dim],
+    ``q_len <= kv_len``; the queries are the last ``q_len`` positions (causal, bottom-right).
+    ``attention_mask``: optional boolean mask (True = may attend) broadcastable to
+    [batch, 1, q_len, kv_len], combined with the causal rule. ``query_chunk``: queries per
+    block (default: as many as keep a block under ``DEFAULT_SCORE_ELEMENTS`` logits).
+    ``key_chunk``: read the keys this many at a time, two-pass softmax (default: all at once).
+    Returns [batch, kv_heads, kv_len] (float32, float64 for float64 inputs). A query row
+    whose every key is masked gives NaN, as softmax does.
+    """
+    b, hq, q_len, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    g = _check_heads(query, key)
+    offset = kv_len - q_len
+    if offset < 0:
+        raise ValueError(f"more queries ({q_len}) than keys ({kv_len})")
+    dtype = _score_dtype(query, key)
+    span = kv_len if key_chunk is None else max(1, min(key_chunk, kv_len))
+    if query_chunk is None:
+        query_chunk = max(1, DEFAULT_SCORE_ELEMENTS // max(1, hq * span))
+    mask = None
+    if attention_mask is not None:
+        if attention_mask.dtype != torch.bool:
+            raise TypeError(f"attention_mask must be boolean (True = may attend), got {attention_mask.dtype}")
+        m4 = attention_mask.reshape((1,) * (4 - attention_mask.dim()) + tuple(attention_mask.shape))
+        mask = torch.broadcast_to(m4, (m4.shape[0], 1, q_len, kv_len))  # [batch or 1, 1, q_len, kv_len]
+    keys = key.to(dtype) if key_chunk is None else key  # one float copy, or one chunk at a time below
+    acc = torch.zeros(b, hkv, kv_len, dtype=dtype, device=key.device)
+    for q0 in range(0, q_len, query_chunk):
+        q1 = min(q_len, q0 + query_chunk)
+        c, end = q1 - q0, offset + q1  # keys from `end` on are invisible to every query of this block
+        q = query[:, :, q0:q1].to(dtype).reshape(b, hkv, g * c, d)  # row = (head in group, query)
+        q_pos = (torch.arange(q0, q1, device=key.device) + offset).repeat(g)  # [g*c], the row's position
+        m = None if mask is None else mask[:, :, q0:q1].repeat(1, 1, g, 1)  # [b or 1, 1, g*c, kv_len]
+
+        def logits(s: int, e: int) -> torch.Tensor:
+            """Scaled logits of the block's rows over keys s..e-1, -inf where invisible: [b, hkv, g*c, e-s]."""
+            lg = torch.matmul(q, keys[:, :, s:e].to(dtype).transpose(-1, -2)) * scaling
+            visible = torch.arange(s, e, device=key.device)[None, :] <= q_pos[:, None]  # [g*c, e-s]
+            if m is not None:
+                visible = visible & m[..., s:e]  # [b or 1, 1, g*c, e-s]
+            return lg.masked_fill(~visible, float("-inf"))
+
+        spans = _spans(end, None if key_chunk is None else span)
+        if len(spans) == 1:
+            acc[..., :end] += logits(0, end).softmax(dim=-1).sum(dim=2)
+            continue
+        # Two passes: log-sum-exp of each row over all key chunks, then the probabilities.
+        lse = torch.stack([logits(s, e).logsumexp(dim=-1) for s, e in spans]).logsumexp(dim=0)[..., None]  # [b, hkv, g*c, 1]
+        for s, e in spans:
+            acc[..., s:e] += (logits(s, e) - lse).exp().sum(dim=2)
+    return acc
+
+
+def paper_scores(query: torch.Tensor, key: torch.Tensor, *, key_chunk: int | None = None) -> torch.Tensor:
+    """Raw inner products of the **last** query with every key, ``q_last . k_j``, summed over each KV head's query heads.
+
+    The GemFilter paper's scoring (no scaling, no softmax). query: [batch, q_heads, q_len, head_dim];
+    key: [batch, kv_heads, kv_len, head_dim]. Returns [batch, kv_heads, kv_len]. Keys are read
+    ``key_chunk`` at a time when given.
+    """
+    b, hq, _, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    g = _check_heads(query, key)
+    dtype = _score_dtype(query, key)
+    # sum_{h in group} q_h . k = (sum_{h in group} q_h) . k: exact, no repetition of the keys.
+    q = query[:, :, -1, :].to(dtype).reshape(b, hkv, g, d).sum(dim=2)  # [b, hkv, d]
+    parts = [torch.einsum("bhd,bhnd->bhn", q, key[:, :, s:e].to(dtype)) for s, e in _spans(kv_len, key_chunk)]
+    return torch.cat(parts, dim=-1)
+
+
+def head_sum(scores: torch.Tensor) -> torch.Tensor:
+    """Scores [batch, kv_heads, n] summed over the KV heads: [batch, n]."""
+    return scores.sum(dim=1)
+
+
+def pool_scores(scores: torch.Tensor, kernel: int, pooling: str = "avg") -> torch.Tensor:
+    """1-D pooling of ``scores`` [..., n] along the last dim: stride 1, same length, zero padding counted.
+
+    ``kernel`` odd (1 returns the scores unchanged); ``pooling`` is ``"avg"`` or ``"max"``.
+    """
+    if pooling not in POOLINGS:
+        raise ValueError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    n = scores.shape[-1]
+    if kernel <= 1 or n == 0:
+        return scores
+    x = scores.reshape(-1, 1, n)  # [rows, 1, n]
+    pool = F.avg_pool1d if pooling == "avg" else F.max_pool1d
+    return pool(x, kernel_size=kernel, stride=1, padding=kernel // 2).reshape(scores.shape)
+
+
+def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``min(k, n)`` best ``scores`` [..., n] along the last dim, in ascending (prompt) order."""
+    idx = torch.topk(scores, min(k, scores.shape[-1]), dim=-1).indices
+    return torch.sort(idx, dim=-1).values
+
+
+def topk_with_recent(scores: torch.Tensor, budget: int, n_recent: int) -> torch.Tensor:
+    """Entry indices [batch, heads, budget]: the last ``n_recent`` entries (always kept) plus the
+    ``budget - n_recent`` best-scoring earlier ones, per head, in ascending order.
+
+    scores: [batch, heads, n] with ``n > budget >= n_recent``; the recent entries' own scores are not read.
+    """
+    b, h, n = scores.shape
+    if not n > budget >= n_recent >= 0:
+        raise ValueError(f"need n > budget >= n_recent >= 0, got n={n}, budget={budget}, n_recent={n_recent}")
+    top = torch.topk(scores[..., : n - n_recent], budget - n_recent, dim=-1).indices  # [b, h, budget - n_recent]
+    recent = torch.arange(n - n_recent, n, device=scores.device).expand(b, h, n_recent)
+    return torch.sort(torch.cat([top, recent], dim=-1), dim=-1).values

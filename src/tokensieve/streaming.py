@@ -55,7 +55,6 @@ methods' own keep rules (``methods.streamingllm.keep_sinks_and_recent``,
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
@@ -65,7 +64,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG, repeat_kv
 from tokensieve.errors import InputError
-from tokensieve.methods.base import max_positions, num_layers
+from tokensieve.methods.base import max_positions, num_layers, rename_params
 from tokensieve.methods.sepllm import sepcache_keep
 from tokensieve.methods.streamingllm import keep_sinks_and_recent
 from tokensieve.rope import RopeTables, apply_rope
@@ -245,25 +244,7 @@ def canonical_policy_params(name: str, params: dict[str, Any]) -> dict[str, Any]
         raise InputError(f"unknown streaming method {name!r}; expected one of: {', '.join(POLICIES)}")
     cls = POLICIES[name]
     given = {k: v for k, v in params.items() if v is not None}
-    out: dict[str, Any] = {}
-    for key, value in given.items():
-        new = cls.renamed.get(key)
-        if new is not None:
-            warnings.warn(
-                f"streaming {name}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
-                FutureWarning, stacklevel=3,
-            )
-            if new in given:
-                raise InputError(f"streaming {name}: give {new!r} or its old name {key!r}, not both")
-            key = new
-        out[key] = value
-    allowed = [f.name for f in fields(cls)]
-    bad = sorted(set(out) - set(allowed))
-    if bad:
-        raise InputError(
-            f"streaming method {name!r} has no parameter(s) {', '.join(bad)}; it has: {', '.join(allowed) or 'none'}"
-        )
-    return out
+    return rename_params(f"streaming {name}", cls.renamed, [f.name for f in fields(cls)], given, stacklevel=4)
 
 
 def make_policy(name: str, **params: Any) -> StreamPolicy:

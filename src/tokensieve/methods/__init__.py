@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import warnings
 from typing import Any
 
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method
+from tokensieve.methods.base import DecodeState, Method, rename_params
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter
 from tokensieve.methods.h2o import H2O
@@ -51,25 +50,7 @@ def canonical_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     name given together.
     """
     cls = method_class(name)
-    out: dict[str, Any] = {}
-    for key, value in params.items():
-        new = cls.renamed.get(key)
-        if new is not None:
-            warnings.warn(
-                f"{name}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
-                FutureWarning, stacklevel=3,
-            )
-            if new in params:
-                raise InputError(f"{name}: give {new!r} or its old name {key!r}, not both")
-            key = new
-        out[key] = value
-    allowed = parameter_names(name)
-    bad = sorted(set(out) - set(allowed))
-    if bad:
-        raise InputError(
-            f"method {name!r} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(allowed) or 'none'}"
-        )
-    return out
+    return rename_params(name, cls.renamed, parameter_names(name), params, stacklevel=4)
 
 
 def make_method(method: str | Method, **params: Any) -> Method:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
@@ -74,6 +75,35 @@ class Method:
 
     def params(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in fields(self)} if hasattr(self, "__dataclass_fields__") else {}
+
+
+def rename_params(
+    what: str, renamed: dict[str, str], allowed: list[str], params: dict[str, Any], stacklevel: int = 3
+) -> dict[str, Any]:
+    """``params`` with deprecated names (``renamed``: old -> new) replaced by current ones.
+
+    Each old name gives a ``FutureWarning``; an old and a new name together, or a name not in
+    ``allowed``, raise ``InputError``. ``what`` names the owner in messages (e.g. "h2o", "streaming sepllm").
+    One rule for methods and streaming policies alike.
+    """
+    from tokensieve.errors import InputError
+
+    out: dict[str, Any] = {}
+    for key, value in params.items():
+        new = renamed.get(key)
+        if new is not None:
+            warnings.warn(
+                f"{what}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
+                FutureWarning, stacklevel=stacklevel,
+            )
+            if new in params:
+                raise InputError(f"{what}: give {new!r} or its old name {key!r}, not both")
+            key = new
+        out[key] = value
+    bad = sorted(set(out) - set(allowed))
+    if bad:
+        raise InputError(f"{what} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(allowed) or 'none'}")
+    return out
 
 
 def full_prefill(

@@ -209,7 +209,6 @@ def cmd_ours(args: argparse.Namespace) -> None:
 
     import tokensieve
     from tokensieve.methods import make_method
-    from tokensieve.methods.eviction import EvictionMethod
     from tokensieve.methods.snapkv import SnapKV
     from tokensieve.methods.streamingllm import StreamingLLM
 
@@ -230,7 +229,11 @@ def cmd_ours(args: argparse.Namespace) -> None:
     class StreamingLLMPrefillOnly(StreamingLLM):
         """StreamingLLM that evicts at prefill only (kvpress's protocol): decoded tokens are appended."""
 
-        decode_layer = EvictionMethod.decode_layer
+        evicts_while_decoding = False
+
+        def evict(self, call):
+            if call.prefill:
+                super().evict(call)
 
     runs = []
     with torch.inference_mode():

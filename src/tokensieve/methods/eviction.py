@@ -13,7 +13,7 @@ accumulate H2O scores). Positions stay original: the next token gets position
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
@@ -34,38 +34,51 @@ def check_int(name: str, value: Any, minimum: int) -> None:
 
 
 @dataclass
+class LayerCall:
+    """One layer's attention call as the hook sees it (post-RoPE, before GQA repetition)."""
+
+    cache: EvictionCache
+    layer_idx: int
+    module: torch.nn.Module
+    query: torch.Tensor  # [batch, q_heads, q_len, head_dim]
+    key: torch.Tensor  # [batch, kv_heads, kv_len, head_dim] (the cache included)
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    kwargs: dict[str, Any]
+    prefill: bool  # the prompt's forward (else a decoding step)
+
+    def sdpa(self) -> AttnOutput:
+        """Plain attention of this call."""
+        return sdpa_attention_forward(self.module, self.query, self.key, self.value, self.attention_mask, **self.kwargs)
+
+
+@dataclass
 class EvictionMethod(Method):
-    """Base of the KV-eviction methods. Subclasses override ``prefill_layer`` and/or ``decode_layer``."""
+    """Base of the KV-eviction methods: each layer attends (``attend``), then the method evicts (``evict``).
 
-    def prefill_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        """Attention of one layer over the prompt, then eviction from ``cache`` (default: SDPA, keep all)."""
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    Subclasses write their keep rule in ``evict`` (which sees whether the call is the prompt's or a
+    decoding step's), and override ``attend`` only when the attention itself changes (SepLLM's masked prefill).
+    """
 
-    def decode_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        """Attention of one layer for decoded token(s), then eviction (default: SDPA, keep all)."""
-        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    def attend(self, call: LayerCall) -> AttnOutput:
+        """Attention of one layer (default: SDPA over every entry the cache holds)."""
+        return call.sdpa()
 
-    def decodes_with_hook(self) -> bool:
-        """Whether decoding needs the hook (False when ``decode_layer`` is the base one)."""
-        return type(self).decode_layer is not EvictionMethod.decode_layer
+    def evict(self, call: LayerCall) -> None:
+        """Drop entries from ``call.cache`` after the layer's attention (default: keep all)."""
+
+    evicts_while_decoding: ClassVar[bool] = True  # False: decoding needs no hook (the cache only grows)
 
     def _hook(self, cache: EvictionCache, prefill: bool):
-        layer_fn = self.prefill_layer if prefill else self.decode_layer
-
         def hook(module, query, key, value, attention_mask, **kwargs):
             layer_idx = module.layer_idx
             if not cache.is_evictable(layer_idx):
                 return None  # sliding-window layer: plain attention, its own cache
             cache.sync_positions(layer_idx)
-            return layer_fn(cache, layer_idx, module, query, key, value, attention_mask, **kwargs)
+            call = LayerCall(cache, layer_idx, module, query, key, value, attention_mask, kwargs, prefill)
+            out = self.attend(call)
+            self.evict(call)
+            return out
 
         return hook
 
@@ -82,7 +95,7 @@ class EvictionMethod(Method):
         return DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
 
     def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
-        if not self.decodes_with_hook() or not isinstance(state.cache, EvictionCache):
+        if not self.evicts_while_decoding or not isinstance(state.cache, EvictionCache):
             return {}
         return {HOOK_KWARG: self._hook(state.cache, prefill=False)}
 

@@ -20,15 +20,14 @@ in ``n`` (at the cost of computing ``QK^T`` a second time).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 from tokensieve.scoring import attention_scores, topk_with_recent
 
 
@@ -78,24 +77,11 @@ class H2O(EvictionMethod):
         if scores.shape[-1] > self.budget:
             cache.keep(layer_idx, topk_with_recent(scores, self.budget, self.resolved_n_recent))
 
-    def prefill_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        cache.scores[layer_idx] = self._received(module, query, key, attention_mask)
-        self._evict(cache, layer_idx)
-        return out
-
-    def decode_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        new = self._received(module, query, key, attention_mask)  # [b, hkv, entries]
-        old = cache.scores[layer_idx]
-        cache.scores[layer_idx] = new + torch.nn.functional.pad(old, (0, new.shape[-1] - old.shape[-1]))
-        self._evict(cache, layer_idx)
-        return out
+    def evict(self, call: LayerCall) -> None:
+        received = self._received(call.module, call.query, call.key, call.attention_mask)  # [b, hkv, entries]
+        if call.prefill:
+            call.cache.scores[call.layer_idx] = received
+        else:  # the entries' scores so far, plus what the new token gave each (the new entry starts at 0)
+            old = call.cache.scores[call.layer_idx]
+            call.cache.scores[call.layer_idx] = received + torch.nn.functional.pad(old, (0, received.shape[-1] - old.shape[-1]))
+        self._evict(call.cache, call.layer_idx)

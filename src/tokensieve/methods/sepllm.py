@@ -35,7 +35,7 @@ Separator ids come from the model's tokenizer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -44,7 +44,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall, check_int
 from tokensieve.separators import separator_token_ids
 
 
@@ -156,14 +156,12 @@ class SepLLM(EvictionMethod):
         """Whether the tokens at ``positions`` are separators."""
         return torch.isin(cache.token_ids[0, positions], self._sep)
 
-    def prefill_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
+    def attend(self, call: LayerCall) -> AttnOutput:
+        """The prompt under SepLLM's mask, block by block; decoding steps attend to what the cache kept."""
+        query, key, value, cache = call.query, call.key, call.value, call.cache
         n = key.shape[2]
-        if n - 1 <= self.n_recent:  # every query sees every earlier token: plain causal attention
-            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+        if not call.prefill or n - 1 <= self.n_recent:  # every query sees every entry it may: plain attention
+            return call.sdpa()
         pos = torch.arange(n, device=key.device)
         is_sep = self._is_separator(cache, pos)  # [n]
         special_idx = (is_sep | (pos < self.n_initial)).nonzero().squeeze(-1)  # seen by every later query
@@ -174,23 +172,17 @@ class SepLLM(EvictionMethod):
             # Keys any query of the block may see: special ones before `lo`, all of [lo, q1).
             idx = torch.cat([special_idx[special_idx < lo], pos[lo:q1]])  # [m], ascending
             mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[None, None]  # [1, 1, c, m]
-            if attention_mask is not None and attention_mask.dtype == torch.bool:
-                mask = mask & attention_mask[:, :, q0:q1][..., idx]
-            out, _ = sdpa_attention_forward(module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **kwargs)
+            if call.attention_mask is not None and call.attention_mask.dtype == torch.bool:
+                mask = mask & call.attention_mask[:, :, q0:q1][..., idx]
+            out, _ = sdpa_attention_forward(call.module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **call.kwargs)
             outs.append(out)  # [b, c, q_heads, head_dim]
-        keep = sepllm_keep(pos, is_sep, self.n_initial, self.n_recent, next_position=n)
-        cache.keep(layer_idx, keep.nonzero().squeeze(-1))
         return torch.cat(outs, dim=1), None
 
-    def decode_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        pos = cache.positions[layer_idx][0, 0]  # [entries], the same for every head
+    def evict(self, call: LayerCall) -> None:
+        """Keep what later tokens may still see: initial tokens, separators, the recent window."""
+        cache, li = call.cache, call.layer_idx
+        pos = cache.positions[li][0, 0]  # [entries] original positions, the same for every head
         keep = sepllm_keep(pos, self._is_separator(cache, pos), self.n_initial, self.n_recent,
-                           next_position=cache.seen_tokens(layer_idx))
+                           next_position=cache.seen_tokens(li))
         if not bool(keep.all()):
-            cache.keep(layer_idx, keep.nonzero().squeeze(-1))
-        return out
+            cache.keep(li, keep.nonzero().squeeze(-1))

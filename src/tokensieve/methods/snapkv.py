@@ -18,15 +18,13 @@ formed (memory linear in ``n``), inside the normal SDPA prefill.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 from tokensieve.scoring import POOLINGS, attention_scores, pool_scores, topk_with_recent
 
 
@@ -68,16 +66,12 @@ class SnapKV(EvictionMethod):
         s = attention_scores(query[:, :, -w:], key, module.scaling)  # [b, hkv, n]
         return pool_scores(s[..., : n - w], self.kernel, self.pooling)
 
-    def prefill_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        n = key.shape[2]
-        if n > self.budget:
-            prefix = self.scores(module, query, key)  # [b, hkv, n - window_size]
+    evicts_while_decoding: ClassVar[bool] = False  # decoded tokens are appended, never evicted
+
+    def evict(self, call: LayerCall) -> None:
+        n = call.key.shape[2]
+        if call.prefill and n > self.budget:
+            prefix = self.scores(call.module, call.query, call.key)  # [b, hkv, n - window_size]
             # The window's own scores are never read: the window is always kept.
             full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window_size)], dim=-1)  # [b, hkv, n]
-            cache.keep(layer_idx, topk_with_recent(full, self.budget, self.window_size))
-        return out
+            call.cache.keep(call.layer_idx, topk_with_recent(full, self.budget, self.window_size))

@@ -15,15 +15,14 @@ StreamingLLM policy keeps entries by the same rule, ``keep_sinks_and_recent``.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, check_int
+from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 
 
 def keep_sinks_and_recent(
@@ -70,13 +69,6 @@ class StreamingLLM(EvictionMethod):
             dev = cache.layers[layer_idx].keys.device
             cache.keep(layer_idx, keep_sinks_and_recent(entries, self.n_initial, self.budget - self.n_initial, dev))
 
-    def prefill_layer(
-        self, cache: EvictionCache, layer_idx: int, module: torch.nn.Module,
-        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> AttnOutput:
-        out = sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
-        self._evict(cache, layer_idx, key.shape[2])
-        return out
-
-    decode_layer = prefill_layer  # entries stay in position order: the initial tokens first, then the recent ones
+    def evict(self, call: LayerCall) -> None:
+        # entries stay in position order: the initial tokens first, then the recent ones
+        self._evict(call.cache, call.layer_idx, call.key.shape[2])

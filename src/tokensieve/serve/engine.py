@@ -274,6 +274,7 @@ class Engine:
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
         self._avg_run_s = 1.0  # running mean of a job's run time, for Retry-After
         self.records: deque[JobRecord] = deque(maxlen=history)
+        self.peak_queue_depth = 0  # most requests ever waiting at once
 
     # -- lifecycle
 
@@ -296,8 +297,7 @@ class Engine:
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in waiting:
-            job.emit(Failed(shutting_down_error()))
-            self._end(job, "cancelled")
+            self._finish(job, "cancelled", Failed(shutting_down_error()))
         if self._thread is not None:
             self._thread.join(timeout_s)
 
@@ -394,6 +394,7 @@ class Engine:
                 retry = max(1, min(3600, math.ceil(self._avg_run_s * (waiting + 1))))
                 raise QueueFullError(waiting, self.max_queue, retry)
             self._waiting.append(job)
+            self.peak_queue_depth = max(self.peak_queue_depth, len(self._waiting))
             self.metrics.queue_depth.set(len(self._waiting))
             self._cond.notify()
         return job
@@ -433,8 +434,7 @@ class Engine:
             except BaseException:  # _run handles every Exception; this is a last resort for the worker's life
                 log.exception("tokensieve engine: unexpected error around job %s", job.id)
                 if job.outcome is None:
-                    job.emit(Failed(APIError(500, "internal error in the engine", type="server_error", code="internal_error")))
-                    self._end(job, "failed")
+                    self._finish(job, "failed", Failed(APIError(500, "internal error in the engine", type="server_error", code="internal_error")))
             finally:
                 with self._cond:
                     self._running = None
@@ -452,8 +452,7 @@ class Engine:
             job.cancel_reason = "timeout"
             job._cancel.set()
         if job.cancelled:
-            job.emit(Failed(self._cancel_error(job)))
-            self._end(job, job.cancel_reason or "cancelled")
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
             return
         prep = job.prepared
         req = prep.request
@@ -482,19 +481,17 @@ class Engine:
                 sampling=prep.sampling, on_token=on_token,
             )
         except InputError as exc:
-            job.emit(Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
-            self._end(job, "rejected")
+            self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
             return
         except Exception as exc:
             log.exception("tokensieve engine: generation failed for job %s", job.id)
-            job.emit(Failed(APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")))
-            self._end(job, "failed")
+            error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+            self._finish(job, "failed", Failed(error))
             return
         run_s = time.monotonic() - t0
         self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * run_s
         if job.cancelled:
-            job.emit(Failed(self._cancel_error(job)))
-            self._end(job, job.cancel_reason or "cancelled")
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
             return
         tail = stream.finish()
         if tail or first:
@@ -507,8 +504,7 @@ class Engine:
         m.kept_tokens.labels(res.method).inc(res.kept_tokens)
         m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
         job.generated_tokens = res.generated_tokens
-        job.emit(Finished(stream.text, finish_reason, res, queue_s))
-        self._end(job, "completed")
+        self._finish(job, "completed", Finished(stream.text, finish_reason, res, queue_s))
 
     def _cancel_error(self, job: Job) -> APIError:
         if job.cancel_reason == "timeout":
@@ -516,6 +512,11 @@ class Engine:
         if self._stopping:
             return shutting_down_error()
         return APIError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
+
+    def _finish(self, job: Job, outcome: str, event: Event) -> None:
+        """Record the outcome, then tell the client: whoever reads the answer sees the records and metrics."""
+        self._end(job, outcome)
+        job.emit(event)
 
     def _end(self, job: Job, outcome: str) -> None:
         with self._cond:

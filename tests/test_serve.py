@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import re
 import threading
 import time
@@ -406,6 +407,26 @@ def test_bad_requests_get_400_naming_the_problem(tiny_server):
     c.close()
 
 
+def test_method_parameters_of_any_json_type_get_200_or_400_never_500(tiny_server):
+    base, _ = tiny_server
+    values = [None, True, -1, 0, 1.5, "x", [1, 2], {"a": 1}, 2**70]
+    prompt = "words, separators. and more words! " * 3
+    statuses: dict[int, int] = {}
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for name, cls in METHODS.items():
+            for field in dataclasses.fields(cls):
+                for v in values:
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, field.name: v}}
+                    r = http.post(CHAT, json=body)
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    assert r.status_code in (200, 400), (name, field.name, v, r.text)
+                    if r.status_code == 400:
+                        assert r.json()["error"]["param"] == "tokensieve" and field.name in r.json()["error"]["message"], r.text
+    assert statuses[200] > 0 and statuses[400] > 0
+    r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "tokensieve": {"method": "gemfilter", "topk": True}})
+    assert r.status_code == 400 and "must be a 64-bit integer, got True" in r.json()["error"]["message"]
+
+
 # ---------------------------------------------------------------- concurrency, cancellation, timeouts, failures
 
 
@@ -502,6 +523,13 @@ def test_engine_exception_gives_500_and_the_server_keeps_running(tiny):
             assert "simulated engine failure" in e.value.body["message"] and e.value.body["type"] == "server_error"
             assert chat(c, "fine now", max_tokens=3).usage.completion_tokens >= 1
         assert metric(base, "tokensieve_jobs_total", outcome="failed") == 2
+        real_prepare = app.state.engine.prepare
+        app.state.engine.prepare = lambda req: 1 / 0  # a bug before the queue: answered 500, connection kept
+        with httpx2.Client(base_url=base, timeout=60) as http:
+            r = http.post(CHAT, json={"messages": MSG})
+            assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]["message"]
+            app.state.engine.prepare = real_prepare
+            assert http.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
         assert httpx2.get(f"{base}/health").json()["status"] == "ok"
         c.close()
 

@@ -237,6 +237,17 @@ def create_app(
             ev = await next_event(job, None)
 
     async def complete(request: Request, kind: Kind) -> Response:
+        try:
+            return await answer(request, kind)
+        except APIError:
+            raise
+        except Exception as exc:  # answered here: an exception reaching uvicorn would drop the connection
+            log.exception("tokensieve serve: unexpected error in %s", request.url.path)
+            raise APIError(
+                500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
+            ) from None
+
+    async def answer(request: Request, kind: Kind) -> Response:
         body = parse_json_object(await request.body())
         parse = parse_chat_request if kind == "chat" else parse_completion_request
         req = parse(body, default_max_tokens)

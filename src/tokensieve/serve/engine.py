@@ -20,10 +20,14 @@ Nothing is shared between engines: each owns its queue, worker, locks and record
 from __future__ import annotations
 
 import asyncio
+import collections.abc
+import dataclasses
 import logging
 import math
 import threading
 import time
+import types
+import typing
 import uuid
 from collections import deque
 from dataclasses import dataclass
@@ -56,6 +60,63 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine is not running (not started yet, or shutting down)."""
+
+
+# ---------------------------------------------------------------- method parameters from JSON
+
+
+def _conforms(value: Any, hint: Any) -> bool | None:
+    """Whether a JSON value fits a type hint: True, False, or None when the hint is not understood
+    (then the method's own validation decides)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        results = [_conforms(value, a) for a in args]
+        return True if any(r is True for r in results) else (False if all(r is False for r in results) else None)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if isinstance(value, str):
+            return None  # methods may parse "8,14,20" themselves
+        if not isinstance(value, (list, tuple)):
+            return False
+        elem = args[0] if args else Any
+        return all(_conforms(v, elem) is not False for v in value)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return f"an array of ({_describe(args[0]) if args else 'values'})"
+    names = {bool: "true/false", int: "a 64-bit integer", float: "a finite number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_param_types(method: str, params: dict[str, Any]) -> None:
+    """``InputError`` for a parameter whose JSON value does not fit the method's field type
+    (e.g. ``"topk": true`` or ``"budget": "many"``); unknown names are left to ``make_method``."""
+    cls = METHODS[method]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: leave checking to the method
+        return
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in params.items():
+        hint = hints.get(key) if key in names else None
+        if hint is not None and _conforms(value, hint) is False:
+            raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
 
 
 # ---------------------------------------------------------------- text
@@ -339,8 +400,9 @@ class Engine:
         if name not in METHODS:
             raise invalid(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}", "tokensieve.method", code="unknown_method")
         try:
+            check_param_types(name, params)
             method = make_method(name, **params)
-        except (InputError, TypeError) as exc:
+        except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
             raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None
         prompt_param = "messages" if req.kind == "chat" else "prompt"
         input_ids = self._encode(req, prompt_param)

@@ -407,6 +407,19 @@ def test_bad_requests_get_400_naming_the_problem(tiny_server):
     c.close()
 
 
+def test_chat_template_refusal_is_400_and_bad_server_default_fails_at_start(tiny):
+    model, _ = tiny
+    tok = byte_tokenizer()
+    tok.chat_template = "{% if messages[0].role == 'assistant' %}{{ raise_exception('conversations start with the user') }}{% endif %}{{ messages[0].content }}"
+    with serving(create_app(model, tok)) as base:
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": [{"role": "assistant", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "conversations start with the user" in r.json()["error"]["message"]
+        assert httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}).status_code == 200
+    with pytest.raises(tokensieve.InputError, match="filter_layer must be in"):
+        create_app(model, tok, method="gemfilter", method_params={"filter_layer": 99})
+
+
 def test_method_parameters_of_any_json_type_get_200_or_400_never_500(tiny_server):
     base, _ = tiny_server
     values = [None, True, -1, 0, 1.5, "x", [1, 2], {"a": 1}, 2**70]

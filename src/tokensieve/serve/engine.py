@@ -316,7 +316,13 @@ class Engine:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if request_timeout_s is not None and not (request_timeout_s > 0):
             raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
-        self.default_method = make_method(method, **(method_params or {})).name  # InputError for a bad default
+        default = make_method(method, **(method_params or {}))
+        try:  # a bad default would fail every request: refuse it now (no validation depends on the prompt length)
+            default.prepare(model, tokenizer)
+            default.validate(model, 1)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"the server's default method {default.name!r}: {exc}") from None
+        self.default_method = default.name
         self.default_params = dict(method_params or {})
         self.model = model
         self.tokenizer = tokenizer

@@ -199,6 +199,8 @@ def create_app(
         """The job's next event; a timeout error at its deadline. With ``request``, a client that
         goes away cancels the job (``ClientGone``)."""
         while True:
+            if not job.events.empty():  # an answer that is already here wins over a deadline just passed
+                return job.events.get_nowait()
             wait = POLL_S if request is not None else None
             if job.deadline is not None:
                 remaining = job.deadline - time.monotonic()
@@ -208,7 +210,7 @@ def create_app(
                 wait = remaining if wait is None else min(wait, remaining)
             try:
                 return await asyncio.wait_for(job.events.get(), timeout=wait)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
                 if request is not None and await request.is_disconnected():
                     engine.cancel(job, "cancelled")
                     raise ClientGone from None

@@ -1,0 +1,92 @@
+"""`tokensieve serve`: an OpenAI-compatible HTTP server (chat and text completions, streaming) over one model.
+
+FastAPI, uvicorn and the model are imported in ``run`` only, so the rest of the CLI works without the
+server's dependencies (``pip install 'tokensieve[serve]'``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = _non_negative_int(text)
+    if value > 65535:
+        raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {text!r}")
+    return value
+
+
+def _seconds(text: str) -> float | None:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds (0 = no timeout), got {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0 = no timeout), got {text!r}")
+    return value or None
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from tokensieve.commands.common import add_method_args, add_model_args, parse_size
+
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server (chat/completions, streaming)",
+        description=(
+            "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
+            "(\"stream\": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
+            "Requests run one at a time from a bounded queue; a request may pick its own method with "
+            "\"tokensieve\": {\"method\": \"snapkv\", \"budget\": 512}. See docs/serve.md."
+        ),
+    )
+    add_model_args(p)
+    add_method_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; there is no authentication)")
+    p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--max-queue", type=_non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
+    p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
+    p.add_argument("--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)")
+    p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        import uvicorn
+
+        from tokensieve.serve.app import create_app
+    except ImportError as exc:
+        print(
+            f"tokensieve serve: error: the server needs FastAPI and uvicorn ({exc}); install them with "
+            f"pip install 'tokensieve[serve]'",
+            file=sys.stderr,
+        )
+        return 2
+    from tokensieve.commands.common import build_method, load, method_params
+
+    build_method(args, args.method)  # bad --param values fail here, before the model loads
+    params = method_params(args, args.method)
+    model, tok = load(args)
+    app = create_app(
+        model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
+        max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
+    )
+    if args.host not in LOOPBACK:
+        print(f"tokensieve serve: warning: listening on {args.host}, not loopback; the server has no authentication", file=sys.stderr)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
+    uvicorn.Server(config).run()
+    return 0

@@ -1,0 +1,329 @@
+"""The FastAPI app: OpenAI's chat and text completion endpoints over one tokensieve engine.
+
+``create_app(model, tokenizer, ...)`` returns an app that owns its :class:`~tokensieve.serve.engine.Engine`
+(started and stopped with the app's lifespan) and its :class:`~tokensieve.serve.metrics.Metrics`
+registry; nothing lives at module level, so several apps can run in one process.
+
+Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``"stream": true`` for
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``.
+See docs/serve.md for the behaviour of each, the errors and the ``tokensieve`` extension field.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokensieve.runner import generate
+from tokensieve.serve.engine import (
+    Delta,
+    Engine,
+    EngineStoppedError,
+    Event,
+    Failed,
+    Finished,
+    GenerateFn,
+    Job,
+    QueueFullError,
+    shutting_down_error,
+    timeout_error,
+)
+from tokensieve.serve.metrics import Metrics, endpoint_label
+from tokensieve.serve.protocol import (
+    DEFAULT_MAX_TOKENS,
+    SSE_DONE,
+    APIError,
+    GenerationRequest,
+    Kind,
+    chunk_body,
+    completion_body,
+    error_body,
+    new_id,
+    now,
+    parse_chat_request,
+    parse_completion_request,
+    parse_json_object,
+    sse,
+    usage_body,
+    usage_chunk,
+)
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.25  # how often a waiting handler checks for a client that went away
+COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its answer started."""
+
+
+class _RequestMetrics:
+    """ASGI middleware: counts every HTTP response by endpoint and status, times completion requests
+    from arrival to the last byte sent (streams included)."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.monotonic()
+        status: int | None = None
+
+        async def send_and_watch(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_and_watch)
+        finally:
+            endpoint = endpoint_label(scope.get("path", ""))
+            self.metrics.requests.labels(endpoint, str(status or 500)).inc()
+            if endpoint in COMPLETION_ENDPOINTS:
+                self.metrics.request_duration.labels(endpoint).observe(time.monotonic() - start)
+
+
+class _JobStream(StreamingResponse):
+    """An SSE response that cancels its job when it ends for any reason (client gone included)."""
+
+    def __init__(self, content: AsyncIterator[bytes], job: Job, engine: Engine) -> None:
+        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self._job = job
+        self._engine = engine
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._engine.cancel(self._job, "cancelled")  # a no-op when the job already ended
+
+
+def _json_safe(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _stats(ev: Finished) -> dict[str, Any]:
+    """The response's ``tokensieve`` object."""
+    r = ev.result
+    return {
+        "method": r.method,
+        "params": _json_safe(r.params),
+        "prompt_tokens": r.prompt_tokens,
+        "kept_tokens": r.kept_tokens,
+        "ttft_s": r.ttft_s,
+        "queue_s": ev.queue_s,
+        "decode_tokens_per_s": r.decode_tokens_per_s,
+        "generated_tokens": r.generated_tokens,
+    }
+
+
+def _error_response(err: APIError) -> JSONResponse:
+    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
+
+
+def create_app(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    model_name: str = "smollm2",
+    method: str = "full",
+    method_params: dict[str, Any] | None = None,
+    max_queue: int = 16,
+    request_timeout_s: float | None = 600.0,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    generate_fn: GenerateFn = generate,
+) -> FastAPI:
+    """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
+
+    The app owns its engine (a worker thread started by the app's lifespan, so run it under a server
+    such as uvicorn, which runs the lifespan) and its metrics registry (``app.state.metrics``).
+    """
+    metrics = Metrics()
+    engine = Engine(
+        model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
+        request_timeout_s=request_timeout_s, metrics=metrics, generate_fn=generate_fn,
+    )
+    created = now()
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        engine.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(engine.stop)
+
+    app = FastAPI(title="tokensieve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.engine = engine
+    app.state.metrics = metrics
+    app.state.model_name = model_name
+    app.add_middleware(_RequestMetrics, metrics=metrics)
+
+    @app.exception_handler(APIError)
+    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+        return _error_response(exc)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(
+            error_body(str(exc.detail), type="invalid_request_error", code=code),
+            status_code=exc.status_code, headers=getattr(exc, "headers", None),
+        )
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("tokensieve serve: unexpected error")
+        return JSONResponse(
+            error_body(f"internal server error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"),
+            status_code=500,
+        )
+
+    async def next_event(job: Job, request: Request | None) -> Event:
+        """The job's next event; a timeout error at its deadline. With ``request``, a client that
+        goes away cancels the job (``ClientGone``)."""
+        while True:
+            if not job.events.empty():  # an answer that is already here wins over a deadline just passed
+                return job.events.get_nowait()
+            wait = POLL_S if request is not None else None
+            if job.deadline is not None:
+                remaining = job.deadline - time.monotonic()
+                if remaining <= 0:
+                    engine.cancel(job, "timeout")
+                    return Failed(timeout_error(engine.request_timeout_s or 0.0))
+                wait = remaining if wait is None else min(wait, remaining)
+            try:
+                return await asyncio.wait_for(job.events.get(), timeout=wait)
+            except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11 on
+                if request is not None and await request.is_disconnected():
+                    engine.cancel(job, "cancelled")
+                    raise ClientGone from None
+
+    async def stream_events(kind: Kind, req: GenerationRequest, job: Job, first: Event, rid: str, created_at: int) -> AsyncIterator[bytes]:
+        ev, started = first, False
+        while True:
+            if isinstance(ev, Delta):
+                if ev.text or not started:
+                    yield sse(chunk_body(kind, rid, created_at, model_name, ev.text, first=not started))
+                    started = True
+            elif isinstance(ev, Finished):
+                if not started:
+                    yield sse(chunk_body(kind, rid, created_at, model_name, "", first=True))
+                final = chunk_body(kind, rid, created_at, model_name, None, finish_reason=ev.finish_reason)
+                final["tokensieve"] = _stats(ev)
+                yield sse(final)
+                if req.include_usage:
+                    yield sse(usage_chunk(kind, rid, created_at, model_name, usage_body(ev.result.prompt_tokens, ev.result.generated_tokens)))
+                yield SSE_DONE
+                return
+            else:
+                yield sse(ev.error.body())
+                yield SSE_DONE
+                return
+            ev = await next_event(job, None)
+
+    async def complete(request: Request, kind: Kind) -> Response:
+        try:
+            return await answer(request, kind)
+        except APIError:
+            raise
+        except Exception as exc:  # answered here: an exception reaching uvicorn would drop the connection
+            log.exception("tokensieve serve: unexpected error in %s", request.url.path)
+            raise APIError(
+                500, f"internal server error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
+            ) from None
+
+    async def answer(request: Request, kind: Kind) -> Response:
+        body = parse_json_object(await request.body())
+        parse = parse_chat_request if kind == "chat" else parse_completion_request
+        req = parse(body, default_max_tokens)
+        prepared = await run_in_threadpool(engine.prepare, req)
+        try:
+            job = engine.submit(prepared, asyncio.get_running_loop())
+        except QueueFullError as exc:
+            raise APIError(
+                429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}
+            ) from None
+        except EngineStoppedError:
+            raise shutting_down_error() from None
+        rid, created_at = new_id(kind), now()
+        try:
+            ev = await next_event(job, request)  # headers wait for the first token, so errors get their status
+            if isinstance(ev, Failed):
+                return _error_response(ev.error)
+            if req.stream:
+                return _JobStream(stream_events(kind, req, job, ev, rid, created_at), job, engine)
+            while not isinstance(ev, Finished):
+                if isinstance(ev, Failed):
+                    return _error_response(ev.error)
+                ev = await next_event(job, request)
+        except ClientGone:
+            return JSONResponse(error_body("the client closed the connection", type="invalid_request_error", code="cancelled"), status_code=499)
+        except BaseException:
+            engine.cancel(job, "cancelled")
+            raise
+        res = ev.result
+        return JSONResponse(
+            completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason,
+                            usage_body(res.prompt_tokens, res.generated_tokens), _stats(ev))
+        )
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await complete(request, "chat")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await complete(request, "completion")
+
+    def model_card() -> dict[str, Any]:
+        return {"id": model_name, "object": "model", "created": created, "owned_by": "tokensieve"}
+
+    @app.get("/v1/models")
+    async def list_models() -> dict[str, Any]:
+        return {"object": "list", "data": [model_card()]}
+
+    @app.get("/v1/models/{model_id:path}")
+    async def get_model(model_id: str) -> dict[str, Any]:
+        if model_id != model_name:
+            raise APIError(404, f"model {model_id!r} is not served here; this server serves {model_name!r}",
+                           param="model", code="model_not_found")
+        return model_card()
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        ok = engine.alive
+        return JSONResponse(
+            {
+                "status": "ok" if ok else "unavailable",
+                "model": model_name,
+                "method": engine.default_method,
+                "queue_depth": engine.queue_depth,
+                "max_queue": engine.max_queue,
+                "busy": engine.busy,
+            },
+            status_code=200 if ok else 503,
+        )
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        content, content_type = metrics.render()
+        return Response(content, media_type=content_type)
+
+    return app

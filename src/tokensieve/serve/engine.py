@@ -1,0 +1,599 @@
+"""The transformers engine: one worker thread owns the model and runs requests one at a time.
+
+A request goes through three steps:
+
+1. ``Engine.prepare`` (on the caller's thread, before queueing): checks the method and its parameters
+   (``make_method`` + the method's ``validate``), encodes the prompt (the chat template for chat
+   messages, the raw text for completions) and checks its length, so a bad request is answered 400 at
+   once instead of after waiting in the queue.
+2. ``Engine.submit`` puts it in a bounded queue (``QueueFullError`` when ``max_queue`` requests already
+   wait behind the running one) and returns a :class:`Job`.
+3. The worker runs ``tokensieve.runner.generate`` on it with an ``on_token`` callback that turns tokens
+   into text (:class:`TextStream`: incremental decoding, stop strings) and posts :class:`Delta`,
+   :class:`Finished` or :class:`Failed` events to the job's asyncio queue on the caller's event loop.
+   The callback returns False, which stops generation at the next token, when the job was cancelled
+   (client gone), its deadline passed, or a stop string was produced.
+
+Nothing is shared between engines: each owns its queue, worker, locks and records.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections.abc
+import dataclasses
+import logging
+import math
+import threading
+import time
+import types
+import typing
+import uuid
+from collections import deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from tokensieve.errors import InputError, PromptTooLongError
+from tokensieve.methods import METHODS, Method, make_method
+from tokensieve.methods.base import max_positions
+from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, prepare, stop_token_ids
+from tokensieve.serve.metrics import Metrics
+from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
+
+log = logging.getLogger(__name__)
+
+GenerateFn = Callable[..., GenerationResult]
+
+
+class QueueFullError(Exception):
+    """Every slot is taken: one request runs and ``max_queue`` wait."""
+
+    def __init__(self, waiting: int, max_queue: int, retry_after_s: int) -> None:
+        super().__init__(
+            f"the server is busy: {waiting} request(s) already wait (--max-queue {max_queue}); retry in about {retry_after_s} s"
+        )
+        self.retry_after_s = retry_after_s
+
+
+class EngineStoppedError(Exception):
+    """The engine is not running (not started yet, or shutting down)."""
+
+
+# ---------------------------------------------------------------- method parameters from JSON
+
+
+def _conforms(value: Any, hint: Any) -> bool | None:
+    """Whether a JSON value fits a type hint: True, False, or None when the hint is not understood
+    (then the method's own validation decides)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if hint is Any:
+        return True
+    if hint is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        results = [_conforms(value, a) for a in args]
+        return True if any(r is True for r in results) else (False if all(r is False for r in results) else None)
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool) and -(2**63) <= value < 2**63
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if hint is str:
+        return isinstance(value, str)
+    if origin in (tuple, list, collections.abc.Sequence):
+        if isinstance(value, str):
+            return None  # methods may parse "8,14,20" themselves
+        if not isinstance(value, (list, tuple)):
+            return False
+        elem = args[0] if args else Any
+        return all(_conforms(v, elem) is not False for v in value)
+    return None
+
+
+def _describe(hint: Any) -> str:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(a) for a in args)
+    if origin in (tuple, list, collections.abc.Sequence):
+        return f"an array of ({_describe(args[0]) if args else 'values'})"
+    names = {bool: "true/false", int: "a 64-bit integer", float: "a finite number", str: "a string", type(None): "null"}
+    return names.get(hint, getattr(hint, "__name__", str(hint)))
+
+
+def check_param_types(method: str, params: dict[str, Any]) -> None:
+    """``InputError`` for a parameter whose JSON value does not fit the method's field type
+    (e.g. ``"topk": true`` or ``"budget": "many"``); unknown names are left to ``make_method``."""
+    cls = METHODS[method]
+    try:
+        hints = typing.get_type_hints(cls)
+    except Exception:  # an annotation that cannot be resolved: leave checking to the method
+        return
+    names = {f.name for f in dataclasses.fields(cls)}
+    for key, value in params.items():
+        hint = hints.get(key) if key in names else None
+        if hint is not None and _conforms(value, hint) is False:
+            raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
+
+
+# ---------------------------------------------------------------- text
+
+
+class TextStream:
+    """Token ids in, final text out: incremental decoding with stop strings.
+
+    A token's text is released as soon as it is final: not while it ends in an incomplete UTF-8
+    character (decoded as U+FFFD), and not while its end could be the start of a stop string. The
+    first stop string found ends the text (it is not included), as OpenAI does. ``text`` is the
+    concatenation of everything released, so a streamed answer equals the non-streamed one.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+        self._decode = decode
+        self._stop = [s for s in stop if s]
+        self.ids: list[int] = []
+        self._prefix = 0  # decoding window start: the tokens of the last release give context (leading spaces)
+        self._read = 0  # tokens before this are turned into text
+        self._pending = ""  # decoded, not released: could be the start of a stop string
+        self.text = ""
+        self.stopped = False  # a stop string was found
+
+    def push(self, token_id: int) -> str:
+        """Add a token; return the text that became final (often one token's text, maybe '')."""
+        if self.stopped:
+            return ""
+        self.ids.append(int(token_id))
+        new = self._new_text(final=False)
+        return self._release(new, final=False) if new else ""
+
+    def finish(self) -> str:
+        """End of generation: release everything held back (unless a stop string ended the text)."""
+        if self.stopped:
+            return ""
+        return self._release(self._new_text(final=True), final=True)
+
+    def _new_text(self, final: bool) -> str:
+        before = self._decode(self.ids[self._prefix : self._read])
+        after = self._decode(self.ids[self._prefix :])
+        if len(after) <= len(before) or (after.endswith("\ufffd") and not final):
+            return ""
+        self._prefix, self._read = self._read, len(self.ids)
+        return after[len(before) :]
+
+    def _release(self, new: str, final: bool) -> str:
+        pending = self._pending + new
+        hits = [i for i in (pending.find(s) for s in self._stop) if i >= 0]
+        if hits:
+            out, self._pending, self.stopped = pending[: min(hits)], "", True
+        elif final:
+            out, self._pending = pending, ""
+        else:
+            keep = self._stop_prefix_len(pending)
+            out, self._pending = pending[: len(pending) - keep], pending[len(pending) - keep :]
+        self.text += out
+        return out
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest end of ``text`` that begins some stop string."""
+        best = 0
+        for s in self._stop:
+            for k in range(min(len(s) - 1, len(text)), best, -1):
+                if text.endswith(s[:k]):
+                    best = k
+                    break
+        return best
+
+
+# ---------------------------------------------------------------- jobs
+
+
+@dataclass
+class Delta:
+    """New text of the answer (``first``: the first token was chosen; the text may still be '')."""
+
+    text: str
+    first: bool = False
+
+
+@dataclass
+class Finished:
+    """The answer is complete."""
+
+    text: str  # the whole answer (the concatenation of every Delta)
+    finish_reason: str  # "stop" (end-of-sequence token or a stop string) or "length" (max_tokens)
+    result: GenerationResult
+    queue_s: float
+
+
+@dataclass
+class Failed:
+    """The request ended with an error (before or during generation)."""
+
+    error: APIError
+
+
+Event = Delta | Finished | Failed
+
+
+@dataclass
+class PreparedRequest:
+    """A request checked against the model, ready to queue."""
+
+    request: GenerationRequest
+    input_ids: torch.Tensor  # [1, n]
+    method: Method
+    sampling: Sampling
+
+    @property
+    def prompt_tokens(self) -> int:
+        return int(self.input_ids.shape[1])
+
+
+@dataclass
+class JobRecord:
+    """What became of a job (``Engine.records`` keeps the latest ones; for tests and debugging)."""
+
+    id: str
+    outcome: str  # completed, cancelled, timeout, rejected, failed
+    method: str
+    max_tokens: int
+    generated_tokens: int  # tokens chosen before it ended
+    queue_s: float | None
+
+
+class Job:
+    """One request in the engine: its events arrive on ``events`` in the submitting event loop."""
+
+    def __init__(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop, deadline: float | None) -> None:
+        self.id = uuid.uuid4().hex[:16]
+        self.prepared = prepared
+        self.deadline = deadline  # time.monotonic() value, or None
+        self.events: asyncio.Queue[Event] = asyncio.Queue()
+        self.submitted_at = time.monotonic()
+        self.started_at: float | None = None
+        self.generated_tokens = 0
+        self.outcome: str | None = None  # set once, when the job ends
+        self.cancel_reason: str | None = None
+        self._loop = loop
+        self._cancel = threading.Event()
+        self.ended = threading.Event()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def queue_s(self) -> float | None:
+        return None if self.started_at is None else self.started_at - self.submitted_at
+
+    def emit(self, event: Event) -> None:
+        """Post ``event`` to the job's queue (thread-safe; dropped if the event loop is gone)."""
+        try:
+            self._loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:
+            pass
+
+
+def timeout_error(timeout_s: float) -> APIError:
+    return APIError(
+        504, f"the request did not finish within the server's request timeout of {timeout_s:g} s",
+        type="timeout_error", code="timeout",
+    )
+
+
+def shutting_down_error() -> APIError:
+    return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+# ---------------------------------------------------------------- engine
+
+
+class Engine:
+    """Runs generation requests one at a time on a worker thread, from a bounded queue.
+
+    ``max_queue`` requests may wait while one runs; ``request_timeout_s`` bounds a request's time from
+    submission to its last token (checked between tokens: a running prefill is not interrupted).
+    ``generate_fn`` is ``tokensieve.runner.generate`` (tests pass a wrapper that can block).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        *,
+        method: str = "full",
+        method_params: dict[str, Any] | None = None,
+        max_queue: int = 16,
+        request_timeout_s: float | None = 600.0,
+        metrics: Metrics | None = None,
+        generate_fn: GenerateFn = generate,
+        history: int = 1024,
+    ) -> None:
+        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
+            raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if request_timeout_s is not None and not (request_timeout_s > 0):
+            raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
+        default = make_method(method, **(method_params or {}))
+        try:  # a bad default would fail every request: refuse it now (no validation depends on the prompt length)
+            default.prepare(model, tokenizer)
+            default.validate(model, 1)
+        except (ValueError, TypeError) as exc:
+            raise InputError(f"the server's default method {default.name!r}: {exc}") from None
+        self.default_method = default.name
+        self.default_params = dict(method_params or {})
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_queue = max_queue
+        self.request_timeout_s = request_timeout_s
+        self.metrics = metrics or Metrics()
+        self._generate = generate_fn
+        self._stops = stop_token_ids(model, tokenizer)
+        self._max_positions = max_positions(model)
+        self._vocab = int(model.config.get_text_config().vocab_size)
+        self._cond = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._running: Job | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
+        self._avg_run_s = 1.0  # running mean of a job's run time, for Retry-After
+        self.records: deque[JobRecord] = deque(maxlen=history)
+        self.peak_queue_depth = 0  # most requests ever waiting at once
+
+    # -- lifecycle
+
+    def start(self) -> None:
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("the engine was already started")
+            self._thread = threading.Thread(target=self._work, name="tokensieve-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Refuse new requests, fail the waiting ones (503), stop the running one at its next token, join."""
+        with self._cond:
+            self._stopping = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            if self._running is not None:
+                self._running.cancel_reason = self._running.cancel_reason or "cancelled"
+                self._running._cancel.set()
+            self.metrics.queue_depth.set(0)
+            self._cond.notify_all()
+        for job in waiting:
+            self._finish(job, "cancelled", Failed(shutting_down_error()))
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def busy(self) -> bool:
+        return self._running is not None
+
+    # -- requests
+
+    def method_for(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
+        """The method and parameters a request runs with: its own, or the server's default."""
+        if req.method is None:
+            return self.default_method, {**self.default_params, **req.method_params}
+        return req.method, dict(req.method_params)
+
+    def prepare(self, req: GenerationRequest) -> PreparedRequest:
+        """Check ``req`` against the model and encode its prompt; ``APIError`` (400) when it is bad.
+
+        Blocking (tokenization): call it from a worker thread, not the event loop.
+        """
+        if self._max_positions is not None and req.max_tokens > self._max_positions:
+            raise invalid(
+                f"max_tokens must be at most {self._max_positions} (the model's maximum positions), got {req.max_tokens}",
+                "max_tokens",
+            )
+        try:
+            sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
+        except InputError as exc:
+            raise invalid(str(exc), None) from None
+        name, params = self.method_for(req)
+        if name not in METHODS:
+            raise invalid(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}", "tokensieve.method", code="unknown_method")
+        try:
+            check_param_types(name, params)
+            method = make_method(name, **params)
+        except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
+            raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None
+        prompt_param = "messages" if req.kind == "chat" else "prompt"
+        input_ids = self._encode(req, prompt_param)
+        n = int(input_ids.shape[1])
+        if self._max_positions is not None and n > self._max_positions:
+            raise invalid(
+                f"the prompt has {n} tokens, more than the model's maximum of {self._max_positions} positions; shorten it",
+                prompt_param, code="context_length_exceeded",
+            )
+        try:
+            with self._tok_lock:  # prepare() may read the tokenizer (SepLLM's separators)
+                run = prepare(self.model, self.tokenizer, input_ids, method)
+        except PromptTooLongError as exc:
+            raise invalid(str(exc), prompt_param, code="context_length_exceeded") from None
+        except (ValueError, TypeError) as exc:  # Method.validate names the bad parameter
+            raise invalid(f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter") from None
+        return PreparedRequest(req, run.input_ids, run.method, sampling)
+
+    def _encode(self, req: GenerationRequest, param: str) -> torch.Tensor:
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            bad = [t for t in prompt if not 0 <= t < self._vocab]  # type: ignore[operator]
+            if bad:
+                raise invalid(f"prompt token ids must be in [0, {self._vocab - 1}], got {bad[0]}", param)
+            return torch.tensor([prompt], dtype=torch.long)
+        try:
+            with self._tok_lock:
+                if req.kind == "chat":
+                    ids = encode_prompt(self.tokenizer, prompt)  # type: ignore[arg-type]  # the chat template, when there is one
+                else:
+                    ids = encode_prompt(self.tokenizer, prompt, use_chat_template=False)  # type: ignore[arg-type]
+        except ValueError as exc:  # e.g. "the prompt is empty"
+            raise invalid(str(exc), param, code="empty_prompt") from None
+        except Exception as exc:
+            if type(exc).__module__.startswith("jinja2"):  # the chat template raised (e.g. roles must alternate)
+                raise invalid(f"the model's chat template rejected the messages: {exc}", "messages") from None
+            raise
+        if ids.numel() == 0:
+            raise invalid("the prompt encodes to no tokens", param, code="empty_prompt")
+        return ids
+
+    def submit(self, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop) -> Job:
+        """Queue a prepared request; ``QueueFullError`` when every slot is taken."""
+        deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
+        job = Job(prepared, loop, deadline)
+        with self._cond:
+            if self._stopping or self._thread is None:
+                raise EngineStoppedError("the engine is not running")
+            waiting = len(self._waiting)
+            if waiting + (self._running is not None) >= self.max_queue + 1:
+                retry = max(1, min(3600, math.ceil(self._avg_run_s * (waiting + 1))))
+                raise QueueFullError(waiting, self.max_queue, retry)
+            self._waiting.append(job)
+            self.peak_queue_depth = max(self.peak_queue_depth, len(self._waiting))
+            self.metrics.queue_depth.set(len(self._waiting))
+            self._cond.notify()
+        return job
+
+    def cancel(self, job: Job, reason: str = "cancelled") -> None:
+        """Stop ``job``: drop it from the queue, or stop its generation at the next token.
+
+        ``reason`` is ``cancelled`` (the client went away) or ``timeout``.
+        """
+        with self._cond:
+            if job.outcome is not None:
+                return
+            job.cancel_reason = job.cancel_reason or reason
+            job._cancel.set()
+            queued = job in self._waiting
+            if queued:
+                self._waiting.remove(job)
+                self.metrics.queue_depth.set(len(self._waiting))
+        if queued:
+            self._end(job, job.cancel_reason)
+
+    # -- worker
+
+    def _work(self) -> None:
+        while True:
+            with self._cond:
+                while not self._waiting and not self._stopping:
+                    self._cond.wait()
+                if self._stopping:
+                    return
+                job = self._waiting.popleft()
+                self._running = job
+                self.metrics.queue_depth.set(len(self._waiting))
+                self.metrics.running.set(1)
+            try:
+                self._run(job)
+            except BaseException:  # _run handles every Exception; this is a last resort for the worker's life
+                log.exception("tokensieve engine: unexpected error around job %s", job.id)
+                if job.outcome is None:
+                    self._finish(job, "failed", Failed(APIError(500, "internal error in the engine", type="server_error", code="internal_error")))
+            finally:
+                with self._cond:
+                    self._running = None
+                    self.metrics.running.set(0)
+
+    def _decode(self, ids: list[int]) -> str:
+        with self._tok_lock:
+            return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _run(self, job: Job) -> None:
+        job.started_at = time.monotonic()
+        queue_s = job.queue_s or 0.0
+        self.metrics.queue_wait.observe(queue_s)
+        if job.deadline is not None and job.started_at > job.deadline and not job.cancelled:
+            job.cancel_reason = "timeout"
+            job._cancel.set()
+        if job.cancelled:
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
+        prep = job.prepared
+        req = prep.request
+        stream = TextStream(self._decode, req.stop)
+        first = True
+
+        def on_token(token_id: int) -> bool:
+            nonlocal first
+            if job.cancelled:
+                return False
+            if job.deadline is not None and time.monotonic() > job.deadline:
+                job.cancel_reason = job.cancel_reason or "timeout"
+                job._cancel.set()
+                return False
+            job.generated_tokens += 1
+            text = stream.push(token_id)
+            if text or first:
+                job.emit(Delta(text, first))
+                first = False
+            return not stream.stopped
+
+        t0 = time.monotonic()
+        try:
+            res = self._generate(
+                self.model, self.tokenizer, prep.input_ids, method=prep.method, max_new_tokens=req.max_tokens,
+                sampling=prep.sampling, on_token=on_token,
+            )
+        except InputError as exc:
+            self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
+            return
+        except Exception as exc:
+            log.exception("tokensieve engine: generation failed for job %s", job.id)
+            error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+            self._finish(job, "failed", Failed(error))
+            return
+        run_s = time.monotonic() - t0
+        self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * run_s
+        if job.cancelled:
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
+        tail = stream.finish()
+        if tail or first:
+            job.emit(Delta(tail, first))
+        eos = bool(res.token_ids) and res.token_ids[-1] in self._stops
+        finish_reason = "stop" if stream.stopped or eos else "length"
+        m = self.metrics
+        m.ttft.labels(res.method).observe(res.ttft_s)
+        m.prompt_tokens.labels(res.method).inc(res.prompt_tokens)
+        m.kept_tokens.labels(res.method).inc(res.kept_tokens)
+        m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
+        job.generated_tokens = res.generated_tokens
+        self._finish(job, "completed", Finished(stream.text, finish_reason, res, queue_s))
+
+    def _cancel_error(self, job: Job) -> APIError:
+        if job.cancel_reason == "timeout":
+            return timeout_error(self.request_timeout_s or 0.0)
+        if self._stopping:
+            return shutting_down_error()
+        return APIError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
+
+    def _finish(self, job: Job, outcome: str, event: Event) -> None:
+        """Record the outcome, then tell the client: whoever reads the answer sees the records and metrics."""
+        self._end(job, outcome)
+        job.emit(event)
+
+    def _end(self, job: Job, outcome: str) -> None:
+        with self._cond:
+            if job.outcome is not None:
+                return
+            job.outcome = outcome
+        self.metrics.jobs.labels(outcome).inc()
+        self.metrics.generated_tokens.labels(outcome).inc(job.generated_tokens)
+        self.records.append(
+            JobRecord(job.id, outcome, job.prepared.method.name, job.prepared.request.max_tokens, job.generated_tokens, job.queue_s)
+        )
+        job.ended.set()

@@ -1,0 +1,610 @@
+"""The OpenAI-compatible server: real uvicorn servers on 127.0.0.1, talked to with the official openai client
+(and raw HTTP for what the client cannot send). Tiny random models for behaviour, SmolLM2 for real answers."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import re
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator
+
+import httpx2
+import openai
+import pytest
+import uvicorn
+from conftest import TinyTokenizer, tiny_model
+from eval_support import byte_tokenizer, tiny_llama
+
+import tokensieve
+from tokensieve.methods import METHODS
+from tokensieve.runner import generate, stop_token_ids
+from tokensieve.serve.app import create_app
+from tokensieve.serve.engine import TextStream
+from tokensieve.serve.metrics import Metrics
+from tokensieve.serve.protocol import parse_chat_request
+
+WAIT_S = 30.0  # bound of every wait loop (never reached when the code works)
+
+
+# ---------------------------------------------------------------- helpers
+
+
+@contextlib.contextmanager
+def serving(app) -> Iterator[str]:
+    """Run ``app`` under uvicorn on 127.0.0.1 (a free port) in a thread; yield its base URL."""
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on",
+                            timeout_graceful_shutdown=5)
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), "the server to start")
+    assert server.started, "uvicorn did not start"
+    port = server.servers[0].sockets[0].getsockname()[1]
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+        assert not thread.is_alive(), "uvicorn did not stop"
+
+
+def wait_until(cond: Callable[[], bool], what: str, timeout: float = WAIT_S) -> None:
+    end = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > end:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.01)
+
+
+def client(base: str, **kw: Any) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0, timeout=kw.pop("timeout", 120), **kw)
+
+
+def chat(c: openai.OpenAI, content: str, **kw: Any):
+    return c.chat.completions.create(model="m", messages=[{"role": "user", "content": content}], **kw)
+
+
+def stream_text(stream) -> tuple[str, Any, list]:
+    """(text, last chunk with a finish_reason, all chunks) of a streamed chat or text completion."""
+    parts, final, chunks = [], None, []
+    for ch in stream:
+        chunks.append(ch)
+        for choice in ch.choices:
+            piece = choice.delta.content if hasattr(choice, "delta") else choice.text
+            parts.append(piece or "")
+            if choice.finish_reason is not None:
+                final = ch
+    return "".join(parts), final, chunks
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    """One sample of the server's /metrics (0 when absent)."""
+    text = httpx2.get(f"{base}/metrics").text
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    pattern = "^" + re.escape(name) + (r"\{" + re.escape(want) + r"\}" if want else "") + r" (\S+)$"
+    m = re.search(pattern, text, re.M)
+    return float(m.group(1)) if m else 0.0
+
+
+def reference_text(model, tok, prompt, max_tokens: int) -> str:
+    """What the server must answer (greedy): the runner alone, decoded without stripping."""
+    res = generate(model, tok, prompt, max_new_tokens=max_tokens)
+    stops = stop_token_ids(model, tok)
+    return tok.decode([t for t in res.token_ids if t not in stops], skip_special_tokens=True)
+
+
+def slow(delay_s: float, gate: threading.Event | None = None) -> Callable[..., Any]:
+    """A generate that waits for ``gate`` (if given) and then sleeps ``delay_s`` per token."""
+
+    def run(*args: Any, on_token=None, **kw: Any):
+        if gate is not None:
+            assert gate.wait(WAIT_S), "the test never opened the gate"
+
+        def each(token_id: int):
+            time.sleep(delay_s)
+            return on_token(token_id)
+
+        return generate(*args, on_token=each, **kw)
+
+    return run
+
+
+# ---------------------------------------------------------------- fixtures
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """Byte-level tokenizer + tiny Llama with 256 positions (long-prompt errors are cheap)."""
+    return tiny_llama(max_pos=256), byte_tokenizer()
+
+
+@pytest.fixture(scope="module")
+def tiny_server(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", max_queue=64, default_max_tokens=16)
+    with serving(app) as base:
+        yield base, app
+
+
+@pytest.fixture(scope="module")
+def smol_server(smollm2):
+    model, tok = smollm2
+    with serving(create_app(model, tok, model_name="smollm2", method="full")) as base:
+        yield base
+
+
+# ---------------------------------------------------------------- text and parsing (no server)
+
+
+def test_text_stream_stop_strings_span_tokens_and_are_not_included():
+    tok = TinyTokenizer()
+    ids = [12, 34, 56, 78, 90]  # "12 34 56 78 90"
+    for stop, expected in [("4 5", "12 3"), ("78", "12 34 56 "), ("12", ""), ("90", "12 34 56 78 "), ("xx", "12 34 56 78 90")]:
+        ts = TextStream(tok.decode, [stop])
+        pieces = []
+        for t in ids:
+            pieces.append(ts.push(t))
+            if ts.stopped:
+                break
+        pieces.append(ts.finish())
+        assert "".join(pieces) == ts.text == expected, (stop, pieces)
+        assert ts.stopped == (stop in "12 34 56 78 90")
+    # a possible stop-string start is held back, then released when it turns out not to be one
+    ts = TextStream(tok.decode, ["34 99"])
+    assert ts.push(12) == "12" and ts.push(34) == " " and ts.push(56) == "34 56"
+
+
+def test_text_stream_holds_partial_utf8_characters():
+    tok = byte_tokenizer()
+    text = "né 日本 ok"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text.encode())  # one token per byte: multi-byte characters span tokens
+    ts = TextStream(lambda x: tok.decode(x, skip_special_tokens=True))
+    pieces = [ts.push(t) for t in ids] + [ts.finish()]
+    assert "".join(pieces) == text and all("\ufffd" not in p for p in pieces)
+    assert pieces[ids.index(tok("日")["input_ids"][0])] == ""  # the first byte of 日 alone gives no text
+
+
+def test_unknown_openai_fields_are_ignored():
+    req = parse_chat_request({
+        "model": "gpt-4o", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "frequency_penalty": 0.5, "presence_penalty": 0, "user": "u1", "logit_bias": {"1": 2}, "metadata": {"a": "b"},
+        "response_format": {"type": "text"}, "parallel_tool_calls": False, "service_tier": "auto", "store": False,
+    })
+    assert req.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
+    assert req.max_tokens == 256 and req.method is None
+
+
+def test_two_apps_keep_separate_metrics(tiny):
+    model, tok = tiny
+    a, b = create_app(model, tok), create_app(model, tok)  # a shared (global) registry would raise "Duplicated timeseries"
+    a.state.metrics.requests.labels("/health", "200").inc()
+    assert a.state.metrics.registry is not b.state.metrics.registry
+    assert b"tokensieve_requests_total{" not in b.state.metrics.render()[0]
+    assert b'tokensieve_requests_total{endpoint="/health",status="200"} 1.0' in a.state.metrics.render()[0]
+    Metrics()  # and neither touched prometheus_client's default registry
+
+
+# ---------------------------------------------------------------- tiny model: behaviour
+
+
+def test_chat_and_completion_match_the_runner(tiny, tiny_server):
+    model, tok = tiny
+    base, _ = tiny_server
+    c = client(base)
+    msgs = "the quick brown fox"
+    r = chat(c, msgs, max_tokens=12, temperature=0)
+    assert r.object == "chat.completion" and r.id.startswith("chatcmpl-") and r.model == "tiny"
+    assert r.choices[0].index == 0 and r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == reference_text(model, tok, [{"role": "user", "content": msgs}], 12)
+    ts = r.model_extra["tokensieve"]
+    assert r.usage.prompt_tokens == ts["prompt_tokens"] == len(msgs.encode()) == ts["kept_tokens"]
+    assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
+    assert ts["method"] == "full" and ts["ttft_s"] > 0 and ts["queue_s"] >= 0
+    assert r.choices[0].finish_reason == ("length" if r.usage.completion_tokens == 12 else "stop")
+
+    t = c.completions.create(model="m", prompt="jumps over", max_tokens=7, temperature=0)
+    assert t.object == "text_completion" and t.id.startswith("cmpl-")
+    assert t.choices[0].text == reference_text(model, tok, "jumps over", 7)
+    ids = tok("jumps over")["input_ids"]
+    by_ids = c.completions.create(model="m", prompt=ids, max_tokens=7, temperature=0)  # token ids as the prompt
+    assert by_ids.choices[0].text == t.choices[0].text and by_ids.usage.prompt_tokens == len(ids)
+    c.close()
+
+
+def test_stream_equals_non_stream_and_has_openai_chunks(tiny_server):
+    base, _ = tiny_server
+    c = client(base)
+    for seed_text in ("alpha beta", "gamma"):
+        full = chat(c, seed_text, max_tokens=14, temperature=0)
+        text, final, chunks = stream_text(
+            chat(c, seed_text, max_tokens=14, temperature=0, stream=True, stream_options={"include_usage": True})
+        )
+        assert text == full.choices[0].message.content
+        assert chunks[0].object == "chat.completion.chunk" and chunks[0].choices[0].delta.role == "assistant"
+        assert len({ch.id for ch in chunks}) == 1 and chunks[0].id.startswith("chatcmpl-")
+        assert final.choices[0].finish_reason == full.choices[0].finish_reason
+        assert final.model_extra["tokensieve"]["kept_tokens"] == full.model_extra["tokensieve"]["kept_tokens"]
+        assert chunks[-1].choices == [] and chunks[-1].usage.model_dump(exclude_none=True) == full.usage.model_dump(exclude_none=True)
+        # one chunk per token that produced text, each non-empty after the first
+        assert all(ch.choices[0].delta.content for ch in chunks[1:-2])
+    comp = c.completions.create(model="m", prompt="delta", max_tokens=9, temperature=0)
+    text, final, chunks = stream_text(c.completions.create(model="m", prompt="delta", max_tokens=9, temperature=0, stream=True))
+    assert text == comp.choices[0].text and final.choices[0].finish_reason == comp.choices[0].finish_reason
+    assert all(ch.object == "text_completion" for ch in chunks)
+    c.close()
+
+
+def test_stop_strings_end_the_answer_streamed_or_not():
+    model, tok = tiny_model("llama"), TinyTokenizer()  # readable text: token ids as numbers
+    app = create_app(model, tok, model_name="tiny-ids")
+    with serving(app) as base:
+        c = client(base)
+        full = c.completions.create(model="m", prompt="5 6 7", max_tokens=12, temperature=0).choices[0]
+        assert full.finish_reason == "length"
+        stop = full.text[7:11]  # four characters in the middle, spanning tokens
+        expected = full.text[: full.text.find(stop)]
+        for stream in (False, True):
+            kw = dict(model="m", prompt="5 6 7", max_tokens=12, temperature=0, stop=[stop, "never"])
+            if stream:
+                text, final, _ = stream_text(c.completions.create(stream=True, **kw))
+                reason = final.choices[0].finish_reason
+            else:
+                ch = c.completions.create(**kw).choices[0]
+                text, reason = ch.text, ch.finish_reason
+            assert (text, reason) == (expected, "stop"), (stream, stop)
+        assert c.completions.create(model="m", prompt="5 6 7", max_tokens=12, temperature=0, stop="zz").choices[0].text == full.text
+        c.close()
+        rec = app.state.engine.records
+        assert rec[-2].generated_tokens < 12 and rec[-1].generated_tokens == 12  # a stop string stops generation
+
+
+def test_sampling_is_seeded_and_bounded(tiny_server):
+    base, _ = tiny_server
+    c = client(base)
+    kw = dict(max_tokens=10, temperature=1.5, top_p=0.9, seed=1234)
+    a, b = chat(c, "sample me", **kw), chat(c, "sample me", **kw)
+    assert a.choices[0].message.content == b.choices[0].message.content
+    c.close()
+
+
+def test_every_method_runs_per_request(tiny_server):
+    base, _ = tiny_server
+    c = client(base)
+    prompt = "a longer prompt so that selection and eviction have something to drop: " * 2
+    for name in METHODS:
+        r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": name}})
+        assert r.model_extra["tokensieve"]["method"] == name
+    r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "gemfilter", "topk": 20}})
+    ts = r.model_extra["tokensieve"]
+    assert ts["kept_tokens"] == 20 < ts["prompt_tokens"] and ts["params"]["topk"] == 20
+    r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "snapkv", "budget": 40, "window": 8}})
+    assert r.model_extra["tokensieve"]["params"]["budget"] == 40
+    c.close()
+
+
+def test_server_default_method_and_params_apply_unless_the_request_names_one(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, method="gemfilter", method_params={"topk": 10})
+    with serving(app) as base:
+        c = client(base)
+        prompt = "x" * 40
+        assert chat(c, prompt, max_tokens=2).model_extra["tokensieve"]["kept_tokens"] == 10
+        r = chat(c, prompt, max_tokens=2, extra_body={"tokensieve": {"topk": 12}})  # overrides a default parameter
+        assert r.model_extra["tokensieve"]["kept_tokens"] == 12
+        r = chat(c, prompt, max_tokens=2, extra_body={"tokensieve": {"method": "full"}})
+        assert r.model_extra["tokensieve"]["kept_tokens"] == 40
+        assert httpx2.get(f"{base}/health").json()["method"] == "gemfilter"
+        c.close()
+
+
+def test_models_health_metrics(tiny_server):
+    base, _ = tiny_server
+    c = client(base)
+    assert [m.id for m in c.models.list()] == ["tiny"]
+    assert c.models.retrieve("tiny").owned_by == "tokensieve"
+    with pytest.raises(openai.NotFoundError) as e:
+        c.models.retrieve("gpt-4")
+    assert e.value.body["code"] == "model_not_found"
+    h = httpx2.get(f"{base}/health")
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == "tiny"
+    chat(c, "count me", max_tokens=3)
+    text = httpx2.get(f"{base}/metrics").text
+    for family in ("tokensieve_requests_total", "tokensieve_ttft_seconds_bucket", "tokensieve_request_duration_seconds_bucket",
+                   "tokensieve_kept_tokens_total", "tokensieve_queue_depth", "tokensieve_queue_wait_seconds_count",
+                   "tokensieve_kept_ratio_bucket", "tokensieve_jobs_total"):
+        assert family in text, family
+    assert metric(base, "tokensieve_requests_total", endpoint="/v1/chat/completions", status="200") >= 1
+    assert metric(base, "tokensieve_ttft_seconds_count", method="full") >= 1
+    assert metric(base, "tokensieve_queue_depth") == 0
+    nf = httpx2.get(f"{base}/v2/nothing")
+    assert nf.status_code == 404 and nf.json()["error"]["code"] == "not_found"
+    c.close()
+
+
+# ---------------------------------------------------------------- bad requests
+
+CHAT = "/v1/chat/completions"
+COMP = "/v1/completions"
+MSG = [{"role": "user", "content": "hello"}]
+
+BAD_REQUESTS = [
+    # (endpoint, body, param, words the message must contain)
+    (CHAT, {"messages": []}, "messages", ["non-empty", "empty array"]),
+    (CHAT, {"model": "m"}, "messages", ["messages must be"]),
+    (CHAT, {"messages": "hello"}, "messages", ['"hello"']),
+    (CHAT, {"messages": [{"role": "user", "content": "  "}]}, "messages", ["empty"]),
+    (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", ['"robot"', "user"]),
+    (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["5"]),
+    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content", ["image_url"]),
+    (CHAT, {"messages": MSG, "max_tokens": 0}, "max_tokens", [">= 1", "got 0"]),
+    (CHAT, {"messages": MSG, "max_tokens": -5}, "max_tokens", ["got -5"]),
+    (CHAT, {"messages": MSG, "max_tokens": "10"}, "max_tokens", ['"10"']),
+    (CHAT, {"messages": MSG, "max_tokens": 2.5}, "max_tokens", ["2.5"]),
+    (CHAT, {"messages": MSG, "max_tokens": True}, "max_tokens", ["true"]),
+    (CHAT, {"messages": MSG, "max_completion_tokens": 0}, "max_completion_tokens", ["got 0"]),
+    (CHAT, {"messages": MSG, "max_tokens": 10_000}, "max_tokens", ["256", "10000"]),
+    (CHAT, {"messages": MSG, "temperature": -0.1}, "temperature", ["[0, 2]", "-0.1"]),
+    (CHAT, {"messages": MSG, "temperature": 2.5}, "temperature", ["2.5"]),
+    (CHAT, {"messages": MSG, "temperature": "hot"}, "temperature", ['"hot"']),
+    (CHAT, {"messages": MSG, "top_p": 0}, "top_p", ["(0, 1]", "got 0"]),
+    (CHAT, {"messages": MSG, "top_p": 1.5}, "top_p", ["1.5"]),
+    (CHAT, {"messages": MSG, "seed": "x"}, "seed", ['"x"']),
+    (CHAT, {"messages": MSG, "n": 2}, "n", ["got 2"]),
+    (CHAT, {"messages": MSG, "stream": "yes"}, "stream", ['"yes"']),
+    (CHAT, {"messages": MSG, "stop": 5}, "stop", ["5"]),
+    (CHAT, {"messages": MSG, "stop": [""]}, "stop", ["empty"]),
+    (CHAT, {"messages": MSG, "logprobs": True}, "logprobs", ["not supported"]),
+    (CHAT, {"messages": MSG, "model": 7}, "model", ["7"]),
+    (CHAT, {"messages": MSG, "tokensieve": "snapkv"}, "tokensieve", ['"snapkv"']),
+    (CHAT, {"messages": MSG, "tokensieve": {"method": "magic"}}, "tokensieve.method", ["'magic'", "gemfilter"]),
+    (CHAT, {"messages": MSG, "tokensieve": {"method": "snapkv", "budgett": 5}}, "tokensieve", ["budgett", "budget"]),
+    (CHAT, {"messages": MSG, "tokensieve": {"method": "snapkv", "budget": -3}}, "tokensieve", ["budget", "-3"]),
+    (CHAT, {"messages": MSG, "tokensieve": {"method": "gemfilter", "topk": "many"}}, "tokensieve", ["topk", "many"]),
+    (CHAT, {"messages": MSG, "tokensieve": {"method": "gemfilter", "filter_layer": 99}}, "tokensieve", ["filter_layer", "99"]),
+    (CHAT, {"messages": [{"role": "user", "content": "y" * 300}]}, "messages", ["300 tokens", "256"]),
+    (COMP, {"prompt": "z" * 257}, "prompt", ["257 tokens", "256"]),
+    (COMP, {"model": "m"}, "prompt", ["prompt must be"]),
+    (COMP, {"prompt": ""}, "prompt", ["empty"]),
+    (COMP, {"prompt": ["one", "two"]}, "prompt", ["2 prompts"]),
+    (COMP, {"prompt": [1, 2, 99999]}, "prompt", ["99999"]),
+    (COMP, {"prompt": "hi", "max_tokens": 0}, "max_tokens", ["got 0"]),
+    (COMP, {"prompt": "hi", "echo": True}, "echo", ["not supported"]),
+    (COMP, {"prompt": "hi", "best_of": 3}, "best_of", ["got 3"]),
+]
+
+
+def test_bad_requests_get_400_naming_the_problem(tiny_server):
+    base, _ = tiny_server
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for endpoint, body, param, words in BAD_REQUESTS:
+            r = http.post(endpoint, json=body)
+            assert r.status_code == 400, (body, r.text)
+            err = r.json()["error"]
+            assert err["type"] == "invalid_request_error" and err["param"] == param, (body, err)
+            assert all(w in err["message"] for w in words), (body, err["message"])
+        for raw, words in [(b'{"messages": [', ["not valid JSON"]), (b"[1, 2]", ["JSON object", "array"]), (b"", ["empty"]),
+                           (b"\xff\xfe", ["JSON"])]:
+            r = http.post(CHAT, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", (raw, r.text)
+            assert all(w in r.json()["error"]["message"] for w in words), r.text
+        assert http.get(CHAT).status_code == 405
+    # the official client sees the same: a BadRequestError with OpenAI's body
+    c = client(base)
+    with pytest.raises(openai.BadRequestError) as e:
+        chat(c, "hi", max_tokens=3, extra_body={"tokensieve": {"method": "h2o", "heavy": "x"}})
+    assert e.value.body["param"] == "tokensieve" and "heavy" in e.value.body["message"]
+    with pytest.raises(openai.BadRequestError):
+        chat(c, "hi", max_tokens=3, stream=True, temperature=9)  # a stream is refused before it starts
+    # fields OpenAI clients send that this server does not use are accepted
+    r = chat(c, "fine", max_tokens=2, frequency_penalty=0.5, presence_penalty=0.1, user="u", logit_bias={"5": 1},
+             metadata={"k": "v"}, response_format={"type": "text"}, extra_body={"repetition_penalty": 1.1})
+    assert r.choices[0].finish_reason in ("stop", "length")
+    assert metric(base, "tokensieve_requests_total", endpoint=CHAT, status="400") >= len([b for b in BAD_REQUESTS if b[0] == CHAT])
+    c.close()
+
+
+def test_chat_template_refusal_is_400_and_bad_server_default_fails_at_start(tiny):
+    model, _ = tiny
+    tok = byte_tokenizer()
+    tok.chat_template = "{% if messages[0].role == 'assistant' %}{{ raise_exception('conversations start with the user') }}{% endif %}{{ messages[0].content }}"
+    with serving(create_app(model, tok)) as base:
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": [{"role": "assistant", "content": "hi"}]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+        assert "conversations start with the user" in r.json()["error"]["message"]
+        assert httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}).status_code == 200
+    with pytest.raises(tokensieve.InputError, match="filter_layer must be in"):
+        create_app(model, tok, method="gemfilter", method_params={"filter_layer": 99})
+
+
+def test_method_parameters_of_any_json_type_get_200_or_400_never_500(tiny_server):
+    base, _ = tiny_server
+    values = [None, True, -1, 0, 1.5, "x", [1, 2], {"a": 1}, 2**70]
+    prompt = "words, separators. and more words! " * 3
+    statuses: dict[int, int] = {}
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for name, cls in METHODS.items():
+            for field in dataclasses.fields(cls):
+                for v in values:
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, field.name: v}}
+                    r = http.post(CHAT, json=body)
+                    statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+                    assert r.status_code in (200, 400), (name, field.name, v, r.text)
+                    if r.status_code == 400:
+                        assert r.json()["error"]["param"] == "tokensieve" and field.name in r.json()["error"]["message"], r.text
+    assert statuses[200] > 0 and statuses[400] > 0
+    r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "tokensieve": {"method": "gemfilter", "topk": True}})
+    assert r.status_code == 400 and "must be a 64-bit integer, got True" in r.json()["error"]["message"]
+
+
+# ---------------------------------------------------------------- concurrency, cancellation, timeouts, failures
+
+
+def test_client_disconnect_mid_stream_cancels_the_request(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", generate_fn=slow(0.02))
+    engine = app.state.engine
+    with serving(app) as base:
+        c = client(base)
+        stream = chat(c, "go on and on", max_tokens=200, temperature=0, stream=True)
+        got = [next(iter(stream)) for _ in range(3)]
+        assert got[0].choices[0].delta.role == "assistant"
+        stream.close()  # the client goes away after 3 chunks
+        wait_until(lambda: any(r.outcome == "cancelled" for r in engine.records), "the cancelled job to end")
+        rec = [r for r in engine.records if r.outcome == "cancelled"][0]
+        assert 3 <= rec.generated_tokens < 200  # it stopped early: its slot is free for others
+        assert metric(base, "tokensieve_jobs_total", outcome="cancelled") == 1
+        health = httpx2.get(f"{base}/health").json()
+        assert health["status"] == "ok" and health["queue_depth"] == 0
+        r = chat(c, "next", max_tokens=5, temperature=0)  # the next request works
+        assert r.usage.completion_tokens >= 1 and engine.records[-1].outcome == "completed"
+        c.close()
+
+
+def test_full_queue_gets_429_and_a_departed_waiter_frees_its_slot(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+    app = create_app(model, tok, model_name="tiny", max_queue=1, generate_fn=slow(0.0, gate))
+    engine = app.state.engine
+    with serving(app) as base, ThreadPoolExecutor(4) as pool:
+        c = client(base)
+        first = pool.submit(chat, c, "first", max_tokens=4, temperature=0)
+        wait_until(lambda: engine.busy, "the first request to run")
+
+        def leaver() -> None:  # waits in the queue, then gives up (client-side timeout)
+            with pytest.raises(httpx2.ReadTimeout):
+                httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3}, timeout=httpx2.Timeout(30, read=0.5))
+
+        gone = pool.submit(leaver)
+        wait_until(lambda: engine.queue_depth == 1, "the second request to queue")
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full"
+        assert int(r.headers["retry-after"]) >= 1 and "max-queue 1" in r.json()["error"]["message"]
+        with pytest.raises(openai.RateLimitError):
+            chat(c, "also too many", max_tokens=3)
+        gone.result(WAIT_S)
+        wait_until(lambda: engine.queue_depth == 0, "the departed request to leave the queue")
+        second = pool.submit(chat, c, "second", max_tokens=4, temperature=0)  # takes the freed slot
+        wait_until(lambda: engine.queue_depth == 1, "the third request to queue")
+        gate.set()
+        assert first.result(WAIT_S).usage.completion_tokens >= 1
+        assert second.result(WAIT_S).usage.completion_tokens >= 1
+        assert [r.outcome for r in engine.records] == ["cancelled", "completed", "completed"]
+        assert metric(base, "tokensieve_requests_total", endpoint=CHAT, status="429") == 2
+        c.close()
+
+
+def test_request_timeout_gives_504_and_stops_generation(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", request_timeout_s=1.0, generate_fn=slow(0.05))
+    engine = app.state.engine
+    with serving(app) as base:
+        c = client(base)
+        with pytest.raises(openai.APIStatusError) as e:
+            chat(c, "too slow", max_tokens=250, temperature=0)  # 250 x 50 ms, far past the 1 s timeout
+        assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "1 s" in e.value.body["message"]
+        wait_until(lambda: len(engine.records) == 1, "the timed-out job to end")
+        assert engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens < 250
+        # a stream that already started ends with an error event (the client raises), not [DONE] alone
+        stream = chat(c, "slow stream", max_tokens=250, temperature=0, stream=True)
+        with pytest.raises(openai.APIError) as e:
+            stream_text(stream)
+        assert "timeout" in str(e.value)
+        wait_until(lambda: len(engine.records) == 2, "the timed-out stream to end")
+        assert engine.records[1].outcome == "timeout"
+        assert chat(c, "quick", max_tokens=3).usage.completion_tokens >= 1  # still serving
+        c.close()
+
+
+def test_engine_exception_gives_500_and_the_server_keeps_running(tiny):
+    model, tok = tiny
+
+    def flaky(m, t, input_ids, **kw):
+        if len(input_ids[0]) == 4:  # the prompt "boom"
+            raise RuntimeError("simulated engine failure")
+        return generate(m, t, input_ids, **kw)
+
+    app = create_app(model, tok, model_name="tiny", generate_fn=flaky)
+    with serving(app) as base:
+        c = client(base)
+        for stream in (False, True):
+            with pytest.raises(openai.InternalServerError) as e:
+                chat(c, "boom", max_tokens=3, stream=stream)
+            assert "simulated engine failure" in e.value.body["message"] and e.value.body["type"] == "server_error"
+            assert chat(c, "fine now", max_tokens=3).usage.completion_tokens >= 1
+        assert metric(base, "tokensieve_jobs_total", outcome="failed") == 2
+        real_prepare = app.state.engine.prepare
+        app.state.engine.prepare = lambda req: 1 / 0  # a bug before the queue: answered 500, connection kept
+        with httpx2.Client(base_url=base, timeout=60) as http:
+            r = http.post(CHAT, json={"messages": MSG})
+            assert r.status_code == 500 and "ZeroDivisionError" in r.json()["error"]["message"]
+            app.state.engine.prepare = real_prepare
+            assert http.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+        assert httpx2.get(f"{base}/health").json()["status"] == "ok"
+        c.close()
+
+
+def test_load_32_requests_from_8_threads_none_lost_none_mixed(tiny, tiny_server):
+    model, tok = tiny
+    base, app = tiny_server
+    n_req, max_tokens = 32, 12
+    prompts = [f"request {i}: the {'abcdefgh'[i % 8]} item is number {i * 37 % 101}" for i in range(n_req)]
+    kinds = ["chat", "chat-stream", "completion", "completion-stream"]
+    expected = [
+        reference_text(model, tok, [{"role": "user", "content": p}] if kinds[i % 4].startswith("chat") else p, max_tokens)
+        for i, p in enumerate(prompts)
+    ]
+    assert len(set(expected)) > n_req // 2  # distinct prompts give (mostly) distinct answers: a mix-up would show
+    done_before = len(app.state.engine.records)
+
+    def ask(i: int) -> str:
+        c = client(base)
+        try:
+            kind, p = kinds[i % 4], prompts[i]
+            if kind == "chat":
+                return chat(c, p, max_tokens=max_tokens, temperature=0).choices[0].message.content
+            if kind == "chat-stream":
+                return stream_text(chat(c, p, max_tokens=max_tokens, temperature=0, stream=True))[0]
+            if kind == "completion":
+                return c.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0).choices[0].text
+            return stream_text(c.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0, stream=True))[0]
+        finally:
+            c.close()
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, range(n_req), timeout=120))
+    assert answers == expected
+    records = list(app.state.engine.records)[done_before:]
+    assert len(records) == n_req and all(r.outcome == "completed" for r in records)
+    assert app.state.engine.peak_queue_depth >= 2  # they really waited behind each other
+    assert metric(base, "tokensieve_queue_depth") == 0
+
+
+# ---------------------------------------------------------------- SmolLM2: real answers
+
+
+@pytest.mark.real_model
+def test_smollm2_chat_stream_equals_non_stream(smol_server):
+    c = client(smol_server)
+    question = "What is the capital of France?"
+    full = chat(c, question, max_tokens=12, temperature=0)
+    answer = full.choices[0].message.content
+    assert "Paris" in answer and full.model == "smollm2"
+    text, final, chunks = stream_text(chat(c, question, max_tokens=12, temperature=0, stream=True))
+    assert text == answer and len(chunks) >= 4
+    assert final.choices[0].finish_reason == full.choices[0].finish_reason
+    c.close()
+
+
+@pytest.mark.real_model
+def test_smollm2_gemfilter_per_request_keeps_topk(smol_server):
+    c = client(smol_server)
+    doc = "The harbour was quiet that morning, and the gulls circled over the fishing boats. " * 6
+    r = chat(c, doc + "What was quiet?", max_tokens=3, temperature=0, extra_body={"tokensieve": {"method": "gemfilter", "topk": 32}})
+    ts = r.model_extra["tokensieve"]
+    assert ts["method"] == "gemfilter" and ts["kept_tokens"] == 32 and ts["prompt_tokens"] > 100
+    assert r.usage.prompt_tokens == ts["prompt_tokens"]
+    c.close()

@@ -338,7 +338,7 @@ def test_constant_lists_match_the_library():
 
 # ----- 11. fast start: parsing imports no torch --------------------------------------------------------
 LIGHT_HELP = [[], ["ask"], ["demo"], ["needle"], ["eval"], ["eval", "needle"], ["eval", "ruler"], ["eval", "longbench"],
-              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"]]
+              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"]]
 
 
 def _python(code: str) -> str:

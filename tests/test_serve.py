@@ -281,7 +281,7 @@ def test_every_method_runs_per_request(tiny_server):
     r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "gemfilter", "topk": 20}})
     ts = r.model_extra["tokensieve"]
     assert ts["kept_tokens"] == 20 < ts["prompt_tokens"] and ts["params"]["topk"] == 20
-    r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "snapkv", "budget": 40, "window": 8}})
+    r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "snapkv", "budget": 40, "window_size": 8}})
     assert r.model_extra["tokensieve"]["params"]["budget"] == 40
     c.close()
 

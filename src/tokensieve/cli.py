@@ -31,6 +31,7 @@ COMMANDS: dict[str, str] = {
     "calibrate": "find a GemFilter filter layer for a model",
     "stream": "streaming perplexity over a long text (SepLLM, StreamingLLM, full)",
     "bench": "time/memory vs prompt length on a real model shape (random weights)",
+    "serve": "OpenAI-compatible HTTP server (chat/completions, streaming, per-request methods)",
 }
 COMMAND_MODULES = list(COMMANDS)
 

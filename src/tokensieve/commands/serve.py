@@ -44,7 +44,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser(
         "serve",
-        help="OpenAI-compatible HTTP server (chat/completions, streaming)",
         description=(
             "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
             "(\"stream\": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). "

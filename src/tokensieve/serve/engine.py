@@ -114,7 +114,8 @@ def check_param_types(method: str, params: dict[str, Any]) -> None:
         return
     names = {f.name for f in dataclasses.fields(cls)}
     for key, value in params.items():
-        hint = hints.get(key) if key in names else None
+        name = cls.renamed.get(key, key)  # a deprecated name has its new name's type
+        hint = hints.get(name) if name in names else None
         if hint is not None and _conforms(value, hint) is False:
             raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
 

@@ -24,6 +24,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from tokensieve.attention import use_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods import Method, make_method
+from tokensieve.decode import DecoderPool
 from tokensieve.runner import generate
 
 # Real architectures' shapes (config values from their published config.json files).
@@ -94,7 +95,8 @@ def _free(device: torch.device) -> None:
 
 
 def bench_method(
-    model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0
+    model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0,
+    decoders: DecoderPool | None = None,
 ) -> BenchRow:
     device = model.device
     vocab = model.config.get_text_config().vocab_size
@@ -107,7 +109,7 @@ def bench_method(
         for i in range(repeats):
             # the last run also decodes, so the prefill is never repeated just for the decode figure
             new_tokens = decode_tokens + 1 if i == repeats - 1 and decode_tokens > 0 else 1
-            r = generate(model, tok, ids, method=method, max_new_tokens=new_tokens, allow_long=True)
+            r = generate(model, tok, ids, method=method, max_new_tokens=new_tokens, allow_long=True, decoders=decoders)
             runs.append(r.ttft_s)
             row.peak_memory_bytes = max(row.peak_memory_bytes or 0, r.peak_memory_bytes)
             row.kv_bytes_prefill = r.kv_bytes_prefill
@@ -170,11 +172,12 @@ def run_bench(
     built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
              for label, spec in methods.items()}
     rows: list[dict[str, Any]] = []
+    pool = DecoderPool(model)  # captured decoding steps, one per capacity bucket, reused across cells
     for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
-        bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2)
+        bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2, decoders=pool)
     cells = [(n, label) for n in lengths for label in built]
     for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
-        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens)
+        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens, decoders=pool)
         rows.append({"label": label, **row.__dict__})
         if on_row is not None:
             on_row(rows)

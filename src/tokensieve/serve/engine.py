@@ -36,6 +36,7 @@ from typing import Any, Callable, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.decode import DecoderPool
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import max_positions
@@ -331,6 +332,7 @@ class Engine:
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics or Metrics()
         self._generate = generate_fn
+        self._decoders = DecoderPool(model)  # captured decoding steps, reused across requests (one per size bucket)
         self._stops = stop_token_ids(model, tokenizer)
         self._max_positions = max_positions(model)
         self._vocab = int(model.config.get_text_config().vocab_size)
@@ -547,7 +549,7 @@ class Engine:
         try:
             res = self._generate(
                 self.model, self.tokenizer, prep.input_ids, method=prep.method, max_new_tokens=req.max_tokens,
-                sampling=prep.sampling, on_token=on_token,
+                sampling=prep.sampling, on_token=on_token, decoders=self._decoders,
             )
         except InputError as exc:
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))

@@ -32,7 +32,6 @@ from tqdm import tqdm
 
 from tokensieve.data import default_pg19_dir
 from tokensieve.models import load_model
-from tokensieve.separators import separator_token_ids
 from tokensieve.evaluation.plots import plot_stream
 from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
@@ -57,7 +56,6 @@ def main() -> int:
     ids = tok(book.read_text(encoding="utf-8"), return_tensors="pt")["input_ids"][0]
     if ids.numel() < args.tokens:
         raise SystemExit(f"{book} has only {ids.numel()} tokens, fewer than --tokens {args.tokens}")
-    seps = separator_token_ids(tok)
     max_pos = model.config.max_position_embeddings
     runs = [
         (SepLLMPolicy(n_initial=4, n_separators=64, n_recent=256, budget=800), args.tokens, False),
@@ -72,7 +70,7 @@ def main() -> int:
             bar.update(done - bar.n)
             bar.set_postfix(ppl=f"{point.running_ppl:.2f}", cache=point.cache_entries, refresh=False)
 
-        r = stream_perplexity(model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=n,
+        r = stream_perplexity(model, ids, policy, chunk_size=args.chunk_size, max_tokens=n, tokenizer=tok,
                               allow_long=allow_long, ppl_window=args.ppl_window, progress=progress)
         bar.close()
         results.append(r)

@@ -4,14 +4,15 @@
 decoding step while a *chooser* supplies tokens. ``generate`` (answers, greedy or sampled; used by the CLI,
 the evaluation tasks and the benchmark) and ``score_continuation`` (teacher forcing, used by the
 perplexity task) are the two choosers. Times to first token, peak memory and KV kept are measured
-here and nowhere else.
+here and nowhere else. Streaming through a bounded cache has the same two stages: ``open_stream``
+(prepare, validate) and ``feed_stream`` (the chunks, fed in order).
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -22,6 +23,8 @@ from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
 from tokensieve.methods.base import DecodeState, cache_stats, max_positions
+from tokensieve.separators import separator_token_ids
+from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
 
 Messages = Sequence[dict[str, str]]
 
@@ -395,6 +398,50 @@ def score_continuation(
         kv_tokens_prefill=tr.kv_tokens_prefill,
         kv_bytes_prefill=tr.kv_bytes_prefill,
     )
+
+
+def open_stream(
+    model: PreTrainedModel,
+    policy: StreamPolicy,
+    tokenizer: PreTrainedTokenizerBase | None = None,
+    separator_ids: torch.Tensor | None = None,
+    chunk_size: int = 64,
+    allow_long: bool = False,
+) -> Streamer:
+    """prepare -> validate for streaming through a bounded, position-shifted cache (``tokensieve stream``).
+
+    Separator ids come from the tokenizer for SepLLM's cache unless given; the policy and the chunk size
+    are checked against the model's maximum position. Feed the stream with ``feed_stream``.
+    """
+    policy.validate()
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise InputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    if separator_ids is None and tokenizer is not None and policy.name == "sepllm":
+        separator_ids = separator_token_ids(tokenizer)
+    streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
+    cap, limit = policy.capacity, streamer.max_positions
+    if cap is not None and limit is not None and cap + chunk_size > limit and not allow_long:
+        raise InputError(
+            f"budget + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
+            f"use a smaller cache or chunk"
+        )
+    return streamer
+
+
+def feed_stream(streamer: Streamer, token_ids: torch.Tensor, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Feed ``token_ids`` [N] chunk by chunk; yields (chunk [C], its logits [C, vocab] float32).
+
+    Stops early, with ``streamer.stopped`` saying why, where full attention reaches the model's maximum position.
+    """
+    ids = token_ids.reshape(-1)
+    for pos in range(0, ids.numel(), chunk_size):
+        chunk = ids[pos : pos + chunk_size]
+        try:
+            logits = streamer.feed(chunk)
+        except ContextFullError as exc:
+            streamer.stopped = str(exc)
+            return
+        yield chunk, logits
 
 
 def selection_text(

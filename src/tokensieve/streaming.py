@@ -290,6 +290,7 @@ class Streamer:
         self.stream_idx = torch.empty(0, dtype=torch.long, device=self.device)  # [L]
         self.is_sep = torch.empty(0, dtype=torch.bool, device=self.device)  # [L]
         self.tokens_seen = 0
+        self.stopped: str | None = None  # why feeding stopped early (the model's maximum position), if it did
         self.max_position_used = -1  # largest position id given to the model so far
         self._chunk_start_len = 0
 

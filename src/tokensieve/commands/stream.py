@@ -114,9 +114,6 @@ def run(args: argparse.Namespace) -> int:
         text = text[: args.max_tokens * 12]  # plenty of characters; tokenizing a whole huge file is slow
     model, tok = load(args)
     ids = tok(text, return_tensors="pt")["input_ids"][0]
-    from tokensieve.separators import separator_token_ids
-
-    seps = separator_token_ids(tok) if args.method == "sepllm" else None
     total = min(ids.numel(), args.max_tokens or ids.numel())
     bar = tqdm(total=total, desc=f"stream {args.method}", unit="tok", file=sys.stderr)
 
@@ -127,8 +124,8 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.evaluation.stream_ppl import stream_perplexity
 
     res = stream_perplexity(
-        model, ids, policy, seps, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
-        allow_long=args.allow_long, ppl_window=args.ppl_window, progress=progress,
+        model, ids, policy, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
+        allow_long=args.allow_long, ppl_window=args.ppl_window, progress=progress, tokenizer=tok,
     )
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):

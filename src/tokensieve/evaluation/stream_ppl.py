@@ -15,10 +15,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import PreTrainedModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.errors import InputError
-from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
+from tokensieve.runner import feed_stream, open_stream
+from tokensieve.streaming import StreamPolicy
 
 
 @dataclass
@@ -71,6 +72,7 @@ def stream_perplexity(
     allow_long: bool = False,
     ppl_window: int = 1024,
     progress: Callable[[StreamPoint, int], None] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> StreamResult:
     """Stream ``token_ids`` [N] through ``model`` and score every next token.
 
@@ -78,10 +80,9 @@ def stream_perplexity(
     cache held then (``N - 1`` scored tokens). Full attention without
     ``allow_long`` stops, with ``stopped`` saying so, at the model's maximum
     position. ``ppl_window``: tokens per point of the windowed perplexity curve.
-    ``progress(point, n_done)`` is called after every chunk.
+    ``progress(point, n_done)`` is called after every chunk. The stream is opened and fed by the
+    runner (``open_stream``/``feed_stream``); separator ids come from ``tokenizer`` unless given.
     """
-    if chunk_size < 1:
-        raise InputError(f"chunk_size must be >= 1, got {chunk_size}")
     if ppl_window < 1:
         raise InputError(f"ppl_window must be >= 1, got {ppl_window}")
     ids = token_ids.reshape(-1)
@@ -91,14 +92,8 @@ def stream_perplexity(
         ids = ids[:max_tokens]
     if ids.numel() < 2:
         raise InputError(f"need at least 2 tokens to measure perplexity, got {ids.numel()}")
-    streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
-    cap = policy.capacity
+    streamer = open_stream(model, policy, tokenizer, separator_ids, chunk_size, allow_long)
     limit = streamer.max_positions
-    if cap is not None and limit is not None and cap + chunk_size > limit and not allow_long:
-        raise InputError(
-            f"budget + chunk_size = {cap} + {chunk_size} passes the model's maximum of {limit} positions; "
-            f"use a smaller cache or chunk"
-        )
     n = ids.numel()
     nll: list[float] = []
     points: list[StreamPoint] = []
@@ -108,13 +103,7 @@ def stream_perplexity(
     stopped = "end of text" if max_tokens is None or max_tokens >= token_ids.numel() else f"max_tokens={max_tokens}"
     t0 = time.perf_counter()
     pos = 0
-    while pos < n:
-        chunk = ids[pos : pos + chunk_size]
-        try:
-            logits = streamer.feed(chunk)  # [C, vocab]
-        except ContextFullError as exc:
-            stopped = str(exc)
-            break
+    for chunk, logits in feed_stream(streamer, ids, chunk_size):  # [C], [C, vocab]
         # scores: previous chunk's last logits -> chunk[0]; logits[j] -> chunk[j+1]; last -> next chunk[0]
         preds = logits[:-1] if prev_last is None else torch.cat((prev_last[None], logits[:-1]))
         targets = chunk[1:] if prev_last is None else chunk
@@ -142,6 +131,8 @@ def stream_perplexity(
             win_nll, win_n = 0.0, 0
         if progress is not None:
             progress(point, pos)
+    if streamer.stopped is not None:
+        stopped = streamer.stopped
     if win_n:  # a partial window left when the stream stopped early
         points.append(StreamPoint(pos, streamer.cache_len, streamer.kv_bytes(), _ppl(win_nll, win_n), _ppl(total_nll, len(nll)), 0.0))
     seconds = time.perf_counter() - t0

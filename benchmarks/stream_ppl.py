@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from tokensieve.data import default_pg19_dir
 from tokensieve.models import load_model
+from tokensieve.separators import separator_token_ids
 from tokensieve.evaluation.plots import plot_stream
 from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
@@ -92,7 +93,7 @@ def main() -> int:
     out = dict(
         command="PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stream_ppl.py " + " ".join(sys.argv[1:]),
         model=args.model, book=book.name, book_tokens=int(ids.numel()), model_max_positions=max_pos,
-        chunk_size=args.chunk_size, separators=int(seps.numel()), device="cpu", threads=torch.get_num_threads(),
+        chunk_size=args.chunk_size, separators=len(separator_token_ids(tok)), device="cpu", threads=torch.get_num_threads(),
         torch=torch.__version__, python=platform.python_version(), total_seconds=total_s, results=rows,
     )
     path = Path(args.out)

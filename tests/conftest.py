@@ -1,46 +1,108 @@
-"""Shared fixtures: tiny random-weight models of several families and a minimal tokenizer."""
+"""Shared fixtures: the one factory of tiny random-weight models (every test builds its models here) and a minimal tokenizer."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from transformers import (
-    Gemma3TextConfig,
     Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    GPT2Config,
+    GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
 )
 
 import tokensieve
 
 VOCAB = 96
 
+# Token ids written into the config by default (TinyTokenizer's bos is 1).
+SUITE_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}
 
-def tiny_model(family: str = "llama", layers: int = 6, seed: int = 0, max_pos: int = 512) -> torch.nn.Module:
+# The families' own config defaults (token ids, Gemma 3's query scaling 256), the weights as initialised and
+# generation stopping at the config's eos: the models of the method tests that compare against slow references.
+PLAIN = dict(ids={}, query_pre_attn_scalar=256, scale_head=False, stop_at_eos=True)
+
+
+def tiny_model(
+    family: str = "llama",
+    *,
+    layers: int = 6,
+    vocab: int = VOCAB,
+    hidden: int = 64,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int | None = None,
+    max_pos: int = 512,
+    seed: int = 0,
+    init: float | None = None,
+    dtype: torch.dtype | None = None,
+    sliding_window: int = 16,
+    layer_types: list[str] | None = None,
+    query_pre_attn_scalar: int | None = None,
+    ids: dict[str, int] = SUITE_IDS,
+    stop_at_eos: bool = False,
+    scale_head: bool = True,
+) -> torch.nn.Module:
+    """A tiny random-weight causal LM in eval mode with tokensieve's attention installed.
+
+    family: llama, mistral (no sliding window), qwen2, qwen3, gemma3, or gpt2 (a type tokensieve's methods
+        do not support; kv_heads, head_dim and the gemma3 arguments do not apply).
+    layers, vocab, hidden, heads, kv_heads, max_pos: the sizes (the MLP is ``2 * hidden`` wide).
+    head_dim: qwen3 and gemma3 only (None: ``hidden // heads``, what the other families use).
+    seed: ``torch.manual_seed`` before the weights are drawn.
+    init: ``initializer_range`` (None: the family's default, 0.02); a large one gives peaked attention.
+    dtype: cast the weights after building (e.g. ``torch.float64`` for references compared at 1e-9).
+    sliding_window, layer_types: gemma3 only (``layer_types`` None: Gemma's default pattern).
+    query_pre_attn_scalar: gemma3 only; None: ``head_dim`` (the usual 1/sqrt(head_dim) scaling).
+    ids: bos/eos/pad token ids written into the config; an id left out keeps the family's default.
+    stop_at_eos: False: generation never stops early (``generation_config.eos_token_id = None``: random
+        weights would stop at random points); True: it stops at the config's eos.
+    scale_head: multiply an untied lm_head by 8 (random weights give near-uniform logits; scaled, greedy
+        choices are not near-ties). Tied heads (gemma3) are left alone.
+    """
     torch.manual_seed(seed)
+    shared = dict(vocab_size=vocab, **ids, **({} if init is None else {"initializer_range": init}))
     common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=layers,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
+        shared, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
     )
+    head_dim = head_dim or hidden // heads
     if family == "llama":
         model = LlamaForCausalLM(LlamaConfig(**common))
+    elif family == "mistral":
+        model = MistralForCausalLM(MistralConfig(**common, sliding_window=None))
     elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**common, use_sliding_window=False))
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    elif family == "qwen3":
+        model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=head_dim))
     elif family == "gemma3":
-        model = Gemma3ForCausalLM(
-            Gemma3TextConfig(**common, head_dim=16, sliding_window=16, layer_types=None, query_pre_attn_scalar=16)
-        )
+        model = Gemma3ForCausalLM(Gemma3TextConfig(
+            **common, head_dim=head_dim, sliding_window=sliding_window, layer_types=layer_types,
+            query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
+        ))
+    elif family == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(
+            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos, **shared,
+        ))
     else:
-        raise ValueError(family)
+        raise ValueError(f"unknown tiny model family {family!r}")
     model.eval()
-    # Random weights give near-uniform logits; scale the head up so greedy choices are not near-ties.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(8.0) if not model.config.tie_word_embeddings else None
+    if scale_head and not model.config.tie_word_embeddings:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(8.0)
+    if dtype is not None:
+        model.to(dtype)
     tokensieve.use_tokensieve_attention(model)
-    model.generation_config.eos_token_id = None  # never stop early on random weights
+    if not stop_at_eos:
+        model.generation_config.eos_token_id = None
     return model
 
 

@@ -1,12 +1,13 @@
-"""Helpers for the evaluation tests: a byte-level tokenizer built in memory and tiny random models."""
+"""Helpers for the evaluation tests: a byte-level tokenizer built in memory and a tiny random model over its ids."""
 
 from __future__ import annotations
 
-import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from pathlib import Path
 
-import tokensieve
+import torch
+from conftest import tiny_model
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
 
 # A few sentences to build haystacks from (any text works; PG-19 is not needed in tests).
 TEXT = " ".join(
@@ -26,19 +27,15 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
-def tiny_llama(vocab_size: int = 257, seed: int = 0, max_pos: int = 4096) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=max_pos, eos_token_id=vocab_size - 1)
-    model = LlamaForCausalLM(cfg).eval()
-    tokensieve.use_tokensieve_attention(model)
-    return model
+def byte_model(family: str = "llama", *, layers: int = 3, max_pos: int = 4096) -> torch.nn.Module:
+    """A tiny random model over byte_tokenizer()'s 257 ids (hidden 32) that stops at its <eos> (256)."""
+    return tiny_model(family, layers=layers, vocab=257, hidden=32, max_pos=max_pos,
+                      ids={"eos_token_id": 256}, stop_at_eos=True, scale_head=False)
 
 
-def tiny_qwen2(vocab_size: int = 257, seed: int = 0) -> Qwen2ForCausalLM:
-    torch.manual_seed(seed)
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=vocab_size - 1)
-    model = Qwen2ForCausalLM(cfg).eval()
-    tokensieve.use_tokensieve_attention(model)
-    return model
+def save_model_dir(d: Path, max_pos: int = 4096) -> Path:
+    """byte_model(), byte_tokenizer() and TEXT (as hay.txt) saved as a model folder, for the command line."""
+    byte_model(max_pos=max_pos).save_pretrained(d)
+    byte_tokenizer().save_pretrained(d)
+    (d / "hay.txt").write_text(TEXT)
+    return d

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from eval_support import TEXT, byte_tokenizer, tiny_llama
+from eval_support import TEXT, byte_model, byte_tokenizer
 
 from tokensieve.cli import main
 from tokensieve.evaluation.calibrate import calibrate
@@ -14,7 +14,7 @@ from tokensieve.runner import encode_prompt
 
 @pytest.fixture(scope="module")
 def setup():
-    return tiny_llama(), byte_tokenizer()
+    return byte_model(), byte_tokenizer()
 
 
 def test_keep_everything_recalls_everything(setup):

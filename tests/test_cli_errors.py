@@ -17,7 +17,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from eval_support import TEXT, byte_tokenizer, tiny_llama
+from eval_support import TEXT, save_model_dir
 
 from tokensieve.cli import COMMANDS, main
 
@@ -427,11 +427,7 @@ def test_no_import_cycles():
 # ----- 12. --quiet silences the weights-loading bar ----------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    (d / "hay.txt").write_text(TEXT)
-    return d
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_quiet_shows_no_progress_bars(model_dir, tmp_path, capsys):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_support import TEXT, byte_tokenizer, tiny_llama, tiny_qwen2
+from eval_support import TEXT, byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.evaluation.harness import ResultsMismatchError, cell_id, read_results, run_eval
@@ -20,7 +20,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama()
+    return byte_model()
 
 
 def task(seed=0, samples=2):
@@ -89,7 +89,7 @@ def test_refuses_other_configuration(model, tok, tmp_path):
 
 def test_errors_are_recorded_and_retried(tok, tmp_path):
     """A declared user error (here a prompt longer than the model's positions) is a failed cell, retried next run."""
-    short = tiny_llama(max_pos=800)
+    short = byte_model(max_pos=800)
     t = RulerTask([600, 900], samples=1, tasks=["niah_single", "vt"], haystack=TEXT, max_new_tokens=3)
     _, seen = run(short, tok, tmp_path, t=t, methods=["full"])
     failed = [r for r in seen if r.get("error")]
@@ -103,7 +103,7 @@ def test_errors_are_recorded_and_retried(tok, tmp_path):
 @pytest.mark.parametrize("name", list(METHODS))
 def test_every_registered_method_runs(name, tok, tmp_path):
     """A method that joins METHODS is evaluated with its default parameters, on two model families."""
-    for m in (tiny_llama(), tiny_qwen2()):
+    for m in (byte_model(), byte_model("qwen2", layers=2)):
         _, seen = run(m, tok, tmp_path / m.config.model_type, t=task(samples=1), methods=[name])
         assert len(seen) == 2 and all(r.get("error") is None and r["score"] is not None for r in seen), seen
 

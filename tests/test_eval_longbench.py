@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_support import byte_tokenizer, tiny_llama
+from eval_support import byte_model, byte_tokenizer
 
 from tokensieve.evaluation.harness import read_results, run_eval
 from tokensieve.evaluation.longbench import (
@@ -112,7 +112,7 @@ def test_run_on_tiny_model(tmp_path):
     f = tmp_path / "lb.jsonl"
     write_data(f)
     task = LongBenchTask(f, lengths=[300], max_new_tokens=3)
-    path = run_eval(tiny_llama(), byte_tokenizer(), task, ["full"], tmp_path / "out", "tiny", progress=False)
+    path = run_eval(byte_model(), byte_tokenizer(), task, ["full"], tmp_path / "out", "tiny", progress=False)
     rows = read_results(path)
     assert len(rows) == 3 and all(0.0 <= r["score"] <= 1.0 and not r.get("error") for r in rows)
     assert {r["meta"]["metric"] for r in rows} == {"qa_f1", "rouge", "classification"}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from eval_support import TEXT, byte_tokenizer, tiny_llama
+from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
 import tokensieve
 from tokensieve.cli import main
@@ -26,7 +26,7 @@ def test_samples_and_recall(tmp_path):
     # the needle moves with the depth
     pos = [tok.decode(s.input_ids).index(DEFAULT_NEEDLE) for s in samples[3:]]
     assert pos[0] < pos[1] < pos[2]
-    path = run_eval(tiny_llama(), tok, task, ["full", tokensieve.make_method("gemfilter", topk=64)], tmp_path, "tiny", progress=False)
+    path = run_eval(byte_model(), tok, task, ["full", tokensieve.make_method("gemfilter", topk=64)], tmp_path, "tiny", progress=False)
     rows = read_results(path)
     assert all(r["needle_recall"] is None for r in rows if r["method"] == "full")
     assert all(0 <= r["needle_recall"] <= 1 for r in rows if r["method"] == "gemfilter")
@@ -43,11 +43,7 @@ def test_score_answer():
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     """A tiny random Llama and the byte tokenizer saved as a model folder, for the command line."""
-    d = tmp_path_factory.mktemp("tiny-model")
-    tiny_llama().save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    (d / "hay.txt").write_text(TEXT)
-    return d
+    return save_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
 def test_needle_alias_and_eval_needle(model_dir, tmp_path, capsys):

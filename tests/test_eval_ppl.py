@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from eval_support import TEXT, byte_tokenizer, tiny_llama, tiny_qwen2
+from eval_support import TEXT, byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.evaluation.harness import read_results, run_eval
@@ -25,9 +25,9 @@ def reference_nll(model, ids, scored):
     return F.cross_entropy(logits[-scored - 1 : -1], ids[0, -scored:], reduction="sum").item()
 
 
-@pytest.mark.parametrize("make", [tiny_llama, tiny_qwen2])
-def test_decode_mode_matches_plain_forward(make, tok):
-    model = make()
+@pytest.mark.parametrize("family, layers", [("llama", 3), ("qwen2", 2)])
+def test_decode_mode_matches_plain_forward(family, layers, tok):
+    model = byte_model(family, layers=layers)
     ids = torch.tensor([tok(TEXT[:200])["input_ids"]])
     ref = reference_nll(model, ids, 20)
     full = decode_nll(model, None, ids, tokensieve.make_method("full"), 20)
@@ -43,7 +43,7 @@ def test_decode_mode_matches_plain_forward(make, tok):
 
 
 def test_windows_and_task_run(tok, tmp_path):
-    model = tiny_llama()
+    model = byte_model()
     task = PerplexityTask(TEXT, [128], samples=3, score_tokens=16)
     samples = list(task.samples(tok))
     ids = tok(TEXT, add_special_tokens=False)["input_ids"]
@@ -67,7 +67,7 @@ def test_every_method_scores_through_the_driver(tok, tmp_path):
     """Decode-mode perplexity runs each method through the runner (prepare included: SepLLM's separators)."""
     from tokensieve.methods import METHODS
 
-    model = tiny_llama()
+    model = byte_model()
     task = PerplexityTask(TEXT, [128], samples=1, score_tokens=8)
     path = run_eval(model, tok, task, list(METHODS), tmp_path, "tiny", progress=False)
     rows = read_results(path)

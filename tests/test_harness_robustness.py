@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from eval_support import TEXT, byte_tokenizer, tiny_llama
+from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
 from tokensieve.cli import main
 from tokensieve.errors import InputError, PromptTooLongError
@@ -29,7 +29,7 @@ def tok():
 
 @pytest.fixture(scope="module")
 def model():
-    return tiny_llama(max_pos=800)
+    return byte_model(max_pos=800)
 
 
 class Scripted(Task):
@@ -189,11 +189,7 @@ def test_report_reads_live_files_and_warns_about_damaged_ones(tmp_path, capsys):
 # ----- the eval command: failed cells, summary = report ----------------------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("tiny-800")
-    tiny_llama(max_pos=800).save_pretrained(d)
-    byte_tokenizer().save_pretrained(d)
-    (d / "hay.txt").write_text(TEXT)
-    return d
+    return save_model_dir(tmp_path_factory.mktemp("tiny-800"), max_pos=800)
 
 
 def needle_args(model_dir, out, lengths):

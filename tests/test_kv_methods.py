@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from conftest import PLAIN, tiny_model
 
 import tokensieve
 from tokensieve.attention import HOOK_KWARG, repeat_kv
@@ -33,15 +33,7 @@ def tiny(family: str, init: float = 0.02) -> torch.nn.Module:
     tight and portable (it was measured: identical numbers on transformers 5.23 and 5.24,
     9.4e-5 on one machine and 1.1e-4 on another, 5e-15 in float64).
     """
-    torch.manual_seed(0)
-    common = dict(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=init,
-    )
-    model = LlamaForCausalLM(LlamaConfig(**common)) if family == "llama" else Qwen2ForCausalLM(Qwen2Config(**common))
-    model.double().eval()
-    tokensieve.use_tokensieve_attention(model)
-    return model
+    return tiny_model(family, layers=3, vocab=VOCAB, init=init, dtype=torch.float64, **PLAIN)
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -259,7 +251,7 @@ def test_h2o_matches_reference(model, n, budget, recent, steps, init):
     as heavy hitters, so the scores accumulated while decoding decide evictions.
     """
     if init is not None:
-        model = tiny("llama" if isinstance(model, LlamaForCausalLM) else "qwen2", init)
+        model = tiny(model.config.model_type, init)
     ids = prompt(n, seed=6)
     method = H2O(budget=budget, n_recent=recent)
     hkv, hq = model.config.num_key_value_heads, model.config.num_attention_heads

@@ -7,20 +7,7 @@ import math
 
 import pytest
 import torch
-from transformers import (
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    GPT2Config,
-    GPT2LMHeadModel,
-    LlamaConfig,
-    LlamaForCausalLM,
-    MistralConfig,
-    MistralForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-    Qwen3Config,
-    Qwen3ForCausalLM,
-)
+from conftest import PLAIN, tiny_model
 
 from tokensieve import use_tokensieve_attention
 from tokensieve.methods import LazyLLM, make_method
@@ -29,32 +16,15 @@ from tokensieve.methods.base import cache_kwarg
 torch.set_num_threads(1)
 
 VOCAB, N_LAYERS = 97, 6
-COMMON = dict(
-    vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=N_LAYERS,
-    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512, initializer_range=0.2,
-)
 GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
 
 def build(family: str) -> torch.nn.Module:
-    torch.manual_seed(0)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(**COMMON))
-    elif family == "mistral":
-        model = MistralForCausalLM(MistralConfig(**COMMON, sliding_window=None))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(**COMMON))
-    elif family == "qwen3":
-        model = Qwen3ForCausalLM(Qwen3Config(**COMMON, head_dim=16))
-    elif family == "gemma3":
-        # Sliding window (12) shorter than the prompts, so the window logic is exercised.
-        cfg = Gemma3TextConfig(**COMMON, head_dim=16, sliding_window=12, layer_types=GEMMA_TYPES)
-        model = Gemma3ForCausalLM(cfg)
-    else:
-        raise AssertionError(family)
-    model.eval()
-    use_tokensieve_attention(model)
-    return model
+    """A 6-layer random model with peaked attention (init 0.2); Mistral without a sliding window.
+
+    Gemma 3's sliding window (12) is shorter than the prompts, so the window logic is exercised.
+    """
+    return tiny_model(family, layers=N_LAYERS, vocab=VOCAB, init=0.2, sliding_window=12, layer_types=GEMMA_TYPES, **PLAIN)
 
 
 # Pruning layers must be full-attention layers on Gemma 3 (1 and 3 here).
@@ -263,7 +233,7 @@ def test_layer_out_of_range_raises(layer):
 def test_sliding_window_layer_and_unsupported_model_raise():
     with pytest.raises(ValueError, match="sliding-window layer"):
         LazyLLM(prune_layers=(2,), keep_fractions=(0.5,)).validate(build("gemma3"), 10)
-    gpt2 = GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=4, n_head=2)).eval()
+    gpt2 = tiny_model("gpt2", layers=4, vocab=VOCAB, hidden=32, heads=2)
     with pytest.raises(ValueError, match="does not support model type 'gpt2'"):
         LazyLLM(prune_layers=(1,), keep_fractions=(0.5,)).prefill(gpt2, prompt(8))
 

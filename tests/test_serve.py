@@ -16,7 +16,7 @@ import openai
 import pytest
 import uvicorn
 from conftest import TinyTokenizer, tiny_model
-from eval_support import byte_tokenizer, tiny_llama
+from eval_support import byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.methods import METHODS
@@ -118,7 +118,7 @@ def slow(delay_s: float, gate: threading.Event | None = None) -> Callable[..., A
 @pytest.fixture(scope="module")
 def tiny():
     """Byte-level tokenizer + tiny Llama with 256 positions (long-prompt errors are cheap)."""
-    return tiny_llama(max_pos=256), byte_tokenizer()
+    return byte_model(max_pos=256), byte_tokenizer()
 
 
 @pytest.fixture(scope="module")

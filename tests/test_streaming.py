@@ -7,17 +7,9 @@ from collections import deque
 
 import pytest
 import torch
-from transformers import (
-    DynamicCache,
-    Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
-    LlamaForCausalLM,
-    Qwen2Config,
-    Qwen2ForCausalLM,
-)
+from conftest import PLAIN, tiny_model
+from transformers import DynamicCache
 
-from tokensieve import use_tokensieve_attention
 from tokensieve.methods.base import cache_kwarg
 from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.streaming import (
@@ -33,20 +25,9 @@ SEP_IDS = torch.arange(0, 12)  # in the tiny models, ids 0..11 play the separato
 
 
 def tiny(family: str, max_pos: int = 512) -> torch.nn.Module:
-    torch.manual_seed(0)
-    common = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=max_pos)
-    if family == "llama":
-        model = LlamaForCausalLM(LlamaConfig(num_hidden_layers=2, **common))
-    elif family == "qwen2":
-        model = Qwen2ForCausalLM(Qwen2Config(num_hidden_layers=2, **common))
-    else:  # Gemma 3: sliding-window + global layers, per-layer-type RoPE
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
-            num_hidden_layers=3, head_dim=16, sliding_window=8,
-            layer_types=["sliding_attention", "full_attention", "sliding_attention"], **common))
-    model.eval()
-    use_tokensieve_attention(model)
-    return model
+    """2 layers; Gemma 3: 3 layers, sliding-window + global, per-layer-type RoPE."""
+    return tiny_model(family, layers=3 if family == "gemma3" else 2, vocab=VOCAB, max_pos=max_pos, sliding_window=8,
+                      layer_types=["sliding_attention", "full_attention", "sliding_attention"], **PLAIN)
 
 
 def stream_ids(n: int, seed: int = 1) -> torch.Tensor:

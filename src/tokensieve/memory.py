@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import os
 import threading
 import time
@@ -18,6 +19,18 @@ def rss_bytes() -> int:
             return int(f.read().split()[1]) * _PAGE
     except OSError:
         return 0
+
+
+def release_free_memory() -> None:
+    """Return the C allocator's free memory to the OS (glibc ``malloc_trim``; a no-op elsewhere).
+
+    Resident-memory growth is only a measure of what a block allocates when memory freed before it is
+    not sitting in the allocator, ready to be reused without growing the process.
+    """
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 class PeakMemory:
@@ -40,6 +53,7 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
         else:
+            release_free_memory()  # else memory freed by an earlier run is reused unseen and the growth reads ~0
             self._base = rss_bytes()
             self._max = self._base
             self._thread = threading.Thread(target=self._sample, daemon=True)

@@ -6,25 +6,14 @@ from pathlib import Path
 
 import torch
 from conftest import tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-from transformers import PreTrainedTokenizerFast
+
+from tokensieve.testing import byte_tokenizer  # noqa: F401  (re-exported for the tests)
 
 # A few sentences to build haystacks from (any text works; PG-19 is not needed in tests).
 TEXT = " ".join(
     f"Sentence number {i} talks about the {w} near the old {v}. It was a quiet day in town {i % 7}!"
     for i, (w, v) in enumerate(zip(["river", "mill", "garden", "bridge", "school"] * 60, ["tower", "gate", "road", "farm"] * 75))
 )
-
-
-def byte_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per byte (256 ids + <eos>): deterministic, offline, no chat template."""
-    alphabet = pre_tokenizers.ByteLevel.alphabet()
-    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
-    vocab["<eos>"] = len(vocab)
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
 
 
 def byte_model(family: str = "llama", *, layers: int = 3, max_pos: int = 4096) -> torch.nn.Module:

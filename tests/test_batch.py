@@ -26,6 +26,11 @@ def model(request):
     return tiny_model(request.param)
 
 
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
 def decode_paths(method: str) -> list[str]:
     return ["eager", "static"] if method != "streamingllm" else ["eager"]  # StreamingLLM evicts while decoding
 
@@ -33,9 +38,9 @@ def decode_paths(method: str) -> list[str]:
 @pytest.mark.parametrize("method", BATCH_METHODS)
 def test_each_row_gives_the_tokens_of_its_prompt_alone(model, method):
     tok, ps = TinyTokenizer(), prompts()
-    alone = [generate(model, tok, p, method, max_new_tokens=16, decode="eager", **PARAMS[method]) for p in ps]
+    alone = [generate(model, tok, p, method, max_new_tokens=12, decode="eager", **PARAMS[method]) for p in ps]
     for decode in decode_paths(method):
-        rows = generate_batch(model, tok, ps, method, max_new_tokens=16, decode=decode, **PARAMS[method])
+        rows = generate_batch(model, tok, ps, method, max_new_tokens=12, decode=decode, **PARAMS[method])
         assert rows[0].details["decode_path"] == decode and rows[0].details["batch_size"] == 3
         for row, one, p in zip(rows, alone, ps):
             assert row.token_ids == one.token_ids, (decode, p.numel())
@@ -86,7 +91,8 @@ def test_gemfilter_rows_keep_the_single_prompt_selection(model):
     assert state.details["filter_skipped"] is False
 
 
-def test_each_row_stops_at_its_own_eos(model):
+def test_each_row_stops_at_its_own_eos(llama):
+    model = llama
     tok, ps = TinyTokenizer(), prompts()
     first = generate(model, tok, ps[0], "full", max_new_tokens=12).token_ids
     eos = first[4]  # row 0 stops at its 5th token (or earlier); the others at their own EOS or the limit
@@ -100,7 +106,8 @@ def test_each_row_stops_at_its_own_eos(model):
     assert rows[0].details["batch_tokens_per_s"] > 0
 
 
-def test_static_pad_slots_are_never_attended_to(model):
+def test_static_pad_slots_are_never_attended_to(llama):
+    model = llama
     ps = prompts((30, 12))
     ids, mask = left_pad(ps)
     with torch.inference_mode():
@@ -120,7 +127,8 @@ def test_static_pad_slots_are_never_attended_to(model):
         torch.testing.assert_close(clean[1], one.step(token[1:]).clone()[0], rtol=1e-4, atol=1e-4)
 
 
-def test_seeded_sampling_is_reproducible_per_batch(model):
+def test_seeded_sampling_is_reproducible_per_batch(llama):
+    model = llama
     tok, ps = TinyTokenizer(), prompts()
     hot = Sampling(temperature=3.0, seed=7)
     a = generate_batch(model, tok, ps, "full", max_new_tokens=6, sampling=hot)
@@ -133,7 +141,8 @@ def test_seeded_sampling_is_reproducible_per_batch(model):
     assert [r.token_ids for r in top1] == [generate(model, tok, p, "full", max_new_tokens=6).token_ids for p in ps]
 
 
-def test_text_prompts_and_one_prompt(model):
+def test_text_prompts_and_one_prompt(llama):
+    model = llama
     tok = TinyTokenizer()
     texts = [" ".join(str(int(t)) for t in p) for p in prompts((20, 9))]
     rows = generate_batch(model, tok, texts, "full", max_new_tokens=4)
@@ -150,6 +159,8 @@ def test_bad_batches_raise_input_errors():
         generate_batch(model, tok, [], "full")
     with pytest.raises(InputError, match="non-empty list of prompts"):
         generate_batch(model, tok, "5 6 7", "full")
+    with pytest.raises(InputError, match="one conversation"):
+        generate_batch(model, tok, [{"role": "user", "content": "5 6"}], "full")
     with pytest.raises(InputError, match="prompt 1: the prompt is empty"):
         generate_batch(model, tok, ["5 6 7", "  "], "full")
     with pytest.raises(InputError, match="prompt 2: the prompt is empty"):

@@ -1,11 +1,13 @@
 """The one driver: prompt -> (prepare, validate, prefill, step ...) for every entry point.
 
-``prepare`` makes and validates a method for a prompt; ``drive`` runs its prefill and then its
-decoding step while a *chooser* supplies tokens. ``generate`` (answers, greedy or sampled; used by the CLI,
-the evaluation tasks and the benchmark) and ``score_continuation`` (teacher forcing, used by the
-perplexity task) are the two choosers. Times to first token, peak memory and KV kept are measured
-here and nowhere else. Streaming through a bounded cache has the same two stages: ``open_stream``
-(prepare, validate) and ``feed_stream`` (the chunks, fed in order).
+``prepare`` makes and validates a method for a prompt (``prepare_batch``: for several, left-padded
+into one batch); ``drive`` runs its prefill and then its decoding step while a *chooser* supplies
+tokens. ``generate`` (answers, greedy or sampled; used by the CLI, the evaluation tasks and the
+benchmark) and ``score_continuation`` (teacher forcing, used by the perplexity task) are the two
+choosers; ``generate_batch`` answers several prompts at once through the same ``drive`` (full
+attention, GemFilter, SnapKV, StreamingLLM). Times to first token, peak memory and KV kept are
+measured here and nowhere else. Streaming through a bounded cache has the same two stages:
+``open_stream`` (prepare, validate) and ``feed_stream`` (the chunks, fed in order).
 """
 
 from __future__ import annotations
@@ -145,6 +147,8 @@ def prepare_batch(
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} of length "
                          f"{len(prompts) if hasattr(prompts, '__len__') else '?'}")
+    if isinstance(prompts[0], dict):
+        raise InputError("prompts is one conversation (a list of messages); pass a list of prompts, e.g. [messages]")
     runs = []
     for i, prompt in enumerate(prompts):
         try:

@@ -24,7 +24,7 @@ from tokensieve.decode import DecoderPool, supports_static
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
-from tokensieve.methods.base import BATCH_METHODS, DecodeState, cache_stats, left_pad, max_positions
+from tokensieve.methods.base import BATCH_METHODS, DecodeState, batch_refused, cache_stats, left_pad, max_positions
 from tokensieve.separators import separator_token_ids
 from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
 
@@ -159,7 +159,7 @@ def prepare_batch(
         return runs[0]
     m = runs[0].method
     if m.name not in BATCH_METHODS:
-        raise InputError(f"{m.name} runs one prompt at a time; batches: {', '.join(BATCH_METHODS)}")
+        raise batch_refused(m.name)
     input_ids, mask = left_pad([r.input_ids[0] for r in runs])
     return Prepared(m, input_ids, mask)
 

@@ -70,9 +70,7 @@ class Method:
         Each row's positions start at 0 at its first real token; the state carries ``kv_mask`` and
         ``positions``. Methods that cannot run rows together keep this default, which refuses.
         """
-        from tokensieve.errors import InputError
-
-        raise InputError(f"{self.name} runs one prompt at a time; batches: {', '.join(BATCH_METHODS)}")
+        raise batch_refused(self.name)
 
     def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
         """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
@@ -150,6 +148,13 @@ def full_prefill(
 
 # Methods that prefill several left-padded prompts as one batch (``prefill_batch``).
 BATCH_METHODS = ("full", "gemfilter", "snapkv", "streamingllm")
+
+
+def batch_refused(method_name: str) -> ValueError:
+    """The ``InputError`` for a method that runs one prompt at a time, given several (the one message)."""
+    from tokensieve.errors import InputError
+
+    return InputError(f"{method_name} runs one prompt at a time; batches: {', '.join(BATCH_METHODS)}")
 
 
 def row_positions(attention_mask: torch.Tensor) -> torch.Tensor:

@@ -13,6 +13,11 @@ For each method and prompt length, in one process on one model (random weights i
 
 Writes one JSON (``--out``) and prints a table. Usage (on the GPU machine):
 ``PYTHONPATH=src python3 benchmarks/decode_bench.py --lengths 32768,131072 --out $OUT/decode.json``
+
+``--batches 1,4,16`` measures batch throughput instead (``tokensieve.bench.run_batch_bench``): per method,
+length and batch size, ``batch`` prompts answered together with ``--tokens`` tokens each; decode tokens/s
+of the batch and its ratio to batch 1. Runs on the CPU too (``--shape tiny --device cpu``):
+``PYTHONPATH=src python3 benchmarks/decode_bench.py --batches 1,4,16 --lengths 8192 --methods full,gemfilter --out $OUT/batch_8k.json``
 """
 
 from __future__ import annotations
@@ -99,9 +104,13 @@ def main() -> None:
     ap.add_argument("--compile", action="store_true", help="fuse the captured step with torch.compile first")
     ap.add_argument("--no-eager", action="store_true", help="skip the eager path (and the token comparison)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the first-step logits comparison")
+    ap.add_argument("--batches", default=None, help="batch throughput at these batch sizes, e.g. 1,4,16")
+    ap.add_argument("--device", default=None, help="default: cuda when available (--batches also runs on cpu)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
-    dev = torch.device("cuda")
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if args.batches:
+        return batch_main(args, dev)
     model = build_model(args.shape, torch.bfloat16, dev)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     cfg = model.config
@@ -173,6 +182,25 @@ def main() -> None:
             gc.collect(); torch.cuda.empty_cache()
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
+
+
+def batch_main(args: argparse.Namespace, dev: torch.device) -> None:
+    from tokensieve.bench import SHAPES, run_batch_bench
+    from tokensieve.commands.bench import format_batch_table
+
+    layers = SHAPES[args.shape]["num_hidden_layers"]
+    methods = {}
+    for name in args.methods.split(","):
+        params = {k: v for k, v in METHODS[name].items() if not (k == "filter_layer" and v >= layers)}  # tiny shapes
+        methods[name] = {"method": name, **params}
+    dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    res = run_batch_bench(args.shape, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.batches.split(",")],
+                          methods, dtype=dtype, device=str(dev), decode_tokens=args.tokens,
+                          on_row=lambda rows: print(f"  {rows[-1]['label']} {rows[-1]['length']} x{rows[-1]['batch']}: "
+                                                    f"{rows[-1]['status']} {rows[-1]['decode_tokens_per_s']}", flush=True))
+    print(format_batch_table(res))
+    with open(args.out, "w") as f:
+        json.dump(res, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokensieve import cli
-from tokensieve.bench import SHAPES, build_model, run_bench
+from tokensieve.bench import SHAPES, build_model, run_batch_bench, run_bench
 
 
 def test_run_bench_rows_and_kv_bytes():
@@ -55,3 +55,33 @@ def test_bench_cli_bad_input(capsys):
     assert cli.main(["bench", "--shape", "tiny", "--repeats", "0", "--device", "cpu"]) == 2
     with pytest.raises(SystemExit):
         cli.main(["bench", "--lengths", "0"])
+
+
+def test_batch_bench_rows_and_ratios():
+    methods = {"full": {"method": "full"}, "gem": {"method": "gemfilter", "topk": 16, "filter_layer": 1}}
+    res = run_batch_bench("tiny", [48], [1, 3], methods, dtype=torch.float32, device="cpu", decode_tokens=4,
+                          warmup_length=16, progress=False)
+    assert [(r["label"], r["batch"]) for r in res["rows"]] == [("full", 1), ("full", 3), ("gem", 1), ("gem", 3)]
+    for r in res["rows"]:
+        assert r["status"] == "ok" and r["length"] == 48
+        assert r["generated_tokens"] == 4 * r["batch"]  # no EOS: every row answers decode_tokens tokens
+        assert r["decode_tokens_per_s"] > 0 and r["e2e_tokens_per_s"] > 0
+        assert r["kept_tokens"] == (48 if r["label"] == "full" else 16)
+        assert r["details"]["batch_size"] == r["batch"]
+        assert (r["speedup_vs_batch1"] is None) == (r["batch"] == 1)
+    gem3 = res["rows"][3]
+    assert gem3["speedup_vs_batch1"] == pytest.approx(gem3["decode_tokens_per_s"] / res["rows"][2]["decode_tokens_per_s"])
+
+
+def test_bench_cli_batches(tmp_path, capsys):
+    out = tmp_path / "batch.json"
+    rc = cli.main(["bench", "--shape", "tiny", "--lengths", "40", "--batches", "1,2", "--methods", "full,snapkv",
+                   "--param", "budget=16", "--param", "window_size=8", "--decode-tokens", "3", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    assert rc == 0
+    data = json.loads(out.read_text())
+    assert [(r["label"], r["batch"], r["status"]) for r in data["rows"]] == [
+        ("full", 1, "ok"), ("full", 2, "ok"), ("snapkv", 1, "ok"), ("snapkv", 2, "ok")]
+    assert "vs batch 1" in capsys.readouterr().out
+    assert cli.main(["bench", "--shape", "tiny", "--lengths", "40", "--batches", "2", "--methods", "h2o",
+                     "--decode-tokens", "3", "--device", "cpu", "--dtype", "float32"]) == 0  # a failed cell is recorded
+    assert "h2o runs one prompt at a time" in capsys.readouterr().out

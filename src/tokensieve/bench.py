@@ -5,6 +5,8 @@ architecture's config with random weights gives true figures without the
 checkpoint. ``run_bench`` measures, per method and prompt length: TTFT (median
 of ``repeats`` runs after a warm-up, device-synchronised), peak memory, KV
 bytes after prefill, and decode tokens/s over ``decode_tokens`` tokens.
+``run_batch_bench`` measures batch throughput: ``batch`` prompts of one length answered together
+(``generate_batch``), generated tokens per second at each batch size and the ratio to batch 1.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from tokensieve.attention import use_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods import Method, make_method
 from tokensieve.decode import DecoderPool
-from tokensieve.runner import generate
+from tokensieve.runner import generate, generate_batch
 
 # Real architectures' shapes (config values from their published config.json files).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -131,6 +133,101 @@ def bench_method(
         row.status = f"error: {type(exc).__name__}: {exc}"[:300]
     _free(device)
     return row
+
+
+@dataclass
+class BatchRow:
+    method: str
+    params: dict[str, Any]
+    length: int  # prompt tokens of every row
+    batch: int
+    status: str = "ok"  # ok | oom | error: ...
+    ttft_s: float | None = None  # the batch's prefill (+ first tokens)
+    decode_s: float | None = None  # every step after that
+    generated_tokens: int | None = None  # all rows together
+    decode_tokens_per_s: float | None = None  # batch throughput while decoding: tokens after the first / decode_s
+    e2e_tokens_per_s: float | None = None  # all generated tokens / (ttft + decode)
+    per_sequence_tokens_per_s: float | None = None  # one row's decode speed
+    peak_memory_bytes: int | None = None
+    kept_tokens: int | None = None  # row 0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def bench_batch(
+    model: PreTrainedModel, method: Method, length: int, batch: int, decode_tokens: int = 256, seed: int = 0,
+    decoders: DecoderPool | None = None,
+) -> BatchRow:
+    """``batch`` random prompts of ``length`` tokens answered together, ``decode_tokens`` tokens each (no EOS)."""
+    device = model.device
+    vocab = model.config.get_text_config().vocab_size
+    g = torch.Generator().manual_seed(seed + length)
+    prompts = [torch.randint(0, vocab, (length,), generator=g) for _ in range(batch)]
+    row = BatchRow(method=method.name, params=method.params(), length=length, batch=batch)
+    try:
+        rs = generate_batch(model, _IdTokenizer(), prompts, method=method, max_new_tokens=decode_tokens,
+                            allow_long=True, decoders=decoders)
+        r0 = rs[0]
+        decode_s = sum(max((r.step_times_s for r in rs), key=len))  # the longest row: the whole decoding loop
+        after_first = sum(r.generated_tokens - 1 for r in rs)
+        row.ttft_s, row.decode_s = r0.ttft_s, decode_s
+        row.generated_tokens = sum(r.generated_tokens for r in rs)
+        row.decode_tokens_per_s = after_first / decode_s if decode_s > 0 else None
+        row.e2e_tokens_per_s = r0.details.get("batch_tokens_per_s")
+        row.per_sequence_tokens_per_s = r0.decode_tokens_per_s
+        row.peak_memory_bytes = r0.peak_memory_bytes
+        row.kept_tokens = r0.kept_tokens
+        row.details = {k: v for k, v in r0.details.items() if isinstance(v, (int, float, str, bool))}
+        del rs, r0
+    except torch.OutOfMemoryError:
+        row.status = "oom"
+    except Exception as exc:  # a failed cell is recorded, the sweep goes on
+        row.status = f"error: {type(exc).__name__}: {exc}"[:300]
+    _free(device)
+    return row
+
+
+def run_batch_bench(
+    shape: str,
+    lengths: list[int],
+    batches: list[int],
+    methods: dict[str, dict[str, Any]],
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | None = None,
+    decode_tokens: int = 256,
+    warmup_length: int = 1024,
+    model: PreTrainedModel | None = None,
+    progress: bool = True,
+    on_row: Any = None,
+) -> dict[str, Any]:
+    """Batch throughput: methods x lengths x batch sizes on one model; JSON-ready, with per-cell
+    ``speedup_vs_batch1`` (decode throughput over the same method and length at batch 1, when measured)."""
+    for b in batches:
+        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
+            raise InputError(f"batch sizes must be integers >= 1, got {b!r}")
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    model = model if model is not None else build_model(shape, dtype, device)
+    build_s = time.perf_counter() - t0
+    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+             for label, spec in methods.items()}
+    # No shared DecoderPool: each cell's static buffers (batch x capacity, up to tens of GiB) are freed after
+    # it; the capture is made per cell and never counted as decode time.
+    for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
+        for b in batches:
+            bench_batch(model, m, min(warmup_length, min(lengths)), b, decode_tokens=2)
+    rows: list[dict[str, Any]] = []
+    cells = [(n, label, b) for n in lengths for label in built for b in batches]
+    for n, label, b in tqdm(cells, desc=f"batch bench {shape}", disable=not progress):
+        row = bench_batch(model, built[label], n, b, decode_tokens=decode_tokens)
+        base = next((r for r in rows if r["label"] == label and r["length"] == n and r["batch"] == 1
+                     and r["decode_tokens_per_s"]), None)
+        speedup = row.decode_tokens_per_s / base["decode_tokens_per_s"] if base and row.decode_tokens_per_s else None
+        rows.append({"label": label, **row.__dict__, "speedup_vs_batch1": speedup})
+        if on_row is not None:
+            on_row(rows)
+    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "batches": batches,
+            "decode_tokens": decode_tokens, "model_build_s": build_s, "environment": environment(device),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

@@ -41,6 +41,22 @@ class EvictionCache(DynamicCache):
         self.scores: dict[int, torch.Tensor] = {}
         self.token_ids: torch.Tensor | None = None
         self._seen: dict[int, int] = {}
+        self.pads: torch.Tensor | None = None  # [batch] left pads per row (batches); None: no padding
+        self.pad_counts: list[int] = []  # the same on the host
+
+    def set_padding(self, attention_mask: torch.Tensor) -> None:
+        """A left-padded batch: ``attention_mask`` [batch, n] (1 = real). Each row's entries get positions
+        counted from its first real token, so pad entries have negative positions (and are never valid)."""
+        self.pads = (attention_mask.shape[-1] - attention_mask.long().sum(-1)).to(torch.long)  # [batch]
+        self.pad_counts: list[int] = self.pads.tolist()
+
+    def valid_mask(self, layer_idx: int | None = None) -> torch.Tensor:
+        """``[batch, entries]`` bool: the real (non-pad) entries of a layer (default: the first evictable one).
+
+        Pads sit at the same entries in every KV head (they are kept only to fill a row), so head 0 says it."""
+        if layer_idx is None:
+            layer_idx = next(i for i in range(len(self.layers)) if self.is_evictable(i))
+        return self.sync_positions(layer_idx)[:, 0] >= 0
 
     def is_evictable(self, layer_idx: int) -> bool:
         """Full-attention dynamic layers are evicted; sliding-window and other layer kinds are not."""
@@ -67,6 +83,8 @@ class EvictionCache(DynamicCache):
         if new > 0:
             seen = self._seen.get(layer_idx, 0)
             fresh = torch.arange(seen, seen + new, device=keys.device).expand(b, h, new)
+            if self.pads is not None:  # left-padded rows: positions count from each row's first real token
+                fresh = fresh - self.pads.to(keys.device)[:, None, None]
             pos = fresh if pos is None else torch.cat([pos, fresh], dim=-1)
             self.positions[layer_idx] = pos
             self._seen[layer_idx] = seen + new

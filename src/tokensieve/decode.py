@@ -20,6 +20,10 @@ The capture is paid once per decoder (a model, a batch size and a capacity); ``D
 decoders by capacity bucket so later prompts of a similar size reuse the captured graph. Its cost is
 reported separately (``capture_s``), never as decode time.
 
+Batches: rows are left-padded; ``valid`` [batch, capacity] marks each row's real slots (a pad slot is
+never attended to) and ``position`` holds each row's own next position, so one captured step serves
+rows of different lengths.
+
 Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV) on models
 whose layers all use full attention (Llama, Mistral, Qwen2/3, Phi-3 class). Other methods and
 sliding-window models decode on the eager path; ``supports_static`` says which.
@@ -84,7 +88,8 @@ class StaticDecoder:
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries held per layer
-    position: torch.Tensor = field(init=False)  # [batch, 1] int64: position id of the token fed next
+    position: torch.Tensor = field(init=False)  # [batch, 1] int64: position id of the token fed next (per row)
+    valid: torch.Tensor = field(init=False)  # [batch, capacity] bool: slots a row may attend to (False: a pad)
     token: torch.Tensor = field(init=False)  # [batch, 1] int64: the token fed next (graph input)
     logits: torch.Tensor | None = field(init=False, default=None)  # [batch, vocab]: the graph's output
     capture_s: float = field(init=False, default=0.0)
@@ -104,6 +109,7 @@ class StaticDecoder:
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.filled = torch.zeros(n_layers, dtype=torch.long, device=dev)
         self.position = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
+        self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=dev)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
         if self.use_graph is None:
@@ -114,19 +120,36 @@ class StaticDecoder:
     def kv_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
-    def load(self, cache: Cache, next_position: int, max_new_tokens: int) -> None:
-        """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers."""
+    def load(
+        self, cache: Cache, next_position: int | torch.Tensor, max_new_tokens: int, kv_mask: torch.Tensor | None = None
+    ) -> None:
+        """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers.
+
+        ``next_position``: one int, or per row [batch, 1] (left-padded batches). ``kv_mask`` [batch, entries]
+        marks each row's real entries (``None``: all); pad slots are zeroed and never attended to.
+        """
         lengths = []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
             if n + max_new_tokens > self.capacity:
                 raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {self.capacity}")
+            if k.shape[0] != self.batch:
+                raise ValueError(f"the cache holds {k.shape[0]} rows; this decoder was made for batch {self.batch}")
+            if kv_mask is not None:
+                real = kv_mask[:, None, :, None]  # [batch, 1, entries, 1]
+                k, v = k.masked_fill(~real, 0), v.masked_fill(~real, 0)
             self.keys[i][:, :, :n].copy_(k)
             self.values[i][:, :, :n].copy_(v)
             lengths.append(n)
         self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
-        self.position.fill_(next_position)
+        self.valid.fill_(True)
+        if kv_mask is not None:
+            self.valid[:, : kv_mask.shape[1]].copy_(kv_mask)
+        if torch.is_tensor(next_position):
+            self.position.copy_(next_position.reshape(self.batch, 1))
+        else:
+            self.position.fill_(next_position)
         self.steps_left = max_new_tokens
 
     def entries(self) -> list[int]:
@@ -151,8 +174,9 @@ class StaticDecoder:
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
         scores = _scores_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
-        visible = self._slots <= slot  # [cap]: the filled slots and the new one
-        probs = scores.masked_fill(~visible, float("-inf")).softmax(dim=-1).to(values.dtype)
+        visible = (self._slots <= slot) & self.valid  # [b, cap]: the filled slots and the new one, pads excluded
+        scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
+        probs = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1).to(values.dtype)
         out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]
         return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
 

@@ -1,11 +1,13 @@
 """The one driver: prompt -> (prepare, validate, prefill, step ...) for every entry point.
 
-``prepare`` makes and validates a method for a prompt; ``drive`` runs its prefill and then its
-decoding step while a *chooser* supplies tokens. ``generate`` (answers, greedy or sampled; used by the CLI,
-the evaluation tasks and the benchmark) and ``score_continuation`` (teacher forcing, used by the
-perplexity task) are the two choosers. Times to first token, peak memory and KV kept are measured
-here and nowhere else. Streaming through a bounded cache has the same two stages: ``open_stream``
-(prepare, validate) and ``feed_stream`` (the chunks, fed in order).
+``prepare`` makes and validates a method for a prompt (``prepare_batch``: for several, left-padded
+into one batch); ``drive`` runs its prefill and then its decoding step while a *chooser* supplies
+tokens. ``generate`` (answers, greedy or sampled; used by the CLI, the evaluation tasks and the
+benchmark) and ``score_continuation`` (teacher forcing, used by the perplexity task) are the two
+choosers; ``generate_batch`` answers several prompts at once through the same ``drive`` (full
+attention, GemFilter, SnapKV, StreamingLLM). Times to first token, peak memory and KV kept are
+measured here and nowhere else. Streaming through a bounded cache has the same two stages:
+``open_stream`` (prepare, validate) and ``feed_stream`` (the chunks, fed in order).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from tokensieve.decode import DecoderPool, supports_static
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
-from tokensieve.methods.base import DecodeState, cache_stats, max_positions
+from tokensieve.methods.base import BATCH_METHODS, DecodeState, batch_refused, cache_stats, left_pad, max_positions
 from tokensieve.separators import separator_token_ids
 from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
 
@@ -85,7 +87,8 @@ class Prepared:
     """A method made, prepared and validated for one prompt: what ``drive`` runs."""
 
     method: Method
-    input_ids: torch.Tensor  # [1, n] on the model's device
+    input_ids: torch.Tensor  # [1, n] on the model's device ([batch, n], left-padded, for a batch)
+    attention_mask: torch.Tensor | None = None  # [batch, n] bool (True = real token) for a batch; None: one prompt
 
 
 def prepare(
@@ -126,8 +129,43 @@ def prepare(
     return Prepared(m, input_ids)
 
 
-# Given the logits [1, vocab] that follow the i-th fed token (i = 0 after the prefill), a chooser
-# returns the next token to feed [1, 1], or None to stop.
+Prompt = str | Messages | torch.Tensor
+
+
+def prepare_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    prompts: Sequence[Prompt],
+    method: str | Method = "full",
+    allow_long: bool = False,
+    **method_params: Any,
+) -> Prepared:
+    """``prepare`` for several prompts: each is encoded, length-checked and validated as alone (errors name
+    the prompt by its index), then all are left-padded into one batch with an attention mask. One prompt
+    gives the single-prompt ``Prepared`` (no mask); more than one needs a method in ``BATCH_METHODS``.
+    """
+    if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
+        raise InputError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} of length "
+                         f"{len(prompts) if hasattr(prompts, '__len__') else '?'}")
+    if isinstance(prompts[0], dict):
+        raise InputError("prompts is one conversation (a list of messages); pass a list of prompts, e.g. [messages]")
+    runs = []
+    for i, prompt in enumerate(prompts):
+        try:
+            runs.append(prepare(model, tokenizer, prompt, method, allow_long, **method_params))
+        except InputError as exc:  # PromptTooLongError included
+            raise type(exc)(f"prompt {i}: {exc}") from exc
+    if len(runs) == 1:
+        return runs[0]
+    m = runs[0].method
+    if m.name not in BATCH_METHODS:
+        raise batch_refused(m.name)
+    input_ids, mask = left_pad([r.input_ids[0] for r in runs])
+    return Prepared(m, input_ids, mask)
+
+
+# Given the logits [batch, vocab] that follow the i-th fed token (i = 0 after the prefill), a chooser
+# returns the next token to feed [batch, 1], or None to stop.
 Chooser = Callable[[torch.Tensor, int], "torch.Tensor | None"]
 
 
@@ -146,6 +184,8 @@ class Trace:
     kv_bytes_final: int
     decode_path: str  # "graph" (static buffers, captured step), "static" (static buffers, no graph) or "eager"
     capture_s: float = 0.0  # one-off cost of capturing the step (0 when a captured decoder was reused)
+    real_entries_prefill: list[int] | None = None  # batches: real (non-pad) KV entries per row, first layer
+    real_entries_final: list[int] | None = None
 
 
 DECODE_MODES = ("auto", "static", "eager")
@@ -173,11 +213,15 @@ def drive(
     with torch.inference_mode(), PeakMemory(device) as mem:
         synchronize(device)
         t0 = time.perf_counter()
-        state = m.prefill(model, run.input_ids)
+        if run.attention_mask is None:
+            state = m.prefill(model, run.input_ids)
+        else:
+            state = m.prefill_batch(model, run.input_ids, run.attention_mask)
         token = choose(state.logits, 0)
         synchronize(device)
         ttft = time.perf_counter() - t0
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
+        rows_pre = state.real_entries()
         decoder, capture_s, path = None, 0.0, "eager"
         if token is not None and max_steps > 0 and decode != "eager":
             why = supports_static(model, state.cache, m.name)
@@ -192,7 +236,8 @@ def drive(
                 path = "graph" if decoder.use_graph else "static"
         t1 = t_step = time.perf_counter()
         if decoder is not None:
-            decoder.load(state.cache, state.next_position, max_steps)
+            decoder.load(state.cache, state.next_position if state.positions is None else state.positions, max_steps,
+                         state.kv_mask)
             state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
         while token is not None and len(steps) < max_steps:
@@ -207,9 +252,12 @@ def drive(
             kv_fin = decoder.entries()
             per_entry = kv_bytes_pre / max(1, sum(kv_pre))
             kv_bytes_fin = int(round(per_entry * sum(kv_fin)))
+            rows_fin = None if rows_pre is None else [r + len(steps) for r in rows_pre]
         else:
             kv_fin, kv_bytes_fin = cache_stats(state.cache)
-    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre, kv_fin, kv_bytes_fin, path, capture_s)
+            rows_fin = state.real_entries()
+    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre, kv_fin, kv_bytes_fin, path, capture_s,
+                 rows_pre, rows_fin)
 
 
 def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
@@ -274,6 +322,11 @@ class Sampling:
         return torch.multinomial(x.softmax(dim=-1), 1, generator=generator)
 
 
+def check_max_new_tokens(max_new_tokens: Any) -> None:
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -297,8 +350,7 @@ def generate(
     returns ``False`` generation stops there (e.g. the client went away). ``decode`` and
     ``decoders``: see ``drive`` (static KV buffers and a captured step where supported).
     """
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_max_new_tokens(max_new_tokens)
     sampling = sampling or Sampling()
     run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
     stops = stop_token_ids(model, tokenizer)
@@ -335,6 +387,95 @@ def generate(
         details=dict(state.details) | {"decode_path": tr.decode_path, "capture_s": tr.capture_s},
         step_times_s=tr.step_times_s,
     )
+
+
+def generate_batch(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[Prompt],
+    method: str | Method = "full",
+    max_new_tokens: int = 64,
+    allow_long: bool = False,
+    sampling: Sampling | None = None,
+    decode: str = "auto",
+    decoders: DecoderPool | None = None,
+    **method_params: Any,
+) -> list[GenerationResult]:
+    """Answer several prompts at once: one ``GenerationResult`` per prompt, in order.
+
+    Prompts (strings, chat messages or 1-D / [1, n] token ids) are left-padded into one batch; each
+    row's positions start at 0 at its first real token and pads are never attended to, so every row
+    gets the tokens it would get alone (greedy). Each row stops at its own EOS or ``max_new_tokens``;
+    finished rows keep stepping (their tokens are not recorded) until every row is done. Batches run
+    with full attention, GemFilter (per-prompt filter pass, one batched second pass), SnapKV (``budget``
+    real entries per row) and StreamingLLM (per-row sinks); other methods take one prompt
+    (``InputError`` otherwise). ``ttft_s`` is the batch's prefill; ``details["batch_tokens_per_s"]`` is
+    the batch's throughput (all generated tokens / the whole run's time); sampling draws from one
+    generator for the batch (``seed`` makes the batch reproducible).
+    """
+    check_max_new_tokens(max_new_tokens)
+    sampling = sampling or Sampling()
+    run = prepare_batch(model, tokenizer, prompts, method, allow_long, **method_params)
+    rows = run.input_ids.shape[0]
+    stops = stop_token_ids(model, tokenizer)
+    outs: list[list[int]] = [[] for _ in range(rows)]
+    done = [False] * rows
+    gen = sampling.generator(model.device)
+
+    def next_token(logits: torch.Tensor, i: int) -> torch.Tensor | None:
+        token = sampling.choose(logits, gen)  # [batch, 1]
+        for b, t in enumerate(token[:, 0].tolist()):
+            if not done[b]:
+                outs[b].append(t)
+                done[b] = len(outs[b]) >= max_new_tokens or t in stops
+        return None if all(done) else token
+
+    tr = drive(model, run, next_token, max_new_tokens - 1, decode, decoders)
+    state = tr.state
+    mask = run.attention_mask
+    lengths = mask.sum(-1).tolist() if mask is not None else [run.input_ids.shape[1]]  # prompt tokens per row
+    total = sum(len(o) for o in outs)
+    wall = tr.ttft_s + tr.decode_s
+    batch_details = {"decode_path": tr.decode_path, "capture_s": tr.capture_s, "batch_size": rows,
+                     "batch_generated_tokens": total, "batch_tokens_per_s": total / wall if wall > 0 else None}
+    n_layers = len(tr.kv_tokens_prefill)
+    results = []
+    for b, out_ids in enumerate(outs):
+        if tr.real_entries_prefill is None:  # one prompt: the cache is its own
+            kv_pre, kv_fin, bytes_pre, bytes_fin = tr.kv_tokens_prefill, tr.kv_tokens_final, tr.kv_bytes_prefill, tr.kv_bytes_final
+        else:  # this row's real entries (every layer holds as many), and its share of the bytes
+            per_entry = tr.kv_bytes_prefill / max(1, rows * sum(tr.kv_tokens_prefill))
+            kv_pre = [tr.real_entries_prefill[b]] * n_layers
+            kv_fin = [tr.real_entries_final[b]] * n_layers if tr.real_entries_final is not None else kv_pre
+            bytes_pre, bytes_fin = int(round(per_entry * sum(kv_pre))), int(round(per_entry * sum(kv_fin)))
+        if state.kept_rows is not None:
+            kept = state.kept_rows[b]
+        elif rows == 1:
+            kept = state.kept_indices
+        else:
+            kept = None
+        decode_s = sum(tr.step_times_s[: len(out_ids) - 1])
+        text_ids = [t for t in out_ids if t not in stops]
+        results.append(GenerationResult(
+            text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
+            method=run.method.name,
+            params=run.method.params(),
+            prompt_tokens=lengths[b],
+            kept_tokens=int(kept.numel()) if kept is not None else kept_tokens(state, lengths[b]),
+            ttft_s=tr.ttft_s,
+            decode_tokens_per_s=(len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else None,
+            peak_memory_bytes=tr.peak_memory_bytes,
+            kv_tokens_prefill=kv_pre,
+            kv_tokens_final=kv_fin,
+            kv_bytes_prefill=bytes_pre,
+            kv_bytes_final=bytes_fin,
+            generated_tokens=len(out_ids),
+            token_ids=out_ids,
+            kept_indices=kept.tolist() if kept is not None else None,
+            details=dict(state.details) | batch_details,
+            step_times_s=tr.step_times_s[: len(out_ids) - 1],
+        ))
+    return results
 
 
 @dataclass

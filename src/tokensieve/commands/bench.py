@@ -21,6 +21,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_dtype_device_args(p, dtype_default="bfloat16")
     p.add_argument("--repeats", type=int, default=3, help="TTFT runs per cell, median reported (default 3)")
     p.add_argument("--decode-tokens", type=int, default=128, help="tokens for decode speed (default 128; 0 skips)")
+    p.add_argument("--batches", type=parse_sizes, default=None,
+                   help="batch throughput instead: answer this many prompts at once per cell, e.g. 1,4,16 "
+                        "(tokens/s of a --decode-tokens answer per row, and the ratio to batch 1)")
     p.add_argument("--out", default=None, help="write JSON here (and a PNG plot beside it)")
     p.set_defaults(func=run)
 
@@ -49,6 +52,20 @@ def run(args: argparse.Namespace) -> int:
         model, _ = load_model(args.model, dtype=dtype, device=args.device)
         model.generation_config.eos_token_id = None
     methods = {name: {"method": name, **params[name]} for name in args.methods}
+    if args.batches is not None:
+        from tokensieve.bench import run_batch_bench
+
+        if args.decode_tokens < 1:
+            raise InputError(f"--decode-tokens must be >= 1 with --batches, got {args.decode_tokens}")
+        res = run_batch_bench(args.model or args.shape, args.lengths, args.batches, methods, dtype=dtype,
+                              device=args.device, decode_tokens=args.decode_tokens, model=model)
+        print(format_batch_table(res))
+        if args.out:
+            out = Path(args.out)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            save(res, str(out))
+            print(f"wrote {out}")
+        return 0
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, model=model)
     print(format_table(res))
@@ -72,4 +89,20 @@ def format_table(res: dict) -> str:
         dec = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
         lines.append(f"{r['label']:>14} {r['length']:>8} {r['ttft_s']:8.3f} {ratio:>8} {r['peak_memory_bytes'] / 2**30:9.2f} "
                      f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} {dec:>9}")
+    return "\n".join(lines)
+
+
+def format_batch_table(res: dict) -> str:
+    lines = [f"{'method':>14} {'length':>8} {'batch':>6} {'TTFT s':>8} {'decode tok/s':>13} {'vs batch 1':>10} "
+             f"{'e2e tok/s':>10} {'per-row tok/s':>13} {'peak GiB':>9}"]
+    for r in res["rows"]:
+        if r["status"] != "ok":
+            lines.append(f"{r['label']:>14} {r['length']:>8} {r['batch']:>6} {r['status'][:60]}")
+            continue
+        ratio = f"{r['speedup_vs_batch1']:.2f}x" if r["speedup_vs_batch1"] else "-"
+        dec = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
+        e2e = f"{r['e2e_tokens_per_s']:.1f}" if r["e2e_tokens_per_s"] else "-"
+        per = f"{r['per_sequence_tokens_per_s']:.1f}" if r["per_sequence_tokens_per_s"] else "-"
+        lines.append(f"{r['label']:>14} {r['length']:>8} {r['batch']:>6} {r['ttft_s']:8.3f} {dec:>13} {ratio:>10} "
+                     f"{e2e:>10} {per:>13} {r['peak_memory_bytes'] / 2**30:9.2f}")
     return "\n".join(lines)

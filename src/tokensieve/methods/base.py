@@ -33,6 +33,16 @@ class DecodeState:
     next_position: int  # position id the next fed token gets
     kept_indices: torch.Tensor | None = None  # [kept] prompt indices the model computed on (selection methods)
     details: dict[str, Any] = field(default_factory=dict)
+    # Batches (left-padded rows; ``None`` for one prompt):
+    kv_mask: torch.Tensor | None = None  # [batch, entries] bool: which cache entries are real (pads never are)
+    positions: torch.Tensor | None = None  # [batch, 1] int64: position id of each row's next fed token
+    kept_rows: list[torch.Tensor] | None = None  # per row [kept] prompt indices (within the row's real tokens)
+
+    def real_entries(self) -> list[int] | None:
+        """Real (non-pad) KV entries per row (first layer), or ``None`` for one prompt. Reads the device."""
+        valid = getattr(self.cache, "valid_mask", None)
+        mask = valid() if callable(valid) and self.kv_mask is not None else self.kv_mask
+        return None if mask is None else mask.sum(-1).tolist()
 
 
 class Method:
@@ -54,22 +64,43 @@ class Method:
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         raise NotImplementedError
 
+    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+        """Prefill a left-padded batch: ``input_ids`` [batch, n], ``attention_mask`` [batch, n] (1 = real token).
+
+        Each row's positions start at 0 at its first real token; the state carries ``kv_mask`` and
+        ``positions``. Methods that cannot run rows together keep this default, which refuses.
+        """
+        raise batch_refused(self.name)
+
     def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
         """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
         return {}
 
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
-        """Feed ``token_ids`` [batch, 1]; return the next logits [batch, vocab]."""
-        pos = torch.full_like(token_ids, state.next_position)
+        """Feed ``token_ids`` [batch, 1]; return the next logits [batch, vocab].
+
+        Batches (``state.kv_mask`` set) pass the mask of the real entries, one column longer per step,
+        and each row's own position.
+        """
+        batch: dict[str, Any] = {}
+        if state.kv_mask is not None and state.positions is not None:
+            state.kv_mask = torch.cat([state.kv_mask, state.kv_mask.new_ones(token_ids.shape)], dim=-1)  # [b, entries + 1]
+            batch = {"attention_mask": state.kv_mask}
+            pos = state.positions
+        else:
+            pos = torch.full_like(token_ids, state.next_position)
         out = model(
             input_ids=token_ids,
             position_ids=pos,
             use_cache=True,
             logits_to_keep=1,
+            **batch,
             **cache_kwarg(model, state.cache),
             **self.forward_kwargs(state),
         )
         state.next_position += token_ids.shape[1]
+        if state.positions is not None:
+            state.positions = state.positions + token_ids.shape[1]
         state.logits = out.logits[:, -1]
         return state.logits
 
@@ -113,6 +144,45 @@ def full_prefill(
     cache = cache if cache is not None else DynamicCache(config=model.config)
     out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
     return DecodeState(logits=out.logits[:, -1], cache=cache, next_position=input_ids.shape[1])
+
+
+# Methods that prefill several left-padded prompts as one batch (``prefill_batch``).
+BATCH_METHODS = ("full", "gemfilter", "snapkv", "streamingllm")
+
+
+def batch_refused(method_name: str) -> ValueError:
+    """The ``InputError`` for a method that runs one prompt at a time, given several (the one message)."""
+    from tokensieve.errors import InputError
+
+    return InputError(f"{method_name} runs one prompt at a time; batches: {', '.join(BATCH_METHODS)}")
+
+
+def row_positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids [batch, n] of a left-padded batch: 0 at each row's first real token (pads get 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D token ids of different lengths as a left-padded batch: (ids [batch, n], attention_mask [batch, n] bool)."""
+    n = max(int(r.numel()) for r in rows)
+    ids = rows[0].new_full((len(rows), n), pad_id)
+    mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+    for i, r in enumerate(rows):
+        ids[i, n - r.numel() :] = r
+        mask[i, n - r.numel() :] = True
+    return ids, mask
+
+
+def batch_prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None, **kwargs: Any
+) -> DecodeState:
+    """Plain prefill of a left-padded batch ``input_ids`` [batch, n] with ``attention_mask`` [batch, n]:
+    each row at positions 0..len-1 of its real tokens; pads are never attended to."""
+    mask = attention_mask.bool()
+    state = full_prefill(model, input_ids, cache, attention_mask=mask.long(), position_ids=row_positions(mask), **kwargs)
+    state.kv_mask = mask
+    state.positions = mask.sum(-1, keepdim=True)  # [batch, 1]: the next position of each row
+    return state
 
 
 def cache_kwarg(module: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:

@@ -22,7 +22,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positions
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -85,14 +85,29 @@ class EvictionMethod(Method):
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         if input_ids.shape[0] != 1:
             raise InputError(f"{self.name} runs one prompt at a time, got batch size {input_ids.shape[0]}")
+        return self._prefill(model, input_ids, None)
+
+    def _prefill(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> DecodeState:
+        """The prompt's forward into an ``EvictionCache``; ``attention_mask`` [batch, n] for a left-padded batch
+        (its ``evict`` must then keep per row: ``call.cache.pad_counts``). Subclasses that support batches
+        call this from ``prefill_batch``."""
         cache = EvictionCache(model.config)
         cache.add_tokens(input_ids)
+        batch: dict[str, Any] = {}
+        if attention_mask is not None:
+            mask = attention_mask.bool()
+            cache.set_padding(mask)
+            batch = {"attention_mask": mask.long(), "position_ids": row_positions(mask)}
         out = model(
-            input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache),
+            input_ids=input_ids, use_cache=True, logits_to_keep=1, **batch, **cache_kwarg(model, cache),
             **{HOOK_KWARG: self._hook(cache, prefill=True)},
         )
         n = input_ids.shape[1]
-        return DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
+        state = DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
+        if attention_mask is not None:
+            state.kv_mask = cache.valid_mask()
+            state.positions = attention_mask.bool().sum(-1, keepdim=True)  # [batch, 1]
+        return state
 
     def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
         if not self.evicts_while_decoding or not isinstance(state.cache, EvictionCache):
@@ -102,4 +117,6 @@ class EvictionMethod(Method):
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         if isinstance(state.cache, EvictionCache):
             state.cache.add_tokens(token_ids)
+            if state.kv_mask is not None:  # a batch: the entries the cache holds now (eviction changes them)
+                state.kv_mask = state.cache.valid_mask()
         return super().step(model, state, token_ids)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.methods.base import DecodeState, Method, full_prefill
+from tokensieve.methods.base import DecodeState, Method, batch_prefill, full_prefill
 
 
 @dataclass
@@ -19,3 +19,6 @@ class FullAttention(Method):
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         return full_prefill(model, input_ids)
+
+    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+        return batch_prefill(model, input_ids, attention_mask)

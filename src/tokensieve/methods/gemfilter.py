@@ -274,3 +274,23 @@ class GemFilter(Method):
         state.kept_indices = idx
         state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False)
         return state
+
+    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+        """A left-padded batch: the filter pass runs per prompt (on its real tokens, exactly as alone), then the
+        kept ids of all prompts run as one left-padded batch at positions 0..k_b-1. ``kept_rows``: per row [k_b]."""
+        from tokensieve.methods.base import batch_prefill, left_pad  # (kept apart from the filter pass's imports)
+
+        mask = attention_mask.bool()
+        t0 = time.perf_counter()
+        real = [input_ids[b, mask[b]] for b in range(input_ids.shape[0])]  # per row [n_b]
+        rows = [self.select(model, r[None]) for r in real]  # per row [min(k, n_b)] sorted indices
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        filter_s = time.perf_counter() - t0
+        ids, kept_mask = left_pad([r[idx] for r, idx in zip(real, rows)])
+        state = batch_prefill(model, ids, kept_mask)
+        state.kept_rows = rows
+        skipped = all(self.topk >= r.numel() for r in real)
+        state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0 if skipped else filter_s, filter_skipped=skipped)
+        return state
+

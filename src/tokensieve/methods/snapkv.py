@@ -24,6 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tokensieve.errors import InputError
+from tokensieve.methods.base import DecodeState
 from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 from tokensieve.scoring import POOLINGS, attention_scores, pool_scores, topk_with_recent
 
@@ -68,10 +69,31 @@ class SnapKV(EvictionMethod):
 
     evicts_while_decoding: ClassVar[bool] = False  # decoded tokens are appended, never evicted
 
+    def _keep(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
+        """Entry indices [b, hkv, budget] kept out of ``key`` [b, hkv, n] (``n > budget``)."""
+        prefix = self.scores(module, query, key)  # [b, hkv, n - window_size]
+        # The window's own scores are never read: the window is always kept.
+        full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window_size)], dim=-1)  # [b, hkv, n]
+        return topk_with_recent(full, self.budget, self.window_size)
+
     def evict(self, call: LayerCall) -> None:
         n = call.key.shape[2]
-        if call.prefill and n > self.budget:
-            prefix = self.scores(call.module, call.query, call.key)  # [b, hkv, n - window_size]
-            # The window's own scores are never read: the window is always kept.
-            full = torch.cat([prefix, prefix.new_zeros(*prefix.shape[:2], self.window_size)], dim=-1)  # [b, hkv, n]
-            call.cache.keep(call.layer_idx, topk_with_recent(full, self.budget, self.window_size))
+        if not call.prefill or n <= self.budget:
+            return
+        pads = call.cache.pad_counts
+        if not pads:
+            call.cache.keep(call.layer_idx, self._keep(call.module, call.query, call.key))
+            return
+        # A left-padded batch: each row is scored on its own real tokens (pads never score, never stay),
+        # exactly as if it ran alone; a row of at most ``budget`` tokens keeps them all (and pads to fill).
+        rows = []
+        for b, pad in enumerate(pads):
+            if n - pad > self.budget:
+                idx = self._keep(call.module, call.query[b : b + 1, :, pad:], call.key[b : b + 1, :, pad:]) + pad
+            else:  # pads first, then every real entry
+                idx = torch.arange(n - self.budget, n, device=call.key.device).expand(1, call.key.shape[1], self.budget)
+            rows.append(idx)
+        call.cache.keep(call.layer_idx, torch.cat(rows))  # [b, hkv, budget]
+
+    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+        return self._prefill(model, input_ids, attention_mask)

@@ -22,6 +22,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
+from tokensieve.methods.base import DecodeState
 from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 
 
@@ -38,6 +39,23 @@ def keep_sinks_and_recent(
     return torch.cat(
         [torch.arange(n_initial, device=device), torch.arange(n_entries - n_recent, n_entries, device=device)]
     )
+
+
+def keep_sinks_and_recent_rows(valid: torch.Tensor, n_initial: int, n_recent: int) -> torch.Tensor:
+    """The same rule per row of a left-padded batch: entry indices [batch, kept] that stay, in order.
+
+    ``valid`` [batch, entries] marks the real entries. Each row keeps its first ``n_initial`` real entries
+    and its last ``n_recent`` (all of them when it has no more); rows with fewer real entries than
+    ``kept = min(n_initial + n_recent, entries)`` fill up with pads (still masked). No host sync.
+    """
+    b, e = valid.shape
+    kept = min(n_initial + n_recent, e)
+    rank = valid.long().cumsum(-1) - 1  # [b, e]: rank among the row's real entries
+    real = valid.long().sum(-1, keepdim=True)  # [b, 1]
+    keep_real = valid & ((rank < n_initial) | (rank >= real - n_recent))
+    # first the real entries the rule keeps, then pads, then dropped real entries; ties in entry order
+    order = torch.where(keep_real, 0, torch.where(valid, 2, 1)) * e + torch.arange(e, device=valid.device)
+    return torch.sort(torch.argsort(order, dim=-1)[:, :kept], dim=-1).values
 
 
 @dataclass
@@ -65,9 +83,18 @@ class StreamingLLM(EvictionMethod):
             )
 
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
-        if entries > self.budget:
-            dev = cache.layers[layer_idx].keys.device
-            cache.keep(layer_idx, keep_sinks_and_recent(entries, self.n_initial, self.budget - self.n_initial, dev))
+        if entries <= self.budget:
+            return
+        if cache.pad_counts:  # a left-padded batch: sinks are each row's first real tokens
+            idx = keep_sinks_and_recent_rows(cache.valid_mask(layer_idx), self.n_initial, self.budget - self.n_initial)
+            hkv = cache.layers[layer_idx].keys.shape[1]
+            cache.keep(layer_idx, idx[:, None].expand(-1, hkv, -1))  # [b, hkv, budget]
+            return
+        dev = cache.layers[layer_idx].keys.device
+        cache.keep(layer_idx, keep_sinks_and_recent(entries, self.n_initial, self.budget - self.n_initial, dev))
+
+    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+        return self._prefill(model, input_ids, attention_mask)
 
     def evict(self, call: LayerCall) -> None:
         # entries stay in position order: the initial tokens first, then the recent ones

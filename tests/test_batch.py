@@ -1,0 +1,174 @@
+"""Batches: several prompts, left-padded, give per row what each prompt gives alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import TinyTokenizer, random_ids, tiny_model
+from tokensieve.decode import StaticDecoder
+from tokensieve.errors import InputError
+from tokensieve.methods import make_method
+from tokensieve.methods.base import BATCH_METHODS, left_pad
+from tokensieve.runner import Sampling, generate, generate_batch
+
+BUDGET = 40
+PARAMS = {"full": {}, "gemfilter": {"topk": BUDGET}, "snapkv": {"budget": BUDGET}, "streamingllm": {"budget": BUDGET}}
+LENGTHS = (50, 80, 65)  # every prompt longer than the budget: rows differ in length and in what they keep
+
+
+def prompts(lengths: tuple[int, ...] = LENGTHS) -> list[torch.Tensor]:
+    return [random_ids(n, seed=10 + i)[0] for i, n in enumerate(lengths)]  # 1-D ids
+
+
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def model(request):
+    return tiny_model(request.param)
+
+
+@pytest.fixture(scope="module")
+def llama():
+    return tiny_model("llama")
+
+
+def decode_paths(method: str) -> list[str]:
+    return ["eager", "static"] if method != "streamingllm" else ["eager"]  # StreamingLLM evicts while decoding
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_each_row_gives_the_tokens_of_its_prompt_alone(model, method):
+    tok, ps = TinyTokenizer(), prompts()
+    alone = [generate(model, tok, p, method, max_new_tokens=12, decode="eager", **PARAMS[method]) for p in ps]
+    for decode in decode_paths(method):
+        rows = generate_batch(model, tok, ps, method, max_new_tokens=12, decode=decode, **PARAMS[method])
+        assert rows[0].details["decode_path"] == decode and rows[0].details["batch_size"] == 3
+        for row, one, p in zip(rows, alone, ps):
+            assert row.token_ids == one.token_ids, (decode, p.numel())
+            assert row.prompt_tokens == p.numel() and row.kept_tokens == one.kept_tokens
+            assert row.kv_tokens_prefill == one.kv_tokens_prefill and row.kv_tokens_final == one.kv_tokens_final
+            assert row.kept_indices == one.kept_indices
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_batched_prefill_logits_match_each_prompt_alone(model, method):
+    ps = prompts()
+    ids, mask = left_pad(ps)
+    m = make_method(method, **PARAMS[method])
+    with torch.inference_mode():
+        batch = m.prefill_batch(model, ids, mask)
+        for b, p in enumerate(ps):
+            one = make_method(method, **PARAMS[method]).prefill(model, p[None])
+            torch.testing.assert_close(batch.logits[b], one.logits[0], rtol=1e-4, atol=1e-4)
+            assert batch.positions[b, 0].item() == one.next_position  # the next position the row has alone
+
+
+@pytest.mark.parametrize("method", ["snapkv", "streamingllm"])
+def test_eviction_rows_keep_their_budget_of_real_entries_and_never_a_pad(model, method):
+    ps = prompts((50, 80, 65, 30))  # the last row is shorter than the budget: it keeps all of its tokens
+    ids, mask = left_pad(ps)
+    with torch.inference_mode():
+        cache = make_method(method, **PARAMS[method]).prefill_batch(model, ids, mask).cache
+        for layer in range(len(cache.layers)):
+            pos = cache.kept_positions(layer)  # [batch, kv_heads, entries]; pads have negative positions
+            assert pos.shape[-1] == BUDGET
+            for b, p in enumerate(ps):
+                real = pos[b][pos[b] >= 0].view(pos.shape[1], -1)  # [kv_heads, real entries]
+                assert real.shape[-1] == min(BUDGET, p.numel())  # exactly the budget (or the whole prompt)
+                one = make_method(method, **PARAMS[method]).prefill(model, p[None]).cache
+                assert torch.equal(real, one.kept_positions(layer)[0])  # the entries it keeps alone
+            assert torch.equal(cache.valid_mask(layer), pos[:, 0] >= 0)
+
+
+def test_gemfilter_rows_keep_the_single_prompt_selection(model):
+    ps = prompts((50, 80, 65, 30))  # the last row needs no filter pass
+    ids, mask = left_pad(ps)
+    with torch.inference_mode():
+        state = make_method("gemfilter", topk=BUDGET).prefill_batch(model, ids, mask)
+        for b, p in enumerate(ps):
+            alone = make_method("gemfilter", topk=BUDGET).prefill(model, p[None])
+            assert torch.equal(state.kept_rows[b], alone.kept_indices)
+    assert state.kv_mask.sum(-1).tolist() == [BUDGET, BUDGET, BUDGET, 30]
+    assert state.details["filter_skipped"] is False
+
+
+def test_each_row_stops_at_its_own_eos(llama):
+    model = llama
+    tok, ps = TinyTokenizer(), prompts()
+    first = generate(model, tok, ps[0], "full", max_new_tokens=12).token_ids
+    eos = first[4]  # row 0 stops at its 5th token (or earlier); the others at their own EOS or the limit
+    tok.eos_token_id = eos
+    alone = [generate(model, tok, p, "full", max_new_tokens=12) for p in ps]
+    rows = generate_batch(model, tok, ps, "full", max_new_tokens=12)
+    assert [r.token_ids for r in rows] == [a.token_ids for a in alone]
+    assert rows[0].generated_tokens <= 5 and rows[0].token_ids[-1] == eos
+    assert [r.generated_tokens for r in rows] == [len(a.token_ids) for a in alone]
+    assert rows[0].details["batch_generated_tokens"] == sum(r.generated_tokens for r in rows)
+    assert rows[0].details["batch_tokens_per_s"] > 0
+
+
+def test_static_pad_slots_are_never_attended_to(llama):
+    model = llama
+    ps = prompts((30, 12))
+    ids, mask = left_pad(ps)
+    with torch.inference_mode():
+        state = make_method("full").prefill_batch(model, ids, mask)
+        dec = StaticDecoder(model, capacity=64, batch=2)
+        dec.load(state.cache, state.positions, 4, state.kv_mask)
+        token = state.logits.argmax(-1, keepdim=True)
+        clean = dec.step(token).clone()
+        dec.load(state.cache, state.positions, 4, state.kv_mask)
+        for k, v in zip(dec.keys, dec.values):  # poison row 1's pad slots
+            k[1, :, :18].fill_(1e4)
+            v[1, :, :18].fill_(-1e4)
+        torch.testing.assert_close(dec.step(token), clean)
+        alone = make_method("full").prefill(model, ps[1][None])
+        one = StaticDecoder(model, capacity=64)
+        one.load(alone.cache, 12, 4)
+        torch.testing.assert_close(clean[1], one.step(token[1:]).clone()[0], rtol=1e-4, atol=1e-4)
+
+
+def test_seeded_sampling_is_reproducible_per_batch(llama):
+    model = llama
+    tok, ps = TinyTokenizer(), prompts()
+    hot = Sampling(temperature=3.0, seed=7)
+    a = generate_batch(model, tok, ps, "full", max_new_tokens=6, sampling=hot)
+    b = generate_batch(model, tok, ps, "full", max_new_tokens=6, sampling=hot)
+    c = generate_batch(model, tok, ps, "full", max_new_tokens=6, sampling=Sampling(temperature=3.0, seed=8))
+    assert [r.token_ids for r in a] == [r.token_ids for r in b]
+    assert [r.token_ids for r in a] != [r.token_ids for r in c]
+    # top_k=1 samples the argmax: the greedy rows, which are each prompt's own tokens
+    top1 = generate_batch(model, tok, ps, "full", max_new_tokens=6, sampling=Sampling(temperature=1.0, top_k=1, seed=1))
+    assert [r.token_ids for r in top1] == [generate(model, tok, p, "full", max_new_tokens=6).token_ids for p in ps]
+
+
+def test_text_prompts_and_one_prompt(llama):
+    model = llama
+    tok = TinyTokenizer()
+    texts = [" ".join(str(int(t)) for t in p) for p in prompts((20, 9))]
+    rows = generate_batch(model, tok, texts, "full", max_new_tokens=4)
+    assert [r.prompt_tokens for r in rows] == [20, 9]
+    assert [r.token_ids for r in rows] == [generate(model, tok, t, "full", max_new_tokens=4).token_ids for t in texts]
+    # one prompt runs any method, as generate does
+    (one,) = generate_batch(model, tok, texts[:1], "h2o", max_new_tokens=4, budget=12)
+    assert one.token_ids == generate(model, tok, texts[0], "h2o", max_new_tokens=4, budget=12).token_ids
+
+
+def test_bad_batches_raise_input_errors():
+    model, tok = tiny_model("llama", layers=2), TinyTokenizer()
+    with pytest.raises(InputError, match="non-empty list of prompts"):
+        generate_batch(model, tok, [], "full")
+    with pytest.raises(InputError, match="non-empty list of prompts"):
+        generate_batch(model, tok, "5 6 7", "full")
+    with pytest.raises(InputError, match="one conversation"):
+        generate_batch(model, tok, [{"role": "user", "content": "5 6"}], "full")
+    with pytest.raises(InputError, match="prompt 1: the prompt is empty"):
+        generate_batch(model, tok, ["5 6 7", "  "], "full")
+    with pytest.raises(InputError, match="prompt 2: the prompt is empty"):
+        generate_batch(model, tok, [random_ids(5)[0], random_ids(6)[0], torch.tensor([], dtype=torch.long)], "full")
+    for method in ("h2o", "sepllm", "lazyllm"):
+        with pytest.raises(InputError, match=f"{method} runs one prompt at a time; batches: full, gemfilter, snapkv, streamingllm"):
+            generate_batch(model, tok, ["5 6 7", "8 9"], method)
+    with pytest.raises(InputError, match="max_new_tokens"):
+        generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=0)
+    with pytest.raises(InputError, match="prompt 0: budget must be"):
+        generate_batch(model, tok, ["5 6 7", "8 9"], "snapkv", budget=0)

@@ -49,6 +49,12 @@ def test_local_attention_equals_dense_masked_reference(n_initial, n_recent, chun
     got = local_attention(q, k, v, 0.3, n_initial, n_recent, query_chunk=chunk)
     ref = masked_attention_reference(q, k, v, 0.3, hand_mask(n, n_initial, n_recent))
     torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+    # the last 20 queries over a cache holding only the sinks and the keys from position lo on
+    lo = max(min(n_initial, n - 20), n - 20 - n_recent + 1)
+    held = torch.cat([torch.arange(min(n_initial, lo)), torch.arange(lo, n)])
+    part = local_attention(q[:, :, -20:], k[:, :, held], v[:, :, held], 0.3, n_initial, n_recent, query_chunk=chunk,
+                           key_positions=held)
+    torch.testing.assert_close(part.double(), ref[:, :, -20:], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])

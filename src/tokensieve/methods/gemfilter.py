@@ -122,26 +122,31 @@ def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
 
 def local_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, n_initial: int, n_recent: int,
-    query_chunk: int = LOCAL_QUERY_CHUNK,
+    query_chunk: int = LOCAL_QUERY_CHUNK, key_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention restricted to the first ``n_initial`` and the last ``n_recent`` tokens (itself included).
 
-    query: [1, q_heads, n, d] and key/value: [1, kv_heads, n, d] at positions ``0 .. n-1`` ->
-    [1, q_heads, n, d]. Queries are taken ``query_chunk`` at a time; a chunk ``[s, e)`` reads only
-    the sinks and keys ``s - n_recent + 1 .. e - 1``, so time and memory are linear in ``n``
-    (``O(n * (n_initial + n_recent + query_chunk))``), never an ``n x n`` mask.
+    query: [1, q_heads, q, d]; key/value: [1, kv_heads, K, d] at the ascending absolute positions
+    ``key_positions`` [K] (CPU, default ``0 .. K-1``); the queries are the last ``q`` of them.
+    Returns [1, q_heads, q, d]. Queries are taken ``query_chunk`` at a time; a chunk of positions
+    ``[s, e)`` reads only the sinks and keys at ``s - n_recent + 1 .. e - 1``, so time and memory
+    are linear in ``q`` (``O(q * (n_initial + n_recent + query_chunk))``), never a ``q x K`` mask.
     """
-    n, dev = query.shape[2], query.device
+    nq, K, dev = query.shape[2], key.shape[2], query.device
+    kp = torch.arange(K) if key_positions is None else key_positions.cpu()  # [K]
     outs = []
-    for s in range(0, n, query_chunk):
-        e = min(n, s + query_chunk)
-        lo = max(min(n_initial, s), s - n_recent + 1)  # first non-sink key any query of the chunk sees
-        sink = min(n_initial, lo)
-        k = torch.cat([key[:, :, :sink], key[:, :, lo:e]], dim=2) if sink else key[:, :, lo:e]
-        v = torch.cat([value[:, :, :sink], value[:, :, lo:e]], dim=2) if sink else value[:, :, lo:e]
-        k_pos = torch.cat([torch.arange(sink, device=dev), torch.arange(lo, e, device=dev)])
-        mask = local_mask(torch.arange(s, e, device=dev), k_pos, n_initial, n_recent)  # [e-s, K]
-        outs.append(_sdpa_masked(query[:, :, s:e], k, v, mask, scale))
+    for a in range(0, nq, query_chunk):
+        b = min(nq, a + query_chunk)
+        i1 = K - nq + b  # keys up to the chunk's last query
+        s, e = int(kp[K - nq + a]), int(kp[i1 - 1]) + 1  # absolute positions of the chunk's queries
+        lo = max(min(n_initial, s), s - n_recent + 1)  # first non-sink position any query of the chunk sees
+        ns = int(torch.searchsorted(kp, min(n_initial, lo)))  # sinks held below lo
+        i0 = int(torch.searchsorted(kp, lo))
+        k = torch.cat([key[:, :, :ns], key[:, :, i0:i1]], dim=2) if ns else key[:, :, i0:i1]
+        v = torch.cat([value[:, :, :ns], value[:, :, i0:i1]], dim=2) if ns else value[:, :, i0:i1]
+        k_pos = torch.cat([kp[:ns], kp[i0:i1]]).to(dev)
+        mask = local_mask(torch.arange(s, e, device=dev), k_pos, n_initial, n_recent)  # [b-a, ns + i1-i0]
+        outs.append(_sdpa_masked(query[:, :, a:b], k, v, mask, scale))
     return torch.cat(outs, dim=2)
 
 
@@ -363,11 +368,11 @@ class GemFilter(Method):
         if len(starts) > 1 and n - starts[-1] < self.window_size:
             starts.pop()  # the last chunk must hold all scoring queries
         bounds = list(zip(starts, starts[1:] + [n]))
-        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * r  # (k_pos [K], keys, values)
+        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * r  # (CPU k_pos [K], keys, values)
         keys_r: torch.Tensor | None = None  # [1, kv_heads, n, head_dim]
         for s, e in bounds:
             hidden = base.embed_tokens(input_ids[:, s:e])  # [1, e-s, D]
-            pos = torch.arange(s, e, device=dev)
+            pos, pos_cpu = torch.arange(s, e, device=dev), torch.arange(s, e)
             rope = accurate_rope(base.rotary_emb, pos, hidden.dtype)
             for li in range(r + 1):
 
@@ -383,14 +388,15 @@ class GemFilter(Method):
                                                        self.window_size, key_chunk=self.chunk_size))
                     held = cache[li]
                     if held is None:
-                        k_pos, k_all, v_all = pos, key, value
+                        k_pos, k_all, v_all = pos_cpu, key, value
                     else:
-                        k_pos = torch.cat([held[0], pos])
+                        k_pos = torch.cat([held[0], pos_cpu])  # [K], CPU
                         k_all, v_all = torch.cat([held[1], key], dim=2), torch.cat([held[2], value], dim=2)
-                    mask = local_mask(pos, k_pos, self.n_initial, self.n_recent)  # [e-s, K]
-                    out = _sdpa_masked(query, k_all, v_all, mask, module.scaling)
-                    keep = _rolling_keep(k_pos, e, self.n_initial, self.n_recent)
-                    cache[li] = (k_pos[keep], k_all[:, :, keep], v_all[:, :, keep])
+                    out = local_attention(query, k_all, v_all, module.scaling, self.n_initial, self.n_recent,
+                                          key_positions=k_pos)  # [1, q_heads, e-s, head_dim]
+                    keep = _rolling_keep(k_pos, e, self.n_initial, self.n_recent)  # [K] bool, CPU
+                    idx = keep.nonzero()[:, 0].to(key.device)
+                    cache[li] = (k_pos[keep], k_all.index_select(2, idx), v_all.index_select(2, idx))
                     return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
 
                 layer = base.layers[li]

@@ -110,7 +110,16 @@ def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_initial: int, n_recen
 
 def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
                  scale: float) -> torch.Tensor:
-    """SDPA with a boolean mask [q, K], GQA handled: query [1, hq, q, d], key/value [1, hkv, K, d] -> [1, hq, q, d]."""
+    """SDPA with a boolean mask [q, K], GQA handled: query [1, hq, q, d], key/value [1, hkv, K, d] -> [1, hq, q, d].
+
+    On CUDA the KV heads are repeated (a block is small) so that the memory-efficient kernel, which
+    takes a mask but not ``enable_gqa``, runs instead of the math fallback.
+    """
+    if query.device.type == "cuda" and query.shape[1] != key.shape[1]:
+        from tokensieve.attention import repeat_kv
+
+        g = query.shape[1] // key.shape[1]
+        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
     try:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     except (RuntimeError, TypeError):  # kernels without GQA support for a mask: repeat the KV heads

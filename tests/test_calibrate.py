@@ -68,3 +68,58 @@ def test_calibrate_command(setup, tmp_path, capsys):
                  "--haystack", str(tmp_path / "hay.txt"), "--out", str(tmp_path / "cal.json")]) == 0
     out = capsys.readouterr().out
     assert "chosen: --filter-layer" in out and (tmp_path / "cal.json").exists()
+
+
+def test_local_recall_is_what_local_gemfilter_keeps(setup):
+    """calibrate's local recall per layer equals the recall of GemFilter(filter_attention="local",
+    filter_layer=i).select, i.e. one forward with every layer local gives each r's local pass."""
+    from tokensieve.methods.gemfilter import GemFilter
+
+    model, tok = setup
+    topk, w = 48, 40
+    cal = calibrate(model, tok, TEXT, [500], [0.3, 0.7], topk=topk, scorings=("window", "paper"), progress=False,
+                    local_windows=[w, 100_000], n_initial=2)
+    assert cal.local_windows == [w, 100_000] and set(cal.local_recall) == {str(w), "100000"}
+    assert cal.local_recall["100000"] == cal.recall  # a window covering the prompt is the dense pass
+    for scoring in ("window", "paper"):
+        for layer in range(3):
+            recalls = []
+            for depth in (0.3, 0.7):
+                p = build_needle_prompt(tok, TEXT, 500, depth)
+                ids = encode_prompt(tok, p.messages)
+                kept = GemFilter(topk=topk, filter_layer=layer, scoring=scoring, filter_attention="local",
+                                 n_initial=2, n_recent=w).select(model, ids)
+                recalls.append(torch.isin(torch.tensor(p.needle_span), kept).float().mean().item())
+            assert cal.local_recall[str(w)][scoring][layer] == pytest.approx(sum(recalls) / 2, abs=1e-4)
+    best = cal.recall[cal.best_scoring][cal.best_layer]
+    ok = [x for x in (w, 100_000) if cal.local_recall[str(x)][cal.best_scoring][cal.best_layer] >= best - 0.02]
+    assert cal.suggested_window == min(ok)
+
+
+def test_local_recall_differs_from_dense_with_a_small_window(setup):
+    model, tok = setup
+    cal = calibrate(model, tok, TEXT, [500], [0.5], topk=48, scorings=("window",), progress=False, local_windows=[4],
+                    n_initial=0)
+    assert cal.local_recall["4"]["window"][0] == cal.recall["window"][0]  # layer 0 has nothing below it
+    assert cal.local_recall["4"]["window"] != cal.recall["window"]
+
+
+def test_calibrate_command_local_windows(setup, tmp_path, capsys):
+    model, tok = setup
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "hay.txt").write_text(TEXT)
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--lengths", "500", "--depths", "0.5", "--topk", "64",
+                 "--scorings", "window", "--local-windows", "32,100000", "--haystack", str(tmp_path / "hay.txt")]) == 0
+    out = capsys.readouterr().out
+    assert "window@w32" in out and "window@w100000" in out and "paper" not in out.split("\n")[1]
+    assert "local filter pass: --param filter_attention=local --param n_recent=" in out
+    assert main(["calibrate", "--model", str(tmp_path / "m"), "--scorings", "windw"]) == 2
+    assert "--scorings" in capsys.readouterr().err
+
+
+def test_command_defaults_match_gemfilter():
+    from tokensieve.commands.calibrate import DEFAULT_N_INITIAL, SCORING_NAMES
+    from tokensieve.methods.gemfilter import SCORINGS, GemFilter
+
+    assert DEFAULT_N_INITIAL == GemFilter().n_initial and SCORING_NAMES == SCORINGS

@@ -80,3 +80,30 @@ class RopeTables:
             have = (cos[0].float(), sin[0].float())  # [size, rot_dim]
             self._tables[key] = have
         return have[0][:n], have[1][:n]
+
+
+# rope_type values whose inv_freq depends on the sequence length (recomputed inside rotary_emb's forward).
+DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
+
+
+def accurate_rope(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [1, len(positions), head_dim] in ``dtype``, for a Llama-style ``rotary_emb``, with the
+    angles ``position * inv_freq`` formed and reduced in float64.
+
+    ``transformers`` forms the angles in float32: at position ``p`` the product is rounded to
+    float32's spacing there (0.0625 rad at 1M, 0.25-0.5 rad at 4M), so the relative angle between
+    two tokens, the only thing attention sees, is off by up to that much in the fast dimensions
+    (``tests/test_gemfilter_local.py`` measures it). Here the model's own ``inv_freq`` (its RoPE
+    scaling included) and ``attention_scaling`` are used, only the arithmetic is float64, so the
+    result equals the model's tables to float32 rounding at small positions. Rotary embeddings
+    whose ``inv_freq`` changes with the length (``rope_type`` dynamic/longrope) fall back to the
+    model's own forward. positions: [len] integer.
+    """
+    inv_freq = getattr(rotary, "inv_freq", None)
+    if inv_freq is None or getattr(rotary, "rope_type", "default") in DYNAMIC_ROPE_TYPES:
+        dummy = torch.zeros(1, 1, 1, device=positions.device, dtype=dtype)
+        return rotary(dummy, positions[None])
+    freqs = positions.to(torch.float64)[:, None] * inv_freq.to(device=positions.device, dtype=torch.float64)[None]
+    emb = torch.cat((freqs, freqs), dim=-1)[None]  # [1, len, head_dim]
+    scale = float(getattr(rotary, "attention_scaling", 1.0))
+    return (emb.cos() * scale).to(dtype), (emb.sin() * scale).to(dtype)

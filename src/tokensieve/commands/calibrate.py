@@ -10,6 +10,8 @@ from tokensieve.commands.common import add_model_args, add_text_args, load, pars
 from tokensieve.errors import InputError
 
 DEFAULT_WINDOW_SIZE = 16  # GemFilter's default window_size (a test keeps the two equal; no torch at parse time)
+DEFAULT_N_INITIAL = 4  # GemFilter's default n_initial (a test keeps the two equal)
+SCORING_NAMES = ("paper", "window")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +20,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Measure, for every layer and both scorings ('paper': q_last . k; 'window': softmax attention of the "
             "last --window-size queries), the fraction of needle tokens inside GemFilter's top-k selection on "
-            "generated needle prompts; print the recall per layer and the chosen layer."
+            "generated needle prompts; print the recall per layer and the chosen layer. With --local-windows, "
+            "also the recall of GemFilter's local filter pass (filter_attention=local: layers below the filter "
+            "layer see only the first --n-initial tokens and the last w) for each w, and the smallest w within "
+            "0.02 of dense at the chosen layer."
         ),
     )
     add_model_args(p)
@@ -26,6 +31,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--depths", type=parse_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (default 0.1,...,0.9)")
     p.add_argument("--topk", type=parse_size, default=1024, help="selection size (default 1024)")
     p.add_argument("--window-size", type=int, default=DEFAULT_WINDOW_SIZE, help=f"GemFilter window_size: scoring queries of the 'window' scoring (default {DEFAULT_WINDOW_SIZE})")
+    p.add_argument("--scorings", default=",".join(SCORING_NAMES), help="comma-separated scorings to measure (default paper,window)")
+    p.add_argument("--local-windows", type=parse_sizes, default=[], help="recent windows w of the local filter pass to measure, e.g. 256,1024,4096 (default: none)")
+    p.add_argument("--n-initial", type=int, default=DEFAULT_N_INITIAL, help=f"sink tokens of the local filter pass (default {DEFAULT_N_INITIAL})")
     p.add_argument("--haystack", default=None, help="text file for the haystack (default: PG-19 books)")
     add_text_args(p, "the haystack file")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
@@ -39,9 +47,17 @@ def run(args: argparse.Namespace) -> int:
 
     if args.window_size < 1:
         raise InputError(f"--window-size must be >= 1, got {args.window_size}")
+    scorings = tuple(x.strip() for x in args.scorings.split(",") if x.strip())
+    if not scorings or any(x not in SCORING_NAMES for x in scorings):
+        raise InputError(f"--scorings must be a comma-separated subset of {SCORING_NAMES}, got {args.scorings!r}")
+    if args.n_initial < 0:
+        raise InputError(f"--n-initial must be >= 0, got {args.n_initial}")
+    if any(w < 1 for w in args.local_windows):
+        raise InputError(f"--local-windows must be positive, got {args.local_windows}")
     model, tok = load(args)
     hay = read_text(args.haystack, min_chars=max(args.lengths) * 8, encoding=args.encoding, errors=args.encoding_errors)
-    cal = calibrate(model, tok, hay, args.lengths, args.depths, topk=args.topk, window_size=args.window_size)
+    cal = calibrate(model, tok, hay, args.lengths, args.depths, topk=args.topk, window_size=args.window_size,
+                    scorings=scorings, local_windows=args.local_windows, n_initial=args.n_initial)
     res = cal.to_dict() | {"model": args.model}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
@@ -50,9 +66,20 @@ def run(args: argparse.Namespace) -> int:
         print_json(res)
         return 0
     print(f"needle recall of the top-{args.topk} selection per layer (mean over {len(args.lengths) * len(args.depths)} prompts)")
-    print("layer " + " ".join(f"{s:>7}" for s in cal.recall))
-    for i in range(len(next(iter(cal.recall.values())))):
-        print(f"{i:>5} " + " ".join(f"{cal.recall[s][i]:7.2f}" for s in cal.recall))
+    cols = [(s, cal.recall[s]) for s in cal.recall] + [
+        (f"{s}@w{w}", cal.local_recall[w][s]) for w in cal.local_recall for s in cal.local_recall[w]
+    ]
+    width = max(7, *(len(name) for name, _ in cols))
+    print("layer " + " ".join(f"{name:>{width}}" for name, _ in cols))
+    for i in range(len(cols[0][1])):
+        print(f"{i:>5} " + " ".join(f"{vals[i]:{width}.2f}" for _, vals in cols))
     extra = f" --param window_size={cal.window_size}" if cal.best_scoring == "window" and cal.window_size != DEFAULT_WINDOW_SIZE else ""
     print(f"chosen: --filter-layer {cal.best_layer} --scoring {cal.best_scoring}{extra}")
+    if cal.local_windows:
+        if cal.suggested_window is None:
+            print(f"local filter pass: no window in {cal.local_windows} is within 0.02 of dense at layer {cal.best_layer}: "
+                  "keep --param filter_attention=dense")
+        else:
+            print(f"local filter pass: --param filter_attention=local --param n_recent={cal.suggested_window} "
+                  f"--param n_initial={cal.n_initial} (smallest window within 0.02 of dense at layer {cal.best_layer})")
     return 0

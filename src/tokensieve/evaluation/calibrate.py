@@ -7,6 +7,13 @@ layer is the earliest one within ``tolerance`` of the best mean recall (an
 earlier layer makes a cheaper filter pass). Scores and selection are
 GemFilter's own functions (which call ``tokensieve.scoring``), so calibration
 measures exactly what GemFilter would keep.
+
+With ``local_windows`` the same is measured for GemFilter's local filter pass
+(``filter_attention="local"``: every layer below the filter layer attends to
+the first ``n_initial`` tokens and the last ``w``), one forward per window in
+which every full-attention layer is local, so layer ``i``'s scores are exactly
+those of a local filter pass with ``r = i``. The suggested window is the
+smallest whose recall at the chosen layer is within ``tolerance`` of dense.
 """
 
 from __future__ import annotations
@@ -20,24 +27,46 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.evaluation.needle import build_needle_prompt
 from tokensieve.methods.base import num_layers
-from tokensieve.methods.gemfilter import DEFAULT_WINDOW_SIZE, SCORINGS, pool_and_select, token_scores
+from tokensieve.methods.gemfilter import (
+    DEFAULT_N_INITIAL,
+    DEFAULT_WINDOW_SIZE,
+    SCORINGS,
+    GemFilter,
+    pool_and_select,
+    token_scores,
+)
 from tokensieve.runner import encode_prompt
 
 
 @torch.inference_mode()
+def all_layer_scores_by_scoring(
+    model: PreTrainedModel, input_ids: torch.Tensor, scorings: tuple[str, ...], window_size: int = DEFAULT_WINDOW_SIZE,
+    local_window: int | None = None, n_initial: int = DEFAULT_N_INITIAL,
+) -> dict[str, list[torch.Tensor]]:
+    """GemFilter's scores [n] at every layer for each scoring, from one forward (no cache).
+
+    ``local_window``: every full-attention layer attends only to the first ``n_initial`` tokens and
+    the last ``local_window`` (GemFilter's local filter pass, ``GemFilter.local_layer_attention``);
+    ``None``: dense causal attention.
+    """
+    out: dict[str, dict[int, torch.Tensor]] = {s: {} for s in scorings}
+    local = None if local_window is None else GemFilter(filter_attention="local", n_initial=n_initial, n_recent=local_window)
+
+    def hook(module, query, key, value, attention_mask, **kwargs):
+        for s in scorings:
+            out[s][module.layer_idx] = token_scores(query, key, module.scaling, s, window_size)[0]
+        return None if local is None else (local.local_layer_attention(module, query, key, value), None)
+
+    model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **{HOOK_KWARG: hook})
+    return {s: [out[s][i] for i in range(num_layers(model))] for s in scorings}
+
+
 def all_layer_scores(
     model: PreTrainedModel, input_ids: torch.Tensor, scoring: str, window_size: int = DEFAULT_WINDOW_SIZE
 ) -> list[torch.Tensor]:
     """GemFilter's scores [n] (``gemfilter.token_scores``, i.e. ``tokensieve.scoring``) at every layer,
     from one full forward (no cache)."""
-    out: dict[int, torch.Tensor] = {}
-
-    def hook(module, query, key, value, attention_mask, **kwargs):
-        out[module.layer_idx] = token_scores(query, key, module.scaling, scoring, window_size)[0]
-        return None
-
-    model(input_ids=input_ids, use_cache=False, logits_to_keep=1, **{HOOK_KWARG: hook})
-    return [out[i] for i in range(num_layers(model))]
+    return all_layer_scores_by_scoring(model, input_ids, (scoring,), window_size)[scoring]
 
 
 @dataclass
@@ -49,6 +78,10 @@ class Calibration:
     recall: dict[str, list[float]] = field(default_factory=dict)  # scoring -> mean recall per layer
     best_layer: int = -1
     best_scoring: str = ""
+    n_initial: int = DEFAULT_N_INITIAL  # sinks of the local filter pass
+    local_windows: list[int] = field(default_factory=list)
+    local_recall: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # str(w) -> scoring -> per layer
+    suggested_window: int | None = None  # smallest w within tolerance of dense at (best_layer, best_scoring)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -65,28 +98,41 @@ def calibrate(
     tolerance: float = 0.02,
     progress: bool = True,
     window_size: int = DEFAULT_WINDOW_SIZE,
+    local_windows: tuple[int, ...] | list[int] = (),
+    n_initial: int = DEFAULT_N_INITIAL,
 ) -> Calibration:
     """Mean needle recall of GemFilter's top-``topk`` selection at every layer, per scoring; the chosen layer.
 
     The scores and the selection are GemFilter's own (``gemfilter.token_scores`` and
     ``pool_and_select``, i.e. ``tokensieve.scoring``), with ``window_size`` scoring queries
-    for the "window" scoring.
+    for the "window" scoring. ``local_windows``: also the recall of the local filter pass with
+    each window ``w`` (and ``n_initial`` sinks); a window covering the whole prompt reuses the
+    dense scores (it is the same pass).
     """
     L = num_layers(model)
-    sums = {s: torch.zeros(L) for s in scorings}
+    windows = [int(w) for w in local_windows]
+    variants: list[int | None] = [None, *windows]
+    sums = {(v, s): torch.zeros(L) for v in variants for s in scorings}
     cells = [(n, d) for n in lengths for d in depths]
     for n, d in tqdm(cells, desc="calibrate", disable=not progress):
         p = build_needle_prompt(tokenizer, haystack, n, d)
         ids = encode_prompt(tokenizer, p.messages).to(model.device)
         needle = torch.tensor(p.needle_span)
-        for s in scorings:
-            for layer, sc in enumerate(all_layer_scores(model, ids, s, window_size)):
-                kept = pool_and_select(sc, topk).cpu()
-                sums[s][layer] += torch.isin(needle, kept).float().mean()
-    cal = Calibration(topk, lengths, depths, window_size)
+        dense = all_layer_scores_by_scoring(model, ids, scorings, window_size)
+        for v in variants:
+            by_scoring = dense if v is None or v >= ids.shape[1] else all_layer_scores_by_scoring(
+                model, ids, scorings, window_size, local_window=v, n_initial=n_initial)
+            for s in scorings:
+                for layer, sc in enumerate(by_scoring[s]):
+                    kept = pool_and_select(sc, topk).cpu()
+                    sums[v, s][layer] += torch.isin(needle, kept).float().mean()
+    cal = Calibration(topk, lengths, depths, window_size, n_initial=n_initial, local_windows=windows)
+    sums_dense = {s: sums[None, s] for s in scorings}
+    for w in windows:
+        cal.local_recall[str(w)] = {s: [round(x, 4) for x in (sums[w, s] / len(cells)).tolist()] for s in scorings}
     best = (-1.0, 0, "")
     for s in scorings:
-        mean = (sums[s] / len(cells)).tolist()
+        mean = (sums_dense[s] / len(cells)).tolist()
         cal.recall[s] = [round(x, 4) for x in mean]
         top = max(mean)
         if top > best[0] + 1e-9:
@@ -94,4 +140,8 @@ def calibrate(
     top, _, s = best
     cal.best_scoring = s
     cal.best_layer = next(i for i, x in enumerate(cal.recall[s]) if x >= top - tolerance)
+    dense_at_best = cal.recall[s][cal.best_layer]
+    cal.suggested_window = next(
+        (w for w in sorted(windows) if cal.local_recall[str(w)][s][cal.best_layer] >= dense_at_best - tolerance), None
+    )
     return cal

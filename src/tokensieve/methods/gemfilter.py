@@ -44,6 +44,10 @@ from tokensieve.methods.eviction import check_int
 from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
 SCORINGS = ("paper", "window")
+FILTER_ATTENTIONS = ("dense", "local")
+DEFAULT_N_INITIAL = 4  # sink tokens every filter-pass query sees with filter_attention="local"
+DEFAULT_N_RECENT = 1024  # recent tokens (itself included) every filter-pass query sees with "local"
+LOCAL_QUERY_CHUNK = 1024  # queries per SDPA call of the local filter attention
 DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
 DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
 
@@ -96,6 +100,76 @@ def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
 
 
+def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_initial: int, n_recent: int) -> torch.Tensor:
+    """Boolean mask [q, K] (True = may attend): key position ``j`` is visible to query position ``i``
+    iff ``j <= i`` and (``j < n_initial`` or ``j > i - n_recent``): the sinks plus the last ``n_recent``
+    tokens, itself included. q_pos: [q], k_pos: [K] absolute positions."""
+    causal = k_pos[None, :] <= q_pos[:, None]
+    return causal & ((k_pos[None, :] < n_initial) | (k_pos[None, :] > q_pos[:, None] - n_recent))
+
+
+def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
+                 scale: float) -> torch.Tensor:
+    """SDPA with a boolean mask [q, K], GQA handled: query [1, hq, q, d], key/value [1, hkv, K, d] -> [1, hq, q, d].
+
+    On CUDA the KV heads are repeated (a block is small) so that the memory-efficient kernel, which
+    takes a mask but not ``enable_gqa``, runs instead of the math fallback.
+    """
+    if query.device.type == "cuda" and query.shape[1] != key.shape[1]:
+        from tokensieve.attention import repeat_kv
+
+        g = query.shape[1] // key.shape[1]
+        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+    try:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
+    except (RuntimeError, TypeError):  # kernels without GQA support for a mask: repeat the KV heads
+        from tokensieve.attention import repeat_kv
+
+        g = query.shape[1] // key.shape[1]
+        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+
+
+def local_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, n_initial: int, n_recent: int,
+    query_chunk: int = LOCAL_QUERY_CHUNK, key_positions: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention restricted to the first ``n_initial`` and the last ``n_recent`` tokens (itself included).
+
+    query: [1, q_heads, q, d]; key/value: [1, kv_heads, K, d] at the ascending absolute positions
+    ``key_positions`` [K] (CPU, default ``0 .. K-1``); the queries are the last ``q`` of them.
+    Returns [1, q_heads, q, d]. Queries are taken ``query_chunk`` at a time; a chunk of positions
+    ``[s, e)`` reads only the sinks and keys at ``s - n_recent + 1 .. e - 1``, so time and memory
+    are linear in ``q`` (``O(q * (n_initial + n_recent + query_chunk))``), never a ``q x K`` mask.
+    """
+    nq, K, dev = query.shape[2], key.shape[2], query.device
+    kp = torch.arange(K) if key_positions is None else key_positions.cpu()  # [K]
+    outs = []
+    for a in range(0, nq, query_chunk):
+        b = min(nq, a + query_chunk)
+        i1 = K - nq + b  # keys up to the chunk's last query
+        s, e = int(kp[K - nq + a]), int(kp[i1 - 1]) + 1  # absolute positions of the chunk's queries
+        lo = max(min(n_initial, s), s - n_recent + 1)  # first non-sink position any query of the chunk sees
+        ns = int(torch.searchsorted(kp, min(n_initial, lo)))  # sinks held below lo
+        i0 = int(torch.searchsorted(kp, lo))
+        k = torch.cat([key[:, :, :ns], key[:, :, i0:i1]], dim=2) if ns else key[:, :, i0:i1]
+        v = torch.cat([value[:, :, :ns], value[:, :, i0:i1]], dim=2) if ns else value[:, :, i0:i1]
+        k_pos = torch.cat([kp[:ns], kp[i0:i1]]).to(dev)
+        mask = local_mask(torch.arange(s, e, device=dev), k_pos, n_initial, n_recent)  # [b-a, ns + i1-i0]
+        outs.append(_sdpa_masked(query[:, :, a:b], k, v, mask, scale))
+    return torch.cat(outs, dim=2)
+
+
+def _rolling_keep(k_pos: torch.Tensor, end: int, n_initial: int, n_recent: int) -> torch.Tensor:
+    """Which of the cached positions ``k_pos`` [K] a later query (position >= ``end``) can still see:
+    the sinks and the last ``n_recent - 1`` positions before ``end``. Bool [K]."""
+    return (k_pos < n_initial) | (k_pos >= end - (n_recent - 1))
+
+
+def is_sliding_layer(module: torch.nn.Module) -> bool:
+    """True for attention layers the model itself restricts to a sliding window (Gemma 3's local layers)."""
+    return bool(getattr(module, "sliding_window", None))
+
+
 class _FilterDone(Exception):
     """Raised inside layer r's attention to stop the filter pass early."""
 
@@ -144,7 +218,16 @@ class GemFilter(Method):
             over chunks of this many tokens, so only one layer's keys/values and the hidden
             states are resident (for prompts whose full KV would not fit, e.g. 1M tokens).
             Same scores as the one-shot pass up to float rounding. Llama-style models
-            without sliding-window layers only.
+            without sliding-window layers only. With ``filter_attention="local"`` the chunked
+            pass instead streams each chunk through layers ``0..r`` (see ``_local_chunked_scores``):
+            only layer ``r``'s keys grow with ``n``.
+        filter_attention: ``"dense"`` (the paper: causal attention over the whole prefix in
+            layers ``0..r-1``) or ``"local"``: in layers ``0..r-1`` each token attends only to
+            the first ``n_initial`` tokens and the last ``n_recent`` (itself included), so the
+            filter pass costs time linear in ``n``. The scoring queries at layer ``r`` still
+            read all ``n`` keys. Sliding-window layers keep their own window.
+        n_initial: sink tokens seen by every query of the local filter pass.
+        n_recent: recent-window width ``w`` of the local filter pass (``w >= n`` is dense).
     """
 
     name: ClassVar[str] = "gemfilter"
@@ -155,6 +238,9 @@ class GemFilter(Method):
     window_size: int = DEFAULT_WINDOW_SIZE
     kernel: int = DEFAULT_KERNEL
     chunk_size: int | None = None
+    filter_attention: str = "dense"
+    n_initial: int = DEFAULT_N_INITIAL
+    n_recent: int = DEFAULT_N_RECENT
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
         return default_filter_layer(model) if self.filter_layer is None else self.filter_layer
@@ -173,6 +259,10 @@ class GemFilter(Method):
         check_int("kernel", self.kernel, 1)
         if self.kernel % 2 == 0:
             raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
+        if self.filter_attention not in FILTER_ATTENTIONS:
+            raise InputError(f"filter_attention must be one of {FILTER_ATTENTIONS}, got {self.filter_attention!r}")
+        check_int("n_initial", self.n_initial, 0)
+        check_int("n_recent", self.n_recent, 1)
         if self.chunk_size is not None:
             if self.chunk_size < self.window_size:
                 raise InputError(f"chunk_size must be >= window_size ({self.window_size}), got {self.chunk_size}")
@@ -192,11 +282,16 @@ class GemFilter(Method):
             raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
+            if self.filter_attention == "local":
+                return self._local_chunked_scores(model, input_ids, r)
             return self._chunked_scores(model, input_ids, r)
+        local = self.filter_attention == "local"
 
         def hook(module, query, key, value, attention_mask, **kwargs):
             if module.layer_idx == r:
                 raise _FilterDone(token_scores(query, key, module.scaling, self.scoring, self.window_size))
+            if local:
+                return self.local_layer_attention(module, query, key, value), None
             return None
 
         try:
@@ -205,9 +300,25 @@ class GemFilter(Method):
             return done.scores[0]
         raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
 
+    def local_layer_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
+                              value: torch.Tensor) -> torch.Tensor:
+        """The local filter pass's attention of one whole layer: [1, n, q_heads, d] (the hook's layout).
+
+        Full-attention layers see the sinks plus the last ``n_recent`` tokens; a sliding-window
+        layer keeps its own window (``kv > q - sliding_window``, no sinks), also computed in
+        query chunks so that no ``n x n`` mask is built.
+        """
+        if is_sliding_layer(module):
+            out = local_attention(query, key, value, module.scaling, 0, int(module.sliding_window))
+        else:
+            out = local_attention(query, key, value, module.scaling, self.n_initial, self.n_recent)
+        return out.transpose(1, 2).contiguous()
+
     def _chunked_scores(self, model: PreTrainedModel, input_ids: torch.Tensor, r: int) -> torch.Tensor:
         """Filter pass layer by layer over chunks: resident are the hidden states [1, n, D] and one
         layer's keys/values [1, kv_heads, n, head_dim], never the KV of all filter layers."""
+        from tokensieve.rope import accurate_rope
+
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
         starts = list(range(0, n, self.chunk_size))
@@ -220,7 +331,7 @@ class GemFilter(Method):
             keys = values = None  # [1, kv_heads, n, head_dim], filled chunk by chunk
             for s, e in bounds:
                 pos = torch.arange(s, e, device=dev)[None]
-                rope = base.rotary_emb(hidden[:, s:e], pos)
+                rope = accurate_rope(base.rotary_emb, pos[0], hidden.dtype)  # float64 angles: exact past 1M
 
                 def hook(module, query, key, value, attention_mask, s=s, e=e, **kwargs):
                     nonlocal keys, values
@@ -246,6 +357,66 @@ class GemFilter(Method):
                     return done.scores[0]
                 hidden[:, s:e] = out[0] if isinstance(out, tuple) else out
             del keys, values
+        raise RuntimeError("chunked filter pass ended without scoring")
+
+    def _local_chunked_scores(self, model: PreTrainedModel, input_ids: torch.Tensor, r: int) -> torch.Tensor:
+        """Local filter pass streamed chunk by chunk through layers ``0..r`` (all layers per chunk).
+
+        Per layer ``< r`` only the sinks and the last ``n_recent - 1`` keys/values are kept
+        ([1, kv_heads, <= n_initial + n_recent - 1 + chunk, head_dim]); layer ``r`` stores its keys
+        for all ``n`` tokens ([1, kv_heads, n, head_dim], what the scoring reads). The prompt's
+        hidden states are never held at once: resident memory is O(n) for layer ``r``'s keys plus
+        O(r * (n_initial + n_recent + chunk)) for the rest. RoPE is computed in float64 from the
+        positions (``rope.accurate_rope``), so positions past a million keep their angles.
+        """
+        from tokensieve.rope import accurate_rope
+
+        base = model.model
+        n, dev = input_ids.shape[1], input_ids.device
+        starts = list(range(0, n, self.chunk_size))
+        if len(starts) > 1 and n - starts[-1] < self.window_size:
+            starts.pop()  # the last chunk must hold all scoring queries
+        bounds = list(zip(starts, starts[1:] + [n]))
+        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * r  # (CPU k_pos [K], keys, values)
+        keys_r: torch.Tensor | None = None  # [1, kv_heads, n, head_dim]
+        for s, e in bounds:
+            hidden = base.embed_tokens(input_ids[:, s:e])  # [1, e-s, D]
+            pos, pos_cpu = torch.arange(s, e, device=dev), torch.arange(s, e)
+            rope = accurate_rope(base.rotary_emb, pos, hidden.dtype)
+            for li in range(r + 1):
+
+                def hook(module, query, key, value, attention_mask, s=s, e=e, li=li, **kwargs):
+                    nonlocal keys_r
+                    if li == r:
+                        if keys_r is None:
+                            keys_r = key.new_empty(key.shape[0], key.shape[1], n, key.shape[3])
+                        keys_r[:, :, s:e] = key
+                        if e < n:
+                            raise _ChunkDone()
+                        raise _FilterDone(token_scores(query, keys_r, module.scaling, self.scoring,
+                                                       self.window_size, key_chunk=self.chunk_size))
+                    held = cache[li]
+                    if held is None:
+                        k_pos, k_all, v_all = pos_cpu, key, value
+                    else:
+                        k_pos = torch.cat([held[0], pos_cpu])  # [K], CPU
+                        k_all, v_all = torch.cat([held[1], key], dim=2), torch.cat([held[2], value], dim=2)
+                    out = local_attention(query, k_all, v_all, module.scaling, self.n_initial, self.n_recent,
+                                          key_positions=k_pos)  # [1, q_heads, e-s, head_dim]
+                    keep = _rolling_keep(k_pos, e, self.n_initial, self.n_recent)  # [K] bool, CPU
+                    idx = keep.nonzero()[:, 0].to(key.device)
+                    cache[li] = (k_pos[keep], k_all.index_select(2, idx), v_all.index_select(2, idx))
+                    return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
+
+                layer = base.layers[li]
+                try:
+                    out = layer(hidden, attention_mask=None, position_ids=pos[None], position_embeddings=rope,
+                                use_cache=False, **cache_kwarg(layer, None), **{HOOK_KWARG: hook})
+                except _ChunkDone:
+                    break
+                except _FilterDone as done:
+                    return done.scores[0]
+                hidden = out[0] if isinstance(out, tuple) else out
         raise RuntimeError("chunked filter pass ended without scoring")
 
     def select(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:

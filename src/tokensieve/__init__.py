@@ -30,6 +30,7 @@ _EXPORTS: dict[str, str] = {
     "Sampling": "tokensieve.runner",
     "encode_prompt": "tokensieve.runner",
     "generate": "tokensieve.runner",
+    "generate_batch": "tokensieve.runner",
     "score_continuation": "tokensieve.runner",
     "selection_text": "tokensieve.runner",
     "InputError": "tokensieve.errors",
@@ -43,7 +44,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __g
     from tokensieve.errors import InputError, PromptTooLongError  # noqa: F401
     from tokensieve.methods import METHODS, Method, make_method  # noqa: F401
     from tokensieve.models import ModelLoadError, load_model  # noqa: F401
-    from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, score_continuation, selection_text  # noqa: F401
+    from tokensieve.runner import (  # noqa: F401
+        GenerationResult, Sampling, encode_prompt, generate, generate_batch, score_continuation, selection_text,
+    )
 
 
 def __getattr__(name: str) -> Any:

@@ -10,6 +10,7 @@ import importlib.util
 import os
 import sys
 import types
+import warnings
 from dataclasses import dataclass
 
 import pytest
@@ -128,12 +129,16 @@ def llm(smollm2_f32):
     # KV cache (GiB), eager mode, one sequence at a time, float32 like tokensieve's reference.
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    from vllm import LLM
+    # vLLM's own start-up trips deprecations of torch (e.g. torch.distributed.reduce_op): not tokensieve's,
+    # so they are let through here, not turned into errors as pyproject does for tokensieve's calls.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        from vllm import LLM
 
-    return LLM(
-        model=str(tokensieve.models.cache_dir() / "smollm2"), dtype="float32", enforce_eager=True,
-        max_model_len=4096, max_num_seqs=1, seed=0,
-    )
+        return LLM(
+            model=str(tokensieve.models.cache_dir() / "smollm2"), dtype="float32", enforce_eager=True,
+            max_model_len=4096, max_num_seqs=1, seed=0,
+        )
 
 
 NEEDLES = [(1000, 0.3, 128), (1500, 0.6, 256), (2000, 0.9, 256), (1200, 0.5, 4096)]  # last: topk >= n

@@ -99,3 +99,19 @@ def test_bad_device_map(saved):
     _, folder = saved
     with pytest.raises(InputError, match="'everywhere'"):
         load_filter_model(folder, R, device_map="everywhere")
+
+
+@pytest.mark.real_model
+def test_smollm2_filter_only_same_kept_ids(smollm2):
+    from tokensieve.data import read_text
+    from tokensieve.evaluation.needle import build_needle_prompt
+    from tokensieve.models import cache_dir
+    from tokensieve.runner import encode_prompt
+
+    model, tok = smollm2
+    fm = load_filter_model(cache_dir() / "smollm2", 18, device_map="auto", dtype="float32")
+    assert len(fm.model.layers) == 19 and weight_bytes(fm) < 0.75 * weight_bytes(model)
+    for length, depth in ((800, 0.4), (1500, 0.8)):
+        ids = encode_prompt(tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages)
+        ref = GemFilter(filter_layer=18, topk=128).select(model, ids)
+        assert torch.equal(GemFilter(filter_layer=18, topk=128).select(fm, ids).cpu(), ref)

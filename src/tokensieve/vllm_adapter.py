@@ -111,8 +111,9 @@ def select_tokens(
     n = ids.shape[1]
     t0 = time.perf_counter()
     idx = m.select(filter_model, ids)
-    if ids.device.type == "cuda":
-        torch.cuda.synchronize(ids.device)
+    if torch.cuda.is_available():  # a split filter model ends on another GPU than it starts on
+        for d in range(torch.cuda.device_count()):
+            torch.cuda.synchronize(d)
     filter_s = time.perf_counter() - t0
     skipped = bool(m.topk >= n)
     flat = ids[0].tolist()

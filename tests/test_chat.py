@@ -90,3 +90,32 @@ def test_bad_input_exits_2_with_one_line(tiny, monkeypatch, capsys, tmp_path):
     assert "missing.txt" in capsys.readouterr().err
     assert cli.main(["chat", "--file", "-"]) == 2
     assert "standard input" in capsys.readouterr().err
+
+
+def test_ask_streams_the_answer_and_json_stays_one_object(monkeypatch, capsys, tmp_path):
+    import json
+
+    import tokensieve.runner as runner
+    from tokensieve.commands import ask as ask_cmd
+
+    model, tok = tiny_llama(seed=3), byte_tokenizer()
+    monkeypatch.setattr(ask_cmd, "load", lambda args: (model, tok))
+    real = runner.generate
+    seen: dict[str, object] = {}
+
+    def spy(*args, on_token=None, **kw):
+        res = real(*args, on_token=on_token, **kw)
+        seen["streamed"] = capsys.readouterr().out  # written while generating, before generate returned
+        seen["text"] = res.text
+        return res
+
+    monkeypatch.setattr(runner, "generate", spy)
+    doc = tmp_path / "doc.txt"
+    doc.write_text(DOC)
+    assert cli.main(["ask", "--file", str(doc), "--question", "code?", "--max-new-tokens", "8"]) == 0
+    rest = capsys.readouterr().out
+    assert seen["streamed"] and (seen["streamed"] + rest).startswith(seen["text"])
+    assert seen["text"].startswith(seen["streamed"].strip()) and "TTFT" in rest
+    assert cli.main(["ask", "--file", str(doc), "--question", "code?", "--max-new-tokens", "8", "--json"]) == 0
+    assert seen["streamed"] == ""
+    assert json.loads(capsys.readouterr().out)["answer"] == seen["text"]

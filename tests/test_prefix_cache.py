@@ -190,3 +190,22 @@ def test_store_tokens_longer_than_prompt_and_zero():
     empty = PrefixStore(1 << 30)
     got = ask(model, ids, "full", {}, empty, store_tokens=0)
     assert len(empty) == 0 and got.details["prefix_cached_tokens"] == 0 and empty.stats.misses == 1
+
+
+def test_smollm2_chat_questions_equal_uncached(smollm2):
+    from tokensieve.prefix_cache import chat_prefix_tokens
+    from tokensieve.runner import encode_prompt
+
+    model, tok = smollm2
+    doc = "The vault on Elm Street is guarded by Ada Lovelace. Its secret code is 4711. " * 8
+    store = PrefixStore(1 << 30)
+    for name, params in [("full", {}), ("snapkv", {"budget": 96, "window_size": 8}), ("gemfilter", {"topk": 64})]:
+        for q in ["What is the secret code?", "Who guards the vault?"]:
+            msgs = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {q}"}]
+            ids = encode_prompt(tok, msgs)
+            prefix = chat_prefix_tokens(tok, msgs, ids)
+            assert 0 < prefix < ids.shape[1] - 5
+            ref = generate(model, tok, ids, method=make_method(name, **params), max_new_tokens=12)
+            got = generate(model, tok, ids, method=PrefixReuse(make_method(name, **params), store, prefix), max_new_tokens=12)
+            assert got.token_ids == ref.token_ids and got.kept_indices == ref.kept_indices, (name, q)
+    assert store.stats.hits == 5 and store.stats.misses == 1

@@ -608,3 +608,74 @@ def test_smollm2_gemfilter_per_request_keeps_topk(smol_server):
     assert ts["method"] == "gemfilter" and ts["kept_tokens"] == 32 and ts["prompt_tokens"] > 100
     assert r.usage.prompt_tokens == ts["prompt_tokens"]
     c.close()
+
+
+# ---------------------------------------------------------------- prefix cache
+
+
+def method_text(model, tok, prompt, max_tokens: int, method: str, **params: Any) -> str:
+    """The runner alone (no prefix cache) with ``method``: what the server must answer (greedy)."""
+    res = generate(model, tok, prompt, method=method, max_new_tokens=max_tokens, **params)
+    stops = stop_token_ids(model, tok)
+    return tok.decode([t for t in res.token_ids if t not in stops], skip_special_tokens=True)
+
+
+PREFIX_DOC = "Ada keeps the vault; its code is 4711. " * 3
+
+
+def test_prefix_cache_reuses_the_document_and_answers_are_unchanged(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01)
+    runs = [  # (system + question) or (document and question in one user message), method
+        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}], {}),
+        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "who?"}], {}),
+        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "where is it?"}], {"method": "snapkv", "budget": 48, "window_size": 4}),
+        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "what?"}], {"method": "gemfilter", "topk": 24}),
+        ([{"role": "user", "content": PREFIX_DOC + "\nQuestion: code?"}], {}),
+        ([{"role": "user", "content": PREFIX_DOC + "\nQuestion: keeper?"}], {}),
+    ]
+    with serving(app) as base:
+        c = client(base)
+        cached = []
+        for msgs, ext in runs:
+            r = c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, extra_body={"tokensieve": ext})
+            params = {k: v for k, v in ext.items() if k != "method"}
+            assert r.choices[0].message.content == method_text(model, tok, msgs, 6, ext.get("method", "full"), **params)
+            ts = r.model_extra["tokensieve"]
+            assert ts["prefix_cached_tokens"] == r.usage.prompt_tokens_details.cached_tokens
+            cached.append(ts["prefix_cached_tokens"])
+        doc_tokens = len(tok(PREFIX_DOC)["input_ids"])
+        # the first request computes the document; every later one, in either shape, shares it (longest shared
+        # prefix); GemFilter recomputes its last window_size (16) tokens, whose queries score the prompt
+        assert cached[0] == 0 and all(doc_tokens <= n < doc_tokens + 12 for n in cached[1:3] + cached[4:]), cached
+        assert cached[3] == len(tok(PREFIX_DOC + "\n\nwhat?")["input_ids"]) - 16
+        # streamed: the same count in the usage chunk
+        stream = c.chat.completions.create(model="m", messages=runs[1][0], max_tokens=6, temperature=0, stream=True,
+                                           stream_options={"include_usage": True})
+        text, final, chunks = stream_text(stream)
+        streamed_cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
+        assert streamed_cached >= cached[1] and final.model_extra["tokensieve"]["prefix_cached_tokens"] == streamed_cached
+        assert text == method_text(model, tok, runs[1][0], 6, "full")
+        assert metric(base, "tokensieve_prefix_cache_lookups_total", result="hit") == 6
+        assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 1
+        assert metric(base, "tokensieve_prefix_cached_tokens_total") == sum(cached) + streamed_cached
+        store = app.state.engine.prefix_store
+        assert metric(base, "tokensieve_prefix_cache_bytes") == store.nbytes > 0
+        assert metric(base, "tokensieve_prefix_cache_entries") == len(store) >= 1
+        health = httpx2.get(f"{base}/health").json()["prefix_cache"]
+        assert health["enabled"] and health["bytes"] == store.nbytes and health["max_bytes"] == int(0.01 * (1 << 30))
+        c.close()
+
+
+def test_prefix_cache_off(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0)
+    msgs = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
+    with serving(app) as base:
+        c = client(base)
+        for _ in range(2):
+            r = c.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0)
+            assert r.usage.prompt_tokens_details.cached_tokens == 0 == r.model_extra["tokensieve"]["prefix_cached_tokens"]
+        assert httpx2.get(f"{base}/health").json()["prefix_cache"] == {"enabled": False, "reason": "disabled (size 0)"}
+        assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 0
+        c.close()

@@ -24,6 +24,7 @@ from typing import NoReturn
 # command -> one-line help (the command's module gives its own description and options).
 COMMANDS: dict[str, str] = {
     "ask": "answer a question about a document",
+    "chat": "ask many questions about one document (computed once, prefix cache)",
     "demo": "full attention vs GemFilter on a needle prompt",
     "needle": "needle-in-a-haystack grid with heatmaps (alias of `eval needle`)",
     "eval": "evaluate methods on a task (needle, ruler, longbench, ppl)",

@@ -32,10 +32,28 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the document {'on standard input' if args.file == '-' else args.file} is empty")
     (method,) = build_methods(args)
     model, tok = load(args)
+    import sys
+
     from tokensieve.runner import encode_prompt, generate, selection_text
+    from tokensieve.serve.engine import TextStream
 
     messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]
-    res = generate(model, tok, messages, method=method, max_new_tokens=args.max_new_tokens, allow_long=args.allow_long)
+    stream = TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))
+    streamed: list[str] = []
+
+    def on_token(token_id: int) -> None:  # the answer goes to the terminal as it is generated (not with --json)
+        piece = stream.push(token_id)
+        if not streamed:
+            piece = piece.lstrip()
+        if piece:
+            streamed.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+
+    res = generate(
+        model, tok, messages, method=method, max_new_tokens=args.max_new_tokens, allow_long=args.allow_long,
+        on_token=None if args.json else on_token,
+    )
     out = res.to_dict()
     out.pop("token_ids")
     out["answer"] = out.pop("text")
@@ -47,7 +65,8 @@ def run(args: argparse.Namespace) -> int:
             out.pop("kept_indices")
         print_json(out)
         return 0
-    print(res.text)
+    tail = stream.finish()  # text held back until the end (an incomplete character)
+    print(tail.rstrip() if streamed else tail.strip())
     print()
     rows = [
         ("method", res.method),

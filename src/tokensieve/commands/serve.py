@@ -39,6 +39,16 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from tokensieve.commands.common import add_method_args, add_model_args, parse_size
 
@@ -59,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
     p.add_argument("--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
+    p.add_argument("--prefix-cache-gib", type=_gib, default=1.0,
+                   help="prefix cache size in GiB: a shared prompt prefix (system prompt, document) is computed once (default 1; 0 disables it; docs/prefix_cache.md)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
     p.set_defaults(func=run)
 
@@ -83,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     app = create_app(
         model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
         max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
+        prefix_cache_gib=args.prefix_cache_gib,
     )
     if args.host not in LOOPBACK:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback; the server has no authentication", file=sys.stderr)

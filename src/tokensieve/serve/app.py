@@ -130,7 +130,14 @@ def _stats(ev: Finished) -> dict[str, Any]:
         "queue_s": ev.queue_s,
         "decode_tokens_per_s": r.decode_tokens_per_s,
         "generated_tokens": r.generated_tokens,
+        "prefix_cached_tokens": int(r.details.get("prefix_cached_tokens", 0)),
     }
+
+
+def _usage(ev: Finished) -> dict[str, Any]:
+    """OpenAI's usage; prompt tokens taken from the prefix cache in ``prompt_tokens_details.cached_tokens``."""
+    r = ev.result
+    return usage_body(r.prompt_tokens, r.generated_tokens, int(r.details.get("prefix_cached_tokens", 0)))
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -148,16 +155,18 @@ def create_app(
     request_timeout_s: float | None = 600.0,
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     generate_fn: GenerateFn = generate,
+    prefix_cache_gib: float = 1.0,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
     The app owns its engine (a worker thread started by the app's lifespan, so run it under a server
     such as uvicorn, which runs the lifespan) and its metrics registry (``app.state.metrics``).
+    ``prefix_cache_gib``: size of the engine's prefix cache (0 disables it; docs/prefix_cache.md).
     """
     metrics = Metrics()
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
-        request_timeout_s=request_timeout_s, metrics=metrics, generate_fn=generate_fn,
+        request_timeout_s=request_timeout_s, metrics=metrics, generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
     )
     created = now()
 
@@ -229,7 +238,7 @@ def create_app(
                 final["tokensieve"] = _stats(ev)
                 yield sse(final)
                 if req.include_usage:
-                    yield sse(usage_chunk(kind, rid, created_at, model_name, usage_body(ev.result.prompt_tokens, ev.result.generated_tokens)))
+                    yield sse(usage_chunk(kind, rid, created_at, model_name, _usage(ev)))
                 yield SSE_DONE
                 return
             else:
@@ -281,7 +290,7 @@ def create_app(
         res = ev.result
         return JSONResponse(
             completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason,
-                            usage_body(res.prompt_tokens, res.generated_tokens), _stats(ev))
+                            _usage(ev), _stats(ev))
         )
 
     @app.post("/v1/chat/completions")
@@ -317,6 +326,7 @@ def create_app(
                 "queue_depth": engine.queue_depth,
                 "max_queue": engine.max_queue,
                 "busy": engine.busy,
+                "prefix_cache": engine.prefix_cache_info(),
             },
             status_code=200 if ok else 503,
         )

@@ -40,6 +40,7 @@ from tokensieve.decode import DecoderPool
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import max_positions
+from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
 from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, prepare, stop_token_ids
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
@@ -228,6 +229,7 @@ class PreparedRequest:
     input_ids: torch.Tensor  # [1, n]
     method: Method
     sampling: Sampling
+    prefix_tokens: int | None = None  # leading prompt tokens to store in the prefix cache; None: no prefix cache
 
     @property
     def prompt_tokens(self) -> int:
@@ -313,6 +315,7 @@ class Engine:
         metrics: Metrics | None = None,
         generate_fn: GenerateFn = generate,
         history: int = 1024,
+        prefix_cache_gib: float = 0.0,
     ) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
@@ -344,6 +347,15 @@ class Engine:
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
         self._avg_run_s = 1.0  # running mean of a job's run time, for Retry-After
         self.records: deque[JobRecord] = deque(maxlen=history)
+        # The prefix cache: used by the worker thread only. Off for models whose cache cannot be cut at a prefix.
+        self.prefix_store: PrefixStore | None = store_for_gib(prefix_cache_gib)
+        self.prefix_off_reason: str | None = None if self.prefix_store is not None else "disabled (size 0)"
+        if self.prefix_store is not None:
+            try:
+                check_model(model)
+            except InputError as exc:
+                self.prefix_store, self.prefix_off_reason = None, str(exc)
+                log.warning("tokensieve serve: no prefix cache: %s", exc)
         self.peak_queue_depth = 0  # most requests ever waiting at once
 
     # -- lifecycle
@@ -382,6 +394,27 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._running is not None
+
+    def prefix_cache_info(self) -> dict[str, Any]:
+        """The prefix cache's state for /health."""
+        st = self.prefix_store
+        if st is None:
+            return {"enabled": False, "reason": self.prefix_off_reason}
+        return {"enabled": True, "max_bytes": st.max_bytes, "bytes": st.nbytes, "entries": len(st),
+                "hits": st.stats.hits, "misses": st.stats.misses}
+
+    def _prefix_tokens(self, req: GenerationRequest, method: Method, input_ids: torch.Tensor) -> int | None:
+        """Leading prompt tokens worth storing (docs/prefix_cache.md, "The prefix rule"); None: the request
+        does not use the cache (disabled, or a method it does not support)."""
+        if self.prefix_store is None or refusal(method) is not None:
+            return None
+        prompt = req.prompt
+        with self._tok_lock:
+            if req.kind == "chat":
+                return chat_prefix_tokens(self.tokenizer, prompt, input_ids)  # type: ignore[arg-type]
+            if isinstance(prompt, str):
+                return text_prefix_tokens(self.tokenizer, prompt, input_ids)
+        return 0  # token ids: reuse what is cached, store nothing
 
     # -- requests
 
@@ -428,7 +461,7 @@ class Engine:
             raise invalid(str(exc), prompt_param, code="context_length_exceeded") from None
         except (ValueError, TypeError) as exc:  # Method.validate names the bad parameter
             raise invalid(f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter") from None
-        return PreparedRequest(req, run.input_ids, run.method, sampling)
+        return PreparedRequest(req, run.input_ids, run.method, sampling, self._prefix_tokens(req, run.method, run.input_ids))
 
     def _encode(self, req: GenerationRequest, param: str) -> torch.Tensor:
         prompt = req.prompt
@@ -546,15 +579,21 @@ class Engine:
             return not stream.stopped
 
         t0 = time.monotonic()
+        store = self.prefix_store
+        use_prefix = store is not None and prep.prefix_tokens is not None
+        method = PrefixReuse(prep.method, store, prep.prefix_tokens) if use_prefix else prep.method  # type: ignore[arg-type]
+        evicted = store.stats.evicted if store is not None else 0
         try:
             res = self._generate(
-                self.model, self.tokenizer, prep.input_ids, method=prep.method, max_new_tokens=req.max_tokens,
+                self.model, self.tokenizer, prep.input_ids, method=method, max_new_tokens=req.max_tokens,
                 sampling=prep.sampling, on_token=on_token, decoders=self._decoders,
             )
         except InputError as exc:
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
             return
         except Exception as exc:
+            if store is not None:
+                store.clear()  # a prefix half-computed by a failed request is not kept
             log.exception("tokensieve engine: generation failed for job %s", job.id)
             error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
             self._finish(job, "failed", Failed(error))
@@ -574,6 +613,13 @@ class Engine:
         m.prompt_tokens.labels(res.method).inc(res.prompt_tokens)
         m.kept_tokens.labels(res.method).inc(res.kept_tokens)
         m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
+        if use_prefix and store is not None:
+            cached = int(res.details.get("prefix_cached_tokens", 0))
+            m.prefix_lookups.labels("hit" if cached else "miss").inc()
+            m.prefix_cached_tokens.inc(cached)
+            m.prefix_bytes.set(store.nbytes)
+            m.prefix_entries.set(len(store))
+            m.prefix_evictions.inc(store.stats.evicted - evicted)
         job.generated_tokens = res.generated_tokens
         self._finish(job, "completed", Finished(stream.text, finish_reason, res, queue_s))
 

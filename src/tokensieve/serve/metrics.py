@@ -57,6 +57,18 @@ class Metrics:
             "tokensieve_generated_tokens", "tokens generated, by job outcome (cancelled jobs count what they made before stopping)",
             ["outcome"], registry=r,
         )
+        self.prefix_lookups = Counter(
+            "tokensieve_prefix_cache_lookups",
+            "prefills that used the prefix cache, by result: hit (reused at least one token) or miss", ["result"], registry=r,
+        )
+        self.prefix_cached_tokens = Counter(
+            "tokensieve_prefix_cached_tokens", "prompt tokens taken from the prefix cache instead of computed", registry=r
+        )
+        self.prefix_bytes = Gauge("tokensieve_prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
+        self.prefix_entries = Gauge("tokensieve_prefix_cache_entries", "prefixes held by the prefix cache", registry=r)
+        self.prefix_evictions = Counter(
+            "tokensieve_prefix_cache_evictions", "prefixes dropped (least recently used) to stay within the cache's size", registry=r
+        )
         self.queue_depth = Gauge("tokensieve_queue_depth", "requests waiting for the worker", registry=r)
         self.running = Gauge("tokensieve_running_requests", "requests being generated now (0 or 1)", registry=r)
 

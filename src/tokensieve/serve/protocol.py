@@ -313,12 +313,18 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens}
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+    """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
+    ``prompt_tokens_details`` as OpenAI reports its own prompt caching."""
+    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                           "total_tokens": prompt_tokens + completion_tokens}
+    if cached_tokens is not None:
+        out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    return out
 
 
 def completion_body(
-    kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str, usage: dict[str, int], stats: dict[str, Any]
+    kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str, usage: dict[str, Any], stats: dict[str, Any]
 ) -> dict[str, Any]:
     """A ``chat.completion`` or ``text_completion`` object (non-streaming)."""
     if kind == "chat":
@@ -367,7 +373,7 @@ def chunk_body(
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [choice]}
 
 
-def usage_chunk(kind: Kind, rid: str, created: int, model: str, usage: dict[str, int]) -> dict[str, Any]:
+def usage_chunk(kind: Kind, rid: str, created: int, model: str, usage: dict[str, Any]) -> dict[str, Any]:
     """The last chunk when ``stream_options.include_usage`` is set: no choices, the usage."""
     obj = "chat.completion.chunk" if kind == "chat" else "text_completion"
     return {"id": rid, "object": obj, "created": created, "model": model, "choices": [], "usage": usage}

@@ -1,0 +1,460 @@
+"""Prefix cache: compute a shared prompt prefix (a system prompt, a document) once, answer many questions on it.
+
+``PrefixStore`` keeps computed prefixes (token ids -> per-layer tensors), bounded in bytes with
+least-recently-used eviction, and finds the longest run of leading tokens a new prompt shares with any
+stored prefix (a stored prefix is usable up to the first token where the two differ: the KV of
+positions ``0..m-1`` depends on tokens ``0..m-1`` only).
+
+``PrefixReuse(inner, store, store_tokens=L)`` is a ``Method`` that wraps full attention, SnapKV or
+GemFilter. Its ``prefill`` takes the longest cached prefix, computes the rest of the prompt on top of
+it, stores the first ``L`` tokens' state for later requests, and returns the ``DecodeState`` the inner
+method would (same cache type, same logits up to float rounding, same kept indices), so the runner,
+the static decoding path and every entry point use it unchanged.
+
+What is cached (``PrefixState``):
+
+* full attention and SnapKV: the keys and values of every layer. SnapKV's prefill attends with full
+  attention and evicts after each layer's attention, so its pre-eviction KV is exactly full
+  attention's; the cached prefix seeds an ``EvictionCache`` and the rest of the prompt runs through
+  SnapKV's own hook, which scores with the last ``window_size`` queries and evicts as usual. Those
+  queries must be computed in this pass, so at most ``n - window_size`` cached tokens are used.
+* GemFilter: keys and values of layers ``0..r-1`` and the keys of layer ``r``. The new tokens run
+  through the filter layers against them, layer ``r`` scores [cached keys + new keys] with the new
+  tokens' queries (the last ``window_size`` queries, or the last one for ``"paper"``), top-k is taken
+  over the whole prompt, and the second pass runs from scratch on the kept ids (it cannot reuse a
+  prefix: the kept tokens get new positions). A full-attention entry (every layer) serves GemFilter too.
+
+Models with sliding-window layers (Gemma 3) are refused: their caches keep only a window, so a
+prefix's state cannot be cut at another length. GemFilter's layer-by-layer ``chunk_size`` filter pass
+is refused too (the prefix path runs the dense filter pass).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokensieve.attention import HOOK_KWARG
+from tokensieve.cache import EvictionCache
+from tokensieve.errors import InputError
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.methods.gemfilter import GemFilter, pool_and_select, token_scores
+from tokensieve.methods.snapkv import SnapKV
+
+SUPPORTED = ("full", "snapkv", "gemfilter")
+GIB = 1 << 30
+
+
+@dataclass
+class PrefixState:
+    """A computed prefix: ``keys[i]``/``values[i]`` are ``[1, kv_heads, tokens, head_dim]`` for layer ``i``.
+
+    ``keys`` may hold one layer more than ``values`` (GemFilter's layer ``r``, whose values it never reads).
+    """
+
+    ids: torch.Tensor  # [tokens] int64, on the CPU
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+
+    @property
+    def tokens(self) -> int:
+        return int(self.ids.numel())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values) + self.ids.numel() * 8
+
+
+@dataclass
+class StoreStats:
+    hits: int = 0  # prefills that reused at least one cached token
+    misses: int = 0  # prefills that reused none
+    reused_tokens: int = 0  # cached tokens reused, summed over prefills
+    stored: int = 0  # prefixes stored
+    evicted: int = 0  # prefixes dropped to stay within max_bytes
+    too_large: int = 0  # prefixes not stored because alone they pass max_bytes
+
+
+class PrefixStore:
+    """Computed prefixes of one model, least recently used dropped first past ``max_bytes``.
+
+    Bytes are those of the stored tensors (keys, values, token ids) on their device; a prefix bigger
+    than ``max_bytes`` on its own is not stored. One store serves one model (its first user; another
+    model is refused). Not thread-safe: one worker uses it.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+            raise InputError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        self.max_bytes = max_bytes
+        self._entries: OrderedDict[int, PrefixState] = OrderedDict()
+        self._next = 0
+        self._owner: Any = None
+        self.nbytes = 0
+        self.stats = StoreStats()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def entries(self) -> list[PrefixState]:
+        """Stored prefixes, least recently used first."""
+        return list(self._entries.values())
+
+    def bind(self, model: PreTrainedModel) -> None:
+        """Tie the store to ``model`` on first use; ``InputError`` for another model later."""
+        import weakref
+
+        if self._owner is None or self._owner() is None:
+            self._owner = weakref.ref(model)
+        elif self._owner() is not model:
+            raise InputError("this prefix store holds another model's prefixes; use one PrefixStore per model")
+
+    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int) -> tuple[int, PrefixState | None]:
+        """The stored prefix sharing the most leading tokens with ``ids`` [n] that has at least
+        ``key_layers``/``value_layers`` layers: (shared tokens, entry), or (0, None). Marks it used."""
+        ids = ids.reshape(-1).cpu()
+        best, best_key = 0, None
+        for key, e in self._entries.items():
+            if len(e.keys) < key_layers or len(e.values) < value_layers:
+                continue
+            m = min(e.tokens, ids.numel())
+            diff = (e.ids[:m] != ids[:m]).nonzero()
+            shared = int(diff[0, 0]) if diff.numel() else m
+            if shared > best:
+                best, best_key = shared, key
+        if best_key is None:
+            return 0, None
+        self._entries.move_to_end(best_key)
+        return best, self._entries[best_key]
+
+    def put(self, state: PrefixState) -> bool:
+        """Store ``state`` (dropping least recently used prefixes to fit); False when it alone is too big.
+
+        A stored prefix that ``state`` extends (same ids, no more layers) is replaced by it.
+        """
+        size = state.nbytes
+        if size > self.max_bytes:
+            self.stats.too_large += 1
+            return False
+        for key, e in list(self._entries.items()):
+            covered = e.tokens <= state.tokens and len(e.keys) <= len(state.keys) and len(e.values) <= len(state.values)
+            if covered and torch.equal(e.ids, state.ids[: e.tokens]):
+                self._drop(key)
+        while self.nbytes + size > self.max_bytes and self._entries:
+            self._drop(next(iter(self._entries)))
+            self.stats.evicted += 1
+        self._entries[self._next] = state
+        self._next += 1
+        self.nbytes += size
+        self.stats.stored += 1
+        return True
+
+    def _drop(self, key: int) -> None:
+        self.nbytes -= self._entries.pop(key).nbytes
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self.nbytes = 0
+
+
+def store_for_gib(gib: float) -> PrefixStore | None:
+    """A store of ``gib`` GiB, or None for 0 (disabled)."""
+    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < float("inf"):
+        raise InputError(f"the prefix cache size must be a number of GiB >= 0 (0 disables it), got {gib!r}")
+    return PrefixStore(int(gib * GIB)) if gib > 0 else None
+
+
+def check_model(model: PreTrainedModel) -> None:
+    """``InputError`` for models whose cache cannot be cut at a prefix (sliding-window layers)."""
+    cfg = model.config.get_text_config()
+    kinds = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in kinds) or getattr(cfg, "use_sliding_window", False):
+        raise InputError(
+            f"the prefix cache needs a model whose layers all use full attention; {cfg.model_type!r} has sliding-window layers"
+        )
+
+
+class _Stop(Exception):
+    """Raised at layer r's attention once what the filter pass needs from it is taken."""
+
+    def __init__(self, value: Any) -> None:
+        super().__init__("stopped at the filter layer")
+        self.value = value
+
+
+def _seeded(cache: DynamicCache, keys: list[torch.Tensor], values: list[torch.Tensor], tokens: int) -> DynamicCache:
+    """``cache`` holding the first ``tokens`` entries of the given layers (slices: never written in place)."""
+    for i, (k, v) in enumerate(zip(keys, values)):
+        cache.update(k[:, :, :tokens], v[:, :, :tokens], i)
+    return cache
+
+
+def refusal(method: Method) -> str | None:
+    """Why ``method`` cannot run with a prefix cache, or None when it can."""
+    if method.name not in SUPPORTED:
+        return f"the prefix cache supports methods {', '.join(SUPPORTED)}; got {method.name!r}"
+    if isinstance(method, GemFilter) and method.chunk_size is not None:
+        return f"the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), got chunk_size={method.chunk_size}"
+    return None
+
+
+class PrefixReuse(Method):
+    """``inner`` (full, snapkv or gemfilter) with its prompt prefix taken from ``store``.
+
+    ``store_tokens``: how many leading prompt tokens to store for later requests (e.g. the system
+    prompt and document, not the question); ``None`` or 0 stores nothing (reuse only). Answers equal the
+    inner method's up to float rounding (same greedy tokens); ``details`` gain ``prefix_cached_tokens``
+    (prompt tokens whose state came from the store, computed by an earlier request) and
+    ``prefix_stored_tokens`` (tokens this request computed and stored).
+    """
+
+    def __init__(self, inner: Method, store: PrefixStore, store_tokens: int | None = None) -> None:
+        why = refusal(inner)
+        if why is not None:
+            raise InputError(why)
+        if store_tokens is not None and (isinstance(store_tokens, bool) or not isinstance(store_tokens, int) or store_tokens < 0):
+            raise InputError(f"store_tokens must be an integer >= 0 or None, got {store_tokens!r}")
+        self.inner = inner
+        self.store = store
+        self.store_tokens = store_tokens or 0
+        self.name = inner.name  # the runner's static path and results see the inner method
+
+    name: ClassVar[str] = "prefix"  # type: ignore[misc]  # replaced per instance by the inner method's name
+
+    def params(self) -> dict[str, Any]:
+        return self.inner.params()
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        self.inner.prepare(model, tokenizer)
+
+    def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
+        check_model(model)
+        self.inner.validate(model, prompt_len)
+
+    def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
+        return self.inner.forward_kwargs(state)
+
+    def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.step(model, state, token_ids)
+
+    def warm(self, model: PreTrainedModel, input_ids: torch.Tensor) -> int:
+        """Compute and store the first ``store_tokens`` tokens of ``input_ids`` [1, n] ahead of any
+        question (nothing when they are cached already); returns the prefix tokens now held."""
+        check_model(model)
+        self.store.bind(model)
+        self.validate(model, int(input_ids.shape[1]))
+        _, have, _ = self._prefix(model, input_ids)
+        return have
+
+    # -- prefill
+
+    def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
+        if input_ids.shape[0] != 1:
+            raise InputError(f"the prefix cache runs one prompt at a time, got batch size {input_ids.shape[0]}")
+        check_model(model)
+        self.store.bind(model)
+        if isinstance(self.inner, GemFilter):
+            return self._gemfilter(model, input_ids)
+        return self._kv(model, input_ids)
+
+    def _layers(self, model: PreTrainedModel) -> tuple[int, int]:
+        """(key layers, value layers) a cached prefix needs for the inner method."""
+        if isinstance(self.inner, GemFilter):
+            r = self.inner.resolved_layer(model)
+            return r + 1, r
+        n_layers = num_layers(model)
+        return n_layers, n_layers
+
+    def _prefix(self, model: PreTrainedModel, ids: torch.Tensor) -> tuple[PrefixState | None, int, int]:
+        """The cached prefix, extended to ``store_tokens`` (and stored) when shorter: (state, tokens it
+        holds for this prompt, tokens taken from the store)."""
+        n = ids.shape[1]
+        k_layers, v_layers = self._layers(model)
+        shared, entry = self.store.match(ids[0], k_layers, v_layers)
+        if entry is not None:
+            entry = PrefixState(entry.ids[:shared], [k[:, :, :shared] for k in entry.keys[:k_layers]],
+                                [v[:, :, :shared] for v in entry.values[:v_layers]])
+        want = min(self.store_tokens, n)
+        if want <= shared:
+            return entry, shared, shared
+        state = self._extend(model, ids[:, :want], entry, shared, k_layers, v_layers)
+        self.store.put(state)
+        return state, want, shared
+
+    @torch.inference_mode()
+    def _extend(
+        self, model: PreTrainedModel, ids: torch.Tensor, entry: PrefixState | None, have: int, k_layers: int, v_layers: int,
+    ) -> PrefixState:
+        """The state of ``ids`` [1, L], computing tokens ``have..L-1`` on top of ``entry``."""
+        cache = DynamicCache(config=model.config)
+        if entry is not None and have:
+            _seeded(cache, entry.keys[:v_layers], entry.values[:v_layers], have)
+        new = ids[:, have:]
+        pos = torch.arange(have, ids.shape[1], device=ids.device)[None]
+        kwargs: dict[str, Any] = {}
+        r_keys = None
+        if k_layers > v_layers:  # GemFilter: stop at layer r once its keys are computed
+            r = v_layers
+
+            def hook(module, query, key, value, attention_mask, **kw):
+                if module.layer_idx == r:
+                    raise _Stop(key[:, :, -new.shape[1]:])
+                return None
+
+            kwargs[HOOK_KWARG] = hook
+        try:
+            model(input_ids=new, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
+        except _Stop as stop:
+            r_keys = stop.value
+        keys = [cache.layers[i].keys for i in range(v_layers)]
+        values = [cache.layers[i].values for i in range(v_layers)]
+        if r_keys is not None:
+            old = entry.keys[v_layers][:, :, :have] if entry is not None and have else r_keys[:, :, :0]
+            keys.append(torch.cat([old, r_keys], dim=2))
+        return PrefixState(ids[0].detach().cpu().clone(), keys, values)
+
+    def _kv(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
+        n = ids.shape[1]
+        state, have, reused = self._prefix(model, ids)
+        tail = 1
+        if isinstance(self.inner, SnapKV) and n > self.inner.budget:
+            tail = min(self.inner.window_size, n)  # the observation window's queries are computed here
+        start = max(0, min(have, n - tail))
+        cached = self._count(start, reused)
+        with torch.inference_mode():
+            rest, pos = ids[:, start:], torch.arange(start, n, device=ids.device)[None]
+            if isinstance(self.inner, SnapKV):
+                cache: DynamicCache = EvictionCache(model.config)
+                cache.add_tokens(ids)
+                kwargs = {HOOK_KWARG: self.inner._hook(cache, prefill=True)}
+            else:
+                cache, kwargs = DynamicCache(config=model.config), {}
+            if state is not None and start:
+                _seeded(cache, state.keys, state.values, start)
+            out = model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
+        result = DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
+        result.details.update(prefix_cached_tokens=cached, prefix_stored_tokens=self._stored(have, reused))
+        return result
+
+    def _stored(self, have: int, reused: int) -> int:
+        return have if have > reused else 0
+
+    def _count(self, start: int, reused: int) -> int:
+        """Count a hit or a miss; returns the prompt tokens whose state came from the store (computed by
+        earlier requests; a prefix this request computed and stored is not counted)."""
+        st, cached = self.store.stats, min(start, reused)
+        if cached > 0:
+            st.hits += 1
+            st.reused_tokens += cached
+        else:
+            st.misses += 1
+        return cached
+
+    def _gemfilter(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
+        g: GemFilter = self.inner  # type: ignore[assignment]
+        n = ids.shape[1]
+        r = g.resolved_layer(model)
+        if g.topk >= n:  # every token kept: the inner method runs a plain full prefill
+            state = g.prefill(model, ids)
+            state.details.update(prefix_cached_tokens=0, prefix_stored_tokens=0)
+            return state
+        t0 = time.perf_counter()
+        prefix, have, reused = self._prefix(model, ids)
+        tail = min(g.window_size, n) if g.scoring == "window" else 1
+        start = max(0, min(have, n - tail))
+        cached = self._count(start, reused)
+        scores = self._filter_scores(model, ids, prefix, start, r)
+        idx = pool_and_select(scores, g.topk, g.kernel)
+        if ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        filter_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            state = full_prefill(model, ids[:, idx])
+        state.kept_indices = idx
+        state.details.update(
+            filter_layer=r, filter_s=filter_s, filter_skipped=False, prefix_cached_tokens=cached,
+            prefix_stored_tokens=self._stored(have, reused),
+        )
+        return state
+
+    @torch.inference_mode()
+    def _filter_scores(self, model: PreTrainedModel, ids: torch.Tensor, prefix: PrefixState | None, start: int, r: int) -> torch.Tensor:
+        """GemFilter's filter pass over tokens ``start..n-1`` on top of the prefix's first ``start`` tokens: scores [n]."""
+        g: GemFilter = self.inner  # type: ignore[assignment]
+        n = ids.shape[1]
+        cache = DynamicCache(config=model.config)
+        old_keys = None
+        if prefix is not None and start:
+            _seeded(cache, prefix.keys[:r], prefix.values[:r], start)
+            old_keys = prefix.keys[r][:, :, :start]
+
+        def hook(module, query, key, value, attention_mask, **kw):
+            if module.layer_idx != r:
+                return None
+            own = key[:, :, -(n - start):]
+            keys = own if old_keys is None else torch.cat([old_keys, own], dim=2)
+            raise _Stop(token_scores(query, keys, module.scaling, g.scoring, g.window_size))
+
+        pos = torch.arange(start, n, device=ids.device)[None]
+        try:
+            model(input_ids=ids[:, start:], position_ids=pos, use_cache=True, logits_to_keep=1,
+                  **cache_kwarg(model, cache), **{HOOK_KWARG: hook})
+        except _Stop as stop:
+            return stop.value[0]
+        raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
+
+
+def common_prefix(a: torch.Tensor | list[int], b: torch.Tensor | list[int]) -> int:
+    """Number of leading tokens ``a`` and ``b`` share."""
+    x = torch.as_tensor(a).reshape(-1).cpu()
+    y = torch.as_tensor(b).reshape(-1).cpu()
+    m = min(x.numel(), y.numel())
+    diff = (x[:m] != y[:m]).nonzero()
+    return int(diff[0, 0]) if diff.numel() else m
+
+
+def chat_prefix_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], input_ids: torch.Tensor) -> int:
+    """The reusable prefix of a chat prompt: everything before the last line of the last user message.
+
+    The chat template is applied to the messages with the last user message's final line (its text
+    after the last line break; all of it when it has none) removed, and the prefix is the number of
+    leading tokens that rendering shares with ``input_ids`` (the real prompt). A document in a system
+    message or an earlier turn, or a document followed by a question on its own last line, is thus
+    cached, and the question is not.
+    """
+    from tokensieve.runner import encode_prompt
+
+    last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
+    if last is None:
+        return 0
+    content = messages[last].get("content", "")
+    cut = content.rstrip("\n").rfind("\n")
+    head = content[: cut + 1] if cut >= 0 else ""
+    trimmed = [dict(m) for m in messages]
+    if head.strip():
+        trimmed[last]["content"] = head
+    else:
+        trimmed = trimmed[:last]
+    if not trimmed or not any(m.get("content", "").strip() for m in trimmed):
+        return 0
+    use_template = getattr(tokenizer, "chat_template", None) is not None
+    try:
+        ids = encode_prompt(tokenizer, trimmed, use_chat_template=use_template)
+    except Exception:  # a template that refuses the trimmed conversation: no prefix
+        return 0
+    return common_prefix(ids, input_ids)
+
+
+def text_prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str, input_ids: torch.Tensor) -> int:
+    """The reusable prefix of a raw text prompt: everything before its last line."""
+    cut = text.rstrip("\n").rfind("\n")
+    if cut <= 0 or not text[:cut].strip():
+        return 0
+    ids = tokenizer(text[: cut + 1], return_tensors="pt")["input_ids"]
+    return common_prefix(ids, input_ids)
+

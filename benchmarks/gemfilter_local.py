@@ -13,7 +13,7 @@ after one warm-up call per label at ``--warmup-length``. Peak memory = ``torch.c
 (reset per cell). The JSON is rewritten after every cell (a timeout keeps what finished; an existing
 file is extended, cells re-run replace their old row); ``--plot`` draws TTFT vs length (log-log).
 
-GPU commands (each under 9 minutes on an H100; Llama-3.1-8B shape, bf16, r = 13, k = 1024):
+GPU commands (each under 9 minutes on an H100; Llama-3.1-8B shape, bf16, r = 13, k = 1024, w = 2048):
     python benchmarks/gemfilter_local.py --lengths 8k,32k,128k --labels full,dense,local
     python benchmarks/gemfilter_local.py --lengths 256k,1M --labels local_chunked
     python benchmarks/gemfilter_local.py --lengths 2M,4M --labels local_chunked --plot benchmarks/results/gemfilter_local.png
@@ -46,7 +46,7 @@ DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch
 def make(label: str, args: argparse.Namespace) -> FullAttention | GemFilter:
     if label == "full":
         return FullAttention()
-    kw: dict[str, Any] = dict(topk=args.topk, filter_layer=args.filter_layer)
+    kw: dict[str, Any] = dict(topk=args.topk, filter_layer=args.filter_layer, filter_attention="dense")
     if label.startswith("local"):
         kw |= dict(filter_attention="local", n_initial=args.n_initial, n_recent=args.n_recent)
     if label.endswith("chunked"):

@@ -192,11 +192,12 @@ def test_bad_parameters_give_clear_errors(params, match, tok):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("scoring", ["paper", "window"])
-def test_chunked_filter_pass_equals_one_shot(family, scoring):
+@pytest.mark.parametrize("attention", ["dense", "local"])  # local: the streamed pass (w >= n here, so dense too)
+def test_chunked_filter_pass_equals_one_shot(family, scoring, attention):
     model = tiny_model(family, seed=7)
     ids = random_ids(103, seed=2)  # chunks of 16 leave a 7-token tail, merged into the previous chunk
-    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8)
-    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16)
+    one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, filter_attention=attention)
+    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16, filter_attention=attention)
     chunked.validate(model, 103)
     torch.testing.assert_close(chunked.scores(model, ids), one.scores(model, ids), rtol=1e-4, atol=1e-4)
     assert chunked.select(model, ids).tolist() == one.select(model, ids).tolist()

@@ -63,7 +63,7 @@ def test_local_with_window_at_least_n_equals_dense(family, scoring):
     model = model_for(family, seed=1)
     ids = random_ids(70, seed=4)
     r = len(model.model.layers) - 2
-    dense = GemFilter(topk=20, filter_layer=r, scoring=scoring, window_size=8)
+    dense = GemFilter(topk=20, filter_layer=r, scoring=scoring, window_size=8, filter_attention="dense")
     for w in (70, 500):
         local = GemFilter(topk=20, filter_layer=r, scoring=scoring, window_size=8, filter_attention="local", n_recent=w)
         local.validate(model, 70)
@@ -83,7 +83,7 @@ def test_small_window_changes_the_scores(family):
     model = model_for(family, seed=1)
     ids = random_ids(70, seed=4)
     r = len(model.model.layers) - 2
-    dense = GemFilter(topk=20, filter_layer=r).scores(model, ids)
+    dense = GemFilter(topk=20, filter_layer=r, filter_attention="dense").scores(model, ids)
     local = GemFilter(topk=20, filter_layer=r, filter_attention="local", n_initial=2, n_recent=4).scores(model, ids)
     assert (local - dense).abs().max() > 1e-3
 
@@ -177,7 +177,8 @@ def test_local_chunked_pass_holds_only_sinks_and_window(monkeypatch):
 def test_local_through_generate_selects_like_dense_when_window_covers_prompt(tok):
     model = tiny_model("llama", seed=0)
     ids = random_ids(80, seed=7)
-    dense = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6)
+    dense = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6,
+                               filter_attention="dense")
     local = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6,
                                 filter_attention="local", n_recent=80)
     assert local.kept_indices == dense.kept_indices and local.token_ids == dense.token_ids
@@ -265,3 +266,9 @@ def test_chunked_passes_use_accurate_rope(monkeypatch):
         calls.clear()
         GemFilter(topk=8, filter_layer=2, filter_attention=attn, n_recent=8, chunk_size=16).scores(model, ids)
         assert sorted(set(calls)) == [0, 16, 32, 48], attn
+
+
+def test_defaults_local_with_a_2048_window():
+    """The measured default (docs/gemfilter.md): local, 4 sinks, w = 2048 (prompts <= 2048 get the dense pass)."""
+    m = GemFilter()
+    assert (m.filter_attention, m.n_initial, m.n_recent) == ("local", 4, 2048)

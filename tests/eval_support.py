@@ -16,9 +16,9 @@ TEXT = " ".join(
 )
 
 
-def byte_model(family: str = "llama", *, layers: int = 3, max_pos: int = 4096) -> torch.nn.Module:
+def byte_model(family: str = "llama", *, layers: int = 3, max_pos: int = 4096, seed: int = 0) -> torch.nn.Module:
     """A tiny random model over byte_tokenizer()'s 257 ids (hidden 32) that stops at its <eos> (256)."""
-    return tiny_model(family, layers=layers, vocab=257, hidden=32, max_pos=max_pos,
+    return tiny_model(family, layers=layers, vocab=257, hidden=32, max_pos=max_pos, seed=seed,
                       ids={"eos_token_id": 256}, stop_at_eos=True, scale_head=False)
 
 

@@ -6,7 +6,7 @@ import io
 import sys
 
 import pytest
-from eval_support import byte_tokenizer, tiny_llama
+from eval_support import byte_model, byte_tokenizer
 
 from tokensieve import cli
 from tokensieve.commands import chat as chat_cmd
@@ -18,7 +18,7 @@ DOC = "The vault code is 4711. " * 6 + "\nThe keeper is called Ada.\n"
 
 @pytest.fixture
 def tiny(monkeypatch):
-    model, tok = tiny_llama(seed=3), byte_tokenizer()
+    model, tok = byte_model(seed=3), byte_tokenizer()
     monkeypatch.setattr(chat_cmd, "load", lambda args: (model, tok))
     return model, tok
 
@@ -98,7 +98,7 @@ def test_ask_streams_the_answer_and_json_stays_one_object(monkeypatch, capsys, t
     import tokensieve.runner as runner
     from tokensieve.commands import ask as ask_cmd
 
-    model, tok = tiny_llama(seed=3), byte_tokenizer()
+    model, tok = byte_model(seed=3), byte_tokenizer()
     monkeypatch.setattr(ask_cmd, "load", lambda args: (model, tok))
     real = runner.generate
     seen: dict[str, object] = {}

@@ -268,7 +268,26 @@ def test_chunked_passes_use_accurate_rope(monkeypatch):
         assert sorted(set(calls)) == [0, 16, 32, 48], attn
 
 
-def test_defaults_local_with_a_2048_window():
-    """The measured default (docs/gemfilter.md): local, 4 sinks, w = 2048 (prompts <= 2048 get the dense pass)."""
+def test_defaults_auto_local_from_64k_with_a_2048_window():
+    """The measured default (docs/gemfilter.md): local (4 sinks, w = 2048) from 64k tokens on, where it is faster."""
+    from tokensieve.methods.gemfilter import LOCAL_FROM_TOKENS
+
     m = GemFilter()
-    assert (m.filter_attention, m.n_initial, m.n_recent) == ("local", 4, 2048)
+    assert (m.filter_attention, m.n_initial, m.n_recent, LOCAL_FROM_TOKENS) == ("auto", 4, 2048, 65536)
+    assert not m.uses_local(65535) and m.uses_local(65536)
+    assert GemFilter(filter_attention="local").uses_local(10) and not GemFilter(filter_attention="dense").uses_local(10**7)
+
+
+def test_auto_switches_to_the_local_pass_from_the_threshold(monkeypatch):
+    """"auto" gives the dense scores below the threshold and the local ones from it (threshold lowered for a tiny model)."""
+    import tokensieve.methods.gemfilter as gf
+
+    model, ids = tiny_model("llama"), random_ids(48, seed=3)
+    kw = dict(topk=8, filter_layer=3, n_initial=2, n_recent=6)
+    dense = GemFilter(filter_attention="dense", **kw).scores(model, ids)
+    local = GemFilter(filter_attention="local", **kw).scores(model, ids)
+    assert not torch.allclose(dense, local)
+    monkeypatch.setattr(gf, "LOCAL_FROM_TOKENS", 49)
+    torch.testing.assert_close(GemFilter(filter_attention="auto", **kw).scores(model, ids), dense)
+    monkeypatch.setattr(gf, "LOCAL_FROM_TOKENS", 48)
+    torch.testing.assert_close(GemFilter(filter_attention="auto", **kw).scores(model, ids), local)

@@ -200,6 +200,8 @@ def refusal(method: Method) -> str | None:
         return f"the prefix cache supports methods {', '.join(SUPPORTED)}; got {method.name!r}"
     if isinstance(method, GemFilter) and method.chunk_size is not None:
         return f"the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), got chunk_size={method.chunk_size}"
+    if isinstance(method, GemFilter) and method.filter_attention == "local":
+        return "the prefix cache runs GemFilter's dense filter pass only; got filter_attention='local'"
     return None
 
 
@@ -259,6 +261,8 @@ class PrefixReuse(Method):
         check_model(model)
         self.store.bind(model)
         if isinstance(self.inner, GemFilter):
+            if self.inner.uses_local(input_ids.shape[1]):  # "auto" on a long prompt: the local pass, not cached yet
+                return self.inner.prefill(model, input_ids)
             return self._gemfilter(model, input_ids)
         return self._kv(model, input_ids)
 

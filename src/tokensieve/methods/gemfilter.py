@@ -44,7 +44,11 @@ from tokensieve.methods.eviction import check_int
 from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
 SCORINGS = ("paper", "window")
-FILTER_ATTENTIONS = ("dense", "local")
+FILTER_ATTENTIONS = ("auto", "dense", "local")
+# "auto" runs the local pass from this prompt length on, dense below it. Measured on an H100 (Llama-3.1-8B shape,
+# w = 2048, benchmarks/results/gpu/gemfilter_local_h100.json): local was slower than dense at 8k (0.44 vs 0.18 s)
+# and 32k (0.77 vs 0.63 s) and twice as fast at 128k (2.48 vs 4.84 s).
+LOCAL_FROM_TOKENS = 65536
 DEFAULT_N_INITIAL = 4  # sink tokens every filter-pass query sees with filter_attention="local"
 DEFAULT_N_RECENT = 2048  # recent tokens (itself included) every filter-pass query sees with "local" (measured: docs/gemfilter.md)
 LOCAL_QUERY_CHUNK = 1024  # queries per SDPA call of the local filter attention
@@ -221,7 +225,8 @@ class GemFilter(Method):
             without sliding-window layers only. With ``filter_attention="local"`` the chunked
             pass instead streams each chunk through layers ``0..r`` (see ``_local_chunked_scores``):
             only layer ``r``'s keys grow with ``n``.
-        filter_attention: ``"local"`` (default) or ``"dense"`` (the paper: causal attention over
+        filter_attention: ``"auto"`` (default: ``"local"`` for prompts of ``LOCAL_FROM_TOKENS`` = 64k tokens or
+            more, where it measured faster, ``"dense"`` below), ``"local"`` or ``"dense"`` (the paper: causal attention over
             the whole prefix in layers ``0..r-1``). ``"local"``: in layers ``0..r-1`` each token attends only to
             the first ``n_initial`` tokens and the last ``n_recent`` (itself included), so the
             filter pass costs time linear in ``n``. The scoring queries at layer ``r`` still
@@ -239,7 +244,7 @@ class GemFilter(Method):
     window_size: int = DEFAULT_WINDOW_SIZE
     kernel: int = DEFAULT_KERNEL
     chunk_size: int | None = None
-    filter_attention: str = "local"  # measured within 0.02 of dense recall at w=2048 (docs/gemfilter.md)
+    filter_attention: str = "auto"  # local within 0.02 of dense recall at w=2048 (docs/gemfilter.md); faster from 64k
     n_initial: int = DEFAULT_N_INITIAL
     n_recent: int = DEFAULT_N_RECENT
 
@@ -276,17 +281,21 @@ class GemFilter(Method):
                     f"got {cfg.model_type!r}"
                 )
 
+    def uses_local(self, n: int) -> bool:
+        """Whether the filter pass over an ``n``-token prompt is the local one."""
+        return self.filter_attention == "local" or (self.filter_attention == "auto" and n >= LOCAL_FROM_TOKENS)
+
     @torch.inference_mode()
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
         """Filter pass: per-token scores [n] from layer ``r`` (before pooling)."""
         if input_ids.shape[0] != 1:
             raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)
+        local = self.uses_local(input_ids.shape[1])
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
-            if self.filter_attention == "local":
+            if local:
                 return self._local_chunked_scores(model, input_ids, r)
             return self._chunked_scores(model, input_ids, r)
-        local = self.filter_attention == "local"
 
         def hook(module, query, key, value, attention_mask, **kwargs):
             if module.layer_idx == r:

@@ -324,6 +324,13 @@ class GemFilter(Method):
             out = local_attention(query, key, value, module.scaling, self.n_initial, self.n_recent)
         return out.transpose(1, 2).contiguous()
 
+    def _chunk_bounds(self, n: int) -> list[tuple[int, int]]:
+        """(start, end) of the chunks of an ``n``-token prompt; the last chunk holds all scoring queries."""
+        starts = list(range(0, n, self.chunk_size))
+        if len(starts) > 1 and n - starts[-1] < self.window_size:
+            starts.pop()
+        return list(zip(starts, starts[1:] + [n]))
+
     def _chunked_scores(self, model: PreTrainedModel, input_ids: torch.Tensor, r: int) -> torch.Tensor:
         """Filter pass layer by layer over chunks: resident are the hidden states [1, n, D] and one
         layer's keys/values [1, kv_heads, n, head_dim], never the KV of all filter layers."""
@@ -331,10 +338,7 @@ class GemFilter(Method):
 
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
-        starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] < self.window_size:
-            starts.pop()  # the last chunk must hold all scoring queries
-        bounds = list(zip(starts, starts[1:] + [n]))
+        bounds = self._chunk_bounds(n)
         hidden = base.embed_tokens(input_ids)  # [1, n, D]
         for li in range(r + 1):
             layer = base.layers[li]
@@ -383,10 +387,7 @@ class GemFilter(Method):
 
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
-        starts = list(range(0, n, self.chunk_size))
-        if len(starts) > 1 and n - starts[-1] < self.window_size:
-            starts.pop()  # the last chunk must hold all scoring queries
-        bounds = list(zip(starts, starts[1:] + [n]))
+        bounds = self._chunk_bounds(n)
         cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * r  # (CPU k_pos [K], keys, values)
         keys_r: torch.Tensor | None = None  # [1, kv_heads, n, head_dim]
         for s, e in bounds:

@@ -186,6 +186,27 @@ def bench_batch(
     return row
 
 
+def _setup(
+    shape: str, methods: dict[str, dict[str, Any]], dtype: torch.dtype, device: str | None, model: PreTrainedModel | None
+) -> tuple[torch.device, PreTrainedModel, float, dict[str, Method]]:
+    """The device, the model (built in ``shape`` unless given), its build time, and the labelled methods."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    t0 = time.perf_counter()
+    model = model if model is not None else build_model(shape, dtype, dev)
+    build_s = time.perf_counter() - t0
+    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+             for label, spec in methods.items()}
+    return dev, model, build_s, built
+
+
+def _result(shape: str, dtype: torch.dtype, model: PreTrainedModel, device: torch.device, build_s: float,
+            rows: list[dict[str, Any]], **sweep: Any) -> dict[str, Any]:
+    """A sweep's JSON-ready result: what was run (``sweep``), on what, and its rows."""
+    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), **sweep, "model_build_s": build_s,
+            "environment": environment(device),
+            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
+
+
 def run_batch_bench(
     shape: str,
     lengths: list[int],
@@ -204,12 +225,7 @@ def run_batch_bench(
     for b in batches:
         if isinstance(b, bool) or not isinstance(b, int) or b < 1:
             raise InputError(f"batch sizes must be integers >= 1, got {b!r}")
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t0 = time.perf_counter()
-    model = model if model is not None else build_model(shape, dtype, device)
-    build_s = time.perf_counter() - t0
-    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
-             for label, spec in methods.items()}
+    device, model, build_s, built = _setup(shape, methods, dtype, device, model)
     # No shared DecoderPool: each cell's static buffers (batch x capacity, up to tens of GiB) are freed after
     # it; the capture is made per cell and never counted as decode time.
     for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
@@ -225,9 +241,7 @@ def run_batch_bench(
         rows.append({"label": label, **row.__dict__, "speedup_vs_batch1": speedup})
         if on_row is not None:
             on_row(rows)
-    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "batches": batches,
-            "decode_tokens": decode_tokens, "model_build_s": build_s, "environment": environment(device),
-            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
+    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, batches=batches, decode_tokens=decode_tokens)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -262,12 +276,7 @@ def run_bench(
     ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
     method appear with several settings (e.g. GemFilter chunked for 1M tokens).
     """
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    t0 = time.perf_counter()
-    model = model if model is not None else build_model(shape, dtype, device)
-    build_s = time.perf_counter() - t0
-    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
-             for label, spec in methods.items()}
+    device, model, build_s, built = _setup(shape, methods, dtype, device, model)
     rows: list[dict[str, Any]] = []
     pool = DecoderPool(model)  # captured decoding steps, one per capacity bucket, reused across cells
     for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
@@ -278,9 +287,7 @@ def run_bench(
         rows.append({"label": label, **row.__dict__})
         if on_row is not None:
             on_row(rows)
-    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), "lengths": lengths, "repeats": repeats,
-            "decode_tokens": decode_tokens, "model_build_s": build_s, "environment": environment(device),
-            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
+    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, repeats=repeats, decode_tokens=decode_tokens)
 
 
 def save(result: dict[str, Any], path: str) -> None:

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
     dtype = parse_dtype(args.dtype)
-    from tokensieve.bench import run_bench, save
+    from tokensieve.bench import run_bench
     from tokensieve.evaluation.plots import bench_plot
 
     model = None
@@ -60,22 +60,27 @@ def run(args: argparse.Namespace) -> int:
         res = run_batch_bench(args.model or args.shape, args.lengths, args.batches, methods, dtype=dtype,
                               device=args.device, decode_tokens=args.decode_tokens, model=model)
         print(format_batch_table(res))
-        if args.out:
-            out = Path(args.out)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            save(res, str(out))
-            print(f"wrote {out}")
+        _write(res, args.out)
         return 0
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, model=model)
     print(format_table(res))
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        save(res, str(out))
-        bench_plot(res, out.with_suffix(".png"))
-        print(f"wrote {out} and {out.with_suffix('.png')}")
+    _write(res, args.out, plot=bench_plot)
     return 0
+
+
+def _write(res: dict, out: str | None, plot=None) -> None:
+    """Write the sweep's JSON to ``out`` (and ``plot(res, PNG beside it)`` when given)."""
+    if not out:
+        return
+    from tokensieve.bench import save
+
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save(res, str(path))
+    if plot is not None:
+        plot(res, path.with_suffix(".png"))
+    print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if plot is not None else ""))
 
 
 def format_table(res: dict) -> str:

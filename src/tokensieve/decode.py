@@ -39,6 +39,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
+from tokensieve.scoring import matmul_fp32
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
 # tail the step reads is small (at most BUCKET - 1 entries) and prompts of similar size share a graph.
@@ -65,15 +66,6 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 
 # Methods whose KV cache only grows after the prefill: the static buffers hold exactly what they keep.
 STATIC_METHODS = ("full", "gemfilter", "snapkv")
-
-
-def _scores_fp32(q: torch.Tensor, k_t: torch.Tensor) -> torch.Tensor:
-    """``q @ k_t`` [batch, g, cap] with float32 output: on CUDA, half-precision inputs accumulate into a float32
-    result (cuBLAS, no float32 copy of the keys), as fused attention kernels keep their scores; elsewhere
-    the inputs are float32 already or are upcast."""
-    if q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
-        return torch.bmm(q, k_t, out_dtype=torch.float32)
-    return torch.bmm(q.float(), k_t.float())
 
 
 @dataclass
@@ -173,7 +165,7 @@ class StaticDecoder:
         hkv, cap = keys.shape[1], keys.shape[2]
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
-        scores = _scores_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
+        scores = matmul_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
         visible = (self._slots <= slot) & self.valid  # [b, cap]: the filled slots and the new one, pads excluded
         scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
         probs = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1).to(values.dtype)

@@ -365,27 +365,42 @@ def generate(
         return None if len(out_ids) >= max_new_tokens or out_ids[-1] in stops else token
 
     tr = drive(model, run, next_token, max_new_tokens - 1, decode, decoders)
-    state, n = tr.state, run.input_ids.shape[1]
+    n, kept = run.input_ids.shape[1], tr.state.kept_indices
+    return _result(
+        run, tr, tokenizer, stops, out_ids, prompt_tokens=n, kept_tokens=kept_tokens(tr.state, n), kept=kept,
+        kv=(tr.kv_tokens_prefill, tr.kv_tokens_final, tr.kv_bytes_prefill, tr.kv_bytes_final),
+        decode_s=tr.decode_s, step_times_s=tr.step_times_s,
+    )
+
+
+def _result(
+    run: Prepared, tr: Trace, tokenizer: PreTrainedTokenizerBase, stops: set[int], out_ids: list[int], *,
+    prompt_tokens: int, kept_tokens: int, kept: torch.Tensor | None,
+    kv: tuple[list[int], list[int], int, int], decode_s: float, step_times_s: list[float],
+    details: dict[str, Any] | None = None,
+) -> GenerationResult:
+    """One prompt's ``GenerationResult`` from a ``drive`` trace: its tokens, KV (prefill/final entries, bytes),
+    decode time and step times (``generate`` and each row of ``generate_batch``)."""
+    kv_pre, kv_fin, bytes_pre, bytes_fin = kv
     text_ids = [t for t in out_ids if t not in stops]
-    kept = state.kept_indices
     return GenerationResult(
         text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
         method=run.method.name,
         params=run.method.params(),
-        prompt_tokens=n,
-        kept_tokens=kept_tokens(state, n),
+        prompt_tokens=prompt_tokens,
+        kept_tokens=kept_tokens,
         ttft_s=tr.ttft_s,
-        decode_tokens_per_s=(len(out_ids) - 1) / tr.decode_s if len(out_ids) > 1 and tr.decode_s > 0 else None,
+        decode_tokens_per_s=(len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else None,
         peak_memory_bytes=tr.peak_memory_bytes,
-        kv_tokens_prefill=tr.kv_tokens_prefill,
-        kv_tokens_final=tr.kv_tokens_final,
-        kv_bytes_prefill=tr.kv_bytes_prefill,
-        kv_bytes_final=tr.kv_bytes_final,
+        kv_tokens_prefill=kv_pre,
+        kv_tokens_final=kv_fin,
+        kv_bytes_prefill=bytes_pre,
+        kv_bytes_final=bytes_fin,
         generated_tokens=len(out_ids),
         token_ids=out_ids,
         kept_indices=kept.tolist() if kept is not None else None,
-        details=dict(state.details) | {"decode_path": tr.decode_path, "capture_s": tr.capture_s},
-        step_times_s=tr.step_times_s,
+        details=dict(tr.state.details) | {"decode_path": tr.decode_path, "capture_s": tr.capture_s} | (details or {}),
+        step_times_s=step_times_s,
     )
 
 
@@ -436,7 +451,7 @@ def generate_batch(
     lengths = mask.sum(-1).tolist() if mask is not None else [run.input_ids.shape[1]]  # prompt tokens per row
     total = sum(len(o) for o in outs)
     wall = tr.ttft_s + tr.decode_s
-    batch_details = {"decode_path": tr.decode_path, "capture_s": tr.capture_s, "batch_size": rows,
+    batch_details = {"batch_size": rows,
                      "batch_generated_tokens": total, "batch_tokens_per_s": total / wall if wall > 0 else None}
     n_layers = len(tr.kv_tokens_prefill)
     results = []
@@ -454,26 +469,12 @@ def generate_batch(
             kept = state.kept_indices
         else:
             kept = None
-        decode_s = sum(tr.step_times_s[: len(out_ids) - 1])
-        text_ids = [t for t in out_ids if t not in stops]
-        results.append(GenerationResult(
-            text=tokenizer.decode(text_ids, skip_special_tokens=True).strip(),
-            method=run.method.name,
-            params=run.method.params(),
-            prompt_tokens=lengths[b],
-            kept_tokens=int(kept.numel()) if kept is not None else kept_tokens(state, lengths[b]),
-            ttft_s=tr.ttft_s,
-            decode_tokens_per_s=(len(out_ids) - 1) / decode_s if len(out_ids) > 1 and decode_s > 0 else None,
-            peak_memory_bytes=tr.peak_memory_bytes,
-            kv_tokens_prefill=kv_pre,
-            kv_tokens_final=kv_fin,
-            kv_bytes_prefill=bytes_pre,
-            kv_bytes_final=bytes_fin,
-            generated_tokens=len(out_ids),
-            token_ids=out_ids,
-            kept_indices=kept.tolist() if kept is not None else None,
-            details=dict(state.details) | batch_details,
-            step_times_s=tr.step_times_s[: len(out_ids) - 1],
+        n_steps = len(out_ids) - 1
+        results.append(_result(
+            run, tr, tokenizer, stops, out_ids, prompt_tokens=lengths[b],
+            kept_tokens=int(kept.numel()) if kept is not None else kept_tokens(state, lengths[b]), kept=kept,
+            kv=(kv_pre, kv_fin, bytes_pre, bytes_fin), decode_s=sum(tr.step_times_s[:n_steps]),
+            step_times_s=tr.step_times_s[:n_steps], details=batch_details,
         ))
     return results
 

@@ -4,19 +4,28 @@ Cells (label x length), token-id prompts on a random-weight model of a real shap
 
 * ``full``: full-attention prefill (lengths up to ``--full-max``, default 131072).
 * ``dense``: GemFilter, dense one-shot filter pass (the paper).
-* ``local``: GemFilter, ``filter_attention="local"`` one-shot filter pass.
+* ``local``: GemFilter, ``filter_attention="local"`` one-shot filter pass, SDPA over query chunks.
+* ``local_flex``: the same pass with one FlexAttention call per layer (``local_kernel="flex"``, compiled;
+  the compile happens in the warm-up at each length and is reported as ``compile_s``).
 * ``local_chunked``: the local pass streamed chunk by chunk (``chunk_size``): only layer r's keys grow with n.
 * ``dense_chunked``: the dense pass layer by layer over chunks (the README's 1M-token row), for comparison.
 
 TTFT = prefill including the first token's logits, device-synchronised, median of ``--repeats``
 after one warm-up call per label at ``--warmup-length``. Peak memory = ``torch.cuda.max_memory_allocated``
-(reset per cell). The JSON is rewritten after every cell (a timeout keeps what finished; an existing
+(reset per cell; with ``--filter-only`` one figure per GPU). ``--filter-only`` builds only layers
+``0..r`` (``tokensieve.filter_model.build_filter_model``) spread by ``--device-map`` / ``--max-memory``
+(accelerate; modules put on ``cpu`` are offloaded and run on the GPU) and times the filter pass alone
+(``GemFilter.select``): the shape of a model larger than one GPU, e.g. Llama-3.1-70B. The JSON is rewritten after every cell (a timeout keeps what finished; an existing
 file is extended, cells re-run replace their old row); ``--plot`` draws TTFT vs length (log-log).
 
 GPU commands (each under 9 minutes on an H100; Llama-3.1-8B shape, bf16, r = 13, k = 1024, w = 2048):
     python benchmarks/gemfilter_local.py --lengths 8k,32k,128k --labels full,dense,local
     python benchmarks/gemfilter_local.py --lengths 256k,1M --labels local_chunked
     python benchmarks/gemfilter_local.py --lengths 2M,4M --labels local_chunked --plot benchmarks/results/gemfilter_local.png
+    python benchmarks/gemfilter_local.py --shape llama3.1-70b --filter-only --filter-layer 36 \
+        --lengths 32k,128k --labels dense,local_flex   # layers 0..36 of the 70B shape (~61 GiB) on one GPU
+    python benchmarks/gemfilter_local.py --shape llama3.1-70b --filter-only --filter-layer 36 --lengths 32k \
+        --labels dense --max-memory 0=40GiB,cpu=200GiB   # the same, spread over the GPU and the host
 CPU check: python benchmarks/gemfilter_local.py --shape tiny --device cpu --dtype float32 --lengths 512,2k \
     --labels full,dense,local,local_chunked --filter-layer 2 --topk 64 --n-recent 128 --chunk-size 256
 """
@@ -33,14 +42,28 @@ from typing import Any
 
 import torch
 
-from tokensieve.bench import build_model
+from tokensieve.bench import build_model, shape_config
+from tokensieve.filter_model import build_filter_model, filter_fraction, weight_bytes
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import FullAttention
 from tokensieve.methods.gemfilter import DEFAULT_N_INITIAL, DEFAULT_N_RECENT, GemFilter
 
-LABELS = ("full", "dense", "local", "local_chunked", "dense_chunked")
+LABELS = ("full", "dense", "local", "local_flex", "local_chunked", "dense_chunked")
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def parse_max_memory(text: str | None) -> dict[int | str, str] | None:
+    """``0=40GiB,cpu=200GiB`` -> ``{0: "40GiB", "cpu": "200GiB"}``."""
+    if not text:
+        return None
+    out: dict[int | str, str] = {}
+    for part in text.split(","):
+        dev, sep, cap = part.partition("=")
+        if not sep or not cap:
+            raise InputError(f"--max-memory entries look like 0=40GiB or cpu=200GiB, got {part!r}")
+        out[int(dev) if dev.strip().isdigit() else dev.strip()] = cap.strip()
+    return out
 
 
 def make(label: str, args: argparse.Namespace) -> FullAttention | GemFilter:
@@ -48,7 +71,8 @@ def make(label: str, args: argparse.Namespace) -> FullAttention | GemFilter:
         return FullAttention()
     kw: dict[str, Any] = dict(topk=args.topk, filter_layer=args.filter_layer, filter_attention="dense")
     if label.startswith("local"):
-        kw |= dict(filter_attention="local", n_initial=args.n_initial, n_recent=args.n_recent)
+        kw |= dict(filter_attention="local", n_initial=args.n_initial, n_recent=args.n_recent,
+                   local_kernel="flex" if label == "local_flex" else "sdpa")
     if label.endswith("chunked"):
         kw |= dict(chunk_size=args.chunk_size)
     return GemFilter(**kw)
@@ -59,31 +83,41 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_cell(model, method, n: int, device: torch.device, repeats: int, seed: int = 0) -> dict[str, Any]:
-    """TTFT (s, median) and peak memory (GiB) of ``method``'s prefill on a random prompt of ``n`` tokens."""
+def gpus(device: torch.device) -> list[int]:
+    return list(range(torch.cuda.device_count())) if device.type == "cuda" else []
+
+
+def run_cell(model, method, n: int, device: torch.device, repeats: int, seed: int = 0,
+             filter_only: bool = False) -> dict[str, Any]:
+    """TTFT (s, median) and peak memory (GiB) of ``method``'s prefill on a random prompt of ``n`` tokens
+    (``filter_only``: of GemFilter's filter pass alone, ``select``)."""
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(3, model.config.vocab_size, (1, n), generator=g).to(device)  # [1, n]
     if isinstance(method, GemFilter):
         method.validate(model, n)
     times, details = [], {}
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    torch.cuda.empty_cache() if device.type == "cuda" else None
+    for g in gpus(device):
+        torch.cuda.reset_peak_memory_stats(g)
     for _ in range(repeats):
         sync(device)
         t0 = time.perf_counter()
         with torch.inference_mode():
-            state = method.prefill(model, ids)
-            first = state.logits[0, -1].argmax()  # the first token
-        int(first)
+            if filter_only:
+                state = None
+                int(method.select(model, ids)[-1])
+            else:
+                state = method.prefill(model, ids)
+                int(state.logits[0, -1].argmax())  # the first token
         sync(device)
         times.append(time.perf_counter() - t0)
-        details = {k: v for k, v in state.details.items() if isinstance(v, (int, float, bool))}
+        if state is not None:
+            details = {k: v for k, v in state.details.items() if isinstance(v, (int, float, bool))}
         del state
         gc.collect()
-    peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+    peaks = [round(torch.cuda.max_memory_allocated(g) / 2**30, 2) for g in gpus(device)]
     return dict(ttft_s=round(statistics.median(times), 4), times_s=[round(t, 4) for t in times],
-                peak_gib=None if peak is None else round(peak, 2), details=details)
+                peak_gib=max(peaks) if peaks else None, peak_gib_per_gpu=peaks or None, details=details)
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -124,29 +158,56 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-length", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/gemfilter_local.json")
     ap.add_argument("--plot", default=None, help="write a log-log TTFT vs length plot here")
+    ap.add_argument("--filter-only", action="store_true",
+                    help="build only layers 0..r (random weights) and time the filter pass alone (no full cells)")
+    ap.add_argument("--device-map", default="auto", help="with --filter-only: accelerate strategy (default auto)")
+    ap.add_argument("--max-memory", default=None,
+                    help="with --filter-only: per-device caps, e.g. 0=40GiB,cpu=200GiB (accelerate's max_memory)")
     args = ap.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     bad = [x for x in labels if x not in LABELS]
     if bad:
         raise InputError(f"unknown labels {bad}; expected some of {LABELS}")
     device = torch.device(args.device)
-    model = build_model(args.shape, DTYPES[args.dtype], device)
+    if args.filter_only and "full" in labels:
+        raise InputError("--filter-only times the filter pass: drop 'full' from --labels")
+    t0 = time.perf_counter()
+    if args.filter_only:
+        model = build_filter_model(shape_config(args.shape), args.filter_layer, device_map=args.device_map,
+                                   max_memory=parse_max_memory(args.max_memory), dtype=DTYPES[args.dtype])
+    else:
+        model = build_model(args.shape, DTYPES[args.dtype], device)
+    build_s = time.perf_counter() - t0
     out = Path(args.out)
     result: dict[str, Any] = json.loads(out.read_text()) if out.exists() else {"rows": []}
     result["config"] = {k: v for k, v in vars(args).items() if k not in ("lengths", "labels", "out", "plot")}
     if device.type == "cuda":
         result["device"] = torch.cuda.get_device_name(device)
+        result["gpus"] = [torch.cuda.get_device_name(g) for g in gpus(device)]
+    if args.filter_only:
+        result["filter_model"] = dict(build_s=round(build_s, 1), weight_gib=round(weight_bytes(model) / 2**30, 2),
+                                      device_map=sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()}),
+                                      fraction=filter_fraction(shape_config(args.shape), args.filter_layer))
+        print(f"filter model: {result['filter_model']}", flush=True)
     rows: list[dict[str, Any]] = result["rows"]
+    fo = args.filter_only
     for label in labels:  # warm-up: kernels, allocator
         w = min(args.warmup_length, args.chunk_size + 64) if label.endswith("chunked") else args.warmup_length
-        run_cell(model, make(label, args), max(w, args.topk + 1), device, 1)
+        run_cell(model, make(label, args), max(w, args.topk + 1), device, 1, filter_only=fo)
     for n in args.lengths:
         for label in labels:
-            if label in ("full", "dense", "local") and n > args.full_max:
+            if label in ("full", "dense", "local", "local_flex") and n > args.full_max:
                 continue
-            key = dict(label=label, length=n, shape=args.shape, n_recent=args.n_recent if label.startswith("local") else None)
+            key = dict(label=label, length=n, shape=args.shape, n_recent=args.n_recent if label.startswith("local") else None,
+                       filter_only=fo or None)
             try:
-                row = key | dict(status="ok") | run_cell(model, make(label, args), n, device, args.repeats)
+                compile_s = None
+                if label == "local_flex":  # a new length compiles flex's kernel and its mask once: timed apart
+                    t0 = time.perf_counter()
+                    run_cell(model, make(label, args), n, device, 1, filter_only=fo)
+                    compile_s = round(time.perf_counter() - t0, 2)
+                row = key | dict(status="ok", compile_s=compile_s) | run_cell(model, make(label, args), n, device,
+                                                                              args.repeats, filter_only=fo)
             except torch.OutOfMemoryError:
                 row = key | dict(status="oom", ttft_s=None)
             rows[:] = [r for r in rows if {k: r.get(k) for k in key} != key] + [row]

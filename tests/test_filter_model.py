@@ -115,3 +115,65 @@ def test_smollm2_filter_only_same_kept_ids(smollm2):
         ids = encode_prompt(tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages)
         ref = GemFilter(filter_layer=18, topk=128).select(model, ids)
         assert torch.equal(GemFilter(filter_layer=18, topk=128).select(fm, ids).cpu(), ref)
+
+
+# ---- random weights in a shape (build_filter_model): the GPU benchmarks' filter model -------------------
+
+def _llama_config(layers: int = 6):
+    return tiny_model("llama", layers=layers).config
+
+
+def test_built_filter_model_selects_like_the_full_model_with_its_weights():
+    """A filter model built from a config holds layers 0..r; the full model given those weights (and any
+    weights above r) keeps the same ids: the filter pass reads nothing else."""
+    from tokensieve.filter_model import build_filter_model
+
+    config = _llama_config()
+    fm = build_filter_model(config, R, device_map=None, dtype="float32", std=0.2)
+    assert len(fm.model.layers) == R + 1 and filter_layer_of(fm) == R
+    assert fm.lm_head.weight.device.type == "meta"
+    full = tiny_model("llama", layers=6, init=0.2)
+    missing, _ = full.load_state_dict({k: v for k, v in fm.state_dict().items() if not k.startswith("lm_head")}, strict=False)
+    assert all(k.startswith(("lm_head", "model.norm")) or int(k.split(".")[2]) > R for k in missing), missing
+    torch.testing.assert_close(fm.model.rotary_emb.inv_freq, full.model.rotary_emb.inv_freq, rtol=0, atol=0)
+    for k in (16, 50):
+        got = GemFilter(topk=k, filter_layer=R).select(fm, _ids())
+        assert torch.equal(got, GemFilter(topk=k, filter_layer=R).select(full, _ids())), k
+
+
+def test_built_filter_model_same_weights_whatever_the_placement():
+    from tokensieve.filter_model import build_filter_model
+
+    config = _llama_config()
+    plain = build_filter_model(config, R, device_map=None, dtype="float32", seed=3)
+    dm = {"model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.norm": "cpu", "lm_head": "cpu"}
+    dm |= {f"model.layers.{i}": "cpu" for i in range(R + 1)}
+    mapped = build_filter_model(config, R, device_map=dm, dtype="float32", seed=3)
+    other = build_filter_model(config, R, device_map=None, dtype="float32", seed=4)
+    a, b, c = plain.state_dict(), mapped.state_dict(), other.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a if not k.startswith("lm_head"))
+    assert not torch.equal(a["model.layers.0.mlp.up_proj.weight"], c["model.layers.0.mlp.up_proj.weight"])
+
+
+def test_device_map_spreads_filter_layers_over_devices():
+    """accelerate's placement of the filter layers over two devices' worth of memory (no GPU needed to plan)."""
+    from transformers import AutoModelForCausalLM
+
+    from tokensieve.filter_model import _resolve_device_map
+
+    config = filter_config(_llama_config(layers=8), 5)
+    with torch.device("meta"):
+        m = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    layer = sum(p.numel() * 4 for p in m.model.layers[0].parameters())
+    placement = _resolve_device_map(m, "sequential", {0: 4 * layer, 1: 4 * layer, "cpu": 10**9}, torch.float32)
+    devices = [placement.get(f"model.layers.{i}") for i in range(6)]
+    assert set(devices) == {0, 1}, placement
+    assert devices == sorted(devices), placement  # in order: the first layers on device 0
+
+
+def test_build_filter_model_refuses_disk():
+    from tokensieve.filter_model import build_filter_model
+
+    dm = {"": "disk"}
+    with pytest.raises(InputError, match="disk"):
+        build_filter_model(_llama_config(), R, device_map=dm)

@@ -57,6 +57,29 @@ def test_local_attention_equals_dense_masked_reference(n_initial, n_recent, chun
     torch.testing.assert_close(part.double(), ref[:, :, -20:], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_initial,n_recent", [(0, 3), (3, 5), (4, 16), (2, 100)])
+@pytest.mark.parametrize("nq", [57, 20])
+def test_flex_local_attention_equals_dense_masked_reference(n_initial, n_recent, nq):
+    """The FlexAttention kernel (its eager reference on CPU) applies the same sinks + band rule, also for the
+    last ``nq`` queries over all keys."""
+    torch.manual_seed(1)
+    n, d = 57, 8
+    q, k, v = torch.randn(1, 4, n, d), torch.randn(1, 2, n, d), torch.randn(1, 2, n, d)
+    ref = masked_attention_reference(q, k, v, 0.3, hand_mask(n, n_initial, n_recent))
+    got = local_attention(q[:, :, -nq:], k, v, 0.3, n_initial, n_recent, kernel="flex")
+    torch.testing.assert_close(got.double(), ref[:, :, -nq:], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma3"])
+def test_flex_and_sdpa_local_kernels_select_alike(family):
+    model = model_for(family, seed=3)
+    ids = random_ids(60, seed=5)
+    kw = dict(topk=17, filter_layer=2, window_size=8, filter_attention="local", n_initial=2, n_recent=9)
+    a = GemFilter(local_kernel="sdpa", **kw).scores(model, ids)
+    b = GemFilter(local_kernel="flex", **kw).scores(model, ids)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])
 @pytest.mark.parametrize("scoring", ["paper", "window"])
 def test_local_with_window_at_least_n_equals_dense(family, scoring):
@@ -193,6 +216,7 @@ def test_local_through_generate_selects_like_dense_when_window_covers_prompt(tok
         (dict(filter_attention="sparse"), "filter_attention must be one of .* got 'sparse'"),
         (dict(filter_attention="local", n_recent=0), "n_recent"),
         (dict(filter_attention="local", n_initial=-1), "n_initial"),
+        (dict(filter_attention="local", local_kernel="triton"), "local_kernel must be one of .* got 'triton'"),
     ],
 )
 def test_bad_local_parameters_give_clear_errors(params, match):

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from tqdm import tqdm
-from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
 from tokensieve.attention import use_tokensieve_attention
 from tokensieve.errors import InputError
@@ -34,6 +34,9 @@ SHAPES: dict[str, dict[str, Any]] = {
     "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
                         num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
                         max_position_embeddings=131072, tie_word_embeddings=False),
+    "llama3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
+                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
+                         max_position_embeddings=131072, tie_word_embeddings=False),
     "mistral-nemo-12b": dict(model_type="mistral", hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
                              num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
                              rope_theta=1000000.0, max_position_embeddings=131072, sliding_window=None,
@@ -49,13 +52,18 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
-    """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
+def shape_config(shape: str) -> PretrainedConfig:
+    """The transformers config of one of :data:`SHAPES`."""
     if shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
     cfg = dict(SHAPES[shape])
     model_type = cfg.pop("model_type")
-    config = AutoConfig.for_model(model_type, **cfg)
+    return AutoConfig.for_model(model_type, **cfg)
+
+
+def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
+    """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
+    config = shape_config(shape)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)

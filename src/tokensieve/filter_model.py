@@ -164,3 +164,101 @@ def filter_fraction(config: PretrainedConfig, filter_layer: int) -> dict[str, fl
     part, part_layers, head = count(filter_config(config, filter_layer))
     kept = part - head
     return {"layers": part_layers / full_layers, "total": kept / full, "full_params": float(full), "filter_params": float(kept)}
+
+
+def _resolve_device_map(model: torch.nn.Module, device_map: str | dict[str, Any], max_memory: dict | None,
+                        dtype: torch.dtype) -> dict[str, Any]:
+    """An explicit ``{module name: device}`` map for a model on the meta device (accelerate's rules for
+    the strategies, as ``from_pretrained`` applies them)."""
+    from accelerate.utils import get_balanced_memory, infer_auto_device_map
+
+    if isinstance(device_map, dict):
+        return dict(device_map)
+    if device_map not in DEVICE_MAP_STRATEGIES:  # one device for everything
+        return {"": device_map}
+    no_split = getattr(model, "_no_split_modules", None) or []
+    if device_map != "sequential":
+        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
+                                         low_zero=device_map == "balanced_low_0")
+    return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
+
+
+def build_filter_model(
+    config: PretrainedConfig,
+    filter_layer: int,
+    device_map: str | dict[str, Any] | None = "auto",
+    max_memory: dict[int | str, int | str] | None = None,
+    dtype: torch.dtype | str | None = None,
+    seed: int = 0,
+    std: float = 0.02,
+) -> PreTrainedModel:
+    """Random weights in ``config``'s shape, holding only layers ``0 .. filter_layer``: the filter model of a
+    checkpoint nobody needs to download, for timing and memory (which do not depend on weight values).
+
+    The same placement as :func:`load_filter_model`: ``device_map`` (a strategy with ``max_memory``, one
+    device, or a ``{module: device}`` dict) is resolved by accelerate and the model is dispatched with its
+    hooks, so modules mapped to ``"cpu"`` while a GPU runs the rest are offloaded (kept in host memory,
+    executed on the GPU). Weights are drawn on their own device (normal, ``std``; norms 1), never on the
+    host first. ``None`` builds everything on the CPU. The LM head stays on ``meta`` (never called).
+    """
+    import torch
+    from accelerate import dispatch_model
+    from transformers import AutoModelForCausalLM
+
+    from tokensieve.attention import use_tokensieve_attention
+    from tokensieve.models import default_device, default_dtype, parse_dtype
+
+    _check_device_map(device_map)
+    dtype = parse_dtype(dtype) or default_dtype(default_device())
+    cfg = filter_config(config, filter_layer)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight is model.get_input_embeddings().weight
+    placement = {"": "cpu"} if device_map is None else _resolve_device_map(model, device_map, max_memory, dtype)
+    if "disk" in placement.values():
+        raise InputError("build_filter_model places modules on GPUs and the CPU, not on disk; drop 'disk' from device_map")
+    gen = torch.Generator().manual_seed(seed)
+    for name, dev in sorted(placement.items(), key=lambda kv: len(kv[0])):  # parents first, children override
+        module = model.get_submodule(name) if name else model
+        module.to_empty(device=torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev), recurse=True)
+    if head is not None and not tied:
+        head.to("meta")
+    for pname, p in model.named_parameters():
+        if p.device.type == "meta":
+            continue
+        with torch.no_grad():
+            if p.ndim == 1:
+                p.fill_(1.0 if "norm" in pname else 0.0)
+            else:  # draw on the CPU generator's seed, on the parameter's device
+                p.normal_(0.0, std, generator=torch.Generator(p.device).manual_seed(int(torch.randint(2**31, (1,), generator=gen))))
+    _rebuild_buffers(model, cfg)
+    model.eval()
+    if device_map is not None and len({str(d) for d in placement.values()}) > 1:
+        gpus = [d for d in placement.values() if str(d) not in ("cpu", "meta")]
+        dispatch_model(model, device_map=placement, main_device=gpus[0] if gpus else None)
+        model.hf_device_map = placement
+    model.generation_config.eos_token_id = None
+    use_tokensieve_attention(model)
+    return model
+
+
+def _rebuild_buffers(model: torch.nn.Module, config: PretrainedConfig) -> None:
+    """Non-persistent buffers are computed at construction, so ``to_empty`` leaves them uninitialised:
+    rebuild the rotary embeddings (the only kind these decoder models hold) on their device."""
+    import torch
+
+    for name, module in list(model.named_modules()):
+        own = list(module.named_buffers(recurse=False))
+        if not own:
+            continue
+        if "rotary" not in type(module).__name__.lower():
+            raise InputError(f"build_filter_model cannot initialise the buffers {[b for b, _ in own]} of {name} "
+                             f"({type(module).__name__}); load the checkpoint with load_filter_model instead")
+        dev = own[0][1].device
+        if dev.type == "meta":
+            continue
+        with torch.device(dev):
+            fresh = type(module)(config=config.get_text_config())
+        parent, _, attr = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, attr, fresh)

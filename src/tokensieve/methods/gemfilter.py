@@ -30,8 +30,9 @@ Two scorings:
 from __future__ import annotations
 
 import time
+import warnings
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -133,9 +134,51 @@ def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
         return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
 
 
+LOCAL_KERNELS = ("auto", "sdpa", "flex")
+_FLEX: dict[str, Any] = {}
+
+
+def _flex_fn() -> Any:
+    """``flex_attention`` compiled once per process (its Triton kernel is what makes it fast on CUDA)."""
+    if "fn" not in _FLEX:
+        from torch.nn.attention.flex_attention import flex_attention
+
+        _FLEX["fn"] = torch.compile(flex_attention)
+    return _FLEX["fn"]
+
+
+def flex_local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                         n_initial: int, n_recent: int, compiled: bool = True) -> torch.Tensor:
+    """:func:`local_attention` over contiguous positions with FlexAttention: one call, a block mask that
+    skips every block outside the sinks and the band, so only ~``n * (n_initial + n_recent)`` scores are
+    computed (no chunk loop, no dense masks). query [1, hq, q, d] (the last ``q`` of ``K`` positions),
+    key/value [1, hkv, K, d] -> [1, hq, q, d]. ``compiled=False`` runs flex's eager reference (CPU tests).
+    """
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    nq, nk = query.shape[2], key.shape[2]
+    offset = nk - nq
+
+    def visible(b, h, q_idx, kv_idx):  # the rule of local_mask, on absolute positions
+        qa = q_idx + offset
+        return (kv_idx <= qa) & ((kv_idx < n_initial) | (kv_idx > qa - n_recent))
+
+    key_ = (nq, nk, n_initial, n_recent, str(query.device))
+    block = _FLEX.get("mask", (None, None))[1] if _FLEX.get("mask", (None,))[0] == key_ else None
+    if block is None:  # one mask serves every layer of a pass (same shapes); built by a compiled kernel on CUDA
+        block = create_block_mask(visible, None, None, nq, nk, device=query.device, _compile=compiled)
+        _FLEX["mask"] = (key_, block)
+    gqa = query.shape[1] != key.shape[1]
+    if compiled:
+        return _flex_fn()(query, key, value, block_mask=block, scale=scale, enable_gqa=gqa)
+    with warnings.catch_warnings():  # "flex_attention called without torch.compile": intended (CPU reference)
+        warnings.simplefilter("ignore", UserWarning)
+        return flex_attention(query, key, value, block_mask=block, scale=scale, enable_gqa=gqa)
+
+
 def local_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, n_initial: int, n_recent: int,
-    query_chunk: int = LOCAL_QUERY_CHUNK, key_positions: torch.Tensor | None = None,
+    query_chunk: int = LOCAL_QUERY_CHUNK, key_positions: torch.Tensor | None = None, kernel: str = "sdpa",
 ) -> torch.Tensor:
     """Causal attention restricted to the first ``n_initial`` and the last ``n_recent`` tokens (itself included).
 
@@ -144,7 +187,11 @@ def local_attention(
     Returns [1, q_heads, q, d]. Queries are taken ``query_chunk`` at a time; a chunk of positions
     ``[s, e)`` reads only the sinks and keys at ``s - n_recent + 1 .. e - 1``, so time and memory
     are linear in ``q`` (``O(q * (n_initial + n_recent + query_chunk))``), never a ``q x K`` mask.
+    ``kernel``: ``"sdpa"`` (those chunks) or ``"flex"`` (:func:`flex_local_attention`, contiguous
+    positions only; compiled on CUDA, flex's eager reference elsewhere).
     """
+    if kernel == "flex" and key_positions is None:
+        return flex_local_attention(query, key, value, scale, n_initial, n_recent, compiled=query.device.type == "cuda")
     nq, K, dev = query.shape[2], key.shape[2], query.device
     kp = torch.arange(K) if key_positions is None else key_positions.cpu()  # [K]
     outs = []
@@ -234,6 +281,9 @@ class GemFilter(Method):
         n_initial: sink tokens seen by every query of the local filter pass.
         n_recent: recent-window width ``w`` of the local filter pass (``w >= n`` is dense;
             default 2048, so prompts up to 2048 tokens get exactly the paper's pass).
+        local_kernel: how the one-shot local pass computes its attention: ``"sdpa"`` (query chunks
+            with a mask), ``"flex"`` (one FlexAttention call over a block-sparse mask, compiled on
+            CUDA) or ``"auto"`` (flex on CUDA, sdpa elsewhere). Same result up to float rounding.
     """
 
     name: ClassVar[str] = "gemfilter"
@@ -247,6 +297,7 @@ class GemFilter(Method):
     filter_attention: str = "auto"  # local within 0.02 of dense recall at w=2048 (docs/gemfilter.md); faster from 64k
     n_initial: int = DEFAULT_N_INITIAL
     n_recent: int = DEFAULT_N_RECENT
+    local_kernel: str = "auto"
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
         return default_filter_layer(model) if self.filter_layer is None else self.filter_layer
@@ -267,6 +318,8 @@ class GemFilter(Method):
             raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
         if self.filter_attention not in FILTER_ATTENTIONS:
             raise InputError(f"filter_attention must be one of {FILTER_ATTENTIONS}, got {self.filter_attention!r}")
+        if self.local_kernel not in LOCAL_KERNELS:
+            raise InputError(f"local_kernel must be one of {LOCAL_KERNELS}, got {self.local_kernel!r}")
         check_int("n_initial", self.n_initial, 0)
         check_int("n_recent", self.n_recent, 1)
         if self.chunk_size is not None:
@@ -318,10 +371,13 @@ class GemFilter(Method):
         layer keeps its own window (``kv > q - sliding_window``, no sinks), also computed in
         query chunks so that no ``n x n`` mask is built.
         """
+        kernel = self.local_kernel
+        if kernel == "auto":
+            kernel = "flex" if query.device.type == "cuda" else "sdpa"
         if is_sliding_layer(module):
-            out = local_attention(query, key, value, module.scaling, 0, int(module.sliding_window))
+            out = local_attention(query, key, value, module.scaling, 0, int(module.sliding_window), kernel=kernel)
         else:
-            out = local_attention(query, key, value, module.scaling, self.n_initial, self.n_recent)
+            out = local_attention(query, key, value, module.scaling, self.n_initial, self.n_recent, kernel=kernel)
         return out.transpose(1, 2).contiguous()
 
     def _chunk_bounds(self, n: int) -> list[tuple[int, int]]:

@@ -234,9 +234,10 @@ def build_filter_model(
                 p.normal_(0.0, std, generator=torch.Generator(p.device).manual_seed(int(torch.randint(2**31, (1,), generator=gen))))
     _rebuild_buffers(model, cfg)
     model.eval()
-    if device_map is not None and len({str(d) for d in placement.values()}) > 1:
-        gpus = [d for d in placement.values() if str(d) not in ("cpu", "meta")]
-        dispatch_model(model, device_map=placement, main_device=gpus[0] if gpus else None)
+    if device_map is not None:
+        if len({str(d) for d in placement.values()}) > 1:
+            gpus = [d for d in placement.values() if str(d) not in ("cpu", "meta")]
+            dispatch_model(model, device_map=placement, main_device=gpus[0] if gpus else None)
         model.hf_device_map = placement
     model.generation_config.eos_token_id = None
     use_tokensieve_attention(model)

@@ -198,8 +198,8 @@ def build_filter_model(
     The same placement as :func:`load_filter_model`: ``device_map`` (a strategy with ``max_memory``, one
     device, or a ``{module: device}`` dict) is resolved by accelerate and the model is dispatched with its
     hooks, so modules mapped to ``"cpu"`` while a GPU runs the rest are offloaded (kept in host memory,
-    executed on the GPU). Weights are drawn on their own device (normal, ``std``; norms 1), never on the
-    host first. ``None`` builds everything on the CPU. The LM head stays on ``meta`` (never called).
+    executed on the GPU). Weights are drawn on their device (normal, ``std``; norms 1), host-placed ones
+    on the first GPU and copied. ``None`` builds everything on the CPU. The LM head stays on ``meta`` (never called).
     """
     import torch
     from accelerate import dispatch_model
@@ -219,6 +219,10 @@ def build_filter_model(
     if "disk" in placement.values():
         raise InputError("build_filter_model places modules on GPUs and the CPU, not on disk; drop 'disk' from device_map")
     gen = torch.Generator().manual_seed(seed)
+    # Drawing random numbers on the host is slow (minutes for tens of GiB): host-placed weights are drawn on
+    # the first GPU, if there is one, and copied.
+    draw_on = next((torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placement.values()
+                    if str(d) not in ("cpu", "meta")), torch.device("cpu"))
     for name, dev in sorted(placement.items(), key=lambda kv: len(kv[0])):  # parents first, children override
         module = model.get_submodule(name) if name else model
         module.to_empty(device=torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev), recurse=True)
@@ -230,8 +234,13 @@ def build_filter_model(
         with torch.no_grad():
             if p.ndim == 1:
                 p.fill_(1.0 if "norm" in pname else 0.0)
-            else:  # draw on the CPU generator's seed, on the parameter's device
-                p.normal_(0.0, std, generator=torch.Generator(p.device).manual_seed(int(torch.randint(2**31, (1,), generator=gen))))
+            else:  # seeded from the host generator, drawn on the parameter's device or the GPU
+                at = p.device if p.device.type != "cpu" else draw_on
+                g = torch.Generator(at).manual_seed(int(torch.randint(2**31, (1,), generator=gen)))
+                if at == p.device:
+                    p.normal_(0.0, std, generator=g)
+                else:
+                    p.copy_(torch.empty(p.shape, dtype=p.dtype, device=at).normal_(0.0, std, generator=g))
     _rebuild_buffers(model, cfg)
     model.eval()
     if device_map is not None:

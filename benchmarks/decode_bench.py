@@ -8,7 +8,8 @@ For each method and prompt length, in one process on one model (random weights i
 * tokens: the first ``--check-steps`` tokens of both paths compared;
 * roofline: a step must read the weights and the KV entries it attends to once; bytes / the device copy
   bandwidth measured in this run (a large device-to-device copy, bytes read + written) is the floor, and
-  ``floor / median step`` the fraction reached;
+  ``floor / median step`` the fraction reached (the rules live in ``tokensieve.roofline``, shared with
+  ``tokensieve bench``);
 * transformers' own ``model.generate`` (dynamic cache, SDPA) per-token time at each length, same run.
 
 Writes one JSON (``--out``) and prints a table. Usage (on the GPU machine):
@@ -25,35 +26,18 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import statistics
 import time
 
 import torch
 
-from tokensieve.bench import _IdTokenizer, build_model, environment
+from tokensieve.bench import _IdTokenizer, build_model, environment, weights_bytes
 from tokensieve.decode import DecoderPool, StaticDecoder, bucket
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
+from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 from tokensieve.runner import generate
 
 METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024}}
-
-
-def copy_bandwidth(device: torch.device, gib: float = 4.0) -> float:
-    """Bytes per second of a large device-to-device copy (read + write counted), median of 10."""
-    n = int(gib * 2**30) // 2
-    a = torch.randn(n, dtype=torch.bfloat16, device=device)
-    b = torch.empty_like(a)
-    times = []
-    for _ in range(12):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        b.copy_(a)
-        e.record()
-        torch.cuda.synchronize()
-        times.append(s.elapsed_time(e) / 1e3)
-    del a, b
-    return 2 * n * 2 / statistics.median(times[2:])
 
 
 @torch.inference_mode()
@@ -68,10 +52,6 @@ def first_step_error(model, ids: torch.Tensor, name: str) -> tuple[float, bool]:
     b = m.step(model, state, token).float()
     del dec, state
     return float((a - b).norm() / b.norm()), bool(a.argmax() == b.argmax())
-
-
-def p90(xs: list[float]) -> float:
-    return sorted(xs)[int(0.9 * (len(xs) - 1))]
 
 
 def hf_generate_per_token(model, ids: torch.Tensor, steps: int) -> float:
@@ -112,14 +92,13 @@ def main() -> None:
     if args.batches:
         return batch_main(args, dev)
     model = build_model(args.shape, torch.bfloat16, dev)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weights_bytes(model)
     cfg = model.config
-    kv_per_entry = cfg.num_hidden_layers * 2 * cfg.num_key_value_heads * (cfg.hidden_size // cfg.num_attention_heads) * 2
-    bw = copy_bandwidth(dev)
+    bw = copy_bandwidth(dev, gib=4.0)
     tok = _IdTokenizer()
     pool = DecoderPool(model, compile=args.compile)
     out = {"shape": args.shape, "environment": environment(dev), "weights_bytes": weights, "copy_bandwidth_Bps": bw,
-           "kv_bytes_per_entry": kv_per_entry, "compile": args.compile, "tokens": args.tokens, "check_steps": args.check_steps, "rows": []}
+           "kv_bytes_per_entry": None, "compile": args.compile, "tokens": args.tokens, "check_steps": args.check_steps, "rows": []}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 2**30:.1f} GiB", flush=True)
     # warm-up (kernels, cuBLAS, allocator) at a small length
     warm = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
@@ -142,9 +121,11 @@ def main() -> None:
                                  allow_long=True, **METHODS[name])
                 kept = graph.kv_tokens_prefill[0]
                 steps_g, steps_e = graph.step_times_s, (eager.step_times_s if eager else [float("nan")])
-                med_g, med_e = statistics.median(steps_g), statistics.median(steps_e)
-                mean_entries = kept + len(steps_g) / 2
-                floor = (weights + kv_per_entry * mean_entries) / bw
+                med_g, med_e = median(steps_g), median(steps_e)
+                # one prompt position's keys and values over all layers, from the cache itself
+                out["kv_bytes_per_entry"] = graph.kv_bytes_prefill // kept
+                per_step = (graph.kv_bytes_final - graph.kv_bytes_prefill) / len(steps_g)
+                floor = roofline_step_s(decode_step_bytes(weights, graph.kv_bytes_prefill, per_step, len(steps_g)), bw)
                 pairs = list(zip(eager.token_ids, graph.token_ids)) if eager else []
                 same = next((i for i, (a, b) in enumerate(pairs) if a != b), len(pairs))  # identical prefix
                 gc.collect(); torch.cuda.empty_cache()

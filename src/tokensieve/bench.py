@@ -4,7 +4,9 @@ Time and memory do not depend on weight values, so a model built from a real
 architecture's config with random weights gives true figures without the
 checkpoint. ``run_bench`` measures, per method and prompt length: TTFT (median
 of ``repeats`` runs after a warm-up, device-synchronised), peak memory, KV
-bytes after prefill, and decode tokens/s over ``decode_tokens`` tokens.
+bytes after prefill, the median and p90 of ``decode_tokens`` decoding steps, their
+roofline (``tokensieve.roofline``: the bytes a step must read at the device bandwidth
+measured in the same run) and the end-to-end latency of an ``answer_tokens`` answer.
 ``run_batch_bench`` measures batch throughput: ``batch`` prompts of one length answered together
 (``generate_batch``), generated tokens per second at each batch size and the ratio to batch 1.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import gc
 import json
 import platform
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,7 @@ from tokensieve.attention import use_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods import Method, make_method
 from tokensieve.decode import DecoderPool
+from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 from tokensieve.runner import generate, generate_batch
 
 # Real architectures' shapes (config values from their published config.json files).
@@ -95,6 +97,12 @@ class BenchRow:
     kv_tokens_prefill: int | None = None  # layer 0
     kept_tokens: int | None = None
     decode_tokens_per_s: float | None = None  # 1 / median step time over decode_tokens steps
+    decode_step_median_s: float | None = None
+    decode_step_p90_s: float | None = None
+    roofline_step_bytes: float | None = None  # mean bytes a step must read: weights + the KV it attends to
+    roofline_step_s: float | None = None  # those bytes at the measured bandwidth: no step can be faster
+    roofline_fraction: float | None = None  # roofline_step_s / decode_step_median_s
+    e2e_s: float | None = None  # TTFT + the steps of an answer_tokens answer, one run, all measured
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -104,10 +112,22 @@ def _free(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
+def weights_bytes(model: PreTrainedModel) -> int:
+    """Bytes of every parameter (what a decoding step reads besides the KV: see ``decode_step_bytes``)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters())
+
+
 def bench_method(
     model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0,
-    decoders: DecoderPool | None = None,
+    decoders: DecoderPool | None = None, answer_tokens: int = 0, bandwidth_Bps: float | None = None,
 ) -> BenchRow:
+    """One cell: ``repeats`` prefills (median TTFT); the last one goes on decoding for ``decode_tokens`` steps
+    (median/p90 step, and the roofline when ``bandwidth_Bps`` is given) and, when ``answer_tokens`` > 0, until
+    an answer of that many tokens (``e2e_s``: that run's TTFT + its first ``answer_tokens - 1`` steps).
+
+    Steps are timed by the runner, device-synchronised per step: greedy choice reads each token back to the
+    host anyway, so the synchronisation costs nothing that a real answer would not pay.
+    """
     device = model.device
     vocab = model.config.get_text_config().vocab_size
     g = torch.Generator().manual_seed(seed + length)
@@ -116,9 +136,10 @@ def bench_method(
     row = BenchRow(method=method.name, params=method.params(), length=length)
     try:
         runs = []
+        last_tokens = max(decode_tokens + 1, answer_tokens, 1)
         for i in range(repeats):
-            # the last run also decodes, so the prefill is never repeated just for the decode figure
-            new_tokens = decode_tokens + 1 if i == repeats - 1 and decode_tokens > 0 else 1
+            # the last run also decodes, so the prefill is never repeated just for the decode figures
+            new_tokens = last_tokens if i == repeats - 1 else 1
             r = generate(model, tok, ids, method=method, max_new_tokens=new_tokens, allow_long=True, decoders=decoders)
             runs.append(r.ttft_s)
             row.peak_memory_bytes = max(row.peak_memory_bytes or 0, r.peak_memory_bytes)
@@ -126,15 +147,26 @@ def bench_method(
             row.kv_tokens_prefill = r.kv_tokens_prefill[0] if r.kv_tokens_prefill else None
             row.kept_tokens = r.kept_tokens
             row.details = {k: v for k, v in r.details.items() if isinstance(v, (int, float, str, bool))}
-            if r.step_times_s:
-                # median step: robust to host-side hiccups, which dominate the spread of single steps
-                med = statistics.median(r.step_times_s)
+            steps = r.step_times_s
+            if steps and decode_tokens > 0:
+                timed = steps[:decode_tokens]
+                med = median(timed)
+                row.decode_step_median_s, row.decode_step_p90_s = med, p90(timed)
                 row.decode_tokens_per_s = 1.0 / med
-                row.details["decode_step_s"] = {"median": med, "min": min(r.step_times_s), "max": max(r.step_times_s)}
+                row.details["decode_step_s"] = {"median": med, "min": min(timed), "max": max(timed)}
+                if bandwidth_Bps is not None:
+                    # the method's own cache: what it kept at prefill, and how it grows (or not) per step
+                    per_step = (r.kv_bytes_final - r.kv_bytes_prefill) / len(steps)
+                    row.roofline_step_bytes = decode_step_bytes(weights_bytes(model), r.kv_bytes_prefill, per_step,
+                                                                len(timed))
+                    row.roofline_step_s = roofline_step_s(row.roofline_step_bytes, bandwidth_Bps)
+                    row.roofline_fraction = row.roofline_step_s / med
+            if i == repeats - 1 and answer_tokens > 0 and len(steps) >= answer_tokens - 1:
+                row.e2e_s = r.ttft_s + sum(steps[: answer_tokens - 1])
             del r
             _free(device)
         row.ttft_runs = runs
-        row.ttft_s = statistics.median(runs)
+        row.ttft_s = median(runs)
     except torch.OutOfMemoryError:
         row.status = "oom"
     except Exception as exc:  # a failed cell is recorded, the sweep goes on
@@ -212,7 +244,7 @@ def _result(shape: str, dtype: torch.dtype, model: PreTrainedModel, device: torc
     """A sweep's JSON-ready result: what was run (``sweep``), on what, and its rows."""
     return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), **sweep, "model_build_s": build_s,
             "environment": environment(device),
-            "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()), "rows": rows}
+            "weights_bytes": weights_bytes(model), "rows": rows}
 
 
 def run_batch_bench(
@@ -278,24 +310,37 @@ def run_bench(
     model: PreTrainedModel | None = None,
     progress: bool = True,
     on_row: Any = None,
+    answer_tokens: int = 0,
+    bandwidth_Bps: float | None = None,
 ) -> dict[str, Any]:
     """Sweep methods x lengths on one model; returns a JSON-ready dict.
 
     ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
     method appear with several settings (e.g. GemFilter chunked for 1M tokens).
+    ``answer_tokens`` (0: none; the CLI's default is 256) is the answer whose end-to-end latency
+    each cell measures.
+    The device's copy bandwidth (``bandwidth_gb_s``, the roofline's denominator) is measured
+    once, in this run, unless ``bandwidth_Bps`` gives it.
     """
+    for name, v in (("decode_tokens", decode_tokens), ("answer_tokens", answer_tokens)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise InputError(f"{name} must be an integer >= 0 (0 skips it), got {v!r}")
     device, model, build_s, built = _setup(shape, methods, dtype, device, model)
+    if bandwidth_Bps is None and decode_tokens > 0:
+        bandwidth_Bps = copy_bandwidth(device)
     rows: list[dict[str, Any]] = []
     pool = DecoderPool(model)  # captured decoding steps, one per capacity bucket, reused across cells
     for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
         bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2, decoders=pool)
     cells = [(n, label) for n in lengths for label in built]
     for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
-        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens, decoders=pool)
+        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens, decoders=pool,
+                           answer_tokens=answer_tokens, bandwidth_Bps=bandwidth_Bps)
         rows.append({"label": label, **row.__dict__})
         if on_row is not None:
             on_row(rows)
-    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, repeats=repeats, decode_tokens=decode_tokens)
+    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, repeats=repeats, decode_tokens=decode_tokens,
+                   answer_tokens=answer_tokens, bandwidth_gb_s=bandwidth_Bps / 1e9 if bandwidth_Bps else None)
 
 
 def save(result: dict[str, Any], path: str) -> None:

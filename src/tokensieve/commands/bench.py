@@ -1,11 +1,11 @@
-"""`tokensieve bench`: TTFT, peak memory, KV bytes and decode speed vs prompt length."""
+"""`tokensieve bench`: TTFT, peak memory, KV bytes, decode steps against their roofline, and end-to-end latency vs prompt length."""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from tokensieve.commands.common import add_dtype_device_args, add_method_args, method_params, parse_sizes
+from tokensieve.commands.common import add_dtype_device_args, add_method_args, method_params, non_negative_int, parse_sizes
 
 # tokensieve.bench.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
 SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
@@ -13,14 +13,20 @@ SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "mistral-nemo-12b", "qwen2.5-7b", 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench",
-                       description="Build a model in a real architecture's shape with random weights (time and memory do not depend on weight values) or load a checkpoint, then measure per method and length: median TTFT after warm-up, peak memory, KV bytes after prefill, decode tokens/s.")
+                       description="Build a model in a real architecture's shape with random weights (time and memory do not depend on weight values) or load a checkpoint, then measure per method and length: median TTFT after warm-up, peak memory, KV bytes after prefill, the median and p90 decoding step, "
+                                   "the roofline of a step (the weights and the KV entries it attends to, at the device's copy bandwidth measured in the same run; "
+                                   "a rough figure on the CPU) and the fraction of it reached, and the end-to-end latency of an --answer-tokens answer.")
     p.add_argument("--shape", default="llama3.1-8b", help=f"one of: {', '.join(SHAPE_NAMES)} (default llama3.1-8b)")
     p.add_argument("--model", default=None, help="a real checkpoint (folder, .gguf or embedded name) instead of --shape")
     p.add_argument("--lengths", type=parse_sizes, default=[8192, 32768, 65536, 131072], help="prompt lengths (default 8k,32k,64k,128k)")
     add_method_args(p, multi=True)
     add_dtype_device_args(p, dtype_default="bfloat16")
     p.add_argument("--repeats", type=int, default=3, help="TTFT runs per cell, median reported (default 3)")
-    p.add_argument("--decode-tokens", type=int, default=128, help="tokens for decode speed (default 128; 0 skips)")
+    p.add_argument("--decode-tokens", type=int, default=128,
+                   help="decoding steps timed for the median/p90 step and the roofline (default 128; 0 skips)")
+    p.add_argument("--answer-tokens", type=non_negative_int, default=None,
+                   help="end-to-end latency of an answer this long: TTFT + its steps, measured in one run, not "
+                        "extrapolated (default 256; 0 skips; not with --batches, whose answers are --decode-tokens long)")
     p.add_argument("--batches", type=parse_sizes, default=None,
                    help="batch throughput instead: answer this many prompts at once per cell, e.g. 1,4,16 "
                         "(tokens/s of a --decode-tokens answer per row, and the ratio to batch 1)")
@@ -40,6 +46,9 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     if args.decode_tokens < 0:
         raise InputError(f"--decode-tokens must be >= 0, got {args.decode_tokens}")
+    if args.batches is not None and args.answer_tokens is not None:
+        raise InputError(f"--answer-tokens {args.answer_tokens} does not apply with --batches (their answers are "
+                         f"--decode-tokens long); drop one of them")
     params = method_params(args)
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
@@ -63,7 +72,8 @@ def run(args: argparse.Namespace) -> int:
         _write(res, args.out)
         return 0
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
-                    repeats=args.repeats, decode_tokens=args.decode_tokens, model=model)
+                    repeats=args.repeats, decode_tokens=args.decode_tokens, model=model,
+                    answer_tokens=256 if args.answer_tokens is None else args.answer_tokens)
     print(format_table(res))
     _write(res, args.out, plot=bench_plot)
     return 0
@@ -83,17 +93,32 @@ def _write(res: dict, out: str | None, plot=None) -> None:
     print(f"wrote {path}" + (f" and {path.with_suffix('.png')}" if plot is not None else ""))
 
 
+def _fmt(value: float | None, spec: str, scale: float = 1.0) -> str:
+    """``value * scale`` formatted, or "-" where it was not measured (a key missing from an older result too)."""
+    return "-" if value is None else format(value * scale, spec)
+
+
 def format_table(res: dict) -> str:
-    lines = [f"{'method':>14} {'length':>8} {'TTFT s':>8} {'vs full':>8} {'peak GiB':>9} {'KV GiB':>8} {'kept':>8} {'dec tok/s':>9}"]
+    bw = res.get("bandwidth_gb_s")
+    answer = res.get("answer_tokens")
+    lines = [f"{'method':>14} {'length':>8} {'TTFT s':>8} {'vs full':>8} {'peak GiB':>9} {'KV GiB':>8} {'kept':>8} "
+             f"{'dec tok/s':>9} {'step ms':>8} {'p90 ms':>8} {'roofline':>8} {'e2e s':>8}"]
     full = {r["length"]: r["ttft_s"] for r in res["rows"] if r["label"] == "full" and r["status"] == "ok"}
     for r in res["rows"]:
         if r["status"] != "ok":
             lines.append(f"{r['label']:>14} {r['length']:>8} {r['status'][:60]}")
             continue
         ratio = f"{full[r['length']] / r['ttft_s']:.2f}x" if r["length"] in full else "-"
-        dec = f"{r['decode_tokens_per_s']:.1f}" if r["decode_tokens_per_s"] else "-"
         lines.append(f"{r['label']:>14} {r['length']:>8} {r['ttft_s']:8.3f} {ratio:>8} {r['peak_memory_bytes'] / 2**30:9.2f} "
-                     f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} {dec:>9}")
+                     f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} "
+                     f"{_fmt(r['decode_tokens_per_s'], '.1f'):>9} {_fmt(r.get('decode_step_median_s'), '.2f', 1e3):>8} "
+                     f"{_fmt(r.get('decode_step_p90_s'), '.2f', 1e3):>8} {_fmt(r.get('roofline_fraction'), '.2g'):>8} "
+                     f"{_fmt(r.get('e2e_s'), '.3f'):>8}")
+    if bw:
+        lines.append(f"roofline: fraction of the floor (weights + KV attended) / {bw:.1f} GB/s copy bandwidth reached by "
+                     f"the median step" + ("" if res["environment"].get("gpu") else " (CPU: a rough figure)"))
+    if answer:
+        lines.append(f"e2e: TTFT + {answer - 1} decoding steps, a {answer}-token answer")
     return "\n".join(lines)
 
 

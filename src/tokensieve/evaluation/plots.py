@@ -70,11 +70,17 @@ def _mean(xs: list[float]) -> float:
 
 
 def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None) -> Path:
-    """TTFT and peak memory vs prompt length, one line per method label (from ``bench.run_bench``).
+    """TTFT and peak memory vs prompt length, one line per method label (from ``bench.run_bench``), and a third
+    panel with the end-to-end latency of the ``answer_tokens`` answer where the result has it.
 
     ``anchors`` optionally maps a label to {length: (ttft_s, peak_GiB)} reference points, drawn as crosses.
     """
-    fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
+    with_e2e = any(r.get("e2e_s") is not None for r in result["rows"])
+    fig, axes = plt.subplots(1, 3 if with_e2e else 2, figsize=(15 if with_e2e else 10, 4))
+    a1, a2 = axes[0], axes[1]
+    panels = [(a1, "time to first token (s)"), (a2, "peak memory (GiB)")]
+    if with_e2e:
+        panels.append((axes[2], f"end to end, {result.get('answer_tokens')}-token answer (s)"))
     labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
     for label in labels:
         rows = sorted((r for r in result["rows"] if r["label"] == label and r["status"] == "ok"), key=lambda r: r["length"])
@@ -83,18 +89,23 @@ def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tupl
         xs = [r["length"] for r in rows]
         a1.plot(xs, [r["ttft_s"] for r in rows], marker="o", label=label)
         a2.plot(xs, [r["peak_memory_bytes"] / 2**30 for r in rows], marker="o", label=label)
+        if with_e2e:
+            e2e = [(r["length"], r["e2e_s"]) for r in rows if r.get("e2e_s") is not None]
+            axes[2].plot([x for x, _ in e2e], [y for _, y in e2e], marker="o", label=label)
     for label, pts in (anchors or {}).items():
         xs = sorted(pts)
         a1.scatter(xs, [pts[x][0] for x in xs], marker="x", color="k", zorder=5, label=label)
         a2.scatter(xs, [pts[x][1] for x in xs], marker="x", color="k", zorder=5, label=label)
     env = result.get("environment", {})
     where = env.get("gpu") or env.get("cpu", "")
-    for ax, ylab in ((a1, "time to first token (s)"), (a2, "peak memory (GiB)")):
+    for ax, ylab in panels:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("prompt tokens")
         ax.set_ylabel(ylab)
         ax.grid(alpha=0.3)
     a1.set_yscale("log")
+    if with_e2e:
+        axes[2].set_yscale("log")
     a1.legend(fontsize=7)
     fig.suptitle(f"{result['shape']} ({result['dtype']}, random weights) on {where}", fontsize=9)
     return save_figure(fig, path)

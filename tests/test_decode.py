@@ -11,7 +11,7 @@ from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
 from tokensieve.runner import generate, score_continuation
 
-PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}}
+PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4}}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -32,6 +32,37 @@ def test_static_decoding_gives_the_eager_tokens(model, method):
     a = score_continuation(model, tok, ids[:, :-12], target, method, decode="eager", **PARAMS[method])
     b = score_continuation(model, tok, ids[:, :-12], target, method, decode="static", **PARAMS[method])
     torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("prompt,budget,n_initial,new", [
+    (80, 40, 4, 60),  # the ring wraps more than once
+    (80, 40, 0, 30),  # no sinks: a pure window
+    (10, 16, 4, 30),  # a short prompt: the cache grows to the budget while decoding, then the ring turns
+    (30, 200, 4, 20),  # the budget holds everything: never evicts (full attention)
+    (3, 12, 4, 20),  # fewer prompt tokens than sinks: the first generated tokens become sinks
+])
+def test_streamingllm_ring_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_initial, new):
+    """Device-side eviction (a ring over the window) sees exactly what the eager cache sees before it evicts."""
+    tok, ids = TinyTokenizer(), random_ids(prompt, seed=7)
+    kw = dict(budget=budget, n_initial=n_initial, max_new_tokens=new)
+    eager = generate(model, tok, ids, "streamingllm", decode="eager", **kw)
+    pool = DecoderPool(model)
+    static = generate(model, tok, ids, "streamingllm", decode="static", decoders=pool, **kw)
+    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final  # entries held per layer: min(budget, all)
+    (dec,) = pool.decoders.values()
+    assert dec.capacity <= bucket(min(prompt + new, budget + 1))  # never sized to the whole answer
+    if prompt + new <= budget:
+        assert static.token_ids == generate(model, tok, ids, "full", max_new_tokens=new, decode="eager").token_ids
+
+
+def test_streamingllm_batches_decode_eagerly(model):
+    from tokensieve.runner import generate_batch
+
+    tok = TinyTokenizer()
+    res = generate_batch(model, tok, [random_ids(30, seed=1), random_ids(20, seed=2)], "streamingllm", max_new_tokens=4,
+                         budget=16, n_initial=2)
+    assert {r.details["decode_path"] for r in res} == {"eager"}
 
 
 def test_buffers_are_updated_in_place_and_masked(model):

@@ -24,9 +24,18 @@ Batches: rows are left-padded; ``valid`` [batch, capacity] marks each row's real
 never attended to) and ``position`` holds each row's own next position, so one captured step serves
 rows of different lengths.
 
-Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV) on models
-whose layers all use full attention (Llama, Mistral, Qwen2/3, Phi-3 class). Other methods and
-sliding-window models decode on the eager path; ``supports_static`` says which.
+Eviction on the device: a method whose decoding keeps fixed slots plus a window of the newest entries
+(StreamingLLM: ``n_initial`` sinks + the last ``budget - n_initial`` tokens) declares a *ring*
+(``Method.decode_ring``). Its buffer holds the sinks in slots ``0 .. n_initial - 1`` and a ring of
+``budget - n_initial + 1`` slots after them: each step writes the new entry over the oldest one (the slot
+index is computed on the device from the per-layer count), attends over all ``budget + 1`` entries and so
+sees exactly what the eager path sees before it evicts. No step reads back to the host, so the ring is
+captured like the growing buffers.
+
+Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV) and
+StreamingLLM (one prompt at a time), on models whose layers all use full attention (Llama, Mistral,
+Qwen2/3, Phi-3 class). Other methods and sliding-window models decode on the eager path;
+``supports_static`` says which.
 """
 
 from __future__ import annotations
@@ -54,6 +63,8 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
     """``None`` when this model/cache can decode on the static path, else the reason it cannot."""
     if method_name not in STATIC_METHODS:
         return f"{method_name} evicts or re-selects while decoding (eager path)"
+    if method_name in RING_METHODS and getattr(cache, "pad_counts", None):
+        return f"{method_name} decodes a left-padded batch on the eager path (its sinks differ per row)"
     cfg = model.config.get_text_config()
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
         return "the model has sliding-window layers (eager path)"
@@ -64,8 +75,10 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
     return None
 
 
-# Methods whose KV cache only grows after the prefill: the static buffers hold exactly what they keep.
-STATIC_METHODS = ("full", "gemfilter", "snapkv")
+# Methods whose KV cache only grows after the prefill (the static buffers hold exactly what they keep), and
+# those that keep sinks + a window of the newest entries (a ring, see the module docstring).
+RING_METHODS = ("streamingllm",)
+STATIC_METHODS = ("full", "gemfilter", "snapkv") + RING_METHODS
 
 
 @dataclass
@@ -79,12 +92,14 @@ class StaticDecoder:
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
-    filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries held per layer
+    filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
+    ring: torch.Tensor = field(init=False)  # [2] int64: fixed slots before the ring, slots in use (ring's end)
     position: torch.Tensor = field(init=False)  # [batch, 1] int64: position id of the token fed next (per row)
     valid: torch.Tensor = field(init=False)  # [batch, capacity] bool: slots a row may attend to (False: a pad)
     token: torch.Tensor = field(init=False)  # [batch, 1] int64: the token fed next (graph input)
     logits: torch.Tensor | None = field(init=False, default=None)  # [batch, vocab]: the graph's output
     capture_s: float = field(init=False, default=0.0)
+    _held_max: int = field(init=False, default=0)
     steps_left: int = field(init=False, default=0)
     _graph: Any = field(init=False, default=None)
     _run: Any = field(init=False, default=None)  # the step function: _forward, or its compiled form
@@ -100,6 +115,7 @@ class StaticDecoder:
         self.keys = [torch.zeros(self.batch, hkv, self.capacity, head_dim, dtype=dtype, device=dev) for _ in range(n_layers)]
         self.values = [torch.zeros_like(k) for k in self.keys]
         self.filled = torch.zeros(n_layers, dtype=torch.long, device=dev)
+        self.ring = torch.tensor([0, self.capacity], dtype=torch.long, device=dev)
         self.position = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=dev)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
@@ -113,19 +129,25 @@ class StaticDecoder:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def load(
-        self, cache: Cache, next_position: int | torch.Tensor, max_new_tokens: int, kv_mask: torch.Tensor | None = None
+        self, cache: Cache, next_position: int | torch.Tensor, max_new_tokens: int, kv_mask: torch.Tensor | None = None,
+        ring: tuple[int, int] | None = None,
     ) -> None:
         """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers.
 
         ``next_position``: one int, or per row [batch, 1] (left-padded batches). ``kv_mask`` [batch, entries]
         marks each row's real entries (``None``: all); pad slots are zeroed and never attended to.
+        ``ring``: ``(fixed, size)``: slots ``fixed .. size - 1`` form a ring that new entries overwrite, oldest
+        first, once ``size`` slots are written (the entries must be in position order); ``None``: grow only.
         """
+        fixed, size = ring if ring is not None else (0, self.capacity)
+        if not 0 <= fixed < size <= self.capacity:
+            raise ValueError(f"ring {ring} does not fit: need 0 <= fixed < size <= capacity {self.capacity}")
         lengths = []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
-            if n + max_new_tokens > self.capacity:
-                raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {self.capacity}")
+            if (n + max_new_tokens if ring is None else n) > min(size, self.capacity):
+                raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}")
             if k.shape[0] != self.batch:
                 raise ValueError(f"the cache holds {k.shape[0]} rows; this decoder was made for batch {self.batch}")
             if kv_mask is not None:
@@ -135,6 +157,8 @@ class StaticDecoder:
             self.values[i][:, :, :n].copy_(v)
             lengths.append(n)
         self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
+        self.ring.copy_(torch.tensor([fixed, size], dtype=torch.long))
+        self._held_max = self.capacity if ring is None else size - 1  # a ring's oldest slot counts as evicted
         self.valid.fill_(True)
         if kv_mask is not None:
             self.valid[:, : kv_mask.shape[1]].copy_(kv_mask)
@@ -146,7 +170,7 @@ class StaticDecoder:
 
     def entries(self) -> list[int]:
         """Entries held per layer (reads the device: for stats, not inside the loop)."""
-        return self.filled.tolist()
+        return self.filled.clamp(max=self._held_max).tolist()
 
     def _attend(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -157,7 +181,9 @@ class StaticDecoder:
         query [batch, q_heads, 1, d]; key/value [batch, kv_heads, 1, d] (post-RoPE). Returns [batch, 1, q_heads, d].
         """
         li = module.layer_idx
-        slot = self.filled[li : li + 1]  # [1] device index: the first free slot
+        written, fixed, size = self.filled[li : li + 1], self.ring[0:1], self.ring[1:2]  # [1] each, on the device
+        # the first free slot; once all `size` are written, the oldest slot of the ring
+        slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
         keys, values = self.keys[li], self.values[li]
         keys.index_copy_(2, slot, key)
         values.index_copy_(2, slot, value)
@@ -166,7 +192,7 @@ class StaticDecoder:
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
         scores = matmul_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
-        visible = (self._slots <= slot) & self.valid  # [b, cap]: the filled slots and the new one, pads excluded
+        visible = (self._slots <= torch.minimum(written, size - 1)) & self.valid  # [b, cap]: written slots + the new one, no pads
         scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
         probs = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1).to(values.dtype)
         out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]

@@ -76,6 +76,12 @@ class Method:
         """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
         return {}
 
+    def decode_ring(self) -> tuple[int, int] | None:
+        """For static decoding (``tokensieve.decode``): ``(fixed, size)`` when decoding keeps ``fixed`` first
+        entries plus the newest ones, ``size - 1`` in all, evicting the oldest of the rest each step (then
+        the buffer's slots ``fixed .. size - 1`` are a ring); ``None`` when the cache only grows."""
+        return None
+
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``token_ids`` [batch, 1]; return the next logits [batch, vocab].
 

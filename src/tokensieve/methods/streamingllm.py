@@ -82,6 +82,10 @@ class StreamingLLM(EvictionMethod):
                 f"n_initial ({self.n_initial}) must be smaller than budget ({self.budget}) to leave a recent window"
             )
 
+    def decode_ring(self) -> tuple[int, int]:
+        # each step attends over the sinks and budget - n_initial + 1 newest entries, then drops the oldest
+        return (self.n_initial, self.budget + 1)
+
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
         if entries <= self.budget:
             return

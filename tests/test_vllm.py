@@ -352,7 +352,7 @@ def test_served_stream_equals_non_stream_and_full_sends_the_whole_prompt(vllm_se
 
 @needs_vllm
 @pytest.mark.real_model
-def test_served_kv_cache_method_gets_400_naming_the_allowed_ones(vllm_server):
+def test_served_bad_requests_get_400(vllm_server):
     import openai
 
     from tokensieve.serve.vllm_engine import vllm_methods
@@ -368,6 +368,13 @@ def test_served_kv_cache_method_gets_400_naming_the_allowed_ones(vllm_server):
     with pytest.raises(openai.BadRequestError) as e:  # the checks shared with the transformers engine
         c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=3)
     assert e.value.body["param"] == "temperature"
+    long_text = "The harbour was quiet that morning. " * 700  # ~5600 tokens: fits the model (8k), not vLLM's 4096
+    with pytest.raises(openai.BadRequestError) as e:
+        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": long_text}], max_tokens=4,
+                                  extra_body={"tokensieve": {"method": "full"}})
+    assert e.value.body["code"] == "context_length_exceeded" and "max_model_len is 4096" in e.value.body["message"]
+    r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": long_text}], max_tokens=2)
+    assert r.model_extra["tokensieve"]["kept_tokens"] == SERVE_TOPK  # GemFilter keeps 128 of them: vLLM takes that
     c.close()
 
 

@@ -283,10 +283,12 @@ class VLLMEngine(Engine):
         first_at: float | None = None
         last_at = time.monotonic()
         finish: str | None = None
-        # A token prompt rendered as vLLM's own completions path renders one (the raw-prompt path is deprecated).
-        (engine_input,) = await self.llm.renderer.render_cmpl_async([parse_model_prompt(self.llm.model_config, TokensPrompt(prompt_token_ids=sel.kept_ids))])
-        gen = self.llm.generate(engine_input, self._sampling_params(prep), request_id=job.id)
+        gen = None
         try:
+            # A token prompt rendered the way vLLM's completions path renders one (passing it raw is deprecated).
+            prompt = parse_model_prompt(self.llm.model_config, TokensPrompt(prompt_token_ids=sel.kept_ids))
+            (engine_input,) = await self.llm.renderer.render_cmpl_async([prompt])
+            gen = self.llm.generate(engine_input, self._sampling_params(prep), request_id=job.id)
             async for out in gen:
                 choice = out.outputs[0]
                 for token_id in choice.token_ids:
@@ -310,7 +312,8 @@ class VLLMEngine(Engine):
                                                         type="server_error", code="internal_error")))
             return
         finally:
-            await gen.aclose()  # a stop string ends the answer early: vLLM aborts the request here
+            if gen is not None:
+                await gen.aclose()  # a stop string ends the answer early: vLLM aborts the request here
         tail = stream.finish()
         if tail or first_at is None:
             job.emit(Delta(tail, first_at is None))

@@ -193,6 +193,24 @@ def test_vllm_answer_equals_tokensieve(llm, smollm2_f32, length, depth, k):
 
 # ---- tokensieve serve --engine vllm: the real server, the official openai client ----------------------
 
+@needs_vllm
+@pytest.mark.real_model
+def test_vllm_engine_checks_its_arguments_before_starting(smollm2_f32):
+    from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
+
+    model, tok = smollm2_f32
+    path = str(tokensieve.models.cache_dir() / "smollm2")
+    with warnings.catch_warnings():  # vLLM's own deprecations of torch, as in the llm fixture
+        warnings.simplefilter("ignore", FutureWarning)
+        with pytest.raises(InputError, match=r"(?s)^vLLM refused its engine arguments: .*max_model_len \(100000\)"):
+            VLLMEngine(model, tok, {"model": path, "dtype": "float32", "max_model_len": 100000})
+        expected = f"expected one of: {', '.join(vllm_methods())}"
+        with pytest.raises(InputError, match=rf"default method 'snapkv' cannot run with --engine vllm; {expected}$"):
+            VLLMEngine(model, tok, {"model": path, "dtype": "float32"}, method="snapkv")
+        engine = VLLMEngine(model, tok, {"model": path, "dtype": "float32", "max_model_len": 2048, "max_num_seqs": 3})
+        assert (engine.max_model_len, engine.max_num_seqs, engine.llm) == (2048, 3, None)  # nothing started yet
+
+
 SERVE_TOPK = 128
 SERVE_START_S = 300.0  # loading the filter model and vLLM's engine on 2 CPU cores
 

@@ -66,8 +66,9 @@ class VLLMEngine(Engine):
     """Serves requests with tokensieve's filter pass on ``filter_model`` and vLLM's ``AsyncLLM`` for the answer.
 
     ``engine_args``: keyword arguments of vLLM's ``AsyncEngineArgs`` (``model``: the same checkpoint as
-    ``filter_model``, so the kept ids mean the same tokens; ``dtype``, ``max_model_len``, ...). The
-    ``AsyncLLM`` is built by :meth:`start`, on the event loop that serves the requests (the app's lifespan).
+    ``filter_model``, so the kept ids mean the same tokens; ``dtype``, ``max_model_len``, ...), checked by
+    vLLM here (``InputError``). The ``AsyncLLM`` (weights, KV cache, its engine-core process) is built by
+    :meth:`start`, on the event loop that serves the requests (the app's lifespan).
     """
 
     name = "vllm"
@@ -96,10 +97,16 @@ class VLLMEngine(Engine):
                 f"expected one of: {', '.join(vllm_methods())}"
             )
         self.prefix_off_reason = "not used with --engine vllm (vLLM's own prefix caching sees the kept ids)"
-        self.engine_args = dict(engine_args)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        self.engine_args = AsyncEngineArgs(**engine_args)
+        try:  # vLLM's checks of its arguments (e.g. max_model_len against the model's), before any server starts
+            self.vllm_config = self.engine_args.create_engine_config()
+        except ValueError as exc:
+            raise InputError(f"vLLM refused its engine arguments: {exc}") from None
         self.llm: Any = None  # vllm AsyncLLM, from start()
-        self.max_model_len: int | None = None
-        self.max_num_seqs = 1
+        self.max_model_len = int(self.vllm_config.model_config.max_model_len)
+        self.max_num_seqs = int(self.vllm_config.scheduler_config.max_num_seqs)
         self._loop: asyncio.AbstractEventLoop | None = None
         self._filter_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokensieve-filter")
         self._tasks: dict[str, tuple[Job, asyncio.Task[None]]] = {}  # jobs in flight, by id
@@ -110,13 +117,13 @@ class VLLMEngine(Engine):
         """Build vLLM's async engine (loads the weights; tens of seconds) on the running event loop."""
         if self.llm is not None:
             raise RuntimeError("the engine was already started")
-        from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self._loop = asyncio.get_running_loop()
-        self.llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.engine_args))
-        self.max_model_len = int(self.llm.model_config.max_model_len)
-        self.max_num_seqs = int(self.llm.vllm_config.scheduler_config.max_num_seqs)
+        args = self.engine_args
+        self.llm = AsyncLLM.from_vllm_config(
+            self.vllm_config, disable_log_stats=args.disable_log_stats, enable_log_requests=args.enable_log_requests
+        )
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, cancel the ones in flight (503; vLLM aborts them), shut vLLM down."""
@@ -166,7 +173,7 @@ class VLLMEngine(Engine):
         prepared = super().prepare(req)
         n = prepared.prompt_tokens
         kept = n if prepared.method.name == "full" else min(int(getattr(prepared.method, "topk")), n)
-        if self.max_model_len is not None and kept >= self.max_model_len:
+        if kept >= self.max_model_len:
             param = "messages" if req.kind == "chat" else "prompt"
             raise invalid(
                 f"vLLM would get {kept} prompt tokens ({prepared.method.name}, of {n}), but its max_model_len is "

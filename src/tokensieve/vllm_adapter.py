@@ -72,8 +72,9 @@ class VLLMResult:
         return asdict(self)
 
 
-def _is_selection_method(m: Method) -> bool:
-    """Methods whose whole effect is picking prompt tokens that then run at fresh positions 0..k-1."""
+def is_selection_method(m: Method | type[Method]) -> bool:
+    """Methods (instances or classes) whose whole effect is picking prompt tokens that then run at fresh
+    positions 0..k-1: the ones an engine that takes token ids can run."""
     return callable(getattr(m, "select", None)) and hasattr(m, "topk")
 
 
@@ -102,7 +103,7 @@ def select_tokens(
         method_params = {**method_params, "filter_layer": r}
     prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
     m = prepared.method
-    if not _is_selection_method(m):
+    if not is_selection_method(m):
         raise InputError(
             f"method {m.name!r} cannot run behind vLLM: only prompt-selection methods (gemfilter) hand the "
             f"engine a shorter prompt; KV-cache methods need tokensieve's own decoding"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
@@ -49,6 +50,23 @@ def _gib(text: str) -> float:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = _non_negative_int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text!r}")
+    return value
+
+
 def add_parser(sub: argparse._SubParsersAction) -> None:
     from tokensieve.commands.common import add_method_args, add_model_args, parse_size
 
@@ -71,6 +89,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
     p.add_argument("--prefix-cache-gib", type=_gib, default=1.0,
                    help="prefix cache size in GiB: a shared prompt prefix (system prompt, document) is computed once (default 1; 0 disables it; docs/prefix_cache.md)")
+    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
+                   help="what generates: transformers (default; every method) or vllm (vLLM's async engine on the tokens "
+                        "GemFilter keeps, or the whole prompt with --method full; needs pip install 'tokensieve[vllm]'; docs/vllm.md)")
+    p.add_argument("--vllm-max-model-len", type=_positive_int, default=None, help="--engine vllm: vLLM's max_model_len, kept prompt + answer (default: the model's)")
+    p.add_argument("--vllm-max-num-seqs", type=_positive_int, default=None, help="--engine vllm: requests vLLM runs at once (default: vLLM's)")
+    p.add_argument("--vllm-gpu-memory-utilization", type=_fraction, default=None,
+                   help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)")
+    p.add_argument("--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
     p.set_defaults(func=run)
 
@@ -87,18 +113,58 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return 2
-    from tokensieve.commands.common import build_method, load, method_params
+    from tokensieve.commands.common import build_methods, load, method_params
 
-    build_method(args, args.method)  # bad --param values fail here, before the model loads
-    params = method_params(args, args.method)
-    model, tok = load(args)
-    app = create_app(
-        model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
-        max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-        prefix_cache_gib=args.prefix_cache_gib,
-    )
+    build_methods(args)  # bad --param values fail here, before the model loads
+    params = method_params(args)[args.method]
+    if args.engine == "vllm":
+        app = _vllm_app(args, params)
+    else:
+        model, tok = load(args)
+        app = create_app(
+            model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
+            max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
+            prefix_cache_gib=args.prefix_cache_gib,
+        )
     if args.host not in LOOPBACK:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback; the server has no authentication", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
     uvicorn.Server(config).run()
     return 0
+
+
+def _vllm_app(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+    """``--engine vllm``: the filter model (transformers) and the vLLM engine args for the same checkpoint.
+    What can be checked without loading (vLLM installed, the method, the model's form) is checked first."""
+    from tokensieve.errors import InputError
+    from tokensieve.models import cache_dir, dtype_name, model_source
+    from tokensieve.serve.app import app_for_engine
+    from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
+    from tokensieve.vllm_adapter import VLLMNotInstalledError, import_vllm
+
+    try:
+        import_vllm()
+    except VLLMNotInstalledError as exc:
+        raise InputError(f"--engine vllm: {exc}") from None
+    if args.method not in vllm_methods():
+        raise InputError(f"--engine vllm cannot run method {args.method!r}; expected one of: {', '.join(vllm_methods())}")
+    kind, where = model_source(args.model)
+    if kind == "gguf":
+        raise InputError(f"--engine vllm needs a transformers model folder or an embedded model name, got the .gguf file {where}")
+    from tokensieve.commands.common import load
+
+    model, tok = load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
+    engine_args: dict[str, Any] = {
+        "model": str(cache_dir() / str(where)) if kind == "embedded" else str(where),
+        "dtype": dtype_name(str(model.dtype).removeprefix("torch.")), "seed": 0,
+        "enforce_eager": args.vllm_enforce_eager, "disable_log_stats": True,
+    }
+    for key in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
+        value = getattr(args, f"vllm_{key}")
+        if value is not None:
+            engine_args[key] = value
+    engine = VLLMEngine(
+        model, tok, engine_args, method=args.method, method_params=params, max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+    )
+    return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens)

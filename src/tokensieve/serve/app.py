@@ -163,11 +163,21 @@ def create_app(
     such as uvicorn, which runs the lifespan) and its metrics registry (``app.state.metrics``).
     ``prefix_cache_gib``: size of the engine's prefix cache (0 disables it; docs/prefix_cache.md).
     """
-    metrics = Metrics()
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
-        request_timeout_s=request_timeout_s, metrics=metrics, generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
+        request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
     )
+    return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens)
+
+
+def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+    """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).
+
+    The endpoints only use the engine's request interface (prepare, submit, cancel, start/stop and the
+    state /health reports), so every engine answers the same wire format; the engine's metrics
+    registry is the app's.
+    """
+    metrics = engine.metrics
     created = now()
 
     @asynccontextmanager
@@ -326,6 +336,7 @@ def create_app(
                 "queue_depth": engine.queue_depth,
                 "max_queue": engine.max_queue,
                 "busy": engine.busy,
+                "engine": engine.engine_info(),
                 "prefix_cache": engine.prefix_cache_info(),
             },
             status_code=200 if ok else 503,

@@ -303,6 +303,8 @@ class Engine:
     ``generate_fn`` is ``tokensieve.runner.generate`` (tests pass a wrapper that can block).
     """
 
+    name = "transformers"  # what /health reports as the engine
+
     def __init__(
         self,
         model: PreTrainedModel,
@@ -394,6 +396,10 @@ class Engine:
     @property
     def busy(self) -> bool:
         return self._running is not None
+
+    def engine_info(self) -> dict[str, Any]:
+        """What /health says about the engine that generates."""
+        return {"name": self.name}
 
     def prefix_cache_info(self) -> dict[str, Any]:
         """The prefix cache's state for /health."""
@@ -608,11 +614,8 @@ class Engine:
             job.emit(Delta(tail, first))
         eos = bool(res.token_ids) and res.token_ids[-1] in self._stops
         finish_reason = "stop" if stream.stopped or eos else "length"
+        self._observe(res)
         m = self.metrics
-        m.ttft.labels(res.method).observe(res.ttft_s)
-        m.prompt_tokens.labels(res.method).inc(res.prompt_tokens)
-        m.kept_tokens.labels(res.method).inc(res.kept_tokens)
-        m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
         if use_prefix and store is not None:
             cached = int(res.details.get("prefix_cached_tokens", 0))
             m.prefix_lookups.labels("hit" if cached else "miss").inc()
@@ -622,6 +625,14 @@ class Engine:
             m.prefix_evictions.inc(store.stats.evicted - evicted)
         job.generated_tokens = res.generated_tokens
         self._finish(job, "completed", Finished(stream.text, finish_reason, res, queue_s))
+
+    def _observe(self, res: GenerationResult) -> None:
+        """A completed answer's time to first token and prompt sizes, in the metrics."""
+        m = self.metrics
+        m.ttft.labels(res.method).observe(res.ttft_s)
+        m.prompt_tokens.labels(res.method).inc(res.prompt_tokens)
+        m.kept_tokens.labels(res.method).inc(res.kept_tokens)
+        m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
 
     def _cancel_error(self, job: Job) -> APIError:
         if job.cancel_reason == "timeout":

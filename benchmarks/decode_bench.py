@@ -37,7 +37,8 @@ from tokensieve.methods.base import cache_stats
 from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 from tokensieve.runner import generate
 
-METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024}}
+METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024},
+           "streamingllm": {"budget": 1024, "n_initial": 4}}
 
 
 @torch.inference_mode()

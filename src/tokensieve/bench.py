@@ -92,6 +92,7 @@ class BenchRow:
     status: str = "ok"  # ok | oom | error: ...
     ttft_s: float | None = None  # median
     ttft_runs: list[float] = field(default_factory=list)
+    ttft_cold_s: float | None = None  # a first untimed run at this length: compiles and captures for its shapes
     peak_memory_bytes: int | None = None
     kv_bytes_prefill: int | None = None
     kv_tokens_prefill: int | None = None  # layer 0
@@ -120,8 +121,12 @@ def weights_bytes(model: PreTrainedModel) -> int:
 def bench_method(
     model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0,
     decoders: DecoderPool | None = None, answer_tokens: int = 0, bandwidth_Bps: float | None = None,
+    cold_run: bool = False,
 ) -> BenchRow:
-    """One cell: ``repeats`` prefills (median TTFT); the last one goes on decoding for ``decode_tokens`` steps
+    """One cell: with ``cold_run``, first one run at this length whose TTFT is kept apart (``ttft_cold_s``:
+    kernels compiled or graphs captured for this length's shapes, e.g. GemFilter's FlexAttention local pass,
+    are paid there, never in the figures); then ``repeats`` prefills (median TTFT); the last one goes on
+    decoding for ``decode_tokens`` steps
     (median/p90 step, and the roofline when ``bandwidth_Bps`` is given) and, when ``answer_tokens`` > 0, until
     an answer of that many tokens (``e2e_s``: that run's TTFT + its first ``answer_tokens - 1`` steps).
 
@@ -137,6 +142,12 @@ def bench_method(
     try:
         runs = []
         last_tokens = max(decode_tokens + 1, answer_tokens, 1)
+        if cold_run:
+            cold = generate(model, tok, ids, method=method, max_new_tokens=min(last_tokens, 2), allow_long=True,
+                            decoders=decoders)
+            row.ttft_cold_s = cold.ttft_s
+            del cold
+            _free(device)
         for i in range(repeats):
             # the last run also decodes, so the prefill is never repeated just for the decode figures
             new_tokens = last_tokens if i == repeats - 1 else 1
@@ -312,8 +323,11 @@ def run_bench(
     on_row: Any = None,
     answer_tokens: int = 0,
     bandwidth_Bps: float | None = None,
+    cold_runs: bool = False,
 ) -> dict[str, Any]:
     """Sweep methods x lengths on one model; returns a JSON-ready dict.
+
+    ``cold_runs``: each cell first runs once untimed at its length (``ttft_cold_s``; see ``bench_method``).
 
     ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
     method appear with several settings (e.g. GemFilter chunked for 1M tokens).
@@ -335,7 +349,7 @@ def run_bench(
     cells = [(n, label) for n in lengths for label in built]
     for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
         row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens, decoders=pool,
-                           answer_tokens=answer_tokens, bandwidth_Bps=bandwidth_Bps)
+                           answer_tokens=answer_tokens, bandwidth_Bps=bandwidth_Bps, cold_run=cold_runs)
         rows.append({"label": label, **row.__dict__})
         if on_row is not None:
             on_row(rows)

@@ -27,6 +27,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--answer-tokens", type=non_negative_int, default=None,
                    help="end-to-end latency of an answer this long: TTFT + its steps, measured in one run, not "
                         "extrapolated (default 256; 0 skips; not with --batches, whose answers are --decode-tokens long)")
+    p.add_argument("--no-cold-run", action="store_true",
+                   help="skip each cell's first, untimed run (by default its TTFT is reported apart as ttft_cold_s: "
+                        "compiles and graph captures for a new length happen there, never in the medians)")
     p.add_argument("--batches", type=parse_sizes, default=None,
                    help="batch throughput instead: answer this many prompts at once per cell, e.g. 1,4,16 "
                         "(tokens/s of a --decode-tokens answer per row, and the ratio to batch 1)")
@@ -73,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, model=model,
-                    answer_tokens=256 if args.answer_tokens is None else args.answer_tokens)
+                    answer_tokens=256 if args.answer_tokens is None else args.answer_tokens,
+                    cold_runs=not args.no_cold_run)
     print(format_table(res))
     _write(res, args.out, plot=bench_plot)
     return 0

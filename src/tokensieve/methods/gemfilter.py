@@ -139,11 +139,12 @@ _FLEX: dict[str, Any] = {}
 
 
 def _flex_fn() -> Any:
-    """``flex_attention`` compiled once per process (its Triton kernel is what makes it fast on CUDA)."""
+    """``flex_attention`` compiled once per process (its Triton kernel is what makes it fast on CUDA), with
+    dynamic sequence lengths so that a new prompt length does not compile again."""
     if "fn" not in _FLEX:
         from torch.nn.attention.flex_attention import flex_attention
 
-        _FLEX["fn"] = torch.compile(flex_attention)
+        _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
     return _FLEX["fn"]
 
 

@@ -11,7 +11,8 @@ from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
 from tokensieve.runner import generate, score_continuation
 
-PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4}}
+PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
+          "h2o": {"budget": 40}}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -54,6 +55,63 @@ def test_streamingllm_ring_gives_the_eager_tokens_and_holds_the_budget(model, pr
     assert dec.capacity <= bucket(min(prompt + new, budget + 1))  # never sized to the whole answer
     if prompt + new <= budget:
         assert static.token_ids == generate(model, tok, ids, "full", max_new_tokens=new, decode="eager").token_ids
+
+
+@pytest.mark.parametrize("prompt,budget,n_recent,new", [
+    (80, 40, 20, 60),  # evicts every step, heavy hitters and a recent window
+    (80, 40, 0, 30),  # no recent window: the new entry itself may go
+    (80, 24, 24, 30),  # only the recent window: a sliding window
+    (10, 16, 8, 30),  # a short prompt: grows to the budget while decoding, then evicts
+    (30, 200, None, 20),  # the budget holds everything: never evicts (full attention)
+])
+def test_h2o_device_eviction_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_recent, new):
+    """Heavy hitters chosen on the device (scores accumulated per slot, argmin outside the newest stamps) evict
+    what the eager cache evicts."""
+    tok, ids = TinyTokenizer(), random_ids(prompt, seed=8)
+    kw = dict(budget=budget, n_recent=n_recent, max_new_tokens=new)
+    eager = generate(model, tok, ids, "h2o", decode="eager", **kw)
+    pool = DecoderPool(model)
+    static = generate(model, tok, ids, "h2o", decode="static", decoders=pool, **kw)
+    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final
+    (dec,) = pool.decoders.values()
+    assert dec.capacity <= bucket(min(prompt + new, budget + 1))
+    # the same teacher-forced losses: the eviction decisions agree at every step, not only on the argmax
+    t = min(12, prompt // 2)
+    target = ids[0, -t:]
+    a = score_continuation(model, tok, ids[:, :-t], target, "h2o", decode="eager", budget=budget, n_recent=n_recent)
+    b = score_continuation(model, tok, ids[:, :-t], target, "h2o", decode="static", budget=budget, n_recent=n_recent)
+    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+
+
+def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
+    """After decoding, each layer and KV head holds the same keys as the eager cache (as sets of rows)."""
+    from tokensieve.methods import make_method
+    from tokensieve.methods.base import DeviceEviction
+
+    ids = random_ids(60, seed=9)
+    m = make_method("h2o", budget=24, n_recent=8)
+    with torch.inference_mode():
+        state = m.prefill(model, ids)
+        token = state.logits.argmax(-1, keepdim=True)
+        dec = StaticDecoder(model, bucket(25), heavy=True)
+        dec.load(state.cache, state.next_position, 10, eviction=DeviceEviction("heavy", 24, 8))
+        for _ in range(10):
+            a = dec.step(token)
+            b = m.step(model, state, token)
+            token = b.argmax(-1, keepdim=True)
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+        for li, layer in enumerate(state.cache.layers):
+            held = dec.keys[li][0, :, :25]  # [hkv, 25, d]: 24 kept + the slot freed for the next step
+            free = dec.free[li][0]  # [hkv]
+            for h in range(held.shape[0]):
+                mine = torch.cat([held[h, : free[h]], held[h, free[h] + 1 :]])  # drop the freed slot
+                theirs = layer.keys[0, h]
+                assert mine.shape == theirs.shape
+                # the same entries up to float rounding (the new tokens' keys come from two computations)
+                dist = torch.cdist(theirs.float(), mine.float())  # [24, 24]
+                nearest = dist.argmin(dim=1)
+                assert dist.min(dim=1).values.max() < 1e-4 and nearest.unique().numel() == len(nearest), (li, h)
 
 
 def test_streamingllm_batches_decode_eagerly(model):

@@ -24,18 +24,22 @@ Batches: rows are left-padded; ``valid`` [batch, capacity] marks each row's real
 never attended to) and ``position`` holds each row's own next position, so one captured step serves
 rows of different lengths.
 
-Eviction on the device: a method whose decoding keeps fixed slots plus a window of the newest entries
-(StreamingLLM: ``n_initial`` sinks + the last ``budget - n_initial`` tokens) declares a *ring*
-(``Method.decode_ring``). Its buffer holds the sinks in slots ``0 .. n_initial - 1`` and a ring of
-``budget - n_initial + 1`` slots after them: each step writes the new entry over the oldest one (the slot
-index is computed on the device from the per-layer count), attends over all ``budget + 1`` entries and so
-sees exactly what the eager path sees before it evicts. No step reads back to the host, so the ring is
-captured like the growing buffers.
+Eviction on the device. A method that evicts while decoding declares how (``Method.decode_eviction``, a
+:class:`DeviceEviction`); its buffer then holds ``budget + 1`` entries: each step writes the new entry into
+the slot freed by the previous step, attends over all of them (exactly what the eager cache holds before it
+evicts) and picks, on the device, the slot the next step overwrites:
 
-Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV) and
-StreamingLLM (one prompt at a time), on models whose layers all use full attention (Llama, Mistral,
-Qwen2/3, Phi-3 class). Other methods and sliding-window models decode on the eager path;
-``supports_static`` says which.
+* ``"ring"`` (StreamingLLM: ``n_keep`` = ``n_initial`` sinks + the newest entries): slots ``0 .. n_keep - 1``
+  hold the sinks, the rest is a ring and the oldest entry of the ring goes;
+* ``"heavy"`` (H2O: heavy hitters + the ``n_keep`` newest entries): every slot carries the attention it has
+  received (float32, summed over the query heads that share its KV head, as the eager cache does) and a
+  write stamp; per KV head the lowest-scoring slot outside the ``n_keep`` newest stamps goes.
+
+No step reads back to the host, so the evicting step is captured like the growing one.
+
+Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), and StreamingLLM
+and H2O (one prompt at a time), on models whose layers all use full attention (Llama, Mistral, Qwen2/3,
+Phi-3 class). Other methods and sliding-window models decode on the eager path; ``supports_static`` says which.
 """
 
 from __future__ import annotations
@@ -48,6 +52,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
+from tokensieve.methods.base import DeviceEviction
 from tokensieve.scoring import matmul_fp32
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
@@ -63,7 +68,7 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
     """``None`` when this model/cache can decode on the static path, else the reason it cannot."""
     if method_name not in STATIC_METHODS:
         return f"{method_name} evicts or re-selects while decoding (eager path)"
-    if method_name in RING_METHODS and getattr(cache, "pad_counts", None):
+    if method_name in EVICTING_METHODS and getattr(cache, "pad_counts", None):
         return f"{method_name} decodes a left-padded batch on the eager path (its sinks differ per row)"
     cfg = model.config.get_text_config()
     if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
@@ -76,9 +81,10 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 
 
 # Methods whose KV cache only grows after the prefill (the static buffers hold exactly what they keep), and
-# those that keep sinks + a window of the newest entries (a ring, see the module docstring).
-RING_METHODS = ("streamingllm",)
-STATIC_METHODS = ("full", "gemfilter", "snapkv") + RING_METHODS
+# those that evict while decoding in a way the device can do (see the module docstring).
+EVICTING_METHODS = ("streamingllm", "h2o")
+STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS
+
 
 
 @dataclass
@@ -90,6 +96,7 @@ class StaticDecoder:
     batch: int = 1
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
+    heavy: bool = False  # keep per-slot attention scores and stamps (H2O's eviction); part of the captured step
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
@@ -120,6 +127,13 @@ class StaticDecoder:
         self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=dev)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
+        # heavy-hitter state, per layer: attention received [b, hkv, cap] float32, write stamps [b, hkv, cap],
+        # the slot the next step writes [b, hkv]; budget and n_keep as device scalars (one graph for any budget)
+        if self.heavy:
+            self.acc = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)]
+            self.stamp = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.free = [torch.zeros(self.batch, hkv, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.heavy_limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_keep
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
@@ -130,23 +144,31 @@ class StaticDecoder:
 
     def load(
         self, cache: Cache, next_position: int | torch.Tensor, max_new_tokens: int, kv_mask: torch.Tensor | None = None,
-        ring: tuple[int, int] | None = None,
+        eviction: DeviceEviction | None = None,
     ) -> None:
         """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers.
 
         ``next_position``: one int, or per row [batch, 1] (left-padded batches). ``kv_mask`` [batch, entries]
         marks each row's real entries (``None``: all); pad slots are zeroed and never attended to.
-        ``ring``: ``(fixed, size)``: slots ``fixed .. size - 1`` form a ring that new entries overwrite, oldest
-        first, once ``size`` slots are written (the entries must be in position order); ``None``: grow only.
+        ``eviction``: how entries go once ``eviction.budget + 1`` are held (the entries must be in position
+        order; ``"heavy"`` also reads the cache's accumulated ``scores``); ``None``: grow only.
         """
-        fixed, size = ring if ring is not None else (0, self.capacity)
+        if eviction is not None and eviction.budget + 1 > self.capacity:
+            eviction = None  # the answer ends before anything is evicted: plain growth
+        if eviction is not None and (eviction.kind == "heavy") != self.heavy:
+            raise ValueError(f"a {eviction.kind} eviction needs a decoder made with heavy={eviction.kind == 'heavy'}")
+        # (fixed, size): the slots in use are 0 .. size - 1; a ring turns over fixed .. size - 1
+        if eviction is None:
+            fixed, size = 0, self.capacity
+        else:
+            fixed, size = (eviction.n_keep if eviction.kind == "ring" else 0), eviction.budget + 1
         if not 0 <= fixed < size <= self.capacity:
             raise ValueError(f"ring {ring} does not fit: need 0 <= fixed < size <= capacity {self.capacity}")
         lengths = []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
-            if (n + max_new_tokens if ring is None else n) > min(size, self.capacity):
+            if (n + max_new_tokens if eviction is None else n) > min(size, self.capacity):
                 raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}")
             if k.shape[0] != self.batch:
                 raise ValueError(f"the cache holds {k.shape[0]} rows; this decoder was made for batch {self.batch}")
@@ -158,7 +180,18 @@ class StaticDecoder:
             lengths.append(n)
         self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
         self.ring.copy_(torch.tensor([fixed, size], dtype=torch.long))
-        self._held_max = self.capacity if ring is None else size - 1  # a ring's oldest slot counts as evicted
+        self._held_max = self.capacity if eviction is None else eviction.budget  # the slot to overwrite counts as gone
+        if self.heavy:
+            budget, keep = (eviction.budget, eviction.n_keep) if eviction is not None else (self.capacity, 0)
+            self.heavy_limits.copy_(torch.tensor([budget, keep], dtype=torch.long))
+            scores = getattr(cache, "scores", {})
+            for i, n in enumerate(lengths):
+                self.acc[i].zero_()
+                if eviction is not None:
+                    self.acc[i][:, :, :n].copy_(scores[i])
+                self.stamp[i].zero_()
+                self.stamp[i][:, :, :n].copy_(torch.arange(n, device=self.stamp[i].device))  # position order
+                self.free[i].fill_(n)
         self.valid.fill_(True)
         if kv_mask is not None:
             self.valid[:, : kv_mask.shape[1]].copy_(kv_mask)
@@ -182,21 +215,41 @@ class StaticDecoder:
         """
         li = module.layer_idx
         written, fixed, size = self.filled[li : li + 1], self.ring[0:1], self.ring[1:2]  # [1] each, on the device
-        # the first free slot; once all `size` are written, the oldest slot of the ring
-        slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
         keys, values = self.keys[li], self.values[li]
-        keys.index_copy_(2, slot, key)
-        values.index_copy_(2, slot, value)
         b, hq, _, d = query.shape
         hkv, cap = keys.shape[1], keys.shape[2]
+        if self.heavy:  # per KV head, the slot freed by the previous step (or the next empty one)
+            free = self.free[li][:, :, None]  # [b, hkv, 1]
+            keys.scatter_(2, free[..., None].expand(b, hkv, 1, d), key)
+            values.scatter_(2, free[..., None].expand(b, hkv, 1, d), value)
+            self.acc[li].scatter_(2, free, 0.0)  # a new entry starts with no attention received
+            self.stamp[li].scatter_(2, free, written.expand(b, hkv, 1))
+        else:  # the first free slot; once all `size` are written, the oldest slot of the ring
+            slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
+            keys.index_copy_(2, slot, key)
+            values.index_copy_(2, slot, value)
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
         scores = matmul_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
         visible = (self._slots <= torch.minimum(written, size - 1)) & self.valid  # [b, cap]: written slots + the new one, no pads
         scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
-        probs = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1).to(values.dtype)
+        probs32 = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1)
+        if self.heavy:
+            self._heavy_evict(li, written, visible, probs32.view(b, hkv, hq // hkv, cap).sum(2))
+        probs = probs32.to(values.dtype)
         out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]
         return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
+
+    def _heavy_evict(self, li: int, written: torch.Tensor, visible: torch.Tensor, received: torch.Tensor) -> None:
+        """Add this step's attention [b, hkv, cap] to the slots' scores; once ``budget + 1`` entries are held, free
+        each KV head's lowest-scoring slot outside the ``n_keep`` newest for the next step (all on the device)."""
+        acc, budget, keep = self.acc[li], self.heavy_limits[0:1], self.heavy_limits[1:2]
+        acc.add_(received)
+        newest = self.stamp[li] > written - keep  # [b, hkv, cap]: the n_keep most recent writes
+        candidates = acc.masked_fill(newest | ~visible[:, None, :], float("inf"))
+        victim = candidates.argmin(dim=-1)  # [b, hkv]
+        grow = (written + 1).clamp(max=self.capacity - 1).expand_as(victim)  # the next empty slot
+        self.free[li].copy_(torch.where(written + 1 > budget, victim, grow))
 
     def _forward(self) -> torch.Tensor:
         out = self.model(
@@ -250,12 +303,13 @@ class DecoderPool:
     model: PreTrainedModel
     use_graph: bool | None = None
     compile: bool = False
-    decoders: dict[tuple[int, int], StaticDecoder] = field(default_factory=dict)
+    decoders: dict[tuple[int, int, bool], StaticDecoder] = field(default_factory=dict)
 
-    def get(self, batch: int, entries: int) -> tuple[StaticDecoder, bool]:
-        """A decoder holding ``entries`` (kept + new); the flag says whether it was made (and captured) now."""
-        key = (batch, bucket(entries))
+    def get(self, batch: int, entries: int, heavy: bool = False) -> tuple[StaticDecoder, bool]:
+        """A decoder holding ``entries`` (kept + new; ``heavy``: with H2O's score state); the flag says whether it
+        was made (and captured) now."""
+        key = (batch, bucket(entries), heavy)
         made = key not in self.decoders
         if made:
-            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile)
+            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, heavy)
         return self.decoders[key], made

@@ -229,10 +229,12 @@ def drive(
                 raise InputError(f"static decoding is not available here: {why}")
             if why is None:
                 pool = decoders if decoders is not None else DecoderPool(model)
-                ring = m.decode_ring()
+                eviction = m.decode_eviction()
                 need = max(kv_pre) + max_steps
-                decoder, made = pool.get(run.input_ids.shape[0], need if ring is None else min(need, ring[1]))
-                ring = ring if ring is not None and ring[1] <= decoder.capacity else None  # else it never wraps
+                if eviction is not None and need <= eviction.budget:
+                    eviction = None  # the answer ends before anything is evicted: plain growth
+                decoder, made = pool.get(run.input_ids.shape[0], need if eviction is None else eviction.budget + 1,
+                                         heavy=eviction is not None and eviction.kind == "heavy")
                 if made:
                     decoder.capture()
                     capture_s = decoder.capture_s
@@ -240,7 +242,7 @@ def drive(
         t1 = t_step = time.perf_counter()
         if decoder is not None:
             decoder.load(state.cache, state.next_position if state.positions is None else state.positions, max_steps,
-                         state.kv_mask, ring)
+                         state.kv_mask, eviction)
             state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
         while token is not None and len(steps) < max_steps:

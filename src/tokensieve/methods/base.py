@@ -45,6 +45,23 @@ class DecodeState:
         return None if mask is None else mask.sum(-1).tolist()
 
 
+@dataclass(frozen=True)
+class DeviceEviction:
+    """How a method evicts while decoding: after each step ``budget`` entries stay.
+
+    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest) or ``"heavy"`` (the ``n_keep``
+    newest stay, then the most attended-to).
+    """
+
+    kind: str
+    budget: int
+    n_keep: int
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("ring", "heavy") or not 0 <= self.n_keep <= self.budget or self.budget < 1:
+            raise ValueError(f"bad DeviceEviction {self}")
+
+
 class Method:
     """Base class. Subclasses are dataclasses whose fields are the method's parameters.
 
@@ -76,10 +93,9 @@ class Method:
         """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
         return {}
 
-    def decode_ring(self) -> tuple[int, int] | None:
-        """For static decoding (``tokensieve.decode``): ``(fixed, size)`` when decoding keeps ``fixed`` first
-        entries plus the newest ones, ``size - 1`` in all, evicting the oldest of the rest each step (then
-        the buffer's slots ``fixed .. size - 1`` are a ring); ``None`` when the cache only grows."""
+    def decode_eviction(self) -> DeviceEviction | None:
+        """How decoding evicts, for the static path (``tokensieve.decode.DeviceEviction``); ``None`` when the
+        cache only grows after the prefill."""
         return None
 
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
+from tokensieve.methods.base import DeviceEviction
 from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 from tokensieve.scoring import attention_scores, topk_with_recent
 
@@ -76,6 +77,10 @@ class H2O(EvictionMethod):
         scores = cache.scores[layer_idx]  # [b, hkv, entries]
         if scores.shape[-1] > self.budget:
             cache.keep(layer_idx, topk_with_recent(scores, self.budget, self.resolved_n_recent))
+
+    def decode_eviction(self) -> DeviceEviction:
+        # each step adds the new token's attention to every entry, then drops the lowest outside the recent window
+        return DeviceEviction("heavy", self.budget, self.resolved_n_recent)
 
     def evict(self, call: LayerCall) -> None:
         received = self._received(call.module, call.query, call.key, call.attention_mask)  # [b, hkv, entries]

@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState
+from tokensieve.methods.base import DecodeState, DeviceEviction
 from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
 
 
@@ -82,9 +82,9 @@ class StreamingLLM(EvictionMethod):
                 f"n_initial ({self.n_initial}) must be smaller than budget ({self.budget}) to leave a recent window"
             )
 
-    def decode_ring(self) -> tuple[int, int]:
+    def decode_eviction(self) -> DeviceEviction:
         # each step attends over the sinks and budget - n_initial + 1 newest entries, then drops the oldest
-        return (self.n_initial, self.budget + 1)
+        return DeviceEviction("ring", self.budget, self.n_initial)
 
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
         if entries <= self.budget:

@@ -13,8 +13,10 @@ over ``budget``, the lowest-scoring entry outside the recent window is evicted.
 
 The original code needs the full ``n x n`` attention matrix (eager
 attention). Here the prompt's attention output is plain SDPA and the scores
-are computed ``chunk_size`` queries at a time, so prefill memory stays linear
-in ``n`` (at the cost of computing ``QK^T`` a second time).
+come from ``scoring.attention_scores``, so prefill memory stays linear in ``n``
+(at the cost of computing ``QK^T`` again): on a GPU with Triton, by fused
+kernels that never store the probabilities (``scoring_kernel``); elsewhere,
+``chunk_size`` queries at a time.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from transformers import PreTrainedModel
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import attention_scores, topk_with_recent
+from tokensieve.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 
 
 @dataclass
@@ -41,8 +43,11 @@ class H2O(EvictionMethod):
         n_recent: recent tokens always kept; ``None`` = ``budget // 2`` (the
             paper's equal split between heavy hitters and recent tokens).
             Formerly ``window``.
-        chunk_size: prompt queries scored at once; ``None`` picks a size that
-            keeps the score block under 2**26 floats.
+        chunk_size: prompt queries scored at once by the torch path; ``None`` picks a
+            size that keeps the score block under 2**26 floats.
+        score_kernel: how the scores are computed (``scoring.attention_scores``'s ``kernel``):
+            ``"auto"`` (the fused Triton kernels for a half-precision prompt on a GPU when
+            Triton is installed, else torch), ``"torch"`` (query chunks) or ``"triton"``.
     """
 
     name: ClassVar[str] = "h2o"
@@ -50,6 +55,7 @@ class H2O(EvictionMethod):
     budget: int = 1024
     n_recent: int | None = None
     chunk_size: int | None = None
+    score_kernel: str = "auto"
 
     @property
     def resolved_n_recent(self) -> int:
@@ -64,13 +70,17 @@ class H2O(EvictionMethod):
                 raise InputError(f"n_recent ({self.n_recent}) must not exceed budget ({self.budget})")
         if self.chunk_size is not None:
             check_int("chunk_size", self.chunk_size, 1)
+        if self.score_kernel not in SCORE_KERNELS:
+            raise InputError(f"score_kernel must be one of {SCORE_KERNELS}, got {self.score_kernel!r}")
 
     def _received(
         self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
     ) -> torch.Tensor:
         """Attention each key receives from these queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
         mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        return attention_scores(query, key, module.scaling, attention_mask=mask, query_chunk=self.chunk_size)
+        return attention_scores(
+            query, key, module.scaling, attention_mask=mask, query_chunk=self.chunk_size, kernel=self.score_kernel
+        )
 
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
         scores = cache.scores[layer_idx]  # [b, hkv, entries]

@@ -1,0 +1,201 @@
+"""Fused Triton kernels for ``scoring.attention_scores`` (causal, no mask): the attention each key receives.
+
+``scoring.attention_scores`` is the one entry point; it calls ``attention_scores_triton`` here when its
+``kernel`` argument picks this path. The torch path there writes every query block's softmax out in
+float32 (an ``n x n`` matrix over the whole prompt, block by block); H2O's prefill needs all ``n`` queries, so
+that traffic made its prefill 7-8x slower than full attention. Here nothing of size ``n x n`` is stored:
+
+1. ``_row_lse``: one program per (batch, query head, query block) runs over the visible keys with an
+   online max / sum and stores each query row's log-sum-exp (base 2), ``[batch, q_heads, q_len]`` float32.
+2. ``_column_sums``: one program per (batch, KV head, key block) runs over the query heads of its group
+   and the query blocks that can see the block (causal: queries at or after the keys), recomputes the
+   logits with ``tl.dot`` (float32 accumulation of half inputs), and sums ``exp2(logit - lse)`` over the
+   queries, so colsum[k] = sum_{h in group} sum_{q >= k} softmax_h[q, k].
+
+The queries are the last ``q_len`` positions of the keys (bottom-right causal alignment), as in
+``scoring``. Logits are scaled by ``scaling * log2(e)`` so both kernels use ``exp2``; the stored LSE is in
+that base and only ever read back by ``_column_sums``.
+
+On CPU tensors the same kernels run under Triton's interpreter, which is how the tests compare them with
+the torch path on a machine without a GPU. Triton decides between compiling and interpreting when it is
+imported (``TRITON_INTERPRET=1``; torch imports Triton when it is installed), so one process runs the
+kernels on the GPU or on the CPU, not both. Triton is optional: ``available()`` says whether it imported.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+LOG2E = 1.4426950408889634
+
+try:  # optional: scoring.attention_scores only comes here when Triton imports
+    import triton
+    import triton.language as tl
+except ImportError:  # pragma: no cover - exercised where Triton is not installed
+    triton = None
+    tl = None
+
+
+def available() -> bool:
+    """Whether Triton imported (it is optional; the torch path covers every case without it)."""
+    return triton is not None
+
+
+# The kernels, undecorated; jitted below when Triton imported.
+
+def _row_lse(
+    Q, K, LSE, scale2, q_len, kv_len, offset, group, hkv,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bh = tl.program_id(0)  # batch * q_heads + query head
+    pid_m = tl.program_id(1)
+    hq = hkv * group
+    bi = pid_bh // hq
+    h = pid_bh % hq
+    kh = h // group
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    dims = tl.arange(0, BLOCK_D)
+    row_ok = rows < q_len
+    q = tl.load(
+        Q + bi * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+        mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+    )
+    if UPCAST:
+        q = q.to(tl.float32)
+    q_pos = rows + offset  # the rows' positions among the keys
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    # keys past the block's last visible position are seen by none of its rows
+    k_end = tl.minimum(kv_len, offset + (pid_m + 1) * BLOCK_M)
+    for n0 in range(0, k_end, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + bi * skb + kh * skh + cols[None, :] * skn + dims[:, None] * skd,
+            mask=(cols[None, :] < kv_len) & (dims[:, None] < D), other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        visible = (cols[None, :] <= q_pos[:, None]) & (cols[None, :] < kv_len)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with nothing visible yet
+        l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
+        m_i = m_new
+    lse = m_i + tl.log2(l_i)
+    tl.store(LSE + pid_bh * q_len + rows, lse, mask=row_ok)
+
+def _column_sums(
+    Q, K, LSE, OUT, scale2, q_len, kv_len, offset, group, hkv,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
+    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):
+    pid_bk = tl.program_id(0)  # batch * kv_heads + KV head
+    pid_n = tl.program_id(1)
+    bi = pid_bk // hkv
+    kh = pid_bk % hkv
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    dims = tl.arange(0, BLOCK_D)
+    col_ok = cols < kv_len
+    k = tl.load(
+        K + bi * skb + kh * skh + cols[None, :] * skn + dims[:, None] * skd,
+        mask=col_ok[None, :] & (dims[:, None] < D), other=0.0,
+    )  # [BLOCK_D, BLOCK_N]
+    if UPCAST:
+        k = k.to(tl.float32)
+    acc = tl.zeros([BLOCK_N], tl.float32)
+    # the first query that sees this block's first key sits at position pid_n * BLOCK_N
+    m_start = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+    for j in range(0, group):
+        h = kh * group + j
+        lse_row = LSE + (bi * hkv * group + h) * q_len
+        for m0 in range(m_start, q_len, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < q_len
+            q = tl.load(
+                Q + bi * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+            )
+            if UPCAST:
+                q = q.to(tl.float32)
+            lse = tl.load(lse_row + rows, mask=row_ok, other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * scale2
+            visible = (cols[None, :] <= rows[:, None] + offset) & row_ok[:, None] & col_ok[None, :]
+            p = tl.exp2(tl.where(visible, s - lse[:, None], float("-inf")))
+            acc += tl.sum(p, axis=0)
+    tl.store(OUT + pid_bk * kv_len + cols, acc, mask=col_ok)
+
+
+
+
+if triton is not None:  # jitted once; Triton reads TRITON_INTERPRET when it is imported and here
+    _ROW_LSE = triton.jit(_row_lse)
+    _COLUMN_SUMS = triton.jit(_column_sums)
+    INTERPRETED = type(_ROW_LSE).__name__ == "InterpretedFunction"
+
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, math.ceil(math.log2(max(1, x))))
+
+
+def attention_scores_triton(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    *,
+    block_m: int | None = None,
+    block_n: int | None = None,
+) -> torch.Tensor:
+    """``scoring.attention_scores`` without a mask, by the two fused kernels: [batch, kv_heads, kv_len] float32.
+
+    query: [batch, q_heads, q_len, head_dim]; key: [batch, kv_heads, kv_len, head_dim], ``q_len <= kv_len``,
+    float16, bfloat16 or float32 (float32 logits: full-precision dot products, not TF32), any strides.
+    ``block_m`` / ``block_n``: query / key block sizes (powers of two >= 16; defaults suit an H100).
+    Shapes are checked by the caller (``scoring.attention_scores``).
+    """
+    if query.dtype != key.dtype or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"the Triton scoring kernel takes float16, bfloat16 or float32 query and key of one dtype, "
+                        f"got {query.dtype} and {key.dtype}")
+    if query.device != key.device:
+        raise ValueError(f"query and key on different devices: {query.device} and {key.device}")
+    b, hq, q_len, d = query.shape
+    hkv, kv_len = key.shape[1], key.shape[2]
+    group = hq // hkv
+    if not available():
+        raise RuntimeError("the fused scoring kernel needs Triton (pip install triton)")
+    interpret = query.device.type == "cpu"
+    if interpret != INTERPRETED:
+        raise RuntimeError(
+            f"the Triton scoring kernel got {query.device.type} tensors but Triton was imported "
+            f"{'with' if INTERPRETED else 'without'} TRITON_INTERPRET=1 (set it before importing torch to run on the CPU)"
+        )
+    bm = block_m or (16 if interpret else 64)
+    bn = block_n or (16 if interpret else 64)
+    for name, v in (("block_m", bm), ("block_n", bn)):
+        if v < 16 or v & (v - 1):
+            raise ValueError(f"{name} must be a power of two >= 16, got {v}")
+    block_d = max(16, _next_pow2(d))
+    # Triton's interpreter multiplies bfloat16 tiles wrongly in tl.dot (errors of 1e10 on a 16 x 16 product
+    # with Triton 3.9), so there the tiles are upcast to float32 first; on the GPU they go to the tensor cores.
+    upcast = interpret and query.dtype == torch.bfloat16
+    # float32 operands: full-precision products (tf32 would round them); half operands ignore the setting
+    precision = "ieee" if query.dtype == torch.float32 or upcast else "tf32"
+    scale2 = float(scaling) * LOG2E
+    offset = kv_len - q_len
+    out = torch.zeros(b, hkv, kv_len, dtype=torch.float32, device=key.device)
+    if q_len == 0 or kv_len == 0 or b == 0:
+        return out
+    lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=key.device)
+    strides = (*query.stride(), *key.stride())
+    meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
+    gpu = {} if interpret else {"num_warps": 4, "num_stages": 3}
+    _ROW_LSE[(b * hq, (q_len + bm - 1) // bm)](query, key, lse, scale2, q_len, kv_len, offset, group, hkv, *strides,
+                                               **meta, **gpu)
+    _COLUMN_SUMS[(b * hkv, (kv_len + bn - 1) // bn)](query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv,
+                                                    *strides, **meta, **gpu)
+    return out

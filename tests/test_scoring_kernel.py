@@ -136,3 +136,27 @@ def test_bad_kernel_arguments(kwargs, match):
 def test_h2o_rejects_an_unknown_score_kernel():
     with pytest.raises(InputError, match="score_kernel must be one of .*'fused'"):
         H2O(score_kernel="fused").validate(tiny_model(), 8)
+
+
+@needs_triton
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_kernels_compile_for_an_h100(dtype):
+    """Both kernels lower to an sm_90 binary (no GPU needed): the GPU-only code path (tensor-core tl.dot,
+    loops with run-time bounds) at Llama's head dim, in the autotuner's largest block shape."""
+    from tokensieve import scoring_kernel as sk
+
+    if sk.INTERPRETED:
+        pytest.skip("this process imported Triton in interpreter mode")
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    bm, bn, warps, stages = max(sk.GPU_CONFIGS)
+    scalars = dict.fromkeys(["q_len", "kv_len", "offset", "group", "hkv", "sqb", "sqh", "sqn", "sqd", "skb", "skh",
+                             "skn", "skd"], "i32") | {"scale2": "fp32"}
+    const = dict(D=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, PRECISION="tf32", UPCAST=False)
+    for fn, ptrs in ((sk._ROW_LSE, ["Q", "K", "LSE"]), (sk._COLUMN_SUMS, ["Q", "K", "LSE", "OUT"])):
+        sig = {p: f"*{dtype}" if p in ("Q", "K") else "*fp32" for p in ptrs} | scalars | dict.fromkeys(const, "constexpr")
+        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
+                                  options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
+        assert compiled.asm["cubin"] and compiled.metadata.shared > 0

@@ -25,6 +25,7 @@ kernels on the GPU or on the CPU, not both. Triton is optional: ``available()`` 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -52,7 +53,7 @@ def _row_lse(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * q_heads + query head
-    pid_m = tl.program_id(1)
+    pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the last query blocks (most keys) start first
     hq = hkv * group
     bi = pid_bh // hq
     h = pid_bh % hq
@@ -61,11 +62,12 @@ def _row_lse(
     dims = tl.arange(0, BLOCK_D)
     row_ok = rows < q_len
     q = tl.load(
-        Q + bi * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+        Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
         mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
+    k_base = K + bi.to(tl.int64) * skb + kh.to(tl.int64) * skh
     q_pos = rows + offset  # the rows' positions among the keys
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -74,7 +76,7 @@ def _row_lse(
     for n0 in range(0, k_end, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(
-            K + bi * skb + kh * skh + cols[None, :] * skn + dims[:, None] * skd,
+            k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
             mask=(cols[None, :] < kv_len) & (dims[:, None] < D), other=0.0,
         )  # [BLOCK_D, BLOCK_N]
         if UPCAST:
@@ -87,7 +89,7 @@ def _row_lse(
         l_i = l_i * tl.exp2(m_i - m_safe) + tl.sum(tl.exp2(s - m_safe[:, None]), axis=1)
         m_i = m_new
     lse = m_i + tl.log2(l_i)
-    tl.store(LSE + pid_bh * q_len + rows, lse, mask=row_ok)
+    tl.store(LSE + pid_bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
 
 def _column_sums(
     Q, K, LSE, OUT, scale2, q_len, kv_len, offset, group, hkv,
@@ -96,14 +98,14 @@ def _column_sums(
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)  # batch * kv_heads + KV head
-    pid_n = tl.program_id(1)
+    pid_n = tl.program_id(1)  # the first key blocks (most queries) start first
     bi = pid_bk // hkv
     kh = pid_bk % hkv
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
     col_ok = cols < kv_len
     k = tl.load(
-        K + bi * skb + kh * skh + cols[None, :] * skn + dims[:, None] * skd,
+        K + bi.to(tl.int64) * skb + kh.to(tl.int64) * skh + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
         mask=col_ok[None, :] & (dims[:, None] < D), other=0.0,
     )  # [BLOCK_D, BLOCK_N]
     if UPCAST:
@@ -113,12 +115,13 @@ def _column_sums(
     m_start = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
     for j in range(0, group):
         h = kh * group + j
-        lse_row = LSE + (bi * hkv * group + h) * q_len
+        lse_row = LSE + (bi * hkv * group + h).to(tl.int64) * q_len
+        q_base = Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh
         for m0 in range(m_start, q_len, BLOCK_M):
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < q_len
             q = tl.load(
-                Q + bi * sqb + h * sqh + rows[:, None] * sqn + dims[None, :] * sqd,
+                q_base + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
                 mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
             )
             if UPCAST:
@@ -128,15 +131,21 @@ def _column_sums(
             visible = (cols[None, :] <= rows[:, None] + offset) & row_ok[:, None] & col_ok[None, :]
             p = tl.exp2(tl.where(visible, s - lse[:, None], float("-inf")))
             acc += tl.sum(p, axis=0)
-    tl.store(OUT + pid_bk * kv_len + cols, acc, mask=col_ok)
+    tl.store(OUT + pid_bk.to(tl.int64) * kv_len + cols, acc, mask=col_ok)
 
 
-
+# GPU block shapes, timed once per head dim on the first call (Triton's autotuner; a shape that does not fit
+# the GPU's shared memory is dropped). Not measured on a GPU when written: the autotuner picks among them.
+GPU_CONFIGS = [(64, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (128, 128, 8, 2)]  # block_m, block_n, warps, stages
 
 if triton is not None:  # jitted once; Triton reads TRITON_INTERPRET when it is imported and here
     _ROW_LSE = triton.jit(_row_lse)
     _COLUMN_SUMS = triton.jit(_column_sums)
     INTERPRETED = type(_ROW_LSE).__name__ == "InterpretedFunction"
+    if not INTERPRETED:  # both kernels only store their results, so the autotuner's repeated runs are harmless
+        _configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in GPU_CONFIGS]
+        _ROW_LSE_TUNED = triton.autotune(_configs, key=["D", "UPCAST", "PRECISION"])(triton.jit(_row_lse))
+        _COLUMN_SUMS_TUNED = triton.autotune(_configs, key=["D", "UPCAST", "PRECISION"])(triton.jit(_column_sums))
 
 
 def _next_pow2(x: int) -> int:
@@ -155,7 +164,8 @@ def attention_scores_triton(
 
     query: [batch, q_heads, q_len, head_dim]; key: [batch, kv_heads, kv_len, head_dim], ``q_len <= kv_len``,
     float16, bfloat16 or float32 (float32 logits: full-precision dot products, not TF32), any strides.
-    ``block_m`` / ``block_n``: query / key block sizes (powers of two >= 16; defaults suit an H100).
+    ``block_m`` / ``block_n``: query / key block sizes (powers of two >= 16); by default 16 under the
+    interpreter and chosen by Triton's autotuner among ``GPU_CONFIGS`` on a GPU.
     Shapes are checked by the caller (``scoring.attention_scores``).
     """
     if query.dtype != key.dtype or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -174,6 +184,7 @@ def attention_scores_triton(
             f"the Triton scoring kernel got {query.device.type} tensors but Triton was imported "
             f"{'with' if INTERPRETED else 'without'} TRITON_INTERPRET=1 (set it before importing torch to run on the CPU)"
         )
+    tuned = not interpret and block_m is None and block_n is None
     bm = block_m or (16 if interpret else 64)
     bn = block_n or (16 if interpret else 64)
     for name, v in (("block_m", bm), ("block_n", bn)):
@@ -192,10 +203,17 @@ def attention_scores_triton(
         return out
     lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=key.device)
     strides = (*query.stride(), *key.stride())
-    meta = dict(D=d, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
-    gpu = {} if interpret else {"num_warps": 4, "num_stages": 3}
-    _ROW_LSE[(b * hq, (q_len + bm - 1) // bm)](query, key, lse, scale2, q_len, kv_len, offset, group, hkv, *strides,
-                                               **meta, **gpu)
-    _COLUMN_SUMS[(b * hkv, (kv_len + bn - 1) // bn)](query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv,
-                                                    *strides, **meta, **gpu)
+    meta: dict[str, Any] = dict(D=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
+    row_lse, column_sums = (_ROW_LSE_TUNED, _COLUMN_SUMS_TUNED) if tuned else (_ROW_LSE, _COLUMN_SUMS)
+    if not tuned:
+        meta |= dict(BLOCK_M=bm, BLOCK_N=bn) | ({} if interpret else dict(num_warps=4, num_stages=3))
+    if not interpret:  # Triton's default (fused multiply-adds), said explicitly: 3.9 warns when it is left implicit
+        meta["enable_fp_fusion"] = True
+
+    def grid(rows: int, heads: int, block: str) -> Any:
+        return lambda m: (heads, triton.cdiv(rows, m[block]))
+
+    row_lse[grid(q_len, b * hq, "BLOCK_M")](query, key, lse, scale2, q_len, kv_len, offset, group, hkv, *strides, **meta)
+    column_sums[grid(kv_len, b * hkv, "BLOCK_N")](query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv,
+                                                   *strides, **meta)
     return out

@@ -3,7 +3,8 @@
 Cells (label x length), token-id prompts on a random-weight model of a real shape:
 
 * ``full``: full-attention prefill.
-* ``h2o_kernel``: H2O (``--budget``), scores by ``scoring_kernel``'s fused kernels (``score_kernel="triton"``).
+* ``h2o_kernel``: H2O (``--budget``), scores by ``scoring_kernel``'s fused kernels (``score_kernel="triton"``;
+  the prompt's attention by SDPA's flash kernel, whose row log-sum-exp the kernels reuse).
 * ``h2o_torch``: the same H2O, scores by the chunked torch path (``score_kernel="torch"``, the former prefill),
   up to ``--torch-max`` tokens (it takes ~49 s at 64k on an H100).
 
@@ -18,7 +19,7 @@ with a budget above the prompt (nothing evicted, every entry's score kept) by th
 max relative error (``max|kernel - torch| / max|torch|``, and entrywise over entries above 1e-3 of the
 row's largest), and how many of the ``--budget`` entries kept per layer and head agree; (2) one layer's
 random query and keys of the shape (bfloat16) scored by the kernel and by the torch path, each against the
-torch path in float64.
+torch path in float64 (the kernels' own log-sum-exp pass).
 
 GPU commands (Llama-3.1-8B shape, bf16, budget 1024):
     python benchmarks/h2o_prefill.py --out $OUT/h2o_prefill.json                      # 8k-128k, all labels
@@ -26,7 +27,7 @@ GPU commands (Llama-3.1-8B shape, bf16, budget 1024):
     python benchmarks/h2o_prefill.py --out $OUT/h2o_prefill.json --lengths 128k --labels h2o_torch   # the slow one alone
 CPU check (kernels under Triton's interpreter):
     TRITON_INTERPRET=1 python benchmarks/h2o_prefill.py --device cpu --dtype float32 --shape tiny \
-        --lengths 256,512 --check-length 256 --budget 64 --warmup-length 128 --out /tmp/h2o_prefill.json
+        --lengths 256 --check-length 128 --budget 64 --warmup-length 128 --out /tmp/h2o_prefill.json
 """
 
 from __future__ import annotations

@@ -63,6 +63,7 @@ for kernel in ("triton", "torch"):
     state = H2O(budget=16, n_recent=4, score_kernel=kernel).prefill(model, ids)
     cache = state.cache
     out["h2o_" + kernel] = [(cache.scores[i].clone(), cache.layers[i].keys.clone()) for i in sorted(cache.scores)]
+    out["h2o_logits_" + kernel] = state.logits.clone()
 torch.save(out, sys.argv[2])
 """
 
@@ -101,12 +102,16 @@ def test_kernel_reads_strided_inputs(interpreted):
 
 @needs_triton
 def test_h2o_with_the_kernel_keeps_what_the_torch_path_keeps(interpreted):
+    """H2O's prompt with score_kernel="triton": the attention keeps each row's log-sum-exp (flash kernel) and
+    the scores skip their own first pass; scores, kept entries and logits match the torch path."""
     kernel, reference = interpreted["h2o_triton"], interpreted["h2o_torch"]
     assert len(kernel) == len(reference) > 0
     for (s_k, keys_k), (s_t, keys_t) in zip(kernel, reference):
         assert keys_k.shape[-2] == 16  # evicted to the budget
         torch.testing.assert_close(s_k, s_t, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(keys_k, keys_t)  # the same entries kept, per layer and KV head
+    # the prompt's attention (flash kernel keeping the rows' log-sum-exp for the scores) is the same attention
+    torch.testing.assert_close(interpreted["h2o_logits_triton"], interpreted["h2o_logits_torch"], rtol=1e-5, atol=1e-5)
 
 
 # --- dispatch (no Triton needed) ---------------------------------------------------------------

@@ -84,8 +84,8 @@ def _check_heads(query: torch.Tensor, key: torch.Tensor) -> int:
     return hq // hkv
 
 
-def _use_triton(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kernel: str) -> bool:
-    """Whether ``attention_scores`` takes the fused Triton kernels (``kernel`` checked here)."""
+def uses_kernel(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kernel: str) -> bool:
+    """Whether ``attention_scores`` takes the fused Triton kernels for these arguments (``kernel`` checked here)."""
     if kernel not in SCORE_KERNELS:
         raise ValueError(f"kernel must be one of {SCORE_KERNELS}, got {kernel!r}")
     if kernel == "torch":
@@ -112,6 +112,7 @@ def attention_scores(
     query_chunk: int | None = None,
     key_chunk: int | None = None,
     kernel: str = "torch",
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention each key receives, summed over the queries and the query heads of its KV head.
 
@@ -124,7 +125,8 @@ def attention_scores(
     ``kernel``: ``"torch"`` (the chunked path below), ``"triton"`` (``scoring_kernel``'s fused kernels:
     causal only, float16/bfloat16/float32, memory linear in ``kv_len`` whatever the chunks) or ``"auto"``
     (triton for at least ``KERNEL_MIN_QUERIES`` half-precision CUDA queries without a mask, when Triton
-    imports; else torch).
+    imports; else torch). ``row_lse``: the query rows' log-sum-exp (natural log, [batch, q_heads, q_len])
+    from the attention pass, which saves the kernels their first pass (the torch path does not read it).
     Returns [batch, kv_heads, kv_len] (float32, float64 for float64 inputs). A query row
     whose every key is masked gives NaN, as softmax does.
     """
@@ -134,10 +136,10 @@ def attention_scores(
     offset = kv_len - q_len
     if offset < 0:
         raise ValueError(f"more queries ({q_len}) than keys ({kv_len})")
-    if _use_triton(query, key, attention_mask, kernel):
+    if uses_kernel(query, key, attention_mask, kernel):
         from tokensieve.scoring_kernel import attention_scores_triton
 
-        return attention_scores_triton(query, key, scaling)
+        return attention_scores_triton(query, key, scaling, row_lse=row_lse)
     dtype = _score_dtype(query, key)
     span = kv_len if key_chunk is None else max(1, min(key_chunk, kv_len))
     if query_chunk is None:

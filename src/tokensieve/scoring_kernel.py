@@ -7,6 +7,8 @@ that traffic made its prefill 7-8x slower than full attention. Here nothing of s
 
 1. ``_row_lse``: one program per (batch, query head, query block) runs over the visible keys with an
    online max / sum and stores each query row's log-sum-exp (base 2), ``[batch, q_heads, q_len]`` float32.
+   Skipped when the caller has the rows' log-sum-exp from its attention pass (``row_lse``: H2O's prefill
+   takes it from SDPA's flash kernel), which leaves one extra pass over ``QK^T`` instead of two.
 2. ``_column_sums``: one program per (batch, KV head, key block) runs over the query heads of its group
    and the query blocks that can see the block (causal: queries at or after the keys), recomputes the
    logits with ``tl.dot`` (float32 accumulation of half inputs), and sums ``exp2(logit - lse)`` over the
@@ -159,6 +161,7 @@ def attention_scores_triton(
     *,
     block_m: int | None = None,
     block_n: int | None = None,
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``scoring.attention_scores`` without a mask, by the two fused kernels: [batch, kv_heads, kv_len] float32.
 
@@ -166,6 +169,8 @@ def attention_scores_triton(
     float16, bfloat16 or float32 (float32 logits: full-precision dot products, not TF32), any strides.
     ``block_m`` / ``block_n``: query / key block sizes (powers of two >= 16); by default 16 under the
     interpreter and chosen by Triton's autotuner among ``GPU_CONFIGS`` on a GPU.
+    ``row_lse``: each query row's log-sum-exp of its scaled logits (natural log, [batch, q_heads, q_len]) when
+    the attention pass already computed it (SDPA's flash kernel does): the first kernel is then skipped.
     Shapes are checked by the caller (``scoring.attention_scores``).
     """
     if query.dtype != key.dtype or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
@@ -201,10 +206,11 @@ def attention_scores_triton(
     out = torch.zeros(b, hkv, kv_len, dtype=torch.float32, device=key.device)
     if q_len == 0 or kv_len == 0 or b == 0:
         return out
-    lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=key.device)
+    if row_lse is not None and tuple(row_lse.shape) != (b, hq, q_len):
+        raise ValueError(f"row_lse must be [batch, q_heads, q_len] = {[b, hq, q_len]}, got {list(row_lse.shape)}")
     strides = (*query.stride(), *key.stride())
     meta: dict[str, Any] = dict(D=d, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast)
-    row_lse, column_sums = (_ROW_LSE_TUNED, _COLUMN_SUMS_TUNED) if tuned else (_ROW_LSE, _COLUMN_SUMS)
+    lse_kernel, column_sums = (_ROW_LSE_TUNED, _COLUMN_SUMS_TUNED) if tuned else (_ROW_LSE, _COLUMN_SUMS)
     if not tuned:
         meta |= dict(BLOCK_M=bm, BLOCK_N=bn) | ({} if interpret else dict(num_warps=4, num_stages=3))
     if not interpret:  # Triton's default (fused multiply-adds), said explicitly: 3.9 warns when it is left implicit
@@ -213,7 +219,12 @@ def attention_scores_triton(
     def grid(rows: int, heads: int, block: str) -> Any:
         return lambda m: (heads, triton.cdiv(rows, m[block]))
 
-    row_lse[grid(q_len, b * hq, "BLOCK_M")](query, key, lse, scale2, q_len, kv_len, offset, group, hkv, *strides, **meta)
+    if row_lse is None:
+        lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=key.device)
+        lse_kernel[grid(q_len, b * hq, "BLOCK_M")](query, key, lse, scale2, q_len, kv_len, offset, group, hkv,
+                                                   *strides, **meta)
+    else:  # the kernels work in base 2
+        lse = (row_lse.float() * LOG2E).contiguous()
     column_sums[grid(kv_len, b * hkv, "BLOCK_N")](query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv,
                                                    *strides, **meta)
     return out

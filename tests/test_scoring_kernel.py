@@ -165,3 +165,12 @@ def test_kernels_compile_for_an_h100(dtype):
         compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
                                   options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
         assert compiled.asm["cubin"] and compiled.metadata.shared > 0
+
+
+def test_h2o_asks_for_triton_when_it_is_missing(monkeypatch):
+    from tokensieve import scoring_kernel
+
+    monkeypatch.setattr(scoring_kernel, "triton", None)
+    with pytest.raises(InputError, match="score_kernel='triton' needs Triton"):
+        H2O(score_kernel="triton").validate(tiny_model(), 8)
+    H2O(score_kernel="auto").validate(tiny_model(), 8)  # auto falls back to the torch path

@@ -92,6 +92,11 @@ class H2O(EvictionMethod):
             check_int("chunk_size", self.chunk_size, 1)
         if self.score_kernel not in SCORE_KERNELS:
             raise InputError(f"score_kernel must be one of {SCORE_KERNELS}, got {self.score_kernel!r}")
+        if self.score_kernel == "triton":
+            from tokensieve import scoring_kernel  # optional Triton, imported when asked for
+
+            if not scoring_kernel.available():
+                raise InputError("score_kernel='triton' needs Triton, which is not installed (or use 'auto' / 'torch')")
 
     @staticmethod
     def _mask(call: LayerCall) -> torch.Tensor | None:

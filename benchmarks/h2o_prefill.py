@@ -21,10 +21,18 @@ row's largest), and how many of the ``--budget`` entries kept per layer and head
 random query and keys of the shape (bfloat16) scored by the kernel and by the torch path, each against the
 torch path in float64 (the kernels' own log-sum-exp pass).
 
+One layer's passes (``layers``, unless ``--no-layer-timing``), on random query and keys of the shape at each
+length, median of 3 after a warm-up: ``attention`` (SDPA, causal, what full attention runs per layer; its
+keys repeated for GQA), ``attention_lse`` (H2O's prompt attention: the flash kernel, keeping the rows'
+log-sum-exp), ``scores_kernel`` (both kernels), ``columns_kernel`` (the column-sum kernel alone,
+the log-sum-exp given, as in H2O's prefill), ``scores_torch`` (the chunked path, up to ``--torch-max``):
+where the time goes, per layer (x 32 layers for the 8B shape).
+
 GPU commands (Llama-3.1-8B shape, bf16, budget 1024):
     python benchmarks/h2o_prefill.py --out $OUT/h2o_prefill.json                      # 8k-128k, all labels
     python benchmarks/h2o_prefill.py --out $OUT/h2o_prefill.json --quick              # 8k and 32k, no 128k torch cell
     python benchmarks/h2o_prefill.py --out $OUT/h2o_prefill.json --lengths 128k --labels h2o_torch   # the slow one alone
+(The 128k h2o_torch cell alone should take minutes: 49 s at 64k, quadratic; ``--torch-max 65536`` skips it.)
 CPU check (kernels under Triton's interpreter):
     TRITON_INTERPRET=1 python benchmarks/h2o_prefill.py --device cpu --dtype float32 --shape tiny \
         --lengths 256 --check-length 128 --budget 64 --warmup-length 128 --out /tmp/h2o_prefill.json
@@ -35,17 +43,19 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import statistics
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from gemfilter_local import DTYPES, run_cell
+from gemfilter_local import DTYPES, run_cell, sync
 
 from tokensieve.bench import build_model
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O, FullAttention
+from tokensieve.methods.h2o import causal_attention_with_lse
 from tokensieve.scoring import attention_scores, topk_with_recent
 
 LABELS = ("full", "h2o_kernel", "h2o_torch")
@@ -106,6 +116,50 @@ def check(model, n: int, budget: int, device: torch.device) -> dict[str, Any]:
                 seconds=round(time.perf_counter() - t0, 1))
 
 
+def timed(fn, device: torch.device, repeats: int = 3) -> float:
+    """Median seconds of ``fn()`` (device-synchronised) after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return round(statistics.median(times), 5)
+
+
+def layer_timing(model, n: int, device: torch.device, torch_max: int) -> dict[str, Any]:
+    """Seconds of one layer's attention and of its score passes at length ``n`` (random q / k / v of the shape)."""
+    cfg = model.config
+    hq, hkv = cfg.num_attention_heads, cfg.num_key_value_heads
+    d = getattr(cfg, "head_dim", None) or cfg.hidden_size // hq
+    g = torch.Generator(device=device).manual_seed(3)
+    q, k, v = (torch.randn(1, h, n, d, generator=g, device=device).to(model.dtype) for h in (hq, hkv, hkv))
+    s, rep = d**-0.5, hq // hkv
+    out: dict[str, Any] = dict(length=n)
+    cells = {
+        "attention_s": lambda: torch.nn.functional.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True, scale=s),
+        "attention_lse_s": lambda: causal_attention_with_lse(q, k, v, s),  # H2O's prompt attention
+        "scores_kernel_s": lambda: attention_scores(q, k, s, kernel="triton"),
+        "columns_kernel_s": lambda: attention_scores(q, k, s, kernel="triton", row_lse=row_lse),
+    }
+    if n <= torch_max:
+        cells["scores_torch_s"] = lambda: attention_scores(q, k, s, kernel="torch")
+    row_lse = None
+    for name, fn in cells.items():
+        try:
+            if name == "columns_kernel_s":
+                row_lse = causal_attention_with_lse(q, k, v, s)[1]
+            out[name] = timed(fn, device)
+        except torch.OutOfMemoryError:
+            out[name] = "oom"
+        except Exception as e:  # noqa: BLE001 - recorded, the other passes still run
+            out[name] = f"error: {type(e).__name__}: {e}"[:300]
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--shape", default="llama3.1-8b")
@@ -120,6 +174,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="prompt length of the correctness check (default 8192; --quick: 4096; 0 skips it)")
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup-length", type=int, default=None, help="default 4096 (--quick: 2048)")
+    ap.add_argument("--no-layer-timing", action="store_true", help="skip the one-layer pass timings")
     ap.add_argument("--quick", action="store_true", help="8k and 32k, a 4k check: a few minutes on an H100")
     ap.add_argument("--out", default="benchmarks/results/gpu/h2o_prefill_kernel.json")
     args = ap.parse_args(argv)
@@ -172,6 +227,15 @@ def main(argv: list[str] | None = None) -> int:
         save()
         print(f"check: {json.dumps(result['check'])}", flush=True)
         free()
+
+    if not args.no_layer_timing:
+        layers = result.setdefault("layers", [])
+        for n in args.lengths:
+            row = layer_timing(model, n, device, args.torch_max)
+            layers[:] = [r for r in layers if r.get("length") != n] + [row]
+            save()
+            print(f"layer: {json.dumps(row)}", flush=True)
+            free()
 
     for label in labels:  # warm-up: kernels compiled, allocator
         try:

@@ -12,7 +12,11 @@ that traffic made its prefill 7-8x slower than full attention. Here nothing of s
 2. ``_column_sums``: one program per (batch, KV head, key block) runs over the query heads of its group
    and the query blocks that can see the block (causal: queries at or after the keys), recomputes the
    logits with ``tl.dot`` (float32 accumulation of half inputs), and sums ``exp2(logit - lse)`` over the
-   queries, so colsum[k] = sum_{h in group} sum_{q >= k} softmax_h[q, k].
+   queries, so colsum[k] = sum_{h in group} sum_{q >= k} softmax_h[q, k]. The sums are kept per (row, key)
+   in registers and reduced over the rows once, at the end.
+
+Both kernels apply the causal mask only on the blocks that straddle the diagonal; blocks wholly visible run
+without it.
 
 The queries are the last ``q_len`` positions of the keys (bottom-right causal alignment), as in
 ``scoring``. Logits are scaled by ``scaling * log2(e)`` so both kernels use ``exp2``; the stored LSE is in
@@ -73,9 +77,20 @@ def _row_lse(
     q_pos = rows + offset  # the rows' positions among the keys
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    # keys past the block's last visible position are seen by none of its rows
+    # keys below n_full are visible to every row of the block (whole key blocks up to the first row's
+    # position): no mask there; keys from k_end on are visible to none of its rows
+    n_full = ((pid_m * BLOCK_M + offset + 1) // BLOCK_N) * BLOCK_N
     k_end = tl.minimum(kv_len, offset + (pid_m + 1) * BLOCK_M)
-    for n0 in range(0, k_end, BLOCK_N):
+    for n0 in range(0, n_full, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        k = tl.load(k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd, mask=dims[:, None] < D, other=0.0)
+        if UPCAST:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        l_i = l_i * tl.exp2(m_i - m_new) + tl.sum(tl.exp2(s - m_new[:, None]), axis=1)
+        m_i = m_new
+    for n0 in range(n_full, k_end, BLOCK_N):  # the diagonal: causal mask
         cols = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(
             k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
@@ -92,6 +107,7 @@ def _row_lse(
         m_i = m_new
     lse = m_i + tl.log2(l_i)
     tl.store(LSE + pid_bh.to(tl.int64) * q_len + rows, lse, mask=row_ok)
+
 
 def _column_sums(
     Q, K, LSE, OUT, scale2, q_len, kv_len, offset, group, hkv,
@@ -112,14 +128,17 @@ def _column_sums(
     )  # [BLOCK_D, BLOCK_N]
     if UPCAST:
         k = k.to(tl.float32)
-    acc = tl.zeros([BLOCK_N], tl.float32)
-    # the first query that sees this block's first key sits at position pid_n * BLOCK_N
+    # probabilities summed per (row, key) over the query blocks, reduced over the rows once at the end
+    acc = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+    # query blocks from m_start on see some key of this block; from m_full on, every key (no mask there)
     m_start = (tl.maximum(pid_n * BLOCK_N - offset, 0) // BLOCK_M) * BLOCK_M
+    m_full = ((tl.maximum(pid_n * BLOCK_N + BLOCK_N - 1 - offset, 0) + BLOCK_M - 1) // BLOCK_M) * BLOCK_M
+    m_mid = tl.minimum(m_full, q_len)
     for j in range(0, group):
         h = kh * group + j
         lse_row = LSE + (bi * hkv * group + h).to(tl.int64) * q_len
         q_base = Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh
-        for m0 in range(m_start, q_len, BLOCK_M):
+        for m0 in range(m_start, m_mid, BLOCK_M):  # the diagonal: causal mask
             rows = m0 + tl.arange(0, BLOCK_M)
             row_ok = rows < q_len
             q = tl.load(
@@ -131,9 +150,21 @@ def _column_sums(
             lse = tl.load(lse_row + rows, mask=row_ok, other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION) * scale2
             visible = (cols[None, :] <= rows[:, None] + offset) & row_ok[:, None] & col_ok[None, :]
-            p = tl.exp2(tl.where(visible, s - lse[:, None], float("-inf")))
-            acc += tl.sum(p, axis=0)
-    tl.store(OUT + pid_bk.to(tl.int64) * kv_len + cols, acc, mask=col_ok)
+            acc += tl.exp2(tl.where(visible, s - lse[:, None], float("-inf")))
+        for m0 in range(m_full, q_len, BLOCK_M):
+            rows = m0 + tl.arange(0, BLOCK_M)
+            row_ok = rows < q_len
+            q = tl.load(
+                q_base + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
+                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+            )
+            if UPCAST:
+                q = q.to(tl.float32)
+            # rows past q_len get lse = inf, so exp2 gives 0; keys past kv_len are not stored
+            lse = tl.load(lse_row + rows, mask=row_ok, other=float("inf"))
+            s = tl.dot(q, k, input_precision=PRECISION) * scale2
+            acc += tl.exp2(s - lse[:, None])
+    tl.store(OUT + pid_bk.to(tl.int64) * kv_len + cols, tl.sum(acc, axis=0), mask=col_ok)
 
 
 # GPU block shapes, timed once per head dim on the first call (Triton's autotuner; a shape that does not fit

@@ -22,6 +22,10 @@ so at most ``q_heads x query_chunk x kv_len`` logits exist at once, never an
 time (no copy of all keys in float32, for prompts of a million tokens); the
 softmax then takes two passes: the log-sum-exp of every query row over all key
 chunks, then the probabilities chunk by chunk.
+
+``attention_scores`` is also the one place that picks between that torch path and the fused Triton
+kernels of ``scoring_kernel`` (``kernel="auto"|"torch"|"triton"``): the kernels never write the
+probabilities out, which is what made H2O's prefill (all ``n`` queries) 7-8x slower than full attention.
 """
 
 from __future__ import annotations
@@ -34,6 +38,13 @@ import torch.nn.functional as F
 DEFAULT_SCORE_ELEMENTS = 1 << 26
 
 POOLINGS = ("avg", "max")
+
+# How attention_scores computes: "torch" (query chunks, any device and dtype, masks), "triton" (the fused
+# kernels of scoring_kernel: no mask), "auto" (triton where it applies and pays, else torch).
+SCORE_KERNELS = ("auto", "torch", "triton")
+# "auto" takes the fused kernels from this many queries on (H2O's prefill). Fewer queries (SnapKV's window,
+# LazyLLM's last token, H2O's decoding steps) make small probability blocks, which the torch path writes cheaply.
+KERNEL_MIN_QUERIES = 256
 
 
 def _score_dtype(*tensors: torch.Tensor) -> torch.dtype:
@@ -73,6 +84,25 @@ def _check_heads(query: torch.Tensor, key: torch.Tensor) -> int:
     return hq // hkv
 
 
+def uses_kernel(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, kernel: str) -> bool:
+    """Whether ``attention_scores`` takes the fused Triton kernels for these arguments (``kernel`` checked here)."""
+    if kernel not in SCORE_KERNELS:
+        raise ValueError(f"kernel must be one of {SCORE_KERNELS}, got {kernel!r}")
+    if kernel == "torch":
+        return False
+    if kernel == "triton":
+        if attention_mask is not None:
+            raise ValueError("kernel='triton' takes no attention_mask (causal only); use kernel='torch' or 'auto'")
+        return True
+    if attention_mask is not None or query.shape[2] < KERNEL_MIN_QUERIES:
+        return False
+    if not (_half_on_cuda(query, key) and query.dtype == key.dtype):
+        return False
+    from tokensieve import scoring_kernel  # optional Triton: imported only when a GPU call may use it
+
+    return scoring_kernel.available() and not scoring_kernel.INTERPRETED
+
+
 def attention_scores(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -81,6 +111,8 @@ def attention_scores(
     attention_mask: torch.Tensor | None = None,
     query_chunk: int | None = None,
     key_chunk: int | None = None,
+    kernel: str = "torch",
+    row_lse: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Softmax attention each key receives, summed over the queries and the query heads of its KV head.
 
@@ -90,6 +122,11 @@ def attention_scores(
     [batch, 1, q_len, kv_len], combined with the causal rule. ``query_chunk``: queries per
     block (default: as many as keep a block under ``DEFAULT_SCORE_ELEMENTS`` logits).
     ``key_chunk``: read the keys this many at a time, two-pass softmax (default: all at once).
+    ``kernel``: ``"torch"`` (the chunked path below), ``"triton"`` (``scoring_kernel``'s fused kernels:
+    causal only, float16/bfloat16/float32, memory linear in ``kv_len`` whatever the chunks) or ``"auto"``
+    (triton for at least ``KERNEL_MIN_QUERIES`` half-precision CUDA queries without a mask, when Triton
+    imports; else torch). ``row_lse``: the query rows' log-sum-exp (natural log, [batch, q_heads, q_len])
+    from the attention pass, which saves the kernels their first pass (the torch path does not read it).
     Returns [batch, kv_heads, kv_len] (float32, float64 for float64 inputs). A query row
     whose every key is masked gives NaN, as softmax does.
     """
@@ -99,6 +136,10 @@ def attention_scores(
     offset = kv_len - q_len
     if offset < 0:
         raise ValueError(f"more queries ({q_len}) than keys ({kv_len})")
+    if uses_kernel(query, key, attention_mask, kernel):
+        from tokensieve.scoring_kernel import attention_scores_triton
+
+        return attention_scores_triton(query, key, scaling, row_lse=row_lse)
     dtype = _score_dtype(query, key)
     span = kv_len if key_chunk is None else max(1, min(key_chunk, kv_len))
     if query_chunk is None:

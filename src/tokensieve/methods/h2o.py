@@ -13,8 +13,10 @@ over ``budget``, the lowest-scoring entry outside the recent window is evicted.
 
 The original code needs the full ``n x n`` attention matrix (eager
 attention). Here the prompt's attention output is plain SDPA and the scores
-are computed ``chunk_size`` queries at a time, so prefill memory stays linear
-in ``n`` (at the cost of computing ``QK^T`` a second time).
+come from ``scoring.attention_scores``, so prefill memory stays linear in ``n``
+(at the cost of computing ``QK^T`` again): on a GPU with Triton, by fused
+kernels that never store the probabilities (``scoring_kernel``); elsewhere,
+``chunk_size`` queries at a time.
 """
 
 from __future__ import annotations
@@ -28,8 +30,28 @@ from transformers import PreTrainedModel
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction
-from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import attention_scores, topk_with_recent
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall, check_int
+from tokensieve.scoring import SCORE_KERNELS, attention_scores, topk_with_recent, uses_kernel
+
+
+def causal_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention (queries = keys) by SDPA's flash kernel, returning each query row's log-sum-exp too.
+
+    query [b, q_heads, n, d], key/value [b, kv_heads, n, d]. Returns the output as transformers' SDPA
+    forward does, [b, n, q_heads, d], and the log-sum-exp of the scaled logits (natural log) [b, q_heads, n],
+    float32: the normaliser the score kernels would otherwise compute in a pass of their own. On the CPU
+    (the interpreter tests) the flash kernel's CPU twin.
+    """
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)  # head h reads KV head h // g
+    if query.is_cuda:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
+        out, lse = res[0], res[1]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), lse[..., : query.shape[2]].float()
 
 
 @dataclass
@@ -42,8 +64,11 @@ class H2O(EvictionMethod):
         n_recent: recent tokens always kept; ``None`` = ``budget // 2`` (the
             paper's equal split between heavy hitters and recent tokens).
             Formerly ``window``.
-        chunk_size: prompt queries scored at once; ``None`` picks a size that
-            keeps the score block under 2**26 floats.
+        chunk_size: prompt queries scored at once by the torch path; ``None`` picks a
+            size that keeps the score block under 2**26 floats.
+        score_kernel: how the scores are computed (``scoring.attention_scores``'s ``kernel``):
+            ``"auto"`` (the fused Triton kernels for a half-precision prompt on a GPU when
+            Triton is installed, else torch), ``"torch"`` (query chunks) or ``"triton"``.
     """
 
     name: ClassVar[str] = "h2o"
@@ -51,6 +76,7 @@ class H2O(EvictionMethod):
     budget: int = 1024
     n_recent: int | None = None
     chunk_size: int | None = None
+    score_kernel: str = "auto"
 
     @property
     def resolved_n_recent(self) -> int:
@@ -65,13 +91,40 @@ class H2O(EvictionMethod):
                 raise InputError(f"n_recent ({self.n_recent}) must not exceed budget ({self.budget})")
         if self.chunk_size is not None:
             check_int("chunk_size", self.chunk_size, 1)
+        if self.score_kernel not in SCORE_KERNELS:
+            raise InputError(f"score_kernel must be one of {SCORE_KERNELS}, got {self.score_kernel!r}")
+        if self.score_kernel == "triton":
+            from tokensieve import scoring_kernel  # optional Triton, imported when asked for
 
-    def _received(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None
-    ) -> torch.Tensor:
-        """Attention each key receives from these queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
-        mask = attention_mask if attention_mask is not None and attention_mask.dtype == torch.bool else None
-        return attention_scores(query, key, module.scaling, attention_mask=mask, query_chunk=self.chunk_size)
+            if not scoring_kernel.available():
+                raise InputError("score_kernel='triton' needs Triton, which is not installed (or use 'auto' / 'torch')")
+
+    @staticmethod
+    def _mask(call: LayerCall) -> torch.Tensor | None:
+        """The boolean mask the scores honour (None when the call has none or a float one)."""
+        m = call.attention_mask
+        return m if m is not None and m.dtype == torch.bool else None
+
+    def attend(self, call: LayerCall) -> AttnOutput:
+        """SDPA; for a prompt scored by the fused kernels, its flash kernel, keeping the rows' log-sum-exp
+        for them (``call.row_lse``), so the kernels skip their own normaliser pass."""
+        plain = (
+            call.prefill and call.attention_mask is None and call.query.shape[2] == call.key.shape[2]
+            and not call.kwargs.get("dropout") and call.kwargs.get("softcap") is None
+            and call.kwargs.get("sliding_window") is None and getattr(call.module, "is_causal", True)
+            and (not call.query.is_cuda or call.query.dtype in (torch.float16, torch.bfloat16))  # flash's dtypes
+        )
+        if plain and uses_kernel(call.query, call.key, None, self.score_kernel):
+            out, call.row_lse = causal_attention_with_lse(call.query, call.key, call.value, call.module.scaling)
+            return out, None
+        return call.sdpa()
+
+    def _received(self, call: LayerCall) -> torch.Tensor:
+        """Attention each key receives from the call's queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
+        return attention_scores(
+            call.query, call.key, call.module.scaling, attention_mask=self._mask(call), query_chunk=self.chunk_size,
+            kernel=self.score_kernel, row_lse=call.row_lse,
+        )
 
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:
         scores = cache.scores[layer_idx]  # [b, hkv, entries]
@@ -83,7 +136,7 @@ class H2O(EvictionMethod):
         return DeviceEviction("heavy", self.budget, self.resolved_n_recent)
 
     def evict(self, call: LayerCall) -> None:
-        received = self._received(call.module, call.query, call.key, call.attention_mask)  # [b, hkv, entries]
+        received = self._received(call)  # [b, hkv, entries]
         if call.prefill:
             call.cache.scores[call.layer_idx] = received
         else:  # the entries' scores so far, plus what the new token gave each (the new entry starts at 0)

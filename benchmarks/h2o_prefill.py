@@ -55,12 +55,31 @@ from tokensieve.bench import build_model
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O, FullAttention
-from tokensieve.methods.h2o import causal_attention_with_lse
 from tokensieve.scoring import attention_scores, topk_with_recent
 
 LABELS = ("full", "h2o_kernel", "h2o_torch")
 QUICK = dict(lengths=[8192, 32768], torch_max=32768, check_length=4096, warmup_length=2048)
 
+
+
+def causal_attention_with_lse(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Causal attention (queries = keys) by SDPA's flash kernel, returning each query row's log-sum-exp too.
+
+    query [b, q_heads, n, d], key/value [b, kv_heads, n, d]. Returns the output as transformers' SDPA
+    forward does, [b, n, q_heads, d], and the log-sum-exp of the scaled logits (natural log) [b, q_heads, n],
+    float32: the normaliser the score kernels would otherwise compute in a pass of their own. On the CPU
+    (the interpreter tests) the flash kernel's CPU twin.
+    """
+    g = query.shape[1] // key.shape[1]
+    k, v = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)  # head h reads KV head h // g
+    if query.is_cuda:
+        res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
+        out, lse = res[0], res[1]
+    else:
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, True, scale=scaling)
+    return out.transpose(1, 2).contiguous(), lse[..., : query.shape[2]].float()
 
 def make(label: str, budget: int) -> FullAttention | H2O:
     if label == "full":

@@ -163,7 +163,7 @@ class StaticDecoder:
         else:
             fixed, size = (eviction.n_keep if eviction.kind == "ring" else 0), eviction.budget + 1
         if not 0 <= fixed < size <= self.capacity:
-            raise ValueError(f"ring {ring} does not fit: need 0 <= fixed < size <= capacity {self.capacity}")
+            raise ValueError(f"slots 0 <= {fixed} < {size} do not fit in capacity {self.capacity}")
         lengths = []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values

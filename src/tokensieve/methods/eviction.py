@@ -46,7 +46,6 @@ class LayerCall:
     attention_mask: torch.Tensor | None
     kwargs: dict[str, Any]
     prefill: bool  # the prompt's forward (else a decoding step)
-    row_lse: torch.Tensor | None = None  # [batch, q_heads, q_len] log-sum-exp per query row, if ``attend`` kept it
 
     def sdpa(self) -> AttnOutput:
         """Plain attention of this call."""

@@ -30,28 +30,8 @@ from transformers import PreTrainedModel
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import SCORE_KERNELS, attention_scores, topk_with_recent, uses_kernel
-
-
-def causal_attention_with_lse(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scaling: float
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Causal attention (queries = keys) by SDPA's flash kernel, returning each query row's log-sum-exp too.
-
-    query [b, q_heads, n, d], key/value [b, kv_heads, n, d]. Returns the output as transformers' SDPA
-    forward does, [b, n, q_heads, d], and the log-sum-exp of the scaled logits (natural log) [b, q_heads, n],
-    float32: the normaliser the score kernels would otherwise compute in a pass of their own. On the CPU
-    (the interpreter tests) the flash kernel's CPU twin.
-    """
-    g = query.shape[1] // key.shape[1]
-    k, v = key.repeat_interleave(g, dim=1), value.repeat_interleave(g, dim=1)  # head h reads KV head h // g
-    if query.is_cuda:
-        res = torch.ops.aten._scaled_dot_product_flash_attention(query, k, v, 0.0, True, False, scale=scaling)
-        out, lse = res[0], res[1]
-    else:
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, True, scale=scaling)
-    return out.transpose(1, 2).contiguous(), lse[..., : query.shape[2]].float()
+from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
+from tokensieve.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 
 
 @dataclass
@@ -105,25 +85,11 @@ class H2O(EvictionMethod):
         m = call.attention_mask
         return m if m is not None and m.dtype == torch.bool else None
 
-    def attend(self, call: LayerCall) -> AttnOutput:
-        """SDPA; for a prompt scored by the fused kernels, its flash kernel, keeping the rows' log-sum-exp
-        for them (``call.row_lse``), so the kernels skip their own normaliser pass."""
-        plain = (
-            call.prefill and call.attention_mask is None and call.query.shape[2] == call.key.shape[2]
-            and not call.kwargs.get("dropout") and call.kwargs.get("softcap") is None
-            and call.kwargs.get("sliding_window") is None and getattr(call.module, "is_causal", True)
-            and (not call.query.is_cuda or call.query.dtype in (torch.float16, torch.bfloat16))  # flash's dtypes
-        )
-        if plain and uses_kernel(call.query, call.key, None, self.score_kernel):
-            out, call.row_lse = causal_attention_with_lse(call.query, call.key, call.value, call.module.scaling)
-            return out, None
-        return call.sdpa()
-
     def _received(self, call: LayerCall) -> torch.Tensor:
         """Attention each key receives from the call's queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
         return attention_scores(
             call.query, call.key, call.module.scaling, attention_mask=self._mask(call), query_chunk=self.chunk_size,
-            kernel=self.score_kernel, row_lse=call.row_lse,
+            kernel=self.score_kernel,
         )
 
     def _evict(self, cache: EvictionCache, layer_idx: int) -> None:

@@ -15,6 +15,13 @@ response's last chunk reports the model's ``ttft_s`` (prefill + first token, mea
 Scenarios: one client (sequential) and 8 client threads at once (the load test), on a tiny random
 Llama (byte tokenizer; TTFT of milliseconds, so the overhead is visible) and on SmolLM2-135M.
 Clients and server share the machine's cores (2 on the reference machine), as they would locally.
+
+Batching: ``--max-batch 1,8`` starts one server per value (``tokensieve serve --max-batch N``) and runs
+the same scenarios, with the same requests, against each; every scenario reports its throughput
+(``completion_tokens_per_s``: generated tokens of all requests / wall time) and whether each answer
+equals the one the first ``--max-batch`` value gave (greedy answers must not depend on batching):
+
+    PYTHONPATH=src .venv/bin/python benchmarks/serve_overhead.py --models smollm2 --max-batch 1,8 --max-tokens 32 --requests 0,32 --out benchmarks/results/serve_batch.json
 """
 
 from __future__ import annotations
@@ -53,7 +60,7 @@ def tiny_model_and_tokenizer():
     return model, tok
 
 
-def serve(model_name: str, port_file: str, max_queue: int) -> None:
+def serve(model_name: str, port_file: str, max_queue: int, max_batch: int) -> None:
     """Subprocess: run the server, write its port to ``port_file``."""
     import uvicorn
 
@@ -61,7 +68,7 @@ def serve(model_name: str, port_file: str, max_queue: int) -> None:
     from tokensieve.serve.app import create_app
 
     model, tok = tiny_model_and_tokenizer() if model_name == "tiny" else tokensieve.load_model(model_name)
-    app = create_app(model, tok, model_name=model_name, max_queue=max_queue)
+    app = create_app(model, tok, model_name=model_name, max_queue=max_queue, max_batch=max_batch)
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none"))
 
     def announce() -> None:
@@ -73,7 +80,7 @@ def serve(model_name: str, port_file: str, max_queue: int) -> None:
     server.run()
 
 
-def one_request(http, prompt: str, max_tokens: int) -> dict[str, float]:
+def one_request(http, prompt: str, max_tokens: int) -> dict[str, Any]:
     body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
             "temperature": 0, "stream": True}
     t0 = time.perf_counter()
@@ -84,10 +91,14 @@ def one_request(http, prompt: str, max_tokens: int) -> dict[str, float]:
         first = next(it)
         t_first = time.perf_counter()
         raw = first + b"".join(it)
-    stats = None
+    stats, text = None, []
     for line in raw.decode().split("\n\n"):
-        if line.startswith("data: {") and '"tokensieve"' in line:
-            stats = json.loads(line[6:])["tokensieve"]
+        if not line.startswith("data: {"):
+            continue
+        event = json.loads(line[6:])
+        if "tokensieve" in event:
+            stats = event["tokensieve"]
+        text += [c["delta"].get("content") or "" for c in event.get("choices", [])]
     if stats is None:
         raise RuntimeError(f"no final chunk with tokensieve stats in {raw[-300:]!r}")
     ttfb = t_first - t0
@@ -97,6 +108,8 @@ def one_request(http, prompt: str, max_tokens: int) -> dict[str, float]:
         "queue_s": stats["queue_s"],
         "overhead_s": ttfb - stats["ttft_s"],
         "server_overhead_s": ttfb - stats["ttft_s"] - stats["queue_s"],
+        "generated_tokens": stats["generated_tokens"],
+        "text": "".join(text),
     }
 
 
@@ -114,21 +127,37 @@ def run_scenario(base: str, model: str, clients: int, requests: int, max_tokens:
     def prompt(i: int) -> str:
         return f"Request {i}: name one colour of the item number {i * 37 % 101} and say why."
 
-    def worker(ids: list[int]) -> list[dict[str, float]]:
+    def worker(ids: list[int]) -> list[dict[str, Any]]:
         with httpx2.Client(base_url=base, timeout=600) as http:
-            return [one_request(http, prompt(i), max_tokens) for i in ids]
+            return [one_request(http, prompt(i), max_tokens) | {"id": i} for i in ids]
 
     worker(list(range(-warmup, 0)))  # warm the model and the connection path
+    before = batch_sizes(base)
     chunks = [list(range(c, requests, clients)) for c in range(clients)]
     t0 = time.perf_counter()
     with ThreadPoolExecutor(clients) as pool:
         rows = [row for part in pool.map(worker, chunks) for row in part]
     wall = time.perf_counter() - t0
+    after = batch_sizes(base)
+    generated = sum(r["generated_tokens"] for r in rows)
     out: dict[str, Any] = {"model": model, "clients": clients, "requests": len(rows), "max_tokens": max_tokens,
-                           "wall_s": round(wall, 2), "requests_per_s": round(len(rows) / wall, 2)}
+                           "wall_s": round(wall, 2), "requests_per_s": round(len(rows) / wall, 2),
+                           "completion_tokens": generated, "completion_tokens_per_s": round(generated / wall, 2)}
     for key in ("ttfb_s", "ttft_s", "queue_s", "overhead_s", "server_overhead_s"):
         out[key.replace("_s", "")] = summary([r[key] for r in rows])
+    # runs of the engine per batch-size bucket (cumulative: le="1.0" counts runs of one request)
+    out["batch_size_runs"] = {le: after[le] - before.get(le, 0.0) for le in after}
+    out["answers"] = {r["id"]: r["text"] for r in rows}
     return out
+
+
+def batch_sizes(base: str) -> dict[str, float]:
+    """The server's batch-size histogram (cumulative counts per bucket), from /metrics."""
+    import httpx2
+
+    prefix = "tokensieve_batch_size_bucket{le=\""
+    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
+            for line in httpx2.get(f"{base}/metrics").text.splitlines() if line.startswith(prefix)}
 
 
 def main() -> int:
@@ -137,10 +166,15 @@ def main() -> int:
     ap.add_argument("--port-file", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (default both)")
     ap.add_argument("--clients", type=int, default=8, help="client threads of the load scenario (default 8)")
+    ap.add_argument("--max-batch", default="1", help="comma-separated --max-batch values, one server each (default 1)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens of every request (default: 8 tiny, 4 smollm2)")
+    ap.add_argument("--requests", default=None,
+                    help="SEQUENTIAL,LOAD: requests of the one-client and the load scenario, 0 skips one (default: 64,256 tiny, 16,64 smollm2)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_overhead.json"))
     args = ap.parse_args()
+    batches = [int(b) for b in args.max_batch.split(",")]
     if args.serve:
-        serve(args.serve, args.port_file, max_queue=1024)
+        serve(args.serve, args.port_file, max_queue=1024, max_batch=batches[0])
         return 0
     plan = {  # model: (sequential requests, load requests, max_tokens)
         "tiny": (64, 256, 8),
@@ -148,12 +182,17 @@ def main() -> int:
     }
     scenarios = []
     load_before = os.getloadavg()
-    for model in args.models.split(","):
+    first_answers: dict[tuple[str, int], dict[int, str]] = {}  # (model, clients): the first --max-batch value's answers
+    for model, max_batch in [(m, b) for m in args.models.split(",") for b in batches]:
         seq_n, load_n, max_tokens = plan[model]
+        max_tokens = args.max_tokens or max_tokens
+        if args.requests:
+            seq_n, load_n = (int(n) for n in args.requests.split(","))
         with tempfile.TemporaryDirectory() as tmp:
             port_file = Path(tmp) / "port"
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", model, "--port-file", str(port_file)], env=env)
+            proc = subprocess.Popen([sys.executable, __file__, "--serve", model, "--port-file", str(port_file),
+                                     "--max-batch", str(max_batch)], env=env)
             try:
                 deadline = time.monotonic() + 300
                 while not port_file.exists():
@@ -162,8 +201,11 @@ def main() -> int:
                     time.sleep(0.1)
                 time.sleep(0.05)
                 base = f"http://127.0.0.1:{port_file.read_text()}"
-                for clients, n in ((1, seq_n), (args.clients, load_n)):
-                    s = run_scenario(base, model, clients, n, max_tokens)
+                for clients, n in [(c, n) for c, n in ((1, seq_n), (args.clients, load_n)) if n > 0]:
+                    s = {"max_batch": max_batch} | run_scenario(base, model, clients, n, max_tokens)
+                    answers = s.pop("answers")
+                    same = first_answers.setdefault((model, clients), answers)
+                    s["answers_equal_to_first_max_batch"] = sum(answers[i] == same[i] for i in answers)
                     print(json.dumps(s), flush=True)
                     scenarios.append(s)
             finally:

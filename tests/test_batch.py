@@ -172,3 +172,73 @@ def test_bad_batches_raise_input_errors():
         generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=0)
     with pytest.raises(InputError, match="prompt 0: budget must be"):
         generate_batch(model, tok, ["5 6 7", "8 9"], "snapkv", budget=0)
+
+
+@pytest.mark.parametrize("method", BATCH_METHODS)
+def test_per_row_callbacks_stream_each_row_and_a_stop_ends_that_row_only(llama, method):
+    model, tok, ps = llama, TinyTokenizer(), prompts()
+    limits = [12, 5, 9]  # per-row max_new_tokens, as a server's requests ask
+    alone = [generate(model, tok, p, method, max_new_tokens=n, **PARAMS[method]).token_ids for p, n in zip(ps, limits)]
+    calls: list[tuple[int, int]] = []
+
+    def record(row: int, token_id: int) -> None:
+        calls.append((row, token_id))
+
+    rows = generate_batch(model, tok, ps, method, max_new_tokens=limits, on_token=record, **PARAMS[method])
+    assert [r.token_ids for r in rows] == alone
+    assert [r.generated_tokens for r in rows] == limits  # the tiny tokenizer has no EOS: each row runs to its limit
+    for b in range(3):  # each row's callback saw its tokens, in order, as generate's on_token does
+        assert [t for row, t in calls if row == b] == alone[b]
+
+    # row 1 says stop after 2 tokens: it ends there (as generate's on_token=False does), the others do not change
+    seen: dict[int, list[int]] = {0: [], 1: [], 2: []}
+
+    def stop_row_1(row: int, token_id: int) -> bool:
+        seen[row].append(token_id)
+        return not (row == 1 and len(seen[1]) == 2)
+
+    stopped = generate_batch(model, tok, ps, method, max_new_tokens=12, on_token=stop_row_1, **PARAMS[method])
+    full_length = [generate(model, tok, p, method, max_new_tokens=12, **PARAMS[method]).token_ids for p in ps]
+    seen_alone: list[int] = []
+
+    def stop_after_2(token_id: int) -> bool:
+        seen_alone.append(token_id)
+        return len(seen_alone) < 2
+
+    one_stopped = generate(model, tok, ps[1], method, max_new_tokens=12, on_token=stop_after_2, **PARAMS[method])
+    assert stopped[1].token_ids == one_stopped.token_ids == full_length[1][:2] and seen[1] == full_length[1][:2]
+    assert stopped[0].token_ids == full_length[0] and stopped[2].token_ids == full_length[2]
+    assert seen[0] == full_length[0] and seen[2] == full_length[2]
+
+
+def test_callbacks_skip_the_eos_and_rows_stop_at_it(llama):
+    model, tok, ps = llama, TinyTokenizer(), prompts()
+    eos = generate(model, tok, ps[2], "full", max_new_tokens=12).token_ids[3]
+    tok.eos_token_id = eos  # row 2 ends at its 4th token (or earlier)
+    calls: dict[int, list[int]] = {0: [], 1: [], 2: []}
+    rows = generate_batch(model, tok, ps, "full", max_new_tokens=12, on_token=lambda b, t: calls[b].append(t))
+    for b, p in enumerate(ps):
+        alone = generate(model, tok, p, "full", max_new_tokens=12).token_ids
+        assert rows[b].token_ids == alone
+        assert calls[b] == [t for t in alone if t != eos]  # the end-of-sequence token is not streamed
+    assert rows[2].token_ids[-1] == eos and len(rows[2].token_ids) <= 4
+
+
+def test_per_row_limits_are_checked():
+    model, tok = tiny_model("llama", layers=2), TinyTokenizer()
+    with pytest.raises(InputError, match="max_new_tokens has 3 values for 2 prompts"):
+        generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=[4, 4, 4])
+    with pytest.raises(InputError, match="prompt 1: max_new_tokens must be an integer >= 1, got 0"):
+        generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=[4, 0])
+    with pytest.raises(InputError, match="prompt 0: max_new_tokens must be an integer >= 1, got 2.5"):
+        generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=(2.5, 3))
+
+
+def test_which_sampling_settings_may_share_a_batch():
+    greedy, greedy_p = Sampling(), Sampling(temperature=0.0, top_p=0.5, seed=3)
+    hot, hot_again = Sampling(temperature=0.7, top_p=0.9), Sampling(temperature=0.7, top_p=0.9)
+    assert greedy.batches_with(greedy_p) and hot.batches_with(hot_again)
+    assert not greedy.batches_with(hot) and not hot.batches_with(greedy)
+    assert not hot.batches_with(Sampling(temperature=0.8, top_p=0.9))
+    assert not hot.batches_with(Sampling(temperature=0.7, top_p=0.9, top_k=5))
+    assert not Sampling(temperature=0.7, seed=1).batches_with(Sampling(temperature=0.7, seed=1))  # seeded: alone

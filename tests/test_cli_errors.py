@@ -278,6 +278,8 @@ def test_needle_has_no_seed_but_ruler_does(capsys):
     (["ask", "--file", "x", "--question", "q", "--max-new-tokens", "0"], ["--max-new-tokens", "'0'"]),
     (["ask", "--file", "x", "--question", ""], ["--question", "non-empty", "''"]),
     (["ask", "--file", "x", "--question", "q", "--filter-layer", "-1"], ["--filter-layer", "'-1'"]),
+    (["serve", "--max-batch", "0"], ["--max-batch", "'0'", ">= 1"]),
+    (["serve", "--max-batch", "two"], ["--max-batch", "'two'", ">= 1"]),
     (["bench", "--shape", "nope"], ["unknown shape 'nope'", "llama3.1-8b"]),
     (["bench", "--shape", "tiny", "--repeats", "0"], ["--repeats", "0"]),
     (["bench", "--shape", "tiny", "--decode-tokens", "-1"], ["--decode-tokens", "-1"]),

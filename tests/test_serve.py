@@ -20,7 +20,7 @@ from eval_support import byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.methods import METHODS
-from tokensieve.runner import generate, stop_token_ids
+from tokensieve.runner import generate, generate_batch, stop_token_ids
 from tokensieve.serve.app import create_app
 from tokensieve.serve.engine import TextStream
 from tokensieve.serve.metrics import Metrics
@@ -110,6 +110,25 @@ def slow(delay_s: float, gate: threading.Event | None = None) -> Callable[..., A
         return generate(*args, on_token=each, **kw)
 
     return run
+
+
+def slow_batch(delay_s: float) -> Callable[..., Any]:
+    """A generate_batch that sleeps ``delay_s`` per row's token (a batch that takes a while to stream)."""
+
+    def run(*args: Any, on_token=None, **kw: Any):
+        def each(row: int, token_id: int):
+            time.sleep(delay_s)
+            return on_token(row, token_id)
+
+        return generate_batch(*args, on_token=each, **kw)
+
+    return run
+
+
+def batch_sizes(base: str) -> tuple[float, float]:
+    """(runs, runs of more than one request) from the server's batch-size histogram."""
+    runs = metric(base, "tokensieve_batch_size_count")
+    return runs, runs - metric(base, "tokensieve_batch_size_bucket", le="1.0")
 
 
 # ---------------------------------------------------------------- fixtures
@@ -581,6 +600,180 @@ def test_load_32_requests_from_8_threads_none_lost_none_mixed(tiny, tiny_server)
     assert len(records) == n_req and all(r.outcome == "completed" for r in records)
     assert app.state.engine.peak_queue_depth >= 2  # they really waited behind each other
     assert metric(base, "tokensieve_queue_depth") == 0
+
+
+# ---------------------------------------------------------------- batches (--max-batch)
+
+
+def ask_kind(base: str, kind: str, prompt: str, **kw: Any) -> tuple[str, str, int]:
+    """(text, finish_reason, completion tokens) of one chat or text completion, streamed or not."""
+    c = client(base)
+    try:
+        if kind == "chat":
+            r = chat(c, prompt, **kw)
+            return r.choices[0].message.content, r.choices[0].finish_reason, r.usage.completion_tokens
+        if kind == "completion":
+            r = c.completions.create(model="m", prompt=prompt, **kw)
+            return r.choices[0].text, r.choices[0].finish_reason, r.usage.completion_tokens
+        method = chat if kind == "chat-stream" else lambda c, p, **k: c.completions.create(model="m", prompt=p, **k)
+        text, final, chunks = stream_text(method(c, prompt, stream=True, stream_options={"include_usage": True}, **kw))
+        return text, final.choices[0].finish_reason, chunks[-1].usage.completion_tokens
+    finally:
+        c.close()
+
+
+def hold_worker(base: str, engine, pool: ThreadPoolExecutor):
+    """Submit a request that keeps the worker busy (its generate waits for the test's gate), so that the
+    requests sent next wait in the queue together."""
+    blocker = pool.submit(ask_kind, base, "chat", "hold the worker", max_tokens=2)
+    wait_until(lambda: engine.busy, "the blocking request to run")
+    return blocker
+
+
+def test_batched_requests_get_the_answers_they_get_alone(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+    app = create_app(model, tok, model_name="tiny", max_batch=4, generate_fn=slow(0.0, gate))
+    engine = app.state.engine
+    kinds = ["chat", "chat-stream", "completion", "completion-stream", "chat", "completion-stream"]
+    asks = [  # prompts of different lengths, different max_tokens, a stop string: each row ends on its own
+        (kinds[i], f"request {i}: {'abcdef'[i] * (3 + 7 * i)} item {i * 37 % 101}", {"max_tokens": n, "temperature": 0})
+        for i, n in enumerate([12, 5, 9, 16, 7, 3])
+    ]
+    with serving(app) as base, ThreadPoolExecutor(8) as pool:
+        blocker = hold_worker(base, engine, pool)
+        alone_reference = reference_text(model, tok, asks[0][1], 12)  # the runner alone (a completion prompt)
+        stop = alone_reference[4:7]
+        asks[2] = ("completion", asks[0][1], {"max_tokens": 12, "temperature": 0, "stop": [stop]})
+        futures = []
+        for i, (kind, prompt, kw) in enumerate(asks):
+            futures.append(pool.submit(ask_kind, base, kind, prompt, **kw))
+            wait_until(lambda: engine.queue_depth == i + 1, "the request to queue")  # arrival order = queue order
+        runs_before, _ = batch_sizes(base)
+        gate.set()
+        batched = [f.result(WAIT_S) for f in futures]
+        blocker.result(WAIT_S)
+        records = list(engine.records)[-len(asks):]
+        assert sorted(r.batch_size for r in records) == [2, 2, 4, 4, 4, 4]  # 4 together, then the other 2
+        assert all(r.outcome == "completed" for r in records)
+        runs, multi = batch_sizes(base)
+        assert (runs - runs_before, multi) == (2, 2)
+        # the same requests one at a time (nothing waits: each runs alone)
+        alone = [ask_kind(base, kind, prompt, **kw) for kind, prompt, kw in asks]
+        assert all(r.batch_size == 1 for r in list(engine.records)[-len(asks):])
+    assert batched == alone
+    assert batched[2] == (alone_reference[:alone_reference.find(stop)], "stop", batched[2][2]) and batched[2][2] < 12
+    assert [a[2] for a in alone] == [12, 5, batched[2][2], 16, 7, 3]
+    assert len({a[0] for a in alone}) == len(asks)  # distinct answers: a mix-up between rows would show
+
+
+def test_a_client_leaving_a_batch_does_not_disturb_the_others(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+    app = create_app(model, tok, model_name="tiny", max_batch=4, generate_fn=slow(0.0, gate), generate_batch_fn=slow_batch(0.01))
+    engine = app.state.engine
+    stayers = [("chat", "stay with me", 40), ("completion", "and me too, please", 30)]
+
+    def leaver() -> int:
+        c = client(base)
+        stream = chat(c, "leave early", max_tokens=60, temperature=0, stream=True)
+        got = [next(iter(stream)) for _ in range(3)]
+        stream.close()  # the client goes away after 3 chunks
+        c.close()
+        return len(got)
+
+    with serving(app) as base, ThreadPoolExecutor(4) as pool:
+        blocker = hold_worker(base, engine, pool)
+        gone = pool.submit(leaver)
+        wait_until(lambda: engine.queue_depth == 1, "the leaving request to queue")
+        stay = [pool.submit(ask_kind, base, kind, p, max_tokens=n, temperature=0) for kind, p, n in stayers]
+        wait_until(lambda: engine.queue_depth == 3, "the staying requests to queue")
+        gate.set()
+        assert gone.result(WAIT_S) == 3
+        answers = [f.result(WAIT_S) for f in stay]
+        blocker.result(WAIT_S)
+        records = list(engine.records)[-3:]
+        left = [r for r in records if r.outcome == "cancelled"]
+        assert len(left) == 1 and 3 <= left[0].generated_tokens < 60 and left[0].batch_size == 3
+        assert all(r.batch_size == 3 for r in records)
+        assert batch_sizes(base)[1] == 1
+    for (kind, prompt, n), (text, reason, tokens) in zip(stayers, answers):
+        msgs = [{"role": "user", "content": prompt}] if kind == "chat" else prompt
+        assert (text, reason, tokens) == (reference_text(model, tok, msgs, n), "length", n)
+
+
+def test_mixed_methods_in_the_queue_batch_by_method_and_all_get_their_own_answers(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+    app = create_app(model, tok, model_name="tiny", max_batch=4, generate_fn=slow(0.0, gate))
+    engine = app.state.engine
+    doc = "a longer prompt so that selection and eviction have something to drop: " * 2
+    asks = [  # (question, tokensieve parameters, sampling)
+        ("one", {}, {}),
+        ("two", {"method": "h2o", "budget": 40}, {}),  # h2o runs one prompt at a time
+        ("three", {"method": "snapkv", "budget": 40}, {}),
+        ("four", {}, {}),  # joins "one"
+        ("five", {"method": "gemfilter", "topk": 20}, {}),
+        ("six", {"method": "snapkv", "budget": 40}, {}),  # joins "three"
+        ("seven", {"method": "snapkv", "budget": 48}, {}),  # other parameters: alone
+        ("eight", {}, {"temperature": 1.5, "seed": 5}),  # seeded: alone, and as reproducible as alone
+        ("eight", {}, {"temperature": 1.5, "seed": 5}),
+    ]
+    with serving(app) as base, ThreadPoolExecutor(10) as pool:
+        blocker = hold_worker(base, engine, pool)
+        futures = []
+        for i, (q, ext, sampling) in enumerate(asks):
+            kw = {"max_tokens": 6, "temperature": 0, **sampling, "extra_body": {"tokensieve": ext}}
+            futures.append(pool.submit(ask_kind, base, "chat", doc + q, **kw))
+            wait_until(lambda: engine.queue_depth == i + 1, "the request to queue")
+        gate.set()
+        answers = [f.result(WAIT_S) for f in futures]
+        blocker.result(WAIT_S)
+        records = list(engine.records)[-len(asks):]
+        assert sorted(r.batch_size for r in records) == [1, 1, 1, 1, 1, 2, 2, 2, 2]
+        assert {r.method for r in records if r.batch_size == 2} == {"full", "snapkv"}
+    for (q, ext, sampling), (text, _, _) in zip(asks[:-2], answers[:-2]):
+        params = {k: v for k, v in ext.items() if k != "method"}
+        assert text == method_text(model, tok, [{"role": "user", "content": doc + q}], 6, ext.get("method", "full"), **params), q
+    assert answers[-1] == answers[-2]
+
+
+def test_a_running_batch_takes_one_slot_of_the_queue_bound(tiny):
+    model, tok = tiny
+    gate, batch_gate = threading.Event(), threading.Event()
+
+    def gated_batch(*args: Any, **kw: Any):
+        assert batch_gate.wait(WAIT_S), "the test never opened the batch gate"
+        return generate_batch(*args, **kw)
+
+    app = create_app(model, tok, model_name="tiny", max_queue=2, max_batch=4, generate_fn=slow(0.0, gate), generate_batch_fn=gated_batch)
+    engine = app.state.engine
+
+    def refused() -> None:
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and "max-queue 2" in r.json()["error"]["message"]
+        assert int(r.headers["retry-after"]) >= 1
+
+    with serving(app) as base, ThreadPoolExecutor(6) as pool:
+        blocker = hold_worker(base, engine, pool)
+        first = [pool.submit(ask_kind, base, "chat", f"first {i}", max_tokens=3, temperature=0) for i in range(2)]
+        wait_until(lambda: engine.queue_depth == 2, "two requests to queue")
+        refused()  # one runs, max_queue wait
+        gate.set()
+        wait_until(lambda: engine.queue_depth == 0 and metric(base, "tokensieve_running_requests") == 2, "the two to run as one batch")
+        then = [pool.submit(ask_kind, base, "chat", f"then {i}", max_tokens=3, temperature=0) for i in range(2)]
+        wait_until(lambda: engine.queue_depth == 2, "two more to queue behind the batch")
+        refused()  # the batch of two takes one slot, as one request does: max_queue still wait, no more
+        batch_gate.set()
+        assert all(f.result(WAIT_S)[2] >= 1 for f in first + then + [blocker])
+        assert sorted(r.batch_size for r in engine.records) == [1, 2, 2, 2, 2]
+
+
+def test_max_batch_must_be_a_positive_integer(tiny):
+    model, tok = tiny
+    for bad in (0, -1, 2.0, True):
+        with pytest.raises(tokensieve.InputError, match=f"max_batch must be an integer >= 1.*got {bad!r}"):
+            create_app(model, tok, max_batch=bad)
 
 
 # ---------------------------------------------------------------- SmolLM2: real answers

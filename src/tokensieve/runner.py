@@ -300,6 +300,15 @@ class Sampling:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    def batches_with(self, other: "Sampling") -> bool:
+        """Whether two requests may share one ``generate_batch`` run (which draws with one setting and one
+        generator): both greedy (``top_p``/``top_k`` do not matter then), or the same temperature, top_p
+        and top_k with no seed (a seeded request must draw as it would alone, so it runs alone)."""
+        if self.greedy or other.greedy:
+            return self.greedy and other.greedy
+        return self.seed is None and other.seed is None and (self.temperature, self.top_p, self.top_k) == (
+            other.temperature, other.top_p, other.top_k)
+
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:
             return None
@@ -330,6 +339,21 @@ class Sampling:
 def check_max_new_tokens(max_new_tokens: Any) -> None:
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+
+
+def row_limits(max_new_tokens: Any, rows: int) -> list[int]:
+    """``generate_batch``'s ``max_new_tokens`` (one int for every row, or one per row) as a list of ``rows`` ints."""
+    if isinstance(max_new_tokens, (str, bytes)) or not isinstance(max_new_tokens, Sequence):
+        check_max_new_tokens(max_new_tokens)
+        return [max_new_tokens] * rows
+    if len(max_new_tokens) != rows:
+        raise InputError(f"max_new_tokens has {len(max_new_tokens)} values for {rows} prompts; give one per prompt or one int")
+    for i, limit in enumerate(max_new_tokens):
+        try:
+            check_max_new_tokens(limit)
+        except InputError as exc:
+            raise InputError(f"prompt {i}: {exc}") from None
+    return list(max_new_tokens)
 
 
 def generate(
@@ -414,9 +438,10 @@ def generate_batch(
     tokenizer: PreTrainedTokenizerBase,
     prompts: Sequence[Prompt],
     method: str | Method = "full",
-    max_new_tokens: int = 64,
+    max_new_tokens: int | Sequence[int] = 64,
     allow_long: bool = False,
     sampling: Sampling | None = None,
+    on_token: Callable[[int, int], bool | None] | None = None,
     decode: str = "auto",
     decoders: DecoderPool | None = None,
     **method_params: Any,
@@ -430,13 +455,25 @@ def generate_batch(
     with full attention, GemFilter (per-prompt filter pass, one batched second pass), SnapKV (``budget``
     real entries per row) and StreamingLLM (per-row sinks); other methods take one prompt
     (``InputError`` otherwise). ``ttft_s`` is the batch's prefill; ``details["batch_tokens_per_s"]`` is
-    the batch's throughput (all generated tokens / the whole run's time); sampling draws from one
-    generator for the batch (``seed`` makes the batch reproducible).
+    the batch's throughput (all generated tokens / the whole run's time).
+
+    ``max_new_tokens`` is one limit for every row or one per row (a server batches requests that ask
+    for different lengths). ``on_token(row, token_id)`` is ``generate``'s streaming callback per row:
+    called with each row's tokens as they are chosen (not with its end-of-sequence token); returning
+    ``False`` stops that row only. A stopped row's later tokens are neither recorded nor reported, and
+    no row's tokens depend on when another row stops (rows never attend to each other).
+
+    Sampling is one setting for the whole batch, drawn from one generator: greedy rows get their own
+    prompt's tokens, but a sampled row's draw depends on the batch, so ``seed`` reproduces the batch, not
+    a row alone. Batch only requests whose settings ``Sampling.batches_with`` allows (all greedy, or the
+    same temperature, top_p and top_k with no seed).
     """
-    check_max_new_tokens(max_new_tokens)
     sampling = sampling or Sampling()
+    if not isinstance(max_new_tokens, Sequence):
+        check_max_new_tokens(max_new_tokens)  # before the prompts are encoded, as generate does
     run = prepare_batch(model, tokenizer, prompts, method, allow_long, **method_params)
     rows = run.input_ids.shape[0]
+    limits = row_limits(max_new_tokens, rows)
     stops = stop_token_ids(model, tokenizer)
     outs: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows
@@ -445,12 +482,14 @@ def generate_batch(
     def next_token(logits: torch.Tensor, i: int) -> torch.Tensor | None:
         token = sampling.choose(logits, gen)  # [batch, 1]
         for b, t in enumerate(token[:, 0].tolist()):
-            if not done[b]:
-                outs[b].append(t)
-                done[b] = len(outs[b]) >= max_new_tokens or t in stops
+            if done[b]:
+                continue
+            outs[b].append(t)
+            stopped = on_token is not None and t not in stops and on_token(b, t) is False
+            done[b] = stopped or len(outs[b]) >= limits[b] or t in stops
         return None if all(done) else token
 
-    tr = drive(model, run, next_token, max_new_tokens - 1, decode, decoders)
+    tr = drive(model, run, next_token, max(limits) - 1, decode, decoders)
     state = tr.state
     mask = run.attention_mask
     lengths = mask.sum(-1).tolist() if mask is not None else [run.input_ids.shape[1]]  # prompt tokens per row

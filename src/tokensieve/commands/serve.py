@@ -23,6 +23,16 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _max_batch(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (1 = one request at a time), got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (1 = one request at a time), got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     value = _non_negative_int(text)
     if value > 65535:
@@ -75,7 +85,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         description=(
             "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
             "(\"stream\": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
-            "Requests run one at a time from a bounded queue; a request may pick its own method with "
+            "Requests run one at a time from a bounded queue (or in batches: --max-batch); a request may pick its own method with "
             "\"tokensieve\": {\"method\": \"snapkv\", \"budget\": 512}. See docs/serve.md."
         ),
     )
@@ -84,6 +94,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; there is no authentication)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-queue", type=_non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
+    p.add_argument("--max-batch", type=_max_batch, default=1,
+                   help="requests generated together in one batch where they can share it (same method and parameters, "
+                        "full/gemfilter/snapkv/streamingllm, greedy or the same sampling without a seed; default 1: one at a time)")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
     p.add_argument("--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
@@ -124,7 +137,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(
             model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
             max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-            prefix_cache_gib=args.prefix_cache_gib,
+            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch,
         )
     if args.host not in LOOPBACK:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback; the server has no authentication", file=sys.stderr)

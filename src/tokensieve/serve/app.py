@@ -25,8 +25,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.runner import generate
+from tokensieve.runner import generate, generate_batch
 from tokensieve.serve.engine import (
+    BatchFn,
     Delta,
     Engine,
     EngineStoppedError,
@@ -156,16 +157,20 @@ def create_app(
     default_max_tokens: int = DEFAULT_MAX_TOKENS,
     generate_fn: GenerateFn = generate,
     prefix_cache_gib: float = 1.0,
+    max_batch: int = 1,
+    generate_batch_fn: BatchFn = generate_batch,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
     The app owns its engine (a worker thread started by the app's lifespan, so run it under a server
     such as uvicorn, which runs the lifespan) and its metrics registry (``app.state.metrics``).
     ``prefix_cache_gib``: size of the engine's prefix cache (0 disables it; docs/prefix_cache.md).
+    ``max_batch``: requests the engine may generate together (1: one at a time; see ``Engine``).
     """
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
         request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
+        max_batch=max_batch, generate_batch_fn=generate_batch_fn,
     )
     return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens)
 

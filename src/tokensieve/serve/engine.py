@@ -1,4 +1,4 @@
-"""The transformers engine: one worker thread owns the model and runs requests one at a time.
+"""The transformers engine: one worker thread owns the model and runs requests one at a time, or in batches.
 
 A request goes through three steps:
 
@@ -13,6 +13,12 @@ A request goes through three steps:
    :class:`Finished` or :class:`Failed` events to the job's asyncio queue on the caller's event loop.
    The callback returns False, which stops generation at the next token, when the job was cancelled
    (client gone), its deadline passed, or a stop string was produced.
+
+With ``max_batch`` > 1 the worker takes the next request and every waiting request that can share its
+batch (``Engine.joins``: same method and parameters, a method in ``BATCH_METHODS``, batch-compatible
+sampling, no long prefix for the prefix cache), up to ``max_batch``, and runs them through
+``tokensieve.runner.generate_batch`` with one callback per row: each row streams, stops and is cancelled
+on its own, and every job's final event (and its usage) comes when the batch ends.
 
 Nothing is shared between engines: each owns its queue, worker, locks and records.
 """
@@ -39,19 +45,25 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.decode import DecoderPool
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
-from tokensieve.methods.base import max_positions
+from tokensieve.methods.base import BATCH_METHODS, max_positions
 from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
-from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, prepare, stop_token_ids
+from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, generate_batch, prepare, stop_token_ids
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
 
 log = logging.getLogger(__name__)
 
 GenerateFn = Callable[..., GenerationResult]
+BatchFn = Callable[..., list[GenerationResult]]
+
+# A request whose prompt prefix for the prefix cache (docs/prefix_cache.md) has this many tokens or more runs
+# alone, through the cache: a long shared prefix (a document) saves more prefill than sharing decoding steps
+# saves; a shorter one (a chat template's system prompt) saves little, so such requests batch without the cache.
+PREFIX_ALONE_TOKENS = 128
 
 
 class QueueFullError(Exception):
-    """Every slot is taken: one request runs and ``max_queue`` wait."""
+    """Every slot is taken: one request (or batch) runs and ``max_queue`` wait."""
 
     def __init__(self, waiting: int, max_queue: int, retry_after_s: int) -> None:
         super().__init__(
@@ -246,6 +258,7 @@ class JobRecord:
     max_tokens: int
     generated_tokens: int  # tokens chosen before it ended
     queue_s: float | None
+    batch_size: int = 1  # requests generated together in its run (1: alone; 0: never ran)
 
 
 class Job:
@@ -259,6 +272,7 @@ class Job:
         self.submitted_at = time.monotonic()
         self.started_at: float | None = None
         self.generated_tokens = 0
+        self.batch_size = 0  # requests in the run that generated it (set when it starts)
         self.outcome: str | None = None  # set once, when the job ends
         self.cancel_reason: str | None = None
         self._loop = loop
@@ -292,15 +306,46 @@ def shutting_down_error() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
 
 
+class _Answer:
+    """One job's generation in progress: its tokens become text (``TextStream``) and ``Delta`` events.
+
+    ``push`` is the ``on_token`` callback (``generate``'s, or one row's of ``generate_batch``): it returns
+    False, which stops this job's generation at the next token, when the job was cancelled (client gone),
+    its deadline passed, or a stop string was produced.
+    """
+
+    def __init__(self, job: Job, stream: TextStream) -> None:
+        self.job = job
+        self.stream = stream
+        self.first = True  # no event sent yet
+
+    def push(self, token_id: int) -> bool:
+        job = self.job
+        if job.cancelled:
+            return False
+        if job.deadline is not None and time.monotonic() > job.deadline:
+            job.cancel_reason = job.cancel_reason or "timeout"
+            job._cancel.set()
+            return False
+        job.generated_tokens += 1
+        text = self.stream.push(token_id)
+        if text or self.first:
+            job.emit(Delta(text, self.first))
+            self.first = False
+        return not self.stream.stopped
+
+
 # ---------------------------------------------------------------- engine
 
 
 class Engine:
-    """Runs generation requests one at a time on a worker thread, from a bounded queue.
+    """Runs generation requests on a worker thread, from a bounded queue: one at a time, or up to
+    ``max_batch`` at once where they can share a batch (default 1: one at a time).
 
-    ``max_queue`` requests may wait while one runs; ``request_timeout_s`` bounds a request's time from
-    submission to its last token (checked between tokens: a running prefill is not interrupted).
-    ``generate_fn`` is ``tokensieve.runner.generate`` (tests pass a wrapper that can block).
+    ``max_queue`` requests may wait while one request (or batch) runs; ``request_timeout_s`` bounds a
+    request's time from submission to its last token (checked between tokens: a running prefill is not
+    interrupted). ``generate_fn`` is ``tokensieve.runner.generate`` and ``generate_batch_fn``
+    ``tokensieve.runner.generate_batch`` (tests pass wrappers that can block).
     """
 
     name = "transformers"  # what /health reports as the engine
@@ -318,9 +363,13 @@ class Engine:
         generate_fn: GenerateFn = generate,
         history: int = 1024,
         prefix_cache_gib: float = 0.0,
+        max_batch: int = 1,
+        generate_batch_fn: BatchFn = generate_batch,
     ) -> None:
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+            raise InputError(f"max_batch must be an integer >= 1 (1 = one request at a time), got {max_batch!r}")
         if request_timeout_s is not None and not (request_timeout_s > 0):
             raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
         default = make_method(method, **(method_params or {}))
@@ -334,20 +383,22 @@ class Engine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_queue = max_queue
+        self.max_batch = max_batch
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics or Metrics()
         self._generate = generate_fn
+        self._generate_batch = generate_batch_fn
         self._decoders = DecoderPool(model)  # captured decoding steps, reused across requests (one per size bucket)
         self._stops = stop_token_ids(model, tokenizer)
         self._max_positions = max_positions(model)
         self._vocab = int(model.config.get_text_config().vocab_size)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
-        self._running: Job | None = None
+        self._running: list[Job] = []  # the job, or the batch, being generated
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
-        self._avg_run_s = 1.0  # running mean of a job's run time, for Retry-After
+        self._avg_run_s = 1.0  # running mean of a run's time (one job or one batch), for Retry-After
         self.records: deque[JobRecord] = deque(maxlen=history)
         # The prefix cache: used by the worker thread only. Off for models whose cache cannot be cut at a prefix.
         self.prefix_store: PrefixStore | None = store_for_gib(prefix_cache_gib)
@@ -370,14 +421,14 @@ class Engine:
             self._thread.start()
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Refuse new requests, fail the waiting ones (503), stop the running one at its next token, join."""
+        """Refuse new requests, fail the waiting ones (503), stop the running ones at their next token, join."""
         with self._cond:
             self._stopping = True
             waiting = list(self._waiting)
             self._waiting.clear()
-            if self._running is not None:
-                self._running.cancel_reason = self._running.cancel_reason or "cancelled"
-                self._running._cancel.set()
+            for job in self._running:
+                job.cancel_reason = job.cancel_reason or "cancelled"
+                job._cancel.set()
             self.metrics.queue_depth.set(0)
             self._cond.notify_all()
         for job in waiting:
@@ -395,7 +446,7 @@ class Engine:
 
     @property
     def busy(self) -> bool:
-        return self._running is not None
+        return bool(self._running)
 
     def engine_info(self) -> dict[str, Any]:
         """What /health says about the engine that generates."""
@@ -500,8 +551,11 @@ class Engine:
             if self._stopping or self._thread is None:
                 raise EngineStoppedError("the engine is not running")
             waiting = len(self._waiting)
-            if waiting + (self._running is not None) >= self.max_queue + 1:
-                retry = max(1, min(3600, math.ceil(self._avg_run_s * (waiting + 1))))
+            if waiting + bool(self._running) >= self.max_queue + 1:
+                # runs ahead of a new request: the waiting ones in batches of up to max_batch (an estimate:
+                # requests that cannot share a batch take a run each), then its own
+                runs = math.ceil(waiting / self.max_batch) + 1
+                retry = max(1, min(3600, math.ceil(self._avg_run_s * runs)))
                 raise QueueFullError(waiting, self.max_queue, retry)
             self._waiting.append(job)
             self.peak_queue_depth = max(self.peak_queue_depth, len(self._waiting))
@@ -526,6 +580,37 @@ class Engine:
         if queued:
             self._end(job, job.cancel_reason)
 
+    # -- batches
+
+    def batchable(self, prep: PreparedRequest) -> bool:
+        """Whether ``prep`` may run in a batch: a method ``generate_batch`` runs in batches, and no prompt
+        prefix of ``PREFIX_ALONE_TOKENS`` or more for the prefix cache (those run alone, through the cache)."""
+        if prep.method.name not in BATCH_METHODS:
+            return False
+        return prep.prefix_tokens is None or prep.prefix_tokens < PREFIX_ALONE_TOKENS
+
+    def joins(self, head: PreparedRequest, other: PreparedRequest) -> bool:
+        """Whether ``other`` may share ``head``'s batch: both batchable, the same method with the same
+        parameters, and sampling settings one batch can draw with (``Sampling.batches_with``)."""
+        return (
+            self.batchable(head) and self.batchable(other) and head.method.name == other.method.name
+            and head.method.params() == other.method.params() and head.sampling.batches_with(other.sampling)
+        )
+
+    def _take(self) -> list[Job]:
+        """The next job and every waiting job that can share its batch (up to ``max_batch``), in arrival
+        order; called with ``_cond`` held. Jobs that cannot join keep their place in the queue."""
+        head = self._waiting.popleft()
+        batch = [head]
+        if self.max_batch > 1 and self.batchable(head.prepared):
+            for job in list(self._waiting):
+                if len(batch) >= self.max_batch:
+                    break
+                if self.joins(head.prepared, job.prepared):
+                    self._waiting.remove(job)
+                    batch.append(job)
+        return batch
+
     # -- worker
 
     def _work(self) -> None:
@@ -535,55 +620,50 @@ class Engine:
                     self._cond.wait()
                 if self._stopping:
                     return
-                job = self._waiting.popleft()
-                self._running = job
+                batch = self._take()
+                self._running = batch
                 self.metrics.queue_depth.set(len(self._waiting))
-                self.metrics.running.set(1)
+                self.metrics.running.set(len(batch))
             try:
-                self._run(job)
+                live = [job for job in batch if self._start(job)]
+                for job in live:
+                    job.batch_size = len(live)
+                if live:
+                    self.metrics.batch_size.observe(len(live))
+                if len(live) == 1:
+                    self._run(live[0])
+                elif live:
+                    self._run_batch(live)
             except BaseException:  # _run handles every Exception; this is a last resort for the worker's life
-                log.exception("tokensieve engine: unexpected error around job %s", job.id)
-                if job.outcome is None:
-                    self._finish(job, "failed", Failed(APIError(500, "internal error in the engine", type="server_error", code="internal_error")))
+                log.exception("tokensieve engine: unexpected error around jobs %s", [job.id for job in batch])
+                for job in batch:
+                    if job.outcome is None:
+                        self._finish(job, "failed", Failed(APIError(500, "internal error in the engine", type="server_error", code="internal_error")))
             finally:
                 with self._cond:
-                    self._running = None
+                    self._running = []
                     self.metrics.running.set(0)
 
     def _decode(self, ids: list[int]) -> str:
         with self._tok_lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _run(self, job: Job) -> None:
+    def _start(self, job: Job) -> bool:
+        """Mark ``job`` started; False (and the job ended) when it was cancelled or its deadline passed while it waited."""
         job.started_at = time.monotonic()
-        queue_s = job.queue_s or 0.0
-        self.metrics.queue_wait.observe(queue_s)
+        self.metrics.queue_wait.observe(job.queue_s or 0.0)
         if job.deadline is not None and job.started_at > job.deadline and not job.cancelled:
             job.cancel_reason = "timeout"
             job._cancel.set()
         if job.cancelled:
             self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
-            return
+            return False
+        return True
+
+    def _run(self, job: Job) -> None:
         prep = job.prepared
         req = prep.request
-        stream = TextStream(self._decode, req.stop)
-        first = True
-
-        def on_token(token_id: int) -> bool:
-            nonlocal first
-            if job.cancelled:
-                return False
-            if job.deadline is not None and time.monotonic() > job.deadline:
-                job.cancel_reason = job.cancel_reason or "timeout"
-                job._cancel.set()
-                return False
-            job.generated_tokens += 1
-            text = stream.push(token_id)
-            if text or first:
-                job.emit(Delta(text, first))
-                first = False
-            return not stream.stopped
-
+        answer = _Answer(job, TextStream(self._decode, req.stop))
         t0 = time.monotonic()
         store = self.prefix_store
         use_prefix = store is not None and prep.prefix_tokens is not None
@@ -592,7 +672,7 @@ class Engine:
         try:
             res = self._generate(
                 self.model, self.tokenizer, prep.input_ids, method=method, max_new_tokens=req.max_tokens,
-                sampling=prep.sampling, on_token=on_token, decoders=self._decoders,
+                sampling=prep.sampling, on_token=answer.push, decoders=self._decoders,
             )
         except InputError as exc:
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
@@ -600,31 +680,61 @@ class Engine:
         except Exception as exc:
             if store is not None:
                 store.clear()  # a prefix half-computed by a failed request is not kept
-            log.exception("tokensieve engine: generation failed for job %s", job.id)
-            error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
-            self._finish(job, "failed", Failed(error))
+            self._failed([job], exc)
             return
-        run_s = time.monotonic() - t0
-        self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * run_s
-        if job.cancelled:
-            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
-            return
-        tail = stream.finish()
-        if tail or first:
-            job.emit(Delta(tail, first))
-        eos = bool(res.token_ids) and res.token_ids[-1] in self._stops
-        finish_reason = "stop" if stream.stopped or eos else "length"
-        self._observe(res)
-        m = self.metrics
-        if use_prefix and store is not None:
+        self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * (time.monotonic() - t0)
+        if use_prefix and store is not None and not job.cancelled:
+            m = self.metrics
             cached = int(res.details.get("prefix_cached_tokens", 0))
             m.prefix_lookups.labels("hit" if cached else "miss").inc()
             m.prefix_cached_tokens.inc(cached)
             m.prefix_bytes.set(store.nbytes)
             m.prefix_entries.set(len(store))
             m.prefix_evictions.inc(store.stats.evicted - evicted)
+        self._complete(answer, res)
+
+    def _run_batch(self, jobs: list[Job]) -> None:
+        """Jobs that ``joins`` allows together, through ``generate_batch`` (no prefix cache: ``batchable``)."""
+        head = jobs[0].prepared
+        answers = [_Answer(job, TextStream(self._decode, job.prepared.request.stop)) for job in jobs]
+        t0 = time.monotonic()
+        try:
+            results = self._generate_batch(
+                self.model, self.tokenizer, [job.prepared.input_ids for job in jobs], method=head.method,
+                max_new_tokens=[job.prepared.request.max_tokens for job in jobs], sampling=head.sampling,
+                on_token=lambda row, token_id: answers[row].push(token_id), decoders=self._decoders,
+            )
+        except InputError as exc:
+            for job in jobs:
+                self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
+            return
+        except Exception as exc:
+            self._failed(jobs, exc)
+            return
+        self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * (time.monotonic() - t0)
+        for answer, res in zip(answers, results):
+            self._complete(answer, res)
+
+    def _failed(self, jobs: list[Job], exc: Exception) -> None:
+        log.exception("tokensieve engine: generation failed for job(s) %s", [job.id for job in jobs])
+        error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+        for job in jobs:
+            self._finish(job, "failed", Failed(error))
+
+    def _complete(self, answer: _Answer, res: GenerationResult) -> None:
+        """A job's generation returned: its last text, metrics, and its Finished event (or its cancel error)."""
+        job, stream = answer.job, answer.stream
+        if job.cancelled:
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
+        tail = stream.finish()
+        if tail or answer.first:
+            job.emit(Delta(tail, answer.first))
+        eos = bool(res.token_ids) and res.token_ids[-1] in self._stops
+        finish_reason = "stop" if stream.stopped or eos else "length"
+        self._observe(res)
         job.generated_tokens = res.generated_tokens
-        self._finish(job, "completed", Finished(stream.text, finish_reason, res, queue_s))
+        self._finish(job, "completed", Finished(stream.text, finish_reason, res, job.queue_s or 0.0))
 
     def _observe(self, res: GenerationResult) -> None:
         """A completed answer's time to first token and prompt sizes, in the metrics."""
@@ -654,6 +764,7 @@ class Engine:
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.generated_tokens.labels(outcome).inc(job.generated_tokens)
         self.records.append(
-            JobRecord(job.id, outcome, job.prepared.method.name, job.prepared.request.max_tokens, job.generated_tokens, job.queue_s)
+            JobRecord(job.id, outcome, job.prepared.method.name, job.prepared.request.max_tokens, job.generated_tokens, job.queue_s,
+                      job.batch_size)
         )
         job.ended.set()

@@ -11,6 +11,7 @@ from prometheus_client import CONTENT_TYPE_PLAIN_0_0_4, CollectorRegistry, Count
 # Seconds: CPU prefill of a short prompt is ~10 ms on a tiny model and tens of seconds for 8k tokens.
 TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 25.0, 60.0, 120.0, 300.0, 600.0)
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)  # requests per run; le="1.0" counts the runs of one
 
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
 
@@ -70,7 +71,11 @@ class Metrics:
             "tokensieve_prefix_cache_evictions", "prefixes dropped (least recently used) to stay within the cache's size", registry=r
         )
         self.queue_depth = Gauge("tokensieve_queue_depth", "requests waiting for the worker", registry=r)
-        self.running = Gauge("tokensieve_running_requests", "requests being generated now (0 or 1)", registry=r)
+        self.running = Gauge("tokensieve_running_requests", "requests being generated now (0, 1, or a batch's size)", registry=r)
+        self.batch_size = Histogram(
+            "tokensieve_batch_size", "requests generated together in one run (1: alone; more with --max-batch)",
+            buckets=BATCH_BUCKETS, registry=r,
+        )
 
     def render(self) -> tuple[bytes, str]:
         """The registry as Prometheus text, with its content type."""

@@ -138,7 +138,8 @@ def _stats(ev: Finished) -> dict[str, Any]:
 def _usage(ev: Finished) -> dict[str, Any]:
     """OpenAI's usage; prompt tokens taken from the prefix cache in ``prompt_tokens_details.cached_tokens``."""
     r = ev.result
-    return usage_body(r.prompt_tokens, r.generated_tokens, int(r.details.get("prefix_cached_tokens", 0)))
+    return usage_body(r.prompt_tokens, r.generated_tokens, int(r.details.get("prefix_cached_tokens", 0)),
+                      kept_tokens=r.kept_tokens, ttft_s=r.ttft_s)
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -302,7 +303,6 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
         except BaseException:
             engine.cancel(job, "cancelled")
             raise
-        res = ev.result
         return JSONResponse(
             completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason,
                             _usage(ev), _stats(ev))

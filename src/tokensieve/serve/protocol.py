@@ -313,13 +313,19 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None) -> dict[str, Any]:
+def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
+               kept_tokens: int | None = None, ttft_s: float | None = None) -> dict[str, Any]:
     """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
-    ``prompt_tokens_details`` as OpenAI reports its own prompt caching."""
+    ``prompt_tokens_details`` as OpenAI reports its own prompt caching; tokensieve adds ``kept_tokens``
+    (prompt tokens the method computed on) and ``ttft_s`` (extra fields, which OpenAI clients keep)."""
     out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
                            "total_tokens": prompt_tokens + completion_tokens}
     if cached_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
+    if kept_tokens is not None:
+        out["kept_tokens"] = kept_tokens
+    if ttft_s is not None:
+        out["ttft_s"] = ttft_s
     return out
 
 

@@ -12,7 +12,7 @@ from tokensieve.methods import METHODS
 from tokensieve.runner import generate, score_continuation
 
 PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
-          "h2o": {"budget": 40}}
+          "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16}}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -94,7 +94,7 @@ def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
     with torch.inference_mode():
         state = m.prefill(model, ids)
         token = state.logits.argmax(-1, keepdim=True)
-        dec = StaticDecoder(model, bucket(25), heavy=True)
+        dec = StaticDecoder(model, bucket(25), tracks="heavy")
         dec.load(state.cache, state.next_position, 10, eviction=DeviceEviction("heavy", 24, 8))
         for _ in range(10):
             a = dec.step(token)
@@ -112,6 +112,27 @@ def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
                 dist = torch.cdist(theirs.float(), mine.float())  # [24, 24]
                 nearest = dist.argmin(dim=1)
                 assert dist.min(dim=1).values.max() < 1e-4 and nearest.unique().numel() == len(nearest), (li, h)
+
+
+@pytest.mark.parametrize("prompt,n_initial,n_recent,new,seps", [
+    (80, 4, 16, 60, (3, 4, 5, 6, 7, 8)),  # many separators: the cache grows while the window turns over
+    (80, 2, 0, 30, (3, 4, 5)),  # no window: each token sees initial tokens, separators and itself
+    (60, 4, 8, 40, (95,)),  # separators rarer than the window: a window of slots reused step after step
+    (20, 30, 8, 20, (3,)),  # every token initial: never evicts
+    (30, 4, 200, 20, (3, 4)),  # the window holds everything: full attention
+])
+def test_sepllm_device_eviction_gives_the_eager_tokens(model, prompt, n_initial, n_recent, new, seps):
+    """SepLLM's window turned over on the device (a leaving non-separator's slot is reused, separators stay)."""
+    tok, ids = TinyTokenizer(), random_ids(prompt, seed=10)
+    kw = dict(n_initial=n_initial, n_recent=n_recent, separator_ids=seps, max_new_tokens=new)
+    eager = generate(model, tok, ids, "sepllm", decode="eager", **kw)
+    static = generate(model, tok, ids, "sepllm", decode="static", **kw)
+    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final and static.kv_tokens_prefill == eager.kv_tokens_prefill
+    t = 12
+    a = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "sepllm", decode="eager", **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+    b = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "sepllm", decode="static", **{k: v for k, v in kw.items() if k != "max_new_tokens"})
+    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
 
 
 def test_streamingllm_batches_decode_eagerly(model):

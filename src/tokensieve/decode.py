@@ -34,11 +34,15 @@ evicts) and picks, on the device, the slot the next step overwrites:
 * ``"heavy"`` (H2O: heavy hitters + the ``n_keep`` newest entries): every slot carries the attention it has
   received (float32, summed over the query heads that share its KV head, as the eager cache does) and a
   write stamp; per KV head the lowest-scoring slot outside the ``n_keep`` newest stamps goes.
+* ``"separators"`` (SepLLM: initial tokens, separators and a window): every slot carries its position and
+  whether its token is a separator; the entry that leaves the window goes unless it is an initial token or a
+  separator, and then the next unused slot is taken (the buffer is sized for the whole answer, since
+  separators accumulate).
 
 No step reads back to the host, so the evicting step is captured like the growing one.
 
-Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), and StreamingLLM
-and H2O (one prompt at a time), on models whose layers all use full attention (Llama, Mistral, Qwen2/3,
+Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), and StreamingLLM,
+H2O and SepLLM (one prompt at a time), on models whose layers all use full attention (Llama, Mistral, Qwen2/3,
 Phi-3 class). Other methods and sliding-window models decode on the eager path; ``supports_static`` says which.
 """
 
@@ -82,7 +86,13 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 
 # Methods whose KV cache only grows after the prefill (the static buffers hold exactly what they keep), and
 # those that evict while decoding in a way the device can do (see the module docstring).
-EVICTING_METHODS = ("streamingllm", "h2o")
+EVICTING_METHODS = ("streamingllm", "h2o", "sepllm")
+TRACKS = ("none", "heavy", "separators")
+
+
+def tracks_for(eviction: DeviceEviction | None) -> str:
+    """The per-slot state a decoder needs for an eviction: ``"heavy"``, ``"separators"`` or ``"none"``."""
+    return eviction.kind if eviction is not None and eviction.kind in ("heavy", "separators") else "none"
 STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS
 
 
@@ -96,7 +106,7 @@ class StaticDecoder:
     batch: int = 1
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
-    heavy: bool = False  # keep per-slot attention scores and stamps (H2O's eviction); part of the captured step
+    tracks: str = "none"  # per-slot state of an evicting method: "none", "heavy" (H2O), "separators" (SepLLM)
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
@@ -129,6 +139,15 @@ class StaticDecoder:
         self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
         # heavy-hitter state, per layer: attention received [b, hkv, cap] float32, write stamps [b, hkv, cap],
         # the slot the next step writes [b, hkv]; budget and n_keep as device scalars (one graph for any budget)
+        if self.tracks not in TRACKS:
+            raise ValueError(f"tracks must be one of {TRACKS}, got {self.tracks!r}")
+        if self.tracks == "separators":  # per layer [cap]: positions, separator flags; the next free slot, slots used
+            self.stamp = [torch.zeros(self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.is_sep = [torch.zeros(self.capacity, dtype=torch.bool, device=dev) for _ in range(n_layers)]
+            self.free = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.used = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.sep_limits = torch.zeros(2, dtype=torch.long, device=dev)  # n_initial, window
+            self.sep_ids = torch.zeros(0, dtype=torch.long, device=dev)
         if self.heavy:
             self.acc = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)]
             self.stamp = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
@@ -137,6 +156,10 @@ class StaticDecoder:
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
+
+    @property
+    def heavy(self) -> bool:
+        return self.tracks == "heavy"
 
     @property
     def kv_bytes(self) -> int:
@@ -153,12 +176,12 @@ class StaticDecoder:
         ``eviction``: how entries go once ``eviction.budget + 1`` are held (the entries must be in position
         order; ``"heavy"`` also reads the cache's accumulated ``scores``); ``None``: grow only.
         """
-        if eviction is not None and eviction.budget + 1 > self.capacity:
+        if eviction is not None and eviction.kind != "separators" and eviction.budget + 1 > self.capacity:
             eviction = None  # the answer ends before anything is evicted: plain growth
-        if eviction is not None and (eviction.kind == "heavy") != self.heavy:
-            raise ValueError(f"a {eviction.kind} eviction needs a decoder made with heavy={eviction.kind == 'heavy'}")
+        if tracks_for(eviction) != self.tracks:
+            raise ValueError(f"a {eviction} eviction needs a decoder made with tracks={tracks_for(eviction)!r}")
         # (fixed, size): the slots in use are 0 .. size - 1; a ring turns over fixed .. size - 1
-        if eviction is None:
+        if eviction is None or eviction.kind == "separators":
             fixed, size = 0, self.capacity
         else:
             fixed, size = (eviction.n_keep if eviction.kind == "ring" else 0), eviction.budget + 1
@@ -168,7 +191,7 @@ class StaticDecoder:
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
-            if (n + max_new_tokens if eviction is None else n) > min(size, self.capacity):
+            if (n + max_new_tokens if eviction is None or eviction.kind == "separators" else n) > size:
                 raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}")
             if k.shape[0] != self.batch:
                 raise ValueError(f"the cache holds {k.shape[0]} rows; this decoder was made for batch {self.batch}")
@@ -180,7 +203,18 @@ class StaticDecoder:
             lengths.append(n)
         self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
         self.ring.copy_(torch.tensor([fixed, size], dtype=torch.long))
-        self._held_max = self.capacity if eviction is None else eviction.budget  # the slot to overwrite counts as gone
+        self._held_max = self.capacity if eviction is None or eviction.kind == "separators" else eviction.budget
+        if self.tracks == "separators":
+            self.sep_limits.copy_(torch.tensor([eviction.n_keep, eviction.window], dtype=torch.long))
+            self.sep_ids = torch.tensor(eviction.separator_ids, dtype=torch.long, device=self.sep_limits.device)
+            for i, n in enumerate(lengths):
+                pos = cache.sync_positions(i)[0, 0]  # [n] original positions (the same in every head)
+                self.stamp[i].fill_(-1)
+                self.stamp[i][:n].copy_(pos)
+                self.is_sep[i].zero_()
+                self.is_sep[i][:n].copy_(torch.isin(cache.token_ids[0, pos], self.sep_ids))
+                self.free[i].fill_(n)
+                self.used[i].fill_(n)
         if self.heavy:
             budget, keep = (eviction.budget, eviction.n_keep) if eviction is not None else (self.capacity, 0)
             self.heavy_limits.copy_(torch.tensor([budget, keep], dtype=torch.long))
@@ -203,6 +237,8 @@ class StaticDecoder:
 
     def entries(self) -> list[int]:
         """Entries held per layer (reads the device: for stats, not inside the loop)."""
+        if self.tracks == "separators":  # the slots used, less the one freed for the next step
+            return [int(u) - int(f < u) for u, f in zip(self.used, self.free)]
         return self.filled.clamp(max=self._held_max).tolist()
 
     def _attend(
@@ -224,6 +260,13 @@ class StaticDecoder:
             values.scatter_(2, free[..., None].expand(b, hkv, 1, d), value)
             self.acc[li].scatter_(2, free, 0.0)  # a new entry starts with no attention received
             self.stamp[li].scatter_(2, free, written.expand(b, hkv, 1))
+        elif self.tracks == "separators":  # the slot the previous step freed, or the next unused one
+            slot = self.free[li]
+            keys.index_copy_(2, slot, key)
+            values.index_copy_(2, slot, value)
+            self.stamp[li].index_copy_(0, slot, self.position[0])
+            self.is_sep[li].index_copy_(0, slot, torch.isin(self.token[0], self.sep_ids))
+            self.used[li].copy_(torch.maximum(self.used[li], slot + 1))
         else:  # the first free slot; once all `size` are written, the oldest slot of the ring
             slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
             keys.index_copy_(2, slot, key)
@@ -231,14 +274,27 @@ class StaticDecoder:
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
         scores = matmul_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
-        visible = (self._slots <= torch.minimum(written, size - 1)) & self.valid  # [b, cap]: written slots + the new one, no pads
+        if self.tracks == "separators":
+            visible = (self._slots < self.used[li]) & self.valid  # every slot in use: what the cache holds
+        else:  # written slots + the new one, no pads
+            visible = (self._slots <= torch.minimum(written, size - 1)) & self.valid  # [b, cap]
         scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
         probs32 = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1)
         if self.heavy:
             self._heavy_evict(li, written, visible, probs32.view(b, hkv, hq // hkv, cap).sum(2))
+        elif self.tracks == "separators":
+            self._separator_evict(li)
         probs = probs32.to(values.dtype)
         out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]
         return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
+
+    def _separator_evict(self, li: int) -> None:
+        """SepLLM: the entry at position ``p - window`` leaves the next token's view unless it is an initial token
+        or a separator; its slot is the next step's, else the next unused slot (on the device)."""
+        n_initial, window = self.sep_limits[0:1], self.sep_limits[1:2]
+        stamp = self.stamp[li]
+        leaving = (stamp == self.position[0] - window) & (stamp >= n_initial) & ~self.is_sep[li]  # [cap], at most one
+        self.free[li].copy_(torch.where(leaving.any(), leaving.int().argmax(), self.used[li]))
 
     def _heavy_evict(self, li: int, written: torch.Tensor, visible: torch.Tensor, received: torch.Tensor) -> None:
         """Add this step's attention [b, hkv, cap] to the slots' scores; once ``budget + 1`` entries are held, free
@@ -303,13 +359,13 @@ class DecoderPool:
     model: PreTrainedModel
     use_graph: bool | None = None
     compile: bool = False
-    decoders: dict[tuple[int, int, bool], StaticDecoder] = field(default_factory=dict)
+    decoders: dict[tuple[int, int, str], StaticDecoder] = field(default_factory=dict)
 
-    def get(self, batch: int, entries: int, heavy: bool = False) -> tuple[StaticDecoder, bool]:
-        """A decoder holding ``entries`` (kept + new; ``heavy``: with H2O's score state); the flag says whether it
-        was made (and captured) now."""
-        key = (batch, bucket(entries), heavy)
+    def get(self, batch: int, entries: int, tracks: str = "none") -> tuple[StaticDecoder, bool]:
+        """A decoder holding ``entries`` (kept + new; ``tracks``: an evicting method's per-slot state, see
+        ``tracks_for``); the flag says whether it was made (and captured) now."""
+        key = (batch, bucket(entries), tracks)
         made = key not in self.decoders
         if made:
-            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, heavy)
+            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, tracks)
         return self.decoders[key], made

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.decode import DecoderPool, supports_static
+from tokensieve.decode import DecoderPool, supports_static, tracks_for
 from tokensieve.errors import InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
@@ -231,10 +231,11 @@ def drive(
                 pool = decoders if decoders is not None else DecoderPool(model)
                 eviction = m.decode_eviction()
                 need = max(kv_pre) + max_steps
-                if eviction is not None and need <= eviction.budget:
+                if eviction is not None and eviction.kind != "separators" and need <= eviction.budget:
                     eviction = None  # the answer ends before anything is evicted: plain growth
-                decoder, made = pool.get(run.input_ids.shape[0], need if eviction is None else eviction.budget + 1,
-                                         heavy=eviction is not None and eviction.kind == "heavy")
+                bounded = eviction is not None and eviction.kind != "separators"  # separators may grow to `need`
+                decoder, made = pool.get(run.input_ids.shape[0], eviction.budget + 1 if bounded else need,
+                                         tracks_for(eviction))
                 if made:
                     decoder.capture()
                     capture_s = decoder.capture_s

@@ -47,18 +47,27 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class DeviceEviction:
-    """How a method evicts while decoding: after each step ``budget`` entries stay.
+    """How a method evicts while decoding (``tokensieve.decode`` does it on the device).
 
-    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest) or ``"heavy"`` (the ``n_keep``
-    newest stay, then the most attended-to).
+    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest; ``budget`` in all), ``"heavy"``
+    (the ``n_keep`` newest stay, then the most attended-to; ``budget`` in all) or ``"separators"`` (the
+    first ``n_keep`` tokens, every token in ``separator_ids`` and the ``window`` tokens before the next one
+    stay: SepLLM; no fixed budget).
     """
 
     kind: str
-    budget: int
-    n_keep: int
+    budget: int = 0
+    n_keep: int = 0
+    window: int = 0
+    separator_ids: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in ("ring", "heavy") or not 0 <= self.n_keep <= self.budget or self.budget < 1:
+        ok = {
+            "ring": 0 <= self.n_keep < self.budget,
+            "heavy": 0 <= self.n_keep <= self.budget and self.budget >= 1,
+            "separators": self.n_keep >= 0 and self.window >= 0,
+        }.get(self.kind, False)
+        if not ok:
             raise ValueError(f"bad DeviceEviction {self}")
 
 

@@ -43,7 +43,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState
+from tokensieve.methods.base import DecodeState, DeviceEviction
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall, check_int
 from tokensieve.separators import separator_token_ids
 
@@ -177,6 +177,11 @@ class SepLLM(EvictionMethod):
             out, _ = sdpa_attention_forward(call.module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **call.kwargs)
             outs.append(out)  # [b, c, q_heads, head_dim]
         return torch.cat(outs, dim=1), None
+
+    def decode_eviction(self) -> DeviceEviction:
+        # the entry that leaves the window each step goes unless it is an initial token or a separator
+        return DeviceEviction("separators", n_keep=self.n_initial, window=self.n_recent,
+                              separator_ids=tuple(int(i) for i in self._sep.tolist()))
 
     def evict(self, call: LayerCall) -> None:
         """Keep what later tokens may still see: initial tokens, separators, the recent window."""

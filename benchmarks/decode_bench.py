@@ -38,7 +38,8 @@ from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, 
 from tokensieve.runner import generate
 
 METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024},
-           "streamingllm": {"budget": 1024, "n_initial": 4}, "h2o": {"budget": 1024}}
+           "streamingllm": {"budget": 1024, "n_initial": 4}, "h2o": {"budget": 1024},
+           "sepllm": {"n_initial": 4, "n_recent": 256, "separator_ids": (13, 11, 627, 198)}}  # 4 ids as separators (rare in random prompts)
 
 
 @torch.inference_mode()

@@ -300,6 +300,9 @@ def test_defaults_auto_local_from_64k_with_a_2048_window():
     assert (m.filter_attention, m.n_initial, m.n_recent, LOCAL_FROM_TOKENS) == ("auto", 4, 2048, 65536)
     assert not m.uses_local(65535) and m.uses_local(65536)
     assert GemFilter(filter_attention="local").uses_local(10) and not GemFilter(filter_attention="dense").uses_local(10**7)
+    # not on models with sliding-window layers (Gemma 3), where the local pass lost recall
+    assert m.uses_local(10**6, tiny_model("llama")) and not m.uses_local(10**6, tiny_model("gemma3"))
+    assert GemFilter(filter_attention="local").uses_local(10, tiny_model("gemma3"))
 
 
 def test_auto_switches_to_the_local_pass_from_the_threshold(monkeypatch):

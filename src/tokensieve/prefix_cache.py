@@ -261,7 +261,7 @@ class PrefixReuse(Method):
         check_model(model)
         self.store.bind(model)
         if isinstance(self.inner, GemFilter):
-            if self.inner.uses_local(input_ids.shape[1]):  # "auto" on a long prompt: the local pass, not cached yet
+            if self.inner.uses_local(input_ids.shape[1], model):  # "auto" on a long prompt: the local pass, not cached yet
                 return self.inner.prefill(model, input_ids)
             return self._gemfilter(model, input_ids)
         return self._kv(model, input_ids)

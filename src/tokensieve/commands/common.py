@@ -66,7 +66,7 @@ def parse_count(text: str, minimum: int = 1) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
     if value < minimum:
         raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}")
     return value

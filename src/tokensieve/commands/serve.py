@@ -10,31 +10,13 @@ import argparse
 import sys
 from typing import Any
 
+from tokensieve.commands.common import non_negative_int, positive_int
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
-    return value
-
-
-def _max_batch(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (1 = one request at a time), got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1 (1 = one request at a time), got {text!r}")
-    return value
-
-
 def _port(text: str) -> int:
-    value = _non_negative_int(text)
+    value = non_negative_int(text)
     if value > 65535:
         raise argparse.ArgumentTypeError(f"a port is in [0, 65535], got {text!r}")
     return value
@@ -57,13 +39,6 @@ def _gib(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}") from None
     if not 0 <= value < float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = _non_negative_int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}")
     return value
 
 
@@ -93,8 +68,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_method_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; there is no authentication)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-queue", type=_non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
-    p.add_argument("--max-batch", type=_max_batch, default=1,
+    p.add_argument("--max-queue", type=non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
+    p.add_argument("--max-batch", type=positive_int, default=1,
                    help="requests generated together in one batch where they can share it (same method and parameters, "
                         "full/gemfilter/snapkv/streamingllm, greedy or the same sampling without a seed; default 1: one at a time)")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
@@ -105,8 +80,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
                    help="what generates: transformers (default; every method) or vllm (vLLM's async engine on the tokens "
                         "GemFilter keeps, or the whole prompt with --method full; needs pip install 'tokensieve[vllm]'; docs/vllm.md)")
-    p.add_argument("--vllm-max-model-len", type=_positive_int, default=None, help="--engine vllm: vLLM's max_model_len, kept prompt + answer (default: the model's)")
-    p.add_argument("--vllm-max-num-seqs", type=_positive_int, default=None, help="--engine vllm: requests vLLM runs at once (default: vLLM's)")
+    p.add_argument("--vllm-max-model-len", type=positive_int, default=None, help="--engine vllm: vLLM's max_model_len, kept prompt + answer (default: the model's)")
+    p.add_argument("--vllm-max-num-seqs", type=positive_int, default=None, help="--engine vllm: requests vLLM runs at once (default: vLLM's)")
     p.add_argument("--vllm-gpu-memory-utilization", type=_fraction, default=None,
                    help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)")
     p.add_argument("--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)")

@@ -292,12 +292,14 @@ def test_chunked_passes_use_accurate_rope(monkeypatch):
         assert sorted(set(calls)) == [0, 16, 32, 48], attn
 
 
-def test_defaults_auto_local_from_64k_with_a_2048_window():
-    """The measured default (docs/gemfilter.md): local (4 sinks, w = 2048) from 64k tokens on, where it is faster."""
+def test_defaults_dense_and_auto_local_from_64k_with_a_2048_window():
+    """The measured default (docs/gemfilter.md): dense, since local lost accuracy on both embedded models; "auto"
+    takes local (4 sinks, w = 2048) from 64k tokens on, where it is faster."""
     from tokensieve.methods.gemfilter import LOCAL_FROM_TOKENS
 
-    m = GemFilter()
-    assert (m.filter_attention, m.n_initial, m.n_recent, LOCAL_FROM_TOKENS) == ("auto", 4, 2048, 65536)
+    assert GemFilter().filter_attention == "dense" and not GemFilter().uses_local(10**7, tiny_model("llama"))
+    m = GemFilter(filter_attention="auto")
+    assert (m.n_initial, m.n_recent, LOCAL_FROM_TOKENS) == (4, 2048, 65536)
     assert not m.uses_local(65535) and m.uses_local(65536)
     assert GemFilter(filter_attention="local").uses_local(10) and not GemFilter(filter_attention="dense").uses_local(10**7)
     # not on models with sliding-window layers (Gemma 3), where the local pass lost recall

@@ -35,6 +35,24 @@ def test_static_decoding_gives_the_eager_tokens(model, method):
     torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
 
 
+def assert_static_evicts_as_eager(model, ids, method, new, seed_losses=True, **params):
+    """The static path with eviction on the device gives the eager path's tokens, kept counts and (when
+    ``seed_losses``) teacher-forced losses; returns the static decoder that ran."""
+    tok = TinyTokenizer()
+    eager = generate(model, tok, ids, method, max_new_tokens=new, decode="eager", **params)
+    pool = DecoderPool(model)
+    static = generate(model, tok, ids, method, max_new_tokens=new, decode="static", decoders=pool, **params)
+    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final and static.kv_tokens_prefill == eager.kv_tokens_prefill
+    if seed_losses:  # the eviction decisions agree at every step, not only on the argmax
+        t = min(12, ids.shape[1] // 2)
+        a = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], method, decode="eager", **params)
+        b = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], method, decode="static", **params)
+        torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+    (dec,) = pool.decoders.values()
+    return dec, static
+
+
 @pytest.mark.parametrize("prompt,budget,n_initial,new", [
     (80, 40, 4, 60),  # the ring wraps more than once
     (80, 40, 0, 30),  # no sinks: a pure window
@@ -44,17 +62,13 @@ def test_static_decoding_gives_the_eager_tokens(model, method):
 ])
 def test_streamingllm_ring_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_initial, new):
     """Device-side eviction (a ring over the window) sees exactly what the eager cache sees before it evicts."""
-    tok, ids = TinyTokenizer(), random_ids(prompt, seed=7)
-    kw = dict(budget=budget, n_initial=n_initial, max_new_tokens=new)
-    eager = generate(model, tok, ids, "streamingllm", decode="eager", **kw)
-    pool = DecoderPool(model)
-    static = generate(model, tok, ids, "streamingllm", decode="static", decoders=pool, **kw)
-    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
-    assert static.kv_tokens_final == eager.kv_tokens_final  # entries held per layer: min(budget, all)
-    (dec,) = pool.decoders.values()
+    ids = random_ids(prompt, seed=7)
+    dec, static = assert_static_evicts_as_eager(model, ids, "streamingllm", new, seed_losses=prompt >= 24,
+                                                budget=budget, n_initial=n_initial)
     assert dec.capacity <= bucket(min(prompt + new, budget + 1))  # never sized to the whole answer
     if prompt + new <= budget:
-        assert static.token_ids == generate(model, tok, ids, "full", max_new_tokens=new, decode="eager").token_ids
+        full = generate(model, TinyTokenizer(), ids, "full", max_new_tokens=new, decode="eager")
+        assert static.token_ids == full.token_ids
 
 
 @pytest.mark.parametrize("prompt,budget,n_recent,new", [
@@ -67,21 +81,8 @@ def test_streamingllm_ring_gives_the_eager_tokens_and_holds_the_budget(model, pr
 def test_h2o_device_eviction_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_recent, new):
     """Heavy hitters chosen on the device (scores accumulated per slot, argmin outside the newest stamps) evict
     what the eager cache evicts."""
-    tok, ids = TinyTokenizer(), random_ids(prompt, seed=8)
-    kw = dict(budget=budget, n_recent=n_recent, max_new_tokens=new)
-    eager = generate(model, tok, ids, "h2o", decode="eager", **kw)
-    pool = DecoderPool(model)
-    static = generate(model, tok, ids, "h2o", decode="static", decoders=pool, **kw)
-    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
-    assert static.kv_tokens_final == eager.kv_tokens_final
-    (dec,) = pool.decoders.values()
+    dec, _ = assert_static_evicts_as_eager(model, random_ids(prompt, seed=8), "h2o", new, budget=budget, n_recent=n_recent)
     assert dec.capacity <= bucket(min(prompt + new, budget + 1))
-    # the same teacher-forced losses: the eviction decisions agree at every step, not only on the argmax
-    t = min(12, prompt // 2)
-    target = ids[0, -t:]
-    a = score_continuation(model, tok, ids[:, :-t], target, "h2o", decode="eager", budget=budget, n_recent=n_recent)
-    b = score_continuation(model, tok, ids[:, :-t], target, "h2o", decode="static", budget=budget, n_recent=n_recent)
-    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
 
 
 def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
@@ -123,16 +124,8 @@ def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
 ])
 def test_sepllm_device_eviction_gives_the_eager_tokens(model, prompt, n_initial, n_recent, new, seps):
     """SepLLM's window turned over on the device (a leaving non-separator's slot is reused, separators stay)."""
-    tok, ids = TinyTokenizer(), random_ids(prompt, seed=10)
-    kw = dict(n_initial=n_initial, n_recent=n_recent, separator_ids=seps, max_new_tokens=new)
-    eager = generate(model, tok, ids, "sepllm", decode="eager", **kw)
-    static = generate(model, tok, ids, "sepllm", decode="static", **kw)
-    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
-    assert static.kv_tokens_final == eager.kv_tokens_final and static.kv_tokens_prefill == eager.kv_tokens_prefill
-    t = 12
-    a = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "sepllm", decode="eager", **{k: v for k, v in kw.items() if k != "max_new_tokens"})
-    b = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "sepllm", decode="static", **{k: v for k, v in kw.items() if k != "max_new_tokens"})
-    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+    assert_static_evicts_as_eager(model, random_ids(prompt, seed=10), "sepllm", new, n_initial=n_initial,
+                                  n_recent=n_recent, separator_ids=seps)
 
 
 def test_streamingllm_batches_decode_eagerly(model):

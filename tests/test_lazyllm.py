@@ -341,3 +341,41 @@ def test_default_schedule_scales_with_depth():
     assert default_prune_layers(3, [None] * 3) == (1,)  # collapses on shallow models, stays in [0, L-2]
     windows = [16 if (i + 1) % 6 else None for i in range(18)]  # Gemma-3-like: full attention at 5, 11, 17
     assert default_prune_layers(18, windows) == (5, 11)
+
+
+# Tensor methods that read a value back to the host (on CUDA each waits for the queued kernels).
+HOST_READS = ["nonzero", "item", "tolist", "__bool__", "__int__", "__float__", "cpu", "numpy"]
+
+
+def host_reads_in_one_decode_step(monkeypatch, layers: int, prune_layers, keep_fractions) -> int:
+    """Host reads (HOST_READS and ``torch.equal``) made by one ``LazyLLM.step`` after a prefill and two steps."""
+    model = tiny_model("llama", layers=layers, vocab=VOCAB, init=0.2, **PLAIN)
+    method = LazyLLM(prune_layers=prune_layers, keep_fractions=keep_fractions)
+    state = method.prefill(model, prompt(40))
+    for _ in range(2):  # let pruned prompt tokens be revived in the counted step too
+        method.step(model, state, state.logits.argmax(-1, keepdim=True))
+    token = state.logits.argmax(-1, keepdim=True)
+    count = [0]
+
+    def counted(original):
+        def wrapper(*args, **kwargs):
+            count[0] += 1
+            return original(*args, **kwargs)
+        return wrapper
+
+    with monkeypatch.context() as m:
+        for name in HOST_READS:
+            m.setattr(torch.Tensor, name, counted(getattr(torch.Tensor, name)))
+        m.setattr(torch, "equal", counted(torch.equal))
+        method.step(model, state, token)
+    return count[0]
+
+
+def test_decode_step_host_reads_do_not_grow_with_depth(monkeypatch):
+    """One decoding step reads the device O(prune layers + 1) times, not once or more per layer."""
+    prune_layers, keep_fractions = (1, 2), (0.6, 0.7)
+    shallow = host_reads_in_one_decode_step(monkeypatch, 4, prune_layers, keep_fractions)
+    deep = host_reads_in_one_decode_step(monkeypatch, 8, prune_layers, keep_fractions)
+    assert deep == shallow, f"host reads grow with depth: {shallow} at 4 layers, {deep} at 8"
+    # One read per segment between prunes (a .cpu() and its .numpy()), plus the two details totals.
+    assert shallow <= 2 * (len(prune_layers) + 1) + 2, shallow

@@ -37,6 +37,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
+import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
@@ -143,6 +144,8 @@ class LazyState(DecodeState):
     depth: torch.Tensor  # [N] long: this token's KV exists at layers 0 .. depth-1
     aux: torch.Tensor  # [N, hidden]: hidden state entering layer depth[j] (the aux cache where depth < L)
     kv_tokens: list[torch.Tensor]  # per layer, [entries] long: the token of each KV cache entry, in cache order
+    # The same on the host, so that choosing the attention mask never waits for the device.
+    kv_tokens_host: list[np.ndarray]
     revived: torch.Tensor  # [N] bool: computed from the aux cache in a later step at least once
     revived_computations: int = 0  # (token, layer) KV entries computed from the aux cache
     present: list[torch.Tensor] = field(default_factory=list)  # last step: [tokens] present at each layer
@@ -243,6 +246,7 @@ class LazyLLM(Method):
             depth=torch.zeros(0, dtype=torch.long, device=dev),
             aux=torch.zeros(0, hidden, dtype=dec.embed.weight.dtype, device=dev),
             kv_tokens=[torch.zeros(0, dtype=torch.long, device=dev) for _ in range(dec.num_layers)],
+            kv_tokens_host=[np.zeros(0, dtype=np.int64) for _ in range(dec.num_layers)],
             revived=torch.zeros(0, dtype=torch.bool, device=dev),
         )
         self._step(st, input_ids)
@@ -289,6 +293,7 @@ class LazyLLM(Method):
         st.depth = torch.cat([st.depth, torch.zeros(q, dtype=torch.long, device=dev)])
         st.revived = torch.cat([st.revived, torch.zeros(q, dtype=torch.bool, device=dev)])
         present = torch.ones(total, dtype=torch.bool, device=dev)  # [N]
+        candidates = torch.arange(total, device=dev)  # [c] present tokens, sorted; the last token is last
         prune_at = self.schedule(dec)
         scores: list[torch.Tensor] = []
 
@@ -297,19 +302,24 @@ class LazyLLM(Method):
             return None  # attention itself runs as usual
 
         st.present, st.computed = [], []
+        segment: _Segment | None = None
         for layer_idx, layer in enumerate(dec.layers):
-            candidates = present.nonzero().squeeze(1)  # [c] sorted; the last token is last
+            if segment is None:  # first layer after a prune: one host read plans the layers up to the next
+                segment = _Segment(candidates, st.depth[candidates], total)
             # Every present token has KV at layers < layer_idx; those without it here are computed now:
             # the new tokens, and tokens revived from the aux cache.
-            todo = candidates[st.depth[candidates] == layer_idx]  # [t] sorted
-            old = todo[todo < start]
-            if old.numel():
-                st.revived[old] = True
-                st.revived_computations += int(old.numel())
+            todo, todo_host = segment.computed(layer_idx)  # [t] sorted, on the device and on the host
+            old = int((todo_host < start).sum())
+            if old:
+                st.revived[todo] |= todo < start
+                st.revived_computations += old
             st.kv_tokens[layer_idx] = torch.cat([st.kv_tokens[layer_idx], todo])
+            st.kv_tokens_host[layer_idx] = np.concatenate([st.kv_tokens_host[layer_idx], todo_host])
             hidden = st.aux[todo][None]  # [1, t, hidden]
             pos = todo[None]  # [1, t]: original positions
-            mask = _attention_mask(todo, st.kv_tokens[layer_idx], present, dec.windows[layer_idx])
+            window = dec.windows[layer_idx]
+            causal = _plain_causal(todo_host, st.kv_tokens_host[layer_idx], segment.present, window)
+            mask = None if causal else _attention_mask(todo, st.kv_tokens[layer_idx], present, window)
             kwargs: dict[str, Any] = {HOOK_KWARG: hook} if layer_idx in prune_at else {}
             out = layer(
                 hidden,
@@ -330,9 +340,10 @@ class LazyLLM(Method):
                     raise RuntimeError(f"layer {layer_idx} never called tokensieve attention; is the model using it?")
                 token_scores = torch.zeros(total, device=dev)  # [N]
                 token_scores[st.kv_tokens[layer_idx]] = scores.pop()
-                kept = self.select(layer_idx, token_scores, candidates, keep_count(prune_at[layer_idx], candidates.numel()))
+                candidates = self.select(layer_idx, token_scores, candidates, keep_count(prune_at[layer_idx], candidates.numel()))
                 present = torch.zeros_like(present)
-                present[kept] = True
+                present[candidates] = True
+                segment = None
         last = dec.norm(st.aux[total - 1][None, None])  # [1, 1, hidden]
         logits = dec.lm_head(last)[:, -1].float()  # [1, vocab]
         if dec.softcap is not None:
@@ -341,22 +352,57 @@ class LazyLLM(Method):
         st.next_position = total
 
 
+class _Segment:
+    """The layers of one step from a pruning layer's successor to the next pruning layer, planned from one host read.
+
+    Within a segment the present set does not change, and a present token whose depth was ``d`` at the
+    segment's first layer is computed at every layer ``l >= d`` of it (each computed layer raises its
+    depth by one, and it stays present). So the tokens computed at layer ``l`` are the candidates whose
+    starting depth is ``<= l``: known on the host for every layer of the segment after reading the
+    candidates and their depths once, instead of one boolean-mask read per layer (each of which waits
+    for the GPU queue to drain).
+    """
+
+    def __init__(self, candidates: torch.Tensor, depth: torch.Tensor, total: int):
+        host = torch.stack([candidates, depth]).cpu().numpy()  # [2, c]: the segment's one host read
+        self.candidates_host, self.depth_host = host[0], host[1]
+        self.candidates = candidates
+        self.order = torch.argsort(depth, stable=True)  # [c] on the device: candidates by starting depth
+        self.present = np.zeros(total, dtype=bool)  # [N] host copy of this segment's present set
+        self.present[self.candidates_host] = True
+
+    def computed(self, layer: int) -> tuple[torch.Tensor, np.ndarray]:
+        """The tokens computed at ``layer``, sorted: [t] on the device (built without a host read) and on the host."""
+        host = self.candidates_host[self.depth_host <= layer]
+        if host.size == self.candidates_host.size:
+            return self.candidates, host
+        # The host knows how many there are (t); the first t by starting depth are those tokens.
+        return torch.sort(self.candidates[self.order[: host.size]]).values, host
+
+
+def _plain_causal(q_tok: np.ndarray, kv_tok: np.ndarray, present: np.ndarray, window: int | None) -> bool:
+    """Whether plain causal attention is ``_attention_mask``'s mask, decided on host copies of its inputs.
+
+    True when every cache entry's token is present, the window (if any) reaches back to the oldest
+    entry, and the queries are one token or exactly the cache's tokens (prefill without gaps).
+    """
+    if not present[kv_tok].all() or (window is not None and not int(q_tok[-1] - kv_tok.min()) < window):
+        return False
+    return q_tok.size == 1 or np.array_equal(q_tok, kv_tok)  # q_tok is sorted, so kv_tok is too
+
+
 def _attention_mask(
     q_tok: torch.Tensor, kv_tok: torch.Tensor, present: torch.Tensor, window: int | None
-) -> torch.Tensor | None:
+) -> torch.Tensor:
     """Bool [1, 1, t, m] mask (True = attend) for queries ``q_tok`` [t] over cache entries ``kv_tok`` [m].
 
     A query attends to a cache entry when its token is present in this step,
     not later than the query (original positions) and, on sliding-window
-    layers, less than ``window`` positions back. Returns ``None`` where plain
-    causal attention is the same (prefill without gaps, or one query over the
-    whole present cache), so SDPA's fused causal kernel runs as for full attention.
+    layers, less than ``window`` positions back. Built on the device without
+    reading anything back; where ``_plain_causal`` holds the caller passes no
+    mask instead, so SDPA's fused causal kernel runs as for full attention.
     """
-    kv_present = present[kv_tok]  # [m]
-    if bool(kv_present.all()) and (window is None or int(q_tok[-1] - kv_tok.min()) < window):
-        if q_tok.numel() == 1 or torch.equal(q_tok, kv_tok):  # q_tok is sorted, so kv_tok is too
-            return None
-    allowed = (kv_tok[None, :] <= q_tok[:, None]) & kv_present[None, :]  # [t, m]
+    allowed = (kv_tok[None, :] <= q_tok[:, None]) & present[kv_tok][None, :]  # [t, m]
     if window is not None:
         allowed &= q_tok[:, None] - kv_tok[None, :] < window
     return allowed[None, None]

@@ -87,14 +87,13 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 # Methods whose KV cache only grows after the prefill (the static buffers hold exactly what they keep), and
 # those that evict while decoding in a way the device can do (see the module docstring).
 EVICTING_METHODS = ("streamingllm", "h2o", "sepllm")
+STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS
 TRACKS = ("none", "heavy", "separators")
 
 
 def tracks_for(eviction: DeviceEviction | None) -> str:
     """The per-slot state a decoder needs for an eviction: ``"heavy"``, ``"separators"`` or ``"none"``."""
     return eviction.kind if eviction is not None and eviction.kind in ("heavy", "separators") else "none"
-STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS
-
 
 
 @dataclass
@@ -137,8 +136,7 @@ class StaticDecoder:
         self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=dev)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
-        # heavy-hitter state, per layer: attention received [b, hkv, cap] float32, write stamps [b, hkv, cap],
-        # the slot the next step writes [b, hkv]; budget and n_keep as device scalars (one graph for any budget)
+        # An evicting method's per-slot state, per layer; its limits are device scalars (one graph for any budget).
         if self.tracks not in TRACKS:
             raise ValueError(f"tracks must be one of {TRACKS}, got {self.tracks!r}")
         if self.tracks == "separators":  # per layer [cap]: positions, separator flags; the next free slot, slots used
@@ -148,7 +146,7 @@ class StaticDecoder:
             self.used = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]
             self.sep_limits = torch.zeros(2, dtype=torch.long, device=dev)  # n_initial, window
             self.sep_ids = torch.zeros(0, dtype=torch.long, device=dev)
-        if self.heavy:
+        if self.heavy:  # attention received [b, hkv, cap] float32, write stamps, the slot the next step writes
             self.acc = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)]
             self.stamp = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
             self.free = [torch.zeros(self.batch, hkv, dtype=torch.long, device=dev) for _ in range(n_layers)]

@@ -56,7 +56,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
-from tokensieve.methods.base import DeviceEviction
+from tokensieve.methods.base import DeviceEviction, has_sliding_layers
 from tokensieve.scoring import matmul_fp32
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
@@ -75,7 +75,7 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
     if method_name in EVICTING_METHODS and getattr(cache, "pad_counts", None):
         return f"{method_name} decodes a left-padded batch on the eager path (its sinks differ per row)"
     cfg = model.config.get_text_config()
-    if any(t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])):
+    if has_sliding_layers(model):
         return "the model has sliding-window layers (eager path)"
     if getattr(cfg, "attn_logit_softcapping", None):
         return "the model soft-caps attention logits (eager path)"

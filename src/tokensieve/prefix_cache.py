@@ -42,7 +42,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
 from tokensieve.methods.gemfilter import GemFilter, pool_and_select, token_scores
 from tokensieve.methods.snapkv import SnapKV
 
@@ -171,11 +171,10 @@ def store_for_gib(gib: float) -> PrefixStore | None:
 
 def check_model(model: PreTrainedModel) -> None:
     """``InputError`` for models whose cache cannot be cut at a prefix (sliding-window layers)."""
-    cfg = model.config.get_text_config()
-    kinds = getattr(cfg, "layer_types", None) or []
-    if any(t != "full_attention" for t in kinds) or getattr(cfg, "use_sliding_window", False):
+    if has_sliding_layers(model):
         raise InputError(
-            f"the prefix cache needs a model whose layers all use full attention; {cfg.model_type!r} has sliding-window layers"
+            f"the prefix cache needs a model whose layers all use full attention; "
+            f"{model.config.get_text_config().model_type!r} has sliding-window layers"
         )
 
 

@@ -253,5 +253,13 @@ def num_layers(model: PreTrainedModel) -> int:
     return int(model.config.get_text_config().num_hidden_layers)
 
 
+def has_sliding_layers(model: PreTrainedModel) -> bool:
+    """Whether some of the model's layers attend over a sliding window only (Gemma 3, Qwen2 with
+    ``use_sliding_window``), from its config."""
+    cfg = model.config.get_text_config()
+    kinds = getattr(cfg, "layer_types", None) or []
+    return any(t != "full_attention" for t in kinds) or bool(getattr(cfg, "use_sliding_window", False))
+
+
 def max_positions(model: PreTrainedModel) -> int | None:
     return getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -40,7 +40,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, num_layers
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
 from tokensieve.methods.eviction import check_int
 from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
 
@@ -165,8 +165,8 @@ def flex_local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
         return (kv_idx <= qa) & ((kv_idx < n_initial) | (kv_idx > qa - n_recent))
 
     key_ = (nq, nk, n_initial, n_recent, str(query.device))
-    block = _FLEX.get("mask", (None, None))[1] if _FLEX.get("mask", (None,))[0] == key_ else None
-    if block is None:  # one mask serves every layer of a pass (same shapes); built by a compiled kernel on CUDA
+    cached_key, block = _FLEX.get("mask", (None, None))
+    if cached_key != key_:  # one mask serves every layer of a pass (same shapes); built by a compiled kernel on CUDA
         block = create_block_mask(visible, None, None, nq, nk, device=query.device, _compile=compiled)
         _FLEX["mask"] = (key_, block)
     gqa = query.shape[1] != key.shape[1]
@@ -344,7 +344,7 @@ class GemFilter(Method):
         0.21-0.23 of needle recall at 8k-16k (docs/gemfilter.md)."""
         if self.filter_attention != "auto":
             return self.filter_attention == "local"
-        return n >= LOCAL_FROM_TOKENS and (model is None or not any(is_sliding_layer(m) for m in model.modules()))
+        return n >= LOCAL_FROM_TOKENS and (model is None or not has_sliding_layers(model))
 
     @torch.inference_mode()
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.decode import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket
+from tokensieve.decode import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
 from tokensieve.runner import generate, score_continuation
 
 PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
-          "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16}}
+          "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16},
+          "lazyllm": {"prune_layers": (1, 2, 4), "keep_fractions": (0.6, 0.7, 0.5)}}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -163,20 +164,74 @@ def test_capacity_is_enforced(model):
         dec.load(state.cache, BUCKET - 2, max_new_tokens=3)
 
 
-@pytest.mark.parametrize("method", sorted(set(METHODS) - set(STATIC_METHODS)))
-def test_other_methods_decode_eagerly_and_refuse_static(method):
-    model, tok, ids = tiny_model("llama"), TinyTokenizer(), random_ids(24, seed=6)
-    params = {"separator_ids": (3, 4)} if method == "sepllm" else {}
+def test_a_method_without_a_static_path_decodes_eagerly(model):
+    with torch.inference_mode():
+        state = METHODS["full"]().prefill(model, random_ids(8))
+    assert "eager path" in supports_static(model, state.cache, "some_new_method")
+    assert supports_static(model, state.cache, "full") is None
+
+
+@pytest.mark.parametrize("method,params", [("full", {}), ("lazyllm", {"prune_layers": (1, 3), "keep_fractions": (0.5, 0.5)})])
+def test_sliding_window_models_decode_eagerly(method, params):
+    model = tiny_model("gemma3", layer_types=["sliding_attention", "full_attention"] * 3)
+    tok, ids = TinyTokenizer(), random_ids(24, seed=6)
     assert generate(model, tok, ids, method, max_new_tokens=3, **params).details["decode_path"] == "eager"
     with pytest.raises(InputError, match="static decoding is not available"):
         generate(model, tok, ids, method, max_new_tokens=3, decode="static", **params)
 
 
-def test_sliding_window_models_decode_eagerly():
-    model, tok, ids = tiny_model("gemma3"), TinyTokenizer(), random_ids(24, seed=6)
-    assert generate(model, tok, ids, "full", max_new_tokens=3).details["decode_path"] == "eager"
-
-
 def test_bad_decode_mode():
     with pytest.raises(InputError, match="decode must be one of"):
         generate(tiny_model("llama"), TinyTokenizer(), random_ids(8), "full", max_new_tokens=2, decode="fast")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "mistral", "qwen3"])
+@pytest.mark.parametrize("speculate", [False, True])
+def test_lazyllm_static_step_revives_as_the_eager_step(family, speculate):
+    """LazyLLM on its static decoder: the eager path's tokens, losses, KV computed per layer and revivals, whether
+    each step is host-planned or first tried on the fixed shape (then re-run where a token came back)."""
+    model = tiny_model(family, init=0.2)
+    tok, ids, params = TinyTokenizer(), random_ids(80, seed=4), PARAMS["lazyllm"]
+    eager = generate(model, tok, ids, "lazyllm", max_new_tokens=30, decode="eager", **params)
+    pool = DecoderPool(model, speculate=speculate)
+    static = generate(model, tok, ids, "lazyllm", max_new_tokens=30, decode="static", decoders=pool, **params)
+    assert static.details["decode_path"] == "static" and static.token_ids == eager.token_ids
+    assert static.kv_tokens_final == eager.kv_tokens_final  # each token's KV computed at the same layers
+    for key in ("revived_tokens", "revived_kv_computations", "prompt_computed_pct_total"):
+        assert static.details[key] == eager.details[key], key
+    assert eager.details["revived_kv_computations"] > 0  # the schedule makes tokens come back
+    steps = len(static.token_ids) - 1
+    fixed, reruns = static.details["decode_fixed_shape_steps"], static.details["decode_revival_reruns"]
+    if speculate:  # both kinds of step ran: fixed-shape steps that sufficed, and re-runs for revivals
+        assert fixed > 0 and reruns > 0 and fixed + reruns == steps
+    else:
+        assert fixed == reruns == 0
+    t = 12
+    a = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "lazyllm", decode="eager", **params)
+    b = score_continuation(model, tok, ids[:, :-t], ids[0, -t:], "lazyllm", decode="static", decoders=pool, **params)
+    torch.testing.assert_close(torch.tensor(b.nll), torch.tensor(a.nll), rtol=1e-5, atol=1e-5)
+
+
+def test_lazyllm_static_step_keeping_everything_is_full_attention(model):
+    """Keep fractions of 1.0: nothing is pruned, no token ever comes back, every step is the fixed-shape one."""
+    tok, ids = TinyTokenizer(), random_ids(60, seed=2)
+    params = {"prune_layers": (1, 3), "keep_fractions": (1.0, 1.0)}
+    static = generate(model, tok, ids, "lazyllm", max_new_tokens=20, decode="static",
+                      decoders=DecoderPool(model, speculate=True), **params)
+    full = generate(model, tok, ids, "full", max_new_tokens=20, decode="eager")
+    assert static.token_ids == full.token_ids
+    assert static.details["decode_fixed_shape_steps"] == len(static.token_ids) - 1
+    assert static.details["decode_revival_reruns"] == 0 and static.details["revived_kv_computations"] == 0
+
+
+def test_lazyllm_decoder_is_reused_and_refuses_overflow(model):
+    tok, params = TinyTokenizer(), PARAMS["lazyllm"]
+    pool = DecoderPool(model)
+    a = generate(model, tok, random_ids(50, seed=1), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params)
+    b = generate(model, tok, random_ids(60, seed=2), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params)
+    assert len(pool.decoders) == 1  # one bucket, one decoder (one capture on CUDA)
+    alone = generate(model, tok, random_ids(60, seed=2), "lazyllm", max_new_tokens=8, decode="eager", **params)
+    assert b.token_ids == alone.token_ids and a.details["decode_path"] == "static"
+    (dec,) = pool.decoders.values()
+    with pytest.raises(RuntimeError, match="used up"):
+        dec.step(torch.tensor([[1]]))

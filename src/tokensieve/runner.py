@@ -223,6 +223,7 @@ def drive(
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
         rows_pre = state.real_entries()
         decoder, capture_s, path = None, 0.0, "eager"
+        lazy = m.name == "lazyllm"  # LazyLLM re-selects its tokens at every step: its own static decoder
         if token is not None and max_steps > 0 and decode != "eager":
             why = supports_static(model, state.cache, m.name)
             if why is not None and decode == "static":
@@ -234,14 +235,19 @@ def drive(
                 if eviction is not None and eviction.kind != "separators" and need <= eviction.budget:
                     eviction = None  # the answer ends before anything is evicted: plain growth
                 bounded = eviction is not None and eviction.kind != "separators"  # separators may grow to `need`
-                decoder, made = pool.get(run.input_ids.shape[0], eviction.budget + 1 if bounded else need,
-                                         tracks_for(eviction))
+                if lazy:  # a slot per token: the prompt and the answer
+                    decoder, made = pool.get_lazy(state.next_position + max_steps, tuple(state.details["prune_layers"]))
+                else:
+                    decoder, made = pool.get(run.input_ids.shape[0], eviction.budget + 1 if bounded else need,
+                                             tracks_for(eviction))
                 if made:
                     decoder.capture()
                     capture_s = decoder.capture_s
                 path = "graph" if decoder.use_graph else "static"
         t1 = t_step = time.perf_counter()
-        if decoder is not None:
+        if lazy and decoder is not None:
+            decoder.load(state, max_steps, tuple(state.details["keep_fractions"]))
+        elif decoder is not None:
             decoder.load(state.cache, state.next_position if state.positions is None else state.positions, max_steps,
                          state.kv_mask, eviction)
             state.cache = None  # the static buffers hold it now; free the prefill's copy
@@ -255,6 +261,8 @@ def drive(
             t_step = now
         decode_s = time.perf_counter() - t1
         if decoder is not None:
+            if lazy:
+                state.details.update(decoder.details())
             kv_fin = decoder.entries()
             per_entry = kv_bytes_pre / max(1, sum(kv_pre))
             kv_bytes_fin = int(round(per_entry * sum(kv_fin)))

@@ -92,7 +92,7 @@ def main() -> None:
         row["eager"] = {"step_median_s": median(times), "step_p90_s": p90(times), "steps_s": times,
                         "revived_kv_computations": state.revived_computations,
                         "profile": profiled(lambda: method.step(model, state, token))}
-        del state
+        state = None
         gc.collect()
         if dev.type == "cuda":
             torch.cuda.empty_cache()
@@ -102,7 +102,7 @@ def main() -> None:
         dec = LazyDecoder(model, bucket(n + 2 * args.steps + 4), tuple(state.details["prune_layers"]))
         dec.capture()
         dec.load(state, 2 * args.steps + 4, tuple(state.details["keep_fractions"]))
-        del state
+        state = None
         times, kinds = [], []
         for _ in range(args.steps):
             before, got = dec.reruns, []
@@ -129,7 +129,7 @@ def main() -> None:
         print(f"{n}: eager {median(row['eager']['steps_s']) * 1e3:.1f} ms; static {row['static']['step_median_s'] * 1e3:.1f} ms "
               f"(replay {len(replay)} x {1e3 * (median(replay) if replay else float('nan')):.1f} ms, "
               f"rerun {len(rerun)} x {1e3 * (median(rerun) if rerun else float('nan')):.1f} ms)", flush=True)
-        del dec
+        dec = None
         gc.collect()
         with open(args.out, "w") as f:
             json.dump(out, f, indent=1)

@@ -19,6 +19,7 @@ from __future__ import annotations
 from typing import Any, Callable, Protocol
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -52,6 +53,28 @@ def tokensieve_attention(
         result = hook(module, query, key, value, attention_mask, **kwargs)
         if result is not None:
             return result
+    return sdpa(module, query, key, value, attention_mask, **kwargs)
+
+
+# cuDNN's fused attention builds a plan on the host for every new shape: 2.5-3.6 ms per call, measured on an H100
+# in decoding steps, whose key length grows by one each call (81 of the 138 ms of host time of a LazyLLM step at
+# 8k went there). The other fused kernels need no plan.
+_WITHOUT_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+CUDNN_IN_STEPS = False  # True: let PyTorch choose cuDNN in steps too (benchmarks/eager_attention.py compares both)
+
+
+def sdpa(
+    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+    attention_mask: torch.Tensor | None, **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``transformers``' SDPA attention (same arguments, output [batch, q_len, q_heads, head_dim]), every caller's.
+
+    Where the queries are fewer than the keys (a step over a cache: a shape that changes at every call), cuDNN's
+    kernel is left out on CUDA, so no call waits for a new plan; a prompt's pass (as many queries as keys) may use it.
+    """
+    if query.is_cuda and query.shape[2] != key.shape[2] and not CUDNN_IN_STEPS:
+        with sdpa_kernel(_WITHOUT_CUDNN):
+            return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
 
 

@@ -54,9 +54,8 @@ from typing import Any
 
 import torch
 from transformers import Cache, PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.attention import HOOK_KWARG, sdpa
 from tokensieve.methods.base import DeviceEviction, has_sliding_layers
 from tokensieve.scoring import _spans, matmul_fp32
 
@@ -460,7 +459,6 @@ class LazyDecoder:
         keys.index_copy_(2, rows, key)
         values.index_copy_(2, rows, value)
         _, hq, t, d = query.shape
-        hkv, cap = keys.shape[1], keys.shape[2]
         scaling = kwargs.get("scaling", module.scaling)
         allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
         prune = li in self._prune_index
@@ -469,7 +467,7 @@ class LazyDecoder:
             out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]
         else:  # revived rows too (host-planned): SDPA as on the eager path, rows in chunks (the mask is [rows, cap])
             out = torch.cat([
-                sdpa_attention_forward(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
+                sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
                 for a, b in _spans(t, ROW_CHUNK)
             ], dim=1)
             probs32 = self._probs(query[:, :, -1:], keys, allowed[-1:], scaling) if prune else None

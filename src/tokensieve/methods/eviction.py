@@ -17,9 +17,8 @@ from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.attention import HOOK_KWARG, sdpa
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positions
@@ -49,7 +48,7 @@ class LayerCall:
 
     def sdpa(self) -> AttnOutput:
         """Plain attention of this call."""
-        return sdpa_attention_forward(self.module, self.query, self.key, self.value, self.attention_mask, **self.kwargs)
+        return sdpa(self.module, self.query, self.key, self.value, self.attention_mask, **self.kwargs)
 
 
 @dataclass

@@ -39,8 +39,8 @@ from typing import ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+from tokensieve.attention import sdpa
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, DeviceEviction
@@ -174,7 +174,7 @@ class SepLLM(EvictionMethod):
             mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[None, None]  # [1, 1, c, m]
             if call.attention_mask is not None and call.attention_mask.dtype == torch.bool:
                 mask = mask & call.attention_mask[:, :, q0:q1][..., idx]
-            out, _ = sdpa_attention_forward(call.module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **call.kwargs)
+            out, _ = sdpa(call.module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **call.kwargs)
             outs.append(out)  # [b, c, q_heads, head_dim]
         return torch.cat(outs, dim=1), None
 

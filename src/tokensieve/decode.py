@@ -124,6 +124,7 @@ class StaticDecoder:
     _run: Any = field(init=False, default=None)  # the step function: _forward, or its compiled form
     _kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
     _decode_attention: Any = field(init=False, default=None)  # decode_kernel.decode_attention_triton when "triton"
+    _limits: Any = field(init=False, default=None)  # [layers] int64: slots each layer attends this step ("triton")
 
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
@@ -303,10 +304,7 @@ class StaticDecoder:
             values.index_copy_(2, slot, value)
         scaling = kwargs.get("scaling", module.scaling)
         if self._kernel == "triton":  # the visible slots are a prefix (slot < limit) less the pads, as below
-            if self.tracks == "separators":
-                limit = self.used[li]
-            else:
-                limit = torch.minimum(written, size - 1) + 1
+            limit = self.used[li] if self.tracks == "separators" else self._limits[li : li + 1]
             out = self._decode_attention(query.reshape(b, hkv, hq // hkv, d), keys, values, limit, self.valid, scaling)
             if self.tracks == "separators":
                 self._separator_evict(li)
@@ -348,6 +346,10 @@ class StaticDecoder:
         self.free[li].copy_(torch.where(written + 1 > budget, victim, grow))
 
     def _forward(self) -> torch.Tensor:
+        if self._kernel == "triton" and self.tracks != "separators":
+            # every layer's slots in use (written + the new one, at most the ring's size), once per step rather
+            # than two small kernels per layer: the fill counts advance only after the model ran
+            self._limits = torch.minimum(self.filled, self.ring[1:2] - 1) + 1  # [layers]
         out = self.model(
             input_ids=self.token, position_ids=self.position, use_cache=False, logits_to_keep=1,
             **{HOOK_KWARG: self._attend},

@@ -9,7 +9,8 @@ generate. Each decoding step then
    so no cache API can change under us between releases),
 2. in every layer's attention (tokensieve's hook), writes the new key and value into the next free slot
    (``index_copy_`` at a device-side index) and attends over the buffer with a mask of the filled slots,
-   grouped-query heads handled by a reshape (the keys and values are read once, never repeated),
+   grouped-query heads handled by a reshape (the keys and values are read once, never repeated); on CUDA by
+   default a split-KV Triton kernel (``decode_kernel``) that reads only the slots in use, in one pass,
 3. advances the per-layer fill counts and the position on the device.
 
 Nothing in a step reads a value back to the host, so on CUDA the whole step is captured once as a

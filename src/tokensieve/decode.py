@@ -9,7 +9,8 @@ generate. Each decoding step then
    so no cache API can change under us between releases),
 2. in every layer's attention (tokensieve's hook), writes the new key and value into the next free slot
    (``index_copy_`` at a device-side index) and attends over the buffer with a mask of the filled slots,
-   grouped-query heads handled by a reshape (the keys and values are read once, never repeated),
+   grouped-query heads handled by a reshape (the keys and values are read once, never repeated); on CUDA by
+   default a split-KV Triton kernel (``decode_kernel``) that reads only the slots in use, in one pass,
 3. advances the per-layer fill counts and the position on the device.
 
 Nothing in a step reads a value back to the host, so on CUDA the whole step is captured once as a
@@ -56,6 +57,7 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokensieve.attention import HOOK_KWARG, sdpa
+from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction, has_sliding_layers
 from tokensieve.scoring import _spans, matmul_fp32
 
@@ -91,6 +93,7 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
 EVICTING_METHODS = ("streamingllm", "h2o", "sepllm")
 STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS + ("lazyllm",)  # LazyLLM: ``LazyDecoder``
 TRACKS = ("none", "heavy", "separators")
+ATTENTION_KERNELS = ("auto", "torch", "triton")
 
 
 def tracks_for(eviction: DeviceEviction | None) -> str:
@@ -134,6 +137,7 @@ class StaticDecoder:
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
     tracks: str = "none"  # per-slot state of an evicting method: "none", "heavy" (H2O), "separators" (SepLLM)
+    attention_kernel: str = "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (_pick_kernel)
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
@@ -147,6 +151,9 @@ class StaticDecoder:
     steps_left: int = field(init=False, default=0)
     _graph: Any = field(init=False, default=None)
     _run: Any = field(init=False, default=None)  # the step function: _forward, or its compiled form
+    _kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
+    _decode_attention: Any = field(init=False, default=None)  # decode_kernel.decode_attention_triton when "triton"
+    _limits: Any = field(init=False, default=None)  # [layers] int64: slots each layer attends this step ("triton")
 
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
@@ -181,7 +188,34 @@ class StaticDecoder:
             self.heavy_limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_keep
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
+        self._kernel = self._pick_kernel(dev)
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
+
+    def _pick_kernel(self, dev: torch.device) -> str:
+        """The attention path of the step: "triton" (one pass over the visible slots, ``decode_kernel``) or "torch".
+
+        "auto" takes Triton on CUDA when it imported, except for H2O ("heavy": its eviction needs the
+        probabilities themselves) and under ``compile`` (the kernel is not registered with torch.compile)."""
+        if self.attention_kernel not in ATTENTION_KERNELS:
+            raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
+        if self.attention_kernel == "torch" or (self.attention_kernel == "auto" and dev.type != "cuda"):
+            return "torch"
+        from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
+
+        why = ("Triton is not installed" if not decode_kernel.available()
+               else "H2O's eviction needs the attention probabilities" if self.heavy
+               else "the kernel does not run under compile=True" if self.compile else None)
+        if self.attention_kernel == "triton" and why is not None:
+            raise InputError(f"attention_kernel='triton' cannot be used here: {why}")
+        if self.attention_kernel == "triton" or why is None:
+            self._decode_attention = decode_kernel.decode_attention_triton
+            return "triton"
+        return "torch"
+
+    @property
+    def kernel(self) -> str:
+        """The attention path the step runs ("torch" or "triton"), ``attention_kernel`` resolved."""
+        return self._kernel
 
     @property
     def heavy(self) -> bool:
@@ -297,9 +331,16 @@ class StaticDecoder:
             slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
             keys.index_copy_(2, slot, key)
             values.index_copy_(2, slot, value)
+        scaling = kwargs.get("scaling", module.scaling)
+        if self._kernel == "triton":  # the visible slots are a prefix (slot < limit) less the pads, as below
+            limit = self.used[li] if self.tracks == "separators" else self._limits[li : li + 1]
+            out = self._decode_attention(query.reshape(b, hkv, hq // hkv, d), keys, values, limit, self.valid, scaling)
+            if self.tracks == "separators":
+                self._separator_evict(li)
+            return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
-        scores = matmul_fp32(q, k_t) * kwargs.get("scaling", module.scaling)  # [b*hkv, g, cap] float32
+        scores = matmul_fp32(q, k_t) * scaling  # [b*hkv, g, cap] float32
         if self.tracks == "separators":
             visible = (self._slots < self.used[li]) & self.valid  # every slot in use: what the cache holds
         else:  # written slots + the new one, no pads
@@ -334,6 +375,10 @@ class StaticDecoder:
         self.free[li].copy_(torch.where(written + 1 > budget, victim, grow))
 
     def _forward(self) -> torch.Tensor:
+        if self._kernel == "triton" and self.tracks != "separators":
+            # every layer's slots in use (written + the new one, at most the ring's size), once per step rather
+            # than two small kernels per layer: the fill counts advance only after the model ran
+            self._limits = torch.minimum(self.filled, self.ring[1:2] - 1) + 1  # [layers]
         out = self.model(
             input_ids=self.token, position_ids=self.position, use_cache=False, logits_to_keep=1,
             **{HOOK_KWARG: self._attend},
@@ -588,6 +633,7 @@ class DecoderPool:
     model: PreTrainedModel
     use_graph: bool | None = None
     compile: bool = False
+    attention_kernel: str = "auto"  # StaticDecoder.attention_kernel of every decoder made
     speculate: bool | None = None  # LazyLLM: try the fixed-shape step first (None: on CUDA only; see LazyDecoder)
     decoders: dict[tuple[int, int, Any], "StaticDecoder | LazyDecoder"] = field(default_factory=dict)
 
@@ -597,7 +643,8 @@ class DecoderPool:
         key = (batch, bucket(entries), tracks)
         made = key not in self.decoders
         if made:
-            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, tracks)
+            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, tracks,
+                                               self.attention_kernel)
         return self.decoders[key], made
 
     def get_lazy(self, entries: int, prune_layers: tuple[int, ...]) -> tuple[LazyDecoder, bool]:

@@ -185,6 +185,29 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
+def interpreting(device: torch.device, what: str) -> bool:
+    """Whether a kernel on ``device`` runs under the interpreter (CPU tensors), checked against how Triton was
+    imported: a process interprets or compiles, not both. ``what`` names the kernel in the error."""
+    interpret = device.type == "cpu"
+    if interpret != INTERPRETED:
+        raise RuntimeError(
+            f"the Triton {what} kernel got {device.type} tensors but Triton was imported "
+            f"{'with' if INTERPRETED else 'without'} TRITON_INTERPRET=1 (set it before importing torch to run on the CPU)"
+        )
+    return interpret
+
+
+def dot_mode(dtype: torch.dtype, interpret: bool) -> tuple[bool, str]:
+    """(upcast, input_precision) for ``tl.dot`` on ``dtype`` tiles.
+
+    Triton's interpreter multiplies bfloat16 tiles wrongly in tl.dot (errors of 1e10 on a 16 x 16 product
+    with Triton 3.9), so there the tiles are upcast to float32 first; on the GPU they go to the tensor cores.
+    float32 operands get full-precision products (tf32 would round them); half operands ignore the setting.
+    """
+    upcast = interpret and dtype == torch.bfloat16
+    return upcast, "ieee" if dtype == torch.float32 or upcast else "tf32"
+
+
 def attention_scores_triton(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -214,12 +237,7 @@ def attention_scores_triton(
     group = hq // hkv
     if not available():
         raise RuntimeError("the fused scoring kernel needs Triton (pip install triton)")
-    interpret = query.device.type == "cpu"
-    if interpret != INTERPRETED:
-        raise RuntimeError(
-            f"the Triton scoring kernel got {query.device.type} tensors but Triton was imported "
-            f"{'with' if INTERPRETED else 'without'} TRITON_INTERPRET=1 (set it before importing torch to run on the CPU)"
-        )
+    interpret = interpreting(query.device, "scoring")
     tuned = not interpret and block_m is None and block_n is None
     bm = block_m or (16 if interpret else 64)
     bn = block_n or (16 if interpret else 64)
@@ -227,11 +245,7 @@ def attention_scores_triton(
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
     block_d = max(16, _next_pow2(d))
-    # Triton's interpreter multiplies bfloat16 tiles wrongly in tl.dot (errors of 1e10 on a 16 x 16 product
-    # with Triton 3.9), so there the tiles are upcast to float32 first; on the GPU they go to the tensor cores.
-    upcast = interpret and query.dtype == torch.bfloat16
-    # float32 operands: full-precision products (tf32 would round them); half operands ignore the setting
-    precision = "ieee" if query.dtype == torch.float32 or upcast else "tf32"
+    upcast, precision = dot_mode(query.dtype, interpret)
     scale2 = float(scaling) * LOG2E
     offset = kv_len - q_len
     out = torch.zeros(b, hkv, kv_len, dtype=torch.float32, device=key.device)

@@ -198,7 +198,6 @@ def test_bad_attention_kernel():
 @needs_triton
 @pytest.mark.parametrize("kwargs, why", [
     (dict(tracks="heavy"), "H2O's eviction needs the attention probabilities"),
-    (dict(compile=True), "the kernel does not run under compile=True"),
 ])
 def test_triton_is_refused_where_the_step_needs_the_torch_path(kwargs, why):
     with pytest.raises(InputError, match=f"attention_kernel='triton' cannot be used here: {why}"):

@@ -195,7 +195,7 @@ class StaticDecoder:
         """The attention path of the step: "triton" (one pass over the visible slots, ``decode_kernel``) or "torch".
 
         "auto" takes Triton on CUDA when it imported, except for H2O ("heavy": its eviction needs the
-        probabilities themselves) and under ``compile`` (the kernel is not registered with torch.compile)."""
+        probabilities themselves). Under ``compile`` the kernel is a torch op (``triton_op``) traced into the graph."""
         if self.attention_kernel not in ATTENTION_KERNELS:
             raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
         if self.attention_kernel == "torch" or (self.attention_kernel == "auto" and dev.type != "cuda"):
@@ -203,8 +203,7 @@ class StaticDecoder:
         from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
 
         why = ("Triton is not installed" if not decode_kernel.available()
-               else "H2O's eviction needs the attention probabilities" if self.heavy
-               else "the kernel does not run under compile=True" if self.compile else None)
+               else "H2O's eviction needs the attention probabilities" if self.heavy else None)
         if self.attention_kernel == "triton" and why is not None:
             raise InputError(f"attention_kernel='triton' cannot be used here: {why}")
         if self.attention_kernel == "triton" or why is None:

@@ -27,7 +27,14 @@ tests check them without a GPU.
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+
+try:  # torch >= 2.6: user Triton kernels that torch.compile traces into its graph (no graph break)
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # pragma: no cover
+    triton_op = wrap_triton = None
 
 from tokensieve.scoring_kernel import LOG2E, _next_pow2, available, dot_mode, interpreting, tl, triton
 
@@ -124,6 +131,11 @@ if triton is not None:
     _COMBINE = triton.jit(_combine)
 
 
+def _launch(kernel: Any) -> Any:
+    """``kernel`` as ``torch.compile`` can trace it (``wrap_triton``; an ordinary launch outside compile)."""
+    return wrap_triton(kernel) if wrap_triton is not None else kernel
+
+
 def splits_for(cap: int, block_n: int, split_len: int | None = None) -> tuple[int, int]:
     """(splits, keys per split) for a buffer of ``cap`` slots: a function of the capacity alone, so a decoder's
     launch shape never changes; ``split_len`` (a multiple of ``block_n``) overrides the rule."""
@@ -178,7 +190,18 @@ def decode_attention_triton(
     bn = block_n or (16 if interpret else GPU_BLOCK_N)
     if bn < 16 or bn & (bn - 1):
         raise ValueError(f"block_n must be a power of two >= 16, got {bn}")
-    n_splits, split = splits_for(cap, bn, split_len)
+    _, split = splits_for(cap, bn, split_len)
+    return _attention_op(q, keys, values, limit, valid, float(scaling), bn, split, interpret)
+
+
+def _attention(
+    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, limit: torch.Tensor, valid: torch.Tensor,
+    scaling: float, block_n: int, split_len: int, interpret: bool,
+) -> torch.Tensor:
+    """The two launches (arguments checked by ``decode_attention_triton``); registered as a torch op below."""
+    b, hkv, group, d = q.shape
+    cap = keys.shape[2]
+    n_splits = -(-cap // split_len)
     out = torch.empty(b, hkv, group, d, dtype=q.dtype, device=q.device)
     if out.numel() == 0:
         return out
@@ -187,16 +210,20 @@ def decode_attention_triton(
     m = torch.empty(b * hkv, n_splits, group, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(b * hkv, n_splits, group, d, dtype=torch.float32, device=q.device)
-    gpu = {} if interpret else dict(num_warps=GPU_WARPS, num_stages=GPU_STAGES, enable_fp_fusion=True)
+    gpu = {} if interpret else dict(num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     flags = valid.view(torch.uint8)  # the same bytes; Triton loads bytes more plainly than i1
-    _SPLIT_PARTIALS[(b * hkv, n_splits)](
-        q, keys, values, flags, limit, m, l, acc, float(scaling) * LOG2E, group, hkv, cap, split,
+    _launch(_SPLIT_PARTIALS)[(b * hkv, n_splits)](
+        q, keys, values, flags, limit, m, l, acc, scaling * LOG2E, group, hkv, cap, split_len,
         *q.stride(), *keys.stride(), *values.stride(), *flags.stride(),
-        D=d, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=bn, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+        D=d, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
         **gpu,
     )
-    _COMBINE[(b * hkv * group,)](
+    _launch(_COMBINE)[(b * hkv * group,)](
         m, l, acc, out, group, n_splits, D=d, BLOCK_S=_next_pow2(n_splits), BLOCK_D=block_d,
-        **({} if interpret else dict(num_warps=GPU_WARPS, enable_fp_fusion=True)),
+        **({} if interpret else dict(num_warps=GPU_WARPS)),
     )
     return out
+
+
+# One op for eager calls and for torch.compile (StaticDecoder(compile=True) fuses the rest of the step around it).
+_attention_op = triton_op("tokensieve::decode_attention", mutates_args=())(_attention) if triton_op else _attention

@@ -176,6 +176,8 @@ def main() -> None:
                     row["status"] = f"refused: {e}"
                     print(f"{name:>10} {n:>7} [{kernel}]: {e}", flush=True)
                 out["rows"].append(row)
+                if len(kernels) > 1:  # one kernel's buffers at a time (two 128k decoders do not fit beside the weights)
+                    pools[kernel].decoders.clear()
                 free_memory(dev)
                 with open(args.out, "w") as f:
                     json.dump(out, f, indent=1)

@@ -90,7 +90,8 @@ def _split_partials(
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
-        s = tl.dot(q, k, input_precision=PRECISION) * scale2
+        # (float32 whatever the scale's type: under torch.compile a Python float arrives as float64)
+        s = (tl.dot(q, k, input_precision=PRECISION) * scale2).to(tl.float32)
         s = tl.where(ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing visible yet: exp2(-inf) = 0, no NaN
@@ -211,7 +212,7 @@ def _attention(
     l = torch.empty_like(m)
     acc = torch.empty(b * hkv, n_splits, group, d, dtype=torch.float32, device=q.device)
     gpu = {} if interpret else dict(num_warps=GPU_WARPS, num_stages=GPU_STAGES)
-    flags = valid.view(torch.uint8)  # the same bytes; Triton loads bytes more plainly than i1
+    flags = valid  # bool, loaded as Triton's i1 (a dtype view here would not lower under torch.compile)
     _launch(_SPLIT_PARTIALS)[(b * hkv, n_splits)](
         q, keys, values, flags, limit, m, l, acc, scaling * LOG2E, group, hkv, cap, split_len,
         *q.stride(), *keys.stride(), *values.stride(), *flags.stride(),

@@ -74,6 +74,11 @@ class RecordingPool(DecoderPool):
         self.last = dec
         return dec, made
 
+    def get_lazy(self, entries: int, prune_layers: tuple[int, ...]):
+        dec, made = super().get_lazy(entries, prune_layers)
+        self.last = dec
+        return dec, made
+
 
 def free_memory(dev: torch.device) -> None:
     """Drop the last run's tensors before the next one (the GPU's cached blocks too)."""
@@ -130,6 +135,9 @@ def main() -> None:
     ap.add_argument("--attention-kernel", default="auto",
                     help="the static step's attention, one run each: comma-separated of " + ", ".join(ATTENTION_KERNELS))
     ap.add_argument("--device", default=None, help="default: cuda when available (--batches also runs on cpu)")
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
+    ap.add_argument("--require-identical", action="store_true",
+                    help="exit 1 unless every row's static tokens equal the eager path's for all --check-steps steps")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -138,7 +146,7 @@ def main() -> None:
         ap.error(f"--attention-kernel takes {', '.join(ATTENTION_KERNELS)}, got {', '.join(bad)}")
     if args.batches:
         return batch_main(args, dev)
-    model = build_model(args.shape, torch.bfloat16, dev)
+    model = build_model(args.shape, getattr(torch, args.dtype), dev)
     weights = weights_bytes(model)
     cfg = model.config
     bw = copy_bandwidth(dev, gib=4.0 if dev.type == "cuda" else None)
@@ -146,7 +154,7 @@ def main() -> None:
     pools = {k: RecordingPool(model, compile=args.compile, attention_kernel=k) for k in kernels}
     out = {"shape": args.shape, "environment": environment(dev), "weights_bytes": weights, "copy_bandwidth_Bps": bw,
            "kv_bytes_per_entry": None, "compile": args.compile, "attention_kernels": kernels, "tokens": args.tokens,
-           "check_steps": args.check_steps, "rows": []}
+           "check_steps": args.check_steps, "dtype": args.dtype, "rows": []}
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 2**30:.1f} GiB", flush=True)
     # warm-up (kernels, cuBLAS, allocator) at a small length
     warm = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
@@ -191,6 +199,15 @@ def main() -> None:
             gc.collect(); torch.cuda.empty_cache()
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
+
+    if args.require_identical:
+        differ = [f"{r['method']} {r['length']} [{r.get('attention_kernel')}]: {r['tokens_identical_prefix']}/{r['tokens_compared']}"
+                  for r in out["rows"] if r.get("status") == "ok" and r.get("tokens_compared")
+                  and r["tokens_identical_prefix"] != r["tokens_compared"]]
+        compared = sum(1 for r in out["rows"] if r.get("status") == "ok" and r.get("tokens_compared"))
+        print(f"identical tokens eager vs static: {compared - len(differ)}/{compared} rows", flush=True)
+        if differ or not compared:
+            raise SystemExit("tokens differ: " + "; ".join(differ) if differ else "no row compared tokens")
 
 
 def static_row(args: argparse.Namespace, model, tok, ids: torch.Tensor, name: str, pool: RecordingPool, eager,

@@ -244,3 +244,25 @@ def test_bench_cli_cold_runs_by_default(tmp_path):
                          "--out", str(out), *flag]) == 0
         (row,) = json.loads(out.read_text())["rows"]
         assert (row["ttft_cold_s"] is not None) == cold
+
+
+def test_bench_cli_compile_fuses_the_captured_steps(tmp_path, monkeypatch, capsys):
+    """--compile reaches the decoders (DecoderPool(compile=True)) and the JSON; with --batches it is refused."""
+    import tokensieve.bench as bench_mod
+
+    made = []
+    real = bench_mod.DecoderPool
+
+    def pool(model, **kw):
+        made.append(kw)
+        return real(model, **kw | {"compile": False})  # (inductor on the CPU would take minutes)
+
+    monkeypatch.setattr(bench_mod, "DecoderPool", pool)
+    for flag, compiled in (([], False), (["--compile"], True)):
+        out = tmp_path / f"c{compiled}.json"
+        assert cli.main(["bench", "--shape", "tiny", "--lengths", "48", "--methods", "full", "--repeats", "1",
+                         "--decode-tokens", "1", "--answer-tokens", "0", "--device", "cpu", "--dtype", "float32",
+                         "--no-cold-run", "--out", str(out), *flag]) == 0
+        assert json.loads(out.read_text())["compile"] is compiled and made[-1] == {"compile": compiled}
+    assert cli.main(["bench", "--shape", "tiny", "--batches", "1,2", "--compile", "--device", "cpu"]) == 2
+    assert "--compile does not apply with --batches" in capsys.readouterr().err

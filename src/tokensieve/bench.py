@@ -324,10 +324,14 @@ def run_bench(
     answer_tokens: int = 0,
     bandwidth_Bps: float | None = None,
     cold_runs: bool = False,
+    compile: bool = False,
 ) -> dict[str, Any]:
     """Sweep methods x lengths on one model; returns a JSON-ready dict.
 
     ``cold_runs``: each cell first runs once untimed at its length (``ttft_cold_s``; see ``bench_method``).
+    ``compile``: the captured decoding steps are first fused with ``torch.compile`` (``DecoderPool(compile=True)``;
+    paid once per capacity bucket, in the warm-up or the cold run, never in a timed figure; LazyLLM's decoder is
+    captured, not compiled).
 
     ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
     method appear with several settings (e.g. GemFilter chunked for 1M tokens).
@@ -343,7 +347,7 @@ def run_bench(
     if bandwidth_Bps is None and decode_tokens > 0:
         bandwidth_Bps = copy_bandwidth(device)
     rows: list[dict[str, Any]] = []
-    pool = DecoderPool(model)  # captured decoding steps, one per capacity bucket, reused across cells
+    pool = DecoderPool(model, compile=compile)  # captured decoding steps, one per capacity bucket, reused across cells
     for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
         bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2, decoders=pool)
     cells = [(n, label) for n in lengths for label in built]
@@ -354,7 +358,8 @@ def run_bench(
         if on_row is not None:
             on_row(rows)
     return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, repeats=repeats, decode_tokens=decode_tokens,
-                   answer_tokens=answer_tokens, bandwidth_gb_s=bandwidth_Bps / 1e9 if bandwidth_Bps else None)
+                   answer_tokens=answer_tokens, bandwidth_gb_s=bandwidth_Bps / 1e9 if bandwidth_Bps else None,
+                   compile=compile)
 
 
 def save(result: dict[str, Any], path: str) -> None:

@@ -438,6 +438,7 @@ class LazyDecoder:
     replays: int = field(init=False, default=0)  # steps the fixed-shape run answered
     reruns: int = field(init=False, default=0)  # steps that ran again on the host-planned path (revivals)
     _graph: Any = field(init=False, default=None)
+    kernel: str = field(init=False, default="torch")  # its step's attention: always the torch path (see _attend)
 
     def __post_init__(self) -> None:
         from tokensieve.methods.lazyllm import _Decoder  # LazyLLM's view of the model (its public modules)

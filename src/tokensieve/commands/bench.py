@@ -30,6 +30,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-cold-run", action="store_true",
                    help="skip each cell's first, untimed run (by default its TTFT is reported apart as ttft_cold_s: "
                         "compiles and graph captures for a new length happen there, never in the medians)")
+    p.add_argument("--compile", action="store_true",
+                   help="fuse each captured decoding step with torch.compile first (about a minute per capacity "
+                        "bucket on a GPU, paid in the cold run and reported there, never in the step figures)")
     p.add_argument("--batches", type=parse_sizes, default=None,
                    help="batch throughput instead: answer this many prompts at once per cell, e.g. 1,4,16 "
                         "(tokens/s of a --decode-tokens answer per row, and the ratio to batch 1)")
@@ -52,6 +55,8 @@ def run(args: argparse.Namespace) -> int:
     if args.batches is not None and args.answer_tokens is not None:
         raise InputError(f"--answer-tokens {args.answer_tokens} does not apply with --batches (their answers are "
                          f"--decode-tokens long); drop one of them")
+    if args.batches is not None and args.compile:
+        raise InputError("--compile does not apply with --batches (each batch cell captures its own steps); drop one of them")
     params = method_params(args)
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
@@ -77,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
     res = run_bench(args.model or args.shape, args.lengths, methods, dtype=dtype, device=args.device,
                     repeats=args.repeats, decode_tokens=args.decode_tokens, model=model,
                     answer_tokens=256 if args.answer_tokens is None else args.answer_tokens,
-                    cold_runs=not args.no_cold_run)
+                    cold_runs=not args.no_cold_run, compile=args.compile)
     print(format_table(res))
     _write(res, args.out, plot=bench_plot)
     return 0

@@ -42,9 +42,14 @@ evicts) and picks, on the device, the slot the next step overwrites:
 
 No step reads back to the host, so the evicting step is captured like the growing one.
 
-Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), and StreamingLLM,
-H2O and SepLLM (one prompt at a time), on models whose layers all use full attention (Llama, Mistral, Qwen2/3,
-Phi-3 class). Other methods and sliding-window models decode on the eager path; ``supports_static`` says which.
+LazyLLM re-selects its tokens at every step and may revive pruned ones, so it has its own decoder
+(:class:`LazyDecoder`: a slot per token, depths and the aux cache on the device, the selection as a device
+top-k; the captured fixed-shape step is re-run on a host-planned path when a token comes back).
+
+Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), StreamingLLM,
+H2O and SepLLM (one prompt at a time) and LazyLLM, on models whose layers all use full attention (Llama,
+Mistral, Qwen2/3, Phi-3 class). Sliding-window models and left-padded batches of the evicting methods decode on
+the eager path; ``supports_static`` says which.
 """
 
 from __future__ import annotations

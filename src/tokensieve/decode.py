@@ -132,8 +132,42 @@ def capture_graph(run: Any, state: list[torch.Tensor]) -> tuple[Any, torch.Tenso
     return graph, out, time.perf_counter() - t0
 
 
+def kv_buffers(model: PreTrainedModel, batch: int, capacity: int) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Per layer, zeroed key and value buffers ``[batch, kv_heads, capacity, head_dim]`` in the model's dtype and device
+    (zeros, not empty: a masked slot gets probability 0, and 0 * value must stay 0, never NaN)."""
+    cfg = model.config.get_text_config()
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    dtype = next(model.parameters()).dtype
+    keys = [torch.zeros(batch, cfg.num_key_value_heads, capacity, head_dim, dtype=dtype, device=model.device)
+            for _ in range(cfg.num_hidden_layers)]
+    return keys, [torch.zeros_like(k) for k in keys]
+
+
+class _CapturedStep:
+    """What both decoders do around their step function: capture it once, count the steps left, feed the token,
+    replay the graph (or run the function where there is none). Needs ``use_graph``, ``capacity``, ``steps_left``,
+    ``token``, ``logits``, ``capture_s`` and ``_graph`` on the decoder."""
+
+    def _capture(self, run: Any, state: list[torch.Tensor]) -> None:
+        if not self.use_graph or self._graph is not None:
+            return
+        self._graph, self.logits, self.capture_s = capture_graph(run, state)
+
+    def _feed(self, token: torch.Tensor) -> None:
+        if self.steps_left <= 0:
+            raise RuntimeError(f"the decoder's capacity ({self.capacity}) is used up")
+        self.steps_left -= 1
+        self.token.copy_(token)
+
+    def _replay_or_run(self, run: Any) -> torch.Tensor:
+        if self._graph is not None:
+            self._graph.replay()
+            return self.logits
+        return run()
+
+
 @dataclass
-class StaticDecoder:
+class StaticDecoder(_CapturedStep):
     """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step."""
 
     model: PreTrainedModel
@@ -163,13 +197,9 @@ class StaticDecoder:
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
         dev = self.model.device
-        dtype = next(self.model.parameters()).dtype
         hkv = cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         n_layers = cfg.num_hidden_layers
-        # zeros, not empty: a masked slot gets probability 0, and 0 * value must stay 0 (never NaN)
-        self.keys = [torch.zeros(self.batch, hkv, self.capacity, head_dim, dtype=dtype, device=dev) for _ in range(n_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        self.keys, self.values = kv_buffers(self.model, self.batch, self.capacity)
         self.filled = torch.zeros(n_layers, dtype=torch.long, device=dev)
         self.ring = torch.tensor([0, self.capacity], dtype=torch.long, device=dev)
         self.position = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
@@ -393,25 +423,17 @@ class StaticDecoder:
 
     def capture(self) -> None:
         """Record one step as a CUDA graph (warm-up runs first; the state they advance is restored)."""
-        if not self.use_graph or self._graph is not None:
-            return
-        self._graph, self.logits, self.capture_s = capture_graph(self._run, [self.filled, self.position])
+        self._capture(self._run, [self.filled, self.position])
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed ``token`` [batch, 1]; return the next logits [batch, vocab] (a buffer the next step overwrites)."""
-        if self.steps_left <= 0:
-            raise RuntimeError(f"the decoder's capacity ({self.capacity}) is used up")
-        self.steps_left -= 1
-        self.token.copy_(token)
-        if self._graph is not None:
-            self._graph.replay()
-            return self.logits
-        return self._run()
+        self._feed(token)
+        return self._replay_or_run(self._run)
 
 
 @dataclass
-class LazyDecoder:
+class LazyDecoder(_CapturedStep):
     """LazyLLM's decoding step on KV buffers we own, captured as a CUDA graph where the step allows it.
 
     Every token has a slot (slot ``j`` = position ``j``) in every layer's buffer ``[1, kv_heads, capacity,
@@ -449,14 +471,8 @@ class LazyDecoder:
         from tokensieve.methods.lazyllm import _Decoder  # LazyLLM's view of the model (its public modules)
 
         self.dec = _Decoder(self.model)
-        cfg = self.model.config.get_text_config()
-        dev = self.model.device
-        dtype = next(self.model.parameters()).dtype
-        hkv = cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        cap = self.capacity
-        self.keys = [torch.zeros(1, hkv, cap, head_dim, dtype=dtype, device=dev) for _ in range(self.dec.num_layers)]
-        self.values = [torch.zeros_like(k) for k in self.keys]
+        dev, cap = self.model.device, self.capacity
+        self.keys, self.values = kv_buffers(self.model, 1, cap)  # slot j: the token at position j
         self.depth = torch.zeros(cap, dtype=torch.long, device=dev)  # [cap]
         self.aux = torch.zeros(cap, self.dec.embed.embedding_dim, dtype=self.dec.embed.weight.dtype, device=dev)
         self.revived = torch.zeros(cap, dtype=torch.bool, device=dev)
@@ -580,19 +596,14 @@ class LazyDecoder:
 
     def capture(self) -> None:
         """Record the fixed-shape step as a CUDA graph (on zeroed state; ``load`` sets the real one)."""
-        if not self.use_graph or self._graph is not None:
-            return
-        self._graph, self.logits, self.capture_s = capture_graph(lambda: self._run(False), [self.position, self.depth])
+        self._capture(lambda: self._run(False), [self.position, self.depth])
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed ``token`` [1, 1]; return the next logits [1, vocab]."""
-        if self.steps_left <= 0:
-            raise RuntimeError(f"the decoder's capacity ({self.capacity}) is used up")
         from tokensieve.methods.lazyllm import keep_count
 
-        self.steps_left -= 1
-        self.token.copy_(token)
+        self._feed(token)
         present, keeps = self.next_host + 1, []
         for f in self.fractions:  # the keep counts follow from the number of tokens alone
             present = keep_count(f, present)
@@ -601,11 +612,7 @@ class LazyDecoder:
             self.keeps.copy_(torch.tensor(keeps, dtype=torch.long))
         self.next_host += 1
         if self.speculate:
-            if self._graph is not None:
-                self._graph.replay()
-                logits = self.logits
-            else:
-                logits = self._run(False)
+            logits = self._replay_or_run(lambda: self._run(False))
             if not bool(self.lacking):  # one read per step (the token is read anyway)
                 self.replays += 1
                 return logits

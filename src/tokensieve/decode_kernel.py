@@ -227,4 +227,5 @@ def _attention(
 
 
 # One op for eager calls and for torch.compile (StaticDecoder(compile=True) fuses the rest of the step around it).
-_attention_op = triton_op("tokensieve::decode_attention", mutates_args=())(_attention) if triton_op else _attention
+_attention_op = (triton_op("tokensieve::decode_attention", mutates_args=())(_attention)
+                 if triton_op is not None and triton is not None else _attention)

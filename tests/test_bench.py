@@ -266,3 +266,18 @@ def test_bench_cli_compile_fuses_the_captured_steps(tmp_path, monkeypatch, capsy
         assert json.loads(out.read_text())["compile"] is compiled and made[-1] == {"compile": compiled}
     assert cli.main(["bench", "--shape", "tiny", "--batches", "1,2", "--compile", "--device", "cpu"]) == 2
     assert "--compile does not apply with --batches" in capsys.readouterr().err
+
+
+def test_e2e_bars_merge_runs_and_refuse_results_without_e2e(tmp_path):
+    from tokensieve.evaluation.plots import e2e_bars
+
+    def result(n, labels):
+        rows = [{"label": lab, "length": n, "status": "ok", "ttft_s": 0.5 + i, "e2e_s": 2.0 + i} for i, lab in enumerate(labels)]
+        return {"shape": "tiny", "dtype": "float32", "answer_tokens": 8, "environment": {"cpu": "x"}, "rows": rows}
+
+    path = e2e_bars([result(32, ["full", "gemfilter"]), result(64, ["full"])], tmp_path / "bars.png")
+    assert path.stat().st_size > 1000
+    bad = result(32, ["full"])
+    bad["rows"][0]["e2e_s"] = None
+    with pytest.raises(ValueError, match="no row with an end-to-end latency"):
+        e2e_bars([bad], tmp_path / "none.png")

@@ -111,6 +111,36 @@ def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tupl
     return save_figure(fig, path)
 
 
+def e2e_bars(results: list[dict], path: str | Path) -> Path:
+    """End-to-end latency per method as stacked bars (TTFT, then the answer's decoding steps), one panel per prompt
+    length, from ``bench.run_bench`` results (several runs' rows are merged; a method missing at a length is left
+    out). Returns the path."""
+    rows = [r for res in results for r in res["rows"] if r.get("status") == "ok" and r.get("e2e_s") is not None]
+    if not rows:
+        raise ValueError("no row with an end-to-end latency (e2e_s) to plot")
+    lengths = sorted({r["length"] for r in rows})
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
+    for ax, n in zip(axes[0], lengths):
+        cells = [r for r in rows if r["length"] == n]
+        names = [r["label"] for r in cells]
+        ttft = [r["ttft_s"] for r in cells]
+        decode = [r["e2e_s"] - r["ttft_s"] for r in cells]
+        ax.bar(names, ttft, color="#4C72B0", label="time to first token")
+        ax.bar(names, decode, bottom=ttft, color="#A1C9F4", label="decoding the rest of the answer")
+        for i, r in enumerate(cells):
+            ax.text(i, r["e2e_s"], f"{r['e2e_s']:.2f} s", ha="center", va="bottom", fontsize=8)
+        ax.set_title(f"{n:,}-token prompt", fontsize=9)
+        ax.set_ylabel("seconds")
+        ax.tick_params(axis="x", labelrotation=30, labelsize=8)
+        ax.grid(axis="y", alpha=0.3)
+    axes[0][0].legend(fontsize=7)
+    first = results[0]
+    env = first.get("environment", {})
+    fig.suptitle(f"end to end, a {first.get('answer_tokens')}-token answer: {first['shape']} ({first['dtype']}, random "
+                 f"weights) on {env.get('gpu') or env.get('cpu', '')}", fontsize=9)
+    return save_figure(fig, path)
+
+
 def plot_stream(results: list[StreamResult], path: str | Path, title: str = "") -> Path:
     """Windowed perplexity and KV-cache size vs tokens seen, one line per result (PNG)."""
     colors = {"full": "#F0496E", "streamingllm": "#EBB839", "sepllm": "#0CD79F"}

@@ -129,6 +129,20 @@ with torch.inference_mode():
     for label, (name, params, rows) in runs.items():
         for kernel in ("torch", "triton"):
             out[label, kernel] = decode(model, name, params, kernel, 20, rows)
+# LazyLLM's decoder: the kernel in its one-token layers (pruning layers keep the probabilities' path), through the
+# runner, the fixed-shape try first (so both its steps and the host-planned re-runs use it)
+from conftest import TinyTokenizer, random_ids
+from tokensieve.decode import DecoderPool
+from tokensieve.runner import generate, score_continuation
+
+lazy, tok, ids = tiny_model("llama", init=0.2), TinyTokenizer(), random_ids(60, seed=4)
+params = {"prune_layers": (1, 2, 4), "keep_fractions": (0.6, 0.7, 0.5)}
+for kernel in ("torch", "triton"):
+    pool = DecoderPool(lazy, attention_kernel=kernel, speculate=True)
+    g = generate(lazy, tok, ids, "lazyllm", max_new_tokens=16, decode="static", decoders=pool, **params)
+    sc = score_continuation(lazy, tok, ids[:, :-10], ids[0, -10:], "lazyllm", decode="static", decoders=pool, **params)
+    out["lazy", kernel] = ([d.kernel for d in pool.decoders.values()], g.token_ids, torch.tensor(sc.nll),
+                           g.details["decode_fixed_shape_steps"], g.details["decode_revival_reruns"])
 torch.save(out, sys.argv[1])
 """
 
@@ -176,6 +190,16 @@ def test_decoder_with_the_kernel_gives_the_torch_path_tokens(interpreted, label)
     assert got.shape == ref.shape and got.shape[0] == 20
     assert torch.equal(got.argmax(-1), ref.argmax(-1))  # the same greedy tokens, step by step
     torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+@needs_triton
+def test_lazyllm_decoder_with_the_kernel_gives_the_torch_path_tokens(interpreted):
+    kernels, tokens, nll, fixed, reruns = interpreted["lazy", "triton"]
+    torch_kernels, ref_tokens, ref_nll, *_ = interpreted["lazy", "torch"]
+    assert set(kernels) == {"triton"} and set(torch_kernels) == {"torch"}
+    assert fixed > 0 and reruns > 0  # both kinds of step ran with the kernel
+    assert tokens == ref_tokens
+    torch.testing.assert_close(nll, ref_nll, rtol=1e-5, atol=1e-5)
 
 
 # --- dispatch (no Triton needed) ---------------------------------------------------------------

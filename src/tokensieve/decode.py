@@ -143,6 +143,28 @@ def kv_buffers(model: PreTrainedModel, batch: int, capacity: int) -> tuple[list[
     return keys, [torch.zeros_like(k) for k in keys]
 
 
+def pick_attention_kernel(choice: str, dev: torch.device, why_not: str | None = None) -> tuple[str, Any]:
+    """A step's attention path and its function: ``("triton", decode_kernel.decode_attention_triton)`` (one pass
+    over the visible slots) or ``("torch", None)``.
+
+    ``choice``: "auto" takes Triton on CUDA when it imported and ``why_not`` is None (``why_not``: why this step
+    needs the torch path, e.g. H2O's eviction reads the probabilities themselves); "triton" insists (``InputError``
+    where it cannot run); "torch" never takes it. Under ``compile`` the kernel is a torch op traced into the graph.
+    """
+    if choice not in ATTENTION_KERNELS:
+        raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {choice!r}")
+    if choice == "torch" or (choice == "auto" and dev.type != "cuda"):
+        return "torch", None
+    from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
+
+    why = "Triton is not installed" if not decode_kernel.available() else why_not
+    if choice == "triton" and why is not None:
+        raise InputError(f"attention_kernel='triton' cannot be used here: {why}")
+    if choice == "triton" or why is None:
+        return "triton", decode_kernel.decode_attention_triton
+    return "torch", None
+
+
 class _CapturedStep:
     """What both decoders do around their step function: capture it once, count the steps left, feed the token,
     replay the graph (or run the function where there is none). Needs ``use_graph``, ``capacity``, ``steps_left``,
@@ -176,7 +198,7 @@ class StaticDecoder(_CapturedStep):
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
     tracks: str = "none"  # per-slot state of an evicting method: "none", "heavy" (H2O), "separators" (SepLLM)
-    attention_kernel: str = "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (_pick_kernel)
+    attention_kernel: str = "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (see pick_attention_kernel)
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
@@ -223,28 +245,9 @@ class StaticDecoder(_CapturedStep):
             self.heavy_limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_keep
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
-        self._kernel = self._pick_kernel(dev)
+        self._kernel, self._decode_attention = pick_attention_kernel(
+            self.attention_kernel, dev, "H2O's eviction needs the attention probabilities" if self.heavy else None)
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
-
-    def _pick_kernel(self, dev: torch.device) -> str:
-        """The attention path of the step: "triton" (one pass over the visible slots, ``decode_kernel``) or "torch".
-
-        "auto" takes Triton on CUDA when it imported, except for H2O ("heavy": its eviction needs the
-        probabilities themselves). Under ``compile`` the kernel is a torch op (``triton_op``) traced into the graph."""
-        if self.attention_kernel not in ATTENTION_KERNELS:
-            raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {self.attention_kernel!r}")
-        if self.attention_kernel == "torch" or (self.attention_kernel == "auto" and dev.type != "cuda"):
-            return "torch"
-        from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
-
-        why = ("Triton is not installed" if not decode_kernel.available()
-               else "H2O's eviction needs the attention probabilities" if self.heavy else None)
-        if self.attention_kernel == "triton" and why is not None:
-            raise InputError(f"attention_kernel='triton' cannot be used here: {why}")
-        if self.attention_kernel == "triton" or why is None:
-            self._decode_attention = decode_kernel.decode_attention_triton
-            return "triton"
-        return "torch"
 
     @property
     def kernel(self) -> str:
@@ -452,6 +455,10 @@ class LazyDecoder(_CapturedStep):
     the revived tokens with the new one (``exact``), from the same state: the fixed-shape run changed only
     the new token's slot, which the second run rewrites. On the CPU (``speculate=False``) every step takes
     the host-planned path directly. Both give the eager path's tokens (tests).
+
+    A layer that computes the new token alone and is not a pruning layer attends with the split-KV kernel where
+    ``attention_kernel`` resolves to "triton" (the present set as its visible slots); ``compile=True`` fuses the
+    fixed-shape step with ``torch.compile`` before it is captured.
     """
 
     model: PreTrainedModel
@@ -459,13 +466,15 @@ class LazyDecoder(_CapturedStep):
     prune_layers: tuple[int, ...]
     use_graph: bool | None = None  # None: on CUDA only
     speculate: bool | None = None  # None: on CUDA only (see the class docstring)
+    attention_kernel: str = "auto"  # one-token layers' attention (see pick_attention_kernel); pruning layers: torch
+    compile: bool = False  # fuse the fixed-shape step with torch.compile before capturing it
     capture_s: float = field(init=False, default=0.0)
     logits: torch.Tensor | None = field(init=False, default=None)
     steps_left: int = field(init=False, default=0)
     replays: int = field(init=False, default=0)  # steps the fixed-shape run answered
     reruns: int = field(init=False, default=0)  # steps that ran again on the host-planned path (revivals)
     _graph: Any = field(init=False, default=None)
-    kernel: str = field(init=False, default="torch")  # its step's attention: always the torch path (see _attend)
+    kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
 
     def __post_init__(self) -> None:
         from tokensieve.methods.lazyllm import _Decoder  # LazyLLM's view of the model (its public modules)
@@ -491,6 +500,10 @@ class LazyDecoder(_CapturedStep):
             self.speculate = dev.type == "cuda"
         if self.use_graph and not self.speculate:
             raise ValueError("a captured LazyLLM step needs speculate=True (the host-planned step reads the device)")
+        self.kernel, self._decode_attention = pick_attention_kernel(self.attention_kernel, dev)
+        self._valid = self.present[None]  # [1, cap], a view: the present set as the kernel's visible slots
+        fixed = lambda: self._run(False)  # noqa: E731 - the fixed-shape step
+        self._fixed = torch.compile(fixed, dynamic=False) if self.compile else fixed
 
     def load(self, state: Any, max_new_tokens: int, fractions: tuple[float, ...]) -> None:
         """Copy a LazyLLM prefill's state (``LazyState``: its cache entries, depths, aux cache) into the slots."""
@@ -528,6 +541,10 @@ class LazyDecoder(_CapturedStep):
         scaling = kwargs.get("scaling", module.scaling)
         allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
         prune = li in self._prune_index
+        if t == 1 and not prune and self.kernel == "triton":  # one pass over the present slots up to the token
+            hkv = keys.shape[1]
+            out = self._decode_attention(query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling)
+            return out.view(1, hq, 1, d).transpose(1, 2), None
         if t == 1:  # the fixed-shape step: one query, the probabilities at hand
             probs32 = self._probs(query, keys, allowed, scaling)  # [hkv, g, cap]
             out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]
@@ -596,7 +613,7 @@ class LazyDecoder(_CapturedStep):
 
     def capture(self) -> None:
         """Record the fixed-shape step as a CUDA graph (on zeroed state; ``load`` sets the real one)."""
-        self._capture(lambda: self._run(False), [self.position, self.depth])
+        self._capture(self._fixed, [self.position, self.depth])
 
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
@@ -612,7 +629,7 @@ class LazyDecoder(_CapturedStep):
             self.keeps.copy_(torch.tensor(keeps, dtype=torch.long))
         self.next_host += 1
         if self.speculate:
-            logits = self._replay_or_run(lambda: self._run(False))
+            logits = self._replay_or_run(self._fixed)
             if not bool(self.lacking):  # one read per step (the token is read anyway)
                 self.replays += 1
                 return logits
@@ -664,5 +681,6 @@ class DecoderPool:
         key = (1, bucket(entries), ("lazyllm", tuple(prune_layers)))
         made = key not in self.decoders
         if made:
-            self.decoders[key] = LazyDecoder(self.model, key[1], tuple(prune_layers), self.use_graph, self.speculate)
+            self.decoders[key] = LazyDecoder(self.model, key[1], tuple(prune_layers), self.use_graph, self.speculate,
+                                             self.attention_kernel, self.compile)
         return self.decoders[key], made

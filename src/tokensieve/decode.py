@@ -64,7 +64,8 @@ from transformers import Cache, PreTrainedModel
 from tokensieve.attention import HOOK_KWARG, sdpa
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction, has_sliding_layers
-from tokensieve.scoring import _spans, matmul_fp32
+from tokensieve.methods.lazyllm import LazyModules, keep_count
+from tokensieve.scoring import spans, matmul_fp32
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
 # tail the step reads is small (at most BUCKET - 1 entries) and prompts of similar size share a graph.
@@ -477,9 +478,7 @@ class LazyDecoder(_CapturedStep):
     kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
 
     def __post_init__(self) -> None:
-        from tokensieve.methods.lazyllm import _Decoder  # LazyLLM's view of the model (its public modules)
-
-        self.dec = _Decoder(self.model)
+        self.dec = LazyModules(self.model)  # LazyLLM's view of the model (its public modules)
         dev, cap = self.model.device, self.capacity
         self.keys, self.values = kv_buffers(self.model, 1, cap)  # slot j: the token at position j
         self.depth = torch.zeros(cap, dtype=torch.long, device=dev)  # [cap]
@@ -551,7 +550,7 @@ class LazyDecoder(_CapturedStep):
         else:  # revived rows too (host-planned): SDPA as on the eager path, rows in chunks (the mask is [rows, cap])
             out = torch.cat([
                 sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
-                for a, b in _spans(t, ROW_CHUNK)
+                for a, b in spans(t, ROW_CHUNK)
             ], dim=1)
             probs32 = self._probs(query[:, :, -1:], keys, allowed[-1:], scaling) if prune else None
         if prune:  # LazyLLM's importance: the new token's attention, mean over the query heads
@@ -618,8 +617,6 @@ class LazyDecoder(_CapturedStep):
     @torch.inference_mode()
     def step(self, token: torch.Tensor) -> torch.Tensor:
         """Feed ``token`` [1, 1]; return the next logits [1, vocab]."""
-        from tokensieve.methods.lazyllm import keep_count
-
         self._feed(token)
         present, keeps = self.next_host + 1, []
         for f in self.fractions:  # the keep counts follow from the number of tokens alone

@@ -70,7 +70,7 @@ def matmul_fp32(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.to(dtype), b_t.to(dtype))
 
 
-def _spans(end: int, chunk: int | None) -> list[tuple[int, int]]:
+def spans(end: int, chunk: int | None) -> list[tuple[int, int]]:
     """``[(start, stop), ...]`` covering ``0 .. end`` in pieces of ``chunk`` (one piece without a chunk)."""
     if chunk is None or chunk >= end:
         return [(0, end)]
@@ -169,13 +169,13 @@ def attention_scores(
                 visible = visible & m[..., s:e]  # [b or 1, 1, g*c, e-s]
             return lg.masked_fill(~visible, float("-inf"))
 
-        spans = _spans(end, None if key_chunk is None else span)
-        if len(spans) == 1:
+        pieces = spans(end, None if key_chunk is None else span)
+        if len(pieces) == 1:
             acc[..., :end] += logits(0, end).softmax(dim=-1).sum(dim=2)
             continue
         # Two passes: log-sum-exp of each row over all key chunks, then the probabilities.
-        lse = torch.stack([logits(s, e).logsumexp(dim=-1) for s, e in spans]).logsumexp(dim=0)[..., None]  # [b, hkv, g*c, 1]
-        for s, e in spans:
+        lse = torch.stack([logits(s, e).logsumexp(dim=-1) for s, e in pieces]).logsumexp(dim=0)[..., None]  # [b, hkv, g*c, 1]
+        for s, e in pieces:
             acc[..., s:e] += (logits(s, e) - lse).exp().sum(dim=2)
     return acc
 
@@ -193,7 +193,7 @@ def paper_scores(query: torch.Tensor, key: torch.Tensor, *, key_chunk: int | Non
     dtype = _score_dtype(query, key)
     # sum_{h in group} q_h . k = (sum_{h in group} q_h) . k: exact, no repetition of the keys.
     q = query[:, :, -1, :].to(dtype).reshape(b, hkv, g, d).sum(dim=2)  # [b, hkv, d]
-    parts = [torch.einsum("bhd,bhnd->bhn", q, key[:, :, s:e].to(dtype)) for s, e in _spans(kv_len, key_chunk)]
+    parts = [torch.einsum("bhd,bhnd->bhn", q, key[:, :, s:e].to(dtype)) for s, e in spans(kv_len, key_chunk)]
     return torch.cat(parts, dim=-1)
 
 

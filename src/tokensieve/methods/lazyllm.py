@@ -94,7 +94,7 @@ def last_token_attention(
     return head_sum(probs)[0] / query.shape[1]
 
 
-class _Decoder:
+class LazyModules:
     """The public modules of a supported decoder-only model, and per-layer facts the loop needs."""
 
     def __init__(self, model: PreTrainedModel):
@@ -139,7 +139,7 @@ class _Decoder:
 class LazyState(DecodeState):
     """Decode state of LazyLLM. Token ``j`` is the token at original position ``j``."""
 
-    decoder: _Decoder
+    decoder: LazyModules
     prompt_len: int
     depth: torch.Tensor  # [N] long: this token's KV exists at layers 0 .. depth-1
     aux: torch.Tensor  # [N, hidden]: hidden state entering layer depth[j] (the aux cache where depth < L)
@@ -192,7 +192,7 @@ class LazyLLM(Method):
         if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
             raise InputError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
 
-    def schedule(self, dec: "_Decoder") -> dict[int, float]:
+    def schedule(self, dec: "LazyModules") -> dict[int, float]:
         """{pruning layer: keep fraction} for this model."""
         if self.prune_layers is None:
             layers = default_prune_layers(dec.num_layers, dec.windows)
@@ -209,7 +209,7 @@ class LazyLLM(Method):
                     f"prune_layers must each be in [0, {n_layers - 2}] for this {n_layers}-layer model "
                     f"(pruning after the last layer would do nothing), got {layer} in {list(self.prune_layers)}"
                 )
-        dec = _Decoder(model)
+        dec = LazyModules(model)
         for layer in self.prune_layers:
             if dec.windows[layer] is not None:
                 full = [i for i, w in enumerate(dec.windows[:-1]) if w is None]
@@ -235,7 +235,7 @@ class LazyLLM(Method):
             raise InputError(f"LazyLLM runs one prompt at a time, got batch size {input_ids.shape[0]}")
         n = input_ids.shape[1]
         self.validate(model, n)
-        dec = _Decoder(model)
+        dec = LazyModules(model)
         dev, hidden = input_ids.device, dec.embed.embedding_dim
         st = LazyState(
             logits=torch.empty(0),

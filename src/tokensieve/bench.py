@@ -330,8 +330,7 @@ def run_bench(
 
     ``cold_runs``: each cell first runs once untimed at its length (``ttft_cold_s``; see ``bench_method``).
     ``compile``: the captured decoding steps are first fused with ``torch.compile`` (``DecoderPool(compile=True)``;
-    paid once per capacity bucket, in the warm-up or the cold run, never in a timed figure; LazyLLM's decoder is
-    captured, not compiled).
+    paid once per capacity bucket, in the warm-up or the cold run, never in a timed figure).
 
     ``methods`` maps a label to ``{"method": name, **params}``; the label lets one
     method appear with several settings (e.g. GemFilter chunked for 1M tokens).

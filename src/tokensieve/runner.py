@@ -245,11 +245,12 @@ def drive(
                     capture_s = decoder.capture_s
                 path = "graph" if decoder.use_graph else "static"
         t1 = t_step = time.perf_counter()
-        if lazy and decoder is not None:
-            decoder.load(state, max_steps, tuple(state.details["keep_fractions"]))
-        elif decoder is not None:
-            decoder.load(state.cache, state.next_position if state.positions is None else state.positions, max_steps,
-                         state.kv_mask, eviction)
+        if decoder is not None:
+            if lazy:
+                decoder.load(state, max_steps, tuple(state.details["keep_fractions"]))
+            else:
+                decoder.load(state.cache, state.next_position if state.positions is None else state.positions,
+                             max_steps, state.kv_mask, eviction)
             state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
         while token is not None and len(steps) < max_steps:

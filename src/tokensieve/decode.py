@@ -538,12 +538,12 @@ class LazyDecoder(_CapturedStep):
         values.index_copy_(2, rows, value)
         _, hq, t, d = query.shape
         scaling = kwargs.get("scaling", module.scaling)
-        allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
         prune = li in self._prune_index
         if t == 1 and not prune and self.kernel == "triton":  # one pass over the present slots up to the token
             hkv = keys.shape[1]
             out = self._decode_attention(query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling)
             return out.view(1, hq, 1, d).transpose(1, 2), None
+        allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
         if t == 1:  # the fixed-shape step: one query, the probabilities at hand
             probs32 = self._probs(query, keys, allowed, scaling)  # [hkv, g, cap]
             out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]

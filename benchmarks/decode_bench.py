@@ -36,12 +36,12 @@ import time
 
 import torch
 
-from tokensieve.bench import _IdTokenizer, build_model, environment, weights_bytes
+from tokensieve.bench import _IdTokenizer, build_model, environment
 from tokensieve.decode import ATTENTION_KERNELS, DecoderPool, StaticDecoder, bucket
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
-from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
+from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
 from tokensieve.runner import generate
 
 METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024},

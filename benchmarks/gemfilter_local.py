@@ -43,7 +43,8 @@ from typing import Any
 import torch
 
 from tokensieve.bench import build_model, shape_config
-from tokensieve.filter_model import build_filter_model, filter_fraction, weight_bytes
+from tokensieve.filter_model import build_filter_model, filter_fraction
+from tokensieve.roofline import weights_bytes
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import FullAttention
@@ -185,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         result["device"] = torch.cuda.get_device_name(device)
         result["gpus"] = [torch.cuda.get_device_name(g) for g in gpus(device)]
     if args.filter_only:
-        result["filter_model"] = dict(build_s=round(build_s, 1), weight_gib=round(weight_bytes(model) / 2**30, 2),
+        result["filter_model"] = dict(build_s=round(build_s, 1), weight_gib=round(weights_bytes(model) / 2**30, 2),
                                       device_map=sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()}),
                                       fraction=filter_fraction(shape_config(args.shape), args.filter_layer))
         print(f"filter model: {result['filter_model']}", flush=True)

@@ -7,7 +7,8 @@ import torch
 
 from conftest import tiny_model
 from tokensieve.errors import InputError
-from tokensieve.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model, weight_bytes
+from tokensieve.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model
+from tokensieve.roofline import weights_bytes
 from tokensieve.methods.gemfilter import GemFilter
 
 R = 2
@@ -66,7 +67,7 @@ def test_holds_only_filter_layers(saved):
     tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
     head = 0 if tied else model.lm_head.weight.numel() * 4
     # the full model minus layers r+1..L-1 minus the untied head
-    assert weight_bytes(fm) == weight_bytes(model) - (6 - R - 1) * full_layer - head
+    assert weights_bytes(fm) == weights_bytes(model) - (6 - R - 1) * full_layer - head
     for i in range(R + 1):  # the loaded layers hold the checkpoint's weights, not fresh ones
         for (n1, p1), (n2, p2) in zip(fm.model.layers[i].named_parameters(), model.model.layers[i].named_parameters()):
             assert n1 == n2 and torch.equal(p1, p2)
@@ -110,7 +111,7 @@ def test_smollm2_filter_only_same_kept_ids(smollm2):
 
     model, tok = smollm2
     fm = load_filter_model(cache_dir() / "smollm2", 18, device_map="auto", dtype="float32")
-    assert len(fm.model.layers) == 19 and weight_bytes(fm) < 0.75 * weight_bytes(model)
+    assert len(fm.model.layers) == 19 and weights_bytes(fm) < 0.75 * weights_bytes(model)
     for length, depth in ((800, 0.4), (1500, 0.8)):
         ids = encode_prompt(tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages)
         ref = GemFilter(filter_layer=18, topk=128).select(model, ids)

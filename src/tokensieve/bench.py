@@ -28,7 +28,7 @@ from tokensieve.attention import use_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods import Method, make_method
 from tokensieve.decode import DecoderPool
-from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
+from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
 from tokensieve.runner import generate, generate_batch
 
 # Real architectures' shapes (config values from their published config.json files).
@@ -111,11 +111,6 @@ def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-
-
-def weights_bytes(model: PreTrainedModel) -> int:
-    """Bytes of every parameter (what a decoding step reads besides the KV: see ``decode_step_bytes``)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters())
 
 
 def bench_method(

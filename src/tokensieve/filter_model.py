@@ -137,11 +137,6 @@ def input_device(model: PreTrainedModel) -> torch.device:
     return model.get_input_embeddings().weight.device
 
 
-def weight_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the parameters that hold real data (those on ``meta`` are not counted)."""
-    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
-
-
 def filter_fraction(config: PretrainedConfig, filter_layer: int) -> dict[str, float]:
     """How much of the model a filter-only load holds, from the config's shapes (no weights read).
 

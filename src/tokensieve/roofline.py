@@ -18,6 +18,12 @@ import torch
 from tokensieve.errors import InputError
 
 
+def weights_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters that hold data (what a decoding step reads besides the KV: see ``decode_step_bytes``;
+    parameters on ``meta``, as a filter-only load leaves them, are not counted)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.device.type != "meta")
+
+
 def median(xs: Sequence[float]) -> float:
     """The median (robust to the host-side hiccups that dominate the spread of single steps)."""
     if not xs:

@@ -43,7 +43,7 @@ from tokensieve.attention import HOOK_KWARG
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
-from tokensieve.methods.gemfilter import GemFilter, pool_and_select, token_scores
+from tokensieve.methods.gemfilter import GemFilter, token_scores
 from tokensieve.methods.snapkv import SnapKV
 
 SUPPORTED = ("full", "snapkv", "gemfilter")
@@ -372,7 +372,7 @@ class PrefixReuse(Method):
         start = max(0, min(have, n - tail))
         cached = self._count(start, reused)
         scores = self._filter_scores(model, ids, prefix, start, r)
-        idx = pool_and_select(scores, g.topk, g.kernel)
+        idx = g.pick(scores)
         if ids.device.type == "cuda":
             torch.cuda.synchronize()
         filter_s = time.perf_counter() - t0

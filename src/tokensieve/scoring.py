@@ -223,6 +223,37 @@ def sorted_topk(scores: torch.Tensor, k: int) -> torch.Tensor:
     return torch.sort(idx, dim=-1).values
 
 
+def span_rank(scores: torch.Tensor, kernel: int, pooling: str = "avg", dilation: int = 1) -> torch.Tensor:
+    """The span-aware ranking of tokens by ``scores`` [..., n]: indices [..., n], best first.
+
+    The scores are pooled (``pool_scores(scores, kernel, pooling)``), then *dilated*: each token takes the
+    best pooled score within ``dilation // 2`` positions of it (a max filter of odd width ``dilation``), so
+    the neighbours of a high-scoring token rank as high as it does and a top-k keeps whole spans around
+    each peak (the value that follows a matched key, the rest of a number) instead of isolated tokens.
+    Ties of the dilated score are broken by the pooled score, then by position (earlier first), so
+    within a span the tokens nearer the peak come first. ``dilation = 1`` is plain pooled ranking.
+    """
+    pooled = pool_scores(scores, kernel, pooling)
+    if dilation <= 1 or scores.shape[-1] == 0:
+        return torch.sort(pooled, dim=-1, descending=True, stable=True).indices
+    dilated = pool_scores(pooled, dilation, "max")
+    order = torch.sort(pooled, dim=-1, descending=True, stable=True).indices  # secondary key first
+    by_dilated = torch.sort(dilated.gather(-1, order), dim=-1, descending=True, stable=True).indices
+    return order.gather(-1, by_dilated)
+
+
+def span_topk(scores: torch.Tensor, k: int, kernel: int, pooling: str = "avg", dilation: int = 1) -> torch.Tensor:
+    """Indices of the ``min(k, n)`` best tokens of ``scores`` [..., n] under :func:`span_rank`, in prompt order.
+
+    With ``dilation = 1`` this is ``sorted_topk(pool_scores(scores, kernel, pooling), k)`` (the paper's rule
+    for ``kernel = 5, pooling = "avg"``).
+    """
+    if dilation <= 1:
+        return sorted_topk(pool_scores(scores, kernel, pooling), k)
+    idx = span_rank(scores, kernel, pooling, dilation)[..., : min(k, scores.shape[-1])]
+    return torch.sort(idx, dim=-1).values
+
+
 def topk_with_recent(scores: torch.Tensor, budget: int, n_recent: int) -> torch.Tensor:
     """Entry indices [batch, heads, budget]: the last ``n_recent`` entries (always kept) plus the
     ``budget - n_recent`` best-scoring earlier ones, per head, in ascending order.

@@ -26,10 +26,13 @@ from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positi
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 
-def check_int(name: str, value: Any, minimum: int) -> None:
-    """``InputError`` (a ``ValueError``) unless ``value`` is an int >= ``minimum``."""
+def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
+    """``value`` if it is an int >= ``minimum`` (and <= ``maximum`` when given); ``InputError`` (a ``ValueError``) otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if maximum is not None and value > maximum:
+        raise InputError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
+    return value
 
 
 @dataclass

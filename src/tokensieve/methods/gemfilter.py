@@ -42,7 +42,7 @@ from tokensieve.attention import HOOK_KWARG
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
 from tokensieve.methods.eviction import check_int
-from tokensieve.scoring import attention_scores, head_sum, paper_scores, pool_scores, sorted_topk
+from tokensieve.scoring import POOLINGS, attention_scores, head_sum, paper_scores, span_topk
 
 SCORINGS = ("paper", "window")
 FILTER_ATTENTIONS = ("auto", "dense", "local")
@@ -55,6 +55,8 @@ DEFAULT_N_RECENT = 2048  # recent tokens (itself included) every filter-pass que
 LOCAL_QUERY_CHUNK = 1024  # queries per SDPA call of the local filter attention
 DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
 DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
+DEFAULT_DILATION = 1  # span width of the selection (1: the paper's isolated top-k)
+MAX_SPAN_WIDTH = 4095  # upper bound of kernel and dilation (a width past the prompt only costs time)
 
 # Filter layers (0-based) for known model shapes: (model_type, layers, hidden) -> r.
 # Llama-3.1-8B, Mistral-Nemo-12B and Phi-3.5-mini are the paper's values; the two
@@ -249,9 +251,11 @@ def token_scores(
     raise InputError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
-def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL) -> torch.Tensor:
-    """GemFilter's selection: average-pool ``scores`` [n] (stride 1, same length), keep the sorted top-``min(k, n)``."""
-    return sorted_topk(pool_scores(scores, kernel, "avg"), k)
+def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL, pooling: str = "avg",
+                    dilation: int = 1) -> torch.Tensor:
+    """GemFilter's selection: pool ``scores`` [n] (stride 1, same length), dilate by ``dilation``
+    (``scoring.span_rank``), keep the sorted top-``min(k, n)``. The defaults are the paper's rule."""
+    return span_topk(scores, k, kernel, pooling, dilation)
 
 
 @dataclass
@@ -265,7 +269,11 @@ class GemFilter(Method):
         scoring: ``"window"`` (softmax of the last ``window_size`` queries) or ``"paper"``
             (raw ``q_last . k``).
         window_size: scoring queries for ``"window"`` (formerly ``window``).
-        kernel: average-pool kernel (odd; 1 disables smoothing).
+        kernel: pooling kernel over the scores (odd; 1 disables smoothing).
+        pooling: ``"avg"`` (the paper's) or ``"max"``.
+        dilation: span width (odd; 1 = the paper's isolated top-k): after pooling each token ranks
+            with the best score within ``dilation // 2`` positions, so every selected peak keeps its
+            neighbours and an answer's whole span survives (``scoring.span_rank``).
         chunk_size: when set and the prompt is longer, the filter pass runs layer by layer
             over chunks of this many tokens, so only one layer's keys/values and the hidden
             states are resident (for prompts whose full KV would not fit, e.g. 1M tokens).
@@ -296,6 +304,8 @@ class GemFilter(Method):
     scoring: str = "window"
     window_size: int = DEFAULT_WINDOW_SIZE
     kernel: int = DEFAULT_KERNEL
+    pooling: str = "avg"
+    dilation: int = DEFAULT_DILATION
     chunk_size: int | None = None
     filter_attention: str = "dense"  # local is faster but lost accuracy on both embedded models (docs/gemfilter.md)
     n_initial: int = DEFAULT_N_INITIAL
@@ -316,9 +326,12 @@ class GemFilter(Method):
         if self.scoring not in SCORINGS:
             raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         check_int("window_size", self.window_size, 1)
-        check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
+        for label in ("kernel", "dilation"):
+            v = check_int(label, getattr(self, label), 1, MAX_SPAN_WIDTH)
+            if v % 2 == 0:
+                raise InputError(f"{label} must be a positive odd integer, got {v}")
+        if self.pooling not in POOLINGS:
+            raise InputError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
         if self.filter_attention not in FILTER_ATTENTIONS:
             raise InputError(f"filter_attention must be one of {FILTER_ATTENTIONS}, got {self.filter_attention!r}")
         if self.local_kernel not in LOCAL_KERNELS:
@@ -499,7 +512,11 @@ class GemFilter(Method):
         n = input_ids.shape[1]
         if self.topk >= n:
             return torch.arange(n, device=input_ids.device)
-        return pool_and_select(self.scores(model, input_ids), self.topk, self.kernel)
+        return self.pick(self.scores(model, input_ids))
+
+    def pick(self, scores: torch.Tensor) -> torch.Tensor:
+        """The kept indices (sorted) from filter-pass scores [n]: this instance's pooling, span rule and ``topk``."""
+        return pool_and_select(scores, self.topk, self.kernel, self.pooling, self.dilation)
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         if input_ids.shape[0] != 1:

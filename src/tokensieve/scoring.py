@@ -230,16 +230,34 @@ def span_rank(scores: torch.Tensor, kernel: int, pooling: str = "avg", dilation:
     best pooled score within ``dilation // 2`` positions of it (a max filter of odd width ``dilation``), so
     the neighbours of a high-scoring token rank as high as it does and a top-k keeps whole spans around
     each peak (the value that follows a matched key, the rest of a number) instead of isolated tokens.
-    Ties of the dilated score are broken by the pooled score, then by position (earlier first), so
-    within a span the tokens nearer the peak come first. ``dilation = 1`` is plain pooled ranking.
+    Ties of the dilated score (the tokens around one peak) are broken by the distance to that peak
+    (nearer first), then by the pooled score, then by position (earlier first): a budget that cuts a
+    span keeps its middle. ``dilation = 1`` is plain pooled ranking.
     """
     pooled = pool_scores(scores, kernel, pooling)
-    if dilation <= 1 or scores.shape[-1] == 0:
+    n = scores.shape[-1]
+    if dilation <= 1 or n == 0:
         return torch.sort(pooled, dim=-1, descending=True, stable=True).indices
-    dilated = pool_scores(pooled, dilation, "max")
-    order = torch.sort(pooled, dim=-1, descending=True, stable=True).indices  # secondary key first
-    by_dilated = torch.sort(dilated.gather(-1, order), dim=-1, descending=True, stable=True).indices
-    return order.gather(-1, by_dilated)
+    x = pooled.reshape(-1, 1, n)
+    dilated, peak = F.max_pool1d(x, dilation, stride=1, padding=dilation // 2, return_indices=True)
+    dilated, peak = dilated.reshape(pooled.shape), peak.reshape(pooled.shape)
+    distance = (peak - torch.arange(n, device=scores.device)).abs()
+    order = torch.sort(pooled, dim=-1, descending=True, stable=True).indices  # least significant key first
+    order = order.gather(-1, torch.sort(distance.gather(-1, order), dim=-1, stable=True).indices)
+    return order.gather(-1, torch.sort(dilated.gather(-1, order), dim=-1, descending=True, stable=True).indices)
+
+
+def span_scores(scores: torch.Tensor, kernel: int, pooling: str = "avg", dilation: int = 1) -> torch.Tensor:
+    """Scores [..., n] whose top-k is the top-k of :func:`span_rank`: the pooled scores themselves for
+    ``dilation = 1``, else each token's rank turned into a score (``n`` for the best, 1 for the last), so
+    every top-k helper (``sorted_topk``, ``topk_with_recent``) applies the span rule unchanged."""
+    if dilation <= 1:
+        return pool_scores(scores, kernel, pooling)
+    n = scores.shape[-1]
+    order = span_rank(scores, kernel, pooling, dilation)
+    dtype = torch.float64 if n > 1 << 24 else torch.float32  # integer ranks stay exact
+    ranks = torch.arange(n, 0, -1, device=scores.device, dtype=dtype).expand(order.shape)
+    return torch.empty(order.shape, dtype=dtype, device=scores.device).scatter_(-1, order, ranks)
 
 
 def span_topk(scores: torch.Tensor, k: int, kernel: int, pooling: str = "avg", dilation: int = 1) -> torch.Tensor:
@@ -248,10 +266,7 @@ def span_topk(scores: torch.Tensor, k: int, kernel: int, pooling: str = "avg", d
     With ``dilation = 1`` this is ``sorted_topk(pool_scores(scores, kernel, pooling), k)`` (the paper's rule
     for ``kernel = 5, pooling = "avg"``).
     """
-    if dilation <= 1:
-        return sorted_topk(pool_scores(scores, kernel, pooling), k)
-    idx = span_rank(scores, kernel, pooling, dilation)[..., : min(k, scores.shape[-1])]
-    return torch.sort(idx, dim=-1).values
+    return sorted_topk(span_scores(scores, kernel, pooling, dilation), k)
 
 
 def topk_with_recent(scores: torch.Tensor, budget: int, n_recent: int) -> torch.Tensor:

@@ -26,6 +26,9 @@ from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positi
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 
+MAX_SPAN_WIDTH = 4095  # upper bound of the pooling and span widths (kernel, dilation): wider only costs time
+
+
 def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
     """``value`` if it is an int >= ``minimum`` (and <= ``maximum`` when given); ``InputError`` (a ``ValueError``) otherwise."""
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:

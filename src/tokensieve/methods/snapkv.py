@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
-from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import POOLINGS, attention_scores, pool_scores, topk_with_recent
+from tokensieve.methods.eviction import MAX_SPAN_WIDTH, EvictionMethod, LayerCall, check_int
+from tokensieve.scoring import POOLINGS, attention_scores, span_scores, topk_with_recent
 
 
 @dataclass
@@ -40,6 +40,9 @@ class SnapKV(EvictionMethod):
             scores the rest (the paper uses 32); always kept (formerly ``window``).
         kernel: pooling kernel over the scores (odd; 1 disables smoothing).
         pooling: ``"avg"`` (as in this project's reference description) or ``"max"``.
+        dilation: span width (odd; 1 = isolated entries, as the paper): each entry ranks with the best
+            pooled score within ``dilation // 2`` positions, so kept entries come in whole spans
+            (``scoring.span_rank``, the rule GemFilter uses).
     """
 
     name: ClassVar[str] = "snapkv"
@@ -48,24 +51,26 @@ class SnapKV(EvictionMethod):
     window_size: int = 32
     kernel: int = 5
     pooling: str = "avg"
+    dilation: int = 1
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)
         check_int("window_size", self.window_size, 1)
         if self.window_size > self.budget:
             raise InputError(f"window_size ({self.window_size}) must not exceed budget ({self.budget})")
-        check_int("kernel", self.kernel, 1)
-        if self.kernel % 2 == 0:
-            raise InputError(f"kernel must be a positive odd integer, got {self.kernel}")
+        for label in ("kernel", "dilation"):
+            v = check_int(label, getattr(self, label), 1, MAX_SPAN_WIDTH)
+            if v % 2 == 0:
+                raise InputError(f"{label} must be a positive odd integer, got {v}")
         if self.pooling not in POOLINGS:
             raise InputError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
 
     def scores(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """Pooled scores [batch, kv_heads, n - window_size] of the prefix entries."""
+        """Ranking scores [batch, kv_heads, n - window_size] of the prefix entries (pooled, span rule applied)."""
         n = key.shape[2]
         w = min(self.window_size, n)
         s = attention_scores(query[:, :, -w:], key, module.scaling)  # [b, hkv, n]
-        return pool_scores(s[..., : n - w], self.kernel, self.pooling)
+        return span_scores(s[..., : n - w], self.kernel, self.pooling, self.dilation)
 
     evicts_while_decoding: ClassVar[bool] = False  # decoded tokens are appended, never evicted
 

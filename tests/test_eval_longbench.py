@@ -32,11 +32,59 @@ def test_qa_f1():
     assert score_longbench("hotpotqa", "Paris, France", ["London", "Paris"]) == pytest.approx(2 / 3)
 
 
-def test_rouge_l():
-    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == 1.0
+def test_rouge_l_is_the_rouge_packages():
+    assert rouge_l("the cat sat on the mat", "the cat sat on the mat") == pytest.approx(1.0, abs=1e-6)
     assert rouge_l("dogs bark loudly", "the cat sat") == 0.0
-    # LCS("the cat was on a mat", "the cat sat on the mat") = the cat on mat = 4; P = 4/6, R = 4/6
-    assert rouge_l("the cat was on a mat", "the cat sat on the mat") == pytest.approx(4 / 6)
+    # The package splits at "." and takes, per reference sentence, the union of its LCSs with the
+    # answer's sentences, counting distinct words. Reference r1 = "The cat sat on the mat", r2 = "A dog ran";
+    # answer c1 = "A dog ran", c2 = "The cat sat". r1: LCS with c2 = {The, cat, sat} -> 3; r2: with c1 -> 3.
+    # Distinct words: reference 9 (The, cat, sat, on, the, mat, A, dog, ran), answer 6.
+    # R = 6/9, P = 6/6, F = 2PR / (P + R) = 0.8. (LCS over the whole lower-cased texts would give 0.4.)
+    pred, ref = "A dog ran. The cat sat.", "The cat sat on the mat. A dog ran."
+    assert rouge_l(pred, ref) == pytest.approx(2 * (6 / 9) / (1 + 6 / 9), abs=1e-6)
+    assert score_longbench("gov_report", pred, ["unrelated words", ref]) == pytest.approx(0.8, abs=1e-6)
+    # case is kept, as LongBench passes the strings as they are: "Paris" and "paris" are different words
+    assert rouge_l("Paris", "paris") == 0.0
+    # where the package raises (nothing to score), 0 as in LongBench
+    assert rouge_l("", "the cat") == 0.0 and rouge_l("...", "the cat") == 0.0 and rouge_l("the cat", "") == 0.0
+
+
+def _indel_ratio_percent(a: str, b: str) -> float:
+    """fuzzywuzzy's ratio / 100 from its definition: 2 * LCS(a, b) / (len(a) + len(b)), in whole percent."""
+    if not a and not b:
+        return 1.0
+    prev = [0] * (len(b) + 1)
+    for x in a:
+        cur = [0]
+        for j, y in enumerate(b):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    return round(100 * 2 * prev[-1] / (len(a) + len(b))) / 100
+
+
+@pytest.mark.parametrize("pred, ref", [
+    ("return x + 2", "return x + 1"),  # 22/24 = 91.7% -> 0.92
+    ("self.assertEqual(a, b)", "self.assertTrue(a == b)"),
+    ("for i in range(n):", "for j in range(len(xs)):"),
+    ("a" * 150 + "b" * 100, "b" * 100 + "a" * 150),  # difflib's junk heuristic would give 0
+])
+def test_code_sim_is_fuzzywuzzy_ratio(pred, ref):
+    assert code_sim(pred, ref) == _indel_ratio_percent(pred, ref)
+
+
+def test_metrics_without_their_packages_say_how_to_install(monkeypatch):
+    import sys
+
+    from tokensieve.errors import InputError
+    from tokensieve.evaluation import longbench
+
+    monkeypatch.setitem(sys.modules, "rouge", None)  # import fails
+    monkeypatch.setitem(sys.modules, "rapidfuzz", None)
+    monkeypatch.setattr(longbench, "_rouge_scorer", None)
+    with pytest.raises(InputError, match=r"pip install 'tokensieve\[eval\]'"):
+        rouge_l("a", "a")
+    with pytest.raises(InputError, match=r"pip install 'tokensieve\[eval\]'"):
+        code_sim("a", "a")
 
 
 def test_classification_rule():
@@ -61,7 +109,7 @@ def test_retrieval_and_count():
 def test_code_sim_takes_first_code_line():
     assert code_sim("\n# comment\nreturn x + 1\nmore", "return x + 1") == 1.0
     assert code_sim("zzzz", "return x + 1") == 0.0
-    assert 0.5 < code_sim("return x + 2", "return x + 1") < 1.0
+    assert code_sim("```python\n// c\nreturn x + 2", "return x + 1") == code_sim("return x + 2", "return x + 1")
 
 
 def test_first_line_only_for_few_shot():

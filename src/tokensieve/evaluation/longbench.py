@@ -17,20 +17,21 @@ As in LongBench:
 * for trec, triviaqa, samsum and lsht only the first line of the answer is scored;
 * a sample's score is the best metric value over its reference answers.
 
-Metrics per dataset type: QA F1 (token F1 after SQuAD normalization), ROUGE-L
-(F1 of the longest common subsequence of words), classification accuracy
-(LongBench's rule: credit split over all class names the answer mentions),
+Metrics per dataset type, with the packages LongBench's scorer imports: QA F1
+(token F1 after SQuAD normalization), ROUGE-L (the ``rouge`` package's F score on
+the raw strings; 0 where it cannot score: an empty answer or reference), classification
+accuracy (LongBench's rule: credit split over all class names the answer mentions),
 retrieval accuracy (share of the numbers in the answer that are the right
-paragraph), count accuracy, and code edit similarity (``difflib`` ratio of the
-first code line of the answer; LongBench uses ``fuzzywuzzy``, whose pure-Python
-fallback is the same ratio). Chinese datasets are scored on characters (LongBench
-uses ``jieba`` words), so their numbers are close to, not equal to, LongBench's.
-Datasets not in LongBench get a generic QA template and QA F1.
+paragraph), count accuracy, and code edit similarity (fuzzy ratio of the first
+code line of the answer, in whole percent, as ``fuzzywuzzy``'s ``fuzz.ratio`` / 100;
+computed with ``rapidfuzz``). ``rouge`` and ``rapidfuzz`` come with
+``pip install 'tokensieve[eval]'``. Chinese datasets are scored on characters
+(LongBench uses ``jieba`` words), so their numbers are close to, not equal to,
+LongBench's. Datasets not in LongBench get a generic QA template and QA F1.
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import re
 import string
@@ -166,30 +167,40 @@ def qa_f1_zh(prediction: str, ground_truth: str, **_: Any) -> float:
     return _f1(_zh_chars(prediction), _zh_chars(ground_truth))
 
 
-def _lcs(a: list[str], b: list[str]) -> int:
-    prev = [0] * (len(b) + 1)
-    for x in a:
-        cur = [0]
-        for j, y in enumerate(b):
-            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
-        prev = cur
-    return prev[-1]
+_INSTALL_HINT = "pip install 'tokensieve[eval]'"
+_rouge_scorer: Any = None
+
+
+def _rouge() -> Any:
+    """The ``rouge`` package's scorer, imported on first use."""
+    global _rouge_scorer
+    if _rouge_scorer is None:
+        try:
+            from rouge import Rouge
+        except ImportError:
+            raise InputError(f"LongBench's ROUGE-L needs the 'rouge' package: {_INSTALL_HINT}") from None
+        _rouge_scorer = Rouge()
+    return _rouge_scorer
 
 
 def rouge_l(prediction: str, ground_truth: str, **_: Any) -> float:
-    """ROUGE-L F1 over lower-cased words (punctuation removed)."""
-    strip = str.maketrans("", "", string.punctuation)
-    p, g = prediction.lower().translate(strip).split(), ground_truth.lower().translate(strip).split()
-    if not p or not g:
+    """ROUGE-L F score of the ``rouge`` package (the one LongBench calls), on the strings as given.
+
+    That package splits both texts into sentences at ``.``, words at spaces, keeps case and
+    punctuation, and computes the summary-level ROUGE-L over the union of sentence LCSs with
+    word sets. Where it raises, as LongBench does the score is 0: an answer or reference that
+    is empty (or only dots), or an answer sentence and a reference sentence so long (about
+    1000 words together) that the package's recursive LCS read-back exceeds Python's recursion limit.
+    """
+    scorer = _rouge()
+    try:
+        return float(scorer.get_scores(prediction, ground_truth, avg=True)["rouge-l"]["f"])
+    except (ValueError, ZeroDivisionError, RecursionError):
         return 0.0
-    lcs = _lcs(p, g)
-    if lcs == 0:
-        return 0.0
-    prec, rec = lcs / len(p), lcs / len(g)
-    return 2 * prec * rec / (prec + rec)
 
 
 def rouge_zh(prediction: str, ground_truth: str, **_: Any) -> float:
+    """ROUGE-L on characters (punctuation dropped), each character a word."""
     return rouge_l(" ".join(_zh_chars(prediction)), " ".join(_zh_chars(ground_truth)))
 
 
@@ -224,14 +235,26 @@ def count(prediction: str, ground_truth: str, **_: Any) -> float:
     return _share_of(re.findall(r"\d+", prediction), str(ground_truth))
 
 
+def _fuzz_ratio(a: str, b: str) -> float:
+    """``fuzzywuzzy``'s ``fuzz.ratio(a, b) / 100``: the Indel similarity ``2 * LCS / (len(a) + len(b))``
+    (1 for two empty strings) rounded to whole percent. ``rapidfuzz`` computes it as fuzzywuzzy does with
+    python-Levenshtein installed; without it fuzzywuzzy falls back to ``difflib``, whose greedy matching
+    and junk heuristic (strings of 200 characters or more) can give less."""
+    try:
+        from rapidfuzz import fuzz
+    except ImportError:
+        raise InputError(f"LongBench's code similarity needs the 'rapidfuzz' package: {_INSTALL_HINT}") from None
+    return round(fuzz.ratio(a, b)) / 100
+
+
 def code_sim(prediction: str, ground_truth: str, **_: Any) -> float:
-    """Similarity of the first code line of the answer (not a comment or fence) with the reference line."""
+    """Fuzzy ratio (:func:`_fuzz_ratio`) of the first code line of the answer (not a comment or fence) with the reference line."""
     line = ""
     for ln in prediction.lstrip("\n").split("\n"):
         if "`" not in ln and "#" not in ln and "//" not in ln:
             line = ln
             break
-    return difflib.SequenceMatcher(None, line, ground_truth).ratio()
+    return _fuzz_ratio(line, ground_truth)
 
 
 METRICS = {

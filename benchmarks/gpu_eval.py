@@ -17,6 +17,7 @@ the GPU shared by all processes, so they are rough.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -44,6 +45,7 @@ def main() -> int:
                     "(a --run may name its own with --methods)")
     ap.add_argument("--run", action="append", required=True, help="'TASK ARGS...' for `tokensieve eval`")
     ap.add_argument("--deadline", type=float, default=None, help="stop the processes after this many seconds")
+    ap.add_argument("--merge-every", type=float, default=60.0, help="merge the finished lines into --out every this many seconds")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -57,8 +59,10 @@ def main() -> int:
             i = rest.index("--methods")
             methods = rest[i + 1]
             del rest[i : i + 2]
+        # one folder per (run, method): a method may run in several --run specs with other parameters
+        tag = hashlib.sha1(shlex.join(rest).encode()).hexdigest()[:8]
         for method in methods.split(","):
-            d = work / task / method
+            d = work / task / f"{method}-{tag}"
             d.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "tokensieve.cli", "eval", task, *rest, "--methods", method,
                    "--out", str(d), "--no-plots", "--quiet"]
@@ -66,19 +70,29 @@ def main() -> int:
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
             procs.append((f"{task}/{method}", subprocess.Popen(cmd, env=env, stdout=log, stderr=log), d / f"{task}.jsonl"))
-    stopped = False
+    tasks = sorted({shlex.split(s)[0] for s in args.run})
+
+    def merge_all(say: bool) -> None:
+        for task in tasks:
+            files = sorted(f for name, _, f in procs if name.startswith(task + "/") and f.exists())
+            n = merge(files, out / f"{task}.jsonl")
+            if say:
+                print(f"{task}: {n} result lines", flush=True)
+
+    stopped, merged = False, time.time()
     while any(p.poll() is None for _, p, _ in procs):
         if args.deadline and time.time() - t0 > args.deadline and not stopped:
             for _, p, _ in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)
             stopped = True
+        if time.time() - merged > args.merge_every:  # what is done so far is in --out while the run goes on
+            merge_all(False)
+            merged = time.time()
         time.sleep(2)
     for name, p, _ in procs:
         print(f"{name}: exit {p.returncode}", flush=True)
-    for task in sorted({shlex.split(s)[0] for s in args.run}):
-        files = sorted(f for name, _, f in procs if name.startswith(task + "/") and f.exists())
-        print(f"{task}: {merge(files, out / f'{task}.jsonl')} result lines", flush=True)
+    merge_all(True)
     print(f"wall {time.time() - t0:.0f} s{' (stopped at the deadline; run again to resume)' if stopped else ''}")
     return 0
 

@@ -48,8 +48,8 @@ NEEDLES = {
     "confirm": [
         ("The lighthouse keeper buried the spare key under the third red stone by the gate.",
          "Where did the lighthouse keeper bury the spare key?", ["third red stone"]),
-        ("Professor Alvarez's flight to Lisbon departs at 6:45 from gate B17.",
-         "From which gate does Professor Alvarez's flight leave?", ["B17"]),
+        ("The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.",
+         "From which gate does the flight of Professor Alvarez leave?", ["B17"]),
         ("The old recipe calls for exactly 370 grams of dark rye flour.",
          "How many grams of rye flour does the old recipe need?", ["370"]),
     ],

@@ -7,7 +7,7 @@ import torch
 from eval_support import TEXT, byte_model, byte_tokenizer
 
 from tokensieve.cli import main
-from tokensieve.evaluation.calibrate import calibrate
+from tokensieve.evaluation.calibrate import NEEDLES, SPAN_RULES, calibrate, span_label
 from tokensieve.evaluation.needle import build_needle_prompt
 from tokensieve.runner import encode_prompt
 
@@ -84,8 +84,9 @@ def test_local_recall_is_what_local_gemfilter_keeps(setup):
     for scoring in ("window", "paper"):
         for layer in range(3):
             recalls = []
-            for depth in (0.3, 0.7):
-                p = build_needle_prompt(tok, TEXT, 500, depth)
+            for i, depth in enumerate((0.3, 0.7)):
+                text, question, _ = NEEDLES[i % len(NEEDLES)]  # calibrate takes its needles in turn
+                p = build_needle_prompt(tok, TEXT, 500, depth, text, question)
                 ids = encode_prompt(tok, p.messages)
                 kept = GemFilter(topk=topk, filter_layer=layer, scoring=scoring, filter_attention="local",
                                  n_initial=2, n_recent=w).select(model, ids)
@@ -123,3 +124,32 @@ def test_command_defaults_match_gemfilter():
     from tokensieve.methods.gemfilter import SCORINGS, GemFilter
 
     assert DEFAULT_N_INITIAL == GemFilter().n_initial and SCORING_NAMES == SCORINGS
+
+
+def test_span_recall_is_the_share_of_answer_tokens_each_rule_keeps(setup):
+    """At the chosen layer, each span rule's answer recall equals GemFilter's own selection with that rule,
+    checked on the answer phrases' tokens; the suggested rule is the one that keeps whole answers most often."""
+    from tokensieve.evaluation.needle import find_span
+    from tokensieve.methods.gemfilter import GemFilter
+
+    model, tok = setup
+    topk, depths = 40, (0.2, 0.6, 0.9)
+    cal = calibrate(model, tok, TEXT, [500], list(depths), topk=topk, scorings=("window",), progress=False)
+    assert set(cal.span_recall) == {span_label(*r) for r in SPAN_RULES}
+    for kernel, pooling, dilation in SPAN_RULES:
+        whole, recall = [], []
+        for i, depth in enumerate(depths):
+            text, question, expected = NEEDLES[i % len(NEEDLES)]
+            ids = encode_prompt(tok, build_needle_prompt(tok, TEXT, 500, depth, text, question).messages)
+            answer = torch.tensor(sorted({j for e in expected for j in find_span(tok, ids[0].tolist(), e)}))
+            kept = GemFilter(topk=topk, filter_layer=cal.best_layer, kernel=kernel, pooling=pooling,
+                             dilation=dilation).select(model, ids)
+            hit = torch.isin(answer, kept)
+            whole.append(bool(hit.all()))
+            recall.append(hit.float().mean().item())
+        got = cal.span_recall[span_label(kernel, pooling, dilation)]
+        assert got["answer_whole"] == pytest.approx(sum(whole) / len(whole), abs=1e-4)
+        assert got["answer_recall"] == pytest.approx(sum(recall) / len(recall), abs=1e-4)
+    best = max(r["answer_whole"] for r in cal.span_recall.values())
+    sp = cal.suggested_span
+    assert cal.span_recall[span_label(sp["kernel"], sp["pooling"], sp["dilation"])]["answer_whole"] == best

@@ -75,6 +75,11 @@ def run(args: argparse.Namespace) -> int:
         print(f"{i:>5} " + " ".join(f"{vals[i]:{width}.2f}" for _, vals in cols))
     extra = f" --param window_size={cal.window_size}" if cal.best_scoring == "window" and cal.window_size != DEFAULT_WINDOW_SIZE else ""
     print(f"chosen: --filter-layer {cal.best_layer} --scoring {cal.best_scoring}{extra}")
+    print(f"\nanswer tokens kept by each span rule at layer {cal.best_layer} (top-{args.topk}; whole: the whole answer kept)")
+    for label, r in cal.span_recall.items():
+        print(f"  {label:>10}  recall {r['answer_recall']:.2f}  whole {r['answer_whole']:.2f}")
+    sp = cal.suggested_span
+    print(f"span rule: --param kernel={sp['kernel']} --param pooling={sp['pooling']} --param dilation={sp['dilation']}")
     if cal.local_windows:
         if cal.suggested_window is None:
             print(f"local filter pass: no window in {cal.local_windows} is within 0.02 of dense at layer {cal.best_layer}: "

@@ -1,4 +1,5 @@
-"""Find a GemFilter filter layer for a model: needle recall of every layer's selection.
+"""Find a GemFilter filter layer and span rule for a model: needle recall of every layer's selection,
+then the share of the *answer's* tokens each span rule keeps at the chosen layer.
 
 For a few generated needle prompts, one forward pass records, at every layer,
 the scores GemFilter would compute there (both scorings); the recall of a
@@ -25,7 +26,7 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.attention import HOOK_KWARG
-from tokensieve.evaluation.needle import build_needle_prompt
+from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION, build_needle_prompt, find_span
 from tokensieve.methods.base import num_layers
 from tokensieve.methods.gemfilter import (
     DEFAULT_N_INITIAL,
@@ -35,6 +36,20 @@ from tokensieve.methods.gemfilter import (
     pool_and_select,
     token_scores,
 )
+from tokensieve.scoring import span_topk
+
+# The needles calibrate hides, taken in turn over the prompts: (needle, question, answer phrases). The second
+# one's answer is a value after a key, the case where isolated top-k tokens cut the answer.
+NEEDLES = (
+    (DEFAULT_NEEDLE, DEFAULT_QUESTION, DEFAULT_EXPECTED),
+    ("The access code of the north archive is 5183942.", "What is the access code of the north archive?", ("5183942",)),
+)
+# Span rules measured at the chosen layer: (kernel, pooling, dilation); the first is the paper's.
+SPAN_RULES = ((5, "avg", 1), (15, "avg", 1), (31, "avg", 1), (15, "max", 1), (5, "avg", 15), (5, "avg", 31), (5, "avg", 63))
+
+
+def span_label(kernel: int, pooling: str, dilation: int) -> str:
+    return f"{pooling}{kernel}" + (f"_d{dilation}" if dilation > 1 else "")
 from tokensieve.runner import encode_prompt
 
 
@@ -82,6 +97,10 @@ class Calibration:
     local_windows: list[int] = field(default_factory=list)
     local_recall: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # str(w) -> scoring -> per layer
     suggested_window: int | None = None  # smallest w within tolerance of dense at (best_layer, best_scoring)
+    # span rule label -> {"answer_recall": share of answer tokens kept, "answer_whole": share of prompts whose
+    # whole answer was kept}, at the chosen layer and scoring, top-``topk``
+    span_recall: dict[str, dict[str, float]] = field(default_factory=dict)
+    suggested_span: dict[str, int | str] = field(default_factory=dict)  # kernel, pooling, dilation
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -114,11 +133,15 @@ def calibrate(
     variants: list[int | None] = [None, *windows]
     sums = {(v, s): torch.zeros(L) for v in variants for s in scorings}
     cells = [(n, d) for n in lengths for d in depths]
-    for n, d in tqdm(cells, desc="calibrate", disable=not progress):
-        p = build_needle_prompt(tokenizer, haystack, n, d)
+    kept_scores: list[tuple[dict[str, list[torch.Tensor]], torch.Tensor]] = []  # per prompt: dense scores, answer tokens
+    for i, (n, d) in enumerate(tqdm(cells, desc="calibrate", disable=not progress)):
+        text, question, expected = NEEDLES[i % len(NEEDLES)]
+        p = build_needle_prompt(tokenizer, haystack, n, d, text, question)
         ids = encode_prompt(tokenizer, p.messages).to(model.device)
         needle = torch.tensor(p.needle_span)
         dense = all_layer_scores_by_scoring(model, ids, scorings, window_size)
+        answer = sorted({j for e in expected for j in find_span(tokenizer, ids[0].tolist(), e)})
+        kept_scores.append(({s: [x.cpu() for x in dense[s]] for s in scorings}, torch.tensor(answer)))
         for v in variants:
             by_scoring = dense if v is None or v >= ids.shape[1] else all_layer_scores_by_scoring(
                 model, ids, scorings, window_size, local_window=v, n_initial=n_initial)
@@ -140,6 +163,14 @@ def calibrate(
     top, _, s = best
     cal.best_scoring = s
     cal.best_layer = next(i for i, x in enumerate(cal.recall[s]) if x >= top - tolerance)
+    for rule in SPAN_RULES:
+        hits = [torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float() for scores, answer in kept_scores]
+        cal.span_recall[span_label(*rule)] = {"answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),
+                                              "answer_whole": round(sum(bool(h.all()) for h in hits) / len(hits), 4)}
+    # the rule that keeps whole answers most often; then more answer tokens; then the narrower rule (ties by order)
+    best_rule = max(SPAN_RULES, key=lambda r: (cal.span_recall[span_label(*r)]["answer_whole"],
+                                               cal.span_recall[span_label(*r)]["answer_recall"], -r[2], -r[0]))
+    cal.suggested_span = {"kernel": best_rule[0], "pooling": best_rule[1], "dilation": best_rule[2]}
     dense_at_best = cal.recall[s][cal.best_layer]
     cal.suggested_window = next(
         (w for w in sorted(windows) if cal.local_recall[str(w)][s][cal.best_layer] >= dense_at_best - tolerance), None

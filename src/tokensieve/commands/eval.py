@@ -1,4 +1,4 @@
-"""`tokensieve eval TASK`: accuracy and speed of methods on needle, RULER-style, LongBench and perplexity tasks.
+"""`tokensieve eval TASK`: accuracy and speed of methods on needle, RULER-style, LongBench, multi-turn and perplexity tasks.
 
 Each run appends one JSON line per (sample, method) to ``OUT/<task>.jsonl``
 (running the same command again resumes), prints a summary table, and writes
@@ -21,7 +21,7 @@ from tokensieve.commands.common import (
 from tokensieve.evaluation.harness import Task
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
 
-TASKS = ("needle", "ruler", "longbench", "ppl")
+TASKS = ("needle", "ruler", "longbench", "multiturn", "ppl")
 SHOWN_FAILURES = 5  # failed cells listed on stderr at the end of a run (then a count)
 
 
@@ -73,6 +73,29 @@ def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 else str(n)
 
 
+def _gib(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the cache), got {text!r}")
+    return value
+
+
+def add_multiturn_args(p: argparse.ArgumentParser) -> None:
+    from tokensieve.evaluation.multiturn import DEFAULT_TURNS
+
+    add_common_args(p, "multiturn", [1024, 2048, 4096], 5)
+    p.add_argument("--seed", type=int, default=0, help="seed of the generated conversations (default 0)")
+    p.add_argument("--turns", type=positive_int, default=DEFAULT_TURNS,
+                   help=f"facts in the document, one question per turn (default {DEFAULT_TURNS})")
+    p.add_argument("--haystack", default=None, help="text file for the document (default: the PG-19 books)")
+    p.add_argument("--prefix-cache-gib", type=_gib, default=1.0,
+                   help="prefix cache per conversation in GiB (default 1); 0 runs every turn without it")
+    p.set_defaults(func=run)
+
+
 def add_needle_args(p: argparse.ArgumentParser) -> None:
     add_common_args(p, "needle", [1024, 2048, 4096], None)
     p.add_argument("--depths", type=parse_fractions, default=[0.0, 0.25, 0.5, 0.75, 1.0], help="needle depths in [0,1] (default 0,0.25,0.5,0.75,1)")
@@ -121,6 +144,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     lb.add_argument("--datasets", type=_names, default=None, help="only these datasets of the file (default all)")
     lb.set_defaults(func=run)
 
+    add_multiturn_args(tasks.add_parser(
+        "multiturn", help="several questions on one document in one conversation, through the prefix cache",
+        description="Multi-turn (SCBench's multi-turn mode): a PG-19 document with --turns facts at distinct depths, "
+                    "one question per turn in one conversation (earlier questions and the model's answers stay in the "
+                    "chat); each turn reuses the document and earlier turns from the prefix cache where the method "
+                    "allows it. Scored per turn by the expected answer found; one line per conversation and method."))
+
     pp = tasks.add_parser("ppl", help="perplexity of a text file (any method, or plain sliding windows)",
                           description="Perplexity of a text: 'decode' mode prefills each window's start with the method and teacher-forces its last --score-tokens through the method's decoding; 'sliding' mode is plain strided perplexity (full attention only).")
     add_common_args(pp, "ppl", [1024, 2048], 4)
@@ -166,6 +196,12 @@ def build_task(args: argparse.Namespace) -> Task:
         from tokensieve.evaluation.longbench import LongBenchTask
 
         return LongBenchTask(args.data, lengths, args.samples, args.datasets, mnt, *enc)
+    if name == "multiturn":
+        from tokensieve.evaluation.multiturn import MultiTurnTask
+
+        hay = read_text(args.haystack, max(lengths) * 8, *enc)
+        return MultiTurnTask(hay, lengths, args.samples, args.seed, args.turns, args.haystack or "pg19", mnt,
+                             args.prefix_cache_gib)
     if name == "ppl":
         from tokensieve.evaluation.ppl import PerplexityTask
 

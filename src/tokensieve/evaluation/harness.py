@@ -115,15 +115,8 @@ class Task:
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
     ) -> dict[str, Any]:
         """Run one cell; return the fields of its result line (``score`` included)."""
-        import torch
-
-        from tokensieve.runner import generate
-
-        res = generate(
-            model, tokenizer, torch.tensor([sample.input_ids]), method=method,
-            max_new_tokens=self.max_tokens(sample), allow_long=allow_long,
-        )
-        return self.result_fields(sample, res)
+        res, revivals = run_generation(model, tokenizer, sample.input_ids, method, self.max_tokens(sample), allow_long)
+        return self.result_fields(sample, res) | revivals
 
     def result_fields(self, sample: Sample, res: GenerationResult) -> dict[str, Any]:
         return generation_fields(res) | {"score": self.score(sample, res.text)}
@@ -147,6 +140,153 @@ def generation_fields(res: GenerationResult) -> dict[str, Any]:
         "peak_memory_bytes": res.peak_memory_bytes,
         "generated_tokens": res.generated_tokens,
         "details": {k: v for k, v in res.details.items() if isinstance(v, (int, float, str, bool, type(None)))},
+    }
+
+
+def run_generation(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int] | Any, method: Method,
+    max_new_tokens: int, allow_long: bool,
+) -> tuple[GenerationResult, dict[str, Any]]:
+    """``runner.generate`` for one prompt (token ids) as every generation task runs it: the result, and the
+    fields every result line adds for the method (LazyLLM: :func:`revival_fields`; others: none)."""
+    import torch
+
+    from tokensieve.runner import generate
+
+    ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
+    probe = RevivalProbe(model, method) if method.name == "lazyllm" else None
+    if probe is None:
+        res = generate(model, tokenizer, ids, method=method, max_new_tokens=max_new_tokens, allow_long=allow_long)
+        return res, {}
+    res = generate(model, tokenizer, ids, method=probe.method, max_new_tokens=max_new_tokens, allow_long=allow_long,
+                   on_token=probe.on_token, decoders=probe.pool)
+    return res, revival_fields(probe.per_step(res), res.details)
+
+
+class RevivalProbe:
+    """LazyLLM's revivals per decoding step, read from the counters its decode paths already keep.
+
+    LazyLLM counts the (token, layer) KV entries it computes from its aux cache for tokens pruned
+    earlier (``revived_kv_computations``): ``LazyDecoder.revived_computations`` on the static path,
+    ``LazyState.revived_computations`` on the eager one. The probe reads that host-side integer each
+    time a token is chosen (``generate``'s ``on_token``: nothing is read from the device, nothing in
+    LazyLLM changes), so the difference between two reads is one decoding step's revivals. The
+    prefill revives nothing (every token is new there), so the count starts at 0.
+
+    ``pool`` is a fresh ``DecoderPool`` (what ``generate`` makes when given none), so its LazyLLM
+    decoder is this run's; ``method`` is the same LazyLLM (same parameters, same name) whose prefill
+    keeps a reference to its state, for the eager path.
+    """
+
+    def __init__(self, model: PreTrainedModel, method: Method) -> None:
+        from tokensieve.decode import DecoderPool
+
+        self.pool = DecoderPool(model)
+        self.method = _observed_lazyllm(method)
+        self.reads: list[int | None] = []  # the count after decoding steps 1, 2, ...
+        self._calls = 0
+
+    def on_token(self, token_id: int) -> None:
+        self._calls += 1
+        if self._calls > 1:  # the first token comes from the prefill; each later one follows a step
+            self.reads.append(self._count())
+
+    def _count(self) -> int | None:
+        from tokensieve.decode import LazyDecoder
+
+        for d in self.pool.decoders.values():
+            if isinstance(d, LazyDecoder):
+                return d.revived_computations
+        state = getattr(self.method, "observed_state", None)
+        return getattr(state, "revived_computations", None)
+
+    def per_step(self, res: GenerationResult) -> list[int] | None:
+        """Revived (token, layer) entries of each decoding step (None where the counter was not readable).
+
+        ``on_token`` is not called for an end-of-sequence token, so the step that chose it is read from
+        the run's final count (``details["revived_kv_computations"]``)."""
+        steps = len(res.step_times_s)
+        reads = list(self.reads[:steps])
+        total = res.details.get("revived_kv_computations")
+        if any(r is None for r in reads) or total is None or len(reads) < steps - 1:
+            return None
+        if len(reads) == steps - 1:
+            reads.append(int(total))
+        cumulative = [0] + reads
+        return [b - a for a, b in zip(cumulative, cumulative[1:])]
+
+
+def _observed_lazyllm(method: Method) -> Method:
+    """``method`` (a LazyLLM) as an instance whose ``prefill`` keeps its state in ``observed_state``."""
+    import dataclasses
+
+    from tokensieve.methods.lazyllm import LazyLLM
+
+    if not isinstance(method, LazyLLM):
+        return method
+    return _observing_class()(**{f.name: getattr(method, f.name) for f in dataclasses.fields(method)})
+
+
+_OBSERVING: list[type] = []
+
+
+def _observing_class() -> type:
+    if not _OBSERVING:
+        from tokensieve.methods.lazyllm import LazyLLM
+
+        class ObservedLazyLLM(LazyLLM):  # same dataclass fields, name and parameters: only prefill is wrapped
+            observed_state = None
+
+            def prefill(self, model, input_ids):  # type: ignore[override]
+                self.observed_state = super().prefill(model, input_ids)
+                return self.observed_state
+
+        _OBSERVING.append(ObservedLazyLLM)
+    return _OBSERVING[0]
+
+
+REVIVAL_FIELDS = ("revived_per_step_mean", "revived_per_step_max", "revived_total", "revived_tokens", "revival_steps",
+                  "decode_steps")
+
+
+def revival_fields(per_step: list[int] | None, details: dict[str, Any]) -> dict[str, Any]:
+    """LazyLLM's revival counts for a result line (units: (token, layer) KV entries computed from the aux cache).
+
+    ``revived_per_step_mean``/``_max``: over the decoding steps (None without a step); ``revived_total``:
+    the whole generation; ``revived_tokens``: distinct tokens revived at least once; ``revival_steps``:
+    decoding steps that revived something; ``decode_steps``: decoding steps run.
+    """
+    total = details.get("revived_kv_computations")
+    steps = None if per_step is None else len(per_step)
+    return {
+        "revived_per_step_mean": total / steps if steps and total is not None else None,
+        "revived_per_step_max": max(per_step) if per_step else None,
+        "revived_total": total,
+        "revived_tokens": details.get("revived_tokens"),
+        "revival_steps": None if per_step is None else sum(x > 0 for x in per_step),
+        "decode_steps": steps,
+    }
+
+
+def merge_revival_fields(parts: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """:func:`revival_fields` of several generations (e.g. the turns of a conversation) as one: totals and
+    steps summed, the mean over all their steps, the largest step."""
+    if not parts:
+        return {}
+
+    def total(key: str) -> int | None:
+        values = [p.get(key) for p in parts]
+        return None if any(v is None for v in values) else sum(values)
+
+    steps, revived = total("decode_steps"), total("revived_total")
+    maxes = [p["revived_per_step_max"] for p in parts if p.get("revived_per_step_max") is not None]
+    return {
+        "revived_per_step_mean": revived / steps if steps and revived is not None else None,
+        "revived_per_step_max": max(maxes) if maxes and steps else None,
+        "revived_total": revived,
+        "revived_tokens": total("revived_tokens"),
+        "revival_steps": total("revival_steps"),
+        "decode_steps": steps,
     }
 
 

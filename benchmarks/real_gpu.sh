@@ -58,6 +58,7 @@ suite)
   TOKENSIEVE_PG19=$Q/data/pg19 python3 benchmarks/span_selection.py --model $M --device cuda --dtype bfloat16 \
     --set tune --lengths 4096,8192,16384 --answers --answer-rules avg5,avg15,avg31,avg5_d15,avg5_d31,max15 \
     --out $Q/results/span_tune_qwen05.json > $Q/span_qwen05.log 2>&1 &
+  export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   python3 benchmarks/gpu_eval.py --work $Q/work --out $Q/results --methods full,gemfilter,snapkv,streamingllm,h2o,sepllm,lazyllm \
     --run "needle $R $NEEDLE" \
     --run "ruler $R $RULER" \
@@ -65,6 +66,7 @@ suite)
     --run "ruler $R $RULER --methods snapkv,streamingllm,h2o --param budget=256" \
     --run "needle $R $NEEDLE --methods gemfilter,snapkv --param dilation=1" \
     --run "ruler $R $RULER --methods gemfilter,snapkv --param dilation=1" \
+    --run "multiturn --model $M --device cuda --dtype bfloat16 --lengths 8k,16k --samples ${MT_SAMPLES:-8} --seed 7" \
     --deadline "${SUITE_DEADLINE:-1200}"
   wait
   ;;

@@ -89,7 +89,7 @@ def test_local_recall_is_what_local_gemfilter_keeps(setup):
                 p = build_needle_prompt(tok, TEXT, 500, depth, text, question)
                 ids = encode_prompt(tok, p.messages)
                 kept = GemFilter(topk=topk, filter_layer=layer, scoring=scoring, filter_attention="local",
-                                 n_initial=2, n_recent=w).select(model, ids)
+                                 n_initial=2, n_recent=w, dilation=1).select(model, ids)  # layer recall: the paper's rule
                 recalls.append(torch.isin(torch.tensor(p.needle_span), kept).float().mean().item())
             assert cal.local_recall[str(w)][scoring][layer] == pytest.approx(sum(recalls) / 2, abs=1e-4)
     best = cal.recall[cal.best_scoring][cal.best_layer]

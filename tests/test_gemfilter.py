@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from conftest import random_ids, tiny_model
 
 import tokensieve
+from test_span_selection import slow_rank
+
+from tokensieve.methods.eviction import DEFAULT_DILATION
 from tokensieve.methods.gemfilter import GemFilter, pool_and_select
 
 FAMILIES = ["llama", "qwen2", "gemma3"]
@@ -86,12 +89,9 @@ def reference_scores(model, ids: torch.Tensor, layer: int, scoring: str, window:
     return scores
 
 
-def reference_select(scores: torch.Tensor, k: int, kernel: int = 5) -> list[int]:
-    n = scores.shape[0]
-    padded = F.pad(scores, (kernel // 2, kernel // 2))
-    pooled = torch.stack([padded[i : i + kernel].sum() / kernel for i in range(n)])
-    order = sorted(range(n), key=lambda i: -float(pooled[i]))[: min(k, n)]
-    return sorted(order)
+def reference_select(scores: torch.Tensor, k: int, kernel: int = 5, dilation: int = DEFAULT_DILATION) -> list[int]:
+    """GemFilter's kept set written out: zero-padded average pool, the span rule (``slow_rank``), top-k, sorted."""
+    return sorted(slow_rank(scores.tolist(), kernel, "avg", dilation)[: min(k, scores.shape[0])])
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])

@@ -12,9 +12,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import PLAIN, tiny_model
+from test_span_selection import slow_rank
 
 import tokensieve
 from tokensieve.attention import HOOK_KWARG, repeat_kv
+from tokensieve.methods.eviction import DEFAULT_DILATION
 from tokensieve.scoring import attention_scores
 from tokensieve.methods import H2O, FullAttention, SepLLM, SnapKV, StreamingLLM, make_method
 
@@ -202,14 +204,15 @@ def test_streamingllm_matches_masked_reference(model):
 # --- SnapKV and H2O: per layer and head, checked against eager attention and a dense reference -
 
 
-def snapkv_reference_keep(attn: torch.Tensor, kv_heads: int, budget: int, window: int, kernel: int) -> list[list[int]]:
-    """Kept prompt positions per KV head from eager attention weights [q_heads, n, n]."""
+def snapkv_reference_keep(attn: torch.Tensor, kv_heads: int, budget: int, window: int, kernel: int,
+                          dilation: int = DEFAULT_DILATION) -> list[list[int]]:
+    """Kept prompt positions per KV head from eager attention weights [q_heads, n, n]: the window's attention
+    summed per KV head, ranked by the span rule written out (``slow_rank``), plus the window."""
     n = attn.shape[-1]
     s = group_sum(attn[:, n - window :, : n - window].sum(1), kv_heads)  # [kv_heads, n - window]
-    s = F.avg_pool1d(s[:, None], kernel, stride=1, padding=kernel // 2)[:, 0]
     keep = []
     for h in range(kv_heads):
-        top = torch.topk(s[h], budget - window).indices.tolist()
+        top = slow_rank(s[h].double().tolist(), kernel, "avg", dilation)[: budget - window]
         keep.append(sorted(top + list(range(n - window, n))))
     return keep
 

@@ -26,6 +26,9 @@ from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positi
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
 
+# Span width of the selecting methods (GemFilter, SnapKV): each kept token brings its neighbours within 15
+# positions (scoring.span_rank). Chosen on tuning prompts by the share of whole answers kept (docs/gemfilter.md).
+DEFAULT_DILATION = 31
 MAX_SPAN_WIDTH = 4095  # upper bound of the pooling and span widths (kernel, dilation): wider only costs time
 
 

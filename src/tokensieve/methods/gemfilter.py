@@ -41,7 +41,7 @@ from transformers import PreTrainedModel
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
-from tokensieve.methods.eviction import MAX_SPAN_WIDTH, check_int
+from tokensieve.methods.eviction import DEFAULT_DILATION, MAX_SPAN_WIDTH, check_int
 from tokensieve.scoring import POOLINGS, attention_scores, head_sum, paper_scores, span_topk
 
 SCORINGS = ("paper", "window")
@@ -55,7 +55,6 @@ DEFAULT_N_RECENT = 2048  # recent tokens (itself included) every filter-pass que
 LOCAL_QUERY_CHUNK = 1024  # queries per SDPA call of the local filter attention
 DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
 DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
-DEFAULT_DILATION = 1  # span width of the selection (1: the paper's isolated top-k)
 
 # Filter layers (0-based) for known model shapes: (model_type, layers, hidden) -> r.
 # Llama-3.1-8B, Mistral-Nemo-12B and Phi-3.5-mini are the paper's values; the two

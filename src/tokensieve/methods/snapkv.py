@@ -25,7 +25,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
-from tokensieve.methods.eviction import MAX_SPAN_WIDTH, EvictionMethod, LayerCall, check_int
+from tokensieve.methods.eviction import DEFAULT_DILATION, MAX_SPAN_WIDTH, EvictionMethod, LayerCall, check_int
 from tokensieve.scoring import POOLINGS, attention_scores, span_scores, topk_with_recent
 
 
@@ -40,7 +40,7 @@ class SnapKV(EvictionMethod):
             scores the rest (the paper uses 32); always kept (formerly ``window``).
         kernel: pooling kernel over the scores (odd; 1 disables smoothing).
         pooling: ``"avg"`` (as in this project's reference description) or ``"max"``.
-        dilation: span width (odd; 1 = isolated entries, as the paper): each entry ranks with the best
+        dilation: span width (odd; 1 = isolated entries, as the paper; default 31, GemFilter's): each entry ranks with the best
             pooled score within ``dilation // 2`` positions, so kept entries come in whole spans
             (``scoring.span_rank``, the rule GemFilter uses).
     """
@@ -51,7 +51,7 @@ class SnapKV(EvictionMethod):
     window_size: int = 32
     kernel: int = 5
     pooling: str = "avg"
-    dilation: int = 1
+    dilation: int = DEFAULT_DILATION
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)

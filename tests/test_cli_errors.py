@@ -230,7 +230,7 @@ def test_hub_id_not_in_cache_fails_without_the_network(doc):
     assert res.stdout.split() == ["exit", "2", "attempts", "0"], res.stdout + res.stderr
     assert res.stderr.splitlines() == [
         "tokensieve ask: error: could not load model 'made-up-org/made-up-model-7': it is not an embedded model "
-        "(smollm2, gemma3-270m), local folder or .gguf file, and not in the local Hugging Face cache "
+        "(smollm2, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local folder or .gguf file, and not in the local Hugging Face cache "
         "(tokensieve does not download models: download it elsewhere and pass its folder)"]
 
 

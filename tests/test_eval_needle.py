@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
 import tokensieve
@@ -30,6 +31,17 @@ def test_samples_and_recall(tmp_path):
     rows = read_results(path)
     assert all(r["needle_recall"] is None for r in rows if r["method"] == "full")
     assert all(0 <= r["needle_recall"] <= 1 for r in rows if r["method"] == "gemfilter")
+    # answer_recall: the share of the expected phrases' tokens among the kept ones, recomputed here
+    for s in samples:
+        answer = s.meta["answer_span"]
+        assert "".join(tok.decode([s.input_ids[i]]) for i in answer).replace(" ", "") in ("sandwichDoloresPark", "DoloresParksandwich")
+        gem = tokensieve.make_method("gemfilter", topk=64)
+        from tokensieve.runner import generate
+
+        kept = set(generate(byte_model(), tok, torch.tensor([s.input_ids]), method=gem, max_new_tokens=1).kept_indices)
+        row = next(r for r in rows if r["method"] == "gemfilter" and r["key"] == s.key)
+        assert row["answer_recall"] == pytest.approx(sum(i in kept for i in answer) / len(answer))
+    assert all(r["answer_recall"] is None for r in rows if r["method"] == "full")
     assert len(task.plots(rows, tmp_path / "plots")) == 2
 
 

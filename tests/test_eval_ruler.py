@@ -24,6 +24,16 @@ def samples(tok):
     return {s.key: s for s in task.samples(tok)}
 
 
+def test_answer_span_is_where_the_answers_are_written(tok, samples):
+    for s in samples.values():
+        if s.meta["subtask"] in ("cwe", "fwe"):
+            assert "answer_span" not in s.meta
+            continue
+        span = s.meta["answer_span"]
+        text = "".join(tok.decode([s.input_ids[i]]) for i in span)
+        assert span == sorted(set(span)) and all(a in text for a in s.expected)
+
+
 def test_all_subtasks_and_keys(samples):
     assert sorted(samples) == sorted(f"{t}/{LENGTH}/{i}" for t in RULER_TASKS for i in range(2))
 

@@ -119,11 +119,30 @@ class Task:
         return self.result_fields(sample, res) | revivals
 
     def result_fields(self, sample: Sample, res: GenerationResult) -> dict[str, Any]:
-        return generation_fields(res) | {"score": self.score(sample, res.text)}
+        out = generation_fields(res) | {"score": self.score(sample, res.text)}
+        span = sample.meta.get("answer_span")
+        if span:  # where a selecting method fails: was the answer kept (None: the method keeps every token)
+            kept = None if res.kept_indices is None else set(res.kept_indices)
+            out["answer_recall"] = None if kept is None else sum(i in kept for i in span) / len(span)
+        return out
 
     def plots(self, rows: list[dict[str, Any]], out: Path) -> list[Path]:
         """Task-specific plots from its result lines (default: none)."""
         return []
+
+
+def answer_span(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], phrases: Iterable[str]) -> list[int]:
+    """Sorted prompt positions of the tokens of each phrase's first occurrence in ``ids`` (phrases not found
+    are skipped): the answer tokens a selecting method must keep for the model to read the answer."""
+    from tokensieve.evaluation.needle import find_span
+
+    out: set[int] = set()
+    for p in phrases:
+        try:
+            out.update(find_span(tokenizer, list(ids), p))
+        except ValueError:
+            continue
+    return sorted(out)
 
 
 def generation_fields(res: GenerationResult) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
 from tokensieve.errors import InputError
-from tokensieve.evaluation.harness import Sample, Task
+from tokensieve.evaluation.harness import Sample, Task, answer_span
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -137,7 +137,8 @@ class NeedleTask(Task):
             for d in self.depths:
                 p = build_needle_prompt(tokenizer, self.haystack, n, d, self.needle, self.question)
                 ids = encode_prompt(tokenizer, p.messages)[0].tolist()
-                yield Sample(f"{n}/{d:g}", n, ids, list(self.expected), {"depth": d, "needle_span": p.needle_span})
+                meta = {"depth": d, "needle_span": p.needle_span, "answer_span": answer_span(tokenizer, ids, self.expected)}
+                yield Sample(f"{n}/{d:g}", n, ids, list(self.expected), meta)
 
     def score(self, sample: Sample, answer: str) -> float:
         return score_answer(answer, sample.expected)

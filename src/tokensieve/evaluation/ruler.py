@@ -42,7 +42,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tokensieve.errors import InputError
-from tokensieve.evaluation.harness import Sample, Task, render, sample_seed
+from tokensieve.evaluation.harness import Sample, Task, answer_span, render, sample_seed
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -345,11 +345,13 @@ class RulerTask(Task):
         family = "niah" if task.startswith("niah") else task
         max_new = self.max_new_override or MAX_NEW_TOKENS[family]
         meta = {"subtask": task, "seed": seed, "units": units, "max_new_tokens": max_new} | b.meta
+        if family in ("niah", "vt"):  # where each answer is written once in the prompt (cwe/fwe: words repeat)
+            meta["answer_span"] = answer_span(tokenizer, ids, b.answers)
         return Sample(f"{task}/{length}/{index}", length, ids, b.answers, meta)
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
-        for task in self.tasks:
-            for n in self.lengths:
+        for n in self.lengths:  # length first: a run stopped early has every subtask at the lengths it reached
+            for task in self.tasks:
                 for i in range(self.n_samples):
                     yield self.build_sample(tokenizer, task, n, i)
 

@@ -3,8 +3,8 @@
 # one warm machine, then one call sets up and starts the whole suite in the background and later calls
 # collect what is done. Every call runs in the repository root there; $OUT comes back.
 #
-#   here:  split -b 56623104 -d -a 1 MODEL.gguf .gpu/piece/NAME.   (one piece under .gpu/piece per call)
-#   there: bash benchmarks/real_gpu.sh recv             (carry .gpu/piece; the first call also carries .gpu/data)
+#   here:  split -b 56623104 -d -a 1 qwen05.gguf piece.; piece.N into .gpu/pN/qwen05.N (ignored: .git/info/exclude)
+#   there: bash benchmarks/real_gpu.sh recv             (carry .gpu/pN, one per call; the first also .gpu/data)
 #          bash benchmarks/real_gpu.sh setup            (assemble, check SHA-256, dequantize; TTFT bench; start)
 #          bash benchmarks/real_gpu.sh collect SECONDS  (wait, then pack the merged results into $OUT)
 #
@@ -17,7 +17,8 @@ mkdir -p "$Q"
 case "${1:-}" in
 recv)
   if [ -d .gpu/data ]; then rm -rf "$Q/data"; cp -r .gpu/data "$Q/data"; fi
-  for f in .gpu/piece/*; do cp "$f" "$Q/"; echo "got $(basename "$f") $(stat -c %s "$f")"; done
+  for f in .gpu/p[0-9]*/*; do [ -e "$Q/$(basename "$f")" ] || cp "$f" "$Q/"; done
+  for f in "$Q"/qwen05.?; do echo "have $(basename "$f") $(stat -c %s "$f")"; done
   ls -l "$Q" | tail -n +2 | wc -l
   ;;
 setup)

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import dataclasses
 import re
 import threading
@@ -526,12 +527,12 @@ def test_request_timeout_gives_504_and_stops_generation(tiny):
     with serving(app) as base:
         c = client(base)
         with pytest.raises(openai.APIStatusError) as e:
-            chat(c, "too slow", max_tokens=250, temperature=0)  # 250 x 50 ms, far past the 1 s timeout
+            chat(c, "too slow", max_tokens=240, temperature=0)  # 240 x 50 ms, far past the 1 s timeout
         assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "1 s" in e.value.body["message"]
         wait_until(lambda: len(engine.records) == 1, "the timed-out job to end")
-        assert engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens < 250
+        assert engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens < 240
         # a stream that already started ends with an error event (the client raises), not [DONE] alone
-        stream = chat(c, "slow stream", max_tokens=250, temperature=0, stream=True)
+        stream = chat(c, "slow stream", max_tokens=240, temperature=0, stream=True)
         with pytest.raises(openai.APIError) as e:
             stream_text(stream)
         assert "timeout" in str(e.value)
@@ -874,4 +875,156 @@ def test_prefix_cache_off(tiny):
             assert r.usage.prompt_tokens_details.cached_tokens == 0 == r.model_extra["tokensieve"]["prefix_cached_tokens"]
         assert httpx2.get(f"{base}/health").json()["prefix_cache"] == {"enabled": False, "reason": "disabled (size 0)"}
         assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 0
+        c.close()
+
+
+# ---------------------------------------------------------------- hostile input, tenants (issue 22)
+
+
+def test_sampling_values_inside_the_documented_ranges_never_give_nan(tiny, tiny_server):
+    model, tok = tiny
+    base, _ = tiny_server
+    c = client(base)
+    greedy = chat(c, "pick the likeliest", max_tokens=8, temperature=0).choices[0].message.content
+    assert greedy == reference_text(model, tok, [{"role": "user", "content": "pick the likeliest"}], 8)
+    for kw in ({"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-9, "top_p": 0.5},
+               {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 2.0, "top_p": 1e-300, "top_k": 3}):
+        for stream in (False, True):
+            top_k = kw.pop("top_k", None)
+            r = chat(c, "pick the likeliest", max_tokens=8, stream=stream, **kw, extra_body={"top_k": top_k} if top_k else None)
+            if top_k:
+                kw["top_k"] = top_k
+            text = stream_text(r)[0] if stream else r.choices[0].message.content
+            assert text == greedy, kw  # a tiny temperature is greedy; a tiny top_p keeps only the likeliest token
+    c.close()
+
+
+def test_method_parameters_are_bounded_before_any_work(tiny_server):
+    base, app = tiny_server
+    done = len(app.state.engine.records)
+    prompt = "words, separators. and more words! " * 3
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for name, cls in METHODS.items():
+            for f in dataclasses.fields(cls):
+                for v in (2**62, -(2**62), 2**31, [2**40]):
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, f.name: v}}
+                    r = http.post(CHAT, json=body)
+                    assert r.status_code == 400, (name, f.name, v, r.text)
+                    assert r.json()["error"]["param"] == "tokensieve" and f.name in r.json()["error"]["message"], r.text
+        # performance-only widths: a request may not set them below the server's minimum
+        for ext in ({"method": "h2o", "budget": 40, "chunk_size": 1}, {"method": "sepllm", "block_size": 16},
+                    {"method": "gemfilter", "topk": 20, "window_size": 4, "chunk_size": 8}):
+            r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": ext})
+            assert r.status_code == 400 and "at least 128" in r.json()["error"]["message"], (ext, r.text)
+        r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": {"method": "sepllm", "block_size": 128}})
+        assert r.status_code == 200
+        # a pooling / span width wider than the prompt is fine (the widths are bounded by MAX_SPAN_WIDTH)
+        for name, ext in (("gemfilter", {"topk": 8}), ("snapkv", {"budget": 20, "window_size": 4})):
+            r = http.post(CHAT, json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
+                                      "tokensieve": {"method": name, "kernel": 4095, "dilation": 4095, "pooling": "max", **ext}})
+            assert r.status_code == 200, r.text
+    assert len(app.state.engine.records) == done + 3  # the refused ones never reached the worker
+
+
+def test_prompt_plus_max_tokens_past_the_positions_is_400_with_vllms_wording(tiny_server):
+    base, _ = tiny_server
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for endpoint, body, n, param in [(CHAT, {"messages": [{"role": "user", "content": "p" * 200}]}, 200, "messages"),
+                                         (COMP, {"prompt": "q" * 250}, 250, "prompt")]:
+            r = http.post(endpoint, json={**body, "max_tokens": 60})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and err["param"] == param
+            assert err["message"] == (
+                f"This model's maximum context length is 256 tokens. However, you requested {n + 60} tokens "
+                f"({n} in the messages, 60 in the completion). Please reduce the length of the messages or completion.")
+            assert http.post(endpoint, json={**body, "max_tokens": 256 - n}).status_code == 200  # exactly at the limit
+        # without max_tokens the server's default (16) is cut to what the positions leave
+        r = http.post(COMP, json={"prompt": "r" * 250, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 6
+        r = http.post(COMP, json={"prompt": "r" * 256})  # nothing left for an answer
+        assert r.status_code == 400 and "256 in the messages" in r.json()["error"]["message"]
+
+
+def test_text_no_tokenizer_can_encode_is_400(tiny_server):
+    base, _ = tiny_server
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for endpoint, body, param in [(CHAT, {"messages": [{"role": "user", "content": "a \udcff b"}]}, "messages"),
+                                      (COMP, {"prompt": "a \ud800"}, "prompt")]:
+            raw = json.dumps(body).encode()  # "\\udcff": valid JSON, a lone surrogate once decoded
+            r = http.post(endpoint, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "not valid Unicode" in r.json()["error"]["message"]
+
+
+def test_cache_salt_keeps_tenants_apart(tiny):
+    """Client B cannot learn how much of client A's prompt is cached: with another salt (or none) it
+    reuses nothing, whatever it guesses; A's own later requests still reuse A's prefix."""
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01)
+    secret = "Vault log: the code is 4711. Keep it. " * 2
+    msgs = lambda question: [{"role": "system", "content": secret}, {"role": "user", "content": question}]  # noqa: E731
+    with serving(app) as base:
+        a, b = client(base), client(base)
+
+        def cached(c, question, salt=None, **kw):
+            extra = {"cache_salt": salt} if salt is not None else {}
+            r = c.chat.completions.create(model="m", messages=msgs(question), max_tokens=2, temperature=0, extra_body=extra, **kw)
+            assert r.usage.prompt_tokens_details.cached_tokens == r.model_extra["tokensieve"]["prefix_cached_tokens"]
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        def attacker(c) -> list[int]:
+            """B's guesses at A's code, with its own salt and with none: the cached counts it sees."""
+            counts = [cached(c, "what is the code?", "tenant-b"), cached(c, "what is the code?")]
+            for g in (4700, 4711, 4712):
+                r = c.chat.completions.create(
+                    model="m", messages=[{"role": "system", "content": secret.replace("4711", str(g))}, {"role": "user", "content": "x?"}],
+                    max_tokens=2, extra_body={"cache_salt": "tenant-c"})
+                counts.append(r.usage.prompt_tokens_details.cached_tokens)
+            return counts
+
+        assert cached(a, "what is the code?", "tenant-a") == 0  # A computes and stores its document
+        assert cached(a, "who keeps it?", "tenant-a") >= len(secret)  # A reuses it
+        seen = attacker(b)
+        assert seen[:3] == [0, 0, 0]  # B's exact copy of A's document: nothing cached, no hint of a match
+        assert cached(a, "and the keeper?", "tenant-a") >= len(secret)  # A's entry is still A's
+        store = app.state.engine.prefix_store
+        assert len({e.salt for e in store.entries()}) >= 3 and all(e.salt is None or len(e.salt) == 64 for e in store.entries())
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "cache_salt": ""})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+        a.close()
+        b.close()
+    # what B sees is what it sees on a server where A never was: its counts depend on its own requests only
+    with serving(create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01)) as fresh:
+        b = client(fresh)
+        assert attacker(b) == seen
+        b.close()
+
+
+def test_a_failed_request_drops_only_its_own_prefix_entries(tiny):
+    model, tok = tiny
+
+    def flaky(m, t, input_ids, on_token=None, **kw):
+        def each(token_id):
+            if "boom" in t.decode(input_ids[0]):
+                raise RuntimeError("simulated failure after the prefill")
+            return on_token(token_id)
+
+        return generate(m, t, input_ids, on_token=each, **kw)
+
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, generate_fn=flaky)
+    store = app.state.engine.prefix_store
+    doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
+    with serving(app) as base:
+        c = client(base)
+        assert c.chat.completions.create(model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens == 0
+        kept = [e.ids.tolist() for e in store.entries()]
+        assert len(kept) == 1
+        with pytest.raises(openai.InternalServerError):  # another client's request stores its own document, then fails
+            c.chat.completions.create(model="m", messages=[{"role": "system", "content": "boom " * 20}, {"role": "user", "content": "q?"}],
+                                      max_tokens=2)
+        assert [e.ids.tolist() for e in store.entries()] == kept  # its entry is gone, the first client's stays
+        r = c.chat.completions.create(model="m", messages=doc, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens >= len(PREFIX_DOC)
+        assert metric(base, "tokensieve_prefix_cache_entries") == len(store)
         c.close()

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import dataclasses
+import hashlib
 import logging
 import math
 import threading
@@ -43,7 +44,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.decode import DecoderPool
-from tokensieve.errors import InputError, PromptTooLongError
+from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, max_positions
 from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
@@ -60,6 +61,13 @@ BatchFn = Callable[..., list[GenerationResult]]
 # alone, through the cache: a long shared prefix (a document) saves more prefill than sharing decoding steps
 # saves; a shorter one (a chat template's system prompt) saves little, so such requests batch without the cache.
 PREFIX_ALONE_TOKENS = 128
+
+# Integer method parameters a request may give lie in [-MAX_PARAM_INT, MAX_PARAM_INT]: every real value
+# (budgets, windows, layers, chunk sizes) is far below, and a huge one is refused before any work.
+MAX_PARAM_INT = 2**31 - 1
+# Performance-only parameters: a request may not set them below these (a block or chunk of 1 costs many times
+# the default prefill and holds the worker); the server's own --param values are the operator's choice.
+PARAM_MINIMUMS = {"chunk_size": 128, "block_size": 128}
 
 
 class QueueFullError(Exception):
@@ -132,6 +140,60 @@ def check_param_types(method: str, params: dict[str, Any]) -> None:
         hint = hints.get(name) if name in names else None
         if hint is not None and _conforms(value, hint) is False:
             raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
+        ints = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_PARAM_INT for v in ints):
+            raise InputError(f"{method}: parameter {key!r} must lie in [-{MAX_PARAM_INT}, {MAX_PARAM_INT}], got {_short(value)}")
+
+
+def check_param_minimums(method: str, params: dict[str, Any]) -> None:
+    """``InputError`` for a performance-only parameter of a request below ``PARAM_MINIMUMS``."""
+    cls = METHODS[method]
+    for key, value in params.items():
+        name = cls.renamed.get(key, key)
+        low = PARAM_MINIMUMS.get(name)
+        if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise InputError(
+                f"{method}: parameter {key!r} only trades speed for memory; this server takes at least {low}, got {value}"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def context_length_error(limit: int, prompt_tokens: int, max_tokens: int, param: str) -> APIError:
+    """vLLM's 400 for a prompt plus ``max_tokens`` past the model's positions (same wording)."""
+    return invalid(
+        f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens + max_tokens} "
+        f"tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+        f"Please reduce the length of the messages or completion.",
+        param, code="context_length_exceeded",
+    )
+
+
+# The length precheck refuses, before tokenizing, a prompt of more characters than the model's positions times
+# the longest vocabulary entry times this slack (for normalizers that drop characters).
+LENGTH_PRECHECK_SLACK = 2
+
+
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Characters of the tokenizer's longest vocabulary entry (None when it has no readable vocabulary): no
+    token covers more characters of text (a byte-level entry spells one byte per character, a SentencePiece
+    one one character per character, byte-fallback entries like ``<0x41>`` one byte in six)."""
+    try:
+        longest = max((len(str(t)) for t in tokenizer.get_vocab()), default=0)
+    except Exception:
+        return None
+    return longest if longest > 0 else None
+
+
+def prefix_salt(tenant: str | None, cache_salt: str | None) -> str | None:
+    """The prefix-cache salt of a request: its API key and its ``cache_salt`` together (None when neither)."""
+    if tenant is None and cache_salt is None:
+        return None
+    parts = [p if p is None else f"{len(p)}:{p}" for p in (tenant, cache_salt)]
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- text
@@ -242,6 +304,7 @@ class PreparedRequest:
     method: Method
     sampling: Sampling
     prefix_tokens: int | None = None  # leading prompt tokens to store in the prefix cache; None: no prefix cache
+    prefix_salt: str | None = None  # the tenant's prefix-cache key (``prefix_salt``)
 
     @property
     def prompt_tokens(self) -> int:
@@ -391,6 +454,7 @@ class Engine:
         self._decoders = DecoderPool(model)  # captured decoding steps, reused across requests (one per size bucket)
         self._stops = stop_token_ids(model, tokenizer)
         self._max_positions = max_positions(model)
+        self._max_token_chars = max_token_chars(tokenizer)
         self._vocab = int(model.config.get_text_config().vocab_size)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
@@ -500,17 +564,24 @@ class Engine:
             raise invalid(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}", "tokensieve.method", code="unknown_method")
         try:
             check_param_types(name, params)
+            check_param_minimums(name, req.method_params)
             method = make_method(name, **params)
         except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
             raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None
         prompt_param = "messages" if req.kind == "chat" else "prompt"
+        self._precheck_length(req, prompt_param)
         input_ids = self._encode(req, prompt_param)
         n = int(input_ids.shape[1])
-        if self._max_positions is not None and n > self._max_positions:
+        limit = self._max_positions
+        if limit is not None and n > limit:
             raise invalid(
-                f"the prompt has {n} tokens, more than the model's maximum of {self._max_positions} positions; shorten it",
+                f"the prompt has {n} tokens, more than the model's maximum of {limit} positions; shorten it",
                 prompt_param, code="context_length_exceeded",
             )
+        if limit is not None and n + req.max_tokens > limit:
+            if req.max_tokens_given or n >= limit:
+                raise context_length_error(limit, n, req.max_tokens, prompt_param)
+            req = dataclasses.replace(req, max_tokens=limit - n)  # the server's default: what the positions leave
         try:
             with self._tok_lock:  # prepare() may read the tokenizer (SepLLM's separators)
                 run = prepare(self.model, self.tokenizer, input_ids, method)
@@ -518,7 +589,29 @@ class Engine:
             raise invalid(str(exc), prompt_param, code="context_length_exceeded") from None
         except (ValueError, TypeError) as exc:  # Method.validate names the bad parameter
             raise invalid(f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter") from None
-        return PreparedRequest(req, run.input_ids, run.method, sampling, self._prefix_tokens(req, run.method, run.input_ids))
+        return PreparedRequest(req, run.input_ids, run.method, sampling, self._prefix_tokens(req, run.method, run.input_ids),
+                               prefix_salt(req.tenant, req.cache_salt))
+
+    def _precheck_length(self, req: GenerationRequest, param: str) -> None:
+        """A 400 for a prompt that is surely too long, before tokenizing it: more token ids than positions,
+        or more characters than the positions can cover (``LENGTH_PRECHECK_SLACK``)."""
+        limit, per_token = self._max_positions, self._max_token_chars
+        if limit is None:
+            return
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            at_least, why = len(prompt), "token ids"
+        elif per_token is None:
+            return
+        else:
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)  # type: ignore[index]
+            at_least = chars // (per_token * LENGTH_PRECHECK_SLACK)
+            why = f"tokens ({chars} characters; no token of this tokenizer covers more than {per_token})"
+        if at_least > limit:
+            raise invalid(
+                f"the prompt has at least {at_least} {why}, more than the model's maximum of {limit} positions; shorten it",
+                param, code="context_length_exceeded",
+            )
 
     def _encode(self, req: GenerationRequest, param: str) -> torch.Tensor:
         prompt = req.prompt
@@ -533,12 +626,12 @@ class Engine:
                     ids = encode_prompt(self.tokenizer, prompt)  # type: ignore[arg-type]  # the chat template, when there is one
                 else:
                     ids = encode_prompt(self.tokenizer, prompt, use_chat_template=False)  # type: ignore[arg-type]
-        except ValueError as exc:  # e.g. "the prompt is empty"
+        except EmptyPromptError as exc:
             raise invalid(str(exc), param, code="empty_prompt") from None
-        except Exception as exc:
-            if type(exc).__module__.startswith("jinja2"):  # the chat template raised (e.g. roles must alternate)
-                raise invalid(f"the model's chat template rejected the messages: {exc}", "messages") from None
-            raise
+        except ChatTemplateError as exc:  # the chat template raised (e.g. roles must alternate)
+            raise invalid(str(exc), "messages") from None
+        except InputError as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
+            raise invalid(str(exc), param) from None
         if ids.numel() == 0:
             raise invalid("the prompt encodes to no tokens", param, code="empty_prompt")
         return ids
@@ -667,19 +760,20 @@ class Engine:
         t0 = time.monotonic()
         store = self.prefix_store
         use_prefix = store is not None and prep.prefix_tokens is not None
-        method = PrefixReuse(prep.method, store, prep.prefix_tokens) if use_prefix else prep.method  # type: ignore[arg-type]
+        method = PrefixReuse(prep.method, store, prep.prefix_tokens, prep.prefix_salt) if use_prefix else prep.method  # type: ignore[arg-type]
         evicted = store.stats.evicted if store is not None else 0
+        mark = store.mark() if store is not None else 0
         try:
             res = self._generate(
                 self.model, self.tokenizer, prep.input_ids, method=method, max_new_tokens=req.max_tokens,
                 sampling=prep.sampling, on_token=answer.push, decoders=self._decoders,
             )
         except InputError as exc:
+            self._drop_stored(mark)
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
             return
         except Exception as exc:
-            if store is not None:
-                store.clear()  # a prefix half-computed by a failed request is not kept
+            self._drop_stored(mark)  # what the failed request stored (maybe half-computed); everyone else's stays
             self._failed([job], exc)
             return
         self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * (time.monotonic() - t0)
@@ -692,6 +786,12 @@ class Engine:
             m.prefix_entries.set(len(store))
             m.prefix_evictions.inc(store.stats.evicted - evicted)
         self._complete(answer, res)
+
+    def _drop_stored(self, mark: int) -> None:
+        store = self.prefix_store
+        if store is not None and store.drop_since(mark):
+            self.metrics.prefix_bytes.set(store.nbytes)
+            self.metrics.prefix_entries.set(len(store))
 
     def _run_batch(self, jobs: list[Job]) -> None:
         """Jobs that ``joins`` allows together, through ``generate_batch`` (no prefix cache: ``batchable``)."""

@@ -1028,3 +1028,133 @@ def test_a_failed_request_drops_only_its_own_prefix_entries(tiny):
         assert r.usage.prompt_tokens_details.cached_tokens >= len(PREFIX_DOC)
         assert metric(base, "tokensieve_prefix_cache_entries") == len(store)
         c.close()
+
+
+def test_api_keys_guard_v1_and_keep_each_keys_prefix_cache_apart(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, api_keys=["key-one", "key-two"])
+    doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
+    with serving(app) as base:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-one"}, {"authorization": "Basic key-one"},
+                        {"authorization": "Bearer key-one-and-more"}, {"authorization": "Bearer"}):
+            for method, path in (("POST", CHAT), ("POST", COMP), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/nothing")):
+                r = httpx2.request(method, f"{base}{path}", json={"messages": MSG, "max_tokens": 2}, headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert httpx2.get(f"{base}/health").status_code == 200 and httpx2.get(f"{base}/metrics").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            client(base).models.list()  # client() sends the key "x"
+        one = openai.OpenAI(base_url=f"{base}/v1", api_key="key-one", max_retries=0)
+        two = openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0)
+        assert [m.id for m in one.models.list()] == ["tiny"]
+        cached = lambda c: c.chat.completions.create(  # noqa: E731
+            model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens
+        assert cached(one) == 0 and cached(one) >= len(PREFIX_DOC)  # key one stores, then reuses, its document
+        assert cached(two) == 0  # key two sends the same document: nothing of key one's is visible
+        assert cached(two) >= len(PREFIX_DOC)
+        assert metric(base, "tokensieve_requests_total", endpoint="/v1/models", status="401") >= 6
+        one.close()
+        two.close()
+
+
+def test_bodies_must_be_json_and_within_the_size_limit(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", max_body_bytes=4096)
+    engine = app.state.engine
+    with serving(app) as base, httpx2.Client(base_url=base, timeout=60) as http:
+        body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            r = http.post(CHAT, content=body, headers={"content-type": ctype} if ctype else {})
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+        for ctype in ("application/json", "Application/JSON; charset=utf-8"):
+            assert http.post(CHAT, content=body, headers={"content-type": ctype}).status_code == 200
+        big = json.dumps({"messages": [{"role": "user", "content": "z" * 5000}]}).encode()
+        r = http.post(CHAT, content=big, headers={"content-type": "application/json"})  # Content-Length: refused unread
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and "4096" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted while it is read
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        r = http.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert len(engine.records) == 2  # only the two good requests reached the worker
+        assert http.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_a_prompt_far_past_the_positions_is_refused_before_it_is_tokenized(tiny_server):
+    base, app = tiny_server
+    engine = app.state.engine
+    calls: list[str] = []
+    real = engine._encode
+    engine._encode = lambda req, param: calls.append(param) or real(req, param)
+    try:
+        with httpx2.Client(base_url=base, timeout=60) as http:
+            for endpoint, body, param in [(CHAT, {"messages": [{"role": "system", "content": "d" * 3000}, {"role": "user", "content": "q"}]}, "messages"),
+                                          (COMP, {"prompt": "e" * 100_000}, "prompt"), (COMP, {"prompt": [5] * 300}, "prompt")]:
+                r = http.post(endpoint, json=body)
+                err = r.json()["error"]
+                assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, r.text
+                assert "256 positions" in err["message"]
+            assert calls == []  # none of them reached the tokenizer
+            assert http.post(CHAT, json={"messages": [{"role": "user", "content": "f" * 300}]}).status_code == 400  # tokenized, then refused
+            assert calls == ["messages"]
+    finally:
+        engine._encode = real
+
+
+def test_serve_cli_refuses_a_blank_api_key_in_one_line(capsys):
+    from tokensieve import cli
+
+    assert cli.main(["serve", "--api-key", " padded "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--api-key" in err and "Traceback" not in err
+
+
+def test_the_request_timeout_stops_a_prefill_within_one_layer(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", request_timeout_s=0.6)
+    engine = app.state.engine
+    calls: list[float] = []
+
+    def slow_layer(module, args):  # each decoder layer of the prefill takes 0.4 s: the whole prefill 1.2 s
+        if threading.current_thread().name == "tokensieve-engine":
+            calls.append(time.monotonic())
+            time.sleep(0.4)
+
+    with serving(app) as base:  # registered after the engine's own deadline check: that one runs first
+        hooks = [layer.register_forward_pre_hook(slow_layer) for layer in model.model.layers]
+        try:
+            t0 = time.monotonic()
+            r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 4})
+            took = time.monotonic() - t0
+        finally:
+            for h in hooks:
+                h.remove()
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        wait_until(lambda: len(engine.records) == 1, "the job to end")
+        # layers 0 and 1 started before the deadline; layer 2 (at ~0.8 s) found it passed and never ran
+        assert len(calls) == 2 and engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens == 0
+        assert took < 1.1, took
+        assert httpx2.get(f"{base}/health").json()["status"] == "ok"
+        assert httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_health_reports_a_worker_stuck_past_its_deadline(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+
+    def stuck(*args, **kw):  # one step that ignores every check (a C loop)
+        assert gate.wait(WAIT_S)
+        return generate(*args, **kw)
+
+    app = create_app(model, tok, model_name="tiny", request_timeout_s=0.5, generate_fn=stuck)
+    with serving(app) as base, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx2.post, f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}, timeout=WAIT_S)
+        assert waiting.result(WAIT_S).status_code == 504  # the client gets its answer at the deadline
+        wait_until(lambda: httpx2.get(f"{base}/health").status_code == 503, "/health to see the stuck worker")
+        h = httpx2.get(f"{base}/health").json()
+        assert h["status"] == "stalled" and h["busy"] and h["overdue_s"] > 2.0
+        gate.set()
+        wait_until(lambda: httpx2.get(f"{base}/health").status_code == 200, "the worker to come back")
+        assert httpx2.get(f"{base}/health").json()["overdue_s"] == 0

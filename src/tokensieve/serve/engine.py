@@ -84,6 +84,26 @@ class EngineStoppedError(Exception):
     """The engine is not running (not started yet, or shutting down)."""
 
 
+class Interrupted(Exception):
+    """Raised inside a forward pass (at a decoder layer) when every job of the run was cancelled or is past its deadline."""
+
+
+# /health answers 503 "stalled" while a running job is this many seconds past its deadline (one step that does
+# not return: the deadline is checked at every decoder layer of every forward and between tokens)
+STALL_GRACE_S = 2.0
+
+
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's decoder layers (the first ``...layers`` module list as long as the model has layers), or []."""
+    from tokensieve.methods.base import num_layers
+
+    n = num_layers(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.split(".")[-1] == "layers" and len(mod) == n:
+            return list(mod)
+    return []
+
+
 # ---------------------------------------------------------------- method parameters from JSON
 
 
@@ -461,6 +481,7 @@ class Engine:
         self._running: list[Job] = []  # the job, or the batch, being generated
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._hooks: list[Any] = []  # the decoder layers' deadline checks (``start``)
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
         self._avg_run_s = 1.0  # running mean of a run's time (one job or one batch), for Retry-After
         self.records: deque[JobRecord] = deque(maxlen=history)
@@ -482,7 +503,35 @@ class Engine:
             if self._thread is not None:
                 raise RuntimeError("the engine was already started")
             self._thread = threading.Thread(target=self._work, name="tokensieve-engine", daemon=True)
+            # every decoder layer of every forward checks the running jobs' deadlines and cancellation, so a long
+            # prefill (or filter pass, or chunk loop) stops within one layer, not at its end
+            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in decoder_layers(self.model)]
             self._thread.start()
+
+    def _check_running(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook of each decoder layer: ``Interrupted`` on the worker thread when every running job
+        was cancelled or is past its deadline (those get ``cancel_reason`` ``timeout``)."""
+        if threading.current_thread() is not self._thread or not self._running:
+            return None
+        now = time.monotonic()
+        for job in self._running:
+            if not job.cancelled and job.deadline is not None and now > job.deadline:
+                job.cancel_reason = job.cancel_reason or "timeout"
+                job._cancel.set()
+        if all(job.cancelled for job in self._running):
+            raise Interrupted("every job of this run was cancelled or passed its deadline")
+        return None
+
+    @property
+    def overdue_s(self) -> float:
+        """Seconds the most overdue running job is past its deadline (0 when none is)."""
+        now = time.monotonic()
+        return max([now - job.deadline for job in list(self._running) if job.deadline is not None] + [0.0])
+
+    @property
+    def stalled(self) -> bool:
+        """A running job is more than ``STALL_GRACE_S`` past its deadline: one step does not return."""
+        return self.overdue_s > STALL_GRACE_S
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, fail the waiting ones (503), stop the running ones at their next token, join."""
@@ -499,6 +548,9 @@ class Engine:
             self._finish(job, "cancelled", Failed(shutting_down_error()))
         if self._thread is not None:
             self._thread.join(timeout_s)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @property
     def alive(self) -> bool:
@@ -768,6 +820,10 @@ class Engine:
                 self.model, self.tokenizer, prep.input_ids, method=method, max_new_tokens=req.max_tokens,
                 sampling=prep.sampling, on_token=answer.push, decoders=self._decoders,
             )
+        except Interrupted:
+            self._drop_stored(mark)
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
         except InputError as exc:
             self._drop_stored(mark)
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
@@ -804,6 +860,10 @@ class Engine:
                 max_new_tokens=[job.prepared.request.max_tokens for job in jobs], sampling=head.sampling,
                 on_token=lambda row, token_id: answers[row].push(token_id), decoders=self._decoders,
             )
+        except Interrupted:
+            for job in jobs:
+                self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
         except InputError as exc:
             for job in jobs:
                 self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))

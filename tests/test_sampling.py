@@ -70,3 +70,33 @@ def test_on_token_streams_every_token_and_can_stop():
     stopped: list[int] = []
     res = generate(model, tok, ids, max_new_tokens=10, on_token=lambda t: stopped.append(t) or len(stopped) < 4)
     assert stopped == res.token_ids == seen[:4]
+
+
+@pytest.mark.parametrize("temperature", [5e-324, 1e-300, 1e-45, 1e-38, 1e-8, 9.9e-6])
+def test_tiny_and_denormal_temperatures_are_greedy(temperature):
+    torch.manual_seed(1)
+    logits = torch.randn(3, 50) * 8
+    for top_p, top_k in [(1.0, 0), (0.3, 0), (1e-300, 5)]:
+        s = Sampling(temperature=temperature, top_p=top_p, top_k=top_k, seed=0)
+        assert s.greedy and s.generator(torch.device("cpu")) is None
+        assert s.choose(logits, None).tolist() == logits.argmax(-1, keepdim=True).tolist()
+
+
+@pytest.mark.parametrize("top_p", [5e-324, 1e-300, 1e-46, 1e-12])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    torch.manual_seed(2)
+    logits = torch.randn(4, 64) * 3
+    for temperature in (1e-5, 0.5, 2.0):
+        s = Sampling(temperature=temperature, top_p=top_p, seed=5)
+        g = s.generator(torch.device("cpu"))
+        for _ in range(20):  # only the most likely token survives top_p: every draw is the argmax
+            assert s.choose(logits, g).tolist() == logits.argmax(-1, keepdim=True).tolist()
+
+
+def test_rows_without_a_finite_probability_fall_back_to_the_argmax():
+    logits = torch.full((2, 8), float("-inf"))
+    logits[1, 3] = 0.0
+    logits[0, 5] = float("nan")
+    s = Sampling(temperature=1.0, top_p=0.5, seed=0)
+    out = s.choose(logits, s.generator(torch.device("cpu")))
+    assert out.shape == (2, 1) and out[1, 0] == 3 and 0 <= int(out[0, 0]) < 8

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import dataclasses
 import re
 import threading
@@ -526,12 +527,12 @@ def test_request_timeout_gives_504_and_stops_generation(tiny):
     with serving(app) as base:
         c = client(base)
         with pytest.raises(openai.APIStatusError) as e:
-            chat(c, "too slow", max_tokens=250, temperature=0)  # 250 x 50 ms, far past the 1 s timeout
+            chat(c, "too slow", max_tokens=240, temperature=0)  # 240 x 50 ms, far past the 1 s timeout
         assert e.value.status_code == 504 and e.value.body["code"] == "timeout" and "1 s" in e.value.body["message"]
         wait_until(lambda: len(engine.records) == 1, "the timed-out job to end")
-        assert engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens < 250
+        assert engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens < 240
         # a stream that already started ends with an error event (the client raises), not [DONE] alone
-        stream = chat(c, "slow stream", max_tokens=250, temperature=0, stream=True)
+        stream = chat(c, "slow stream", max_tokens=240, temperature=0, stream=True)
         with pytest.raises(openai.APIError) as e:
             stream_text(stream)
         assert "timeout" in str(e.value)
@@ -875,3 +876,285 @@ def test_prefix_cache_off(tiny):
         assert httpx2.get(f"{base}/health").json()["prefix_cache"] == {"enabled": False, "reason": "disabled (size 0)"}
         assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 0
         c.close()
+
+
+# ---------------------------------------------------------------- hostile input, tenants (issue 22)
+
+
+def test_sampling_values_inside_the_documented_ranges_never_give_nan(tiny, tiny_server):
+    model, tok = tiny
+    base, _ = tiny_server
+    c = client(base)
+    greedy = chat(c, "pick the likeliest", max_tokens=8, temperature=0).choices[0].message.content
+    assert greedy == reference_text(model, tok, [{"role": "user", "content": "pick the likeliest"}], 8)
+    for kw in ({"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-9, "top_p": 0.5},
+               {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 2.0, "top_p": 1e-300, "top_k": 3}):
+        for stream in (False, True):
+            top_k = kw.pop("top_k", None)
+            r = chat(c, "pick the likeliest", max_tokens=8, stream=stream, **kw, extra_body={"top_k": top_k} if top_k else None)
+            if top_k:
+                kw["top_k"] = top_k
+            text = stream_text(r)[0] if stream else r.choices[0].message.content
+            assert text == greedy, kw  # a tiny temperature is greedy; a tiny top_p keeps only the likeliest token
+    c.close()
+
+
+def test_method_parameters_are_bounded_before_any_work(tiny_server):
+    base, app = tiny_server
+    done = len(app.state.engine.records)
+    prompt = "words, separators. and more words! " * 3
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for name, cls in METHODS.items():
+            for f in dataclasses.fields(cls):
+                for v in (2**62, -(2**62), 2**31, [2**40]):
+                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, f.name: v}}
+                    r = http.post(CHAT, json=body)
+                    assert r.status_code == 400, (name, f.name, v, r.text)
+                    assert r.json()["error"]["param"] == "tokensieve" and f.name in r.json()["error"]["message"], r.text
+        # performance-only widths: a request may not set them below the server's minimum
+        for ext in ({"method": "h2o", "budget": 40, "chunk_size": 1}, {"method": "sepllm", "block_size": 16},
+                    {"method": "gemfilter", "topk": 20, "window_size": 4, "chunk_size": 8}):
+            r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": ext})
+            assert r.status_code == 400 and "at least 128" in r.json()["error"]["message"], (ext, r.text)
+        r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": {"method": "sepllm", "block_size": 128}})
+        assert r.status_code == 200
+        # a pooling / span width wider than the prompt is fine (the widths are bounded by MAX_SPAN_WIDTH)
+        for name, ext in (("gemfilter", {"topk": 8}), ("snapkv", {"budget": 20, "window_size": 4})):
+            r = http.post(CHAT, json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
+                                      "tokensieve": {"method": name, "kernel": 4095, "dilation": 4095, "pooling": "max", **ext}})
+            assert r.status_code == 200, r.text
+    assert len(app.state.engine.records) == done + 3  # the refused ones never reached the worker
+
+
+def test_prompt_plus_max_tokens_past_the_positions_is_400_with_vllms_wording(tiny_server):
+    base, _ = tiny_server
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for endpoint, body, n, param in [(CHAT, {"messages": [{"role": "user", "content": "p" * 200}]}, 200, "messages"),
+                                         (COMP, {"prompt": "q" * 250}, 250, "prompt")]:
+            r = http.post(endpoint, json={**body, "max_tokens": 60})
+            assert r.status_code == 400, r.text
+            err = r.json()["error"]
+            assert err["code"] == "context_length_exceeded" and err["param"] == param
+            assert err["message"] == (
+                f"This model's maximum context length is 256 tokens. However, you requested {n + 60} tokens "
+                f"({n} in the messages, 60 in the completion). Please reduce the length of the messages or completion.")
+            assert http.post(endpoint, json={**body, "max_tokens": 256 - n}).status_code == 200  # exactly at the limit
+        # without max_tokens the server's default (16) is cut to what the positions leave
+        r = http.post(COMP, json={"prompt": "r" * 250, "temperature": 0})
+        assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] <= 6
+        r = http.post(COMP, json={"prompt": "r" * 256})  # nothing left for an answer
+        assert r.status_code == 400 and "256 in the messages" in r.json()["error"]["message"]
+
+
+def test_text_no_tokenizer_can_encode_is_400(tiny_server):
+    base, _ = tiny_server
+    with httpx2.Client(base_url=base, timeout=60) as http:
+        for endpoint, body, param in [(CHAT, {"messages": [{"role": "user", "content": "a \udcff b"}]}, "messages"),
+                                      (COMP, {"prompt": "a \ud800"}, "prompt")]:
+            raw = json.dumps(body).encode()  # "\\udcff": valid JSON, a lone surrogate once decoded
+            r = http.post(endpoint, content=raw, headers={"content-type": "application/json"})
+            assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+            assert "not valid Unicode" in r.json()["error"]["message"]
+
+
+def test_cache_salt_keeps_tenants_apart(tiny):
+    """Client B cannot learn how much of client A's prompt is cached: with another salt (or none) it
+    reuses nothing, whatever it guesses; A's own later requests still reuse A's prefix."""
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01)
+    secret = "Vault log: the code is 4711. Keep it. " * 2
+    msgs = lambda question: [{"role": "system", "content": secret}, {"role": "user", "content": question}]  # noqa: E731
+    with serving(app) as base:
+        a, b = client(base), client(base)
+
+        def cached(c, question, salt=None, **kw):
+            extra = {"cache_salt": salt} if salt is not None else {}
+            r = c.chat.completions.create(model="m", messages=msgs(question), max_tokens=2, temperature=0, extra_body=extra, **kw)
+            assert r.usage.prompt_tokens_details.cached_tokens == r.model_extra["tokensieve"]["prefix_cached_tokens"]
+            return r.usage.prompt_tokens_details.cached_tokens
+
+        def attacker(c) -> list[int]:
+            """B's guesses at A's code, with its own salt and with none: the cached counts it sees."""
+            counts = [cached(c, "what is the code?", "tenant-b"), cached(c, "what is the code?")]
+            for g in (4700, 4711, 4712):
+                r = c.chat.completions.create(
+                    model="m", messages=[{"role": "system", "content": secret.replace("4711", str(g))}, {"role": "user", "content": "x?"}],
+                    max_tokens=2, extra_body={"cache_salt": "tenant-c"})
+                counts.append(r.usage.prompt_tokens_details.cached_tokens)
+            return counts
+
+        assert cached(a, "what is the code?", "tenant-a") == 0  # A computes and stores its document
+        assert cached(a, "who keeps it?", "tenant-a") >= len(secret)  # A reuses it
+        seen = attacker(b)
+        assert seen[:3] == [0, 0, 0]  # B's exact copy of A's document: nothing cached, no hint of a match
+        assert cached(a, "and the keeper?", "tenant-a") >= len(secret)  # A's entry is still A's
+        store = app.state.engine.prefix_store
+        assert len({e.salt for e in store.entries()}) >= 3 and all(e.salt is None or len(e.salt) == 64 for e in store.entries())
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "cache_salt": ""})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
+        a.close()
+        b.close()
+    # what B sees is what it sees on a server where A never was: its counts depend on its own requests only
+    with serving(create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01)) as fresh:
+        b = client(fresh)
+        assert attacker(b) == seen
+        b.close()
+
+
+def test_a_failed_request_drops_only_its_own_prefix_entries(tiny):
+    model, tok = tiny
+
+    def flaky(m, t, input_ids, on_token=None, **kw):
+        def each(token_id):
+            if "boom" in t.decode(input_ids[0]):
+                raise RuntimeError("simulated failure after the prefill")
+            return on_token(token_id)
+
+        return generate(m, t, input_ids, on_token=each, **kw)
+
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, generate_fn=flaky)
+    store = app.state.engine.prefix_store
+    doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
+    with serving(app) as base:
+        c = client(base)
+        assert c.chat.completions.create(model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens == 0
+        kept = [e.ids.tolist() for e in store.entries()]
+        assert len(kept) == 1
+        with pytest.raises(openai.InternalServerError):  # another client's request stores its own document, then fails
+            c.chat.completions.create(model="m", messages=[{"role": "system", "content": "boom " * 20}, {"role": "user", "content": "q?"}],
+                                      max_tokens=2)
+        assert [e.ids.tolist() for e in store.entries()] == kept  # its entry is gone, the first client's stays
+        r = c.chat.completions.create(model="m", messages=doc, max_tokens=2)
+        assert r.usage.prompt_tokens_details.cached_tokens >= len(PREFIX_DOC)
+        assert metric(base, "tokensieve_prefix_cache_entries") == len(store)
+        c.close()
+
+
+def test_api_keys_guard_v1_and_keep_each_keys_prefix_cache_apart(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, api_keys=["key-one", "key-two"])
+    doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
+    with serving(app) as base:
+        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-one"}, {"authorization": "Basic key-one"},
+                        {"authorization": "Bearer key-one-and-more"}, {"authorization": "Bearer"}):
+            for method, path in (("POST", CHAT), ("POST", COMP), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/nothing")):
+                r = httpx2.request(method, f"{base}{path}", json={"messages": MSG, "max_tokens": 2}, headers=headers)
+                assert r.status_code == 401, (headers, path, r.text)
+                assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
+        assert httpx2.get(f"{base}/health").status_code == 200 and httpx2.get(f"{base}/metrics").status_code == 200
+        with pytest.raises(openai.AuthenticationError):
+            client(base).models.list()  # client() sends the key "x"
+        one = openai.OpenAI(base_url=f"{base}/v1", api_key="key-one", max_retries=0)
+        two = openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0)
+        assert [m.id for m in one.models.list()] == ["tiny"]
+        cached = lambda c: c.chat.completions.create(  # noqa: E731
+            model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens
+        assert cached(one) == 0 and cached(one) >= len(PREFIX_DOC)  # key one stores, then reuses, its document
+        assert cached(two) == 0  # key two sends the same document: nothing of key one's is visible
+        assert cached(two) >= len(PREFIX_DOC)
+        assert metric(base, "tokensieve_requests_total", endpoint="/v1/models", status="401") >= 6
+        one.close()
+        two.close()
+
+
+def test_bodies_must_be_json_and_within_the_size_limit(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", max_body_bytes=4096)
+    engine = app.state.engine
+    with serving(app) as base, httpx2.Client(base_url=base, timeout=60) as http:
+        body = json.dumps({"messages": MSG, "max_tokens": 2}).encode()
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", None):
+            r = http.post(CHAT, content=body, headers={"content-type": ctype} if ctype else {})
+            assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_media_type", (ctype, r.text)
+        for ctype in ("application/json", "Application/JSON; charset=utf-8"):
+            assert http.post(CHAT, content=body, headers={"content-type": ctype}).status_code == 200
+        big = json.dumps({"messages": [{"role": "user", "content": "z" * 5000}]}).encode()
+        r = http.post(CHAT, content=big, headers={"content-type": "application/json"})  # Content-Length: refused unread
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and "4096" in r.json()["error"]["message"]
+
+        def chunks():  # no Content-Length: counted while it is read
+            for i in range(0, len(big), 1000):
+                yield big[i:i + 1000]
+
+        r = http.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+        assert len(engine.records) == 2  # only the two good requests reached the worker
+        assert http.post(CHAT, json={"messages": MSG, "max_tokens": 2}).status_code == 200
+
+
+def test_a_prompt_far_past_the_positions_is_refused_before_it_is_tokenized(tiny_server):
+    base, app = tiny_server
+    engine = app.state.engine
+    calls: list[str] = []
+    real = engine._encode
+    engine._encode = lambda req, param: calls.append(param) or real(req, param)
+    try:
+        with httpx2.Client(base_url=base, timeout=60) as http:
+            for endpoint, body, param in [(CHAT, {"messages": [{"role": "system", "content": "d" * 3000}, {"role": "user", "content": "q"}]}, "messages"),
+                                          (COMP, {"prompt": "e" * 100_000}, "prompt"), (COMP, {"prompt": [5] * 300}, "prompt")]:
+                r = http.post(endpoint, json=body)
+                err = r.json()["error"]
+                assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, r.text
+                assert "256 positions" in err["message"]
+            assert calls == []  # none of them reached the tokenizer
+            assert http.post(CHAT, json={"messages": [{"role": "user", "content": "f" * 300}]}).status_code == 400  # tokenized, then refused
+            assert calls == ["messages"]
+    finally:
+        engine._encode = real
+
+
+def test_serve_cli_refuses_a_blank_api_key_in_one_line(capsys):
+    from tokensieve import cli
+
+    assert cli.main(["serve", "--api-key", " padded "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--api-key" in err and "Traceback" not in err
+
+
+def test_the_request_timeout_stops_a_prefill_within_one_layer(tiny):
+    model, tok = tiny
+    app = create_app(model, tok, model_name="tiny", request_timeout_s=0.6)
+    engine = app.state.engine
+    calls: list[float] = []
+
+    def slow_layer(module, args):  # each decoder layer of the prefill takes 0.4 s: the whole prefill 1.2 s
+        if threading.current_thread().name == "tokensieve-engine":
+            calls.append(time.monotonic())
+            time.sleep(0.4)
+
+    with serving(app) as base:  # registered after the engine's own deadline check: that one runs first
+        hooks = [layer.register_forward_pre_hook(slow_layer) for layer in model.model.layers]
+        try:
+            t0 = time.monotonic()
+            r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 4})
+            took = time.monotonic() - t0
+        finally:
+            for h in hooks:
+                h.remove()
+        assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+        wait_until(lambda: len(engine.records) == 1, "the job to end")
+        # layers 0 and 1 started before the deadline; layer 2 (at ~0.8 s) found it passed and never ran
+        assert len(calls) == 2 and engine.records[0].outcome == "timeout" and engine.records[0].generated_tokens == 0
+        assert took < 1.1, took
+        assert httpx2.get(f"{base}/health").json()["status"] == "ok"
+        assert httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}).status_code == 200  # still serving
+
+
+def test_health_reports_a_worker_stuck_past_its_deadline(tiny):
+    model, tok = tiny
+    gate = threading.Event()
+
+    def stuck(*args, **kw):  # one step that ignores every check (a C loop)
+        assert gate.wait(WAIT_S)
+        return generate(*args, **kw)
+
+    app = create_app(model, tok, model_name="tiny", request_timeout_s=0.5, generate_fn=stuck)
+    with serving(app) as base, ThreadPoolExecutor(1) as pool:
+        waiting = pool.submit(httpx2.post, f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}, timeout=WAIT_S)
+        assert waiting.result(WAIT_S).status_code == 504  # the client gets its answer at the deadline
+        wait_until(lambda: httpx2.get(f"{base}/health").status_code == 503, "/health to see the stuck worker")
+        h = httpx2.get(f"{base}/health").json()
+        assert h["status"] == "stalled" and h["busy"] and h["overdue_s"] > 2.0
+        gate.set()
+        wait_until(lambda: httpx2.get(f"{base}/health").status_code == 200, "the worker to come back")
+        assert httpx2.get(f"{base}/health").json()["overdue_s"] == 0

@@ -16,3 +16,11 @@ class InputError(ValueError):
 
 class PromptTooLongError(InputError):
     """The prompt is longer than the model's maximum position (pass ``allow_long=True`` to run anyway)."""
+
+
+class ChatTemplateError(InputError):
+    """The tokenizer's chat template refused the messages (e.g. roles that must alternate)."""
+
+
+class EmptyPromptError(InputError):
+    """The prompt holds no text."""

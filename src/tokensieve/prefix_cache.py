@@ -60,6 +60,7 @@ class PrefixState:
     ids: torch.Tensor  # [tokens] int64, on the CPU
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
+    salt: str | None = None  # the tenant that computed it: only requests with the same salt see it
 
     @property
     def tokens(self) -> int:
@@ -83,7 +84,9 @@ class StoreStats:
 class PrefixStore:
     """Computed prefixes of one model, least recently used dropped first past ``max_bytes``.
 
-    Bytes are those of the stored tensors (keys, values, token ids) on their device; a prefix bigger
+    Every entry carries the ``salt`` of the request that computed it (None: unsalted), and a lookup sees
+    only the entries of its own salt, so tenants with different salts neither reuse nor learn of each
+    other's prefixes (they share only the byte budget). Bytes are those of the stored tensors (keys, values, token ids) on their device; a prefix bigger
     than ``max_bytes`` on its own is not stored. One store serves one model (its first user; another
     model is refused). Not thread-safe: one worker uses it.
     """
@@ -114,13 +117,13 @@ class PrefixStore:
         elif self._owner() is not model:
             raise InputError("this prefix store holds another model's prefixes; use one PrefixStore per model")
 
-    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int) -> tuple[int, PrefixState | None]:
-        """The stored prefix sharing the most leading tokens with ``ids`` [n] that has at least
+    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int, salt: str | None = None) -> tuple[int, PrefixState | None]:
+        """The stored prefix of ``salt`` sharing the most leading tokens with ``ids`` [n] that has at least
         ``key_layers``/``value_layers`` layers: (shared tokens, entry), or (0, None). Marks it used."""
         ids = ids.reshape(-1).cpu()
         best, best_key = 0, None
         for key, e in self._entries.items():
-            if len(e.keys) < key_layers or len(e.values) < value_layers:
+            if e.salt != salt or len(e.keys) < key_layers or len(e.values) < value_layers:
                 continue
             m = min(e.tokens, ids.numel())
             diff = (e.ids[:m] != ids[:m]).nonzero()
@@ -135,14 +138,15 @@ class PrefixStore:
     def put(self, state: PrefixState) -> bool:
         """Store ``state`` (dropping least recently used prefixes to fit); False when it alone is too big.
 
-        A stored prefix that ``state`` extends (same ids, no more layers) is replaced by it.
+        A stored prefix of the same salt that ``state`` extends (same ids, no more layers) is replaced by it.
         """
         size = state.nbytes
         if size > self.max_bytes:
             self.stats.too_large += 1
             return False
         for key, e in list(self._entries.items()):
-            covered = e.tokens <= state.tokens and len(e.keys) <= len(state.keys) and len(e.values) <= len(state.values)
+            covered = (e.salt == state.salt and e.tokens <= state.tokens and len(e.keys) <= len(state.keys)
+                       and len(e.values) <= len(state.values))
             if covered and torch.equal(e.ids, state.ids[: e.tokens]):
                 self._drop(key)
         while self.nbytes + size > self.max_bytes and self._entries:
@@ -160,6 +164,17 @@ class PrefixStore:
     def clear(self) -> None:
         self._entries.clear()
         self.nbytes = 0
+
+    def mark(self) -> int:
+        """A point in time: ``drop_since(mark)`` drops every prefix stored after it."""
+        return self._next
+
+    def drop_since(self, mark: int) -> int:
+        """Drop the prefixes stored since ``mark`` (those of a request that failed); returns how many."""
+        keys = [key for key in self._entries if key >= mark]
+        for key in keys:
+            self._drop(key)
+        return len(keys)
 
 
 def store_for_gib(gib: float) -> PrefixStore | None:
@@ -211,10 +226,12 @@ class PrefixReuse(Method):
     prompt and document, not the question); ``None`` or 0 stores nothing (reuse only). Answers equal the
     inner method's up to float rounding (same greedy tokens); ``details`` gain ``prefix_cached_tokens``
     (prompt tokens whose state came from the store, computed by an earlier request) and
-    ``prefix_stored_tokens`` (tokens this request computed and stored).
+    ``prefix_stored_tokens`` (tokens this request computed and stored). ``salt``: the tenant's key
+    (``PrefixStore``): only prefixes stored with the same salt are reused, and what it stores is seen by
+    that salt only.
     """
 
-    def __init__(self, inner: Method, store: PrefixStore, store_tokens: int | None = None) -> None:
+    def __init__(self, inner: Method, store: PrefixStore, store_tokens: int | None = None, salt: str | None = None) -> None:
         why = refusal(inner)
         if why is not None:
             raise InputError(why)
@@ -223,6 +240,9 @@ class PrefixReuse(Method):
         self.inner = inner
         self.store = store
         self.store_tokens = store_tokens or 0
+        if salt is not None and not isinstance(salt, str):
+            raise InputError(f"salt must be a string or None, got {salt!r}")
+        self.salt = salt
         self.name = inner.name  # the runner's static path and results see the inner method
 
     name: ClassVar[str] = "prefix"  # type: ignore[misc]  # replaced per instance by the inner method's name
@@ -278,10 +298,10 @@ class PrefixReuse(Method):
         holds for this prompt, tokens taken from the store)."""
         n = ids.shape[1]
         k_layers, v_layers = self._layers(model)
-        shared, entry = self.store.match(ids[0], k_layers, v_layers)
+        shared, entry = self.store.match(ids[0], k_layers, v_layers, self.salt)
         if entry is not None:
             entry = PrefixState(entry.ids[:shared], [k[:, :, :shared] for k in entry.keys[:k_layers]],
-                                [v[:, :, :shared] for v in entry.values[:v_layers]])
+                                [v[:, :, :shared] for v in entry.values[:v_layers]], self.salt)
         want = min(self.store_tokens, n)
         if want <= shared:
             return entry, shared, shared
@@ -319,7 +339,7 @@ class PrefixReuse(Method):
         if r_keys is not None:
             old = entry.keys[v_layers][:, :, :have] if entry is not None and have else r_keys[:, :, :0]
             keys.append(torch.cat([old, r_keys], dim=2))
-        return PrefixState(ids[0].detach().cpu().clone(), keys, values)
+        return PrefixState(ids[0].detach().cpu().clone(), keys, values, self.salt)
 
     def _kv(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
         n = ids.shape[1]

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.decode import DecoderPool, supports_static, tracks_for
-from tokensieve.errors import InputError, PromptTooLongError
+from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, DecodeState, batch_refused, cache_stats, left_pad, max_positions
@@ -59,18 +59,78 @@ def encode_prompt(
     tokenizer: PreTrainedTokenizerBase, prompt_or_messages: str | Messages, use_chat_template: bool | None = None
 ) -> torch.Tensor:
     """Token ids [1, n]. Chat models get their chat template (with the generation prompt)."""
-    messages = (
-        [{"role": "user", "content": prompt_or_messages}] if isinstance(prompt_or_messages, str) else list(prompt_or_messages)
-    )
+    messages = check_messages(prompt_or_messages)
     if not messages or not any(m.get("content", "").strip() for m in messages):
-        raise InputError("the prompt is empty")
+        raise EmptyPromptError("the prompt is empty")
     if use_chat_template is None:
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        try:
+            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+        except Exception as exc:
+            if type(exc).__module__.startswith("jinja2"):  # the template raised (e.g. roles must alternate)
+                raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from None
+            raise
         return ids["input_ids"]
     text = "\n\n".join(m["content"] for m in messages)
     return tokenizer(text, return_tensors="pt")["input_ids"]
+
+
+def _check_text(text: str, where: str) -> None:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:  # a lone surrogate (JSON's "\udcff" decodes to one): no tokenizer takes it
+        raise InputError(f"{where} is not valid Unicode text ({exc.reason} at character {exc.start})") from None
+
+
+def check_messages(prompt_or_messages: Any) -> list[dict[str, str]]:
+    """A text prompt as one user message, or the chat messages checked: a list of ``{"role": str,
+    "content": str}`` dicts of valid Unicode text; ``InputError`` otherwise."""
+    if isinstance(prompt_or_messages, str):
+        _check_text(prompt_or_messages, "the prompt")
+        return [{"role": "user", "content": prompt_or_messages}]
+    if isinstance(prompt_or_messages, (bytes, dict)) or not isinstance(prompt_or_messages, Sequence):
+        raise InputError(
+            f"a prompt is a string, a list of chat messages ({{'role': ..., 'content': ...}}) or token ids [1, n] "
+            f"(a tensor), got {type(prompt_or_messages).__name__}"
+        )
+    messages = list(prompt_or_messages)
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise InputError(f"message {i} must be a dict with 'role' and 'content', got {type(m).__name__}: {m!r:.60}")
+        if not isinstance(m.get("role"), str):
+            raise InputError(f"message {i} needs a 'role' string, got {m.get('role')!r:.60}")
+        content = m.get("content", "")
+        if not isinstance(content, str):
+            raise InputError(f"message {i}'s content must be a string, got {type(content).__name__}")
+        _check_text(content, f"message {i}'s content")
+    return messages
+
+
+def check_token_ids(model: PreTrainedModel, ids: torch.Tensor) -> torch.Tensor:
+    """Token ids given as a tensor: one prompt (``[n]`` or ``[1, n]``) of integer ids the model's embedding
+    has; returned as ``[1, n]``. ``InputError`` for several rows (use ``generate_batch``), other
+    shapes, non-integer dtypes and ids out of range."""
+    if ids.dim() == 2 and ids.shape[0] != 1:
+        raise InputError(
+            f"token ids must be one prompt, [n] or [1, n], got shape {list(ids.shape)}; "
+            f"for several prompts use generate_batch with one tensor per prompt"
+        )
+    if ids.dim() not in (1, 2):
+        raise InputError(f"token ids must be one prompt, [n] or [1, n], got shape {list(ids.shape)}")
+    if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
+        raise InputError(f"token ids must be an integer tensor, got dtype {ids.dtype}")
+    ids = ids.reshape(1, -1)
+    if ids.numel() == 0:
+        raise InputError("the prompt is empty")
+    try:
+        vocab = int(model.get_input_embeddings().num_embeddings)
+    except (AttributeError, NotImplementedError):
+        vocab = int(model.config.get_text_config().vocab_size)
+    lo, hi = int(ids.min()), int(ids.max())
+    if lo < 0 or hi >= vocab:
+        raise InputError(f"token ids must be in [0, {vocab - 1}] for this model, got {lo if lo < 0 else hi}")
+    return ids.long()
 
 
 def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> set[int]:
@@ -108,10 +168,9 @@ def prepare(
     """
     m = make_method(method, **method_params)
     if torch.is_tensor(prompt_or_messages):
-        input_ids = prompt_or_messages.reshape(1, -1)
-        if input_ids.numel() == 0:
-            raise InputError("the prompt is empty")
+        input_ids = check_token_ids(model, prompt_or_messages)
     else:
+        check_messages(prompt_or_messages)
         if tokenizer is None:
             raise InputError("a text prompt needs a tokenizer; pass token ids [1, n] instead")
         input_ids = encode_prompt(tokenizer, prompt_or_messages)
@@ -281,9 +340,15 @@ def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
     return int(kept.numel()) if kept is not None else int(state.details.get("kept_tokens", prompt_tokens))
 
 
+# Temperatures below this are greedy (vLLM's threshold): dividing logits by a tiny or denormal temperature
+# overflows to inf, and inf - inf is NaN in the softmax.
+GREEDY_BELOW_TEMPERATURE = 1e-5
+
+
 @dataclass(frozen=True)
 class Sampling:
-    """How the next token is chosen from the logits: greedy when ``temperature == 0`` (the default).
+    """How the next token is chosen from the logits: greedy when ``temperature`` is 0 (the default) or
+    below ``GREEDY_BELOW_TEMPERATURE``.
 
     ``temperature`` > 0 samples from ``softmax(logits / temperature)`` restricted to the ``top_k``
     most likely tokens (0: no limit) and to the smallest set whose probability reaches ``top_p``
@@ -303,12 +368,13 @@ class Sampling:
             raise InputError(f"top_p must be in (0, 1], got {p!r}")
         if isinstance(k, bool) or not isinstance(k, int) or k < 0:
             raise InputError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise InputError(f"seed must be an integer, got {self.seed!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
+                                      or not -(2**63) <= self.seed < 2**64):
+            raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     def batches_with(self, other: "Sampling") -> bool:
         """Whether two requests may share one ``generate_batch`` run (which draws with one setting and one
@@ -340,27 +406,51 @@ class Sampling:
         if self.top_p < 1.0:
             sorted_x, order = torch.sort(x, dim=-1, descending=True)
             probs = sorted_x.softmax(dim=-1)
-            # drop a token when the tokens before it already reach top_p (the first one always stays)
+            # drop a token when the tokens before it already reach top_p; the most likely one always stays
+            # (a top_p below float32's smallest value compares as 0, which would drop every token)
             drop = probs.cumsum(dim=-1) - probs >= self.top_p
+            drop[..., 0] = False
             x = x.scatter(-1, order, sorted_x.masked_fill(drop, float("-inf")))
-        return torch.multinomial(x.softmax(dim=-1), 1, generator=generator)
+        probs = x.softmax(dim=-1)
+        bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)  # e.g. logits that are all -inf or NaN
+        if bool(bad.any()):
+            probs = torch.where(bad, F.one_hot(logits.float().nan_to_num(-float("inf")).argmax(-1), x.shape[-1]).to(probs), probs)
+        return torch.multinomial(probs, 1, generator=generator)
 
 
-def check_max_new_tokens(max_new_tokens: Any) -> None:
+def check_max_new_tokens(max_new_tokens: Any, model: PreTrainedModel | None = None, allow_long: bool = False) -> None:
+    """An int >= 1, and (given ``model``, unless ``allow_long``) at most the model's maximum positions: the
+    decoding buffers are sized by it, so a huge value would try to allocate them."""
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
         raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    limit = max_positions(model) if model is not None else None
+    if limit is not None and max_new_tokens > limit and not allow_long:
+        raise InputError(
+            f"max_new_tokens must be at most the model's maximum of {limit} positions, got {max_new_tokens} "
+            f"(allow_long=True / --allow-long to run anyway)"
+        )
 
 
-def row_limits(max_new_tokens: Any, rows: int) -> list[int]:
+def check_call(sampling: Any, on_token: Any, allow_long: Any) -> None:
+    """``InputError`` for arguments of ``generate`` / ``generate_batch`` of the wrong type."""
+    if sampling is not None and not isinstance(sampling, Sampling):
+        raise InputError(f"sampling must be a tokensieve.Sampling (or None for greedy), got {type(sampling).__name__}")
+    if on_token is not None and not callable(on_token):
+        raise InputError(f"on_token must be a function (or None), got {type(on_token).__name__}")
+    if not isinstance(allow_long, bool):
+        raise InputError(f"allow_long must be True or False, got {allow_long!r}")
+
+
+def row_limits(max_new_tokens: Any, rows: int, model: PreTrainedModel | None = None, allow_long: bool = False) -> list[int]:
     """``generate_batch``'s ``max_new_tokens`` (one int for every row, or one per row) as a list of ``rows`` ints."""
     if isinstance(max_new_tokens, (str, bytes)) or not isinstance(max_new_tokens, Sequence):
-        check_max_new_tokens(max_new_tokens)
+        check_max_new_tokens(max_new_tokens, model, allow_long)
         return [max_new_tokens] * rows
     if len(max_new_tokens) != rows:
         raise InputError(f"max_new_tokens has {len(max_new_tokens)} values for {rows} prompts; give one per prompt or one int")
     for i, limit in enumerate(max_new_tokens):
         try:
-            check_max_new_tokens(limit)
+            check_max_new_tokens(limit, model, allow_long)
         except InputError as exc:
             raise InputError(f"prompt {i}: {exc}") from None
     return list(max_new_tokens)
@@ -389,7 +479,8 @@ def generate(
     returns ``False`` generation stops there (e.g. the client went away). ``decode`` and
     ``decoders``: see ``drive`` (static KV buffers and a captured step where supported).
     """
-    check_max_new_tokens(max_new_tokens)
+    check_call(sampling, on_token, allow_long)
+    check_max_new_tokens(max_new_tokens, model, allow_long)
     sampling = sampling or Sampling()
     run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
     stops = stop_token_ids(model, tokenizer)
@@ -478,12 +569,13 @@ def generate_batch(
     a row alone. Batch only requests whose settings ``Sampling.batches_with`` allows (all greedy, or the
     same temperature, top_p and top_k with no seed).
     """
+    check_call(sampling, on_token, allow_long)
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, Sequence):
-        check_max_new_tokens(max_new_tokens)  # before the prompts are encoded, as generate does
+        check_max_new_tokens(max_new_tokens, model, allow_long)  # before the prompts are encoded, as generate does
     run = prepare_batch(model, tokenizer, prompts, method, allow_long, **method_params)
     rows = run.input_ids.shape[0]
-    limits = row_limits(max_new_tokens, rows)
+    limits = row_limits(max_new_tokens, rows, model, allow_long)
     stops = stop_token_ids(model, tokenizer)
     outs: list[list[int]] = [[] for _ in range(rows)]
     done = [False] * rows

@@ -7,6 +7,7 @@ server's dependencies (``pip install 'tokensieve[serve]'``).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Any
 
@@ -66,7 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     add_method_args(p)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; there is no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; see --api-key)")
+    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                   help="require 'Authorization: Bearer KEY' on /v1 requests (401 otherwise; /health and /metrics stay open); "
+                        "give it several times for several clients, each with its own prefix-cache entries "
+                        "(default: the TOKENSIEVE_API_KEY environment variable, else no key)")
+    p.add_argument("--max-body-bytes", type=parse_size, default=8 << 20,
+                   help="request bodies larger than this get 413 before they are read (default 8M)")
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
     p.add_argument("--max-queue", type=non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
     p.add_argument("--max-batch", type=positive_int, default=1,
@@ -102,26 +109,34 @@ def run(args: argparse.Namespace) -> int:
         )
         return 2
     from tokensieve.commands.common import build_methods, load, method_params
+    from tokensieve.errors import InputError
 
     build_methods(args)  # bad --param values fail here, before the model loads
     params = method_params(args)[args.method]
+    keys = args.api_key or ([os.environ["TOKENSIEVE_API_KEY"]] if os.environ.get("TOKENSIEVE_API_KEY") else [])
+    if any(not k.strip() or k != k.strip() for k in keys):
+        raise InputError("--api-key: a key must be non-empty, without surrounding spaces")
+    if args.max_body_bytes < 1:
+        raise InputError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
+    front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes}
     if args.engine == "vllm":
-        app = _vllm_app(args, params)
+        app = _vllm_app(args, params, front)
     else:
         model, tok = load(args)
         app = create_app(
             model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
             max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch,
+            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, **front,
         )
-    if args.host not in LOOPBACK:
-        print(f"tokensieve serve: warning: listening on {args.host}, not loopback; the server has no authentication", file=sys.stderr)
+    if args.host not in LOOPBACK and not keys:
+        print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
+              f"can use it", file=sys.stderr)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
     uvicorn.Server(config).run()
     return 0
 
 
-def _vllm_app(args: argparse.Namespace, params: dict[str, Any]) -> Any:
+def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str, Any]) -> Any:
     """``--engine vllm``: the filter model (transformers) and the vLLM engine args for the same checkpoint.
     What can be checked without loading (vLLM installed, the method, the model's form) is checked first."""
     from tokensieve.errors import InputError
@@ -155,4 +170,4 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any]) -> Any:
         model, tok, engine_args, method=args.method, method_params=params, max_queue=args.max_queue,
         request_timeout_s=args.request_timeout,
     )
-    return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens)
+    return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens, **front)

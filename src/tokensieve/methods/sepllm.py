@@ -143,6 +143,8 @@ class SepLLM(EvictionMethod):
         check_int("n_recent", self.n_recent, 0)
         check_int("block_size", self.block_size, 1)
         if self.separator_ids is not None:
+            if isinstance(self.separator_ids, (str, bytes)) or not isinstance(self.separator_ids, (list, tuple)):
+                raise InputError(f"separator_ids must be a list of token ids, got {self.separator_ids!r}")
             vocab = model.config.get_text_config().vocab_size
             bad = [i for i in self.separator_ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab]
             if bad:

@@ -12,11 +12,12 @@ See docs/serve.md for the behaviour of each, the errors and the ``tokensieve`` e
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -25,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.errors import InputError
 from tokensieve.runner import generate, generate_batch
 from tokensieve.serve.engine import (
     BatchFn,
@@ -64,6 +66,91 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.25  # how often a waiting handler checks for a client that went away
 COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
+DEFAULT_MAX_BODY_BYTES = 8 << 20  # request bodies above this get 413 before they are read
+PARSE_OFF_LOOP_BYTES = 64 << 10  # bodies above this are parsed on a worker thread, not on the event loop
+JSON_TYPES = ("application/json",)
+
+
+def _json_reply(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> list[Message]:
+    """The ASGI messages of a JSON response (for middleware that answers before the app)."""
+    data = json.dumps(body).encode("utf-8")
+    head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())] + list(headers)
+    return [{"type": "http.response.start", "status": status, "headers": head},
+            {"type": "http.response.body", "body": data}]
+
+
+class _FrontDoor:
+    """ASGI middleware in front of the endpoints: on ``/v1/...`` paths the API key (``Authorization: Bearer
+    KEY``, as vLLM and OpenAI; 401 otherwise) when the app has keys; on POST the JSON content type (415
+    otherwise: a ``text/plain`` body is a "simple" cross-origin request any web page can send) and the body
+    size from ``Content-Length`` (413 past ``max_body_bytes``, before a byte of it is read; a body without a
+    length is counted as it is read, ``read_body``). The key a request came with is ``scope["state"]["tenant"]``.
+    ``/health`` and ``/metrics`` stay open (probes and scrapers)."""
+
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
+        self.app = app
+        self.keys = [k.encode("utf-8") for k in api_keys]
+        self.max_body_bytes = max_body_bytes
+
+    def _tenant(self, scope: Scope) -> tuple[bool, str | None]:
+        """(allowed, the key it matched) for a /v1 request."""
+        if not self.keys:
+            return True, None
+        auth = dict(scope.get("headers") or []).get(b"authorization", b"")
+        scheme, _, given = auth.partition(b" ")
+        given = given.strip()
+        if scheme.lower() != b"bearer" or not given:
+            return False, None
+        match = None
+        for key in self.keys:  # every key compared, in constant time each
+            if hmac.compare_digest(given, key):
+                match = key
+        return match is not None, None if match is None else match.decode("utf-8")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path, headers = scope.get("path", ""), dict(scope.get("headers") or [])
+        reply: list[Message] | None = None
+        if path == "/v1" or path.startswith("/v1/"):
+            allowed, tenant = self._tenant(scope)
+            if not allowed:
+                reply = _json_reply(401, error_body(
+                    "missing or incorrect API key: send it as 'Authorization: Bearer KEY'", type="invalid_request_error",
+                    code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+            else:
+                scope.setdefault("state", {})["tenant"] = tenant
+        if reply is None and scope.get("method") == "POST":
+            media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+            length = headers.get(b"content-length")
+            if media not in JSON_TYPES:
+                reply = _json_reply(415, error_body(
+                    f"the request body must be JSON with 'Content-Type: application/json', got {media or 'no content type'!r}",
+                    type="invalid_request_error", code="unsupported_media_type"))
+            elif length is not None and (not length.strip().isdigit() or int(length) > self.max_body_bytes):
+                reply = _json_reply(413, body_too_large(self.max_body_bytes))
+        if reply is None:
+            await self.app(scope, receive, send)
+            return
+        for message in reply:
+            await send(message)
+
+
+def body_too_large(limit: int) -> dict[str, Any]:
+    return error_body(f"the request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
+                      type="invalid_request_error", code="request_too_large")
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as it passes ``limit`` bytes (a body sent without a length)."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise APIError(413, body_too_large(limit)["error"]["message"], code="request_too_large")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 class ClientGone(Exception):
@@ -160,6 +247,8 @@ def create_app(
     prefix_cache_gib: float = 1.0,
     max_batch: int = 1,
     generate_batch_fn: BatchFn = generate_batch,
+    api_keys: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
@@ -167,22 +256,30 @@ def create_app(
     such as uvicorn, which runs the lifespan) and its metrics registry (``app.state.metrics``).
     ``prefix_cache_gib``: size of the engine's prefix cache (0 disables it; docs/prefix_cache.md).
     ``max_batch``: requests the engine may generate together (1: one at a time; see ``Engine``).
+    ``api_keys``: when given, ``/v1`` requests need one of them (``Authorization: Bearer KEY``), and each
+    key's requests have their own prefix-cache entries. ``max_body_bytes``: larger bodies get 413.
     """
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
         request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
         max_batch=max_batch, generate_batch_fn=generate_batch_fn,
     )
-    return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens)
+    return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens, api_keys=api_keys,
+                          max_body_bytes=max_body_bytes)
 
 
-def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS) -> FastAPI:
+def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+                   api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
     """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).
 
     The endpoints only use the engine's request interface (prepare, submit, cancel, start/stop and the
     state /health reports), so every engine answers the same wire format; the engine's metrics
     registry is the app's.
     """
+    if isinstance(api_keys, str) or not all(isinstance(k, str) and k.strip() and k == k.strip() for k in api_keys):
+        raise InputError("api_keys must be a list of non-empty key strings without surrounding spaces")
+    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
+        raise InputError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
     metrics = engine.metrics
     created = now()
 
@@ -198,7 +295,9 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
     app.state.engine = engine
     app.state.metrics = metrics
     app.state.model_name = model_name
-    app.add_middleware(_RequestMetrics, metrics=metrics)
+    app.state.api_keys = bool(api_keys)
+    app.add_middleware(_FrontDoor, api_keys=tuple(api_keys), max_body_bytes=max_body_bytes)
+    app.add_middleware(_RequestMetrics, metrics=metrics)  # outermost: counts the front door's answers too
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -275,9 +374,11 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
             ) from None
 
     async def answer(request: Request, kind: Kind) -> Response:
-        body = parse_json_object(await request.body())
+        raw = await read_body(request, max_body_bytes)
+        body = await run_in_threadpool(parse_json_object, raw) if len(raw) > PARSE_OFF_LOOP_BYTES else parse_json_object(raw)
         parse = parse_chat_request if kind == "chat" else parse_completion_request
         req = parse(body, default_max_tokens)
+        req.tenant = getattr(request.state, "tenant", None)
         prepared = await run_in_threadpool(engine.prepare, req)
         try:
             job = engine.submit(prepared, asyncio.get_running_loop())
@@ -332,10 +433,12 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        ok = engine.alive
+        stalled = bool(getattr(engine, "stalled", False))
+        ok = engine.alive and not stalled
         return JSONResponse(
             {
-                "status": "ok" if ok else "unavailable",
+                "status": "ok" if ok else ("stalled" if stalled and engine.alive else "unavailable"),
+                "overdue_s": round(float(getattr(engine, "overdue_s", 0.0)), 3),
                 "model": model_name,
                 "method": engine.default_method,
                 "queue_depth": engine.queue_depth,

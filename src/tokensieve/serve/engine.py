@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import collections.abc
 import dataclasses
+import hashlib
 import logging
 import math
 import threading
@@ -43,7 +44,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.decode import DecoderPool
-from tokensieve.errors import InputError, PromptTooLongError
+from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, max_positions
 from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
@@ -61,6 +62,13 @@ BatchFn = Callable[..., list[GenerationResult]]
 # saves; a shorter one (a chat template's system prompt) saves little, so such requests batch without the cache.
 PREFIX_ALONE_TOKENS = 128
 
+# Integer method parameters a request may give lie in [-MAX_PARAM_INT, MAX_PARAM_INT]: every real value
+# (budgets, windows, layers, chunk sizes) is far below, and a huge one is refused before any work.
+MAX_PARAM_INT = 2**31 - 1
+# Performance-only parameters: a request may not set them below these (a block or chunk of 1 costs many times
+# the default prefill and holds the worker); the server's own --param values are the operator's choice.
+PARAM_MINIMUMS = {"chunk_size": 128, "block_size": 128}
+
 
 class QueueFullError(Exception):
     """Every slot is taken: one request (or batch) runs and ``max_queue`` wait."""
@@ -74,6 +82,26 @@ class QueueFullError(Exception):
 
 class EngineStoppedError(Exception):
     """The engine is not running (not started yet, or shutting down)."""
+
+
+class Interrupted(Exception):
+    """Raised inside a forward pass (at a decoder layer) when every job of the run was cancelled or is past its deadline."""
+
+
+# /health answers 503 "stalled" while a running job is this many seconds past its deadline (one step that does
+# not return: the deadline is checked at every decoder layer of every forward and between tokens)
+STALL_GRACE_S = 2.0
+
+
+def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
+    """The model's decoder layers (the first ``...layers`` module list as long as the model has layers), or []."""
+    from tokensieve.methods.base import num_layers
+
+    n = num_layers(model)
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.ModuleList) and name.split(".")[-1] == "layers" and len(mod) == n:
+            return list(mod)
+    return []
 
 
 # ---------------------------------------------------------------- method parameters from JSON
@@ -132,6 +160,60 @@ def check_param_types(method: str, params: dict[str, Any]) -> None:
         hint = hints.get(name) if name in names else None
         if hint is not None and _conforms(value, hint) is False:
             raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
+        ints = value if isinstance(value, (list, tuple)) else [value]
+        if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_PARAM_INT for v in ints):
+            raise InputError(f"{method}: parameter {key!r} must lie in [-{MAX_PARAM_INT}, {MAX_PARAM_INT}], got {_short(value)}")
+
+
+def check_param_minimums(method: str, params: dict[str, Any]) -> None:
+    """``InputError`` for a performance-only parameter of a request below ``PARAM_MINIMUMS``."""
+    cls = METHODS[method]
+    for key, value in params.items():
+        name = cls.renamed.get(key, key)
+        low = PARAM_MINIMUMS.get(name)
+        if low is not None and isinstance(value, int) and not isinstance(value, bool) and value < low:
+            raise InputError(
+                f"{method}: parameter {key!r} only trades speed for memory; this server takes at least {low}, got {value}"
+            )
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def context_length_error(limit: int, prompt_tokens: int, max_tokens: int, param: str) -> APIError:
+    """vLLM's 400 for a prompt plus ``max_tokens`` past the model's positions (same wording)."""
+    return invalid(
+        f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens + max_tokens} "
+        f"tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
+        f"Please reduce the length of the messages or completion.",
+        param, code="context_length_exceeded",
+    )
+
+
+# The length precheck refuses, before tokenizing, a prompt of more characters than the model's positions times
+# the longest vocabulary entry times this slack (for normalizers that drop characters).
+LENGTH_PRECHECK_SLACK = 2
+
+
+def max_token_chars(tokenizer: PreTrainedTokenizerBase) -> int | None:
+    """Characters of the tokenizer's longest vocabulary entry (None when it has no readable vocabulary): no
+    token covers more characters of text (a byte-level entry spells one byte per character, a SentencePiece
+    one one character per character, byte-fallback entries like ``<0x41>`` one byte in six)."""
+    try:
+        longest = max((len(str(t)) for t in tokenizer.get_vocab()), default=0)
+    except Exception:
+        return None
+    return longest if longest > 0 else None
+
+
+def prefix_salt(tenant: str | None, cache_salt: str | None) -> str | None:
+    """The prefix-cache salt of a request: its API key and its ``cache_salt`` together (None when neither)."""
+    if tenant is None and cache_salt is None:
+        return None
+    parts = [p if p is None else f"{len(p)}:{p}" for p in (tenant, cache_salt)]
+    return hashlib.sha256(repr(parts).encode("utf-8")).hexdigest()
 
 
 # ---------------------------------------------------------------- text
@@ -242,6 +324,7 @@ class PreparedRequest:
     method: Method
     sampling: Sampling
     prefix_tokens: int | None = None  # leading prompt tokens to store in the prefix cache; None: no prefix cache
+    prefix_salt: str | None = None  # the tenant's prefix-cache key (``prefix_salt``)
 
     @property
     def prompt_tokens(self) -> int:
@@ -391,12 +474,14 @@ class Engine:
         self._decoders = DecoderPool(model)  # captured decoding steps, reused across requests (one per size bucket)
         self._stops = stop_token_ids(model, tokenizer)
         self._max_positions = max_positions(model)
+        self._max_token_chars = max_token_chars(tokenizer)
         self._vocab = int(model.config.get_text_config().vocab_size)
         self._cond = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # the job, or the batch, being generated
         self._stopping = False
         self._thread: threading.Thread | None = None
+        self._hooks: list[Any] = []  # the decoder layers' deadline checks (``start``)
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
         self._avg_run_s = 1.0  # running mean of a run's time (one job or one batch), for Retry-After
         self.records: deque[JobRecord] = deque(maxlen=history)
@@ -418,7 +503,35 @@ class Engine:
             if self._thread is not None:
                 raise RuntimeError("the engine was already started")
             self._thread = threading.Thread(target=self._work, name="tokensieve-engine", daemon=True)
+            # every decoder layer of every forward checks the running jobs' deadlines and cancellation, so a long
+            # prefill (or filter pass, or chunk loop) stops within one layer, not at its end
+            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in decoder_layers(self.model)]
             self._thread.start()
+
+    def _check_running(self, module: torch.nn.Module, args: Any) -> None:
+        """Forward pre-hook of each decoder layer: ``Interrupted`` on the worker thread when every running job
+        was cancelled or is past its deadline (those get ``cancel_reason`` ``timeout``)."""
+        if threading.current_thread() is not self._thread or not self._running:
+            return None
+        now = time.monotonic()
+        for job in self._running:
+            if not job.cancelled and job.deadline is not None and now > job.deadline:
+                job.cancel_reason = job.cancel_reason or "timeout"
+                job._cancel.set()
+        if all(job.cancelled for job in self._running):
+            raise Interrupted("every job of this run was cancelled or passed its deadline")
+        return None
+
+    @property
+    def overdue_s(self) -> float:
+        """Seconds the most overdue running job is past its deadline (0 when none is)."""
+        now = time.monotonic()
+        return max([now - job.deadline for job in list(self._running) if job.deadline is not None] + [0.0])
+
+    @property
+    def stalled(self) -> bool:
+        """A running job is more than ``STALL_GRACE_S`` past its deadline: one step does not return."""
+        return self.overdue_s > STALL_GRACE_S
 
     def stop(self, timeout_s: float = 30.0) -> None:
         """Refuse new requests, fail the waiting ones (503), stop the running ones at their next token, join."""
@@ -435,6 +548,9 @@ class Engine:
             self._finish(job, "cancelled", Failed(shutting_down_error()))
         if self._thread is not None:
             self._thread.join(timeout_s)
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @property
     def alive(self) -> bool:
@@ -500,17 +616,24 @@ class Engine:
             raise invalid(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}", "tokensieve.method", code="unknown_method")
         try:
             check_param_types(name, params)
+            check_param_minimums(name, req.method_params)
             method = make_method(name, **params)
         except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
             raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None
         prompt_param = "messages" if req.kind == "chat" else "prompt"
+        self._precheck_length(req, prompt_param)
         input_ids = self._encode(req, prompt_param)
         n = int(input_ids.shape[1])
-        if self._max_positions is not None and n > self._max_positions:
+        limit = self._max_positions
+        if limit is not None and n > limit:
             raise invalid(
-                f"the prompt has {n} tokens, more than the model's maximum of {self._max_positions} positions; shorten it",
+                f"the prompt has {n} tokens, more than the model's maximum of {limit} positions; shorten it",
                 prompt_param, code="context_length_exceeded",
             )
+        if limit is not None and n + req.max_tokens > limit:
+            if req.max_tokens_given or n >= limit:
+                raise context_length_error(limit, n, req.max_tokens, prompt_param)
+            req = dataclasses.replace(req, max_tokens=limit - n)  # the server's default: what the positions leave
         try:
             with self._tok_lock:  # prepare() may read the tokenizer (SepLLM's separators)
                 run = prepare(self.model, self.tokenizer, input_ids, method)
@@ -518,7 +641,29 @@ class Engine:
             raise invalid(str(exc), prompt_param, code="context_length_exceeded") from None
         except (ValueError, TypeError) as exc:  # Method.validate names the bad parameter
             raise invalid(f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter") from None
-        return PreparedRequest(req, run.input_ids, run.method, sampling, self._prefix_tokens(req, run.method, run.input_ids))
+        return PreparedRequest(req, run.input_ids, run.method, sampling, self._prefix_tokens(req, run.method, run.input_ids),
+                               prefix_salt(req.tenant, req.cache_salt))
+
+    def _precheck_length(self, req: GenerationRequest, param: str) -> None:
+        """A 400 for a prompt that is surely too long, before tokenizing it: more token ids than positions,
+        or more characters than the positions can cover (``LENGTH_PRECHECK_SLACK``)."""
+        limit, per_token = self._max_positions, self._max_token_chars
+        if limit is None:
+            return
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            at_least, why = len(prompt), "token ids"
+        elif per_token is None:
+            return
+        else:
+            chars = len(prompt) if isinstance(prompt, str) else sum(len(m["content"]) for m in prompt)  # type: ignore[index]
+            at_least = chars // (per_token * LENGTH_PRECHECK_SLACK)
+            why = f"tokens ({chars} characters; no token of this tokenizer covers more than {per_token})"
+        if at_least > limit:
+            raise invalid(
+                f"the prompt has at least {at_least} {why}, more than the model's maximum of {limit} positions; shorten it",
+                param, code="context_length_exceeded",
+            )
 
     def _encode(self, req: GenerationRequest, param: str) -> torch.Tensor:
         prompt = req.prompt
@@ -533,12 +678,12 @@ class Engine:
                     ids = encode_prompt(self.tokenizer, prompt)  # type: ignore[arg-type]  # the chat template, when there is one
                 else:
                     ids = encode_prompt(self.tokenizer, prompt, use_chat_template=False)  # type: ignore[arg-type]
-        except ValueError as exc:  # e.g. "the prompt is empty"
+        except EmptyPromptError as exc:
             raise invalid(str(exc), param, code="empty_prompt") from None
-        except Exception as exc:
-            if type(exc).__module__.startswith("jinja2"):  # the chat template raised (e.g. roles must alternate)
-                raise invalid(f"the model's chat template rejected the messages: {exc}", "messages") from None
-            raise
+        except ChatTemplateError as exc:  # the chat template raised (e.g. roles must alternate)
+            raise invalid(str(exc), "messages") from None
+        except InputError as exc:  # e.g. text that is not valid Unicode (a lone surrogate)
+            raise invalid(str(exc), param) from None
         if ids.numel() == 0:
             raise invalid("the prompt encodes to no tokens", param, code="empty_prompt")
         return ids
@@ -667,19 +812,24 @@ class Engine:
         t0 = time.monotonic()
         store = self.prefix_store
         use_prefix = store is not None and prep.prefix_tokens is not None
-        method = PrefixReuse(prep.method, store, prep.prefix_tokens) if use_prefix else prep.method  # type: ignore[arg-type]
+        method = PrefixReuse(prep.method, store, prep.prefix_tokens, prep.prefix_salt) if use_prefix else prep.method  # type: ignore[arg-type]
         evicted = store.stats.evicted if store is not None else 0
+        mark = store.mark() if store is not None else 0
         try:
             res = self._generate(
                 self.model, self.tokenizer, prep.input_ids, method=method, max_new_tokens=req.max_tokens,
                 sampling=prep.sampling, on_token=answer.push, decoders=self._decoders,
             )
+        except Interrupted:
+            self._drop_stored(mark)
+            self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
         except InputError as exc:
+            self._drop_stored(mark)
             self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
             return
         except Exception as exc:
-            if store is not None:
-                store.clear()  # a prefix half-computed by a failed request is not kept
+            self._drop_stored(mark)  # what the failed request stored (maybe half-computed); everyone else's stays
             self._failed([job], exc)
             return
         self._avg_run_s = 0.8 * self._avg_run_s + 0.2 * (time.monotonic() - t0)
@@ -693,6 +843,12 @@ class Engine:
             m.prefix_evictions.inc(store.stats.evicted - evicted)
         self._complete(answer, res)
 
+    def _drop_stored(self, mark: int) -> None:
+        store = self.prefix_store
+        if store is not None and store.drop_since(mark):
+            self.metrics.prefix_bytes.set(store.nbytes)
+            self.metrics.prefix_entries.set(len(store))
+
     def _run_batch(self, jobs: list[Job]) -> None:
         """Jobs that ``joins`` allows together, through ``generate_batch`` (no prefix cache: ``batchable``)."""
         head = jobs[0].prepared
@@ -704,6 +860,10 @@ class Engine:
                 max_new_tokens=[job.prepared.request.max_tokens for job in jobs], sampling=head.sampling,
                 on_token=lambda row, token_id: answers[row].push(token_id), decoders=self._decoders,
             )
+        except Interrupted:
+            for job in jobs:
+                self._finish(job, job.cancel_reason or "cancelled", Failed(self._cancel_error(job)))
+            return
         except InputError as exc:
             for job in jobs:
                 self._finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))

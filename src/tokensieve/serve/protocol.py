@@ -24,6 +24,7 @@ Kind = Literal["chat", "completion"]
 
 DEFAULT_MAX_TOKENS = 256
 MAX_STOP_STRINGS = 16
+MAX_CACHE_SALT_CHARS = 1024
 ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 SEED_RANGE = (-(2**63), 2**64 - 1)  # what torch.Generator.manual_seed accepts
 
@@ -79,6 +80,9 @@ class GenerationRequest:
     method: str | None = None  # None: the server's default method (with the server's parameters)
     method_params: dict[str, Any] = field(default_factory=dict)
     model: str | None = None
+    max_tokens_given: bool = True  # False: max_tokens is the server's default (then cut to the positions left)
+    cache_salt: str | None = None  # vLLM's field: requests see only prefix-cache entries of their own salt
+    tenant: str | None = None  # set by the app: the API key the request came with (None without keys)
 
 
 # ---------------------------------------------------------------- parsing
@@ -204,6 +208,16 @@ def _extension(body: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
     return method, params
 
 
+def _cache_salt(body: Mapping[str, Any]) -> str | None:
+    v = body.get("cache_salt")
+    if v is None:
+        return None
+    if not isinstance(v, str) or not v or len(v) > MAX_CACHE_SALT_CHARS:
+        raise invalid(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, got {_show(v)}",
+                      "cache_salt")
+    return v
+
+
 def _common(body: Mapping[str, Any], kind: Kind, prompt: Any, max_tokens: int) -> GenerationRequest:
     _reject_unsupported(body, kind)
     model = body.get("model")
@@ -233,6 +247,8 @@ def _common(body: Mapping[str, Any], kind: Kind, prompt: Any, max_tokens: int) -
         method=method,
         method_params=params,
         model=model,
+        max_tokens_given=body.get("max_tokens") is not None or (kind == "chat" and body.get("max_completion_tokens") is not None),
+        cache_salt=_cache_salt(body),
     )
 
 

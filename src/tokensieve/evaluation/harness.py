@@ -131,20 +131,6 @@ class Task:
         return []
 
 
-def answer_span(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], phrases: Iterable[str]) -> list[int]:
-    """Sorted prompt positions of the tokens of each phrase's first occurrence in ``ids`` (phrases not found
-    are skipped): the answer tokens a selecting method must keep for the model to read the answer."""
-    from tokensieve.evaluation.needle import find_span
-
-    out: set[int] = set()
-    for p in phrases:
-        try:
-            out.update(find_span(tokenizer, list(ids), p))
-        except ValueError:
-            continue
-    return sorted(out)
-
-
 def generation_fields(res: GenerationResult) -> dict[str, Any]:
     kv = res.kv_tokens_prefill
     return {

@@ -10,10 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
 
 from tokensieve.errors import InputError
-from tokensieve.evaluation.harness import Sample, Task, answer_span
+from tokensieve.evaluation.harness import Sample, Task
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -86,6 +86,18 @@ def find_span(tokenizer: PreTrainedTokenizerBase, ids: list[int], text: str) -> 
             span.append(i)
         pos += len(p)
     return span
+
+
+def answer_span(tokenizer: PreTrainedTokenizerBase, ids: Sequence[int], phrases: Iterable[str]) -> list[int]:
+    """Sorted prompt positions of the tokens of each phrase's first occurrence in ``ids`` (phrases not found
+    are skipped): the answer tokens a selecting method must keep for the model to read the answer."""
+    out: set[int] = set()
+    for p in phrases:
+        try:
+            out.update(find_span(tokenizer, list(ids), p))
+        except ValueError:
+            continue
+    return sorted(out)
 
 
 def score_answer(answer: str, expected: tuple[str, ...] | list[str] = DEFAULT_EXPECTED) -> float:

@@ -42,7 +42,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Iterator
 
 from tokensieve.errors import InputError
-from tokensieve.evaluation.harness import Sample, Task, answer_span, render, sample_seed
+from tokensieve.evaluation.harness import Sample, Task, render, sample_seed
+from tokensieve.evaluation.needle import answer_span
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

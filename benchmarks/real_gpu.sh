@@ -17,7 +17,7 @@ mkdir -p "$Q"
 case "${1:-}" in
 recv)
   if [ -d .gpu/data ]; then rm -rf "$Q/data"; cp -r .gpu/data "$Q/data"; fi
-  for f in .gpu/p[0-9]*/*; do [ -e "$Q/$(basename "$f")" ] || cp "$f" "$Q/"; done
+  for f in .gpu/[pr][0-9]*/*; do [ -e "$Q/$(basename "$f")" ] || cp "$f" "$Q/"; done
   for f in "$Q"/qwen05.?; do echo "have $(basename "$f") $(stat -c %s "$f")"; done
   ls -l "$Q" | tail -n +2 | wc -l
   ;;
@@ -42,9 +42,9 @@ EOF
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   # TTFT of full attention and the selecting methods, sequential, before anything else shares the GPU.
   PYTHONUNBUFFERED=1 python3 -m tokensieve.cli bench --model "$Q/qwen05" --lengths 8k,16k,32k \
-    --methods full,gemfilter,snapkv --repeats 5 --decode-tokens 0 --answer-tokens 0 --out "$OUT/bench_qwen05.json" 2>&1 | tail -20
+    --methods full,gemfilter,snapkv --repeats 5 --decode-tokens 0 --answer-tokens 0 --out "$OUT/bench_qwen05.json" 2>&1 | tail -20 || true
   PYTHONUNBUFFERED=1 python3 -m tokensieve.cli bench --model "$Q/qwen05" --lengths 8k,16k,32k \
-    --methods gemfilter --param dilation=1 --repeats 5 --decode-tokens 0 --answer-tokens 0 --out "$OUT/bench_qwen05_paper_rule.json" 2>&1 | tail -8
+    --methods gemfilter --param dilation=1 --repeats 5 --decode-tokens 0 --answer-tokens 0 --out "$OUT/bench_qwen05_paper_rule.json" 2>&1 | tail -8 || true
   setsid nohup bash benchmarks/real_gpu.sh suite > "$Q/suite.log" 2>&1 < /dev/null &
   sleep "${2:-60}"
   bash benchmarks/real_gpu.sh pack
@@ -71,9 +71,39 @@ suite)
     --deadline "${SUITE_DEADLINE:-1200}"
   wait
   ;;
+setup15)  # Qwen2.5-Coder-1.5B (pieces q15.NN), started beside the 0.5B suite
+  export PYTHONPATH=$PWD/src:/tmp/site
+  cat "$Q"/q15.?? > "$Q/qwen15.gguf"
+  sha256sum "$Q/qwen15.gguf" | tee "$OUT/sha256_15.txt"
+  grep -q cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "$OUT/sha256_15.txt"
+  python3 - <<'EOF2'
+import torch
+from pathlib import Path
+from tokensieve.models import _load_gguf, store_copy
+model, tok = _load_gguf(Path("/tmp/q/qwen15.gguf"), torch.float32)
+model.config.quantization_config = None
+if hasattr(model, "hf_quantizer"):
+    model.hf_quantizer = None
+store_copy(model, tok, Path("/tmp/q/qwen15"))
+print("qwen15 stored", flush=True)
+EOF2
+  setsid nohup bash benchmarks/real_gpu.sh suite15 > "$Q/suite15.log" 2>&1 < /dev/null &
+  sleep 2
+  ;;
+suite15)
+  export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  R="--model $Q/qwen15 --device cuda --dtype bfloat16 --lengths 8k,16k"
+  NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
+  RULER="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --samples ${RULER_SAMPLES:-10} --seed 7"
+  python3 benchmarks/gpu_eval.py --work $Q/work15 --out $Q/results/qwen15 --methods full,gemfilter,snapkv \
+    --run "needle $R $NEEDLE" --run "ruler $R $RULER" \
+    --run "needle $R $NEEDLE --methods gemfilter,snapkv --param dilation=1" \
+    --run "ruler $R $RULER --methods gemfilter,snapkv --param dilation=1" \
+    --deadline "${SUITE_DEADLINE:-600}"
+  ;;
 pack)
   mkdir -p "$Q/results"
-  cp "$Q"/suite.log "$Q"/span_*.log "$Q/results/" 2>/dev/null || true
+  cp "$Q"/suite*.log "$Q"/span_*.log "$Q/results/" 2>/dev/null || true
   tar -czf "$OUT/results.tgz" -C "$Q" results
   ls -l "$OUT"
   ;;

@@ -22,6 +22,7 @@ from tokensieve.attention import HOOK_KWARG, sdpa
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positions
+from tokensieve.scoring import POOLINGS
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -39,6 +40,16 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -
     if maximum is not None and value > maximum:
         raise InputError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return value
+
+
+def check_span_rule(kernel: Any, pooling: Any, dilation: Any) -> None:
+    """The selecting methods' span rule (``scoring.span_rank``) checked once: ``kernel`` and ``dilation`` odd
+    integers in [1, ``MAX_SPAN_WIDTH``], ``pooling`` one of ``scoring.POOLINGS``; ``InputError`` otherwise."""
+    for label, value in (("kernel", kernel), ("dilation", dilation)):
+        if check_int(label, value, 1, MAX_SPAN_WIDTH) % 2 == 0:
+            raise InputError(f"{label} must be a positive odd integer, got {value}")
+    if pooling not in POOLINGS:
+        raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
 
 
 @dataclass

@@ -41,8 +41,8 @@ from transformers import PreTrainedModel
 from tokensieve.attention import HOOK_KWARG
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
-from tokensieve.methods.eviction import DEFAULT_DILATION, MAX_SPAN_WIDTH, check_int
-from tokensieve.scoring import POOLINGS, attention_scores, head_sum, paper_scores, span_topk
+from tokensieve.methods.eviction import DEFAULT_DILATION, check_int, check_span_rule
+from tokensieve.scoring import attention_scores, head_sum, paper_scores, span_topk
 
 SCORINGS = ("paper", "window")
 FILTER_ATTENTIONS = ("auto", "dense", "local")
@@ -325,12 +325,7 @@ class GemFilter(Method):
         if self.scoring not in SCORINGS:
             raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
         check_int("window_size", self.window_size, 1)
-        for label in ("kernel", "dilation"):
-            v = check_int(label, getattr(self, label), 1, MAX_SPAN_WIDTH)
-            if v % 2 == 0:
-                raise InputError(f"{label} must be a positive odd integer, got {v}")
-        if self.pooling not in POOLINGS:
-            raise InputError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_span_rule(self.kernel, self.pooling, self.dilation)
         if self.filter_attention not in FILTER_ATTENTIONS:
             raise InputError(f"filter_attention must be one of {FILTER_ATTENTIONS}, got {self.filter_attention!r}")
         if self.local_kernel not in LOCAL_KERNELS:

@@ -25,8 +25,8 @@ from transformers import PreTrainedModel
 
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState
-from tokensieve.methods.eviction import DEFAULT_DILATION, MAX_SPAN_WIDTH, EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import POOLINGS, attention_scores, span_scores, topk_with_recent
+from tokensieve.methods.eviction import DEFAULT_DILATION, EvictionMethod, LayerCall, check_int, check_span_rule
+from tokensieve.scoring import attention_scores, span_scores, topk_with_recent
 
 
 @dataclass
@@ -58,12 +58,7 @@ class SnapKV(EvictionMethod):
         check_int("window_size", self.window_size, 1)
         if self.window_size > self.budget:
             raise InputError(f"window_size ({self.window_size}) must not exceed budget ({self.budget})")
-        for label in ("kernel", "dilation"):
-            v = check_int(label, getattr(self, label), 1, MAX_SPAN_WIDTH)
-            if v % 2 == 0:
-                raise InputError(f"{label} must be a positive odd integer, got {v}")
-        if self.pooling not in POOLINGS:
-            raise InputError(f"pooling must be one of {POOLINGS}, got {self.pooling!r}")
+        check_span_rule(self.kernel, self.pooling, self.dilation)
 
     def scores(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """Ranking scores [batch, kv_heads, n - window_size] of the prefix entries (pooled, span rule applied)."""

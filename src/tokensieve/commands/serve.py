@@ -33,6 +33,16 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
+def _drain_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
+
+
 def _gib(text: str) -> float:
     try:
         value = float(text)
@@ -92,6 +102,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-gpu-memory-utilization", type=_fraction, default=None,
                    help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)")
     p.add_argument("--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)")
+    p.add_argument("--shutdown-timeout", type=_drain_seconds, default=30.0,
+                   help="at SIGTERM or Ctrl-C: seconds the running requests may take to finish while /health answers 503 "
+                        "'draining' and new and queued requests get 503; then they are ended (streams get an error event and "
+                        "[DONE]); a second signal ends them at once (default 30; 0 ends them at once)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
     p.set_defaults(func=run)
 
@@ -131,8 +145,10 @@ def run(args: argparse.Namespace) -> int:
     if args.host not in LOOPBACK and not keys:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
+    from tokensieve.serve.server import DrainingServer
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.engine, args.shutdown_timeout).run()
     return 0
 
 

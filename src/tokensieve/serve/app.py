@@ -374,6 +374,8 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
             ) from None
 
     async def answer(request: Request, kind: Kind) -> Response:
+        if getattr(engine, "draining", False):  # shutting down: no body read, no tokenizing
+            raise shutting_down_error()
         raw = await read_body(request, max_body_bytes)
         body = await run_in_threadpool(parse_json_object, raw) if len(raw) > PARSE_OFF_LOOP_BYTES else parse_json_object(raw)
         parse = parse_chat_request if kind == "chat" else parse_completion_request
@@ -434,10 +436,17 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
     @app.get("/health")
     async def health() -> JSONResponse:
         stalled = bool(getattr(engine, "stalled", False))
-        ok = engine.alive and not stalled
+        draining = bool(getattr(engine, "draining", False))
+        ok = engine.alive and not stalled and not draining
+        if ok:
+            status = "ok"
+        elif draining and engine.alive:
+            status = "draining"
+        else:
+            status = "stalled" if stalled and engine.alive else "unavailable"
         return JSONResponse(
             {
-                "status": "ok" if ok else ("stalled" if stalled and engine.alive else "unavailable"),
+                "status": status,
                 "overdue_s": round(float(getattr(engine, "overdue_s", 0.0)), 3),
                 "model": model_name,
                 "method": engine.default_method,

@@ -134,8 +134,11 @@ def assert_clean_log(child: Child) -> None:
 
 
 def test_sigterm_drains_running_request_and_refuses_queued_and_new_ones(model_dir):
-    child = Child(model_dir, "--shutdown-timeout", "20")
+    child = Child(model_dir, "--shutdown-timeout", "20", "--allowed-host", "my.box")
     try:
+        # the CLI bound to loopback checks the Host header (DNS rebinding), with --allowed-host's names allowed
+        assert httpx2.get(f"{child.base}/health", headers={"Host": "evil.example"}).status_code == 421
+        assert httpx2.get(f"{child.base}/health", headers={"Host": "my.box:8000"}).status_code == 200
         started, pool = threading.Event(), ThreadPoolExecutor(4)
         running = pool.submit(stream_events, child.base, 60, started)  # 60 tokens x 0.05 s: ~3 s
         assert started.wait(WAIT_S), child.log

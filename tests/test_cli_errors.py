@@ -444,3 +444,65 @@ def test_quiet_shows_no_progress_bars(model_dir, tmp_path, capsys):
         assert code == 0 and err == ""
     finally:
         hf_logging.enable_progress_bar()
+
+
+# ----- bounded reads (issue 22): stdin, files that are not regular files --------------------------------
+class _EndlessStdin(io.RawIOBase):
+    """Standard input that never ends ('a' forever); reading more than ``budget`` bytes in all is an error, so a
+    reader without a bound fails here instead of hanging."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget, self.given = budget, 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self.given > self.budget:
+            raise AssertionError(f"read more than {self.budget} bytes of an endless stream")
+        b[:] = b"a" * len(b)
+        self.given += len(b)
+        return len(b)
+
+
+def test_stdin_is_read_up_to_max_input_bytes(monkeypatch, capsys):
+    endless = _EndlessStdin(budget=64 << 10)
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(endless), encoding="utf-8"))
+    fails(["ask", "--file", "-", "--question", "q", "--max-input-bytes", "1k", *NO_MODEL], capsys,
+          "standard input is longer than 1024 bytes", "--max-input-bytes")
+    assert endless.given <= 64 << 10
+    _stdin(monkeypatch, b"b" * 1024)  # exactly the limit is read (the run goes on to the model)
+    fails(["ask", "--file", "-", "--question", "q", "--max-input-bytes", "1k", *NO_MODEL], capsys, "model path")
+    monkeypatch.setattr(sys, "stdin", io.StringIO("c" * 2000))  # a text stream (no .buffer): counted in characters
+    from tokensieve.data import read_document
+
+    with pytest.raises(Exception, match="longer than 1999 bytes"):
+        read_document("-", max_stdin_bytes=1999)
+    code, out, _ = run_cli(["ask", "--help"], capsys)
+    assert code == 0 and "--max-input-bytes" in out
+
+
+def test_endless_stdin_process_ends_with_one_line(tmp_path):
+    """``tokensieve ask --file - < /dev/zero`` stops at the default bound (64 MiB) with one line and exit 2."""
+    with open("/dev/zero", "rb") as zero:
+        res = subprocess.run([sys.executable, "-m", "tokensieve.cli", "ask", "--file", "-", "--question", "q", *NO_MODEL],
+                             stdin=zero, capture_output=True, text=True, timeout=120,
+                             env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+    assert res.returncode == 2, res.stderr
+    assert res.stderr.splitlines() == [f"tokensieve ask: error: standard input is longer than {64 << 20} bytes; "
+                                       f"pass a larger --max-input-bytes or the document as a file"]
+
+
+def test_files_that_are_not_regular_are_refused(tmp_path, capsys):
+    import os
+
+    fifo = tmp_path / "doc.fifo"
+    os.mkfifo(fifo)
+    broken = tmp_path / "broken.txt"
+    broken.symlink_to(tmp_path / "gone.txt")
+    for path in (fifo, Path("/dev/zero"), broken):
+        fails(ask(path, *NO_MODEL), capsys, f"{path} is not a regular file")
+        fails(["eval", "needle", "--haystack", str(path), *NO_MODEL, "--out", str(tmp_path / "o")], capsys,
+              f"{path} is not a regular file")
+    fails(ask(tmp_path, *NO_MODEL), capsys, f"{tmp_path} is a folder")
+    fails(ask(tmp_path / "nothing.txt", *NO_MODEL), capsys, "nothing.txt does not exist")

@@ -123,3 +123,21 @@ def test_lines_are_json(model, tok, tmp_path):
     path, _ = run(model, tok, tmp_path, t=task(samples=1), methods=["full"])
     for line in path.read_text().splitlines():
         json.loads(line)
+
+
+def test_resume_refuses_a_results_path_that_is_not_a_regular_file(tmp_path):
+    """A folder, a device or a pipe where the results file belongs: one InputError, never an endless read."""
+    import os
+
+    from tokensieve.errors import InputError
+
+    folder = tmp_path / "needle.jsonl"
+    folder.mkdir()
+    device = tmp_path / "dev.jsonl"
+    device.symlink_to("/dev/zero")
+    fifo = tmp_path / "pipe.jsonl"
+    os.mkfifo(fifo)
+    for p in (folder, device, fifo):
+        with pytest.raises(InputError, match=f"results path {p} is not a regular file"):
+            read_results(p)
+    assert read_results(tmp_path / "absent.jsonl") == []

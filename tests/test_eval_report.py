@@ -202,3 +202,20 @@ def test_paired_interval_and_n_too_small_threshold():
         assert lo <= g["vs_full"] <= hi and g["vs_full_interval"] == bootstrap_interval(diffs)
         assert g["vs_full_ci"] == pytest.approx((hi - lo) / 2)
         assert f"{g['vs_full']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in markdown_table([g]) and "n too small" not in markdown_table([g])
+
+
+def test_lines_with_wrong_field_types_are_skipped_with_the_warning(results, capsys):
+    """Valid JSON result lines whose fields have the wrong types are skipped and counted, not fatal."""
+    f = results / "ruler.jsonl"
+    bad = [line("full", 1024, "high", 0.2, 100, 1000, key="niah/2"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/3") | {"params": [1]},
+           line("full", "1k", 1.0, 0.2, 100, 1000, key="niah/4"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/5") | {"model": 5},
+           line("full", 1024, 1.0, "fast", 100, 1000, key="niah/6"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/7") | {"key": ["niah/7"]},
+           line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/8") | {"meta": "x"}, line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/9") | {"env": ["x"]}]
+    f.write_text(f.read_text() + "\n" + "\n".join(json.dumps(r) for r in bad) + "\n")
+    seen: list[str] = []
+    rows = load_results([results], warn=seen.append)
+    assert len(rows) == 5 and any(f"skipped {len(bad)} result line(s)" in m and "wrong types" in m for m in seen), seen
+    assert {x["method"]: x["samples"] for x in summarize(rows)} == {"full": 2, "gemfilter": 3}
+    assert main(["report", str(results), "--no-plots"]) == 0
+    err = capsys.readouterr().err
+    assert f"tokensieve report: warning: skipped {len(bad)} result line(s)" in err and "Traceback" not in err

@@ -1158,3 +1158,39 @@ def test_health_reports_a_worker_stuck_past_its_deadline(tiny):
         gate.set()
         wait_until(lambda: httpx2.get(f"{base}/health").status_code == 200, "the worker to come back")
         assert httpx2.get(f"{base}/health").json()["overdue_s"] == 0
+
+
+def test_host_header_is_checked_on_a_loopback_server(tiny):
+    """DNS rebinding: a page on evil.example whose name now resolves to 127.0.0.1 sends Host: evil.example."""
+    model, tok = tiny
+    from tokensieve.serve.app import LOOPBACK_HOSTS, host_name
+
+    assert [host_name(h) for h in ("[::1]:8000", "LocalHost.:80", "127.0.0.1", "my.box:1")] == ["::1", "localhost", "127.0.0.1", "my.box"]
+    app = create_app(model, tok, model_name="tiny", allowed_hosts=[*LOOPBACK_HOSTS, "My.Box"])
+    with serving(app) as base:
+        port = base.rsplit(":", 1)[1]
+        for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "", "192.168.1.10"):
+            for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", CHAT)):
+                r = httpx2.request(method, f"{base}{path}", headers={"Host": host}, json={"messages": MSG, "max_tokens": 2})
+                assert r.status_code == 421, (host, path, r.status_code)
+                assert r.json()["error"]["code"] == "invalid_host" and r.headers["content-type"] == "application/json"
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.2", f"my.box:{port}", "MY.BOX"):
+            assert httpx2.get(f"{base}/v1/models", headers={"Host": host}).status_code == 200, host
+        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}, headers={"Origin": "http://evil.example"})
+        assert r.status_code == 200 and not any(k.lower().startswith("access-control-") for k in r.headers)  # no CORS
+        pre = httpx2.options(f"{base}{CHAT}", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        assert pre.status_code == 405 and not any(k.lower().startswith("access-control-") for k in pre.headers)
+    with serving(create_app(model, tok, model_name="tiny", allowed_hosts=["*"])) as base:
+        assert httpx2.get(f"{base}/health", headers={"Host": "anything.example"}).status_code == 200
+    with serving(create_app(model, tok, model_name="tiny")) as base:  # the library's default: no check
+        assert httpx2.get(f"{base}/health", headers={"Host": "anything.example"}).status_code == 200
+    with pytest.raises(tokensieve.InputError, match="allowed_hosts"):
+        create_app(model, tok, allowed_hosts="localhost")
+
+
+def test_serve_cli_refuses_a_blank_allowed_host_in_one_line(capsys):
+    from tokensieve import cli
+
+    assert cli.main(["serve", "--allowed-host", " "]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--allowed-host" in err and "Traceback" not in err

@@ -15,6 +15,7 @@ ENCODING_ERRORS = ("strict", "replace")
 _CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
 _CONTROL_CHARS = set(_CONTROL.decode("latin-1"))
 BINARY_CONTROL_SHARE = 0.05  # random bytes hold about 11% of these; text holds next to none
+DEFAULT_MAX_INPUT_BYTES = 64 << 20  # standard input read at most (64 MiB: ~16M tokens of English, past every model's positions)
 
 
 def check_encoding(encoding: str) -> str:
@@ -61,25 +62,40 @@ def decode_text(data: bytes, name: str, encoding: str = "utf-8", errors: str = "
     return text
 
 
-def read_document(path: str | Path, encoding: str = "utf-8", errors: str = "strict") -> str:
+def read_document(path: str | Path, encoding: str = "utf-8", errors: str = "strict",
+                  max_stdin_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> str:
     """The text of a user's file (``"-"``: standard input), the one reader of documents and text files.
 
-    ``InputError`` (one line naming the file) for a missing file, a folder, binary data, or bytes
-    that ``encoding`` cannot decode (with ``errors="strict"``; ``"replace"`` puts U+FFFD instead).
+    ``InputError`` (one line naming the file) for a missing file, a folder, anything else that is not a
+    regular file (a FIFO, a device such as /dev/zero: they could block or never end), binary data, or
+    bytes that ``encoding`` cannot decode (with ``errors="strict"``; ``"replace"`` puts U+FFFD instead).
+    Standard input is read up to ``max_stdin_bytes`` (characters, for a text stream); ``InputError`` past
+    that, without reading further (an endless stream ends there).
     """
     if str(path) == "-":
+        if isinstance(max_stdin_bytes, bool) or not isinstance(max_stdin_bytes, int) or max_stdin_bytes < 1:
+            raise InputError(f"the standard input limit must be a number of bytes >= 1, got {max_stdin_bytes!r}")
+        too_long = InputError(f"standard input is longer than {max_stdin_bytes} bytes; pass a larger --max-input-bytes "
+                              f"or the document as a file")
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:  # a text stream (e.g. replaced in a test): already decoded
-            text = sys.stdin.read()
+            text = sys.stdin.read(max_stdin_bytes + 1)
+            if len(text) > max_stdin_bytes:
+                raise too_long
             if looks_binary(text):
                 raise InputError("standard input does not look like text (binary data)")
             return text
-        return decode_text(stream.read(), "standard input", encoding, errors)
+        data = stream.read(max_stdin_bytes + 1)
+        if len(data) > max_stdin_bytes:
+            raise too_long
+        return decode_text(data, "standard input", encoding, errors)
     p = Path(path).expanduser()
     if p.is_dir():
         raise InputError(f"{p} is a folder; expected a text file")
-    if not p.is_file():
+    if not p.exists() and not p.is_symlink():
         raise InputError(f"file {p} does not exist")
+    if not p.is_file():
+        raise InputError(f"{p} is not a regular file (a pipe, a device or a broken link); expected a text file")
     try:
         data = p.read_bytes()
     except OSError as exc:

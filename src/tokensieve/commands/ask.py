@@ -7,16 +7,19 @@ import argparse
 from tokensieve.commands.common import (
     add_method_args, add_model_args, add_text_args, build_methods, fmt_bytes, load, parse_size, parse_text, print_json,
 )
+from tokensieve.data import DEFAULT_MAX_INPUT_BYTES
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("ask", description="Answer a question about a document (chat template applied) and print the answer with timing, memory and tokens kept.")
-    p.add_argument("--file", required=True, help="document to read ('-' for stdin)")
+    p.add_argument("--file", required=True, help="document to read: a regular file, or '-' for stdin (at most --max-input-bytes)")
     p.add_argument("--question", required=True, type=parse_text, help="question about the document")
     add_text_args(p, "the document")
     add_model_args(p)
     add_method_args(p)
     p.add_argument("--max-new-tokens", type=parse_size, default=64, help="tokens to generate at most (default 64)")
+    p.add_argument("--max-input-bytes", type=parse_size, default=DEFAULT_MAX_INPUT_BYTES,
+                   help="with --file -: read at most this much of standard input; more is an error (default 64M)")
     p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
     p.add_argument("--show-selection", action="store_true", help="print the prompt text the method kept, with [...] for dropped spans")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -27,7 +30,7 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.data import read_document
     from tokensieve.errors import InputError
 
-    doc = read_document(args.file, args.encoding, args.encoding_errors)
+    doc = read_document(args.file, args.encoding, args.encoding_errors, max_stdin_bytes=args.max_input_bytes)
     if not doc.strip():
         raise InputError(f"the document {'on standard input' if args.file == '-' else args.file} is empty")
     (method,) = build_methods(args)

@@ -13,9 +13,6 @@ from typing import Any
 
 from tokensieve.commands.common import non_negative_int, positive_int
 
-LOOPBACK = ("127.0.0.1", "localhost", "::1")
-
-
 def _port(text: str) -> int:
     value = non_negative_int(text)
     if value > 65535:
@@ -31,6 +28,16 @@ def _seconds(text: str) -> float | None:
     if not value >= 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0 (0 = no timeout), got {text!r}")
     return value or None
+
+
+def _drain_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
+    if not 0 <= value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
+    return value
 
 
 def _gib(text: str) -> float:
@@ -68,6 +75,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_method_args(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; see --api-key)")
+    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
+                   help="a Host name the server answers besides loopback ones (repeatable; '*' for any). Bound to loopback, "
+                        "requests whose Host header is not localhost, 127.0.0.1, ::1 or one of these get 421 (DNS rebinding); "
+                        "bound elsewhere, the Host is checked only when this is given")
     p.add_argument("--api-key", action="append", default=None, metavar="KEY",
                    help="require 'Authorization: Bearer KEY' on /v1 requests (401 otherwise; /health and /metrics stay open); "
                         "give it several times for several clients, each with its own prefix-cache entries "
@@ -92,6 +103,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vllm-gpu-memory-utilization", type=_fraction, default=None,
                    help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)")
     p.add_argument("--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)")
+    p.add_argument("--shutdown-timeout", type=_drain_seconds, default=30.0,
+                   help="at SIGTERM or Ctrl-C: seconds the running requests may take to finish while /health answers 503 "
+                        "'draining' and new and queued requests get 503; then they are ended (streams get an error event and "
+                        "[DONE]); a second signal ends them at once (default 30; 0 ends them at once)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
     p.set_defaults(func=run)
 
@@ -118,7 +133,13 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--api-key: a key must be non-empty, without surrounding spaces")
     if args.max_body_bytes < 1:
         raise InputError(f"--max-body-bytes must be at least 1, got {args.max_body_bytes}")
-    front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes}
+    from tokensieve.serve.app import LOOPBACK_HOSTS, host_name, is_loopback
+
+    extra = args.allowed_host or []
+    if any(not host_name(h) or " " in h.strip() for h in extra):
+        raise InputError(f"--allowed-host: a host name must be non-empty, without spaces, got {extra!r}")
+    allowed = (list(LOOPBACK_HOSTS) + extra) if is_loopback(args.host) else (extra or None)
+    front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes, "allowed_hosts": allowed}
     if args.engine == "vllm":
         app = _vllm_app(args, params, front)
     else:
@@ -128,11 +149,13 @@ def run(args: argparse.Namespace) -> int:
             max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
             prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, **front,
         )
-    if args.host not in LOOPBACK and not keys:
+    if not is_loopback(args.host) and not keys:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
               f"can use it", file=sys.stderr)
+    from tokensieve.serve.server import DrainingServer
+
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
-    uvicorn.Server(config).run()
+    DrainingServer(config, app.state.engine, args.shutdown_timeout).run()
     return 0
 
 

@@ -339,6 +339,8 @@ def read_results(path: str | Path, on_problem: Callable[[str], None] | None = No
     p = Path(path)
     if not p.exists():
         return []
+    if not p.is_file():  # a folder, a FIFO or a device (/dev/zero) would block or read without end
+        raise InputError(f"results path {p} is not a regular file; expected a JSON-lines results file")
     data = p.read_bytes()
     try:
         text = data.decode("utf-8")

@@ -60,6 +60,33 @@ def _warn(message: str) -> None:
     warnings.warn(message, ResultsWarning, stacklevel=3)
 
 
+_NUMBER_FIELDS = ("score", "nll", "tokens", "ttft_s", "peak_memory_bytes", "prompt_tokens", "kept_tokens", "kv_tokens_prefill")
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def well_typed(row: dict[str, Any]) -> bool:
+    """Whether a result line's fields have the types the report reads (valid JSON can still hold
+    ``"score": "high"`` or ``"params": [1]``, which would stop the report half-way)."""
+    if not all(isinstance(row.get(k), str) for k in ("model", "task", "method")):
+        return False
+    if not isinstance(row.get("key"), (str, int)) or isinstance(row.get("key"), bool):
+        return False
+    if any(k in row and not isinstance(row[k], dict) for k in ("params", "task_config")):
+        return False
+    if "length" in row and (not isinstance(row["length"], int) or isinstance(row["length"], bool)):
+        return False
+    meta, env = row.get("meta"), row.get("env")
+    if meta is not None and (not isinstance(meta, dict) or any(
+            meta.get(k) is not None and not isinstance(meta.get(k), str) for k in ("subtask", "dataset"))):
+        return False
+    if env is not None and (not isinstance(env, dict) or not isinstance(env.get("tokensieve", ""), str)):
+        return False
+    return all(row.get(k) is None or _is_number(row[k]) or (k == "score" and isinstance(row[k], bool)) for k in _NUMBER_FIELDS)
+
+
 def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
     """Result lines from files and folders, one per cell (:func:`~tokensieve.evaluation.harness.latest_rows`).
 
@@ -83,9 +110,15 @@ def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None
         raise InputError(f"no results files (*.jsonl) in {', '.join(map(str, paths))}{note}")
     for f in files:
         try:
-            rows += read_results(f, on_problem=warn)
+            got = read_results(f, on_problem=warn)
         except InputError as exc:
             warn(f"{exc}; skipped it")
+            continue
+        good = [r for r in got if well_typed(r)]
+        if len(good) < len(got):
+            warn(f"skipped {len(got) - len(good)} result line(s) of {f} whose fields have the wrong types "
+                 f"(e.g. a text score or a list of parameters)")
+        rows += good
     return latest_rows(rows)
 
 

@@ -69,6 +69,30 @@ COMPLETION_ENDPOINTS = ("/v1/chat/completions", "/v1/completions")
 DEFAULT_MAX_BODY_BYTES = 8 << 20  # request bodies above this get 413 before they are read
 PARSE_OFF_LOOP_BYTES = 64 << 10  # bodies above this are parsed on a worker thread, not on the event loop
 JSON_TYPES = ("application/json",)
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "::1")  # the Host names a loopback-bound server answers by default
+
+
+def is_loopback(host: str) -> bool:
+    """``host`` (a bind address or a Host name, without port) is a loopback name or address."""
+    import ipaddress
+
+    name = host.strip().strip("[]").rstrip(".").lower()
+    if name == "localhost" or name.endswith(".localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def host_name(header: str) -> str:
+    """The name of a Host header without its port: ``[::1]:8000`` -> ``::1``, ``Example.COM.:80`` -> ``example.com``."""
+    h = header.strip()
+    if h.startswith("["):
+        name = h[1:h.find("]")] if "]" in h else h[1:]
+    else:
+        name = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
+    return name.rstrip(".").lower()
 
 
 def _json_reply(status: int, body: dict[str, Any], headers: list[tuple[bytes, bytes]] = ()) -> list[Message]:
@@ -85,12 +109,23 @@ class _FrontDoor:
     otherwise: a ``text/plain`` body is a "simple" cross-origin request any web page can send) and the body
     size from ``Content-Length`` (413 past ``max_body_bytes``, before a byte of it is read; a body without a
     length is counted as it is read, ``read_body``). The key a request came with is ``scope["state"]["tenant"]``.
-    ``/health`` and ``/metrics`` stay open (probes and scrapers)."""
+    ``/health`` and ``/metrics`` stay open (probes and scrapers). With ``allowed_hosts`` (not None), first
+    of all, on every path: the ``Host`` header must name a loopback address or one of ``allowed_hosts``
+    (421 otherwise: a DNS-rebinding page reaches a local server under its own domain name); ``"*"``
+    allows any."""
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int,
+                 allowed_hosts: tuple[str, ...] | None = None) -> None:
         self.app = app
         self.keys = [k.encode("utf-8") for k in api_keys]
         self.max_body_bytes = max_body_bytes
+        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+
+    def _host_ok(self, headers: dict[bytes, bytes]) -> bool:
+        if self.allowed_hosts is None:
+            return True
+        name = host_name(headers.get(b"host", b"").decode("latin-1"))
+        return bool(name) and (is_loopback(name) or name in self.allowed_hosts)
 
     def _tenant(self, scope: Scope) -> tuple[bool, str | None]:
         """(allowed, the key it matched) for a /v1 request."""
@@ -113,7 +148,12 @@ class _FrontDoor:
             return
         path, headers = scope.get("path", ""), dict(scope.get("headers") or [])
         reply: list[Message] | None = None
-        if path == "/v1" or path.startswith("/v1/"):
+        if not self._host_ok(headers):
+            given = headers.get(b"host", b"").decode("latin-1")
+            reply = _json_reply(421, error_body(
+                f"this server does not answer for the host {given!r} (the Host header must name a loopback address or "
+                f"one given with --allowed-host)", type="invalid_request_error", code="invalid_host"))
+        elif path == "/v1" or path.startswith("/v1/"):
             allowed, tenant = self._tenant(scope)
             if not allowed:
                 reply = _json_reply(401, error_body(
@@ -249,6 +289,7 @@ def create_app(
     generate_batch_fn: BatchFn = generate_batch,
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
@@ -258,6 +299,9 @@ def create_app(
     ``max_batch``: requests the engine may generate together (1: one at a time; see ``Engine``).
     ``api_keys``: when given, ``/v1`` requests need one of them (``Authorization: Bearer KEY``), and each
     key's requests have their own prefix-cache entries. ``max_body_bytes``: larger bodies get 413.
+    ``allowed_hosts``: None (default) checks no Host header; a list (``LOOPBACK_HOSTS`` for a server bound
+    to loopback, what ``tokensieve serve`` does) answers 421 to a request whose Host is neither a loopback
+    address nor in the list (DNS rebinding); ``["*"]`` allows any.
     """
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
@@ -265,11 +309,12 @@ def create_app(
         max_batch=max_batch, generate_batch_fn=generate_batch_fn,
     )
     return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens, api_keys=api_keys,
-                          max_body_bytes=max_body_bytes)
+                          max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
 
 
 def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                   api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> FastAPI:
+                   api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+                   allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).
 
     The endpoints only use the engine's request interface (prepare, submit, cancel, start/stop and the
@@ -280,6 +325,9 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
         raise InputError("api_keys must be a list of non-empty key strings without surrounding spaces")
     if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
         raise InputError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    if allowed_hosts is not None and (isinstance(allowed_hosts, str) or not all(
+            isinstance(h, str) and host_name(h) and " " not in h.strip() for h in allowed_hosts)):
+        raise InputError("allowed_hosts must be a list of host names (or '*'), without spaces")
     metrics = engine.metrics
     created = now()
 
@@ -296,7 +344,8 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
     app.state.metrics = metrics
     app.state.model_name = model_name
     app.state.api_keys = bool(api_keys)
-    app.add_middleware(_FrontDoor, api_keys=tuple(api_keys), max_body_bytes=max_body_bytes)
+    app.add_middleware(_FrontDoor, api_keys=tuple(api_keys), max_body_bytes=max_body_bytes,
+                       allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
     app.add_middleware(_RequestMetrics, metrics=metrics)  # outermost: counts the front door's answers too
 
     @app.exception_handler(APIError)
@@ -374,6 +423,8 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
             ) from None
 
     async def answer(request: Request, kind: Kind) -> Response:
+        if getattr(engine, "draining", False):  # shutting down: no body read, no tokenizing
+            raise shutting_down_error()
         raw = await read_body(request, max_body_bytes)
         body = await run_in_threadpool(parse_json_object, raw) if len(raw) > PARSE_OFF_LOOP_BYTES else parse_json_object(raw)
         parse = parse_chat_request if kind == "chat" else parse_completion_request
@@ -434,10 +485,17 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
     @app.get("/health")
     async def health() -> JSONResponse:
         stalled = bool(getattr(engine, "stalled", False))
-        ok = engine.alive and not stalled
+        draining = bool(getattr(engine, "draining", False))
+        ok = engine.alive and not stalled and not draining
+        if ok:
+            status = "ok"
+        elif draining and engine.alive:
+            status = "draining"
+        else:
+            status = "stalled" if stalled and engine.alive else "unavailable"
         return JSONResponse(
             {
-                "status": "ok" if ok else ("stalled" if stalled and engine.alive else "unavailable"),
+                "status": status,
                 "overdue_s": round(float(getattr(engine, "overdue_s", 0.0)), 3),
                 "model": model_name,
                 "method": engine.default_method,

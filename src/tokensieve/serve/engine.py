@@ -480,6 +480,7 @@ class Engine:
         self._waiting: deque[Job] = deque()
         self._running: list[Job] = []  # the job, or the batch, being generated
         self._stopping = False
+        self._draining = False  # ``drain``: no new requests; the running ones finish
         self._thread: threading.Thread | None = None
         self._hooks: list[Any] = []  # the decoder layers' deadline checks (``start``)
         self._tok_lock = threading.Lock()  # one tokenizer call at a time (handlers encode, the worker decodes)
@@ -551,6 +552,34 @@ class Engine:
         for hook in self._hooks:
             hook.remove()
         self._hooks = []
+
+    def drain(self) -> None:
+        """The first step of a shutdown: refuse new requests (``EngineStoppedError``, 503), answer the waiting
+        ones 503 at once (they never start), let the running ones finish. Idempotent; ``busy`` tells when
+        nothing runs any more."""
+        with self._cond:
+            self._draining = True
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self.metrics.queue_depth.set(0)
+        for job in waiting:
+            job.cancel_reason = "shutdown"
+            job._cancel.set()
+            self._finish(job, "cancelled", Failed(shutting_down_error()))
+
+    def abort_running(self) -> int:
+        """End the running jobs now (a shutdown past its time, or a second signal): each stops at its next
+        layer or token and gets the 503 error (a stream: the error event and ``[DONE]``). Returns how many."""
+        with self._cond:
+            running = [job for job in self._running if job.outcome is None]
+            for job in running:
+                job.cancel_reason = job.cancel_reason or "shutdown"
+                job._cancel.set()
+        return len(running)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
 
     @property
     def alive(self) -> bool:
@@ -693,7 +722,7 @@ class Engine:
         deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
         job = Job(prepared, loop, deadline)
         with self._cond:
-            if self._stopping or self._thread is None:
+            if self._stopping or self._draining or self._thread is None:
                 raise EngineStoppedError("the engine is not running")
             waiting = len(self._waiting)
             if waiting + bool(self._running) >= self.max_queue + 1:
@@ -907,7 +936,7 @@ class Engine:
     def _cancel_error(self, job: Job) -> APIError:
         if job.cancel_reason == "timeout":
             return timeout_error(self.request_timeout_s or 0.0)
-        if self._stopping:
+        if self._stopping or job.cancel_reason == "shutdown":
             return shutting_down_error()
         return APIError(499, "the request was cancelled", type="invalid_request_error", code="cancelled")
 

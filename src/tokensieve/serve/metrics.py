@@ -36,7 +36,7 @@ class Metrics:
         )
         self.jobs = Counter(
             "tokensieve_jobs",
-            "generation jobs that ended, by outcome: completed, cancelled (client went away), timeout, rejected (bad input), failed (server error)",
+            "generation jobs that ended, by outcome: completed, cancelled (client went away), timeout, rejected (bad input), failed (server error), shutdown (ended by a shutdown)",
             ["outcome"], registry=r,
         )
         self.ttft = Histogram(

@@ -138,6 +138,19 @@ class VLLMEngine(Engine):
         if self.llm is not None:
             self.llm.shutdown()
 
+    def drain(self) -> None:
+        """Refuse new requests (503); the ones in flight (all started: vLLM schedules them) finish."""
+        with self._cond:
+            self._draining = True
+
+    def abort_running(self) -> int:
+        """Cancel every request in flight (503; vLLM aborts them)."""
+        with self._cond:
+            inflight = list(self._tasks.values())
+        for job, task in inflight:
+            self._cancel_task(job, task, "shutdown")
+        return len(inflight)
+
     @property
     def alive(self) -> bool:
         return self.llm is not None and not self._stopping and not self.llm.errored
@@ -206,7 +219,7 @@ class VLLMEngine(Engine):
         deadline = None if self.request_timeout_s is None else time.monotonic() + self.request_timeout_s
         job = Job(prepared, loop, deadline)
         with self._cond:
-            if self._stopping or self.llm is None:
+            if self._stopping or self._draining or self.llm is None:
                 raise EngineStoppedError("the engine is not running")
             waiting = self.queue_depth
             if len(self._tasks) >= self.max_num_seqs + self.max_queue:

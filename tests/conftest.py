@@ -50,6 +50,7 @@ def tiny_model(
     ids: dict[str, int] = SUITE_IDS,
     stop_at_eos: bool = False,
     scale_head: bool = True,
+    attn: str = "tokensieve",
 ) -> torch.nn.Module:
     """A tiny random-weight causal LM in eval mode with tokensieve's attention installed.
 
@@ -67,9 +68,14 @@ def tiny_model(
         weights would stop at random points); True: it stops at the config's eos.
     scale_head: multiply an untied lm_head by 8 (random weights give near-uniform logits; scaled, greedy
         choices are not near-ties). Tied heads (gemma3) are left alone.
+    attn: ``"tokensieve"`` switches the built model to tokensieve's attention (what ``load_model`` does); any
+        other name (``"sdpa"``, ``"eager"``) is passed as the config's ``attn_implementation`` and kept: a model
+        as a user's own ``from_pretrained`` gives it.
     """
     torch.manual_seed(seed)
     shared = dict(vocab_size=vocab, **ids, **({} if init is None else {"initializer_range": init}))
+    if attn != "tokensieve":
+        shared["attn_implementation"] = attn
     common = dict(
         shared, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
@@ -100,7 +106,8 @@ def tiny_model(
             model.lm_head.weight.mul_(8.0)
     if dtype is not None:
         model.to(dtype)
-    tokensieve.use_tokensieve_attention(model)
+    if attn == "tokensieve":
+        tokensieve.use_tokensieve_attention(model)
     if not stop_at_eos:
         model.generation_config.eos_token_id = None
     return model

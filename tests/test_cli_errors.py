@@ -11,6 +11,7 @@ import ast
 import io
 import json
 import random
+import re
 import subprocess
 import sys
 import textwrap
@@ -36,9 +37,12 @@ def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
 
 
 def fails(argv: list[str], capsys, *needles: str) -> str:
-    """Assert exit code 2 and exactly one stderr line `tokensieve CMD: error: ...` holding every needle."""
+    """Assert exit code 2 and exactly one stderr line `tokensieve CMD: error: ...` holding every needle (after the
+    "loading MODEL ..." line where the failure is in loading the model)."""
     code, _, err = run_cli(argv, capsys)
     lines = err.splitlines()
+    if len(lines) == 2 and re.fullmatch(r"loading .+ \.\.\.", lines[0]):
+        lines = lines[1:]
     assert code == 2, (code, err)
     assert len(lines) == 1, err
     cmd = argv[0] + (f" {argv[1]}" if argv[0] == "eval" else "")
@@ -229,6 +233,7 @@ def test_hub_id_not_in_cache_fails_without_the_network(doc):
                          timeout=300)
     assert res.stdout.split() == ["exit", "2", "attempts", "0"], res.stdout + res.stderr
     assert res.stderr.splitlines() == [
+        "loading made-up-org/made-up-model-7 ...",
         "tokensieve ask: error: could not load model 'made-up-org/made-up-model-7': it is not an embedded model "
         "(smollm2, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local folder or .gguf file, and not in the local Hugging Face cache "
         "(tokensieve does not download models: download it elsewhere and pass its folder)"]
@@ -340,7 +345,7 @@ def test_constant_lists_match_the_library():
 
 # ----- 11. fast start: parsing imports no torch --------------------------------------------------------
 LIGHT_HELP = [[], ["ask"], ["demo"], ["needle"], ["eval"], ["eval", "needle"], ["eval", "ruler"], ["eval", "longbench"],
-              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"]]
+              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"], ["methods"]]
 
 
 def _python(code: str) -> str:
@@ -426,21 +431,25 @@ def test_no_import_cycles():
     assert cycles == []
 
 
-# ----- 12. --quiet silences the weights-loading bar ----------------------------------------------
+# ----- 12. transformers' bars only with -v; --quiet silences everything -----------------------------------
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     return save_model_dir(tmp_path_factory.mktemp("tiny-model"))
 
 
-def test_quiet_shows_no_progress_bars(model_dir, tmp_path, capsys):
+def test_progress_bars_only_with_verbose_and_none_with_quiet(model_dir, tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
     args = ["eval", "needle", "--model", str(model_dir), "--methods", "full", "--lengths", "600", "--depths", "0.5",
             "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "1", "--no-plots"]
     try:
         code, _, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
-        assert code == 0 and "Loading weights" in err and "eval needle" in err  # the bars, without --quiet
-        code, _, err = run_cli([*args, "--out", str(tmp_path / "b"), "--quiet"], capsys)
+        # the loading line first, tokensieve's own bar, no transformers bar
+        assert code == 0 and err.startswith(f"loading {model_dir} ...\n") and "eval needle" in err
+        assert "Loading weights" not in err
+        code, _, err = run_cli(["-v", *args, "--out", str(tmp_path / "b")], capsys)
+        assert code == 0 and "Loading weights" in err and "eval needle" in err  # -v: transformers' bars too
+        code, _, err = run_cli([*args, "--out", str(tmp_path / "c"), "--quiet"], capsys)
         assert code == 0 and err == ""
     finally:
         hf_logging.enable_progress_bar()
@@ -506,3 +515,16 @@ def test_files_that_are_not_regular_are_refused(tmp_path, capsys):
               f"{path} is not a regular file")
     fails(ask(tmp_path, *NO_MODEL), capsys, f"{tmp_path} is a folder")
     fails(ask(tmp_path / "nothing.txt", *NO_MODEL), capsys, "nothing.txt does not exist")
+
+
+def test_library_bars_off_unless_verbose_in_a_fresh_process():
+    """A bar that does not say ``disable=`` itself (transformers' GGUF conversion) is off after ``main`` without -v."""
+    code = """
+        import sys
+        from tokensieve.cli import main
+        main([{flags}"methods", "full"])
+        from tqdm.auto import tqdm
+        print("bar disabled:", tqdm(range(2), file=sys.stderr).disable)
+    """
+    assert "bar disabled: True" in _python(code.format(flags=""))
+    assert "bar disabled: False" in _python(code.format(flags='"-v", '))

@@ -116,3 +116,41 @@ def test_lossy_settings_keep_at_most_their_budget(model, case):
             assert row.kv_tokens_prefill == res.kv_tokens_prefill[0]  # the benchmark holds what generate holds
     if case.max_kept is not None:
         assert res.kept_tokens <= case.max_kept(N) and score.kept_tokens <= case.max_kept(N - NEW)
+
+
+# -- a user's own model: loaded with another attention (``from_pretrained`` gives "sdpa")
+
+
+def switch_warnings(record) -> list[str]:
+    from tokensieve.attention import AttentionSwitchedWarning
+
+    return [str(w.message) for w in record if issubclass(w.category, AttentionSwitchedWarning)]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.method)
+def test_sdpa_loaded_model_is_switched_and_answers_as_switched_by_hand(request, model, case):
+    """Every method on a model built with attn_implementation="sdpa" gives the tokens, NLLs and KV counts of the same
+    weights switched by hand, through generate, score_continuation and the benchmark; the switch is said once."""
+    import warnings
+
+    family = request.node.callspec.params["model"]
+    user = tiny_model(family, attn="sdpa")  # the fixture's weights (same seed), never switched
+    assert user.config._attn_implementation == "sdpa"
+    ids = random_ids(N, seed=9)
+    tok = TinyTokenizer()
+    params = (case.lossy or case.noop) | case.extra
+    ref = generate(model, tok, ids, case.method, max_new_tokens=NEW, **params)
+    ref_score = score_continuation(model, tok, ids[:, :-NEW], ids[0, -NEW:], case.method, **params)
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        res = generate(user, tok, ids, case.method, max_new_tokens=NEW, **params)
+        score = score_continuation(user, tok, ids[:, :-NEW], ids[0, -NEW:], case.method, **params)
+        row = bench_method(user, make_method(case.method, **params), N, repeats=1, decode_tokens=2)
+    said = switch_warnings(record)
+    assert len(said) == 1, said
+    assert type(user).__name__ in said[0] and "'sdpa'" in said[0]
+    assert user.config._attn_implementation == "tokensieve"
+    assert res.token_ids == ref.token_ids
+    assert res.kv_tokens_prefill == ref.kv_tokens_prefill and res.kept_tokens == ref.kept_tokens
+    torch.testing.assert_close(torch.tensor(score.nll), torch.tensor(ref_score.nll), rtol=1e-5, atol=1e-5)
+    assert row.status == "ok", row.status

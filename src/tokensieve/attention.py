@@ -16,6 +16,7 @@ Shapes it sees, after RoPE and before GQA repetition:
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Callable, Protocol
 
 import torch
@@ -23,6 +24,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+from tokensieve.errors import InputError
 
 ATTN_IMPLEMENTATION = "tokensieve"
 HOOK_KWARG = "tokensieve_hook"
@@ -87,6 +90,57 @@ AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
 def use_tokensieve_attention(model: torch.nn.Module) -> None:
     """Switch a loaded model to tokensieve's attention function (SDPA + hooks)."""
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
+
+
+class AttentionSwitchedWarning(UserWarning):
+    """tokensieve switched a model to its attention function (``ensure_tokensieve_attention``)."""
+
+
+def attn_implementations(model: torch.nn.Module) -> set[Any]:
+    """The attention implementations a model's config (and its text config) name, e.g. ``{"sdpa"}``."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return set()
+    configs = [config]
+    text = getattr(config, "get_text_config", None)
+    if callable(text):
+        configs.append(text())
+    return {getattr(c, "_attn_implementation", None) for c in configs}
+
+
+def ensure_tokensieve_attention(model: torch.nn.Module) -> None:
+    """The one check every tokensieve entry point that runs a model makes first.
+
+    A model on tokensieve attention passes. Any other (a user's ``from_pretrained`` model is on
+    ``"sdpa"`` or ``"eager"``) is switched with ``use_tokensieve_attention``, once, with an
+    ``AttentionSwitchedWarning`` naming its class and the implementation it had: the hooks every
+    method works through reach only tokensieve's attention, so left alone the methods would run
+    unchanged (full attention under another name) or fail deep inside. ``InputError`` where no
+    switch is possible: an object without a transformers config or ``set_attn_implementation``
+    (not a ``transformers`` model), or a model class ``transformers`` cannot give another attention.
+    """
+    had = attn_implementations(model)
+    if had == {ATTN_IMPLEMENTATION}:
+        return
+    cls = type(model).__name__
+    switch = getattr(model, "set_attn_implementation", None)
+    if not had or not callable(switch):
+        raise InputError(
+            f"tokensieve runs transformers models (a PreTrainedModel with set_attn_implementation), got {cls}"
+        )
+    try:
+        switch(ATTN_IMPLEMENTATION)
+    except (ValueError, TypeError, NotImplementedError) as exc:
+        raise InputError(f"tokensieve cannot switch {cls} to its attention: {exc}") from None
+    if attn_implementations(model) != {ATTN_IMPLEMENTATION}:
+        raise InputError(f"tokensieve cannot switch {cls} to its attention (it still uses {sorted(map(str, had))})")
+    was = ", ".join(sorted(map(repr, had)))
+    warnings.warn(
+        f"tokensieve switched {cls} from {was} attention to tokensieve's (SDPA plus the hooks its methods use; "
+        f"full attention computes the same); call tokensieve.use_tokensieve_attention(model) after loading to "
+        f"do it yourself",
+        AttentionSwitchedWarning, stacklevel=3,
+    )
 
 
 def repeat_kv(x: torch.Tensor, groups: int) -> torch.Tensor:

@@ -63,6 +63,18 @@ def shape_config(shape: str) -> PretrainedConfig:
     return AutoConfig.for_model(model_type, **cfg)
 
 
+# Shapes with more parameters than this are GPU-sized: `tokensieve bench` refuses them on a CPU unless --force
+# (llama3.1-8b in float32 on a CPU is 32 GB of weights and hours per 8k prefill; smollm2-135m and tiny are not).
+CPU_MAX_PARAMETERS = 1_000_000_000
+
+
+def shape_parameters(shape: str) -> int:
+    """Parameters of a model in ``shape`` (counted on the meta device: nothing is allocated)."""
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(shape_config(shape))
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
     """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
     config = shape_config(shape)

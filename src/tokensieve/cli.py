@@ -33,6 +33,7 @@ COMMANDS: dict[str, str] = {
     "stream": "streaming perplexity over a long text (SepLLM, StreamingLLM, full)",
     "bench": "time/memory vs prompt length on a real model shape (random weights)",
     "serve": "OpenAI-compatible HTTP server (chat/completions, streaming, per-request methods)",
+    "methods": "list the methods, their parameters, defaults and meanings",
 }
 COMMAND_MODULES = list(COMMANDS)
 
@@ -93,6 +94,17 @@ def chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser = action.choices[chosen]
 
 
+def quiet_library_progress_bars() -> None:
+    """Progress bars of the libraries underneath (transformers' "Loading weights", its GGUF conversion, the hub's)
+    off for this process unless -v: set in the environment before they are imported (tqdm and huggingface_hub read
+    it then; a module imported already is left as it is). tokensieve's own bars (eval, bench) say ``disable=``
+    themselves and are not affected; ``commands.common.announce_loading`` turns transformers' off in-process too."""
+    if "tqdm" not in sys.modules:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    if "huggingface_hub" not in sys.modules:
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+
 def _print_warning(message, category, filename, lineno, file=None, line=None) -> None:
     print(f"tokensieve: warning: {one_line(message)}", file=sys.stderr)
 
@@ -109,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"no command given; expected one of: {', '.join(COMMANDS)}")
     args.argv = argv  # recorded by commands that write results
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    if not args.verbose:
+        quiet_library_progress_bars()
     prog = chosen.prog
     # No model hub: hub ids load from the local Hugging Face cache only (no retries on a missing network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -39,7 +39,7 @@ from typing import Any, ClassVar
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.cache import EvictionCache
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
@@ -185,7 +185,9 @@ def store_for_gib(gib: float) -> PrefixStore | None:
 
 
 def check_model(model: PreTrainedModel) -> None:
-    """``InputError`` for models whose cache cannot be cut at a prefix (sliding-window layers)."""
+    """``InputError`` for models whose cache cannot be cut at a prefix (sliding-window layers); a model not on
+    tokensieve attention is switched to it (``ensure_tokensieve_attention``)."""
+    ensure_tokensieve_attention(model)
     if has_sliding_layers(model):
         raise InputError(
             f"the prefix cache needs a model whose layers all use full attention; "

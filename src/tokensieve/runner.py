@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.attention import ensure_tokensieve_attention
 from tokensieve.decode import DecoderPool, supports_static, tracks_for
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.memory import PeakMemory, synchronize
@@ -164,8 +165,10 @@ def prepare(
 
     ``prompt_or_messages`` is a string, a list of chat messages, or token ids [1, n] (used as they
     are). Raises ``PromptTooLongError`` past the model's maximum position unless ``allow_long``, and
-    ``InputError`` for bad method parameters.
+    ``InputError`` for bad method parameters. A model not on tokensieve attention is switched to it
+    first, with a warning (``attention.ensure_tokensieve_attention``; ``InputError`` where impossible).
     """
+    ensure_tokensieve_attention(model)
     m = make_method(method, **method_params)
     if torch.is_tensor(prompt_or_messages):
         input_ids = check_token_ids(model, prompt_or_messages)

@@ -62,7 +62,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, repeat_kv
+from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention, repeat_kv
 from tokensieve.errors import InputError
 from tokensieve.methods.base import max_positions, num_layers, rename_params
 from tokensieve.methods.sepllm import sepcache_keep
@@ -275,6 +275,7 @@ class Streamer:
         allow_long: bool = False,
     ):
         policy.validate()
+        ensure_tokensieve_attention(model)
         self.model = model
         self.policy = policy
         self.allow_long = allow_long

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from tokensieve.commands.common import add_dtype_device_args, add_method_args, method_params, non_negative_int, parse_sizes
+from tokensieve.commands.common import add_dtype_device_args, announce_loading, add_method_args, method_params, non_negative_int, parse_sizes
 
 # tokensieve.bench.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
 SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
@@ -37,6 +37,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="batch throughput instead: answer this many prompts at once per cell, e.g. 1,4,16 "
                         "(tokens/s of a --decode-tokens answer per row, and the ratio to batch 1)")
     p.add_argument("--out", default=None, help="write JSON here (and a PNG plot beside it)")
+    p.add_argument("--force", action="store_true",
+                   help="run a GPU-sized shape (over 1B parameters, e.g. the default llama3.1-8b) on the CPU anyway "
+                        "(refused by default: tens of GB of weights and hours per cell)")
     p.set_defaults(func=run)
 
 
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.model is None and args.shape not in SHAPES:
         raise InputError(f"unknown shape {args.shape!r}; expected one of: {', '.join(SHAPES)}")
+    if args.model is None and not args.force:
+        refuse_gpu_shape_on_cpu(args.shape, args.device)
     if args.repeats < 1:
         raise InputError(f"--repeats must be >= 1, got {args.repeats}")
     if args.decode_tokens < 0:
@@ -61,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
     dtype = parse_dtype(args.dtype)
+    announce_loading(args, args.model or f"the {args.shape} shape (random weights)")
     from tokensieve.bench import run_bench
     from tokensieve.evaluation.plots import bench_plot
 
@@ -86,6 +92,25 @@ def run(args: argparse.Namespace) -> int:
     print(format_table(res))
     _write(res, args.out, plot=bench_plot)
     return 0
+
+
+def refuse_gpu_shape_on_cpu(shape: str, device: str | None) -> None:
+    """``InputError`` for a shape over ``bench.CPU_MAX_PARAMETERS`` parameters when the run would be on the CPU."""
+    import torch
+
+    from tokensieve.bench import CPU_MAX_PARAMETERS, shape_parameters
+    from tokensieve.errors import InputError
+    from tokensieve.models import default_device
+
+    if torch.device(device or default_device()).type != "cpu":
+        return
+    n = shape_parameters(shape)
+    if n > CPU_MAX_PARAMETERS:
+        small = [s for s in ("tiny", "smollm2-135m") if shape_parameters(s) <= CPU_MAX_PARAMETERS]
+        raise InputError(
+            f"the {shape} shape ({n / 1e9:.1f}B parameters) is a GPU-sized run and this run is on the CPU; "
+            f"use {' or '.join(f'--shape {s}' for s in small)} (or --model PATH), or --force to run it anyway"
+        )
 
 
 def _write(res: dict, out: str | None, plot=None) -> None:

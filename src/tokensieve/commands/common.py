@@ -235,14 +235,24 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     return [make_method(name, **params) for name, params in method_params(args).items()]
 
 
+def announce_loading(args: argparse.Namespace, name: str) -> None:
+    """Say "loading NAME ..." on stderr (not with --quiet), before the imports of torch and transformers and the
+    weights (10-20 s of silence otherwise), and show transformers' progress bars ("Loading weights") with -v only."""
+    if not getattr(args, "quiet", False):
+        print(f"loading {name} ...", file=sys.stderr, flush=True)
+    from transformers.utils import logging as hf_logging
+
+    if getattr(args, "verbose", False) and not getattr(args, "quiet", False):
+        hf_logging.enable_progress_bar()
+    else:
+        hf_logging.disable_progress_bar()
+
+
 def load(args: argparse.Namespace):
-    """The model and tokenizer named by --model/--dtype/--device (no progress bar with --quiet)."""
+    """The model and tokenizer named by --model/--dtype/--device (``announce_loading`` first)."""
+    announce_loading(args, args.model)
     from tokensieve.models import load_model
 
-    if getattr(args, "quiet", False):
-        from transformers.utils import logging as hf_logging
-
-        hf_logging.disable_progress_bar()
     return load_model(args.model, dtype=args.dtype, device=args.device)
 
 

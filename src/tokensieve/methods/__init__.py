@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import re
 from typing import Any
 
 from tokensieve.errors import InputError
@@ -60,7 +62,56 @@ def make_method(method: str | Method, **params: Any) -> Method:
     return method_class(method)(**canonical_params(method, params))
 
 
+def parameter_docs(name: str) -> dict[str, str]:
+    """{parameter: its text} from the "Parameters:" section of method ``name``'s class docstring (entries
+    ``name: text`` indented one level, continuation lines deeper), each joined into one line. The
+    docstrings are the one place a parameter's meaning is written; ``tokensieve methods`` shows them."""
+    out: dict[str, str] = {}
+    inside, current = False, None
+    for line in (inspect.getdoc(method_class(name)) or "").splitlines():
+        if not inside:
+            inside = line.strip() == "Parameters:"
+            continue
+        entry = re.match(r"^    (\w+): (.*)$", line)
+        if entry:
+            current = entry.group(1)
+            out[current] = entry.group(2).strip()
+        elif current is not None and line.startswith("        "):
+            out[current] += " " + line.strip()
+        elif line.strip() or out:
+            break
+    return out
+
+
+def short_meaning(text: str, width: int = 100) -> str:
+    """The first sentence of a parameter's text, without reST markup, cut to ``width`` characters."""
+    text = text.replace("``", "`")
+    first = re.split(r"(?<=\.)\s(?=[A-Z])", text, maxsplit=1)[0]  # a sentence, not "q . k" in a formula
+    return first if len(first) <= width else first[: width - 3].rstrip() + "..."
+
+
+def describe_methods(names: list[str] | None = None) -> list[dict[str, Any]]:
+    """Each method (all registered ones by default): ``name``, ``summary`` (the docstring's first line) and its
+    ``parameters``, each with ``name``, ``default`` (as the dataclass declares it), ``meaning`` (first sentence)
+    and ``doc`` (the whole entry of the docstring's "Parameters:" section)."""
+    out = []
+    for name in names if names is not None else list(METHODS):
+        cls = method_class(name)
+        docs = parameter_docs(name)
+        params = []
+        for f in dataclasses.fields(cls):
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+            doc = docs.get(f.name, "")
+            params.append({"name": f.name, "default": list(default) if isinstance(default, tuple) else default,
+                           "meaning": short_meaning(doc), "doc": doc})
+        summary = (inspect.getdoc(cls) or "").splitlines()
+        out.append({"name": name, "summary": summary[0].replace("``", "`") if summary else "", "parameters": params,
+                    "renamed": dict(cls.renamed)})
+    return out
+
+
 __all__ = [
-    "METHODS", "Method", "DecodeState", "accepted_params", "canonical_params", "make_method", "method_class",
-    "parameter_names", "FullAttention", "GemFilter", "H2O", "LazyLLM", "SepLLM", "SnapKV", "StreamingLLM",
+    "METHODS", "Method", "DecodeState", "accepted_params", "canonical_params", "describe_methods", "make_method",
+    "method_class", "parameter_docs",
+    "parameter_names", "short_meaning", "FullAttention", "GemFilter", "H2O", "LazyLLM", "SepLLM", "SnapKV", "StreamingLLM",
 ]

@@ -41,7 +41,7 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from tokensieve.attention import ATTN_IMPLEMENTATION, HOOK_KWARG
+from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
 from tokensieve.scoring import attention_scores, head_sum
@@ -110,11 +110,7 @@ class LazyModules:
                 f"LazyLLM needs model.model.{{embed_tokens, layers, norm, rotary_emb}} and model.lm_head; "
                 f"{type(model).__name__} lacks {missing or ['lm_head']}"
             )
-        if model.config._attn_implementation != ATTN_IMPLEMENTATION:
-            raise InputError(
-                f"LazyLLM needs tokensieve attention, the model uses {model.config._attn_implementation!r}; "
-                "call tokensieve.use_tokensieve_attention(model) (load_model does it)"
-            )
+        ensure_tokensieve_attention(model)  # its layer loop calls the attention hooks
         self.embed, self.layers, self.norm, self.rotary, self.lm_head = (
             body.embed_tokens, body.layers, body.norm, body.rotary_emb, model.lm_head,
         )

@@ -94,3 +94,12 @@ def test_no_switch_possible_is_an_input_error():
     user.set_attn_implementation = refuse  # a class transformers cannot give another attention
     with pytest.raises(InputError, match="cannot switch LlamaForCausalLM to its attention: tokensieve is not supported"):
         generate(user, TinyTokenizer(), random_ids(8), "full", max_new_tokens=1)
+
+
+def test_gemfilter_select_switches_once():
+    """GemFilter's selection called directly (the select-then-generate bridge) switches the model, as the runner does."""
+    from tokensieve.methods.gemfilter import GemFilter
+
+    ids = random_ids(60, seed=4)
+    got, ref, messages = run_switched(lambda m: GemFilter(topk=12, filter_layer=2).select(m, ids).tolist())
+    assert got == ref and len(messages) == 1

@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
 from tokensieve.methods.eviction import DEFAULT_DILATION, check_int, check_span_rule
@@ -355,7 +355,9 @@ class GemFilter(Method):
 
     @torch.inference_mode()
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-        """Filter pass: per-token scores [n] from layer ``r`` (before pooling)."""
+        """Filter pass: per-token scores [n] from layer ``r`` (before pooling). A model not on tokensieve
+        attention is switched first (``attention.ensure_tokensieve_attention``)."""
+        ensure_tokensieve_attention(model)
         if input_ids.shape[0] != 1:
             raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
         r = self.resolved_layer(model)

@@ -104,6 +104,8 @@ def main() -> int:
     ap.add_argument("--rules", default=",".join(r[0] for r in RULES), help="rule labels for the recall table")
     ap.add_argument("--answer-rules", default="avg5,avg15,avg31,avg5_d31", help="rules whose answers are generated")
     ap.add_argument("--answers", action="store_true", help="generate and score answers (full attention too)")
+    ap.add_argument("--param", action="append", default=[], metavar="KEY=VALUE",
+                    help="a GemFilter parameter of the filter pass, e.g. filter_attention=local (repeatable)")
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     rules = {r[0]: r[1:] for r in RULES if r[0] in args.rules.split(",")}
@@ -115,9 +117,18 @@ def main() -> int:
     seen = {r["key"] for r in done["rows"]}
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     dev = next(model.parameters()).device
-    gem = GemFilter()
+    import ast
+
+    params = {}
+    for item in args.param:
+        k, _, v = item.partition("=")
+        try:
+            params[k] = ast.literal_eval(v)
+        except (ValueError, SyntaxError):
+            params[k] = v
+    gem = GemFilter(**params)
     done.update(model=args.model, set=args.set, filter_layer=gem.resolved_layer(model), scoring=gem.scoring,
-                window_size=gem.window_size, device=str(dev))
+                window_size=gem.window_size, device=str(dev), params=params)
     for key, ids, expected, answer in prompts(tok, args.set, [int(x) for x in args.lengths.split(",")], args.ruler_samples):
         if key in seen:
             continue

@@ -153,3 +153,7 @@ def test_span_recall_is_the_share_of_answer_tokens_each_rule_keeps(setup):
     best = max(r["answer_whole"] for r in cal.span_recall.values())
     sp = cal.suggested_span
     assert cal.span_recall[span_label(sp["kernel"], sp["pooling"], sp["dilation"])]["answer_whole"] == best
+    default = cal.span_recall[span_label(GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)]
+    top = max((r["answer_whole"], r["answer_recall"]) for r in cal.span_recall.values())
+    if (default["answer_whole"], default["answer_recall"]) == top:  # a tie keeps GemFilter's default rule
+        assert (sp["kernel"], sp["pooling"], sp["dilation"]) == (GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)

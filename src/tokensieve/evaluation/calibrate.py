@@ -168,9 +168,11 @@ def calibrate(
         hits = [torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float() for scores, answer in kept_scores]
         cal.span_recall[span_label(*rule)] = {"answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),
                                               "answer_whole": round(sum(bool(h.all()) for h in hits) / len(hits), 4)}
-    # the rule that keeps whole answers most often; then more answer tokens; then the narrower rule (ties by order)
+    # the rule that keeps whole answers most often; then more answer tokens; then GemFilter's default rule; then the
+    # narrower rule (ties by order)
+    default = (GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)
     best_rule = max(SPAN_RULES, key=lambda r: (cal.span_recall[span_label(*r)]["answer_whole"],
-                                               cal.span_recall[span_label(*r)]["answer_recall"], -r[2], -r[0]))
+                                               cal.span_recall[span_label(*r)]["answer_recall"], r == default, -r[2], -r[0]))
     cal.suggested_span = {"kernel": best_rule[0], "pooling": best_rule[1], "dilation": best_rule[2]}
     dense_at_best = cal.recall[s][cal.best_layer]
     cal.suggested_window = next(

@@ -27,12 +27,13 @@ from pathlib import Path
 
 import torch
 
+from tokensieve.commands.common import parse_literal
 from tokensieve.data import pg19_books
 from tokensieve.evaluation.needle import build_needle_prompt, find_span, score_answer
 from tokensieve.evaluation.ruler import RulerTask
 from tokensieve.methods.gemfilter import GemFilter
 from tokensieve.models import load_model
-from tokensieve.runner import generate
+from tokensieve.runner import encode_prompt, generate
 from tokensieve.scoring import span_topk
 
 # (needle, question, expected phrases): the tuning set and a disjoint confirmation set.
@@ -80,8 +81,6 @@ def prompts(tok, which: str, lengths: list[int], ruler_samples: int):
         for i, (needle, question, expected) in enumerate(NEEDLES[which]):
             for d in DEPTHS[which]:
                 p = build_needle_prompt(tok, text, n, d, needle, question)
-                from tokensieve.runner import encode_prompt
-
                 ids = encode_prompt(tok, p.messages)
                 answer = sorted({j for e in expected for j in find_span(tok, ids[0].tolist(), e)})
                 yield f"needle{i}/{n}/{d:g}", ids, expected, answer
@@ -117,15 +116,7 @@ def main() -> int:
     seen = {r["key"] for r in done["rows"]}
     model, tok = load_model(args.model, dtype=args.dtype, device=args.device)
     dev = next(model.parameters()).device
-    import ast
-
-    params = {}
-    for item in args.param:
-        k, _, v = item.partition("=")
-        try:
-            params[k] = ast.literal_eval(v)
-        except (ValueError, SyntaxError):
-            params[k] = v
+    params = {k: parse_literal(v) for k, _, v in (item.partition("=") for item in args.param)}  # as the CLI's --param
     gem = GemFilter(**params)
     done.update(model=args.model, set=args.set, filter_layer=gem.resolved_layer(model), scoring=gem.scoring,
                 window_size=gem.window_size, device=str(dev), params=params)

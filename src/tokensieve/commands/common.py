@@ -143,7 +143,8 @@ def _encoding(text: str) -> str:
     return check_encoding(text)
 
 
-def _literal(v: str) -> Any:
+def parse_literal(v: str) -> Any:
+    """A ``--param`` value: JSON when it parses (numbers, true/false, null, lists), else the text itself."""
     try:
         return json.loads(v)
     except json.JSONDecodeError:
@@ -211,7 +212,7 @@ def method_params(args: argparse.Namespace, names: Sequence[str] | None = None) 
         k = k.strip().replace("-", "_")
         if not eq or not k:
             raise InputError(f"--param expects KEY=VALUE (e.g. --param budget=512), got {item!r}")
-        given.append((f"--param {k}", k, _literal(v)))
+        given.append((f"--param {k}", k, parse_literal(v)))
     out: dict[str, dict[str, Any]] = {n: {} for n in names}
     for how, key, value in given:
         users = [n for n in names if key in accepts[n]]

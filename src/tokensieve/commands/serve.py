@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from tokensieve.commands.common import non_negative_int, positive_int
 
@@ -30,24 +30,23 @@ def _seconds(text: str) -> float | None:
     return value or None
 
 
-def _drain_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 0, got {text!r}")
-    return value
+def _non_negative(what: str) -> Callable[[str], float]:
+    """An argparse type: a finite number >= 0; ``what`` completes "expected a number of ..." in its error."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}") from None
+        if not 0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"expected a number of {what}, got {text!r}")
+        return value
+
+    return parse
 
 
-def _gib(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}") from None
-    if not 0 <= value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number of GiB >= 0 (0 disables the prefix cache), got {text!r}")
-    return value
+_drain_seconds = _non_negative("seconds >= 0")
+_gib = _non_negative("GiB >= 0 (0 disables the prefix cache)")
 
 
 def _fraction(text: str) -> float:

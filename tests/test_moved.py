@@ -68,7 +68,8 @@ def test_an_old_path_works_in_a_fresh_process_and_names_the_new_one():
 def test_a_package_that_took_an_old_module_name_serves_its_names(package):
     holder = importlib.import_module(PACKAGE_NOW[package])
     pkg = importlib.import_module(package)
-    public = [n for n, v in vars(holder).items() if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__]
+    public = [n for n, v in vars(holder).items()
+              if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__]
     assert len(public) >= 3
     for name in public:
         with pytest.warns(DeprecationWarning, match=f"{package}.{name} moved to {PACKAGE_NOW[package]}.{name}"):

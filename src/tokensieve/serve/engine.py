@@ -15,7 +15,7 @@ A request goes through three steps:
    (client gone), its deadline passed, or a stop string was produced.
 
 With ``max_batch`` > 1 the worker takes the next request and every waiting request that can share its
-batch (``Engine.joins``: same method and parameters, a method in ``BATCH_METHODS``, batch-compatible
+batch (``Engine.joins``: same method and parameters, a method whose capabilities say ``batch``, batch-compatible
 sampling, no long prefix for the prefix cache), up to ``max_batch``, and runs them through
 ``tokensieve.engine.runner.generate_batch`` with one callback per row: each row streams, stops and is cancelled
 on its own, and every job's final event (and its usage) comes when the batch ends.
@@ -46,7 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.decode.static import DecoderPool
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
-from tokensieve.methods.base import BATCH_METHODS, max_positions
+from tokensieve.methods.base import max_positions
 from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
 from tokensieve.engine.runner import GenerationResult, Sampling, encode_prompt, generate, generate_batch, prepare, stop_token_ids
 from tokensieve.serve.metrics import Metrics
@@ -759,7 +759,7 @@ class Engine:
     def batchable(self, prep: PreparedRequest) -> bool:
         """Whether ``prep`` may run in a batch: a method ``generate_batch`` runs in batches, and no prompt
         prefix of ``PREFIX_ALONE_TOKENS`` or more for the prefix cache (those run alone, through the cache)."""
-        if prep.method.name not in BATCH_METHODS:
+        if not prep.method.capabilities.batch:
             return False
         return prep.prefix_tokens is None or prep.prefix_tokens < PREFIX_ALONE_TOKENS
 

@@ -45,14 +45,15 @@ from tokensieve.serve.engine import (
 )
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
-from tokensieve.integrations.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
+from tokensieve.integrations.vllm_adapter import Selection, import_vllm, select_tokens
 
 log = logging.getLogger(__name__)
 
 
 def vllm_methods() -> list[str]:
-    """The methods a vLLM engine can run: ``full`` and the prompt-selection methods."""
-    return [name for name, cls in METHODS.items() if name == "full" or is_selection_method(cls)]
+    """The methods a vLLM engine can run (``capabilities.prompt_only``): full attention and the prompt-selection
+    methods, whose whole effect is the token ids they feed the model."""
+    return [name for name, cls in METHODS.items() if cls.capabilities.prompt_only]
 
 
 def _whole_prompt(ids: list[int], method: Method) -> Selection:
@@ -184,7 +185,7 @@ class VLLMEngine(Engine):
             )
         prepared = super().prepare(req)
         n = prepared.prompt_tokens
-        kept = n if prepared.method.name == "full" else min(int(getattr(prepared.method, "topk")), n)
+        kept = n if not prepared.method.capabilities.selects_prompt else min(int(getattr(prepared.method, "topk")), n)
         if kept >= self.max_model_len:
             param = "messages" if req.kind == "chat" else "prompt"
             raise invalid(
@@ -276,7 +277,7 @@ class VLLMEngine(Engine):
         if job.cancelled:
             return None
         prep = job.prepared
-        if prep.method.name == "full":
+        if not prep.method.capabilities.selects_prompt:  # the whole prompt (full attention): no filter pass
             return _whole_prompt(prep.input_ids[0].tolist(), prep.method)
         return select_tokens(self.model, self.tokenizer, prep.input_ids, prep.method)
 

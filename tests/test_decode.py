@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.decode import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
+from tokensieve.decode.static import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
-from tokensieve.runner import generate, score_continuation
+from tokensieve.engine.runner import generate, score_continuation
 
 PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
           "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16},
@@ -130,7 +130,7 @@ def test_sepllm_device_eviction_gives_the_eager_tokens(model, prompt, n_initial,
 
 
 def test_streamingllm_batches_decode_eagerly(model):
-    from tokensieve.runner import generate_batch
+    from tokensieve.engine.runner import generate_batch
 
     tok = TinyTokenizer()
     res = generate_batch(model, tok, [random_ids(30, seed=1), random_ids(20, seed=2)], "streamingllm", max_new_tokens=4,

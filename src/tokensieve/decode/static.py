@@ -63,11 +63,11 @@ from typing import Any
 import torch
 from transformers import Cache, PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, sdpa
+from tokensieve.core.attention import HOOK_KWARG, sdpa
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction, has_sliding_layers
 from tokensieve.methods.lazyllm import LazyModules, keep_count
-from tokensieve.scoring import spans, matmul_fp32
+from tokensieve.core.scoring import spans, matmul_fp32
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +162,7 @@ def pick_attention_kernel(choice: str, dev: torch.device, why_not: str | None = 
         raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {choice!r}")
     if choice == "torch" or (choice == "auto" and dev.type != "cuda"):
         return "torch", None
-    from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
+    from tokensieve.kernels import decode_kernel  # optional Triton, imported only when the kernel may be used
 
     why = "Triton is not installed" if not decode_kernel.available() else why_not
     if choice == "triton" and why is not None:

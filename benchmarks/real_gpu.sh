@@ -3,7 +3,8 @@
 # one warm machine, then one call sets up and starts the whole suite in the background and later calls
 # collect what is done. Every call runs in the repository root there; $OUT comes back.
 #
-#   here:  split -b 56623104 -d -a 1 qwen05.gguf piece.; piece.N into .gpu/pN/qwen05.N (ignored: .git/info/exclude)
+#   here:  split -b 51000000 -d -a 1 qwen05.gguf qwen05.; qwen05.N into .gpu/pN/ (ignored: .git/info/exclude);
+#          the 1.5B likewise as q15.NN (-a 2) into .gpu/rNN/ (a call carries the tree, ~12 MB, plus one piece: 64 MiB)
 #   there: bash benchmarks/real_gpu.sh recv             (carry .gpu/pN, one per call; the first also .gpu/data)
 #          bash benchmarks/real_gpu.sh setup            (assemble, check SHA-256, dequantize; TTFT bench; start)
 #          bash benchmarks/real_gpu.sh collect SECONDS  (wait, then pack the merged results into $OUT)

@@ -250,3 +250,46 @@ def test_grow_instead_of_evicting_is_decided_in_one_place():
         assert without_needless_eviction(ev, 30, 11) is ev and decoder_size(ev, 30, 11) == 41  # budget + 1 slots
     assert without_needless_eviction(seps, 30, 10) is seps and decoder_size(seps, 30, 10) == 40  # may grow to all
     assert without_needless_eviction(None, 30, 10) is None and decoder_size(None, 30, 10) == 40
+
+class _ReplayedRun:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the step and writes the output in place."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_failed_capture_is_retried_then_runs_without_a_graph(model, monkeypatch, failures):
+    """A capture the driver invalidates is tried once more; failing twice, the decoder steps without a graph
+    (with a warning). Either way the tokens are those of the graph-free decoder."""
+    import tokensieve.decode.static as decode
+
+    calls = []
+
+    def flaky_capture(run, state):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+        with torch.inference_mode():
+            saved = [t.clone() for t in state]
+            out = run().clone()
+            for t, v in zip(state, saved):  # like capture_graph: the state the run advanced is restored
+                t.copy_(v)
+        return _ReplayedRun(run, out), out, 0.0
+
+    tok, ids = TinyTokenizer(), random_ids(30, seed=8)
+    plain = generate(model, tok, ids, "full", max_new_tokens=5, decode="static",
+                     decoders=DecoderPool(model, use_graph=False))
+    monkeypatch.setattr(decode, "capture_graph", flaky_capture)
+    pool = DecoderPool(model, use_graph=True)
+    if failures == 2:
+        with pytest.warns(RuntimeWarning, match="capture failed twice.*without a graph"):
+            res = generate(model, tok, ids, "full", max_new_tokens=5, decode="static", decoders=pool)
+    else:
+        res = generate(model, tok, ids, "full", max_new_tokens=5, decode="static", decoders=pool)
+    (dec,) = pool.decoders.values()
+    assert len(calls) == 2 and res.token_ids == plain.token_ids
+    assert dec.use_graph is (failures == 1) and (dec._graph is None) is (failures == 2)

@@ -75,6 +75,12 @@ log = logging.getLogger(__name__)
 BUCKET = 256
 
 
+def __getattr__(name: str) -> Any:  # names that moved out of this module, served for one release
+    from tokensieve._moved import moved_name
+
+    return moved_name(__name__, name)
+
+
 def bucket(entries: int) -> int:
     return -(-entries // BUCKET) * BUCKET
 

@@ -92,3 +92,29 @@ def test_importing_streaming_first_loads_no_evaluation_module():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT.parent)})
     assert out.stdout.strip() == "[]"
+
+
+def all_imports(path: Path) -> set[str]:
+    """Every tokensieve module ``path`` imports anywhere (module level, inside functions, under TYPE_CHECKING)."""
+    out: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out.update(a.name for a in node.names if a.name.split(".")[0] == "tokensieve")
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tokensieve":
+            out.update(f"{node.module}.{a.name}" for a in node.names)
+    return out
+
+
+def test_commands_import_the_server_only_in_the_serve_command():
+    files = module_files()
+    commands = {name: path for name, path in files.items() if name.startswith("tokensieve.commands.")}
+    assert "tokensieve.commands.serve" in commands and "tokensieve.commands.ask" in commands
+    users = {name for name, path in commands.items()
+             if any(m == "tokensieve.serve" or m.startswith("tokensieve.serve.") for m in all_imports(path))}
+    assert users == {"tokensieve.commands.serve"}, users
+
+
+def test_the_detokenizer_lies_below_the_cli_and_the_server():
+    graph = import_graph()
+    assert "tokensieve.detokenize" in graph["tokensieve.serve.jobs"]
+    assert not [m for m in reachable(graph, "tokensieve.detokenize") if m.startswith(("tokensieve.serve", "tokensieve.commands"))]

@@ -19,7 +19,7 @@ from test_serve import CHAT, COMP, MSG, serving
 
 from tokensieve.methods import METHODS
 from tokensieve.serve.app import create_app
-from tokensieve.serve.protocol import ROLES, APIError, parse_chat_request, parse_completion_request, parse_json_object
+from tokensieve.serve.protocol import APIError, parse_chat_request, parse_completion_request, parse_json_object
 from tokensieve.serve.requests import PreparedRequest, RequestPreparer
 
 # derandomize: the same examples every run (a failure reproduces); database=None: nothing written to the tree

@@ -29,13 +29,28 @@ from tokensieve.prefix_cache import PrefixStore, check_model, store_for_gib
 from tokensieve.runner import generate, generate_batch
 from tokensieve.serve.batching import PREFIX_ALONE_TOKENS, BatchPolicy
 from tokensieve.serve.jobs import (
-    Delta, EngineStoppedError, Event, Failed, Finished, Job, JobRecord, QueueFullError, shutting_down_error, timeout_error,
+    Delta,
+    EngineStoppedError,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    JobRecord,
+    QueueFullError,
+    shutting_down_error,
+    timeout_error,
 )
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import GenerationRequest
 from tokensieve.serve.requests import (
-    MAX_PARAM_INT, PARAM_MINIMUMS, PreparedRequest, RequestPreparer, check_param_minimums, check_param_types,
-    context_length_error, prefix_salt,
+    MAX_PARAM_INT,
+    PARAM_MINIMUMS,
+    PreparedRequest,
+    RequestPreparer,
+    check_param_minimums,
+    check_param_types,
+    context_length_error,
+    prefix_salt,
 )
 from tokensieve.serve.worker import STALL_GRACE_S, BatchFn, GenerateFn, Interrupted, Worker, decoder_layers
 

@@ -28,7 +28,14 @@ from tokensieve.prefix_cache import PrefixReuse, PrefixStore
 from tokensieve.runner import GenerationResult, Prepared, stop_token_ids
 from tokensieve.serve.batching import BatchPolicy
 from tokensieve.serve.jobs import (
-    Answer, EngineStoppedError, Failed, Job, JobBook, QueueFullError, internal_error, shutting_down_error,
+    Answer,
+    EngineStoppedError,
+    Failed,
+    Job,
+    JobBook,
+    QueueFullError,
+    internal_error,
+    shutting_down_error,
 )
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, invalid

@@ -135,12 +135,22 @@ def test_serve_cli_has_lock_params(capsys):
 LOAD_CLIENTS = 8
 LOAD_REQUESTS = 3  # per client
 LOAD_BOUND_S = 120.0
+LOAD_RSS_GROWTH = 256 << 20  # bytes the process may grow by while the load runs (tiny models: far less)
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc; 0 elsewhere, which makes the bound trivially true)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * __import__("os").sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
 
 
 def test_concurrent_clients_all_finish_with_their_sequential_answers(tiny):
     """A bounded load: 8 openai clients x 3 requests at once (queue 32, batches of 4; chat, completions,
     streamed, different prompts and methods): no 5xx, none lost or stuck, each answer equal to the one the
-    same request gets alone, and the server healthy and idle afterwards."""
+    same request gets alone, resident memory bounded, and the server healthy and idle afterwards."""
     model, tok = tiny
 
     app = create_app(model, tok, model_name="tiny", max_queue=32, max_batch=4, request_timeout_s=LOAD_BOUND_S)
@@ -164,7 +174,7 @@ def test_concurrent_clients_all_finish_with_their_sequential_answers(tiny):
     with serving(app) as base:
         clients = [client(base, timeout=LOAD_BOUND_S) for _ in range(LOAD_CLIENTS)]
         alone = {(i, j): ask(clients[i], i, j) for i in range(LOAD_CLIENTS) for j in range(LOAD_REQUESTS)}  # one at a time
-        t0 = time.monotonic()
+        t0, rss0 = time.monotonic(), rss_bytes()
         with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
             futures = {(i, j): pool.submit(lambda i=i: [ask(clients[i], i, j) for j in range(LOAD_REQUESTS)])
                        for i in range(LOAD_CLIENTS) for j in [0]}
@@ -173,6 +183,7 @@ def test_concurrent_clients_all_finish_with_their_sequential_answers(tiny):
                 for j, text in enumerate(f.result(LOAD_BOUND_S)):  # raises on any error status (5xx included)
                     together[(i, j)] = text
         assert time.monotonic() - t0 < LOAD_BOUND_S
+        assert rss_bytes() - rss0 < LOAD_RSS_GROWTH
         assert together == alone
         n = 2 * LOAD_CLIENTS * LOAD_REQUESTS
         assert len(engine.records) == n and all(r.outcome == "completed" for r in engine.records)

@@ -125,7 +125,7 @@ def test_embedded_copy_survives_two_processes_writing_it(tmp_path):
     """Parallel first loads of an embedded model both write the dequantized copy; the second must not fail."""
     from pathlib import Path
 
-    from tokensieve.models import store_copy
+    from tokensieve.core.models import store_copy
 
     class Tok:
         def save_pretrained(self, d):
@@ -160,7 +160,7 @@ def test_a_prepared_prompt_runs_as_it_is_without_a_second_preparation(tok, monke
     """generate / generate_batch take a runner.Prepared and do not prepare it again (the server prepares each
     request once, when it arrives); the answer equals the one from the prompt itself."""
     from tokensieve.methods.snapkv import SnapKV
-    from tokensieve.runner import generate, generate_batch, prepare
+    from tokensieve.engine.runner import generate, generate_batch, prepare
 
     model = tiny_model("llama")
     ids = [random_ids(30, seed=s) for s in (1, 2, 3)]
@@ -185,7 +185,7 @@ def test_a_prepared_prompt_runs_as_it_is_without_a_second_preparation(tok, monke
 
 def test_one_prompt_length_rule_and_message():
     from tokensieve.errors import PromptTooLongError
-    from tokensieve.runner import ALLOW_LONG_HINT, check_prompt_length
+    from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
 
     check_prompt_length(64, 64)  # at the limit: fine
     check_prompt_length(10**9, None)  # no limit known

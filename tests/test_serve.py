@@ -21,9 +21,9 @@ from eval_support import byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.methods import METHODS
-from tokensieve.runner import generate, generate_batch, stop_token_ids
+from tokensieve.engine.runner import generate, generate_batch, stop_token_ids
 from tokensieve.serve.app import create_app
-from tokensieve.detokenize import TextStream
+from tokensieve.engine.detokenize import TextStream
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import parse_chat_request
 
@@ -545,7 +545,7 @@ def test_request_timeout_gives_504_and_stops_generation(tiny):
 def test_engine_exception_gives_500_and_the_server_keeps_running(tiny):
     model, tok = tiny
 
-    def flaky(m, t, run, **kw):  # run: the request's prepared run (tokensieve.runner.Prepared)
+    def flaky(m, t, run, **kw):  # run: the request's prepared run (tokensieve.engine.runner.Prepared)
         if len(run.input_ids[0]) == 4:  # the prompt "boom"
             raise RuntimeError("simulated engine failure")
         return generate(m, t, run, **kw)

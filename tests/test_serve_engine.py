@@ -14,10 +14,10 @@ import pytest
 from eval_support import byte_model, byte_tokenizer
 from test_serve import CHAT, MSG, PREFIX_DOC, WAIT_S, client, serving, slow, stream_text, wait_until
 
-from tokensieve.detokenize import Decoder
+from tokensieve.engine.detokenize import Decoder
+from tokensieve.engine.runner import generate
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.snapkv import SnapKV
-from tokensieve.runner import generate
 from tokensieve.serve.app import create_app
 
 

@@ -14,9 +14,9 @@ from eval_support import byte_model, byte_tokenizer
 from test_serve import CHAT, COMP, MSG, client, serving, stream_text
 from test_serve_engine import spy_preparations
 
+from tokensieve.integrations.vllm_adapter import select_tokens
 from tokensieve.serve.app import app_for_engine
 from tokensieve.serve.requests import prefix_salt
-from tokensieve.vllm_adapter import select_tokens
 
 ANSWER_LEN = 5
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
-from tokensieve.errors import InputError
+from tokensieve.errors import check_int
 from tokensieve.methods.base import BATCH_METHODS
 
 if TYPE_CHECKING:
@@ -29,9 +29,7 @@ class BatchPolicy:
     """Up to ``max_batch`` requests per run (1: one at a time)."""
 
     def __init__(self, max_batch: int = 1) -> None:
-        if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-            raise InputError(f"max_batch must be an integer >= 1 (1 = one request at a time), got {max_batch!r}")
-        self.max_batch = max_batch
+        self.max_batch = check_int("max_batch", max_batch, 1, note=" (1 = one request at a time)")
 
     @staticmethod
     def batchable(prep: PreparedRequest) -> bool:

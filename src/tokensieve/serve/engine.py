@@ -4,11 +4,11 @@ A request goes through three steps, each in its own module:
 
 1. ``Engine.prepare`` (``serve.requests.RequestPreparer``, on a worker thread of the app, before queueing):
    checks the method and its parameters, encodes the prompt, checks its length and prepares the method for
-   it (``tokensieve.runner.prepare``), once; a bad request is answered 400 at once.
+   it (``tokensieve.engine.runner.prepare``), once; a bad request is answered 400 at once.
 2. ``Engine.submit`` wraps the prepared request in a :class:`~tokensieve.serve.jobs.Job` and queues it
    (``serve.worker.Worker``; ``QueueFullError`` when ``max_queue`` jobs already wait behind the running one).
 3. The worker takes the next job, or a batch of jobs that can share a run (``serve.batching.BatchPolicy``),
-   and runs the prepared runs as they are through ``tokensieve.runner.generate`` / ``generate_batch``; the
+   and runs the prepared runs as they are through ``tokensieve.engine.runner.generate`` / ``generate_batch``; the
    job's events (``Delta``, ``Finished``, ``Failed``; ``serve.jobs``) reach the client's event loop.
 
 Nothing is shared between engines: each owns its preparer, queue, worker, locks and records.
@@ -23,10 +23,10 @@ from typing import Any, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.detokenize import Decoder, TextStream
+from tokensieve.engine.detokenize import Decoder, TextStream
+from tokensieve.engine.prefix_cache import PrefixStore, check_model, store_for_gib
+from tokensieve.engine.runner import generate, generate_batch
 from tokensieve.errors import InputError
-from tokensieve.prefix_cache import PrefixStore, check_model, store_for_gib
-from tokensieve.runner import generate, generate_batch
 from tokensieve.serve.batching import PREFIX_ALONE_TOKENS, BatchPolicy
 from tokensieve.serve.jobs import (
     Delta,
@@ -101,8 +101,8 @@ class Engine:
     ``max_queue`` requests may wait while one request (or batch) runs; ``request_timeout_s`` bounds a
     request's time from submission to its last token (checked at every decoder layer and between tokens).
     ``lock_params``: requests run with the server's method and parameters only (``RequestPreparer``).
-    ``generate_fn`` is ``tokensieve.runner.generate`` and ``generate_batch_fn``
-    ``tokensieve.runner.generate_batch`` (tests pass wrappers that can block); both get prepared runs.
+    ``generate_fn`` is ``tokensieve.engine.runner.generate`` and ``generate_batch_fn``
+    ``tokensieve.engine.runner.generate_batch`` (tests pass wrappers that can block); both get prepared runs.
     """
 
     name = "transformers"  # what /health reports as the engine

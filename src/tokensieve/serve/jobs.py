@@ -3,7 +3,7 @@
 A :class:`Job` carries one prepared request (``serve.requests.PreparedRequest``) through an engine. Its
 answer arrives as events on its asyncio queue, in the event loop that submitted it: :class:`Delta` (new
 text), then :class:`Finished` (the answer and its measurements) or :class:`Failed` (an ``APIError``).
-:class:`Answer` turns one job's tokens into text (``tokensieve.detokenize.TextStream``) and ``Delta``
+:class:`Answer` turns one job's tokens into text (``tokensieve.engine.detokenize.TextStream``) and ``Delta``
 events; :class:`JobBook` ends jobs, once each: the record, the metrics, the final event. Both engines
 (transformers and vLLM) use these pieces, so a client hears the same events from either.
 """
@@ -18,12 +18,12 @@ from collections import deque
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-from tokensieve.detokenize import TextStream
+from tokensieve.engine.detokenize import TextStream
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError
 
 if TYPE_CHECKING:
-    from tokensieve.runner import GenerationResult
+    from tokensieve.engine.runner import GenerationResult
     from tokensieve.serve.requests import PreparedRequest
 
 

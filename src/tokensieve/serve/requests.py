@@ -6,14 +6,14 @@ queued, so a bad request is answered 400 at once instead of after waiting in the
 bounds, the server's minimums and ``lock_params``), a length check before tokenizing (characters or token
 ids), the encoding (the chat template for chat messages, the raw text for completions), prompt plus
 ``max_tokens`` against the positions (vLLM's 400 wording; the prompt alone first, by the rule the API and CLI
-apply, ``tokensieve.runner.check_prompt_length``), and ``tokensieve.runner.prepare`` (the method
+apply, ``tokensieve.engine.runner.check_prompt_length``), and ``tokensieve.engine.runner.prepare`` (the method
 made, prepared and validated for this prompt). The result, a :class:`PreparedRequest`, holds the driver's
 ``Prepared`` run: the engine's worker runs it as it is, without preparing it again.
 
 Encoding holds ``encode_lock``: a Hugging Face tokenizer instance keeps per-call settings (truncation,
 padding) in shared state, so two encodes at once on one instance can corrupt each other's ids (measured:
 docs/serve.md, "Limits and security"). Decoding does not take this lock; engines decode on their own copy
-of the tokenizer (``tokensieve.detokenize.Decoder``), so a long encoding never stalls a running answer.
+of the tokenizer (``tokensieve.engine.detokenize.Decoder``), so a long encoding never stalls a running answer.
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.engine.prefix_cache import PrefixStore, chat_prefix_tokens, refusal, text_prefix_tokens
+from tokensieve.engine.runner import Prepared, Sampling, check_prompt_length, encode_prompt, prepare
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import max_positions
-from tokensieve.prefix_cache import PrefixStore, chat_prefix_tokens, refusal, text_prefix_tokens
-from tokensieve.runner import Prepared, Sampling, check_prompt_length, encode_prompt, prepare
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
 
 # Integer method parameters a request may give lie in [-MAX_PARAM_INT, MAX_PARAM_INT]: every real value
@@ -162,7 +162,7 @@ def prefix_salt(tenant: str | None, cache_salt: str | None) -> str | None:
 class PreparedRequest:
     """A request checked against the model, encoded, its method prepared and validated: ready to queue and run.
 
-    ``run`` is what the driver runs (``tokensieve.runner.Prepared``: the method instance and the token ids
+    ``run`` is what the driver runs (``tokensieve.engine.runner.Prepared``: the method instance and the token ids
     [1, n]); ``request.max_tokens`` is final (a default cut to the positions the prompt leaves)."""
 
     request: GenerationRequest

@@ -8,7 +8,7 @@ Per request:
    prompt-selection method, GemFilter, or ``full``; KV-cache methods change the cache while decoding, which
    vLLM does not expose, and get a 400 naming the allowed methods), the kept prompt must fit vLLM's
    ``max_model_len``, and vLLM must accept the sampling settings.
-2. The filter pass (``tokensieve.vllm_adapter.select_tokens`` on the prepared run) runs on the transformers
+2. The filter pass (``tokensieve.integrations.vllm_adapter.select_tokens`` on the prepared run) runs on the transformers
    model in one worker thread, one request at a time (``full`` skips it and keeps the whole prompt).
 3. The kept ids go to vLLM's ``AsyncLLM`` as a token prompt, with ``SamplingParams`` taken from the
    request and the request's prefix-cache salt (its ``cache_salt`` and API key, ``serve.requests.prefix_salt``)
@@ -34,15 +34,15 @@ from typing import Any, Mapping
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.detokenize import Decoder
-from tokensieve.errors import InputError
+from tokensieve.engine.detokenize import Decoder
+from tokensieve.errors import InputError, check_int
 from tokensieve.methods import METHODS, Method
-from tokensieve.runner import GenerationResult, stop_token_ids
+from tokensieve.engine.runner import GenerationResult, stop_token_ids
+from tokensieve.integrations.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
 from tokensieve.serve.jobs import Answer, EngineStoppedError, Failed, Job, JobBook, QueueFullError, internal_error
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
 from tokensieve.serve.requests import PreparedRequest, RequestPreparer
-from tokensieve.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
 
 log = logging.getLogger(__name__)
 
@@ -86,8 +86,7 @@ class VLLMEngine:
         lock_params: bool = False,
     ) -> None:
         import_vllm()  # VLLMNotInstalledError (with the install command) before anything else
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-            raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        check_int("max_queue", max_queue, 0)
         if request_timeout_s is not None and not (request_timeout_s > 0):
             raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
         self.preparer = RequestPreparer(

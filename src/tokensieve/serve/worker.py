@@ -2,7 +2,7 @@
 
 :class:`Worker` holds the bounded queue (``submit``: ``QueueFullError`` when ``max_queue`` jobs already wait
 behind the running one), asks the batching policy (``serve.batching.BatchPolicy``) what runs next, and runs
-it: ``tokensieve.runner.generate`` on the job's prepared run (``PreparedRequest.run``, not prepared again),
+it: ``tokensieve.engine.runner.generate`` on the job's prepared run (``PreparedRequest.run``, not prepared again),
 or ``generate_batch`` on several, with one :class:`~tokensieve.serve.jobs.Answer` per job turning tokens into
 ``Delta`` events. Every decoder layer of every forward checks the running jobs' deadlines and cancellation
 (a forward pre-hook), so a long prefill stops within one layer; between tokens the answer's callback does.
@@ -21,11 +21,11 @@ from typing import Any, Callable
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.decode import DecoderPool
-from tokensieve.detokenize import Decoder
-from tokensieve.errors import InputError
-from tokensieve.prefix_cache import PrefixReuse, PrefixStore
-from tokensieve.runner import GenerationResult, Prepared, stop_token_ids
+from tokensieve.decode.static import DecoderPool
+from tokensieve.engine.detokenize import Decoder
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
+from tokensieve.engine.runner import GenerationResult, Prepared, stop_token_ids
+from tokensieve.errors import InputError, check_int
 from tokensieve.serve.batching import BatchPolicy
 from tokensieve.serve.jobs import (
     Answer,
@@ -68,7 +68,7 @@ def decoder_layers(model: PreTrainedModel) -> list[torch.nn.Module]:
 class Worker:
     """The queue and the thread that runs it (``start``); see the module docstring.
 
-    ``generate_fn`` / ``generate_batch_fn`` are ``tokensieve.runner.generate`` / ``generate_batch`` (tests pass
+    ``generate_fn`` / ``generate_batch_fn`` are ``tokensieve.engine.runner.generate`` / ``generate_batch`` (tests pass
     wrappers that can block); they get the job's ``Prepared`` run as their prompt. ``decoder`` turns ids into
     text on its own tokenizer instance. ``prefix_store``: the prefix cache (None: off), used on this thread only.
     """
@@ -87,8 +87,7 @@ class Worker:
         history: int,
         prefix_store: PrefixStore | None,
     ) -> None:
-        if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
-            raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
+        check_int("max_queue", max_queue, 0)
         self.model = model
         self.decoder = decoder
         self.policy = policy

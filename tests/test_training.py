@@ -52,6 +52,26 @@ def test_dense_mask_is_the_rule_written_out(n_initial, n_recent):
         assert mask[b, 0].tolist() == slow_rule(is_sep[b].tolist(), n_initial, n_recent)
 
 
+@pytest.mark.parametrize("n_initial, n_recent", [(0, 0), (2, 5), (3, 60)])
+def test_compact_layout_gives_each_query_exactly_the_rules_keys_once(n_initial, n_recent):
+    from tokensieve.training.mask import compact_mask_mod, special_positions
+
+    g = torch.Generator().manual_seed(1)
+    is_sep = torch.rand(2, 45, generator=g) < 0.15
+    spec = special_positions(is_sep, n_initial, bucket=8)
+    assert spec.shape[1] % 8 == 0
+    mod = compact_mask_mod(spec, n_initial, n_recent)
+    s = spec.shape[1]
+    for b in range(2):
+        expected = slow_rule(is_sep[b].tolist(), n_initial, n_recent)
+        for i in range(45):
+            seen = []
+            for kv in range(s + 45):
+                if mod(torch.tensor(b), torch.tensor(0), torch.tensor(i), torch.tensor(kv)):
+                    seen.append(int(spec[b, kv]) if kv < s else kv - s)
+            assert sorted(seen) == [j for j in range(45) if expected[i][j]]  # sorted: duplicates would show
+
+
 def _ids(n: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(3, 96, (2, n), generator=torch.Generator().manual_seed(seed))
 
@@ -70,9 +90,10 @@ def test_flex_forward_equals_dense_masked_sdpa(family):
     model = tiny_model(family, layers=2, dtype=torch.float32)
     ids = _ids(150)  # more than one 128-block: skipped and partial blocks both occur
     with torch.no_grad():
-        dense, flex, full = (_logits(model, ids, "sdpa"), _logits(model, ids, "flex"),
-                             _logits(model, ids, "sdpa", mask="full"))
+        dense, flex, plain, full = (_logits(model, ids, "sdpa"), _logits(model, ids, "flex"),
+                                    _logits(model, ids, "flex-mask"), _logits(model, ids, "sdpa", mask="full"))
     torch.testing.assert_close(flex, dense, atol=2e-4, rtol=1e-4)
+    torch.testing.assert_close(plain, dense, atol=2e-4, rtol=1e-4)
     assert (dense - full).abs().max() > 1e-2  # the mask changed the result: the comparison is not vacuous
 
 
@@ -86,8 +107,9 @@ def test_flex_gradients_equal_dense_masked_sdpa(family):
         model.zero_grad()
         _logits(model, ids, kernel).float().logsumexp(-1).mean().backward()
         grads[kernel] = [p.grad.clone() for p in model.parameters()]
-    for gf, gd in zip(grads["flex"], grads["sdpa"]):
-        torch.testing.assert_close(gf, gd, atol=2e-4, rtol=2e-3)
+    for kernel in ("flex", "flex-mask"):
+        for gf, gd in zip(grads[kernel], grads["sdpa"]):
+            torch.testing.assert_close(gf, gd, atol=2e-4, rtol=2e-3)
 
 
 def test_a_masked_out_key_gets_no_gradient_from_the_query_that_must_not_see_it():

@@ -11,7 +11,7 @@ from tokensieve.commands.common import (
 
 # The trainer's choices, here so that building the parser imports no torch (a test keeps them equal).
 MASK_CHOICES = ("sepllm", "full")
-KERNEL_CHOICES = ("flex", "sdpa")
+KERNEL_CHOICES = ("flex", "flex-mask", "sdpa")
 
 
 def _float(text: str) -> float:
@@ -66,7 +66,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--n-recent", type=non_negative_int, default=256, help="SepLLM: preceding neighbours every token sees (default 256)")
     s.add_argument("--include-space", action="store_true", help="SepLLM: count a lone space token as a separator")
     s.add_argument("--kernel", choices=KERNEL_CHOICES, default=None,
-                   help="flex (FlexAttention block mask, GPU) or sdpa (dense boolean mask) (default: flex on CUDA, else sdpa)")
+                   help="flex (FlexAttention over the gathered separators + the window band, GPU), flex-mask (FlexAttention, "
+                        "plain n x n block mask, GPU) or sdpa (dense boolean mask) (default: flex on CUDA, else sdpa)")
     e = p.add_argument_group("evaluation and checkpoints")
     e.add_argument("--eval-every", type=positive_int, default=50, help="steps between held-out evaluations (default 50)")
     e.add_argument("--eval-batches", type=positive_int, default=4, help="held-out micro-batches per evaluation (default 4)")

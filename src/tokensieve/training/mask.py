@@ -24,7 +24,7 @@ from tokensieve.attention import sdpa
 from tokensieve.errors import InputError
 from tokensieve.methods.sepllm import sepllm_rule
 
-KERNELS = ("sdpa", "flex")
+KERNELS = ("sdpa", "flex", "flex-mask")  # dense reference; FlexAttention over gathered specials; plain block mask
 MASKS = ("sepllm", "full")
 FLEX_BLOCK = 128  # FlexAttention's default block (queries x keys) on GPU
 
@@ -64,6 +64,65 @@ def sepllm_block_mask(is_separator: torch.Tensor, n_initial: int, n_recent: int,
                              device=is_separator.device, BLOCK_SIZE=block_size)
 
 
+def special_positions(is_separator: torch.Tensor, n_initial: int, bucket: int = FLEX_BLOCK) -> torch.Tensor:
+    """int64 [batch, s]: each row's positions of the tokens every later query sees (the first ``n_initial`` and
+    the separators), ascending, padded with ``-1`` to a common length ``s``, a multiple of ``bucket`` (so the
+    compiled kernel sees few distinct shapes)."""
+    b, n = is_separator.shape
+    pos = torch.arange(n, device=is_separator.device)
+    special = is_separator | (pos < n_initial)[None]  # [b, n]
+    s = max(1, int(special.sum(-1).max()))
+    s = -(-s // bucket) * bucket
+    # stable sort puts the special positions first, in order; the rest becomes padding
+    order = torch.sort((~special).to(torch.int8), dim=-1, stable=True).indices[:, :s]  # [b, s]
+    if s > n:
+        order = torch.cat([order, order.new_zeros(b, s - n)], dim=-1)
+    taken = torch.gather(special, 1, order.clamp(max=n - 1)) & (torch.arange(s, device=pos.device) < n)[None]
+    return torch.where(taken, order, torch.full_like(order, -1))
+
+
+def compact_mask_mod(spec_pos: torch.Tensor, n_initial: int, n_recent: int) -> Callable:
+    """``mask_mod`` over the keys ``[specials (spec_pos [b, s]) | all n keys]`` that gives every query exactly the
+    keys of SepLLM's rule, each once: the specials (initial tokens and separators) older than its window from the
+    first part, its window (``n_recent`` neighbours and itself) from the second."""
+    s = spec_pos.shape[1]
+
+    def mask_mod(b: torch.Tensor, h: torch.Tensor, q_idx: torch.Tensor, kv_idx: torch.Tensor) -> torch.Tensor:
+        p = spec_pos[b, torch.clamp(kv_idx, max=s - 1)]
+        yes, no = torch.ones_like(p, dtype=torch.bool), torch.zeros_like(p, dtype=torch.bool)
+        window_only = sepllm_rule(q_idx, p, no, 0, n_recent)
+        special = (p >= 0) & sepllm_rule(q_idx, p, yes, n_initial, n_recent) & ~window_only
+        j = kv_idx - s
+        window = sepllm_rule(q_idx, j, no, 0, n_recent)
+        return torch.where(kv_idx < s, special, window)
+
+    return mask_mod
+
+
+class CompactBlockMask:
+    """SepLLM's rule as a FlexAttention block mask over ``[specials gathered | all keys]``: the separators (and
+    initial tokens) are gathered into a short prefix of keys, so that the kernel computes the blocks of a band
+    (the window) and a triangle over the ``s`` specials instead of the ``n x n`` causal triangle (every block of
+    which holds some separator). Attention over it equals the dense masked attention (tested)."""
+
+    def __init__(self, is_separator: torch.Tensor, n_initial: int, n_recent: int, block_size: int = FLEX_BLOCK):
+        from torch.nn.attention.flex_attention import create_block_mask
+
+        b, n = is_separator.shape
+        bucket = max(block_size, (n // 16) // block_size * block_size)
+        self.spec_pos = special_positions(is_separator, n_initial, bucket)  # [b, s]
+        s = self.spec_pos.shape[1]
+        self.block_mask = create_block_mask(compact_mask_mod(self.spec_pos, n_initial, n_recent), b, None, n, s + n,
+                                            device=is_separator.device, BLOCK_SIZE=block_size,
+                                            _compile=is_separator.device.type == "cuda")
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """[b, h, n, d] keys or values -> [b, h, s + n, d]: the specials' rows, then all rows."""
+        b, h, n, d = x.shape
+        idx = self.spec_pos.clamp(min=0)[:, None, :, None].expand(b, h, -1, d)
+        return torch.cat([torch.gather(x, 2, idx), x], dim=2)
+
+
 _COMPILED: dict[str, Callable] = {}
 
 
@@ -98,7 +157,8 @@ def flex_attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
 class TrainingMask:
     """SepLLM's rule for one batch of token ids [batch, n], as the attention hook of a forward.
 
-    kernel: ``"sdpa"`` (dense boolean mask, the reference) or ``"flex"`` (FlexAttention block mask).
+    kernel: ``"sdpa"`` (dense boolean mask, the reference), ``"flex"`` (FlexAttention over the gathered specials and
+    the window: ``CompactBlockMask``) or ``"flex-mask"`` (FlexAttention with the plain ``n x n`` block mask).
     The mask is built once per batch, on first use, and shared by every layer.
     """
 
@@ -113,6 +173,8 @@ class TrainingMask:
     def mask(self) -> Any:
         if self._mask is None:
             if self.kernel == "flex":
+                self._mask = CompactBlockMask(self.is_separator, self.n_initial, self.n_recent, self.block_size)
+            elif self.kernel == "flex-mask":
                 self._mask = sepllm_block_mask(self.is_separator, self.n_initial, self.n_recent, self.block_size)
             else:
                 self._mask = sepllm_dense_mask(self.is_separator, self.n_initial, self.n_recent)
@@ -128,6 +190,9 @@ class TrainingMask:
             raise InputError("the SepLLM training mask does not combine with sliding-window layers or logit "
                              "soft-capping (e.g. Gemma); use a Llama, Qwen2/3 or Mistral-style model")
         if self.kernel == "flex":
+            m = self.mask()
+            return flex_attend(module, query, m.gather(key), m.gather(value), m.block_mask, kwargs.get("scaling")), None
+        if self.kernel == "flex-mask":
             return flex_attend(module, query, key, value, self.mask(), kwargs.get("scaling")), None
         mask = self.mask()
         if attention_mask is not None and attention_mask.dtype == torch.bool:  # padding from the model's own mask

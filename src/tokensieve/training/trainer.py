@@ -62,8 +62,9 @@ class TrainConfig:
         0: ``4 * hidden``), the tokenizer's vocabulary, tied embeddings, weights drawn with ``seed``.
     mask: ``"sepllm"`` (the training mask) or ``"full"`` (plain causal attention, the control).
     n_initial, n_recent, include_space: SepLLM's rule (as ``tokensieve.methods.sepllm.SepLLM``).
-    kernel: ``"flex"`` (FlexAttention block mask; its backward needs a GPU), ``"sdpa"`` (dense boolean mask),
-        ``None``: flex on CUDA, sdpa elsewhere.
+    kernel: ``"flex"`` (FlexAttention over the gathered separators and the window; its backward needs a GPU),
+        ``"flex-mask"`` (FlexAttention, plain block mask), ``"sdpa"`` (dense boolean mask), ``None``: flex on CUDA,
+        sdpa elsewhere.
     dtype: float32, or bfloat16/float16 autocast over float32 weights (mixed precision).
     """
 
@@ -304,8 +305,8 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     cfg.check()
     device = cfg.device or default_device()
     kernel = cfg.kernel or ("flex" if device.startswith("cuda") else "sdpa")
-    if kernel == "flex" and device == "cpu" and cfg.mask == "sepllm":
-        raise InputError("kernel flex trains on a GPU only (PyTorch's FlexAttention has no backward on CPU); "
+    if kernel.startswith("flex") and device == "cpu" and cfg.mask == "sepllm":
+        raise InputError(f"kernel {kernel} trains on a GPU only (PyTorch's FlexAttention has no backward on CPU); "
                          "use --kernel sdpa on the CPU")
     out = Path(cfg.out).expanduser()
     if _resume_from is None and (out / CHECKPOINT).exists():

@@ -274,3 +274,25 @@ def test_cli_choices_are_the_trainers():
     from tokensieve.commands.train import KERNEL_CHOICES, MASK_CHOICES
 
     assert set(KERNEL_CHOICES) == set(KERNELS) and set(MASK_CHOICES) == set(MASKS)
+
+
+def test_batches_depend_only_on_their_index_and_cover_every_row_once_per_epoch():
+    from tokensieve.training.data import Batches, pack
+
+    rows = pack(torch.arange(70), 7)  # 10 rows
+    a, b = Batches(rows, 3, seed=4), Batches(rows, 3, seed=4)
+    later = [b(k).clone() for k in (5, 2, 0)]  # another order, another epoch first
+    assert all(torch.equal(a(k), x) for k, x in zip((5, 2, 0), later))
+    first_epoch = torch.cat([a(k) for k in range(3)] + [a(3)[:1]])[:, 0] // 7  # rows 0..9 of epoch 0
+    assert sorted(first_epoch.tolist()) == list(range(10))
+    assert not torch.equal(Batches(rows, 3, seed=5)(0), a(0))
+
+
+def test_learning_rate_warms_up_then_decays_to_a_tenth():
+    from tokensieve.training import lr_at
+
+    cfg = TrainConfig(data=["x"], steps=20, warmup=4, lr=1e-3)
+    lrs = [lr_at(s, cfg) for s in range(20)]
+    assert lrs[:4] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3])
+    assert all(x >= y for x, y in zip(lrs[3:], lrs[4:]))
+    assert lr_at(20, cfg) == pytest.approx(1e-4)

@@ -176,9 +176,12 @@ def test_training_under_the_mask_lowers_the_loss_and_evaluates_both_ways(tiny_fo
     assert torch.equal(separator_token_ids(tok), separator_token_ids(byte_tokenizer()))
 
 
-def test_full_mask_evaluation_has_one_loss(tiny_folder):
-    res = train(_config(tiny_folder, "out", mask="full", steps=2, eval_every=2))
-    assert all(e["loss_mask"] == e["loss_full"] for e in res.evals)
+def test_a_full_attention_run_is_evaluated_under_both_rules_too(tiny_folder):
+    a = train(_config(tiny_folder, "full", mask="full", steps=2, eval_every=2))
+    b = train(_config(tiny_folder, "sep", mask="sepllm", steps=2, eval_every=2))
+    assert a.evals[0] == b.evals[0] | {"step": 0}  # the same model before training, the same two numbers
+    assert all(e["loss_mask"] != e["loss_full"] for e in a.evals)
+    assert a.losses[0] != b.losses[0]  # the first step's loss: one under full attention, one under the mask
 
 
 def test_interrupted_then_resumed_run_gives_exactly_the_uninterrupted_weights(tiny_folder):

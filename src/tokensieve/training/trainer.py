@@ -229,12 +229,13 @@ def _loss(model, ids: torch.Tensor, cfg: TrainConfig, mask: str, kernel: str, se
 
 @torch.no_grad()
 def evaluate(model, rows: torch.Tensor, cfg: TrainConfig, kernel: str, separators, device: str) -> dict[str, Any]:
-    """Mean held-out loss and perplexity of ``rows`` [n, seq_len] (up to ``eval_batches`` batches) under the
-    training mask (``loss_mask``; equals ``loss_full`` when the mask is full) and under full attention."""
+    """Mean held-out loss and perplexity of ``rows`` [n, seq_len] (up to ``eval_batches`` batches) under SepLLM's
+    rule (``loss_mask``, ``ppl_mask``; with ``cfg``'s ``n_initial``/``n_recent``, whatever mask the model trains
+    under) and under full attention (``loss_full``, ``ppl_full``)."""
     was = model.training
     model.eval()
     out: dict[str, Any] = {}
-    masks = ("sepllm", "full") if cfg.mask == "sepllm" else ("full",)
+    masks = ("sepllm", "full")
     n = min(rows.shape[0], cfg.eval_batches * cfg.batch_size)
     for m in masks:
         total = 0.0
@@ -245,8 +246,6 @@ def evaluate(model, rows: torch.Tensor, cfg: TrainConfig, kernel: str, separator
         key = "mask" if m == "sepllm" else "full"
         out[f"loss_{key}"] = total / n
         out[f"ppl_{key}"] = math.exp(total / n)
-    if cfg.mask == "full":
-        out["loss_mask"], out["ppl_mask"] = out["loss_full"], out["ppl_full"]
     model.train(was)
     return out
 
@@ -322,7 +321,7 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     if cfg.eval_data:
         text_files(cfg.eval_data, "--eval-data")
     model, tok = _load(cfg, device, _resume_from)
-    separators = separator_token_ids(tok, cfg.include_space).to(device) if cfg.mask == "sepllm" else None
+    separators = separator_token_ids(tok, cfg.include_space).to(device)
     train_rows = _rows(cfg.data, tok, cfg, "--data", say)
     eval_rows = _rows(cfg.eval_data, tok, cfg, "--eval-data", say) if cfg.eval_data else None
     batches = Batches(train_rows, cfg.batch_size, cfg.seed)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # SepLLM training evidence on a lent GPU (issue 24). Every call runs in the repository root there; $OUT comes back.
 #
-#   bash benchmarks/sepllm_gpu.sh bench       (~4 min, no weights needed) FlexAttention gradient tests on CUDA,
-#                                              then the kernel benchmark: $OUT/sepllm_train_bench.json, flex_tests.log
+#   bash benchmarks/sepllm_gpu.sh bench       (~4 min, no weights needed) FlexAttention gradient tests on CUDA
+#                                              (pytest where installed; the benchmark's own gradient_check in any
+#                                              case), then the kernel benchmark: $OUT/sepllm_train_bench.json
 #   bash benchmarks/sepllm_gpu.sh scratch     (~4 min, no weights needed) from scratch with and without the mask:
 #                                              $OUT/scratch_gpu.json/.png (needs .gpu/data/pg19, see below)
 #
@@ -26,7 +27,7 @@ books() { for b in $1; do printf '%s ' "$S/data/pg19/$b.txt"; done; }
 case "${1:-}" in
 bench)
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-  python3 -m pytest -q -p no:cacheprovider tests/test_training.py -k "flex" 2>&1 | tee "$OUT/flex_tests.log" | tail -5
+  (python3 -m pytest -q -p no:cacheprovider tests/test_training.py -k "flex" 2>&1 || true) | tee "$OUT/flex_tests.log" | tail -5
   python3 benchmarks/sepllm_train_bench.py --device cuda --out "$OUT/sepllm_train_bench.json" 2>&1 | tail -40
   ;;
 recv)

@@ -140,6 +140,41 @@ def model_row(n: int, kernel: str, args, device: str) -> dict:
             "tokens_per_s": n / (ms / 1000)}
 
 
+def gradient_check(device: str) -> list[dict]:
+    """Max |difference| of the logits and of every parameter's gradient between each FlexAttention kernel and the
+    dense masked SDPA reference, on tiny float32 models of four families (what tests/test_training.py asserts)."""
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
+                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+
+    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=512)
+    families = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+                "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+                "mistral": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=None)),
+                "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))}
+    ids = torch.randint(3, 96, (2, 300), generator=torch.Generator().manual_seed(0)).to(device)
+    seps = torch.tensor([5, 9, 17, 40, 41, 77], device=device)
+    rows = []
+    for family, build in families.items():
+        torch.manual_seed(0)
+        model = build().to(device)
+        use_tokensieve_attention(model)
+        got = {}
+        for kernel in ("sdpa", "flex-mask", "flex"):
+            model.zero_grad()
+            logits = model(input_ids=ids, use_cache=False,
+                           **{HOOK_KWARG: TrainingMask(ids, seps, 2, 6, kernel)}).logits
+            logits.float().logsumexp(-1).mean().backward()
+            got[kernel] = (logits.detach(), [q.grad.clone() for q in model.parameters()])
+        for kernel in ("flex-mask", "flex"):
+            rows.append({"family": family, "kernel": kernel,
+                         "logits_max_abs_diff": float((got[kernel][0] - got["sdpa"][0]).abs().max()),
+                         "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got[kernel][1], got["sdpa"][1])),
+                         "grad_max_abs": max(float(b.abs().max()) for b in got["sdpa"][1])})
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
+    return rows
+
+
 def run(fn, *a) -> dict:
     try:
         return fn(*a)
@@ -170,6 +205,7 @@ def main() -> int:
     bad = [k for k in kernels if k not in ALL]
     if bad or not 0 < args.separator_rate < 1:
         ap.error(f"bad --kernels {bad} or --separator-rate {args.separator_rate}")
+    checks = gradient_check(args.device) if args.device.startswith("cuda") else None
     rows = []
     for n in args.lengths:
         for kernel in kernels:
@@ -183,7 +219,7 @@ def main() -> int:
     result = {"device": device_name, "torch": torch.__version__, "argv": sys.argv[1:],
               "shape": {"heads": 9, "kv_heads": 3, "head_dim": 64, "hidden": 576, "layers": args.layers},
               "n_initial": args.n_initial, "n_recent": args.n_recent, "separator_rate": args.separator_rate,
-              "rows": rows}
+              "gradient_check": checks, "rows": rows}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

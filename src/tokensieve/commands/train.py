@@ -85,8 +85,6 @@ def run(args: argparse.Namespace) -> int:
 
     if args.resume is None and (args.out is None or not args.data):
         raise InputError("--out and --data are required (or --resume OUT to continue a run)")
-    if args.encoding_errors != "strict":
-        raise InputError("train reads text strictly: convert the files to --encoding first")
     announce_loading(args, args.resume or args.model)
     from tokensieve.training import TrainConfig, resume, train
 
@@ -102,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
             max_grad_norm=args.max_grad_norm, mask=args.mask, n_initial=args.n_initial, n_recent=args.n_recent,
             include_space=args.include_space, kernel=args.kernel, device=args.device, dtype=args.dtype or "float32",
             eval_every=args.eval_every, eval_batches=args.eval_batches, save_every=args.save_every, seed=args.seed,
-            max_tokens=args.max_tokens, encoding=args.encoding,
+            max_tokens=args.max_tokens, encoding=args.encoding, encoding_errors=args.encoding_errors,
         )
         res = train(cfg, progress=not args.quiet)
     summary = {"out": str(res.out), "step": res.step, "interrupted": res.interrupted,

@@ -99,6 +99,7 @@ class TrainConfig:
     seed: int = 0
     max_tokens: int = 50_000_000
     encoding: str = "utf-8"
+    encoding_errors: str = "strict"
 
     def check(self) -> None:
         """``InputError`` naming the first field out of its bounds."""
@@ -139,6 +140,8 @@ class TrainConfig:
         _int("save_every", self.save_every, 1, 10_000_000)
         _int("seed", self.seed, 0, 2**31 - 1)
         _int("max_tokens", self.max_tokens, self.seq_len, 10_000_000_000)
+        if self.encoding_errors not in ("strict", "replace"):
+            raise InputError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -283,7 +286,8 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 def _rows(paths: list[str], tokenizer, cfg: TrainConfig, what: str, say: Callable[[str], None]) -> torch.Tensor:
     from tokensieve.training.data import pack, text_files, tokenize_files
 
-    ids = tokenize_files(text_files(paths, what), tokenizer, cfg.max_tokens, cfg.encoding, progress=say)
+    ids = tokenize_files(text_files(paths, what), tokenizer, cfg.max_tokens, cfg.encoding, cfg.encoding_errors,
+                         progress=say)
     return pack(ids, cfg.seq_len, what)
 
 

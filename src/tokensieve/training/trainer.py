@@ -30,18 +30,13 @@ from typing import Any, Callable
 import torch
 
 from tokensieve.errors import InputError
+from tokensieve.methods.eviction import check_int
 from tokensieve.training.mask import KERNELS, MASKS, training_hook
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
-
-
-def _int(name: str, value: Any, lo: int, hi: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
-        raise InputError(f"{name} must be an integer in [{lo}, {hi}], got {value!r}")
-    return value
 
 
 def _float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
@@ -111,35 +106,35 @@ class TrainConfig:
             raise InputError("out must name an output folder, got ''")
         if not self.data:
             raise InputError("data names no files; expected text files or folders (--data)")
-        _int("layers", self.layers, 1, 128)
-        _int("heads", self.heads, 1, 256)
-        _int("kv_heads", self.kv_heads, 1, self.heads)
-        _int("hidden", self.hidden, 8, 16384)
+        check_int("layers", self.layers, 1, 128)
+        check_int("heads", self.heads, 1, 256)
+        check_int("kv_heads", self.kv_heads, 1, self.heads)
+        check_int("hidden", self.hidden, 8, 16384)
         if self.hidden % self.heads or self.heads % self.kv_heads:
             raise InputError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) and heads of "
                              f"kv_heads ({self.kv_heads})")
-        _int("intermediate", self.intermediate, 0, 65536)
-        _int("seq_len", self.seq_len, 8, 131072)
-        _int("batch_size", self.batch_size, 1, 1024)
-        _int("grad_accum", self.grad_accum, 1, 1024)
-        _int("steps", self.steps, 1, 10_000_000)
+        check_int("intermediate", self.intermediate, 0, 65536)
+        check_int("seq_len", self.seq_len, 8, 131072)
+        check_int("batch_size", self.batch_size, 1, 1024)
+        check_int("grad_accum", self.grad_accum, 1, 1024)
+        check_int("steps", self.steps, 1, 10_000_000)
         _float("lr", self.lr, 0.0, 1.0, lo_open=True)
-        _int("warmup", self.warmup, 0, self.steps)
+        check_int("warmup", self.warmup, 0, self.steps)
         _float("weight_decay", self.weight_decay, 0.0, 1.0)
         _float("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
         if self.mask not in MASKS:
             raise InputError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
-        _int("n_initial", self.n_initial, 0, 1 << 20)
-        _int("n_recent", self.n_recent, 0, 1 << 20)  # >= seq_len: every row sees everything (full attention)
+        check_int("n_initial", self.n_initial, 0, 1 << 20)
+        check_int("n_recent", self.n_recent, 0, 1 << 20)  # >= seq_len: every row sees everything (full attention)
         if self.kernel is not None and self.kernel not in KERNELS:
             raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         self.device = parse_device(self.device)
         self.dtype = dtype_name(self.dtype)
-        _int("eval_every", self.eval_every, 1, 10_000_000)
-        _int("eval_batches", self.eval_batches, 1, 100_000)
-        _int("save_every", self.save_every, 1, 10_000_000)
-        _int("seed", self.seed, 0, 2**31 - 1)
-        _int("max_tokens", self.max_tokens, self.seq_len, 10_000_000_000)
+        check_int("eval_every", self.eval_every, 1, 10_000_000)
+        check_int("eval_batches", self.eval_batches, 1, 100_000)
+        check_int("save_every", self.save_every, 1, 10_000_000)
+        check_int("seed", self.seed, 0, 2**31 - 1)
+        check_int("max_tokens", self.max_tokens, self.seq_len, 10_000_000_000)
         if self.encoding_errors not in ("strict", "replace"):
             raise InputError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
 
@@ -429,7 +424,7 @@ def resume(out: str | Path, *, steps: int | None = None, progress: bool = False,
     cfg.out = str(Path(out).expanduser())
     done = int(torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)["step"])
     if steps is not None:
-        _int("steps", steps, max(1, done), 10_000_000)
+        check_int("steps", steps, max(1, done), 10_000_000)
         cfg.steps = steps
     if done >= cfg.steps:
         raise InputError(f"the checkpoint in {out} is at step {done} of {cfg.steps}: nothing left to train "

@@ -134,6 +134,13 @@ def flex_attention_fn(device: torch.device) -> Callable:
     if device.type == "cpu":
         return flex_attention
     if "flex" not in _COMPILED:
+        import torch._dynamo
+
+        # one compiled kernel per shape (sequence length, gathered keys): allow more than dynamo's default 8
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                     "accumulated_cache_size_limit"):
+            if hasattr(torch._dynamo.config, name):
+                setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["flex"]
 

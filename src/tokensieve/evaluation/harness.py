@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tokensieve.methods import Method
-    from tokensieve.runner import GenerationResult
+    from tokensieve.engine.runner import GenerationResult
 
 SCHEMA = 1
 LOCK_NAME = ".lock"
@@ -74,7 +74,7 @@ def render(tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "
     The answer prefix goes after the assistant turn's start, as RULER does, so the
     model continues it instead of starting from scratch.
     """
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     ids = encode_prompt(tokenizer, [{"role": "user", "content": user}], use_chat_template=chat)[0].tolist()
     if answer_prefix:
@@ -156,7 +156,7 @@ def run_generation(
     fields every result line adds for the method (LazyLLM: :func:`revival_fields`; others: none)."""
     import torch
 
-    from tokensieve.runner import generate
+    from tokensieve.engine.runner import generate
 
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     probe = RevivalProbe(model, method) if method.name == "lazyllm" else None
@@ -184,7 +184,7 @@ class RevivalProbe:
     """
 
     def __init__(self, model: PreTrainedModel, method: Method) -> None:
-        from tokensieve.decode import DecoderPool
+        from tokensieve.decode.static import DecoderPool
 
         self.pool = DecoderPool(model)
         self.method = _observed_lazyllm(method)
@@ -197,7 +197,7 @@ class RevivalProbe:
             self.reads.append(self._count())
 
     def _count(self) -> int | None:
-        from tokensieve.decode import LazyDecoder
+        from tokensieve.decode.static import LazyDecoder
 
         for d in self.pool.decoders.values():
             if isinstance(d, LazyDecoder):
@@ -594,9 +594,9 @@ def run_eval(
                                meta=s.meta, expected=s.expected)
                     try:
                         if s.key in too_long:
-                            raise PromptTooLongError(
-                                f"prompt has {len(s.input_ids)} tokens, more than the model's maximum of {limit} "
-                                f"positions (allow_long / --allow-long runs it anyway)")
+                            from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
+
+                            check_prompt_length(len(s.input_ids), limit, hint=ALLOW_LONG_HINT)
                         row |= task.evaluate(model, tokenizer, s, m, allow_long)
                     except recorded as exc:  # the user's to fix (a prompt too long, a parameter), or out of memory
                         row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}

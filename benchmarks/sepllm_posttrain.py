@@ -41,8 +41,8 @@ from tokensieve.commands.common import parse_fractions, parse_sizes
 
 def perplexities(model_path: str, args, eval_rows, tag: str) -> dict:
     """Held-out loss/perplexity under SepLLM's rule and under full attention (``trainer.evaluate``)."""
-    from tokensieve.models import load_model
-    from tokensieve.separators import separator_token_ids
+    from tokensieve.core.models import load_model
+    from tokensieve.core.separators import separator_token_ids
     from tokensieve.training import TrainConfig, evaluate
 
     model, tok = load_model(model_path, dtype="float32", device=args.device)
@@ -63,7 +63,7 @@ def needle(model_path: str, args, haystack: str, results: Path, tag: str) -> dic
     from tokensieve.evaluation.harness import read_results, run_eval
     from tokensieve.evaluation.needle import NeedleTask
     from tokensieve.methods import make_method
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
 
     model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
     task = NeedleTask(haystack, args.needle_lengths, args.needle_depths, haystack_name="pg19-heldout")
@@ -112,7 +112,7 @@ def main() -> int:
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
     from tokensieve.data import read_document
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
     from tokensieve.training import TrainConfig, train
     from tokensieve.training.data import pack, text_files, tokenize_files
 

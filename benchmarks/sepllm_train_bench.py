@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from tokensieve.attention import HOOK_KWARG, use_tokensieve_attention
+from tokensieve.core.attention import HOOK_KWARG, use_tokensieve_attention
 from tokensieve.commands.common import parse_sizes
 from tokensieve.training.mask import TrainingMask
 
@@ -84,7 +84,7 @@ def attention_row(n: int, kernel: str, args, device: str) -> dict:
     sep = is_separator(n, args.separator_rate, args.n_initial, 0, device)
     row = {"level": "attention", "length": n, "kernel": kernel}
     if kernel == "causal":
-        from tokensieve.attention import sdpa
+        from tokensieve.core.attention import sdpa
 
         def step():
             out, _ = sdpa(module, q, k, v, None, scaling=d ** -0.5, dropout=0.0)

@@ -106,6 +106,7 @@ RANKS = {
     "decode": 4,  # static decoding (it still imports methods.base / methods.lazyllm: issue 21 item 2)
     "engine": 5,  # one request, prompt -> tokens
     "integrations": 6, "bench": 6, "evaluation": 6,
+    "training": 6,  # SepLLM training masks and the trainer (core, methods.sepllm, data)
     "serve": 7,
     "commands": 8,
     "cli": 9, "": 9,  # the package root (__init__: lazy public exports)

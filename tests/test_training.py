@@ -10,10 +10,10 @@ import torch
 from conftest import tiny_model
 
 import tokensieve
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.cli import main
 from tokensieve.errors import InputError
-from tokensieve.separators import separator_token_ids
+from tokensieve.core.separators import separator_token_ids
 from tokensieve.testing import byte_tokenizer
 from tokensieve.training import (
     KERNELS, MASKS, TrainConfig, resume, sepllm_dense_mask, train, training_hook,

@@ -5,7 +5,7 @@ ICML 2025 (arXiv:2412.12094): its training settings (from scratch and post-train
 rule the training-free setting applies at inference: every query sees the first ``n_initial`` tokens, every
 earlier separator and its ``n_recent`` preceding tokens. Both masks here evaluate
 ``tokensieve.methods.sepllm.sepllm_rule`` (the inference side's rule) on the separator flags that
-``tokensieve.separators.separator_token_ids`` gives for the tokenizer.
+``tokensieve.core.separators.separator_token_ids`` gives for the tokenizer.
 
 The mask reaches the model through tokensieve's registered attention function (``AttentionInterface``,
 ``attention.HOOK_KWARG``): ``training_hook`` returns the hook a forward passes as a keyword argument, so no
@@ -20,8 +20,8 @@ from typing import Any, Callable
 
 import torch
 
-from tokensieve.attention import sdpa
-from tokensieve.errors import InputError
+from tokensieve.core.attention import sdpa
+from tokensieve.errors import InputError, check_choice
 from tokensieve.methods.sepllm import sepllm_rule
 
 KERNELS = ("sdpa", "flex", "flex-mask")  # dense reference; FlexAttention over gathered specials; plain block mask
@@ -211,10 +211,9 @@ class TrainingMask:
 def training_hook(input_ids: torch.Tensor, separator_ids: torch.Tensor | None, mask: str, n_initial: int,
                   n_recent: int, kernel: str = "sdpa") -> TrainingMask | None:
     """The hook for a forward over ``input_ids`` under ``mask`` (``"sepllm"``; ``"full"``: None, plain causal)."""
-    if mask not in MASKS:
-        raise InputError(f"mask must be one of {', '.join(MASKS)}, got {mask!r}")
+    check_choice("mask", mask, MASKS)
     if mask == "full":
         return None
     if separator_ids is None:
-        raise InputError("the sepllm mask needs separator ids (tokensieve.separators.separator_token_ids(tokenizer))")
+        raise InputError("the sepllm mask needs separator ids (tokensieve.core.separators.separator_token_ids(tokenizer))")
     return TrainingMask(input_ids, separator_ids, n_initial, n_recent, kernel)

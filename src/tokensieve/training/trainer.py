@@ -29,21 +29,13 @@ from typing import Any, Callable
 
 import torch
 
-from tokensieve.errors import InputError
-from tokensieve.methods.eviction import check_int
+from tokensieve.errors import InputError, check_choice, check_int, check_number
 from tokensieve.training.mask import KERNELS, MASKS, training_hook
 
 CHECKPOINT = "checkpoint"
 STATE_FILE = "trainer_state.pt"
 CONFIG_FILE = "train_config.json"
 LOG_FILE = "log.jsonl"
-
-
-def _float(name: str, value: Any, lo: float, hi: float, lo_open: bool = False) -> float:
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    if not ok or value > hi or value < lo or (lo_open and value == lo):
-        raise InputError(f"{name} must be a number in {'(' if lo_open else '['}{lo:g}, {hi:g}], got {value!r}")
-    return float(value)
 
 
 @dataclass
@@ -98,7 +90,7 @@ class TrainConfig:
 
     def check(self) -> None:
         """``InputError`` naming the first field out of its bounds."""
-        from tokensieve.models import dtype_name, parse_device
+        from tokensieve.core.models import dtype_name, parse_device
 
         if not str(self.model).strip():
             raise InputError("model must name an embedded model or a model folder, got ''")
@@ -118,16 +110,15 @@ class TrainConfig:
         check_int("batch_size", self.batch_size, 1, 1024)
         check_int("grad_accum", self.grad_accum, 1, 1024)
         check_int("steps", self.steps, 1, 10_000_000)
-        _float("lr", self.lr, 0.0, 1.0, lo_open=True)
+        check_number("lr", self.lr, 0.0, 1.0, above=True)
         check_int("warmup", self.warmup, 0, self.steps)
-        _float("weight_decay", self.weight_decay, 0.0, 1.0)
-        _float("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
-        if self.mask not in MASKS:
-            raise InputError(f"mask must be one of {', '.join(MASKS)}, got {self.mask!r}")
+        check_number("weight_decay", self.weight_decay, 0.0, 1.0)
+        check_number("max_grad_norm", self.max_grad_norm, 0.0, 1e6)
+        check_choice("mask", self.mask, MASKS)
         check_int("n_initial", self.n_initial, 0, 1 << 20)
         check_int("n_recent", self.n_recent, 0, 1 << 20)  # >= seq_len: every row sees everything (full attention)
-        if self.kernel is not None and self.kernel not in KERNELS:
-            raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
+        if self.kernel is not None:
+            check_choice("kernel", self.kernel, KERNELS)
         self.device = parse_device(self.device)
         self.dtype = dtype_name(self.dtype)
         check_int("eval_every", self.eval_every, 1, 10_000_000)
@@ -135,8 +126,7 @@ class TrainConfig:
         check_int("save_every", self.save_every, 1, 10_000_000)
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_int("max_tokens", self.max_tokens, self.seq_len, 10_000_000_000)
-        if self.encoding_errors not in ("strict", "replace"):
-            raise InputError(f"encoding_errors must be strict or replace, got {self.encoding_errors!r}")
+        check_choice("encoding_errors", self.encoding_errors, ("strict", "replace"))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -181,8 +171,8 @@ def _new_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
 
 
 def _load(cfg: TrainConfig, device: str, resume_from: Path | None):
-    from tokensieve.attention import use_tokensieve_attention
-    from tokensieve.models import load_model
+    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.core.models import load_model
 
     if resume_from is not None:
         model, tok = load_model(str(resume_from), dtype="float32", device=device)
@@ -202,7 +192,7 @@ def _tokenizer_of(name: str):
     """The tokenizer of a model folder (read alone) or of an embedded model (loaded with it)."""
     from transformers import AutoTokenizer
 
-    from tokensieve.models import load_model, model_source
+    from tokensieve.core.models import load_model, model_source
 
     kind, where = model_source(name)
     if kind == "folder":
@@ -218,7 +208,7 @@ def _autocast(cfg: TrainConfig, device: str):
 
 
 def _loss(model, ids: torch.Tensor, cfg: TrainConfig, mask: str, kernel: str, separators) -> torch.Tensor:
-    from tokensieve.attention import HOOK_KWARG
+    from tokensieve.core.attention import HOOK_KWARG
 
     hook = training_hook(ids, separators, mask, cfg.n_initial, cfg.n_recent, kernel)
     extra = {} if hook is None else {HOOK_KWARG: hook}
@@ -296,8 +286,8 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     """
     from tqdm import tqdm
 
-    from tokensieve.models import default_device
-    from tokensieve.separators import separator_token_ids
+    from tokensieve.core.models import default_device
+    from tokensieve.core.separators import separator_token_ids
     from tokensieve.training.data import Batches
 
     cfg.check()

@@ -28,6 +28,16 @@ def test_check_fails_on_a_changed_number(tmp_path):
     assert "out of date" in r.stderr and "0.257 s" in r.stdout
 
 
+def test_check_fails_on_a_changed_readme_headline_table(tmp_path):
+    readme = (ROOT / "README.md").read_text()
+    assert "<!-- results:bench_compiled_e2e -->" in readme and "**15.28 s**" in readme  # full attention, e2e 128k
+    stale = tmp_path / "README.md"
+    stale.write_text(readme.replace("**15.28 s**", "**12.00 s**"))
+    r = run("--check", "--readme", str(stale))
+    assert r.returncode == 1
+    assert "README.md is out of date" in r.stderr and "15.28 s" in r.stdout
+
+
 def test_unknown_table_in_template_is_refused(tmp_path):
     template = tmp_path / "t.md"
     template.write_text("# x\n{{no_such_table}}\n")

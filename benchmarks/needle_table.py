@@ -19,8 +19,11 @@ def render(path=DEFAULT) -> str:
     lengths = sorted({r["length"] for r in rows})
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cell = {(r["method"], r["length"], r["key"]): r for r in rows}
-    out = ["| method | " + " | ".join(f"{n // 1024}k: score / right / TTFT speedup" for n in lengths)
-           + f" | KV after prefill at {lengths[-1] // 1024}k |"]
+    out = [
+        "| method | "
+        + " | ".join(f"{n // 1024}k: score / right / TTFT speedup" for n in lengths)
+        + f" | KV after prefill at {lengths[-1] // 1024}k |"
+    ]
     out.append("|---|" + "---|" * len(lengths) + "---:|")
     for m in methods:
         parts = []

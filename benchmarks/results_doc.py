@@ -71,8 +71,10 @@ def ok(rows: list[dict]) -> list[dict]:
 def local_recall() -> str:
     """Needle recall at the filter layer, dense vs local windows (benchmarks/local_recall.py)."""
     cells: dict[tuple, dict] = {}
-    files = [(r["model"], r["length"], len(r["depths"]), r["filter_layer"], r["at_filter_layer"])
-             for r in load(RESULTS / "local_recall" / "summary.json")["rows"]]
+    files = [
+        (r["model"], r["length"], len(r["depths"]), r["filter_layer"], r["at_filter_layer"])
+        for r in load(RESULTS / "local_recall" / "summary.json")["rows"]
+    ]
     for p in sorted((RESULTS / "local_recall" / "w2048").glob("*.json")):
         d = load(p)
         files.append((d["model"], d["lengths"][0], len(d["depths"]), d["filter_layer"], d["at_filter_layer"]))
@@ -81,13 +83,24 @@ def local_recall() -> str:
         for k, v in rec.items():
             c.setdefault(k, v)
     cols = ["dense", "local_w256", "local_w1024", "local_w2048", "local_w4096"]
-    rows = [[f"{m} ({layer})", f"{k_len(n)}, {c['depths']} depths"] + [f"{c[k]:.3f}" if k in c else "" for k in cols]
-            for (m, layer, n), c in sorted(cells.items())]
+    rows = [
+        [f"{m} ({layer})", f"{k_len(n)}, {c['depths']} depths"] + [f"{c[k]:.3f}" if k in c else "" for k in cols]
+        for (m, layer, n), c in sorted(cells.items())
+    ]
     return md_table(["model (filter layer)", "prompt", "dense", "local w=256", "w=1024", "w=2048", "w=4096"], rows, 2)
 
 
-def pivot(path: Path, labels: dict[str, str], vs: str | None = None, ratio_of: tuple[str, ...] = (),
-          peak_of: str | None = None) -> str:
+def ttft_cell(r: dict | None) -> str:
+    return "" if r is None else (f"{r['ttft_s']:.3f} s" if r["status"] == "ok" else r["status"])
+
+
+def pivot(
+    path: Path,
+    labels: dict[str, str],
+    vs: str | None = None,
+    ratio_of: tuple[str, ...] = (),
+    peak_of: str | None = None,
+) -> str:
     """Rows by prompt length, one TTFT column per label (``labels``: label -> header) of a prefill benchmark JSON
     (gemfilter_local.py, h2o_prefill.py); ``ratio_of`` labels get a "vs ``vs``" column (vs's TTFT / theirs),
     ``peak_of`` a column with that label's peak GiB."""
@@ -97,10 +110,7 @@ def pivot(path: Path, labels: dict[str, str], vs: str | None = None, ratio_of: t
     head += [f"peak GiB ({labels[peak_of]})"] if peak_of else []
     rows = []
     for n in lengths:
-        def cell(label):
-            r = rs.get((label, n))
-            return "" if r is None else (f"{r['ttft_s']:.3f} s" if r["status"] == "ok" else r["status"])
-        row = [k_len(n)] + [cell(x) for x in labels]
+        row = [k_len(n)] + [ttft_cell(rs.get((x, n))) for x in labels]
         for x in ratio_of:
             a, b = rs.get((vs, n)), rs.get((x, n))
             row.append(f"{a['ttft_s'] / b['ttft_s']:.2f}x" if a and b and a["status"] == b["status"] == "ok" else "")
@@ -129,8 +139,12 @@ def bench_e2e(*names: str) -> str:
             if r is None:
                 row += ["", "", "", ""]
                 continue
-            row += [f"{r['ttft_s']:.3f} s", f"{1e3 * r['decode_step_median_s']:.2f} ms ({1e3 * r['decode_step_p90_s']:.2f})",
-                    f"{r['roofline_fraction']:.2f}", f"**{r['e2e_s']:.2f} s**"]
+            row += [
+                f"{r['ttft_s']:.3f} s",
+                f"{1e3 * r['decode_step_median_s']:.2f} ms ({1e3 * r['decode_step_p90_s']:.2f})",
+                f"{r['roofline_fraction']:.2f}",
+                f"**{r['e2e_s']:.2f} s**",
+            ]
         rows.append(row)
     return md_table(head, rows)
 
@@ -148,8 +162,9 @@ def bench_ttft(*names: str, results: Path = GPU) -> str:
             f = full.get((file, n))
             row.append("" if r is None else f"{r['ttft_s']:.3f} s" + (f" ({f / r['ttft_s']:.2f}x)" if f else ""))
         rows.append(row)
-    return md_table(["method (file)" if len(names) > 1 else "method"] + [f"TTFT {k_len(n)} (full / it)" for n in lengths],
-                    rows)
+    return md_table(
+        ["method (file)" if len(names) > 1 else "method"] + [f"TTFT {k_len(n)} (full / it)" for n in lengths], rows
+    )
 
 
 def decode_table(variants: list[tuple[str, list[str], str | None]]) -> str:
@@ -195,12 +210,27 @@ def decode_lazyllm() -> str:
         if r["method"] != "lazyllm":
             continue
         f = full.get(r["length"])
-        rows.append([k_len(r["length"]), f"{1e3 * r['eager_step_median_s']:.1f} ms", f"{1e3 * r['graph_step_median_s']:.2f} ms",
-                     f"{1e3 * f['graph_step_median_s']:.2f} ms" if f else "(not in this run)",
-                     str(r["details"]["decode_revival_reruns"]),
-                     f"{r['e2e_s']:.2f} s" + (f" ({f['e2e_s']:.2f} s)" if f else "")])
-    return md_table(["prompt", "LazyLLM eager step", "static step (median)", "full attention's captured step, same run",
-                     "steps re-run / 255", "end to end, 256 tokens (full)"], rows)
+        rows.append(
+            [
+                k_len(r["length"]),
+                f"{1e3 * r['eager_step_median_s']:.1f} ms",
+                f"{1e3 * r['graph_step_median_s']:.2f} ms",
+                f"{1e3 * f['graph_step_median_s']:.2f} ms" if f else "(not in this run)",
+                str(r["details"]["decode_revival_reruns"]),
+                f"{r['e2e_s']:.2f} s" + (f" ({f['e2e_s']:.2f} s)" if f else ""),
+            ]
+        )
+    return md_table(
+        [
+            "prompt",
+            "LazyLLM eager step",
+            "static step (median)",
+            "full attention's captured step, same run",
+            "steps re-run / 255",
+            "end to end, 256 tokens (full)",
+        ],
+        rows,
+    )
 
 
 def batch(name: str) -> str:
@@ -217,34 +247,82 @@ def batch(name: str) -> str:
             if r is None or r["status"] != "ok":
                 row.append("" if r is None else r["status"])
             else:
-                row.append(f"{r['decode_tokens_per_s']:.1f}" + (f" ({r['decode_tokens_per_s'] / one['decode_tokens_per_s']:.2f}x)" if b != sizes[0] else ""))
+                row.append(
+                    f"{r['decode_tokens_per_s']:.1f}"
+                    + (f" ({r['decode_tokens_per_s'] / one['decode_tokens_per_s']:.2f}x)" if b != sizes[0] else "")
+                )
         last = by.get(sizes[-1])
         row.append(f"{last['peak_memory_bytes'] / 2**30:.1f}" if last and last["status"] == "ok" else "")
         rows.append(row)
-    return md_table(["method"] + [f"batch {b} (vs batch {sizes[0]})" if b != sizes[0] else f"batch {b}" for b in sizes]
-                    + [f"peak GiB at {sizes[-1]}"], rows)
+    return md_table(
+        ["method"]
+        + [f"batch {b} (vs batch {sizes[0]})" if b != sizes[0] else f"batch {b}" for b in sizes]
+        + [f"peak GiB at {sizes[-1]}"],
+        rows,
+    )
 
 
 def prefix_ttft() -> str:
     """benchmarks/prefix_ttft.py: TTFT of the following questions / the first one, per machine and method."""
-    files = [("CPU", RESULTS / "prefix_ttft_cpu.json"), ("H100", GPU / "prefix_ttft_h100.json"),
-             ("H200", GPU / "prefix_ttft_h200.json")]
+    files = [
+        ("CPU", RESULTS / "prefix_ttft_cpu.json"),
+        ("H100", GPU / "prefix_ttft_h100.json"),
+        ("H200", GPU / "prefix_ttft_h200.json"),
+    ]
     rows = []
     for machine, p in files:
         d = load(p)
         for r in d["rows"]:
-            rows.append([f"{machine}, {d['model']}, {r['case']}", r["method"], f"{r['first_ttft_s']:.3f} s",
-                         f"{r['following_ttft_s_median']:.3f} s", f"{r['ratio']:.3f}", str(r["all_same_answer"])])
-    return md_table(["machine, model, case", "method", "first question", "following (median)", "following / first",
-                     "same answers as uncached"], rows, 2)
+            rows.append(
+                [
+                    f"{machine}, {d['model']}, {r['case']}",
+                    r["method"],
+                    f"{r['first_ttft_s']:.3f} s",
+                    f"{r['following_ttft_s_median']:.3f} s",
+                    f"{r['ratio']:.3f}",
+                    str(r["all_same_answer"]),
+                ]
+            )
+    return md_table(
+        [
+            "machine, model, case",
+            "method",
+            "first question",
+            "following (median)",
+            "following / first",
+            "same answers as uncached",
+        ],
+        rows,
+        2,
+    )
 
 
 def lazyllm_schedule() -> str:
     d = load(RESULTS / "lazyllm_schedule.json")
-    rows = [[s["config"], f"{s['needle_acc']:.2f}", f"{s['magic_number_acc']:.2f}",
-             f"{s['pct_first']:.0f} / {s['pct_total']:.0f}", f"{s['ttft_rel_median']:.2f}"] for s in d["summary"]]
-    return md_table(["schedule", "needle (fraction right)", "magic number", "% prompt KV computed (first token / whole answer)",
-                     "TTFT vs full (median)"], rows)
+    rows = [
+        [
+            s["config"],
+            f"{s['needle_acc']:.2f}",
+            f"{s['magic_number_acc']:.2f}",
+            f"{s['pct_first']:.0f} / {s['pct_total']:.0f}",
+            f"{s['ttft_rel_median']:.2f}",
+        ]
+        for s in d["summary"]
+    ]
+    return md_table(
+        [
+            "schedule",
+            "needle (fraction right)",
+            "magic number",
+            "% prompt KV computed (first token / whole answer)",
+            "TTFT vs full (median)",
+        ],
+        rows,
+    )
+
+
+def two_places(x: float | None) -> str:
+    return "" if x is None else f"{x:.2f}"
 
 
 def stream_ppl() -> str:
@@ -252,62 +330,113 @@ def stream_ppl() -> str:
     rows = []
     for r in d["results"]:
         params = ", ".join(f"{k}={v}" for k, v in (r["params"] or {}).items())
-        f = (lambda x: "" if x is None else f"{x:.2f}")
-        rows.append([f"{r['method']} ({params})" if params else r["method"], f"{r['tokens_scored']:,}", f"{r['perplexity']:.2f}",
-                     f(r.get("ppl_first_max_positions")), f(r.get("ppl_past_max_positions")),
-                     f"{r['max_cache_entries']:,}", f"{r['max_kv_bytes'] / 2**20:.1f}"])
-    return md_table(["method", "tokens scored", "perplexity", f"ppl, first {d['model_max_positions']} positions",
-                     "ppl, past them", "KV entries/layer (max)", "KV MiB (max)"], rows)
+        rows.append(
+            [
+                f"{r['method']} ({params})" if params else r["method"],
+                f"{r['tokens_scored']:,}",
+                f"{r['perplexity']:.2f}",
+                two_places(r.get("ppl_first_max_positions")),
+                two_places(r.get("ppl_past_max_positions")),
+                f"{r['max_cache_entries']:,}",
+                f"{r['max_kv_bytes'] / 2**20:.1f}",
+            ]
+        )
+    return md_table(
+        [
+            "method",
+            "tokens scored",
+            "perplexity",
+            f"ppl, first {d['model_max_positions']} positions",
+            "ppl, past them",
+            "KV entries/layer (max)",
+            "KV MiB (max)",
+        ],
+        rows,
+    )
 
 
 TABLES = {
     "accuracy_map_qwen15_h200": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen15_h200"]),
     "accuracy_map_qwen05_multiturn": lambda: accuracy_map_table.render(
-        [RESULTS / "accuracy_map" / "qwen05_h200"], all_lengths=True, tasks={"multiturn"}),
+        [RESULTS / "accuracy_map" / "qwen05_h200"], all_lengths=True, tasks={"multiturn"}
+    ),
     "accuracy_map_qwen05_cpu": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen05_cpu"]),
-    "accuracy_map_smollm2_cpu": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "smollm2_cpu"],
-                                                                  all_lengths=True),
+    "accuracy_map_smollm2_cpu": lambda: accuracy_map_table.render(
+        [RESULTS / "accuracy_map" / "smollm2_cpu"], all_lengths=True
+    ),
     "bench_qwen05": lambda: bench_ttft("bench_qwen05_h200.json", "bench_qwen05_paper_rule_h200.json"),
     "bench_qwen05_cpu": lambda: bench_ttft("bench_qwen05_cpu.json", results=RESULTS),
     "local_recall": local_recall,
-    "gemfilter_flex": lambda: pivot(GPU / "gemfilter_flex_h100.json",
-                                    {"full": "full attention", "dense": "GemFilter dense", "local": "local (SDPA chunks)",
-                                     "local_flex": "**local (FlexAttention)**"}, vs="full", ratio_of=("local_flex",),
-                                    peak_of="local_flex"),
-    "gemfilter_local_long": lambda: pivot(GPU / "gemfilter_local_long_h100.json",
-                                          {"local_chunked": "GemFilter local, streamed"}, peak_of="local_chunked"),
-    "filter_70b": lambda: pivot(GPU / "filter_70b_h200.json",
-                                {"dense": "dense", "local_flex": "local (FlexAttention)", "local_chunked": "local, streamed"},
-                                peak_of="local_chunked"),
-    "filter_70b_split": lambda: pivot(GPU / "filter_70b_split_h200.json",
-                                      {"dense": "dense", "local_chunked": "local, streamed"}, peak_of="local_chunked"),
+    "gemfilter_flex": lambda: pivot(
+        GPU / "gemfilter_flex_h100.json",
+        {
+            "full": "full attention",
+            "dense": "GemFilter dense",
+            "local": "local (SDPA chunks)",
+            "local_flex": "**local (FlexAttention)**",
+        },
+        vs="full",
+        ratio_of=("local_flex",),
+        peak_of="local_flex",
+    ),
+    "gemfilter_local_long": lambda: pivot(
+        GPU / "gemfilter_local_long_h100.json", {"local_chunked": "GemFilter local, streamed"}, peak_of="local_chunked"
+    ),
+    "filter_70b": lambda: pivot(
+        GPU / "filter_70b_h200.json",
+        {"dense": "dense", "local_flex": "local (FlexAttention)", "local_chunked": "local, streamed"},
+        peak_of="local_chunked",
+    ),
+    "filter_70b_split": lambda: pivot(
+        GPU / "filter_70b_split_h200.json",
+        {"dense": "dense", "local_chunked": "local, streamed"},
+        peak_of="local_chunked",
+    ),
     "gpu_main": lambda: gpu_table.table(["bench_main_a.json", "bench_main_b.json", "bench_main_c.partial.json"]),
     "gpu_long": lambda: gpu_table.table(["bench_long_256k-1m.json"]),
     "gpu_long_before": lambda: gpu_table.table(["bench_long_256k-512k.json", "bench_long_1m.json"]),
-    "bench_compiled_e2e": lambda: bench_e2e("bench_compiled_32k_h100.json", "bench_compiled_128k_h100.json",
-                                            "bench_compiled_128k_h2o_lazyllm_h100.json"),
-    "decode_now": lambda: decode_table([
-        ("captured, torch attention", ["decode_kernel_32k_h100.json", "decode_kernel_128k_h100.json"], "torch"),
-        ("captured, Triton attention", ["decode_kernel_32k_h100.json", "decode_kernel_128k_h100.json",
-                                        "decode_kernel_full_128k_h100.json"], "triton"),
-        ("**compiled + Triton**", ["decode_kernel_compiled_h100.json"], "triton")]),
+    "bench_compiled_e2e": lambda: bench_e2e(
+        "bench_compiled_32k_h100.json", "bench_compiled_128k_h100.json", "bench_compiled_128k_h2o_lazyllm_h100.json"
+    ),
+    "decode_now": lambda: decode_table(
+        [
+            ("captured, torch attention", ["decode_kernel_32k_h100.json", "decode_kernel_128k_h100.json"], "torch"),
+            (
+                "captured, Triton attention",
+                ["decode_kernel_32k_h100.json", "decode_kernel_128k_h100.json", "decode_kernel_full_128k_h100.json"],
+                "triton",
+            ),
+            ("**compiled + Triton**", ["decode_kernel_compiled_h100.json"], "triton"),
+        ]
+    ),
     "decode_lazyllm": decode_lazyllm,
     "batch_8k": lambda: batch("batch_8k_h100.json"),
     "batch_32k": lambda: batch("batch_32k_h100.json"),
     "prefix_ttft": prefix_ttft,
-    "h2o_prefill": lambda: pivot(GPU / "h2o_prefill_sdpa_h100.json", {"full": "full attention", "h2o_kernel": "H2O, kernels"},
-                                 vs="h2o_kernel", ratio_of=("full",)),
-    "h2o_prefill_before": lambda: pivot(GPU / "h2o_prefill_h100.json", {"full": "full attention", "h2o": "H2O, chunked torch path"},
-                                        vs="h2o", ratio_of=("full",)),
+    "h2o_prefill": lambda: pivot(
+        GPU / "h2o_prefill_sdpa_h100.json",
+        {"full": "full attention", "h2o_kernel": "H2O, kernels"},
+        vs="h2o_kernel",
+        ratio_of=("full",),
+    ),
+    "h2o_prefill_before": lambda: pivot(
+        GPU / "h2o_prefill_h100.json",
+        {"full": "full attention", "h2o": "H2O, chunked torch path"},
+        vs="h2o",
+        ratio_of=("full",),
+    ),
     "lazyllm_schedule": lazyllm_schedule,
     "stream_ppl": stream_ppl,
     "accuracy_smollm2_h100": accuracy_table.render,
     "needle_smollm2_cpu": needle_table.render,
     "needle_gemma3_cpu": lambda: needle_table.render(RESULTS / "needle_gemma3" / "needle.jsonl"),
     "bench_e2e_captured": lambda: bench_e2e("bench_e2e_h100.json"),
-    "decode_before_kernel": lambda: decode_table([
-        ("captured step (torch attention)", ["decode_h100.json"], None),
-        ("+ `torch.compile`", ["decode_h100_compiled.json", "decode_h100_snapkv_compiled.json"], None)]),
+    "decode_before_kernel": lambda: decode_table(
+        [
+            ("captured step (torch attention)", ["decode_h100.json"], None),
+            ("+ `torch.compile`", ["decode_h100_compiled.json", "decode_h100_snapkv_compiled.json"], None),
+        ]
+    ),
 }
 
 
@@ -335,19 +464,29 @@ def render_blocks(page: str) -> str:
 
     def table(m: re.Match) -> str:
         if m.group(2) not in TABLES:
-            raise SystemExit(f"results_doc: unknown table {m.group(2)!r} in a results block; known: {', '.join(TABLES)}")
+            raise SystemExit(
+                f"results_doc: unknown table {m.group(2)!r} in a results block; known: {', '.join(TABLES)}"
+            )
         return m.group(1) + TABLES[m.group(2)]() + m.group(4)
 
     return BLOCK.sub(table, page)
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--check", action="store_true", help="exit 1 if docs/results.md differs from what would be written")
-    ap.add_argument("--template", type=Path, default=TEMPLATE, help="the prose with {{table}} lines (default: %(default)s)")
+    ap.add_argument(
+        "--template", type=Path, default=TEMPLATE, help="the prose with {{table}} lines (default: %(default)s)"
+    )
     ap.add_argument("--output", type=Path, default=OUTPUT, help="the page to write or check (default: %(default)s)")
-    ap.add_argument("--readme", type=Path, default=README,
-                    help="a page whose <!-- results:NAME --> blocks are generated too (default: %(default)s)")
+    ap.add_argument(
+        "--readme",
+        type=Path,
+        default=README,
+        help="a page whose <!-- results:NAME --> blocks are generated too (default: %(default)s)",
+    )
     args = ap.parse_args(argv)
     pages = {args.output: render(args.template.read_text())}
     if args.readme.exists():
@@ -358,7 +497,9 @@ def main(argv: list[str] | None = None) -> int:
             current = path.read_text() if path.exists() else ""
             if current != page:
                 stale += 1
-                diff = difflib.unified_diff(current.splitlines(), page.splitlines(), str(path), "generated", lineterm="", n=0)
+                diff = difflib.unified_diff(
+                    current.splitlines(), page.splitlines(), str(path), "generated", lineterm="", n=0
+                )
                 print("\n".join(list(diff)[:40]))
                 print(f"{path} is out of date: run PYTHONPATH=src python3 benchmarks/results_doc.py", file=sys.stderr)
             else:

@@ -83,8 +83,13 @@ def server(bin_dir):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     cmd = SERVE.replace("--port 8000", f"--port {port}").split()
-    proc = subprocess.Popen([str(bin_dir / cmd[0]), *cmd[1:]], env=env_for(bin_dir), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(bin_dir / cmd[0]), *cmd[1:]],
+        env=env_for(bin_dir),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 120
         while True:
@@ -123,3 +128,21 @@ def test_readme_block_runs(lang, code, mark, reason, line, bin_dir, tmp_path, re
     assert r.stdout.strip(), f"README.md block at line {line} printed nothing"
     if "4812" in code and "vault" in code and lang == "python":
         assert "4812" in r.stdout  # the quickstart's needle: GemFilter keeps it and SmolLM2 reads it back
+
+
+def test_relative_links_in_the_documentation_resolve():
+    """Every relative link of README.md, CONTRIBUTING.md and docs/*.md names a file of the repository (so a module
+    or a result file that moves shows up here with the page to fix)."""
+    pages = [README, ROOT / "CONTRIBUTING.md", *sorted((ROOT / "docs").glob("*.md"))]
+    broken = []
+    for page in pages:
+        for m in re.finditer(r"\]\(([^)\s]+)\)", page.read_text()):
+            target = m.group(1).split("#")[0]
+            if (
+                target
+                and not target.startswith(("http://", "https://", "mailto:"))
+                and not (page.parent / target).exists()
+            ):
+                broken.append(f"{page.relative_to(ROOT)}: {m.group(1)}")
+    assert len(pages) > 10
+    assert not broken, "links to missing files:\n" + "\n".join(broken)

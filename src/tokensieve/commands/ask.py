@@ -37,7 +37,7 @@ def run(args: argparse.Namespace) -> int:
     model, tok = load(args)
     import sys
 
-    from tokensieve.runner import encode_prompt, generate, selection_text
+    from tokensieve.engine.runner import encode_prompt, generate, selection_text
     from tokensieve.serve.engine import TextStream
 
     messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]

@@ -162,10 +162,10 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
     """``--engine vllm``: the filter model (transformers) and the vLLM engine args for the same checkpoint.
     What can be checked without loading (vLLM installed, the method, the model's form) is checked first."""
     from tokensieve.errors import InputError
-    from tokensieve.models import cache_dir, dtype_name, model_source
+    from tokensieve.core.models import cache_dir, dtype_name, model_source
     from tokensieve.serve.app import app_for_engine
     from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
-    from tokensieve.vllm_adapter import VLLMNotInstalledError, import_vllm
+    from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, import_vllm
 
     try:
         import_vllm()

@@ -11,7 +11,7 @@ to the embeddings, the LM head (put on ``"meta"`` by ``drop_lm_head``: it is nev
 ``device_map`` spreads the layers that are loaded over the visible devices with accelerate (``"auto"``,
 ``"balanced"``, ``"sequential"`` or an explicit ``{module name: device}`` dict), so the filter pass of a
 model larger than one GPU runs over several GPUs; the second pass (the model on the kept ids) can then
-run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.vllm_adapter``).
+run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.integrations.vllm_adapter``).
 
 The filter model keeps the *full* model's ``model_type`` but not its depth, so
 ``GemFilter(filter_layer=None)`` would look up the wrong default: pass ``filter_layer=r`` (the value is
@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, check_int
 
 if TYPE_CHECKING:
     import torch
@@ -47,8 +47,7 @@ def filter_config(config: PretrainedConfig, filter_layer: int) -> PretrainedConf
     cfg = copy.deepcopy(config)
     text = cfg.get_text_config()
     n = int(text.num_hidden_layers)
-    if isinstance(filter_layer, bool) or not isinstance(filter_layer, int) or not 0 <= filter_layer < n:
-        raise InputError(f"filter_layer must be an integer in [0, {n - 1}] for this model, got {filter_layer!r}")
+    check_int("filter_layer", filter_layer, 0, n - 1, note=" for this model")
     keep = filter_layer + 1
     for name in ("layer_types",):
         value = getattr(text, name, None)
@@ -105,8 +104,8 @@ def load_filter_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tokensieve.attention import use_tokensieve_attention
-    from tokensieve.models import ModelLoadError, default_device, default_dtype, parse_dtype
+    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())
@@ -200,8 +199,8 @@ def build_filter_model(
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
-    from tokensieve.attention import use_tokensieve_attention
-    from tokensieve.models import default_device, default_dtype, parse_dtype
+    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.core.models import default_device, default_dtype, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())

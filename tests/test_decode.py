@@ -251,7 +251,7 @@ class _ReplayedRun:
 def test_a_failed_capture_is_retried_then_runs_without_a_graph(model, monkeypatch, failures):
     """A capture the driver invalidates is tried once more; failing twice, the decoder steps without a graph
     (with a warning). Either way the tokens are those of the graph-free decoder."""
-    import tokensieve.decode as decode
+    import tokensieve.decode.static as decode
 
     calls = []
 

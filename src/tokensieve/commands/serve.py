@@ -111,17 +111,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    from tokensieve.errors import require_extra
 
-        from tokensieve.serve.app import create_app
-    except ImportError as exc:
-        print(
-            f"tokensieve serve: error: the server needs FastAPI and uvicorn ({exc}); install them with "
-            f"pip install 'tokensieve[serve]'",
-            file=sys.stderr,
-        )
-        return 2
+    require_extra("serve", "tokensieve serve")
+    import uvicorn
+
+    from tokensieve.serve.app import create_app
     from tokensieve.commands.common import build_methods, load, method_params
     from tokensieve.errors import InputError
 

@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokensieve.errors import InputError, check_int
+from tokensieve.errors import InputError, check_int, require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -66,11 +66,14 @@ def filter_layer_of(model: PreTrainedModel) -> int | None:
 
 
 def _check_device_map(device_map: str | dict[str, Any] | None) -> None:
-    if device_map is None or isinstance(device_map, dict):
+    """``InputError`` for a ``device_map`` of no known form; ``MissingExtraError`` when one is given and accelerate,
+    which places the modules, is not installed (the ``multigpu`` extra)."""
+    if device_map is None:
         return
-    if isinstance(device_map, str) and (
+    if isinstance(device_map, dict) or (isinstance(device_map, str) and (
         device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "mps") or device_map.startswith("cuda")
-    ):
+    )):
+        require_extra("multigpu", f"a filter model placed with device_map={device_map!r} (or pass device_map=None)")
         return
     raise InputError(
         f"device_map must be one of {DEVICE_MAP_STRATEGIES}, a device name, or a {{module: device}} dict, got {device_map!r}"
@@ -196,7 +199,6 @@ def build_filter_model(
     on the first GPU and copied. ``None`` builds everything on the CPU. The LM head stays on ``meta`` (never called).
     """
     import torch
-    from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
     from tokensieve.core.attention import use_tokensieve_attention
@@ -238,6 +240,8 @@ def build_filter_model(
     _rebuild_buffers(model, cfg)
     model.eval()
     if device_map is not None:
+        from accelerate import dispatch_model
+
         if len({str(d) for d in placement.values()}) > 1:
             gpus = [d for d in placement.values() if str(d) not in ("cpu", "meta")]
             dispatch_model(model, device_map=placement, main_device=gpus[0] if gpus else None)

@@ -113,7 +113,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from tokensieve.errors import require_extra
 
-    require_extra("serve", "tokensieve serve")
+    require_extra("serve", "the server")
     import uvicorn
 
     from tokensieve.serve.app import create_app

@@ -274,3 +274,31 @@ def test_floors_pin_every_lower_bound(tmp_path):
     out = subprocess.run([sys.executable, str(REPO / "requirements/floors.py"), str(fake)],
                          capture_output=True, text=True, check=True).stdout.split()
     assert out == ["a==1.2", "c==3", "servex==0.0", "plotsx==0.1", "ggufx==0.2", "multigpux==0.3", "evalx==0.4"]
+
+
+def test_a_null_quantization_config_is_dropped_before_loading(tmp_path):
+    """Copies stored before wrote ``"quantization_config": null``; transformers 5.0 fails on it (found by
+    make test-oldest), so it is removed from the config the folder is loaded with; a real one is kept."""
+    import json
+
+    from transformers import LlamaConfig
+
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    cfg.quantization_config = None
+    models._drop_null_quantization(cfg)
+    assert "quantization_config" not in json.loads(cfg.to_json_string())
+    cfg.quantization_config = {"quant_method": "bitsandbytes"}
+    models._drop_null_quantization(cfg)
+    assert cfg.quantization_config == {"quant_method": "bitsandbytes"}
+    cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
+    cfg.quantization_config = None
+    cfg.save_pretrained(tmp_path)  # a folder as an earlier copy was stored
+    assert json.loads((tmp_path / "config.json").read_text())["quantization_config"] is None
+    from transformers import LlamaForCausalLM
+
+    from tokensieve.testing import byte_tokenizer
+
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    byte_tokenizer().save_pretrained(tmp_path)
+    model, _ = models._load_folder(str(tmp_path), dtype=None)
+    assert getattr(model.config, "quantization_config", None) is None and getattr(model, "hf_quantizer", None) is None

@@ -285,10 +285,10 @@ def test_a_null_quantization_config_is_dropped_before_loading(tmp_path):
 
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     cfg.quantization_config = None
-    models._drop_null_quantization(cfg)
+    models.drop_null_quantization(cfg)
     assert "quantization_config" not in json.loads(cfg.to_json_string())
     cfg.quantization_config = {"quant_method": "bitsandbytes"}
-    models._drop_null_quantization(cfg)
+    models.drop_null_quantization(cfg)
     assert cfg.quantization_config == {"quant_method": "bitsandbytes"}
     cfg = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, vocab_size=64)
     cfg.quantization_config = None

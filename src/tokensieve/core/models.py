@@ -331,7 +331,7 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tok
 
 
-def _drop_null_quantization(config) -> None:
+def drop_null_quantization(config) -> None:
     """Remove a ``quantization_config`` that is None: copies stored by earlier versions wrote it as ``null``, which
     transformers 5.0 .. 5.x reads as "pre-quantized" and fails on (``'NoneType' object has no attribute 'get'``)."""
     if "quantization_config" in vars(config) and config.quantization_config is None:
@@ -342,7 +342,7 @@ def _load_folder(path: str, dtype: torch.dtype, local_files_only: bool = False) 
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
-    _drop_null_quantization(config)
+    drop_null_quantization(config)
     model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=local_files_only)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     return model, tok
@@ -427,7 +427,7 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     model, tok = _load_gguf(gguf, torch.float32)
     # Store a plain safetensors copy so later loads skip dequantization.
     model.config.quantization_config = None  # the copy holds plain weights: no quantization_config in it
-    _drop_null_quantization(model.config)
+    drop_null_quantization(model.config)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     store_copy(model, tok, target)

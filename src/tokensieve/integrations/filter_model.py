@@ -108,7 +108,7 @@ def load_filter_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tokensieve.core.attention import use_tokensieve_attention
-    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, parse_dtype
+    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, drop_null_quantization, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())
@@ -117,6 +117,7 @@ def load_filter_model(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read the config of model {name_or_path!r}: {e}") from None
+    drop_null_quantization(config)  # a copy stored by an earlier version (transformers 5.0 fails on it)
     cfg = filter_config(config, filter_layer)
     kwargs: dict[str, Any] = dict(config=cfg, dtype=dtype, local_files_only=True)
     if device_map is not None:

@@ -345,7 +345,8 @@ def test_constant_lists_match_the_library():
 
 # ----- 11. fast start: parsing imports no torch --------------------------------------------------------
 LIGHT_HELP = [[], ["ask"], ["demo"], ["needle"], ["eval"], ["eval", "needle"], ["eval", "ruler"], ["eval", "longbench"],
-              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"], ["methods"]]
+              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"], ["methods"],
+              ["models"], ["models", "install"]]
 
 
 def _python(code: str) -> str:

@@ -143,6 +143,8 @@ def test_demo_help_describes_the_options(capsys):
     (["--topk", "many"], "--topk"),
     (["--max-new-tokens", "0"], "--max-new-tokens"),
     (["--json", "/nonexistent-folder/out.json"], "/nonexistent-folder"),
+    (["--haystack", "/nonexistent-folder/book.txt"], "/nonexistent-folder/book.txt"),
+    (["--length", "40000"], "shipped text"),  # longer than the shipped book: say so before the model loads
 ])
 def test_bad_values_exit_2_with_one_line(argv, needle, monkeypatch, capsys):
     monkeypatch.setattr(demo, "load", lambda args: pytest.fail("the model must not load for a bad value"))
@@ -157,11 +159,8 @@ def test_needles_are_distinct_and_unambiguous():
     for n in demo.NEEDLES:
         assert n.expected and all(e.lower() in n.sentence.lower() for e in n.expected)
         assert not any(e.lower() in n.question.lower() for e in n.expected)  # the question does not give the answer away
-    from tokensieve.data import read_text
+    from tokensieve.data import shipped_text
 
-    try:
-        hay = " ".join(read_text(min_chars=16_000 * 8).lower().split())
-    except FileNotFoundError as exc:
-        pytest.skip(str(exc))
+    hay = shipped_text().lower()  # the demo's haystack
     # a correct answer needs every expected phrase, and at least one of them is in the needle only
     assert all(any(e.lower() not in hay for e in n.expected) for n in demo.NEEDLES)

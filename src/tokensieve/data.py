@@ -1,4 +1,5 @@
-"""Text input: the one reader of user documents and text files, and the PG-19 books in ``../shared/data/pg19``."""
+"""Text input: the one reader of user documents and text files; the PG-19 books (a folder of ``.txt`` files) and
+the one PG-19 book shipped inside the package (``tokensieve/texts/``), the demo's haystack."""
 
 from __future__ import annotations
 
@@ -117,6 +118,29 @@ def default_pg19_dir() -> Path:
     return candidates[0]
 
 
+# A public-domain book from PG-19 shipped in the package (tokensieve/texts/README.md): the demo's haystack, and the
+# default text when no PG-19 folder is found. It is also the first of the PG-19 books sorted by name used so far,
+# so the defaults read the same text with or without that folder.
+SHIPPED_TEXT = Path(__file__).with_name("texts") / "pg19-10146.txt"
+
+
+def shipped_text(min_chars: int = 0) -> str:
+    """The shipped PG-19 book as one paragraph stream (whitespace runs as one space), as ``read_text`` joins books.
+
+    ``InputError`` when ``min_chars`` is more than it holds (pass a longer text file instead)."""
+    text = " ".join(read_document(SHIPPED_TEXT).split())
+    if min_chars > len(text):
+        raise InputError(f"the shipped text holds {len(text):,} characters, fewer than the {min_chars:,} needed "
+                         f"(about {min_chars // 8:,} tokens); pass a longer text file (--haystack / --file) or set "
+                         f"TOKENSIEVE_PG19 to a folder of .txt books")
+    return text
+
+
+def pg19_found() -> bool:
+    """Whether a PG-19 folder is configured (``TOKENSIEVE_PG19``) or found beside the checkout."""
+    return bool(os.environ.get("TOKENSIEVE_PG19")) or default_pg19_dir().is_dir()
+
+
 def pg19_books(folder: str | Path | None = None) -> list[Path]:
     folder = Path(folder) if folder else default_pg19_dir()
     books = sorted(folder.glob("*.txt"), key=lambda p: p.name)
@@ -129,9 +153,12 @@ def pg19_books(folder: str | Path | None = None) -> list[Path]:
 
 
 def read_text(path: str | Path | None = None, min_chars: int = 0, encoding: str = "utf-8", errors: str = "strict") -> str:
-    """A text file (read by :func:`read_document`), or (path=None) the PG-19 books joined until ``min_chars`` is reached."""
+    """A text file (read by :func:`read_document`), or (path=None) the PG-19 books joined until ``min_chars`` is
+    reached; without a PG-19 folder (:func:`pg19_found`), the shipped book (:func:`shipped_text`)."""
     if path is not None:
         return read_document(path, encoding, errors)
+    if not pg19_found():
+        return shipped_text(min_chars)
     parts, total = [], 0
     for book in pg19_books():
         t = " ".join(read_document(book).split())  # one paragraph stream

@@ -72,3 +72,48 @@ def check_choice(name: str, value: Any, choices: Iterable[Any]) -> Any:
     if value not in choices:
         raise InputError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
     return value
+
+
+# ----------------------------------------------------------------------------- optional dependencies (extras)
+
+# pyproject's extras a feature may need -> the modules each provides (checked without importing them).
+EXTRAS: dict[str, tuple[str, ...]] = {
+    "serve": ("fastapi", "uvicorn", "prometheus_client"),
+    "plots": ("matplotlib",),
+    "gguf": ("gguf",),
+    "multigpu": ("accelerate",),
+    "eval": ("rouge", "rapidfuzz"),
+    "vllm": ("vllm",),
+}
+
+
+class MissingExtraError(InputError):
+    """A feature needs an optional dependency that is not installed; the message names the extra to install."""
+
+
+def missing_extra_message(extra: str, what: str, missing: Iterable[str]) -> str:
+    """One line: ``what`` needs ``extra`` (the ``missing`` modules) and the pip command that installs it."""
+    return (f"{what} needs the '{extra}' extra (not installed: {', '.join(missing)}); "
+            f"install it with: pip install 'tokensieve[{extra}]'")
+
+
+def module_installed(module: str) -> bool:
+    """Whether ``module`` can be imported, found without importing it (``None`` in ``sys.modules`` blocks it)."""
+    import importlib.util
+    import sys
+
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def require_extra(extra: str, what: str) -> None:
+    """Nothing when every module of ``extra`` (a key of ``EXTRAS``) is installed; ``MissingExtraError`` naming the
+    extra and its pip command otherwise. ``what`` is the feature that needs it (e.g. ``"tokensieve serve"``)."""
+    check_choice("extra", extra, EXTRAS)
+    missing = [m for m in EXTRAS[extra] if not module_installed(m)]
+    if missing:
+        raise MissingExtraError(missing_extra_message(extra, what, missing))

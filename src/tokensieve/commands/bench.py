@@ -66,9 +66,12 @@ def run(args: argparse.Namespace) -> int:
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
     dtype = parse_dtype(args.dtype)
+    if args.out and args.batches is None:  # the PNG beside it needs matplotlib: say so before anything runs
+        from tokensieve.errors import require_extra
+
+        require_extra("plots", "tokensieve bench --out (its PNG)")
     announce_loading(args, args.model or f"the {args.shape} shape (random weights)")
     from tokensieve.bench.timing import run_bench
-    from tokensieve.evaluation.plots import bench_plot
 
     model = None
     if args.model:
@@ -90,7 +93,12 @@ def run(args: argparse.Namespace) -> int:
                     answer_tokens=256 if args.answer_tokens is None else args.answer_tokens,
                     cold_runs=not args.no_cold_run, compile=args.compile)
     print(format_table(res))
-    _write(res, args.out, plot=bench_plot)
+    if args.out:
+        from tokensieve.evaluation.plots import bench_plot
+
+        _write(res, args.out, plot=bench_plot)
+    else:
+        _write(res, args.out)
     return 0
 
 

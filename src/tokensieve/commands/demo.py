@@ -3,7 +3,8 @@ through the prefix cache.
 
 What it measures, and how:
 
-* Several needle prompts (PG-19 text; two or more needle sentences, each with its own question and
+* Several needle prompts (the PG-19 book shipped in the package, ``tokensieve.data.shipped_text``, or
+  ``--haystack FILE``; two or more needle sentences, each with its own question and
   expected phrases, at several depths). Both methods answer every prompt; GemFilter runs at its class
   defaults (``--topk`` overrides the one parameter users usually pick). A prompt is *correct* when
   every expected phrase is in the answer (``score_answer == 1``).
@@ -24,7 +25,7 @@ import argparse
 from dataclasses import dataclass
 
 from tokensieve.commands.common import (
-    add_model_args, fmt_bytes, load, parse_fractions, parse_size, positive_int,
+    add_model_args, add_text_args, fmt_bytes, load, parse_fractions, parse_size, positive_int,
 )
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
 
@@ -54,7 +55,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         description=(
-            "Needle-in-a-haystack prompts built from the PG-19 books, each answered by full attention and by GemFilter "
+            "Needle-in-a-haystack prompts built from a public-domain PG-19 book shipped with tokensieve (or --haystack FILE), each answered by full attention and by GemFilter "
             "(at its defaults): both answers per prompt, accuracy (k/n) per method, median time to first token "
             "(after a warm-up, method order alternating) and its ratio, KV cache bytes kept; then a follow-up "
             "question on one document through the prefix cache (cached tokens, TTFT vs the same question computed cold). "
@@ -71,6 +72,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer tokens at most (default 32)")
     p.add_argument("--no-follow-up", dest="follow_up", action="store_false",
                    help="skip the follow-up question through the prefix cache")
+    p.add_argument("--haystack", metavar="FILE", default=None,
+                   help="text file for the haystack (default: the PG-19 book shipped in the package, tokensieve/texts/)")
+    add_text_args(p, "--haystack")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the measured figures to PATH as JSON")
     p.set_defaults(func=run)
 
@@ -114,7 +118,7 @@ def ratio_words(full_s: float, gem_s: float) -> str:
 def run(args: argparse.Namespace) -> int:
     import time
 
-    from tokensieve.data import read_text
+    from tokensieve.data import read_document, shipped_text
     from tokensieve.errors import InputError
     from tokensieve.methods import make_method
 
@@ -128,7 +132,10 @@ def run(args: argparse.Namespace) -> int:
         parent = Path(args.json).resolve().parent
         if not parent.is_dir():
             raise InputError(f"--json {args.json}: folder {parent} does not exist")
-    haystack = read_text(min_chars=args.length * 8)  # a missing PG-19 folder fails before the model loads
+    # the text is read (and a missing or short one refused) before the model loads
+    haystack = (read_document(args.haystack, args.encoding, args.encoding_errors) if args.haystack
+                else shipped_text(min_chars=args.length * 8))
+    source = args.haystack or "PG-19 text shipped in the package"
     print(f"loading {args.model} ...", flush=True)
     model, tok = load(args)
 
@@ -149,7 +156,7 @@ def run(args: argparse.Namespace) -> int:
         prompts.append((nd, build_needle_prompt(tok, haystack, args.length, depth, nd.sentence, nd.question)))
     shown = ", ".join(f"{k}={v}" for k, v in gem_defaults.items())
     print(f"model: {args.model} on {device.type} ({str(model.dtype).removeprefix('torch.')}); "
-          f"{len(prompts)} needle prompts of {prompts[0][1].length} tokens (PG-19 text), {len(NEEDLES[:len(prompts)])} "
+          f"{len(prompts)} needle prompts of {prompts[0][1].length} tokens ({source}), {len(NEEDLES[:len(prompts)])} "
           f"different needles, depths {', '.join(f'{d:g}' for d in args.depths)}")
     print(f"GemFilter at its defaults{' (topk from --topk)' if args.topk else ''}: {shown}")
 

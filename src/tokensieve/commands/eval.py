@@ -220,6 +220,10 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.evaluation.report import build_report, load_results, markdown_table, summarize
 
     prog = getattr(args, "prog", f"tokensieve eval {args.task}")
+    if not args.no_plots:
+        from tokensieve.errors import require_extra
+
+        require_extra("plots", f"{prog}'s report plots (or pass --no-plots)")  # before any cell runs
 
     def warn(message: str) -> None:
         print(f"{prog}: warning: {message}", file=sys.stderr)

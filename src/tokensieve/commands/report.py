@@ -32,6 +32,10 @@ def run(args: argparse.Namespace) -> int:
     def warn(message: str) -> None:
         print(f"tokensieve report: warning: {message}", file=sys.stderr)
 
+    if not args.no_plots:
+        from tokensieve.errors import require_extra
+
+        require_extra("plots", "tokensieve report's plots (or pass --no-plots)")
     rows = load_results(args.paths, warn)
     if not rows:
         raise InputError(f"no result lines in {', '.join(args.paths)}")

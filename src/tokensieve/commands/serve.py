@@ -114,17 +114,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        import uvicorn
+    from tokensieve.errors import require_extra
 
-        from tokensieve.serve.app import create_app
-    except ImportError as exc:
-        print(
-            f"tokensieve serve: error: the server needs FastAPI and uvicorn ({exc}); they are dependencies of "
-            f"tokensieve: reinstall it (pip install -e .) or pip install 'fastapi>=0.110' 'uvicorn>=0.29'",
-            file=sys.stderr,
-        )
-        return 2
+    require_extra("serve", "the server")
+    import uvicorn
+
+    from tokensieve.serve.app import create_app
     from tokensieve.commands.common import build_methods, load, method_params
     from tokensieve.errors import InputError
 

@@ -108,6 +108,11 @@ def run(args: argparse.Namespace) -> int:
     if args.chunk_size < 1:
         raise InputError(f"--chunk-size must be >= 1, got {args.chunk_size}")
     policy = make_policy(args.method, **policy_params(args))  # bad sizes fail before the model loads
+    plot = f"runs/stream/{args.method}.png" if args.plot is None else args.plot
+    if plot:
+        from tokensieve.errors import require_extra
+
+        require_extra("plots", "tokensieve stream's plot (or pass --plot '')")
     path = Path(args.file) if args.file else _default_file()
     text = read_document(path, args.encoding, args.encoding_errors)
     if args.max_tokens:
@@ -130,7 +135,6 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
         print(f"tokensieve stream: stopped: {res.stopped}", file=sys.stderr)
-    plot = f"runs/stream/{args.method}.png" if args.plot is None else args.plot
     if plot:
         from tokensieve.evaluation.plots import plot_stream
 

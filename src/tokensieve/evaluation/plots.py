@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import matplotlib
+from tokensieve.errors import require_extra
+
+require_extra("plots", "plotting")  # one line naming the extra instead of a ModuleNotFoundError
+import matplotlib  # noqa: E402
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402

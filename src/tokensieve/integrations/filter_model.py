@@ -25,7 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokensieve.errors import InputError, check_int
+from tokensieve.errors import InputError, check_int, require_extra
 
 if TYPE_CHECKING:
     import torch
@@ -66,11 +66,14 @@ def filter_layer_of(model: PreTrainedModel) -> int | None:
 
 
 def _check_device_map(device_map: str | dict[str, Any] | None) -> None:
-    if device_map is None or isinstance(device_map, dict):
+    """``InputError`` for a ``device_map`` of no known form; ``MissingExtraError`` when one is given and accelerate,
+    which places the modules, is not installed (the ``multigpu`` extra)."""
+    if device_map is None:
         return
-    if isinstance(device_map, str) and (
+    if isinstance(device_map, dict) or (isinstance(device_map, str) and (
         device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "mps") or device_map.startswith("cuda")
-    ):
+    )):
+        require_extra("multigpu", f"a filter model placed with device_map={device_map!r} (or pass device_map=None)")
         return
     raise InputError(
         f"device_map must be one of {DEVICE_MAP_STRATEGIES}, a device name, or a {{module: device}} dict, got {device_map!r}"
@@ -105,7 +108,7 @@ def load_filter_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tokensieve.core.attention import use_tokensieve_attention
-    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, parse_dtype
+    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, drop_null_quantization, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())
@@ -114,6 +117,7 @@ def load_filter_model(
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError) as e:
         raise ModelLoadError(f"could not read the config of model {name_or_path!r}: {e}") from None
+    drop_null_quantization(config)  # a copy stored by an earlier version (transformers 5.0 fails on it)
     cfg = filter_config(config, filter_layer)
     kwargs: dict[str, Any] = dict(config=cfg, dtype=dtype, local_files_only=True)
     if device_map is not None:
@@ -196,7 +200,6 @@ def build_filter_model(
     on the first GPU and copied. ``None`` builds everything on the CPU. The LM head stays on ``meta`` (never called).
     """
     import torch
-    from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
     from tokensieve.core.attention import use_tokensieve_attention
@@ -238,6 +241,8 @@ def build_filter_model(
     _rebuild_buffers(model, cfg)
     model.eval()
     if device_map is not None:
+        from accelerate import dispatch_model
+
         if len({str(d) for d in placement.values()}) > 1:
             gpus = [d for d in placement.values() if str(d) not in ("cpu", "meta")]
             dispatch_model(model, device_map=placement, main_device=gpus[0] if gpus else None)

@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     params = method_params(args)
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
+    drafts = {p["filter_model"] for p in params.values() if isinstance(p.get("filter_model"), str)}
+    if drafts and not args.model:
+        raise InputError("--filter-model needs --model: a draft is a real checkpoint of the model's tokenizer "
+                         "(random-weight shapes with a draft: benchmarks/draft_gpu.py)")
     dtype = parse_dtype(args.dtype)
     announce_loading(args, args.model or f"the {args.shape} shape (random weights)")
     from tokensieve.bench import run_bench
@@ -72,8 +76,15 @@ def run(args: argparse.Namespace) -> int:
 
     model = None
     if args.model:
-        model, _ = load_model(args.model, dtype=dtype, device=args.device)
+        model, _tok = load_model(args.model, dtype=dtype, device=args.device)
         model.generation_config.eos_token_id = None
+        for p in params.values():
+            if isinstance(p.get("filter_model"), str):
+                from tokensieve.draft import check_draft, load_draft
+
+                announce_loading(args, p["filter_model"])
+                p["filter_model"] = load_draft(p["filter_model"], model)
+                check_draft(p["filter_model"], model, _tok)
     methods = {name: {"method": name, **params[name]} for name in args.methods}
     if args.batches is not None:
         from tokensieve.bench import run_batch_bench

@@ -38,7 +38,7 @@ import typing
 import uuid
 from collections import deque
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -47,6 +47,7 @@ from tokensieve.decode import DecoderPool
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, max_positions
+from tokensieve.draft import DraftModel, check_draft
 from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
 from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, generate_batch, prepare, stop_token_ids
 from tokensieve.serve.metrics import Metrics
@@ -448,7 +449,12 @@ class Engine:
         prefix_cache_gib: float = 0.0,
         max_batch: int = 1,
         generate_batch_fn: BatchFn = generate_batch,
+        filter_models: Mapping[str, DraftModel] | None = None,
     ) -> None:
+        self.filter_models: dict[str, DraftModel] = dict(filter_models or {})
+        for name, draft in self.filter_models.items():  # a wrong draft fails at start, not at every request
+            check_draft(draft, model, tokenizer)
+        method_params = self.resolve_filter_model(method, dict(method_params or {}), "--filter-model")
         if isinstance(max_queue, bool) or not isinstance(max_queue, int) or max_queue < 0:
             raise InputError(f"max_queue must be an integer >= 0, got {max_queue!r}")
         if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
@@ -462,7 +468,7 @@ class Engine:
         except (ValueError, TypeError) as exc:
             raise InputError(f"the server's default method {default.name!r}: {exc}") from None
         self.default_method = default.name
-        self.default_params = dict(method_params or {})
+        self.default_params = {k: str(v) if isinstance(v, DraftModel) else v for k, v in (method_params or {}).items()}
         self.model = model
         self.tokenizer = tokenizer
         self.max_queue = max_queue
@@ -620,6 +626,21 @@ class Engine:
 
     # -- requests
 
+    def resolve_filter_model(self, method: str, params: dict[str, Any], where: str = "tokensieve.filter_model") -> dict[str, Any]:
+        """``params`` with a ``filter_model`` name replaced by the draft this server loaded under that name
+        (``filter_models``). ``InputError`` for a name the server did not load, or a value that is not a name
+        or null: a request never makes the server load a model."""
+        value = params.get("filter_model")
+        if value is None or isinstance(value, DraftModel):
+            return params
+        names = ", ".join(self.filter_models) or "none (start the server with --filter-model NAME)"
+        if not isinstance(value, str) or value not in self.filter_models:
+            raise InputError(f"{where} must be the name of a filter model this server loaded ({names}) or null for the "
+                             f"model itself, got {_short(value)}")
+        if method != "gemfilter":
+            raise InputError(f"{where} is a gemfilter parameter, not one of method {method!r}")
+        return {**params, "filter_model": self.filter_models[value]}
+
     def method_for(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """The method and parameters a request runs with: its own, or the server's default."""
         if req.method is None:
@@ -646,6 +667,7 @@ class Engine:
         try:
             check_param_types(name, params)
             check_param_minimums(name, req.method_params)
+            params = self.resolve_filter_model(name, params)
             method = make_method(name, **params)
         except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
             raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None

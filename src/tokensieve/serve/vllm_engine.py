@@ -64,8 +64,10 @@ def _whole_prompt(ids: list[int], method: Method) -> Selection:
 class VLLMEngine(Engine):
     """Serves requests with tokensieve's filter pass on ``filter_model`` and vLLM's ``AsyncLLM`` for the answer.
 
-    ``engine_args``: keyword arguments of vLLM's ``AsyncEngineArgs`` (``model``: the same checkpoint as
-    ``filter_model``, so the kept ids mean the same tokens; ``dtype``, ``max_model_len``, ...), checked by
+    ``filter_models``: draft models a request may name (``Engine``); ``filter_model`` may itself be a draft of the
+    checkpoint vLLM serves (``serve --engine vllm --filter-model``: the filter pass on a small model, the answer
+    in vLLM). ``engine_args``: keyword arguments of vLLM's ``AsyncEngineArgs`` (``model``: the same checkpoint as
+    ``filter_model`` or one of its tokenizer, so the kept ids mean the same tokens; ``dtype``, ``max_model_len``, ...), checked by
     vLLM here (``InputError``). The ``AsyncLLM`` (weights, KV cache, its engine-core process) is built by
     :meth:`start`, on the event loop that serves the requests (the app's lifespan).
     """
@@ -84,11 +86,13 @@ class VLLMEngine(Engine):
         request_timeout_s: float | None = 600.0,
         metrics: Metrics | None = None,
         history: int = 1024,
+        filter_models: Mapping[str, Any] | None = None,
     ) -> None:
         import_vllm()  # VLLMNotInstalledError (with the install command) before anything else
         super().__init__(
             filter_model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
             request_timeout_s=request_timeout_s, metrics=metrics, history=history, prefix_cache_gib=0.0,
+            filter_models=filter_models,
         )
         if self.default_method not in vllm_methods():
             raise InputError(

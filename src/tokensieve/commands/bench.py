@@ -8,7 +8,7 @@ from pathlib import Path
 from tokensieve.commands.common import add_dtype_device_args, announce_loading, add_method_args, method_params, non_negative_int, parse_sizes
 
 # tokensieve.bench.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
-SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
+SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "llama3.2-1b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:

@@ -363,3 +363,86 @@ def test_server_default_and_per_request_draft(draft_server):
     assert r.status_code == 400 and "gemfilter parameter" in r.json()["error"]["message"]
     r = complete({"filter_model": "small", "filter_layer": 2})
     assert r.status_code == 400 and "[0, 1] for the filter model" in r.json()["error"]["message"]
+
+
+def test_cli_serve_loads_the_drafts_and_requests_pick_them(dirs, capsys, monkeypatch):
+    import httpx2
+    from test_serve import serving
+
+    from tokensieve.models import load_model
+    from tokensieve.runner import stop_token_ids
+    from tokensieve.serve.server import DrainingServer
+
+    target, draft, other, _ = dirs
+    apps = []
+    monkeypatch.setattr(DrainingServer, "run", lambda self: apps.append(self.config.app))
+    code, _, err = cli(["serve", "--model", str(target), "--method", "gemfilter", "--topk", "64", "--filter-model",
+                        str(draft), "--port", "0"], capsys)
+    assert code == 0, err
+    assert f"loading {draft} ..." in err
+    model, tok = load_model(str(target))
+    d, _ = load_model(str(draft))
+    prompt = TEXT[:500]
+    ids = tok(prompt, return_tensors="pt")["input_ids"]
+
+    def want(method):
+        res = generate(model, tok, ids, method, max_new_tokens=5)
+        stops = stop_token_ids(model, tok)
+        return tok.decode([t for t in res.token_ids if t not in stops], skip_special_tokens=True)
+
+    with serving(apps[0]) as base:
+        assert httpx2.get(f"{base}/health").json()["filter_models"] == [str(draft)]
+        body = {"model": "m", "prompt": prompt, "max_tokens": 5, "temperature": 0}
+        r = httpx2.post(f"{base}/v1/completions", json=body, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want(GemFilter(topk=64, filter_model=(d, tok)))
+        r = httpx2.post(f"{base}/v1/completions", json={**body, "tokensieve": {"filter_model": str(other)}}, timeout=60)
+        assert r.status_code == 400 and f"filter model this server loaded ({draft})" in r.json()["error"]["message"]
+    code, _, err = cli(["serve", "--model", str(target), "--method", "gemfilter", "--filter-model", str(other)], capsys)
+    assert code == 2 and "tokenizer is not the model's" in err and len(apps) == 1
+
+
+def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, capsys, monkeypatch):
+    """``serve --engine vllm --filter-model``: vLLM gets the model's folder, transformers holds the draft alone
+    (a stand-in for vLLM's engine arguments: vLLM itself is not installed here)."""
+    from tokensieve.models import load_model
+    from tokensieve.serve.server import DrainingServer
+    from tokensieve.vllm_adapter import select_tokens
+
+    target, draft, other, _ = dirs
+    seen: dict = {}
+
+    class EngineArgs:
+        disable_log_stats, enable_log_requests = True, False
+
+        def __init__(self, **kw):
+            seen.update(kw)
+
+        def create_engine_config(self):
+            return types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=2048),
+                                         scheduler_config=types.SimpleNamespace(max_num_seqs=2))
+
+    vllm = types.ModuleType("vllm")
+    engine_mod, arg_utils = types.ModuleType("vllm.engine"), types.ModuleType("vllm.engine.arg_utils")
+    arg_utils.AsyncEngineArgs = EngineArgs
+    for name, mod in [("vllm", vllm), ("vllm.engine", engine_mod), ("vllm.engine.arg_utils", arg_utils)]:
+        monkeypatch.setitem(sys.modules, name, mod)
+
+    def no_target(*a, **k):
+        raise AssertionError("the model itself was loaded in transformers")
+
+    monkeypatch.setattr("tokensieve.commands.common.load", no_target)
+    apps = []
+    monkeypatch.setattr(DrainingServer, "run", lambda self: apps.append(self.config.app))
+    code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter", "--topk", "64",
+                        "--filter-model", str(draft)], capsys)
+    assert code == 0, err
+    engine = apps[0].state.engine
+    assert seen["model"] == str(target)  # vLLM answers with the model ...
+    assert engine.model is engine.filter_models[str(draft)].model  # ... the filter pass runs on the draft
+    d, tok = load_model(str(draft))
+    ids = tok(TEXT[:600], return_tensors="pt")["input_ids"]
+    got = select_tokens(engine.model, engine.tokenizer, ids, make_method("gemfilter", **engine.default_params))
+    assert got.kept_indices == GemFilter(topk=64).select(d, ids).tolist()
+    code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter",
+                        "--filter-model", str(other)], capsys)
+    assert code == 2 and "tokenizer is not the model's" in err

@@ -377,9 +377,10 @@ class GemFilter(Method):
             # Still a plain ValueError: tests/test_bench.py pins "error: ValueError" in bench status rows.
             whose = "the filter model" if net is not model else "this model"
             raise InputError(f"filter_layer must be in [0, {n_layers - 1}] for {whose}, got {r!r}")
-        if net is not model:
-            limit = max_positions(net)
-            if limit is not None and prompt_len > limit and self.topk < prompt_len:
+        if net is not model:  # the draft must cover the positions the model does (past them: allow_long's choice)
+            limit, own = max_positions(net), max_positions(model)
+            n = prompt_len if own is None else min(prompt_len, own)
+            if limit is not None and n > limit and self.topk < prompt_len:
                 raise InputError(f"the prompt has {prompt_len} tokens, more than the filter model's {limit} positions")
         if self.scoring not in SCORINGS:
             raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")

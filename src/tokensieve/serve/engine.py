@@ -512,7 +512,8 @@ class Engine:
             self._thread = threading.Thread(target=self._work, name="tokensieve-engine", daemon=True)
             # every decoder layer of every forward checks the running jobs' deadlines and cancellation, so a long
             # prefill (or filter pass, or chunk loop) stops within one layer, not at its end
-            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in decoder_layers(self.model)]
+            layers = decoder_layers(self.model) + [x for d in self.filter_models.values() for x in decoder_layers(d.model)]
+            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in layers]  # drafts' too
             self._thread.start()
 
     def _check_running(self, module: torch.nn.Module, args: Any) -> None:

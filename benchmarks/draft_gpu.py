@@ -79,6 +79,17 @@ def filter_settings(n: int) -> dict[str, Any]:
     return {"filter_attention": "local", "chunk_size": CHUNK} if n >= LOCAL_FROM else {}
 
 
+def pass_bytes(cfg: Any, n: int, fset: dict[str, Any]) -> int:
+    """Rough peak of a filter pass over ``n`` tokens beyond the weights: the local chunked pass holds one
+    chunk's activations and layer r's keys; the chunked dense pass also the hidden states [n, D] (float32 to be
+    safe) and one layer's KV; the one-shot dense pass one layer's activations over all ``n`` tokens."""
+    if fset.get("filter_attention") == "local":
+        return act_bytes(cfg, fset["chunk_size"]) + kv_bytes(cfg, n, 1)
+    if fset.get("chunk_size"):
+        return act_bytes(cfg, fset["chunk_size"]) + kv_bytes(cfg, n, 1) + n * cfg.hidden_size * 4
+    return act_bytes(cfg, n) + kv_bytes(cfg, n, 1)
+
+
 class Sweep:
     def __init__(self, args: argparse.Namespace) -> None:
         from tokensieve.bench import environment
@@ -165,14 +176,19 @@ class Sweep:
             torch.cuda.reset_peak_memory_stats(self.device)
         row: dict[str, Any] = {"status": "ok", "length": n, "params": method.params()}
         try:
-            times = []
-            for i in range((1 if n >= LOCAL_FROM else self.args.repeats) + (0 if n >= LOCAL_FROM else 1)):
+            times: list[float] = []
+            # a cold run (not at 1M), then --repeats timed ones; one timed run only when a run takes over 10 s
+            total = 1 if n >= LOCAL_FROM else self.args.repeats + 1
+            while len(times) < total:
                 t0 = time.perf_counter()
                 method.select(model, ids)
                 if self.device.type == "cuda":
                     torch.cuda.synchronize()
                 times.append(time.perf_counter() - t0)
+                if times[-1] > 10 and total > 2:
+                    total = 2
             runs = times[1:] if len(times) > 1 else times
+            row["cold_s"] = times[0] if len(times) > 1 else None
             row["select_runs"] = runs
             row["select_s"] = sorted(runs)[len(runs) // 2]
             if second_s is not None:
@@ -211,7 +227,7 @@ def run(args: argparse.Namespace) -> None:
     for n in args.lengths:  # the draft's selection alone: what replaces a target's filter pass, whatever the target
         for v, layer in draft_layers.items():
             fset = filter_settings(n)
-            need = dw + act_bytes(dcfg, min(n, CHUNK) if fset else n) + kv_bytes(dcfg, n, 1) + n * dcfg.hidden_size * 4
+            need = dw + pass_bytes(dcfg, n, fset)
             sw.select_only(f"draft/{n}/{v}", draft, GemFilter(topk=args.topk, filter_layer=layer, **fset), n, need,
                            "the draft's filter pass", None)
     for tname in args.targets:
@@ -236,7 +252,7 @@ def run(args: argparse.Namespace) -> None:
             base = tw + dw + kv_bytes(cfg, kept) + act_bytes(cfg, kept)
             # next to a target that fills the GPU (70B), the draft's dense pass runs layer by layer over chunks
             dset = fset or ({"chunk_size": CHUNK // 4} if tw > sw.total / 2 else {})
-            draft_need = base + (act_bytes(dcfg, min(n, CHUNK) if dset else n) + kv_bytes(dcfg, n, 1) + n * dcfg.hidden_size * 4)
+            draft_need = base + pass_bytes(dcfg, n, dset)
             for v, layer in draft_layers.items():
                 key = f"{tname}/{n}/{v}"
                 if model is None:
@@ -253,7 +269,7 @@ def run(args: argparse.Namespace) -> None:
             elif not sw.done(key):
                 sw.record(key, {"status": "skipped", "reason": f"the {shape} target ({tw / GIB:.0f} GiB) does not fit one GPU of {sw.total / GIB:.0f} GiB"})
             if model is not None:
-                self_need = tw + dw + kv_bytes(cfg, n, r + 1 if not fset else 1) + act_bytes(cfg, min(n, CHUNK) if fset else n) + n * cfg.hidden_size * 4
+                self_need = tw + dw + pass_bytes(cfg, n, fset)
                 key = f"{tname}/{n}/self"
                 if sw.fits(self_need) or sw.done(key):
                     sw.bench(key, model, GemFilter(topk=args.topk, filter_layer=r, **fset), n, self_need, "the self-filter pass")
@@ -270,7 +286,7 @@ def run(args: argparse.Namespace) -> None:
                 if n >= LOCAL_FROM and tname == "70b":
                     sw.record(f"{tname}/{n}/self", {"status": "skipped", "reason": f"the 70B self-filter's local pass over {n} tokens takes minutes: past this script's time budget"})
                     continue
-                need = fw + dw + (kv_bytes(cfg, n, 1) + act_bytes(cfg, min(n, CHUNK)) if fset else kv_bytes(cfg, n, 1) + act_bytes(cfg, n)) + n * cfg.hidden_size * 4
+                need = fw + dw + pass_bytes(cfg, n, fset)
                 if fm is None:
                     sw.record(f"{tname}/{n}/self", {"status": "skipped", "reason": f"the filter-only build ({fw / GIB:.0f} GiB) does not fit"})
                     continue

@@ -46,10 +46,15 @@ def main() -> int:
     ap.add_argument("--run", action="append", required=True, help="'TASK ARGS...' for `tokensieve eval`")
     ap.add_argument("--deadline", type=float, default=None, help="stop the processes after this many seconds")
     ap.add_argument("--merge-every", type=float, default=60.0, help="merge the finished lines into --out every this many seconds")
+    ap.add_argument("--jobs", type=int, default=0, help="run at most this many processes at a time, in --run order "
+                    "(0: all at once; ~30 concurrent CUDA-graph captures on one H200 failed)")
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.jobs < 0:
+        ap.error(f"--jobs must be >= 0, got {args.jobs}")
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    pending: list[tuple[str, list[str], Path]] = []  # (task/method, command, results file), started in order
     procs: list[tuple[str, subprocess.Popen, Path]] = []
     t0 = time.time()
     for spec in args.run:
@@ -66,11 +71,16 @@ def main() -> int:
             d.mkdir(parents=True, exist_ok=True)
             cmd = [sys.executable, "-m", "tokensieve.cli", "eval", task, *rest, "--methods", method,
                    "--out", str(d), "--no-plots", "--quiet"]
-            log = open(out / f"{task}.log", "a")
+            pending.append((f"{task}/{method}", cmd, d / f"{task}.jsonl"))
+    tasks = sorted({shlex.split(s)[0] for s in args.run})
+
+    def start_more() -> None:
+        while pending and (not args.jobs or sum(p.poll() is None for _, p, _ in procs) < args.jobs):
+            name, cmd, results = pending.pop(0)
+            log = open(out / f"{name.split('/')[0]}.log", "a")
             log.write(f"$ {shlex.join(cmd)}\n")
             log.flush()
-            procs.append((f"{task}/{method}", subprocess.Popen(cmd, env=env, stdout=log, stderr=log), d / f"{task}.jsonl"))
-    tasks = sorted({shlex.split(s)[0] for s in args.run})
+            procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=log), results))
 
     def merge_all(say: bool) -> None:
         for task in tasks:
@@ -80,8 +90,12 @@ def main() -> int:
                 print(f"{task}: {n} result lines", flush=True)
 
     stopped, merged = False, time.time()
-    while any(p.poll() is None for _, p, _ in procs):
+    start_more()
+    while any(p.poll() is None for _, p, _ in procs) or (pending and not stopped):
+        if not stopped:
+            start_more()
         if args.deadline and time.time() - t0 > args.deadline and not stopped:
+            pending.clear()
             for _, p, _ in procs:
                 if p.poll() is None:
                     p.send_signal(signal.SIGINT)

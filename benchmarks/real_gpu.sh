@@ -3,10 +3,12 @@
 # one warm machine, then one call sets up and starts the whole suite in the background and later calls
 # collect what is done. Every call runs in the repository root there; $OUT comes back.
 #
-#   here:  split -b 56623104 -d -a 1 qwen05.gguf piece.; piece.N into .gpu/pN/qwen05.N (ignored: .git/info/exclude)
+#   here:  split -b 51000000 -d -a 1 qwen05.gguf qwen05.; qwen05.N into .gpu/pN/ (ignored: .git/info/exclude);
+#          the 1.5B likewise as q15.NN (-a 2) into .gpu/rNN/ (a call carries the tree, ~12 MB, plus one piece: 64 MiB)
 #   there: bash benchmarks/real_gpu.sh recv             (carry .gpu/pN, one per call; the first also .gpu/data)
 #          bash benchmarks/real_gpu.sh setup            (assemble, check SHA-256, dequantize; TTFT bench; start)
 #          bash benchmarks/real_gpu.sh collect SECONDS  (wait, then pack the merged results into $OUT)
+#          bash benchmarks/real_gpu.sh assemble         (both models' pieces: check, dequantize, start `rows`)
 #
 # .gpu/data holds the gguf wheel (the GPU image lacks the package) and the PG-19 books (pg19/*.txt, which
 # benchmarks/span_selection.py splits into its tuning and confirmation halves), the confirmation half again
@@ -101,9 +103,51 @@ suite15)
     --run "ruler $R $RULER --methods gemfilter,snapkv --param dilation=1" \
     --deadline "${SUITE_DEADLINE:-600}"
   ;;
+assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequantized once
+  python3 -m pip install -q --no-index --no-deps --target /tmp/site "$Q"/data/gguf-*.whl
+  export PYTHONPATH=$PWD/src:/tmp/site
+  cat "$Q"/qwen05.? > "$Q/qwen05.gguf"
+  cat "$Q"/q15.?? > "$Q/qwen15.gguf"
+  sha256sum "$Q/qwen05.gguf" "$Q/qwen15.gguf" | tee "$OUT/sha256.txt"
+  grep -q 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "$OUT/sha256.txt"
+  grep -q cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "$OUT/sha256.txt"
+  python3 - <<'EOF3'
+import torch
+from pathlib import Path
+from tokensieve.models import _load_gguf, store_copy
+for name in ("qwen05", "qwen15"):
+    model, tok = _load_gguf(Path(f"/tmp/q/{name}.gguf"), torch.float32)
+    model.config.quantization_config = None
+    if hasattr(model, "hf_quantizer"):
+        model.hf_quantizer = None
+    store_copy(model, tok, Path(f"/tmp/q/{name}"))
+    print(name, "stored", flush=True)
+EOF3
+  nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
+  setsid nohup bash benchmarks/real_gpu.sh rows > "$Q/rows.log" 2>&1 < /dev/null &
+  sleep "${2:-5}"
+  bash benchmarks/real_gpu.sh pack
+  ;;
+rows)  # the rows the first suite lost (full attention's above all), a few processes at a time, most needed first
+  export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
+  T="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --seed 7"
+  R15="--model $Q/qwen15 --device cuda --dtype bfloat16 --lengths 8k,16k"
+  R05="--model $Q/qwen05 --device cuda --dtype bfloat16 --lengths 8k,16k,32k"
+  python3 benchmarks/gpu_eval.py --work $Q/workrows --out $Q/results/rows --methods full --jobs "${JOBS:-6}" \
+    --run "ruler $R15 $T --samples 10" \
+    --run "ruler $R15 $T --samples 10 --methods snapkv --param dilation=1" \
+    --run "ruler $R05 $T --samples 15 --methods full,gemfilter,snapkv,streamingllm" \
+    --run "needle $R05 $NEEDLE --methods full,gemfilter,snapkv,streamingllm" \
+    --run "ruler $R05 $T --samples 15 --methods gemfilter --topk 256" \
+    --run "ruler $R05 $T --samples 15 --methods snapkv,streamingllm --param budget=256" \
+    --run "ruler $R05 $T --samples 15 --methods gemfilter,snapkv --param dilation=1" \
+    --run "needle $R05 $NEEDLE --methods gemfilter,snapkv --param dilation=1" \
+    --merge-every 30 --deadline "${ROWS_DEADLINE:-900}"
+  ;;
 pack)
   mkdir -p "$Q/results"
-  cp "$Q"/suite*.log "$Q"/span_*.log "$Q/results/" 2>/dev/null || true
+  cp "$Q"/suite*.log "$Q"/span_*.log "$Q"/rows.log "$Q/results/" 2>/dev/null || true
   tar -czf "$OUT/results.tgz" -C "$Q" results
   ls -l "$OUT"
   ;;
@@ -112,7 +156,7 @@ collect)
   bash benchmarks/real_gpu.sh pack
   ;;
 *)
-  echo "usage: $0 recv|setup [SECONDS]|collect [SECONDS]|pack" >&2
+  echo "usage: $0 recv|setup [SECONDS]|setup15|assemble [SECONDS]|collect [SECONDS]|pack" >&2
   exit 2
   ;;
 esac

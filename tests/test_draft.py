@@ -446,3 +446,18 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter",
                         "--filter-model", str(other)], capsys)
     assert code == 2 and "tokenizer is not the model's" in err
+
+
+def test_padded_vocabulary_is_accepted_when_the_tokenizers_match():
+    """Qwen2.5's 7B pads its embedding to 152064 rows, the 0.5B to 151936, one tokenizer: a draft whose embedding
+    is larger than the model's is accepted once the tokenizers are compared (and later calls without them)."""
+    model, tok = byte_model(), byte_tokenizer()
+    draft = tiny_model(layers=2, vocab=300, hidden=32, ids={"eos_token_id": 256}, seed=4)
+    ids = tok(TEXT[:400], return_tensors="pt")["input_ids"]
+    g = GemFilter(topk=64, filter_layer=1, filter_model=(draft, byte_tokenizer()))
+    res = generate(model, tok, ids, g, max_new_tokens=2)
+    assert res.kept_indices == GemFilter(topk=64, filter_layer=1).select(draft, ids).tolist()
+    assert torch.equal(g.select(model, ids), torch.tensor(res.kept_indices))  # no tokenizer here: already checked
+    small = tiny_model(layers=2, vocab=200, hidden=32, seed=4)  # fewer rows than the tokenizer's 257 ids
+    with pytest.raises(InputError, match="filter_model embeds 200 token ids, fewer than the draft tokenizer's 257"):
+        GemFilter(topk=64, filter_model=(small, byte_tokenizer())).prepare(model, tok)

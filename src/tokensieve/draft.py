@@ -137,17 +137,31 @@ def check_same_config_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> 
 
 
 def check_draft(draft: DraftModel, target: PreTrainedModel, tokenizer: Any = None) -> None:
-    """Check ``draft`` against the target model (and its tokenizer when given), once per target: the tokenizers
-    (or, without both, the configs' vocabularies) and the draft's embedding covering the tokenizer."""
-    key = id(tokenizer) if tokenizer is not None and draft.tokenizer is not None else id(target)
-    if key in draft.checked or draft.model is target:
+    """Check ``draft`` against the target model (and its tokenizer when given), once per target.
+
+    With both tokenizers: they must be identical (:func:`check_same_tokenizer`) and the draft's embedding must
+    cover the tokenizer; the target then counts as checked (vocabulary sizes may differ by padding, as Qwen2.5's
+    do). With the draft's tokenizer only: both embeddings must cover it. With no draft tokenizer: the configs'
+    vocabularies must agree (:func:`check_same_config_vocab`).
+    """
+    full = tokenizer is not None and draft.tokenizer is not None
+    if draft.model is target or (id(tokenizer) if full else id(target)) in draft.checked:
         return
-    if tokenizer is not None and draft.tokenizer is not None:
+    if full:
         check_same_tokenizer(tokenizer, draft.tokenizer)
-        rows = int(draft.model.get_input_embeddings().weight.shape[0])
-        if rows < len(tokenizer):
-            raise InputError(f"filter_model embeds {rows} token ids, fewer than the tokenizer's {len(tokenizer)}")
+        _covers(draft.model, len(tokenizer), "filter_model")
+        draft.checked.update((id(tokenizer), id(target)))
+        return
+    if draft.tokenizer is not None:
+        _covers(draft.model, len(draft.tokenizer), "filter_model")
+        _covers(target, len(draft.tokenizer), "the model")
     else:
         check_same_config_vocab(target, draft.model)
-    draft.checked.add(key)
+    draft.checked.add(id(target))
+
+
+def _covers(model: PreTrainedModel, size: int, what: str) -> None:
+    rows = int(model.get_input_embeddings().weight.shape[0])
+    if rows < size:
+        raise InputError(f"{what} embeds {rows} token ids, fewer than the draft tokenizer's {size}: not one tokenizer")
 

@@ -13,9 +13,9 @@ to the embeddings, the LM head (put on ``"meta"`` by ``drop_lm_head``: it is nev
 model larger than one GPU runs over several GPUs; the second pass (the model on the kept ids) can then
 run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.vllm_adapter``).
 
-The filter model keeps the *full* model's ``model_type`` but not its depth, so
-``GemFilter(filter_layer=None)`` would look up the wrong default: pass ``filter_layer=r`` (the value is
-also kept as ``model.config.tokensieve_filter_layer``; :func:`filter_layer_of` reads it).
+The filter model keeps the *full* model's ``model_type`` but not its depth; the layer it was loaded for is
+kept as ``model.config.tokensieve_filter_layer`` (:func:`filter_layer_of` reads it), and
+``GemFilter(filter_layer=None)`` takes that layer.
 """
 
 from __future__ import annotations

@@ -305,10 +305,9 @@ class GemFilter(Method):
         local_kernel: how the one-shot local pass computes its attention: ``"sdpa"`` (query chunks
             with a mask), ``"flex"`` (one FlexAttention call over a block-sparse mask, compiled on
             CUDA) or ``"auto"`` (flex on CUDA, sdpa elsewhere). Same result up to float rounding.
-        filter_model: a draft model that runs the filter pass instead of the model itself (SpecPrefill,
-            Liu et al., ICML 2025; ``tokensieve.draft``): a name or path (loaded on the model's device),
-            a model, a ``(model, tokenizer)`` pair or a ``draft.DraftModel``; None (default) is the model
-            itself. Its tokenizer must be the model's (checked). ``filter_layer`` then means the draft's
+        filter_model: a draft model of the same tokenizer that runs the filter pass. A name or path
+            (loaded on the model's device), a model, a ``(model, tokenizer)`` pair or a ``draft.DraftModel``;
+            None (default) is the model itself (SpecPrefill, Liu et al., ICML 2025; ``tokensieve.draft``). Its tokenizer must be the model's (checked). ``filter_layer`` then means the draft's
             layer (default: the draft's known layer; its last layer is allowed), every other parameter
             applies to the draft's pass as it would to the model's; the second pass is the model's.
     """

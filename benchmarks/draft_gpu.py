@@ -245,7 +245,11 @@ def run(args: argparse.Namespace) -> None:
         whole_fits = sw.fits(tw + dw + GIB) and not (args.smoke and tname == "70b")  # smoke: the filter-only path too
         model = None
         if whole_fits and not sw.over_budget():
-            model = build_model(shape, sw.dtype, sw.device, seed=0)
+            try:
+                model = build_model(shape, sw.dtype, sw.device, seed=0)
+            except torch.OutOfMemoryError:  # the estimate was too kind: the draft cells say so, the sweep goes on
+                sw.free()
+                sw.data["targets"][tname]["build"] = "out of memory building the whole model"
         for n in args.lengths:
             fset = filter_settings(n)
             kept = min(args.topk, n)
@@ -279,8 +283,13 @@ def run(args: argparse.Namespace) -> None:
         todo = [n for n in args.lengths if not sw.done(f"{tname}/{n}/self")]
         if todo and not sw.over_budget():
             fw = tw * (r + 1) / cfg.num_hidden_layers
-            fm = build_filter_model(cfg, r, device_map=str(sw.device) if sw.device.type == "cuda" else None,
-                                    dtype=sw.dtype) if sw.fits(fw + dw + 4 * GIB) else None
+            fm = None
+            if sw.fits(fw + dw + 4 * GIB):
+                try:
+                    fm = build_filter_model(cfg, r, device_map=str(sw.device) if sw.device.type == "cuda" else None,
+                                            dtype=sw.dtype)
+                except torch.OutOfMemoryError:
+                    sw.free()
             for n in todo:
                 fset = filter_settings(n)
                 if n >= LOCAL_FROM and tname == "70b":

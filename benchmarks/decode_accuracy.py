@@ -5,7 +5,7 @@ On random weights in a real shape, greedy tokens of two bf16 paths part ways wit
 ``--steps`` teacher-forced decoding steps after one prefill:
 
 * eager bf16 (the method's own step: DynamicCache + SDPA),
-* static bf16 (tokensieve.decode: static buffers, float32 scores, no graph; the graph replays the same kernels),
+* static bf16 (tokensieve.decode.static: static buffers, float32 scores, no graph; the graph replays the same kernels),
 * the reference: the same model cast to float32, eager.
 
 Prints and writes ``||path - ref|| / ||ref||`` per step and whether each path's argmax equals the
@@ -19,8 +19,8 @@ import json
 
 import torch
 
-from tokensieve.bench import build_model, environment
-from tokensieve.decode import StaticDecoder, bucket
+from tokensieve.bench.timing import build_model, environment
+from tokensieve.decode.static import StaticDecoder, bucket
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
 

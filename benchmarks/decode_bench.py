@@ -8,7 +8,7 @@ For each method and prompt length, in one process on one model (random weights i
 * tokens: the first ``--check-steps`` tokens of both paths compared;
 * roofline: a step must read the weights and the KV entries it attends to once; bytes / the device copy
   bandwidth measured in this run (a large device-to-device copy, bytes read + written) is the floor, and
-  ``floor / median step`` the fraction reached (the rules live in ``tokensieve.roofline``, shared with
+  ``floor / median step`` the fraction reached (the rules live in ``tokensieve.bench.roofline``, shared with
   ``tokensieve bench``);
 * transformers' own ``model.generate`` (dynamic cache, SDPA) per-token time at each length, same run.
 
@@ -21,7 +21,7 @@ one row per method, length and kernel, labelled ``attention_kernel`` (asked) and
 the eager figures are measured once and repeated in each kernel's row. CPU smoke run:
 ``PYTHONPATH=src python3 benchmarks/decode_bench.py --shape tiny --device cpu --lengths 512 --methods full,streamingllm --tokens 8 --check-steps 4 --attention-kernel torch --out /tmp/d.json``
 
-``--batches 1,4,16`` measures batch throughput instead (``tokensieve.bench.run_batch_bench``): per method,
+``--batches 1,4,16`` measures batch throughput instead (``tokensieve.bench.timing.run_batch_bench``): per method,
 length and batch size, ``batch`` prompts answered together with ``--tokens`` tokens each; decode tokens/s
 of the batch and its ratio to batch 1. Runs on the CPU too (``--shape tiny --device cpu``):
 ``PYTHONPATH=src python3 benchmarks/decode_bench.py --batches 1,4,16 --lengths 8192 --methods full,gemfilter --out $OUT/batch_8k.json``
@@ -36,13 +36,13 @@ import time
 
 import torch
 
-from tokensieve.bench import _IdTokenizer, build_model, environment
-from tokensieve.decode import ATTENTION_KERNELS, DecoderPool, StaticDecoder, bucket
+from tokensieve.bench.timing import _IdTokenizer, build_model, environment
+from tokensieve.decode.static import ATTENTION_KERNELS, DecoderPool, StaticDecoder, bucket
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
-from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
-from tokensieve.runner import generate
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
+from tokensieve.engine.runner import generate
 
 METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024},
            "streamingllm": {"budget": 1024, "n_initial": 4}, "h2o": {"budget": 1024},
@@ -55,7 +55,7 @@ LAZY_DETAILS = ("decode_fixed_shape_steps", "decode_revival_reruns", "revived_kv
 def params_for(name: str, shape: str) -> dict:
     """``METHODS[name]`` fitted to a shape: small shapes (``tiny``) have fewer layers than GemFilter's filter layer
     and fewer ids than SepLLM's separators; what does not fit is dropped (the method's default)."""
-    from tokensieve.bench import SHAPES
+    from tokensieve.bench.timing import SHAPES
 
     cfg = SHAPES[shape]
     params = {k: v for k, v in METHODS[name].items() if not (k == "filter_layer" and v >= cfg["num_hidden_layers"])}
@@ -115,7 +115,7 @@ def hf_generate_per_token(model, ids: torch.Tensor, steps: int) -> float:
         run(2)
         return (run(steps + 1) - run(1)) / steps
     finally:
-        from tokensieve.attention import use_tokensieve_attention
+        from tokensieve.core.attention import use_tokensieve_attention
 
         use_tokensieve_attention(model)
 
@@ -255,7 +255,7 @@ def static_row(args: argparse.Namespace, model, tok, ids: torch.Tensor, name: st
 
 
 def batch_main(args: argparse.Namespace, dev: torch.device) -> None:
-    from tokensieve.bench import run_batch_bench
+    from tokensieve.bench.timing import run_batch_bench
     from tokensieve.commands.bench import format_batch_table
 
     methods = {name: {"method": name, **params_for(name, args.shape)} for name in args.methods.split(",")}

@@ -92,7 +92,7 @@ def pass_bytes(cfg: Any, n: int, fset: dict[str, Any]) -> int:
 
 class Sweep:
     def __init__(self, args: argparse.Namespace) -> None:
-        from tokensieve.bench import environment
+        from tokensieve.bench.timing import environment
 
         self.args = args
         self.device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
@@ -139,7 +139,7 @@ class Sweep:
         """One TTFT cell through ``tokensieve.bench.bench_method`` (a cold run, then ``--repeats``)."""
         from dataclasses import asdict
 
-        from tokensieve.bench import bench_method
+        from tokensieve.bench.timing import bench_method
 
         if self.done(key):
             return self.data["cells"][key]
@@ -210,11 +210,11 @@ def second_pass_s(row: dict[str, Any] | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> None:
-    from tokensieve.bench import build_model, shape_config
-    from tokensieve.draft import DraftModel
-    from tokensieve.filter_model import build_filter_model
+    from tokensieve.bench.timing import build_model, shape_config
+    from tokensieve.core.draft import DraftModel
+    from tokensieve.integrations.filter_model import build_filter_model
     from tokensieve.methods import GemFilter, make_method
-    from tokensieve.roofline import weights_bytes
+    from tokensieve.bench.roofline import weights_bytes
 
     sw = Sweep(args)
     draft_shape = "tiny" if args.smoke else DRAFT_SHAPE

@@ -41,11 +41,11 @@ def main() -> None:
 
     from tokensieve import load_model
     from tokensieve.data import read_text
-    from tokensieve.draft import DraftModel, check_draft
+    from tokensieve.core.draft import DraftModel, check_draft
     from tokensieve.evaluation.needle import build_needle_prompt
     from tokensieve.methods import GemFilter
     from tokensieve.methods.base import full_prefill
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     model, tok = load_model(args.model)
     dm, dtok = load_model(args.draft)

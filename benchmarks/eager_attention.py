@@ -1,7 +1,7 @@
-"""The eager decoding step with and without cuDNN's attention kernel, same process (``tokensieve.attention.sdpa``).
+"""The eager decoding step with and without cuDNN's attention kernel, same process (``tokensieve.core.attention.sdpa``).
 
 cuDNN's fused attention plans every new shape on the host; a decoding step's key length grows at every call, so
-each layer's call waits for a new plan. ``tokensieve.attention.sdpa`` leaves cuDNN out where the queries are fewer
+each layer's call waits for a new plan. ``tokensieve.core.attention.sdpa`` leaves cuDNN out where the queries are fewer
 than the keys. This measures, per method and prompt length, the eager step (``decode="eager"``) with cuDNN allowed
 (``CUDNN_IN_STEPS = True``, PyTorch's own choice) and left out (the default), and the prompt's TTFT with PyTorch's
 choice and with cuDNN left out of the prompt's pass as well. Random weights in a real shape.
@@ -18,10 +18,10 @@ import json
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tokensieve import attention
-from tokensieve.bench import _IdTokenizer, build_model, environment
-from tokensieve.roofline import median, p90
-from tokensieve.runner import generate
+from tokensieve.core import attention
+from tokensieve.bench.timing import _IdTokenizer, build_model, environment
+from tokensieve.bench.roofline import median, p90
+from tokensieve.engine.runner import generate
 
 PARAMS = {"full": {}, "snapkv": {"budget": 1024}, "lazyllm": {}, "gemfilter": {"topk": 1024, "filter_layer": 13},
           "h2o": {"budget": 1024}, "streamingllm": {"budget": 1024}}

@@ -13,7 +13,7 @@ Cells (label x length), token-id prompts on a random-weight model of a real shap
 TTFT = prefill including the first token's logits, device-synchronised, median of ``--repeats``
 after one warm-up call per label at ``--warmup-length``. Peak memory = ``torch.cuda.max_memory_allocated``
 (reset per cell; with ``--filter-only`` one figure per GPU). ``--filter-only`` builds only layers
-``0..r`` (``tokensieve.filter_model.build_filter_model``) spread by ``--device-map`` / ``--max-memory``
+``0..r`` (``tokensieve.integrations.filter_model.build_filter_model``) spread by ``--device-map`` / ``--max-memory``
 (accelerate; modules put on ``cpu`` are offloaded and run on the GPU) and times the filter pass alone
 (``GemFilter.select``): the shape of a model larger than one GPU, e.g. Llama-3.1-70B. The JSON is rewritten after every cell (a timeout keeps what finished; an existing
 file is extended, cells re-run replace their old row); ``--plot`` draws TTFT vs length (log-log).
@@ -42,9 +42,9 @@ from typing import Any
 
 import torch
 
-from tokensieve.bench import build_model, shape_config
-from tokensieve.filter_model import build_filter_model, filter_fraction
-from tokensieve.roofline import weights_bytes
+from tokensieve.bench.timing import build_model, shape_config
+from tokensieve.integrations.filter_model import build_filter_model, filter_fraction
+from tokensieve.bench.roofline import weights_bytes
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import FullAttention

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from tokensieve.bench import build_model, run_bench, save
+from tokensieve.bench.timing import build_model, run_bench, save
 from tokensieve.commands.bench import format_table
 from tokensieve.evaluation.plots import bench_plot
 from tokensieve.methods import METHODS

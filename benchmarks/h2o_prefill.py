@@ -51,11 +51,11 @@ from typing import Any
 import torch
 from gemfilter_local import DTYPES, run_cell, sync
 
-from tokensieve.bench import build_model
+from tokensieve.bench.timing import build_model
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O, FullAttention
-from tokensieve.scoring import attention_scores, topk_with_recent
+from tokensieve.core.scoring import attention_scores, topk_with_recent
 
 LABELS = ("full", "h2o_kernel", "h2o_torch")
 QUICK = dict(lengths=[8192, 32768], torch_max=32768, check_length=4096, warmup_length=2048)

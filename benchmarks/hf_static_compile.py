@@ -18,7 +18,7 @@ import traceback
 
 import torch
 
-from tokensieve.bench import build_model, environment
+from tokensieve.bench.timing import build_model, environment
 from tokensieve.commands.common import parse_sizes
 
 

@@ -66,7 +66,7 @@ def cmd_prompts(args: argparse.Namespace) -> None:
     import tokensieve
     from tokensieve.data import read_text
     from tokensieve.evaluation.needle import build_needle_prompt, find_span
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     _, tok = tokensieve.load_model(str(MODEL_DIR))
     hay = read_text(min_chars=LENGTH * 12)

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from tokensieve.data import read_text
 from tokensieve.evaluation.needle import build_needle_prompt, make_messages, score_answer
-from tokensieve.runner import encode_prompt, generate
+from tokensieve.engine.runner import encode_prompt, generate
 
 COMMAND = "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lazyllm_schedule.py"
 
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plot", default="benchmarks/results/lazyllm_schedule.png")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
 
     model, tok = load_model("smollm2", device="cpu")
     n_layers = model.config.num_hidden_layers

@@ -41,10 +41,10 @@ QUESTIONS = [
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
-    from tokensieve.bench import _IdTokenizer, build_model, environment
+    from tokensieve.bench.timing import _IdTokenizer, build_model, environment
     from tokensieve.methods import make_method
-    from tokensieve.prefix_cache import GIB, PrefixReuse, PrefixStore, chat_prefix_tokens
-    from tokensieve.runner import encode_prompt, generate
+    from tokensieve.engine.prefix_cache import GIB, PrefixReuse, PrefixStore, chat_prefix_tokens
+    from tokensieve.engine.runner import encode_prompt, generate
 
     methods = {"full": {}, "gemfilter": {"topk": args.topk}}
     cases: list[tuple[str, list[torch.Tensor], list[int]]] = []  # (label, prompts, prefix lengths)
@@ -122,7 +122,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--shape", default=None, help="a tokensieve.bench shape (random weights, token ids); default: SmolLM2 on a PG-19 document")
+    p.add_argument("--shape", default=None, help="a tokensieve.bench.timing shape (random weights, token ids); default: SmolLM2 on a PG-19 document")
     p.add_argument("--lengths", default="32768,131072", help="document lengths for --shape (comma-separated)")
     p.add_argument("--tokens", type=int, default=4000, help="document tokens for SmolLM2 (default 4000)")
     p.add_argument("--questions", type=int, default=4, help="questions per document (default 4)")

@@ -31,7 +31,7 @@ setup)
   grep -q 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "$OUT/sha256.txt"
   python3 - <<'EOF'
 import torch
-from tokensieve.models import _load_gguf, store_copy
+from tokensieve.core.models import _load_gguf, store_copy
 from pathlib import Path
 for name in ("qwen05",):
     model, tok = _load_gguf(Path(f"/tmp/q/{name}.gguf"), torch.float32)
@@ -81,7 +81,7 @@ setup15)  # Qwen2.5-Coder-1.5B (pieces q15.NN), started beside the 0.5B suite
   python3 - <<'EOF2'
 import torch
 from pathlib import Path
-from tokensieve.models import _load_gguf, store_copy
+from tokensieve.core.models import _load_gguf, store_copy
 model, tok = _load_gguf(Path("/tmp/q/qwen15.gguf"), torch.float32)
 model.config.quantization_config = None
 if hasattr(model, "hf_quantizer"):
@@ -114,7 +114,7 @@ assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequa
   python3 - <<'EOF3'
 import torch
 from pathlib import Path
-from tokensieve.models import _load_gguf, store_copy
+from tokensieve.core.models import _load_gguf, store_copy
 for name in ("qwen05", "qwen15"):
     model, tok = _load_gguf(Path(f"/tmp/q/{name}.gguf"), torch.float32)
     model.config.quantization_config = None

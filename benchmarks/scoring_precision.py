@@ -1,7 +1,7 @@
 """Precision of scoring.attention_scores on the GPU: bf16 inputs with float32 accumulation vs float32 inputs, both against float64."""
 import torch, time, json, os, sys
 sys.path.insert(0, "src")
-from tokensieve.scoring import attention_scores
+from tokensieve.core.scoring import attention_scores
 torch.manual_seed(0)
 q = torch.randn(1, 32, 4096, 128, device="cuda", dtype=torch.bfloat16)
 k = torch.randn(1, 8, 4096, 128, device="cuda", dtype=torch.bfloat16)

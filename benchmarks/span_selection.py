@@ -32,9 +32,9 @@ from tokensieve.data import pg19_books
 from tokensieve.evaluation.needle import build_needle_prompt, find_span, score_answer
 from tokensieve.evaluation.ruler import RulerTask
 from tokensieve.methods.gemfilter import GemFilter
-from tokensieve.models import load_model
-from tokensieve.runner import encode_prompt, generate
-from tokensieve.scoring import span_topk
+from tokensieve.core.models import load_model
+from tokensieve.engine.runner import encode_prompt, generate
+from tokensieve.core.scoring import span_topk
 
 # (needle, question, expected phrases): the tuning set and a disjoint confirmation set.
 NEEDLES = {

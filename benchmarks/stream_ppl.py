@@ -31,11 +31,11 @@ import torch
 from tqdm import tqdm
 
 from tokensieve.data import default_pg19_dir
-from tokensieve.models import load_model
-from tokensieve.separators import separator_token_ids
+from tokensieve.core.models import load_model
+from tokensieve.core.separators import separator_token_ids
 from tokensieve.evaluation.plots import plot_stream
 from tokensieve.evaluation.stream_ppl import stream_perplexity
-from tokensieve.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
+from tokensieve.engine.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
 
 
 def main() -> int:

@@ -10,7 +10,7 @@ from eval_support import byte_model, byte_tokenizer, save_model_dir
 
 import tokensieve
 from tokensieve import cli
-from tokensieve.runner import Sampling
+from tokensieve.engine.runner import Sampling
 
 
 @pytest.fixture(scope="module")

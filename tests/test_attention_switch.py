@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.attention import AttentionSwitchedWarning, ensure_tokensieve_attention
+from tokensieve.core.attention import AttentionSwitchedWarning, ensure_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
-from tokensieve.prefix_cache import PrefixReuse, PrefixStore
-from tokensieve.runner import feed_stream, generate, generate_batch, open_stream
-from tokensieve.streaming import make_policy
-from tokensieve.vllm_adapter import select_tokens
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
+from tokensieve.engine.runner import feed_stream, generate, generate_batch, open_stream
+from tokensieve.engine.streaming import make_policy
+from tokensieve.integrations.vllm_adapter import select_tokens
 
 
 def said(record) -> list[str]:

@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.decode import StaticDecoder
+from tokensieve.decode.static import StaticDecoder
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
 from tokensieve.methods.base import BATCH_METHODS, left_pad
-from tokensieve.runner import Sampling, generate, generate_batch
+from tokensieve.engine.runner import Sampling, generate, generate_batch
 
 BUDGET = 40
 PARAMS = {"full": {}, "gemfilter": {"topk": BUDGET}, "snapkv": {"budget": BUDGET}, "streamingllm": {"budget": BUDGET}}

@@ -12,10 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tokensieve import cli, roofline
-from tokensieve.bench import SHAPES, build_model, run_batch_bench, run_bench
+from tokensieve import cli
+from tokensieve.bench import roofline
+from tokensieve.bench.timing import SHAPES, build_model, run_batch_bench, run_bench
 from tokensieve.errors import InputError
-from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -217,7 +218,7 @@ def test_decode_bench_uses_the_library_rules():
 
 def test_cold_run_is_reported_apart_from_the_timed_runs(monkeypatch):
     """Each cell's first run (compiles and captures for a new length) is kept out of the median TTFT."""
-    import tokensieve.bench as bench_mod
+    import tokensieve.bench.timing as bench_mod
 
     ttfts = iter([9.0, 1.0, 2.0, 3.0])  # the cold run is slow; the three timed runs are not
     real = bench_mod.generate
@@ -248,7 +249,7 @@ def test_bench_cli_cold_runs_by_default(tmp_path):
 
 def test_bench_cli_compile_fuses_the_captured_steps(tmp_path, monkeypatch, capsys):
     """--compile reaches the decoders (DecoderPool(compile=True)) and the JSON; with --batches it is refused."""
-    import tokensieve.bench as bench_mod
+    import tokensieve.bench.timing as bench_mod
 
     made = []
     real = bench_mod.DecoderPool

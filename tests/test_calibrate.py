@@ -9,7 +9,7 @@ from eval_support import TEXT, byte_model, byte_tokenizer
 from tokensieve.cli import main
 from tokensieve.evaluation.calibrate import NEEDLES, SPAN_RULES, calibrate, span_label
 from tokensieve.evaluation.needle import build_needle_prompt
-from tokensieve.runner import encode_prompt
+from tokensieve.engine.runner import encode_prompt
 
 
 @pytest.fixture(scope="module")

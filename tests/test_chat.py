@@ -11,7 +11,7 @@ from eval_support import byte_model, byte_tokenizer
 from tokensieve import cli
 from tokensieve.commands import chat as chat_cmd
 from tokensieve.methods import make_method
-from tokensieve.runner import generate, stop_token_ids
+from tokensieve.engine.runner import generate, stop_token_ids
 
 DOC = "The vault code is 4711. " * 6 + "\nThe keeper is called Ada.\n"
 
@@ -95,7 +95,7 @@ def test_bad_input_exits_2_with_one_line(tiny, monkeypatch, capsys, tmp_path):
 def test_ask_streams_the_answer_and_json_stays_one_object(monkeypatch, capsys, tmp_path):
     import json
 
-    import tokensieve.runner as runner
+    import tokensieve.engine.runner as runner
     from tokensieve.commands import ask as ask_cmd
 
     model, tok = byte_model(seed=3), byte_tokenizer()

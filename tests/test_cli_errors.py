@@ -86,7 +86,7 @@ def test_cuda_asked_for_without_cuda(doc, capsys, monkeypatch):
 
 def test_library_load_model_checks_dtype_and_device_first():
     from tokensieve.errors import InputError
-    from tokensieve.models import load_model, parse_dtype
+    from tokensieve.core.models import load_model, parse_dtype
 
     with pytest.raises(InputError, match="unknown dtype 'float8'; expected one of: float32, bfloat16, float16"):
         load_model("/nonexistent/model", dtype="float8")
@@ -240,7 +240,7 @@ def test_hub_id_not_in_cache_fails_without_the_network(doc):
 
 
 def test_library_hub_id_not_in_cache():
-    from tokensieve.models import ModelLoadError, load_model
+    from tokensieve.core.models import ModelLoadError, load_model
 
     with pytest.raises(ModelLoadError, match="not in the local Hugging Face cache"):
         load_model("made-up-org/made-up-model-7")
@@ -325,7 +325,7 @@ def test_report_bad_input(tmp_path, capsys):
 
 # ----- constants kept here so that parsing imports no torch -----------------------------------------
 def test_constant_lists_match_the_library():
-    from tokensieve.bench import SHAPES
+    from tokensieve.bench.timing import SHAPES
     from tokensieve.commands.bench import SHAPE_NAMES
     from tokensieve.commands.common import METHOD_NAMES, SCORINGS
     from tokensieve.methods import METHODS
@@ -334,7 +334,7 @@ def test_constant_lists_match_the_library():
     from tokensieve.commands.calibrate import DEFAULT_WINDOW_SIZE
     from tokensieve.commands.stream import STREAM_METHODS
     from tokensieve.methods.gemfilter import GemFilter
-    from tokensieve.streaming import POLICIES
+    from tokensieve.engine.streaming import POLICIES
 
     assert list(METHOD_NAMES) == list(METHODS)
     assert list(SCORINGS) == list(GEMFILTER_SCORINGS)
@@ -381,7 +381,7 @@ def test_package_names_still_work():
     import tokensieve
     from tokensieve import generate, load_model  # the PEP 562 __getattr__ serves from-imports too
 
-    assert generate.__module__ == "tokensieve.runner" and load_model.__module__ == "tokensieve.models"
+    assert generate.__module__ == "tokensieve.engine.runner" and load_model.__module__ == "tokensieve.core.models"
     assert set(tokensieve.__all__) <= set(dir(tokensieve))
     for name in tokensieve.__all__:
         assert getattr(tokensieve, name) is not None

@@ -65,10 +65,10 @@ def test_methods_unknown_name_is_one_line(capsys):
 
 
 def test_bench_refuses_a_gpu_sized_shape_on_the_cpu(capsys, monkeypatch):
-    import tokensieve.bench
-    import tokensieve.models
+    import tokensieve.bench.timing
+    import tokensieve.core.models
 
-    monkeypatch.setattr(tokensieve.models, "default_device", lambda: "cpu")  # a CPU-only machine
+    monkeypatch.setattr(tokensieve.core.models, "default_device", lambda: "cpu")  # a CPU-only machine
     for argv in (["bench"], ["bench", "--shape", "qwen2.5-7b", "--device", "cpu"]):
         code, out, err = run_cli(argv, capsys)
         assert code == 2 and out == "", err
@@ -82,7 +82,7 @@ def test_bench_refuses_a_gpu_sized_shape_on_the_cpu(capsys, monkeypatch):
         reached.append(shape)
         raise tokensieve.errors.InputError("stopped before building")
 
-    monkeypatch.setattr(tokensieve.bench, "run_bench", fake_run_bench)
+    monkeypatch.setattr(tokensieve.bench.timing, "run_bench", fake_run_bench)
     code, _, err = run_cli(["bench", "--force", "--lengths", "16"], capsys)
     assert code == 2 and reached == ["llama3.1-8b"] and "stopped before building" in err
     code, _, err = run_cli(["bench", "--shape", "smollm2-135m", "--lengths", "16"], capsys)  # CPU-sized: no refusal
@@ -90,7 +90,7 @@ def test_bench_refuses_a_gpu_sized_shape_on_the_cpu(capsys, monkeypatch):
 
 
 def test_bench_shape_sizes_come_from_the_architecture():
-    from tokensieve.bench import CPU_MAX_PARAMETERS, shape_parameters
+    from tokensieve.bench.timing import CPU_MAX_PARAMETERS, shape_parameters
 
     assert shape_parameters("llama3.1-8b") > CPU_MAX_PARAMETERS > shape_parameters("smollm2-135m")
     # tiny: embeddings + head (256 x 64 each), 4 layers of q/o (64 x 64), k/v (64 x 32), MLP 3 x 64 x 128, 2 norms; final norm

@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.bench import bench_method
+from tokensieve.bench.timing import bench_method
 from tokensieve.methods import METHODS, make_method
-from tokensieve.runner import generate, score_continuation
+from tokensieve.engine.runner import generate, score_continuation
 
 N, NEW, BUDGET = 80, 8, 40  # SnapKV's default observation window (32) fits in the budget
 SEPS = (3, 4, 5)  # separator ids for SepLLM on the tiny vocabulary
@@ -122,7 +122,7 @@ def test_lossy_settings_keep_at_most_their_budget(model, case):
 
 
 def switch_warnings(record) -> list[str]:
-    from tokensieve.attention import AttentionSwitchedWarning
+    from tokensieve.core.attention import AttentionSwitchedWarning
 
     return [str(w.message) for w in record if issubclass(w.category, AttentionSwitchedWarning)]
 

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.decode import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
+from tokensieve.decode.static import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
-from tokensieve.runner import generate, score_continuation
+from tokensieve.engine.runner import generate, score_continuation
 
 PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
           "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16},
@@ -130,7 +130,7 @@ def test_sepllm_device_eviction_gives_the_eager_tokens(model, prompt, n_initial,
 
 
 def test_streamingllm_batches_decode_eagerly(model):
-    from tokensieve.runner import generate_batch
+    from tokensieve.engine.runner import generate_batch
 
     tok = TinyTokenizer()
     res = generate_batch(model, tok, [random_ids(30, seed=1), random_ids(20, seed=2)], "streamingllm", max_new_tokens=4,
@@ -235,3 +235,47 @@ def test_lazyllm_decoder_is_reused_and_refuses_overflow(model):
     (dec,) = pool.decoders.values()
     with pytest.raises(RuntimeError, match="used up"):
         dec.step(torch.tensor([[1]]))
+
+
+class _ReplayedRun:
+    """Stands in for a captured CUDA graph on the CPU: a replay runs the step and writes the output in place."""
+
+    def __init__(self, run, out):
+        self.run, self.out = run, out
+
+    def replay(self):
+        self.out.copy_(self.run())
+
+
+@pytest.mark.parametrize("failures", [1, 2])
+def test_a_failed_capture_is_retried_then_runs_without_a_graph(model, monkeypatch, failures):
+    """A capture the driver invalidates is tried once more; failing twice, the decoder steps without a graph
+    (with a warning). Either way the tokens are those of the graph-free decoder."""
+    import tokensieve.decode.static as decode
+
+    calls = []
+
+    def flaky_capture(run, state):
+        calls.append(1)
+        if len(calls) <= failures:
+            raise RuntimeError("CUDA error: operation failed due to a previous error during capture\nmore")
+        with torch.inference_mode():
+            saved = [t.clone() for t in state]
+            out = run().clone()
+            for t, v in zip(state, saved):  # like capture_graph: the state the run advanced is restored
+                t.copy_(v)
+        return _ReplayedRun(run, out), out, 0.0
+
+    tok, ids = TinyTokenizer(), random_ids(30, seed=8)
+    plain = generate(model, tok, ids, "full", max_new_tokens=5, decode="static",
+                     decoders=DecoderPool(model, use_graph=False))
+    monkeypatch.setattr(decode, "capture_graph", flaky_capture)
+    pool = DecoderPool(model, use_graph=True)
+    if failures == 2:
+        with pytest.warns(RuntimeWarning, match="capture failed twice.*without a graph"):
+            res = generate(model, tok, ids, "full", max_new_tokens=5, decode="static", decoders=pool)
+    else:
+        res = generate(model, tok, ids, "full", max_new_tokens=5, decode="static", decoders=pool)
+    (dec,) = pool.decoders.values()
+    assert len(calls) == 2 and res.token_ids == plain.token_ids
+    assert dec.use_graph is (failures == 1) and (dec._graph is None) is (failures == 2)

@@ -1,4 +1,4 @@
-"""The split-KV decode attention kernel (``tokensieve.decode_kernel``) against a slow reference, and through the
+"""The split-KV decode attention kernel (``tokensieve.kernels.decode_kernel``) against a slow reference, and through the
 static decoder against its torch path.
 
 As in ``test_scoring_kernel``: Triton interprets or compiles depending on how it was imported, so the kernels run
@@ -18,7 +18,7 @@ import pytest
 import torch
 from conftest import tiny_model
 
-from tokensieve.decode import DecoderPool, StaticDecoder
+from tokensieve.decode.static import DecoderPool, StaticDecoder
 from tokensieve.errors import InputError
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
@@ -73,11 +73,11 @@ CHILD = r"""
 import sys, torch
 from conftest import tiny_model
 from test_decode_kernel import CASES, case_inputs
-from tokensieve.decode import StaticDecoder, bucket, tracks_for
-from tokensieve.decode_kernel import decode_attention_triton
+from tokensieve.decode.static import StaticDecoder, bucket, tracks_for
+from tokensieve.kernels.decode_kernel import decode_attention_triton
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
-from tokensieve.scoring_kernel import INTERPRETED
+from tokensieve.kernels.scoring_kernel import INTERPRETED
 
 assert INTERPRETED
 out = {}
@@ -132,8 +132,8 @@ with torch.inference_mode():
 # LazyLLM's decoder: the kernel in its one-token layers (pruning layers keep the probabilities' path), through the
 # runner, the fixed-shape try first (so both its steps and the host-planned re-runs use it)
 from conftest import TinyTokenizer, random_ids
-from tokensieve.decode import DecoderPool
-from tokensieve.runner import generate, score_continuation
+from tokensieve.decode.static import DecoderPool
+from tokensieve.engine.runner import generate, score_continuation
 
 lazy, tok, ids = tiny_model("llama", init=0.2), TinyTokenizer(), random_ids(60, seed=4)
 params = {"prune_layers": (1, 2, 4), "keep_fractions": (0.6, 0.7, 0.5)}
@@ -229,7 +229,7 @@ def test_triton_is_refused_where_the_step_needs_the_torch_path(kwargs, why):
 
 
 def test_triton_asked_for_without_triton(monkeypatch):
-    from tokensieve import scoring_kernel
+    from tokensieve.kernels import scoring_kernel
 
     monkeypatch.setattr(scoring_kernel, "triton", None)
     with pytest.raises(InputError, match="Triton is not installed"):
@@ -237,7 +237,7 @@ def test_triton_asked_for_without_triton(monkeypatch):
 
 
 def test_splits_depend_on_the_capacity_only():
-    from tokensieve.decode_kernel import MAX_SPLITS, SPLIT_MIN, splits_for
+    from tokensieve.kernels.decode_kernel import MAX_SPLITS, SPLIT_MIN, splits_for
 
     assert splits_for(100, 64) == (1, 128)
     for cap in (SPLIT_MIN * 3 + 5, 4096, 131072 + 256):
@@ -253,8 +253,8 @@ def test_splits_depend_on_the_capacity_only():
 def test_kernels_compile_for_an_h100(dtype):
     """Both kernels lower to an sm_90 binary (no GPU needed) at Llama-3.1-8B's decode shape (head dim 128, group
     4 padded to 16 rows) with the GPU launch settings."""
-    from tokensieve import decode_kernel as dk
-    from tokensieve import scoring_kernel as sk
+    from tokensieve.kernels import decode_kernel as dk
+    from tokensieve.kernels import scoring_kernel as sk
 
     if sk.INTERPRETED:
         pytest.skip("this process imported Triton in interpreter mode")

@@ -17,12 +17,12 @@ import torch
 from conftest import TinyTokenizer, random_ids, tiny_model
 from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
-from tokensieve.draft import DraftModel, check_same_tokenizer
+from tokensieve.core.draft import DraftModel, check_same_tokenizer
 from tokensieve.errors import InputError
 from tokensieve.methods import GemFilter, make_method
 from tokensieve.methods.base import full_prefill
-from tokensieve.prefix_cache import PrefixReuse, PrefixStore
-from tokensieve.runner import generate, generate_batch
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
+from tokensieve.engine.runner import generate, generate_batch
 
 
 def other_draft(family: str = "llama", layers: int = 3, seed: int = 7) -> torch.nn.Module:
@@ -206,7 +206,7 @@ def test_local_filter_pass_runs_on_the_draft(chunk_size):
 
 
 def test_vllm_adapter_hands_the_drafts_selection_to_the_engine(monkeypatch):
-    from tokensieve.vllm_adapter import generate_with_vllm, select_tokens
+    from tokensieve.integrations.vllm_adapter import generate_with_vllm, select_tokens
 
     mod = types.ModuleType("vllm")
     mod.SamplingParams = lambda **kw: ("params", kw)
@@ -261,7 +261,7 @@ def cli(argv, capsys):
 
 
 def test_cli_ask_with_a_draft_equals_the_python_api(dirs, capsys):
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
 
     target, draft, _, doc = dirs
     code, out, err = cli(["ask", "--model", str(target), "--file", str(doc), "--question", "Which river?", "--method",
@@ -340,7 +340,7 @@ def test_server_default_and_per_request_draft(draft_server):
         return httpx2.post(f"{base}/v1/completions", json=body, timeout=60)
 
     def text(method):  # what the server must answer: the runner alone, stop tokens dropped
-        from tokensieve.runner import stop_token_ids
+        from tokensieve.engine.runner import stop_token_ids
 
         ids = tok(prompt, return_tensors="pt")["input_ids"]
         res = generate(model, tok, ids, method, max_new_tokens=6)
@@ -369,8 +369,8 @@ def test_cli_serve_loads_the_drafts_and_requests_pick_them(dirs, capsys, monkeyp
     import httpx2
     from test_serve import serving
 
-    from tokensieve.models import load_model
-    from tokensieve.runner import stop_token_ids
+    from tokensieve.core.models import load_model
+    from tokensieve.engine.runner import stop_token_ids
     from tokensieve.serve.server import DrainingServer
 
     target, draft, other, _ = dirs
@@ -404,9 +404,9 @@ def test_cli_serve_loads_the_drafts_and_requests_pick_them(dirs, capsys, monkeyp
 def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, capsys, monkeypatch):
     """``serve --engine vllm --filter-model``: vLLM gets the model's folder, transformers holds the draft alone
     (a stand-in for vLLM's engine arguments: vLLM itself is not installed here)."""
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
     from tokensieve.serve.server import DrainingServer
-    from tokensieve.vllm_adapter import select_tokens
+    from tokensieve.integrations.vllm_adapter import select_tokens
 
     target, draft, other, _ = dirs
     seen: dict = {}

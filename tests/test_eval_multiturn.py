@@ -18,7 +18,7 @@ from tokensieve.evaluation.harness import (
 from tokensieve.evaluation.multiturn import FACT_KINDS, MultiTurnTask, turn_messages
 from tokensieve.evaluation.ruler import RulerTask
 from tokensieve.methods import LazyLLM, make_method
-from tokensieve.runner import encode_prompt, generate
+from tokensieve.engine.runner import encode_prompt, generate
 
 torch.set_num_threads(1)
 

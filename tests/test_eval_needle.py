@@ -36,7 +36,7 @@ def test_samples_and_recall(tmp_path):
         answer = s.meta["answer_span"]
         assert "".join(tok.decode([s.input_ids[i]]) for i in answer).replace(" ", "") in ("sandwichDoloresPark", "DoloresParksandwich")
         gem = tokensieve.make_method("gemfilter", topk=64)
-        from tokensieve.runner import generate
+        from tokensieve.engine.runner import generate
 
         kept = set(generate(byte_model(), tok, torch.tensor([s.input_ids]), method=gem, max_new_tokens=1).kept_indices)
         row = next(r for r in rows if r["method"] == "gemfilter" and r["key"] == s.key)

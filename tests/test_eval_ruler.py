@@ -146,7 +146,7 @@ def test_bad_arguments():
 def test_real_tokenizer_sizes():
     from transformers import AutoTokenizer
 
-    from tokensieve.models import cache_dir, load_model
+    from tokensieve.core.models import cache_dir, load_model
 
     folder = cache_dir() / "smollm2"
     tok = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").exists() else load_model("smollm2")[1]

@@ -1,4 +1,4 @@
-"""Filter-only loading (tokensieve.filter_model): layers 0..r, spread with a device_map, same kept ids."""
+"""Filter-only loading (tokensieve.integrations.filter_model): layers 0..r, spread with a device_map, same kept ids."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import torch
 
 from conftest import tiny_model
 from tokensieve.errors import InputError
-from tokensieve.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model
-from tokensieve.roofline import weights_bytes
+from tokensieve.integrations.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model
+from tokensieve.bench.roofline import weights_bytes
 from tokensieve.methods.gemfilter import GemFilter
 
 R = 2
@@ -106,8 +106,8 @@ def test_bad_device_map(saved):
 def test_smollm2_filter_only_same_kept_ids(smollm2):
     from tokensieve.data import read_text
     from tokensieve.evaluation.needle import build_needle_prompt
-    from tokensieve.models import cache_dir
-    from tokensieve.runner import encode_prompt
+    from tokensieve.core.models import cache_dir
+    from tokensieve.engine.runner import encode_prompt
 
     model, tok = smollm2
     fm = load_filter_model(cache_dir() / "smollm2", 18, device_map="auto", dtype="float32")
@@ -127,7 +127,7 @@ def _llama_config(layers: int = 6):
 def test_built_filter_model_selects_like_the_full_model_with_its_weights():
     """A filter model built from a config holds layers 0..r; the full model given those weights (and any
     weights above r) keeps the same ids: the filter pass reads nothing else."""
-    from tokensieve.filter_model import build_filter_model
+    from tokensieve.integrations.filter_model import build_filter_model
 
     config = _llama_config()
     fm = build_filter_model(config, R, device_map=None, dtype="float32", std=0.2)
@@ -143,7 +143,7 @@ def test_built_filter_model_selects_like_the_full_model_with_its_weights():
 
 
 def test_built_filter_model_same_weights_whatever_the_placement():
-    from tokensieve.filter_model import build_filter_model
+    from tokensieve.integrations.filter_model import build_filter_model
 
     config = _llama_config()
     plain = build_filter_model(config, R, device_map=None, dtype="float32", seed=3)
@@ -160,7 +160,7 @@ def test_device_map_spreads_filter_layers_over_devices():
     """accelerate's placement of the filter layers over two devices' worth of memory (no GPU needed to plan)."""
     from transformers import AutoModelForCausalLM
 
-    from tokensieve.filter_model import _resolve_device_map
+    from tokensieve.integrations.filter_model import _resolve_device_map
 
     config = filter_config(_llama_config(layers=8), 5)
     with torch.device("meta"):
@@ -173,7 +173,7 @@ def test_device_map_spreads_filter_layers_over_devices():
 
 
 def test_build_filter_model_refuses_disk():
-    from tokensieve.filter_model import build_filter_model
+    from tokensieve.integrations.filter_model import build_filter_model
 
     dm = {"": "disk"}
     with pytest.raises(InputError, match="disk"):

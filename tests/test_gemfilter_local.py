@@ -12,7 +12,7 @@ import tokensieve
 from tokensieve.errors import InputError
 from tokensieve.methods import gemfilter as gf
 from tokensieve.methods.gemfilter import GemFilter, local_attention, local_mask, pool_and_select
-from tokensieve.rope import accurate_rope
+from tokensieve.core.rope import accurate_rope
 
 
 def hand_mask(n: int, n_initial: int, n_recent: int, sliding: int | None = None) -> torch.Tensor:
@@ -279,7 +279,7 @@ def test_accurate_rope_stays_exact_past_a_million_and_matches_the_model_below(ro
 
 def test_chunked_passes_use_accurate_rope(monkeypatch):
     """Both chunked passes get their cos/sin from accurate_rope (at every chunk's positions)."""
-    import tokensieve.rope as rope_mod
+    import tokensieve.core.rope as rope_mod
 
     calls: list[int] = []
     real = rope_mod.accurate_rope

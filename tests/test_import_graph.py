@@ -64,17 +64,17 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 def test_graph_has_no_cycle():
     graph = import_graph()
-    assert "tokensieve.streaming" in graph and "tokensieve.scoring" in graph  # the walk found the package
+    assert "tokensieve.engine.streaming" in graph and "tokensieve.core.scoring" in graph  # the walk found the package
     for name in graph:
         assert name not in reachable(graph, name), f"{name} imports itself through {sorted(reachable(graph, name))}"
 
 
 def test_cache_scoring_and_streaming_do_not_import_evaluation_or_commands():
     graph = import_graph()
-    for name in ("tokensieve.streaming", "tokensieve.scoring", "tokensieve.cache", "tokensieve.rope"):
+    for name in ("tokensieve.engine.streaming", "tokensieve.core.scoring", "tokensieve.core.cache", "tokensieve.core.rope"):
         bad = [m for m in reachable(graph, name) if m.startswith(("tokensieve.evaluation", "tokensieve.commands"))]
         assert not bad, f"{name} imports {bad}"
-    assert reachable(graph, "tokensieve.scoring") == set()  # scoring stands on torch alone
+    assert reachable(graph, "tokensieve.core.scoring") == set()  # scoring stands on torch alone
 
 
 def test_every_module_imports():
@@ -86,9 +86,78 @@ def test_every_module_imports():
 
 def test_importing_streaming_first_loads_no_evaluation_module():
     code = (
-        "import sys, tokensieve.streaming\n"
+        "import sys, tokensieve.engine.streaming\n"
         "print(sorted(m for m in sys.modules if m.startswith(('tokensieve.evaluation', 'tokensieve.commands'))))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT.parent)})
     assert out.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------------------- the wings point one way
+
+# Each wing (subpackage, or a root module) and its rank: a module imports only from its own wing or from wings
+# of a lower rank, at module level or inside a function (a lazy import is still a dependency).
+RANKS = {
+    "errors": 0, "_moved": 0, "testing": 0,
+    "kernels": 1, "data": 1,  # Triton kernels as torch functions; text input
+    "core": 2,  # transformers glue, no method knowledge
+    "methods": 3,
+    "decode": 4,  # static decoding (it still imports methods.base / methods.lazyllm: issue 21 item 2)
+    "engine": 5,  # one request, prompt -> tokens
+    "integrations": 6, "bench": 6, "evaluation": 6,
+    "serve": 7,
+    "commands": 8,
+    "cli": 9, "": 9,  # the package root (__init__: lazy public exports)
+}
+
+
+def wing(module: str) -> str:
+    return module.split(".")[1] if "." in module else ""
+
+
+def all_imports() -> dict[str, set[tuple[str, str]]]:
+    """module -> (imported tokensieve module, imported name or "") for every import anywhere in its file."""
+    files = module_files()
+    out: dict[str, set[tuple[str, str]]] = {}
+    for name, path in files.items():
+        found: set[tuple[str, str]] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                found.update((a.name, "") for a in node.names if a.name.split(".")[0] == "tokensieve")
+            elif isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tokensieve":
+                for a in node.names:
+                    sub = f"{node.module}.{a.name}"
+                    found.add((sub, "") if sub in files else (node.module, a.name))
+        out[name] = found
+    return out
+
+
+def test_every_wing_has_a_rank():
+    assert {wing(m) for m in module_files()} == set(RANKS)
+
+
+def test_wings_import_only_downward():
+    bad = []
+    for name, imports in all_imports().items():
+        for target, _ in imports:
+            if target == "tokensieve" or wing(target) == wing(name):
+                continue
+            if RANKS[wing(target)] >= RANKS[wing(name)]:
+                bad.append(f"{name} imports {target}")
+    assert not bad, "\n".join(bad)
+
+
+def test_core_and_kernels_import_nothing_above_them():
+    imports = all_imports()
+    for name in imports:
+        if wing(name) == "kernels":
+            assert {wing(t) for t, _ in imports[name]} <= {"kernels", "errors"}, name
+        if wing(name) == "core":
+            assert {wing(t) for t, _ in imports[name]} <= {"core", "kernels", "errors"}, name
+
+
+def test_no_module_imports_a_private_name_from_another_file():
+    bad = [f"{name} imports {n} from {target}" for name, imports in all_imports().items() for target, n in imports
+           if n.startswith("_") and not n.startswith("__") and target != "tokensieve"]
+    assert not bad, "\n".join(bad)

@@ -15,9 +15,9 @@ from conftest import PLAIN, tiny_model
 from test_span_selection import slow_rank
 
 import tokensieve
-from tokensieve.attention import HOOK_KWARG, repeat_kv
+from tokensieve.core.attention import HOOK_KWARG, repeat_kv
 from tokensieve.methods.eviction import DEFAULT_DILATION
-from tokensieve.scoring import attention_scores
+from tokensieve.core.scoring import attention_scores
 from tokensieve.methods import H2O, FullAttention, SepLLM, SnapKV, StreamingLLM, make_method
 
 torch.set_num_threads(1)
@@ -448,7 +448,7 @@ def test_sepllm_through_runner_derives_separators(smollm2):
     text = "The cat sat on the mat. It was warm, and the sun was out; birds sang!\n" * 12
     res = tokensieve.generate(model, tok, text, method="sepllm", n_recent=32, n_initial=4, max_new_tokens=4)
     ids = tokensieve.encode_prompt(tok, text)[0]
-    from tokensieve.separators import separator_token_ids
+    from tokensieve.core.separators import separator_token_ids
 
     sep = torch.isin(ids, separator_token_ids(tok))
     n = ids.shape[0]

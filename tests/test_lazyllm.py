@@ -306,8 +306,8 @@ def test_smollm2_runner_and_cli(tmp_path, capsys):
     import json
 
     from tokensieve.cli import main
-    from tokensieve.models import load_model
-    from tokensieve.runner import generate
+    from tokensieve.core.models import load_model
+    from tokensieve.engine.runner import generate
 
     model, tok = load_model("smollm2", device="cpu")
     doc = "The vault code is 4417. " + "The weather was mild and the town was quiet. " * 30

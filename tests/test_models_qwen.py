@@ -9,9 +9,9 @@ import importlib.util
 import pytest
 
 import tokensieve
-from tokensieve import models
+from tokensieve.core import models
 from tokensieve.methods.gemfilter import KNOWN_FILTER_LAYERS, default_filter_layer
-from tokensieve.models import EMBEDDED, ModelLoadError, assemble_chunks, embedded_gguf_path, model_source
+from tokensieve.core.models import EMBEDDED, ModelLoadError, assemble_chunks, embedded_gguf_path, model_source
 
 PKG = "fake-ts-chunk-part"
 

@@ -11,7 +11,7 @@ import pytest
 from tokensieve.cli import main
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS, make_method
-from tokensieve.streaming import POLICIES, make_policy
+from tokensieve.engine.streaming import POLICIES, make_policy
 
 # window_size: observation window of scoring queries; n_initial: first tokens always kept;
 # n_recent: recent / local window kept; budget: KV entries kept per layer; n_separators: SepCache separators.

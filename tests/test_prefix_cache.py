@@ -8,8 +8,8 @@ import torch
 from conftest import TinyTokenizer, random_ids, tiny_model
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
-from tokensieve.prefix_cache import PrefixReuse, PrefixState, PrefixStore, common_prefix, store_for_gib
-from tokensieve.runner import generate
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixState, PrefixStore, common_prefix, store_for_gib
+from tokensieve.engine.runner import generate
 
 METHODS = [
     ("full", {}),
@@ -193,8 +193,8 @@ def test_store_tokens_longer_than_prompt_and_zero():
 
 
 def test_smollm2_chat_questions_equal_uncached(smollm2):
-    from tokensieve.prefix_cache import chat_prefix_tokens
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.prefix_cache import chat_prefix_tokens
+    from tokensieve.engine.runner import encode_prompt
 
     model, tok = smollm2
     doc = "The vault on Elm Street is guarded by Ada Lovelace. Its secret code is 4711. " * 8

@@ -125,7 +125,7 @@ def test_embedded_copy_survives_two_processes_writing_it(tmp_path):
     """Parallel first loads of an embedded model both write the dequantized copy; the second must not fail."""
     from pathlib import Path
 
-    from tokensieve.models import store_copy
+    from tokensieve.core.models import store_copy
 
     class Tok:
         def save_pretrained(self, d):

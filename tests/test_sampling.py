@@ -7,7 +7,7 @@ import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
 from tokensieve.errors import InputError
-from tokensieve.runner import Sampling, generate
+from tokensieve.engine.runner import Sampling, generate
 
 
 def allowed_reference(logits: list[float], temperature: float, top_k: int, top_p: float) -> set[int]:

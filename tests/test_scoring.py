@@ -1,4 +1,4 @@
-"""tokensieve.scoring against slow references written with loops (one query head, one query row at a time)."""
+"""tokensieve.core.scoring against slow references written with loops (one query head, one query row at a time)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tokensieve.methods.lazyllm import last_token_attention
-from tokensieve.scoring import (
+from tokensieve.core.scoring import (
     attention_scores,
     head_sum,
     paper_scores,

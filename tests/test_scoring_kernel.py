@@ -1,4 +1,4 @@
-"""The fused Triton scoring kernels (``tokensieve.scoring_kernel``) against the slow reference, and the dispatch.
+"""The fused Triton scoring kernels (``tokensieve.kernels.scoring_kernel``) against the slow reference, and the dispatch.
 
 Triton compiles for a GPU or interprets on the CPU, decided when it is imported (``TRITON_INTERPRET=1``, and
 torch imports Triton when it is installed); so the kernels run in a child process started with the variable
@@ -20,7 +20,7 @@ from test_scoring import qk, random_mask, slow_attention_scores
 
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O
-from tokensieve.scoring import KERNEL_MIN_QUERIES, attention_scores
+from tokensieve.core.scoring import KERNEL_MIN_QUERIES, attention_scores
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (test extra, linux x86_64)")
@@ -43,8 +43,8 @@ import sys, torch
 from conftest import tiny_model
 from test_scoring import qk
 from tokensieve.methods import H2O
-from tokensieve.scoring import attention_scores
-from tokensieve.scoring_kernel import INTERPRETED, attention_scores_triton
+from tokensieve.core.scoring import attention_scores
+from tokensieve.kernels.scoring_kernel import INTERPRETED, attention_scores_triton
 
 assert INTERPRETED
 cases, out = eval(sys.argv[1]), {}
@@ -148,7 +148,7 @@ def test_h2o_rejects_an_unknown_score_kernel():
 def test_kernels_compile_for_an_h100(dtype):
     """Both kernels lower to an sm_90 binary (no GPU needed): the GPU-only code path (tensor-core tl.dot,
     loops with run-time bounds) at Llama's head dim, in the autotuner's largest block shape."""
-    from tokensieve import scoring_kernel as sk
+    from tokensieve.kernels import scoring_kernel as sk
 
     if sk.INTERPRETED:
         pytest.skip("this process imported Triton in interpreter mode")
@@ -168,7 +168,7 @@ def test_kernels_compile_for_an_h100(dtype):
 
 
 def test_h2o_asks_for_triton_when_it_is_missing(monkeypatch):
-    from tokensieve import scoring_kernel
+    from tokensieve.kernels import scoring_kernel
 
     monkeypatch.setattr(scoring_kernel, "triton", None)
     with pytest.raises(InputError, match="score_kernel='triton' needs Triton"):

@@ -21,7 +21,7 @@ from eval_support import byte_model, byte_tokenizer
 
 import tokensieve
 from tokensieve.methods import METHODS
-from tokensieve.runner import generate, generate_batch, stop_token_ids
+from tokensieve.engine.runner import generate, generate_batch, stop_token_ids
 from tokensieve.serve.app import create_app
 from tokensieve.serve.engine import TextStream
 from tokensieve.serve.metrics import Metrics

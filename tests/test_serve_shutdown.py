@@ -28,7 +28,7 @@ WAIT_S = 60.0  # bound of every wait (start-up included: the child imports torch
 # (random weights would stop at a random point), so a request runs exactly max_tokens * DELAY seconds.
 CHILD = textwrap.dedent("""
     import sys, time
-    import tokensieve.runner as runner
+    import tokensieve.engine.runner as runner
     DELAY = float(sys.argv[1])
     real = runner.generate
     def slow_generate(*args, on_token=None, **kw):

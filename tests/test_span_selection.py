@@ -11,8 +11,8 @@ from tokensieve.errors import InputError
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter, pool_and_select
 from tokensieve.methods.snapkv import SnapKV
-from tokensieve.runner import generate
-from tokensieve.scoring import pool_scores, sorted_topk, span_rank, span_scores, span_topk
+from tokensieve.engine.runner import generate
+from tokensieve.core.scoring import pool_scores, sorted_topk, span_rank, span_scores, span_topk
 
 
 def slow_rank(scores: list[float], kernel: int, pooling: str, dilation: int) -> list[int]:
@@ -109,7 +109,7 @@ def test_snapkv_dilation_keeps_span_ranked_entries_per_head():
 
     def spy(self, module, query, key):
         s = original(self, module, query, key)
-        from tokensieve.scoring import attention_scores
+        from tokensieve.core.scoring import attention_scores
 
         raw = attention_scores(query[:, :, -window:], key, module.scaling)[..., : key.shape[2] - window]
         seen.setdefault(module.layer_idx, raw)

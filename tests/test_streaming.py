@@ -1,4 +1,4 @@
-"""Streaming with a bounded, position-shifted KV cache (tokensieve.streaming, `tokensieve stream`)."""
+"""Streaming with a bounded, position-shifted KV cache (tokensieve.engine.streaming, `tokensieve stream`)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from transformers import DynamicCache
 
 from tokensieve.methods.base import cache_kwarg
 from tokensieve.evaluation.stream_ppl import stream_perplexity
-from tokensieve.streaming import (
+from tokensieve.engine.streaming import (
     FullPolicy,
     SepLLMPolicy,
     Streamer,
@@ -155,12 +155,12 @@ def test_full_stops_at_max_unless_allow_long():
     assert res.tokens_seen == 100 and res.max_position_used == 99 and res.stopped == "end of text"
 
 
-# ----------------------------------------------------------------- RoPE outside the model (tokensieve.rope)
+# ----------------------------------------------------------------- RoPE outside the model (tokensieve.core.rope)
 
 
 @pytest.mark.parametrize("rot_dim, scale", [(16, 1.0), (8, 1.0), (16, 1.7)])
 def test_rope_inverse_undoes_rotation(rot_dim, scale):
-    from tokensieve.rope import apply_rope
+    from tokensieve.core.rope import apply_rope
 
     g = torch.Generator().manual_seed(0)
     x = torch.randn(1, 2, 10, 16, generator=g)
@@ -176,7 +176,7 @@ def test_rope_inverse_undoes_rotation(rot_dim, scale):
 def test_rope_tables_rotate_like_the_model():
     from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
-    from tokensieve.rope import RopeTables, apply_rope
+    from tokensieve.core.rope import RopeTables, apply_rope
 
     model = tiny("llama")
     tables = RopeTables(model)

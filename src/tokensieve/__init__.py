@@ -19,32 +19,36 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
+from tokensieve import _moved
+
+_moved.install()  # old module paths (tokensieve.runner, ...) keep working for one release, with a warning
+
 # public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "METHODS": "tokensieve.methods",
     "Method": "tokensieve.methods",
     "make_method": "tokensieve.methods",
-    "ModelLoadError": "tokensieve.models",
-    "load_model": "tokensieve.models",
-    "GenerationResult": "tokensieve.runner",
-    "Sampling": "tokensieve.runner",
-    "encode_prompt": "tokensieve.runner",
-    "generate": "tokensieve.runner",
-    "generate_batch": "tokensieve.runner",
-    "score_continuation": "tokensieve.runner",
-    "selection_text": "tokensieve.runner",
+    "ModelLoadError": "tokensieve.core.models",
+    "load_model": "tokensieve.core.models",
+    "GenerationResult": "tokensieve.engine.runner",
+    "Sampling": "tokensieve.engine.runner",
+    "encode_prompt": "tokensieve.engine.runner",
+    "generate": "tokensieve.engine.runner",
+    "generate_batch": "tokensieve.engine.runner",
+    "score_continuation": "tokensieve.engine.runner",
+    "selection_text": "tokensieve.engine.runner",
     "InputError": "tokensieve.errors",
     "PromptTooLongError": "tokensieve.errors",
-    "use_tokensieve_attention": "tokensieve.attention",
+    "use_tokensieve_attention": "tokensieve.core.attention",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
-    from tokensieve.attention import use_tokensieve_attention  # noqa: F401
+    from tokensieve.core.attention import use_tokensieve_attention  # noqa: F401
     from tokensieve.errors import InputError, PromptTooLongError  # noqa: F401
     from tokensieve.methods import METHODS, Method, make_method  # noqa: F401
-    from tokensieve.models import ModelLoadError, load_model  # noqa: F401
-    from tokensieve.runner import (  # noqa: F401
+    from tokensieve.core.models import ModelLoadError, load_model  # noqa: F401
+    from tokensieve.engine.runner import (  # noqa: F401
         GenerationResult, Sampling, encode_prompt, generate, generate_batch, score_continuation, selection_text,
     )
 

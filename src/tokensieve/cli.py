@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     # No model hub: hub ids load from the local Hugging Face cache only (no retries on a missing network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     from tokensieve.errors import InputError
-    from tokensieve.models import ModelLoadError
+    from tokensieve.core.models import ModelLoadError
 
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning  # one line per warning (e.g. a renamed parameter)

@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     load_drafts(args, [method], model, tok)
     import sys
 
-    from tokensieve.runner import encode_prompt, generate, selection_text
+    from tokensieve.engine.runner import encode_prompt, generate, selection_text
     from tokensieve.serve.engine import TextStream
 
     messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]

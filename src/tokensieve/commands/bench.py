@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tokensieve.commands.common import add_dtype_device_args, announce_loading, add_method_args, method_params, non_negative_int, parse_sizes
 
-# tokensieve.bench.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
+# tokensieve.bench.timing.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
 SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "llama3.2-1b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
@@ -44,10 +44,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tokensieve.bench import SHAPES
+    from tokensieve.bench.timing import SHAPES
     from tokensieve.errors import InputError
     from tokensieve.methods import make_method
-    from tokensieve.models import load_model, parse_dtype
+    from tokensieve.core.models import load_model, parse_dtype
 
     if args.model is None and args.shape not in SHAPES:
         raise InputError(f"unknown shape {args.shape!r}; expected one of: {', '.join(SHAPES)}")
@@ -71,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
                          "(random-weight shapes with a draft: benchmarks/draft_gpu.py)")
     dtype = parse_dtype(args.dtype)
     announce_loading(args, args.model or f"the {args.shape} shape (random weights)")
-    from tokensieve.bench import run_bench
+    from tokensieve.bench.timing import run_bench
     from tokensieve.evaluation.plots import bench_plot
 
     model = None
@@ -80,14 +80,14 @@ def run(args: argparse.Namespace) -> int:
         model.generation_config.eos_token_id = None
         for p in params.values():
             if isinstance(p.get("filter_model"), str):
-                from tokensieve.draft import check_draft, load_draft
+                from tokensieve.core.draft import check_draft, load_draft
 
                 announce_loading(args, p["filter_model"])
                 p["filter_model"] = load_draft(p["filter_model"], model)
                 check_draft(p["filter_model"], model, _tok)
     methods = {name: {"method": name, **params[name]} for name in args.methods}
     if args.batches is not None:
-        from tokensieve.bench import run_batch_bench
+        from tokensieve.bench.timing import run_batch_bench
 
         if args.decode_tokens < 1:
             raise InputError(f"--decode-tokens must be >= 1 with --batches, got {args.decode_tokens}")
@@ -109,9 +109,9 @@ def refuse_gpu_shape_on_cpu(shape: str, device: str | None) -> None:
     """``InputError`` for a shape over ``bench.CPU_MAX_PARAMETERS`` parameters when the run would be on the CPU."""
     import torch
 
-    from tokensieve.bench import CPU_MAX_PARAMETERS, shape_parameters
+    from tokensieve.bench.timing import CPU_MAX_PARAMETERS, shape_parameters
     from tokensieve.errors import InputError
-    from tokensieve.models import default_device
+    from tokensieve.core.models import default_device
 
     if torch.device(device or default_device()).type != "cpu":
         return
@@ -128,7 +128,7 @@ def _write(res: dict, out: str | None, plot=None) -> None:
     """Write the sweep's JSON to ``out`` (and ``plot(res, PNG beside it)`` when given)."""
     if not out:
         return
-    from tokensieve.bench import save
+    from tokensieve.bench.timing import save
 
     path = Path(out)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
         model, tok = load(args)
     else:
         from tokensieve.commands.common import announce_loading
-        from tokensieve.draft import check_same_tokenizer
-        from tokensieve.models import load_model, load_tokenizer
+        from tokensieve.core.draft import check_same_tokenizer
+        from tokensieve.core.models import load_model, load_tokenizer
 
         announce_loading(args, args.filter_model)
         tok = load_tokenizer(args.model)

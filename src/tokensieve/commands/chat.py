@@ -1,6 +1,6 @@
 """`tokensieve chat`: load a model and a document once, then answer questions from standard input.
 
-The document is computed once (its state kept in a prefix cache, ``tokensieve.prefix_cache``); each
+The document is computed once (its state kept in a prefix cache, ``tokensieve.engine.prefix_cache``); each
 question then runs only its own tokens on top of it (full attention, SnapKV; GemFilter also reuses its
 filter pass), so answers after the first come much faster. Answers stream as they are generated.
 """
@@ -74,7 +74,7 @@ def messages_for(doc: str, question: str, system: str | None) -> list[dict[str, 
 def run(args: argparse.Namespace) -> int:
     from tokensieve.data import read_document
     from tokensieve.errors import InputError
-    from tokensieve.runner import Sampling
+    from tokensieve.engine.runner import Sampling
 
     if args.file == "-":
         raise InputError("--file - is not possible here: standard input carries the questions; give a file")
@@ -90,8 +90,8 @@ def run(args: argparse.Namespace) -> int:
 
     import time
 
-    from tokensieve.prefix_cache import SUPPORTED, PrefixReuse, chat_prefix_tokens, check_model, store_for_gib
-    from tokensieve.runner import encode_prompt, generate, prepare
+    from tokensieve.engine.prefix_cache import SUPPORTED, PrefixReuse, chat_prefix_tokens, check_model, store_for_gib
+    from tokensieve.engine.runner import encode_prompt, generate, prepare
     from tokensieve.serve.engine import TextStream
 
     store = store_for_gib(args.prefix_cache_gib)

@@ -126,13 +126,13 @@ def parse_text(text: str) -> str:
 
 
 def _dtype(text: str) -> str:
-    from tokensieve.models import dtype_name
+    from tokensieve.core.models import dtype_name
 
     return dtype_name(text)
 
 
 def _device(text: str) -> str:
-    from tokensieve.models import parse_device
+    from tokensieve.core.models import parse_device
 
     return parse_device(text)
 
@@ -152,7 +152,7 @@ def parse_literal(v: str) -> Any:
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
-    from tokensieve.models import EMBEDDED
+    from tokensieve.core.models import EMBEDDED
 
     p.add_argument("--model", default="smollm2", help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: smollm2)")
     add_dtype_device_args(p)
@@ -254,7 +254,7 @@ def load_drafts(args: argparse.Namespace, methods: Sequence[Method], model: Any,
     """Load the draft model each method names by ``filter_model`` (once per name, on ``model``'s device and in its
     dtype, "loading NAME ..." first) and check it against ``model``'s tokenizer (``InputError`` otherwise), so a
     wrong draft fails before any prompt runs."""
-    from tokensieve.draft import check_draft, load_draft
+    from tokensieve.core.draft import check_draft, load_draft
 
     loaded: dict[str, Any] = {}
     for m in methods:
@@ -284,7 +284,7 @@ def announce_loading(args: argparse.Namespace, name: str) -> None:
 def load(args: argparse.Namespace):
     """The model and tokenizer named by --model/--dtype/--device (``announce_loading`` first)."""
     announce_loading(args, args.model)
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
 
     return load_model(args.model, dtype=args.dtype, device=args.device)
 

@@ -132,9 +132,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"loading {args.model} ...", flush=True)
     model, tok = load(args)
 
-    from tokensieve.decode import DecoderPool
+    from tokensieve.decode.static import DecoderPool
     from tokensieve.evaluation.needle import build_needle_prompt, score_answer
-    from tokensieve.runner import generate
+    from tokensieve.engine.runner import generate
 
     device = model.device
     decoders = DecoderPool(model)
@@ -246,8 +246,8 @@ def follow_up(args, model, tok, haystack, params, decoders, cold_medians: dict[s
     from tokensieve.errors import InputError
     from tokensieve.evaluation.needle import make_messages, score_answer
     from tokensieve.methods import make_method
-    from tokensieve.prefix_cache import PrefixReuse, chat_prefix_tokens, check_model, refusal, store_for_gib
-    from tokensieve.runner import encode_prompt, generate
+    from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, check_model, refusal, store_for_gib
+    from tokensieve.engine.runner import encode_prompt, generate
 
     a, b = NEEDLES[0], NEEDLES[1 % len(NEEDLES)]
     p, doc = two_needle_prompt(tok, haystack, args.length, (a, 0.3), (b, 0.7))

@@ -171,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
 def _load_drafts(args: argparse.Namespace, model: Any, device: str | None = None) -> dict[str, Any]:
     """The --filter-model drafts, by name, each loaded once on ``model``'s device (or ``device``)."""
     from tokensieve.commands.common import announce_loading
-    from tokensieve.draft import load_draft
+    from tokensieve.core.draft import load_draft
 
     drafts = {}
     for name in args.filter_models:
@@ -184,10 +184,10 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
     """``--engine vllm``: the filter model (transformers) and the vLLM engine args for the same checkpoint.
     What can be checked without loading (vLLM installed, the method, the model's form) is checked first."""
     from tokensieve.errors import InputError
-    from tokensieve.models import cache_dir, dtype_name, model_source
+    from tokensieve.core.models import cache_dir, dtype_name, model_source
     from tokensieve.serve.app import app_for_engine
     from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
-    from tokensieve.vllm_adapter import VLLMNotInstalledError, import_vllm
+    from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, import_vllm
 
     try:
         import_vllm()
@@ -202,8 +202,8 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
 
     drafts: dict[str, Any] = {}
     if args.filter_models:  # the filter pass runs on a draft: the model itself is needed by vLLM only
-        from tokensieve.draft import check_same_tokenizer
-        from tokensieve.models import load_tokenizer
+        from tokensieve.core.draft import check_same_tokenizer
+        from tokensieve.core.models import load_tokenizer
 
         if kind == "embedded" and not (cache_dir() / str(where) / "config.json").exists():
             load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder

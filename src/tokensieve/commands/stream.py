@@ -17,7 +17,7 @@ DEPRECATED_FLAGS: tuple[tuple[str, str], ...] = (
 DEFAULT_BOOK = "2544.txt"  # the longest PG-19 book shipped in shared/data/pg19 (~90k SmolLM2 tokens)
 
 
-# The streaming policies' names (tokensieve.streaming.POLICIES; a test keeps the two equal), here so that
+# The streaming policies' names (tokensieve.engine.streaming.POLICIES; a test keeps the two equal), here so that
 # building the parser imports no torch.
 STREAM_METHODS = ("sepllm", "streamingllm", "full")
 
@@ -102,7 +102,7 @@ def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from tokensieve.data import read_document
-    from tokensieve.streaming import make_policy
+    from tokensieve.engine.streaming import make_policy
 
     apply_deprecated_flags(args)
     if args.chunk_size < 1:

@@ -6,7 +6,7 @@ the scores GemFilter would compute there (both scorings); the recall of a
 layer is the fraction of needle tokens inside its top-k selection. The best
 layer is the earliest one within ``tolerance`` of the best mean recall (an
 earlier layer makes a cheaper filter pass). Scores and selection are
-GemFilter's own functions (which call ``tokensieve.scoring``), so calibration
+GemFilter's own functions (which call ``tokensieve.core.scoring``), so calibration
 measures exactly what GemFilter would keep.
 
 With ``local_windows`` the same is measured for GemFilter's local filter pass
@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import HOOK_KWARG
+from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION, build_needle_prompt, find_span
 from tokensieve.methods.base import num_layers
 from tokensieve.methods.gemfilter import (
@@ -36,7 +36,7 @@ from tokensieve.methods.gemfilter import (
     pool_and_select,
     token_scores,
 )
-from tokensieve.scoring import span_topk
+from tokensieve.core.scoring import span_topk
 
 # The needles calibrate hides, taken in turn over the prompts: (needle, question, answer phrases). The second
 # one's answer is a value after a key, the case where isolated top-k tokens cut the answer.
@@ -50,7 +50,7 @@ SPAN_RULES = ((5, "avg", 1), (15, "avg", 1), (31, "avg", 1), (15, "max", 1), (5,
 
 def span_label(kernel: int, pooling: str, dilation: int) -> str:
     return f"{pooling}{kernel}" + (f"_d{dilation}" if dilation > 1 else "")
-from tokensieve.runner import encode_prompt
+from tokensieve.engine.runner import encode_prompt
 
 
 @torch.inference_mode()
@@ -79,7 +79,7 @@ def all_layer_scores_by_scoring(
 def all_layer_scores(
     model: PreTrainedModel, input_ids: torch.Tensor, scoring: str, window_size: int = DEFAULT_WINDOW_SIZE
 ) -> list[torch.Tensor]:
-    """GemFilter's scores [n] (``gemfilter.token_scores``, i.e. ``tokensieve.scoring``) at every layer,
+    """GemFilter's scores [n] (``gemfilter.token_scores``, i.e. ``tokensieve.core.scoring``) at every layer,
     from one full forward (no cache)."""
     return all_layer_scores_by_scoring(model, input_ids, (scoring,), window_size)[scoring]
 
@@ -127,7 +127,7 @@ def calibrate(
     """Mean needle recall of GemFilter's top-``topk`` selection at every layer, per scoring; the chosen layer.
 
     The scores and the selection are GemFilter's own (``gemfilter.token_scores`` and
-    ``pool_and_select``, i.e. ``tokensieve.scoring``), with ``window_size`` scoring queries
+    ``pool_and_select``, i.e. ``tokensieve.core.scoring``), with ``window_size`` scoring queries
     for the "window" scoring. ``local_windows``: also the recall of the local filter pass with
     each window ``w`` (and ``n_initial`` sinks); a window covering the whole prompt reuses the
     dense scores (it is the same pass).

@@ -49,7 +49,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tokensieve.methods import Method
-    from tokensieve.runner import GenerationResult
+    from tokensieve.engine.runner import GenerationResult
 
 SCHEMA = 1
 LOCK_NAME = ".lock"
@@ -74,7 +74,7 @@ def render(tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "
     The answer prefix goes after the assistant turn's start, as RULER does, so the
     model continues it instead of starting from scratch.
     """
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     ids = encode_prompt(tokenizer, [{"role": "user", "content": user}], use_chat_template=chat)[0].tolist()
     if answer_prefix:
@@ -156,7 +156,7 @@ def run_generation(
     fields every result line adds for the method (LazyLLM: :func:`revival_fields`; others: none)."""
     import torch
 
-    from tokensieve.runner import generate
+    from tokensieve.engine.runner import generate
 
     ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(1, -1)
     probe = RevivalProbe(model, method) if method.name == "lazyllm" else None
@@ -184,7 +184,7 @@ class RevivalProbe:
     """
 
     def __init__(self, model: PreTrainedModel, method: Method) -> None:
-        from tokensieve.decode import DecoderPool
+        from tokensieve.decode.static import DecoderPool
 
         self.pool = DecoderPool(model)
         self.method = _observed_lazyllm(method)
@@ -197,7 +197,7 @@ class RevivalProbe:
             self.reads.append(self._count())
 
     def _count(self) -> int | None:
-        from tokensieve.decode import LazyDecoder
+        from tokensieve.decode.static import LazyDecoder
 
         for d in self.pool.decoders.values():
             if isinstance(d, LazyDecoder):

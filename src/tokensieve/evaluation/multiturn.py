@@ -14,7 +14,7 @@ text and the facts are generated here (no SCBench code or data is used):
 * the questions are asked in a random order, one per turn, in one conversation: turn ``t``'s prompt is
   the chat of the document with the first question, then each earlier answer (the model's own) and
   the next question, up to question ``t`` (:func:`turn_messages`);
-* each turn runs through a prefix cache (``tokensieve.prefix_cache``), as ``tokensieve chat`` and
+* each turn runs through a prefix cache (``tokensieve.engine.prefix_cache``), as ``tokensieve chat`` and
   the server do: the reusable prefix of turn ``t`` is everything before its question's line
   (``chat_prefix_tokens``), so turn 1 computes and stores the document, and each later turn reuses
   the document and the earlier turns and stores them with its own answer. Each cell (sample, method)
@@ -39,7 +39,7 @@ import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, check_number
 from tokensieve.evaluation.harness import (
     REVIVAL_FIELDS, Sample, Task, generation_fields, merge_revival_fields, render, run_generation, sample_seed,
 )
@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
     from tokensieve.methods import Method
-    from tokensieve.runner import GenerationResult
+    from tokensieve.engine.runner import GenerationResult
 
 INSTRUCTION = "Answer each question from the text above in a few words."
 DEFAULT_TURNS = 5
@@ -162,9 +162,7 @@ class MultiTurnTask(Task):
             raise InputError(f"samples and turns must be >= 1, got samples={samples}, turns={turns}")
         if not lengths:
             raise InputError("give at least one length")
-        gib = prefix_cache_gib
-        if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < float("inf"):
-            raise InputError(f"the prefix cache size must be a number of GiB >= 0 (0 disables it), got {prefix_cache_gib!r}")
+        check_number("the prefix cache size (GiB)", prefix_cache_gib, 0, note=" (0 disables it)")
         self.sentences = split_sentences(haystack)
         if len(self.sentences) < MIN_SENTENCES_PER_FACT * turns:
             raise InputError(f"the haystack text has only {len(self.sentences)} sentences; "
@@ -224,8 +222,8 @@ class MultiTurnTask(Task):
     def evaluate(
         self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
     ) -> dict[str, Any]:
-        from tokensieve.prefix_cache import PrefixReuse, chat_prefix_tokens, store_for_gib
-        from tokensieve.runner import encode_prompt
+        from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, store_for_gib
+        from tokensieve.engine.runner import encode_prompt
 
         if not isinstance(sample, MultiTurnSample):
             raise TypeError(f"multiturn evaluates its own samples, got {type(sample).__name__}")
@@ -247,7 +245,7 @@ class MultiTurnTask(Task):
 
 def cache_refusal(model: PreTrainedModel, method: Method) -> str | None:
     """Why the prefix cache cannot serve ``method`` on ``model`` (the cache's own rules), or None."""
-    from tokensieve.prefix_cache import check_model, refusal
+    from tokensieve.engine.prefix_cache import check_model, refusal
 
     why = refusal(method)
     if why is None:

@@ -18,7 +18,7 @@ from tokensieve.evaluation.harness import Sample, Task
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
-    from tokensieve.runner import GenerationResult
+    from tokensieve.engine.runner import GenerationResult
 
 DEFAULT_NEEDLE = "The best thing to do in San Francisco is eat a sandwich and sit in Dolores Park on a sunny day."
 DEFAULT_QUESTION = "What is the best thing to do in San Francisco?"
@@ -49,7 +49,7 @@ def build_needle_prompt(
 
     The needle goes in at a sentence boundary near the requested depth.
     """
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     if not 0.0 <= depth <= 1.0:
         raise InputError(f"depth must be in [0, 1], got {depth}")
@@ -143,7 +143,7 @@ class NeedleTask(Task):
                 "haystack": self.haystack_name, "max_new_tokens": self.max_new_tokens}
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
-        from tokensieve.runner import encode_prompt
+        from tokensieve.engine.runner import encode_prompt
 
         for n in self.lengths:
             for d in self.depths:

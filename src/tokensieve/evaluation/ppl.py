@@ -35,10 +35,10 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.evaluation.harness import Sample, Task
-from tokensieve.memory import PeakMemory, synchronize
+from tokensieve.core.memory import PeakMemory, synchronize
 from tokensieve.methods import Method
 from tokensieve.errors import InputError
-from tokensieve.runner import score_continuation
+from tokensieve.engine.runner import score_continuation
 
 PPL_MODES = ("decode", "sliding")
 

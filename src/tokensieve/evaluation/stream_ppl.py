@@ -1,7 +1,7 @@
 """Perplexity over a token stream fed through a bounded, position-shifted cache (``tokensieve stream``).
 
 ``stream_perplexity`` feeds a text chunk by chunk through a
-``tokensieve.streaming.Streamer`` and scores every next token from what the
+``tokensieve.engine.streaming.Streamer`` and scores every next token from what the
 cache held at that moment; it records a windowed-perplexity curve, cache size,
 KV bytes and throughput. ``tokensieve.evaluation.plots.plot_stream`` draws the
 curves.
@@ -18,8 +18,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.errors import InputError
-from tokensieve.runner import feed_stream, open_stream
-from tokensieve.streaming import StreamPolicy
+from tokensieve.engine.runner import feed_stream, open_stream
+from tokensieve.engine.streaming import StreamPolicy
 
 
 @dataclass

@@ -47,7 +47,7 @@ class DecodeState:
 
 @dataclass(frozen=True)
 class DeviceEviction:
-    """How a method evicts while decoding (``tokensieve.decode`` does it on the device).
+    """How a method evicts while decoding (``tokensieve.decode.static`` does it on the device).
 
     kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest; ``budget`` in all), ``"heavy"``
     (the ``n_keep`` newest stay, then the most attended-to; ``budget`` in all) or ``"separators"`` (the
@@ -103,7 +103,7 @@ class Method:
         return {}
 
     def decode_eviction(self) -> DeviceEviction | None:
-        """How decoding evicts, for the static path (``tokensieve.decode.DeviceEviction``); ``None`` when the
+        """How decoding evicts, for the static path (``tokensieve.decode.static.DeviceEviction``); ``None`` when the
         cache only grows after the prefill."""
         return None
 

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, sdpa
-from tokensieve.cache import EvictionCache
-from tokensieve.errors import InputError
+from tokensieve.core.attention import HOOK_KWARG, sdpa
+from tokensieve.core.cache import EvictionCache
+from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positions
-from tokensieve.scoring import POOLINGS
+from tokensieve.core.scoring import POOLINGS
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -33,23 +33,13 @@ DEFAULT_DILATION = 31
 MAX_SPAN_WIDTH = 4095  # upper bound of the pooling and span widths (kernel, dilation): wider only costs time
 
 
-def check_int(name: str, value: Any, minimum: int, maximum: int | None = None) -> int:
-    """``value`` if it is an int >= ``minimum`` (and <= ``maximum`` when given); ``InputError`` (a ``ValueError``) otherwise."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise InputError(f"{name} must be an integer >= {minimum}, got {value!r}")
-    if maximum is not None and value > maximum:
-        raise InputError(f"{name} must be an integer in [{minimum}, {maximum}], got {value!r}")
-    return value
-
-
 def check_span_rule(kernel: Any, pooling: Any, dilation: Any) -> None:
     """The selecting methods' span rule (``scoring.span_rank``) checked once: ``kernel`` and ``dilation`` odd
     integers in [1, ``MAX_SPAN_WIDTH``], ``pooling`` one of ``scoring.POOLINGS``; ``InputError`` otherwise."""
     for label, value in (("kernel", kernel), ("dilation", dilation)):
         if check_int(label, value, 1, MAX_SPAN_WIDTH) % 2 == 0:
             raise InputError(f"{label} must be a positive odd integer, got {value}")
-    if pooling not in POOLINGS:
-        raise InputError(f"pooling must be one of {POOLINGS}, got {pooling!r}")
+    check_choice("pooling", pooling, POOLINGS)
 
 
 @dataclass

@@ -38,10 +38,9 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
-from tokensieve.draft import as_draft, check_draft, load_draft
-from tokensieve.errors import InputError
-from tokensieve.filter_model import filter_layer_of, input_device
+from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
+from tokensieve.core.draft import as_draft, check_draft, filter_layer_of, input_device, load_draft
+from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import (
     DecodeState,
     Method,
@@ -51,8 +50,8 @@ from tokensieve.methods.base import (
     max_positions,
     num_layers,
 )
-from tokensieve.methods.eviction import DEFAULT_DILATION, check_int, check_span_rule
-from tokensieve.scoring import attention_scores, head_sum, paper_scores, span_topk
+from tokensieve.methods.eviction import DEFAULT_DILATION, check_span_rule
+from tokensieve.core.scoring import attention_scores, head_sum, paper_scores, span_topk
 
 SCORINGS = ("paper", "window")
 FILTER_ATTENTIONS = ("auto", "dense", "local")
@@ -111,7 +110,7 @@ def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
     try:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     except (RuntimeError, TypeError):  # kernels without GQA support for this bias: repeat the KV heads
-        from tokensieve.attention import repeat_kv
+        from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
         return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
@@ -133,14 +132,14 @@ def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
     takes a mask but not ``enable_gqa``, runs instead of the math fallback.
     """
     if query.device.type == "cuda" and query.shape[1] != key.shape[1]:
-        from tokensieve.attention import repeat_kv
+        from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
         return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
     try:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     except (RuntimeError, TypeError):  # kernels without GQA support for a mask: repeat the KV heads
-        from tokensieve.attention import repeat_kv
+        from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
         return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
@@ -306,10 +305,11 @@ class GemFilter(Method):
             with a mask), ``"flex"`` (one FlexAttention call over a block-sparse mask, compiled on
             CUDA) or ``"auto"`` (flex on CUDA, sdpa elsewhere). Same result up to float rounding.
         filter_model: a draft model of the same tokenizer that runs the filter pass. A name or path
-            (loaded on the model's device), a model, a ``(model, tokenizer)`` pair or a ``draft.DraftModel``;
-            None (default) is the model itself (SpecPrefill, Liu et al., ICML 2025; ``tokensieve.draft``). Its tokenizer must be the model's (checked). ``filter_layer`` then means the draft's
-            layer (default: the draft's known layer; its last layer is allowed), every other parameter
-            applies to the draft's pass as it would to the model's; the second pass is the model's.
+            (loaded on the model's device), a model, a ``(model, tokenizer)`` pair or a ``DraftModel``
+            (``tokensieve.core.draft``); None (default) is the model itself (SpecPrefill, Liu et al.,
+            ICML 2025). Its tokenizer must be the model's (checked). ``filter_layer`` then means the
+            draft's layer (default: the draft's known layer; its last layer is allowed); every other
+            parameter applies to the draft's pass as it would to the model's; the second pass is the model's.
     """
 
     name: ClassVar[str] = "gemfilter"
@@ -367,8 +367,7 @@ class GemFilter(Method):
         return default_filter_layer(net) if loaded_for is None else loaded_for
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
-        if not isinstance(self.topk, int) or self.topk <= 0:
-            raise InputError(f"topk must be a positive integer, got {self.topk!r}")
+        check_int("topk", self.topk, 1)
         net = self.filter_net(model)
         n_layers = num_layers(net)
         r = self.resolved_layer(model)
@@ -381,14 +380,11 @@ class GemFilter(Method):
             n = prompt_len if own is None else min(prompt_len, own)
             if limit is not None and n > limit and self.topk < prompt_len:
                 raise InputError(f"the prompt has {prompt_len} tokens, more than the filter model's {limit} positions")
-        if self.scoring not in SCORINGS:
-            raise InputError(f"scoring must be one of {SCORINGS}, got {self.scoring!r}")
+        check_choice("scoring", self.scoring, SCORINGS)
         check_int("window_size", self.window_size, 1)
         check_span_rule(self.kernel, self.pooling, self.dilation)
-        if self.filter_attention not in FILTER_ATTENTIONS:
-            raise InputError(f"filter_attention must be one of {FILTER_ATTENTIONS}, got {self.filter_attention!r}")
-        if self.local_kernel not in LOCAL_KERNELS:
-            raise InputError(f"local_kernel must be one of {LOCAL_KERNELS}, got {self.local_kernel!r}")
+        check_choice("filter_attention", self.filter_attention, FILTER_ATTENTIONS)
+        check_choice("local_kernel", self.local_kernel, LOCAL_KERNELS)
         check_int("n_initial", self.n_initial, 0)
         check_int("n_recent", self.n_recent, 1)
         if self.chunk_size is not None:
@@ -469,7 +465,7 @@ class GemFilter(Method):
     def _chunked_scores(self, model: PreTrainedModel, input_ids: torch.Tensor, r: int) -> torch.Tensor:
         """Filter pass layer by layer over chunks: resident are the hidden states [1, n, D] and one
         layer's keys/values [1, kv_heads, n, head_dim], never the KV of all filter layers."""
-        from tokensieve.rope import accurate_rope
+        from tokensieve.core.rope import accurate_rope
 
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
@@ -518,7 +514,7 @@ class GemFilter(Method):
         O(r * (n_initial + n_recent + chunk)) for the rest. RoPE is computed in float64 from the
         positions (``rope.accurate_rope``), so positions past a million keep their angles.
         """
-        from tokensieve.rope import accurate_rope
+        from tokensieve.core.rope import accurate_rope
 
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device

@@ -27,11 +27,11 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.cache import EvictionCache
-from tokensieve.errors import InputError
+from tokensieve.core.cache import EvictionCache
+from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import DeviceEviction
-from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
-from tokensieve.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
+from tokensieve.methods.eviction import EvictionMethod, LayerCall
+from tokensieve.core.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 
 
 @dataclass
@@ -71,10 +71,9 @@ class H2O(EvictionMethod):
                 raise InputError(f"n_recent ({self.n_recent}) must not exceed budget ({self.budget})")
         if self.chunk_size is not None:
             check_int("chunk_size", self.chunk_size, 1)
-        if self.score_kernel not in SCORE_KERNELS:
-            raise InputError(f"score_kernel must be one of {SCORE_KERNELS}, got {self.score_kernel!r}")
+        check_choice("score_kernel", self.score_kernel, SCORE_KERNELS)
         if self.score_kernel == "triton":
-            from tokensieve import scoring_kernel  # optional Triton, imported when asked for
+            from tokensieve.kernels import scoring_kernel  # optional Triton, imported when asked for
 
             if not scoring_kernel.available():
                 raise InputError("score_kernel='triton' needs Triton, which is not installed (or use 'auto' / 'torch')")

@@ -41,10 +41,10 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
+from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
-from tokensieve.scoring import attention_scores, head_sum
+from tokensieve.core.scoring import attention_scores, head_sum
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 

@@ -24,11 +24,11 @@ function ``sepllm_visible`` (which keys a query sees) and ``sepllm_keep``
 The budgeted cache of the paper's streaming setting ("SepCache": ``a``
 initial tokens, at most ``s`` separators, a local window of ``w``, capacity
 ``c``, oldest separators evicted first) is the pure function
-``sepcache_keep``; ``tokensieve.streaming`` applies it to a position-shifted
+``sepcache_keep``; ``tokensieve.engine.streaming`` applies it to a position-shifted
 cache.
 
 Separator ids come from the model's tokenizer
-(``tokensieve.separators.separator_token_ids``) when the runner calls
+(``tokensieve.core.separators.separator_token_ids``) when the runner calls
 ``prepare``; pass ``separator_ids`` to use your own.
 """
 
@@ -40,12 +40,12 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import sdpa
-from tokensieve.cache import EvictionCache
-from tokensieve.errors import InputError
+from tokensieve.core.attention import sdpa
+from tokensieve.core.cache import EvictionCache
+from tokensieve.errors import InputError, check_int
 from tokensieve.methods.base import DecodeState, DeviceEviction
-from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall, check_int
-from tokensieve.separators import separator_token_ids
+from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall
+from tokensieve.core.separators import separator_token_ids
 
 
 def sepllm_visible(

@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, check_int
 from tokensieve.methods.base import DecodeState
-from tokensieve.methods.eviction import DEFAULT_DILATION, EvictionMethod, LayerCall, check_int, check_span_rule
-from tokensieve.scoring import attention_scores, span_scores, topk_with_recent
+from tokensieve.methods.eviction import DEFAULT_DILATION, EvictionMethod, LayerCall, check_span_rule
+from tokensieve.core.scoring import attention_scores, span_scores, topk_with_recent
 
 
 @dataclass

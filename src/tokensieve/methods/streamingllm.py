@@ -8,7 +8,7 @@ full attention at its original positions, then every layer keeps the first
 ``n_initial`` tokens (the attention sinks) and the last ``budget - n_initial``; each decoded token attends
 to those plus itself, after which the oldest non-sink entry is evicted, so the
 cache never holds more than ``budget`` entries between steps. (Streaming with
-positions shifted inside the cache is ``tokensieve.streaming``; its
+positions shifted inside the cache is ``tokensieve.engine.streaming``; its
 StreamingLLM policy keeps entries by the same rule, ``keep_sinks_and_recent``.)
 """
 
@@ -20,10 +20,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.cache import EvictionCache
-from tokensieve.errors import InputError
+from tokensieve.core.cache import EvictionCache
+from tokensieve.errors import InputError, check_int
 from tokensieve.methods.base import DecodeState, DeviceEviction
-from tokensieve.methods.eviction import EvictionMethod, LayerCall, check_int
+from tokensieve.methods.eviction import EvictionMethod, LayerCall
 
 
 def keep_sinks_and_recent(

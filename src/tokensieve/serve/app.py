@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.errors import InputError
-from tokensieve.runner import generate, generate_batch
+from tokensieve.errors import InputError, check_int
+from tokensieve.engine.runner import generate, generate_batch
 from tokensieve.serve.engine import (
     BatchFn,
     Delta,
@@ -326,8 +326,7 @@ def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int =
     """
     if isinstance(api_keys, str) or not all(isinstance(k, str) and k.strip() and k == k.strip() for k in api_keys):
         raise InputError("api_keys must be a list of non-empty key strings without surrounding spaces")
-    if isinstance(max_body_bytes, bool) or not isinstance(max_body_bytes, int) or max_body_bytes < 1:
-        raise InputError(f"max_body_bytes must be an integer >= 1, got {max_body_bytes!r}")
+    check_int("max_body_bytes", max_body_bytes, 1)
     if allowed_hosts is not None and (isinstance(allowed_hosts, str) or not all(
             isinstance(h, str) and host_name(h) and " " not in h.strip() for h in allowed_hosts)):
         raise InputError("allowed_hosts must be a list of host names (or '*'), without spaces")

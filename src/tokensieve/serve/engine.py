@@ -8,7 +8,7 @@ A request goes through three steps:
    once instead of after waiting in the queue.
 2. ``Engine.submit`` puts it in a bounded queue (``QueueFullError`` when ``max_queue`` requests already
    wait behind the running one) and returns a :class:`Job`.
-3. The worker runs ``tokensieve.runner.generate`` on it with an ``on_token`` callback that turns tokens
+3. The worker runs ``tokensieve.engine.runner.generate`` on it with an ``on_token`` callback that turns tokens
    into text (:class:`TextStream`: incremental decoding, stop strings) and posts :class:`Delta`,
    :class:`Finished` or :class:`Failed` events to the job's asyncio queue on the caller's event loop.
    The callback returns False, which stops generation at the next token, when the job was cancelled
@@ -17,7 +17,7 @@ A request goes through three steps:
 With ``max_batch`` > 1 the worker takes the next request and every waiting request that can share its
 batch (``Engine.joins``: same method and parameters, a method in ``BATCH_METHODS``, batch-compatible
 sampling, no long prefix for the prefix cache), up to ``max_batch``, and runs them through
-``tokensieve.runner.generate_batch`` with one callback per row: each row streams, stops and is cancelled
+``tokensieve.engine.runner.generate_batch`` with one callback per row: each row streams, stops and is cancelled
 on its own, and every job's final event (and its usage) comes when the batch ends.
 
 Nothing is shared between engines: each owns its queue, worker, locks and records.
@@ -43,13 +43,13 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.decode import DecoderPool
+from tokensieve.decode.static import DecoderPool
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, max_positions
-from tokensieve.draft import DraftModel, check_draft
-from tokensieve.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
-from tokensieve.runner import GenerationResult, Sampling, encode_prompt, generate, generate_batch, prepare, stop_token_ids
+from tokensieve.core.draft import DraftModel, check_draft
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore, chat_prefix_tokens, check_model, refusal, store_for_gib, text_prefix_tokens
+from tokensieve.engine.runner import GenerationResult, Sampling, encode_prompt, generate, generate_batch, prepare, stop_token_ids
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
 
@@ -428,8 +428,8 @@ class Engine:
 
     ``max_queue`` requests may wait while one request (or batch) runs; ``request_timeout_s`` bounds a
     request's time from submission to its last token (checked between tokens: a running prefill is not
-    interrupted). ``generate_fn`` is ``tokensieve.runner.generate`` and ``generate_batch_fn``
-    ``tokensieve.runner.generate_batch`` (tests pass wrappers that can block).
+    interrupted). ``generate_fn`` is ``tokensieve.engine.runner.generate`` and ``generate_batch_fn``
+    ``tokensieve.engine.runner.generate_batch`` (tests pass wrappers that can block).
     """
 
     name = "transformers"  # what /health reports as the engine

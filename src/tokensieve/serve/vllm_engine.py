@@ -6,7 +6,7 @@ Per request:
    checked, templated and encoded by the same code whichever engine answers it), then a check that the
    method is one vLLM can run: a prompt-selection method (GemFilter) or ``full``. KV-cache methods change
    the cache while decoding, which vLLM does not expose; they get a 400 naming the allowed methods.
-2. The filter pass (``tokensieve.vllm_adapter.select_tokens``) runs on the transformers model in one
+2. The filter pass (``tokensieve.integrations.vllm_adapter.select_tokens``) runs on the transformers model in one
    worker thread, one request at a time (``full`` skips it and keeps the whole prompt).
 3. The kept ids go to vLLM's ``AsyncLLM`` as a token prompt, with ``SamplingParams`` taken from the
    request. vLLM streams new token ids; tokensieve turns them into text (:class:`TextStream`: stop
@@ -31,7 +31,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS, Method
-from tokensieve.runner import GenerationResult
+from tokensieve.engine.runner import GenerationResult
 from tokensieve.serve.engine import (
     Delta,
     Engine,
@@ -45,7 +45,7 @@ from tokensieve.serve.engine import (
 )
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
-from tokensieve.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
+from tokensieve.integrations.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Rotary position embedding (RoPE) applied and undone outside the model, from the model's own tables.
 
-A position-shifting cache (``tokensieve.streaming``) stores keys **without**
+A position-shifting cache (``tokensieve.engine.streaming``) stores keys **without**
 RoPE and rotates them at whatever positions they hold in the cache at each
 step; new keys come out of the model rotated at their positions and are
 un-rotated before they are stored. This module has the two pieces: the

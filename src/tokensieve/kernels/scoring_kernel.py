@@ -181,7 +181,7 @@ if triton is not None:  # jitted once; Triton reads TRITON_INTERPRET when it is 
         _COLUMN_SUMS_TUNED = triton.autotune(_configs, key=["D", "UPCAST", "PRECISION"])(triton.jit(_column_sums))
 
 
-def _next_pow2(x: int) -> int:
+def next_pow2(x: int) -> int:
     return 1 << max(0, math.ceil(math.log2(max(1, x))))
 
 
@@ -244,7 +244,7 @@ def attention_scores_triton(
     for name, v in (("block_m", bm), ("block_n", bn)):
         if v < 16 or v & (v - 1):
             raise ValueError(f"{name} must be a power of two >= 16, got {v}")
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     upcast, precision = dot_mode(query.dtype, interpret)
     scale2 = float(scaling) * LOG2E
     offset = kv_len - q_len

@@ -98,7 +98,7 @@ def uses_kernel(query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Te
         return False
     if not (_half_on_cuda(query, key) and query.dtype == key.dtype):
         return False
-    from tokensieve import scoring_kernel  # optional Triton: imported only when a GPU call may use it
+    from tokensieve.kernels import scoring_kernel  # optional Triton: imported only when a GPU call may use it
 
     return scoring_kernel.available() and not scoring_kernel.INTERPRETED
 
@@ -137,7 +137,7 @@ def attention_scores(
     if offset < 0:
         raise ValueError(f"more queries ({q_len}) than keys ({kv_len})")
     if uses_kernel(query, key, attention_mask, kernel):
-        from tokensieve.scoring_kernel import attention_scores_triton
+        from tokensieve.kernels.scoring_kernel import attention_scores_triton
 
         return attention_scores_triton(query, key, scaling, row_lse=row_lse)
     dtype = _score_dtype(query, key)

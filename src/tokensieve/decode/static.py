@@ -54,18 +54,22 @@ the eager path; ``supports_static`` says which.
 
 from __future__ import annotations
 
+import logging
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from transformers import Cache, PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, sdpa
+from tokensieve.core.attention import HOOK_KWARG, sdpa
 from tokensieve.errors import InputError
 from tokensieve.methods.base import DeviceEviction, has_sliding_layers
 from tokensieve.methods.lazyllm import LazyModules, keep_count
-from tokensieve.scoring import spans, matmul_fp32
+from tokensieve.core.scoring import spans, matmul_fp32
+
+log = logging.getLogger(__name__)
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
 # tail the step reads is small (at most BUCKET - 1 entries) and prompts of similar size share a graph.
@@ -126,9 +130,11 @@ def capture_graph(run: Any, state: list[torch.Tensor]) -> tuple[Any, torch.Tenso
     torch.cuda.current_stream().wait_stream(stream)
     restore()
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph), torch.inference_mode():
-        out = run()
-    restore()  # capture does not run kernels, but be exact about the state
+    try:
+        with torch.cuda.graph(graph), torch.inference_mode():
+            out = run()
+    finally:
+        restore()  # capture does not run kernels, but be exact about the state (also when it failed)
     torch.cuda.synchronize()
     return graph, out, time.perf_counter() - t0
 
@@ -156,7 +162,7 @@ def pick_attention_kernel(choice: str, dev: torch.device, why_not: str | None = 
         raise InputError(f"attention_kernel must be one of {ATTENTION_KERNELS}, got {choice!r}")
     if choice == "torch" or (choice == "auto" and dev.type != "cuda"):
         return "torch", None
-    from tokensieve import decode_kernel  # optional Triton, imported only when the kernel may be used
+    from tokensieve.kernels import decode_kernel  # optional Triton, imported only when the kernel may be used
 
     why = "Triton is not installed" if not decode_kernel.available() else why_not
     if choice == "triton" and why is not None:
@@ -172,9 +178,23 @@ class _CapturedStep:
     ``token``, ``logits``, ``capture_s`` and ``_graph`` on the decoder."""
 
     def _capture(self, run: Any, state: list[torch.Tensor]) -> None:
+        """Capture ``run`` once. A capture the CUDA driver invalidates is tried once more (what the first attempt
+        loaded, e.g. a kernel's module, is then in place); if that fails too, this decoder runs its step without
+        a graph from then on, with a warning: the tokens are the same, only slower."""
         if not self.use_graph or self._graph is not None:
             return
-        self._graph, self.logits, self.capture_s = capture_graph(run, state)
+        for attempt in (1, 2):
+            try:
+                self._graph, self.logits, self.capture_s = capture_graph(run, state)
+                return
+            except RuntimeError as err:  # torch.AcceleratorError and Triton's launch errors are RuntimeErrors
+                first_line = (str(err).splitlines() or [type(err).__name__])[0]
+                if attempt == 2:
+                    warnings.warn(f"CUDA graph capture failed twice ({first_line}); this decoder (capacity "
+                                  f"{self.capacity}) runs its step without a graph", RuntimeWarning, stacklevel=3)
+                    self.use_graph = False
+                    return
+                log.warning("CUDA graph capture failed (%s); trying once more", first_line)
 
     def _feed(self, token: torch.Tensor) -> None:
         if self.steps_left <= 0:

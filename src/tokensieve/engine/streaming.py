@@ -24,7 +24,7 @@ however long the stream is. Keys are stored **without** rotary embedding
 positions we pass; tokensieve's attention hook then
 
 1. rotates the stored keys at their cache positions ``0 .. L-1`` with the
-   model's own ``rotary_emb`` (cos/sin tables; ``tokensieve.rope``),
+   model's own ``rotary_emb`` (cos/sin tables; ``tokensieve.core.rope``),
 2. attends the chunk's queries to [cache keys, chunk keys] (causal inside the
    chunk),
 3. un-rotates the chunk's keys (RoPE is a rotation: the inverse uses
@@ -62,12 +62,12 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention, repeat_kv
+from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention, repeat_kv
 from tokensieve.errors import InputError
 from tokensieve.methods.base import max_positions, num_layers, rename_params
 from tokensieve.methods.sepllm import sepcache_keep
 from tokensieve.methods.streamingllm import keep_sinks_and_recent
-from tokensieve.rope import RopeTables, apply_rope
+from tokensieve.core.rope import RopeTables, apply_rope
 
 
 class ContextFullError(InputError):
@@ -262,7 +262,7 @@ class Streamer:
     """Feeds a token stream through ``model`` in chunks with a bounded, position-shifted KV cache.
 
     ``separator_ids``: token ids that count as separators (SepLLM; see
-    ``tokensieve.separators.separator_token_ids``). ``allow_long``: let full
+    ``tokensieve.core.separators.separator_token_ids``). ``allow_long``: let full
     attention run past the model's maximum position (to show the breakdown).
     The instance owns its cache; batch size is 1.
     """

@@ -5,7 +5,7 @@ architecture's config with random weights gives true figures without the
 checkpoint. ``run_bench`` measures, per method and prompt length: TTFT (median
 of ``repeats`` runs after a warm-up, device-synchronised), peak memory, KV
 bytes after prefill, the median and p90 of ``decode_tokens`` decoding steps, their
-roofline (``tokensieve.roofline``: the bytes a step must read at the device bandwidth
+roofline (``tokensieve.bench.roofline``: the bytes a step must read at the device bandwidth
 measured in the same run) and the end-to-end latency of an ``answer_tokens`` answer.
 ``run_batch_bench`` measures batch throughput: ``batch`` prompts of one length answered together
 (``generate_batch``), generated tokens per second at each batch size and the ratio to batch 1.
@@ -24,12 +24,12 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from tokensieve.attention import use_tokensieve_attention
-from tokensieve.errors import InputError
+from tokensieve.core.attention import use_tokensieve_attention
+from tokensieve.errors import InputError, check_int
 from tokensieve.methods import Method, make_method
-from tokensieve.decode import DecoderPool
-from tokensieve.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
-from tokensieve.runner import generate, generate_batch
+from tokensieve.decode.static import DecoderPool
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
+from tokensieve.engine.runner import generate, generate_batch
 
 # Real architectures' shapes (config values from their published config.json files).
 SHAPES: dict[str, dict[str, Any]] = {
@@ -284,8 +284,7 @@ def run_batch_bench(
     """Batch throughput: methods x lengths x batch sizes on one model; JSON-ready, with per-cell
     ``speedup_vs_batch1`` (decode throughput over the same method and length at batch 1, when measured)."""
     for b in batches:
-        if isinstance(b, bool) or not isinstance(b, int) or b < 1:
-            raise InputError(f"batch sizes must be integers >= 1, got {b!r}")
+        check_int("batch size", b, 1)
     device, model, build_s, built = _setup(shape, methods, dtype, device, model)
     # No shared DecoderPool: each cell's static buffers (batch x capacity, up to tens of GiB) are freed after
     # it; the capture is made per cell and never counted as decode time.
@@ -350,8 +349,7 @@ def run_bench(
     once, in this run, unless ``bandwidth_Bps`` gives it.
     """
     for name, v in (("decode_tokens", decode_tokens), ("answer_tokens", answer_tokens)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise InputError(f"{name} must be an integer >= 0 (0 skips it), got {v!r}")
+        check_int(name, v, 0, note=" (0 skips it)")
     device, model, build_s, built = _setup(shape, methods, dtype, device, model)
     if bandwidth_Bps is None and decode_tokens > 0:
         bandwidth_Bps = copy_bandwidth(device)

@@ -11,7 +11,7 @@ to the embeddings, the LM head (put on ``"meta"`` by ``drop_lm_head``: it is nev
 ``device_map`` spreads the layers that are loaded over the visible devices with accelerate (``"auto"``,
 ``"balanced"``, ``"sequential"`` or an explicit ``{module name: device}`` dict), so the filter pass of a
 model larger than one GPU runs over several GPUs; the second pass (the model on the kept ids) can then
-run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.vllm_adapter``).
+run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.integrations.vllm_adapter``).
 
 The filter model keeps the *full* model's ``model_type`` but not its depth; the layer it was loaded for is
 kept as ``model.config.tokensieve_filter_layer`` (:func:`filter_layer_of` reads it), and
@@ -25,7 +25,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tokensieve.errors import InputError
+from tokensieve.core.draft import FILTER_LAYER_KEY, filter_layer_of, input_device  # noqa: F401  (their home is core)
+from tokensieve.errors import InputError, check_int
 
 if TYPE_CHECKING:
     import torch
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-CONFIG_KEY = "tokensieve_filter_layer"
+CONFIG_KEY = FILTER_LAYER_KEY  # the config attribute holding the layer a filter-only model was loaded for
 FULL_LAYERS_KEY = "tokensieve_full_layers"
 
 
@@ -47,8 +48,7 @@ def filter_config(config: PretrainedConfig, filter_layer: int) -> PretrainedConf
     cfg = copy.deepcopy(config)
     text = cfg.get_text_config()
     n = int(text.num_hidden_layers)
-    if isinstance(filter_layer, bool) or not isinstance(filter_layer, int) or not 0 <= filter_layer < n:
-        raise InputError(f"filter_layer must be an integer in [0, {n - 1}] for this model, got {filter_layer!r}")
+    check_int("filter_layer", filter_layer, 0, n - 1, note=" for this model")
     keep = filter_layer + 1
     for name in ("layer_types",):
         value = getattr(text, name, None)
@@ -58,12 +58,6 @@ def filter_config(config: PretrainedConfig, filter_layer: int) -> PretrainedConf
     setattr(cfg, CONFIG_KEY, filter_layer)
     setattr(cfg, FULL_LAYERS_KEY, n)
     return cfg
-
-
-def filter_layer_of(model: PreTrainedModel) -> int | None:
-    """The filter layer a model was loaded for by :func:`load_filter_model` (None for a full model)."""
-    value = getattr(model.config, CONFIG_KEY, None)
-    return int(value) if value is not None else None
 
 
 def _check_device_map(device_map: str | dict[str, Any] | None) -> None:
@@ -105,8 +99,8 @@ def load_filter_model(
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from tokensieve.attention import use_tokensieve_attention
-    from tokensieve.models import ModelLoadError, default_device, default_dtype, parse_dtype
+    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())
@@ -130,11 +124,6 @@ def load_filter_model(
     model.eval()
     use_tokensieve_attention(model)
     return model
-
-
-def input_device(model: PreTrainedModel) -> torch.device:
-    """Where the token ids go: the device of the input embeddings (the first module of a split model)."""
-    return model.get_input_embeddings().weight.device
 
 
 def filter_fraction(config: PretrainedConfig, filter_layer: int) -> dict[str, float]:
@@ -200,8 +189,8 @@ def build_filter_model(
     from accelerate import dispatch_model
     from transformers import AutoModelForCausalLM
 
-    from tokensieve.attention import use_tokensieve_attention
-    from tokensieve.models import default_device, default_dtype, parse_dtype
+    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.core.models import default_device, default_dtype, parse_dtype
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())

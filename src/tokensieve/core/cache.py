@@ -15,7 +15,7 @@ Sliding-window layers (``DynamicSlidingWindowLayer``, e.g. Gemma 3's local
 layers) are left as they are: they already hold a bounded window, and their
 masks rely on their own bookkeeping.
 
-The scores that decide which entries stay are computed in ``tokensieve.scoring``.
+The scores that decide which entries stay are computed in ``tokensieve.core.scoring``.
 """
 
 from __future__ import annotations

@@ -20,14 +20,14 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import ensure_tokensieve_attention
-from tokensieve.decode import DecoderPool, supports_static, tracks_for
-from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
-from tokensieve.memory import PeakMemory, synchronize
+from tokensieve.core.attention import ensure_tokensieve_attention
+from tokensieve.decode.static import DecoderPool, supports_static, tracks_for
+from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError, check_int, check_number
+from tokensieve.core.memory import PeakMemory, synchronize
 from tokensieve.methods import Method, make_method
 from tokensieve.methods.base import BATCH_METHODS, DecodeState, batch_refused, cache_stats, left_pad, max_positions
-from tokensieve.separators import separator_token_ids
-from tokensieve.streaming import ContextFullError, StreamPolicy, Streamer
+from tokensieve.core.separators import separator_token_ids
+from tokensieve.engine.streaming import ContextFullError, StreamPolicy, Streamer
 
 Messages = Sequence[dict[str, str]]
 
@@ -263,7 +263,7 @@ def drive(
     next target token; ``max_steps`` bounds the steps after the prefill. Timing is
     device-synchronised: the first choice closes the TTFT, and each step is timed whole.
 
-    ``decode``: ``"auto"`` decodes on static KV buffers with a captured step (``tokensieve.decode``)
+    ``decode``: ``"auto"`` decodes on static KV buffers with a captured step (``tokensieve.decode.static``)
     where the method and model allow it and on the eager path otherwise; ``"static"`` insists
     (``InputError`` where unsupported); ``"eager"`` runs the method's own ``step``. ``decoders``
     keeps captured steps across calls (one capture per capacity bucket); without it a capture is
@@ -365,12 +365,9 @@ class Sampling:
 
     def __post_init__(self) -> None:
         t, p, k = self.temperature, self.top_p, self.top_k
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t < float("inf"):
-            raise InputError(f"temperature must be a number >= 0 (0 = greedy), got {t!r}")
-        if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0.0 < p <= 1.0:
-            raise InputError(f"top_p must be in (0, 1], got {p!r}")
-        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
-            raise InputError(f"top_k must be an integer >= 0 (0 = no limit), got {k!r}")
+        check_number("temperature", t, 0, note=" (0 = greedy)")
+        check_number("top_p", p, 0, 1, above=True)
+        check_int("top_k", k, 0, note=" (0 = no limit)")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
                                       or not -(2**63) <= self.seed < 2**64):
             raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
@@ -424,8 +421,7 @@ class Sampling:
 def check_max_new_tokens(max_new_tokens: Any, model: PreTrainedModel | None = None, allow_long: bool = False) -> None:
     """An int >= 1, and (given ``model``, unless ``allow_long``) at most the model's maximum positions: the
     decoding buffers are sized by it, so a huge value would try to allocate them."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise InputError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+    check_int("max_new_tokens", max_new_tokens, 1)
     limit = max_positions(model) if model is not None else None
     if limit is not None and max_new_tokens > limit and not allow_long:
         raise InputError(
@@ -705,8 +701,7 @@ def open_stream(
     are checked against the model's maximum position. Feed the stream with ``feed_stream``.
     """
     policy.validate()
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise InputError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+    check_int("chunk_size", chunk_size, 1)
     if separator_ids is None and tokenizer is not None and policy.name == "sepllm":
         separator_ids = separator_token_ids(tokenizer)
     streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)

@@ -36,7 +36,7 @@ try:  # torch >= 2.6: user Triton kernels that torch.compile traces into its gra
 except ImportError:  # pragma: no cover
     triton_op = wrap_triton = None
 
-from tokensieve.scoring_kernel import LOG2E, _next_pow2, available, dot_mode, interpreting, tl, triton
+from tokensieve.kernels.scoring_kernel import LOG2E, next_pow2, available, dot_mode, interpreting, tl, triton
 
 __all__ = ["available", "decode_attention_triton", "splits_for"]
 
@@ -207,7 +207,7 @@ def _attention(
     if out.numel() == 0:
         return out
     upcast, precision = dot_mode(q.dtype, interpret)
-    block_d = max(16, _next_pow2(d))
+    block_d = max(16, next_pow2(d))
     m = torch.empty(b * hkv, n_splits, group, dtype=torch.float32, device=q.device)
     l = torch.empty_like(m)
     acc = torch.empty(b * hkv, n_splits, group, d, dtype=torch.float32, device=q.device)
@@ -216,11 +216,11 @@ def _attention(
     _launch(_SPLIT_PARTIALS)[(b * hkv, n_splits)](
         q, keys, values, flags, limit, m, l, acc, scaling * LOG2E, group, hkv, cap, split_len,
         *q.stride(), *keys.stride(), *values.stride(), *flags.stride(),
-        D=d, BLOCK_G=max(16, _next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+        D=d, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
         **gpu,
     )
     _launch(_COMBINE)[(b * hkv * group,)](
-        m, l, acc, out, group, n_splits, D=d, BLOCK_S=_next_pow2(n_splits), BLOCK_D=block_d,
+        m, l, acc, out, group, n_splits, D=d, BLOCK_S=next_pow2(n_splits), BLOCK_D=block_d,
         **({} if interpret else dict(num_warps=GPU_WARPS)),
     )
     return out

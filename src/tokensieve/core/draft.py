@@ -27,6 +27,18 @@ if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+FILTER_LAYER_KEY = "tokensieve_filter_layer"  # config attribute of a filter-only model (integrations.filter_model)
+
+
+def filter_layer_of(model: PreTrainedModel) -> int | None:
+    """The filter layer a filter-only model was loaded for (``integrations.filter_model``; None for a full model)."""
+    value = getattr(model.config, FILTER_LAYER_KEY, None)
+    return int(value) if value is not None else None
+
+
+def input_device(model: PreTrainedModel) -> torch.device:
+    """Where the token ids go: the device of the input embeddings (the first module of a split model)."""
+    return model.get_input_embeddings().weight.device
 
 
 @dataclass(eq=False)
@@ -80,7 +92,7 @@ def as_draft(spec: Any, target: PreTrainedModel | None = None) -> DraftModel | s
 def load_draft(name: str, target: PreTrainedModel | None = None, dtype: Any = None, device: Any = None) -> DraftModel:
     """Load draft ``name`` (``tokensieve.load_model``) on the target's device and in its dtype (without a
     target: ``dtype`` and ``device``, None for ``load_model``'s defaults)."""
-    from tokensieve.models import load_model
+    from tokensieve.core.models import load_model
 
     if target is not None:
         dtype, device = target.dtype, str(target.device)

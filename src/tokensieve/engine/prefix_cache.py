@@ -42,9 +42,9 @@ from typing import Any, ClassVar
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.attention import HOOK_KWARG, ensure_tokensieve_attention
-from tokensieve.cache import EvictionCache
-from tokensieve.errors import InputError
+from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
+from tokensieve.core.cache import EvictionCache
+from tokensieve.errors import InputError, check_int, check_number
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
 from tokensieve.methods.gemfilter import GemFilter, token_scores
 from tokensieve.methods.snapkv import SnapKV
@@ -96,8 +96,7 @@ class PrefixStore:
     """
 
     def __init__(self, max_bytes: int) -> None:
-        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
-            raise InputError(f"max_bytes must be an integer >= 0, got {max_bytes!r}")
+        check_int("max_bytes", max_bytes, 0)
         self.max_bytes = max_bytes
         self._entries: OrderedDict[int, PrefixState] = OrderedDict()
         self._next = 0
@@ -183,10 +182,12 @@ class PrefixStore:
         return len(keys)
 
 
+GIB_NAME = "the prefix cache size (GiB)"  # how a size in GiB is named in errors
+
+
 def store_for_gib(gib: float) -> PrefixStore | None:
     """A store of ``gib`` GiB, or None for 0 (disabled)."""
-    if isinstance(gib, bool) or not isinstance(gib, (int, float)) or not 0 <= gib < float("inf"):
-        raise InputError(f"the prefix cache size must be a number of GiB >= 0 (0 disables it), got {gib!r}")
+    check_number(GIB_NAME, gib, 0, note=" (0 disables it)")
     return PrefixStore(int(gib * GIB)) if gib > 0 else None
 
 
@@ -243,8 +244,8 @@ class PrefixReuse(Method):
         why = refusal(inner)
         if why is not None:
             raise InputError(why)
-        if store_tokens is not None and (isinstance(store_tokens, bool) or not isinstance(store_tokens, int) or store_tokens < 0):
-            raise InputError(f"store_tokens must be an integer >= 0 or None, got {store_tokens!r}")
+        if store_tokens is not None:
+            check_int("store_tokens", store_tokens, 0, note=" or None")
         self.inner = inner
         self.store = store
         self.store_tokens = store_tokens or 0
@@ -473,7 +474,7 @@ def chat_prefix_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[s
     message or an earlier turn, or a document followed by a question on its own last line, is thus
     cached, and the question is not.
     """
-    from tokensieve.runner import encode_prompt
+    from tokensieve.engine.runner import encode_prompt
 
     last = max((i for i, m in enumerate(messages) if m.get("role") == "user"), default=None)
     if last is None:

@@ -395,7 +395,7 @@ def load_model(
             ) from None
     model.to(device)
     model.eval()
-    from tokensieve.attention import use_tokensieve_attention
+    from tokensieve.core.attention import use_tokensieve_attention
 
     use_tokensieve_attention(model)
     log.info("loaded %s in %.1f s", name_or_path, time.perf_counter() - t0)

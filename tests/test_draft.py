@@ -441,7 +441,7 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     assert engine.model is engine.filter_models[str(draft)].model  # ... the filter pass runs on the draft
     d, tok = load_model(str(draft))
     ids = tok(TEXT[:600], return_tensors="pt")["input_ids"]
-    got = select_tokens(engine.model, engine.tokenizer, ids, make_method("gemfilter", **engine.default_params))
+    got = select_tokens(engine.model, engine.tokenizer, ids, make_method("gemfilter", **engine.preparer.default_params))
     assert got.kept_indices == GemFilter(topk=64).select(d, ids).tolist()
     code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter",
                         "--filter-model", str(other)], capsys)

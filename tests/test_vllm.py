@@ -191,6 +191,27 @@ def test_vllm_answer_equals_tokensieve(llm, smollm2_f32, length, depth, k):
     assert res.text.strip() == ref.text.strip()
 
 
+@needs_vllm
+@pytest.mark.real_model
+def test_vllm_answer_on_a_drafts_selection(llm, smollm2_f32):
+    """The draft runs in tokensieve, vLLM answers: a draft with the model's own weights (another object) gives
+    the self-filter's kept ids and answer; the draft alone on the transformers side gives the same."""
+    import copy
+
+    from tokensieve.data import read_text
+    from tokensieve.evaluation.needle import build_needle_prompt
+    from tokensieve.methods import GemFilter
+
+    model, tok = smollm2_f32
+    draft = copy.deepcopy(model)
+    prompt = build_needle_prompt(tok, read_text(None, min_chars=12 * 1500), 1500, 0.4)
+    ref = generate_with_vllm(llm, model, tok, prompt.messages, topk=256, max_new_tokens=16)
+    got = generate_with_vllm(llm, model, tok, prompt.messages, GemFilter(topk=256, filter_model=(draft, tok)), max_new_tokens=16)
+    alone = generate_with_vllm(llm, draft, tok, prompt.messages, topk=256, max_new_tokens=16)
+    assert got.kept_indices == ref.kept_indices == alone.kept_indices
+    assert got.token_ids == ref.token_ids == alone.token_ids
+
+
 # ---- tokensieve serve --engine vllm: the real server, the official openai client ----------------------
 
 @needs_vllm

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from tokensieve.commands.common import (
-    add_method_args, add_model_args, add_text_args, build_methods, fmt_bytes, load, parse_size, parse_text, print_json,
+    add_method_args, add_model_args, add_text_args, build_methods, load_drafts, fmt_bytes, load, parse_size, parse_text, print_json,
 )
 from tokensieve.data import DEFAULT_MAX_INPUT_BYTES
 
@@ -35,6 +35,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"the document {'on standard input' if args.file == '-' else args.file} is empty")
     (method,) = build_methods(args)
     model, tok = load(args)
+    load_drafts(args, [method], model, tok)
     import sys
 
     from tokensieve.engine.runner import encode_prompt, generate, selection_text

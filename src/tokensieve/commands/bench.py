@@ -8,7 +8,7 @@ from pathlib import Path
 from tokensieve.commands.common import add_dtype_device_args, announce_loading, add_method_args, method_params, non_negative_int, parse_sizes
 
 # tokensieve.bench.timing.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
-SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
+SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "llama3.2-1b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -65,6 +65,10 @@ def run(args: argparse.Namespace) -> int:
     params = method_params(args)
     for name, p in params.items():
         make_method(name, **p)  # a bad parameter fails before any model is built
+    drafts = {p["filter_model"] for p in params.values() if isinstance(p.get("filter_model"), str)}
+    if drafts and not args.model:
+        raise InputError("--filter-model needs --model: a draft is a real checkpoint of the model's tokenizer "
+                         "(random-weight shapes with a draft: benchmarks/draft_gpu.py)")
     dtype = parse_dtype(args.dtype)
     if args.out and args.batches is None:  # the PNG beside it needs matplotlib: say so before anything runs
         from tokensieve.errors import require_extra
@@ -75,8 +79,15 @@ def run(args: argparse.Namespace) -> int:
 
     model = None
     if args.model:
-        model, _ = load_model(args.model, dtype=dtype, device=args.device)
+        model, _tok = load_model(args.model, dtype=dtype, device=args.device)
         model.generation_config.eos_token_id = None
+        for p in params.values():
+            if isinstance(p.get("filter_model"), str):
+                from tokensieve.core.draft import check_draft, load_draft
+
+                announce_loading(args, p["filter_model"])
+                p["filter_model"] = load_draft(p["filter_model"], model)
+                check_draft(p["filter_model"], model, _tok)
     methods = {name: {"method": name, **params[name]} for name in args.methods}
     if args.batches is not None:
         from tokensieve.bench.timing import run_batch_bench

@@ -27,6 +27,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p)
+    p.add_argument("--filter-model", default=None, metavar="NAME|PATH",
+                   help="calibrate this draft model for --model instead of --model itself: its tokenizer is checked against "
+                        "--model's (only --model's tokenizer is loaded), every layer of the draft is measured, its last "
+                        "layer included (a draft may run all its layers)")
     p.add_argument("--lengths", type=parse_sizes, default=[2048, 4096], help="prompt lengths (default 2k,4k)")
     p.add_argument("--depths", type=parse_floats, default=[0.1, 0.3, 0.5, 0.7, 0.9], help="needle depths (default 0.1,...,0.9)")
     p.add_argument("--topk", type=parse_size, default=1024, help="selection size (default 1024)")
@@ -54,11 +58,23 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--n-initial must be >= 0, got {args.n_initial}")
     if any(w < 1 for w in args.local_windows):
         raise InputError(f"--local-windows must be positive, got {args.local_windows}")
-    model, tok = load(args)
+    if args.filter_model is not None and (not args.filter_model.strip() or args.filter_model != args.filter_model.strip()):
+        raise InputError(f"--filter-model: expected a model name or path, got {args.filter_model!r}")
+    if args.filter_model is None:
+        model, tok = load(args)
+    else:
+        from tokensieve.commands.common import announce_loading
+        from tokensieve.core.draft import check_same_tokenizer
+        from tokensieve.core.models import load_model, load_tokenizer
+
+        announce_loading(args, args.filter_model)
+        tok = load_tokenizer(args.model)
+        model, draft_tok = load_model(args.filter_model, dtype=args.dtype, device=args.device)
+        check_same_tokenizer(tok, draft_tok)
     hay = read_text(args.haystack, min_chars=max(args.lengths) * 8, encoding=args.encoding, errors=args.encoding_errors)
     cal = calibrate(model, tok, hay, args.lengths, args.depths, topk=args.topk, window_size=args.window_size,
                     scorings=scorings, local_windows=args.local_windows, n_initial=args.n_initial)
-    res = cal.to_dict() | {"model": args.model}
+    res = cal.to_dict() | {"model": args.model, "filter_model": args.filter_model}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(res, indent=1))
@@ -74,7 +90,11 @@ def run(args: argparse.Namespace) -> int:
     for i in range(len(cols[0][1])):
         print(f"{i:>5} " + " ".join(f"{vals[i]:{width}.2f}" for _, vals in cols))
     extra = f" --param window_size={cal.window_size}" if cal.best_scoring == "window" and cal.window_size != DEFAULT_WINDOW_SIZE else ""
-    print(f"chosen: --filter-layer {cal.best_layer} --scoring {cal.best_scoring}{extra}")
+    draft = f"--filter-model {args.filter_model} " if args.filter_model else ""
+    print(f"chosen: {draft}--filter-layer {cal.best_layer} --scoring {cal.best_scoring}{extra}")
+    last = len(cols[0][1]) - 1
+    print(f"last layer {last}: recall {cal.last_layer_recall:.2f} ({cal.last_layer_gain:+.2f} against layer {cal.best_layer}"
+          + ("; it is the chosen layer)" if cal.best_layer == last else ")"))
     print(f"\nanswer tokens kept by each span rule at layer {cal.best_layer} (top-{args.topk}; whole: the whole answer kept)")
     for label, r in cal.span_recall.items():
         print(f"  {label:>10}  recall {r['answer_recall']:.2f}  whole {r['answer_whole']:.2f}")

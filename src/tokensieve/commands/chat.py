@@ -8,10 +8,11 @@ filter pass), so answers after the first come much faster. Answers stream as the
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 
 from tokensieve.commands.common import (
-    add_method_args, add_model_args, add_text_args, build_methods, load, parse_size,
+    add_method_args, add_model_args, add_text_args, build_methods, load, load_drafts, parse_size,
 )
 
 INSTRUCTION = "Answer the question from the text above."
@@ -85,10 +86,10 @@ def run(args: argparse.Namespace) -> int:
     (method,) = build_methods(args)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     model, tok = load(args)
+    load_drafts(args, [method], model, tok)
 
     import time
 
-    from tokensieve.methods import make_method
     from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, refusal_on, store_for_gib
     from tokensieve.engine.runner import encode_prompt, generate, prepare
     from tokensieve.engine.detokenize import TextStream
@@ -102,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
             store = None
 
     def method_for(msgs: list[dict[str, str]], ids) -> object:
-        fresh = make_method(method.name, **method.params())
+        fresh = dataclasses.replace(method)  # a new instance with the same parameters (a loaded draft model kept)
         if store is None:
             return fresh
         return PrefixReuse(fresh, store, chat_prefix_tokens(tok, msgs, ids))

@@ -25,7 +25,7 @@ METHOD_NAMES = tuple(METHODS)
 # GemFilter's scorings (checked against tokensieve.methods.gemfilter.SCORINGS by the same test).
 SCORINGS = ("paper", "window")
 # The method-specific flags: flag -> the method parameter it sets.
-METHOD_FLAGS = {"--topk": "topk", "--filter-layer": "filter_layer", "--scoring": "scoring"}
+METHOD_FLAGS = {"--topk": "topk", "--filter-layer": "filter_layer", "--scoring": "scoring", "--filter-model": "filter_model"}
 
 
 def _type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -174,7 +174,19 @@ def add_text_args(p: argparse.ArgumentParser, what: str) -> None:
                    help="strict (default): stop at bytes the encoding cannot decode; replace: put U+FFFD instead")
 
 
-def add_method_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
+def parse_model_name(text: str) -> str:
+    """A model name or path (non-empty, no surrounding spaces)."""
+    if not text.strip() or text != text.strip():
+        raise argparse.ArgumentTypeError(f"expected a model name or path, got {text!r}")
+    return text
+
+
+FILTER_MODEL_HELP = ("GemFilter: a draft model of the same tokenizer (embedded name or model folder) runs the filter pass; "
+                     "--filter-layer is then the draft's layer (default: its known layer); docs/gemfilter.md")
+
+
+def add_method_args(p: argparse.ArgumentParser, multi: bool = False, filter_model: bool = True) -> None:
+    """--method(s), --topk, --filter-layer, --scoring, --param and (``filter_model``) --filter-model."""
     if multi:
         p.add_argument("--methods", type=parse_methods, default=["full", "gemfilter"], help=f"comma-separated, any of: {', '.join(METHOD_NAMES)}")
     else:
@@ -182,6 +194,8 @@ def add_method_args(p: argparse.ArgumentParser, multi: bool = False) -> None:
     p.add_argument("--topk", type=parse_size, default=None, help="GemFilter: prompt tokens kept (default 1024)")
     p.add_argument("--filter-layer", type=non_negative_int, default=None, help="GemFilter: 0-based filter layer (default: known value for the model)")
     p.add_argument("--scoring", choices=SCORINGS, default=None, help="GemFilter: token scoring (default: window)")
+    if filter_model:
+        p.add_argument("--filter-model", type=parse_model_name, default=None, metavar="NAME|PATH", help=FILTER_MODEL_HELP)
     p.add_argument(
         "--param", action="append", default=[], metavar="KEY=VALUE",
         help="any method parameter, e.g. --param budget=512 (repeatable; applies to the chosen methods that have it)",
@@ -236,6 +250,24 @@ def build_methods(args: argparse.Namespace) -> list[Method]:
     from tokensieve.methods import make_method
 
     return [make_method(name, **params) for name, params in method_params(args).items()]
+
+
+def load_drafts(args: argparse.Namespace, methods: Sequence[Method], model: Any, tokenizer: Any) -> None:
+    """Load the draft model each method names by ``filter_model`` (once per name, on ``model``'s device and in its
+    dtype, "loading NAME ..." first) and check it against ``model``'s tokenizer (``InputError`` otherwise), so a
+    wrong draft fails before any prompt runs."""
+    from tokensieve.core.draft import check_draft, load_draft
+
+    loaded: dict[str, Any] = {}
+    for m in methods:
+        spec = getattr(m, "filter_model", None)
+        if isinstance(spec, str):
+            if spec not in loaded:
+                announce_loading(args, spec)
+                loaded[spec] = load_draft(spec, model)
+            m.filter_model = loaded[spec]  # type: ignore[attr-defined]
+        if spec is not None:
+            check_draft(m.filter_model, model, tokenizer)  # type: ignore[attr-defined]
 
 
 def announce_loading(args: argparse.Namespace, name: str) -> None:

@@ -15,7 +15,7 @@ import sys
 from typing import Any
 
 from tokensieve.commands.common import (
-    add_method_args, add_model_args, add_text_args, build_methods, load, parse_fractions, parse_size, parse_sizes,
+    add_method_args, add_model_args, add_text_args, build_methods, load_drafts, load, parse_fractions, parse_size, parse_sizes,
     parse_text, positive_int,
 )
 from tokensieve.evaluation.harness import Task
@@ -234,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
     ran: list[dict[str, Any]] = []
     with lock_results_dir(args.out) as out:  # another eval writing this folder: fail before the model loads
         model, tok = load(args)
+        load_drafts(args, methods, model, tok)
         if args.task == "longbench":
             from tokensieve.methods.base import max_positions
 

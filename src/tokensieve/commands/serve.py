@@ -60,7 +60,7 @@ def _fraction(text: str) -> float:
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from tokensieve.commands.common import add_method_args, add_model_args, parse_size
+    from tokensieve.commands.common import add_method_args, add_model_args, parse_model_name, parse_size
 
     p = sub.add_parser(
         "serve",
@@ -72,7 +72,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p)
-    add_method_args(p)
+    add_method_args(p, filter_model=False)
+    p.add_argument("--filter-model", dest="filter_models", action="append", default=[], type=parse_model_name, metavar="NAME|PATH",
+                   help="a draft model of the same tokenizer for GemFilter's filter pass (repeatable): loaded at start; a request "
+                        "names one with \"tokensieve\": {\"method\": \"gemfilter\", \"filter_model\": NAME} (null: the model "
+                        "itself); with --method gemfilter the first is the server's default. With --engine vllm the model is not "
+                        "loaded in transformers at all: the filter pass always runs on a draft (docs/gemfilter.md)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; see --api-key)")
     p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
                    help="a Host name the server answers besides loopback ones (repeatable; '*' for any). Bound to loopback, "
@@ -137,14 +142,20 @@ def run(args: argparse.Namespace) -> int:
         raise InputError(f"--allowed-host: a host name must be non-empty, without spaces, got {extra!r}")
     allowed = (list(LOOPBACK_HOSTS) + extra) if is_loopback(args.host) else (extra or None)
     front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes, "allowed_hosts": allowed}
+    if len(set(args.filter_models)) != len(args.filter_models):
+        raise InputError(f"--filter-model: each draft once, got {args.filter_models}")
     if args.engine == "vllm":
         app = _vllm_app(args, params, front)
     else:
         model, tok = load(args)
+        drafts = _load_drafts(args, model)
+        if drafts and args.method == "gemfilter":
+            params = {**params, "filter_model": args.filter_models[0]}
         app = create_app(
             model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
             max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, lock_params=args.lock_params, **front,
+            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, lock_params=args.lock_params,
+            filter_models=drafts, **front,
         )
     if not is_loopback(args.host) and not keys:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
@@ -154,6 +165,18 @@ def run(args: argparse.Namespace) -> int:
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
     DrainingServer(config, app.state.engine, args.shutdown_timeout).run()
     return 0
+
+
+def _load_drafts(args: argparse.Namespace, model: Any, device: str | None = None) -> dict[str, Any]:
+    """The --filter-model drafts, by name, each loaded once on ``model``'s device (or ``device``)."""
+    from tokensieve.commands.common import announce_loading
+    from tokensieve.core.draft import load_draft
+
+    drafts = {}
+    for name in args.filter_models:
+        announce_loading(args, name)
+        drafts[name] = load_draft(name, model) if model is not None else load_draft(name, None, args.dtype, device)
+    return drafts
 
 
 def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str, Any]) -> Any:
@@ -176,7 +199,20 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
         raise InputError(f"--engine vllm needs a transformers model folder or an embedded model name, got the .gguf file {where}")
     from tokensieve.commands.common import load
 
-    model, tok = load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
+    drafts: dict[str, Any] = {}
+    if args.filter_models:  # the filter pass runs on a draft: the model itself is needed by vLLM only
+        from tokensieve.core.draft import check_same_tokenizer
+        from tokensieve.core.models import load_tokenizer
+
+        if kind == "embedded" and not (cache_dir() / str(where) / "config.json").exists():
+            load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
+        tok = load_tokenizer(args.model)
+        drafts = _load_drafts(args, None, args.device)
+        for draft in drafts.values():
+            check_same_tokenizer(tok, draft.tokenizer)
+        model = drafts[args.filter_models[0]].model
+    else:
+        model, tok = load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
     engine_args: dict[str, Any] = {
         "model": str(cache_dir() / str(where)) if kind == "embedded" else str(where),
         "dtype": dtype_name(str(model.dtype).removeprefix("torch.")), "seed": 0,
@@ -188,6 +224,6 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
             engine_args[key] = value
     engine = VLLMEngine(
         model, tok, engine_args, method=args.method, method_params=params, max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout, lock_params=args.lock_params,
+        request_timeout_s=args.request_timeout, lock_params=args.lock_params, filter_models=drafts,
     )
     return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens, **front)

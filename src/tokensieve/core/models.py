@@ -416,6 +416,25 @@ def load_model(
     return model, tok
 
 
+def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model ``load_model`` would load (same names and paths), without its weights."""
+    from transformers import AutoTokenizer
+
+    kind, where = model_source(name_or_path)
+    if kind == "embedded":
+        folder = cache_dir() / str(where)
+        if (folder / "config.json").exists():
+            return AutoTokenizer.from_pretrained(str(folder))
+        where, kind = embedded_gguf_path(str(where)), "gguf"
+    if kind == "gguf":
+        path = Path(where)
+        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    try:
+        return AutoTokenizer.from_pretrained(str(where), local_files_only=True)
+    except (OSError, ValueError):
+        raise ModelLoadError(f"could not load the tokenizer of {name_or_path!r}") from None
+
+
 def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     import torch
 

@@ -26,6 +26,9 @@ What is cached (``PrefixState``):
   tokens' queries (the last ``window_size`` queries, or the last one for ``"paper"``), top-k is taken
   over the whole prompt, and the second pass runs from scratch on the kept ids (it cannot reuse a
   prefix: the kept tokens get new positions). A full-attention entry (every layer) serves GemFilter too.
+* GemFilter with a draft model (``filter_model``): the same, computed by the draft, so its entries carry
+  the draft as their ``source`` and serve only requests whose filter pass runs on that draft (never the
+  model's own entries, and the other way round).
 
 Models with sliding-window layers (Gemma 3) are refused: their caches keep only a window, so a
 prefix's state cannot be cut at another length. GemFilter's layer-by-layer ``chunk_size`` filter pass
@@ -73,6 +76,7 @@ class PrefixState:
     keys: list[torch.Tensor]
     values: list[torch.Tensor]
     salt: str | None = None  # the tenant that computed it: only requests with the same salt see it
+    source: str | None = None  # the draft model that computed it (GemFilter's filter_model); None: the store's model
 
     @property
     def tokens(self) -> int:
@@ -128,13 +132,15 @@ class PrefixStore:
         elif self._owner() is not model:
             raise InputError("this prefix store holds another model's prefixes; use one PrefixStore per model")
 
-    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int, salt: str | None = None) -> tuple[int, PrefixState | None]:
-        """The stored prefix of ``salt`` sharing the most leading tokens with ``ids`` [n] that has at least
-        ``key_layers``/``value_layers`` layers: (shared tokens, entry), or (0, None). Marks it used."""
+    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int, salt: str | None = None,
+              source: str | None = None) -> tuple[int, PrefixState | None]:
+        """The stored prefix of ``salt`` and ``source`` (the model that computed it) sharing the most leading
+        tokens with ``ids`` [n] that has at least ``key_layers``/``value_layers`` layers: (shared tokens, entry),
+        or (0, None). Marks it used."""
         ids = ids.reshape(-1).cpu()
         best, best_key = 0, None
         for key, e in self._entries.items():
-            if e.salt != salt or len(e.keys) < key_layers or len(e.values) < value_layers:
+            if e.salt != salt or e.source != source or len(e.keys) < key_layers or len(e.values) < value_layers:
                 continue
             m = min(e.tokens, ids.numel())
             diff = (e.ids[:m] != ids[:m]).nonzero()
@@ -156,7 +162,7 @@ class PrefixStore:
             self.stats.too_large += 1
             return False
         for key, e in list(self._entries.items()):
-            covered = (e.salt == state.salt and e.tokens <= state.tokens and len(e.keys) <= len(state.keys)
+            covered = (e.salt == state.salt and e.source == state.source and e.tokens <= state.tokens and len(e.keys) <= len(state.keys)
                        and len(e.values) <= len(state.values))
             if covered and torch.equal(e.ids, state.ids[: e.tokens]):
                 self._drop(key)
@@ -322,6 +328,17 @@ class PrefixReuse(Method):
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_model(model)
         self.inner.validate(model, prompt_len)
+        if self._net(model) is not model:
+            check_model(self._net(model))
+
+    def _net(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The model whose prefix state is cached: the inner method's ``prefix_net`` (GemFilter's draft) or ``model``."""
+        return self.inner.prefix_net(model)
+
+    def _source(self, model: PreTrainedModel) -> str | None:
+        """The ``PrefixState.source`` of this method's entries: the draft's name and identity, None for ``model``."""
+        net = self._net(model)
+        return None if net is model else f"{net.name_or_path or type(net).__name__}@{id(net)}"
 
     def forward_kwargs(self, state: DecodeState) -> dict[str, Any]:
         return self.inner.forward_kwargs(state)
@@ -356,14 +373,17 @@ class PrefixReuse(Method):
         holds for this prompt, tokens taken from the store)."""
         n = ids.shape[1]
         k_layers, v_layers = self._layers(model)
-        shared, entry = self.store.match(ids[0], k_layers, v_layers, self.salt)
+        source = self._source(model)
+        shared, entry = self.store.match(ids[0], k_layers, v_layers, self.salt, source)
         if entry is not None:
             entry = PrefixState(entry.ids[:shared], [k[:, :, :shared] for k in entry.keys[:k_layers]],
-                                [v[:, :, :shared] for v in entry.values[:v_layers]], self.salt)
+                                [v[:, :, :shared] for v in entry.values[:v_layers]], self.salt, source)
         want = min(self.store_tokens, n)
         if want <= shared:
             return entry, shared, shared
-        state = self._extend(model, ids[:, :want], entry, shared, k_layers, v_layers)
+        net = self._net(model)
+        state = self._extend(net, ids[:, :want].to(net.device), entry, shared, k_layers, v_layers)
+        state.source = source
         self.store.put(state)
         return state, want, shared
 

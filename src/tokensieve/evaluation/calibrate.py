@@ -101,6 +101,10 @@ class Calibration:
     # whole answer was kept}, at the chosen layer and scoring, top-``topk``
     span_recall: dict[str, dict[str, float]] = field(default_factory=dict)
     suggested_span: dict[str, int | str] = field(default_factory=dict)  # kernel, pooling, dilation
+    # the last layer against the chosen one (best scoring): a draft model may run all its layers. The chosen
+    # layer is the last one whenever every earlier layer is more than the tolerance below the best.
+    last_layer_recall: float = 0.0
+    last_layer_gain: float = 0.0  # last layer's recall minus the chosen layer's (at most the tolerance)
 
     def to_dict(self) -> dict:
         return self.__dict__.copy()
@@ -164,6 +168,8 @@ def calibrate(
         key=lambda t: t[1],
     )
     cal.best_scoring = s
+    cal.last_layer_recall = cal.recall[s][-1]
+    cal.last_layer_gain = round(cal.last_layer_recall - cal.recall[s][cal.best_layer], 4)
     for rule in SPAN_RULES:
         hits = [torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float() for scores, answer in kept_scores]
         cal.span_recall[span_label(*rule)] = {"answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),

@@ -13,9 +13,9 @@ to the embeddings, the LM head (put on ``"meta"`` by ``drop_lm_head``: it is nev
 model larger than one GPU runs over several GPUs; the second pass (the model on the kept ids) can then
 run in any engine, e.g. vLLM with tensor parallelism (``tokensieve.integrations.vllm_adapter``).
 
-The filter model keeps the *full* model's ``model_type`` but not its depth, so
-``GemFilter(filter_layer=None)`` would look up the wrong default: pass ``filter_layer=r`` (the value is
-also kept as ``model.config.tokensieve_filter_layer``; :func:`filter_layer_of` reads it).
+The filter model keeps the *full* model's ``model_type`` but not its depth; the layer it was loaded for is
+kept as ``model.config.tokensieve_filter_layer`` (:func:`filter_layer_of` reads it), and
+``GemFilter(filter_layer=None)`` takes that layer.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from tokensieve.core.draft import FILTER_LAYER_KEY, filter_layer_of, input_device  # noqa: F401  (their home is core)
 from tokensieve.errors import InputError, check_int, require_extra
 
 if TYPE_CHECKING:
@@ -34,7 +35,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 DEVICE_MAP_STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")
-CONFIG_KEY = "tokensieve_filter_layer"
+CONFIG_KEY = FILTER_LAYER_KEY  # the config attribute holding the layer a filter-only model was loaded for
 FULL_LAYERS_KEY = "tokensieve_full_layers"
 
 
@@ -57,12 +58,6 @@ def filter_config(config: PretrainedConfig, filter_layer: int) -> PretrainedConf
     setattr(cfg, CONFIG_KEY, filter_layer)
     setattr(cfg, FULL_LAYERS_KEY, n)
     return cfg
-
-
-def filter_layer_of(model: PreTrainedModel) -> int | None:
-    """The filter layer a model was loaded for by :func:`load_filter_model` (None for a full model)."""
-    value = getattr(model.config, CONFIG_KEY, None)
-    return int(value) if value is not None else None
 
 
 def _check_device_map(device_map: str | dict[str, Any] | None) -> None:
@@ -133,11 +128,6 @@ def load_filter_model(
     model.eval()
     use_tokensieve_attention(model)
     return model
-
-
-def input_device(model: PreTrainedModel) -> torch.device:
-    """Where the token ids go: the device of the input embeddings (the first module of a split model)."""
-    return model.get_input_embeddings().weight.device
 
 
 def filter_fraction(config: PretrainedConfig, filter_layer: int) -> dict[str, float]:

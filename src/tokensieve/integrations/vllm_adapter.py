@@ -152,9 +152,10 @@ def generate_with_vllm(
 ) -> VLLMResult:
     """Answer a prompt with vLLM on the tokens GemFilter keeps.
 
-    llm: a ``vllm.LLM`` serving the same checkpoint as ``filter_model`` (same tokenizer/vocabulary).
+    llm: a ``vllm.LLM`` serving the same checkpoint as ``filter_model``, or a larger one of the same tokenizer.
     filter_model: transformers model for the filter pass (``tokensieve.load_model`` or
-        ``tokensieve.integrations.filter_model.load_filter_model``).
+        ``tokensieve.integrations.filter_model.load_filter_model``), or a small draft model of the served model's tokenizer
+        (the selection by a draft, docs/gemfilter.md; the method's own ``filter_model`` works too).
     prompt_or_messages: a string, chat messages (the tokenizer's chat template is applied, as in
         ``tokensieve.generate``) or token ids [1, n].
     sampling_params: ``vllm.SamplingParams``, passed through; None: greedy, ``max_new_tokens`` tokens.

@@ -137,6 +137,11 @@ class Method:
         """Why this instance cannot take its prompt prefix from a prefix cache (its parameters), or None."""
         return None
 
+    def prefix_net(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The model whose prefix state the prefix cache computes and keeps for this method (default: ``model``;
+        GemFilter with a draft: the draft)."""
+        return model
+
     def prefix_layers(self, model: PreTrainedModel) -> tuple[int, int]:
         """(key layers, value layers) of a stored prefix this method reads: every layer by default. More key
         layers than value layers: computing a prefix stops at layer ``value layers`` once its keys are known."""

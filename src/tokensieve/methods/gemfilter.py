@@ -36,12 +36,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
+from tokensieve.core.draft import as_draft, check_draft, filter_layer_of, input_device, load_draft
 from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import (
-    Capabilities, DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers,
+    Capabilities, DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, max_positions, num_layers,
 )
 from tokensieve.methods.eviction import DEFAULT_DILATION, check_span_rule
 from tokensieve.core.scoring import attention_scores, head_sum, paper_scores, span_topk
@@ -297,6 +298,12 @@ class GemFilter(Method):
         local_kernel: how the one-shot local pass computes its attention: ``"sdpa"`` (query chunks
             with a mask), ``"flex"`` (one FlexAttention call over a block-sparse mask, compiled on
             CUDA) or ``"auto"`` (flex on CUDA, sdpa elsewhere). Same result up to float rounding.
+        filter_model: a draft model of the same tokenizer that runs the filter pass. A name or path
+            (loaded on the model's device), a model, a ``(model, tokenizer)`` pair or a ``DraftModel``
+            (``tokensieve.core.draft``); None (default) is the model itself (SpecPrefill, Liu et al.,
+            ICML 2025). Its tokenizer must be the model's (checked). ``filter_layer`` then means the
+            draft's layer (default: the draft's known layer; its last layer is allowed); every other
+            parameter applies to the draft's pass as it would to the model's; the second pass is the model's.
     """
 
     name: ClassVar[str] = "gemfilter"
@@ -315,17 +322,60 @@ class GemFilter(Method):
     n_initial: int = DEFAULT_N_INITIAL
     n_recent: int = DEFAULT_N_RECENT
     local_kernel: str = "auto"
+    filter_model: Any = None
+
+    def __post_init__(self) -> None:
+        self.filter_model = as_draft(self.filter_model)
+
+    def params(self) -> dict[str, Any]:
+        """The parameters, ``filter_model`` as its name (results stay JSON and never copy a model)."""
+        out = super().params()
+        if out["filter_model"] is not None:
+            out["filter_model"] = str(out["filter_model"])
+        return out
+
+    def filter_net(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The model the filter pass runs on: the draft (``filter_model``; a name is loaded on first use) or
+        ``model`` itself. A draft not yet checked against ``model`` is checked by its config here; ``prepare``
+        checks the tokenizers themselves."""
+        if self.filter_model is None:
+            return model
+        if isinstance(self.filter_model, str):
+            self.filter_model = load_draft(self.filter_model, model)
+        check_draft(self.filter_model, model)
+        return self.filter_model.model
+
+    def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
+        """Load a draft given by name (on ``model``'s device, in its dtype) and check its tokenizer against ``tokenizer``."""
+        if self.filter_model is None:
+            return
+        if isinstance(self.filter_model, str):
+            self.filter_model = load_draft(self.filter_model, model)
+        check_draft(self.filter_model, model, tokenizer)
 
     def resolved_layer(self, model: PreTrainedModel) -> int:
-        return default_filter_layer(model) if self.filter_layer is None else self.filter_layer
+        """The filter layer ``r`` of the filter pass for ``model`` (the draft's layer when there is a draft):
+        ``filter_layer``, else the layer a filter-only model was loaded for, else the known value for its shape."""
+        if self.filter_layer is not None:
+            return self.filter_layer
+        net = self.filter_net(model)
+        loaded_for = filter_layer_of(net)
+        return default_filter_layer(net) if loaded_for is None else loaded_for
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("topk", self.topk, 1)
-        n_layers = num_layers(model)
+        net = self.filter_net(model)
+        n_layers = num_layers(net)
         r = self.resolved_layer(model)
         if not isinstance(r, int) or not 0 <= r < n_layers:
             # Still a plain ValueError: tests/test_bench.py pins "error: ValueError" in bench status rows.
-            raise InputError(f"filter_layer must be in [0, {n_layers - 1}] for this model, got {r!r}")
+            whose = "the filter model" if net is not model else "this model"
+            raise InputError(f"filter_layer must be in [0, {n_layers - 1}] for {whose}, got {r!r}")
+        if net is not model:  # the draft must cover the positions the model does (past them: allow_long's choice)
+            limit, own = max_positions(net), max_positions(model)
+            n = prompt_len if own is None else min(prompt_len, own)
+            if limit is not None and n > limit and self.topk < prompt_len:
+                raise InputError(f"the prompt has {prompt_len} tokens, more than the filter model's {limit} positions")
         check_choice("scoring", self.scoring, SCORINGS)
         check_int("window_size", self.window_size, 1)
         check_span_rule(self.kernel, self.pooling, self.dilation)
@@ -336,7 +386,7 @@ class GemFilter(Method):
         if self.chunk_size is not None:
             if self.chunk_size < self.window_size:
                 raise InputError(f"chunk_size must be >= window_size ({self.window_size}), got {self.chunk_size}")
-            cfg = model.config.get_text_config()
+            cfg = net.config.get_text_config()
             if cfg.model_type not in CHUNKED_MODEL_TYPES or any(
                 t != "full_attention" for t in (getattr(cfg, "layer_types", None) or [])
             ):
@@ -356,12 +406,15 @@ class GemFilter(Method):
 
     @torch.inference_mode()
     def scores(self, model: PreTrainedModel, input_ids: torch.Tensor) -> torch.Tensor:
-        """Filter pass: per-token scores [n] from layer ``r`` (before pooling). A model not on tokensieve
-        attention is switched first (``attention.ensure_tokensieve_attention``)."""
+        """Filter pass: per-token scores [n] from layer ``r`` (before pooling), on the filter model's device.
+        It runs on ``filter_net(model)`` (the draft, if any). A model not on tokensieve attention is switched
+        first (``attention.ensure_tokensieve_attention``)."""
+        r = self.resolved_layer(model)
+        model = self.filter_net(model)
         ensure_tokensieve_attention(model)
         if input_ids.shape[0] != 1:
             raise InputError(f"GemFilter runs one prompt at a time, got batch size {input_ids.shape[0]}")
-        r = self.resolved_layer(model)
+        input_ids = input_ids.to(input_device(model))
         local = self.uses_local(input_ids.shape[1], model)
         if self.chunk_size is not None and input_ids.shape[1] > self.chunk_size:
             if local:
@@ -509,7 +562,7 @@ class GemFilter(Method):
         n = input_ids.shape[1]
         if self.topk >= n:
             return torch.arange(n, device=input_ids.device)
-        return self.pick(self.scores(model, input_ids))
+        return self.pick(self.scores(model, input_ids)).to(input_ids.device)
 
     def pick(self, scores: torch.Tensor) -> torch.Tensor:
         """The kept indices (sorted) from filter-pass scores [n]: this instance's pooling, span rule and ``topk``."""
@@ -532,8 +585,13 @@ class GemFilter(Method):
         # Second pass from scratch on the kept ids; positions are 0..k-1 by default.
         state = full_prefill(model, input_ids[:, idx])
         state.kept_indices = idx
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False)
+        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False,
+                             **self.draft_details())
         return state
+
+    def draft_details(self) -> dict[str, Any]:
+        """``{"filter_model": name}`` when a draft model selects, else ``{}`` (for a state's details)."""
+        return {} if self.filter_model is None else {"filter_model": str(self.filter_model)}
 
     # -- prefix reuse: layers 0..r-1 (keys and values) and layer r's keys of a stored prefix
 
@@ -555,24 +613,29 @@ class GemFilter(Method):
         for ``"paper"``); top-k over the whole prompt; the second pass runs from scratch on the kept ids (the
         kept tokens get new positions, so it cannot reuse a prefix)."""
         n = input_ids.shape[1]
-        if self.uses_local(n, model):  # "auto" on a long prompt: the local pass, not cached yet
+        if self.uses_local(n, self.filter_net(model)):  # "auto" on a long prompt: the local pass, not cached yet
             return self.prefill(model, input_ids)
         if self.topk >= n:  # every token kept: a plain full prefill
             state = self.prefill(model, input_ids)
             state.details.update(prefix_cached_tokens=0, prefix_stored_tokens=0)
             return state
         r = self.resolved_layer(model)
+        net = self.filter_net(model)  # the draft, if any: the cached prefix is its state (``prefix_net``)
         t0 = time.perf_counter()
         start = prefix.take(min(self.window_size, n) if self.scoring == "window" else 1)
-        idx = self.pick(self._scores_after_prefix(model, input_ids, prefix, start, r))
+        idx = self.pick(self._scores_after_prefix(net, input_ids.to(input_device(net)), prefix, start, r)).to(input_ids.device)
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize()
         filter_s = time.perf_counter() - t0
         with torch.inference_mode():
             state = full_prefill(model, input_ids[:, idx])
         state.kept_indices = idx
-        state.details.update(filter_layer=r, filter_s=filter_s, filter_skipped=False)
+        state.details.update(filter_layer=r, filter_s=filter_s, filter_skipped=False, **self.draft_details())
         return prefix.finish(state)
+
+    def prefix_net(self, model: PreTrainedModel) -> PreTrainedModel:
+        """The model whose prefix state the prefix cache keeps for this method: the draft, if any."""
+        return self.filter_net(model)
 
     @torch.inference_mode()
     def _scores_after_prefix(self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any, start: int,
@@ -613,6 +676,7 @@ class GemFilter(Method):
         state = batch_prefill(model, ids, kept_mask)
         state.kept_rows = rows
         skipped = all(self.topk >= r.numel() for r in real)
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0 if skipped else filter_s, filter_skipped=skipped)
+        state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0 if skipped else filter_s, filter_skipped=skipped,
+                             **self.draft_details())
         return state
 

@@ -17,7 +17,7 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Sequence
+from typing import Any, AsyncIterator, Mapping, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -282,6 +282,7 @@ def create_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_hosts: Sequence[str] | None = None,
     lock_params: bool = False,
+    filter_models: Mapping[str, Any] | None = None,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
@@ -295,11 +296,13 @@ def create_app(
     to loopback, what ``tokensieve serve`` does) answers 421 to a request whose Host is neither a loopback
     address nor in the list (DNS rebinding); ``["*"]`` allows any. ``lock_params``: requests run with
     ``method`` and ``method_params`` only; a request that sets another method or parameter value gets 400.
+    ``filter_models``: ``{name: core.draft.DraftModel}``, the draft models GemFilter requests may name
+    (``"tokensieve": {"method": "gemfilter", "filter_model": name}``; the method parameters may name one too).
     """
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
         request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
-        max_batch=max_batch, generate_batch_fn=generate_batch_fn, lock_params=lock_params,
+        max_batch=max_batch, generate_batch_fn=generate_batch_fn, lock_params=lock_params, filter_models=filter_models,
     )
     return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens, api_keys=api_keys,
                           max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
@@ -491,6 +494,7 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
                 "overdue_s": round(float(getattr(engine, "overdue_s", 0.0)), 3),
                 "model": model_name,
                 "method": engine.default_method,
+                "filter_models": list(getattr(engine, "filter_models", {})),
                 "queue_depth": engine.queue_depth,
                 "max_queue": engine.max_queue,
                 "busy": engine.busy,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Protocol
+from typing import Any, Mapping, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -123,6 +123,7 @@ class Engine:
         max_batch: int = 1,
         generate_batch_fn: BatchFn = generate_batch,
         lock_params: bool = False,
+        filter_models: Mapping[str, Any] | None = None,
     ) -> None:
         if request_timeout_s is not None and not (request_timeout_s > 0):
             raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
@@ -137,7 +138,8 @@ class Engine:
                 self.prefix_store, self.prefix_off_reason = None, str(exc)
                 log.warning("tokensieve serve: no prefix cache: %s", exc)
         self.preparer = RequestPreparer(model, tokenizer, method=method, method_params=method_params,
-                                        lock_params=lock_params, prefix_store=self.prefix_store)
+                                        lock_params=lock_params, prefix_store=self.prefix_store,
+                                        filter_models=filter_models)
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics or Metrics()
@@ -145,7 +147,7 @@ class Engine:
         self.worker = Worker(
             model, Decoder(tokenizer), generate_fn=generate_fn, generate_batch_fn=generate_batch_fn, policy=policy,
             max_queue=max_queue, request_timeout_s=request_timeout_s, metrics=self.metrics, history=history,
-            prefix_store=self.prefix_store,
+            prefix_store=self.prefix_store, watched=[d.model for d in self.preparer.filter_models.values()],
         )
 
     # -- what the app and /health read
@@ -153,6 +155,11 @@ class Engine:
     @property
     def default_method(self) -> str:
         return self.preparer.default_method
+
+    @property
+    def filter_models(self) -> dict[str, Any]:
+        """The draft models requests may name (``RequestPreparer``), by name."""
+        return self.preparer.filter_models
 
     @property
     def max_queue(self) -> int:

@@ -26,11 +26,12 @@ import threading
 import types
 import typing
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from tokensieve.core.draft import DraftModel, check_draft
 from tokensieve.engine.prefix_cache import PrefixStore, chat_prefix_tokens, refusal, text_prefix_tokens
 from tokensieve.engine.runner import Prepared, Sampling, check_prompt_length, encode_prompt, prepare
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError
@@ -214,9 +215,15 @@ class RequestPreparer:
         refuse: Callable[[str], APIError | None] | None = None,
         check: Callable[[PreparedRequest], None] | None = None,
         prefix_store: PrefixStore | None = None,
+        filter_models: Mapping[str, DraftModel] | None = None,
     ) -> None:
         if not isinstance(lock_params, bool):
             raise InputError(f"lock_params must be True or False, got {lock_params!r}")
+        self.filter_models: dict[str, DraftModel] = dict(filter_models or {})
+        for draft in self.filter_models.values():  # a wrong draft fails at start, not at every request
+            check_draft(draft, model, tokenizer)
+        names = dict(method_params or {})
+        method_params = self.resolve_filter_model(method, names, "--filter-model")
         default = make_method(method, **(method_params or {}))
         try:  # a bad default would fail every request: refuse it now (no validation depends on the prompt length)
             default.prepare(model, tokenizer)
@@ -226,7 +233,7 @@ class RequestPreparer:
         self.model = model
         self.tokenizer = tokenizer  # the encoding instance: used under encode_lock only
         self.default_method = default.name
-        self.default_params = dict(method_params or {})
+        self.default_params = names  # a draft by its name (what requests send and /health shows)
         self.lock_params = lock_params
         self.prefix_store = prefix_store
         self._refuse = refuse
@@ -235,6 +242,21 @@ class RequestPreparer:
         self._max_token_chars = max_token_chars(tokenizer)
         self._vocab = int(model.config.get_text_config().vocab_size)
         self.encode_lock = threading.Lock()
+
+    def resolve_filter_model(self, method: str, params: dict[str, Any], where: str = "tokensieve.filter_model") -> dict[str, Any]:
+        """``params`` with a ``filter_model`` name replaced by the draft this server loaded under that name
+        (``filter_models``). ``InputError`` for a name the server did not load, or a value that is not a name
+        or null: a request never makes the server load a model."""
+        value = params.get("filter_model")
+        if value is None or isinstance(value, DraftModel):
+            return params
+        names = ", ".join(self.filter_models) or "none (start the server with --filter-model NAME)"
+        if not isinstance(value, str) or value not in self.filter_models:
+            raise InputError(f"{where} must be the name of a filter model this server loaded ({names}) or null for the "
+                             f"model itself, got {_short(value)}")
+        if method != "gemfilter":
+            raise InputError(f"{where} is a gemfilter parameter, not one of method {method!r}")
+        return {**params, "filter_model": self.filter_models[value]}
 
     def method_for(self, req: GenerationRequest) -> tuple[str, dict[str, Any]]:
         """The method and parameters a request runs with: its own, or the server's default (with
@@ -274,6 +296,7 @@ class RequestPreparer:
         try:
             check_param_types(name, params)
             check_param_minimums(name, req.method_params)
+            params = self.resolve_filter_model(name, params)
             method = make_method(name, **params)
         except (ValueError, TypeError) as exc:  # InputError is a ValueError; methods' __post_init__ raise ValueError
             raise invalid(f"bad tokensieve parameters: {exc}", "tokensieve", code="invalid_method_parameter") from None

@@ -85,6 +85,7 @@ class VLLMEngine:
         metrics: Metrics | None = None,
         history: int = 1024,
         lock_params: bool = False,
+        filter_models: Mapping[str, Any] | None = None,
     ) -> None:
         import_vllm()  # VLLMNotInstalledError (with the install command) before anything else
         check_int("max_queue", max_queue, 0)
@@ -92,7 +93,7 @@ class VLLMEngine:
             raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
         self.preparer = RequestPreparer(
             filter_model, tokenizer, method=method, method_params=method_params, lock_params=lock_params,
-            refuse=self._refuse, check=self._check,
+            refuse=self._refuse, check=self._check, filter_models=filter_models,
         )
         if self.default_method not in vllm_methods():
             raise InputError(
@@ -131,6 +132,11 @@ class VLLMEngine:
     @property
     def default_method(self) -> str:
         return self.preparer.default_method
+
+    @property
+    def filter_models(self) -> dict[str, Any]:
+        """The draft models requests may name (``RequestPreparer``), by name."""
+        return self.preparer.filter_models
 
     @property
     def records(self):  # deque[JobRecord]

@@ -16,7 +16,7 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import PreTrainedModel
@@ -86,7 +86,9 @@ class Worker:
         metrics: Metrics,
         history: int,
         prefix_store: PrefixStore | None,
+        watched: Sequence[PreTrainedModel] = (),
     ) -> None:
+        self.watched = tuple(watched)  # more models whose layers check deadlines too (GemFilter's draft models)
         check_int("max_queue", max_queue, 0)
         self.model = model
         self.decoder = decoder
@@ -118,7 +120,8 @@ class Worker:
             self.thread = threading.Thread(target=self._work, name="tokensieve-engine", daemon=True)
             # every decoder layer of every forward checks the running jobs' deadlines and cancellation, so a long
             # prefill (or filter pass, or chunk loop) stops within one layer, not at its end
-            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in decoder_layers(self.model)]
+            layers = [x for m in (self.model, *self.watched) for x in decoder_layers(m)]
+            self._hooks = [layer.register_forward_pre_hook(self._check_running) for layer in layers]
             self.thread.start()
 
     def _check_running(self, module: torch.nn.Module, args: Any) -> None:

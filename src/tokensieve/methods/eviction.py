@@ -91,6 +91,12 @@ class EvictionMethod(Method):
 
         return hook
 
+    def prefill_cache(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[EvictionCache, dict[str, Any]]:
+        """An ``EvictionCache`` of ``input_ids`` [1, n] and this method's prefill hook (attend, then evict)."""
+        cache = EvictionCache(model.config)
+        cache.add_tokens(input_ids)
+        return cache, {HOOK_KWARG: self._hook(cache, prefill=True)}
+
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         if input_ids.shape[0] != 1:
             raise InputError(f"{self.name} runs one prompt at a time, got batch size {input_ids.shape[0]}")

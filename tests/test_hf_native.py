@@ -321,3 +321,25 @@ def test_pipeline_refuses_bad_input_in_one_line():
         with pytest.raises(InputError) as exc:
             pipe(**kw)
         assert expected in one_line(exc)
+
+
+def test_the_transformers_pipeline_task_answers_as_tokensieve_pipeline_and_keeps_the_document():
+    import transformers
+
+    tok = tokensieve.testing.byte_tokenizer()
+    model = tiny_model(vocab=257)
+    task = tokensieve.register_pipeline_task()
+    assert task in transformers.pipelines.PIPELINE_REGISTRY.get_supported_tasks()
+    pipe = transformers.pipeline(task, model=model, tokenizer=tok)
+    doc = "The cat sat on the mat, the dog on the rug. " * 4
+    questions = ["Who sat?", "Where was the dog?"]
+    params = dict(budget=40, window_size=4)
+    want = tokensieve.pipeline(model, tok, "snapkv", **params)(doc, questions=questions, max_new_tokens=6)
+    long_forwards = count_long_forwards(model, len(doc))
+    got = pipe(doc, questions=questions, method="snapkv", max_new_tokens=6, **params)
+    assert got == want and len(long_forwards) == 1
+    again = pipe(doc, question=questions[1], method="snapkv", max_new_tokens=6, **params)
+    assert again == {"answer": want["answers"][1]} and len(long_forwards) == 1  # the document came from the store
+    with pytest.raises(InputError) as exc:
+        pipe(doc, question="Who?", method="snapkv", budgte=3)
+    assert "budgte" in one_line(exc)

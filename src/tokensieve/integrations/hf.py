@@ -327,3 +327,63 @@ def pipeline(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method:
     for every question (``pipe.reuse`` says why).
     """
     return DocumentQA(model, tokenizer, method, params, max_bytes)
+
+
+# -- the transformers pipeline task
+
+PIPELINE_TASK = "tokensieve-qa"
+
+
+def register_pipeline_task() -> str:
+    """Register ``tokensieve.pipeline`` as the ``transformers`` pipeline task ``"tokensieve-qa"`` (public
+    ``PIPELINE_REGISTRY`` API; calling it again re-registers the same class) and return the task's name.
+
+    Then ``transformers.pipeline("tokensieve-qa", model=model, tokenizer=tok)`` gives a pipeline called as
+    ``pipe(document, questions=[...], method="snapkv", budget=256, max_new_tokens=64)`` (or ``question=``),
+    returning ``DocumentQA``'s dict. Each (method, parameters) pair keeps its own ``DocumentQA``, so a document
+    asked about again with the same method is taken from its prefix cache.
+    """
+    from transformers import AutoModelForCausalLM
+    from transformers.pipelines import PIPELINE_REGISTRY
+
+    PIPELINE_REGISTRY.register_pipeline(PIPELINE_TASK, pipeline_class=_task_class(), pt_model=AutoModelForCausalLM)
+    return PIPELINE_TASK
+
+
+def _task_class() -> type:
+    """The ``transformers.Pipeline`` subclass of the task (built on first use: importing this module stays light)."""
+    from transformers import Pipeline
+
+    class TokensieveQAPipeline(Pipeline):
+        """``tokensieve.pipeline`` as a ``transformers`` pipeline task (``register_pipeline_task``)."""
+
+        _load_processor = _load_image_processor = _load_feature_extractor = False
+        _load_tokenizer = True
+
+        def _sanitize_parameters(self, question: str | None = None, questions: Sequence[str] | None = None,
+                                 method: str | None = None, max_new_tokens: int | None = None, **params: Any):
+            pre = {"question": question, "questions": questions}
+            forward: dict[str, Any] = {"params": params}
+            if method is not None:
+                forward["method"] = method
+            if max_new_tokens is not None:
+                forward["max_new_tokens"] = max_new_tokens
+            return pre, forward, {}
+
+        def preprocess(self, context: str, question: str | None = None, questions: Sequence[str] | None = None):
+            return {"context": context, "question": question, "questions": questions}
+
+        def _forward(self, inputs: dict[str, Any], method: str = "full", params: dict[str, Any] | None = None,
+                     max_new_tokens: int = 64) -> dict[str, Any]:
+            params = params or {}
+            key = (method, repr(sorted(params.items())))
+            runs = self.__dict__.setdefault("_tokensieve_runs", {})
+            if key not in runs:
+                runs[key] = pipeline(self.model, self.tokenizer, method, **params)
+            return runs[key](inputs["context"], inputs["questions"], question=inputs["question"],
+                             max_new_tokens=max_new_tokens)
+
+        def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
+            return outputs
+
+    return TokensieveQAPipeline

@@ -10,11 +10,17 @@ import warnings
 
 import pytest
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
+from conftest import TinyTokenizer, random_ids, tiny_model
+from transformers import (
+    GenerationConfig,
+    LogitsProcessor,
+    LogitsProcessorList,
+    StoppingCriteria,
+    StoppingCriteriaList,
+)
 from transformers.generation.streamers import BaseStreamer
 
 import tokensieve
-from conftest import TinyTokenizer, random_ids, tiny_model
 from tokensieve.errors import InputError
 
 N = 80
@@ -44,7 +50,7 @@ def new_tokens(out: torch.Tensor, ids: torch.Tensor) -> list[int]:
     return out[0, ids.shape[1]:].tolist()
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])  # gemma3: sliding-window layers left whole
 @pytest.mark.parametrize("method", list(CASES))
 def test_greedy_generate_inside_apply_equals_tokensieve_generate(method, family):
     model, ids = user_model(family), random_ids(N)
@@ -76,7 +82,7 @@ def test_compression_changes_the_answer_and_the_block_ends_it():
     after = model.generate(ids, max_new_tokens=NEW, do_sample=False)
     assert not torch.equal(plain, squeezed)
     assert torch.equal(plain, after)
-    assert len(model._forward_pre_hooks) == 0
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
 
 
 def test_budget_over_the_sequence_is_plain_generate_greedy_and_sampled():
@@ -166,10 +172,11 @@ def test_the_model_is_restored_after_an_exception():
         with tokensieve.apply(model, "streamingllm", budget=16):
             model.generate(ids, max_new_tokens=NEW, stopping_criteria=StoppingCriteriaList([Boom()]))
     assert model.config._attn_implementation == "sdpa"
-    assert len(model._forward_pre_hooks) == 0
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
     assert torch.equal(model.generate(ids, max_new_tokens=NEW, do_sample=False), plain)
-    with tokensieve.apply(model, "h2o", budget=16):  # a new block may start again
-        pass
+    with tokensieve.apply(model, "h2o", budget=16) as applied:  # a new block may start again
+        model.generate(ids, max_new_tokens=1)  # the prompt's forward only: what it kept is known
+    assert applied.sequences == 1 and applied.last_kv_entries == [16] * 6
 
 
 def test_a_model_already_on_tokensieve_attention_stays_on_it():
@@ -189,7 +196,7 @@ def test_nesting_is_refused_and_the_outer_block_still_restores():
                 pass
         assert model.config._attn_implementation == "tokensieve"
     assert model.config._attn_implementation == "sdpa"
-    assert len(model._forward_pre_hooks) == 0
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
 
 
 def one_line(exc: pytest.ExceptionInfo) -> str:
@@ -212,7 +219,7 @@ def test_unsupported_methods_and_parameters_are_refused_on_entry(method, params,
             pass
     assert expected in one_line(exc)
     assert model.config._attn_implementation == "sdpa"
-    assert len(model._forward_pre_hooks) == 0
+    assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
 
 
 @pytest.mark.parametrize("kw, expected", [

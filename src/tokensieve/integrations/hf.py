@@ -29,14 +29,17 @@ document once through the prefix cache (``engine.prefix_cache``) where the metho
 from __future__ import annotations
 
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import (
-    ATTN_IMPLEMENTATION, AttentionSwitchedWarning, attn_implementations, ensure_tokensieve_attention,
+    ATTN_IMPLEMENTATION,
+    AttentionSwitchedWarning,
+    ensure_tokensieve_attention,
 )
 from tokensieve.errors import InputError, check_int
 from tokensieve.methods import Method, make_method
@@ -86,7 +89,7 @@ class Applied:
         self.sequences = 0
         self.last_selection: list[int] | None = None
         self.last_kv_entries: list[int] | None = None
-        self._handle: Any = None
+        self._handles: list[Any] = []
         self._previous: str | None = None
         self._cache: Any = None  # the cache of the sequence in progress
         self._state: DecodeState | None = None
@@ -95,20 +98,20 @@ class Applied:
 
     # -- entering and leaving
 
-    def __enter__(self) -> "Applied":
+    def __enter__(self) -> Applied:
         model = self.model
         if getattr(model, _MARK, None) is not None:
             raise InputError("tokensieve.apply blocks cannot be nested on one model; leave the first block first")
-        had = attn_implementations(model)
+        had = getattr(model.config, "_attn_implementation", None)  # e.g. "sdpa" for a from_pretrained model
         with warnings.catch_warnings():  # the switch is this block's documented effect, undone on exit: no warning
             warnings.simplefilter("ignore", AttentionSwitchedWarning)
             ensure_tokensieve_attention(model)  # InputError for a model that cannot be switched
-        self._previous = next(iter(had)) if len(had) == 1 and had != {ATTN_IMPLEMENTATION} else None
+        self._previous = had if isinstance(had, str) and had != ATTN_IMPLEMENTATION else None
         m = self.method
         try:
             if self.tokenizer is not None:
                 m.prepare(model, self.tokenizer)
-            elif getattr(m, "separator_ids", "absent") is None:
+            elif getattr(m, "separator_ids", "absent") is None:  # SepLLM without ids: they come from a tokenizer
                 raise InputError(
                     f"{m.name} derives its separators from the tokenizer: pass tokenizer=... to tokensieve.apply, "
                     f"or separator_ids=[...]"
@@ -118,15 +121,16 @@ class Applied:
             self.__exit__()
             raise
         self._cache_key = next(iter(cache_kwarg(model, None)))
-        self._handle = model.register_forward_pre_hook(self._pre_forward, with_kwargs=True)
+        self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+                         model.register_forward_hook(self._post_forward)]
         setattr(model, _MARK, self)
         return self
 
     def __exit__(self, *exc: Any) -> bool:
         model = self.model
-        if self._handle is not None:
-            self._handle.remove()
-            self._handle = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         if getattr(model, _MARK, None) is self:
             delattr(model, _MARK)
         if self._previous is not None:
@@ -182,6 +186,7 @@ class Applied:
         n = ids.shape[1]
         m.validate(model, n)
         self.sequences += 1
+        self.last_selection = self.last_kv_entries = None
         if self._kind == "evict":
             cache, extra = m.prefill_cache(model, ids)  # the method's EvictionCache (ids recorded) and prefill hook
             kwargs[self._cache_key] = cache
@@ -204,10 +209,12 @@ class Applied:
         self._cache, self._next = cache, n
         self._after_prefill = True
 
-    def _step(self, kwargs: dict[str, Any], ids: torch.Tensor) -> None:
-        if self._after_prefill:  # the prompt's forward is done: what the method kept
+    def _post_forward(self, module: torch.nn.Module, args: tuple, output: Any) -> None:
+        if self._after_prefill and not self._busy:  # the prompt's forward is done: what the method kept
             self.last_kv_entries = [int(layer.keys.shape[-2]) for layer in self._cache.layers]
             self._after_prefill = False
+
+    def _step(self, kwargs: dict[str, Any], ids: torch.Tensor) -> None:
         t = ids.shape[1]
         kwargs["position_ids"] = torch.arange(self._next, self._next + t, device=ids.device)[None]
         self._next += t
@@ -284,7 +291,11 @@ class DocumentQA:
         the method (full, snapkv, gemfilter on models without sliding-window layers; ``reuse`` is None),
         otherwise once per question.
         """
-        from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, text_prefix_tokens
+        from tokensieve.engine.prefix_cache import (
+            PrefixReuse,
+            chat_prefix_tokens,
+            text_prefix_tokens,
+        )
         from tokensieve.engine.runner import encode_prompt, generate
 
         if not isinstance(context, str) or not context.strip():

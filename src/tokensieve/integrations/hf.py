@@ -254,8 +254,8 @@ def apply(model: PreTrainedModel, method: str | Method, tokenizer: PreTrainedTok
 class DocumentQA:
     """``pipeline``'s result: answers questions about one document with one method (see ``pipeline``)."""
 
-    model: PreTrainedModel
-    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel = field(repr=False)
+    tokenizer: PreTrainedTokenizerBase = field(repr=False)
     method: str
     params: dict[str, Any]
     max_bytes: int = 1 << 30

@@ -161,3 +161,19 @@ def test_no_module_imports_a_private_name_from_another_file():
     bad = [f"{name} imports {n} from {target}" for name, imports in all_imports().items() for target, n in imports
            if n.startswith("_") and not n.startswith("__") and target != "tokensieve"]
     assert not bad, "\n".join(bad)
+
+
+def test_commands_import_the_server_only_in_the_serve_command():
+    imports = all_imports()
+    commands = [name for name in imports if name.startswith("tokensieve.commands.")]
+    assert "tokensieve.commands.serve" in commands and "tokensieve.commands.ask" in commands
+    users = {name for name in commands if any(wing(target) == "serve" for target, _ in imports[name])}
+    assert users == {"tokensieve.commands.serve"}, users
+
+
+def test_the_detokenizer_lies_below_the_cli_and_the_server():
+    imports = all_imports()
+    for user in ("tokensieve.serve.jobs", "tokensieve.commands.ask", "tokensieve.commands.chat"):
+        assert ("tokensieve.engine.detokenize", "TextStream") in imports[user], user
+    graph = import_graph()
+    assert not [m for m in reachable(graph, "tokensieve.engine.detokenize") if wing(m) in ("serve", "commands")]

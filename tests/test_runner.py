@@ -154,3 +154,45 @@ def test_cpu_peak_memory_is_at_least_the_kv_a_run_holds(smollm2):
     tokensieve.generate(model, tok, ids, "full", max_new_tokens=2)
     res = tokensieve.generate(model, tok, ids, "gemfilter", topk=1024, max_new_tokens=2)
     assert res.kv_bytes_prefill > 0 and res.peak_memory_bytes >= res.kv_bytes_prefill, (res.peak_memory_bytes, res.kv_bytes_prefill)
+
+
+def test_a_prepared_prompt_runs_as_it_is_without_a_second_preparation(tok, monkeypatch):
+    """generate / generate_batch take a runner.Prepared and do not prepare it again (the server prepares each
+    request once, when it arrives); the answer equals the one from the prompt itself."""
+    from tokensieve.methods.snapkv import SnapKV
+    from tokensieve.engine.runner import generate, generate_batch, prepare
+
+    model = tiny_model("llama")
+    ids = [random_ids(30, seed=s) for s in (1, 2, 3)]
+    params = {"budget": 12, "window_size": 4}
+    alone = [generate(model, tok, x, method="snapkv", max_new_tokens=5, **params).token_ids for x in ids]
+    batch = [r.token_ids for r in generate_batch(model, tok, ids, method="snapkv", max_new_tokens=5, **params)]
+    runs = [prepare(model, tok, x, "snapkv", **params) for x in ids]
+    calls = []
+    real = SnapKV.validate
+    monkeypatch.setattr(SnapKV, "validate", lambda self, *a, **kw: calls.append(1) or real(self, *a, **kw))
+    assert [generate(model, tok, r, max_new_tokens=5).token_ids for r in runs] == alone
+    assert [r.token_ids for r in generate_batch(model, tok, runs, max_new_tokens=5)] == batch
+    assert calls == []  # nothing validated again
+    with pytest.raises(tokensieve.InputError, match="carries its method"):
+        generate(model, tok, runs[0], method="snapkv", budget=12)
+    other = prepare(model, tok, ids[1], "snapkv", budget=16, window_size=4)
+    with pytest.raises(tokensieve.InputError, match=r"prompt 1 was prepared for snapkv .*one set of parameters"):
+        generate_batch(model, tok, [runs[0], other], max_new_tokens=2)
+    with pytest.raises(tokensieve.InputError, match="h2o runs one prompt at a time"):
+        generate_batch(model, tok, [prepare(model, tok, x, "h2o", budget=12) for x in ids[:2]], max_new_tokens=2)
+
+
+def test_one_prompt_length_rule_and_message():
+    from tokensieve.errors import PromptTooLongError
+    from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
+
+    check_prompt_length(64, 64)  # at the limit: fine
+    check_prompt_length(10**9, None)  # no limit known
+    with pytest.raises(PromptTooLongError) as e:
+        check_prompt_length(65, 64, hint=ALLOW_LONG_HINT)
+    assert str(e.value) == ("prompt has 65 tokens, more than the model's maximum of 64 positions; shorten it "
+                            "or pass allow_long=True (--allow-long) to run anyway")
+    with pytest.raises(PromptTooLongError, match=r"^prompt has at least 70 tokens \(700 characters\), more than the model's "
+                                                 r"maximum of 64 positions; shorten it$"):
+        check_prompt_length(70, 64, at_least="700 characters")

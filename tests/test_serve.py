@@ -23,7 +23,7 @@ import tokensieve
 from tokensieve.methods import METHODS
 from tokensieve.engine.runner import generate, generate_batch, stop_token_ids
 from tokensieve.serve.app import create_app
-from tokensieve.serve.engine import TextStream
+from tokensieve.engine.detokenize import TextStream
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import parse_chat_request
 
@@ -545,10 +545,10 @@ def test_request_timeout_gives_504_and_stops_generation(tiny):
 def test_engine_exception_gives_500_and_the_server_keeps_running(tiny):
     model, tok = tiny
 
-    def flaky(m, t, input_ids, **kw):
-        if len(input_ids[0]) == 4:  # the prompt "boom"
+    def flaky(m, t, run, **kw):  # run: the request's prepared run (tokensieve.engine.runner.Prepared)
+        if len(run.input_ids[0]) == 4:  # the prompt "boom"
             raise RuntimeError("simulated engine failure")
-        return generate(m, t, input_ids, **kw)
+        return generate(m, t, run, **kw)
 
     app = create_app(model, tok, model_name="tiny", generate_fn=flaky)
     with serving(app) as base:
@@ -1004,13 +1004,13 @@ def test_cache_salt_keeps_tenants_apart(tiny):
 def test_a_failed_request_drops_only_its_own_prefix_entries(tiny):
     model, tok = tiny
 
-    def flaky(m, t, input_ids, on_token=None, **kw):
+    def flaky(m, t, run, on_token=None, **kw):
         def each(token_id):
-            if "boom" in t.decode(input_ids[0]):
+            if "boom" in t.decode(run.input_ids[0]):
                 raise RuntimeError("simulated failure after the prefill")
             return on_token(token_id)
 
-        return generate(m, t, input_ids, on_token=each, **kw)
+        return generate(m, t, run, on_token=each, **kw)
 
     app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, generate_fn=flaky)
     store = app.state.engine.prefix_store
@@ -1086,8 +1086,8 @@ def test_a_prompt_far_past_the_positions_is_refused_before_it_is_tokenized(tiny_
     base, app = tiny_server
     engine = app.state.engine
     calls: list[str] = []
-    real = engine._encode
-    engine._encode = lambda req, param: calls.append(param) or real(req, param)
+    real = engine.preparer._encode
+    engine.preparer._encode = lambda req, param: calls.append(param) or real(req, param)
     try:
         with httpx2.Client(base_url=base, timeout=60) as http:
             for endpoint, body, param in [(CHAT, {"messages": [{"role": "system", "content": "d" * 3000}, {"role": "user", "content": "q"}]}, "messages"),
@@ -1100,7 +1100,7 @@ def test_a_prompt_far_past_the_positions_is_refused_before_it_is_tokenized(tiny_
             assert http.post(CHAT, json={"messages": [{"role": "user", "content": "f" * 300}]}).status_code == 400  # tokenized, then refused
             assert calls == ["messages"]
     finally:
-        engine._encode = real
+        engine.preparer._encode = real
 
 
 def test_serve_cli_refuses_a_blank_api_key_in_one_line(capsys):

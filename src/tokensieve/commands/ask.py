@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
     import sys
 
     from tokensieve.engine.runner import encode_prompt, generate, selection_text
-    from tokensieve.serve.engine import TextStream
+    from tokensieve.engine.detokenize import TextStream
 
     messages = [{"role": "user", "content": f"{doc}\n\nAnswer the question from the text above.\nQuestion: {args.question}"}]
     stream = TextStream(lambda ids: tok.decode(ids, skip_special_tokens=True))

@@ -91,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.methods import make_method
     from tokensieve.engine.prefix_cache import SUPPORTED, PrefixReuse, chat_prefix_tokens, check_model, store_for_gib
     from tokensieve.engine.runner import encode_prompt, generate, prepare
-    from tokensieve.serve.engine import TextStream
+    from tokensieve.engine.detokenize import TextStream
 
     store = store_for_gib(args.prefix_cache_gib)
     why = None

@@ -89,6 +89,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch", type=positive_int, default=1,
                    help="requests generated together in one batch where they can share it (same method and parameters, "
                         "full/gemfilter/snapkv/streamingllm, greedy or the same sampling without a seed; default 1: one at a time)")
+    p.add_argument("--lock-params", action="store_true",
+                   help="requests run with this server's --method and its parameters only: a request that names another "
+                        "method or another parameter value in its \"tokensieve\" object gets 400 naming the field")
     p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
     p.add_argument("--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)")
     p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
@@ -146,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
         app = create_app(
             model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
             max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, **front,
+            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, lock_params=args.lock_params, **front,
         )
     if not is_loopback(args.host) and not keys:
         print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
@@ -190,6 +193,6 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
             engine_args[key] = value
     engine = VLLMEngine(
         model, tok, engine_args, method=args.method, method_params=params, max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout,
+        request_timeout_s=args.request_timeout, lock_params=args.lock_params,
     )
     return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens, **front)

@@ -143,9 +143,28 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
     return ids
 
 
+ALLOW_LONG_HINT = "or pass allow_long=True (--allow-long) to run anyway"
+
+
+def check_prompt_length(tokens: int, limit: int | None, *, at_least: str | None = None, hint: str | None = None) -> None:
+    """The one prompt-length rule (API, CLI, server): ``PromptTooLongError`` when a prompt of ``tokens`` tokens
+    passes the model's ``limit`` positions (None: no limit). ``at_least`` marks ``tokens`` as a lower bound and
+    says how it was counted (the server's check before tokenizing); ``hint`` ends the message with what the
+    caller can do besides shortening the prompt (``ALLOW_LONG_HINT`` where ``allow_long`` exists)."""
+    if limit is None or tokens <= limit:
+        return
+    count = f"at least {tokens} tokens ({at_least})" if at_least else f"{tokens} tokens"
+    raise PromptTooLongError(
+        f"prompt has {count}, more than the model's maximum of {limit} positions; shorten it" + (f" {hint}" if hint else "")
+    )
+
+
 @dataclass
 class Prepared:
-    """A method made, prepared and validated for one prompt: what ``drive`` runs."""
+    """A method made, prepared and validated for one prompt (``prepare``; several left-padded into one batch:
+    ``prepare_batch``): what ``drive`` runs. ``generate``, ``generate_batch`` and ``vllm_adapter.select_tokens``
+    take one as their prompt and run it as it is, without preparing it again (the server prepares each request
+    once, when it arrives, and its worker runs that)."""
 
     method: Method
     input_ids: torch.Tensor  # [1, n] on the model's device ([batch, n], left-padded, for a batch)
@@ -179,12 +198,8 @@ def prepare(
         input_ids = encode_prompt(tokenizer, prompt_or_messages)
     input_ids = input_ids.to(model.device)
     n = input_ids.shape[1]
-    limit = max_positions(model)
-    if limit is not None and n > limit and not allow_long:
-        raise PromptTooLongError(
-            f"prompt has {n} tokens, more than the model's maximum of {limit} positions; "
-            f"shorten it or pass allow_long=True (--allow-long) to run anyway"
-        )
+    if not allow_long:
+        check_prompt_length(n, max_positions(model), hint=ALLOW_LONG_HINT)
     if tokenizer is not None:
         m.prepare(model, tokenizer)
     m.validate(model, n)
@@ -217,13 +232,33 @@ def prepare_batch(
             runs.append(prepare(model, tokenizer, prompt, method, allow_long, **method_params))
         except InputError as exc:  # PromptTooLongError included
             raise type(exc)(f"prompt {i}: {exc}") from exc
+    return join_prepared(runs)
+
+
+def join_prepared(runs: Sequence[Prepared]) -> Prepared:
+    """Prepared single prompts as one batch, left-padded, run with the first one's method instance: every run
+    must have a method of the same name and parameters (each was validated for its own prompt), in
+    ``BATCH_METHODS`` when there are several. One run is returned as it is."""
+    if not runs or not all(isinstance(r, Prepared) and r.attention_mask is None and r.input_ids.shape[0] == 1 for r in runs):
+        raise InputError("join_prepared takes a non-empty list of prepared single prompts (from prepare)")
     if len(runs) == 1:
         return runs[0]
     m = runs[0].method
+    for i, r in enumerate(runs[1:], 1):
+        if r.method.name != m.name or r.method.params() != m.params():
+            raise InputError(f"prompt {i} was prepared for {r.method.name} {r.method.params()}, prompt 0 for {m.name} "
+                             f"{m.params()}; a batch runs one method with one set of parameters")
     if m.name not in BATCH_METHODS:
         raise batch_refused(m.name)
     input_ids, mask = left_pad([r.input_ids[0] for r in runs])
     return Prepared(m, input_ids, mask)
+
+
+def _given(run: Prepared, method: Any, method_params: dict[str, Any]) -> Prepared:
+    """A ``Prepared`` passed as the prompt carries its method: ``InputError`` when another is given too."""
+    if method_params or not (isinstance(method, str) and method == "full"):
+        raise InputError("a prepared prompt (tokensieve.runner.Prepared) carries its method; pass no method or parameters with it")
+    return run
 
 
 # Given the logits [batch, vocab] that follow the i-th fed token (i = 0 after the prefill), a chooser
@@ -458,7 +493,7 @@ def row_limits(max_new_tokens: Any, rows: int, model: PreTrainedModel | None = N
 def generate(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt_or_messages: str | Messages | torch.Tensor,
+    prompt_or_messages: str | Messages | torch.Tensor | Prepared,
     method: str | Method = "full",
     max_new_tokens: int = 64,
     allow_long: bool = False,
@@ -471,7 +506,8 @@ def generate(
     """Answer a prompt with ``method`` and measure it.
 
     ``prompt_or_messages`` is a string, a list of chat messages, or token ids
-    [1, n] (used as they are). ``method_params`` go to the method's dataclass
+    [1, n] (used as they are), or a ``Prepared`` from ``prepare`` (run as it is: no method or parameters
+    with it; its length was checked when it was prepared). ``method_params`` go to the method's dataclass
     (e.g. ``topk=512`` for GemFilter). Decoding is greedy unless ``sampling``
     says otherwise (``Sampling(temperature=0.7, top_p=0.9, seed=0)``).
     ``on_token(token_id)`` is called with each token as soon as it is chosen (streaming); when it
@@ -481,7 +517,12 @@ def generate(
     check_call(sampling, on_token, allow_long)
     check_max_new_tokens(max_new_tokens, model, allow_long)
     sampling = sampling or Sampling()
-    run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
+    if isinstance(prompt_or_messages, Prepared):
+        run = _given(prompt_or_messages, method, method_params)
+        if run.attention_mask is not None or run.input_ids.shape[0] != 1:
+            raise InputError("generate answers one prompt; a prepared batch goes to generate_batch")
+    else:
+        run = prepare(model, tokenizer, prompt_or_messages, method, allow_long, **method_params)
     stops = stop_token_ids(model, tokenizer)
     out_ids: list[int] = []
     gen = sampling.generator(model.device)
@@ -536,7 +577,7 @@ def _result(
 def generate_batch(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[Prompt],
+    prompts: Sequence[Prompt] | Sequence[Prepared],
     method: str | Method = "full",
     max_new_tokens: int | Sequence[int] = 64,
     allow_long: bool = False,
@@ -548,7 +589,8 @@ def generate_batch(
 ) -> list[GenerationResult]:
     """Answer several prompts at once: one ``GenerationResult`` per prompt, in order.
 
-    Prompts (strings, chat messages or 1-D / [1, n] token ids) are left-padded into one batch; each
+    Prompts (strings, chat messages or 1-D / [1, n] token ids; or ``Prepared`` runs of one prompt each, from
+    ``prepare``, all of one method and parameters, run as they are) are left-padded into one batch; each
     row's positions start at 0 at its first real token and pads are never attended to, so every row
     gets the tokens it would get alone (greedy). Each row stops at its own EOS or ``max_new_tokens``;
     finished rows keep stepping (their tokens are not recorded) until every row is done. Batches run
@@ -572,7 +614,12 @@ def generate_batch(
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, Sequence):
         check_max_new_tokens(max_new_tokens, model, allow_long)  # before the prompts are encoded, as generate does
-    run = prepare_batch(model, tokenizer, prompts, method, allow_long, **method_params)
+    if isinstance(prompts, Sequence) and not isinstance(prompts, str) and prompts and all(isinstance(p, Prepared) for p in prompts):
+        for p in prompts:
+            _given(p, method, method_params)
+        run = join_prepared(prompts)
+    else:
+        run = prepare_batch(model, tokenizer, prompts, method, allow_long, **method_params)
     rows = run.input_ids.shape[0]
     limits = row_limits(max_new_tokens, rows, model, allow_long)
     stops = stop_token_ids(model, tokenizer)

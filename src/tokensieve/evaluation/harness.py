@@ -594,9 +594,9 @@ def run_eval(
                                meta=s.meta, expected=s.expected)
                     try:
                         if s.key in too_long:
-                            raise PromptTooLongError(
-                                f"prompt has {len(s.input_ids)} tokens, more than the model's maximum of {limit} "
-                                f"positions (allow_long / --allow-long runs it anyway)")
+                            from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
+
+                            check_prompt_length(len(s.input_ids), limit, hint=ALLOW_LONG_HINT)
                         row |= task.evaluate(model, tokenizer, s, m, allow_long)
                     except recorded as exc:  # the user's to fix (a prompt too long, a parameter), or out of memory
                         row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}

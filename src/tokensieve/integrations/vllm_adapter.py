@@ -90,6 +90,8 @@ def select_tokens(
 
     ``filter_model`` is a transformers model with tokensieve attention (``tokensieve.load_model``) or a
     filter-only model (``load_filter_model``; its filter layer is used unless ``filter_layer`` is given).
+    ``prompt_or_messages`` may be a ``tokensieve.runner.Prepared`` run (method made and validated for its
+    prompt): it is used as it is, and ``method`` / ``method_params`` are ignored.
     ``InputError`` for a method that does more than select prompt tokens (e.g. a KV-cache method: its
     effect cannot be expressed as a token-id prompt).
     """
@@ -98,10 +100,15 @@ def select_tokens(
     from tokensieve.integrations.filter_model import filter_layer_of, input_device
     from tokensieve.engine.runner import prepare
 
-    r = filter_layer_of(filter_model)
-    if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
-        method_params = {**method_params, "filter_layer": r}
-    prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
+    from tokensieve.engine.runner import Prepared
+
+    if isinstance(prompt_or_messages, Prepared):  # prepared already (the server's request preparation): run as it is
+        prepared = prompt_or_messages
+    else:
+        r = filter_layer_of(filter_model)
+        if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
+            method_params = {**method_params, "filter_layer": r}
+        prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
     m = prepared.method
     if not is_selection_method(m):
         raise InputError(

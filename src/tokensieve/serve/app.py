@@ -26,21 +26,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.errors import InputError, check_int
 from tokensieve.engine.runner import generate, generate_batch
-from tokensieve.serve.engine import (
-    BatchFn,
-    Delta,
-    Engine,
-    EngineStoppedError,
-    Event,
-    Failed,
-    Finished,
-    GenerateFn,
-    Job,
-    QueueFullError,
-    shutting_down_error,
-    timeout_error,
+from tokensieve.errors import InputError, check_int
+from tokensieve.serve.engine import Engine, ServingEngine
+from tokensieve.serve.jobs import (
+    Delta, EngineStoppedError, Event, Failed, Finished, Job, QueueFullError, shutting_down_error, timeout_error,
 )
 from tokensieve.serve.metrics import Metrics, endpoint_label
 from tokensieve.serve.protocol import (
@@ -61,6 +51,7 @@ from tokensieve.serve.protocol import (
     usage_body,
     usage_chunk,
 )
+from tokensieve.serve.worker import BatchFn, GenerateFn
 
 log = logging.getLogger(__name__)
 
@@ -230,7 +221,7 @@ class _RequestMetrics:
 class _JobStream(StreamingResponse):
     """An SSE response that cancels its job when it ends for any reason (client gone included)."""
 
-    def __init__(self, content: AsyncIterator[bytes], job: Job, engine: Engine) -> None:
+    def __init__(self, content: AsyncIterator[bytes], job: Job, engine: ServingEngine) -> None:
         super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self._job = job
         self._engine = engine
@@ -290,6 +281,7 @@ def create_app(
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_hosts: Sequence[str] | None = None,
+    lock_params: bool = False,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
@@ -301,18 +293,19 @@ def create_app(
     key's requests have their own prefix-cache entries. ``max_body_bytes``: larger bodies get 413.
     ``allowed_hosts``: None (default) checks no Host header; a list (``LOOPBACK_HOSTS`` for a server bound
     to loopback, what ``tokensieve serve`` does) answers 421 to a request whose Host is neither a loopback
-    address nor in the list (DNS rebinding); ``["*"]`` allows any.
+    address nor in the list (DNS rebinding); ``["*"]`` allows any. ``lock_params``: requests run with
+    ``method`` and ``method_params`` only; a request that sets another method or parameter value gets 400.
     """
     engine = Engine(
         model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
         request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
-        max_batch=max_batch, generate_batch_fn=generate_batch_fn,
+        max_batch=max_batch, generate_batch_fn=generate_batch_fn, lock_params=lock_params,
     )
     return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens, api_keys=api_keys,
                           max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
 
 
-def app_for_engine(engine: Engine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
+def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
                    api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
                    allowed_hosts: Sequence[str] | None = None) -> FastAPI:
     """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).

@@ -74,8 +74,8 @@ class RecordingPool(DecoderPool):
         self.last = dec
         return dec, made
 
-    def get_lazy(self, entries: int, prune_layers: tuple[int, ...]):
-        dec, made = super().get_lazy(entries, prune_layers)
+    def get_own(self, kind, entries: int, make):  # a method's own decoder (LazyLLM's)
+        dec, made = super().get_own(kind, entries, make)
         self.last = dec
         return dec, made
 

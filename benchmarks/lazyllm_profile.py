@@ -4,7 +4,7 @@ One process, random weights in a real shape (time does not depend on weight valu
 
 1. ``LazyLLM.step`` (the eager path: a ``DynamicCache``, a layer loop planned on the host): ``--steps`` steps
    timed, then one step under ``torch.profiler``;
-2. the same prefill loaded into ``tokensieve.decode.static.LazyDecoder`` (a slot per token, the fixed-shape step
+2. the same prefill loaded into ``tokensieve.methods.lazyllm.LazyDecoder`` (a slot per token, the fixed-shape step
    captured as a CUDA graph, re-run on the host-planned path where a token comes back from the aux cache):
    ``--steps`` steps timed, each labelled replay or re-run, then one of each under the profiler where both occur.
 
@@ -24,7 +24,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from tokensieve.bench.timing import build_model, environment
-from tokensieve.decode.static import LazyDecoder, bucket
+from tokensieve.decode.static import bucket
+from tokensieve.methods.lazyllm import LazyDecoder
 from tokensieve.methods import make_method
 from tokensieve.bench.roofline import median, p90
 

@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.decode.static import BUCKET, STATIC_METHODS, DecoderPool, StaticDecoder, bucket, supports_static
+from tokensieve.decode.static import BUCKET, DecoderPool, StaticDecoder, bucket
+from tokensieve.engine.runner import STATIC_METHODS, supports_static
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
 from tokensieve.engine.runner import generate, score_continuation
@@ -236,6 +237,19 @@ def test_lazyllm_decoder_is_reused_and_refuses_overflow(model):
     with pytest.raises(RuntimeError, match="used up"):
         dec.step(torch.tensor([[1]]))
 
+
+def test_grow_instead_of_evicting_is_decided_in_one_place():
+    """A bounded eviction whose budget holds the prefill's entries and every new token evicts nothing: the
+    driver sizes the decoder for growth and ``StaticDecoder.load`` decodes by growth (one rule, both ask it)."""
+    from tokensieve.decode.static import DeviceEviction, decoder_size, without_needless_eviction
+
+    ring, heavy = DeviceEviction("ring", 40, 4), DeviceEviction("heavy", 40, 8)
+    seps = DeviceEviction("separators", n_keep=4, window=8, separator_ids=(5,))
+    for ev in (ring, heavy):
+        assert without_needless_eviction(ev, 30, 10) is None and decoder_size(ev, 30, 10) == 40  # fits: grow
+        assert without_needless_eviction(ev, 30, 11) is ev and decoder_size(ev, 30, 11) == 41  # budget + 1 slots
+    assert without_needless_eviction(seps, 30, 10) is seps and decoder_size(seps, 30, 10) == 40  # may grow to all
+    assert without_needless_eviction(None, 30, 10) is None and decoder_size(None, 30, 10) == 40
 
 class _ReplayedRun:
     """Stands in for a captured CUDA graph on the CPU: a replay runs the step and writes the output in place."""

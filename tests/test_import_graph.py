@@ -102,8 +102,8 @@ RANKS = {
     "errors": 0, "_moved": 0, "testing": 0,
     "kernels": 1, "data": 1,  # Triton kernels as torch functions; text input
     "core": 2,  # transformers glue, no method knowledge
-    "methods": 3,
-    "decode": 4,  # static decoding (it still imports methods.base / methods.lazyllm: issue 21 item 2)
+    "decode": 3,  # static KV buffers and the captured step; knows no method
+    "methods": 4,  # the registry and one module per method (LazyLLM's own decoder beside it)
     "engine": 5,  # one request, prompt -> tokens
     "integrations": 6, "bench": 6, "evaluation": 6,
     "serve": 7,
@@ -161,6 +161,30 @@ def test_no_module_imports_a_private_name_from_another_file():
     bad = [f"{name} imports {n} from {target}" for name, imports in all_imports().items() for target, n in imports
            if n.startswith("_") and not n.startswith("__") and target != "tokensieve"]
     assert not bad, "\n".join(bad)
+
+
+def test_decode_imports_no_method_module():
+    bad = [f"{name} imports {t}" for name, imports in all_imports().items() if wing(name) == "decode"
+           for t, _ in imports if wing(t) == "methods"]
+    assert not bad, "\n".join(bad)
+
+
+def test_nothing_below_the_methods_names_a_method():
+    """No string constant in core/, kernels/ or decode/ (docstrings aside) is a registered method's name: what a
+    method can do is asked from its capabilities."""
+    from tokensieve.methods import METHODS
+
+    names, bad = set(METHODS), []
+    for name, path in module_files().items():
+        if wing(name) not in ("core", "kernels", "decode"):
+            continue
+        tree = ast.parse(path.read_text())
+        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
+                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
+                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
+        bad += [f"{name}:{c.lineno} {c.value!r}" for c in ast.walk(tree) if isinstance(c, ast.Constant)
+                and isinstance(c.value, str) and c.value in names and id(c) not in docstrings]
+    assert len(names) >= 7 and not bad, "\n".join(bad)
 
 
 def test_commands_import_the_server_only_in_the_serve_command():

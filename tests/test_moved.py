@@ -14,7 +14,7 @@ import torch
 
 import tokensieve
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve._moved import MOVED, PACKAGE_NOW
+from tokensieve._moved import MOVED, MOVED_NAMES, PACKAGE_NOW
 
 SRC = Path(tokensieve.__file__).parent
 
@@ -68,7 +68,8 @@ def test_an_old_path_works_in_a_fresh_process_and_names_the_new_one():
 def test_a_package_that_took_an_old_module_name_serves_its_names(package):
     holder = importlib.import_module(PACKAGE_NOW[package])
     pkg = importlib.import_module(package)
-    public = [n for n, v in vars(holder).items() if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__]
+    public = [n for n, v in vars(holder).items()
+              if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__]
     assert len(public) >= 3
     for name in public:
         with pytest.warns(DeprecationWarning, match=f"{package}.{name} moved to {PACKAGE_NOW[package]}.{name}"):
@@ -102,3 +103,14 @@ def test_the_prefix_cache_classes_keep_working():
                                    store, store_tokens=40), max_new_tokens=3) for _ in range(2)]
     assert [a.token_ids for a in answers] == [ref.token_ids] * 2
     assert store.stats.misses == 1 and store.stats.hits == 1 and answers[1].details["prefix_cached_tokens"] > 0
+
+
+@pytest.mark.parametrize("module,name", [(m, n) for m, names in MOVED_NAMES.items() for n in names])
+def test_a_name_that_moved_out_of_a_module_is_served_with_a_warning(module, name):
+    new = MOVED_NAMES[module][name]
+    with pytest.warns(DeprecationWarning, match=f"{module}.{name} moved to {new}.{name}"):
+        value = getattr(importlib.import_module(module), name)
+    assert value == getattr(importlib.import_module(new), name)  # (STATIC_METHODS is derived on each look-up)
+    assert name not in vars(importlib.import_module(module))  # served, not defined there
+    with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
+        importlib.import_module(module).no_such_name

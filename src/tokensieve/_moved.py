@@ -6,7 +6,9 @@ same module object, so ``monkeypatch`` and ``isinstance`` see one module) and em
 ``DeprecationWarning`` naming the new path per old name and process. No file stays at an old path.
 
 ``tokensieve.decode`` and ``tokensieve.bench`` are packages now: their old module-level names are
-served by :func:`forward` from the package's ``__getattr__``, with the same warning.
+served by :func:`forward` from the package's ``__getattr__``, with the same warning. Names that moved out
+of a module (``MOVED_NAMES``: LazyLLM's decoder went beside LazyLLM) are served by :func:`moved_name` from
+that module's ``__getattr__``.
 """
 
 from __future__ import annotations
@@ -38,6 +40,14 @@ MOVED: dict[str, str] = {
     "tokensieve.vllm_adapter": "tokensieve.integrations.vllm_adapter",
     "tokensieve.filter_model": "tokensieve.integrations.filter_model",
     "tokensieve.roofline": "tokensieve.bench.roofline",
+}
+
+# module -> {name that moved out of it: the module that holds it now} (served by the module's __getattr__)
+MOVED_NAMES: dict[str, dict[str, str]] = {
+    "tokensieve.decode.static": {
+        "LazyDecoder": "tokensieve.methods.lazyllm", "ROW_CHUNK": "tokensieve.methods.lazyllm",
+        "supports_static": "tokensieve.engine.runner", "STATIC_METHODS": "tokensieve.engine.runner",
+    },
 }
 
 # a package that took an old module's name -> the module that holds that old module's contents now
@@ -91,6 +101,16 @@ def install() -> None:
     """Put the alias finder on ``sys.meta_path`` once (idempotent)."""
     if not any(isinstance(f, _AliasFinder) for f in sys.meta_path):
         sys.meta_path.insert(0, _AliasFinder())
+
+
+def moved_name(module: str, name: str) -> Any:
+    """A name that moved out of ``module`` (:data:`MOVED_NAMES`), with the warning; ``AttributeError`` otherwise."""
+    new = MOVED_NAMES.get(module, {}).get(name)
+    if new is None:
+        raise AttributeError(f"module {module!r} has no attribute {name!r}")
+    warnings.warn(f"{module}.{name} moved to {new}.{name}; import it from {new} (the old path goes in the next "
+                  "release)", DeprecationWarning, stacklevel=3)
+    return getattr(importlib.import_module(new), name)
 
 
 def forward(package: str, name: str) -> Any:

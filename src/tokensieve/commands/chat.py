@@ -89,20 +89,14 @@ def run(args: argparse.Namespace) -> int:
     import time
 
     from tokensieve.methods import make_method
-    from tokensieve.engine.prefix_cache import SUPPORTED, PrefixReuse, chat_prefix_tokens, check_model, store_for_gib
+    from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, refusal_on, store_for_gib
     from tokensieve.engine.runner import encode_prompt, generate, prepare
     from tokensieve.engine.detokenize import TextStream
 
     store = store_for_gib(args.prefix_cache_gib)
     why = None
     if store is not None:
-        if method.name not in SUPPORTED:
-            why = f"{method.name} is not supported by the prefix cache (only {', '.join(SUPPORTED)})"
-        else:
-            try:
-                check_model(model)
-            except InputError as exc:
-                why = str(exc)
+        why = refusal_on(model, method)
         if why is not None:
             print(f"tokensieve chat: note: no prefix cache: {why}; every question recomputes the document", file=sys.stderr)
             store = None

@@ -1,8 +1,9 @@
 """Argument helpers shared by the commands.
 
 This module is imported when the command line builds its parsers, so it imports
-neither torch nor transformers nor the methods: what needs them happens inside
-the functions that ``run`` calls (after parsing, before the model loads).
+neither torch nor transformers nor a method module (the registry's names only):
+what needs them happens inside the functions that ``run`` calls (after parsing,
+before the model loads).
 """
 
 from __future__ import annotations
@@ -12,14 +13,15 @@ import json
 import sys
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
+from tokensieve.methods import METHODS
+
 if TYPE_CHECKING:
     from tokensieve.methods import Method
 
 MB = 1024 * 1024
 
-# The registered methods' names, for --method choices and help without importing the methods
-# (tests/test_cli_errors.py checks that this equals tokensieve.methods.METHODS).
-METHOD_NAMES = ("full", "gemfilter", "sepllm", "streamingllm", "snapkv", "h2o", "lazyllm")
+# The registered methods' names, for --method choices and help (the registry imports no method module).
+METHOD_NAMES = tuple(METHODS)
 # GemFilter's scorings (checked against tokensieve.methods.gemfilter.SCORINGS by the same test).
 SCORINGS = ("paper", "window")
 # The method-specific flags: flag -> the method parameter it sets.

@@ -42,14 +42,14 @@ evicts) and picks, on the device, the slot the next step overwrites:
 
 No step reads back to the host, so the evicting step is captured like the growing one.
 
-LazyLLM re-selects its tokens at every step and may revive pruned ones, so it has its own decoder
-(:class:`LazyDecoder`: a slot per token, depths and the aux cache on the device, the selection as a device
-top-k; the captured fixed-shape step is re-run on a host-planned path when a token comes back).
+A method that decodes in a way of its own (LazyLLM re-selects its tokens at every step) brings its own decoder
+on :class:`CapturedStep` (LazyLLM's is ``methods.lazyllm.LazyDecoder``); ``DecoderPool.get_own`` keeps it.
 
-Supported: methods whose cache only grows while decoding (full attention, GemFilter, SnapKV), StreamingLLM,
-H2O and SepLLM (one prompt at a time) and LazyLLM, on models whose layers all use full attention (Llama,
-Mistral, Qwen2/3, Phi-3 class). Sliding-window models and left-padded batches of the evicting methods decode on
-the eager path; ``supports_static`` says which.
+This module knows no method: a method's ``capabilities.static_decode`` says whether its cache grows, evicts
+(``DeviceEviction``) or decodes on its own decoder, and the driver asks (``engine.runner.supports_static``).
+Models whose layers all use full attention (Llama, Mistral, Qwen2/3, Phi-3 class) decode here;
+sliding-window models and left-padded batches of the evicting methods decode on the eager path
+(``model_refusal``).
 """
 
 from __future__ import annotations
@@ -63,31 +63,31 @@ from typing import Any
 import torch
 from transformers import Cache, PreTrainedModel
 
-from tokensieve.core.attention import HOOK_KWARG, sdpa
+from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DeviceEviction, has_sliding_layers
-from tokensieve.methods.lazyllm import LazyModules, keep_count
-from tokensieve.core.scoring import spans, matmul_fp32
+from tokensieve.core.hf import has_sliding_layers
+from tokensieve.core.scoring import matmul_fp32
 
 log = logging.getLogger(__name__)
 
 # Capacity buckets: kept entries + new tokens, rounded up to a multiple of this, so that the masked
 # tail the step reads is small (at most BUCKET - 1 entries) and prompts of similar size share a graph.
 BUCKET = 256
-# LazyLLM's host-planned step attends in chunks of this many rows (its mask is [rows, capacity]).
-ROW_CHUNK = 1024
+
+
+def __getattr__(name: str) -> Any:  # names that moved out of this module, served for one release
+    from tokensieve._moved import moved_name
+
+    return moved_name(__name__, name)
 
 
 def bucket(entries: int) -> int:
     return -(-entries // BUCKET) * BUCKET
 
 
-def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: str) -> str | None:
-    """``None`` when this model/cache can decode on the static path, else the reason it cannot."""
-    if method_name not in STATIC_METHODS:
-        return f"{method_name} evicts or re-selects while decoding (eager path)"
-    if method_name in EVICTING_METHODS and getattr(cache, "pad_counts", None):
-        return f"{method_name} decodes a left-padded batch on the eager path (its sinks differ per row)"
+def model_refusal(model: PreTrainedModel, cache: Cache | None) -> str | None:
+    """``None`` when this model and prefill cache can decode on the static path, else the reason it cannot
+    (what a method can do is the driver's question: ``engine.runner.supports_static``)."""
     cfg = model.config.get_text_config()
     if has_sliding_layers(model):
         return "the model has sliding-window layers (eager path)"
@@ -98,12 +98,54 @@ def supports_static(model: PreTrainedModel, cache: Cache | None, method_name: st
     return None
 
 
-# Methods whose KV cache only grows after the prefill (the static buffers hold exactly what they keep), and
-# those that evict while decoding in a way the device can do (see the module docstring).
-EVICTING_METHODS = ("streamingllm", "h2o", "sepllm")
-STATIC_METHODS = ("full", "gemfilter", "snapkv") + EVICTING_METHODS + ("lazyllm",)  # LazyLLM: ``LazyDecoder``
+@dataclass(frozen=True)
+class DeviceEviction:
+    """How a method evicts while decoding (``tokensieve.decode.static`` does it on the device).
+
+    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest; ``budget`` in all), ``"heavy"``
+    (the ``n_keep`` newest stay, then the most attended-to; ``budget`` in all) or ``"separators"`` (the
+    first ``n_keep`` tokens, every token in ``separator_ids`` and the ``window`` tokens before the next one
+    stay: SepLLM; no fixed budget).
+    """
+
+    kind: str
+    budget: int = 0
+    n_keep: int = 0
+    window: int = 0
+    separator_ids: tuple[int, ...] = ()
+
+    def __post_init__(self) -> None:
+        ok = {
+            "ring": 0 <= self.n_keep < self.budget,
+            "heavy": 0 <= self.n_keep <= self.budget and self.budget >= 1,
+            "separators": self.n_keep >= 0 and self.window >= 0,
+        }.get(self.kind, False)
+        if not ok:
+            raise ValueError(f"bad DeviceEviction {self}")
+
+
 TRACKS = ("none", "heavy", "separators")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
+
+
+def without_needless_eviction(
+    eviction: DeviceEviction | None, entries: int, max_new_tokens: int
+) -> DeviceEviction | None:
+    """``eviction``, or ``None`` when a bounded eviction (ring, heavy) would evict nothing: the ``entries`` the
+    prefill kept plus ``max_new_tokens`` fit in its budget, so the answer decodes by plain growth. The one
+    place this is decided (the driver sizes the decoder with it, ``StaticDecoder.load`` applies it)."""
+    if eviction is not None and eviction.kind != "separators" and entries + max_new_tokens <= eviction.budget:
+        return None
+    return eviction
+
+
+def decoder_size(eviction: DeviceEviction | None, entries: int, max_new_tokens: int) -> int:
+    """Slots a decoder needs: ``budget + 1`` for a bounded eviction that will evict, else every entry and new
+    token (growth; separators may also grow to that)."""
+    eviction = without_needless_eviction(eviction, entries, max_new_tokens)
+    if eviction is not None and eviction.kind != "separators":
+        return eviction.budget + 1
+    return entries + max_new_tokens
 
 
 def tracks_for(eviction: DeviceEviction | None) -> str:
@@ -172,7 +214,7 @@ def pick_attention_kernel(choice: str, dev: torch.device, why_not: str | None = 
     return "torch", None
 
 
-class _CapturedStep:
+class CapturedStep:
     """What both decoders do around their step function: capture it once, count the steps left, feed the token,
     replay the graph (or run the function where there is none). Needs ``use_graph``, ``capacity``, ``steps_left``,
     ``token``, ``logits``, ``capture_s`` and ``_graph`` on the decoder."""
@@ -210,7 +252,7 @@ class _CapturedStep:
 
 
 @dataclass
-class StaticDecoder(_CapturedStep):
+class StaticDecoder(CapturedStep):
     """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step."""
 
     model: PreTrainedModel
@@ -294,8 +336,8 @@ class StaticDecoder(_CapturedStep):
         ``eviction``: how entries go once ``eviction.budget + 1`` are held (the entries must be in position
         order; ``"heavy"`` also reads the cache's accumulated ``scores``); ``None``: grow only.
         """
-        if eviction is not None and eviction.kind != "separators" and eviction.budget + 1 > self.capacity:
-            eviction = None  # the answer ends before anything is evicted: plain growth
+        entries = max(layer.keys.shape[-2] for layer in cache.layers)
+        eviction = without_needless_eviction(eviction, entries, max_new_tokens)
         if tracks_for(eviction) != self.tracks:
             raise ValueError(f"a {eviction} eviction needs a decoder made with tracks={tracks_for(eviction)!r}")
         # (fixed, size): the slots in use are 0 .. size - 1; a ring turns over fixed .. size - 1
@@ -457,222 +499,6 @@ class StaticDecoder(_CapturedStep):
 
 
 @dataclass
-class LazyDecoder(_CapturedStep):
-    """LazyLLM's decoding step on KV buffers we own, captured as a CUDA graph where the step allows it.
-
-    Every token has a slot (slot ``j`` = position ``j``) in every layer's buffer ``[1, kv_heads, capacity,
-    head_dim]``; ``depth[j]`` says at how many layers its KV exists (``LazyState.depth``), ``aux[j]`` is the
-    hidden state entering layer ``depth[j]`` (the aux cache). A step is LazyLLM's (``LazyLLM._step``): all
-    tokens are present at layer 0; at each pruning layer the last token's attention, averaged over heads,
-    keeps the top ``ceil(f * present)`` present tokens for the layers after it (the new token always stays);
-    a present token without KV at a layer is computed there from the aux cache (revived).
-
-    The step's shape depends on how many tokens come back from the aux cache, which the device decides.
-    So a step first runs on the fixed shape of the common case, where the new token is the only one
-    computed at every layer: top-k by ranks against keep counts the host computes (they follow from the
-    position alone), masks from ``depth`` and the present set, nothing read back; on CUDA that step is the
-    captured graph. It also records on the device whether some present token lacked its KV at a layer;
-    then (one read per step, with the token's) the step runs again on the host-planned path, which computes
-    the revived tokens with the new one (``exact``), from the same state: the fixed-shape run changed only
-    the new token's slot, which the second run rewrites. On the CPU (``speculate=False``) every step takes
-    the host-planned path directly. Both give the eager path's tokens (tests).
-
-    A layer that computes the new token alone and is not a pruning layer attends with the split-KV kernel where
-    ``attention_kernel`` resolves to "triton" (the present set as its visible slots); ``compile=True`` fuses the
-    fixed-shape step with ``torch.compile`` before it is captured.
-    """
-
-    model: PreTrainedModel
-    capacity: int
-    prune_layers: tuple[int, ...]
-    use_graph: bool | None = None  # None: on CUDA only
-    speculate: bool | None = None  # None: on CUDA only (see the class docstring)
-    attention_kernel: str = "auto"  # one-token layers' attention (see pick_attention_kernel); pruning layers: torch
-    compile: bool = False  # fuse the fixed-shape step with torch.compile before capturing it
-    capture_s: float = field(init=False, default=0.0)
-    logits: torch.Tensor | None = field(init=False, default=None)
-    steps_left: int = field(init=False, default=0)
-    replays: int = field(init=False, default=0)  # steps the fixed-shape run answered
-    reruns: int = field(init=False, default=0)  # steps that ran again on the host-planned path (revivals)
-    _graph: Any = field(init=False, default=None)
-    kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
-
-    def __post_init__(self) -> None:
-        self.dec = LazyModules(self.model)  # LazyLLM's view of the model (its public modules)
-        dev, cap = self.model.device, self.capacity
-        self.keys, self.values = kv_buffers(self.model, 1, cap)  # slot j: the token at position j
-        self.depth = torch.zeros(cap, dtype=torch.long, device=dev)  # [cap]
-        self.aux = torch.zeros(cap, self.dec.embed.embedding_dim, dtype=self.dec.embed.weight.dtype, device=dev)
-        self.revived = torch.zeros(cap, dtype=torch.bool, device=dev)
-        self.present = torch.zeros(cap, dtype=torch.bool, device=dev)  # the present set at the current layer
-        self.position = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's position (= its slot)
-        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
-        self.keeps = torch.ones(max(1, len(self.prune_layers)), dtype=torch.long, device=dev)  # this step's keep counts
-        self.lacking = torch.zeros((), dtype=torch.bool, device=dev)  # a present token lacked its KV (fixed-shape run)
-        self._slots = torch.arange(cap, device=dev)
-        self._rows = self.position  # the tokens computed at the current layer, [t]
-        self._scores: torch.Tensor | None = None  # [cap]: the last pruning layer's importance
-        self._prune_index = {layer: i for i, layer in enumerate(self.prune_layers)}
-        if self.use_graph is None:
-            self.use_graph = dev.type == "cuda"
-        if self.speculate is None:
-            self.speculate = dev.type == "cuda"
-        if self.use_graph and not self.speculate:
-            raise ValueError("a captured LazyLLM step needs speculate=True (the host-planned step reads the device)")
-        self.kernel, self._decode_attention = pick_attention_kernel(self.attention_kernel, dev)
-        self._valid = self.present[None]  # [1, cap], a view: the present set as the kernel's visible slots
-        fixed = lambda: self._run(False)  # noqa: E731 - the fixed-shape step
-        self._fixed = torch.compile(fixed, dynamic=False) if self.compile else fixed
-
-    def load(self, state: Any, max_new_tokens: int, fractions: tuple[float, ...]) -> None:
-        """Copy a LazyLLM prefill's state (``LazyState``: its cache entries, depths, aux cache) into the slots."""
-        n = state.next_position
-        if n + max_new_tokens > self.capacity:
-            raise ValueError(f"{n} tokens + {max_new_tokens} new exceed capacity {self.capacity}")
-        if len(fractions) != len(self.prune_layers):
-            raise ValueError(f"{len(fractions)} keep fractions for {len(self.prune_layers)} pruning layers")
-        for i, layer in enumerate(state.cache.layers):
-            tokens = state.kv_tokens[i]  # the token of each entry, in cache order
-            self.keys[i].index_copy_(2, tokens, layer.keys)
-            self.values[i].index_copy_(2, tokens, layer.values)
-        self.depth.zero_()
-        self.depth[:n].copy_(state.depth)
-        self.aux[:n].copy_(state.aux)
-        self.revived.zero_()
-        self.revived[:n].copy_(state.revived)
-        self.position.fill_(n)
-        self.fractions = tuple(fractions)
-        self.prompt_len, self.next_host, self.revived_computations = state.prompt_len, n, state.revived_computations
-        self.replays = self.reruns = 0
-        self.steps_left = max_new_tokens
-
-    def _attend(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
-    ) -> tuple[torch.Tensor, None]:
-        """One layer's attention for the rows computed here: store their keys/values in their slots, attend over the
-        present tokens at or before each row. query [1, q_heads, t, d]; key/value [1, kv_heads, t, d]."""
-        li = module.layer_idx
-        rows, keys, values = self._rows, self.keys[li], self.values[li]
-        keys.index_copy_(2, rows, key)
-        values.index_copy_(2, rows, value)
-        _, hq, t, d = query.shape
-        scaling = kwargs.get("scaling", module.scaling)
-        prune = li in self._prune_index
-        if t == 1 and not prune and self.kernel == "triton":  # one pass over the present slots up to the token
-            hkv = keys.shape[1]
-            out = self._decode_attention(query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling)
-            return out.view(1, hq, 1, d).transpose(1, 2), None
-        allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
-        if t == 1:  # the fixed-shape step: one query, the probabilities at hand
-            probs32 = self._probs(query, keys, allowed, scaling)  # [hkv, g, cap]
-            out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]
-        else:  # revived rows too (host-planned): SDPA as on the eager path, rows in chunks (the mask is [rows, cap])
-            out = torch.cat([
-                sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
-                for a, b in spans(t, ROW_CHUNK)
-            ], dim=1)
-            probs32 = self._probs(query[:, :, -1:], keys, allowed[-1:], scaling) if prune else None
-        if prune:  # LazyLLM's importance: the new token's attention, mean over the query heads
-            self._scores = probs32.sum((0, 1)) / hq
-        return out, None
-
-    @staticmethod
-    def _probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
-        """Attention probabilities (float32, [kv_heads, group, cap]) of one query row [1, q_heads, 1, d] over the slots
-        ``allowed`` [1, cap]; grouped heads by a reshape, the keys read once."""
-        hkv = keys.shape[1]
-        q = query.reshape(hkv, query.shape[1] // hkv, query.shape[-1])
-        scores = matmul_fp32(q, keys[0].transpose(1, 2)) * scaling  # [hkv, g, cap]
-        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
-
-    def _select(self, i: int) -> None:
-        """The top ``keeps[i]`` present tokens by importance stay present (the new token always), on the device."""
-        s = self._scores.masked_fill(~self.present, float("-inf")).index_fill(0, self.position, float("inf"))
-        order = torch.argsort(s, descending=True, stable=True)
-        rank = torch.empty_like(order).scatter_(0, order, self._slots)
-        self.present.copy_(rank < self.keeps[i])
-
-    def _run(self, exact: bool) -> torch.Tensor:
-        """One step for ``self.token``; ``exact``: compute every present token lacking KV (host-planned rows),
-        else the new token only, recording in ``lacking`` whether that was not enough."""
-        pos, dec = self.position, self.dec
-        self.present.copy_(self._slots <= pos)
-        self.depth.index_fill_(0, pos, 0)
-        self.aux.index_copy_(0, pos, dec.embed(self.token)[0])
-        self.lacking.zero_()
-        for li, layer in enumerate(dec.layers):
-            todo = self.present & (self.depth <= li)  # present here, without KV here: computed now
-            if exact:
-                rows = todo.nonzero()[:, 0]  # reads the device: the host-planned path
-                old = rows[:-1]  # the new token is the last row; the others come back from the aux cache
-                if old.numel():
-                    self.revived[old] = True
-                    self.revived_computations += old.numel()
-            else:
-                rows = pos
-                self.lacking.logical_or_((todo & (self._slots != pos)).any())
-            self._rows = rows
-            hidden = self.aux.index_select(0, rows)[None]  # [1, t, hidden]
-            pos_ids = rows[None]
-            out = layer(
-                hidden, attention_mask=None, position_embeddings=dec.rotary_embeddings(hidden, pos_ids, li),
-                position_ids=pos_ids, use_cache=False, **{HOOK_KWARG: self._attend},
-            )
-            out = out[0] if isinstance(out, tuple) else out
-            self.aux.index_copy_(0, rows, out[0])
-            self.depth.index_fill_(0, rows, li + 1)
-            if li in self._prune_index:
-                self._select(self._prune_index[li])
-        logits = dec.lm_head(dec.norm(self.aux.index_select(0, pos)[None]))[:, -1].float()  # [1, vocab]
-        if dec.softcap is not None:
-            logits = torch.tanh(logits / dec.softcap) * dec.softcap
-        self.position.add_(1)
-        return logits
-
-    def capture(self) -> None:
-        """Record the fixed-shape step as a CUDA graph (on zeroed state; ``load`` sets the real one)."""
-        self._capture(self._fixed, [self.position, self.depth])
-
-    @torch.inference_mode()
-    def step(self, token: torch.Tensor) -> torch.Tensor:
-        """Feed ``token`` [1, 1]; return the next logits [1, vocab]."""
-        self._feed(token)
-        present, keeps = self.next_host + 1, []
-        for f in self.fractions:  # the keep counts follow from the number of tokens alone
-            present = keep_count(f, present)
-            keeps.append(present)
-        if keeps:
-            self.keeps.copy_(torch.tensor(keeps, dtype=torch.long))
-        self.next_host += 1
-        if self.speculate:
-            logits = self._replay_or_run(self._fixed)
-            if not bool(self.lacking):  # one read per step (the token is read anyway)
-                self.replays += 1
-                return logits
-            self.reruns += 1
-            self.position.sub_(1)
-        return self._run(True)
-
-    def entries(self) -> list[int]:
-        """KV entries computed per layer (reads the device)."""
-        n = self.next_host
-        layers = torch.arange(self.dec.num_layers, device=self.depth.device)
-        return (self.depth[None, :n] > layers[:, None]).sum(1).tolist()
-
-    def details(self) -> dict[str, Any]:
-        """LazyLLM's counters after decoding (as ``LazyLLM`` reports them on the eager path), and the reruns."""
-        n, n_layers = self.prompt_len, self.dec.num_layers
-        return {
-            "prompt_computed_pct_total": 100.0 * float(self.depth[:n].sum()) / (n_layers * n),
-            "revived_tokens": int(self.revived.sum()),
-            "revived_kv_computations": self.revived_computations,
-            "decode_fixed_shape_steps": self.replays,
-            "decode_revival_reruns": self.reruns,
-        }
-
-
-@dataclass
 class DecoderPool:
     """Static decoders by (batch, capacity bucket) for one model: a capture is paid once per bucket."""
 
@@ -680,8 +506,8 @@ class DecoderPool:
     use_graph: bool | None = None
     compile: bool = False
     attention_kernel: str = "auto"  # StaticDecoder.attention_kernel of every decoder made
-    speculate: bool | None = None  # LazyLLM: try the fixed-shape step first (None: on CUDA only; see LazyDecoder)
-    decoders: dict[tuple[int, int, Any], "StaticDecoder | LazyDecoder"] = field(default_factory=dict)
+    speculate: bool | None = None  # a decoder of its own may try a fixed-shape step first (None: on CUDA only)
+    decoders: dict[tuple[int, int, Any], Any] = field(default_factory=dict)
 
     def get(self, batch: int, entries: int, tracks: str = "none") -> tuple[StaticDecoder, bool]:
         """A decoder holding ``entries`` (kept + new; ``tracks``: an evicting method's per-slot state, see
@@ -693,11 +519,12 @@ class DecoderPool:
                                                self.attention_kernel)
         return self.decoders[key], made
 
-    def get_lazy(self, entries: int, prune_layers: tuple[int, ...]) -> tuple[LazyDecoder, bool]:
-        """LazyLLM's decoder for ``entries`` tokens (prompt + new) and these pruning layers, made (and captured) once."""
-        key = (1, bucket(entries), ("lazyllm", tuple(prune_layers)))
+    def get_own(self, kind: Any, entries: int, make: Any) -> tuple[Any, bool]:
+        """A method's own decoder (``capabilities.static_decode == "own"``) of ``kind`` (a hashable the method
+        chooses) for ``entries`` tokens: ``make(capacity)`` builds it once per capacity bucket; the flag says
+        whether it was made (and is to be captured) now."""
+        key = (1, bucket(entries), kind)
         made = key not in self.decoders
         if made:
-            self.decoders[key] = LazyDecoder(self.model, key[1], tuple(prune_layers), self.use_graph, self.speculate,
-                                             self.attention_kernel, self.compile)
+            self.decoders[key] = make(key[1])
         return self.decoders[key], made

@@ -5,11 +5,14 @@ least-recently-used eviction, and finds the longest run of leading tokens a new 
 stored prefix (a stored prefix is usable up to the first token where the two differ: the KV of
 positions ``0..m-1`` depends on tokens ``0..m-1`` only).
 
-``PrefixReuse(inner, store, store_tokens=L)`` is a ``Method`` that wraps full attention, SnapKV or
-GemFilter. Its ``prefill`` takes the longest cached prefix, computes the rest of the prompt on top of
-it, stores the first ``L`` tokens' state for later requests, and returns the ``DecodeState`` the inner
-method would (same cache type, same logits up to float rounding, same kept indices), so the runner,
-the static decoding path and every entry point use it unchanged.
+``PrefixReuse(inner, store, store_tokens=L)`` is a ``Method`` that wraps a method whose
+``capabilities.prefix_reuse`` is set (full attention, SnapKV, GemFilter). Its ``prefill`` hands the inner
+method's ``prefix_prefill`` a ``CachedPrefix``: the longest cached prefix (the first ``L`` tokens' state
+computed and stored for later requests when missing), on top of which the method computes the rest of
+the prompt, returning the ``DecodeState`` its own ``prefill`` would (same cache type, same logits up to
+float rounding, same kept indices), so the runner, the static decoding path and every entry point use it
+unchanged. This module never looks inside a method: ``prefix_refusal``, ``prefix_layers``,
+``prefix_tail`` and ``prefix_prefill`` (``methods.base.Method``) say what it needs.
 
 What is cached (``PrefixState``):
 
@@ -31,7 +34,7 @@ is refused too (the prefix path runs the dense filter pass).
 
 from __future__ import annotations
 
-import time
+import dataclasses
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -40,14 +43,23 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
-from tokensieve.core.cache import EvictionCache
 from tokensieve.errors import InputError, check_int, check_number
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
-from tokensieve.methods.gemfilter import GemFilter, token_scores
-from tokensieve.methods.snapkv import SnapKV
+from tokensieve.methods import METHODS, capable
+from tokensieve.methods.base import DecodeState, Method, cache_kwarg, has_sliding_layers
 
-SUPPORTED = ("full", "snapkv", "gemfilter")
 GIB = 1 << 30
+
+
+def supported() -> list[str]:
+    """The registered methods a prefix cache can serve (``capabilities.prefix_reuse``): those that reuse the
+    prefix's KV entries as they are first, then those that select prompt tokens from it."""
+    return sorted(capable(prefix_reuse=True), key=lambda n: METHODS[n].capabilities.selects_prompt)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SUPPORTED":  # the old constant: supported() as a tuple
+        return tuple(supported())
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
@@ -212,14 +224,64 @@ def _seeded(cache: DynamicCache, keys: list[torch.Tensor], values: list[torch.Te
 
 
 def refusal(method: Method) -> str | None:
-    """Why ``method`` cannot run with a prefix cache, or None when it can."""
-    if method.name not in SUPPORTED:
-        return f"the prefix cache supports methods {', '.join(SUPPORTED)}; got {method.name!r}"
-    if isinstance(method, GemFilter) and method.chunk_size is not None:
-        return f"the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), got chunk_size={method.chunk_size}"
-    if isinstance(method, GemFilter) and method.filter_attention == "local":
-        return "the prefix cache runs GemFilter's dense filter pass only; got filter_attention='local'"
-    return None
+    """Why ``method`` cannot run with a prefix cache, or None when it can: its ``capabilities.prefix_reuse``,
+    then its own ``prefix_refusal()`` (its parameters). The one rule for the API, the CLI and the server."""
+    if not method.capabilities.prefix_reuse:
+        return f"the prefix cache supports methods {', '.join(supported())}; got {method.name!r}"
+    return method.prefix_refusal()
+
+
+def refusal_on(model: PreTrainedModel, method: Method) -> str | None:
+    """Why a prefix cache cannot serve ``method`` on ``model``: :func:`refusal`, then the model's own rule
+    (:func:`check_model`); None when it can."""
+    why = refusal(method)
+    if why is None:
+        try:
+            check_model(model)
+        except InputError as exc:
+            why = str(exc)
+    return why
+
+
+class CachedPrefix:
+    """The prefix cache's side of one prefill, handed to the method's ``prefix_prefill``.
+
+    ``take(tail)`` finds the prompt's longest stored prefix (computing and storing its first ``store_tokens``
+    tokens when the store holds fewer), counts a hit or a miss and returns ``start``: the leading tokens whose
+    state is reused, leaving at least ``tail`` tokens to compute. Then ``seed`` fills a cache with those
+    tokens' keys and values, ``keys`` gives one layer's, and ``finish`` adds ``prefix_cached_tokens`` and
+    ``prefix_stored_tokens`` to the state's details.
+    """
+
+    def __init__(self, reuse: PrefixReuse, model: PreTrainedModel, input_ids: torch.Tensor) -> None:
+        self._reuse, self._model, self._ids = reuse, model, input_ids
+        self._state: PrefixState | None = None
+        self._have = self._reused = self.start = self._cached = 0
+
+    def take(self, tail: int) -> int:
+        n = self._ids.shape[1]
+        self._state, self._have, self._reused = self._reuse._prefix(self._model, self._ids)
+        self.start = max(0, min(self._have, n - tail))
+        self._cached = self._reuse._count(self.start, self._reused)
+        return self.start
+
+    def seed(self, cache: DynamicCache, layers: int | None = None) -> DynamicCache:
+        """``cache`` holding the first ``start`` tokens of layers ``0..layers-1`` (default: every layer with values)."""
+        if self._state is not None and self.start:
+            n = len(self._state.values) if layers is None else layers
+            _seeded(cache, self._state.keys[:n], self._state.values[:n], self.start)
+        return cache
+
+    def keys(self, layer: int) -> torch.Tensor | None:
+        """Layer ``layer``'s keys [1, kv_heads, start, head_dim] of the reused tokens (None when none are)."""
+        if self._state is None or not self.start:
+            return None
+        return self._state.keys[layer][:, :, : self.start]
+
+    def finish(self, state: DecodeState) -> DecodeState:
+        state.details.update(prefix_cached_tokens=self._cached,
+                             prefix_stored_tokens=self._reuse._stored(self._have, self._reused))
+        return state
 
 
 class PrefixReuse(Method):
@@ -247,6 +309,7 @@ class PrefixReuse(Method):
             raise InputError(f"salt must be a string or None, got {salt!r}")
         self.salt = salt
         self.name = inner.name  # the runner's static path and results see the inner method
+        self.capabilities = dataclasses.replace(inner.capabilities, batch=False)  # one prompt at a time
 
     name: ClassVar[str] = "prefix"  # type: ignore[misc]  # replaced per instance by the inner method's name
 
@@ -282,19 +345,11 @@ class PrefixReuse(Method):
             raise InputError(f"the prefix cache runs one prompt at a time, got batch size {input_ids.shape[0]}")
         check_model(model)
         self.store.bind(model)
-        if isinstance(self.inner, GemFilter):
-            if self.inner.uses_local(input_ids.shape[1], model):  # "auto" on a long prompt: the local pass, not cached yet
-                return self.inner.prefill(model, input_ids)
-            return self._gemfilter(model, input_ids)
-        return self._kv(model, input_ids)
+        return self.inner.prefix_prefill(model, input_ids, CachedPrefix(self, model, input_ids))
 
     def _layers(self, model: PreTrainedModel) -> tuple[int, int]:
         """(key layers, value layers) a cached prefix needs for the inner method."""
-        if isinstance(self.inner, GemFilter):
-            r = self.inner.resolved_layer(model)
-            return r + 1, r
-        n_layers = num_layers(model)
-        return n_layers, n_layers
+        return self.inner.prefix_layers(model)
 
     def _prefix(self, model: PreTrainedModel, ids: torch.Tensor) -> tuple[PrefixState | None, int, int]:
         """The cached prefix, extended to ``store_tokens`` (and stored) when shorter: (state, tokens it
@@ -344,29 +399,6 @@ class PrefixReuse(Method):
             keys.append(torch.cat([old, r_keys], dim=2))
         return PrefixState(ids[0].detach().cpu().clone(), keys, values, self.salt)
 
-    def _kv(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
-        n = ids.shape[1]
-        state, have, reused = self._prefix(model, ids)
-        tail = 1
-        if isinstance(self.inner, SnapKV) and n > self.inner.budget:
-            tail = min(self.inner.window_size, n)  # the observation window's queries are computed here
-        start = max(0, min(have, n - tail))
-        cached = self._count(start, reused)
-        with torch.inference_mode():
-            rest, pos = ids[:, start:], torch.arange(start, n, device=ids.device)[None]
-            if isinstance(self.inner, SnapKV):
-                cache: DynamicCache = EvictionCache(model.config)
-                cache.add_tokens(ids)
-                kwargs = {HOOK_KWARG: self.inner._hook(cache, prefill=True)}
-            else:
-                cache, kwargs = DynamicCache(config=model.config), {}
-            if state is not None and start:
-                _seeded(cache, state.keys, state.values, start)
-            out = model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
-        result = DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n)
-        result.details.update(prefix_cached_tokens=cached, prefix_stored_tokens=self._stored(have, reused))
-        return result
-
     def _stored(self, have: int, reused: int) -> int:
         return have if have > reused else 0
 
@@ -380,59 +412,6 @@ class PrefixReuse(Method):
         else:
             st.misses += 1
         return cached
-
-    def _gemfilter(self, model: PreTrainedModel, ids: torch.Tensor) -> DecodeState:
-        g: GemFilter = self.inner  # type: ignore[assignment]
-        n = ids.shape[1]
-        r = g.resolved_layer(model)
-        if g.topk >= n:  # every token kept: the inner method runs a plain full prefill
-            state = g.prefill(model, ids)
-            state.details.update(prefix_cached_tokens=0, prefix_stored_tokens=0)
-            return state
-        t0 = time.perf_counter()
-        prefix, have, reused = self._prefix(model, ids)
-        tail = min(g.window_size, n) if g.scoring == "window" else 1
-        start = max(0, min(have, n - tail))
-        cached = self._count(start, reused)
-        scores = self._filter_scores(model, ids, prefix, start, r)
-        idx = g.pick(scores)
-        if ids.device.type == "cuda":
-            torch.cuda.synchronize()
-        filter_s = time.perf_counter() - t0
-        with torch.inference_mode():
-            state = full_prefill(model, ids[:, idx])
-        state.kept_indices = idx
-        state.details.update(
-            filter_layer=r, filter_s=filter_s, filter_skipped=False, prefix_cached_tokens=cached,
-            prefix_stored_tokens=self._stored(have, reused),
-        )
-        return state
-
-    @torch.inference_mode()
-    def _filter_scores(self, model: PreTrainedModel, ids: torch.Tensor, prefix: PrefixState | None, start: int, r: int) -> torch.Tensor:
-        """GemFilter's filter pass over tokens ``start..n-1`` on top of the prefix's first ``start`` tokens: scores [n]."""
-        g: GemFilter = self.inner  # type: ignore[assignment]
-        n = ids.shape[1]
-        cache = DynamicCache(config=model.config)
-        old_keys = None
-        if prefix is not None and start:
-            _seeded(cache, prefix.keys[:r], prefix.values[:r], start)
-            old_keys = prefix.keys[r][:, :, :start]
-
-        def hook(module, query, key, value, attention_mask, **kw):
-            if module.layer_idx != r:
-                return None
-            own = key[:, :, -(n - start):]
-            keys = own if old_keys is None else torch.cat([old_keys, own], dim=2)
-            raise _Stop(token_scores(query, keys, module.scaling, g.scoring, g.window_size))
-
-        pos = torch.arange(start, n, device=ids.device)[None]
-        try:
-            model(input_ids=ids[:, start:], position_ids=pos, use_cache=True, logits_to_keep=1,
-                  **cache_kwarg(model, cache), **{HOOK_KWARG: hook})
-        except _Stop as stop:
-            return stop.value[0]
-        raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
 
 
 def common_prefix(a: torch.Tensor | list[int], b: torch.Tensor | list[int]) -> int:

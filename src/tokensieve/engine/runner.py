@@ -21,11 +21,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import ensure_tokensieve_attention
-from tokensieve.decode.static import DecoderPool, supports_static, tracks_for
+from tokensieve.decode.static import DecoderPool, decoder_size, model_refusal, tracks_for, without_needless_eviction
 from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError, check_int, check_number
 from tokensieve.core.memory import PeakMemory, synchronize
-from tokensieve.methods import Method, make_method
-from tokensieve.methods.base import BATCH_METHODS, DecodeState, batch_refused, cache_stats, left_pad, max_positions
+from tokensieve.methods import METHODS, Method, make_method
+from tokensieve.methods.base import Capabilities, DecodeState, batch_refused, cache_stats, left_pad, max_positions
 from tokensieve.core.separators import separator_token_ids
 from tokensieve.engine.streaming import ContextFullError, StreamPolicy, Streamer
 
@@ -219,7 +219,7 @@ def prepare_batch(
 ) -> Prepared:
     """``prepare`` for several prompts: each is encoded, length-checked and validated as alone (errors name
     the prompt by its index), then all are left-padded into one batch with an attention mask. One prompt
-    gives the single-prompt ``Prepared`` (no mask); more than one needs a method in ``BATCH_METHODS``.
+    gives the single-prompt ``Prepared`` (no mask); more than one needs a method whose capabilities say ``batch``.
     """
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
         raise InputError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} of length "
@@ -237,8 +237,8 @@ def prepare_batch(
 
 def join_prepared(runs: Sequence[Prepared]) -> Prepared:
     """Prepared single prompts as one batch, left-padded, run with the first one's method instance: every run
-    must have a method of the same name and parameters (each was validated for its own prompt), in
-    ``BATCH_METHODS`` when there are several. One run is returned as it is."""
+    must have a method of the same name and parameters (each was validated for its own prompt), whose
+    ``capabilities`` say ``batch`` when there are several. One run is returned as it is."""
     if not runs or not all(isinstance(r, Prepared) and r.attention_mask is None and r.input_ids.shape[0] == 1 for r in runs):
         raise InputError("join_prepared takes a non-empty list of prepared single prompts (from prepare)")
     if len(runs) == 1:
@@ -248,7 +248,7 @@ def join_prepared(runs: Sequence[Prepared]) -> Prepared:
         if r.method.name != m.name or r.method.params() != m.params():
             raise InputError(f"prompt {i} was prepared for {r.method.name} {r.method.params()}, prompt 0 for {m.name} "
                              f"{m.params()}; a batch runs one method with one set of parameters")
-    if m.name not in BATCH_METHODS:
+    if not m.capabilities.batch:
         raise batch_refused(m.name)
     input_ids, mask = left_pad([r.input_ids[0] for r in runs])
     return Prepared(m, input_ids, mask)
@@ -288,6 +288,26 @@ class Trace:
 DECODE_MODES = ("auto", "static", "eager")
 
 
+def supports_static(model: PreTrainedModel, cache: Any, method: Method | str) -> str | None:
+    """``None`` when ``method`` (an instance or a registered name) decodes on the static path with this model and
+    cache, else the reason it cannot: asked from the method's ``capabilities.static_decode``."""
+    if isinstance(method, str):
+        name, caps = method, METHODS[method].capabilities if method in METHODS else Capabilities()
+    else:
+        name, caps = method.name, method.capabilities
+    if caps.static_decode is None:
+        return f"{name} evicts or re-selects while decoding (eager path)"
+    if caps.static_decode == "evict" and getattr(cache, "pad_counts", None):
+        return f"{name} decodes a left-padded batch on the eager path (its sinks differ per row)"
+    return model_refusal(model, cache)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "STATIC_METHODS":  # the registered methods that decode on the static path
+        return tuple(n for n in METHODS if METHODS[n].capabilities.static_decode is not None)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def drive(
     model: PreTrainedModel, run: Prepared, choose: Chooser, max_steps: int, decode: str = "auto",
     decoders: DecoderPool | None = None,
@@ -320,22 +340,18 @@ def drive(
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
         rows_pre = state.real_entries()
         decoder, capture_s, path = None, 0.0, "eager"
-        lazy = m.name == "lazyllm"  # LazyLLM re-selects its tokens at every step: its own static decoder
+        own = m.capabilities.static_decode == "own"  # e.g. LazyLLM (re-selects its tokens at every step)
         if token is not None and max_steps > 0 and decode != "eager":
-            why = supports_static(model, state.cache, m.name)
+            why = supports_static(model, state.cache, m)
             if why is not None and decode == "static":
                 raise InputError(f"static decoding is not available here: {why}")
             if why is None:
                 pool = decoders if decoders is not None else DecoderPool(model)
-                eviction = m.decode_eviction()
-                need = max(kv_pre) + max_steps
-                if eviction is not None and eviction.kind != "separators" and need <= eviction.budget:
-                    eviction = None  # the answer ends before anything is evicted: plain growth
-                bounded = eviction is not None and eviction.kind != "separators"  # separators may grow to `need`
-                if lazy:  # a slot per token: the prompt and the answer
-                    decoder, made = pool.get_lazy(state.next_position + max_steps, tuple(state.details["prune_layers"]))
+                eviction = without_needless_eviction(m.decode_eviction(), max(kv_pre), max_steps)
+                if own:
+                    decoder, made = m.static_decoder(pool, state, max_steps)
                 else:
-                    decoder, made = pool.get(run.input_ids.shape[0], eviction.budget + 1 if bounded else need,
+                    decoder, made = pool.get(run.input_ids.shape[0], decoder_size(eviction, max(kv_pre), max_steps),
                                              tracks_for(eviction))
                 if made:
                     decoder.capture()
@@ -343,8 +359,8 @@ def drive(
                 path = "graph" if decoder.use_graph else "static"
         t1 = t_step = time.perf_counter()
         if decoder is not None:
-            if lazy:
-                decoder.load(state, max_steps, tuple(state.details["keep_fractions"]))
+            if own:
+                m.load_static(decoder, state, max_steps)
             else:
                 decoder.load(state.cache, state.next_position if state.positions is None else state.positions,
                              max_steps, state.kv_mask, eviction)
@@ -359,7 +375,7 @@ def drive(
             t_step = now
         decode_s = time.perf_counter() - t1
         if decoder is not None:
-            if lazy:
+            if own:
                 state.details.update(decoder.details())
             kv_fin = decoder.entries()
             per_entry = kv_bytes_pre / max(1, sum(kv_pre))
@@ -749,7 +765,7 @@ def open_stream(
     """
     policy.validate()
     check_int("chunk_size", chunk_size, 1)
-    if separator_ids is None and tokenizer is not None and policy.name == "sepllm":
+    if separator_ids is None and tokenizer is not None and policy.needs_separators:
         separator_ids = separator_token_ids(tokenizer)
     streamer = Streamer(model, policy, separator_ids, allow_long=allow_long)
     cap, limit = policy.capacity, streamer.max_positions

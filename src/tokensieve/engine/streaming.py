@@ -98,6 +98,7 @@ class StreamPolicy:
 
     name: ClassVar[str] = "base"
     renamed: ClassVar[dict[str, str]] = {}
+    needs_separators: ClassVar[bool] = False  # its keep rule reads which tokens are separators
 
     @property
     def capacity(self) -> int | None:
@@ -197,6 +198,7 @@ class SepLLMPolicy(StreamPolicy):
     """
 
     name: ClassVar[str] = "sepllm"
+    needs_separators: ClassVar[bool] = True
     renamed: ClassVar[dict[str, str]] = {
         "init_size": "n_initial", "sep_size": "n_separators", "local_size": "n_recent", "cache_size": "budget",
     }

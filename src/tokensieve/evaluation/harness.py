@@ -197,7 +197,7 @@ class RevivalProbe:
             self.reads.append(self._count())
 
     def _count(self) -> int | None:
-        from tokensieve.decode.static import LazyDecoder
+        from tokensieve.methods.lazyllm import LazyDecoder
 
         for d in self.pool.decoders.values():
             if isinstance(d, LazyDecoder):

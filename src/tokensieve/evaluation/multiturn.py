@@ -245,15 +245,9 @@ class MultiTurnTask(Task):
 
 def cache_refusal(model: PreTrainedModel, method: Method) -> str | None:
     """Why the prefix cache cannot serve ``method`` on ``model`` (the cache's own rules), or None."""
-    from tokensieve.engine.prefix_cache import check_model, refusal
+    from tokensieve.engine.prefix_cache import refusal_on
 
-    why = refusal(method)
-    if why is None:
-        try:
-            check_model(model)
-        except InputError as exc:
-            why = str(exc)
-    return why
+    return refusal_on(model, method)
 
 
 def turn_fields(turn: int, question: str, expected: str, res: GenerationResult) -> dict[str, Any]:

@@ -74,8 +74,8 @@ class VLLMResult:
 
 def is_selection_method(m: Method | type[Method]) -> bool:
     """Methods (instances or classes) whose whole effect is picking prompt tokens that then run at fresh
-    positions 0..k-1: the ones an engine that takes token ids can run."""
-    return callable(getattr(m, "select", None)) and hasattr(m, "topk")
+    positions 0..k-1 (``capabilities.selects_prompt``): the ones an engine that takes token ids can run."""
+    return m.capabilities.selects_prompt
 
 
 def select_tokens(

@@ -1,31 +1,39 @@
-"""All methods, by name. A new method joins with one line in ``METHODS``."""
+"""All methods, by name: the registry. A new method joins with one line in ``registry.BUILTIN`` (or, from outside the
+package, with :func:`register`).
+
+Importing this package imports no method module (nor torch): the registry knows where each built-in class
+lives and imports it on first use, so the command line can list the names before anything heavy loads.
+What a method can do is asked from its class's ``capabilities`` (:func:`capable`), never from its name.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import inspect
 import re
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method, rename_params
-from tokensieve.methods.full import FullAttention
-from tokensieve.methods.gemfilter import GemFilter
-from tokensieve.methods.h2o import H2O
-from tokensieve.methods.sepllm import SepLLM
-from tokensieve.methods.snapkv import SnapKV
-from tokensieve.methods.streamingllm import StreamingLLM
-from tokensieve.methods.lazyllm import LazyLLM
+from tokensieve.methods.registry import BUILTIN, METHODS, Registry, capable, register, unregister
 
-METHODS: dict[str, type[Method]] = {
-    FullAttention.name: FullAttention,
-    GemFilter.name: GemFilter,
-    SepLLM.name: SepLLM,
-    StreamingLLM.name: StreamingLLM,
-    SnapKV.name: SnapKV,
-    H2O.name: H2O,
-    LazyLLM.name: LazyLLM,
+if TYPE_CHECKING:
+    from tokensieve.methods.base import DecodeState, Method  # noqa: F401
+
+# class name -> module of the names this package exports (imported on first use, PEP 562)
+_LAZY: dict[str, str] = {
+    "Method": "tokensieve.methods.base", "DecodeState": "tokensieve.methods.base",
+    "Capabilities": "tokensieve.methods.base", "rename_params": "tokensieve.methods.base",
+    **{where.split(":")[1]: where.split(":")[0] for where in BUILTIN.values()},
 }
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def method_class(name: str) -> type[Method]:
@@ -51,12 +59,16 @@ def canonical_params(name: str, params: dict[str, Any]) -> dict[str, Any]:
     Raises ``InputError`` for a name the method does not have, or for an old and a new
     name given together.
     """
+    from tokensieve.methods.base import rename_params
+
     cls = method_class(name)
     return rename_params(name, cls.renamed, parameter_names(name), params, stacklevel=4)
 
 
 def make_method(method: str | Method, **params: Any) -> Method:
     """A method instance from its name (or an instance) and parameters; ``InputError`` for unknown ones."""
+    from tokensieve.methods.base import Method
+
     if isinstance(method, Method):
         return dataclasses.replace(method, **canonical_params(method.name, params)) if params else method
     return method_class(method)(**canonical_params(method, params))
@@ -111,7 +123,8 @@ def describe_methods(names: list[str] | None = None) -> list[dict[str, Any]]:
 
 
 __all__ = [
-    "METHODS", "Method", "DecodeState", "accepted_params", "canonical_params", "describe_methods", "make_method",
+    "METHODS", "Method", "DecodeState", "Capabilities", "Registry", "accepted_params", "capable", "register",
+    "unregister", "canonical_params", "describe_methods", "make_method",
     "method_class", "parameter_docs",
     "parameter_names", "short_meaning", "FullAttention", "GemFilter", "H2O", "LazyLLM", "SepLLM", "SnapKV", "StreamingLLM",
 ]

@@ -14,14 +14,15 @@ about it. Three kinds of method fit this one contract:
 
 from __future__ import annotations
 
-import functools
-import inspect
 import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar
 
 import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from tokensieve.core.hf import cache_kwarg, has_sliding_layers, max_positions, num_layers  # noqa: F401  (re-exported)
+from tokensieve.decode.static import DeviceEviction  # noqa: F401  (re-exported: a method's decode_eviction returns it)
 
 
 @dataclass
@@ -45,41 +46,49 @@ class DecodeState:
         return None if mask is None else mask.sum(-1).tolist()
 
 
-@dataclass(frozen=True)
-class DeviceEviction:
-    """How a method evicts while decoding (``tokensieve.decode.static`` does it on the device).
+STATIC_DECODES = ("grow", "evict", "own")
 
-    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest; ``budget`` in all), ``"heavy"``
-    (the ``n_keep`` newest stay, then the most attended-to; ``budget`` in all) or ``"separators"`` (the
-    first ``n_keep`` tokens, every token in ``separator_ids`` and the ``window`` tokens before the next one
-    stay: SepLLM; no fixed budget).
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a method can do, declared once on its class. The driver, the static decoder, the prefix cache,
+    the server, the CLI and the vLLM integration ask this record; none of them lists method names.
+
+    batch: ``prefill_batch`` runs several left-padded prompts together (``generate_batch``, the server's
+        batches); otherwise the method runs one prompt at a time.
+    static_decode: how decoding runs on static KV buffers with a captured step: ``"grow"`` (the cache only
+        grows after the prefill), ``"evict"`` (the static decoder evicts as ``decode_eviction()`` says),
+        ``"own"`` (the method's own static decoder: ``static_decoder`` / ``load_static``), ``None`` (eager only).
+    prefix_reuse: a prefix cache (``PrefixReuse``) can take the prompt's prefix from a store
+        (``prefix_refusal`` / ``prefix_prefill`` say how for an instance).
+    selects_prompt: its effect is a filter pass that picks prompt tokens (``select``) which then run at fresh
+        positions 0..k-1 (``kept_indices`` reported).
+    prompt_only: its whole effect is the token ids it feeds the model (all of them, or the selected ones): an
+        engine that takes token ids (vLLM) can run the answer pass.
     """
 
-    kind: str
-    budget: int = 0
-    n_keep: int = 0
-    window: int = 0
-    separator_ids: tuple[int, ...] = ()
+    batch: bool = False
+    static_decode: str | None = None
+    prefix_reuse: bool = False
+    selects_prompt: bool = False
+    prompt_only: bool = False
 
     def __post_init__(self) -> None:
-        ok = {
-            "ring": 0 <= self.n_keep < self.budget,
-            "heavy": 0 <= self.n_keep <= self.budget and self.budget >= 1,
-            "separators": self.n_keep >= 0 and self.window >= 0,
-        }.get(self.kind, False)
-        if not ok:
-            raise ValueError(f"bad DeviceEviction {self}")
+        if self.static_decode is not None and self.static_decode not in STATIC_DECODES:
+            raise ValueError(f"static_decode must be one of {STATIC_DECODES} or None, got {self.static_decode!r}")
 
 
 class Method:
     """Base class. Subclasses are dataclasses whose fields are the method's parameters.
 
     ``renamed`` maps a parameter's old name to its current one: ``make_method`` still
-    accepts the old name for one release, with a deprecation message.
+    accepts the old name for one release, with a deprecation message. ``capabilities`` says what
+    the method can do (:class:`Capabilities`); the default is the least: one prompt, eager decoding.
     """
 
     name: ClassVar[str] = "base"
     renamed: ClassVar[dict[str, str]] = {}
+    capabilities: ClassVar[Capabilities] = Capabilities()
 
     def prepare(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
         """Called by the runner before ``validate``/``prefill``: derive what needs the tokenizer (e.g. SepLLM's separators)."""
@@ -106,6 +115,52 @@ class Method:
         """How decoding evicts, for the static path (``tokensieve.decode.static.DeviceEviction``); ``None`` when the
         cache only grows after the prefill."""
         return None
+
+    def static_decoder(self, pool: Any, state: DecodeState, max_new_tokens: int) -> tuple[Any, bool]:
+        """``capabilities.static_decode == "own"``: the method's own static decoder for ``state`` from ``pool``
+        (a ``decode.static.DecoderPool``) and whether it was just made (then the driver captures it)."""
+        raise NotImplementedError(f"{self.name} has no static decoder of its own")
+
+    def load_static(self, decoder: Any, state: DecodeState, max_new_tokens: int) -> None:
+        """``capabilities.static_decode == "own"``: load the prefill's ``state`` into ``decoder`` (from
+        ``static_decoder``); the decoder's ``details()`` join the result's details after decoding."""
+        raise NotImplementedError(f"{self.name} has no static decoder of its own")
+
+    def prefill_cache(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[Cache, dict[str, Any]]:
+        """The cache a prefill of ``input_ids`` [1, n] fills and the forward's extra keyword arguments (e.g. an
+        attention hook): a plain ``DynamicCache`` and none by default."""
+        return DynamicCache(config=model.config), {}
+
+    # -- prefix reuse (``capabilities.prefix_reuse``; asked by ``engine.prefix_cache.PrefixReuse``)
+
+    def prefix_refusal(self) -> str | None:
+        """Why this instance cannot take its prompt prefix from a prefix cache (its parameters), or None."""
+        return None
+
+    def prefix_layers(self, model: PreTrainedModel) -> tuple[int, int]:
+        """(key layers, value layers) of a stored prefix this method reads: every layer by default. More key
+        layers than value layers: computing a prefix stops at layer ``value layers`` once its keys are known."""
+        n = num_layers(model)
+        return n, n
+
+    def prefix_tail(self, n: int) -> int:
+        """Of an ``n``-token prompt, the last tokens whose queries the prefill needs (computed even when their
+        keys and values are cached): 1 by default."""
+        return 1
+
+    def prefix_prefill(self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any) -> DecodeState:
+        """``prefill`` of ``input_ids`` [1, n] with the leading tokens' state taken from ``prefix`` (an
+        ``engine.prefix_cache.CachedPrefix``): the same state up to float rounding. By default the prompt's
+        forward into ``prefill_cache``, seeded with the prefix, over the tokens after it (at their positions)."""
+        n = input_ids.shape[1]
+        start = prefix.take(self.prefix_tail(n))
+        with torch.inference_mode():
+            cache, kwargs = self.prefill_cache(model, input_ids)
+            prefix.seed(cache)
+            rest, pos = input_ids[:, start:], torch.arange(start, n, device=input_ids.device)[None]
+            out = model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache),
+                        **kwargs)
+        return prefix.finish(DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n))
 
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         """Feed ``token_ids`` [batch, 1]; return the next logits [batch, vocab].
@@ -177,15 +232,20 @@ def full_prefill(
     return DecodeState(logits=out.logits[:, -1], cache=cache, next_position=input_ids.shape[1])
 
 
-# Methods that prefill several left-padded prompts as one batch (``prefill_batch``).
-BATCH_METHODS = ("full", "gemfilter", "snapkv", "streamingllm")
+def __getattr__(name: str) -> Any:
+    if name == "BATCH_METHODS":  # the methods that prefill several left-padded prompts as one batch
+        from tokensieve.methods.registry import capable
+
+        return tuple(capable(batch=True))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def batch_refused(method_name: str) -> ValueError:
     """The ``InputError`` for a method that runs one prompt at a time, given several (the one message)."""
     from tokensieve.errors import InputError
+    from tokensieve.methods.registry import capable
 
-    return InputError(f"{method_name} runs one prompt at a time; batches: {', '.join(BATCH_METHODS)}")
+    return InputError(f"{method_name} runs one prompt at a time; batches: {', '.join(sorted(capable(batch=True)))}")
 
 
 def row_positions(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -216,24 +276,6 @@ def batch_prefill(
     return state
 
 
-def cache_kwarg(module: torch.nn.Module, cache: Cache | None) -> dict[str, Any]:
-    """``{keyword: cache}`` for calling ``module`` (a model or a decoder layer) with a KV cache.
-
-    transformers 5.24 renamed the ``past_key_values`` argument of models and decoder
-    layers to ``cache`` (the old name warns, and goes in 5.40); older 5.x releases know only
-    ``past_key_values``. The name is read from the module's own ``forward`` signature, so
-    every call site passes the cache under the keyword the installed release expects.
-    The cache object is updated in place either way; callers keep their own reference to it.
-    """
-    return {_cache_keyword(type(module)): cache}
-
-
-@functools.cache
-def _cache_keyword(cls: type) -> str:
-    """The cache keyword of ``cls.forward`` (a fact about the class: memoised, never changes)."""
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
-
-
 def cache_stats(cache: Cache | None) -> tuple[list[int], int]:
     """Per-layer KV entries and total KV bytes held by a cache (keys + values)."""
     if cache is None:
@@ -247,19 +289,3 @@ def cache_stats(cache: Cache | None) -> tuple[list[int], int]:
         tokens.append(int(k.shape[-2]))
         nbytes += k.numel() * k.element_size() + v.numel() * v.element_size()
     return tokens, nbytes
-
-
-def num_layers(model: PreTrainedModel) -> int:
-    return int(model.config.get_text_config().num_hidden_layers)
-
-
-def has_sliding_layers(model: PreTrainedModel) -> bool:
-    """Whether some of the model's layers attend over a sliding window only (Gemma 3, Qwen2 with
-    ``use_sliding_window``), from its config."""
-    cfg = model.config.get_text_config()
-    kinds = getattr(cfg, "layer_types", None) or []
-    return any(t != "full_attention" for t in kinds) or bool(getattr(cfg, "use_sliding_window", False))
-
-
-def max_positions(model: PreTrainedModel) -> int | None:
-    return getattr(model.config.get_text_config(), "max_position_embeddings", None)

@@ -8,7 +8,7 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
-from tokensieve.methods.base import DecodeState, Method, batch_prefill, full_prefill
+from tokensieve.methods.base import Capabilities, DecodeState, Method, batch_prefill, full_prefill
 
 
 @dataclass
@@ -16,6 +16,8 @@ class FullAttention(Method):
     """Plain prefill over the whole prompt, then ordinary decoding (SDPA attention)."""
 
     name: ClassVar[str] = "full"
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", prefix_reuse=True,
+                                                        prompt_only=True)
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         return full_prefill(model, input_ids)

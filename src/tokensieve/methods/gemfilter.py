@@ -36,11 +36,13 @@ from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 
 from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.errors import InputError, check_choice, check_int
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers
+from tokensieve.methods.base import (
+    Capabilities, DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, num_layers,
+)
 from tokensieve.methods.eviction import DEFAULT_DILATION, check_span_rule
 from tokensieve.core.scoring import attention_scores, head_sum, paper_scores, span_topk
 
@@ -298,6 +300,8 @@ class GemFilter(Method):
     """
 
     name: ClassVar[str] = "gemfilter"
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", prefix_reuse=True,
+                                                        selects_prompt=True, prompt_only=True)
     renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     topk: int = 1024
     filter_layer: int | None = None
@@ -530,6 +534,68 @@ class GemFilter(Method):
         state.kept_indices = idx
         state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False)
         return state
+
+    # -- prefix reuse: layers 0..r-1 (keys and values) and layer r's keys of a stored prefix
+
+    def prefix_refusal(self) -> str | None:
+        if self.chunk_size is not None:
+            return ("the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), "
+                    f"got chunk_size={self.chunk_size}")
+        if self.filter_attention == "local":
+            return "the prefix cache runs GemFilter's dense filter pass only; got filter_attention='local'"
+        return None
+
+    def prefix_layers(self, model: PreTrainedModel) -> tuple[int, int]:
+        r = self.resolved_layer(model)
+        return r + 1, r
+
+    def prefix_prefill(self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any) -> DecodeState:
+        """The filter pass runs the new tokens through layers ``0..r`` on top of the cached prefix; layer ``r``
+        scores [cached keys + new keys] with the new tokens' queries (the last ``window_size``, or the last one
+        for ``"paper"``); top-k over the whole prompt; the second pass runs from scratch on the kept ids (the
+        kept tokens get new positions, so it cannot reuse a prefix)."""
+        n = input_ids.shape[1]
+        if self.uses_local(n, model):  # "auto" on a long prompt: the local pass, not cached yet
+            return self.prefill(model, input_ids)
+        if self.topk >= n:  # every token kept: a plain full prefill
+            state = self.prefill(model, input_ids)
+            state.details.update(prefix_cached_tokens=0, prefix_stored_tokens=0)
+            return state
+        r = self.resolved_layer(model)
+        t0 = time.perf_counter()
+        start = prefix.take(min(self.window_size, n) if self.scoring == "window" else 1)
+        idx = self.pick(self._scores_after_prefix(model, input_ids, prefix, start, r))
+        if input_ids.device.type == "cuda":
+            torch.cuda.synchronize()
+        filter_s = time.perf_counter() - t0
+        with torch.inference_mode():
+            state = full_prefill(model, input_ids[:, idx])
+        state.kept_indices = idx
+        state.details.update(filter_layer=r, filter_s=filter_s, filter_skipped=False)
+        return prefix.finish(state)
+
+    @torch.inference_mode()
+    def _scores_after_prefix(self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any, start: int,
+                             r: int) -> torch.Tensor:
+        """The filter pass over tokens ``start..n-1`` on top of the prefix's first ``start`` tokens: scores [n]."""
+        n = input_ids.shape[1]
+        cache = prefix.seed(DynamicCache(config=model.config), layers=r)
+        old_keys = prefix.keys(r)
+
+        def hook(module, query, key, value, attention_mask, **kw):
+            if module.layer_idx != r:
+                return None
+            own = key[:, :, -(n - start):]
+            keys = own if old_keys is None else torch.cat([old_keys, own], dim=2)
+            raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window_size))
+
+        pos = torch.arange(start, n, device=input_ids.device)[None]
+        try:
+            model(input_ids=input_ids[:, start:], position_ids=pos, use_cache=True, logits_to_keep=1,
+                  **cache_kwarg(model, cache), **{HOOK_KWARG: hook})
+        except _FilterDone as done:
+            return done.scores[0]
+        raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
 
     def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
         """A left-padded batch: the filter pass runs per prompt (on its real tokens, exactly as alone), then the

@@ -29,7 +29,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.core.cache import EvictionCache
 from tokensieve.errors import InputError, check_choice, check_int
-from tokensieve.methods.base import DeviceEviction
+from tokensieve.methods.base import Capabilities, DeviceEviction
 from tokensieve.methods.eviction import EvictionMethod, LayerCall
 from tokensieve.core.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 
@@ -52,6 +52,7 @@ class H2O(EvictionMethod):
     """
 
     name: ClassVar[str] = "h2o"
+    capabilities: ClassVar[Capabilities] = Capabilities(static_decode="evict")
     renamed: ClassVar[dict[str, str]] = {"window": "n_recent"}
     budget: int = 1024
     n_recent: int | None = None

@@ -41,10 +41,11 @@ import numpy as np
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
-from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
+from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention, sdpa
+from tokensieve.core.scoring import attention_scores, head_sum, matmul_fp32, spans
+from tokensieve.decode.static import CapturedStep, kv_buffers, pick_attention_kernel
 from tokensieve.errors import InputError
-from tokensieve.methods.base import DecodeState, Method, cache_kwarg, num_layers
-from tokensieve.core.scoring import attention_scores, head_sum
+from tokensieve.methods.base import Capabilities, DecodeState, Method, cache_kwarg, num_layers
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text")
 
@@ -165,6 +166,7 @@ class LazyLLM(Method):
     """
 
     name: ClassVar[str] = "lazyllm"
+    capabilities: ClassVar[Capabilities] = Capabilities(static_decode="own")
     prune_layers: Sequence[int] | None = None
     keep_fractions: Sequence[float] = DEFAULT_KEEP_FRACTIONS
 
@@ -259,6 +261,15 @@ class LazyLLM(Method):
         return st
 
     @torch.inference_mode()
+    def static_decoder(self, pool: Any, state: DecodeState, max_new_tokens: int) -> tuple[Any, bool]:
+        """A slot per token (the prompt and the answer): the pool's ``LazyDecoder`` for the pruned layers."""
+        prune = tuple(state.details["prune_layers"])
+        return pool.get_own(("lazyllm", prune), state.next_position + max_new_tokens, lambda capacity: LazyDecoder(
+            pool.model, capacity, prune, pool.use_graph, pool.speculate, pool.attention_kernel, pool.compile))
+
+    def load_static(self, decoder: Any, state: DecodeState, max_new_tokens: int) -> None:
+        decoder.load(state, max_new_tokens, tuple(state.details["keep_fractions"]))
+
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
         if not isinstance(state, LazyState):
             raise ValueError(f"LazyLLM.step needs the state its prefill returned, got {type(state).__name__}")
@@ -420,3 +431,227 @@ def _as_tuple(value: Any, kind: type, name: str) -> tuple:
             raise InputError(f"{name} must be a list of ints, got {value!r}")
         out.append(x)
     return tuple(out)
+
+
+# ----------------------------------------------------------------------------- the static decoder
+# LazyLLM's own decoder on static KV buffers (``capabilities.static_decode == "own"``), built on
+# ``decode.static.CapturedStep`` and kept by ``DecoderPool.get_own``.
+
+# LazyLLM's host-planned step attends in chunks of this many rows (its mask is [rows, capacity]).
+ROW_CHUNK = 1024
+
+
+@dataclass
+class LazyDecoder(CapturedStep):
+    """LazyLLM's decoding step on KV buffers we own, captured as a CUDA graph where the step allows it.
+
+    Every token has a slot (slot ``j`` = position ``j``) in every layer's buffer ``[1, kv_heads, capacity,
+    head_dim]``; ``depth[j]`` says at how many layers its KV exists (``LazyState.depth``), ``aux[j]`` is the
+    hidden state entering layer ``depth[j]`` (the aux cache). A step is LazyLLM's (``LazyLLM._step``): all
+    tokens are present at layer 0; at each pruning layer the last token's attention, averaged over heads,
+    keeps the top ``ceil(f * present)`` present tokens for the layers after it (the new token always stays);
+    a present token without KV at a layer is computed there from the aux cache (revived).
+
+    The step's shape depends on how many tokens come back from the aux cache, which the device decides.
+    So a step first runs on the fixed shape of the common case, where the new token is the only one
+    computed at every layer: top-k by ranks against keep counts the host computes (they follow from the
+    position alone), masks from ``depth`` and the present set, nothing read back; on CUDA that step is the
+    captured graph. It also records on the device whether some present token lacked its KV at a layer;
+    then (one read per step, with the token's) the step runs again on the host-planned path, which computes
+    the revived tokens with the new one (``exact``), from the same state: the fixed-shape run changed only
+    the new token's slot, which the second run rewrites. On the CPU (``speculate=False``) every step takes
+    the host-planned path directly. Both give the eager path's tokens (tests).
+
+    A layer that computes the new token alone and is not a pruning layer attends with the split-KV kernel where
+    ``attention_kernel`` resolves to "triton" (the present set as its visible slots); ``compile=True`` fuses the
+    fixed-shape step with ``torch.compile`` before it is captured.
+    """
+
+    model: PreTrainedModel
+    capacity: int
+    prune_layers: tuple[int, ...]
+    use_graph: bool | None = None  # None: on CUDA only
+    speculate: bool | None = None  # None: on CUDA only (see the class docstring)
+    attention_kernel: str = "auto"  # one-token layers' attention (see pick_attention_kernel); pruning layers: torch
+    compile: bool = False  # fuse the fixed-shape step with torch.compile before capturing it
+    capture_s: float = field(init=False, default=0.0)
+    logits: torch.Tensor | None = field(init=False, default=None)
+    steps_left: int = field(init=False, default=0)
+    replays: int = field(init=False, default=0)  # steps the fixed-shape run answered
+    reruns: int = field(init=False, default=0)  # steps that ran again on the host-planned path (revivals)
+    _graph: Any = field(init=False, default=None)
+    kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
+
+    def __post_init__(self) -> None:
+        self.dec = LazyModules(self.model)  # LazyLLM's view of the model (its public modules)
+        dev, cap = self.model.device, self.capacity
+        self.keys, self.values = kv_buffers(self.model, 1, cap)  # slot j: the token at position j
+        self.depth = torch.zeros(cap, dtype=torch.long, device=dev)  # [cap]
+        self.aux = torch.zeros(cap, self.dec.embed.embedding_dim, dtype=self.dec.embed.weight.dtype, device=dev)
+        self.revived = torch.zeros(cap, dtype=torch.bool, device=dev)
+        self.present = torch.zeros(cap, dtype=torch.bool, device=dev)  # the present set at the current layer
+        self.position = torch.zeros(1, dtype=torch.long, device=dev)  # the new token's position (= its slot)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=dev)
+        self.keeps = torch.ones(max(1, len(self.prune_layers)), dtype=torch.long, device=dev)  # this step's keep counts
+        self.lacking = torch.zeros((), dtype=torch.bool, device=dev)  # a present token lacked its KV (fixed-shape run)
+        self._slots = torch.arange(cap, device=dev)
+        self._rows = self.position  # the tokens computed at the current layer, [t]
+        self._scores: torch.Tensor | None = None  # [cap]: the last pruning layer's importance
+        self._prune_index = {layer: i for i, layer in enumerate(self.prune_layers)}
+        if self.use_graph is None:
+            self.use_graph = dev.type == "cuda"
+        if self.speculate is None:
+            self.speculate = dev.type == "cuda"
+        if self.use_graph and not self.speculate:
+            raise ValueError("a captured LazyLLM step needs speculate=True (the host-planned step reads the device)")
+        self.kernel, self._decode_attention = pick_attention_kernel(self.attention_kernel, dev)
+        self._valid = self.present[None]  # [1, cap], a view: the present set as the kernel's visible slots
+        fixed = lambda: self._run(False)  # noqa: E731 - the fixed-shape step
+        self._fixed = torch.compile(fixed, dynamic=False) if self.compile else fixed
+
+    def load(self, state: Any, max_new_tokens: int, fractions: tuple[float, ...]) -> None:
+        """Copy a LazyLLM prefill's state (``LazyState``: its cache entries, depths, aux cache) into the slots."""
+        n = state.next_position
+        if n + max_new_tokens > self.capacity:
+            raise ValueError(f"{n} tokens + {max_new_tokens} new exceed capacity {self.capacity}")
+        if len(fractions) != len(self.prune_layers):
+            raise ValueError(f"{len(fractions)} keep fractions for {len(self.prune_layers)} pruning layers")
+        for i, layer in enumerate(state.cache.layers):
+            tokens = state.kv_tokens[i]  # the token of each entry, in cache order
+            self.keys[i].index_copy_(2, tokens, layer.keys)
+            self.values[i].index_copy_(2, tokens, layer.values)
+        self.depth.zero_()
+        self.depth[:n].copy_(state.depth)
+        self.aux[:n].copy_(state.aux)
+        self.revived.zero_()
+        self.revived[:n].copy_(state.revived)
+        self.position.fill_(n)
+        self.fractions = tuple(fractions)
+        self.prompt_len, self.next_host, self.revived_computations = state.prompt_len, n, state.revived_computations
+        self.replays = self.reruns = 0
+        self.steps_left = max_new_tokens
+
+    def _attend(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+        attention_mask: torch.Tensor | None, **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
+        """One layer's attention for the rows computed here: store their keys/values in their slots, attend over the
+        present tokens at or before each row. query [1, q_heads, t, d]; key/value [1, kv_heads, t, d]."""
+        li = module.layer_idx
+        rows, keys, values = self._rows, self.keys[li], self.values[li]
+        keys.index_copy_(2, rows, key)
+        values.index_copy_(2, rows, value)
+        _, hq, t, d = query.shape
+        scaling = kwargs.get("scaling", module.scaling)
+        prune = li in self._prune_index
+        if t == 1 and not prune and self.kernel == "triton":  # one pass over the present slots up to the token
+            hkv = keys.shape[1]
+            out = self._decode_attention(query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling)
+            return out.view(1, hq, 1, d).transpose(1, 2), None
+        allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
+        if t == 1:  # the fixed-shape step: one query, the probabilities at hand
+            probs32 = self._probs(query, keys, allowed, scaling)  # [hkv, g, cap]
+            out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]
+        else:  # revived rows too (host-planned): SDPA as on the eager path, rows in chunks (the mask is [rows, cap])
+            out = torch.cat([
+                sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
+                for a, b in spans(t, ROW_CHUNK)
+            ], dim=1)
+            probs32 = self._probs(query[:, :, -1:], keys, allowed[-1:], scaling) if prune else None
+        if prune:  # LazyLLM's importance: the new token's attention, mean over the query heads
+            self._scores = probs32.sum((0, 1)) / hq
+        return out, None
+
+    @staticmethod
+    def _probs(query: torch.Tensor, keys: torch.Tensor, allowed: torch.Tensor, scaling: float) -> torch.Tensor:
+        """Attention probabilities (float32, [kv_heads, group, cap]) of one query row [1, q_heads, 1, d] over the slots
+        ``allowed`` [1, cap]; grouped heads by a reshape, the keys read once."""
+        hkv = keys.shape[1]
+        q = query.reshape(hkv, query.shape[1] // hkv, query.shape[-1])
+        scores = matmul_fp32(q, keys[0].transpose(1, 2)) * scaling  # [hkv, g, cap]
+        return scores.masked_fill(~allowed, float("-inf")).softmax(dim=-1)
+
+    def _select(self, i: int) -> None:
+        """The top ``keeps[i]`` present tokens by importance stay present (the new token always), on the device."""
+        s = self._scores.masked_fill(~self.present, float("-inf")).index_fill(0, self.position, float("inf"))
+        order = torch.argsort(s, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(0, order, self._slots)
+        self.present.copy_(rank < self.keeps[i])
+
+    def _run(self, exact: bool) -> torch.Tensor:
+        """One step for ``self.token``; ``exact``: compute every present token lacking KV (host-planned rows),
+        else the new token only, recording in ``lacking`` whether that was not enough."""
+        pos, dec = self.position, self.dec
+        self.present.copy_(self._slots <= pos)
+        self.depth.index_fill_(0, pos, 0)
+        self.aux.index_copy_(0, pos, dec.embed(self.token)[0])
+        self.lacking.zero_()
+        for li, layer in enumerate(dec.layers):
+            todo = self.present & (self.depth <= li)  # present here, without KV here: computed now
+            if exact:
+                rows = todo.nonzero()[:, 0]  # reads the device: the host-planned path
+                old = rows[:-1]  # the new token is the last row; the others come back from the aux cache
+                if old.numel():
+                    self.revived[old] = True
+                    self.revived_computations += old.numel()
+            else:
+                rows = pos
+                self.lacking.logical_or_((todo & (self._slots != pos)).any())
+            self._rows = rows
+            hidden = self.aux.index_select(0, rows)[None]  # [1, t, hidden]
+            pos_ids = rows[None]
+            out = layer(
+                hidden, attention_mask=None, position_embeddings=dec.rotary_embeddings(hidden, pos_ids, li),
+                position_ids=pos_ids, use_cache=False, **{HOOK_KWARG: self._attend},
+            )
+            out = out[0] if isinstance(out, tuple) else out
+            self.aux.index_copy_(0, rows, out[0])
+            self.depth.index_fill_(0, rows, li + 1)
+            if li in self._prune_index:
+                self._select(self._prune_index[li])
+        logits = dec.lm_head(dec.norm(self.aux.index_select(0, pos)[None]))[:, -1].float()  # [1, vocab]
+        if dec.softcap is not None:
+            logits = torch.tanh(logits / dec.softcap) * dec.softcap
+        self.position.add_(1)
+        return logits
+
+    def capture(self) -> None:
+        """Record the fixed-shape step as a CUDA graph (on zeroed state; ``load`` sets the real one)."""
+        self._capture(self._fixed, [self.position, self.depth])
+
+    @torch.inference_mode()
+    def step(self, token: torch.Tensor) -> torch.Tensor:
+        """Feed ``token`` [1, 1]; return the next logits [1, vocab]."""
+        self._feed(token)
+        present, keeps = self.next_host + 1, []
+        for f in self.fractions:  # the keep counts follow from the number of tokens alone
+            present = keep_count(f, present)
+            keeps.append(present)
+        if keeps:
+            self.keeps.copy_(torch.tensor(keeps, dtype=torch.long))
+        self.next_host += 1
+        if self.speculate:
+            logits = self._replay_or_run(self._fixed)
+            if not bool(self.lacking):  # one read per step (the token is read anyway)
+                self.replays += 1
+                return logits
+            self.reruns += 1
+            self.position.sub_(1)
+        return self._run(True)
+
+    def entries(self) -> list[int]:
+        """KV entries computed per layer (reads the device)."""
+        n = self.next_host
+        layers = torch.arange(self.dec.num_layers, device=self.depth.device)
+        return (self.depth[None, :n] > layers[:, None]).sum(1).tolist()
+
+    def details(self) -> dict[str, Any]:
+        """LazyLLM's counters after decoding (as ``LazyLLM`` reports them on the eager path), and the reruns."""
+        n, n_layers = self.prompt_len, self.dec.num_layers
+        return {
+            "prompt_computed_pct_total": 100.0 * float(self.depth[:n].sum()) / (n_layers * n),
+            "revived_tokens": int(self.revived.sum()),
+            "revived_kv_computations": self.revived_computations,
+            "decode_fixed_shape_steps": self.replays,
+            "decode_revival_reruns": self.reruns,
+        }

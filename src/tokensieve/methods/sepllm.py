@@ -43,7 +43,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from tokensieve.core.attention import sdpa
 from tokensieve.core.cache import EvictionCache
 from tokensieve.errors import InputError, check_int
-from tokensieve.methods.base import DecodeState, DeviceEviction
+from tokensieve.methods.base import Capabilities, DecodeState, DeviceEviction
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall
 from tokensieve.core.separators import separator_token_ids
 
@@ -114,6 +114,7 @@ class SepLLM(EvictionMethod):
     """
 
     name: ClassVar[str] = "sepllm"
+    capabilities: ClassVar[Capabilities] = Capabilities(static_decode="evict")
     renamed: ClassVar[dict[str, str]] = {"initial": "n_initial", "window": "n_recent"}
     n_initial: int = 4
     n_recent: int = 256

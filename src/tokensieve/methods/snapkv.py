@@ -24,7 +24,7 @@ import torch
 from transformers import PreTrainedModel
 
 from tokensieve.errors import InputError, check_int
-from tokensieve.methods.base import DecodeState
+from tokensieve.methods.base import Capabilities, DecodeState
 from tokensieve.methods.eviction import DEFAULT_DILATION, EvictionMethod, LayerCall, check_span_rule
 from tokensieve.core.scoring import attention_scores, span_scores, topk_with_recent
 
@@ -46,12 +46,17 @@ class SnapKV(EvictionMethod):
     """
 
     name: ClassVar[str] = "snapkv"
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", prefix_reuse=True)
     renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     budget: int = 1024
     window_size: int = 32
     kernel: int = 5
     pooling: str = "avg"
     dilation: int = DEFAULT_DILATION
+
+    def prefix_tail(self, n: int) -> int:
+        """The observation window's queries score the prompt (when it is longer than the budget): computed here."""
+        return min(self.window_size, n) if n > self.budget else 1
 
     def validate(self, model: PreTrainedModel, prompt_len: int) -> None:
         check_int("budget", self.budget, 1)

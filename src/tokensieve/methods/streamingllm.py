@@ -22,7 +22,7 @@ from transformers import PreTrainedModel
 
 from tokensieve.core.cache import EvictionCache
 from tokensieve.errors import InputError, check_int
-from tokensieve.methods.base import DecodeState, DeviceEviction
+from tokensieve.methods.base import Capabilities, DecodeState, DeviceEviction
 from tokensieve.methods.eviction import EvictionMethod, LayerCall
 
 
@@ -70,6 +70,7 @@ class StreamingLLM(EvictionMethod):
     """
 
     name: ClassVar[str] = "streamingllm"
+    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="evict")
     renamed: ClassVar[dict[str, str]] = {"sinks": "n_initial"}
     budget: int = 1024
     n_initial: int = 4

@@ -1,7 +1,7 @@
 """The batching policy: which waiting requests run together.
 
 With ``max_batch`` > 1 the worker takes the next request and every waiting request that can share its batch
-(:meth:`BatchPolicy.joins`: same method and parameters, a method ``generate_batch`` runs in batches,
+(:meth:`BatchPolicy.joins`: same method and parameters, a method whose ``capabilities`` say ``batch``,
 sampling one batch can draw with, no long prefix for the prefix cache), up to ``max_batch``, in arrival
 order; the others keep their place. Pure policy: no threads, no model.
 """
@@ -12,7 +12,6 @@ from collections import deque
 from typing import TYPE_CHECKING, TypeVar
 
 from tokensieve.errors import check_int
-from tokensieve.methods.base import BATCH_METHODS
 
 if TYPE_CHECKING:
     from tokensieve.serve.requests import PreparedRequest
@@ -33,9 +32,9 @@ class BatchPolicy:
 
     @staticmethod
     def batchable(prep: PreparedRequest) -> bool:
-        """Whether ``prep`` may run in a batch: a method ``generate_batch`` runs in batches, and no prompt
+        """Whether ``prep`` may run in a batch: a method whose capabilities say ``batch``, and no prompt
         prefix of ``PREFIX_ALONE_TOKENS`` or more for the prefix cache (those run alone, through the cache)."""
-        if prep.method.name not in BATCH_METHODS:
+        if not prep.method.capabilities.batch:
             return False
         return prep.prefix_tokens is None or prep.prefix_tokens < PREFIX_ALONE_TOKENS
 

@@ -38,7 +38,7 @@ from tokensieve.engine.detokenize import Decoder
 from tokensieve.errors import InputError, check_int
 from tokensieve.methods import METHODS, Method
 from tokensieve.engine.runner import GenerationResult, stop_token_ids
-from tokensieve.integrations.vllm_adapter import Selection, import_vllm, is_selection_method, select_tokens
+from tokensieve.integrations.vllm_adapter import Selection, import_vllm, select_tokens
 from tokensieve.serve.jobs import Answer, EngineStoppedError, Failed, Job, JobBook, QueueFullError, internal_error
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
@@ -48,8 +48,9 @@ log = logging.getLogger(__name__)
 
 
 def vllm_methods() -> list[str]:
-    """The methods a vLLM engine can run: ``full`` and the prompt-selection methods."""
-    return [name for name, cls in METHODS.items() if name == "full" or is_selection_method(cls)]
+    """The methods a vLLM engine can run (``capabilities.prompt_only``): full attention and the prompt-selection
+    methods, whose whole effect is the token ids they feed the model."""
+    return [name for name, cls in METHODS.items() if cls.capabilities.prompt_only]
 
 
 def _whole_prompt(ids: list[int], method: Method) -> Selection:
@@ -225,7 +226,7 @@ class VLLMEngine:
     def _check(self, prepared: PreparedRequest) -> None:
         """What only vLLM limits: the kept prompt's length against ``max_model_len``, and the sampling fields."""
         n = prepared.prompt_tokens
-        kept = n if prepared.method.name == "full" else min(int(getattr(prepared.method, "topk")), n)
+        kept = n if not prepared.method.capabilities.selects_prompt else min(int(getattr(prepared.method, "topk")), n)
         if kept >= self.max_model_len:
             param = "messages" if prepared.request.kind == "chat" else "prompt"
             raise invalid(
@@ -315,7 +316,7 @@ class VLLMEngine:
         if job.cancelled:
             return None
         prep = job.prepared
-        if prep.method.name == "full":
+        if not prep.method.capabilities.selects_prompt:  # the whole prompt (full attention): no filter pass
             return _whole_prompt(prep.input_ids[0].tolist(), prep.method)
         return select_tokens(self.model, self.tokenizer, prep.run)
 

@@ -46,7 +46,6 @@ from tokensieve.methods import Method, make_method
 from tokensieve.methods.base import DecodeState, cache_kwarg
 from tokensieve.methods.eviction import EvictionMethod
 from tokensieve.methods.full import FullAttention
-from tokensieve.methods.gemfilter import GemFilter
 
 _MARK = "_tokensieve_applied"  # set on a model while a block applies a method to it (refuses nesting)
 
@@ -63,7 +62,7 @@ def _kind(m: Method) -> str:
         return "full"
     if isinstance(m, EvictionMethod):
         return "evict"
-    if isinstance(m, GemFilter):
+    if m.capabilities.selects_prompt:  # GemFilter: ``select`` picks the prompt ids, run at positions 0..k-1
         return "select"
     raise InputError(_LAZY.format(name=m.name))
 

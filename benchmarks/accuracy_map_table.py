@@ -1,4 +1,4 @@
-"""The README's accuracy map: per model x task x length x method, accuracy with its Wilson interval, the paired
+"""The accuracy map of docs/results.md: per model x task x length x method, accuracy with its Wilson interval, the paired
 difference to full attention with its bootstrap interval, the TTFT ratio to full attention (median of per-prompt ratios on the same prompts),
 the KV kept, and for the selecting methods where they fail (the whole answer kept or not).
 
@@ -25,15 +25,14 @@ def fmt_iv(iv) -> str:
     return "n too small" if iv is None else f"[{iv[0]:+.0f}, {iv[1]:+.0f}]"
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("folders", nargs="+", type=Path)
-    ap.add_argument("--all-lengths", action="store_true", help="also one row per method over all lengths")
-    ap.add_argument("--paired-all", action="store_true", help="only the prompts every method scored")
-    args = ap.parse_args()
-    rows = load_results(args.folders)
-    rows = paired_rows(rows) if args.paired_all else rows
-    if args.all_lengths:
+def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=None) -> str:
+    """The table (markdown) for the result files in ``folders``; ``tasks`` keeps only those tasks."""
+    out: list[str] = []
+    rows = load_results(folders)
+    if tasks is not None:
+        rows = [r for r in rows if r["task"] in tasks]
+    rows = paired_rows(rows) if paired_all else rows
+    if all_lengths:
         rows = rows + [dict(r, length=0) for r in rows]
     labels = method_labels(rows)
     # TTFT per (model, task, length, label, key), and the answer-kept figures of the selecting methods
@@ -50,9 +49,9 @@ def main() -> int:
             ttft[g][r["key"]] = r["ttft_s"]
         if r.get("answer_recall") is not None:
             kept[g].append((r["answer_recall"], r["score"]))
-    print("| model | task | length | method | n | accuracy % [95%] | vs full, points [95%] | TTFT / full | KV kept | "
+    out.append("| model | task | length | method | n | accuracy % [95%] | vs full, points [95%] | TTFT / full | KV kept | "
           "whole answer kept | accuracy when kept / not | vs paper's rule, points [95%] |")
-    print("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     span_vs_paper: dict[tuple, str] = {}
     for key, mine in scores.items():
         if key[-1] and key[-1] > 1 and (paper := scores.get(key[:-1] + (1,))):
@@ -79,8 +78,18 @@ def main() -> int:
         name = s["method"].split("(")[0]
         dil = next((r.get("params", {}).get("dilation") for r in rows if labels[id(r)] == s["method"] and r["method"] == name), None)
         vs_paper = span_vs_paper.get((s["model"], s["task"], s["length"], name, dil), "")
-        print(f"| {s['model']} | {s['task']} | {length} | {s['method']} | {s['samples']} | {acc} | {diff} | "
+        out.append(f"| {s['model']} | {s['task']} | {length} | {s['method']} | {s['samples']} | {acc} | {diff} | "
               f"{'' if ratio is None else f'{ratio:.2f}'} | {kv} | {whole_s} | {split} | {vs_paper} |")
+    return "\n".join(out) + "\n"
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("folders", nargs="+", type=Path)
+    ap.add_argument("--all-lengths", action="store_true", help="also one row per method over all lengths")
+    ap.add_argument("--paired-all", action="store_true", help="only the prompts every method scored")
+    args = ap.parse_args()
+    print(render(args.folders, args.all_lengths, args.paired_all), end="")
     return 0
 
 

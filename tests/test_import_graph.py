@@ -106,6 +106,7 @@ RANKS = {
     "methods": 4,  # the registry and one module per method (LazyLLM's own decoder beside it)
     "engine": 5,  # one request, prompt -> tokens
     "integrations": 6, "bench": 6, "evaluation": 6,
+    "training": 6,  # SepLLM training masks and the trainer (core, methods.sepllm, data)
     "serve": 7,
     "commands": 8,
     "cli": 9, "": 9,  # the package root (__init__: lazy public exports)

@@ -34,6 +34,7 @@ COMMANDS: dict[str, str] = {
     "bench": "time/memory vs prompt length on a real model shape (random weights)",
     "serve": "OpenAI-compatible HTTP server (chat/completions, streaming, per-request methods)",
     "methods": "list the methods, their parameters, defaults and meanings",
+    "train": "post-train (or train from scratch) under SepLLM's attention mask",
 }
 COMMAND_MODULES = list(COMMANDS)
 

@@ -1,7 +1,7 @@
 """`tokensieve serve`: an OpenAI-compatible HTTP server (chat and text completions, streaming) over one model.
 
 FastAPI, uvicorn and the model are imported in ``run`` only, so the rest of the CLI works without the
-server's dependencies (``pip install 'tokensieve[serve]'``).
+server's dependencies (FastAPI, uvicorn and prometheus-client are regular dependencies of tokensieve).
 """
 
 from __future__ import annotations
@@ -120,8 +120,8 @@ def run(args: argparse.Namespace) -> int:
         from tokensieve.serve.app import create_app
     except ImportError as exc:
         print(
-            f"tokensieve serve: error: the server needs FastAPI and uvicorn ({exc}); install them with "
-            f"pip install 'tokensieve[serve]'",
+            f"tokensieve serve: error: the server needs FastAPI and uvicorn ({exc}); they are dependencies of "
+            f"tokensieve: reinstall it (pip install -e .) or pip install 'fastapi>=0.110' 'uvicorn>=0.29'",
             file=sys.stderr,
         )
         return 2

@@ -48,17 +48,27 @@ from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall
 from tokensieve.core.separators import separator_token_ids
 
 
+def sepllm_rule(
+    i: torch.Tensor, j: torch.Tensor, j_is_separator: torch.Tensor, n_initial: int, n_recent: int
+) -> torch.Tensor:
+    """SepLLM's attention rule, elementwise (the one copy: inference, cache eviction and training masks call it).
+
+    ``i``: query positions, ``j``: key positions, ``j_is_separator``: whether each key is a separator, all
+    broadcastable to one shape (scalars inside a FlexAttention ``mask_mod``). True where the query at ``i``
+    may attend to the key at ``j``: ``j <= i`` and the key is one of the first ``n_initial`` tokens, a
+    separator, or one of the query's ``n_recent`` preceding tokens (``j >= i - n_recent``).
+    """
+    return (j <= i) & ((j < n_initial) | j_is_separator | (j >= i - n_recent))
+
+
 def sepllm_visible(
     query_pos: torch.Tensor, key_pos: torch.Tensor, key_is_separator: torch.Tensor, n_initial: int, n_recent: int
 ) -> torch.Tensor:
     """SepLLM's training-free rule: bool [q, k], whether the query at ``query_pos[i]`` may attend to the key at ``key_pos[j]``.
 
-    query_pos: [q], key_pos: [k] original positions; key_is_separator: [k] bool. A query at
-    position ``i`` sees a key at ``j`` when ``j <= i`` and the key is one of the first
-    ``n_initial`` tokens, a separator, or one of its ``n_recent`` preceding tokens (``j >= i - n_recent``).
+    query_pos: [q], key_pos: [k] original positions; key_is_separator: [k] bool (``sepllm_rule`` per pair).
     """
-    i, j = query_pos[:, None], key_pos[None, :]  # [q, 1], [1, k]
-    return (j <= i) & ((j < n_initial) | key_is_separator[None, :] | (j >= i - n_recent))
+    return sepllm_rule(query_pos[:, None], key_pos[None, :], key_is_separator[None, :], n_initial, n_recent)
 
 
 def sepllm_keep(

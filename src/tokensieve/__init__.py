@@ -40,11 +40,16 @@ _EXPORTS: dict[str, str] = {
     "InputError": "tokensieve.errors",
     "PromptTooLongError": "tokensieve.errors",
     "use_tokensieve_attention": "tokensieve.core.attention",
+    "AttentionSwitchedWarning": "tokensieve.core.attention",
+    "apply": "tokensieve.integrations.hf",
+    "pipeline": "tokensieve.integrations.hf",
+    "register_pipeline_task": "tokensieve.integrations.hf",
 }
 __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
-    from tokensieve.core.attention import use_tokensieve_attention  # noqa: F401
+    from tokensieve.core.attention import AttentionSwitchedWarning, use_tokensieve_attention  # noqa: F401
+    from tokensieve.integrations.hf import apply, pipeline, register_pipeline_task  # noqa: F401
     from tokensieve.errors import InputError, PromptTooLongError  # noqa: F401
     from tokensieve.methods import METHODS, Method, make_method  # noqa: F401
     from tokensieve.core.models import ModelLoadError, load_model  # noqa: F401

@@ -35,7 +35,7 @@ Separator ids come from the model's tokenizer
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -164,6 +164,11 @@ class SepLLM(EvictionMethod):
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         self._sep = self.separators(input_ids.device)
         return super().prefill(model, input_ids)
+
+    def prefill_cache(self, model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[EvictionCache, dict[str, Any]]:
+        """``EvictionMethod.prefill_cache``, with the separator ids in use taken first (as ``prefill`` does)."""
+        self._sep = self.separators(input_ids.device)
+        return super().prefill_cache(model, input_ids)
 
     def _is_separator(self, cache: EvictionCache, positions: torch.Tensor) -> torch.Tensor:
         """Whether the tokens at ``positions`` are separators."""

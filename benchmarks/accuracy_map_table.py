@@ -18,7 +18,13 @@ from collections import defaultdict
 from pathlib import Path
 
 from tokensieve.evaluation.harness import method_labels
-from tokensieve.evaluation.report import MIN_SAMPLES_FOR_INTERVAL, bootstrap_interval, load_results, paired_rows, summarize
+from tokensieve.evaluation.report import (
+    MIN_SAMPLES_FOR_INTERVAL,
+    bootstrap_interval,
+    load_results,
+    paired_rows,
+    summarize,
+)
 
 
 def fmt_iv(iv) -> str:
@@ -42,15 +48,25 @@ def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=N
     for r in rows:
         if not r.get("error") and r.get("score") is not None:
             p = {k: v for k, v in (r.get("params") or {}).items() if k != "dilation"}
-            scores[(r["model"], r["task"], r.get("length", 0), r["method"], repr(sorted(p.items())),
-                    (r.get("params") or {}).get("dilation"))][r["key"]] = r["score"]
+            scores[
+                (
+                    r["model"],
+                    r["task"],
+                    r.get("length", 0),
+                    r["method"],
+                    repr(sorted(p.items())),
+                    (r.get("params") or {}).get("dilation"),
+                )
+            ][r["key"]] = r["score"]
         g = (r["model"], r["task"], r.get("length", 0), labels[id(r)])
         if r.get("ttft_s") is not None:
             ttft[g][r["key"]] = r["ttft_s"]
         if r.get("answer_recall") is not None:
             kept[g].append((r["answer_recall"], r["score"]))
-    out.append("| model | task | length | method | n | accuracy % [95%] | vs full, points [95%] | TTFT / full | KV kept | "
-          "whole answer kept | accuracy when kept / not | vs paper's rule, points [95%] |")
+    out.append(
+        "| model | task | length | method | n | accuracy % [95%] | vs full, points [95%] | TTFT / full | KV kept | "
+        "whole answer kept | accuracy when kept / not | vs paper's rule, points [95%] |"
+    )
     out.append("|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     span_vs_paper: dict[tuple, str] = {}
     for key, mine in scores.items():
@@ -66,20 +82,38 @@ def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=N
         # the median of the per-prompt ratios: one prompt timed across a pause of the machine does not move it
         ratio = statistics.median(mine[k] / full[k] for k in common) if common else None
         iv = s["accuracy_interval"]
-        acc = "-" if s["accuracy"] is None else f"{s['accuracy']:.0f} " + ("(n too small)" if iv is None else f"[{iv[0]:.0f}, {iv[1]:.0f}]")
-        diff = "" if s["method"] == "full" or s["vs_full"] is None else f"{s['vs_full']:+.1f} {fmt_iv(s['vs_full_interval'])}"
+        acc = (
+            "-"
+            if s["accuracy"] is None
+            else f"{s['accuracy']:.0f} " + ("(n too small)" if iv is None else f"[{iv[0]:.0f}, {iv[1]:.0f}]")
+        )
+        diff = (
+            ""
+            if s["method"] == "full" or s["vs_full"] is None
+            else f"{s['vs_full']:+.1f} {fmt_iv(s['vs_full_interval'])}"
+        )
         k = kept.get(g, [])
         whole = [sc for rec, sc in k if rec == 1.0]
         part = [sc for rec, sc in k if rec < 1.0]
         whole_s = f"{len(whole) / len(k):.2f}" if k else ""
-        split = (f"{100 * sum(whole) / len(whole):.0f} / " if whole else "- / ") + (f"{100 * sum(part) / len(part):.0f}" if part else "-") if k else ""
+        split = (
+            (f"{100 * sum(whole) / len(whole):.0f} / " if whole else "- / ")
+            + (f"{100 * sum(part) / len(part):.0f}" if part else "-")
+            if k
+            else ""
+        )
         kv = "" if s.get("kv_kept") is None else f"{100 * s['kv_kept']:.0f}%"
         length = "all" if s["length"] == 0 else f"{s['length'] // 1024}k"
         name = s["method"].split("(")[0]
-        dil = next((r.get("params", {}).get("dilation") for r in rows if labels[id(r)] == s["method"] and r["method"] == name), None)
+        dil = next(
+            (r.get("params", {}).get("dilation") for r in rows if labels[id(r)] == s["method"] and r["method"] == name),
+            None,
+        )
         vs_paper = span_vs_paper.get((s["model"], s["task"], s["length"], name, dil), "")
-        out.append(f"| {s['model']} | {s['task']} | {length} | {s['method']} | {s['samples']} | {acc} | {diff} | "
-              f"{'' if ratio is None else f'{ratio:.2f}'} | {kv} | {whole_s} | {split} | {vs_paper} |")
+        out.append(
+            f"| {s['model']} | {s['task']} | {length} | {s['method']} | {s['samples']} | {acc} | {diff} | "
+            f"{'' if ratio is None else f'{ratio:.2f}'} | {kv} | {whole_s} | {split} | {vs_paper} |"
+        )
     return "\n".join(out) + "\n"
 
 

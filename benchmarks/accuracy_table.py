@@ -24,7 +24,9 @@ def render() -> str:
             cells[(task, g["method"], g["length"])] = f"{g['accuracy']:.0f}"
         for g in summarize([dict(r, length="all") for r in rows]):
             samples = g["samples"]
-            cells[(task, g["method"], "all")] = "-" if g["method"] == "full" else f"{g['vs_full']:+.0f} ± {g['vs_full_ci']:.0f}"
+            cells[(task, g["method"], "all")] = (
+                "-" if g["method"] == "full" else f"{g['vs_full']:+.0f} ± {g['vs_full_ci']:.0f}"
+            )
         lengths = sorted({r["length"] for r in rows})
         cols += [(task, n) for n in lengths] + [(task, "all")]
         out.append(f"{task}: {samples} paired samples per method over all lengths.")

@@ -58,7 +58,10 @@ def main() -> None:
     ids = torch.randint(0, vocab, (1, args.length), generator=torch.Generator().manual_seed(1)).to(dev)
     forced = torch.randint(0, vocab, (args.steps,), generator=torch.Generator().manual_seed(2))
     names = args.methods.split(",")
-    paths = {n: {"eager": logits_along(model, ids, n, forced, False), "static": logits_along(model, ids, n, forced, True)} for n in names}
+    paths = {
+        n: {"eager": logits_along(model, ids, n, forced, False), "static": logits_along(model, ids, n, forced, True)}
+        for n in names
+    }
     model.float()  # the reference: the same weights in float32
     torch.cuda.empty_cache()
     res = {"shape": args.shape, "length": args.length, "steps": args.steps, "environment": environment(dev), "rows": []}
@@ -69,9 +72,14 @@ def main() -> None:
             err = ((x - ref).norm(dim=-1) / ref.norm(dim=-1)).tolist()
             agree = (x.argmax(-1) == ref.argmax(-1)).tolist()
             row[p] = {"rel_error_per_step": err, "top1_agrees_with_fp32": agree}
-            print(f"{n:>10} {p:>6}: rel error vs fp32 {max(err):.2e} (max over {args.steps} steps), "
-                  f"top-1 agrees {sum(agree)}/{len(agree)}", flush=True)
-        row["eager_vs_static_rel_error"] = ((paths[n]["static"] - paths[n]["eager"]).norm(dim=-1) / paths[n]["eager"].norm(dim=-1)).tolist()
+            print(
+                f"{n:>10} {p:>6}: rel error vs fp32 {max(err):.2e} (max over {args.steps} steps), "
+                f"top-1 agrees {sum(agree)}/{len(agree)}",
+                flush=True,
+            )
+        row["eager_vs_static_rel_error"] = (
+            (paths[n]["static"] - paths[n]["eager"]).norm(dim=-1) / paths[n]["eager"].norm(dim=-1)
+        ).tolist()
         res["rows"].append(row)
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

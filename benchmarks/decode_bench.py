@@ -36,20 +36,34 @@ import time
 
 import torch
 
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
 from tokensieve.bench.timing import _IdTokenizer, build_model, environment
 from tokensieve.decode.static import ATTENTION_KERNELS, DecoderPool, StaticDecoder, bucket
+from tokensieve.engine.runner import generate
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
 from tokensieve.methods.base import cache_stats
-from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
-from tokensieve.engine.runner import generate
 
-METHODS = {"full": {}, "gemfilter": {"topk": 1024, "filter_layer": 13}, "snapkv": {"budget": 1024},
-           "streamingllm": {"budget": 1024, "n_initial": 4}, "h2o": {"budget": 1024},
-           "sepllm": {"n_initial": 4, "n_recent": 256, "separator_ids": (13, 11, 627, 198)},  # 4 ids as separators (rare in random prompts)
-           "lazyllm": {}}  # the default schedule
+METHODS = {
+    "full": {},
+    "gemfilter": {"topk": 1024, "filter_layer": 13},
+    "snapkv": {"budget": 1024},
+    "streamingllm": {"budget": 1024, "n_initial": 4},
+    "h2o": {"budget": 1024},
+    "sepllm": {
+        "n_initial": 4,
+        "n_recent": 256,
+        "separator_ids": (13, 11, 627, 198),
+    },  # 4 ids as separators (rare in random prompts)
+    "lazyllm": {},
+}  # the default schedule
 # LazyLLM's counters: how many steps the fixed-shape (captured) step answered, how many re-ran for revivals
-LAZY_DETAILS = ("decode_fixed_shape_steps", "decode_revival_reruns", "revived_kv_computations", "prompt_computed_pct_total")
+LAZY_DETAILS = (
+    "decode_fixed_shape_steps",
+    "decode_revival_reruns",
+    "revived_kv_computations",
+    "prompt_computed_pct_total",
+)
 
 
 def params_for(name: str, shape: str) -> dict:
@@ -105,6 +119,7 @@ def hf_generate_per_token(model, ids: torch.Tensor, steps: int) -> float:
     """Seconds per decoded token of transformers' generate (dynamic cache, SDPA attention)."""
     model.set_attn_implementation("sdpa")
     try:
+
         def run(n: int) -> float:
             torch.cuda.synchronize()
             t0 = time.perf_counter()
@@ -132,12 +147,18 @@ def main() -> None:
     ap.add_argument("--no-eager", action="store_true", help="skip the eager path (and the token comparison)")
     ap.add_argument("--no-accuracy", action="store_true", help="skip the first-step logits comparison")
     ap.add_argument("--batches", default=None, help="batch throughput at these batch sizes, e.g. 1,4,16")
-    ap.add_argument("--attention-kernel", default="auto",
-                    help="the static step's attention, one run each: comma-separated of " + ", ".join(ATTENTION_KERNELS))
+    ap.add_argument(
+        "--attention-kernel",
+        default="auto",
+        help="the static step's attention, one run each: comma-separated of " + ", ".join(ATTENTION_KERNELS),
+    )
     ap.add_argument("--device", default=None, help="default: cuda when available (--batches also runs on cpu)")
     ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float32"))
-    ap.add_argument("--require-identical", action="store_true",
-                    help="exit 1 unless every row's static tokens equal the eager path's for all --check-steps steps")
+    ap.add_argument(
+        "--require-identical",
+        action="store_true",
+        help="exit 1 unless every row's static tokens equal the eager path's for all --check-steps steps",
+    )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -152,22 +173,44 @@ def main() -> None:
     bw = copy_bandwidth(dev, gib=4.0 if dev.type == "cuda" else None)
     tok = _IdTokenizer()
     pools = {k: RecordingPool(model, compile=args.compile, attention_kernel=k) for k in kernels}
-    out = {"shape": args.shape, "environment": environment(dev), "weights_bytes": weights, "copy_bandwidth_Bps": bw,
-           "kv_bytes_per_entry": None, "compile": args.compile, "attention_kernels": kernels, "tokens": args.tokens,
-           "check_steps": args.check_steps, "dtype": args.dtype, "rows": []}
+    out = {
+        "shape": args.shape,
+        "environment": environment(dev),
+        "weights_bytes": weights,
+        "copy_bandwidth_Bps": bw,
+        "kv_bytes_per_entry": None,
+        "compile": args.compile,
+        "attention_kernels": kernels,
+        "tokens": args.tokens,
+        "check_steps": args.check_steps,
+        "dtype": args.dtype,
+        "rows": [],
+    }
     print(f"copy bandwidth {bw / 1e12:.2f} TB/s, weights {weights / 2**30:.1f} GiB", flush=True)
     # warm-up (kernels, cuBLAS, allocator) at a small length
     warm = torch.randint(0, cfg.vocab_size, (1, 2048), generator=torch.Generator().manual_seed(0))
     for name in args.methods.split(","):
-        generate(model, tok, warm, name, max_new_tokens=4, decode="eager", allow_long=True,
-                 **params_for(name, args.shape))
+        generate(
+            model, tok, warm, name, max_new_tokens=4, decode="eager", allow_long=True, **params_for(name, args.shape)
+        )
     for n in [int(x) for x in args.lengths.split(",")]:
         ids = torch.randint(0, cfg.vocab_size, (1, n), generator=torch.Generator().manual_seed(n))
         for name in args.methods.split(","):
             try:
-                eager = None if args.no_eager else generate(
-                    model, tok, ids, name, max_new_tokens=args.check_steps + 1, decode="eager", allow_long=True,
-                    **params_for(name, args.shape))
+                eager = (
+                    None
+                    if args.no_eager
+                    else generate(
+                        model,
+                        tok,
+                        ids,
+                        name,
+                        max_new_tokens=args.check_steps + 1,
+                        decode="eager",
+                        allow_long=True,
+                        **params_for(name, args.shape),
+                    )
+                )
             except torch.OutOfMemoryError:
                 eager = "oom"
             free_memory(dev)
@@ -196,30 +239,48 @@ def main() -> None:
                 print(f"transformers.generate {n}: {per * 1e3:.1f} ms/token", flush=True)
             except torch.OutOfMemoryError:
                 out["rows"].append({"method": "transformers.generate", "length": n, "status": "oom"})
-            gc.collect(); torch.cuda.empty_cache()
+            gc.collect()
+            torch.cuda.empty_cache()
             with open(args.out, "w") as f:
                 json.dump(out, f, indent=1)
 
     if args.require_identical:
-        differ = [f"{r['method']} {r['length']} [{r.get('attention_kernel')}]: {r['tokens_identical_prefix']}/{r['tokens_compared']}"
-                  for r in out["rows"] if r.get("status") == "ok" and r.get("tokens_compared")
-                  and r["tokens_identical_prefix"] != r["tokens_compared"]]
+        differ = [
+            f"{r['method']} {r['length']} [{r.get('attention_kernel')}]: {r['tokens_identical_prefix']}/{r['tokens_compared']}"
+            for r in out["rows"]
+            if r.get("status") == "ok"
+            and r.get("tokens_compared")
+            and r["tokens_identical_prefix"] != r["tokens_compared"]
+        ]
         compared = sum(1 for r in out["rows"] if r.get("status") == "ok" and r.get("tokens_compared"))
         print(f"identical tokens eager vs static: {compared - len(differ)}/{compared} rows", flush=True)
         if differ or not compared:
             raise SystemExit("tokens differ: " + "; ".join(differ) if differ else "no row compared tokens")
 
 
-def static_row(args: argparse.Namespace, model, tok, ids: torch.Tensor, name: str, pool: RecordingPool, eager,
-               weights: int, bw: float, kernel: str, out: dict) -> dict:
+def static_row(
+    args: argparse.Namespace,
+    model,
+    tok,
+    ids: torch.Tensor,
+    name: str,
+    pool: RecordingPool,
+    eager,
+    weights: int,
+    bw: float,
+    kernel: str,
+    out: dict,
+) -> dict:
     """The static (graph) figures of one method and length with one pool (one attention kernel), against ``eager``."""
     dev, params = model.device, params_for(name, args.shape)
     # first static call: captures the graph for this capacity bucket (reported, not timed as decode)
-    first = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
-                     allow_long=True, **params)
+    first = generate(
+        model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool, allow_long=True, **params
+    )
     free_memory(dev)
-    graph = generate(model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool,
-                     allow_long=True, **params)
+    graph = generate(
+        model, tok, ids, name, max_new_tokens=args.tokens, decode="static", decoders=pool, allow_long=True, **params
+    )
     path = pool.last.kernel if pool.last is not None else None
     kept = graph.kv_tokens_prefill[0]
     steps_g, steps_e = graph.step_times_s, (eager.step_times_s if eager else [float("nan")])
@@ -234,23 +295,35 @@ def static_row(args: argparse.Namespace, model, tok, ids: torch.Tensor, name: st
     skip = args.no_accuracy or name == "lazyllm"  # (LazyLLM has its own decoder: compared by tokens)
     err, top1 = (float("nan"), None) if skip else first_step_error(model, ids, name, params, kernel)
     row = {
-        "status": "ok", "decode_path": graph.details["decode_path"], "attention_path": path, "kept_entries": kept,
-        "ttft_s": graph.ttft_s, "capture_s": first.details["capture_s"],
-        "eager_step_median_s": med_e, "eager_step_p90_s": p90(steps_e),
-        "graph_step_median_s": med_g, "graph_step_p90_s": p90(steps_g),
-        "roofline_step_s": floor, "roofline_fraction": floor / med_g,
+        "status": "ok",
+        "decode_path": graph.details["decode_path"],
+        "attention_path": path,
+        "kept_entries": kept,
+        "ttft_s": graph.ttft_s,
+        "capture_s": first.details["capture_s"],
+        "eager_step_median_s": med_e,
+        "eager_step_p90_s": p90(steps_e),
+        "graph_step_median_s": med_g,
+        "graph_step_p90_s": p90(steps_g),
+        "roofline_step_s": floor,
+        "roofline_fraction": floor / med_g,
         "eager_roofline_fraction": floor / med_e,
         "e2e_s": graph.ttft_s + sum(steps_g),
         "e2e_eager_estimate_s": eager.ttft_s + med_e * (args.tokens - 1) if eager else None,
-        "tokens_identical_prefix": same, "tokens_compared": len(pairs),
-        "first_step_logits_rel_error": err, "first_step_top1_agrees": top1,
+        "tokens_identical_prefix": same,
+        "tokens_compared": len(pairs),
+        "first_step_logits_rel_error": err,
+        "first_step_top1_agrees": top1,
         "peak_memory_bytes": graph.peak_memory_bytes,
         "details": {k: graph.details[k] for k in LAZY_DETAILS if k in graph.details},
     }
-    print(f"{name:>10} {ids.shape[1]:>7} [{kernel}->{path}]: ttft {graph.ttft_s:.3f}s  eager {med_e * 1e3:.1f} ms  "
-          f"graph {med_g * 1e3:.2f} ms (p90 {p90(steps_g) * 1e3:.2f}, roofline {floor * 1e3:.2f} ms = {floor / med_g:.2f})  "
-          f"e2e {row['e2e_s']:.2f}s  capture {row['capture_s']:.2f}s  same prefix {same}/{len(pairs)}  "
-          f"step-1 logits rel err {err:.1e} top1 {top1}", flush=True)
+    print(
+        f"{name:>10} {ids.shape[1]:>7} [{kernel}->{path}]: ttft {graph.ttft_s:.3f}s  eager {med_e * 1e3:.1f} ms  "
+        f"graph {med_g * 1e3:.2f} ms (p90 {p90(steps_g) * 1e3:.2f}, roofline {floor * 1e3:.2f} ms = {floor / med_g:.2f})  "
+        f"e2e {row['e2e_s']:.2f}s  capture {row['capture_s']:.2f}s  same prefix {same}/{len(pairs)}  "
+        f"step-1 logits rel err {err:.1e} top1 {top1}",
+        flush=True,
+    )
     return row
 
 
@@ -260,10 +333,20 @@ def batch_main(args: argparse.Namespace, dev: torch.device) -> None:
 
     methods = {name: {"method": name, **params_for(name, args.shape)} for name in args.methods.split(",")}
     dtype = torch.bfloat16 if dev.type == "cuda" else torch.float32
-    res = run_batch_bench(args.shape, [int(x) for x in args.lengths.split(",")], [int(x) for x in args.batches.split(",")],
-                          methods, dtype=dtype, device=str(dev), decode_tokens=args.tokens,
-                          on_row=lambda rows: print(f"  {rows[-1]['label']} {rows[-1]['length']} x{rows[-1]['batch']}: "
-                                                    f"{rows[-1]['status']} {rows[-1]['decode_tokens_per_s']}", flush=True))
+    res = run_batch_bench(
+        args.shape,
+        [int(x) for x in args.lengths.split(",")],
+        [int(x) for x in args.batches.split(",")],
+        methods,
+        dtype=dtype,
+        device=str(dev),
+        decode_tokens=args.tokens,
+        on_row=lambda rows: print(
+            f"  {rows[-1]['label']} {rows[-1]['length']} x{rows[-1]['batch']}: "
+            f"{rows[-1]['status']} {rows[-1]['decode_tokens_per_s']}",
+            flush=True,
+        ),
+    )
     print(format_batch_table(res))
     with open(args.out, "w") as f:
         json.dump(res, f, indent=1)

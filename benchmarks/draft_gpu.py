@@ -101,10 +101,16 @@ class Sweep:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         old = json.loads(self.path.read_text()) if self.path.exists() and not args.restart else {}
         self.data: dict[str, Any] = {
-            "script": "benchmarks/draft_gpu.py", "command": " ".join(sys.argv), "topk": args.topk,
-            "repeats": args.repeats, "environment": environment(self.device), "cells": old.get("cells", {}),
+            "script": "benchmarks/draft_gpu.py",
+            "command": " ".join(sys.argv),
+            "topk": args.topk,
+            "repeats": args.repeats,
+            "environment": environment(self.device),
+            "cells": old.get("cells", {}),
         }
-        self.total = torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 1 << 62
+        self.total = (
+            torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 1 << 62
+        )
         self.t0 = time.perf_counter()
 
     def save(self) -> None:
@@ -119,7 +125,11 @@ class Sweep:
         row["elapsed_s"] = round(time.perf_counter() - self.t0, 1)
         self.data["cells"][key] = row
         self.save()
-        shown = {k: row.get(k) for k in ("status", "ttft_s", "select_s", "filter_s", "peak_gib", "reason") if row.get(k) is not None}
+        shown = {
+            k: row.get(k)
+            for k in ("status", "ttft_s", "select_s", "filter_s", "peak_gib", "reason")
+            if row.get(k) is not None
+        }
         print(f"[{row['elapsed_s']:7.1f} s] {key}: {shown}", flush=True)
 
     def over_budget(self) -> bool:
@@ -147,7 +157,10 @@ class Sweep:
             self.record(key, {"status": "budget", "reason": f"past --budget-s {self.args.budget_s}: rerun to continue"})
             return None
         if not self.fits(need):
-            self.record(key, {"status": "skipped", "reason": f"{why}: needs about {need / GIB:.1f} GiB of {self.total / GIB:.1f}"})
+            self.record(
+                key,
+                {"status": "skipped", "reason": f"{why}: needs about {need / GIB:.1f} GiB of {self.total / GIB:.1f}"},
+            )
             return None
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -160,7 +173,9 @@ class Sweep:
         self.free()
         return row
 
-    def select_only(self, key: str, model: Any, method: Any, n: int, need: int, why: str, second_s: float | None) -> None:
+    def select_only(
+        self, key: str, model: Any, method: Any, n: int, need: int, why: str, second_s: float | None
+    ) -> None:
         """The selection alone (``GemFilter.select``) on a filter-only model: median of ``--repeats`` after a cold run."""
         if self.done(key):
             return
@@ -168,7 +183,10 @@ class Sweep:
             self.record(key, {"status": "budget", "reason": f"past --budget-s {self.args.budget_s}: rerun to continue"})
             return
         if not self.fits(need):
-            self.record(key, {"status": "skipped", "reason": f"{why}: needs about {need / GIB:.1f} GiB of {self.total / GIB:.1f}"})
+            self.record(
+                key,
+                {"status": "skipped", "reason": f"{why}: needs about {need / GIB:.1f} GiB of {self.total / GIB:.1f}"},
+            )
             return
         vocab = model.config.get_text_config().vocab_size
         ids = torch.randint(0, vocab, (1, n), generator=torch.Generator().manual_seed(n)).to(self.device)
@@ -210,11 +228,11 @@ def second_pass_s(row: dict[str, Any] | None) -> float | None:
 
 
 def run(args: argparse.Namespace) -> None:
+    from tokensieve.bench.roofline import weights_bytes
     from tokensieve.bench.timing import build_model, shape_config
     from tokensieve.core.draft import DraftModel
     from tokensieve.integrations.filter_model import build_filter_model
     from tokensieve.methods import GemFilter, make_method
-    from tokensieve.bench.roofline import weights_bytes
 
     sw = Sweep(args)
     draft_shape = "tiny" if args.smoke else DRAFT_SHAPE
@@ -228,8 +246,15 @@ def run(args: argparse.Namespace) -> None:
         for v, layer in draft_layers.items():
             fset = filter_settings(n)
             need = dw + pass_bytes(dcfg, n, fset)
-            sw.select_only(f"draft/{n}/{v}", draft, GemFilter(topk=args.topk, filter_layer=layer, **fset), n, need,
-                           "the draft's filter pass", None)
+            sw.select_only(
+                f"draft/{n}/{v}",
+                draft,
+                GemFilter(topk=args.topk, filter_layer=layer, **fset),
+                n,
+                need,
+                "the draft's filter pass",
+                None,
+            )
     for tname in args.targets:
         shape = "tiny" if args.smoke else TARGETS[tname]
         cfg = shape_config(shape)
@@ -237,8 +262,14 @@ def run(args: argparse.Namespace) -> None:
         with torch.device("meta"):
             from transformers import AutoModelForCausalLM
 
-            tw = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * (2 if sw.dtype == torch.bfloat16 else 4)
-        sw.data.setdefault("targets", {})[tname] = {"shape": shape, "weights_gib": round(tw / GIB, 2), "self_filter_layer": r}
+            tw = sum(p.numel() for p in AutoModelForCausalLM.from_config(cfg).parameters()) * (
+                2 if sw.dtype == torch.bfloat16 else 4
+            )
+        sw.data.setdefault("targets", {})[tname] = {
+            "shape": shape,
+            "weights_gib": round(tw / GIB, 2),
+            "self_filter_layer": r,
+        }
         keys = [f"{tname}/{n}/{v}" for n in args.lengths for v in ("full", "self", *draft_layers)]
         if all(sw.done(k) for k in keys):
             continue
@@ -261,22 +292,60 @@ def run(args: argparse.Namespace) -> None:
                 key = f"{tname}/{n}/{v}"
                 if model is None:
                     if not sw.done(key):
-                        sw.record(key, {"status": "skipped", "reason": f"the {shape} target ({tw / GIB:.0f} GiB) and the draft do not fit one GPU of {sw.total / GIB:.0f} GiB"})
+                        sw.record(
+                            key,
+                            {
+                                "status": "skipped",
+                                "reason": f"the {shape} target ({tw / GIB:.0f} GiB) and the draft do not fit one GPU of {sw.total / GIB:.0f} GiB",
+                            },
+                        )
                     continue
-                sw.bench(key, model, GemFilter(topk=args.topk, filter_layer=layer, filter_model=d, **dset), n,
-                         draft_need, "the target's weights, the draft and its filter pass")
+                sw.bench(
+                    key,
+                    model,
+                    GemFilter(topk=args.topk, filter_layer=layer, filter_model=d, **dset),
+                    n,
+                    draft_need,
+                    "the target's weights, the draft and its filter pass",
+                )
             key = f"{tname}/{n}/full"
             if n > FULL_MAX_TOKENS and not sw.done(key):
-                sw.record(key, {"status": "skipped", "reason": f"full attention over {n} tokens: a quadratic prefill of many minutes and {kv_bytes(cfg, n) / GIB:.1f} GiB of KV"})
+                sw.record(
+                    key,
+                    {
+                        "status": "skipped",
+                        "reason": f"full attention over {n} tokens: a quadratic prefill of many minutes and {kv_bytes(cfg, n) / GIB:.1f} GiB of KV",
+                    },
+                )
             elif model is not None:
-                sw.bench(key, model, make_method("full"), n, tw + dw + kv_bytes(cfg, n) + act_bytes(cfg, n), "the weights and the whole prompt's KV")
+                sw.bench(
+                    key,
+                    model,
+                    make_method("full"),
+                    n,
+                    tw + dw + kv_bytes(cfg, n) + act_bytes(cfg, n),
+                    "the weights and the whole prompt's KV",
+                )
             elif not sw.done(key):
-                sw.record(key, {"status": "skipped", "reason": f"the {shape} target ({tw / GIB:.0f} GiB) does not fit one GPU of {sw.total / GIB:.0f} GiB"})
+                sw.record(
+                    key,
+                    {
+                        "status": "skipped",
+                        "reason": f"the {shape} target ({tw / GIB:.0f} GiB) does not fit one GPU of {sw.total / GIB:.0f} GiB",
+                    },
+                )
             if model is not None:
                 self_need = tw + dw + pass_bytes(cfg, n, fset)
                 key = f"{tname}/{n}/self"
                 if sw.fits(self_need) or sw.done(key):
-                    sw.bench(key, model, GemFilter(topk=args.topk, filter_layer=r, **fset), n, self_need, "the self-filter pass")
+                    sw.bench(
+                        key,
+                        model,
+                        GemFilter(topk=args.topk, filter_layer=r, **fset),
+                        n,
+                        self_need,
+                        "the self-filter pass",
+                    )
         del model
         sw.free()
         # a self-filter that the whole model could not run: its selection on a filter-only build (layers 0..r)
@@ -286,21 +355,38 @@ def run(args: argparse.Namespace) -> None:
             fm = None
             if sw.fits(fw + dw + 4 * GIB):
                 try:
-                    fm = build_filter_model(cfg, r, device_map=str(sw.device) if sw.device.type == "cuda" else None,
-                                            dtype=sw.dtype)
+                    fm = build_filter_model(
+                        cfg, r, device_map=str(sw.device) if sw.device.type == "cuda" else None, dtype=sw.dtype
+                    )
                 except torch.OutOfMemoryError:
                     sw.free()
             for n in todo:
                 fset = filter_settings(n)
                 if n >= LOCAL_FROM and tname == "70b":
-                    sw.record(f"{tname}/{n}/self", {"status": "skipped", "reason": f"the 70B self-filter's local pass over {n} tokens takes minutes: past this script's time budget"})
+                    sw.record(
+                        f"{tname}/{n}/self",
+                        {
+                            "status": "skipped",
+                            "reason": f"the 70B self-filter's local pass over {n} tokens takes minutes: past this script's time budget",
+                        },
+                    )
                     continue
                 need = fw + dw + pass_bytes(cfg, n, fset)
                 if fm is None:
-                    sw.record(f"{tname}/{n}/self", {"status": "skipped", "reason": f"the filter-only build ({fw / GIB:.0f} GiB) does not fit"})
+                    sw.record(
+                        f"{tname}/{n}/self",
+                        {"status": "skipped", "reason": f"the filter-only build ({fw / GIB:.0f} GiB) does not fit"},
+                    )
                     continue
-                sw.select_only(f"{tname}/{n}/self", fm, GemFilter(topk=args.topk, filter_layer=r, **fset), n, need,
-                               "the filter-only model and its filter pass", second_pass_s(sw.data["cells"].get(f"{tname}/{n}/draft_last")))
+                sw.select_only(
+                    f"{tname}/{n}/self",
+                    fm,
+                    GemFilter(topk=args.topk, filter_layer=r, **fset),
+                    n,
+                    need,
+                    "the filter-only model and its filter pass",
+                    second_pass_s(sw.data["cells"].get(f"{tname}/{n}/draft_last")),
+                )
             del fm
             sw.free()
     summarize(sw)
@@ -324,12 +410,24 @@ def summarize(sw: Sweep) -> None:
             if own_select and row.get("filter_s"):
                 s["select_fraction_of_self"] = round(row["filter_s"] / own_select, 4)
         out[f"{tname}/{n}"] = s
-    for key, row in cells.items():  # a target whose own cells could not run: the draft's selection against its self-filter's
+    for (
+        key,
+        row,
+    ) in cells.items():  # a target whose own cells could not run: the draft's selection against its self-filter's
         tname, n, v = key.split("/")
         alone = cells.get(f"draft/{n}/draft_last", {})
-        if v == "self" and tname != "draft" and f"{tname}/{n}" not in out and row.get("select_s") and alone.get("select_s"):
-            out[f"{tname}/{n}"] = {"self_select_s": row["select_s"], "draft_select_s": alone["select_s"],
-                                   "select_fraction_of_self": round(alone["select_s"] / row["select_s"], 4)}
+        if (
+            v == "self"
+            and tname != "draft"
+            and f"{tname}/{n}" not in out
+            and row.get("select_s")
+            and alone.get("select_s")
+        ):
+            out[f"{tname}/{n}"] = {
+                "self_select_s": row["select_s"],
+                "draft_select_s": alone["select_s"],
+                "select_fraction_of_self": round(alone["select_s"] / row["select_s"], 4),
+            }
     sw.data["summary"] = out
     sw.save()
     print(json.dumps(out, indent=1))
@@ -337,12 +435,20 @@ def summarize(sw: Sweep) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "benchmarks/results/draft")), help="folder of draft_gpu.json (default $OUT)")
+    p.add_argument(
+        "--out",
+        default=os.environ.get("OUT", str(ROOT / "benchmarks/results/draft")),
+        help="folder of draft_gpu.json (default $OUT)",
+    )
     p.add_argument("--targets", default="8b,70b", help="comma-separated: 8b, 70b (default both)")
     p.add_argument("--lengths", default="32k,128k,1m", help="prompt lengths (default 32k,128k,1m)")
     p.add_argument("--topk", type=int, default=1024, help="kept tokens (default 1024)")
-    p.add_argument("--repeats", type=int, default=2, help="timed runs per cell after a cold one (default 2; 1M: one run)")
-    p.add_argument("--budget-s", type=float, default=420.0, help="start no new cell after this many seconds (default 420)")
+    p.add_argument(
+        "--repeats", type=int, default=2, help="timed runs per cell after a cold one (default 2; 1M: one run)"
+    )
+    p.add_argument(
+        "--budget-s", type=float, default=420.0, help="start no new cell after this many seconds (default 420)"
+    )
     p.add_argument("--restart", action="store_true", help="forget the cells already in the JSON")
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, short prompts: checks the script")
     args = p.parse_args()

@@ -40,12 +40,12 @@ def main() -> None:
         raise SystemExit("draft_ttft_cpu.py: --length in [256, 128k], --rounds in [1, 20], --topk in [1, length)")
 
     from tokensieve import load_model
-    from tokensieve.data import read_text
     from tokensieve.core.draft import DraftModel, check_draft
+    from tokensieve.data import read_text
+    from tokensieve.engine.runner import encode_prompt
     from tokensieve.evaluation.needle import build_needle_prompt
     from tokensieve.methods import GemFilter
     from tokensieve.methods.base import full_prefill
-    from tokensieve.engine.runner import encode_prompt
 
     model, tok = load_model(args.model)
     dm, dtok = load_model(args.draft)
@@ -67,16 +67,29 @@ def main() -> None:
             t0 = time.perf_counter()
             full_prefill(model, ids[:, idx])
             row["second_pass_s"] = time.perf_counter() - t0
-            row["ttft_ratio"] = (row["draft_select_s"] + row["second_pass_s"]) / (row["self_select_s"] + row["second_pass_s"])
+            row["ttft_ratio"] = (row["draft_select_s"] + row["second_pass_s"]) / (
+                row["self_select_s"] + row["second_pass_s"]
+            )
             row["select_ratio"] = row["draft_select_s"] / row["self_select_s"]
             rounds.append(row)
             print(f"round {i + 1}/{args.rounds}: {json.dumps({k: round(v, 3) for k, v in row.items()})}", flush=True)
     med = {k: statistics.median(r[k] for r in rounds) for k in rounds[0]}
-    out = {"script": "benchmarks/draft_ttft_cpu.py", "argv": sys.argv[1:], "model": args.model, "draft": args.draft,
-           "prompt_tokens": int(ids.shape[1]), "topk": args.topk, "self_filter_layer": own.resolved_layer(model),
-           "draft_filter_layer": drafted.resolved_layer(model), "threads": torch.get_num_threads(),
-           "loadavg_1m": [load0, os.getloadavg()[0]], "rounds": rounds, "median": med,
-           "self_ttft_s": med["self_select_s"] + med["second_pass_s"], "draft_ttft_s": med["draft_select_s"] + med["second_pass_s"]}
+    out = {
+        "script": "benchmarks/draft_ttft_cpu.py",
+        "argv": sys.argv[1:],
+        "model": args.model,
+        "draft": args.draft,
+        "prompt_tokens": int(ids.shape[1]),
+        "topk": args.topk,
+        "self_filter_layer": own.resolved_layer(model),
+        "draft_filter_layer": drafted.resolved_layer(model),
+        "threads": torch.get_num_threads(),
+        "loadavg_1m": [load0, os.getloadavg()[0]],
+        "rounds": rounds,
+        "median": med,
+        "self_ttft_s": med["self_select_s"] + med["second_pass_s"],
+        "draft_ttft_s": med["draft_select_s"] + med["second_pass_s"],
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))
     print(json.dumps({k: out[k] for k in ("self_ttft_s", "draft_ttft_s", "median")}, indent=1))

@@ -18,13 +18,19 @@ import json
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tokensieve.core import attention
-from tokensieve.bench.timing import _IdTokenizer, build_model, environment
 from tokensieve.bench.roofline import median, p90
+from tokensieve.bench.timing import _IdTokenizer, build_model, environment
+from tokensieve.core import attention
 from tokensieve.engine.runner import generate
 
-PARAMS = {"full": {}, "snapkv": {"budget": 1024}, "lazyllm": {}, "gemfilter": {"topk": 1024, "filter_layer": 13},
-          "h2o": {"budget": 1024}, "streamingllm": {"budget": 1024}}
+PARAMS = {
+    "full": {},
+    "snapkv": {"budget": 1024},
+    "lazyllm": {},
+    "gemfilter": {"topk": 1024, "filter_layer": 13},
+    "h2o": {"budget": 1024},
+    "streamingllm": {"budget": 1024},
+}
 NO_CUDNN = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
@@ -49,10 +55,22 @@ def main() -> None:
             row = {"method": name, "length": n}
             for label, steps_cudnn in (("cudnn", True), ("no_cudnn", False)):
                 attention.CUDNN_IN_STEPS = steps_cudnn
-                r = generate(model, tok, ids, name, max_new_tokens=args.steps + 1, decode="eager", allow_long=True,
-                             **PARAMS[name])
-                row[label] = {"step_median_s": median(r.step_times_s), "step_p90_s": p90(r.step_times_s),
-                              "ttft_s": r.ttft_s, "tokens": r.token_ids}
+                r = generate(
+                    model,
+                    tok,
+                    ids,
+                    name,
+                    max_new_tokens=args.steps + 1,
+                    decode="eager",
+                    allow_long=True,
+                    **PARAMS[name],
+                )
+                row[label] = {
+                    "step_median_s": median(r.step_times_s),
+                    "step_p90_s": p90(r.step_times_s),
+                    "ttft_s": r.ttft_s,
+                    "tokens": r.token_ids,
+                }
                 gc.collect()
                 torch.cuda.empty_cache()
             attention.CUDNN_IN_STEPS = False
@@ -61,10 +79,13 @@ def main() -> None:
             row["ttft_no_cudnn_anywhere_s"] = r.ttft_s
             row["same_tokens"] = row["cudnn"]["tokens"] == row["no_cudnn"]["tokens"]
             c, nc = row["cudnn"], row["no_cudnn"]
-            print(f"{name:>8} {n:>6}: eager step {c['step_median_s'] * 1e3:.1f} -> {nc['step_median_s'] * 1e3:.1f} ms "
-                  f"(p90 {c['step_p90_s'] * 1e3:.1f} -> {nc['step_p90_s'] * 1e3:.1f}); TTFT cuDNN allowed "
-                  f"{c['ttft_s']:.3f} / {nc['ttft_s']:.3f} s, never {row['ttft_no_cudnn_anywhere_s']:.3f} s; "
-                  f"same tokens {row['same_tokens']}", flush=True)
+            print(
+                f"{name:>8} {n:>6}: eager step {c['step_median_s'] * 1e3:.1f} -> {nc['step_median_s'] * 1e3:.1f} ms "
+                f"(p90 {c['step_p90_s'] * 1e3:.1f} -> {nc['step_p90_s'] * 1e3:.1f}); TTFT cuDNN allowed "
+                f"{c['ttft_s']:.3f} / {nc['ttft_s']:.3f} s, never {row['ttft_no_cudnn_anywhere_s']:.3f} s; "
+                f"same tokens {row['same_tokens']}",
+                flush=True,
+            )
             out["rows"].append(row)
             gc.collect()
             torch.cuda.empty_cache()

@@ -42,11 +42,11 @@ from typing import Any
 
 import torch
 
-from tokensieve.bench.timing import build_model, shape_config
-from tokensieve.integrations.filter_model import build_filter_model, filter_fraction
 from tokensieve.bench.roofline import weights_bytes
+from tokensieve.bench.timing import build_model, shape_config
 from tokensieve.commands.common import parse_sizes
 from tokensieve.errors import InputError
+from tokensieve.integrations.filter_model import build_filter_model, filter_fraction
 from tokensieve.methods import FullAttention
 from tokensieve.methods.gemfilter import DEFAULT_N_INITIAL, DEFAULT_N_RECENT, GemFilter
 
@@ -72,8 +72,12 @@ def make(label: str, args: argparse.Namespace) -> FullAttention | GemFilter:
         return FullAttention()
     kw: dict[str, Any] = dict(topk=args.topk, filter_layer=args.filter_layer, filter_attention="dense")
     if label.startswith("local"):
-        kw |= dict(filter_attention="local", n_initial=args.n_initial, n_recent=args.n_recent,
-                   local_kernel="flex" if label == "local_flex" else "sdpa")
+        kw |= dict(
+            filter_attention="local",
+            n_initial=args.n_initial,
+            n_recent=args.n_recent,
+            local_kernel="flex" if label == "local_flex" else "sdpa",
+        )
     if label.endswith("chunked"):
         kw |= dict(chunk_size=args.chunk_size)
     return GemFilter(**kw)
@@ -88,8 +92,9 @@ def gpus(device: torch.device) -> list[int]:
     return list(range(torch.cuda.device_count())) if device.type == "cuda" else []
 
 
-def run_cell(model, method, n: int, device: torch.device, repeats: int, seed: int = 0,
-             filter_only: bool = False) -> dict[str, Any]:
+def run_cell(
+    model, method, n: int, device: torch.device, repeats: int, seed: int = 0, filter_only: bool = False
+) -> dict[str, Any]:
     """TTFT (s, median) and peak memory (GiB) of ``method``'s prefill on a random prompt of ``n`` tokens
     (``filter_only``: of GemFilter's filter pass alone, ``select``)."""
     g = torch.Generator().manual_seed(seed)
@@ -117,8 +122,13 @@ def run_cell(model, method, n: int, device: torch.device, repeats: int, seed: in
         del state
         gc.collect()
     peaks = [round(torch.cuda.max_memory_allocated(g) / 2**30, 2) for g in gpus(device)]
-    return dict(ttft_s=round(statistics.median(times), 4), times_s=[round(t, 4) for t in times],
-                peak_gib=max(peaks) if peaks else None, peak_gib_per_gpu=peaks or None, details=details)
+    return dict(
+        ttft_s=round(statistics.median(times), 4),
+        times_s=[round(t, 4) for t in times],
+        peak_gib=max(peaks) if peaks else None,
+        peak_gib_per_gpu=peaks or None,
+        details=details,
+    )
 
 
 def plot(rows: list[dict[str, Any]], path: str) -> None:
@@ -159,11 +169,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup-length", type=int, default=4096)
     ap.add_argument("--out", default="benchmarks/results/gemfilter_local.json")
     ap.add_argument("--plot", default=None, help="write a log-log TTFT vs length plot here")
-    ap.add_argument("--filter-only", action="store_true",
-                    help="build only layers 0..r (random weights) and time the filter pass alone (no full cells)")
+    ap.add_argument(
+        "--filter-only",
+        action="store_true",
+        help="build only layers 0..r (random weights) and time the filter pass alone (no full cells)",
+    )
     ap.add_argument("--device-map", default="auto", help="with --filter-only: accelerate strategy (default auto)")
-    ap.add_argument("--max-memory", default=None,
-                    help="with --filter-only: per-device caps, e.g. 0=40GiB,cpu=200GiB (accelerate's max_memory)")
+    ap.add_argument(
+        "--max-memory",
+        default=None,
+        help="with --filter-only: per-device caps, e.g. 0=40GiB,cpu=200GiB (accelerate's max_memory)",
+    )
     args = ap.parse_args(argv)
     labels = [x.strip() for x in args.labels.split(",") if x.strip()]
     bad = [x for x in labels if x not in LABELS]
@@ -174,8 +190,13 @@ def main(argv: list[str] | None = None) -> int:
         raise InputError("--filter-only times the filter pass: drop 'full' from --labels")
     t0 = time.perf_counter()
     if args.filter_only:
-        model = build_filter_model(shape_config(args.shape), args.filter_layer, device_map=args.device_map,
-                                   max_memory=parse_max_memory(args.max_memory), dtype=DTYPES[args.dtype])
+        model = build_filter_model(
+            shape_config(args.shape),
+            args.filter_layer,
+            device_map=args.device_map,
+            max_memory=parse_max_memory(args.max_memory),
+            dtype=DTYPES[args.dtype],
+        )
     else:
         model = build_model(args.shape, DTYPES[args.dtype], device)
     build_s = time.perf_counter() - t0
@@ -186,9 +207,12 @@ def main(argv: list[str] | None = None) -> int:
         result["device"] = torch.cuda.get_device_name(device)
         result["gpus"] = [torch.cuda.get_device_name(g) for g in gpus(device)]
     if args.filter_only:
-        result["filter_model"] = dict(build_s=round(build_s, 1), weight_gib=round(weights_bytes(model) / 2**30, 2),
-                                      device_map=sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()}),
-                                      fraction=filter_fraction(shape_config(args.shape), args.filter_layer))
+        result["filter_model"] = dict(
+            build_s=round(build_s, 1),
+            weight_gib=round(weights_bytes(model) / 2**30, 2),
+            device_map=sorted({str(d) for d in getattr(model, "hf_device_map", {"": "cpu"}).values()}),
+            fraction=filter_fraction(shape_config(args.shape), args.filter_layer),
+        )
         print(f"filter model: {result['filter_model']}", flush=True)
     rows: list[dict[str, Any]] = result["rows"]
     fo = args.filter_only
@@ -199,29 +223,42 @@ def main(argv: list[str] | None = None) -> int:
         for label in labels:
             if label in ("full", "dense", "local", "local_flex") and n > args.full_max:
                 continue
-            key = dict(label=label, length=n, shape=args.shape, n_recent=args.n_recent if label.startswith("local") else None,
-                       filter_only=fo or None)
+            key = dict(
+                label=label,
+                length=n,
+                shape=args.shape,
+                n_recent=args.n_recent if label.startswith("local") else None,
+                filter_only=fo or None,
+            )
             try:
                 compile_s = None
                 if label == "local_flex":  # a new length compiles flex's kernel and its mask once: timed apart
                     t0 = time.perf_counter()
                     run_cell(model, make(label, args), n, device, 1, filter_only=fo)
                     compile_s = round(time.perf_counter() - t0, 2)
-                row = key | dict(status="ok", compile_s=compile_s) | run_cell(model, make(label, args), n, device,
-                                                                              args.repeats, filter_only=fo)
+                row = (
+                    key
+                    | dict(status="ok", compile_s=compile_s)
+                    | run_cell(model, make(label, args), n, device, args.repeats, filter_only=fo)
+                )
             except torch.OutOfMemoryError:
                 row = key | dict(status="oom", ttft_s=None)
             rows[:] = [r for r in rows if {k: r.get(k) for k in key} != key] + [row]
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_text(json.dumps(result, indent=1))
-            print(f"{label:>14} {n:>9} {row['status']:>4} ttft {row.get('ttft_s')} s peak {row.get('peak_gib')} GiB", flush=True)
+            print(
+                f"{label:>14} {n:>9} {row['status']:>4} ttft {row.get('ttft_s')} s peak {row.get('peak_gib')} GiB",
+                flush=True,
+            )
             gc.collect()
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     print(f"\n{'label':>14} {'length':>9} {'TTFT s':>9} {'peak GiB':>9} {'filter s':>9}")
     for r in sorted(rows, key=lambda r: (r["length"], LABELS.index(r["label"]))):
         d = r.get("details", {})
-        print(f"{r['label']:>14} {r['length']:>9} {str(r.get('ttft_s')):>9} {str(r.get('peak_gib')):>9} {str(d.get('filter_s', '')):>9}")
+        print(
+            f"{r['label']:>14} {r['length']:>9} {str(r.get('ttft_s')):>9} {str(r.get('peak_gib')):>9} {str(d.get('filter_s', '')):>9}"
+        )
     if args.plot:
         plot(rows, args.plot)
     return 0

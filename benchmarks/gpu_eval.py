@@ -41,13 +41,23 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--work", required=True, help="folder of the per-process results (kept between runs)")
     ap.add_argument("--out", required=True, help="folder for the merged <task>.jsonl files and logs")
-    ap.add_argument("--methods", required=True, help="comma-separated; one process per method and task "
-                    "(a --run may name its own with --methods)")
+    ap.add_argument(
+        "--methods",
+        required=True,
+        help="comma-separated; one process per method and task (a --run may name its own with --methods)",
+    )
     ap.add_argument("--run", action="append", required=True, help="'TASK ARGS...' for `tokensieve eval`")
     ap.add_argument("--deadline", type=float, default=None, help="stop the processes after this many seconds")
-    ap.add_argument("--merge-every", type=float, default=60.0, help="merge the finished lines into --out every this many seconds")
-    ap.add_argument("--jobs", type=int, default=0, help="run at most this many processes at a time, in --run order "
-                    "(0: all at once; ~30 concurrent CUDA-graph captures on one H200 failed)")
+    ap.add_argument(
+        "--merge-every", type=float, default=60.0, help="merge the finished lines into --out every this many seconds"
+    )
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=0,
+        help="run at most this many processes at a time, in --run order "
+        "(0: all at once; ~30 concurrent CUDA-graph captures on one H200 failed)",
+    )
     args = ap.parse_args()
     work, out = Path(args.work), Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -69,8 +79,20 @@ def main() -> int:
         for method in methods.split(","):
             d = work / task / f"{method}-{tag}"
             d.mkdir(parents=True, exist_ok=True)
-            cmd = [sys.executable, "-m", "tokensieve.cli", "eval", task, *rest, "--methods", method,
-                   "--out", str(d), "--no-plots", "--quiet"]
+            cmd = [
+                sys.executable,
+                "-m",
+                "tokensieve.cli",
+                "eval",
+                task,
+                *rest,
+                "--methods",
+                method,
+                "--out",
+                str(d),
+                "--no-plots",
+                "--quiet",
+            ]
             pending.append((f"{task}/{method}", cmd, d / f"{task}.jsonl"))
     tasks = sorted({shlex.split(s)[0] for s in args.run})
 

@@ -124,31 +124,62 @@ def main() -> int:
         if args.labels:
             methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
         tag = f"main_{args.tag}" if args.tag else "main"
-        partial = lambda rows: (out / f"bench_{tag}.partial.json").write_text(json.dumps(rows, indent=1))
-        res = run_bench(args.shape, [int(x) for x in args.lengths.split(",")] if args.lengths else lengths, methods,
-                        model=model, repeats=args.repeats, decode_tokens=128, progress=True, on_row=partial)
+
+        def partial(rows, tag=tag):
+            (out / f"bench_{tag}.partial.json").write_text(json.dumps(rows, indent=1))
+
+        res = run_bench(
+            args.shape,
+            [int(x) for x in args.lengths.split(",")] if args.lengths else lengths,
+            methods,
+            model=model,
+            repeats=args.repeats,
+            decode_tokens=128,
+            progress=True,
+            on_row=partial,
+        )
         anchors = ANCHORS
     else:
         extra = {}
         if not args.no_checks:
             extra["chunk_attention_check"] = check_chunk_attention(device)
             print(json.dumps(extra), flush=True)
-            extra["decode_profile"] = [decode_profile(model, "full", 8192), decode_profile(model, "full", 8192),
-                                       decode_profile(model, "gemfilter", 8192, filter_layer=13, topk=K)]
+            extra["decode_profile"] = [
+                decode_profile(model, "full", 8192),
+                decode_profile(model, "full", 8192),
+                decode_profile(model, "gemfilter", 8192, filter_layer=13, topk=K),
+            ]
             for d in extra["decode_profile"]:
                 print(d["method"], [round(x * 1000, 1) for x in d["step_s"]], d["key_stride"], flush=True)
         lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else [262144, 524288, 1048576]
         methods = {
-            "gemfilter-chunked": {"method": "gemfilter", "filter_layer": 13, "topk": K, "scoring": "paper",
-                                  "chunk_size": args.chunk},
+            "gemfilter-chunked": {
+                "method": "gemfilter",
+                "filter_layer": 13,
+                "topk": K,
+                "scoring": "paper",
+                "chunk_size": args.chunk,
+            },
             "full": {"method": "full"},
         }
         if args.labels:
             methods = {k: v for k, v in methods.items() if k in args.labels.split(",")}
         tag = f"long_{args.tag}" if args.tag else "long"
-        partial = lambda rows: (out / f"bench_{tag}.partial.json").write_text(json.dumps(rows, indent=1))
-        res = run_bench(args.shape, lengths, methods, model=model, repeats=1, decode_tokens=16, progress=True,
-                        warmup_length=8192, on_row=partial)
+
+        def partial(rows, tag=tag):
+            (out / f"bench_{tag}.partial.json").write_text(json.dumps(rows, indent=1))
+
+        res = run_bench(
+            args.shape,
+            lengths,
+            methods,
+            model=model,
+            repeats=1,
+            decode_tokens=16,
+            progress=True,
+            warmup_length=8192,
+            on_row=partial,
+        )
         res.update(extra)
         anchors = None
     res["command"] = " ".join(["PYTHONPATH=src python3"] + sys.argv)

@@ -53,13 +53,12 @@ from gemfilter_local import DTYPES, run_cell, sync
 
 from tokensieve.bench.timing import build_model
 from tokensieve.commands.common import parse_sizes
+from tokensieve.core.scoring import attention_scores, topk_with_recent
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O, FullAttention
-from tokensieve.core.scoring import attention_scores, topk_with_recent
 
 LABELS = ("full", "h2o_kernel", "h2o_torch")
 QUICK = dict(lengths=[8192, 32768], torch_max=32768, check_length=4096, warmup_length=2048)
-
 
 
 def causal_attention_with_lse(
@@ -81,6 +80,7 @@ def causal_attention_with_lse(
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(query, k, v, 0.0, True, scale=scaling)
     return out.transpose(1, 2).contiguous(), lse[..., : query.shape[2]].float()
 
+
 def make(label: str, budget: int) -> FullAttention | H2O:
     if label == "full":
         return FullAttention()
@@ -100,8 +100,9 @@ def rel_errors(got: torch.Tensor, ref: torch.Tensor) -> dict[str, float]:
     got, ref = got.double(), ref.double()
     diff = (got - ref).abs()
     big = ref.abs() >= 1e-3 * ref.abs().amax(dim=-1, keepdim=True)
-    return dict(max_rel_err=float(diff.max() / ref.abs().max()),
-                max_entry_rel_err=float((diff[big] / ref.abs()[big]).max()))
+    return dict(
+        max_rel_err=float(diff.max() / ref.abs().max()), max_entry_rel_err=float((diff[big] / ref.abs()[big]).max())
+    )
 
 
 def check(model, n: int, budget: int, device: torch.device) -> dict[str, Any]:
@@ -129,10 +130,15 @@ def check(model, n: int, budget: int, device: torch.device) -> dict[str, Any]:
         "kernel_vs_float64": rel_errors(attention_scores(q, k, d**-0.5, kernel="triton"), exact),
         "torch_vs_float64": rel_errors(attention_scores(q, k, d**-0.5, kernel="torch"), exact),
     }
-    return dict(length=n, layers=len(kern), model_kernel_vs_torch=worst,
-                kept_agreement=round(agree / total, 6) if total else None, budget=budget,
-                synthetic_layer=dict(shape=[hq, hkv, n, d], dtype=str(model.dtype)) | synthetic,
-                seconds=round(time.perf_counter() - t0, 1))
+    return dict(
+        length=n,
+        layers=len(kern),
+        model_kernel_vs_torch=worst,
+        kept_agreement=round(agree / total, 6) if total else None,
+        budget=budget,
+        synthetic_layer=dict(shape=[hq, hkv, n, d], dtype=str(model.dtype)) | synthetic,
+        seconds=round(time.perf_counter() - t0, 1),
+    )
 
 
 def timed(fn, device: torch.device, repeats: int = 3) -> float:
@@ -159,7 +165,8 @@ def layer_timing(model, n: int, device: torch.device, torch_max: int) -> dict[st
     out: dict[str, Any] = dict(length=n)
     cells = {
         "attention_s": lambda: torch.nn.functional.scaled_dot_product_attention(
-            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True, scale=s),
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=True, scale=s
+        ),
         "attention_lse_s": lambda: causal_attention_with_lse(q, k, v, s),  # H2O's prompt attention
         "scores_kernel_s": lambda: attention_scores(q, k, s, kernel="triton"),
         "columns_kernel_s": lambda: attention_scores(q, k, s, kernel="triton", row_lse=row_lse),
@@ -187,18 +194,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lengths", type=parse_sizes, default=None, help="default 8k,32k,64k,128k (--quick: 8k,32k)")
     ap.add_argument("--labels", default=",".join(LABELS))
     ap.add_argument("--budget", type=int, default=1024)
-    ap.add_argument("--torch-max", type=int, default=None,
-                    help="longest prompt for h2o_torch (default 131072; --quick: 32768)")
-    ap.add_argument("--check-length", type=int, default=None,
-                    help="prompt length of the correctness check (default 8192; --quick: 4096; 0 skips it)")
+    ap.add_argument(
+        "--torch-max", type=int, default=None, help="longest prompt for h2o_torch (default 131072; --quick: 32768)"
+    )
+    ap.add_argument(
+        "--check-length",
+        type=int,
+        default=None,
+        help="prompt length of the correctness check (default 8192; --quick: 4096; 0 skips it)",
+    )
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--warmup-length", type=int, default=None, help="default 4096 (--quick: 2048)")
     ap.add_argument("--no-layer-timing", action="store_true", help="skip the one-layer pass timings")
     ap.add_argument("--quick", action="store_true", help="8k and 32k, a 4k check: a few minutes on an H100")
     ap.add_argument("--out", default="benchmarks/results/gpu/h2o_prefill_kernel.json")
     args = ap.parse_args(argv)
-    defaults = QUICK if args.quick else dict(lengths=[8192, 32768, 65536, 131072], torch_max=131072,
-                                             check_length=8192, warmup_length=4096)
+    defaults = (
+        QUICK
+        if args.quick
+        else dict(lengths=[8192, 32768, 65536, 131072], torch_max=131072, check_length=8192, warmup_length=4096)
+    )
     for name, value in defaults.items():
         if getattr(args, name) is None:
             setattr(args, name, value)
@@ -273,19 +288,33 @@ def main(argv: list[str] | None = None) -> int:
                 row = key | dict(status="oom", ttft_s=None)
             except Exception as e:  # noqa: BLE001 - one broken cell must not lose the others
                 row = key | dict(status="error", ttft_s=None, error=f"{type(e).__name__}: {e}"[:500])
-            full = next((r for r in rows if r["label"] == "full" and r["length"] == n and r.get("shape") == args.shape
-                         and r.get("status") == "ok"), None)
+            full = next(
+                (
+                    r
+                    for r in rows
+                    if r["label"] == "full"
+                    and r["length"] == n
+                    and r.get("shape") == args.shape
+                    and r.get("status") == "ok"
+                ),
+                None,
+            )
             if label != "full" and full and row.get("ttft_s"):
                 row["vs_full"] = round(row["ttft_s"] / full["ttft_s"], 3)
             rows[:] = [r for r in rows if {k: r.get(k) for k in key} != key] + [row]
             save()
-            print(f"{label:>11} {n:>7} {row['status']:>5} ttft {row.get('ttft_s')} s vs full {row.get('vs_full')} "
-                  f"peak {row.get('peak_gib')} GiB {row.get('error', '')}", flush=True)
+            print(
+                f"{label:>11} {n:>7} {row['status']:>5} ttft {row.get('ttft_s')} s vs full {row.get('vs_full')} "
+                f"peak {row.get('peak_gib')} GiB {row.get('error', '')}",
+                flush=True,
+            )
             free()
     print(f"\n{'label':>11} {'length':>7} {'TTFT s':>9} {'vs full':>8} {'peak GiB':>9}")
     for r in sorted(rows, key=lambda r: (r["length"], LABELS.index(r["label"]))):
-        print(f"{r['label']:>11} {r['length']:>7} {str(r.get('ttft_s')):>9} {str(r.get('vs_full', '')):>8} "
-              f"{str(r.get('peak_gib')):>9}")
+        print(
+            f"{r['label']:>11} {r['length']:>7} {str(r.get('ttft_s')):>9} {str(r.get('vs_full', '')):>8} "
+            f"{str(r.get('peak_gib')):>9}"
+        )
     return 0
 
 

@@ -67,7 +67,9 @@ def main() -> None:
     device = torch.device(args.device)
     model = build_model(args.shape, getattr(torch, args.dtype), device)
     tok = _IdTokenizer()
-    ids = torch.randint(100, model.config.vocab_size - 100, (1, args.length), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        100, model.config.vocab_size - 100, (1, args.length), generator=torch.Generator().manual_seed(0)
+    )
     ids = ids.to(device)
     rows = []
     for name in methods:
@@ -80,19 +82,34 @@ def main() -> None:
             out = model.generate(ids, max_new_tokens=args.tokens, do_sample=False)
             synchronize(device)
             hf_s = time.perf_counter() - t0
-        hf = out[0, args.length:].tolist()
-        row = {"method": name, "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
-               "hf_s": hf_s, "kv_kept": block.last_kv_entries, "kept_prompt_tokens": len(block.last_selection or []) or None}
+        hf = out[0, args.length :].tolist()
+        row = {
+            "method": name,
+            "params": {k: list(v) if isinstance(v, tuple) else v for k, v in params.items()},
+            "hf_s": hf_s,
+            "kv_kept": block.last_kv_entries,
+            "kept_prompt_tokens": len(block.last_selection or []) or None,
+        }
         for mode in ("eager", "auto"):
             res = tokensieve.generate(model, tok, ids, method=name, max_new_tokens=args.tokens, decode=mode, **params)
-            row[f"{mode}_s"] = res.ttft_s + (len(res.token_ids) - 1) / res.decode_tokens_per_s if res.decode_tokens_per_s else res.ttft_s
+            row[f"{mode}_s"] = (
+                res.ttft_s + (len(res.token_ids) - 1) / res.decode_tokens_per_s
+                if res.decode_tokens_per_s
+                else res.ttft_s
+            )
             row[f"same_as_{mode}"] = res.token_ids == hf
             row[f"first_difference_{mode}"] = first_difference(hf, res.token_ids)
             row[f"kv_prefill_{mode}"] = res.kv_tokens_prefill
         print(json.dumps(row), flush=True)
         rows.append(row)
-    result = {"shape": args.shape, "dtype": args.dtype, "length": args.length, "tokens": args.tokens,
-              "environment": environment(device), "rows": rows}
+    result = {
+        "shape": args.shape,
+        "dtype": args.dtype,
+        "length": args.length,
+        "tokens": args.tokens,
+        "environment": environment(device),
+        "rows": rows,
+    }
     with open(args.out, "w") as f:
         json.dump(result, f, indent=1)
     print(f"wrote {args.out}")

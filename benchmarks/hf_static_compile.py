@@ -61,8 +61,11 @@ def main() -> None:
                     model.forward = torch.compile(model.forward, mode="reduce-overhead", fullgraph=True)
                     row |= per_token(model, ids, args.tokens, cache_implementation="static")
             except Exception as exc:  # the recipe's failure is the result
-                row |= {"status": "error", "error": f"{type(exc).__name__}: {exc}"[:600],
-                        "where": traceback.format_exc().splitlines()[-3:]}
+                row |= {
+                    "status": "error",
+                    "error": f"{type(exc).__name__}: {exc}"[:600],
+                    "where": traceback.format_exc().splitlines()[-3:],
+                }
             out["rows"].append(row)
             print(json.dumps(row)[:700], flush=True)
             with open(args.out, "w") as f:

@@ -55,20 +55,30 @@ def main() -> None:
             res = tokensieve.generate(model, tok, p.messages, method=name, max_new_tokens=args.max_new_tokens, **params)
             rows.append(
                 dict(
-                    method=name, params=res.params, depth=p.depth, prompt_tokens=res.prompt_tokens,
-                    score=score_answer(res.text), answer=res.text, ttft_s=round(res.ttft_s, 3),
+                    method=name,
+                    params=res.params,
+                    depth=p.depth,
+                    prompt_tokens=res.prompt_tokens,
+                    score=score_answer(res.text),
+                    answer=res.text,
+                    ttft_s=round(res.ttft_s, 3),
                     peak_memory_mb=round(res.peak_memory_bytes / 2**20, 1),
-                    kv_tokens_prefill=res.kv_tokens_prefill[0], kv_tokens_final=res.kv_tokens_final[0],
+                    kv_tokens_prefill=res.kv_tokens_prefill[0],
+                    kv_tokens_final=res.kv_tokens_final[0],
                     kv_bytes_prefill=res.kv_bytes_prefill,
                 )
             )
-            print(f"{name:13s} {json.dumps(params):18s} depth={p.depth:.1f} score={rows[-1]['score']:.1f} "
-                  f"ttft={res.ttft_s:.2f}s kv={res.kv_tokens_prefill[0]} -> {res.kv_tokens_final[0]}  {res.text[:60]!r}",
-                  flush=True)
+            print(
+                f"{name:13s} {json.dumps(params):18s} depth={p.depth:.1f} score={rows[-1]['score']:.1f} "
+                f"ttft={res.ttft_s:.2f}s kv={res.kv_tokens_prefill[0]} -> {res.kv_tokens_final[0]}  {res.text[:60]!r}",
+                flush=True,
+            )
     out = dict(
         command="PYTHONPATH=src OMP_NUM_THREADS=1 python " + " ".join(sys.argv),
         model="smollm2 (SmolLM2-135M-Instruct, float32, CPU, 1 thread)",
-        machine=platform.platform(), torch=torch.__version__, date=time.strftime("%Y-%m-%d"),
+        machine=platform.platform(),
+        torch=torch.__version__,
+        date=time.strftime("%Y-%m-%d"),
         rows=rows,
     )
     with open(args.out, "w") as f:

@@ -65,8 +65,8 @@ def n_kept(n: int, ratio: float) -> int:
 def cmd_prompts(args: argparse.Namespace) -> None:
     import tokensieve
     from tokensieve.data import read_text
-    from tokensieve.evaluation.needle import build_needle_prompt, find_span
     from tokensieve.engine.runner import encode_prompt
+    from tokensieve.evaluation.needle import build_needle_prompt, find_span
 
     _, tok = tokensieve.load_model(str(MODEL_DIR))
     hay = read_text(min_chars=LENGTH * 12)
@@ -119,8 +119,9 @@ def cmd_kvpress(args: argparse.Namespace) -> None:
     def decode(cache, first_logits, next_pos: int) -> list[int]:
         out = [int(first_logits.argmax())]
         while len(out) < MAX_NEW and out[-1] not in stops:
-            o = model(input_ids=torch.tensor([[out[-1]]]), past_key_values=cache,
-                      position_ids=torch.tensor([[next_pos]]))
+            o = model(
+                input_ids=torch.tensor([[out[-1]]]), past_key_values=cache, position_ids=torch.tensor([[next_pos]])
+            )
             next_pos += 1
             out.append(int(o.logits[0, -1].argmax()))
         return out
@@ -157,11 +158,21 @@ def cmd_kvpress(args: argparse.Namespace) -> None:
             out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
             full_keys = [layer.keys[0].clone() for layer in cache.layers]
             first_logits = out.logits[0, -1]
-            runs.append({"prompt": pi, "method": "full", "ratio": 0.0, "protocol": "whole_prompt",
-                         "answer_ids": decode(cache, first_logits, n), "first_logits": first_logits.tolist()})
+            runs.append(
+                {
+                    "prompt": pi,
+                    "method": "full",
+                    "ratio": 0.0,
+                    "protocol": "whole_prompt",
+                    "answer_ids": decode(cache, first_logits, n),
+                    "first_logits": first_logits.tolist(),
+                }
+            )
             presses = []
             for r in RATIOS:
-                presses.append(("snapkv", r, RecordingSnapKV(compression_ratio=r, window_size=KVPRESS_WINDOW, kernel_size=KERNEL)))
+                presses.append(
+                    ("snapkv", r, RecordingSnapKV(compression_ratio=r, window_size=KVPRESS_WINDOW, kernel_size=KERNEL))
+                )
                 presses.append(("streamingllm", r, StreamingLLMPress(compression_ratio=r, n_sink=SINKS)))
             for name, r, press in presses:
                 t0 = time.perf_counter()
@@ -171,9 +182,17 @@ def cmd_kvpress(args: argparse.Namespace) -> None:
                     out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
                 match_dist[0] = 0.0
                 pos = positions(cache, full_keys)
-                run = {"prompt": pi, "method": name, "ratio": r, "protocol": "whole_prompt", "n": n,
-                       "n_kept": cache.layers[0].keys.shape[2], "kept": pos, "max_key_match_distance": match_dist[0],
-                       "answer_ids": decode(cache, out.logits[0, -1], n)}
+                run = {
+                    "prompt": pi,
+                    "method": name,
+                    "ratio": r,
+                    "protocol": "whole_prompt",
+                    "n": n,
+                    "n_kept": cache.layers[0].keys.shape[2],
+                    "kept": pos,
+                    "max_key_match_distance": match_dist[0],
+                    "answer_ids": decode(cache, out.logits[0, -1], n),
+                }
                 if scores_seen:
                     run["scores"] = [scores_seen[li].tolist() for li in range(len(cache.layers))]
                 runs.append(run)
@@ -181,17 +200,34 @@ def cmd_kvpress(args: argparse.Namespace) -> None:
                 q = p["question_start"]
                 cache = DynamicCache()
                 match_dist[0] = 0.0
-                ans = pipe._forward({"context_ids": ids[:, :q], "questions_ids": [ids[:, q:]]},
-                                    press=press, max_new_tokens=MAX_NEW, cache=cache)
-                runs.append({"prompt": pi, "method": name, "ratio": r, "protocol": "pipeline_context_only",
-                             "n": q, "n_kept": cache.layers[0].keys.shape[2], "kept": positions(cache, [k[:, :q] for k in full_keys]),
-                             "max_key_match_distance": match_dist[0],
-                             "answer_text": ans[0].strip()})
+                ans = pipe._forward(
+                    {"context_ids": ids[:, :q], "questions_ids": [ids[:, q:]]},
+                    press=press,
+                    max_new_tokens=MAX_NEW,
+                    cache=cache,
+                )
+                runs.append(
+                    {
+                        "prompt": pi,
+                        "method": name,
+                        "ratio": r,
+                        "protocol": "pipeline_context_only",
+                        "n": q,
+                        "n_kept": cache.layers[0].keys.shape[2],
+                        "kept": positions(cache, [k[:, :q] for k in full_keys]),
+                        "max_key_match_distance": match_dist[0],
+                        "answer_text": ans[0].strip(),
+                    }
+                )
                 print(f"kvpress prompt {pi} {name} r={r}: {time.perf_counter() - t0:.1f}s", flush=True)
-    meta = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist_version("kvpress"),
-            "transformers": transformers.__version__, "torch": torch.__version__,
-            "attn_implementation": model.config._attn_implementation, "dtype": str(model.dtype),
-            "python": platform.python_version()}
+    meta = {
+        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else _dist_version("kvpress"),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "attn_implementation": model.config._attn_implementation,
+        "dtype": str(model.dtype),
+        "python": platform.python_version(),
+    }
     Path(args.dump).write_text(json.dumps({"meta": meta, "runs": runs}))
     print(f"wrote {args.dump}")
 
@@ -244,7 +280,12 @@ def cmd_ours(args: argparse.Namespace) -> None:
             for r in RATIOS:
                 k = n_kept(n, r)
                 variants += [
-                    ("snapkv", r, "matched", RecordingSnapKV(budget=k, window_size=KVPRESS_WINDOW, kernel=KERNEL, pooling="avg")),
+                    (
+                        "snapkv",
+                        r,
+                        "matched",
+                        RecordingSnapKV(budget=k, window_size=KVPRESS_WINDOW, kernel=KERNEL, pooling="avg"),
+                    ),
                     ("snapkv", r, "default_window32", RecordingSnapKV(budget=k)),
                     ("streamingllm", r, "matched_prefill_only", StreamingLLMPrefillOnly(budget=k, n_initial=SINKS)),
                     ("streamingllm", r, "default_decode_eviction", StreamingLLM(budget=k, n_initial=SINKS)),
@@ -272,8 +313,13 @@ def cmd_ours(args: argparse.Namespace) -> None:
                 run["answer_ids"] = out
                 runs.append(run)
                 print(f"ours prompt {pi} {name}/{variant} r={r}: {time.perf_counter() - t0:.1f}s", flush=True)
-    meta = {"tokensieve_commit": _git_head(), "transformers": transformers.__version__, "torch": torch.__version__,
-            "attn_implementation": model.config._attn_implementation, "dtype": str(model.dtype)}
+    meta = {
+        "tokensieve_commit": _git_head(),
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "attn_implementation": model.config._attn_implementation,
+        "dtype": str(model.dtype),
+    }
     Path(args.dump).write_text(json.dumps({"meta": meta, "runs": runs}))
     print(f"wrote {args.dump}")
 
@@ -329,36 +375,65 @@ def compare(prompts_path: str, kv_path: str, ours_path: str, out_path: str) -> d
     for pi, p in enumerate(data["prompts"]):
         kf, of = find(kv["runs"], prompt=pi, method="full"), find(ours["runs"], prompt=pi, method="full")
         lk, lo = torch.tensor(kf["first_logits"]), torch.tensor(of["first_logits"])
-        rows.append({"prompt": pi, "depth": p["depth"], "n": len(p["ids"]), "method": "full", "ratio": 0.0,
-                     "ours_variant": "full", "first_logits_max_abs_diff": float((lk - lo).abs().max()),
-                     "answer_kvpress": text(kf["answer_ids"]), "answer_ours": text(of["answer_ids"]),
-                     "answers_equal": kf["answer_ids"] == of["answer_ids"]})
+        rows.append(
+            {
+                "prompt": pi,
+                "depth": p["depth"],
+                "n": len(p["ids"]),
+                "method": "full",
+                "ratio": 0.0,
+                "ours_variant": "full",
+                "first_logits_max_abs_diff": float((lk - lo).abs().max()),
+                "answer_kvpress": text(kf["answer_ids"]),
+                "answer_ours": text(of["answer_ids"]),
+                "answers_equal": kf["answer_ids"] == of["answer_ids"],
+            }
+        )
         for r in RATIOS:
-            for method, variants in (("snapkv", ("matched", "default_window32")),
-                                     ("streamingllm", ("matched_prefill_only", "default_decode_eviction"))):
+            for method, variants in (
+                ("snapkv", ("matched", "default_window32")),
+                ("streamingllm", ("matched_prefill_only", "default_decode_eviction")),
+            ):
                 k = find(kv["runs"], prompt=pi, method=method, ratio=r, protocol="whole_prompt")
                 kp = find(kv["runs"], prompt=pi, method=method, ratio=r, protocol="pipeline_context_only")
                 for v in variants:
                     o = find(ours["runs"], prompt=pi, method=method, ratio=r, variant=v)
-                    jac = [[_jaccard(a, b) for a, b in zip(la, lb)] for la, lb in zip(k["kept"], o["kept"])]  # [layer][head]
+                    jac = [
+                        [_jaccard(a, b) for a, b in zip(la, lb)] for la, lb in zip(k["kept"], o["kept"])
+                    ]  # [layer][head]
                     flat = [j for layer in jac for j in layer]
-                    row = {"prompt": pi, "depth": p["depth"], "n": k["n"], "method": method, "ratio": r, "ours_variant": v,
-                           "n_kept_kvpress": k["n_kept"], "n_kept_ours": o["n_kept"],
-                           "jaccard_mean": sum(flat) / len(flat), "jaccard_min": min(flat),
-                           "heads_identical": sum(j == 1.0 for j in flat), "heads_total": len(flat),
-                           "jaccard_per_layer_head": [[round(j, 4) for j in layer] for layer in jac],
-                           "answer_kvpress": text(k["answer_ids"]), "answer_ours": text(o["answer_ids"]),
-                           "answers_equal": k["answer_ids"] == o["answer_ids"],
-                           "needle_score_kvpress": score_answer(text(k["answer_ids"])),
-                           "needle_score_ours": score_answer(text(o["answer_ids"])),
-                           "kvpress_pipeline_answer": kp["answer_text"],
-                           "kvpress_pipeline_needle_score": score_answer(kp["answer_text"]),
-                           "kvpress_pipeline_vs_whole_prompt_jaccard_mean": None,
-                           "kvpress_key_match_distance": k["max_key_match_distance"],
-                           "kvpress_pipeline_key_match_distance": kp["max_key_match_distance"]}
+                    row = {
+                        "prompt": pi,
+                        "depth": p["depth"],
+                        "n": k["n"],
+                        "method": method,
+                        "ratio": r,
+                        "ours_variant": v,
+                        "n_kept_kvpress": k["n_kept"],
+                        "n_kept_ours": o["n_kept"],
+                        "jaccard_mean": sum(flat) / len(flat),
+                        "jaccard_min": min(flat),
+                        "heads_identical": sum(j == 1.0 for j in flat),
+                        "heads_total": len(flat),
+                        "jaccard_per_layer_head": [[round(j, 4) for j in layer] for layer in jac],
+                        "answer_kvpress": text(k["answer_ids"]),
+                        "answer_ours": text(o["answer_ids"]),
+                        "answers_equal": k["answer_ids"] == o["answer_ids"],
+                        "needle_score_kvpress": score_answer(text(k["answer_ids"])),
+                        "needle_score_ours": score_answer(text(o["answer_ids"])),
+                        "kvpress_pipeline_answer": kp["answer_text"],
+                        "kvpress_pipeline_needle_score": score_answer(kp["answer_text"]),
+                        "kvpress_pipeline_vs_whole_prompt_jaccard_mean": None,
+                        "kvpress_key_match_distance": k["max_key_match_distance"],
+                        "kvpress_pipeline_key_match_distance": kp["max_key_match_distance"],
+                    }
                     if v == variants[0]:
                         # kvpress pipeline (context only) vs kvpress whole prompt, over the context's kept entries
-                        pj = [_jaccard(a, [x for x in b if x < kp["n"]]) for la, lb in zip(kp["kept"], k["kept"]) for a, b in zip(la, lb)]
+                        pj = [
+                            _jaccard(a, [x for x in b if x < kp["n"]])
+                            for la, lb in zip(kp["kept"], k["kept"])
+                            for a, b in zip(la, lb)
+                        ]
                         row["kvpress_pipeline_vs_whole_prompt_jaccard_mean"] = sum(pj) / len(pj)
                     if "scores" in k and "scores" in o and len(o["scores"][0][0]) == len(k["scores"][0][0]):
                         rel, corr = [], []
@@ -372,8 +447,13 @@ def compare(prompts_path: str, kv_path: str, ours_path: str, out_path: str) -> d
                         row["scores_min_rank_corr"] = min(corr)
                     rows.append(row)
     summary = {}
-    for method, v in (("snapkv", "matched"), ("snapkv", "default_window32"),
-                      ("streamingllm", "matched_prefill_only"), ("streamingllm", "default_decode_eviction"), ("full", "full")):
+    for method, v in (
+        ("snapkv", "matched"),
+        ("snapkv", "default_window32"),
+        ("streamingllm", "matched_prefill_only"),
+        ("streamingllm", "default_decode_eviction"),
+        ("full", "full"),
+    ):
         sel = [r for r in rows if r["method"] == method and r["ours_variant"] == v]
         s = {"runs": len(sel), "answers_equal": sum(r["answers_equal"] for r in sel)}
         if method != "full":
@@ -383,12 +463,23 @@ def compare(prompts_path: str, kv_path: str, ours_path: str, out_path: str) -> d
         else:
             s["first_logits_max_abs_diff"] = max(r["first_logits_max_abs_diff"] for r in sel)
         summary[f"{method}/{v}"] = s
-    result = {"command": COMMAND, "model": "SmolLM2-135M-Instruct (dequantized safetensors, float32, CPU, sdpa)",
-              "kvpress_side": kv["meta"], "ours_side": ours["meta"],
-              "settings": {"ratios": list(RATIOS), "depths": list(DEPTHS), "length": LENGTH, "max_new_tokens": MAX_NEW,
-                           "snapkv": {"window_size": KVPRESS_WINDOW, "kernel": KERNEL, "pooling": "avg"}, "n_initial": SINKS,
-                           "n_kept": "max(1, int(n * (1 - ratio))) (kvpress.utils.compute_n_kept); ours: budget = that"},
-              "summary": summary, "rows": rows}
+    result = {
+        "command": COMMAND,
+        "model": "SmolLM2-135M-Instruct (dequantized safetensors, float32, CPU, sdpa)",
+        "kvpress_side": kv["meta"],
+        "ours_side": ours["meta"],
+        "settings": {
+            "ratios": list(RATIOS),
+            "depths": list(DEPTHS),
+            "length": LENGTH,
+            "max_new_tokens": MAX_NEW,
+            "snapkv": {"window_size": KVPRESS_WINDOW, "kernel": KERNEL, "pooling": "avg"},
+            "n_initial": SINKS,
+            "n_kept": "max(1, int(n * (1 - ratio))) (kvpress.utils.compute_n_kept); ours: budget = that",
+        },
+        "summary": summary,
+        "rows": rows,
+    }
     Path(out_path).write_text(json.dumps(result, indent=1))
     Path(out_path).with_suffix(".md").write_text(markdown(result))
     print(json.dumps(summary, indent=1))
@@ -425,12 +516,16 @@ def markdown(res: dict) -> str:
         "| --- | --- | --- | --- | --- |",
         f"| full attention (no compression) | {fl['runs']} | first-token logits max abs diff {fl['first_logits_max_abs_diff']:.1e} | - | {fl['answers_equal']}/{fl['runs']} |",
     ]
-    for key, label in (("snapkv/matched", "SnapKVPress vs SnapKV, matched (window 64, kernel 5, avg)"),
-                       ("snapkv/default_window32", "SnapKVPress (window 64) vs SnapKV default (window 32)"),
-                       ("streamingllm/matched_prefill_only", "StreamingLLMPress vs StreamingLLM, prefill-only eviction"),
-                       ("streamingllm/default_decode_eviction", "StreamingLLMPress vs StreamingLLM default (evicts while decoding)")):
+    for key, label in (
+        ("snapkv/matched", "SnapKVPress vs SnapKV, matched (window 64, kernel 5, avg)"),
+        ("snapkv/default_window32", "SnapKVPress (window 64) vs SnapKV default (window 32)"),
+        ("streamingllm/matched_prefill_only", "StreamingLLMPress vs StreamingLLM, prefill-only eviction"),
+        ("streamingllm/default_decode_eviction", "StreamingLLMPress vs StreamingLLM default (evicts while decoding)"),
+    ):
         s = S[key]
-        L.append(f"| {label} | {s['runs']} | {s['jaccard_mean']:.4f} ({s['jaccard_min']:.4f}) | {s['heads_identical']} | {s['answers_equal']}/{s['runs']} |")
+        L.append(
+            f"| {label} | {s['runs']} | {s['jaccard_mean']:.4f} ({s['jaccard_min']:.4f}) | {s['heads_identical']} | {s['answers_equal']}/{s['runs']} |"
+        )
     L += [
         "",
         "SnapKV scores, matched setting: kvpress's score (mean over window queries and grouped heads) vs ours / (3 x 64): "
@@ -443,11 +538,19 @@ def markdown(res: dict) -> str:
         "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in snap + stream:
-        other = next(x for x in rows if x["prompt"] == r["prompt"] and x["method"] == r["method"] and x["ratio"] == r["ratio"]
-                     and x["ours_variant"] != r["ours_variant"])
-        L.append(f"| {r['prompt']} ({r['depth']}) | {r['method']} | {r['ratio']} | {r['n_kept_kvpress']}/{r['n']} | "
-                 f"{r['jaccard_mean']:.3f} ({other['jaccard_mean']:.3f}) | {r['answers_equal']} ({other['answers_equal']}) | "
-                 f"{r['needle_score_kvpress']:.1f} / {r['needle_score_ours']:.1f} / {r['kvpress_pipeline_needle_score']:.1f} |")
+        other = next(
+            x
+            for x in rows
+            if x["prompt"] == r["prompt"]
+            and x["method"] == r["method"]
+            and x["ratio"] == r["ratio"]
+            and x["ours_variant"] != r["ours_variant"]
+        )
+        L.append(
+            f"| {r['prompt']} ({r['depth']}) | {r['method']} | {r['ratio']} | {r['n_kept_kvpress']}/{r['n']} | "
+            f"{r['jaccard_mean']:.3f} ({other['jaccard_mean']:.3f}) | {r['answers_equal']} ({other['answers_equal']}) | "
+            f"{r['needle_score_kvpress']:.1f} / {r['needle_score_ours']:.1f} / {r['kvpress_pipeline_needle_score']:.1f} |"
+        )
     pj = [r["kvpress_pipeline_vs_whole_prompt_jaccard_mean"] for r in snap]
     pjs = [r["kvpress_pipeline_vs_whole_prompt_jaccard_mean"] for r in stream]
     diff_dec = [r for r in rows if r["ours_variant"] == "default_decode_eviction" and not r["answers_equal"]]
@@ -509,7 +612,7 @@ def markdown(res: dict) -> str:
         "tokensieve clamps the window to the prompt and keeps everything when `budget >= n`. kvpress's ratio 0 is a "
         "no-op, like tokensieve's `budget >= n`.",
         "9. **Loading.** The model folder's `config.json` (written by transformers 5.23) holds "
-        "`\"quantization_config\": null`, which transformers 5.2 takes for a pre-quantized model and fails on "
+        '`"quantization_config": null`, which transformers 5.2 takes for a pre-quantized model and fails on '
         "(`AttributeError: 'NoneType' object has no attribute 'get'`); the kvpress side drops that empty key before "
         "loading.",
         "",
@@ -536,8 +639,11 @@ def cmd_all(args: argparse.Namespace) -> None:
     py = ensure_venv(Path(args.venv))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the kvpress side must not see tokensieve
     env["OMP_NUM_THREADS"] = "1"
-    subprocess.run([str(py), __file__, "kvpress", "--prompts", args.prompts, "--dump", str(tmp / "kvpress.json")],
-                   check=True, env=env)
+    subprocess.run(
+        [str(py), __file__, "kvpress", "--prompts", args.prompts, "--dump", str(tmp / "kvpress.json")],
+        check=True,
+        env=env,
+    )
     args.dump = str(tmp / "ours.json")
     cmd_ours(args)
     compare(args.prompts, str(tmp / "kvpress.json"), args.dump, args.out)

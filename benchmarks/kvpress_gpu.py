@@ -60,9 +60,17 @@ def main() -> None:
     import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    shape = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                 num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0, max_position_embeddings=131072,
-                 tie_word_embeddings=False)  # Llama-3.1-8B's published config values
+    shape = dict(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    )  # Llama-3.1-8B's published config values
     cfg = AutoConfig.for_model("llama", **shape)
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -70,11 +78,19 @@ def main() -> None:
     model.eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
-    out = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
-           "transformers": transformers.__version__, "torch": torch.__version__,
-           "gpu": torch.cuda.get_device_name(), "stubbed_modules": stubbed, "tokens": args.tokens,
-           "budget": args.budget, "rows": []}
-    print(f"kvpress with transformers {transformers.__version__}, torch {torch.__version__} on {out['gpu']}", flush=True)
+    out = {
+        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(),
+        "stubbed_modules": stubbed,
+        "tokens": args.tokens,
+        "budget": args.budget,
+        "rows": [],
+    }
+    print(
+        f"kvpress with transformers {transformers.__version__}, torch {torch.__version__} on {out['gpu']}", flush=True
+    )
 
     def gen(ids, n_new, press=None):
         def run():
@@ -84,6 +100,7 @@ def main() -> None:
                 else:
                     with press(model):
                         model.generate(ids, max_new_tokens=n_new, min_new_tokens=n_new, do_sample=False)
+
         return timed(run)
 
     warm = torch.randint(0, cfg.vocab_size, (1, 2048), device="cuda")
@@ -99,8 +116,11 @@ def main() -> None:
                 row["e2e_s"] = gen(ids, args.tokens, press)
                 row["decode_per_token_s"] = (row["e2e_s"] - row["ttft_s"]) / (args.tokens - 1)
                 row["status"] = "ok"
-                print(f"{label:>22} {n:>7}: ttft {row['ttft_s']:.2f} s, e2e {row['e2e_s']:.2f} s, "
-                      f"{row['decode_per_token_s'] * 1e3:.1f} ms/token", flush=True)
+                print(
+                    f"{label:>22} {n:>7}: ttft {row['ttft_s']:.2f} s, e2e {row['e2e_s']:.2f} s, "
+                    f"{row['decode_per_token_s'] * 1e3:.1f} ms/token",
+                    flush=True,
+                )
             except torch.OutOfMemoryError as exc:
                 row["status"] = "oom"
                 row["error"] = str(exc).splitlines()[0][:200]

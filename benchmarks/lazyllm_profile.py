@@ -23,11 +23,11 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from tokensieve.bench.roofline import median, p90
 from tokensieve.bench.timing import build_model, environment
 from tokensieve.decode.static import bucket
-from tokensieve.methods.lazyllm import LazyDecoder
 from tokensieve.methods import make_method
-from tokensieve.bench.roofline import median, p90
+from tokensieve.methods.lazyllm import LazyDecoder
 
 
 def sync() -> None:
@@ -46,8 +46,14 @@ def timed(fn) -> float:
 def top_ops(prof, key: str, n: int = 15) -> list[dict]:
     rows = []
     for e in sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:n]:
-        rows.append({"name": e.key, "count": e.count, "self_cpu_ms": e.self_cpu_time_total / 1e3,
-                     "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3})
+        rows.append(
+            {
+                "name": e.key,
+                "count": e.count,
+                "self_cpu_ms": e.self_cpu_time_total / 1e3,
+                "self_device_ms": getattr(e, "self_device_time_total", 0.0) / 1e3,
+            }
+        )
     return rows
 
 
@@ -61,11 +67,21 @@ def profiled(fn) -> dict:
     wall = time.perf_counter() - t0
     events = prof.key_averages()
     device_total = sum(getattr(e, "self_device_time_total", 0.0) for e in events) / 1e3
-    kernels = sum(e.count for e in events if getattr(e, "device_type", None) is not None
-                  and str(e.device_type).endswith("CUDA") and getattr(e, "self_device_time_total", 0) > 0)
-    return {"wall_ms_profiled": wall * 1e3, "device_ms": device_total, "device_ops": kernels,
-            "cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
-            "by_cpu": top_ops(prof, "self_cpu_time_total"), "by_device": top_ops(prof, "self_device_time_total")}
+    kernels = sum(
+        e.count
+        for e in events
+        if getattr(e, "device_type", None) is not None
+        and str(e.device_type).endswith("CUDA")
+        and getattr(e, "self_device_time_total", 0) > 0
+    )
+    return {
+        "wall_ms_profiled": wall * 1e3,
+        "device_ms": device_total,
+        "device_ops": kernels,
+        "cpu_ms": sum(e.self_cpu_time_total for e in events) / 1e3,
+        "by_cpu": top_ops(prof, "self_cpu_time_total"),
+        "by_device": top_ops(prof, "self_device_time_total"),
+    }
 
 
 @torch.inference_mode()
@@ -90,9 +106,13 @@ def main() -> None:
         for _ in range(args.steps):
             times.append(timed(lambda: method.step(model, state, token)))
             token = state.logits.argmax(-1, keepdim=True)
-        row["eager"] = {"step_median_s": median(times), "step_p90_s": p90(times), "steps_s": times,
-                        "revived_kv_computations": state.revived_computations,
-                        "profile": profiled(lambda: method.step(model, state, token))}
+        row["eager"] = {
+            "step_median_s": median(times),
+            "step_p90_s": p90(times),
+            "steps_s": times,
+            "revived_kv_computations": state.revived_computations,
+            "profile": profiled(lambda: method.step(model, state, token)),
+        }
         state = None
         gc.collect()
         if dev.type == "cuda":
@@ -112,10 +132,16 @@ def main() -> None:
             kinds.append("rerun" if dec.reruns > before else "replay")
         replay = [t for t, k in zip(times, kinds) if k == "replay"]
         rerun = [t for t, k in zip(times, kinds) if k == "rerun"]
-        row["static"] = {"step_median_s": median(times), "step_p90_s": p90(times), "steps_s": times, "kinds": kinds,
-                         "replay_median_s": median(replay) if replay else None,
-                         "rerun_median_s": median(rerun) if rerun else None,
-                         "capture_s": dec.capture_s, "details": dec.details()}
+        row["static"] = {
+            "step_median_s": median(times),
+            "step_p90_s": p90(times),
+            "steps_s": times,
+            "kinds": kinds,
+            "replay_median_s": median(replay) if replay else None,
+            "rerun_median_s": median(rerun) if rerun else None,
+            "capture_s": dec.capture_s,
+            "details": dec.details(),
+        }
         profiles = {}
         for _ in range(8):  # profile one step of each kind that occurs
             before = dec.reruns
@@ -127,9 +153,12 @@ def main() -> None:
                 break
         row["static"]["profiles"] = profiles
         out["rows"].append(row)
-        print(f"{n}: eager {median(row['eager']['steps_s']) * 1e3:.1f} ms; static {row['static']['step_median_s'] * 1e3:.1f} ms "
-              f"(replay {len(replay)} x {1e3 * (median(replay) if replay else float('nan')):.1f} ms, "
-              f"rerun {len(rerun)} x {1e3 * (median(rerun) if rerun else float('nan')):.1f} ms)", flush=True)
+        print(
+            f"{n}: eager {median(row['eager']['steps_s']) * 1e3:.1f} ms; static {row['static']['step_median_s'] * 1e3:.1f} ms "
+            f"(replay {len(replay)} x {1e3 * (median(replay) if replay else float('nan')):.1f} ms, "
+            f"rerun {len(rerun)} x {1e3 * (median(rerun) if rerun else float('nan')):.1f} ms)",
+            flush=True,
+        )
         dec = None
         gc.collect()
         with open(args.out, "w") as f:

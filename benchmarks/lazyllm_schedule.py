@@ -35,8 +35,8 @@ import torch
 from tqdm import tqdm
 
 from tokensieve.data import read_text
-from tokensieve.evaluation.needle import build_needle_prompt, make_messages, score_answer
 from tokensieve.engine.runner import encode_prompt, generate
+from tokensieve.evaluation.needle import build_needle_prompt, make_messages, score_answer
 
 COMMAND = "OMP_NUM_THREADS=1 PYTHONPATH=src python benchmarks/lazyllm_schedule.py"
 
@@ -52,7 +52,9 @@ SCHEDULES: list[tuple[tuple[int, ...], tuple[float, ...]]] = [
 WORDS = ["apple", "river", "candle", "falcon", "marble", "harbor", "violet", "copper", "meadow", "lantern"]
 
 
-def magic_number_prompt(tokenizer, haystack: str, length: int, depth: float, rng: random.Random) -> tuple[list[dict], str]:
+def magic_number_prompt(
+    tokenizer, haystack: str, length: int, depth: float, rng: random.Random
+) -> tuple[list[dict], str]:
     """RULER niah_single-style prompt of about ``length`` tokens; returns (messages, expected number)."""
     word, number = rng.choice(WORDS), str(rng.randint(1_000_000, 9_999_999))
     needle = f"One of the special magic numbers for {word} is: {number}."
@@ -105,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
                     full_ttft = r.ttft_s
                 rows.append(
                     dict(
-                        task=task, depth=depth, config=config_label(name, params), answer=r.text, correct=bool(correct),
+                        task=task,
+                        depth=depth,
+                        config=config_label(name, params),
+                        answer=r.text,
+                        correct=bool(correct),
                         score=score_answer(r.text) if task == "needle" else float(correct),
-                        prompt_tokens=r.prompt_tokens, ttft_s=r.ttft_s, ttft_rel=r.ttft_s / full_ttft,
+                        prompt_tokens=r.prompt_tokens,
+                        ttft_s=r.ttft_s,
+                        ttft_rel=r.ttft_s / full_ttft,
                         pct_first=r.details.get("prompt_computed_pct_first_token", 100.0),
                         pct_total=r.details.get("prompt_computed_pct_total", 100.0),
                         revived=r.details.get("revived_tokens", 0),
@@ -120,19 +128,28 @@ def main(argv: list[str] | None = None) -> int:
         rs = [r for r in rows if r["config"] == label]
         summary.append(
             dict(
-                config=label, params={k: list(v) for k, v in params.items()},
+                config=label,
+                params={k: list(v) for k, v in params.items()},
                 needle_acc=mean([r["correct"] for r in rs if r["task"] == "needle"]),
                 needle_score=mean([r["score"] for r in rs if r["task"] == "needle"]),
                 magic_number_acc=mean([r["correct"] for r in rs if r["task"] == "magic_number"]),
-                pct_first=mean([r["pct_first"] for r in rs]), pct_total=mean([r["pct_total"] for r in rs]),
+                pct_first=mean([r["pct_first"] for r in rs]),
+                pct_total=mean([r["pct_total"] for r in rs]),
                 revived=mean([r["revived"] for r in rs]),
                 ttft_s=statistics.median(r["ttft_s"] for r in rs),
                 ttft_rel_median=statistics.median(r["ttft_rel"] for r in rs),
             )
         )
     out = dict(
-        command=COMMAND, model="smollm2 (SmolLM2-135M-Instruct, 30 layers)", device="cpu, 1 thread (shared machine)",
-        length=args.length, depths=depths, layers=n_layers, wall_s=time.time() - t_start, summary=summary, rows=rows,
+        command=COMMAND,
+        model="smollm2 (SmolLM2-135M-Instruct, 30 layers)",
+        device="cpu, 1 thread (shared machine)",
+        length=args.length,
+        depths=depths,
+        layers=n_layers,
+        wall_s=time.time() - t_start,
+        summary=summary,
+        rows=rows,
     )
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=1))

@@ -40,11 +40,15 @@ def main() -> None:
     mean, se = statistics.mean(diff), statistics.stdev(diff) / math.sqrt(len(diff))
     for length in sorted({k[0] for k in keys}):
         ks = [k for k in keys if k[0] == length]
-        print(f"{length:>6} tokens, {len(ks)} prompts: dense {statistics.mean(dense[k] for k in ks):.3f}  "
-              f"local {statistics.mean(local[k] for k in ks):.3f}")
-    print(f"all {len(keys)} prompts: dense {statistics.mean(dense[k] for k in keys):.3f}  "
-          f"local {statistics.mean(local[k] for k in keys):.3f}  local - dense {mean:+.3f} "
-          f"(95% interval {mean - 1.96 * se:+.3f} .. {mean + 1.96 * se:+.3f})")
+        print(
+            f"{length:>6} tokens, {len(ks)} prompts: dense {statistics.mean(dense[k] for k in ks):.3f}  "
+            f"local {statistics.mean(local[k] for k in ks):.3f}"
+        )
+    print(
+        f"all {len(keys)} prompts: dense {statistics.mean(dense[k] for k in keys):.3f}  "
+        f"local {statistics.mean(local[k] for k in keys):.3f}  local - dense {mean:+.3f} "
+        f"(95% interval {mean - 1.96 * se:+.3f} .. {mean + 1.96 * se:+.3f})"
+    )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,18 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     for n in args.lengths:
         t0 = time.time()
-        cal = calibrate(model, tok, hay, [n], args.depths, topk=args.topk, scorings=("window",), progress=False,
-                        local_windows=args.windows, n_initial=args.n_initial)
+        cal = calibrate(
+            model,
+            tok,
+            hay,
+            [n],
+            args.depths,
+            topk=args.topk,
+            scorings=("window",),
+            progress=False,
+            local_windows=args.windows,
+            n_initial=args.n_initial,
+        )
         res = cal.to_dict() | {"model": args.model, "filter_layer": r, "seconds": round(time.time() - t0, 1)}
         res["at_filter_layer"] = {"dense": cal.recall["window"][r]} | {
             f"local_w{w}": cal.local_recall[w]["window"][r] for w in cal.local_recall

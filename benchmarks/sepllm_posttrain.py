@@ -46,24 +46,36 @@ def perplexities(model_path: str, args, eval_rows, tag: str) -> dict:
     from tokensieve.training import TrainConfig, evaluate
 
     model, tok = load_model(model_path, dtype="float32", device=args.device)
-    cfg = TrainConfig(model=model_path, data=["-"], seq_len=args.seq_len, batch_size=1, mask="sepllm",
-                      n_initial=args.n_initial, n_recent=args.n_recent, eval_batches=args.eval_windows,
-                      dtype=args.dtype or "float32")
+    cfg = TrainConfig(
+        model=model_path,
+        data=["-"],
+        seq_len=args.seq_len,
+        batch_size=1,
+        mask="sepllm",
+        n_initial=args.n_initial,
+        n_recent=args.n_recent,
+        eval_batches=args.eval_windows,
+        dtype=args.dtype or "float32",
+    )
     seps = separator_token_ids(tok).to(model.device)
     kernel = "sdpa"
     t0 = time.perf_counter()
     out = evaluate(model, eval_rows, cfg, kernel, seps, str(model.device))
     out["seconds"] = time.perf_counter() - t0
-    print(f"[{tag}] held-out ppl: full {out['ppl_full']:.3f}, sepllm {out['ppl_mask']:.3f} "
-          f"(gap {100 * (out['ppl_mask'] / out['ppl_full'] - 1):+.1f}%)", file=sys.stderr, flush=True)
+    print(
+        f"[{tag}] held-out ppl: full {out['ppl_full']:.3f}, sepllm {out['ppl_mask']:.3f} "
+        f"(gap {100 * (out['ppl_mask'] / out['ppl_full'] - 1):+.1f}%)",
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
 def needle(model_path: str, args, haystack: str, results: Path, tag: str) -> dict:
+    from tokensieve.core.models import load_model
     from tokensieve.evaluation.harness import read_results, run_eval
     from tokensieve.evaluation.needle import NeedleTask
     from tokensieve.methods import make_method
-    from tokensieve.core.models import load_model
 
     model, tok = load_model(model_path, dtype=args.dtype, device=args.device)
     task = NeedleTask(haystack, args.needle_lengths, args.needle_depths, haystack_name="pg19-heldout")
@@ -77,11 +89,18 @@ def needle(model_path: str, args, haystack: str, results: Path, tag: str) -> dic
             continue
         acc = sum(r["score"] == 1.0 for r in mine) / len(mine)
         kept = [r["kv_tokens_prefill"] / r["prompt_tokens"] for r in mine if r.get("kv_tokens_prefill")]
-        out[name] = {"accuracy": acc, "mean_score": sum(r["score"] for r in mine) / len(mine), "prompts": len(mine),
-                     "kv_kept": sum(kept) / len(kept) if kept else None,
-                     "answers": [r["answer"] for r in mine]}
-        print(f"[{tag}] needle {name}: accuracy {acc:.2f} over {len(mine)} prompts, KV kept "
-              f"{out[name]['kv_kept']}", file=sys.stderr, flush=True)
+        out[name] = {
+            "accuracy": acc,
+            "mean_score": sum(r["score"] for r in mine) / len(mine),
+            "prompts": len(mine),
+            "kv_kept": sum(kept) / len(kept) if kept else None,
+            "answers": [r["answer"] for r in mine],
+        }
+        print(
+            f"[{tag}] needle {name}: accuracy {acc:.2f} over {len(mine)} prompts, KV kept {out[name]['kv_kept']}",
+            file=sys.stderr,
+            flush=True,
+        )
     return out
 
 
@@ -111,8 +130,8 @@ def main() -> int:
     args = ap.parse_args()
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from tokensieve.data import read_document
     from tokensieve.core.models import load_model
+    from tokensieve.data import read_document
     from tokensieve.training import TrainConfig, train
     from tokensieve.training.data import pack, text_files, tokenize_files
 
@@ -125,12 +144,17 @@ def main() -> int:
     eval_rows = eval_rows[pick]
     haystack = "\n\n".join(" ".join(read_document(b).split()) for b in args.eval_books)
 
-    result: dict = {"argv": sys.argv[1:], "model": args.model, "device": args.device,
-                    "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.platform(),
-                    "torch": torch.__version__, "date": time.strftime("%Y-%m-%d"),
-                    "train_books": [Path(b).name for b in args.train_books],
-                    "eval_books": [Path(b).name for b in args.eval_books],
-                    "sepllm": {"n_initial": args.n_initial, "n_recent": args.n_recent}}
+    result: dict = {
+        "argv": sys.argv[1:],
+        "model": args.model,
+        "device": args.device,
+        "machine": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.platform(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "train_books": [Path(b).name for b in args.train_books],
+        "eval_books": [Path(b).name for b in args.eval_books],
+        "sepllm": {"n_initial": args.n_initial, "n_recent": args.n_recent},
+    }
     result["before"] = {"perplexity": perplexities(args.model, args, eval_rows, "before")}
     if not args.no_needle:
         result["before"]["needle"] = needle(args.model, args, haystack, work / "needle_before", "before")
@@ -142,23 +166,43 @@ def main() -> int:
         Path(args.out).write_text(json.dumps(result, indent=1))
         print(json.dumps(result["summary"]), file=sys.stderr)
         return 0
-    cfg = TrainConfig(model=args.model, out=str(work / "model"), data=list(args.train_books), seq_len=args.seq_len,
-                      batch_size=args.batch_size, grad_accum=args.grad_accum, steps=args.steps, lr=args.lr,
-                      warmup=args.steps // 10 if args.warmup is None else args.warmup, mask="sepllm",
-                      n_initial=args.n_initial, n_recent=args.n_recent, kernel=args.kernel, device=args.device,
-                      dtype=args.dtype or "float32", eval_data=list(args.eval_books),
-                      eval_every=args.eval_every or max(1, args.steps // 4), eval_batches=args.eval_windows,
-                      save_every=max(1, args.steps))
+    cfg = TrainConfig(
+        model=args.model,
+        out=str(work / "model"),
+        data=list(args.train_books),
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        grad_accum=args.grad_accum,
+        steps=args.steps,
+        lr=args.lr,
+        warmup=args.steps // 10 if args.warmup is None else args.warmup,
+        mask="sepllm",
+        n_initial=args.n_initial,
+        n_recent=args.n_recent,
+        kernel=args.kernel,
+        device=args.device,
+        dtype=args.dtype or "float32",
+        eval_data=list(args.eval_books),
+        eval_every=args.eval_every or max(1, args.steps // 4),
+        eval_batches=args.eval_windows,
+        save_every=max(1, args.steps),
+    )
     res = train(cfg, progress=True)
-    result["training"] = {"steps": res.step, "tokens": res.step * args.seq_len * args.batch_size * args.grad_accum,
-                          "tokens_per_s": res.tokens_per_s, "losses": res.losses, "evals": res.evals}
+    result["training"] = {
+        "steps": res.step,
+        "tokens": res.step * args.seq_len * args.batch_size * args.grad_accum,
+        "tokens_per_s": res.tokens_per_s,
+        "losses": res.losses,
+        "evals": res.evals,
+    }
     trained = str(work / "model")
     result["after"] = {"perplexity": perplexities(trained, args, eval_rows, "after")}
     if not args.no_needle:
         result["after"]["needle"] = needle(trained, args, haystack, work / "needle_after", "after")
     b, a = result["before"]["perplexity"], result["after"]["perplexity"]
     result["summary"] = {
-        "ppl_gap_before": b["ppl_mask"] / b["ppl_full"] - 1, "ppl_gap_after": a["ppl_mask"] / a["ppl_full"] - 1,
+        "ppl_gap_before": b["ppl_mask"] / b["ppl_full"] - 1,
+        "ppl_gap_after": a["ppl_mask"] / a["ppl_full"] - 1,
         "full_ppl_change": a["ppl_full"] / b["ppl_full"] - 1,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

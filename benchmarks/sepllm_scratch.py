@@ -32,7 +32,11 @@ import torch
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--tokenizer", default="smollm2", help="embedded model or folder whose tokenizer is used; 'bytes': one token per byte")
+    ap.add_argument(
+        "--tokenizer",
+        default="smollm2",
+        help="embedded model or folder whose tokenizer is used; 'bytes': one token per byte",
+    )
     ap.add_argument("--train-books", nargs="+", required=True)
     ap.add_argument("--eval-books", nargs="+", required=True)
     ap.add_argument("--layers", type=int, default=4)
@@ -65,23 +69,52 @@ def main() -> int:
         args.tokenizer = str(folder)
     runs = {}
     for mask in ("sepllm", "full"):
-        cfg = TrainConfig(model=args.tokenizer, out=str(Path(args.work) / mask), data=args.train_books,
-                          eval_data=args.eval_books, from_scratch=True, layers=args.layers, hidden=args.hidden,
-                          heads=args.heads, kv_heads=args.heads, seq_len=args.seq_len, batch_size=args.batch_size,
-                          steps=args.steps, lr=args.lr, warmup=max(1, args.steps // 10), mask=mask,
-                          n_initial=args.n_initial, n_recent=args.n_recent, kernel=args.kernel, device=args.device,
-                          dtype=args.dtype, eval_every=args.eval_every, eval_batches=args.eval_batches,
-                          save_every=args.steps, seed=0)
+        cfg = TrainConfig(
+            model=args.tokenizer,
+            out=str(Path(args.work) / mask),
+            data=args.train_books,
+            eval_data=args.eval_books,
+            from_scratch=True,
+            layers=args.layers,
+            hidden=args.hidden,
+            heads=args.heads,
+            kv_heads=args.heads,
+            seq_len=args.seq_len,
+            batch_size=args.batch_size,
+            steps=args.steps,
+            lr=args.lr,
+            warmup=max(1, args.steps // 10),
+            mask=mask,
+            n_initial=args.n_initial,
+            n_recent=args.n_recent,
+            kernel=args.kernel,
+            device=args.device,
+            dtype=args.dtype,
+            eval_every=args.eval_every,
+            eval_batches=args.eval_batches,
+            save_every=args.steps,
+            seed=0,
+        )
         t0 = time.perf_counter()
         res = train(cfg, progress=True)
-        runs[mask] = {"losses": res.losses, "evals": res.evals, "tokens_per_s": res.tokens_per_s,
-                      "seconds": time.perf_counter() - t0}
+        runs[mask] = {
+            "losses": res.losses,
+            "evals": res.evals,
+            "tokens_per_s": res.tokens_per_s,
+            "seconds": time.perf_counter() - t0,
+        }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"argv": sys.argv[1:], "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-              "machine": torch.cuda.get_device_name() if torch.cuda.is_available() and (args.device or "").startswith("cuda")
-              else platform.platform(),
-              "tokens_per_run": args.steps * args.batch_size * args.seq_len, "runs": runs}
+    result = {
+        "argv": sys.argv[1:],
+        "date": time.strftime("%Y-%m-%d"),
+        "torch": torch.__version__,
+        "machine": torch.cuda.get_device_name()
+        if torch.cuda.is_available() and (args.device or "").startswith("cuda")
+        else platform.platform(),
+        "tokens_per_run": args.steps * args.batch_size * args.seq_len,
+        "runs": runs,
+    }
     out.with_suffix(".json").write_text(json.dumps(result, indent=1))
 
     import matplotlib
@@ -101,14 +134,18 @@ def main() -> int:
     for ax in (a, b):
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    fig.suptitle(f"from scratch: {args.layers} layers x {args.hidden}, seq {args.seq_len}, "
-                 f"SepLLM n_initial={args.n_initial} n_recent={args.n_recent}")
+    fig.suptitle(
+        f"from scratch: {args.layers} layers x {args.hidden}, seq {args.seq_len}, "
+        f"SepLLM n_initial={args.n_initial} n_recent={args.n_recent}"
+    )
     fig.tight_layout()
     fig.savefig(out.with_suffix(".png"), dpi=110)
     for mask in runs:
         e = runs[mask]["evals"][-1]
-        print(f"{mask}-trained: held-out loss {e['loss_mask']:.4f} (SepLLM rule), {e['loss_full']:.4f} (full)",
-              file=sys.stderr)
+        print(
+            f"{mask}-trained: held-out loss {e['loss_mask']:.4f} (SepLLM rule), {e['loss_full']:.4f} (full)",
+            file=sys.stderr,
+        )
     return 0
 
 

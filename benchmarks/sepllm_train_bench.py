@@ -34,8 +34,8 @@ from pathlib import Path
 
 import torch
 
-from tokensieve.core.attention import HOOK_KWARG, use_tokensieve_attention
 from tokensieve.commands.common import parse_sizes
+from tokensieve.core.attention import HOOK_KWARG, use_tokensieve_attention
 from tokensieve.training.mask import TrainingMask
 
 ALL = ("causal", "sdpa", "flex-mask", "flex")
@@ -87,7 +87,7 @@ def attention_row(n: int, kernel: str, args, device: str) -> dict:
         from tokensieve.core.attention import sdpa
 
         def step():
-            out, _ = sdpa(module, q, k, v, None, scaling=d ** -0.5, dropout=0.0)
+            out, _ = sdpa(module, q, k, v, None, scaling=d**-0.5, dropout=0.0)
             out.sum().backward()
     else:
         ids = torch.zeros(1, n, dtype=torch.long, device=device)
@@ -101,7 +101,7 @@ def attention_row(n: int, kernel: str, args, device: str) -> dict:
         row["mask_ms"] = timed(build, device, 1, 3)
 
         def step():
-            out, _ = hook(module, q, k, v, None, scaling=d ** -0.5, dropout=0.0)
+            out, _ = hook(module, q, k, v, None, scaling=d**-0.5, dropout=0.0)
             out.sum().backward()
 
         if kernel == "flex":
@@ -116,9 +116,17 @@ def model_row(n: int, kernel: str, args, device: str) -> dict:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=args.layers,
-                         num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=max(8192, n),
-                         tie_word_embeddings=True, rope_theta=100000.0)
+    config = LlamaConfig(
+        vocab_size=49152,
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=args.layers,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        max_position_embeddings=max(8192, n),
+        tie_word_embeddings=True,
+        rope_theta=100000.0,
+    )
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     model = LlamaForCausalLM(config).to(device=device, dtype=dtype)
     use_tokensieve_attention(model)
@@ -135,23 +143,46 @@ def model_row(n: int, kernel: str, args, device: str) -> dict:
         model.zero_grad(set_to_none=True)
 
     ms = timed(step, device, args.warmup, max(1, args.repeats // 2))
-    del model
-    return {"level": "model", "length": n, "kernel": kernel, "layers": args.layers, "step_ms": ms,
-            "tokens_per_s": n / (ms / 1000)}
+    model = None  # freed before the next cell (step() is not called again)
+    return {
+        "level": "model",
+        "length": n,
+        "kernel": kernel,
+        "layers": args.layers,
+        "step_ms": ms,
+        "tokens_per_s": n / (ms / 1000),
+    }
 
 
 def gradient_check(device: str) -> list[dict]:
     """Max |difference| of the logits and of every parameter's gradient between each FlexAttention kernel and the
     dense masked SDPA reference, on tiny float32 models of four families (what tests/test_training.py asserts)."""
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (
+        LlamaConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+        Qwen3Config,
+        Qwen3ForCausalLM,
+    )
 
-    common = dict(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, max_position_embeddings=512)
-    families = {"llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
-                "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
-                "mistral": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=None)),
-                "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16))}
+    common = dict(
+        vocab_size=96,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    families = {
+        "llama": lambda: LlamaForCausalLM(LlamaConfig(**common)),
+        "qwen2": lambda: Qwen2ForCausalLM(Qwen2Config(**common)),
+        "mistral": lambda: MistralForCausalLM(MistralConfig(**common, sliding_window=None)),
+        "qwen3": lambda: Qwen3ForCausalLM(Qwen3Config(**common, head_dim=16)),
+    }
     ids = torch.randint(3, 96, (2, 300), generator=torch.Generator().manual_seed(0)).to(device)
     seps = torch.tensor([5, 9, 17, 40, 41, 77], device=device)
     rows = []
@@ -162,15 +193,21 @@ def gradient_check(device: str) -> list[dict]:
         got = {}
         for kernel in ("sdpa", "flex-mask", "flex"):
             model.zero_grad()
-            logits = model(input_ids=ids, use_cache=False,
-                           **{HOOK_KWARG: TrainingMask(ids, seps, 2, 6, kernel)}).logits
+            logits = model(input_ids=ids, use_cache=False, **{HOOK_KWARG: TrainingMask(ids, seps, 2, 6, kernel)}).logits
             logits.float().logsumexp(-1).mean().backward()
             got[kernel] = (logits.detach(), [q.grad.clone() for q in model.parameters()])
         for kernel in ("flex-mask", "flex"):
-            rows.append({"family": family, "kernel": kernel,
-                         "logits_max_abs_diff": float((got[kernel][0] - got["sdpa"][0]).abs().max()),
-                         "grad_max_abs_diff": max(float((a - b).abs().max()) for a, b in zip(got[kernel][1], got["sdpa"][1])),
-                         "grad_max_abs": max(float(b.abs().max()) for b in got["sdpa"][1])})
+            rows.append(
+                {
+                    "family": family,
+                    "kernel": kernel,
+                    "logits_max_abs_diff": float((got[kernel][0] - got["sdpa"][0]).abs().max()),
+                    "grad_max_abs_diff": max(
+                        float((a - b).abs().max()) for a, b in zip(got[kernel][1], got["sdpa"][1])
+                    ),
+                    "grad_max_abs": max(float(b.abs().max()) for b in got["sdpa"][1]),
+                }
+            )
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     return rows
 
@@ -181,7 +218,12 @@ def run(fn, *a) -> dict:
     except torch.OutOfMemoryError:
         return {"level": fn.__name__.split("_")[0], "length": a[0], "kernel": a[1], "error": "out of memory"}
     except Exception as exc:  # a kernel a device cannot run is recorded, not fatal
-        return {"level": fn.__name__.split("_")[0], "length": a[0], "kernel": a[1], "error": f"{type(exc).__name__}: {exc}"[:300]}
+        return {
+            "level": fn.__name__.split("_")[0],
+            "length": a[0],
+            "kernel": a[1],
+            "error": f"{type(exc).__name__}: {exc}"[:300],
+        }
     finally:
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -216,10 +258,17 @@ def main() -> int:
             rows.append(run(model_row, n, kernel, args, args.device))
             print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
-    result = {"device": device_name, "torch": torch.__version__, "argv": sys.argv[1:],
-              "shape": {"heads": 9, "kv_heads": 3, "head_dim": 64, "hidden": 576, "layers": args.layers},
-              "n_initial": args.n_initial, "n_recent": args.n_recent, "separator_rate": args.separator_rate,
-              "gradient_check": checks, "rows": rows}
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "argv": sys.argv[1:],
+        "shape": {"heads": 9, "kv_heads": 3, "head_dim": 64, "hidden": 576, "layers": args.layers},
+        "n_initial": args.n_initial,
+        "n_recent": args.n_recent,
+        "separator_rate": args.separator_rate,
+        "gradient_check": checks,
+        "rows": rows,
+    }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(result, indent=2))
     print(f"wrote {args.out}", file=sys.stderr)

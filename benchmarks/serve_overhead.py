@@ -47,14 +47,21 @@ def tiny_model_and_tokenizer():
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from tokensieve.testing import byte_tokenizer
-
     import tokensieve
+    from tokensieve.testing import byte_tokenizer
 
     tok = byte_tokenizer()
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=257, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=4096, eos_token_id=None)
+    cfg = LlamaConfig(
+        vocab_size=257,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        eos_token_id=None,
+    )
     model = LlamaForCausalLM(cfg).eval()
     tokensieve.use_tokensieve_attention(model)
     return model, tok
@@ -81,8 +88,13 @@ def serve(model_name: str, port_file: str, max_queue: int, max_batch: int) -> No
 
 
 def one_request(http, prompt: str, max_tokens: int) -> dict[str, Any]:
-    body = {"model": "m", "messages": [{"role": "user", "content": prompt}], "max_tokens": max_tokens,
-            "temperature": 0, "stream": True}
+    body = {
+        "model": "m",
+        "messages": [{"role": "user", "content": prompt}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     t0 = time.perf_counter()
     with http.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
@@ -117,11 +129,17 @@ def summary(values: list[float]) -> dict[str, float]:
     import numpy as np
 
     a = np.asarray(values) * 1000.0
-    return {"p50_ms": round(float(np.percentile(a, 50)), 2), "p99_ms": round(float(np.percentile(a, 99)), 2),
-            "mean_ms": round(float(a.mean()), 2), "max_ms": round(float(a.max()), 2)}
+    return {
+        "p50_ms": round(float(np.percentile(a, 50)), 2),
+        "p99_ms": round(float(np.percentile(a, 99)), 2),
+        "mean_ms": round(float(a.mean()), 2),
+        "max_ms": round(float(a.max()), 2),
+    }
 
 
-def run_scenario(base: str, model: str, clients: int, requests: int, max_tokens: int, warmup: int = 4) -> dict[str, Any]:
+def run_scenario(
+    base: str, model: str, clients: int, requests: int, max_tokens: int, warmup: int = 4
+) -> dict[str, Any]:
     import httpx2
 
     def prompt(i: int) -> str:
@@ -140,9 +158,16 @@ def run_scenario(base: str, model: str, clients: int, requests: int, max_tokens:
     wall = time.perf_counter() - t0
     after = batch_sizes(base)
     generated = sum(r["generated_tokens"] for r in rows)
-    out: dict[str, Any] = {"model": model, "clients": clients, "requests": len(rows), "max_tokens": max_tokens,
-                           "wall_s": round(wall, 2), "requests_per_s": round(len(rows) / wall, 2),
-                           "completion_tokens": generated, "completion_tokens_per_s": round(generated / wall, 2)}
+    out: dict[str, Any] = {
+        "model": model,
+        "clients": clients,
+        "requests": len(rows),
+        "max_tokens": max_tokens,
+        "wall_s": round(wall, 2),
+        "requests_per_s": round(len(rows) / wall, 2),
+        "completion_tokens": generated,
+        "completion_tokens_per_s": round(generated / wall, 2),
+    }
     for key in ("ttfb_s", "ttft_s", "queue_s", "overhead_s", "server_overhead_s"):
         out[key.replace("_s", "")] = summary([r[key] for r in rows])
     # runs of the engine per batch-size bucket (cumulative: le="1.0" counts runs of one request)
@@ -155,9 +180,12 @@ def batch_sizes(base: str) -> dict[str, float]:
     """The server's batch-size histogram (cumulative counts per bucket), from /metrics."""
     import httpx2
 
-    prefix = "tokensieve_batch_size_bucket{le=\""
-    return {line[len(prefix):].split('"')[0]: float(line.split()[-1])
-            for line in httpx2.get(f"{base}/metrics").text.splitlines() if line.startswith(prefix)}
+    prefix = 'tokensieve_batch_size_bucket{le="'
+    return {
+        line[len(prefix) :].split('"')[0]: float(line.split()[-1])
+        for line in httpx2.get(f"{base}/metrics").text.splitlines()
+        if line.startswith(prefix)
+    }
 
 
 def main() -> int:
@@ -167,9 +195,14 @@ def main() -> int:
     ap.add_argument("--models", default="tiny,smollm2", help="comma-separated: tiny, smollm2 (default both)")
     ap.add_argument("--clients", type=int, default=8, help="client threads of the load scenario (default 8)")
     ap.add_argument("--max-batch", default="1", help="comma-separated --max-batch values, one server each (default 1)")
-    ap.add_argument("--max-tokens", type=int, default=None, help="max_tokens of every request (default: 8 tiny, 4 smollm2)")
-    ap.add_argument("--requests", default=None,
-                    help="SEQUENTIAL,LOAD: requests of the one-client and the load scenario, 0 skips one (default: 64,256 tiny, 16,64 smollm2)")
+    ap.add_argument(
+        "--max-tokens", type=int, default=None, help="max_tokens of every request (default: 8 tiny, 4 smollm2)"
+    )
+    ap.add_argument(
+        "--requests",
+        default=None,
+        help="SEQUENTIAL,LOAD: requests of the one-client and the load scenario, 0 skips one (default: 64,256 tiny, 16,64 smollm2)",
+    )
     ap.add_argument("--out", default=str(ROOT / "benchmarks/results/serve_overhead.json"))
     args = ap.parse_args()
     batches = [int(b) for b in args.max_batch.split(",")]
@@ -191,8 +224,19 @@ def main() -> int:
         with tempfile.TemporaryDirectory() as tmp:
             port_file = Path(tmp) / "port"
             env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-            proc = subprocess.Popen([sys.executable, __file__, "--serve", model, "--port-file", str(port_file),
-                                     "--max-batch", str(max_batch)], env=env)
+            proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve",
+                    model,
+                    "--port-file",
+                    str(port_file),
+                    "--max-batch",
+                    str(max_batch),
+                ],
+                env=env,
+            )
             try:
                 deadline = time.monotonic() + 300
                 while not port_file.exists():
@@ -215,10 +259,15 @@ def main() -> int:
 
     result = {
         "command": ("PYTHONPATH=src .venv/bin/python benchmarks/serve_overhead.py " + " ".join(sys.argv[1:])).strip(),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "python": platform.python_version(),
-                    "torch": torch.__version__, "torch_threads": torch.get_num_threads(),
-                    "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
-                    "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()]},
+        "machine": {
+            "platform": platform.platform(),
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "loadavg_1_5_15_before": [round(x, 2) for x in load_before],
+            "loadavg_1_5_15_after": [round(x, 2) for x in os.getloadavg()],
+        },
         "definitions": {
             "ttfb": "client: request sent -> first byte of the streamed response body",
             "ttft": "server-reported model TTFT (prefill + first token), from the response's tokensieve.ttft_s",

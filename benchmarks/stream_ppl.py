@@ -30,12 +30,12 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from tokensieve.data import default_pg19_dir
 from tokensieve.core.models import load_model
 from tokensieve.core.separators import separator_token_ids
+from tokensieve.data import default_pg19_dir
+from tokensieve.engine.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
 from tokensieve.evaluation.plots import plot_stream
 from tokensieve.evaluation.stream_ppl import stream_perplexity
-from tokensieve.engine.streaming import FullPolicy, SepLLMPolicy, StreamingLLMPolicy
 
 
 def main() -> int:
@@ -71,12 +71,24 @@ def main() -> int:
             bar.update(done - bar.n)
             bar.set_postfix(ppl=f"{point.running_ppl:.2f}", cache=point.cache_entries, refresh=False)
 
-        r = stream_perplexity(model, ids, policy, chunk_size=args.chunk_size, max_tokens=n, tokenizer=tok,
-                              allow_long=allow_long, ppl_window=args.ppl_window, progress=progress)
+        r = stream_perplexity(
+            model,
+            ids,
+            policy,
+            chunk_size=args.chunk_size,
+            max_tokens=n,
+            tokenizer=tok,
+            allow_long=allow_long,
+            ppl_window=args.ppl_window,
+            progress=progress,
+        )
         bar.close()
         results.append(r)
-        print(f"{r.method}: {r.tokens_seen} tokens, ppl {r.perplexity:.3f}, {r.tokens_per_s:.0f} tok/s, "
-              f"cache <= {r.max_cache_entries}, {r.seconds:.0f} s", file=sys.stderr)
+        print(
+            f"{r.method}: {r.tokens_seen} tokens, ppl {r.perplexity:.3f}, {r.tokens_per_s:.0f} tok/s, "
+            f"cache <= {r.max_cache_entries}, {r.seconds:.0f} s",
+            file=sys.stderr,
+        )
     total_s = time.perf_counter() - t_all
 
     def ppl_range(r, lo, hi):  # perplexity of scored tokens lo+1..hi (nll[i] scores token i+1)
@@ -92,21 +104,37 @@ def main() -> int:
         rows.append(d)
     out = dict(
         command="PYTHONPATH=src OMP_NUM_THREADS=1 python benchmarks/stream_ppl.py " + " ".join(sys.argv[1:]),
-        model=args.model, book=book.name, book_tokens=int(ids.numel()), model_max_positions=max_pos,
-        chunk_size=args.chunk_size, separators=len(separator_token_ids(tok)), device="cpu", threads=torch.get_num_threads(),
-        torch=torch.__version__, python=platform.python_version(), total_seconds=total_s, results=rows,
+        model=args.model,
+        book=book.name,
+        book_tokens=int(ids.numel()),
+        model_max_positions=max_pos,
+        chunk_size=args.chunk_size,
+        separators=len(separator_token_ids(tok)),
+        device="cpu",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        python=platform.python_version(),
+        total_seconds=total_s,
+        results=rows,
     )
     path = Path(args.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.with_suffix(".json").write_text(json.dumps(out, indent=1))
-    plot_stream(results, path.with_suffix(".png"),
-                f"Streaming perplexity, {args.model} on PG-19 book {book.stem} (CPU, chunk {args.chunk_size})")
-    print(f"{'method':>13} {'tokens':>7} {'ppl':>8} {'ppl<=8k':>8} {'ppl>8k':>9} {'cache':>6} {'KV MiB':>7} {'tok/s':>6}")
+    plot_stream(
+        results,
+        path.with_suffix(".png"),
+        f"Streaming perplexity, {args.model} on PG-19 book {book.stem} (CPU, chunk {args.chunk_size})",
+    )
+    print(
+        f"{'method':>13} {'tokens':>7} {'ppl':>8} {'ppl<=8k':>8} {'ppl>8k':>9} {'cache':>6} {'KV MiB':>7} {'tok/s':>6}"
+    )
     for d in rows:
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-        print(f"{d['method']:>13} {d['tokens_seen']:>7} {fmt(d['perplexity']):>8} {fmt(d['ppl_first_max_positions']):>8} "
-              f"{fmt(d['ppl_past_max_positions']):>9} {d['max_cache_entries']:>6} {d['max_kv_bytes'] / 2**20:>7.1f} "
-              f"{d['tokens_per_s']:>6.0f}")
+        print(
+            f"{d['method']:>13} {d['tokens_seen']:>7} {fmt(d['perplexity']):>8} {fmt(d['ppl_first_max_positions']):>8} "
+            f"{fmt(d['ppl_past_max_positions']):>9} {d['max_cache_entries']:>6} {d['max_kv_bytes'] / 2**20:>7.1f} "
+            f"{d['tokens_per_s']:>6.0f}"
+        )
     print(f"total {total_s:.0f} s; wrote {path.with_suffix('.json')} and {path.with_suffix('.png')}")
     return 0
 

@@ -77,8 +77,13 @@ def tiny_model(
     if attn != "tokensieve":
         shared["attn_implementation"] = attn
     common = dict(
-        shared, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, max_position_embeddings=max_pos,
+        shared,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        max_position_embeddings=max_pos,
     )
     head_dim = head_dim or hidden // heads
     if family == "llama":
@@ -90,14 +95,25 @@ def tiny_model(
     elif family == "qwen3":
         model = Qwen3ForCausalLM(Qwen3Config(**common, head_dim=head_dim))
     elif family == "gemma3":
-        model = Gemma3ForCausalLM(Gemma3TextConfig(
-            **common, head_dim=head_dim, sliding_window=sliding_window, layer_types=layer_types,
-            query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
-        ))
+        model = Gemma3ForCausalLM(
+            Gemma3TextConfig(
+                **common,
+                head_dim=head_dim,
+                sliding_window=sliding_window,
+                layer_types=layer_types,
+                query_pre_attn_scalar=query_pre_attn_scalar or head_dim,
+            )
+        )
     elif family == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(
-            n_embd=hidden, n_layer=layers, n_head=heads, n_positions=max_pos, **shared,
-        ))
+        model = GPT2LMHeadModel(
+            GPT2Config(
+                n_embd=hidden,
+                n_layer=layers,
+                n_head=heads,
+                n_positions=max_pos,
+                **shared,
+            )
+        )
     else:
         raise ValueError(f"unknown tiny model family {family!r}")
     model.eval()

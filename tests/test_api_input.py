@@ -25,7 +25,11 @@ def refusing_template():
 
 
 BAD_CALLS = [  # (description, keyword arguments of generate (prompt included), words of the message)
-    ("two rows of token ids", {"prompt_or_messages": torch.tensor([[1, 2, 3], [4, 5, 6]])}, ["[2, 3]", "generate_batch"]),
+    (
+        "two rows of token ids",
+        {"prompt_or_messages": torch.tensor([[1, 2, 3], [4, 5, 6]])},
+        ["[2, 3]", "generate_batch"],
+    ),
     ("three dimensions", {"prompt_or_messages": torch.ones(1, 1, 3, dtype=torch.long)}, ["[1, 1, 3]"]),
     ("float token ids", {"prompt_or_messages": torch.tensor([[1.5, 2.0]])}, ["integer tensor", "float32"]),
     ("an id past the vocabulary", {"prompt_or_messages": torch.tensor([[1, 99999]])}, ["[0, 256]", "99999"]),
@@ -35,15 +39,27 @@ BAD_CALLS = [  # (description, keyword arguments of generate (prompt included), 
     ("bytes", {"prompt_or_messages": b"abc"}, ["bytes"]),
     ("a list of ints", {"prompt_or_messages": [1, 2, 3]}, ["message 0", "dict"]),
     ("a message that is a string", {"prompt_or_messages": ["hello"]}, ["message 0", "'hello'"]),
-    ("content None", {"prompt_or_messages": [{"role": "user", "content": None}]}, ["content must be a string", "NoneType"]),
+    (
+        "content None",
+        {"prompt_or_messages": [{"role": "user", "content": None}]},
+        ["content must be a string", "NoneType"],
+    ),
     ("content an int", {"prompt_or_messages": [{"role": "user", "content": 5}]}, ["content must be a string"]),
     ("no role", {"prompt_or_messages": [{"content": "hi"}]}, ["'role'"]),
     ("a lone surrogate", {"prompt_or_messages": "a \udcff b"}, ["not valid Unicode"]),
-    ("separator ids an int", {"prompt_or_messages": "hi", "method": "sepllm", "separator_ids": 3}, ["separator_ids", "3"]),
+    (
+        "separator ids an int",
+        {"prompt_or_messages": "hi", "method": "sepllm", "separator_ids": 3},
+        ["separator_ids", "3"],
+    ),
     ("sampling a dict", {"prompt_or_messages": "hi", "sampling": {"temperature": 1}}, ["Sampling", "dict"]),
     ("on_token not callable", {"prompt_or_messages": "hi", "on_token": 5}, ["on_token", "int"]),
     ("allow_long a string", {"prompt_or_messages": "hi", "allow_long": "no"}, ["allow_long", "'no'"]),
-    ("max_new_tokens past the positions", {"prompt_or_messages": "hi", "max_new_tokens": 10**12}, ["256 positions", str(10**12)]),
+    (
+        "max_new_tokens past the positions",
+        {"prompt_or_messages": "hi", "max_new_tokens": 10**12},
+        ["256 positions", str(10**12)],
+    ),
 ]
 
 
@@ -57,7 +73,9 @@ def test_bad_arguments_raise_input_error(tiny, what, kwargs, words):
 
 def test_bad_prompts_of_a_batch_name_the_prompt(tiny):
     model, tok = tiny
-    with pytest.raises(tokensieve.InputError, match=r"prompt 1: token ids must be one prompt, \[n\] or \[1, n\], got shape \[2, 2\]"):
+    with pytest.raises(
+        tokensieve.InputError, match=r"prompt 1: token ids must be one prompt, \[n\] or \[1, n\], got shape \[2, 2\]"
+    ):
         tokensieve.generate_batch(model, tok, ["fine", torch.tensor([[1, 2], [3, 4]])], max_new_tokens=2)
     with pytest.raises(tokensieve.InputError, match="prompt 0: a prompt is a string"):
         tokensieve.generate_batch(model, tok, [None], max_new_tokens=2)
@@ -94,7 +112,9 @@ def test_max_new_tokens_past_the_positions_runs_with_allow_long_only_when_asked(
 def test_cli_max_new_tokens_far_past_the_positions_is_one_line_and_exit_2(tmp_path, capsys):
     d = save_model_dir(tmp_path / "m", max_pos=512)
     capsys.readouterr()  # saving the model folder's progress output
-    code = cli.main(["ask", "--model", str(d), "--file", str(d / "hay.txt"), "--question", "q", "--max-new-tokens", "1000000000000"])
+    code = cli.main(
+        ["ask", "--model", str(d), "--file", str(d / "hay.txt"), "--question", "q", "--max-new-tokens", "1000000000000"]
+    )
     err = capsys.readouterr().err
     assert code == 2 and "max_new_tokens must be at most the model's maximum of 512 positions" in err
     errors = [line for line in err.splitlines() if "error" in line]  # (transformers' loading bar aside)

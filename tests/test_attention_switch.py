@@ -9,15 +9,15 @@ import warnings
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
+
 from tokensieve.core.attention import AttentionSwitchedWarning, ensure_tokensieve_attention
-from tokensieve.errors import InputError
-from tokensieve.methods import make_method
 from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
 from tokensieve.engine.runner import feed_stream, generate, generate_batch, open_stream
 from tokensieve.engine.streaming import make_policy
+from tokensieve.errors import InputError
 from tokensieve.integrations.vllm_adapter import select_tokens
+from tokensieve.methods import make_method
 
 
 def said(record) -> list[str]:
@@ -39,7 +39,10 @@ def run_switched(fn):
 def test_generate_batch_switches_once():
     rows = [random_ids(30, seed=1)[0], random_ids(24, seed=2)[0]]
     got, ref, msgs = run_switched(
-        lambda m: [r.token_ids for r in generate_batch(m, TinyTokenizer(), rows, "snapkv", max_new_tokens=5, budget=12, window_size=4)]
+        lambda m: [
+            r.token_ids
+            for r in generate_batch(m, TinyTokenizer(), rows, "snapkv", max_new_tokens=5, budget=12, window_size=4)
+        ]
     )
     assert got == ref and len(msgs) == 1 and "LlamaForCausalLM" in msgs[0]
 
@@ -49,9 +52,16 @@ def test_prefix_cache_warm_switches():
 
     def warm_then_answer(m):
         store = PrefixStore(1 << 30)
-        assert PrefixReuse(make_method("snapkv", budget=16, window_size=4), store, 32).warm(m, ids) == 32  # the first call in
-        return generate(m, TinyTokenizer(), ids, PrefixReuse(make_method("snapkv", budget=16, window_size=4), store, 32),
-                        max_new_tokens=5).token_ids
+        assert (
+            PrefixReuse(make_method("snapkv", budget=16, window_size=4), store, 32).warm(m, ids) == 32
+        )  # the first call in
+        return generate(
+            m,
+            TinyTokenizer(),
+            ids,
+            PrefixReuse(make_method("snapkv", budget=16, window_size=4), store, 32),
+            max_new_tokens=5,
+        ).token_ids
 
     got, ref, msgs = run_switched(warm_then_answer)
     assert got == ref and len(msgs) == 1
@@ -92,7 +102,9 @@ def test_no_switch_possible_is_an_input_error():
         raise ValueError(f"{name} is not supported by this model")
 
     user.set_attn_implementation = refuse  # a class transformers cannot give another attention
-    with pytest.raises(InputError, match="cannot switch LlamaForCausalLM to its attention: tokensieve is not supported"):
+    with pytest.raises(
+        InputError, match="cannot switch LlamaForCausalLM to its attention: tokensieve is not supported"
+    ):
         generate(user, TinyTokenizer(), random_ids(8), "full", max_new_tokens=1)
 
 

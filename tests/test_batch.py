@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
+
 from tokensieve.decode.static import StaticDecoder
+from tokensieve.engine.runner import Sampling, generate, generate_batch
 from tokensieve.errors import InputError
 from tokensieve.methods import make_method
 from tokensieve.methods.base import BATCH_METHODS, left_pad
-from tokensieve.engine.runner import Sampling, generate, generate_batch
 
 BUDGET = 40
 PARAMS = {"full": {}, "gemfilter": {"topk": BUDGET}, "snapkv": {"budget": BUDGET}, "streamingllm": {"budget": BUDGET}}
@@ -166,7 +166,9 @@ def test_bad_batches_raise_input_errors():
     with pytest.raises(InputError, match="prompt 2: the prompt is empty"):
         generate_batch(model, tok, [random_ids(5)[0], random_ids(6)[0], torch.tensor([], dtype=torch.long)], "full")
     for method in ("h2o", "sepllm", "lazyllm"):
-        with pytest.raises(InputError, match=f"{method} runs one prompt at a time; batches: full, gemfilter, snapkv, streamingllm"):
+        with pytest.raises(
+            InputError, match=f"{method} runs one prompt at a time; batches: full, gemfilter, snapkv, streamingllm"
+        ):
             generate_batch(model, tok, ["5 6 7", "8 9"], method)
     with pytest.raises(InputError, match="max_new_tokens"):
         generate_batch(model, tok, ["5 6 7", "8 9"], "full", max_new_tokens=0)

@@ -14,9 +14,9 @@ import torch
 
 from tokensieve import cli
 from tokensieve.bench import roofline
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 from tokensieve.bench.timing import SHAPES, build_model, run_batch_bench, run_bench
 from tokensieve.errors import InputError
-from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,8 +34,17 @@ def _tiny_bytes() -> tuple[int, int]:
 
 def test_run_bench_rows_and_kv_bytes():
     methods = {"full": {"method": "full"}, "gem": {"method": "gemfilter", "topk": 32, "filter_layer": 1}}
-    res = run_bench("tiny", [64, 128], methods, dtype=torch.float32, device="cpu", repeats=2, decode_tokens=3,
-                    warmup_length=16, progress=False)
+    res = run_bench(
+        "tiny",
+        [64, 128],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=2,
+        decode_tokens=3,
+        warmup_length=16,
+        progress=False,
+    )
     cfg = SHAPES["tiny"]
     head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
     per_token = cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * head_dim * 4  # K+V, float32
@@ -51,8 +60,17 @@ def test_run_bench_rows_and_kv_bytes():
 
 def test_failed_cell_is_recorded_and_sweep_goes_on():
     methods = {"bad": {"method": "gemfilter", "filter_layer": 99}, "full": {"method": "full"}}
-    res = run_bench("tiny", [32], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=0,
-                    warmup_length=16, progress=False)
+    res = run_bench(
+        "tiny",
+        [32],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=1,
+        decode_tokens=0,
+        warmup_length=16,
+        progress=False,
+    )
     bad, full = res["rows"]
     assert bad["status"].startswith("error: InputError") and "filter_layer" in bad["status"]
     assert full["status"] == "ok"
@@ -60,9 +78,33 @@ def test_failed_cell_is_recorded_and_sweep_goes_on():
 
 def test_bench_cli_writes_json_and_plot(tmp_path, capsys):
     out = tmp_path / "b.json"
-    rc = cli.main(["bench", "--shape", "tiny", "--lengths", "64", "--methods", "full,gemfilter", "--topk", "16",
-                   "--filter-layer", "1", "--repeats", "1", "--decode-tokens", "2", "--answer-tokens", "4",
-                   "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "--shape",
+            "tiny",
+            "--lengths",
+            "64",
+            "--methods",
+            "full,gemfilter",
+            "--topk",
+            "16",
+            "--filter-layer",
+            "1",
+            "--repeats",
+            "1",
+            "--decode-tokens",
+            "2",
+            "--answer-tokens",
+            "4",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert {r["label"] for r in data["rows"]} == {"full", "gemfilter"}
@@ -70,7 +112,9 @@ def test_bench_cli_writes_json_and_plot(tmp_path, capsys):
     assert all(r["e2e_s"] > r["ttft_s"] and r["roofline_fraction"] > 0 for r in data["rows"])
     assert out.with_suffix(".png").stat().st_size > 1000
     printed = capsys.readouterr().out
-    assert "gemfilter" in printed and "p90 ms" in printed and "e2e: TTFT + 3 decoding steps, a 4-token answer" in printed
+    assert (
+        "gemfilter" in printed and "p90 ms" in printed and "e2e: TTFT + 3 decoding steps, a 4-token answer" in printed
+    )
     full = next(line.split() for line in printed.splitlines() if line.split()[:2] == ["full", "64"])
     row = next(r for r in data["rows"] if r["label"] == "full")
     assert full[-1] == f"{row['e2e_s']:.3f}" and full[-4] == f"{row['decode_step_median_s'] * 1e3:.2f}"
@@ -86,8 +130,17 @@ def test_bench_cli_bad_input(capsys):
 
 def test_batch_bench_rows_and_ratios():
     methods = {"full": {"method": "full"}, "gem": {"method": "gemfilter", "topk": 16, "filter_layer": 1}}
-    res = run_batch_bench("tiny", [48], [1, 3], methods, dtype=torch.float32, device="cpu", decode_tokens=4,
-                          warmup_length=16, progress=False)
+    res = run_batch_bench(
+        "tiny",
+        [48],
+        [1, 3],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        decode_tokens=4,
+        warmup_length=16,
+        progress=False,
+    )
     assert [(r["label"], r["batch"]) for r in res["rows"]] == [("full", 1), ("full", 3), ("gem", 1), ("gem", 3)]
     for r in res["rows"]:
         assert r["status"] == "ok" and r["length"] == 48
@@ -97,20 +150,69 @@ def test_batch_bench_rows_and_ratios():
         assert r["details"]["batch_size"] == r["batch"]
         assert (r["speedup_vs_batch1"] is None) == (r["batch"] == 1)
     gem3 = res["rows"][3]
-    assert gem3["speedup_vs_batch1"] == pytest.approx(gem3["decode_tokens_per_s"] / res["rows"][2]["decode_tokens_per_s"])
+    assert gem3["speedup_vs_batch1"] == pytest.approx(
+        gem3["decode_tokens_per_s"] / res["rows"][2]["decode_tokens_per_s"]
+    )
 
 
 def test_bench_cli_batches(tmp_path, capsys):
     out = tmp_path / "batch.json"
-    rc = cli.main(["bench", "--shape", "tiny", "--lengths", "40", "--batches", "1,2", "--methods", "full,snapkv",
-                   "--param", "budget=16", "--param", "window_size=8", "--decode-tokens", "3", "--device", "cpu", "--dtype", "float32", "--out", str(out)])
+    rc = cli.main(
+        [
+            "bench",
+            "--shape",
+            "tiny",
+            "--lengths",
+            "40",
+            "--batches",
+            "1,2",
+            "--methods",
+            "full,snapkv",
+            "--param",
+            "budget=16",
+            "--param",
+            "window_size=8",
+            "--decode-tokens",
+            "3",
+            "--device",
+            "cpu",
+            "--dtype",
+            "float32",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     data = json.loads(out.read_text())
     assert [(r["label"], r["batch"], r["status"]) for r in data["rows"]] == [
-        ("full", 1, "ok"), ("full", 2, "ok"), ("snapkv", 1, "ok"), ("snapkv", 2, "ok")]
+        ("full", 1, "ok"),
+        ("full", 2, "ok"),
+        ("snapkv", 1, "ok"),
+        ("snapkv", 2, "ok"),
+    ]
     assert "vs batch 1" in capsys.readouterr().out
-    assert cli.main(["bench", "--shape", "tiny", "--lengths", "40", "--batches", "2", "--methods", "h2o",
-                     "--decode-tokens", "3", "--device", "cpu", "--dtype", "float32"]) == 0  # a failed cell is recorded
+    assert (
+        cli.main(
+            [
+                "bench",
+                "--shape",
+                "tiny",
+                "--lengths",
+                "40",
+                "--batches",
+                "2",
+                "--methods",
+                "h2o",
+                "--decode-tokens",
+                "3",
+                "--device",
+                "cpu",
+                "--dtype",
+                "float32",
+            ]
+        )
+        == 0
+    )  # a failed cell is recorded
     assert "h2o runs one prompt at a time" in capsys.readouterr().out
 
 
@@ -140,12 +242,25 @@ def test_copy_bandwidth_cpu_is_a_positive_rate():
 
 def test_run_bench_roofline_p90_and_e2e():
     steps, answer, k, budget = 5, 9, 16, 24
-    methods = {"full": {"method": "full"}, "gem": {"method": "gemfilter", "topk": k, "filter_layer": 1},
-               "snap": {"method": "snapkv", "budget": budget, "window_size": 8},
-               "h2o": {"method": "h2o", "budget": budget}}
+    methods = {
+        "full": {"method": "full"},
+        "gem": {"method": "gemfilter", "topk": k, "filter_layer": 1},
+        "snap": {"method": "snapkv", "budget": budget, "window_size": 8},
+        "h2o": {"method": "h2o", "budget": budget},
+    }
     n = 96
-    res = run_bench("tiny", [n], methods, dtype=torch.float32, device="cpu", repeats=2, decode_tokens=steps,
-                    warmup_length=16, progress=False, answer_tokens=answer)
+    res = run_bench(
+        "tiny",
+        [n],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=2,
+        decode_tokens=steps,
+        warmup_length=16,
+        progress=False,
+        answer_tokens=answer,
+    )
     bw = res["bandwidth_gb_s"] * 1e9
     assert bw > 0 and res["answer_tokens"] == answer
     weights, per_pos = _tiny_bytes()
@@ -167,25 +282,58 @@ def test_run_bench_roofline_p90_and_e2e():
     assert rows["gem"]["roofline_step_bytes"] == weights + k * per_pos + grow
     assert rows["snap"]["roofline_step_bytes"] == weights + budget * per_pos + grow
     assert rows["h2o"]["roofline_step_bytes"] == weights + budget * per_pos
-    assert rows["gem"]["roofline_step_bytes"] < rows["snap"]["roofline_step_bytes"] < rows["full"]["roofline_step_bytes"]
+    assert (
+        rows["gem"]["roofline_step_bytes"] < rows["snap"]["roofline_step_bytes"] < rows["full"]["roofline_step_bytes"]
+    )
 
 
 def test_e2e_counts_only_the_answer_and_zero_skips():
     methods = {"full": {"method": "full"}}
     # a longer decode than the answer: e2e takes the answer's 2 steps, not all 6
-    res = run_bench("tiny", [32], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=6,
-                    warmup_length=16, progress=False, answer_tokens=3, bandwidth_Bps=1e9)
+    res = run_bench(
+        "tiny",
+        [32],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=1,
+        decode_tokens=6,
+        warmup_length=16,
+        progress=False,
+        answer_tokens=3,
+        bandwidth_Bps=1e9,
+    )
     r = res["rows"][0]
     step = r["details"]["decode_step_s"]
     assert 2 * step["min"] * 0.999 <= r["e2e_s"] - r["ttft_s"] <= 2 * step["max"] * 1.001
     # no decode figures without decode_tokens; a one-token answer is its first token
-    res = run_bench("tiny", [32], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=0,
-                    warmup_length=16, progress=False, answer_tokens=1)
+    res = run_bench(
+        "tiny",
+        [32],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=1,
+        decode_tokens=0,
+        warmup_length=16,
+        progress=False,
+        answer_tokens=1,
+    )
     r = res["rows"][0]
     assert r["e2e_s"] == r["ttft_s"] == r["ttft_runs"][0]
     assert r["decode_step_median_s"] is None and r["roofline_fraction"] is None and res["bandwidth_gb_s"] is None
-    res = run_bench("tiny", [32], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=2,
-                    warmup_length=16, progress=False, bandwidth_Bps=1e9)
+    res = run_bench(
+        "tiny",
+        [32],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=1,
+        decode_tokens=2,
+        warmup_length=16,
+        progress=False,
+        bandwidth_Bps=1e9,
+    )
     r = res["rows"][0]
     assert r["e2e_s"] is None and res["answer_tokens"] == 0 and res["bandwidth_gb_s"] == 1.0
     with pytest.raises(InputError, match="answer_tokens must be an integer >= 0"):
@@ -211,8 +359,13 @@ def test_decode_bench_uses_the_library_rules():
     assert mod.copy_bandwidth is roofline.copy_bandwidth and mod.p90 is roofline.p90
     assert mod.decode_step_bytes is roofline.decode_step_bytes
     env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
-    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--help"], env=env,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "decode_bench.py"), "--help"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0 and "--tokens" in out.stdout and "--batches" in out.stdout
 
 
@@ -240,9 +393,33 @@ def test_cold_run_is_reported_apart_from_the_timed_runs(monkeypatch):
 def test_bench_cli_cold_runs_by_default(tmp_path):
     for flag, cold in (([], True), (["--no-cold-run"], False)):
         out = tmp_path / f"c{cold}.json"
-        assert cli.main(["bench", "--shape", "tiny", "--lengths", "48", "--methods", "full", "--repeats", "1",
-                         "--decode-tokens", "1", "--answer-tokens", "0", "--device", "cpu", "--dtype", "float32",
-                         "--out", str(out), *flag]) == 0
+        assert (
+            cli.main(
+                [
+                    "bench",
+                    "--shape",
+                    "tiny",
+                    "--lengths",
+                    "48",
+                    "--methods",
+                    "full",
+                    "--repeats",
+                    "1",
+                    "--decode-tokens",
+                    "1",
+                    "--answer-tokens",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                    "--out",
+                    str(out),
+                    *flag,
+                ]
+            )
+            == 0
+        )
         (row,) = json.loads(out.read_text())["rows"]
         assert (row["ttft_cold_s"] is not None) == cold
 
@@ -261,9 +438,34 @@ def test_bench_cli_compile_fuses_the_captured_steps(tmp_path, monkeypatch, capsy
     monkeypatch.setattr(bench_mod, "DecoderPool", pool)
     for flag, compiled in (([], False), (["--compile"], True)):
         out = tmp_path / f"c{compiled}.json"
-        assert cli.main(["bench", "--shape", "tiny", "--lengths", "48", "--methods", "full", "--repeats", "1",
-                         "--decode-tokens", "1", "--answer-tokens", "0", "--device", "cpu", "--dtype", "float32",
-                         "--no-cold-run", "--out", str(out), *flag]) == 0
+        assert (
+            cli.main(
+                [
+                    "bench",
+                    "--shape",
+                    "tiny",
+                    "--lengths",
+                    "48",
+                    "--methods",
+                    "full",
+                    "--repeats",
+                    "1",
+                    "--decode-tokens",
+                    "1",
+                    "--answer-tokens",
+                    "0",
+                    "--device",
+                    "cpu",
+                    "--dtype",
+                    "float32",
+                    "--no-cold-run",
+                    "--out",
+                    str(out),
+                    *flag,
+                ]
+            )
+            == 0
+        )
         assert json.loads(out.read_text())["compile"] is compiled and made[-1] == {"compile": compiled}
     assert cli.main(["bench", "--shape", "tiny", "--batches", "1,2", "--compile", "--device", "cpu"]) == 2
     assert "--compile does not apply with --batches" in capsys.readouterr().err
@@ -273,7 +475,10 @@ def test_e2e_bars_merge_runs_and_refuse_results_without_e2e(tmp_path):
     from tokensieve.evaluation.plots import e2e_bars
 
     def result(n, labels):
-        rows = [{"label": lab, "length": n, "status": "ok", "ttft_s": 0.5 + i, "e2e_s": 2.0 + i} for i, lab in enumerate(labels)]
+        rows = [
+            {"label": lab, "length": n, "status": "ok", "ttft_s": 0.5 + i, "e2e_s": 2.0 + i}
+            for i, lab in enumerate(labels)
+        ]
         return {"shape": "tiny", "dtype": "float32", "answer_tokens": 8, "environment": {"cpu": "x"}, "rows": rows}
 
     path = e2e_bars([result(32, ["full", "gemfilter"]), result(64, ["full"])], tmp_path / "bars.png")

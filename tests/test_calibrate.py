@@ -7,9 +7,9 @@ import torch
 from eval_support import TEXT, byte_model, byte_tokenizer
 
 from tokensieve.cli import main
+from tokensieve.engine.runner import encode_prompt
 from tokensieve.evaluation.calibrate import NEEDLES, SPAN_RULES, calibrate, span_label
 from tokensieve.evaluation.needle import build_needle_prompt
-from tokensieve.engine.runner import encode_prompt
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +64,26 @@ def test_calibrate_command(setup, tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "hay.txt").write_text(TEXT)
-    assert main(["calibrate", "--model", str(tmp_path / "m"), "--lengths", "500", "--depths", "0.5", "--topk", "64",
-                 "--haystack", str(tmp_path / "hay.txt"), "--out", str(tmp_path / "cal.json")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tmp_path / "m"),
+                "--lengths",
+                "500",
+                "--depths",
+                "0.5",
+                "--topk",
+                "64",
+                "--haystack",
+                str(tmp_path / "hay.txt"),
+                "--out",
+                str(tmp_path / "cal.json"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "chosen: --filter-layer" in out and (tmp_path / "cal.json").exists()
 
@@ -77,8 +95,18 @@ def test_local_recall_is_what_local_gemfilter_keeps(setup):
 
     model, tok = setup
     topk, w = 48, 40
-    cal = calibrate(model, tok, TEXT, [500], [0.3, 0.7], topk=topk, scorings=("window", "paper"), progress=False,
-                    local_windows=[w, 100_000], n_initial=2)
+    cal = calibrate(
+        model,
+        tok,
+        TEXT,
+        [500],
+        [0.3, 0.7],
+        topk=topk,
+        scorings=("window", "paper"),
+        progress=False,
+        local_windows=[w, 100_000],
+        n_initial=2,
+    )
     assert cal.local_windows == [w, 100_000] and set(cal.local_recall) == {str(w), "100000"}
     assert cal.local_recall["100000"] == cal.recall  # a window covering the prompt is the dense pass
     for scoring in ("window", "paper"):
@@ -88,8 +116,15 @@ def test_local_recall_is_what_local_gemfilter_keeps(setup):
                 text, question, _ = NEEDLES[i % len(NEEDLES)]  # calibrate takes its needles in turn
                 p = build_needle_prompt(tok, TEXT, 500, depth, text, question)
                 ids = encode_prompt(tok, p.messages)
-                kept = GemFilter(topk=topk, filter_layer=layer, scoring=scoring, filter_attention="local",
-                                 n_initial=2, n_recent=w, dilation=1).select(model, ids)  # layer recall: the paper's rule
+                kept = GemFilter(
+                    topk=topk,
+                    filter_layer=layer,
+                    scoring=scoring,
+                    filter_attention="local",
+                    n_initial=2,
+                    n_recent=w,
+                    dilation=1,
+                ).select(model, ids)  # layer recall: the paper's rule
                 recalls.append(torch.isin(torch.tensor(p.needle_span), kept).float().mean().item())
             assert cal.local_recall[str(w)][scoring][layer] == pytest.approx(sum(recalls) / 2, abs=1e-4)
     best = cal.recall[cal.best_scoring][cal.best_layer]
@@ -99,8 +134,9 @@ def test_local_recall_is_what_local_gemfilter_keeps(setup):
 
 def test_local_recall_differs_from_dense_with_a_small_window(setup):
     model, tok = setup
-    cal = calibrate(model, tok, TEXT, [500], [0.5], topk=48, scorings=("window",), progress=False, local_windows=[4],
-                    n_initial=0)
+    cal = calibrate(
+        model, tok, TEXT, [500], [0.5], topk=48, scorings=("window",), progress=False, local_windows=[4], n_initial=0
+    )
     assert cal.local_recall["4"]["window"][0] == cal.recall["window"][0]  # layer 0 has nothing below it
     assert cal.local_recall["4"]["window"] != cal.recall["window"]
 
@@ -110,8 +146,28 @@ def test_calibrate_command_local_windows(setup, tmp_path, capsys):
     model.save_pretrained(tmp_path / "m")
     tok.save_pretrained(tmp_path / "m")
     (tmp_path / "hay.txt").write_text(TEXT)
-    assert main(["calibrate", "--model", str(tmp_path / "m"), "--lengths", "500", "--depths", "0.5", "--topk", "64",
-                 "--scorings", "window", "--local-windows", "32,100000", "--haystack", str(tmp_path / "hay.txt")]) == 0
+    assert (
+        main(
+            [
+                "calibrate",
+                "--model",
+                str(tmp_path / "m"),
+                "--lengths",
+                "500",
+                "--depths",
+                "0.5",
+                "--topk",
+                "64",
+                "--scorings",
+                "window",
+                "--local-windows",
+                "32,100000",
+                "--haystack",
+                str(tmp_path / "hay.txt"),
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "window@w32" in out and "window@w100000" in out and "paper" not in out.split("\n")[1]
     assert "local filter pass: --param filter_attention=local --param n_recent=" in out
@@ -142,8 +198,9 @@ def test_span_recall_is_the_share_of_answer_tokens_each_rule_keeps(setup):
             text, question, expected = NEEDLES[i % len(NEEDLES)]
             ids = encode_prompt(tok, build_needle_prompt(tok, TEXT, 500, depth, text, question).messages)
             answer = torch.tensor(sorted({j for e in expected for j in find_span(tok, ids[0].tolist(), e)}))
-            kept = GemFilter(topk=topk, filter_layer=cal.best_layer, kernel=kernel, pooling=pooling,
-                             dilation=dilation).select(model, ids)
+            kept = GemFilter(
+                topk=topk, filter_layer=cal.best_layer, kernel=kernel, pooling=pooling, dilation=dilation
+            ).select(model, ids)
             hit = torch.isin(answer, kept)
             whole.append(bool(hit.all()))
             recall.append(hit.float().mean().item())
@@ -156,4 +213,8 @@ def test_span_recall_is_the_share_of_answer_tokens_each_rule_keeps(setup):
     default = cal.span_recall[span_label(GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)]
     top = max((r["answer_whole"], r["answer_recall"]) for r in cal.span_recall.values())
     if (default["answer_whole"], default["answer_recall"]) == top:  # a tie keeps GemFilter's default rule
-        assert (sp["kernel"], sp["pooling"], sp["dilation"]) == (GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)
+        assert (sp["kernel"], sp["pooling"], sp["dilation"]) == (
+            GemFilter.kernel,
+            GemFilter.pooling,
+            GemFilter.dilation,
+        )

@@ -10,8 +10,8 @@ from eval_support import byte_model, byte_tokenizer
 
 from tokensieve import cli
 from tokensieve.commands import chat as chat_cmd
-from tokensieve.methods import make_method
 from tokensieve.engine.runner import generate, stop_token_ids
+from tokensieve.methods import make_method
 
 DOC = "The vault code is 4711. " * 6 + "\nThe keeper is called Ada.\n"
 
@@ -42,15 +42,24 @@ def expected(model, tok, question: str, method: str, **params) -> str:
     return tok.decode([t for t in res.token_ids if t not in stops], skip_special_tokens=True)
 
 
-@pytest.mark.parametrize("method,params,flags", [
-    ("full", {}, []),
-    ("gemfilter", {"topk": 24}, ["--method", "gemfilter", "--topk", "24"]),
-    ("snapkv", {"budget": 32, "window_size": 8}, ["--method", "snapkv", "--param", "budget=32", "--param", "window_size=8"]),
-])
+@pytest.mark.parametrize(
+    "method,params,flags",
+    [
+        ("full", {}, []),
+        ("gemfilter", {"topk": 24}, ["--method", "gemfilter", "--topk", "24"]),
+        (
+            "snapkv",
+            {"budget": 32, "window_size": 8},
+            ["--method", "snapkv", "--param", "budget=32", "--param", "window_size=8"],
+        ),
+    ],
+)
 def test_questions_from_stdin_reuse_the_document(tiny, monkeypatch, capsys, tmp_path, method, params, flags):
     model, tok = tiny
     questions = ["what is the code?", "who is the keeper?"]
-    rc, out, err = run_chat(monkeypatch, capsys, tmp_path, f"{questions[0]}\n\n{questions[1]}\n/exit\nnever asked\n", *flags)
+    rc, out, err = run_chat(
+        monkeypatch, capsys, tmp_path, f"{questions[0]}\n\n{questions[1]}\n/exit\nnever asked\n", *flags
+    )
     assert rc == 0, err
     answers = out.split("> ")
     assert answers[0] == "" and len(answers) == 5  # q1, blank line, q2, /exit

@@ -85,8 +85,8 @@ def test_cuda_asked_for_without_cuda(doc, capsys, monkeypatch):
 
 
 def test_library_load_model_checks_dtype_and_device_first():
-    from tokensieve.errors import InputError
     from tokensieve.core.models import load_model, parse_dtype
+    from tokensieve.errors import InputError
 
     with pytest.raises(InputError, match="unknown dtype 'float8'; expected one of: float32, bfloat16, float16"):
         load_model("/nonexistent/model", dtype="float8")
@@ -103,10 +103,20 @@ def test_library_load_model_checks_dtype_and_device_first():
 def test_param_no_chosen_method_takes(doc, capsys):
     line = fails(ask(doc, "--param", "nonsense=3", *NO_MODEL), capsys, "--param nonsense", "full")
     assert "full takes no parameters" in line
-    fails(["eval", "needle", "--methods", "full,snapkv", "--param", "nonsense=3", *NO_MODEL], capsys,
-          "--param nonsense", "full, snapkv", "snapkv takes budget")
+    fails(
+        ["eval", "needle", "--methods", "full,snapkv", "--param", "nonsense=3", *NO_MODEL],
+        capsys,
+        "--param nonsense",
+        "full, snapkv",
+        "snapkv takes budget",
+    )
     # a parameter of another method: say whose it is
-    fails(ask(doc, "--method", "snapkv", "--param", "topk=3", *NO_MODEL), capsys, "--param topk", "a parameter of gemfilter")
+    fails(
+        ask(doc, "--method", "snapkv", "--param", "topk=3", *NO_MODEL),
+        capsys,
+        "--param topk",
+        "a parameter of gemfilter",
+    )
 
 
 def test_param_without_equals(doc, capsys):
@@ -118,7 +128,9 @@ def test_param_goes_to_the_methods_that_take_it(monkeypatch):
     from tokensieve.commands.common import method_params
     from tokensieve.methods.snapkv import SnapKV
 
-    args = argparse.Namespace(methods=["full", "snapkv"], param=["budget=512"], topk=None, filter_layer=None, scoring=None)
+    args = argparse.Namespace(
+        methods=["full", "snapkv"], param=["budget=512"], topk=None, filter_layer=None, scoring=None
+    )
     assert method_params(args) == {"full": {}, "snapkv": {"budget": 512}}
     # a deprecated (renamed) parameter name is accepted: the check uses accepted_params, not the fields
     monkeypatch.setattr(SnapKV, "renamed", {"old_budget": "budget"})
@@ -126,28 +138,57 @@ def test_param_goes_to_the_methods_that_take_it(monkeypatch):
     assert method_params(args) == {"full": {}, "snapkv": {"old_budget": 8}}
 
 
-@pytest.mark.parametrize("flag, value, methods", [
-    ("--filter-layer", "999", ["--method", "full"]),
-    ("--topk", "64", ["--method", "snapkv"]),
-    ("--scoring", "paper", ["--method", "h2o"]),
-])
+@pytest.mark.parametrize(
+    "flag, value, methods",
+    [
+        ("--filter-layer", "999", ["--method", "full"]),
+        ("--topk", "64", ["--method", "snapkv"]),
+        ("--scoring", "paper", ["--method", "h2o"]),
+    ],
+)
 def test_gemfilter_flag_without_gemfilter(flag, value, methods, doc, capsys):
     chosen = methods[1]
-    fails(ask(doc, flag, value, *methods, *NO_MODEL), capsys,
-          f"{flag} is a gemfilter option; the chosen method(s) {chosen} do not use it")
+    fails(
+        ask(doc, flag, value, *methods, *NO_MODEL),
+        capsys,
+        f"{flag} is a gemfilter option; the chosen method(s) {chosen} do not use it",
+    )
 
 
 def test_gemfilter_flag_with_gemfilter_among_methods_is_fine(doc, capsys):
     # with gemfilter chosen the flag is accepted and the run gets as far as the model
-    fails(["eval", "needle", "--methods", "full,gemfilter", "--topk", "64", *NO_MODEL, "--haystack", str(doc),
-           "--out", str(doc.parent / "o")], capsys, "model path /nonexistent/model does not exist")
+    fails(
+        [
+            "eval",
+            "needle",
+            "--methods",
+            "full,gemfilter",
+            "--topk",
+            "64",
+            *NO_MODEL,
+            "--haystack",
+            str(doc),
+            "--out",
+            str(doc.parent / "o"),
+        ],
+        capsys,
+        "model path /nonexistent/model does not exist",
+    )
 
 
 # ----- 4. documents: encoding, binary data, stdin ------------------------------------------------
 def test_undecodable_document_names_file_offset_and_encoding(tmp_path, capsys):
     f = tmp_path / "latin.txt"
     f.write_bytes("Le café est fermé.".encode("latin-1"))
-    fails(ask(f, *NO_MODEL), capsys, str(f), "byte 0xe9 at byte offset 6", "utf-8", "--encoding latin-1", "--encoding-errors replace")
+    fails(
+        ask(f, *NO_MODEL),
+        capsys,
+        str(f),
+        "byte 0xe9 at byte offset 6",
+        "utf-8",
+        "--encoding latin-1",
+        "--encoding-errors replace",
+    )
     # with the right encoding, or replacement characters, the document is read (the run reaches the model)
     fails(ask(f, "--encoding", "latin-1", *NO_MODEL), capsys, "model path /nonexistent/model does not exist")
     fails(ask(f, "--encoding-errors", "replace", *NO_MODEL), capsys, "model path /nonexistent/model does not exist")
@@ -185,9 +226,18 @@ def _stdin(monkeypatch, data: bytes) -> None:
 
 def test_stdin_document(monkeypatch, capsys):
     _stdin(monkeypatch, random.Random(1).randbytes(3000))
-    fails(["ask", "--file", "-", "--question", "q", *NO_MODEL], capsys, "standard input does not look like text (binary data)")
+    fails(
+        ["ask", "--file", "-", "--question", "q", *NO_MODEL],
+        capsys,
+        "standard input does not look like text (binary data)",
+    )
     _stdin(monkeypatch, "caf\xe9".encode("latin-1"))
-    fails(["ask", "--file", "-", "--question", "q", *NO_MODEL], capsys, "standard input is not valid utf-8", "byte offset 3")
+    fails(
+        ["ask", "--file", "-", "--question", "q", *NO_MODEL],
+        capsys,
+        "standard input is not valid utf-8",
+        "byte offset 3",
+    )
     _stdin(monkeypatch, b"  \n")
     fails(["ask", "--file", "-", "--question", "q", *NO_MODEL], capsys, "document on standard input is empty")
     _stdin(monkeypatch, "café".encode("latin-1"))
@@ -198,8 +248,12 @@ def test_one_reader_for_documents_haystacks_and_data(tmp_path, capsys):
     """ask --file, eval --haystack, eval ppl --file and eval longbench --data all read through data.read_document."""
     f = tmp_path / "random.bin"
     f.write_bytes(random.Random(2).randbytes(3000))
-    for argv in (["eval", "needle", "--haystack", str(f)], ["eval", "ruler", "--haystack", str(f)],
-                 ["eval", "ppl", "--file", str(f)], ["eval", "longbench", "--data", str(f)]):
+    for argv in (
+        ["eval", "needle", "--haystack", str(f)],
+        ["eval", "ruler", "--haystack", str(f)],
+        ["eval", "ppl", "--file", str(f)],
+        ["eval", "longbench", "--data", str(f)],
+    ):
         fails([*argv, *NO_MODEL, "--out", str(tmp_path / "o")], capsys, f"{f} does not look like text (binary data)")
     from tokensieve.commands import ask
     from tokensieve.evaluation import longbench
@@ -218,7 +272,11 @@ def test_model_path_that_does_not_exist(doc, capsys):
 
 def test_hub_id_not_in_cache_fails_without_the_network(doc):
     """A made-up hub id: one line, exit 2, and not one network connection tried (so no retries)."""
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(f"""
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
         import socket, sys
         attempts = []
         def refuse(*args, **kwargs):
@@ -229,14 +287,20 @@ def test_hub_id_not_in_cache_fails_without_the_network(doc):
         from tokensieve.cli import main
         code = main(["ask", "--file", {str(doc)!r}, "--question", "q", "--model", "made-up-org/made-up-model-7"])
         print("exit", code, "attempts", len(attempts))
-    """)], capture_output=True, text=True, env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
-                         timeout=300)
+    """),
+        ],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "HOME": str(Path.home())},
+        timeout=300,
+    )
     assert res.stdout.split() == ["exit", "2", "attempts", "0"], res.stdout + res.stderr
     assert res.stderr.splitlines() == [
         "loading made-up-org/made-up-model-7 ...",
         "tokensieve ask: error: could not load model 'made-up-org/made-up-model-7': it is not an embedded model "
         "(smollm2, gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b), local folder or .gguf file, and not in the local Hugging Face cache "
-        "(tokensieve does not download models: download it elsewhere and pass its folder)"]
+        "(tokensieve does not download models: download it elsewhere and pass its folder)",
+    ]
 
 
 def test_library_hub_id_not_in_cache():
@@ -248,13 +312,22 @@ def test_library_hub_id_not_in_cache():
 
 # ----- 10. argparse errors ------------------------------------------------------------------------
 def test_argparse_errors_are_one_line_with_a_hint(doc, capsys):
-    fails(["ask", "--question", "q"], capsys, "the following arguments are required: --file (see tokensieve ask --help)")
-    fails(["eval", "ruler", "--tasks", "niah_single,bogus"], capsys, "bogus", "niah_multikey", "(see tokensieve eval ruler --help)")
+    fails(
+        ["ask", "--question", "q"], capsys, "the following arguments are required: --file (see tokensieve ask --help)"
+    )
+    fails(
+        ["eval", "ruler", "--tasks", "niah_single,bogus"],
+        capsys,
+        "bogus",
+        "niah_multikey",
+        "(see tokensieve eval ruler --help)",
+    )
     fails(["eval", "needle", "--restart", "--append"], capsys, "not allowed with argument")
     fails(ask(doc, "--method", "bogus"), capsys, "invalid choice: 'bogus'")
     code, _, err = run_cli([], capsys)
     assert code == 2 and err.splitlines() == [
-        f"tokensieve: error: no command given; expected one of: {', '.join(COMMANDS)} (see tokensieve --help)"]
+        f"tokensieve: error: no command given; expected one of: {', '.join(COMMANDS)} (see tokensieve --help)"
+    ]
     code, _, err = run_cli(["frobnicate"], capsys)
     assert code == 2 and len(err.splitlines()) == 1 and "invalid choice: 'frobnicate'" in err
 
@@ -266,54 +339,98 @@ def test_needle_has_no_seed_but_ruler_does(capsys):
 
 
 # ----- 13. other bad values ------------------------------------------------------------------------
-@pytest.mark.parametrize("argv, needles", [
-    (["eval", "ruler", "--samples", "0"], ["--samples", "'0'", ">= 1"]),
-    (["eval", "ppl", "--samples", "-2"], ["--samples", "'-2'"]),
-    (["eval", "longbench", "--data", "x.jsonl", "--samples", "0"], ["--samples", "'0'"]),
-    (["eval", "needle", "--max-new-tokens", "0"], ["--max-new-tokens", "'0'"]),
-    (["eval", "needle", "--lengths", ","], ["--lengths", "at least one size"]),
-    (["eval", "needle", "--lengths", "4q"], ["--lengths", "'4q'"]),
-    (["eval", "needle", "--depths", "0.5,1.5"], ["--depths", "1.5", "[0, 1]"]),
-    (["eval", "needle", "--needle", " "], ["--needle", "non-empty"]),
-    (["eval", "ruler", "--num-keys", "0"], ["--num-keys", "'0'"]),
-    (["eval", "ruler", "--tasks", ""], ["--tasks", "niah_single"]),
-    (["eval", "longbench", "--data", "x.jsonl", "--datasets", ","], ["--datasets", "at least one name"]),
-    (["demo", "--depth", "2"], ["--depth", "'2'", "[0, 1]"]),
-    (["demo", "--topk", "0"], ["--topk", "'0'"]),
-    (["ask", "--file", "x", "--question", "q", "--max-new-tokens", "0"], ["--max-new-tokens", "'0'"]),
-    (["ask", "--file", "x", "--question", ""], ["--question", "non-empty", "''"]),
-    (["ask", "--file", "x", "--question", "q", "--filter-layer", "-1"], ["--filter-layer", "'-1'"]),
-    (["serve", "--max-batch", "0"], ["--max-batch", "'0'", ">= 1"]),
-    (["serve", "--max-batch", "two"], ["--max-batch", "'two'", ">= 1"]),
-    (["bench", "--shape", "nope"], ["unknown shape 'nope'", "llama3.1-8b"]),
-    (["bench", "--shape", "tiny", "--repeats", "0"], ["--repeats", "0"]),
-    (["bench", "--shape", "tiny", "--decode-tokens", "-1"], ["--decode-tokens", "-1"]),
-    (["bench", "--shape", "tiny", "--lengths", "16", "--repeats", "1", "--decode-tokens", "0", "--methods", "full",
-      "--param", "budget=3"], ["--param budget", "full"]),
-])
+@pytest.mark.parametrize(
+    "argv, needles",
+    [
+        (["eval", "ruler", "--samples", "0"], ["--samples", "'0'", ">= 1"]),
+        (["eval", "ppl", "--samples", "-2"], ["--samples", "'-2'"]),
+        (["eval", "longbench", "--data", "x.jsonl", "--samples", "0"], ["--samples", "'0'"]),
+        (["eval", "needle", "--max-new-tokens", "0"], ["--max-new-tokens", "'0'"]),
+        (["eval", "needle", "--lengths", ","], ["--lengths", "at least one size"]),
+        (["eval", "needle", "--lengths", "4q"], ["--lengths", "'4q'"]),
+        (["eval", "needle", "--depths", "0.5,1.5"], ["--depths", "1.5", "[0, 1]"]),
+        (["eval", "needle", "--needle", " "], ["--needle", "non-empty"]),
+        (["eval", "ruler", "--num-keys", "0"], ["--num-keys", "'0'"]),
+        (["eval", "ruler", "--tasks", ""], ["--tasks", "niah_single"]),
+        (["eval", "longbench", "--data", "x.jsonl", "--datasets", ","], ["--datasets", "at least one name"]),
+        (["demo", "--depth", "2"], ["--depth", "'2'", "[0, 1]"]),
+        (["demo", "--topk", "0"], ["--topk", "'0'"]),
+        (["ask", "--file", "x", "--question", "q", "--max-new-tokens", "0"], ["--max-new-tokens", "'0'"]),
+        (["ask", "--file", "x", "--question", ""], ["--question", "non-empty", "''"]),
+        (["ask", "--file", "x", "--question", "q", "--filter-layer", "-1"], ["--filter-layer", "'-1'"]),
+        (["serve", "--max-batch", "0"], ["--max-batch", "'0'", ">= 1"]),
+        (["serve", "--max-batch", "two"], ["--max-batch", "'two'", ">= 1"]),
+        (["bench", "--shape", "nope"], ["unknown shape 'nope'", "llama3.1-8b"]),
+        (["bench", "--shape", "tiny", "--repeats", "0"], ["--repeats", "0"]),
+        (["bench", "--shape", "tiny", "--decode-tokens", "-1"], ["--decode-tokens", "-1"]),
+        (
+            [
+                "bench",
+                "--shape",
+                "tiny",
+                "--lengths",
+                "16",
+                "--repeats",
+                "1",
+                "--decode-tokens",
+                "0",
+                "--methods",
+                "full",
+                "--param",
+                "budget=3",
+            ],
+            ["--param budget", "full"],
+        ),
+    ],
+)
 def test_bad_values(argv, needles, capsys):
     fails([*argv, *(NO_MODEL if argv[0] != "bench" else [])], capsys, *needles)
 
 
 def test_bad_files_fail_before_the_model_loads(tmp_path, capsys):
     out = ["--out", str(tmp_path / "o")]
-    fails(["eval", "needle", "--haystack", "/nonexistent/hay.txt", *NO_MODEL, *out], capsys, "file /nonexistent/hay.txt does not exist")
+    fails(
+        ["eval", "needle", "--haystack", "/nonexistent/hay.txt", *NO_MODEL, *out],
+        capsys,
+        "file /nonexistent/hay.txt does not exist",
+    )
     fails(["eval", "ppl", "--file", str(tmp_path), *NO_MODEL, *out], capsys, f"{tmp_path} is a folder")
-    fails(["eval", "longbench", "--data", "/nonexistent/lb.jsonl", *NO_MODEL, *out], capsys, "/nonexistent/lb.jsonl does not exist")
-    fails(["ask", "--file", "/nonexistent/doc.txt", "--question", "q", *NO_MODEL], capsys, "/nonexistent/doc.txt does not exist")
+    fails(
+        ["eval", "longbench", "--data", "/nonexistent/lb.jsonl", *NO_MODEL, *out],
+        capsys,
+        "/nonexistent/lb.jsonl does not exist",
+    )
+    fails(
+        ["ask", "--file", "/nonexistent/doc.txt", "--question", "q", *NO_MODEL],
+        capsys,
+        "/nonexistent/doc.txt does not exist",
+    )
     bad = tmp_path / "lb.jsonl"
     bad.write_text(json.dumps({"context": "c", "answers": ["a"], "dataset": "hotpotqa"}) + "\n[1, 2]\n")
     fails(["eval", "longbench", "--data", str(bad), *NO_MODEL, *out], capsys, f"{bad}:2", "expected a JSON object")
     bad.write_text(json.dumps({"context": "c", "answers": ["a"], "dataset": "hotpotqa"}) + "\n")
-    fails(["eval", "longbench", "--data", str(bad), "--datasets", "hotpotqa,qasperr", *NO_MODEL, *out], capsys,
-          "qasperr", "it holds: hotpotqa")
+    fails(
+        ["eval", "longbench", "--data", str(bad), "--datasets", "hotpotqa,qasperr", *NO_MODEL, *out],
+        capsys,
+        "qasperr",
+        "it holds: hotpotqa",
+    )
     hay = tmp_path / "hay.txt"
     hay.write_text(TEXT)
-    fails(["eval", "needle", "--haystack", str(hay), "--expected", " , ", *NO_MODEL, *out], capsys, "--expected", "' , '")
-    fails(["eval", "ppl", "--mode", "sliding", "--methods", "full,gemfilter", "--file", str(hay), *NO_MODEL, *out], capsys,
-          "--mode sliding", "gemfilter")
-    fails(["eval", "ruler", "--tasks", "niah_single", "--haystack", str(hay), "--out", str(hay), *NO_MODEL], capsys,
-          f"{hay} is a file; expected a folder")
+    fails(
+        ["eval", "needle", "--haystack", str(hay), "--expected", " , ", *NO_MODEL, *out], capsys, "--expected", "' , '"
+    )
+    fails(
+        ["eval", "ppl", "--mode", "sliding", "--methods", "full,gemfilter", "--file", str(hay), *NO_MODEL, *out],
+        capsys,
+        "--mode sliding",
+        "gemfilter",
+    )
+    fails(
+        ["eval", "ruler", "--tasks", "niah_single", "--haystack", str(hay), "--out", str(hay), *NO_MODEL],
+        capsys,
+        f"{hay} is a file; expected a folder",
+    )
 
 
 def test_report_bad_input(tmp_path, capsys):
@@ -327,14 +444,13 @@ def test_report_bad_input(tmp_path, capsys):
 def test_constant_lists_match_the_library():
     from tokensieve.bench.timing import SHAPES
     from tokensieve.commands.bench import SHAPE_NAMES
+    from tokensieve.commands.calibrate import DEFAULT_WINDOW_SIZE
     from tokensieve.commands.common import METHOD_NAMES, SCORINGS
+    from tokensieve.commands.stream import STREAM_METHODS
+    from tokensieve.engine.streaming import POLICIES
     from tokensieve.methods import METHODS
     from tokensieve.methods.gemfilter import SCORINGS as GEMFILTER_SCORINGS
-
-    from tokensieve.commands.calibrate import DEFAULT_WINDOW_SIZE
-    from tokensieve.commands.stream import STREAM_METHODS
     from tokensieve.methods.gemfilter import GemFilter
-    from tokensieve.engine.streaming import POLICIES
 
     assert list(METHOD_NAMES) == list(METHODS)
     assert list(SCORINGS) == list(GEMFILTER_SCORINGS)
@@ -344,14 +460,35 @@ def test_constant_lists_match_the_library():
 
 
 # ----- 11. fast start: parsing imports no torch --------------------------------------------------------
-LIGHT_HELP = [[], ["ask"], ["demo"], ["needle"], ["eval"], ["eval", "needle"], ["eval", "ruler"], ["eval", "longbench"],
-              ["eval", "ppl"], ["report"], ["bench"], ["stream"], ["calibrate"], ["serve"], ["methods"],
-              ["models"], ["models", "install"]]
+LIGHT_HELP = [
+    [],
+    ["ask"],
+    ["demo"],
+    ["needle"],
+    ["eval"],
+    ["eval", "needle"],
+    ["eval", "ruler"],
+    ["eval", "longbench"],
+    ["eval", "ppl"],
+    ["report"],
+    ["bench"],
+    ["stream"],
+    ["calibrate"],
+    ["serve"],
+    ["methods"],
+    ["models"],
+    ["models", "install"],
+]
 
 
 def _python(code: str) -> str:
-    res = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
-                         env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"}, timeout=120)
+    res = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin"},
+        timeout=120,
+    )
     assert res.returncode == 0, res.stderr
     return res.stdout
 
@@ -396,8 +533,13 @@ def test_package_names_still_work():
 def _imports(path: Path, module: str) -> set[str]:
     """tokensieve modules ``path`` imports anywhere (functions included), except under ``if TYPE_CHECKING``."""
     tree = ast.parse(path.read_text())
-    skip = {id(n) for node in ast.walk(tree) if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
-            for child in node.body for n in ast.walk(child)}
+    skip = {
+        id(n)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test)
+        for child in node.body
+        for n in ast.walk(child)
+    }
     out = set()
     for node in ast.walk(tree):
         if id(node) in skip:
@@ -420,7 +562,7 @@ def test_no_import_cycles():
     def visit(m: str, stack: list[str]) -> None:
         for n in graph[m]:
             if n in stack:
-                cycles.append(stack[stack.index(n):] + [n])
+                cycles.append(stack[stack.index(n) :] + [n])
             elif n not in done:
                 visit(n, stack + [n])
         done.add(m)
@@ -441,8 +583,23 @@ def model_dir(tmp_path_factory):
 def test_progress_bars_only_with_verbose_and_none_with_quiet(model_dir, tmp_path, capsys):
     from transformers.utils import logging as hf_logging
 
-    args = ["eval", "needle", "--model", str(model_dir), "--methods", "full", "--lengths", "600", "--depths", "0.5",
-            "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "1", "--no-plots"]
+    args = [
+        "eval",
+        "needle",
+        "--model",
+        str(model_dir),
+        "--methods",
+        "full",
+        "--lengths",
+        "600",
+        "--depths",
+        "0.5",
+        "--haystack",
+        str(model_dir / "hay.txt"),
+        "--max-new-tokens",
+        "1",
+        "--no-plots",
+    ]
     try:
         code, _, err = run_cli([*args, "--out", str(tmp_path / "a")], capsys)
         # the loading line first, tokensieve's own bar, no transformers bar
@@ -478,8 +635,12 @@ class _EndlessStdin(io.RawIOBase):
 def test_stdin_is_read_up_to_max_input_bytes(monkeypatch, capsys):
     endless = _EndlessStdin(budget=64 << 10)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BufferedReader(endless), encoding="utf-8"))
-    fails(["ask", "--file", "-", "--question", "q", "--max-input-bytes", "1k", *NO_MODEL], capsys,
-          "standard input is longer than 1024 bytes", "--max-input-bytes")
+    fails(
+        ["ask", "--file", "-", "--question", "q", "--max-input-bytes", "1k", *NO_MODEL],
+        capsys,
+        "standard input is longer than 1024 bytes",
+        "--max-input-bytes",
+    )
     assert endless.given <= 64 << 10
     _stdin(monkeypatch, b"b" * 1024)  # exactly the limit is read (the run goes on to the model)
     fails(["ask", "--file", "-", "--question", "q", "--max-input-bytes", "1k", *NO_MODEL], capsys, "model path")
@@ -495,12 +656,19 @@ def test_stdin_is_read_up_to_max_input_bytes(monkeypatch, capsys):
 def test_endless_stdin_process_ends_with_one_line(tmp_path):
     """``tokensieve ask --file - < /dev/zero`` stops at the default bound (64 MiB) with one line and exit 2."""
     with open("/dev/zero", "rb") as zero:
-        res = subprocess.run([sys.executable, "-m", "tokensieve.cli", "ask", "--file", "-", "--question", "q", *NO_MODEL],
-                             stdin=zero, capture_output=True, text=True, timeout=120,
-                             env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+        res = subprocess.run(
+            [sys.executable, "-m", "tokensieve.cli", "ask", "--file", "-", "--question", "q", *NO_MODEL],
+            stdin=zero,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={"PYTHONPATH": str(SRC), "PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+        )
     assert res.returncode == 2, res.stderr
-    assert res.stderr.splitlines() == [f"tokensieve ask: error: standard input is longer than {64 << 20} bytes; "
-                                       f"pass a larger --max-input-bytes or the document as a file"]
+    assert res.stderr.splitlines() == [
+        f"tokensieve ask: error: standard input is longer than {64 << 20} bytes; "
+        f"pass a larger --max-input-bytes or the document as a file"
+    ]
 
 
 def test_files_that_are_not_regular_are_refused(tmp_path, capsys):
@@ -512,8 +680,11 @@ def test_files_that_are_not_regular_are_refused(tmp_path, capsys):
     broken.symlink_to(tmp_path / "gone.txt")
     for path in (fifo, Path("/dev/zero"), broken):
         fails(ask(path, *NO_MODEL), capsys, f"{path} is not a regular file")
-        fails(["eval", "needle", "--haystack", str(path), *NO_MODEL, "--out", str(tmp_path / "o")], capsys,
-              f"{path} is not a regular file")
+        fails(
+            ["eval", "needle", "--haystack", str(path), *NO_MODEL, "--out", str(tmp_path / "o")],
+            capsys,
+            f"{path} is not a regular file",
+        )
     fails(ask(tmp_path, *NO_MODEL), capsys, f"{tmp_path} is a folder")
     fails(ask(tmp_path / "nothing.txt", *NO_MODEL), capsys, "nothing.txt does not exist")
 

@@ -42,7 +42,9 @@ def test_methods_json_lists_every_method_with_its_fields_defaults_and_docs(capsy
             d = defaults[p["name"]]
             assert p["default"] == (list(d) if isinstance(d, tuple) else d)
             assert p["doc"] == parameter_docs(m["name"])[p["name"]] and p["doc"]
-            assert p["meaning"].rstrip(".").replace("`", "") in p["doc"].replace("`", "") or p["meaning"].endswith("...")
+            assert p["meaning"].rstrip(".").replace("`", "") in p["doc"].replace("`", "") or p["meaning"].endswith(
+                "..."
+            )
 
 
 def test_methods_text_one_line_per_parameter(capsys):
@@ -61,7 +63,8 @@ def test_methods_text_one_line_per_parameter(capsys):
 def test_methods_unknown_name_is_one_line(capsys):
     code, _, err = run_cli(["methods", "snapkvv"], capsys)
     assert code == 2 and err.splitlines() == [
-        f"tokensieve methods: error: unknown method 'snapkvv'; expected one of: {', '.join(METHODS)}"]
+        f"tokensieve methods: error: unknown method 'snapkvv'; expected one of: {', '.join(METHODS)}"
+    ]
 
 
 def test_bench_refuses_a_gpu_sized_shape_on_the_cpu(capsys, monkeypatch):

@@ -11,16 +11,17 @@ task) and the benchmark's ``bench_method``; all three go through the runner's on
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
+
 from tokensieve.bench.timing import bench_method
-from tokensieve.methods import METHODS, make_method
 from tokensieve.engine.runner import generate, score_continuation
+from tokensieve.methods import METHODS, make_method
 
 N, NEW, BUDGET = 80, 8, 40  # SnapKV's default observation window (32) fits in the budget
 SEPS = (3, 4, 5)  # separator ids for SepLLM on the tiny vocabulary
@@ -57,8 +58,12 @@ CASES = [
     Case("h2o", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
     Case("streamingllm", {"budget": 10_000}, {"budget": BUDGET}, max_kv=lambda ids: BUDGET),
     Case("sepllm", {"n_recent": 10_000}, {"n_recent": 8}, max_kv=sepllm_bound, extra={"separator_ids": SEPS}),
-    Case("lazyllm", {"keep_fractions": (1.0, 1.0, 1.0)}, {"keep_fractions": (0.5, 0.5, 0.5)},
-         max_kept=lambda n: math.ceil(n * 0.5**3)),
+    Case(
+        "lazyllm",
+        {"keep_fractions": (1.0, 1.0, 1.0)},
+        {"keep_fractions": (0.5, 0.5, 0.5)},
+        max_kept=lambda n: math.ceil(n * 0.5**3),
+    ),
 ]
 FAMILIES = ["llama", "qwen2", "gemma3"]
 

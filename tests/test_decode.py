@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
+
 from tokensieve.decode.static import BUCKET, DecoderPool, StaticDecoder, bucket
-from tokensieve.engine.runner import STATIC_METHODS, supports_static
+from tokensieve.engine.runner import STATIC_METHODS, generate, score_continuation, supports_static
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS
-from tokensieve.engine.runner import generate, score_continuation
 
-PARAMS = {"full": {}, "gemfilter": {"topk": 40}, "snapkv": {"budget": 40}, "streamingllm": {"budget": 40, "n_initial": 4},
-          "h2o": {"budget": 40}, "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16},
-          "lazyllm": {"prune_layers": (1, 2, 4), "keep_fractions": (0.6, 0.7, 0.5)}}
+PARAMS = {
+    "full": {},
+    "gemfilter": {"topk": 40},
+    "snapkv": {"budget": 40},
+    "streamingllm": {"budget": 40, "n_initial": 4},
+    "h2o": {"budget": 40},
+    "sepllm": {"separator_ids": (3, 4, 5, 6, 7, 8), "n_recent": 16},
+    "lazyllm": {"prune_layers": (1, 2, 4), "keep_fractions": (0.6, 0.7, 0.5)},
+}
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
@@ -55,35 +60,44 @@ def assert_static_evicts_as_eager(model, ids, method, new, seed_losses=True, **p
     return dec, static
 
 
-@pytest.mark.parametrize("prompt,budget,n_initial,new", [
-    (80, 40, 4, 60),  # the ring wraps more than once
-    (80, 40, 0, 30),  # no sinks: a pure window
-    (10, 16, 4, 30),  # a short prompt: the cache grows to the budget while decoding, then the ring turns
-    (30, 200, 4, 20),  # the budget holds everything: never evicts (full attention)
-    (3, 12, 4, 20),  # fewer prompt tokens than sinks: the first generated tokens become sinks
-])
+@pytest.mark.parametrize(
+    "prompt,budget,n_initial,new",
+    [
+        (80, 40, 4, 60),  # the ring wraps more than once
+        (80, 40, 0, 30),  # no sinks: a pure window
+        (10, 16, 4, 30),  # a short prompt: the cache grows to the budget while decoding, then the ring turns
+        (30, 200, 4, 20),  # the budget holds everything: never evicts (full attention)
+        (3, 12, 4, 20),  # fewer prompt tokens than sinks: the first generated tokens become sinks
+    ],
+)
 def test_streamingllm_ring_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_initial, new):
     """Device-side eviction (a ring over the window) sees exactly what the eager cache sees before it evicts."""
     ids = random_ids(prompt, seed=7)
-    dec, static = assert_static_evicts_as_eager(model, ids, "streamingllm", new, seed_losses=prompt >= 24,
-                                                budget=budget, n_initial=n_initial)
+    dec, static = assert_static_evicts_as_eager(
+        model, ids, "streamingllm", new, seed_losses=prompt >= 24, budget=budget, n_initial=n_initial
+    )
     assert dec.capacity <= bucket(min(prompt + new, budget + 1))  # never sized to the whole answer
     if prompt + new <= budget:
         full = generate(model, TinyTokenizer(), ids, "full", max_new_tokens=new, decode="eager")
         assert static.token_ids == full.token_ids
 
 
-@pytest.mark.parametrize("prompt,budget,n_recent,new", [
-    (80, 40, 20, 60),  # evicts every step, heavy hitters and a recent window
-    (80, 40, 0, 30),  # no recent window: the new entry itself may go
-    (80, 24, 24, 30),  # only the recent window: a sliding window
-    (10, 16, 8, 30),  # a short prompt: grows to the budget while decoding, then evicts
-    (30, 200, None, 20),  # the budget holds everything: never evicts (full attention)
-])
+@pytest.mark.parametrize(
+    "prompt,budget,n_recent,new",
+    [
+        (80, 40, 20, 60),  # evicts every step, heavy hitters and a recent window
+        (80, 40, 0, 30),  # no recent window: the new entry itself may go
+        (80, 24, 24, 30),  # only the recent window: a sliding window
+        (10, 16, 8, 30),  # a short prompt: grows to the budget while decoding, then evicts
+        (30, 200, None, 20),  # the budget holds everything: never evicts (full attention)
+    ],
+)
 def test_h2o_device_eviction_gives_the_eager_tokens_and_holds_the_budget(model, prompt, budget, n_recent, new):
     """Heavy hitters chosen on the device (scores accumulated per slot, argmin outside the newest stamps) evict
     what the eager cache evicts."""
-    dec, _ = assert_static_evicts_as_eager(model, random_ids(prompt, seed=8), "h2o", new, budget=budget, n_recent=n_recent)
+    dec, _ = assert_static_evicts_as_eager(
+        model, random_ids(prompt, seed=8), "h2o", new, budget=budget, n_recent=n_recent
+    )
     assert dec.capacity <= bucket(min(prompt + new, budget + 1))
 
 
@@ -117,25 +131,36 @@ def test_h2o_device_eviction_matches_the_eager_cache_entries(model):
                 assert dist.min(dim=1).values.max() < 1e-4 and nearest.unique().numel() == len(nearest), (li, h)
 
 
-@pytest.mark.parametrize("prompt,n_initial,n_recent,new,seps", [
-    (80, 4, 16, 60, (3, 4, 5, 6, 7, 8)),  # many separators: the cache grows while the window turns over
-    (80, 2, 0, 30, (3, 4, 5)),  # no window: each token sees initial tokens, separators and itself
-    (60, 4, 8, 40, (95,)),  # separators rarer than the window: a window of slots reused step after step
-    (20, 30, 8, 20, (3,)),  # every token initial: never evicts
-    (30, 4, 200, 20, (3, 4)),  # the window holds everything: full attention
-])
+@pytest.mark.parametrize(
+    "prompt,n_initial,n_recent,new,seps",
+    [
+        (80, 4, 16, 60, (3, 4, 5, 6, 7, 8)),  # many separators: the cache grows while the window turns over
+        (80, 2, 0, 30, (3, 4, 5)),  # no window: each token sees initial tokens, separators and itself
+        (60, 4, 8, 40, (95,)),  # separators rarer than the window: a window of slots reused step after step
+        (20, 30, 8, 20, (3,)),  # every token initial: never evicts
+        (30, 4, 200, 20, (3, 4)),  # the window holds everything: full attention
+    ],
+)
 def test_sepllm_device_eviction_gives_the_eager_tokens(model, prompt, n_initial, n_recent, new, seps):
     """SepLLM's window turned over on the device (a leaving non-separator's slot is reused, separators stay)."""
-    assert_static_evicts_as_eager(model, random_ids(prompt, seed=10), "sepllm", new, n_initial=n_initial,
-                                  n_recent=n_recent, separator_ids=seps)
+    assert_static_evicts_as_eager(
+        model, random_ids(prompt, seed=10), "sepllm", new, n_initial=n_initial, n_recent=n_recent, separator_ids=seps
+    )
 
 
 def test_streamingllm_batches_decode_eagerly(model):
     from tokensieve.engine.runner import generate_batch
 
     tok = TinyTokenizer()
-    res = generate_batch(model, tok, [random_ids(30, seed=1), random_ids(20, seed=2)], "streamingllm", max_new_tokens=4,
-                         budget=16, n_initial=2)
+    res = generate_batch(
+        model,
+        tok,
+        [random_ids(30, seed=1), random_ids(20, seed=2)],
+        "streamingllm",
+        max_new_tokens=4,
+        budget=16,
+        n_initial=2,
+    )
     assert {r.details["decode_path"] for r in res} == {"eager"}
 
 
@@ -154,7 +179,9 @@ def test_buffers_are_updated_in_place_and_masked(model):
         for k, v in zip(dec.keys, dec.values):
             k[:, :, 40:].fill_(1e4)
             v[:, :, 40:].fill_(-1e4)
-    assert generate(model, tok, ids, "full", max_new_tokens=6, decode="static", decoders=pool).token_ids == res.token_ids
+    assert (
+        generate(model, tok, ids, "full", max_new_tokens=6, decode="static", decoders=pool).token_ids == res.token_ids
+    )
 
 
 def test_capacity_is_enforced(model):
@@ -172,7 +199,9 @@ def test_a_method_without_a_static_path_decodes_eagerly(model):
     assert supports_static(model, state.cache, "full") is None
 
 
-@pytest.mark.parametrize("method,params", [("full", {}), ("lazyllm", {"prune_layers": (1, 3), "keep_fractions": (0.5, 0.5)})])
+@pytest.mark.parametrize(
+    "method,params", [("full", {}), ("lazyllm", {"prune_layers": (1, 3), "keep_fractions": (0.5, 0.5)})]
+)
 def test_sliding_window_models_decode_eagerly(method, params):
     model = tiny_model("gemma3", layer_types=["sliding_attention", "full_attention"] * 3)
     tok, ids = TinyTokenizer(), random_ids(24, seed=6)
@@ -217,8 +246,16 @@ def test_lazyllm_static_step_keeping_everything_is_full_attention(model):
     """Keep fractions of 1.0: nothing is pruned, no token ever comes back, every step is the fixed-shape one."""
     tok, ids = TinyTokenizer(), random_ids(60, seed=2)
     params = {"prune_layers": (1, 3), "keep_fractions": (1.0, 1.0)}
-    static = generate(model, tok, ids, "lazyllm", max_new_tokens=20, decode="static",
-                      decoders=DecoderPool(model, speculate=True), **params)
+    static = generate(
+        model,
+        tok,
+        ids,
+        "lazyllm",
+        max_new_tokens=20,
+        decode="static",
+        decoders=DecoderPool(model, speculate=True),
+        **params,
+    )
     full = generate(model, tok, ids, "full", max_new_tokens=20, decode="eager")
     assert static.token_ids == full.token_ids
     assert static.details["decode_fixed_shape_steps"] == len(static.token_ids) - 1
@@ -228,8 +265,12 @@ def test_lazyllm_static_step_keeping_everything_is_full_attention(model):
 def test_lazyllm_decoder_is_reused_and_refuses_overflow(model):
     tok, params = TinyTokenizer(), PARAMS["lazyllm"]
     pool = DecoderPool(model)
-    a = generate(model, tok, random_ids(50, seed=1), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params)
-    b = generate(model, tok, random_ids(60, seed=2), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params)
+    a = generate(
+        model, tok, random_ids(50, seed=1), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params
+    )
+    b = generate(
+        model, tok, random_ids(60, seed=2), "lazyllm", max_new_tokens=8, decode="static", decoders=pool, **params
+    )
     assert len(pool.decoders) == 1  # one bucket, one decoder (one capture on CUDA)
     alone = generate(model, tok, random_ids(60, seed=2), "lazyllm", max_new_tokens=8, decode="eager", **params)
     assert b.token_ids == alone.token_ids and a.details["decode_path"] == "static"
@@ -250,6 +291,7 @@ def test_grow_instead_of_evicting_is_decided_in_one_place():
         assert without_needless_eviction(ev, 30, 11) is ev and decoder_size(ev, 30, 11) == 41  # budget + 1 slots
     assert without_needless_eviction(seps, 30, 10) is seps and decoder_size(seps, 30, 10) == 40  # may grow to all
     assert without_needless_eviction(None, 30, 10) is None and decoder_size(None, 30, 10) == 40
+
 
 class _ReplayedRun:
     """Stands in for a captured CUDA graph on the CPU: a replay runs the step and writes the output in place."""
@@ -281,8 +323,9 @@ def test_a_failed_capture_is_retried_then_runs_without_a_graph(model, monkeypatc
         return _ReplayedRun(run, out), out, 0.0
 
     tok, ids = TinyTokenizer(), random_ids(30, seed=8)
-    plain = generate(model, tok, ids, "full", max_new_tokens=5, decode="static",
-                     decoders=DecoderPool(model, use_graph=False))
+    plain = generate(
+        model, tok, ids, "full", max_new_tokens=5, decode="static", decoders=DecoderPool(model, use_graph=False)
+    )
     monkeypatch.setattr(decode, "capture_graph", flaky_capture)
     pool = DecoderPool(model, use_graph=True)
     if failures == 2:

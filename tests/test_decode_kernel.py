@@ -152,8 +152,9 @@ def interpreted(tmp_path_factory) -> dict:
     """The child process's results (kernels run by Triton's interpreter)."""
     path = tmp_path_factory.mktemp("decode_kernel") / "out.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)
 
@@ -176,7 +177,9 @@ def test_kernel_gives_zeros_for_a_row_with_nothing_visible(interpreted):
     assert torch.isfinite(got).all()
     assert (got[0] == 0).all()
     q, k, v, limit, valid = case_inputs(0)
-    torch.testing.assert_close(got[1:].double(), slow_decode_attention(q, k, v, limit, valid, 0.25), rtol=2e-6, atol=2e-6)
+    torch.testing.assert_close(
+        got[1:].double(), slow_decode_attention(q, k, v, limit, valid, 0.25), rtol=2e-6, atol=2e-6
+    )
 
 
 @needs_triton
@@ -220,9 +223,12 @@ def test_bad_attention_kernel():
 
 
 @needs_triton
-@pytest.mark.parametrize("kwargs, why", [
-    (dict(tracks="heavy"), "H2O's eviction needs the attention probabilities"),
-])
+@pytest.mark.parametrize(
+    "kwargs, why",
+    [
+        (dict(tracks="heavy"), "H2O's eviction needs the attention probabilities"),
+    ],
+)
 def test_triton_is_refused_where_the_step_needs_the_torch_path(kwargs, why):
     with pytest.raises(InputError, match=f"attention_kernel='triton' cannot be used here: {why}"):
         StaticDecoder(tiny_model(), 64, attention_kernel="triton", **kwargs)
@@ -263,18 +269,50 @@ def test_kernels_compile_for_an_h100(dtype):
     from triton.compiler import ASTSource
 
     target = GPUTarget("cuda", 90, 32)
-    ints = ["group", "hkv", "cap", "split_len", "sqb", "sqh", "sqg", "sqd", "skb", "skh", "skn", "skd", "svb", "svh",
-            "svn", "svd", "sab", "san"]
+    ints = [
+        "group",
+        "hkv",
+        "cap",
+        "split_len",
+        "sqb",
+        "sqh",
+        "sqg",
+        "sqd",
+        "skb",
+        "skh",
+        "skn",
+        "skd",
+        "svb",
+        "svh",
+        "svn",
+        "svd",
+        "sab",
+        "san",
+    ]
     const = dict(D=128, BLOCK_G=16, BLOCK_N=dk.GPU_BLOCK_N, BLOCK_D=128, PRECISION="tf32", UPCAST=False)
-    sig = (dict.fromkeys(["Q", "K", "V"], f"*{dtype}") | {"VALID": "*u8", "LIMIT": "*i64"}
-           | dict.fromkeys(["M", "L", "ACC"], "*fp32") | {"scale2": "fp32"} | dict.fromkeys(ints, "i32")
-           | dict.fromkeys(const, "constexpr"))
-    compiled = triton.compile(ASTSource(fn=dk._SPLIT_PARTIALS, signature=sig, constexprs=const), target=target,
-                              options={"num_warps": dk.GPU_WARPS, "num_stages": dk.GPU_STAGES, "enable_fp_fusion": True})
+    sig = (
+        dict.fromkeys(["Q", "K", "V"], f"*{dtype}")
+        | {"VALID": "*u8", "LIMIT": "*i64"}
+        | dict.fromkeys(["M", "L", "ACC"], "*fp32")
+        | {"scale2": "fp32"}
+        | dict.fromkeys(ints, "i32")
+        | dict.fromkeys(const, "constexpr")
+    )
+    compiled = triton.compile(
+        ASTSource(fn=dk._SPLIT_PARTIALS, signature=sig, constexprs=const),
+        target=target,
+        options={"num_warps": dk.GPU_WARPS, "num_stages": dk.GPU_STAGES, "enable_fp_fusion": True},
+    )
     assert compiled.asm["cubin"] and compiled.metadata.shared > 0
     const = dict(D=128, BLOCK_S=dk.MAX_SPLITS, BLOCK_D=128)
-    sig = (dict.fromkeys(["M", "L", "ACC"], "*fp32") | {"OUT": f"*{dtype}", "group": "i32", "n_splits": "i32"}
-           | dict.fromkeys(const, "constexpr"))
-    compiled = triton.compile(ASTSource(fn=dk._COMBINE, signature=sig, constexprs=const), target=target,
-                              options={"num_warps": dk.GPU_WARPS, "enable_fp_fusion": True})
+    sig = (
+        dict.fromkeys(["M", "L", "ACC"], "*fp32")
+        | {"OUT": f"*{dtype}", "group": "i32", "n_splits": "i32"}
+        | dict.fromkeys(const, "constexpr")
+    )
+    compiled = triton.compile(
+        ASTSource(fn=dk._COMBINE, signature=sig, constexprs=const),
+        target=target,
+        options={"num_warps": dk.GPU_WARPS, "enable_fp_fusion": True},
+    )
     assert compiled.asm["cubin"]

@@ -21,8 +21,10 @@ from tokensieve.evaluation.needle import score_answer
 from tokensieve.methods import make_method
 
 LABEL_TO_METHOD = {label: m for m, label in demo.LABELS.items()}
-HEADER = re.compile(r"^\[(\d+)/(\d+)\] needle at depth (\d+)% of (\d+) tokens; Q: (.*?)  expected: (.*?)  "
-                    r"\(order: (\w+) then (\w+)\)$")
+HEADER = re.compile(
+    r"^\[(\d+)/(\d+)\] needle at depth (\d+)% of (\d+) tokens; Q: (.*?)  expected: (.*?)  "
+    r"\(order: (\w+) then (\w+)\)$"
+)
 ANSWER = re.compile(r"^    (full attention|GemFilter)\s+(correct|wrong \([^)]*\))\s+TTFT\s+([\d.]+) s   (.*)$")
 
 
@@ -41,18 +43,30 @@ def parse_prompts(out: str) -> list[dict]:
     for line in out.splitlines():
         if m := HEADER.match(line):
             expected = ast.literal_eval(f"({m.group(6)},)")
-            prompts.append({"index": int(m.group(1)), "of": int(m.group(2)), "depth": int(m.group(3)),
-                            "tokens": int(m.group(4)), "question": m.group(5), "expected": expected,
-                            "order": [m.group(7), m.group(8)], "answers": {}})
+            prompts.append(
+                {
+                    "index": int(m.group(1)),
+                    "of": int(m.group(2)),
+                    "depth": int(m.group(3)),
+                    "tokens": int(m.group(4)),
+                    "question": m.group(5),
+                    "expected": expected,
+                    "order": [m.group(7), m.group(8)],
+                    "answers": {},
+                }
+            )
         elif m := ANSWER.match(line):
             prompts[-1]["answers"][LABEL_TO_METHOD[m.group(1)]] = {
-                "mark": m.group(2), "ttft": float(m.group(3)), "text": ast.literal_eval(m.group(4))}
+                "mark": m.group(2),
+                "ttft": float(m.group(3)),
+                "text": ast.literal_eval(m.group(4)),
+            }
     return prompts
 
 
 def row(out: str, label: str) -> str:
     (line,) = [x for x in out.splitlines() if x.startswith(label)]
-    return line[len(label):]
+    return line[len(label) :]
 
 
 @pytest.mark.real_model
@@ -60,8 +74,22 @@ def test_demo_end_to_end(smollm2, monkeypatch, tmp_path, capsys):
     model, tok = smollm2
     monkeypatch.setattr(demo, "load", lambda args: (model, tok))
     path = tmp_path / "demo.json"
-    rc, out, err = run_cli(["demo", "--length", "640", "--depths", "0.3,0.7", "--topk", "192", "--max-new-tokens", "24",
-                            "--json", str(path)], capsys)
+    rc, out, err = run_cli(
+        [
+            "demo",
+            "--length",
+            "640",
+            "--depths",
+            "0.3,0.7",
+            "--topk",
+            "192",
+            "--max-new-tokens",
+            "24",
+            "--json",
+            str(path),
+        ],
+        capsys,
+    )
     assert rc == 0, err
     data = json.loads(path.read_text())
 
@@ -74,7 +102,11 @@ def test_demo_end_to_end(smollm2, monkeypatch, tmp_path, capsys):
     assert "warm-up (not timed)" in out and out.index("warm-up") < out.index("[1/2]")
     for p, j in zip(prompts, data["prompts"]):
         assert set(p["answers"]) == {"full", "gemfilter"}
-        assert p["tokens"] == j["prompt_tokens"] and p["question"] == j["question"] and list(p["expected"]) == j["expected"]
+        assert (
+            p["tokens"] == j["prompt_tokens"]
+            and p["question"] == j["question"]
+            and list(p["expected"]) == j["expected"]
+        )
         assert p["order"] == j["order"]
         for m, a in p["answers"].items():
             score = score_answer(a["text"], p["expected"])
@@ -97,7 +129,10 @@ def test_demo_end_to_end(smollm2, monkeypatch, tmp_path, capsys):
     assert ratio == pytest.approx(medians["full"] / medians["gemfilter"], abs=6e-3)
     assert data["ttft_ratio_full_over_gemfilter"] == pytest.approx(medians["full"] / medians["gemfilter"], rel=1e-9)
     assert ("faster" if ratio >= 1 else "slower") in re.search(r"GemFilter is [\d.]+x (\w+)", out).group(0)
-    assert f"accuracy: full attention {data['summary']['full']['accuracy']}, GemFilter {data['summary']['gemfilter']['accuracy']}" in out
+    assert (
+        f"accuracy: full attention {data['summary']['full']['accuracy']}, GemFilter {data['summary']['gemfilter']['accuracy']}"
+        in out
+    )
 
     # --- GemFilter ran at its class defaults (only topk given); KV bytes follow the kept tokens
     assert data["params"]["gemfilter"] == make_method("gemfilter", topk=192).params()
@@ -118,10 +153,15 @@ def test_demo_end_to_end(smollm2, monkeypatch, tmp_path, capsys):
     for i, m in enumerate(demo.METHODS):
         f = data["follow_up"]["methods"][m]
         n_cached, n_prompt = int(cached.group(2 * i + 1)), int(cached.group(2 * i + 2))
-        assert 0 < n_cached < n_prompt and (n_cached, n_prompt) == (f["follow_up"]["cached_tokens"], f["follow_up"]["prompt_tokens"])
+        assert 0 < n_cached < n_prompt and (n_cached, n_prompt) == (
+            f["follow_up"]["cached_tokens"],
+            f["follow_up"]["prompt_tokens"],
+        )
         assert f["first"]["cached_tokens"] == 0 and f["first"]["stored_tokens"] == int(stored.group(i + 1)) == n_cached
         assert f["speedup_cold_over_cached"] == pytest.approx(f["first"]["ttft_s"] / f["follow_up"]["ttft_s"])
-        assert f["follow_up"]["correct"] == (score_answer(f["follow_up"]["answer"], data["follow_up"]["expected"]) == 1.0)
+        assert f["follow_up"]["correct"] == (
+            score_answer(f["follow_up"]["answer"], data["follow_up"]["expected"]) == 1.0
+        )
     # full attention computes only the question's tokens on top of the cached document
     f = data["follow_up"]["methods"]["full"]
     assert f["follow_up"]["ttft_s"] < f["first"]["ttft_s"]
@@ -135,17 +175,20 @@ def test_demo_help_describes_the_options(capsys):
     assert "KV" in out and "prefix cache" in out
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["--depths", "0.5,1.5"], "--depths"),
-    (["--depth", "2"], "'2'"),
-    (["--depths", "x"], "--depths"),
-    (["--length", "0"], "--length"),
-    (["--topk", "many"], "--topk"),
-    (["--max-new-tokens", "0"], "--max-new-tokens"),
-    (["--json", "/nonexistent-folder/out.json"], "/nonexistent-folder"),
-    (["--haystack", "/nonexistent-folder/book.txt"], "/nonexistent-folder/book.txt"),
-    (["--length", "40000"], "shipped text"),  # longer than the shipped book: say so before the model loads
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["--depths", "0.5,1.5"], "--depths"),
+        (["--depth", "2"], "'2'"),
+        (["--depths", "x"], "--depths"),
+        (["--length", "0"], "--length"),
+        (["--topk", "many"], "--topk"),
+        (["--max-new-tokens", "0"], "--max-new-tokens"),
+        (["--json", "/nonexistent-folder/out.json"], "/nonexistent-folder"),
+        (["--haystack", "/nonexistent-folder/book.txt"], "/nonexistent-folder/book.txt"),
+        (["--length", "40000"], "shipped text"),  # longer than the shipped book: say so before the model loads
+    ],
+)
 def test_bad_values_exit_2_with_one_line(argv, needle, monkeypatch, capsys):
     monkeypatch.setattr(demo, "load", lambda args: pytest.fail("the model must not load for a bad value"))
     rc, out, err = run_cli(["demo", *argv], capsys)
@@ -158,7 +201,9 @@ def test_needles_are_distinct_and_unambiguous():
     assert len({n.question for n in demo.NEEDLES}) == len(demo.NEEDLES) >= 2
     for n in demo.NEEDLES:
         assert n.expected and all(e.lower() in n.sentence.lower() for e in n.expected)
-        assert not any(e.lower() in n.question.lower() for e in n.expected)  # the question does not give the answer away
+        assert not any(
+            e.lower() in n.question.lower() for e in n.expected
+        )  # the question does not give the answer away
     from tokensieve.data import shipped_text
 
     hay = shipped_text().lower()  # the demo's haystack

@@ -16,8 +16,13 @@ def examples() -> list[str]:
 
 def test_the_page_has_examples_for_apply_gemfilter_and_the_pipeline():
     code = "\n".join(examples())
-    for needle in ("tokensieve.apply(model, \"snapkv\"", "last_selection", "tokensieve.pipeline(", "lazyllm",
-                   "transformers.pipeline(task"):
+    for needle in (
+        'tokensieve.apply(model, "snapkv"',
+        "last_selection",
+        "tokensieve.pipeline(",
+        "lazyllm",
+        "transformers.pipeline(task",
+    ):
         assert needle in code
 
 

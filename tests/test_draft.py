@@ -18,11 +18,11 @@ from conftest import TinyTokenizer, random_ids, tiny_model
 from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
 from tokensieve.core.draft import DraftModel, check_same_tokenizer
+from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
+from tokensieve.engine.runner import generate, generate_batch
 from tokensieve.errors import InputError
 from tokensieve.methods import GemFilter, make_method
 from tokensieve.methods.base import full_prefill
-from tokensieve.engine.prefix_cache import PrefixReuse, PrefixStore
-from tokensieve.engine.runner import generate, generate_batch
 
 
 def other_draft(family: str = "llama", layers: int = 3, seed: int = 7) -> torch.nn.Module:
@@ -105,7 +105,9 @@ def test_filter_layer_is_the_drafts_and_the_default_is_the_drafts_known_layer():
     assert g.resolved_layer(model) == 1 == GemFilter().resolved_layer(draft)  # int(0.45 * 3), not the model's 2
     GemFilter(topk=16, filter_layer=2, filter_model=draft).validate(model, 100)  # the draft's last layer: allowed
     with pytest.raises(InputError, match=r"filter_layer must be in \[0, 2\] for the filter model, got 4"):
-        GemFilter(topk=16, filter_layer=4, filter_model=draft).validate(model, 100)  # a layer of the model, not the draft
+        GemFilter(topk=16, filter_layer=4, filter_model=draft).validate(
+            model, 100
+        )  # a layer of the model, not the draft
     short = other_draft()
     short.config.max_position_embeddings = 64
     with pytest.raises(InputError, match="more than the filter model's 64 positions"):
@@ -197,7 +199,9 @@ def test_local_filter_pass_runs_on_the_draft(chunk_size):
     ids = random_ids(300, seed=6)
     local = dict(topk=60, filter_layer=2, filter_attention="local", n_initial=4, n_recent=32, chunk_size=chunk_size)
     got = GemFilter(**local, filter_model=draft).scores(model, ids)
-    torch.testing.assert_close(got, GemFilter(**local).scores(draft, ids), rtol=1e-5, atol=1e-6)  # the draft's local pass
+    torch.testing.assert_close(
+        got, GemFilter(**local).scores(draft, ids), rtol=1e-5, atol=1e-6
+    )  # the draft's local pass
     dense = GemFilter(topk=60, filter_layer=2, chunk_size=chunk_size).scores(draft, ids)
     assert not torch.allclose(got, dense, rtol=1e-3, atol=1e-5)  # the local pass really ran (a 32-token window)
 
@@ -220,7 +224,12 @@ def test_vllm_adapter_hands_the_drafts_selection_to_the_engine(monkeypatch):
         def generate(self, prompts, sampling_params, use_tqdm=True):
             self.prompts = prompts
             ids = prompts[0]["prompt_token_ids"]
-            return [types.SimpleNamespace(prompt_token_ids=ids, outputs=[types.SimpleNamespace(text="x", token_ids=ids[-2:], finish_reason="length")])]
+            return [
+                types.SimpleNamespace(
+                    prompt_token_ids=ids,
+                    outputs=[types.SimpleNamespace(text="x", token_ids=ids[-2:], finish_reason="length")],
+                )
+            ]
 
     model, draft, tok = tiny_model(init=0.2), other_draft(), TinyTokenizer()
     ids = random_ids(120, seed=8)
@@ -264,9 +273,30 @@ def test_cli_ask_with_a_draft_equals_the_python_api(dirs, capsys):
     from tokensieve.core.models import load_model
 
     target, draft, _, doc = dirs
-    code, out, err = cli(["ask", "--model", str(target), "--file", str(doc), "--question", "Which river?", "--method",
-                          "gemfilter", "--topk", "128", "--filter-model", str(draft), "--filter-layer", "1",
-                          "--max-new-tokens", "4", "--json", "--show-selection"], capsys)
+    code, out, err = cli(
+        [
+            "ask",
+            "--model",
+            str(target),
+            "--file",
+            str(doc),
+            "--question",
+            "Which river?",
+            "--method",
+            "gemfilter",
+            "--topk",
+            "128",
+            "--filter-model",
+            str(draft),
+            "--filter-layer",
+            "1",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            "--show-selection",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"loading {draft} ..." in err
     res = json.loads(out)
@@ -274,7 +304,12 @@ def test_cli_ask_with_a_draft_equals_the_python_api(dirs, capsys):
     assert res["params"]["filter_model"] == str(draft) and res["kept_tokens"] == 128
     model, tok = load_model(str(target))
     d, _ = load_model(str(draft))
-    messages = [{"role": "user", "content": f"{doc.read_text()}\n\nAnswer the question from the text above.\nQuestion: Which river?"}]
+    messages = [
+        {
+            "role": "user",
+            "content": f"{doc.read_text()}\n\nAnswer the question from the text above.\nQuestion: Which river?",
+        }
+    ]
     ref = generate(model, tok, messages, GemFilter(topk=128, filter_layer=1, filter_model=(d, tok)), max_new_tokens=4)
     assert res["kept_indices"] == list(ref.kept_indices) and res["answer"] == ref.text
 
@@ -285,12 +320,16 @@ def test_cli_draft_errors_exit_2(dirs, capsys):
     code, _, err = cli([*base, "--method", "full", "--filter-model", str(draft)], capsys)
     assert code == 2 and "--filter-model is a gemfilter option" in err
     code, _, err = cli([*base, "--method", "gemfilter", "--filter-model", str(other)], capsys)
-    assert code == 2 and err.strip().splitlines()[-1].startswith("tokensieve ask: error: filter_model's tokenizer is not the model's")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "tokensieve ask: error: filter_model's tokenizer is not the model's"
+    )
     code, _, err = cli([*base, "--method", "gemfilter", "--filter-model", str(draft), "--filter-layer", "2"], capsys)
     assert code == 2 and "filter_layer must be in [0, 1] for the filter model, got 2" in err
     code, _, err = cli([*base, "--method", "gemfilter", "--filter-model", " "], capsys)
     assert code == 2 and "expected a model name or path" in err
-    code, _, err = cli(["serve", "--model", "/nonexistent/m", "--filter-model", str(draft), "--filter-model", str(draft)], capsys)
+    code, _, err = cli(
+        ["serve", "--model", "/nonexistent/m", "--filter-model", str(draft), "--filter-model", str(draft)], capsys
+    )
     assert code == 2 and "each draft once" in err
     code, _, err = cli(["bench", "--shape", "tiny", "--methods", "gemfilter", "--filter-model", str(draft)], capsys)
     assert code == 2 and "--filter-model needs --model" in err
@@ -298,14 +337,32 @@ def test_cli_draft_errors_exit_2(dirs, capsys):
 
 def test_cli_calibrate_measures_every_layer_of_the_draft(dirs, capsys, tmp_path):
     target, draft, other, _ = dirs
-    argv = ["calibrate", "--model", str(target), "--filter-model", str(draft), "--lengths", "600", "--depths", "0.5",
-            "--topk", "128", "--haystack", str(target / "hay.txt"), "--json"]
+    argv = [
+        "calibrate",
+        "--model",
+        str(target),
+        "--filter-model",
+        str(draft),
+        "--lengths",
+        "600",
+        "--depths",
+        "0.5",
+        "--topk",
+        "128",
+        "--haystack",
+        str(target / "hay.txt"),
+        "--json",
+    ]
     code, out, err = cli(argv, capsys)
     assert code == 0, err
     res = json.loads(out)
-    assert res["filter_model"] == str(draft) and all(len(v) == 2 for v in res["recall"].values())  # the draft's 2 layers
+    assert res["filter_model"] == str(draft) and all(
+        len(v) == 2 for v in res["recall"].values()
+    )  # the draft's 2 layers
     best = res["recall"][res["best_scoring"]]
-    assert res["last_layer_recall"] == best[-1] and res["last_layer_gain"] == round(best[-1] - best[res["best_layer"]], 4)
+    assert res["last_layer_recall"] == best[-1] and res["last_layer_gain"] == round(
+        best[-1] - best[res["best_layer"]], 4
+    )
     code, _, err = cli(argv[:4] + [str(other)] + argv[5:], capsys)
     assert code == 2 and "tokenizer is not the model's" in err
 
@@ -321,8 +378,15 @@ def draft_server():
 
     model, tok = byte_model(max_pos=1024), byte_tokenizer()
     draft = byte_model(layers=2, seed=11, max_pos=1024)
-    app = create_app(model, tok, model_name="tiny", method="gemfilter", method_params={"topk": 64, "filter_model": "small"},
-                     filter_models={"small": DraftModel(draft, byte_tokenizer(), "small")}, default_max_tokens=6)
+    app = create_app(
+        model,
+        tok,
+        model_name="tiny",
+        method="gemfilter",
+        method_params={"topk": 64, "filter_model": "small"},
+        filter_models={"small": DraftModel(draft, byte_tokenizer(), "small")},
+        default_max_tokens=6,
+    )
     with serving(app) as base:
         yield base, model, draft, tok
 
@@ -352,11 +416,16 @@ def test_server_default_and_per_request_draft(draft_server):
     assert r.status_code == 200, r.text
     assert r.json()["choices"][0]["text"] == text(GemFilter(topk=64, filter_model=(draft, tok)))
     r = complete({"method": "gemfilter", "topk": 32, "filter_model": "small", "filter_layer": 0})
-    assert r.status_code == 200 and r.json()["choices"][0]["text"] == text(GemFilter(topk=32, filter_layer=0, filter_model=(draft, tok)))
+    assert r.status_code == 200 and r.json()["choices"][0]["text"] == text(
+        GemFilter(topk=32, filter_layer=0, filter_model=(draft, tok))
+    )
     r = complete({"filter_model": None})  # the server's default method on the model itself
     assert r.status_code == 200 and r.json()["choices"][0]["text"] == text(GemFilter(topk=64))
-    for bad, needle in [("/tmp/some/model", "filter model this server loaded (small)"), (3, "got 3"),
-                        ("big", "or null for the model itself, got 'big'")]:
+    for bad, needle in [
+        ("/tmp/some/model", "filter model this server loaded (small)"),
+        (3, "got 3"),
+        ("big", "or null for the model itself, got 'big'"),
+    ]:
         r = complete({"filter_model": bad})
         assert r.status_code == 400 and needle in r.json()["error"]["message"], r.text
     r = complete({"method": "snapkv", "filter_model": "small"})
@@ -376,8 +445,22 @@ def test_cli_serve_loads_the_drafts_and_requests_pick_them(dirs, capsys, monkeyp
     target, draft, other, _ = dirs
     apps = []
     monkeypatch.setattr(DrainingServer, "run", lambda self: apps.append(self.config.app))
-    code, _, err = cli(["serve", "--model", str(target), "--method", "gemfilter", "--topk", "64", "--filter-model",
-                        str(draft), "--port", "0"], capsys)
+    code, _, err = cli(
+        [
+            "serve",
+            "--model",
+            str(target),
+            "--method",
+            "gemfilter",
+            "--topk",
+            "64",
+            "--filter-model",
+            str(draft),
+            "--port",
+            "0",
+        ],
+        capsys,
+    )
     assert code == 0, err
     assert f"loading {draft} ..." in err
     model, tok = load_model(str(target))
@@ -394,7 +477,9 @@ def test_cli_serve_loads_the_drafts_and_requests_pick_them(dirs, capsys, monkeyp
         assert httpx2.get(f"{base}/health").json()["filter_models"] == [str(draft)]
         body = {"model": "m", "prompt": prompt, "max_tokens": 5, "temperature": 0}
         r = httpx2.post(f"{base}/v1/completions", json=body, timeout=60)
-        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want(GemFilter(topk=64, filter_model=(d, tok)))
+        assert r.status_code == 200 and r.json()["choices"][0]["text"] == want(
+            GemFilter(topk=64, filter_model=(d, tok))
+        )
         r = httpx2.post(f"{base}/v1/completions", json={**body, "tokensieve": {"filter_model": str(other)}}, timeout=60)
         assert r.status_code == 400 and f"filter model this server loaded ({draft})" in r.json()["error"]["message"]
     code, _, err = cli(["serve", "--model", str(target), "--method", "gemfilter", "--filter-model", str(other)], capsys)
@@ -405,8 +490,8 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     """``serve --engine vllm --filter-model``: vLLM gets the model's folder, transformers holds the draft alone
     (a stand-in for vLLM's engine arguments: vLLM itself is not installed here)."""
     from tokensieve.core.models import load_model
-    from tokensieve.serve.server import DrainingServer
     from tokensieve.integrations.vllm_adapter import select_tokens
+    from tokensieve.serve.server import DrainingServer
 
     target, draft, other, _ = dirs
     seen: dict = {}
@@ -418,8 +503,10 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
             seen.update(kw)
 
         def create_engine_config(self):
-            return types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=2048),
-                                         scheduler_config=types.SimpleNamespace(max_num_seqs=2))
+            return types.SimpleNamespace(
+                model_config=types.SimpleNamespace(max_model_len=2048),
+                scheduler_config=types.SimpleNamespace(max_num_seqs=2),
+            )
 
     vllm = types.ModuleType("vllm")
     engine_mod, arg_utils = types.ModuleType("vllm.engine"), types.ModuleType("vllm.engine.arg_utils")
@@ -433,8 +520,22 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     monkeypatch.setattr("tokensieve.commands.common.load", no_target)
     apps = []
     monkeypatch.setattr(DrainingServer, "run", lambda self: apps.append(self.config.app))
-    code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter", "--topk", "64",
-                        "--filter-model", str(draft)], capsys)
+    code, _, err = cli(
+        [
+            "serve",
+            "--engine",
+            "vllm",
+            "--model",
+            str(target),
+            "--method",
+            "gemfilter",
+            "--topk",
+            "64",
+            "--filter-model",
+            str(draft),
+        ],
+        capsys,
+    )
     assert code == 0, err
     engine = apps[0].state.engine
     assert seen["model"] == str(target)  # vLLM answers with the model ...
@@ -443,8 +544,10 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     ids = tok(TEXT[:600], return_tensors="pt")["input_ids"]
     got = select_tokens(engine.model, engine.tokenizer, ids, make_method("gemfilter", **engine.preparer.default_params))
     assert got.kept_indices == GemFilter(topk=64).select(d, ids).tolist()
-    code, _, err = cli(["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter",
-                        "--filter-model", str(other)], capsys)
+    code, _, err = cli(
+        ["serve", "--engine", "vllm", "--model", str(target), "--method", "gemfilter", "--filter-model", str(other)],
+        capsys,
+    )
     assert code == 2 and "tokenizer is not the model's" in err
 
 

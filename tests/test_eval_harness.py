@@ -27,7 +27,7 @@ def task(seed=0, samples=2):
     return RulerTask([900], samples=samples, seed=seed, tasks=["niah_single", "vt"], haystack=TEXT, max_new_tokens=3)
 
 
-def run(model, tok, out, t=None, methods=("full", tokensieve.make_method("gemfilter", topk=64)), **kw):
+def run(model, tok, out, t=None, methods=("full", tokensieve.make_method("gemfilter", topk=64)), **kw):  # noqa: B008
     seen = []
     path = run_eval(model, tok, t or task(), list(methods), out, "tiny", progress=False, on_row=seen.append, **kw)
     return path, seen
@@ -38,7 +38,9 @@ def test_lines_record_model_params_seed_version(model, tok, tmp_path):
     rows = read_results(path)
     assert path.name == "ruler.jsonl" and len(rows) == len(seen) == 2 * 2 * 2
     for r in rows:
-        assert r["model"] == "tiny" and r["task_config"]["seed"] == 0 and r["env"]["tokensieve"] == tokensieve.__version__
+        assert (
+            r["model"] == "tiny" and r["task_config"]["seed"] == 0 and r["env"]["tokensieve"] == tokensieve.__version__
+        )
         assert r["method"] in ("full", "gemfilter") and isinstance(r["params"], dict)
         assert 0.0 <= r["score"] <= 1.0 and r["ttft_s"] > 0 and r["prompt_tokens"] <= 900
     gem = [r for r in rows if r["method"] == "gemfilter"]

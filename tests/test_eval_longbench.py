@@ -62,12 +62,15 @@ def _indel_ratio_percent(a: str, b: str) -> float:
     return round(100 * 2 * prev[-1] / (len(a) + len(b))) / 100
 
 
-@pytest.mark.parametrize("pred, ref", [
-    ("return x + 2", "return x + 1"),  # 22/24 = 91.7% -> 0.92
-    ("self.assertEqual(a, b)", "self.assertTrue(a == b)"),
-    ("for i in range(n):", "for j in range(len(xs)):"),
-    ("a" * 150 + "b" * 100, "b" * 100 + "a" * 150),  # difflib's junk heuristic would give 0
-])
+@pytest.mark.parametrize(
+    "pred, ref",
+    [
+        ("return x + 2", "return x + 1"),  # 22/24 = 91.7% -> 0.92
+        ("self.assertEqual(a, b)", "self.assertTrue(a == b)"),
+        ("for i in range(n):", "for j in range(len(xs)):"),
+        ("a" * 150 + "b" * 100, "b" * 100 + "a" * 150),  # difflib's junk heuristic would give 0
+    ],
+)
 def test_code_sim_is_fuzzywuzzy_ratio(pred, ref):
     assert code_sim(pred, ref) == _indel_ratio_percent(pred, ref)
 
@@ -126,9 +129,22 @@ def test_truncate_middle():
 
 def write_data(path):
     rows = [
-        {"input": "Who baked the bread?", "context": "Anna baked the bread. " * 40, "answers": ["Anna"], "dataset": "hotpotqa", "_id": "a"},
+        {
+            "input": "Who baked the bread?",
+            "context": "Anna baked the bread. " * 40,
+            "answers": ["Anna"],
+            "dataset": "hotpotqa",
+            "_id": "a",
+        },
         {"input": "", "context": "Report text. " * 30, "answers": ["A summary."], "dataset": "gov_report", "_id": "b"},
-        {"input": "What is x?", "context": "ctx", "answers": ["Location"], "all_classes": ["Location", "Human"], "dataset": "trec", "_id": "c"},
+        {
+            "input": "What is x?",
+            "context": "ctx",
+            "answers": ["Location"],
+            "all_classes": ["Location", "Human"],
+            "dataset": "trec",
+            "_id": "c",
+        },
     ]
     path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     return rows

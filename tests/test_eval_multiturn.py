@@ -11,14 +11,20 @@ import torch
 from conftest import tiny_model
 from eval_support import TEXT, byte_model, byte_tokenizer
 
+from tokensieve.engine.runner import encode_prompt, generate
 from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import (
-    REVIVAL_FIELDS, RevivalProbe, cell_id, read_results, revival_fields, run_eval, run_generation,
+    REVIVAL_FIELDS,
+    RevivalProbe,
+    cell_id,
+    read_results,
+    revival_fields,
+    run_eval,
+    run_generation,
 )
 from tokensieve.evaluation.multiturn import FACT_KINDS, MultiTurnTask, turn_messages
 from tokensieve.evaluation.ruler import RulerTask
 from tokensieve.methods import LazyLLM, make_method
-from tokensieve.engine.runner import encode_prompt, generate
 
 torch.set_num_threads(1)
 
@@ -46,7 +52,13 @@ def test_samples_deterministic_for_a_seed_and_differ_across_seeds(tok):
     c = list(task(seed=4).samples(tok))
     assert [s.key for s in a] == [f"{LENGTH}/0", f"{LENGTH}/1"]
     for x, y in zip(a, b):
-        assert (x.input_ids, x.expected, x.meta, x.questions, x.document) == (y.input_ids, y.expected, y.meta, y.questions, y.document)
+        assert (x.input_ids, x.expected, x.meta, x.questions, x.document) == (
+            y.input_ids,
+            y.expected,
+            y.meta,
+            y.questions,
+            y.document,
+        )
     for x, z in zip(a, c):
         assert x.key == z.key and set(x.expected).isdisjoint(z.expected) and x.questions != z.questions
     assert set(a[0].expected).isdisjoint(a[1].expected)  # two conversations of one seed differ too
@@ -98,7 +110,7 @@ def test_turn_prompt_contains_the_earlier_turns(tok):
         assert s.document in text and text.rstrip().endswith(f"Question: {s.questions[t]}")
         for q, a in zip(s.questions[:t], answers[:t]):  # every earlier question and answer, in order
             assert q in text and a in text and text.index(q) < text.index(a)
-        assert all(q not in text for q in s.questions[t + 1:])
+        assert all(q not in text for q in s.questions[t + 1 :])
         if prev is not None:  # turn t's prompt extends turn t-1's (which the prefix cache can reuse)
             assert text.startswith(prev.rstrip())
         prev = text
@@ -120,10 +132,17 @@ def test_run_writes_lines_and_resumes(model, tok, tmp_path):
         assert r["task"] == "multiturn" and r["task_config"]["seed"] == 0 and r["task_config"]["turns"] == 5
         turns = r["turns"]
         assert [t["turn"] for t in turns] == [1, 2, 3, 4, 5] and r["expected"] == [t["expected"] for t in turns]
-        assert r["score"] == pytest.approx(sum(t["score"] for t in turns) / 5) and r["turn_scores"] == [t["score"] for t in turns]
+        assert r["score"] == pytest.approx(sum(t["score"] for t in turns) / 5) and r["turn_scores"] == [
+            t["score"] for t in turns
+        ]
         assert r["answers"] == [t["answer"] for t in turns]
-        assert r["ttft_s"] == pytest.approx(sum(t["ttft_s"] for t in turns) / 5) and r["ttft_s_first"] == turns[0]["ttft_s"]
-        assert r["prompt_tokens"] == turns[-1]["prompt_tokens"] and r["cached_tokens"] == sum(t["cached_tokens"] for t in turns)
+        assert (
+            r["ttft_s"] == pytest.approx(sum(t["ttft_s"] for t in turns) / 5)
+            and r["ttft_s_first"] == turns[0]["ttft_s"]
+        )
+        assert r["prompt_tokens"] == turns[-1]["prompt_tokens"] and r["cached_tokens"] == sum(
+            t["cached_tokens"] for t in turns
+        )
         for t in turns:
             assert {"ttft_s", "cached_tokens", "kept_tokens", "prompt_tokens"} <= set(t) and t["ttft_s"] > 0
         # each turn's prompt is the conversation so far: re-encoding the recorded answers gives its size
@@ -219,14 +238,19 @@ def test_revivals_per_step_match_an_eager_count(family, stop):
         assert res.token_ids[-1] == eos and res.generated_tokens < 16
     per_step = probe.per_step(res)
     steps = res.generated_tokens - 1
-    ref, st = _reference_per_step(model, LazyLLM(prune_layers=layers, keep_fractions=(0.5,) * len(layers)), prompt,
-                                  res.token_ids[:steps])
+    ref, st = _reference_per_step(
+        model, LazyLLM(prune_layers=layers, keep_fractions=(0.5,) * len(layers)), prompt, res.token_ids[:steps]
+    )
     assert sum(ref) > 0 and sum(x > 0 for x in ref) >= 2, "the run should revive tokens in several steps"
     assert per_step == ref and len(per_step) == steps
     fields = revival_fields(per_step, res.details)
     assert fields == {
-        "revived_per_step_mean": sum(ref) / steps, "revived_per_step_max": max(ref), "revived_total": sum(ref),
-        "revived_tokens": int(st.revived.sum()), "revival_steps": sum(x > 0 for x in ref), "decode_steps": steps,
+        "revived_per_step_mean": sum(ref) / steps,
+        "revived_per_step_max": max(ref),
+        "revived_total": sum(ref),
+        "revived_tokens": int(st.revived.sum()),
+        "revival_steps": sum(x > 0 for x in ref),
+        "decode_steps": steps,
     }
     # what every generation task records: the same fields from run_generation, none for other methods
     res2, extra = run_generation(model, tok, prompt[0].tolist(), lazy, 16, False)
@@ -258,12 +282,22 @@ def test_lazyllm_lines_carry_the_revival_fields(model, tok, tmp_path):
 def test_cli_bad_values_exit_2(capsys):
     from tokensieve.cli import main
 
-    for argv, needle in ((["--turns", "0"], "--turns"), (["--prefix-cache-gib", "-1"], "--prefix-cache-gib"),
-                         (["--prefix-cache-gib", "x"], "'x'"), (["--samples", "0"], "--samples"), (["--seed", "q"], "--seed")):
+    for argv, needle in (
+        (["--turns", "0"], "--turns"),
+        (["--prefix-cache-gib", "-1"], "--prefix-cache-gib"),
+        (["--prefix-cache-gib", "x"], "'x'"),
+        (["--samples", "0"], "--samples"),
+        (["--seed", "q"], "--seed"),
+    ):
         with pytest.raises(SystemExit) as exc:
             main(["eval", "multiturn", *argv, "--model", "/nonexistent/model"])
         err = capsys.readouterr().err.strip().splitlines()
-        assert exc.value.code == 2 and len(err) == 1 and err[0].startswith("tokensieve eval multiturn: error:") and needle in err[0]
+        assert (
+            exc.value.code == 2
+            and len(err) == 1
+            and err[0].startswith("tokensieve eval multiturn: error:")
+            and needle in err[0]
+        )
 
 
 def test_cli_help_lists_the_options(capsys):
@@ -283,8 +317,28 @@ def test_cli_runs_and_resumes(tmp_path, capsys):
     from tokensieve.cli import main
 
     d = save_model_dir(tmp_path / "m")
-    argv = ["eval", "multiturn", "--model", str(d), "--haystack", str(d / "hay.txt"), "--lengths", "700", "--samples", "1",
-            "--turns", "3", "--max-new-tokens", "3", "--methods", "full", "--out", str(tmp_path / "out"), "--quiet", "--no-plots"]
+    argv = [
+        "eval",
+        "multiturn",
+        "--model",
+        str(d),
+        "--haystack",
+        str(d / "hay.txt"),
+        "--lengths",
+        "700",
+        "--samples",
+        "1",
+        "--turns",
+        "3",
+        "--max-new-tokens",
+        "3",
+        "--methods",
+        "full",
+        "--out",
+        str(tmp_path / "out"),
+        "--quiet",
+        "--no-plots",
+    ]
     assert main(argv) == 0
     rows = read_results(tmp_path / "out" / "multiturn.jsonl")
     assert len(rows) == 1 and len(rows[0]["turns"]) == 3 and rows[0]["task_config"]["prefix_cache_gib"] == 1.0
@@ -298,8 +352,12 @@ def test_smollm2_prefix_cache_same_answers(smollm2, tmp_path):
     model, tok = smollm2
     t = MultiTurnTask(TEXT, [512], samples=1, seed=0, turns=3, max_new_tokens=12)
     (c,) = _run(model, tok, tmp_path / "a", t=t)[1]
-    (p,) = _run(model, tok, tmp_path / "b", t=MultiTurnTask(TEXT, [512], samples=1, seed=0, turns=3, max_new_tokens=12,
-                                                             prefix_cache_gib=0))[1]
+    (p,) = _run(
+        model,
+        tok,
+        tmp_path / "b",
+        t=MultiTurnTask(TEXT, [512], samples=1, seed=0, turns=3, max_new_tokens=12, prefix_cache_gib=0),
+    )[1]
     assert c["prefix_reused"] and not p["prefix_reused"]
     assert c["answers"] == p["answers"] and all(a.strip() for a in c["answers"])
     assert c["turns"][0]["cached_tokens"] == 0 and all(x["cached_tokens"] > 400 for x in c["turns"][1:])
@@ -313,5 +371,8 @@ def test_smollm2_lazyllm_revivals(smollm2, tmp_path):
     t = MultiTurnTask(TEXT, [512], samples=1, seed=0, turns=2, max_new_tokens=16)
     (r,) = _run(model, tok, tmp_path, t=t, methods=(make_method("lazyllm", keep_fractions=(0.5, 0.5, 0.5)),))[1]
     assert set(REVIVAL_FIELDS) <= set(r) and r["decode_steps"] > 0
-    assert r["revived_total"] == sum(x["revived_total"] for x in r["turns"]) == r["details"]["revived_kv_computations"] + sum(
-        x["revived_total"] for x in r["turns"][:-1])
+    assert (
+        r["revived_total"]
+        == sum(x["revived_total"] for x in r["turns"])
+        == r["details"]["revived_kv_computations"] + sum(x["revived_total"] for x in r["turns"][:-1])
+    )

@@ -27,14 +27,25 @@ def test_samples_and_recall(tmp_path):
     # the needle moves with the depth
     pos = [tok.decode(s.input_ids).index(DEFAULT_NEEDLE) for s in samples[3:]]
     assert pos[0] < pos[1] < pos[2]
-    path = run_eval(byte_model(), tok, task, ["full", tokensieve.make_method("gemfilter", topk=64)], tmp_path, "tiny", progress=False)
+    path = run_eval(
+        byte_model(),
+        tok,
+        task,
+        ["full", tokensieve.make_method("gemfilter", topk=64)],
+        tmp_path,
+        "tiny",
+        progress=False,
+    )
     rows = read_results(path)
     assert all(r["needle_recall"] is None for r in rows if r["method"] == "full")
     assert all(0 <= r["needle_recall"] <= 1 for r in rows if r["method"] == "gemfilter")
     # answer_recall: the share of the expected phrases' tokens among the kept ones, recomputed here
     for s in samples:
         answer = s.meta["answer_span"]
-        assert "".join(tok.decode([s.input_ids[i]]) for i in answer).replace(" ", "") in ("sandwichDoloresPark", "DoloresParksandwich")
+        assert "".join(tok.decode([s.input_ids[i]]) for i in answer).replace(" ", "") in (
+            "sandwichDoloresPark",
+            "DoloresParksandwich",
+        )
         gem = tokensieve.make_method("gemfilter", topk=64)
         from tokensieve.engine.runner import generate
 
@@ -59,8 +70,21 @@ def model_dir(tmp_path_factory):
 
 
 def test_needle_alias_and_eval_needle(model_dir, tmp_path, capsys):
-    args = ["--model", str(model_dir), "--methods", "full", "--lengths", "600", "--depths", "0,1",
-            "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "2", "--quiet"]
+    args = [
+        "--model",
+        str(model_dir),
+        "--methods",
+        "full",
+        "--lengths",
+        "600",
+        "--depths",
+        "0,1",
+        "--haystack",
+        str(model_dir / "hay.txt"),
+        "--max-new-tokens",
+        "2",
+        "--quiet",
+    ]
     assert main(["needle", *args, "--out", str(tmp_path / "a")]) == 0
     assert main(["eval", "needle", *args, "--out", str(tmp_path / "b")]) == 0
     a = [json.loads(x) for x in (tmp_path / "a" / "needle.jsonl").read_text().splitlines()]
@@ -71,18 +95,82 @@ def test_needle_alias_and_eval_needle(model_dir, tmp_path, capsys):
 
 
 def test_eval_ruler_and_ppl_commands(model_dir, tmp_path, capsys):
-    common = ["--model", str(model_dir), "--methods", "full,gemfilter", "--topk", "64", "--quiet", "--out", str(tmp_path)]
-    assert main(["eval", "ruler", *common, "--lengths", "900", "--samples", "1", "--tasks", "niah_single,fwe",
-                 "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "2"]) == 0
+    common = [
+        "--model",
+        str(model_dir),
+        "--methods",
+        "full,gemfilter",
+        "--topk",
+        "64",
+        "--quiet",
+        "--out",
+        str(tmp_path),
+    ]
+    assert (
+        main(
+            [
+                "eval",
+                "ruler",
+                *common,
+                "--lengths",
+                "900",
+                "--samples",
+                "1",
+                "--tasks",
+                "niah_single,fwe",
+                "--haystack",
+                str(model_dir / "hay.txt"),
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
     rows = read_results(tmp_path / "ruler.jsonl")
     assert len(rows) == 4 and {r["params"].get("topk") for r in rows if r["method"] == "gemfilter"} == {64}
     assert rows[0]["command"].startswith("tokensieve eval ruler --model ")
     # a rerun with another seed into the same folder is refused (exit code 2, message names the seed)
-    assert main(["eval", "ruler", *common, "--lengths", "900", "--samples", "1", "--tasks", "niah_single,fwe",
-                 "--haystack", str(model_dir / "hay.txt"), "--max-new-tokens", "2", "--seed", "5"]) == 2
+    assert (
+        main(
+            [
+                "eval",
+                "ruler",
+                *common,
+                "--lengths",
+                "900",
+                "--samples",
+                "1",
+                "--tasks",
+                "niah_single,fwe",
+                "--haystack",
+                str(model_dir / "hay.txt"),
+                "--max-new-tokens",
+                "2",
+                "--seed",
+                "5",
+            ]
+        )
+        == 2
+    )
     assert "seed=0 (now 5)" in capsys.readouterr().err
-    assert main(["eval", "ppl", *common, "--lengths", "200", "--samples", "2", "--score-tokens", "8",
-                 "--file", str(model_dir / "hay.txt")]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "ppl",
+                *common,
+                "--lengths",
+                "200",
+                "--samples",
+                "2",
+                "--score-tokens",
+                "8",
+                "--file",
+                str(model_dir / "hay.txt"),
+            ]
+        )
+        == 0
+    )
     assert len(read_results(tmp_path / "ppl.jsonl")) == 4
     report = (tmp_path / "report.md").read_text()
     assert "ppl" in report and "ruler" in report and "fwe" in report

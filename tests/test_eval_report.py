@@ -40,9 +40,22 @@ def cell(k, n):
 
 
 def line(method, length, score, ttft, mem_mb, kv, prompt=1000, params=None, key="k", task="ruler", **extra):
-    return {"task": task, "task_config": {"seed": 0}, "model": "m", "key": key, "length": length, "method": method,
-            "params": params or {}, "score": score, "ttft_s": ttft, "peak_memory_bytes": None if mem_mb is None else mem_mb * MB,
-            "kv_tokens_prefill": kv, "kept_tokens": kv, "prompt_tokens": prompt, "meta": {"subtask": key.split("/")[0]}} | extra
+    return {
+        "task": task,
+        "task_config": {"seed": 0},
+        "model": "m",
+        "key": key,
+        "length": length,
+        "method": method,
+        "params": params or {},
+        "score": score,
+        "ttft_s": ttft,
+        "peak_memory_bytes": None if mem_mb is None else mem_mb * MB,
+        "kv_tokens_prefill": kv,
+        "kept_tokens": kv,
+        "prompt_tokens": prompt,
+        "meta": {"subtask": key.split("/")[0]},
+    } | extra
 
 
 @pytest.fixture
@@ -74,23 +87,31 @@ def test_summary_numbers(results):
     # full's scores 1.0 and 0.5 are fractional: a bootstrap, and 2 samples are too few for it
     assert "| m | ruler | full | 1024 | 2 | 75.0 | n too small | - | 0.300 | 110 | 100% | 100% | 0 |" in md
     # gemfilter's 0/1 scores: Wilson at 2/3; its difference to full is over 2 pairs (niah/0, niah/1)
-    assert f"| m | ruler | gemfilter | 1024 | 3 | 66.7 | {cell(2, 3)} | -25.0 (n too small: n = 2) | 0.167 | 60 | 25% | 25% | 0 |" in md
+    assert (
+        f"| m | ruler | gemfilter | 1024 | 3 | 66.7 | {cell(2, 3)} | -25.0 (n too small: n = 2) | 0.167 | 60 | 25% | 25% | 0 |"
+        in md
+    )
     assert "±" not in md
     parts = {(x["method"], x["part"]): x["accuracy"] for x in summarize(rows, by_part=True)}
     assert parts[("gemfilter", "niah")] == pytest.approx(50.0) and parts[("gemfilter", "vt")] == pytest.approx(100.0)
 
 
 def test_labels_show_varying_params():
-    rows = [line("gemfilter", 1, 1, 1, 1, 1, params={"topk": 256, "scoring": "window"}),
-            line("gemfilter", 1, 1, 1, 1, 1, params={"topk": 512, "scoring": "window"}), line("full", 1, 1, 1, 1, 1)]
+    rows = [
+        line("gemfilter", 1, 1, 1, 1, 1, params={"topk": 256, "scoring": "window"}),
+        line("gemfilter", 1, 1, 1, 1, 1, params={"topk": 512, "scoring": "window"}),
+        line("full", 1, 1, 1, 1, 1),
+    ]
     assert sorted(method_labels(rows).values()) == ["full", "gemfilter(topk=256)", "gemfilter(topk=512)"]
 
 
 def test_perplexity_aggregate(tmp_path):
-    rows = [line("full", 128, None, 0.1, 1, 100, task="ppl", key="decode/128/0", nll=10.0, tokens=10),
-            line("full", 128, None, 0.1, 1, 100, task="ppl", key="decode/128/1", nll=30.0, tokens=10)]
+    rows = [
+        line("full", 128, None, 0.1, 1, 100, task="ppl", key="decode/128/0", nll=10.0, tokens=10),
+        line("full", 128, None, 0.1, 1, 100, task="ppl", key="decode/128/1", nll=30.0, tokens=10),
+    ]
     (g,) = summarize(rows)
-    assert g["ppl"] == pytest.approx(2.718281828 ** 2) and g["accuracy"] is None
+    assert g["ppl"] == pytest.approx(2.718281828**2) and g["accuracy"] is None
 
 
 def test_report_command_writes_markdown_and_plots(results, tmp_path, capsys):
@@ -104,16 +125,23 @@ def test_report_command_writes_markdown_and_plots(results, tmp_path, capsys):
 
 
 def test_needle_heatmaps_from_report(tmp_path):
-    rows = [line("full", n, float(d < 0.5), 0.1, 1, 100, task="needle", key=f"{n}/{d}", meta={"depth": d})
-            for n in (1024, 2048) for d in (0.0, 0.5, 1.0)]
+    rows = [
+        line("full", n, float(d < 0.5), 0.1, 1, 100, task="needle", key=f"{n}/{d}", meta={"depth": d})
+        for n in (1024, 2048)
+        for d in (0.0, 0.5, 1.0)
+    ]
     md = build_report(rows, tmp_path / "plots", link_base=tmp_path)
     assert "(plots/needle_m_full.png)" in md and (tmp_path / "plots" / "needle_m_full.png").exists()
 
 
 def test_paired_comparison_uses_the_samples_every_method_scored():
-    rows = [line("full", 1024, 1.0, 0.1, 1, 100, key="a"), line("full", 1024, 1.0, 0.1, 1, 100, key="b"),
-            line("full", 1024, 0.0, 0.1, 1, 100, key="c"),
-            line("snapkv", 1024, 0.0, 0.1, 1, 100, key="a"), line("snapkv", 1024, 1.0, 0.1, 1, 100, key="b")]
+    rows = [
+        line("full", 1024, 1.0, 0.1, 1, 100, key="a"),
+        line("full", 1024, 1.0, 0.1, 1, 100, key="b"),
+        line("full", 1024, 0.0, 0.1, 1, 100, key="c"),
+        line("snapkv", 1024, 0.0, 0.1, 1, 100, key="a"),
+        line("snapkv", 1024, 1.0, 0.1, 1, 100, key="b"),
+    ]
     g = {x["method"]: x for x in summarize(rows)}
     assert g["full"]["accuracy"] == pytest.approx(200 / 3) and g["snapkv"]["accuracy"] == pytest.approx(50)
     # paired difference on a and b only: (0 - 1 + 1 - 1) / 2 = -0.5, over 2 pairs: too few for an interval
@@ -131,14 +159,20 @@ def test_paired_comparison_uses_the_samples_every_method_scored():
 
 
 def test_report_without_timing_has_no_ttft_column_or_plot(results, tmp_path):
-    md = build_report(load_results([results], warn=lambda message: None), tmp_path / "plots", link_base=tmp_path, timing=False)
+    md = build_report(
+        load_results([results], warn=lambda message: None), tmp_path / "plots", link_base=tmp_path, timing=False
+    )
     assert "| m | ruler | full | 1024 | 2 | 75.0 | n too small | - | 110 | 100% | 100% | 0 |" in md and "TTFT" not in md
     assert not (tmp_path / "plots" / "accuracy_vs_ttft.png").exists()
 
 
 def test_report_pools_all_lengths():
-    rows = [line("full", 1024, 1.0, 0.1, 1, 100, key="1k/a"), line("full", 2048, 0.0, 0.1, 1, 100, key="2k/a"),
-            line("gemfilter", 1024, 1.0, 0.1, 1, 100, key="1k/a"), line("gemfilter", 2048, 1.0, 0.1, 1, 100, key="2k/a")]
+    rows = [
+        line("full", 1024, 1.0, 0.1, 1, 100, key="1k/a"),
+        line("full", 2048, 0.0, 0.1, 1, 100, key="2k/a"),
+        line("gemfilter", 1024, 1.0, 0.1, 1, 100, key="1k/a"),
+        line("gemfilter", 2048, 1.0, 0.1, 1, 100, key="2k/a"),
+    ]
     md = build_report(rows)
     pooled = md.split("## All lengths pooled")[1]
     assert f"| m | ruler | full | all | 2 | 50.0 | {cell(1, 2)} | - |" in pooled
@@ -164,7 +198,9 @@ def test_accuracy_interval_picks_wilson_for_0_1_scores_and_bootstrap_otherwise()
     assert accuracy_interval(scores) == bootstrap_interval(scores)
 
 
-@pytest.mark.parametrize("values", [[-1.0, 0.0, 0.0, 1.0, 1.0], [i / 97 for i in range(97)]], ids=["few-values", "many-values"])
+@pytest.mark.parametrize(
+    "values", [[-1.0, 0.0, 0.0, 1.0, 1.0], [i / 97 for i in range(97)]], ids=["few-values", "many-values"]
+)
 def test_bootstrap_interval_contains_the_mean_narrows_with_n_and_is_reproducible(values):
     widths = []
     for reps in (1, 4, 16):
@@ -186,7 +222,10 @@ def test_paired_interval_and_n_too_small_threshold():
         out = []
         for i in range(n):
             f, s = float(r.random() < 0.8), float(r.random() < 0.5)
-            out += [line("full", 1024, f, 0.1, 1, 100, key=f"k/{i}"), line("snapkv", 1024, s, 0.1, 1, 100, key=f"k/{i}")]
+            out += [
+                line("full", 1024, f, 0.1, 1, 100, key=f"k/{i}"),
+                line("snapkv", 1024, s, 0.1, 1, 100, key=f"k/{i}"),
+            ]
         return out
 
     small = {g["method"]: g for g in summarize(rows(MIN_SAMPLES_FOR_INTERVAL - 1))}["snapkv"]
@@ -201,16 +240,24 @@ def test_paired_interval_and_n_too_small_threshold():
         lo, hi = g["vs_full_interval"]
         assert lo <= g["vs_full"] <= hi and g["vs_full_interval"] == bootstrap_interval(diffs)
         assert g["vs_full_ci"] == pytest.approx((hi - lo) / 2)
-        assert f"{g['vs_full']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in markdown_table([g]) and "n too small" not in markdown_table([g])
+        assert f"{g['vs_full']:+.1f} [{lo:+.1f}, {hi:+.1f}]" in markdown_table(
+            [g]
+        ) and "n too small" not in markdown_table([g])
 
 
 def test_lines_with_wrong_field_types_are_skipped_with_the_warning(results, capsys):
     """Valid JSON result lines whose fields have the wrong types are skipped and counted, not fatal."""
     f = results / "ruler.jsonl"
-    bad = [line("full", 1024, "high", 0.2, 100, 1000, key="niah/2"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/3") | {"params": [1]},
-           line("full", "1k", 1.0, 0.2, 100, 1000, key="niah/4"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/5") | {"model": 5},
-           line("full", 1024, 1.0, "fast", 100, 1000, key="niah/6"), line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/7") | {"key": ["niah/7"]},
-           line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/8") | {"meta": "x"}, line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/9") | {"env": ["x"]}]
+    bad = [
+        line("full", 1024, "high", 0.2, 100, 1000, key="niah/2"),
+        line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/3") | {"params": [1]},
+        line("full", "1k", 1.0, 0.2, 100, 1000, key="niah/4"),
+        line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/5") | {"model": 5},
+        line("full", 1024, 1.0, "fast", 100, 1000, key="niah/6"),
+        line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/7") | {"key": ["niah/7"]},
+        line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/8") | {"meta": "x"},
+        line("full", 1024, 1.0, 0.2, 100, 1000, key="niah/9") | {"env": ["x"]},
+    ]
     f.write_text(f.read_text() + "\n" + "\n".join(json.dumps(r) for r in bad) + "\n")
     seen: list[str] = []
     rows = load_results([results], warn=seen.append)

@@ -89,7 +89,9 @@ def test_key_types(tok):
     s = next(task.samples(tok))
     assert re.fullmatch(r"[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}", s.expected[0])
     assert s.expected[0] in _prompt(tok, s)
-    task = RulerTask([LENGTH], samples=1, tasks=["niah_single"], key_type="number", value_type="word", haystack_kind="noise")
+    task = RulerTask(
+        [LENGTH], samples=1, tasks=["niah_single"], key_type="number", value_type="word", haystack_kind="noise"
+    )
     s = next(task.samples(tok))
     assert re.fullmatch(r"[a-z]+-[a-z]+", s.expected[0]) and s.expected[0] in _prompt(tok, s)
     assert "The grass is green." in _prompt(tok, s)
@@ -149,7 +151,11 @@ def test_real_tokenizer_sizes():
     from tokensieve.core.models import cache_dir, load_model
 
     folder = cache_dir() / "smollm2"
-    tok = AutoTokenizer.from_pretrained(str(folder)) if (folder / "tokenizer_config.json").exists() else load_model("smollm2")[1]
+    tok = (
+        AutoTokenizer.from_pretrained(str(folder))
+        if (folder / "tokenizer_config.json").exists()
+        else load_model("smollm2")[1]
+    )
     for s in RulerTask([1024], samples=1, seed=0, haystack=TEXT).samples(tok):
         assert 1024 - 100 < len(s.input_ids) <= 1024, (s.key, len(s.input_ids))
         text = tok.decode(s.input_ids)

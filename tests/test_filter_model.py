@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import tiny_model
+
+from tokensieve.bench.roofline import weights_bytes
 from tokensieve.errors import InputError
 from tokensieve.integrations.filter_model import filter_config, filter_fraction, filter_layer_of, load_filter_model
-from tokensieve.bench.roofline import weights_bytes
 from tokensieve.methods.gemfilter import GemFilter
 
 R = 2
@@ -104,21 +104,24 @@ def test_bad_device_map(saved):
 
 @pytest.mark.real_model
 def test_smollm2_filter_only_same_kept_ids(smollm2):
-    from tokensieve.data import read_text
-    from tokensieve.evaluation.needle import build_needle_prompt
     from tokensieve.core.models import cache_dir
+    from tokensieve.data import read_text
     from tokensieve.engine.runner import encode_prompt
+    from tokensieve.evaluation.needle import build_needle_prompt
 
     model, tok = smollm2
     fm = load_filter_model(cache_dir() / "smollm2", 18, device_map="auto", dtype="float32")
     assert len(fm.model.layers) == 19 and weights_bytes(fm) < 0.75 * weights_bytes(model)
     for length, depth in ((800, 0.4), (1500, 0.8)):
-        ids = encode_prompt(tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages)
+        ids = encode_prompt(
+            tok, build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth).messages
+        )
         ref = GemFilter(filter_layer=18, topk=128).select(model, ids)
         assert torch.equal(GemFilter(filter_layer=18, topk=128).select(fm, ids).cpu(), ref)
 
 
 # ---- random weights in a shape (build_filter_model): the GPU benchmarks' filter model -------------------
+
 
 def _llama_config(layers: int = 6):
     return tiny_model("llama", layers=layers).config
@@ -134,7 +137,9 @@ def test_built_filter_model_selects_like_the_full_model_with_its_weights():
     assert len(fm.model.layers) == R + 1 and filter_layer_of(fm) == R
     assert fm.lm_head.weight.device.type == "meta"
     full = tiny_model("llama", layers=6, init=0.2)
-    missing, _ = full.load_state_dict({k: v for k, v in fm.state_dict().items() if not k.startswith("lm_head")}, strict=False)
+    missing, _ = full.load_state_dict(
+        {k: v for k, v in fm.state_dict().items() if not k.startswith("lm_head")}, strict=False
+    )
     assert all(k.startswith(("lm_head", "model.norm")) or int(k.split(".")[2]) > R for k in missing), missing
     torch.testing.assert_close(fm.model.rotary_emb.inv_freq, full.model.rotary_emb.inv_freq, rtol=0, atol=0)
     for k in (16, 50):

@@ -6,12 +6,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import random_ids, tiny_model
-
-import tokensieve
 from test_span_selection import slow_rank
 
+import tokensieve
 from tokensieve.methods.eviction import DEFAULT_DILATION
 from tokensieve.methods.gemfilter import GemFilter, pool_and_select
 
@@ -197,7 +195,9 @@ def test_chunked_filter_pass_equals_one_shot(family, scoring, attention):
     model = tiny_model(family, seed=7)
     ids = random_ids(103, seed=2)  # chunks of 16 leave a 7-token tail, merged into the previous chunk
     one = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, filter_attention=attention)
-    chunked = GemFilter(topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16, filter_attention=attention)
+    chunked = GemFilter(
+        topk=20, filter_layer=3, scoring=scoring, window_size=8, chunk_size=16, filter_attention=attention
+    )
     chunked.validate(model, 103)
     torch.testing.assert_close(chunked.scores(model, ids), one.scores(model, ids), rtol=1e-4, atol=1e-4)
     assert chunked.select(model, ids).tolist() == one.select(model, ids).tolist()

@@ -9,10 +9,10 @@ import torch
 from conftest import random_ids, tiny_model
 
 import tokensieve
+from tokensieve.core.rope import accurate_rope
 from tokensieve.errors import InputError
 from tokensieve.methods import gemfilter as gf
 from tokensieve.methods.gemfilter import GemFilter, local_attention, local_mask, pool_and_select
-from tokensieve.core.rope import accurate_rope
 
 
 def hand_mask(n: int, n_initial: int, n_recent: int, sliding: int | None = None) -> torch.Tensor:
@@ -52,8 +52,9 @@ def test_local_attention_equals_dense_masked_reference(n_initial, n_recent, chun
     # the last 20 queries over a cache holding only the sinks and the keys from position lo on
     lo = max(min(n_initial, n - 20), n - 20 - n_recent + 1)
     held = torch.cat([torch.arange(min(n_initial, lo)), torch.arange(lo, n)])
-    part = local_attention(q[:, :, -20:], k[:, :, held], v[:, :, held], 0.3, n_initial, n_recent, query_chunk=chunk,
-                           key_positions=held)
+    part = local_attention(
+        q[:, :, -20:], k[:, :, held], v[:, :, held], 0.3, n_initial, n_recent, query_chunk=chunk, key_positions=held
+    )
     torch.testing.assert_close(part.double(), ref[:, :, -20:], rtol=1e-5, atol=1e-5)
 
 
@@ -130,7 +131,7 @@ def reference_local_scores(model, ids, r: int, scoring: str, window: int, n_init
     with torch.no_grad(), pytest.raises(gf._FilterDone):
         model(input_ids=ids, use_cache=False, **{gf.HOOK_KWARG: hook})
     q, k = captured["q"][0].double(), captured["k"][0].double()  # [hq, n, d], [hkv, n, d]
-    hq, hkv, d = q.shape[0], k.shape[0], q.shape[-1]
+    hq, hkv = q.shape[0], k.shape[0]
     scale = model.model.layers[r].self_attn.scaling
     scores = torch.zeros(n, dtype=torch.float64)
     for h in range(hq):
@@ -149,8 +150,15 @@ def test_local_selection_matches_slow_reference(family, scoring):
     model = model_for(family, seed=3)
     ids = random_ids(60, seed=5)
     for r, n_initial, w in ((1, 0, 3), (3, 4, 9), (len(model.model.layers) - 2, 2, 20)):
-        m = GemFilter(topk=17, filter_layer=r, scoring=scoring, window_size=8, filter_attention="local",
-                      n_initial=n_initial, n_recent=w)
+        m = GemFilter(
+            topk=17,
+            filter_layer=r,
+            scoring=scoring,
+            window_size=8,
+            filter_attention="local",
+            n_initial=n_initial,
+            n_recent=w,
+        )
         got = m.scores(model, ids)
         ref = reference_local_scores(model, ids, r, scoring, 8, n_initial, w)
         torch.testing.assert_close(got.double(), ref, rtol=1e-4, atol=1e-4)
@@ -163,7 +171,15 @@ def test_local_selection_matches_slow_reference(family, scoring):
 def test_local_chunked_equals_unchunked(family, scoring, n_initial, w, chunk):
     model = tiny_model(family, seed=2)
     ids = random_ids(103, seed=2)
-    kw = dict(topk=20, filter_layer=3, scoring=scoring, window_size=5, filter_attention="local", n_initial=n_initial, n_recent=w)
+    kw = dict(
+        topk=20,
+        filter_layer=3,
+        scoring=scoring,
+        window_size=5,
+        filter_attention="local",
+        n_initial=n_initial,
+        n_recent=w,
+    )
     one, chunked = GemFilter(**kw), GemFilter(**kw, chunk_size=chunk)
     chunked.validate(model, 103)
     torch.testing.assert_close(chunked.scores(model, ids), one.scores(model, ids), rtol=1e-4, atol=1e-4)
@@ -184,11 +200,25 @@ def test_local_chunked_pass_holds_only_sinks_and_window(monkeypatch):
 
     monkeypatch.setattr(gf, "_sdpa_masked", spy)
     inputs: list[int] = []
-    handles = [layer.register_forward_pre_hook(lambda mod, args, kw: inputs.append(kw["hidden_states"].shape[1] if "hidden_states" in kw else args[0].shape[1]), with_kwargs=True)
-               for layer in model.model.layers]
+    handles = [
+        layer.register_forward_pre_hook(
+            lambda mod, args, kw: inputs.append(
+                kw["hidden_states"].shape[1] if "hidden_states" in kw else args[0].shape[1]
+            ),
+            with_kwargs=True,
+        )
+        for layer in model.model.layers
+    ]
     try:
-        GemFilter(topk=20, filter_layer=3, filter_attention="local", n_initial=n_initial, n_recent=w,
-                  chunk_size=chunk, window_size=4).scores(model, random_ids(n, seed=1))
+        GemFilter(
+            topk=20,
+            filter_layer=3,
+            filter_attention="local",
+            n_initial=n_initial,
+            n_recent=w,
+            chunk_size=chunk,
+            window_size=4,
+        ).scores(model, random_ids(n, seed=1))
     finally:
         for h in handles:
             h.remove()
@@ -200,13 +230,33 @@ def test_local_chunked_pass_holds_only_sinks_and_window(monkeypatch):
 def test_local_through_generate_selects_like_dense_when_window_covers_prompt(tok):
     model = tiny_model("llama", seed=0)
     ids = random_ids(80, seed=7)
-    dense = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6,
-                               filter_attention="dense")
-    local = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6,
-                                filter_attention="local", n_recent=80)
+    dense = tokensieve.generate(
+        model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6, filter_attention="dense"
+    )
+    local = tokensieve.generate(
+        model,
+        tok,
+        ids,
+        method="gemfilter",
+        topk=30,
+        filter_layer=2,
+        max_new_tokens=6,
+        filter_attention="local",
+        n_recent=80,
+    )
     assert local.kept_indices == dense.kept_indices and local.token_ids == dense.token_ids
-    small = tokensieve.generate(model, tok, ids, method="gemfilter", topk=30, filter_layer=2, max_new_tokens=6,
-                                filter_attention="local", n_initial=2, n_recent=8)
+    small = tokensieve.generate(
+        model,
+        tok,
+        ids,
+        method="gemfilter",
+        topk=30,
+        filter_layer=2,
+        max_new_tokens=6,
+        filter_attention="local",
+        n_initial=2,
+        n_recent=8,
+    )
     assert len(small.kept_indices) == 30 and small.kept_indices == sorted(set(small.kept_indices))
 
 
@@ -231,8 +281,13 @@ def llama_rotary(**rope):
     from transformers import LlamaConfig
     from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-    cfg = LlamaConfig(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=131072,
-                      rope_parameters=dict(rope_type="default", rope_theta=500000.0) | rope)
+    cfg = LlamaConfig(
+        hidden_size=4096,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=131072,
+        rope_parameters=dict(rope_type="default", rope_theta=500000.0) | rope,
+    )
     return LlamaRotaryEmbedding(cfg)
 
 
@@ -263,8 +318,19 @@ def test_model_rotary_angles_drift_past_a_million_positions():
     assert errs["1M"] > 0.01 and errs["4M"] > 0.05, errs
 
 
-@pytest.mark.parametrize("rope", [{}, dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-                                            original_max_position_embeddings=8192)])
+@pytest.mark.parametrize(
+    "rope",
+    [
+        {},
+        dict(
+            rope_type="llama3",
+            factor=8.0,
+            low_freq_factor=1.0,
+            high_freq_factor=4.0,
+            original_max_position_embeddings=8192,
+        ),
+    ],
+)
 def test_accurate_rope_stays_exact_past_a_million_and_matches_the_model_below(rope):
     rot = llama_rotary(**rope)
     for pos in (POSITIONS_1M, POSITIONS_4M):
@@ -283,7 +349,9 @@ def test_chunked_passes_use_accurate_rope(monkeypatch):
 
     calls: list[int] = []
     real = rope_mod.accurate_rope
-    monkeypatch.setattr(rope_mod, "accurate_rope", lambda rot, pos, dtype: calls.append(int(pos[0])) or real(rot, pos, dtype))
+    monkeypatch.setattr(
+        rope_mod, "accurate_rope", lambda rot, pos, dtype: calls.append(int(pos[0])) or real(rot, pos, dtype)
+    )
     model = tiny_model("llama", seed=2)
     ids = random_ids(64, seed=1)
     for attn in ("dense", "local"):
@@ -301,14 +369,16 @@ def test_defaults_dense_and_auto_local_from_64k_with_a_2048_window():
     m = GemFilter(filter_attention="auto")
     assert (m.n_initial, m.n_recent, LOCAL_FROM_TOKENS) == (4, 2048, 65536)
     assert not m.uses_local(65535) and m.uses_local(65536)
-    assert GemFilter(filter_attention="local").uses_local(10) and not GemFilter(filter_attention="dense").uses_local(10**7)
+    assert GemFilter(filter_attention="local").uses_local(10) and not GemFilter(filter_attention="dense").uses_local(
+        10**7
+    )
     # not on models with sliding-window layers (Gemma 3), where the local pass lost recall
     assert m.uses_local(10**6, tiny_model("llama")) and not m.uses_local(10**6, tiny_model("gemma3"))
     assert GemFilter(filter_attention="local").uses_local(10, tiny_model("gemma3"))
 
 
 def test_auto_switches_to_the_local_pass_from_the_threshold(monkeypatch):
-    """"auto" gives the dense scores below the threshold and the local ones from it (threshold lowered for a tiny model)."""
+    """ "auto" gives the dense scores below the threshold and the local ones from it (threshold lowered for a tiny model)."""
     import tokensieve.methods.gemfilter as gf
 
     model, ids = tiny_model("llama"), random_ids(48, seed=3)

@@ -47,7 +47,7 @@ def reference(family: str, method: str, params: dict, ids: torch.Tensor, **kw) -
 
 
 def new_tokens(out: torch.Tensor, ids: torch.Tensor) -> list[int]:
-    return out[0, ids.shape[1]:].tolist()
+    return out[0, ids.shape[1] :].tolist()
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gemma3"])  # gemma3: sliding-window layers left whole
@@ -148,8 +148,9 @@ def test_generation_config_processors_criteria_and_streamer_are_honoured(method)
         five = model.generate(ids, generation_config=GenerationConfig(max_new_tokens=5, do_sample=False))
         ban = Ban(ref.token_ids[0])
         banned = model.generate(ids, max_new_tokens=NEW, do_sample=False, logits_processor=LogitsProcessorList([ban]))
-        stopped = model.generate(ids, max_new_tokens=NEW, do_sample=False,
-                                 stopping_criteria=StoppingCriteriaList([StopAfter(3, N)]))
+        stopped = model.generate(
+            ids, max_new_tokens=NEW, do_sample=False, stopping_criteria=StoppingCriteriaList([StopAfter(3, N)])
+        )
         streamer = Collect()
         streamed = model.generate(ids, max_new_tokens=NEW, do_sample=False, streamer=streamer)
     assert new_tokens(five, ids) == ref.token_ids[:5]
@@ -205,13 +206,16 @@ def one_line(exc: pytest.ExceptionInfo) -> str:
     return msg
 
 
-@pytest.mark.parametrize("method, params, expected", [
-    ("lazyllm", {}, "tokensieve.generate"),
-    ("snapkv", {"budgte": 5}, "budgte"),
-    ("nope", {}, "unknown method"),
-    ("sepllm", {}, "tokenizer"),
-    ("snapkv", {"budget": 0}, "budget"),
-])
+@pytest.mark.parametrize(
+    "method, params, expected",
+    [
+        ("lazyllm", {}, "tokensieve.generate"),
+        ("snapkv", {"budgte": 5}, "budgte"),
+        ("nope", {}, "unknown method"),
+        ("sepllm", {}, "tokenizer"),
+        ("snapkv", {"budget": 0}, "budget"),
+    ],
+)
 def test_unsupported_methods_and_parameters_are_refused_on_entry(method, params, expected):
     model = user_model()
     with pytest.raises(InputError) as exc:
@@ -222,11 +226,14 @@ def test_unsupported_methods_and_parameters_are_refused_on_entry(method, params,
     assert len(model._forward_pre_hooks) == len(model._forward_hooks) == 0
 
 
-@pytest.mark.parametrize("kw, expected", [
-    (dict(num_beams=2), "batch"),
-    (dict(num_return_sequences=2, do_sample=True), "batch"),
-    (dict(use_cache=False), "use_cache"),
-])
+@pytest.mark.parametrize(
+    "kw, expected",
+    [
+        (dict(num_beams=2), "batch"),
+        (dict(num_return_sequences=2, do_sample=True), "batch"),
+        (dict(use_cache=False), "use_cache"),
+    ],
+)
 def test_unsupported_generate_settings_are_refused(kw, expected):
     model, ids = user_model(), random_ids(N)
     with tokensieve.apply(model, "snapkv", budget=24, window_size=4):
@@ -291,12 +298,15 @@ def count_long_forwards(model: torch.nn.Module, at_least: int) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("method, params, reused", [
-    ("full", {}, True),
-    ("snapkv", dict(budget=24, window_size=4), True),
-    ("gemfilter", dict(topk=20, filter_layer=2), True),
-    ("h2o", dict(budget=24), False),
-])
+@pytest.mark.parametrize(
+    "method, params, reused",
+    [
+        ("full", {}, True),
+        ("snapkv", dict(budget=24, window_size=4), True),
+        ("gemfilter", dict(topk=20, filter_layer=2), True),
+        ("h2o", dict(budget=24), False),
+    ],
+)
 def test_pipeline_answers_as_generate_and_computes_the_document_once(method, params, reused):
     model, tok = tiny_model("llama"), TinyTokenizer()
     doc = document()
@@ -305,8 +315,10 @@ def test_pipeline_answers_as_generate_and_computes_the_document_once(method, par
     long_forwards = count_long_forwards(model, 60)
     answers = pipe(context=doc, questions=QUESTIONS, max_new_tokens=NEW)["answers"]
     computed = len(long_forwards)
-    expected = [tokensieve.generate(model, tok, pipe.prompt(doc, q), method=method, max_new_tokens=NEW, **params).text
-                for q in QUESTIONS]
+    expected = [
+        tokensieve.generate(model, tok, pipe.prompt(doc, q), method=method, max_new_tokens=NEW, **params).text
+        for q in QUESTIONS
+    ]
     assert answers == expected
     assert computed == (1 if reused else len(QUESTIONS))  # the document's tokens went through the model once
     if reused:
@@ -323,8 +335,12 @@ def test_pipeline_refuses_bad_input_in_one_line():
         tokensieve.pipeline(model, tok, "snapkv", budgte=3)
     assert "budgte" in one_line(exc)
     pipe = tokensieve.pipeline(model, tok, "full")
-    for kw, expected in [(dict(context="", question="1"), "context"), (dict(context="1 2"), "question"),
-                         (dict(context="1 2", questions=[]), "questions"), (dict(context="1 2", questions=["1", " "]), "questions")]:
+    for kw, expected in [
+        (dict(context="", question="1"), "context"),
+        (dict(context="1 2"), "question"),
+        (dict(context="1 2", questions=[]), "questions"),
+        (dict(context="1 2", questions=["1", " "]), "questions"),
+    ]:
         with pytest.raises(InputError) as exc:
             pipe(**kw)
         assert expected in one_line(exc)

@@ -71,7 +71,12 @@ def test_graph_has_no_cycle():
 
 def test_cache_scoring_and_streaming_do_not_import_evaluation_or_commands():
     graph = import_graph()
-    for name in ("tokensieve.engine.streaming", "tokensieve.core.scoring", "tokensieve.core.cache", "tokensieve.core.rope"):
+    for name in (
+        "tokensieve.engine.streaming",
+        "tokensieve.core.scoring",
+        "tokensieve.core.cache",
+        "tokensieve.core.rope",
+    ):
         bad = [m for m in reachable(graph, name) if m.startswith(("tokensieve.evaluation", "tokensieve.commands"))]
         assert not bad, f"{name} imports {bad}"
     assert reachable(graph, "tokensieve.core.scoring") == set()  # scoring stands on torch alone
@@ -89,8 +94,13 @@ def test_importing_streaming_first_loads_no_evaluation_module():
         "import sys, tokensieve.engine.streaming\n"
         "print(sorted(m for m in sys.modules if m.startswith(('tokensieve.evaluation', 'tokensieve.commands'))))"
     )
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(ROOT.parent)})
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(ROOT.parent)},
+    )
     assert out.stdout.strip() == "[]"
 
 
@@ -99,17 +109,23 @@ def test_importing_streaming_first_loads_no_evaluation_module():
 # Each wing (subpackage, or a root module) and its rank: a module imports only from its own wing or from wings
 # of a lower rank, at module level or inside a function (a lazy import is still a dependency).
 RANKS = {
-    "errors": 0, "_moved": 0, "testing": 0,
-    "kernels": 1, "data": 1,  # Triton kernels as torch functions; text input
+    "errors": 0,
+    "_moved": 0,
+    "testing": 0,
+    "kernels": 1,
+    "data": 1,  # Triton kernels as torch functions; text input
     "core": 2,  # transformers glue, no method knowledge
     "decode": 3,  # static KV buffers and the captured step; knows no method
     "methods": 4,  # the registry and one module per method (LazyLLM's own decoder beside it)
     "engine": 5,  # one request, prompt -> tokens
-    "integrations": 6, "bench": 6, "evaluation": 6,
+    "integrations": 6,
+    "bench": 6,
+    "evaluation": 6,
     "training": 6,  # SepLLM training masks and the trainer (core, methods.sepllm, data)
     "serve": 7,
     "commands": 8,
-    "cli": 9, "": 9,  # the package root (__init__: lazy public exports)
+    "cli": 9,
+    "": 9,  # the package root (__init__: lazy public exports)
 }
 
 
@@ -159,14 +175,23 @@ def test_core_and_kernels_import_nothing_above_them():
 
 
 def test_no_module_imports_a_private_name_from_another_file():
-    bad = [f"{name} imports {n} from {target}" for name, imports in all_imports().items() for target, n in imports
-           if n.startswith("_") and not n.startswith("__") and target != "tokensieve"]
+    bad = [
+        f"{name} imports {n} from {target}"
+        for name, imports in all_imports().items()
+        for target, n in imports
+        if n.startswith("_") and not n.startswith("__") and target != "tokensieve"
+    ]
     assert not bad, "\n".join(bad)
 
 
 def test_decode_imports_no_method_module():
-    bad = [f"{name} imports {t}" for name, imports in all_imports().items() if wing(name) == "decode"
-           for t, _ in imports if wing(t) == "methods"]
+    bad = [
+        f"{name} imports {t}"
+        for name, imports in all_imports().items()
+        if wing(name) == "decode"
+        for t, _ in imports
+        if wing(t) == "methods"
+    ]
     assert not bad, "\n".join(bad)
 
 
@@ -180,11 +205,19 @@ def test_nothing_below_the_methods_names_a_method():
         if wing(name) not in ("core", "kernels", "decode"):
             continue
         tree = ast.parse(path.read_text())
-        docstrings = {id(n.body[0].value) for n in ast.walk(tree)
-                      if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and n.body
-                      and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-        bad += [f"{name}:{c.lineno} {c.value!r}" for c in ast.walk(tree) if isinstance(c, ast.Constant)
-                and isinstance(c.value, str) and c.value in names and id(c) not in docstrings]
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
+        bad += [
+            f"{name}:{c.lineno} {c.value!r}"
+            for c in ast.walk(tree)
+            if isinstance(c, ast.Constant) and isinstance(c.value, str) and c.value in names and id(c) not in docstrings
+        ]
     assert len(names) >= 7 and not bad, "\n".join(bad)
 
 

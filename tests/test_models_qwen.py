@@ -10,8 +10,8 @@ import pytest
 
 import tokensieve
 from tokensieve.core import models
-from tokensieve.methods.gemfilter import KNOWN_FILTER_LAYERS, default_filter_layer
 from tokensieve.core.models import EMBEDDED, ModelLoadError, assemble_chunks, embedded_gguf_path, model_source
+from tokensieve.methods.gemfilter import KNOWN_FILTER_LAYERS, default_filter_layer
 
 PKG = "fake-ts-chunk-part"
 
@@ -33,8 +33,16 @@ def fake(tmp_path, monkeypatch):
     make_parts(tmp_path / "site", blobs)
     monkeypatch.syspath_prepend(str(tmp_path / "site"))
     monkeypatch.setenv("TOKENSIEVE_CACHE", str(tmp_path / "cache"))
-    em = models._chunked("fake-chunked", "a fake chunked model", PKG, 3, "fake.gguf", len(whole),
-                         hashlib.sha256(whole).hexdigest(), "1.2.3")
+    em = models._chunked(
+        "fake-chunked",
+        "a fake chunked model",
+        PKG,
+        3,
+        "fake.gguf",
+        len(whole),
+        hashlib.sha256(whole).hexdigest(),
+        "1.2.3",
+    )
     monkeypatch.setitem(EMBEDDED, em.name, em)
     return em, whole, tmp_path
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TinyTokenizer, random_ids, tiny_model
 
 import tokensieve
-from conftest import TinyTokenizer, random_ids, tiny_model
 from tokensieve._moved import MOVED, MOVED_NAMES, PACKAGE_NOW
 
 SRC = Path(tokensieve.__file__).parent
@@ -26,7 +26,7 @@ def deprecations(caught: list[warnings.WarningMessage]) -> list[warnings.Warning
 def test_no_file_is_left_at_an_old_path():
     for old in MOVED:
         assert not (SRC.parent / (old.replace(".", "/") + ".py")).exists(), old
-    for old, new in MOVED.items():
+    for new in MOVED.values():
         assert (SRC.parent / (new.replace(".", "/") + ".py")).is_file(), new
 
 
@@ -52,12 +52,18 @@ def test_an_old_path_is_the_new_module_and_warns_once(old, monkeypatch):
 
 
 def test_an_old_path_works_in_a_fresh_process_and_names_the_new_one():
-    code = ("import warnings; warnings.simplefilter('always')\n"
-            "from tokensieve.runner import generate\n"
-            "import tokensieve.prefix_cache as pc, tokensieve.engine.runner as r\n"
-            "assert generate is r.generate and pc.PrefixStore.__module__ == 'tokensieve.engine.prefix_cache'\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)})
+    code = (
+        "import warnings; warnings.simplefilter('always')\n"
+        "from tokensieve.runner import generate\n"
+        "import tokensieve.prefix_cache as pc, tokensieve.engine.runner as r\n"
+        "assert generate is r.generate and pc.PrefixStore.__module__ == 'tokensieve.engine.prefix_cache'\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={**__import__("os").environ, "PYTHONPATH": str(SRC.parent)},
+    )
     assert out.returncode == 0, out.stderr
     lines = [ln for ln in out.stderr.splitlines() if "DeprecationWarning" in ln]
     assert len(lines) == 2 and "tokensieve.runner moved to tokensieve.engine.runner" in lines[0], out.stderr
@@ -68,19 +74,31 @@ def test_an_old_path_works_in_a_fresh_process_and_names_the_new_one():
 def test_a_package_that_took_an_old_module_name_serves_its_names(package):
     holder = importlib.import_module(PACKAGE_NOW[package])
     pkg = importlib.import_module(package)
-    public = [n for n, v in vars(holder).items()
-              if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__]
+    public = [
+        n
+        for n, v in vars(holder).items()
+        if not n.startswith("_") and getattr(v, "__module__", None) == holder.__name__
+    ]
     assert len(public) >= 3
     for name in public:
         with pytest.warns(DeprecationWarning, match=f"{package}.{name} moved to {PACKAGE_NOW[package]}.{name}"):
             assert getattr(pkg, name) is getattr(holder, name)
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        pkg.no_such_name
+        pkg.no_such_name  # noqa: B018
 
 
 def test_every_public_name_keeps_working():
-    assert set(tokensieve.__all__) >= {"generate", "generate_batch", "load_model", "make_method", "Sampling",
-                                       "InputError", "selection_text", "score_continuation", "METHODS"}
+    assert set(tokensieve.__all__) >= {
+        "generate",
+        "generate_batch",
+        "load_model",
+        "make_method",
+        "Sampling",
+        "InputError",
+        "selection_text",
+        "score_continuation",
+        "METHODS",
+    }
     for name in tokensieve.__all__:
         value = getattr(tokensieve, name)
         assert value is getattr(importlib.import_module(tokensieve._EXPORTS[name]), name)
@@ -99,8 +117,16 @@ def test_the_prefix_cache_classes_keep_working():
     store = PrefixStore(1 << 24)
     ids = torch.cat([doc, random_ids(6, seed=4)], dim=1)
     ref = tokensieve.generate(model, TinyTokenizer(), ids, method="full", max_new_tokens=3)
-    answers = [tokensieve.generate(model, TinyTokenizer(), ids, method=PrefixReuse(tokensieve.make_method("full"),
-                                   store, store_tokens=40), max_new_tokens=3) for _ in range(2)]
+    answers = [
+        tokensieve.generate(
+            model,
+            TinyTokenizer(),
+            ids,
+            method=PrefixReuse(tokensieve.make_method("full"), store, store_tokens=40),
+            max_new_tokens=3,
+        )
+        for _ in range(2)
+    ]
     assert [a.token_ids for a in answers] == [ref.token_ids] * 2
     assert store.stats.misses == 1 and store.stats.hits == 1 and answers[1].details["prefix_cached_tokens"] > 0
 
@@ -113,4 +139,4 @@ def test_a_name_that_moved_out_of_a_module_is_served_with_a_warning(module, name
     assert value == getattr(importlib.import_module(new), name)  # (STATIC_METHODS is derived on each look-up)
     assert name not in vars(importlib.import_module(module))  # served, not defined there
     with pytest.raises(AttributeError, match="no attribute 'no_such_name'"):
-        importlib.import_module(module).no_such_name
+        importlib.import_module(module).no_such_name  # noqa: B018

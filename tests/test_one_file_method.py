@@ -28,8 +28,9 @@ class LastK(Method):
 
     keep: int = 24
     name: ClassVar[str] = "lastk_test"
-    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", selects_prompt=True,
-                                                        prompt_only=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        batch=True, static_decode="grow", selects_prompt=True, prompt_only=True
+    )
 
     def validate(self, model: Any, prompt_len: int) -> None:
         check_int("keep", self.keep, 1)
@@ -134,8 +135,9 @@ def test_the_evaluation_harness_runs_them(tiny, tmp_path):
 
     model, tok = tiny
     task = RulerTask([480], samples=1, seed=0, tasks=["niah_single"], haystack=TEXT, max_new_tokens=3)
-    path = run_eval(model, tok, task, [make_method("lastk_test", keep=32), "plainkv_test"], tmp_path, "tiny",
-                    progress=False)
+    path = run_eval(
+        model, tok, task, [make_method("lastk_test", keep=32), "plainkv_test"], tmp_path, "tiny", progress=False
+    )
     rows = read_results(path)
     assert sorted(r["method"] for r in rows) == sorted(NEW)
     by = {r["method"]: r for r in rows}
@@ -147,13 +149,23 @@ def test_the_benchmarks_run_them_and_record_the_refusal():
     from tokensieve.bench.timing import run_batch_bench, run_bench
 
     methods = {"last": {"method": "lastk_test", "keep": 16}, "plain": {"method": "plainkv_test"}}
-    res = run_bench("tiny", [64], methods, dtype=torch.float32, device="cpu", repeats=1, decode_tokens=2,
-                    warmup_length=16, progress=False)
+    res = run_bench(
+        "tiny",
+        [64],
+        methods,
+        dtype=torch.float32,
+        device="cpu",
+        repeats=1,
+        decode_tokens=2,
+        warmup_length=16,
+        progress=False,
+    )
     rows = {r["label"]: r for r in res["rows"]}
     assert rows["last"]["status"] == rows["plain"]["status"] == "ok"
     assert rows["last"]["kept_tokens"] == 16 and rows["plain"]["kept_tokens"] == 64
-    res = run_batch_bench("tiny", [32], [2], methods, dtype=torch.float32, device="cpu", decode_tokens=2,
-                          warmup_length=16, progress=False)
+    res = run_batch_bench(
+        "tiny", [32], [2], methods, dtype=torch.float32, device="cpu", decode_tokens=2, warmup_length=16, progress=False
+    )
     status = {r["label"]: r["status"] for r in res["rows"]}
     assert status["last"] == "ok" and "plainkv_test runs one prompt at a time" in status["plain"]
 
@@ -180,8 +192,12 @@ def test_the_prefix_cache_where_prefix_reuse_is_declared(tiny):
     ids = ids_of(tok, PROMPT)
     store = PrefixStore(1 << 24)
     ref = tokensieve.generate(model, tok, ids, method="plainkv_test", max_new_tokens=4)
-    answers = [tokensieve.generate(model, tok, ids, method=PrefixReuse(make_method("plainkv_test"), store, 40),
-                                   max_new_tokens=4) for _ in range(2)]
+    answers = [
+        tokensieve.generate(
+            model, tok, ids, method=PrefixReuse(make_method("plainkv_test"), store, 40), max_new_tokens=4
+        )
+        for _ in range(2)
+    ]
     assert [a.token_ids for a in answers] == [ref.token_ids] * 2
     assert answers[1].details["prefix_cached_tokens"] > 0 and store.stats.hits == 1
     assert "plainkv_test" in supported() and "lastk_test" not in supported()

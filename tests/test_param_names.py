@@ -9,9 +9,9 @@ import re
 import pytest
 
 from tokensieve.cli import main
+from tokensieve.engine.streaming import POLICIES, make_policy
 from tokensieve.errors import InputError
 from tokensieve.methods import METHODS, make_method
-from tokensieve.engine.streaming import POLICIES, make_policy
 
 # window_size: observation window of scoring queries; n_initial: first tokens always kept;
 # n_recent: recent / local window kept; budget: KV entries kept per layer; n_separators: SepCache separators.

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.errors import InputError
-from tokensieve.methods import make_method
+
 from tokensieve.engine.prefix_cache import PrefixReuse, PrefixState, PrefixStore, common_prefix, store_for_gib
 from tokensieve.engine.runner import generate
+from tokensieve.errors import InputError
+from tokensieve.methods import make_method
 
 METHODS = [
     ("full", {}),
@@ -70,7 +70,10 @@ def test_eager_decode_equal():
     ids = torch.cat([random_ids(DOC, seed=3), random_ids(12, seed=9)], dim=1)
     store = PrefixStore(1 << 30)
     for name, params in METHODS:
-        assert ask(model, ids, name, params, store, decode="eager").token_ids == ask(model, ids, name, params, decode="eager").token_ids
+        assert (
+            ask(model, ids, name, params, store, decode="eager").token_ids
+            == ask(model, ids, name, params, decode="eager").token_ids
+        )
 
 
 def test_cached_prefix_is_never_mutated():
@@ -83,12 +86,17 @@ def test_cached_prefix_is_never_mutated():
     for name, params in METHODS:
         for seed in (2, 3):
             ids = torch.cat([doc, random_ids(10, seed=seed)], 1)
-            assert ask(model, ids, name, params, store, decode="eager").token_ids == ask(model, ids, name, params).token_ids
+            assert (
+                ask(model, ids, name, params, store, decode="eager").token_ids
+                == ask(model, ids, name, params).token_ids
+            )
     after = store.entries()
     assert len(after) == len(before)
     for (ids, ks, vs), e in zip(before, after):
         assert torch.equal(ids, e.ids)
-        assert all(torch.equal(a, b) for a, b in zip(ks, e.keys)) and all(torch.equal(a, b) for a, b in zip(vs, e.values))
+        assert all(torch.equal(a, b) for a, b in zip(ks, e.keys)) and all(
+            torch.equal(a, b) for a, b in zip(vs, e.values)
+        )
 
 
 def test_full_entry_serves_gemfilter_and_gemfilter_entry_is_smaller():
@@ -206,6 +214,8 @@ def test_smollm2_chat_questions_equal_uncached(smollm2):
             prefix = chat_prefix_tokens(tok, msgs, ids)
             assert 0 < prefix < ids.shape[1] - 5
             ref = generate(model, tok, ids, method=make_method(name, **params), max_new_tokens=12)
-            got = generate(model, tok, ids, method=PrefixReuse(make_method(name, **params), store, prefix), max_new_tokens=12)
+            got = generate(
+                model, tok, ids, method=PrefixReuse(make_method(name, **params), store, prefix), max_new_tokens=12
+            )
             assert got.token_ids == ref.token_ids and got.kept_indices == ref.kept_indices, (name, q)
     assert store.stats.hits == 5 and store.stats.misses == 1

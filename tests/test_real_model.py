@@ -57,10 +57,35 @@ def test_load_from_local_folder(smollm2, tmp_path, tok=None):
 def test_cli_ask_json(smollm2, tmp_path, capsys):
     doc = tmp_path / "doc.txt"
     doc.write_text("The secret code of the vault is 4812. The weather was fine all week.")
-    rc = cli.main(["ask", "--file", str(doc), "--question", "What is the secret code of the vault?", "--method", "gemfilter", "--topk", "16", "--json", "--show-selection", "--max-new-tokens", "16"])
+    rc = cli.main(
+        [
+            "ask",
+            "--file",
+            str(doc),
+            "--question",
+            "What is the secret code of the vault?",
+            "--method",
+            "gemfilter",
+            "--topk",
+            "16",
+            "--json",
+            "--show-selection",
+            "--max-new-tokens",
+            "16",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
-    for key in ("answer", "method", "model", "prompt_tokens", "kept_tokens", "ttft_s", "peak_memory_bytes", "kept_text"):
+    for key in (
+        "answer",
+        "method",
+        "model",
+        "prompt_tokens",
+        "kept_tokens",
+        "ttft_s",
+        "peak_memory_bytes",
+        "kept_text",
+    ):
         assert key in out
     assert out["kept_tokens"] == 16 and out["method"] == "gemfilter"
     assert "[...]" in out["kept_text"]

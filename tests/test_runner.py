@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from conftest import random_ids, tiny_model
@@ -153,14 +151,17 @@ def test_cpu_peak_memory_is_at_least_the_kv_a_run_holds(smollm2):
     ids = torch.randint(5, 40000, (1, 1500), generator=torch.Generator().manual_seed(0))
     tokensieve.generate(model, tok, ids, "full", max_new_tokens=2)
     res = tokensieve.generate(model, tok, ids, "gemfilter", topk=1024, max_new_tokens=2)
-    assert res.kv_bytes_prefill > 0 and res.peak_memory_bytes >= res.kv_bytes_prefill, (res.peak_memory_bytes, res.kv_bytes_prefill)
+    assert res.kv_bytes_prefill > 0 and res.peak_memory_bytes >= res.kv_bytes_prefill, (
+        res.peak_memory_bytes,
+        res.kv_bytes_prefill,
+    )
 
 
 def test_a_prepared_prompt_runs_as_it_is_without_a_second_preparation(tok, monkeypatch):
     """generate / generate_batch take a runner.Prepared and do not prepare it again (the server prepares each
     request once, when it arrives); the answer equals the one from the prompt itself."""
-    from tokensieve.methods.snapkv import SnapKV
     from tokensieve.engine.runner import generate, generate_batch, prepare
+    from tokensieve.methods.snapkv import SnapKV
 
     model = tiny_model("llama")
     ids = [random_ids(30, seed=s) for s in (1, 2, 3)]
@@ -184,15 +185,20 @@ def test_a_prepared_prompt_runs_as_it_is_without_a_second_preparation(tok, monke
 
 
 def test_one_prompt_length_rule_and_message():
-    from tokensieve.errors import PromptTooLongError
     from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
+    from tokensieve.errors import PromptTooLongError
 
     check_prompt_length(64, 64)  # at the limit: fine
     check_prompt_length(10**9, None)  # no limit known
     with pytest.raises(PromptTooLongError) as e:
         check_prompt_length(65, 64, hint=ALLOW_LONG_HINT)
-    assert str(e.value) == ("prompt has 65 tokens, more than the model's maximum of 64 positions; shorten it "
-                            "or pass allow_long=True (--allow-long) to run anyway")
-    with pytest.raises(PromptTooLongError, match=r"^prompt has at least 70 tokens \(700 characters\), more than the model's "
-                                                 r"maximum of 64 positions; shorten it$"):
+    assert str(e.value) == (
+        "prompt has 65 tokens, more than the model's maximum of 64 positions; shorten it "
+        "or pass allow_long=True (--allow-long) to run anyway"
+    )
+    with pytest.raises(
+        PromptTooLongError,
+        match=r"^prompt has at least 70 tokens \(700 characters\), more than the model's "
+        r"maximum of 64 positions; shorten it$",
+    ):
         check_prompt_length(70, 64, at_least="700 characters")

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
 from conftest import TinyTokenizer, random_ids, tiny_model
-from tokensieve.errors import InputError
+
 from tokensieve.engine.runner import Sampling, generate
+from tokensieve.errors import InputError
 
 
 def allowed_reference(logits: list[float], temperature: float, top_k: int, top_p: float) -> set[int]:
@@ -44,19 +44,32 @@ def test_draws_stay_in_the_reference_set(top_k, top_p):
 def test_greedy_default_and_seeded_reproducibility():
     model, tok, ids = tiny_model("llama"), TinyTokenizer(), random_ids(24, seed=2)
     greedy = generate(model, tok, ids, max_new_tokens=12)
-    assert generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=0.0)).token_ids == greedy.token_ids
-    assert generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_k=1)).token_ids == greedy.token_ids
+    assert (
+        generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=0.0)).token_ids == greedy.token_ids
+    )
+    assert (
+        generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=1.0, top_k=1)).token_ids
+        == greedy.token_ids
+    )
     a = generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=1.5, seed=7))
     b = generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=1.5, seed=7))
     c = generate(model, tok, ids, max_new_tokens=12, sampling=Sampling(temperature=1.5, seed=8))
     assert a.token_ids == b.token_ids and a.token_ids != c.token_ids
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(temperature=-0.1), "temperature"), (dict(temperature=float("inf")), "temperature"),
-    (dict(temperature="hot"), "temperature"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-    (dict(top_k=-1), "top_k"), (dict(top_k=2.5), "top_k"), (dict(seed="x"), "seed"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(temperature=-0.1), "temperature"),
+        (dict(temperature=float("inf")), "temperature"),
+        (dict(temperature="hot"), "temperature"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(top_k=-1), "top_k"),
+        (dict(top_k=2.5), "top_k"),
+        (dict(seed="x"), "seed"),
+    ],
+)
 def test_bad_sampling_parameters(kwargs, match):
     with pytest.raises(InputError, match=match):
         Sampling(**kwargs)

@@ -7,7 +7,6 @@ import math
 import pytest
 import torch
 
-from tokensieve.methods.lazyllm import last_token_attention
 from tokensieve.core.scoring import (
     attention_scores,
     head_sum,
@@ -16,6 +15,7 @@ from tokensieve.core.scoring import (
     sorted_topk,
     topk_with_recent,
 )
+from tokensieve.methods.lazyllm import last_token_attention
 
 torch.set_num_threads(1)
 
@@ -92,7 +92,9 @@ def test_a_mask_row_broadcast_over_queries():
     q, k = qk(q_len=1)
     row = random_mask(1, 1, 23)[0, 0, 0]  # [kv_len]
     got = attention_scores(q, k, 0.4, attention_mask=row)
-    torch.testing.assert_close(got.double(), slow_attention_scores(q, k, 0.4, row.view(1, 1, 1, 23)), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        got.double(), slow_attention_scores(q, k, 0.4, row.view(1, 1, 1, 23)), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_score_dtype_follows_inputs():
@@ -139,7 +141,11 @@ def test_pool_scores_match_a_loop(pooling, kernel):
         row = s[idx]
         for i in range(11):
             window = [float(row[j]) if 0 <= j < 11 else 0.0 for j in range(i - half, i + half + 1)]  # zero padding
-            expect = sum(window) / kernel if pooling == "avg" else max(x for j, x in zip(range(i - half, i + half + 1), window) if 0 <= j < 11)
+            expect = (
+                sum(window) / kernel
+                if pooling == "avg"
+                else max(x for j, x in zip(range(i - half, i + half + 1), window) if 0 <= j < 11)
+            )
             assert float(got[idx][i]) == pytest.approx(expect, abs=1e-6)
     assert torch.equal(pool_scores(s[0, 0], kernel, pooling), got[0, 0])  # 1-D input, same rule
     with pytest.raises(ValueError, match="pooling"):

@@ -18,9 +18,9 @@ import torch
 from conftest import tiny_model
 from test_scoring import qk, random_mask, slow_attention_scores
 
+from tokensieve.core.scoring import KERNEL_MIN_QUERIES, attention_scores
 from tokensieve.errors import InputError
 from tokensieve.methods import H2O
-from tokensieve.core.scoring import KERNEL_MIN_QUERIES, attention_scores
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 needs_triton = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed (test extra, linux x86_64)")
@@ -73,8 +73,9 @@ def interpreted(tmp_path_factory) -> dict:
     """The child process's results (kernels run by Triton's interpreter)."""
     path = tmp_path_factory.mktemp("kernel") / "out.pt"
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": os.pathsep.join([str(SRC), str(TESTS)])}
-    proc = subprocess.run([sys.executable, "-c", CHILD, repr(CASES), str(path)], env=env, capture_output=True,
-                          text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, repr(CASES), str(path)], env=env, capture_output=True, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return torch.load(path)
 
@@ -90,8 +91,9 @@ def test_kernel_matches_slow_reference(interpreted, i):
     ref = slow_attention_scores(q, k, d**-0.5)
     torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
     # every (query head, query) row is a distribution: the columns add up to the number of rows
-    torch.testing.assert_close(got.sum(-1).double(), torch.full((b, hkv), hq // hkv * q_len, dtype=torch.float64),
-                               rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        got.sum(-1).double(), torch.full((b, hkv), hq // hkv * q_len, dtype=torch.float64), rtol=1e-5, atol=0
+    )
 
 
 @needs_triton
@@ -121,8 +123,9 @@ def test_auto_stays_on_torch_off_the_gpu():
     """On the CPU, "auto" is the torch path (here Triton, when installed, was imported to compile, not interpret:
     a wrong dispatch would raise)."""
     q, k = qk(q_len=KERNEL_MIN_QUERIES, kv_len=KERNEL_MIN_QUERIES + 3, hq=2, hkv=1, b=1)
-    torch.testing.assert_close(attention_scores(q, k, 0.2, kernel="auto"), attention_scores(q, k, 0.2, kernel="torch"),
-                               rtol=0, atol=0)
+    torch.testing.assert_close(
+        attention_scores(q, k, 0.2, kernel="auto"), attention_scores(q, k, 0.2, kernel="torch"), rtol=0, atol=0
+    )
 
 
 @pytest.mark.parametrize(
@@ -157,13 +160,19 @@ def test_kernels_compile_for_an_h100(dtype):
     from triton.compiler import ASTSource
 
     bm, bn, warps, stages = max(sk.GPU_CONFIGS)
-    scalars = dict.fromkeys(["q_len", "kv_len", "offset", "group", "hkv", "sqb", "sqh", "sqn", "sqd", "skb", "skh",
-                             "skn", "skd"], "i32") | {"scale2": "fp32"}
+    scalars = dict.fromkeys(
+        ["q_len", "kv_len", "offset", "group", "hkv", "sqb", "sqh", "sqn", "sqd", "skb", "skh", "skn", "skd"], "i32"
+    ) | {"scale2": "fp32"}
     const = dict(D=128, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=128, PRECISION="tf32", UPCAST=False)
     for fn, ptrs in ((sk._ROW_LSE, ["Q", "K", "LSE"]), (sk._COLUMN_SUMS, ["Q", "K", "LSE", "OUT"])):
-        sig = {p: f"*{dtype}" if p in ("Q", "K") else "*fp32" for p in ptrs} | scalars | dict.fromkeys(const, "constexpr")
-        compiled = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=const), target=GPUTarget("cuda", 90, 32),
-                                  options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True})
+        sig = (
+            {p: f"*{dtype}" if p in ("Q", "K") else "*fp32" for p in ptrs} | scalars | dict.fromkeys(const, "constexpr")
+        )
+        compiled = triton.compile(
+            ASTSource(fn=fn, signature=sig, constexprs=const),
+            target=GPUTarget("cuda", 90, 32),
+            options={"num_warps": warps, "num_stages": stages, "enable_fp_fusion": True},
+        )
         assert compiled.asm["cubin"] and compiled.metadata.shared > 0
 
 

@@ -4,13 +4,14 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import dataclasses
+import json
 import re
 import threading
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import httpx2
 import openai
@@ -20,10 +21,10 @@ from conftest import TinyTokenizer, tiny_model
 from eval_support import byte_model, byte_tokenizer
 
 import tokensieve
-from tokensieve.methods import METHODS
-from tokensieve.engine.runner import generate, generate_batch, stop_token_ids
-from tokensieve.serve.app import create_app
 from tokensieve.engine.detokenize import TextStream
+from tokensieve.engine.runner import generate, generate_batch, stop_token_ids
+from tokensieve.methods import METHODS
+from tokensieve.serve.app import create_app
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import parse_chat_request
 
@@ -36,8 +37,9 @@ WAIT_S = 30.0  # bound of every wait loop (never reached when the code works)
 @contextlib.contextmanager
 def serving(app) -> Iterator[str]:
     """Run ``app`` under uvicorn on 127.0.0.1 (a free port) in a thread; yield its base URL."""
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on",
-                            timeout_graceful_shutdown=5)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, log_level="warning", ws="none", lifespan="on", timeout_graceful_shutdown=5
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
@@ -162,7 +164,13 @@ def smol_server(smollm2):
 def test_text_stream_stop_strings_span_tokens_and_are_not_included():
     tok = TinyTokenizer()
     ids = [12, 34, 56, 78, 90]  # "12 34 56 78 90"
-    for stop, expected in [("4 5", "12 3"), ("78", "12 34 56 "), ("12", ""), ("90", "12 34 56 78 "), ("xx", "12 34 56 78 90")]:
+    for stop, expected in [
+        ("4 5", "12 3"),
+        ("78", "12 34 56 "),
+        ("12", ""),
+        ("90", "12 34 56 78 "),
+        ("xx", "12 34 56 78 90"),
+    ]:
         ts = TextStream(tok.decode, [stop])
         pieces = []
         for t in ids:
@@ -189,18 +197,34 @@ def test_text_stream_holds_partial_utf8_characters():
 
 
 def test_unknown_openai_fields_are_ignored():
-    req = parse_chat_request({
-        "model": "gpt-4o", "messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}],
-        "frequency_penalty": 0.5, "presence_penalty": 0, "user": "u1", "logit_bias": {"1": 2}, "metadata": {"a": "b"},
-        "response_format": {"type": "text"}, "parallel_tool_calls": False, "service_tier": "auto", "store": False,
-    })
+    req = parse_chat_request(
+        {
+            "model": "gpt-4o",
+            "messages": [
+                {"role": "developer", "content": "be brief"},
+                {"role": "user", "content": [{"type": "text", "text": "hi"}]},
+            ],
+            "frequency_penalty": 0.5,
+            "presence_penalty": 0,
+            "user": "u1",
+            "logit_bias": {"1": 2},
+            "metadata": {"a": "b"},
+            "response_format": {"type": "text"},
+            "parallel_tool_calls": False,
+            "service_tier": "auto",
+            "store": False,
+        }
+    )
     assert req.prompt == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}]
     assert req.max_tokens == 256 and req.method is None
 
 
 def test_two_apps_keep_separate_metrics(tiny):
     model, tok = tiny
-    a, b = create_app(model, tok), create_app(model, tok)  # a shared (global) registry would raise "Duplicated timeseries"
+    a, b = (
+        create_app(model, tok),
+        create_app(model, tok),
+    )  # a shared (global) registry would raise "Duplicated timeseries"
     a.state.metrics.requests.labels("/health", "200").inc()
     assert a.state.metrics.registry is not b.state.metrics.registry
     assert b"tokensieve_requests_total{" not in b.state.metrics.render()[0]
@@ -255,7 +279,9 @@ def test_stream_equals_non_stream_and_has_openai_chunks(tiny_server):
         # one chunk per token that produced text, each non-empty after the first
         assert all(ch.choices[0].delta.content for ch in chunks[1:-2])
     comp = c.completions.create(model="m", prompt="delta", max_tokens=9, temperature=0)
-    text, final, chunks = stream_text(c.completions.create(model="m", prompt="delta", max_tokens=9, temperature=0, stream=True))
+    text, final, chunks = stream_text(
+        c.completions.create(model="m", prompt="delta", max_tokens=9, temperature=0, stream=True)
+    )
     assert text == comp.choices[0].text and final.choices[0].finish_reason == comp.choices[0].finish_reason
     assert all(ch.object == "text_completion" for ch in chunks)
     c.close()
@@ -279,7 +305,10 @@ def test_stop_strings_end_the_answer_streamed_or_not():
                 ch = c.completions.create(**kw).choices[0]
                 text, reason = ch.text, ch.finish_reason
             assert (text, reason) == (expected, "stop"), (stream, stop)
-        assert c.completions.create(model="m", prompt="5 6 7", max_tokens=12, temperature=0, stop="zz").choices[0].text == full.text
+        assert (
+            c.completions.create(model="m", prompt="5 6 7", max_tokens=12, temperature=0, stop="zz").choices[0].text
+            == full.text
+        )
         c.close()
         rec = app.state.engine.records
         assert rec[-2].generated_tokens < 12 and rec[-1].generated_tokens == 12  # a stop string stops generation
@@ -304,7 +333,13 @@ def test_every_method_runs_per_request(tiny_server):
     r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "gemfilter", "topk": 20}})
     ts = r.model_extra["tokensieve"]
     assert ts["kept_tokens"] == 20 < ts["prompt_tokens"] and ts["params"]["topk"] == 20
-    r = chat(c, prompt, max_tokens=4, temperature=0, extra_body={"tokensieve": {"method": "snapkv", "budget": 40, "window_size": 8}})
+    r = chat(
+        c,
+        prompt,
+        max_tokens=4,
+        temperature=0,
+        extra_body={"tokensieve": {"method": "snapkv", "budget": 40, "window_size": 8}},
+    )
     assert r.model_extra["tokensieve"]["params"]["budget"] == 40
     c.close()
 
@@ -336,9 +371,16 @@ def test_models_health_metrics(tiny_server):
     assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model"] == "tiny"
     chat(c, "count me", max_tokens=3)
     text = httpx2.get(f"{base}/metrics").text
-    for family in ("tokensieve_requests_total", "tokensieve_ttft_seconds_bucket", "tokensieve_request_duration_seconds_bucket",
-                   "tokensieve_kept_tokens_total", "tokensieve_queue_depth", "tokensieve_queue_wait_seconds_count",
-                   "tokensieve_kept_ratio_bucket", "tokensieve_jobs_total"):
+    for family in (
+        "tokensieve_requests_total",
+        "tokensieve_ttft_seconds_bucket",
+        "tokensieve_request_duration_seconds_bucket",
+        "tokensieve_kept_tokens_total",
+        "tokensieve_queue_depth",
+        "tokensieve_queue_wait_seconds_count",
+        "tokensieve_kept_ratio_bucket",
+        "tokensieve_jobs_total",
+    ):
         assert family in text, family
     assert metric(base, "tokensieve_requests_total", endpoint="/v1/chat/completions", status="200") >= 1
     assert metric(base, "tokensieve_ttft_seconds_count", method="full") >= 1
@@ -362,7 +404,12 @@ BAD_REQUESTS = [
     (CHAT, {"messages": [{"role": "user", "content": "  "}]}, "messages", ["empty"]),
     (CHAT, {"messages": [{"role": "robot", "content": "hi"}]}, "messages[0].role", ['"robot"', "user"]),
     (CHAT, {"messages": [{"role": "user", "content": 5}]}, "messages[0].content", ["5"]),
-    (CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}, "messages[0].content", ["image_url"]),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+        ["image_url"],
+    ),
     (CHAT, {"messages": MSG, "max_tokens": 0}, "max_tokens", [">= 1", "got 0"]),
     (CHAT, {"messages": MSG, "max_tokens": -5}, "max_tokens", ["got -5"]),
     (CHAT, {"messages": MSG, "max_tokens": "10"}, "max_tokens", ['"10"']),
@@ -387,7 +434,12 @@ BAD_REQUESTS = [
     (CHAT, {"messages": MSG, "tokensieve": {"method": "snapkv", "budgett": 5}}, "tokensieve", ["budgett", "budget"]),
     (CHAT, {"messages": MSG, "tokensieve": {"method": "snapkv", "budget": -3}}, "tokensieve", ["budget", "-3"]),
     (CHAT, {"messages": MSG, "tokensieve": {"method": "gemfilter", "topk": "many"}}, "tokensieve", ["topk", "many"]),
-    (CHAT, {"messages": MSG, "tokensieve": {"method": "gemfilter", "filter_layer": 99}}, "tokensieve", ["filter_layer", "99"]),
+    (
+        CHAT,
+        {"messages": MSG, "tokensieve": {"method": "gemfilter", "filter_layer": 99}},
+        "tokensieve",
+        ["filter_layer", "99"],
+    ),
     (CHAT, {"messages": [{"role": "user", "content": "y" * 300}]}, "messages", ["300 tokens", "256"]),
     (COMP, {"prompt": "z" * 257}, "prompt", ["257 tokens", "256"]),
     (COMP, {"model": "m"}, "prompt", ["prompt must be"]),
@@ -409,8 +461,12 @@ def test_bad_requests_get_400_naming_the_problem(tiny_server):
             err = r.json()["error"]
             assert err["type"] == "invalid_request_error" and err["param"] == param, (body, err)
             assert all(w in err["message"] for w in words), (body, err["message"])
-        for raw, words in [(b'{"messages": [', ["not valid JSON"]), (b"[1, 2]", ["JSON object", "array"]), (b"", ["empty"]),
-                           (b"\xff\xfe", ["JSON"])]:
+        for raw, words in [
+            (b'{"messages": [', ["not valid JSON"]),
+            (b"[1, 2]", ["JSON object", "array"]),
+            (b"", ["empty"]),
+            (b"\xff\xfe", ["JSON"]),
+        ]:
             r = http.post(CHAT, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json", (raw, r.text)
             assert all(w in r.json()["error"]["message"] for w in words), r.text
@@ -423,10 +479,22 @@ def test_bad_requests_get_400_naming_the_problem(tiny_server):
     with pytest.raises(openai.BadRequestError):
         chat(c, "hi", max_tokens=3, stream=True, temperature=9)  # a stream is refused before it starts
     # fields OpenAI clients send that this server does not use are accepted
-    r = chat(c, "fine", max_tokens=2, frequency_penalty=0.5, presence_penalty=0.1, user="u", logit_bias={"5": 1},
-             metadata={"k": "v"}, response_format={"type": "text"}, extra_body={"repetition_penalty": 1.1})
+    r = chat(
+        c,
+        "fine",
+        max_tokens=2,
+        frequency_penalty=0.5,
+        presence_penalty=0.1,
+        user="u",
+        logit_bias={"5": 1},
+        metadata={"k": "v"},
+        response_format={"type": "text"},
+        extra_body={"repetition_penalty": 1.1},
+    )
     assert r.choices[0].finish_reason in ("stop", "length")
-    assert metric(base, "tokensieve_requests_total", endpoint=CHAT, status="400") >= len([b for b in BAD_REQUESTS if b[0] == CHAT])
+    assert metric(base, "tokensieve_requests_total", endpoint=CHAT, status="400") >= len(
+        [b for b in BAD_REQUESTS if b[0] == CHAT]
+    )
     c.close()
 
 
@@ -452,12 +520,18 @@ def test_method_parameters_of_any_json_type_get_200_or_400_never_500(tiny_server
         for name, cls in METHODS.items():
             for field in dataclasses.fields(cls):
                 for v in values:
-                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, field.name: v}}
+                    body = {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 2,
+                        "tokensieve": {"method": name, field.name: v},
+                    }
                     r = http.post(CHAT, json=body)
                     statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
                     assert r.status_code in (200, 400), (name, field.name, v, r.text)
                     if r.status_code == 400:
-                        assert r.json()["error"]["param"] == "tokensieve" and field.name in r.json()["error"]["message"], r.text
+                        assert (
+                            r.json()["error"]["param"] == "tokensieve" and field.name in r.json()["error"]["message"]
+                        ), r.text
     assert statuses[200] > 0 and statuses[400] > 0
     r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "tokensieve": {"method": "gemfilter", "topk": True}})
     assert r.status_code == 400 and "must be a 64-bit integer, got True" in r.json()["error"]["message"]
@@ -499,7 +573,9 @@ def test_full_queue_gets_429_and_a_departed_waiter_frees_its_slot(tiny):
 
         def leaver() -> None:  # waits in the queue, then gives up (client-side timeout)
             with pytest.raises(httpx2.ReadTimeout):
-                httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3}, timeout=httpx2.Timeout(30, read=0.5))
+                httpx2.post(
+                    f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3}, timeout=httpx2.Timeout(30, read=0.5)
+                )
 
         gone = pool.submit(leaver)
         wait_until(lambda: engine.queue_depth == 1, "the second request to queue")
@@ -577,7 +653,9 @@ def test_load_32_requests_from_8_threads_none_lost_none_mixed(tiny, tiny_server)
     prompts = [f"request {i}: the {'abcdefgh'[i % 8]} item is number {i * 37 % 101}" for i in range(n_req)]
     kinds = ["chat", "chat-stream", "completion", "completion-stream"]
     expected = [
-        reference_text(model, tok, [{"role": "user", "content": p}] if kinds[i % 4].startswith("chat") else p, max_tokens)
+        reference_text(
+            model, tok, [{"role": "user", "content": p}] if kinds[i % 4].startswith("chat") else p, max_tokens
+        )
         for i, p in enumerate(prompts)
     ]
     assert len(set(expected)) > n_req // 2  # distinct prompts give (mostly) distinct answers: a mix-up would show
@@ -593,7 +671,9 @@ def test_load_32_requests_from_8_threads_none_lost_none_mixed(tiny, tiny_server)
                 return stream_text(chat(c, p, max_tokens=max_tokens, temperature=0, stream=True))[0]
             if kind == "completion":
                 return c.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0).choices[0].text
-            return stream_text(c.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0, stream=True))[0]
+            return stream_text(
+                c.completions.create(model="m", prompt=p, max_tokens=max_tokens, temperature=0, stream=True)
+            )[0]
         finally:
             c.close()
 
@@ -657,16 +737,16 @@ def test_batched_requests_get_the_answers_they_get_alone(tiny):
         gate.set()
         batched = [f.result(WAIT_S) for f in futures]
         blocker.result(WAIT_S)
-        records = list(engine.records)[-len(asks):]
+        records = list(engine.records)[-len(asks) :]
         assert sorted(r.batch_size for r in records) == [2, 2, 4, 4, 4, 4]  # 4 together, then the other 2
         assert all(r.outcome == "completed" for r in records)
         runs, multi = batch_sizes(base)
         assert (runs - runs_before, multi) == (2, 2)
         # the same requests one at a time (nothing waits: each runs alone)
         alone = [ask_kind(base, kind, prompt, **kw) for kind, prompt, kw in asks]
-        assert all(r.batch_size == 1 for r in list(engine.records)[-len(asks):])
+        assert all(r.batch_size == 1 for r in list(engine.records)[-len(asks) :])
     assert batched == alone
-    assert batched[2] == (alone_reference[:alone_reference.find(stop)], "stop", batched[2][2]) and batched[2][2] < 12
+    assert batched[2] == (alone_reference[: alone_reference.find(stop)], "stop", batched[2][2]) and batched[2][2] < 12
     assert [a[2] for a in alone] == [12, 5, batched[2][2], 16, 7, 3]
     assert len({a[0] for a in alone}) == len(asks)  # distinct answers: a mix-up between rows would show
 
@@ -674,7 +754,9 @@ def test_batched_requests_get_the_answers_they_get_alone(tiny):
 def test_a_client_leaving_a_batch_does_not_disturb_the_others(tiny):
     model, tok = tiny
     gate = threading.Event()
-    app = create_app(model, tok, model_name="tiny", max_batch=4, generate_fn=slow(0.0, gate), generate_batch_fn=slow_batch(0.01))
+    app = create_app(
+        model, tok, model_name="tiny", max_batch=4, generate_fn=slow(0.0, gate), generate_batch_fn=slow_batch(0.01)
+    )
     engine = app.state.engine
     stayers = [("chat", "stay with me", 40), ("completion", "and me too, please", 30)]
 
@@ -733,12 +815,14 @@ def test_mixed_methods_in_the_queue_batch_by_method_and_all_get_their_own_answer
         gate.set()
         answers = [f.result(WAIT_S) for f in futures]
         blocker.result(WAIT_S)
-        records = list(engine.records)[-len(asks):]
+        records = list(engine.records)[-len(asks) :]
         assert sorted(r.batch_size for r in records) == [1, 1, 1, 1, 1, 2, 2, 2, 2]
         assert {r.method for r in records if r.batch_size == 2} == {"full", "snapkv"}
-    for (q, ext, sampling), (text, _, _) in zip(asks[:-2], answers[:-2]):
+    for (q, ext, _sampling), (text, _, _) in zip(asks[:-2], answers[:-2]):
         params = {k: v for k, v in ext.items() if k != "method"}
-        assert text == method_text(model, tok, [{"role": "user", "content": doc + q}], 6, ext.get("method", "full"), **params), q
+        assert text == method_text(
+            model, tok, [{"role": "user", "content": doc + q}], 6, ext.get("method", "full"), **params
+        ), q
     assert answers[-1] == answers[-2]
 
 
@@ -750,12 +834,24 @@ def test_a_running_batch_takes_one_slot_of_the_queue_bound(tiny):
         assert batch_gate.wait(WAIT_S), "the test never opened the batch gate"
         return generate_batch(*args, **kw)
 
-    app = create_app(model, tok, model_name="tiny", max_queue=2, max_batch=4, generate_fn=slow(0.0, gate), generate_batch_fn=gated_batch)
+    app = create_app(
+        model,
+        tok,
+        model_name="tiny",
+        max_queue=2,
+        max_batch=4,
+        generate_fn=slow(0.0, gate),
+        generate_batch_fn=gated_batch,
+    )
     engine = app.state.engine
 
     def refused() -> None:
         r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 3})
-        assert r.status_code == 429 and r.json()["error"]["code"] == "queue_full" and "max-queue 2" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 429
+            and r.json()["error"]["code"] == "queue_full"
+            and "max-queue 2" in r.json()["error"]["message"]
+        )
         assert int(r.headers["retry-after"]) >= 1
 
     with serving(app) as base, ThreadPoolExecutor(6) as pool:
@@ -764,7 +860,10 @@ def test_a_running_batch_takes_one_slot_of_the_queue_bound(tiny):
         wait_until(lambda: engine.queue_depth == 2, "two requests to queue")
         refused()  # one runs, max_queue wait
         gate.set()
-        wait_until(lambda: engine.queue_depth == 0 and metric(base, "tokensieve_running_requests") == 2, "the two to run as one batch")
+        wait_until(
+            lambda: engine.queue_depth == 0 and metric(base, "tokensieve_running_requests") == 2,
+            "the two to run as one batch",
+        )
         then = [pool.submit(ask_kind, base, "chat", f"then {i}", max_tokens=3, temperature=0) for i in range(2)]
         wait_until(lambda: engine.queue_depth == 2, "two more to queue behind the batch")
         refused()  # the batch of two takes one slot, as one request does: max_queue still wait, no more
@@ -800,7 +899,13 @@ def test_smollm2_chat_stream_equals_non_stream(smol_server):
 def test_smollm2_gemfilter_per_request_keeps_topk(smol_server):
     c = client(smol_server)
     doc = "The harbour was quiet that morning, and the gulls circled over the fishing boats. " * 6
-    r = chat(c, doc + "What was quiet?", max_tokens=3, temperature=0, extra_body={"tokensieve": {"method": "gemfilter", "topk": 32}})
+    r = chat(
+        c,
+        doc + "What was quiet?",
+        max_tokens=3,
+        temperature=0,
+        extra_body={"tokensieve": {"method": "gemfilter", "topk": 32}},
+    )
     ts = r.model_extra["tokensieve"]
     assert ts["method"] == "gemfilter" and ts["kept_tokens"] == 32 and ts["prompt_tokens"] > 100
     assert r.usage.prompt_tokens == ts["prompt_tokens"]
@@ -826,8 +931,14 @@ def test_prefix_cache_reuses_the_document_and_answers_are_unchanged(tiny):
     runs = [  # (system + question) or (document and question in one user message), method
         ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}], {}),
         ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "who?"}], {}),
-        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "where is it?"}], {"method": "snapkv", "budget": 48, "window_size": 4}),
-        ([{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "what?"}], {"method": "gemfilter", "topk": 24}),
+        (
+            [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "where is it?"}],
+            {"method": "snapkv", "budget": 48, "window_size": 4},
+        ),
+        (
+            [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "what?"}],
+            {"method": "gemfilter", "topk": 24},
+        ),
         ([{"role": "user", "content": PREFIX_DOC + "\nQuestion: code?"}], {}),
         ([{"role": "user", "content": PREFIX_DOC + "\nQuestion: keeper?"}], {}),
     ]
@@ -835,7 +946,9 @@ def test_prefix_cache_reuses_the_document_and_answers_are_unchanged(tiny):
         c = client(base)
         cached = []
         for msgs, ext in runs:
-            r = c.chat.completions.create(model="m", messages=msgs, max_tokens=6, temperature=0, extra_body={"tokensieve": ext})
+            r = c.chat.completions.create(
+                model="m", messages=msgs, max_tokens=6, temperature=0, extra_body={"tokensieve": ext}
+            )
             params = {k: v for k, v in ext.items() if k != "method"}
             assert r.choices[0].message.content == method_text(model, tok, msgs, 6, ext.get("method", "full"), **params)
             ts = r.model_extra["tokensieve"]
@@ -847,11 +960,19 @@ def test_prefix_cache_reuses_the_document_and_answers_are_unchanged(tiny):
         assert cached[0] == 0 and all(doc_tokens <= n < doc_tokens + 12 for n in cached[1:3] + cached[4:]), cached
         assert cached[3] == len(tok(PREFIX_DOC + "\n\nwhat?")["input_ids"]) - 16
         # streamed: the same count in the usage chunk
-        stream = c.chat.completions.create(model="m", messages=runs[1][0], max_tokens=6, temperature=0, stream=True,
-                                           stream_options={"include_usage": True})
+        stream = c.chat.completions.create(
+            model="m",
+            messages=runs[1][0],
+            max_tokens=6,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         text, final, chunks = stream_text(stream)
         streamed_cached = chunks[-1].usage.prompt_tokens_details.cached_tokens
-        assert streamed_cached >= cached[1] and final.model_extra["tokensieve"]["prefix_cached_tokens"] == streamed_cached
+        assert (
+            streamed_cached >= cached[1] and final.model_extra["tokensieve"]["prefix_cached_tokens"] == streamed_cached
+        )
         assert text == method_text(model, tok, runs[1][0], 6, "full")
         assert metric(base, "tokensieve_prefix_cache_lookups_total", result="hit") == 6
         assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 1
@@ -872,7 +993,9 @@ def test_prefix_cache_off(tiny):
         c = client(base)
         for _ in range(2):
             r = c.chat.completions.create(model="m", messages=msgs, max_tokens=4, temperature=0)
-            assert r.usage.prompt_tokens_details.cached_tokens == 0 == r.model_extra["tokensieve"]["prefix_cached_tokens"]
+            assert (
+                r.usage.prompt_tokens_details.cached_tokens == 0 == r.model_extra["tokensieve"]["prefix_cached_tokens"]
+            )
         assert httpx2.get(f"{base}/health").json()["prefix_cache"] == {"enabled": False, "reason": "disabled (size 0)"}
         assert metric(base, "tokensieve_prefix_cache_lookups_total", result="miss") == 0
         c.close()
@@ -887,11 +1010,23 @@ def test_sampling_values_inside_the_documented_ranges_never_give_nan(tiny, tiny_
     c = client(base)
     greedy = chat(c, "pick the likeliest", max_tokens=8, temperature=0).choices[0].message.content
     assert greedy == reference_text(model, tok, [{"role": "user", "content": "pick the likeliest"}], 8)
-    for kw in ({"temperature": 5e-324}, {"temperature": 1e-300}, {"temperature": 1e-9, "top_p": 0.5},
-               {"temperature": 1.0, "top_p": 5e-324}, {"temperature": 2.0, "top_p": 1e-300, "top_k": 3}):
+    for kw in (
+        {"temperature": 5e-324},
+        {"temperature": 1e-300},
+        {"temperature": 1e-9, "top_p": 0.5},
+        {"temperature": 1.0, "top_p": 5e-324},
+        {"temperature": 2.0, "top_p": 1e-300, "top_k": 3},
+    ):
         for stream in (False, True):
             top_k = kw.pop("top_k", None)
-            r = chat(c, "pick the likeliest", max_tokens=8, stream=stream, **kw, extra_body={"top_k": top_k} if top_k else None)
+            r = chat(
+                c,
+                "pick the likeliest",
+                max_tokens=8,
+                stream=stream,
+                **kw,
+                extra_body={"top_k": top_k} if top_k else None,
+            )
             if top_k:
                 kw["top_k"] = top_k
             text = stream_text(r)[0] if stream else r.choices[0].message.content
@@ -907,21 +1042,36 @@ def test_method_parameters_are_bounded_before_any_work(tiny_server):
         for name, cls in METHODS.items():
             for f in dataclasses.fields(cls):
                 for v in (2**62, -(2**62), 2**31, [2**40]):
-                    body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "tokensieve": {"method": name, f.name: v}}
+                    body = {
+                        "messages": [{"role": "user", "content": prompt}],
+                        "max_tokens": 2,
+                        "tokensieve": {"method": name, f.name: v},
+                    }
                     r = http.post(CHAT, json=body)
                     assert r.status_code == 400, (name, f.name, v, r.text)
                     assert r.json()["error"]["param"] == "tokensieve" and f.name in r.json()["error"]["message"], r.text
         # performance-only widths: a request may not set them below the server's minimum
-        for ext in ({"method": "h2o", "budget": 40, "chunk_size": 1}, {"method": "sepllm", "block_size": 16},
-                    {"method": "gemfilter", "topk": 20, "window_size": 4, "chunk_size": 8}):
+        for ext in (
+            {"method": "h2o", "budget": 40, "chunk_size": 1},
+            {"method": "sepllm", "block_size": 16},
+            {"method": "gemfilter", "topk": 20, "window_size": 4, "chunk_size": 8},
+        ):
             r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": ext})
             assert r.status_code == 400 and "at least 128" in r.json()["error"]["message"], (ext, r.text)
-        r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": {"method": "sepllm", "block_size": 128}})
+        r = http.post(
+            CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": {"method": "sepllm", "block_size": 128}}
+        )
         assert r.status_code == 200
         # a pooling / span width wider than the prompt is fine (the widths are bounded by MAX_SPAN_WIDTH)
         for name, ext in (("gemfilter", {"topk": 8}), ("snapkv", {"budget": 20, "window_size": 4})):
-            r = http.post(CHAT, json={"messages": [{"role": "user", "content": prompt}], "max_tokens": 2,
-                                      "tokensieve": {"method": name, "kernel": 4095, "dilation": 4095, "pooling": "max", **ext}})
+            r = http.post(
+                CHAT,
+                json={
+                    "messages": [{"role": "user", "content": prompt}],
+                    "max_tokens": 2,
+                    "tokensieve": {"method": name, "kernel": 4095, "dilation": 4095, "pooling": "max", **ext},
+                },
+            )
             assert r.status_code == 200, r.text
     assert len(app.state.engine.records) == done + 3  # the refused ones never reached the worker
 
@@ -929,15 +1079,18 @@ def test_method_parameters_are_bounded_before_any_work(tiny_server):
 def test_prompt_plus_max_tokens_past_the_positions_is_400_with_vllms_wording(tiny_server):
     base, _ = tiny_server
     with httpx2.Client(base_url=base, timeout=60) as http:
-        for endpoint, body, n, param in [(CHAT, {"messages": [{"role": "user", "content": "p" * 200}]}, 200, "messages"),
-                                         (COMP, {"prompt": "q" * 250}, 250, "prompt")]:
+        for endpoint, body, n, param in [
+            (CHAT, {"messages": [{"role": "user", "content": "p" * 200}]}, 200, "messages"),
+            (COMP, {"prompt": "q" * 250}, 250, "prompt"),
+        ]:
             r = http.post(endpoint, json={**body, "max_tokens": 60})
             assert r.status_code == 400, r.text
             err = r.json()["error"]
             assert err["code"] == "context_length_exceeded" and err["param"] == param
             assert err["message"] == (
                 f"This model's maximum context length is 256 tokens. However, you requested {n + 60} tokens "
-                f"({n} in the messages, 60 in the completion). Please reduce the length of the messages or completion.")
+                f"({n} in the messages, 60 in the completion). Please reduce the length of the messages or completion."
+            )
             assert http.post(endpoint, json={**body, "max_tokens": 256 - n}).status_code == 200  # exactly at the limit
         # without max_tokens the server's default (16) is cut to what the positions leave
         r = http.post(COMP, json={"prompt": "r" * 250, "temperature": 0})
@@ -949,8 +1102,10 @@ def test_prompt_plus_max_tokens_past_the_positions_is_400_with_vllms_wording(tin
 def test_text_no_tokenizer_can_encode_is_400(tiny_server):
     base, _ = tiny_server
     with httpx2.Client(base_url=base, timeout=60) as http:
-        for endpoint, body, param in [(CHAT, {"messages": [{"role": "user", "content": "a \udcff b"}]}, "messages"),
-                                      (COMP, {"prompt": "a \ud800"}, "prompt")]:
+        for endpoint, body, param in [
+            (CHAT, {"messages": [{"role": "user", "content": "a \udcff b"}]}, "messages"),
+            (COMP, {"prompt": "a \ud800"}, "prompt"),
+        ]:
             raw = json.dumps(body).encode()  # "\\udcff": valid JSON, a lone surrogate once decoded
             r = http.post(endpoint, content=raw, headers={"content-type": "application/json"})
             assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -969,7 +1124,9 @@ def test_cache_salt_keeps_tenants_apart(tiny):
 
         def cached(c, question, salt=None, **kw):
             extra = {"cache_salt": salt} if salt is not None else {}
-            r = c.chat.completions.create(model="m", messages=msgs(question), max_tokens=2, temperature=0, extra_body=extra, **kw)
+            r = c.chat.completions.create(
+                model="m", messages=msgs(question), max_tokens=2, temperature=0, extra_body=extra, **kw
+            )
             assert r.usage.prompt_tokens_details.cached_tokens == r.model_extra["tokensieve"]["prefix_cached_tokens"]
             return r.usage.prompt_tokens_details.cached_tokens
 
@@ -978,8 +1135,14 @@ def test_cache_salt_keeps_tenants_apart(tiny):
             counts = [cached(c, "what is the code?", "tenant-b"), cached(c, "what is the code?")]
             for g in (4700, 4711, 4712):
                 r = c.chat.completions.create(
-                    model="m", messages=[{"role": "system", "content": secret.replace("4711", str(g))}, {"role": "user", "content": "x?"}],
-                    max_tokens=2, extra_body={"cache_salt": "tenant-c"})
+                    model="m",
+                    messages=[
+                        {"role": "system", "content": secret.replace("4711", str(g))},
+                        {"role": "user", "content": "x?"},
+                    ],
+                    max_tokens=2,
+                    extra_body={"cache_salt": "tenant-c"},
+                )
                 counts.append(r.usage.prompt_tokens_details.cached_tokens)
             return counts
 
@@ -989,7 +1152,9 @@ def test_cache_salt_keeps_tenants_apart(tiny):
         assert seen[:3] == [0, 0, 0]  # B's exact copy of A's document: nothing cached, no hint of a match
         assert cached(a, "and the keeper?", "tenant-a") >= len(secret)  # A's entry is still A's
         store = app.state.engine.prefix_store
-        assert len({e.salt for e in store.entries()}) >= 3 and all(e.salt is None or len(e.salt) == 64 for e in store.entries())
+        assert len({e.salt for e in store.entries()}) >= 3 and all(
+            e.salt is None or len(e.salt) == 64 for e in store.entries()
+        )
         r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "cache_salt": ""})
         assert r.status_code == 400 and r.json()["error"]["param"] == "cache_salt"
         a.close()
@@ -1017,12 +1182,18 @@ def test_a_failed_request_drops_only_its_own_prefix_entries(tiny):
     doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
     with serving(app) as base:
         c = client(base)
-        assert c.chat.completions.create(model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens == 0
+        assert (
+            c.chat.completions.create(model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens
+            == 0
+        )
         kept = [e.ids.tolist() for e in store.entries()]
         assert len(kept) == 1
         with pytest.raises(openai.InternalServerError):  # another client's request stores its own document, then fails
-            c.chat.completions.create(model="m", messages=[{"role": "system", "content": "boom " * 20}, {"role": "user", "content": "q?"}],
-                                      max_tokens=2)
+            c.chat.completions.create(
+                model="m",
+                messages=[{"role": "system", "content": "boom " * 20}, {"role": "user", "content": "q?"}],
+                max_tokens=2,
+            )
         assert [e.ids.tolist() for e in store.entries()] == kept  # its entry is gone, the first client's stays
         r = c.chat.completions.create(model="m", messages=doc, max_tokens=2)
         assert r.usage.prompt_tokens_details.cached_tokens >= len(PREFIX_DOC)
@@ -1035,9 +1206,21 @@ def test_api_keys_guard_v1_and_keep_each_keys_prefix_cache_apart(tiny):
     app = create_app(model, tok, model_name="tiny", prefix_cache_gib=0.01, api_keys=["key-one", "key-two"])
     doc = [{"role": "system", "content": PREFIX_DOC}, {"role": "user", "content": "code?"}]
     with serving(app) as base:
-        for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": "key-one"}, {"authorization": "Basic key-one"},
-                        {"authorization": "Bearer key-one-and-more"}, {"authorization": "Bearer"}):
-            for method, path in (("POST", CHAT), ("POST", COMP), ("GET", "/v1/models"), ("GET", "/v1/models/tiny"), ("GET", "/v1/nothing")):
+        for headers in (
+            {},
+            {"authorization": "Bearer wrong"},
+            {"authorization": "key-one"},
+            {"authorization": "Basic key-one"},
+            {"authorization": "Bearer key-one-and-more"},
+            {"authorization": "Bearer"},
+        ):
+            for method, path in (
+                ("POST", CHAT),
+                ("POST", COMP),
+                ("GET", "/v1/models"),
+                ("GET", "/v1/models/tiny"),
+                ("GET", "/v1/nothing"),
+            ):
                 r = httpx2.request(method, f"{base}{path}", json={"messages": MSG, "max_tokens": 2}, headers=headers)
                 assert r.status_code == 401, (headers, path, r.text)
                 assert r.json()["error"]["code"] == "invalid_api_key" and r.headers["www-authenticate"] == "Bearer"
@@ -1047,8 +1230,12 @@ def test_api_keys_guard_v1_and_keep_each_keys_prefix_cache_apart(tiny):
         one = openai.OpenAI(base_url=f"{base}/v1", api_key="key-one", max_retries=0)
         two = openai.OpenAI(base_url=f"{base}/v1", api_key="key-two", max_retries=0)
         assert [m.id for m in one.models.list()] == ["tiny"]
-        cached = lambda c: c.chat.completions.create(  # noqa: E731
-            model="m", messages=doc, max_tokens=2).usage.prompt_tokens_details.cached_tokens
+
+        def cached(c):
+            return c.chat.completions.create(
+                model="m", messages=doc, max_tokens=2
+            ).usage.prompt_tokens_details.cached_tokens
+
         assert cached(one) == 0 and cached(one) >= len(PREFIX_DOC)  # key one stores, then reuses, its document
         assert cached(two) == 0  # key two sends the same document: nothing of key one's is visible
         assert cached(two) >= len(PREFIX_DOC)
@@ -1070,11 +1257,15 @@ def test_bodies_must_be_json_and_within_the_size_limit(tiny):
             assert http.post(CHAT, content=body, headers={"content-type": ctype}).status_code == 200
         big = json.dumps({"messages": [{"role": "user", "content": "z" * 5000}]}).encode()
         r = http.post(CHAT, content=big, headers={"content-type": "application/json"})  # Content-Length: refused unread
-        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large" and "4096" in r.json()["error"]["message"]
+        assert (
+            r.status_code == 413
+            and r.json()["error"]["code"] == "request_too_large"
+            and "4096" in r.json()["error"]["message"]
+        )
 
         def chunks():  # no Content-Length: counted while it is read
             for i in range(0, len(big), 1000):
-                yield big[i:i + 1000]
+                yield big[i : i + 1000]
 
         r = http.post(CHAT, content=chunks(), headers={"content-type": "application/json"})
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -1090,14 +1281,25 @@ def test_a_prompt_far_past_the_positions_is_refused_before_it_is_tokenized(tiny_
     engine.preparer._encode = lambda req, param: calls.append(param) or real(req, param)
     try:
         with httpx2.Client(base_url=base, timeout=60) as http:
-            for endpoint, body, param in [(CHAT, {"messages": [{"role": "system", "content": "d" * 3000}, {"role": "user", "content": "q"}]}, "messages"),
-                                          (COMP, {"prompt": "e" * 100_000}, "prompt"), (COMP, {"prompt": [5] * 300}, "prompt")]:
+            for endpoint, body, param in [
+                (
+                    CHAT,
+                    {"messages": [{"role": "system", "content": "d" * 3000}, {"role": "user", "content": "q"}]},
+                    "messages",
+                ),
+                (COMP, {"prompt": "e" * 100_000}, "prompt"),
+                (COMP, {"prompt": [5] * 300}, "prompt"),
+            ]:
                 r = http.post(endpoint, json=body)
                 err = r.json()["error"]
-                assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, r.text
+                assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == param, (
+                    r.text
+                )
                 assert "256 positions" in err["message"]
             assert calls == []  # none of them reached the tokenizer
-            assert http.post(CHAT, json={"messages": [{"role": "user", "content": "f" * 300}]}).status_code == 400  # tokenized, then refused
+            assert (
+                http.post(CHAT, json={"messages": [{"role": "user", "content": "f" * 300}]}).status_code == 400
+            )  # tokenized, then refused
             assert calls == ["messages"]
     finally:
         engine.preparer._encode = real
@@ -1165,20 +1367,39 @@ def test_host_header_is_checked_on_a_loopback_server(tiny):
     model, tok = tiny
     from tokensieve.serve.app import LOOPBACK_HOSTS, host_name
 
-    assert [host_name(h) for h in ("[::1]:8000", "LocalHost.:80", "127.0.0.1", "my.box:1")] == ["::1", "localhost", "127.0.0.1", "my.box"]
+    assert [host_name(h) for h in ("[::1]:8000", "LocalHost.:80", "127.0.0.1", "my.box:1")] == [
+        "::1",
+        "localhost",
+        "127.0.0.1",
+        "my.box",
+    ]
     app = create_app(model, tok, model_name="tiny", allowed_hosts=[*LOOPBACK_HOSTS, "My.Box"])
     with serving(app) as base:
         port = base.rsplit(":", 1)[1]
         for host in ("evil.example", f"evil.example:{port}", "127.0.0.1.evil.example", "", "192.168.1.10"):
             for method, path in (("GET", "/health"), ("GET", "/v1/models"), ("POST", CHAT)):
-                r = httpx2.request(method, f"{base}{path}", headers={"Host": host}, json={"messages": MSG, "max_tokens": 2})
+                r = httpx2.request(
+                    method, f"{base}{path}", headers={"Host": host}, json={"messages": MSG, "max_tokens": 2}
+                )
                 assert r.status_code == 421, (host, path, r.status_code)
                 assert r.json()["error"]["code"] == "invalid_host" and r.headers["content-type"] == "application/json"
-        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "localhost", f"[::1]:{port}", "127.0.0.2", f"my.box:{port}", "MY.BOX"):
+        for host in (
+            f"127.0.0.1:{port}",
+            f"localhost:{port}",
+            "localhost",
+            f"[::1]:{port}",
+            "127.0.0.2",
+            f"my.box:{port}",
+            "MY.BOX",
+        ):
             assert httpx2.get(f"{base}/v1/models", headers={"Host": host}).status_code == 200, host
-        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}, headers={"Origin": "http://evil.example"})
+        r = httpx2.post(
+            f"{base}{CHAT}", json={"messages": MSG, "max_tokens": 2}, headers={"Origin": "http://evil.example"}
+        )
         assert r.status_code == 200 and not any(k.lower().startswith("access-control-") for k in r.headers)  # no CORS
-        pre = httpx2.options(f"{base}{CHAT}", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"})
+        pre = httpx2.options(
+            f"{base}{CHAT}", headers={"Origin": "http://evil.example", "Access-Control-Request-Method": "POST"}
+        )
         assert pre.status_code == 405 and not any(k.lower().startswith("access-control-") for k in pre.headers)
     with serving(create_app(model, tok, model_name="tiny", allowed_hosts=["*"])) as base:
         assert httpx2.get(f"{base}/health", headers={"Host": "anything.example"}).status_code == 200

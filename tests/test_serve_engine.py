@@ -46,16 +46,23 @@ def test_each_request_is_prepared_once_alone_streamed_batched_and_through_the_pr
     model, tok = tiny
     gate = threading.Event()
     app = create_app(
-        model, tok, model_name="tiny", max_batch=4, max_queue=8, prefix_cache_gib=0.01, generate_fn=slow(0.0, gate))
+        model, tok, model_name="tiny", max_batch=4, max_queue=8, prefix_cache_gib=0.01, generate_fn=slow(0.0, gate)
+    )
     engine = app.state.engine
     counts = spy_preparations(monkeypatch)  # after the app's own check of its default method
     with serving(app) as base, ThreadPoolExecutor(6) as pool:
         c = client(base)
-        first = pool.submit(c.chat.completions.create, model="m", messages=MSG, max_tokens=3)  # runs alone, held at the gate
+        first = pool.submit(
+            c.chat.completions.create, model="m", messages=MSG, max_tokens=3
+        )  # runs alone, held at the gate
         wait_until(lambda: engine.busy, "the first request to run")
         snap = {"tokensieve": {"method": "snapkv", "budget": 64}}
-        batch = [pool.submit(c.completions.create, model="m", prompt=f"batch row {i}", max_tokens=3, temperature=0,
-                             extra_body=snap) for i in range(3)]
+        batch = [
+            pool.submit(
+                c.completions.create, model="m", prompt=f"batch row {i}", max_tokens=3, temperature=0, extra_body=snap
+            )
+            for i in range(3)
+        ]
         wait_until(lambda: engine.queue_depth == 3, "three batchable requests to queue")
         gate.set()
         assert first.result(WAIT_S).usage.completion_tokens >= 1
@@ -97,19 +104,26 @@ def test_decoder_copy_decodes_as_the_tokenizer():
     tok = byte_tokenizer()
     dec = Decoder(tok)
     ids = tok("héllo, wörld")["input_ids"]
-    assert dec.copied and dec.tokenizer is not tok and dec(ids) == tok.decode(ids, skip_special_tokens=True) == "héllo, wörld"
+    assert (
+        dec.copied
+        and dec.tokenizer is not tok
+        and dec(ids) == tok.decode(ids, skip_special_tokens=True) == "héllo, wörld"
+    )
 
 
 def test_lock_params_pins_the_servers_method_and_parameters(tiny):
     model, tok = tiny
 
-    app = create_app(model, tok, model_name="tiny", method="snapkv", method_params={"budget": 64, "window_size": 8},
-                     lock_params=True)
+    app = create_app(
+        model, tok, model_name="tiny", method="snapkv", method_params={"budget": 64, "window_size": 8}, lock_params=True
+    )
     with serving(app) as base, httpx2.Client(base_url=base, timeout=60) as http:
-        for ext, param, words in [({"budget": 65}, "tokensieve.budget", ["budget at 64", "got 65"]),
-                                  ({"chunk_size": 4096}, "tokensieve.chunk_size", ["does not let requests set chunk_size"]),
-                                  ({"method": "full"}, "tokensieve.method", ["'snapkv' only", "got 'full'"]),
-                                  ({"method": "snapkv", "window_size": 16}, "tokensieve.window_size", ["window_size at 8"])]:
+        for ext, param, words in [
+            ({"budget": 65}, "tokensieve.budget", ["budget at 64", "got 65"]),
+            ({"chunk_size": 4096}, "tokensieve.chunk_size", ["does not let requests set chunk_size"]),
+            ({"method": "full"}, "tokensieve.method", ["'snapkv' only", "got 'full'"]),
+            ({"method": "snapkv", "window_size": 16}, "tokensieve.window_size", ["window_size at 8"]),
+        ]:
             r = http.post(CHAT, json={"messages": MSG, "max_tokens": 2, "tokensieve": ext})
             err = r.json()["error"]
             assert r.status_code == 400 and err["param"] == param and err["code"] == "locked_parameter", (ext, r.text)
@@ -163,21 +177,35 @@ def test_concurrent_clients_all_finish_with_their_sequential_answers(tiny):
             r = c.completions.create(model="m", prompt=prompt, max_tokens=6, temperature=0, extra_body=extra)
             return r.choices[0].text
         if j % 3 == 1:
-            r = c.chat.completions.create(model="m", messages=[{"role": "user", "content": prompt}], max_tokens=6,
-                                          temperature=0, extra_body=extra)
+            r = c.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0, extra_body=extra
+            )
             return r.choices[0].message.content
-        text, final, _ = stream_text(c.chat.completions.create(
-            model="m", messages=[{"role": "user", "content": prompt}], max_tokens=6, temperature=0, stream=True, extra_body=extra))
+        text, final, _ = stream_text(
+            c.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": prompt}],
+                max_tokens=6,
+                temperature=0,
+                stream=True,
+                extra_body=extra,
+            )
+        )
         assert final is not None
         return text
 
     with serving(app) as base:
         clients = [client(base, timeout=LOAD_BOUND_S) for _ in range(LOAD_CLIENTS)]
-        alone = {(i, j): ask(clients[i], i, j) for i in range(LOAD_CLIENTS) for j in range(LOAD_REQUESTS)}  # one at a time
+        alone = {
+            (i, j): ask(clients[i], i, j) for i in range(LOAD_CLIENTS) for j in range(LOAD_REQUESTS)
+        }  # one at a time
         t0, rss0 = time.monotonic(), rss_bytes()
         with ThreadPoolExecutor(LOAD_CLIENTS) as pool:
             # each client sends its requests one after another; the clients all at once
-            futures = [pool.submit(lambda i=i: [ask(clients[i], i, j) for j in range(LOAD_REQUESTS)]) for i in range(LOAD_CLIENTS)]
+            futures = [
+                pool.submit(lambda i=i: [ask(clients[i], i, j) for j in range(LOAD_REQUESTS)])
+                for i in range(LOAD_CLIENTS)
+            ]
             together = {}
             for i, f in enumerate(futures):
                 for j, text in enumerate(f.result(LOAD_BOUND_S)):  # raises on any error status (5xx included)

@@ -23,19 +23,53 @@ from tokensieve.serve.protocol import APIError, parse_chat_request, parse_comple
 from tokensieve.serve.requests import PreparedRequest, RequestPreparer
 
 # derandomize: the same examples every run (a failure reproduces); database=None: nothing written to the tree
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck))
+FUZZ = settings(
+    max_examples=150, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+)
 
-scalars = (st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-           | st.floats(allow_nan=True, allow_infinity=True) | st.text(max_size=12))
-json_values = st.recursive(scalars, lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
-                           max_leaves=8)
+scalars = (
+    st.none()
+    | st.booleans()
+    | st.integers(min_value=-(2**70), max_value=2**70)
+    | st.floats(allow_nan=True, allow_infinity=True)
+    | st.text(max_size=12)
+)
+json_values = st.recursive(
+    scalars,
+    lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=6), kids, max_size=3),
+    max_leaves=8,
+)
 
 
 def method_params(name: str) -> st.SearchStrategy[dict]:
     """``{"method": name, ...}`` with some of its parameters, mostly plausible values, some hostile."""
     fields = [f.name for f in dataclasses.fields(METHODS[name])]
-    plausible = st.sampled_from([0, 1, 2, 4, 8, 16, 64, 128, 256, 4095, 0.5, 1.0, True, False, None, "max", "mean", "auto",
-                                 "local", "dense", [2], [1, 2]])
+    plausible = st.sampled_from(
+        [
+            0,
+            1,
+            2,
+            4,
+            8,
+            16,
+            64,
+            128,
+            256,
+            4095,
+            0.5,
+            1.0,
+            True,
+            False,
+            None,
+            "max",
+            "mean",
+            "auto",
+            "local",
+            "dense",
+            [2],
+            [1, 2],
+        ]
+    )
     value = st.one_of(plausible, plausible, plausible, json_values)
     return st.fixed_dictionaries({"method": st.just(name)}, optional={f: value for f in fields})
 
@@ -48,20 +82,43 @@ def with_hostile(valid: st.SearchStrategy[dict], keys: list[str]) -> st.SearchSt
 
 text = st.text(min_size=1, max_size=60)
 valid_common = {
-    "max_tokens": st.integers(min_value=1, max_value=300), "temperature": st.floats(min_value=0, max_value=2),
+    "max_tokens": st.integers(min_value=1, max_value=300),
+    "temperature": st.floats(min_value=0, max_value=2),
     "top_p": st.floats(min_value=0, max_value=1, exclude_min=True) | st.sampled_from([1e-45, 5e-324, 1.0]),
-    "top_k": st.integers(min_value=-1, max_value=300), "seed": st.integers(min_value=-(2**63), max_value=2**64 - 1),
-    "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3), "stream": st.booleans(),
+    "top_k": st.integers(min_value=-1, max_value=300),
+    "seed": st.integers(min_value=-(2**63), max_value=2**64 - 1),
+    "stop": st.lists(st.text(min_size=1, max_size=4), max_size=3),
+    "stream": st.booleans(),
     "stream_options": st.fixed_dictionaries({}, optional={"include_usage": st.booleans()}),
-    "tokensieve": st.sampled_from(sorted(METHODS)).flatmap(method_params), "cache_salt": st.text(min_size=1, max_size=20),
+    "tokensieve": st.sampled_from(sorted(METHODS)).flatmap(method_params),
+    "cache_salt": st.text(min_size=1, max_size=20),
 }
 COMMON_KEYS = [*valid_common, "n", "logprobs", "echo", "best_of", "model", "user"]
-chat_bodies = with_hostile(st.fixed_dictionaries(
-    {"messages": st.lists(st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text}),
-                          min_size=1, max_size=3)}, optional=valid_common), ["messages", *COMMON_KEYS, "max_completion_tokens"])
-completion_bodies = with_hostile(st.fixed_dictionaries(
-    {"prompt": st.one_of(st.text(min_size=1, max_size=300), st.lists(st.integers(min_value=0, max_value=256), min_size=1, max_size=300))},
-    optional=valid_common), ["prompt", *COMMON_KEYS, "suffix"])
+chat_bodies = with_hostile(
+    st.fixed_dictionaries(
+        {
+            "messages": st.lists(
+                st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant"]), "content": text}),
+                min_size=1,
+                max_size=3,
+            )
+        },
+        optional=valid_common,
+    ),
+    ["messages", *COMMON_KEYS, "max_completion_tokens"],
+)
+completion_bodies = with_hostile(
+    st.fixed_dictionaries(
+        {
+            "prompt": st.one_of(
+                st.text(min_size=1, max_size=300),
+                st.lists(st.integers(min_value=0, max_value=256), min_size=1, max_size=300),
+            )
+        },
+        optional=valid_common,
+    ),
+    ["prompt", *COMMON_KEYS, "suffix"],
+)
 
 
 def parsed_or_400(parse, body):
@@ -85,7 +142,12 @@ def test_any_request_fields_parse_or_get_a_400_naming_them(chat, completion):
     for parse, body in ((parse_chat_request, chat), (parse_completion_request, completion)):
         req = parsed_or_400(parse, body)
         if req is not None:
-            assert req.max_tokens >= 1 and 0 < req.top_p <= 1 and 0 <= req.temperature <= 2 and math.isfinite(req.temperature)
+            assert (
+                req.max_tokens >= 1
+                and 0 < req.top_p <= 1
+                and 0 <= req.temperature <= 2
+                and math.isfinite(req.temperature)
+            )
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +174,11 @@ def test_any_parsed_request_is_prepared_or_gets_a_4xx(preparer, chat, completion
         except APIError as exc:
             assert 400 <= exc.status < 500 and exc.message, (body, exc.message)
             continue
-        assert isinstance(prep, PreparedRequest) and 1 <= prep.prompt_tokens and prep.prompt_tokens + prep.max_tokens <= 256
+        assert (
+            isinstance(prep, PreparedRequest)
+            and 1 <= prep.prompt_tokens
+            and prep.prompt_tokens + prep.max_tokens <= 256
+        )
     assert time.monotonic() - t0 < 10  # preparing any request is cheap (no generation)
 
 
@@ -151,8 +217,9 @@ def test_the_python_api_takes_any_method_parameters_or_raises_input_error(tiny, 
     params = {k: v for k, v in ext.items() if k != "method"}
     t0 = time.monotonic()
     try:
-        res = tokensieve.generate(model, tok, "words, separators. and more words! " * 3, method=ext["method"],
-                                  max_new_tokens=2, **params)
+        res = tokensieve.generate(
+            model, tok, "words, separators. and more words! " * 3, method=ext["method"], max_new_tokens=2, **params
+        )
     except tokensieve.InputError as exc:
         assert str(exc) and "\n" not in str(exc).strip(), str(exc)
     else:

@@ -49,9 +49,26 @@ class Child:
     def __init__(self, model_dir: Path, *args: str, delay_s: float = 0.05) -> None:
         env = {**os.environ, "PYTHONPATH": str(SRC), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", CHILD, str(delay_s), "--model", str(model_dir), "--host", "127.0.0.1", "--port", "0",
-             "--log-level", "info", *args],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            [
+                sys.executable,
+                "-c",
+                CHILD,
+                str(delay_s),
+                "--model",
+                str(model_dir),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                "0",
+                "--log-level",
+                "info",
+                *args,
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
         self.lines: list[str] = []
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
@@ -92,7 +109,12 @@ class Child:
 
 
 def body(max_tokens: int, stream: bool) -> dict[str, Any]:
-    return {"model": "m", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": max_tokens, "stream": stream}
+    return {
+        "model": "m",
+        "messages": [{"role": "user", "content": "hello there"}],
+        "max_tokens": max_tokens,
+        "stream": stream,
+    }
 
 
 def stream_events(base: str, max_tokens: int, started: threading.Event) -> list[Any]:
@@ -102,7 +124,7 @@ def stream_events(base: str, max_tokens: int, started: threading.Event) -> list[
         assert r.status_code == 200, r.read()
         for line in r.iter_lines():
             if line.startswith("data: "):
-                data = line[len("data: "):]
+                data = line[len("data: ") :]
                 out.append(data if data == "[DONE]" else json.loads(data))
                 started.set()
     return out
@@ -174,7 +196,9 @@ def test_shutdown_timeout_ends_a_long_stream_with_an_error_event(model_dir):
         child.signal(signal.SIGTERM)
         events = running.result(WAIT_S)
         assert events[-1] == "[DONE]"
-        assert events[-2]["error"]["code"] == "shutting_down" and events[-2]["error"]["type"] == "server_error", events[-2]
+        assert events[-2]["error"]["code"] == "shutting_down" and events[-2]["error"]["type"] == "server_error", events[
+            -2
+        ]
         assert 0.9 < time.monotonic() - t0 < 8, "ended at the shutdown timeout, not at the end of the answer"
         assert child.wait(WAIT_S) == 0
         assert time.monotonic() - t0 < 1 + 8  # the timeout plus the flush and the worker's join

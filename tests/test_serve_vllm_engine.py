@@ -53,7 +53,9 @@ class _FakeAsyncLLM:
         for k, t in enumerate(ids):
             await asyncio.sleep(0)
             last = k == len(ids) - 1
-            yield types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=[t], finish_reason="length" if last else None)])
+            yield types.SimpleNamespace(
+                outputs=[types.SimpleNamespace(token_ids=[t], finish_reason="length" if last else None)]
+            )
 
 
 @pytest.fixture
@@ -65,8 +67,11 @@ def fake_vllm(monkeypatch):
             self.kw, self.disable_log_stats, self.enable_log_requests = kw, True, False
 
         def create_engine_config(self):
-            return types.SimpleNamespace(model_config=types.SimpleNamespace(max_model_len=self.kw.get("max_model_len", 256)),
-                                         scheduler_config=types.SimpleNamespace(max_num_seqs=2), built=built)
+            return types.SimpleNamespace(
+                model_config=types.SimpleNamespace(max_model_len=self.kw.get("max_model_len", 256)),
+                scheduler_config=types.SimpleNamespace(max_num_seqs=2),
+                built=built,
+            )
 
     class VLLMClientError(ValueError):
         pass
@@ -75,12 +80,14 @@ def fake_vllm(monkeypatch):
         "vllm": types.SimpleNamespace(__version__="fake", SamplingParams=lambda **kw: kw),
         "vllm.engine": types.ModuleType("vllm.engine"),
         "vllm.engine.arg_utils": types.SimpleNamespace(AsyncEngineArgs=AsyncEngineArgs),
-        "vllm.v1": types.ModuleType("vllm.v1"), "vllm.v1.engine": types.ModuleType("vllm.v1.engine"),
+        "vllm.v1": types.ModuleType("vllm.v1"),
+        "vllm.v1.engine": types.ModuleType("vllm.v1.engine"),
         "vllm.v1.engine.async_llm": types.SimpleNamespace(AsyncLLM=_FakeAsyncLLM),
         "vllm.exceptions": types.SimpleNamespace(VLLMClientError=VLLMClientError),
         "vllm.sampling_params": types.SimpleNamespace(RequestOutputKind=types.SimpleNamespace(DELTA="delta")),
         "vllm.inputs": types.SimpleNamespace(TokensPrompt=dict),
-        "vllm.renderers": types.ModuleType("vllm.renderers"), "vllm.renderers.inputs": types.ModuleType("vllm.renderers.inputs"),
+        "vllm.renderers": types.ModuleType("vllm.renderers"),
+        "vllm.renderers.inputs": types.ModuleType("vllm.renderers.inputs"),
         "vllm.renderers.inputs.preprocess": types.SimpleNamespace(parse_model_prompt=lambda config, prompt: prompt),
     }
     for name, mod in mods.items():
@@ -92,7 +99,9 @@ def test_vllm_engine_composes_preparation_salts_vllms_prefix_cache_and_streams(f
     from tokensieve.serve.vllm_engine import VLLMEngine
 
     model, tok = byte_model(max_pos=256), byte_tokenizer()
-    engine = VLLMEngine(model, tok, {"model": "stand-in"}, method="gemfilter", method_params={"topk": 8, "filter_layer": 1})
+    engine = VLLMEngine(
+        model, tok, {"model": "stand-in"}, method="gemfilter", method_params={"topk": 8, "filter_layer": 1}
+    )
     app = app_for_engine(engine, model_name="tiny", api_keys=["key-a"])
     prompt = "a prompt long enough for GemFilter to select eight of its tokens"
     ids = tok(prompt, return_tensors="pt")["input_ids"]
@@ -111,7 +120,9 @@ def test_vllm_engine_composes_preparation_salts_vllms_prefix_cache_and_streams(f
         import openai
 
         c = openai.OpenAI(base_url=f"{base}/v1", api_key="key-a", max_retries=0, timeout=60)
-        r = c.completions.create(model="m", prompt=prompt, max_tokens=4, temperature=0, extra_body={"cache_salt": "tenant-1"})
+        r = c.completions.create(
+            model="m", prompt=prompt, max_tokens=4, temperature=0, extra_body={"cache_salt": "tenant-1"}
+        )
         (llm,) = fake_vllm
         assert llm.inputs[-1]["prompt_token_ids"] == kept  # the filter pass's kept ids, from the prepared run
         assert llm.inputs[-1]["cache_salt"] == prefix_salt("key-a", "tenant-1")  # tenant and salt, as vLLM's cache_salt
@@ -120,18 +131,31 @@ def test_vllm_engine_composes_preparation_salts_vllms_prefix_cache_and_streams(f
         assert ts["kept_tokens"] == 8 and ts["prompt_tokens"] == ids.shape[1] and r.usage.completion_tokens == 4
         c.completions.create(model="m", prompt=prompt, max_tokens=4, extra_body={"cache_salt": "tenant-2"})
         assert llm.inputs[-1]["cache_salt"] not in (None, llm.inputs[-2]["cache_salt"])
-        text, final, _ = stream_text(c.chat.completions.create(model="m", messages=MSG, max_tokens=ANSWER_LEN, stream=True,
-                                                               extra_body={"tokensieve": {"method": "full"}}))
+        text, final, _ = stream_text(
+            c.chat.completions.create(
+                model="m",
+                messages=MSG,
+                max_tokens=ANSWER_LEN,
+                stream=True,
+                extra_body={"tokensieve": {"method": "full"}},
+            )
+        )
         assert llm.inputs[-1]["cache_salt"] == prefix_salt("key-a", None)  # the API key alone salts it too
         assert text == tok.decode(llm.inputs[-1]["prompt_token_ids"][:ANSWER_LEN]) and final is not None
         assert counts["validate"] == 3  # one preparation per request (GemFilter twice, full once)
         assert [rec.outcome for rec in engine.records] == ["completed"] * 3
-        r = httpx2.post(f"{base}{CHAT}", json={"messages": MSG, "tokensieve": {"method": "snapkv"}},
-                        headers={"authorization": "Bearer key-a"})
+        r = httpx2.post(
+            f"{base}{CHAT}",
+            json={"messages": MSG, "tokensieve": {"method": "snapkv"}},
+            headers={"authorization": "Bearer key-a"},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "unsupported_method"
         assert counts["validate"] == 3 and len(llm.inputs) == 3  # refused before any preparation, never reached vLLM
-        r = httpx2.post(f"{base}{COMP}", json={"prompt": "x" * 250, "max_tokens": 10, "tokensieve": {"method": "full"}},
-                        headers={"authorization": "Bearer key-a"})
+        r = httpx2.post(
+            f"{base}{COMP}",
+            json={"prompt": "x" * 250, "max_tokens": 10, "tokensieve": {"method": "full"}},
+            headers={"authorization": "Bearer key-a"},
+        )
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         c.close()
 

@@ -7,12 +7,12 @@ import pytest
 import torch
 from conftest import tiny_model
 
+from tokensieve.core.scoring import pool_scores, sorted_topk, span_rank, span_scores, span_topk
+from tokensieve.engine.runner import generate
 from tokensieve.errors import InputError
 from tokensieve.methods.full import FullAttention
 from tokensieve.methods.gemfilter import GemFilter, pool_and_select
 from tokensieve.methods.snapkv import SnapKV
-from tokensieve.engine.runner import generate
-from tokensieve.core.scoring import pool_scores, sorted_topk, span_rank, span_scores, span_topk
 
 
 def slow_rank(scores: list[float], kernel: int, pooling: str, dilation: int) -> list[int]:
@@ -29,7 +29,9 @@ def slow_rank(scores: list[float], kernel: int, pooling: str, dilation: int) -> 
     return sorted(range(n), key=lambda i: (-dilated[i], abs(peak[i] - i), -pooled[i], i))
 
 
-@pytest.mark.parametrize("kernel, pooling, dilation", [(1, "avg", 3), (5, "avg", 7), (3, "max", 5), (5, "avg", 31), (1, "max", 1)])
+@pytest.mark.parametrize(
+    "kernel, pooling, dilation", [(1, "avg", 3), (5, "avg", 7), (3, "max", 5), (5, "avg", 31), (1, "max", 1)]
+)
 @pytest.mark.parametrize("seed", [0, 1])
 def test_span_rank_matches_slow_reference(kernel, pooling, dilation, seed):
     g = torch.Generator().manual_seed(seed)
@@ -88,8 +90,11 @@ def test_gemfilter_select_applies_the_span_rule():
     assert m.pick(scores).tolist() == sorted(ref)
 
 
-@pytest.mark.parametrize("method", [GemFilter(topk=64, dilation=31, pooling="max", kernel=15), SnapKV(budget=64, window_size=8, dilation=31)],
-                         ids=lambda m: m.name)
+@pytest.mark.parametrize(
+    "method",
+    [GemFilter(topk=64, dilation=31, pooling="max", kernel=15), SnapKV(budget=64, window_size=8, dilation=31)],
+    ids=lambda m: m.name,
+)
 def test_span_rule_with_room_for_everything_is_full_attention(method, tok):
     model = tiny_model("llama", seed=2)
     ids = torch.randint(3, 90, (1, 50), generator=torch.Generator().manual_seed(7))
@@ -126,13 +131,16 @@ def test_snapkv_dilation_keeps_span_ranked_entries_per_head():
             assert kept[h].tolist() == sorted(ref) + list(range(60 - window, 60))
 
 
-@pytest.mark.parametrize("params, match", [
-    ({"dilation": 4}, "dilation must be a positive odd"),
-    ({"dilation": 0}, "dilation must be an integer >= 1"),
-    ({"dilation": 1 << 62}, r"dilation must be an integer in \[1, 4095\]"),
-    ({"kernel": 1 << 40}, r"kernel must be an integer in \[1, 4095\]"),
-    ({"pooling": "median"}, "pooling must be one of"),
-])
+@pytest.mark.parametrize(
+    "params, match",
+    [
+        ({"dilation": 4}, "dilation must be a positive odd"),
+        ({"dilation": 0}, "dilation must be an integer >= 1"),
+        ({"dilation": 1 << 62}, r"dilation must be an integer in \[1, 4095\]"),
+        ({"kernel": 1 << 40}, r"kernel must be an integer in \[1, 4095\]"),
+        ({"pooling": "median"}, "pooling must be one of"),
+    ],
+)
 @pytest.mark.parametrize("cls", [GemFilter, SnapKV])
 def test_bad_span_parameters_raise(cls, params, match):
     model = tiny_model("llama")

@@ -10,8 +10,6 @@ import torch
 from conftest import PLAIN, tiny_model
 from transformers import DynamicCache
 
-from tokensieve.methods.base import cache_kwarg
-from tokensieve.evaluation.stream_ppl import stream_perplexity
 from tokensieve.engine.streaming import (
     FullPolicy,
     SepLLMPolicy,
@@ -19,6 +17,8 @@ from tokensieve.engine.streaming import (
     StreamingLLMPolicy,
     make_policy,
 )
+from tokensieve.evaluation.stream_ppl import stream_perplexity
+from tokensieve.methods.base import cache_kwarg
 
 VOCAB = 96
 SEP_IDS = torch.arange(0, 12)  # in the tiny models, ids 0..11 play the separators (1 token in 8)
@@ -26,8 +26,15 @@ SEP_IDS = torch.arange(0, 12)  # in the tiny models, ids 0..11 play the separato
 
 def tiny(family: str, max_pos: int = 512) -> torch.nn.Module:
     """2 layers; Gemma 3: 3 layers, sliding-window + global, per-layer-type RoPE."""
-    return tiny_model(family, layers=3 if family == "gemma3" else 2, vocab=VOCAB, max_pos=max_pos, sliding_window=8,
-                      layer_types=["sliding_attention", "full_attention", "sliding_attention"], **PLAIN)
+    return tiny_model(
+        family,
+        layers=3 if family == "gemma3" else 2,
+        vocab=VOCAB,
+        max_pos=max_pos,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        **PLAIN,
+    )
 
 
 def stream_ids(n: int, seed: int = 1) -> torch.Tensor:
@@ -81,7 +88,9 @@ def shifted_reference_nll(model, ids: torch.Tensor, policy, chunk: int) -> torch
         for s in range(0, ids.numel(), chunk):
             x = ids[s : s + chunk]
             L = stream_idx.numel()
-            out = model(x[None], **cache_kwarg(model, cache), position_ids=torch.arange(L, L + x.numel())[None], use_cache=True)
+            out = model(
+                x[None], **cache_kwarg(model, cache), position_ids=torch.arange(L, L + x.numel())[None], use_cache=True
+            )
             logp = torch.log_softmax(out.logits[0].float(), -1)
             if prev is not None:
                 nll.append(-prev[x[0]])
@@ -106,7 +115,9 @@ def shifted_reference_nll(model, ids: torch.Tensor, policy, chunk: int) -> torch
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 @pytest.mark.parametrize("chunk", [1, 6])
-@pytest.mark.parametrize("policy", [SepLLMPolicy(2, 4, 6, 16), StreamingLLMPolicy(2, 16)], ids=["sepllm", "streamingllm"])
+@pytest.mark.parametrize(
+    "policy", [SepLLMPolicy(2, 4, 6, 16), StreamingLLMPolicy(2, 16)], ids=["sepllm", "streamingllm"]
+)
 def test_shifted_stream_matches_reference(family, chunk, policy):
     model = tiny(family)
     ids = stream_ids(120)
@@ -292,8 +303,26 @@ def test_cli_stream_smollm2(tmp_path, capsys):
     text_file = tmp_path / "book.txt"
     text_file.write_text(read_text(None, min_chars=8000)[:8000])
     png = tmp_path / "s.png"
-    rc = main(["stream", "--method", "streamingllm", "--file", str(text_file), "--max-tokens", "320",
-               "--chunk-size", "32", "--budget", "96", "--ppl-window", "64", "--plot", str(png), "--json"])
+    rc = main(
+        [
+            "stream",
+            "--method",
+            "streamingllm",
+            "--file",
+            str(text_file),
+            "--max-tokens",
+            "320",
+            "--chunk-size",
+            "32",
+            "--budget",
+            "96",
+            "--ppl-window",
+            "64",
+            "--plot",
+            str(png),
+            "--json",
+        ]
+    )
     assert rc == 0
     out = json.loads(capsys.readouterr().out)
     assert out["tokens_seen"] == 320 and out["max_cache_entries"] == 96

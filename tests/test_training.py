@@ -10,13 +10,19 @@ import torch
 from conftest import tiny_model
 
 import tokensieve
-from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.cli import main
-from tokensieve.errors import InputError
+from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.core.separators import separator_token_ids
+from tokensieve.errors import InputError
 from tokensieve.testing import byte_tokenizer
 from tokensieve.training import (
-    KERNELS, MASKS, TrainConfig, resume, sepllm_dense_mask, train, training_hook,
+    KERNELS,
+    MASKS,
+    TrainConfig,
+    resume,
+    sepllm_dense_mask,
+    train,
+    training_hook,
 )
 
 FAMILIES = ["llama", "qwen2", "mistral", "qwen3"]
@@ -90,14 +96,20 @@ def test_flex_forward_equals_dense_masked_sdpa(family):
     model = tiny_model(family, layers=2, dtype=torch.float32)
     ids = _ids(150)  # more than one 128-block: skipped and partial blocks both occur
     with torch.no_grad():
-        dense, flex, plain, full = (_logits(model, ids, "sdpa"), _logits(model, ids, "flex"),
-                                    _logits(model, ids, "flex-mask"), _logits(model, ids, "sdpa", mask="full"))
+        dense, flex, plain, full = (
+            _logits(model, ids, "sdpa"),
+            _logits(model, ids, "flex"),
+            _logits(model, ids, "flex-mask"),
+            _logits(model, ids, "sdpa", mask="full"),
+        )
     torch.testing.assert_close(flex, dense, atol=2e-4, rtol=1e-4)
     torch.testing.assert_close(plain, dense, atol=2e-4, rtol=1e-4)
     assert (dense - full).abs().max() > 1e-2  # the mask changed the result: the comparison is not vacuous
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="PyTorch's FlexAttention has no backward on CPU; runs on CUDA")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="PyTorch's FlexAttention has no backward on CPU; runs on CUDA"
+)
 @pytest.mark.parametrize("family", FAMILIES)
 def test_flex_gradients_equal_dense_masked_sdpa(family):
     model = tiny_model(family, layers=2, dtype=torch.float32).cuda()
@@ -140,8 +152,16 @@ def test_a_masked_out_key_gets_no_gradient_from_the_query_that_must_not_see_it()
 def tiny_folder(tmp_path):
     """A tiny Llama with the byte tokenizer saved as a model folder, and train/eval text files."""
     tok = byte_tokenizer()
-    model = tiny_model("llama", layers=2, hidden=32, heads=4, kv_heads=2, vocab=len(tok), max_pos=512,
-                       ids={"eos_token_id": tok.eos_token_id})
+    model = tiny_model(
+        "llama",
+        layers=2,
+        hidden=32,
+        heads=4,
+        kv_heads=2,
+        vocab=len(tok),
+        max_pos=512,
+        ids={"eos_token_id": tok.eos_token_id},
+    )
     folder = tmp_path / "model"
     model.save_pretrained(folder)
     tok.save_pretrained(folder)
@@ -154,9 +174,23 @@ def tiny_folder(tmp_path):
 
 
 def _config(root: Path, out: str, **kw) -> TrainConfig:
-    base = dict(model=str(root / "model"), out=str(root / out), data=[str(root / "data")],
-                eval_data=[str(root / "eval.txt")], seq_len=64, batch_size=2, steps=12, lr=5e-3, warmup=2,
-                n_initial=2, n_recent=8, eval_every=6, eval_batches=2, save_every=100, device="cpu")
+    base = dict(
+        model=str(root / "model"),
+        out=str(root / out),
+        data=[str(root / "data")],
+        eval_data=[str(root / "eval.txt")],
+        seq_len=64,
+        batch_size=2,
+        steps=12,
+        lr=5e-3,
+        warmup=2,
+        n_initial=2,
+        n_recent=8,
+        eval_every=6,
+        eval_batches=2,
+        save_every=100,
+        device="cpu",
+    )
     return TrainConfig(**(base | kw))
 
 
@@ -207,9 +241,16 @@ def test_interrupted_then_resumed_run_gives_exactly_the_uninterrupted_weights(ti
 
 
 def test_config_bounds_are_checked():
-    for kw, needle in [(dict(steps=0), "steps"), (dict(lr=0.0), "lr"), (dict(seq_len=4), "seq_len"),
-                       (dict(mask="window"), "mask"), (dict(kernel="cuda"), "kernel"), (dict(data=[]), "data"),
-                       (dict(hidden=30, heads=4), "multiple"), (dict(n_recent=-1), "n_recent")]:
+    for kw, needle in [
+        (dict(steps=0), "steps"),
+        (dict(lr=0.0), "lr"),
+        (dict(seq_len=4), "seq_len"),
+        (dict(mask="window"), "mask"),
+        (dict(kernel="cuda"), "kernel"),
+        (dict(data=[]), "data"),
+        (dict(hidden=30, heads=4), "multiple"),
+        (dict(n_recent=-1), "n_recent"),
+    ]:
         with pytest.raises(InputError, match=needle):
             TrainConfig(**(dict(data=["x.txt"]) | kw)).check()
 
@@ -225,9 +266,31 @@ def run_cli(argv, capsys):
 
 def test_cli_trains_writes_a_loadable_model_and_resumes(tiny_folder, capsys):
     out = tiny_folder / "cli"
-    argv = ["train", "--model", str(tiny_folder / "model"), "--data", str(tiny_folder / "data"), "--eval-data",
-            str(tiny_folder / "eval.txt"), "--out", str(out), "--steps", "3", "--seq-len", "64", "--n-recent", "8",
-            "--eval-every", "3", "--save-every", "2", "--device", "cpu", "--quiet", "--json"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_folder / "model"),
+        "--data",
+        str(tiny_folder / "data"),
+        "--eval-data",
+        str(tiny_folder / "eval.txt"),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--seq-len",
+        "64",
+        "--n-recent",
+        "8",
+        "--eval-every",
+        "3",
+        "--save-every",
+        "2",
+        "--device",
+        "cpu",
+        "--quiet",
+        "--json",
+    ]
     code, stdout, err = run_cli(argv, capsys)
     assert code == 0, err
     summary = json.loads(stdout)
@@ -242,23 +305,49 @@ def test_cli_trains_writes_a_loadable_model_and_resumes(tiny_folder, capsys):
 
 def test_cli_from_scratch_builds_the_asked_shape(tiny_folder, capsys):
     out = tiny_folder / "scratch"
-    code, _, err = run_cli(["train", "--from-scratch", "--layers", "1", "--hidden", "48", "--heads", "3",
-                            "--model", str(tiny_folder / "model"), "--data", str(tiny_folder / "data"), "--out",
-                            str(out), "--steps", "2", "--seq-len", "32", "--device", "cpu", "--quiet"], capsys)
+    code, _, err = run_cli(
+        [
+            "train",
+            "--from-scratch",
+            "--layers",
+            "1",
+            "--hidden",
+            "48",
+            "--heads",
+            "3",
+            "--model",
+            str(tiny_folder / "model"),
+            "--data",
+            str(tiny_folder / "data"),
+            "--out",
+            str(out),
+            "--steps",
+            "2",
+            "--seq-len",
+            "32",
+            "--device",
+            "cpu",
+            "--quiet",
+        ],
+        capsys,
+    )
     assert code == 0, err
     config = json.loads((out / "config.json").read_text())
     assert (config["num_hidden_layers"], config["hidden_size"], config["num_attention_heads"]) == (1, 48, 3)
     assert config["vocab_size"] == len(byte_tokenizer())
 
 
-@pytest.mark.parametrize("extra, needle", [
-    ([], "--out and --data are required"),
-    (["--data", "nowhere.txt", "--out", "o"], "does not exist"),
-    (["--steps", "0"], "expected an integer >= 1"),
-    (["--kernel", "flex", "--device", "cpu"], "GPU only"),
-    (["--seq-len", "4k"], "exceeds the model's 512 positions"),
-    (["--lr", "2"], "lr must be a number in (0, 1]"),
-])
+@pytest.mark.parametrize(
+    "extra, needle",
+    [
+        ([], "--out and --data are required"),
+        (["--data", "nowhere.txt", "--out", "o"], "does not exist"),
+        (["--steps", "0"], "expected an integer >= 1"),
+        (["--kernel", "flex", "--device", "cpu"], "GPU only"),
+        (["--seq-len", "4k"], "exceeds the model's 512 positions"),
+        (["--lr", "2"], "lr must be a number in (0, 1]"),
+    ],
+)
 def test_cli_errors_are_one_line_with_exit_code_2(tiny_folder, capsys, extra, needle):
     base = ["train", "--model", str(tiny_folder / "model"), "--quiet"]
     if extra and extra[0] != "--data":

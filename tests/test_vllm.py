@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 import pytest
 import torch
+from conftest import random_ids, tiny_model
 
 import tokensieve
-from conftest import random_ids, tiny_model
 from tokensieve.errors import InputError
 from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, generate_with_vllm, import_vllm, select_tokens
 
@@ -26,6 +26,7 @@ needs_vllm = pytest.mark.skipif(not HAS_VLLM, reason="vllm is not installed (mak
 
 
 # ---- plumbing, no vLLM needed ------------------------------------------------------------------------
+
 
 def test_missing_vllm_says_how_to_install(monkeypatch):
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
@@ -104,7 +105,7 @@ def test_engine_gets_kept_ids_and_params(fake_vllm, tok):
     llm = _FakeLLM()
     res = generate_with_vllm(llm, model, tok, ids, topk=10, filter_layer=2, max_new_tokens=7)
     sel = select_tokens(model, tok, ids, topk=10, filter_layer=2)
-    (prompts, params), = llm.calls
+    ((prompts, params),) = llm.calls
     assert prompts == [{"prompt_token_ids": sel.kept_ids}]
     assert params == ("params", {"temperature": 0.0, "max_tokens": 7})  # greedy by default
     assert res.kept_indices == sel.kept_indices and res.kept_tokens == 10 and res.prompt_tokens == 90
@@ -134,7 +135,10 @@ def test_serve_engine_vllm_refuses_kv_cache_methods_before_loading(fake_vllm, mo
     monkeypatch.setattr("tokensieve.commands.common.load", _no_model_load)
     assert cli.main(["serve", "--engine", "vllm", "--method", "snapkv"]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == f"tokensieve serve: error: --engine vllm cannot run method 'snapkv'; expected one of: {', '.join(vllm_methods())}"
+    assert (
+        err
+        == f"tokensieve serve: error: --engine vllm cannot run method 'snapkv'; expected one of: {', '.join(vllm_methods())}"
+    )
 
 
 def _no_model_load(*args, **kwargs):
@@ -142,6 +146,7 @@ def _no_model_load(*args, **kwargs):
 
 
 # ---- the real engine ---------------------------------------------------------------------------------
+
 
 @pytest.fixture(scope="module")
 def smollm2_f32():
@@ -164,8 +169,12 @@ def llm(smollm2_f32):
         from vllm import LLM
 
         return LLM(
-            model=str(tokensieve.core.models.cache_dir() / "smollm2"), dtype="float32", enforce_eager=True,
-            max_model_len=4096, max_num_seqs=1, seed=0,
+            model=str(tokensieve.core.models.cache_dir() / "smollm2"),
+            dtype="float32",
+            enforce_eager=True,
+            max_model_len=4096,
+            max_num_seqs=1,
+            seed=0,
         )
 
 
@@ -206,13 +215,16 @@ def test_vllm_answer_on_a_drafts_selection(llm, smollm2_f32):
     draft = copy.deepcopy(model)
     prompt = build_needle_prompt(tok, read_text(None, min_chars=12 * 1500), 1500, 0.4)
     ref = generate_with_vllm(llm, model, tok, prompt.messages, topk=256, max_new_tokens=16)
-    got = generate_with_vllm(llm, model, tok, prompt.messages, GemFilter(topk=256, filter_model=(draft, tok)), max_new_tokens=16)
+    got = generate_with_vllm(
+        llm, model, tok, prompt.messages, GemFilter(topk=256, filter_model=(draft, tok)), max_new_tokens=16
+    )
     alone = generate_with_vllm(llm, draft, tok, prompt.messages, topk=256, max_new_tokens=16)
     assert got.kept_indices == ref.kept_indices == alone.kept_indices
     assert got.token_ids == ref.token_ids == alone.token_ids
 
 
 # ---- tokensieve serve --engine vllm: the real server, the official openai client ----------------------
+
 
 @needs_vllm
 @pytest.mark.real_model
@@ -265,9 +277,29 @@ def vllm_server(tmp_path_factory):
     env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
     src = os.path.dirname(os.path.dirname(tokensieve.__file__))
     env["PYTHONPATH"] = os.pathsep.join(p for p in (src, env.get("PYTHONPATH")) if p)
-    cmd = [sys.executable, "-m", "tokensieve.cli", "serve", "--engine", "vllm", "--port", str(port), "--dtype", "float32",
-           "--method", "gemfilter", "--topk", str(SERVE_TOPK), "--vllm-max-model-len", "4096", "--vllm-max-num-seqs", "2",
-           "--vllm-enforce-eager", "--log-level", "warning"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tokensieve.cli",
+        "serve",
+        "--engine",
+        "vllm",
+        "--port",
+        str(port),
+        "--dtype",
+        "float32",
+        "--method",
+        "gemfilter",
+        "--topk",
+        str(SERVE_TOPK),
+        "--vllm-max-model-len",
+        "4096",
+        "--vllm-max-num-seqs",
+        "2",
+        "--vllm-enforce-eager",
+        "--log-level",
+        "warning",
+    ]
     with open(log_path, "w") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -275,7 +307,9 @@ def vllm_server(tmp_path_factory):
         end = time.monotonic() + SERVE_START_S
         while True:
             assert proc.poll() is None, f"the server exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}"
-            assert time.monotonic() < end, f"the server did not start in {SERVE_START_S:g} s:\n{log_path.read_text()[-3000:]}"
+            assert time.monotonic() < end, (
+                f"the server did not start in {SERVE_START_S:g} s:\n{log_path.read_text()[-3000:]}"
+            )
             try:
                 if httpx2.get(f"{base}/health", timeout=2).status_code == 200:
                     break
@@ -339,8 +373,8 @@ def test_served_gemfilter_answer_equals_tokensieves(vllm_server, smollm2_f32, le
     """The server's greedy answer (filter pass here, second pass in vLLM's async engine) equals tokensieve's own
     GemFilter answer; the request names its topk, and a request that names none gets the server's --topk."""
     from tokensieve.data import read_text
-    from tokensieve.evaluation.needle import build_needle_prompt
     from tokensieve.engine.runner import stop_token_ids
+    from tokensieve.evaluation.needle import build_needle_prompt
 
     model, tok = smollm2_f32
     prompt = build_needle_prompt(tok, read_text(None, min_chars=12 * length), length, depth)
@@ -353,7 +387,9 @@ def test_served_gemfilter_answer_equals_tokensieves(vllm_server, smollm2_f32, le
     assert r.choices[0].finish_reason == ("stop" if ended else "length")
     ts = r.model_extra["tokensieve"]
     assert ts["method"] == "gemfilter" and ts["params"]["topk"] == k
-    assert r.usage.prompt_tokens == ts["prompt_tokens"] == ref.prompt_tokens > k  # the original prompt, not the kept one
+    assert (
+        r.usage.prompt_tokens == ts["prompt_tokens"] == ref.prompt_tokens > k
+    )  # the original prompt, not the kept one
     assert ts["kept_tokens"] == ref.kept_tokens == k
     assert r.usage.completion_tokens == ts["generated_tokens"] == len(ref.token_ids)
     assert r.usage.total_tokens == r.usage.prompt_tokens + r.usage.completion_tokens
@@ -374,8 +410,17 @@ def test_served_stream_equals_non_stream_and_full_sends_the_whole_prompt(vllm_se
     assert answer == _answer_text(model, tok, ref) and "Paris" in answer
     ts = r.model_extra["tokensieve"]
     assert ts["method"] == "full" and ts["kept_tokens"] == ts["prompt_tokens"] == ref.prompt_tokens
-    chunks = list(c.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0, stream=True,
-                                            stream_options={"include_usage": True}, **full))
+    chunks = list(
+        c.chat.completions.create(
+            model="smollm2",
+            messages=messages,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            **full,
+        )
+    )
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices) == answer
     finals = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason is not None]
@@ -384,7 +429,9 @@ def test_served_stream_equals_non_stream_and_full_sends_the_whole_prompt(vllm_se
     assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == r.usage.prompt_tokens
     assert chunks[-1].usage.completion_tokens == r.usage.completion_tokens
     # A stop string ends the answer before it (not included), streamed or not.
-    s = c.chat.completions.create(model="smollm2", messages=messages, max_tokens=16, temperature=0, stop=["Paris"], **full)
+    s = c.chat.completions.create(
+        model="smollm2", messages=messages, max_tokens=16, temperature=0, stop=["Paris"], **full
+    )
     assert s.choices[0].message.content == answer[: answer.index("Paris")] and s.choices[0].finish_reason == "stop"
     c.close()
 
@@ -399,18 +446,32 @@ def test_served_bad_requests_get_400(vllm_server):
     c = _openai(vllm_server)
     for method in ("snapkv", "streamingllm"):
         with pytest.raises(openai.BadRequestError) as e:
-            c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4,
-                                      extra_body={"tokensieve": {"method": method}})
+            c.chat.completions.create(
+                model="smollm2",
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=4,
+                extra_body={"tokensieve": {"method": method}},
+            )
         err = e.value.body
-        assert e.value.status_code == 400 and err["param"] == "tokensieve.method" and err["code"] == "unsupported_method"
-        assert repr(method) in err["message"] and err["message"].endswith(f"expected one of: {', '.join(vllm_methods())}")
+        assert (
+            e.value.status_code == 400 and err["param"] == "tokensieve.method" and err["code"] == "unsupported_method"
+        )
+        assert repr(method) in err["message"] and err["message"].endswith(
+            f"expected one of: {', '.join(vllm_methods())}"
+        )
     with pytest.raises(openai.BadRequestError) as e:  # the checks shared with the transformers engine
-        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=3)
+        c.chat.completions.create(
+            model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=3
+        )
     assert e.value.body["param"] == "temperature"
     long_text = "The harbour was quiet that morning. " * 700  # ~5600 tokens: fits the model (8k), not vLLM's 4096
     with pytest.raises(openai.BadRequestError) as e:
-        c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": long_text}], max_tokens=4,
-                                  extra_body={"tokensieve": {"method": "full"}})
+        c.chat.completions.create(
+            model="smollm2",
+            messages=[{"role": "user", "content": long_text}],
+            max_tokens=4,
+            extra_body={"tokensieve": {"method": "full"}},
+        )
     assert e.value.body["code"] == "context_length_exceeded" and "max_model_len is 4096" in e.value.body["message"]
     r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": long_text}], max_tokens=2)
     assert r.model_extra["tokensieve"]["kept_tokens"] == SERVE_TOPK  # GemFilter keeps 128 of them: vLLM takes that
@@ -424,20 +485,32 @@ def test_served_client_disconnect_aborts_the_vllm_request(vllm_server):
     before = _metric(base, "tokensieve_jobs_total", outcome="cancelled")
     c = _openai(base)
     counting = "1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20,"
-    stream = c.completions.create(model="smollm2", prompt=counting, max_tokens=2000, temperature=0, stream=True,
-                                  extra_body={"tokensieve": {"method": "full"}})
+    stream = c.completions.create(
+        model="smollm2",
+        prompt=counting,
+        max_tokens=2000,
+        temperature=0,
+        stream=True,
+        extra_body={"tokensieve": {"method": "full"}},
+    )
     it = iter(stream)
     got = [next(it) for _ in range(3)]
     assert all(ch.choices[0].finish_reason is None for ch in got)
     assert _health(base)["engine"]["vllm_unfinished_requests"] == 1  # vLLM is generating it
     stream.close()  # the client goes away
-    _wait_until(lambda: _metric(base, "tokensieve_jobs_total", outcome="cancelled") == before + 1, "the job to be cancelled")
+    _wait_until(
+        lambda: _metric(base, "tokensieve_jobs_total", outcome="cancelled") == before + 1, "the job to be cancelled"
+    )
     # Aborted in vLLM: nothing left running there long before 2000 tokens could have been generated.
-    _wait_until(lambda: _health(base)["engine"]["vllm_unfinished_requests"] == 0, "vLLM to drop the request", timeout=10)
+    _wait_until(
+        lambda: _health(base)["engine"]["vllm_unfinished_requests"] == 0, "vLLM to drop the request", timeout=10
+    )
     made = _metric(base, "tokensieve_generated_tokens_total", outcome="cancelled")
     assert 3 <= made < 2000
     health = _health(base)
     assert health["status"] == "ok" and not health["busy"] and health["engine"]["in_flight"] == 0
-    r = c.chat.completions.create(model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0)
+    r = c.chat.completions.create(
+        model="smollm2", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0
+    )
     assert r.usage.completion_tokens >= 1  # the server answers the next request
     c.close()

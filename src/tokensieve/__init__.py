@@ -49,13 +49,19 @@ __all__ = sorted(_EXPORTS)
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time these come from __getattr__
     from tokensieve.core.attention import AttentionSwitchedWarning, use_tokensieve_attention  # noqa: F401
-    from tokensieve.integrations.hf import apply, pipeline, register_pipeline_task  # noqa: F401
-    from tokensieve.errors import InputError, PromptTooLongError  # noqa: F401
-    from tokensieve.methods import METHODS, Method, make_method  # noqa: F401
     from tokensieve.core.models import ModelLoadError, load_model  # noqa: F401
     from tokensieve.engine.runner import (  # noqa: F401
-        GenerationResult, Sampling, encode_prompt, generate, generate_batch, score_continuation, selection_text,
+        GenerationResult,
+        Sampling,
+        encode_prompt,
+        generate,
+        generate_batch,
+        score_continuation,
+        selection_text,
     )
+    from tokensieve.errors import InputError, PromptTooLongError  # noqa: F401
+    from tokensieve.integrations.hf import apply, pipeline, register_pipeline_task  # noqa: F401
+    from tokensieve.methods import METHODS, Method, make_method  # noqa: F401
 
 
 def __getattr__(name: str) -> Any:

@@ -45,8 +45,10 @@ MOVED: dict[str, str] = {
 # module -> {name that moved out of it: the module that holds it now} (served by the module's __getattr__)
 MOVED_NAMES: dict[str, dict[str, str]] = {
     "tokensieve.decode.static": {
-        "LazyDecoder": "tokensieve.methods.lazyllm", "ROW_CHUNK": "tokensieve.methods.lazyllm",
-        "supports_static": "tokensieve.engine.runner", "STATIC_METHODS": "tokensieve.engine.runner",
+        "LazyDecoder": "tokensieve.methods.lazyllm",
+        "ROW_CHUNK": "tokensieve.methods.lazyllm",
+        "supports_static": "tokensieve.engine.runner",
+        "STATIC_METHODS": "tokensieve.engine.runner",
     },
 }
 
@@ -72,8 +74,11 @@ def _warn(old: str, new: str) -> None:
         if name not in (__file__, importlib.__file__, _PACKAGE_INIT):
             break
         level, frame = level + 1, frame.f_back
-    warnings.warn(f"{old} moved to {new}; import it from {new} (the old path goes in the next release)",
-                  DeprecationWarning, stacklevel=level)
+    warnings.warn(
+        f"{old} moved to {new}; import it from {new} (the old path goes in the next release)",
+        DeprecationWarning,
+        stacklevel=level,
+    )
 
 
 class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
@@ -108,8 +113,11 @@ def moved_name(module: str, name: str) -> Any:
     new = MOVED_NAMES.get(module, {}).get(name)
     if new is None:
         raise AttributeError(f"module {module!r} has no attribute {name!r}")
-    warnings.warn(f"{module}.{name} moved to {new}.{name}; import it from {new} (the old path goes in the next "
-                  "release)", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{module}.{name} moved to {new}.{name}; import it from {new} (the old path goes in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return getattr(importlib.import_module(new), name)
 
 
@@ -119,6 +127,9 @@ def forward(package: str, name: str) -> Any:
     module = importlib.import_module(new)
     if name.startswith("__") or not hasattr(module, name):
         raise AttributeError(f"module {package!r} has no attribute {name!r}")
-    warnings.warn(f"{package}.{name} moved to {new}.{name}; import it from {new} (the old path goes in the next "
-                  "release)", DeprecationWarning, stacklevel=3)
+    warnings.warn(
+        f"{package}.{name} moved to {new}.{name}; import it from {new} (the old path goes in the next release)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
     return getattr(module, name)

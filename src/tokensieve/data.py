@@ -16,7 +16,9 @@ ENCODING_ERRORS = ("strict", "replace")
 _CONTROL = bytes([*range(0x00, 0x09), *range(0x0E, 0x1B), *range(0x1C, 0x20), 0x7F])
 _CONTROL_CHARS = set(_CONTROL.decode("latin-1"))
 BINARY_CONTROL_SHARE = 0.05  # random bytes hold about 11% of these; text holds next to none
-DEFAULT_MAX_INPUT_BYTES = 64 << 20  # standard input read at most (64 MiB: ~16M tokens of English, past every model's positions)
+DEFAULT_MAX_INPUT_BYTES = (
+    64 << 20
+)  # standard input read at most (64 MiB: ~16M tokens of English, past every model's positions)
 
 
 def check_encoding(encoding: str) -> str:
@@ -24,7 +26,9 @@ def check_encoding(encoding: str) -> str:
     try:
         codecs.lookup(encoding)
     except LookupError:
-        raise InputError(f"unknown encoding {encoding!r}; expected a Python codec name such as utf-8, latin-1, cp1252, utf-16") from None
+        raise InputError(
+            f"unknown encoding {encoding!r}; expected a Python codec name such as utf-8, latin-1, cp1252, utf-16"
+        ) from None
     return encoding
 
 
@@ -63,8 +67,9 @@ def decode_text(data: bytes, name: str, encoding: str = "utf-8", errors: str = "
     return text
 
 
-def read_document(path: str | Path, encoding: str = "utf-8", errors: str = "strict",
-                  max_stdin_bytes: int = DEFAULT_MAX_INPUT_BYTES) -> str:
+def read_document(
+    path: str | Path, encoding: str = "utf-8", errors: str = "strict", max_stdin_bytes: int = DEFAULT_MAX_INPUT_BYTES
+) -> str:
     """The text of a user's file (``"-"``: standard input), the one reader of documents and text files.
 
     ``InputError`` (one line naming the file) for a missing file, a folder, anything else that is not a
@@ -76,8 +81,10 @@ def read_document(path: str | Path, encoding: str = "utf-8", errors: str = "stri
     if str(path) == "-":
         if isinstance(max_stdin_bytes, bool) or not isinstance(max_stdin_bytes, int) or max_stdin_bytes < 1:
             raise InputError(f"the standard input limit must be a number of bytes >= 1, got {max_stdin_bytes!r}")
-        too_long = InputError(f"standard input is longer than {max_stdin_bytes} bytes; pass a larger --max-input-bytes "
-                              f"or the document as a file")
+        too_long = InputError(
+            f"standard input is longer than {max_stdin_bytes} bytes; pass a larger --max-input-bytes "
+            f"or the document as a file"
+        )
         stream = getattr(sys.stdin, "buffer", None)
         if stream is None:  # a text stream (e.g. replaced in a test): already decoded
             text = sys.stdin.read(max_stdin_bytes + 1)
@@ -130,9 +137,11 @@ def shipped_text(min_chars: int = 0) -> str:
     ``InputError`` when ``min_chars`` is more than it holds (pass a longer text file instead)."""
     text = " ".join(read_document(SHIPPED_TEXT).split())
     if min_chars > len(text):
-        raise InputError(f"the shipped text holds {len(text):,} characters, fewer than the {min_chars:,} needed "
-                         f"(about {min_chars // 8:,} tokens); pass a longer text file (--haystack / --file) or set "
-                         f"TOKENSIEVE_PG19 to a folder of .txt books")
+        raise InputError(
+            f"the shipped text holds {len(text):,} characters, fewer than the {min_chars:,} needed "
+            f"(about {min_chars // 8:,} tokens); pass a longer text file (--haystack / --file) or set "
+            f"TOKENSIEVE_PG19 to a folder of .txt books"
+        )
     return text
 
 
@@ -152,7 +161,9 @@ def pg19_books(folder: str | Path | None = None) -> list[Path]:
     return books
 
 
-def read_text(path: str | Path | None = None, min_chars: int = 0, encoding: str = "utf-8", errors: str = "strict") -> str:
+def read_text(
+    path: str | Path | None = None, min_chars: int = 0, encoding: str = "utf-8", errors: str = "strict"
+) -> str:
     """A text file (read by :func:`read_document`), or (path=None) the PG-19 books joined until ``min_chars`` is
     reached; without a PG-19 folder (:func:`pg19_found`), the shipped book (:func:`shipped_text`)."""
     if path is not None:

@@ -44,8 +44,15 @@ def check_int(name: str, value: Any, minimum: int, maximum: int | None = None, *
     return value
 
 
-def check_number(name: str, value: Any, minimum: float | None = None, maximum: float | None = None, *,
-                 above: bool = False, note: str = "") -> float:
+def check_number(
+    name: str,
+    value: Any,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    *,
+    above: bool = False,
+    note: str = "",
+) -> float:
     """``value`` if it is a finite real number (an int or float, not a bool) >= ``minimum`` (> when ``above``)
     and <= ``maximum``, each bound only when given; ``InputError`` otherwise. ``note`` follows the expectation."""
     ok = not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
@@ -93,8 +100,10 @@ class MissingExtraError(InputError):
 
 def missing_extra_message(extra: str, what: str, missing: Iterable[str]) -> str:
     """One line: ``what`` needs ``extra`` (the ``missing`` modules) and the pip command that installs it."""
-    return (f"{what} needs the '{extra}' extra (not installed: {', '.join(missing)}); "
-            f"install it with: pip install 'tokensieve[{extra}]'")
+    return (
+        f"{what} needs the '{extra}' extra (not installed: {', '.join(missing)}); "
+        f"install it with: pip install 'tokensieve[{extra}]'"
+    )
 
 
 def module_installed(module: str) -> bool:

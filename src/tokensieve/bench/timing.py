@@ -24,36 +24,101 @@ import torch
 from tqdm import tqdm
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
 from tokensieve.core.attention import use_tokensieve_attention
+from tokensieve.decode.static import DecoderPool
+from tokensieve.engine.runner import generate, generate_batch
 from tokensieve.errors import InputError, check_int
 from tokensieve.methods import Method, make_method
-from tokensieve.decode.static import DecoderPool
-from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
-from tokensieve.engine.runner import generate, generate_batch
 
 # Real architectures' shapes (config values from their published config.json files).
 SHAPES: dict[str, dict[str, Any]] = {
-    "llama3.1-8b": dict(model_type="llama", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                        max_position_embeddings=131072, tie_word_embeddings=False),
-    "llama3.1-70b": dict(model_type="llama", hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                         num_attention_heads=64, num_key_value_heads=8, vocab_size=128256, rope_theta=500000.0,
-                         max_position_embeddings=131072, tie_word_embeddings=False),
-    "llama3.2-1b": dict(model_type="llama", hidden_size=2048, intermediate_size=8192, num_hidden_layers=16,
-                        num_attention_heads=32, num_key_value_heads=8, head_dim=64, vocab_size=128256,
-                        rope_theta=500000.0, max_position_embeddings=131072, tie_word_embeddings=True),
-    "mistral-nemo-12b": dict(model_type="mistral", hidden_size=5120, intermediate_size=14336, num_hidden_layers=40,
-                             num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=131072,
-                             rope_theta=1000000.0, max_position_embeddings=131072, sliding_window=None,
-                             tie_word_embeddings=False),
-    "qwen2.5-7b": dict(model_type="qwen2", hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                       num_attention_heads=28, num_key_value_heads=4, vocab_size=152064, rope_theta=1000000.0,
-                       max_position_embeddings=131072, use_sliding_window=False, tie_word_embeddings=False),
-    "smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, rope_theta=100000.0,
-                         max_position_embeddings=8192, tie_word_embeddings=True),
-    "tiny": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256, max_position_embeddings=4096),
+    "llama3.1-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ),
+    "llama3.1-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=False,
+    ),
+    "llama3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        rope_theta=500000.0,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
+    ),
+    "mistral-nemo-12b": dict(
+        model_type="mistral",
+        hidden_size=5120,
+        intermediate_size=14336,
+        num_hidden_layers=40,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=131072,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        sliding_window=None,
+        tie_word_embeddings=False,
+    ),
+    "qwen2.5-7b": dict(
+        model_type="qwen2",
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_hidden_layers=28,
+        num_attention_heads=28,
+        num_key_value_heads=4,
+        vocab_size=152064,
+        rope_theta=1000000.0,
+        max_position_embeddings=131072,
+        use_sliding_window=False,
+        tie_word_embeddings=False,
+    ),
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        vocab_size=49152,
+        rope_theta=100000.0,
+        max_position_embeddings=8192,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        model_type="llama",
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=4096,
+    ),
 }
 
 
@@ -129,8 +194,15 @@ def _free(device: torch.device) -> None:
 
 
 def bench_method(
-    model: PreTrainedModel, method: Method, length: int, repeats: int = 3, decode_tokens: int = 128, seed: int = 0,
-    decoders: DecoderPool | None = None, answer_tokens: int = 0, bandwidth_Bps: float | None = None,
+    model: PreTrainedModel,
+    method: Method,
+    length: int,
+    repeats: int = 3,
+    decode_tokens: int = 128,
+    seed: int = 0,
+    decoders: DecoderPool | None = None,
+    answer_tokens: int = 0,
+    bandwidth_Bps: float | None = None,
     cold_run: bool = False,
 ) -> BenchRow:
     """One cell: with ``cold_run``, first one run at this length whose TTFT is kept apart (``ttft_cold_s``:
@@ -153,8 +225,9 @@ def bench_method(
         runs = []
         last_tokens = max(decode_tokens + 1, answer_tokens, 1)
         if cold_run:
-            cold = generate(model, tok, ids, method=method, max_new_tokens=min(last_tokens, 2), allow_long=True,
-                            decoders=decoders)
+            cold = generate(
+                model, tok, ids, method=method, max_new_tokens=min(last_tokens, 2), allow_long=True, decoders=decoders
+            )
             row.ttft_cold_s = cold.ttft_s
             del cold
             _free(device)
@@ -178,8 +251,9 @@ def bench_method(
                 if bandwidth_Bps is not None:
                     # the method's own cache: what it kept at prefill, and how it grows (or not) per step
                     per_step = (r.kv_bytes_final - r.kv_bytes_prefill) / len(steps)
-                    row.roofline_step_bytes = decode_step_bytes(weights_bytes(model), r.kv_bytes_prefill, per_step,
-                                                                len(timed))
+                    row.roofline_step_bytes = decode_step_bytes(
+                        weights_bytes(model), r.kv_bytes_prefill, per_step, len(timed)
+                    )
                     row.roofline_step_s = roofline_step_s(row.roofline_step_bytes, bandwidth_Bps)
                     row.roofline_fraction = row.roofline_step_s / med
             if i == repeats - 1 and answer_tokens > 0 and len(steps) >= answer_tokens - 1:
@@ -215,7 +289,12 @@ class BatchRow:
 
 
 def bench_batch(
-    model: PreTrainedModel, method: Method, length: int, batch: int, decode_tokens: int = 256, seed: int = 0,
+    model: PreTrainedModel,
+    method: Method,
+    length: int,
+    batch: int,
+    decode_tokens: int = 256,
+    seed: int = 0,
     decoders: DecoderPool | None = None,
 ) -> BatchRow:
     """``batch`` random prompts of ``length`` tokens answered together, ``decode_tokens`` tokens each (no EOS)."""
@@ -225,8 +304,15 @@ def bench_batch(
     prompts = [torch.randint(0, vocab, (length,), generator=g) for _ in range(batch)]
     row = BatchRow(method=method.name, params=method.params(), length=length, batch=batch)
     try:
-        rs = generate_batch(model, _IdTokenizer(), prompts, method=method, max_new_tokens=decode_tokens,
-                            allow_long=True, decoders=decoders)
+        rs = generate_batch(
+            model,
+            _IdTokenizer(),
+            prompts,
+            method=method,
+            max_new_tokens=decode_tokens,
+            allow_long=True,
+            decoders=decoders,
+        )
         r0 = rs[0]
         decode_s = sum(max((r.step_times_s for r in rs), key=len))  # the longest row: the whole decoding loop
         after_first = sum(r.generated_tokens - 1 for r in rs)
@@ -248,24 +334,43 @@ def bench_batch(
 
 
 def _setup(
-    shape: str, methods: dict[str, dict[str, Any]], dtype: torch.dtype, device: str | None, model: PreTrainedModel | None
+    shape: str,
+    methods: dict[str, dict[str, Any]],
+    dtype: torch.dtype,
+    device: str | None,
+    model: PreTrainedModel | None,
 ) -> tuple[torch.device, PreTrainedModel, float, dict[str, Method]]:
     """The device, the model (built in ``shape`` unless given), its build time, and the labelled methods."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     t0 = time.perf_counter()
     model = model if model is not None else build_model(shape, dtype, dev)
     build_s = time.perf_counter() - t0
-    built = {label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
-             for label, spec in methods.items()}
+    built = {
+        label: make_method(spec["method"], **{k: v for k, v in spec.items() if k != "method"})
+        for label, spec in methods.items()
+    }
     return dev, model, build_s, built
 
 
-def _result(shape: str, dtype: torch.dtype, model: PreTrainedModel, device: torch.device, build_s: float,
-            rows: list[dict[str, Any]], **sweep: Any) -> dict[str, Any]:
+def _result(
+    shape: str,
+    dtype: torch.dtype,
+    model: PreTrainedModel,
+    device: torch.device,
+    build_s: float,
+    rows: list[dict[str, Any]],
+    **sweep: Any,
+) -> dict[str, Any]:
     """A sweep's JSON-ready result: what was run (``sweep``), on what, and its rows."""
-    return {"shape": shape, "dtype": str(dtype).removeprefix("torch."), **sweep, "model_build_s": build_s,
-            "environment": environment(device),
-            "weights_bytes": weights_bytes(model), "rows": rows}
+    return {
+        "shape": shape,
+        "dtype": str(dtype).removeprefix("torch."),
+        **sweep,
+        "model_build_s": build_s,
+        "environment": environment(device),
+        "weights_bytes": weights_bytes(model),
+        "rows": rows,
+    }
 
 
 def run_batch_bench(
@@ -288,27 +393,39 @@ def run_batch_bench(
     device, model, build_s, built = _setup(shape, methods, dtype, device, model)
     # No shared DecoderPool: each cell's static buffers (batch x capacity, up to tens of GiB) are freed after
     # it; the capture is made per cell and never counted as decode time.
-    for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
+    for m in built.values():  # warm-up: kernels, allocator, cuBLAS handles
         for b in batches:
             bench_batch(model, m, min(warmup_length, min(lengths)), b, decode_tokens=2)
     rows: list[dict[str, Any]] = []
     cells = [(n, label, b) for n in lengths for label in built for b in batches]
     for n, label, b in tqdm(cells, desc=f"batch bench {shape}", disable=not progress):
         row = bench_batch(model, built[label], n, b, decode_tokens=decode_tokens)
-        base = next((r for r in rows if r["label"] == label and r["length"] == n and r["batch"] == 1
-                     and r["decode_tokens_per_s"]), None)
+        base = next(
+            (
+                r
+                for r in rows
+                if r["label"] == label and r["length"] == n and r["batch"] == 1 and r["decode_tokens_per_s"]
+            ),
+            None,
+        )
         speedup = row.decode_tokens_per_s / base["decode_tokens_per_s"] if base and row.decode_tokens_per_s else None
         rows.append({"label": label, **row.__dict__, "speedup_vs_batch1": speedup})
         if on_row is not None:
             on_row(rows)
-    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, batches=batches, decode_tokens=decode_tokens)
+    return _result(
+        shape, dtype, model, device, build_s, rows, lengths=lengths, batches=batches, decode_tokens=decode_tokens
+    )
 
 
 def environment(device: torch.device) -> dict[str, Any]:
     import transformers
 
-    env = {"torch": torch.__version__, "transformers": transformers.__version__, "python": platform.python_version(),
-           "device": str(device)}
+    env = {
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+    }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
         env["gpu_memory_bytes"] = torch.cuda.get_device_properties(device).total_memory
@@ -355,18 +472,38 @@ def run_bench(
         bandwidth_Bps = copy_bandwidth(device)
     rows: list[dict[str, Any]] = []
     pool = DecoderPool(model, compile=compile)  # captured decoding steps, one per capacity bucket, reused across cells
-    for label, m in built.items():  # warm-up: kernels, allocator, cuBLAS handles
+    for m in built.values():  # warm-up: kernels, allocator, cuBLAS handles
         bench_method(model, m, min(warmup_length, min(lengths)), repeats=1, decode_tokens=2, decoders=pool)
     cells = [(n, label) for n in lengths for label in built]
     for n, label in tqdm(cells, desc=f"bench {shape}", disable=not progress):
-        row = bench_method(model, built[label], n, repeats=repeats, decode_tokens=decode_tokens, decoders=pool,
-                           answer_tokens=answer_tokens, bandwidth_Bps=bandwidth_Bps, cold_run=cold_runs)
+        row = bench_method(
+            model,
+            built[label],
+            n,
+            repeats=repeats,
+            decode_tokens=decode_tokens,
+            decoders=pool,
+            answer_tokens=answer_tokens,
+            bandwidth_Bps=bandwidth_Bps,
+            cold_run=cold_runs,
+        )
         rows.append({"label": label, **row.__dict__})
         if on_row is not None:
             on_row(rows)
-    return _result(shape, dtype, model, device, build_s, rows, lengths=lengths, repeats=repeats, decode_tokens=decode_tokens,
-                   answer_tokens=answer_tokens, bandwidth_gb_s=bandwidth_Bps / 1e9 if bandwidth_Bps else None,
-                   compile=compile)
+    return _result(
+        shape,
+        dtype,
+        model,
+        device,
+        build_s,
+        rows,
+        lengths=lengths,
+        repeats=repeats,
+        decode_tokens=decode_tokens,
+        answer_tokens=answer_tokens,
+        bandwidth_gb_s=bandwidth_Bps / 1e9 if bandwidth_Bps else None,
+        compile=compile,
+    )
 
 
 def save(result: dict[str, Any], path: str) -> None:

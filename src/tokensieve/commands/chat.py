@@ -12,7 +12,13 @@ import dataclasses
 import sys
 
 from tokensieve.commands.common import (
-    add_method_args, add_model_args, add_text_args, build_methods, load, load_drafts, parse_size,
+    add_method_args,
+    add_model_args,
+    add_text_args,
+    build_methods,
+    load,
+    load_drafts,
+    parse_size,
 )
 
 INSTRUCTION = "Answer the question from the text above."
@@ -41,7 +47,12 @@ def _seed(text: str) -> int:
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=_float, default=0.0, help="0 (default) is greedy; > 0 samples")
-    p.add_argument("--top-p", type=_float, default=1.0, help="nucleus sampling: keep the smallest set reaching this probability (default 1)")
+    p.add_argument(
+        "--top-p",
+        type=_float,
+        default=1.0,
+        help="nucleus sampling: keep the smallest set reaching this probability (default 1)",
+    )
     p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (default 0: no limit)")
     p.add_argument("--seed", type=_seed, default=None, help="seed for reproducible sampling")
 
@@ -60,8 +71,12 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     add_method_args(p)
     add_sampling_args(p)
-    p.add_argument("--max-new-tokens", type=parse_size, default=128, help="tokens to generate per answer at most (default 128)")
-    p.add_argument("--prefix-cache-gib", type=_gib, default=1.0, help="prefix cache size in GiB (default 1; 0 disables it)")
+    p.add_argument(
+        "--max-new-tokens", type=parse_size, default=128, help="tokens to generate per answer at most (default 128)"
+    )
+    p.add_argument(
+        "--prefix-cache-gib", type=_gib, default=1.0, help="prefix cache size in GiB (default 1; 0 disables it)"
+    )
     p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
     p.set_defaults(func=run)
 
@@ -73,8 +88,8 @@ def messages_for(doc: str, question: str, system: str | None) -> list[dict[str, 
 
 def run(args: argparse.Namespace) -> int:
     from tokensieve.data import read_document
-    from tokensieve.errors import InputError
     from tokensieve.engine.runner import Sampling
+    from tokensieve.errors import InputError
 
     if args.file == "-":
         raise InputError("--file - is not possible here: standard input carries the questions; give a file")
@@ -90,16 +105,19 @@ def run(args: argparse.Namespace) -> int:
 
     import time
 
+    from tokensieve.engine.detokenize import TextStream
     from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, refusal_on, store_for_gib
     from tokensieve.engine.runner import encode_prompt, generate, prepare
-    from tokensieve.engine.detokenize import TextStream
 
     store = store_for_gib(args.prefix_cache_gib)
     why = None
     if store is not None:
         why = refusal_on(model, method)
         if why is not None:
-            print(f"tokensieve chat: note: no prefix cache: {why}; every question recomputes the document", file=sys.stderr)
+            print(
+                f"tokensieve chat: note: no prefix cache: {why}; every question recomputes the document",
+                file=sys.stderr,
+            )
             store = None
 
     def method_for(msgs: list[dict[str, str]], ids) -> object:
@@ -142,14 +160,25 @@ def run(args: argparse.Namespace) -> int:
 
         try:
             q_ids = encode_prompt(tok, msgs)
-            res = generate(model, tok, q_ids, method=method_for(msgs, q_ids), max_new_tokens=args.max_new_tokens,
-                           allow_long=args.allow_long, sampling=sampling, on_token=on_token)
+            res = generate(
+                model,
+                tok,
+                q_ids,
+                method=method_for(msgs, q_ids),
+                max_new_tokens=args.max_new_tokens,
+                allow_long=args.allow_long,
+                sampling=sampling,
+                on_token=on_token,
+            )
         except InputError as exc:
             print(f"tokensieve chat: error: {' '.join(str(exc).split())}", file=sys.stderr)
             continue
         sys.stdout.write(stream.finish() + "\n")
         sys.stdout.flush()
         cached = res.details.get("prefix_cached_tokens", 0)
-        print(f"[TTFT {res.ttft_s:.3f} s; {cached} of {res.prompt_tokens} prompt tokens from the prefix cache; "
-              f"{res.kept_tokens} kept; {res.generated_tokens} generated]", file=sys.stderr)
+        print(
+            f"[TTFT {res.ttft_s:.3f} s; {cached} of {res.prompt_tokens} prompt tokens from the prefix cache; "
+            f"{res.kept_tokens} kept; {res.generated_tokens} generated]",
+            file=sys.stderr,
+        )
     return 0

@@ -11,7 +11,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.methods import METHODS
 
@@ -25,7 +26,12 @@ METHOD_NAMES = tuple(METHODS)
 # GemFilter's scorings (checked against tokensieve.methods.gemfilter.SCORINGS by the same test).
 SCORINGS = ("paper", "window")
 # The method-specific flags: flag -> the method parameter it sets.
-METHOD_FLAGS = {"--topk": "topk", "--filter-layer": "filter_layer", "--scoring": "scoring", "--filter-model": "filter_model"}
+METHOD_FLAGS = {
+    "--topk": "topk",
+    "--filter-layer": "filter_layer",
+    "--scoring": "scoring",
+    "--filter-model": "filter_model",
+}
 
 
 def _type(parse: Callable[[str], Any]) -> Callable[[str], Any]:
@@ -107,7 +113,9 @@ def parse_fractions(text: str) -> list[float]:
     values = parse_floats(text)
     bad = [x for x in values if not 0.0 <= x <= 1.0]
     if bad:
-        raise argparse.ArgumentTypeError(f"expected values in [0, 1], got {', '.join(f'{x:g}' for x in bad)} in {text!r}")
+        raise argparse.ArgumentTypeError(
+            f"expected values in [0, 1], got {', '.join(f'{x:g}' for x in bad)} in {text!r}"
+        )
     return values
 
 
@@ -116,7 +124,8 @@ def parse_methods(text: str) -> list[str]:
     bad = [n for n in names if n not in METHOD_NAMES]
     if bad or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown method(s) {', '.join(bad) if bad else repr(text)}; expected any of: {', '.join(METHOD_NAMES)}")
+            f"unknown method(s) {', '.join(bad) if bad else repr(text)}; expected any of: {', '.join(METHOD_NAMES)}"
+        )
     return names
 
 
@@ -156,22 +165,36 @@ def parse_literal(v: str) -> Any:
 def add_model_args(p: argparse.ArgumentParser) -> None:
     from tokensieve.core.models import EMBEDDED
 
-    p.add_argument("--model", default="smollm2", help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: smollm2)")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: smollm2)",
+    )
     add_dtype_device_args(p)
 
 
 def add_dtype_device_args(p: argparse.ArgumentParser, dtype_default: str | None = None) -> None:
     """--dtype and --device, checked while parsing (before any model loads)."""
-    p.add_argument("--dtype", type=_type(_dtype), default=dtype_default,
-                   help=f"float32, bfloat16 or float16 (default: {dtype_default or 'float32 on CPU, bfloat16 on GPU'})")
-    p.add_argument("--device", type=_type(_device), default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)")
+    p.add_argument(
+        "--dtype",
+        type=_type(_dtype),
+        default=dtype_default,
+        help=f"float32, bfloat16 or float16 (default: {dtype_default or 'float32 on CPU, bfloat16 on GPU'})",
+    )
+    p.add_argument(
+        "--device", type=_type(_device), default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
+    )
 
 
 def add_text_args(p: argparse.ArgumentParser, what: str) -> None:
     """--encoding and --encoding-errors for the text files a command reads (``what`` names them in the help)."""
     p.add_argument("--encoding", type=_type(_encoding), default="utf-8", help=f"encoding of {what} (default utf-8)")
-    p.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
-                   help="strict (default): stop at bytes the encoding cannot decode; replace: put U+FFFD instead")
+    p.add_argument(
+        "--encoding-errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="strict (default): stop at bytes the encoding cannot decode; replace: put U+FFFD instead",
+    )
 
 
 def parse_model_name(text: str) -> str:
@@ -181,23 +204,40 @@ def parse_model_name(text: str) -> str:
     return text
 
 
-FILTER_MODEL_HELP = ("GemFilter: a draft model of the same tokenizer (embedded name or model folder) runs the filter pass; "
-                     "--filter-layer is then the draft's layer (default: its known layer); docs/gemfilter.md")
+FILTER_MODEL_HELP = (
+    "GemFilter: a draft model of the same tokenizer (embedded name or model folder) runs the filter pass; "
+    "--filter-layer is then the draft's layer (default: its known layer); docs/gemfilter.md"
+)
 
 
 def add_method_args(p: argparse.ArgumentParser, multi: bool = False, filter_model: bool = True) -> None:
     """--method(s), --topk, --filter-layer, --scoring, --param and (``filter_model``) --filter-model."""
     if multi:
-        p.add_argument("--methods", type=parse_methods, default=["full", "gemfilter"], help=f"comma-separated, any of: {', '.join(METHOD_NAMES)}")
+        p.add_argument(
+            "--methods",
+            type=parse_methods,
+            default=["full", "gemfilter"],
+            help=f"comma-separated, any of: {', '.join(METHOD_NAMES)}",
+        )
     else:
         p.add_argument("--method", choices=METHOD_NAMES, default="full", help="method (default: full)")
     p.add_argument("--topk", type=parse_size, default=None, help="GemFilter: prompt tokens kept (default 1024)")
-    p.add_argument("--filter-layer", type=non_negative_int, default=None, help="GemFilter: 0-based filter layer (default: known value for the model)")
+    p.add_argument(
+        "--filter-layer",
+        type=non_negative_int,
+        default=None,
+        help="GemFilter: 0-based filter layer (default: known value for the model)",
+    )
     p.add_argument("--scoring", choices=SCORINGS, default=None, help="GemFilter: token scoring (default: window)")
     if filter_model:
-        p.add_argument("--filter-model", type=parse_model_name, default=None, metavar="NAME|PATH", help=FILTER_MODEL_HELP)
+        p.add_argument(
+            "--filter-model", type=parse_model_name, default=None, metavar="NAME|PATH", help=FILTER_MODEL_HELP
+        )
     p.add_argument(
-        "--param", action="append", default=[], metavar="KEY=VALUE",
+        "--param",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="any method parameter, e.g. --param budget=512 (repeatable; applies to the chosen methods that have it)",
     )
 

@@ -25,7 +25,13 @@ import argparse
 from dataclasses import dataclass
 
 from tokensieve.commands.common import (
-    add_model_args, add_text_args, fmt_bytes, load, parse_fractions, parse_size, positive_int,
+    add_model_args,
+    add_text_args,
+    fmt_bytes,
+    load,
+    parse_fractions,
+    parse_size,
+    positive_int,
 )
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
 
@@ -39,15 +45,24 @@ CPU_MEMORY_NOTE = "CPU: KV bytes only; process peak depends on run order, so it 
 class Needle:
     sentence: str
     question: str
-    expected: tuple[str, ...]  # every phrase must be in the answer; at least one occurs in the needle only, not in PG-19
+    expected: tuple[
+        str, ...
+    ]  # every phrase must be in the answer; at least one occurs in the needle only, not in PG-19
 
 
 # Prompt i hides NEEDLES[i % len(NEEDLES)].
 NEEDLES = (
     Needle(DEFAULT_NEEDLE, DEFAULT_QUESTION, tuple(DEFAULT_EXPECTED)),
-    Needle("The secret code that opens the blue vault is 4812.", "What is the secret code that opens the blue vault?", ("4812",)),
-    Needle("The password for the library's rare book room is violet harbor.",
-           "What is the password for the library's rare book room?", ("violet harbor",)),
+    Needle(
+        "The secret code that opens the blue vault is 4812.",
+        "What is the secret code that opens the blue vault?",
+        ("4812",),
+    ),
+    Needle(
+        "The password for the library's rare book room is violet harbor.",
+        "What is the password for the library's rare book room?",
+        ("violet harbor",),
+    ),
 )
 
 
@@ -63,17 +78,34 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         ),
     )
     add_model_args(p)
-    p.add_argument("--length", type=parse_size, default=4096, help="tokens per prompt, chat template included (default 4096)")
-    p.add_argument("--depths", "--depth", type=parse_fractions, default=parse_fractions(DEFAULT_DEPTHS),
-                   metavar="D,D,...",
-                   help=f"needle depths in [0, 1], one prompt each; the needles (and questions) alternate over the prompts "
-                        f"(default {DEFAULT_DEPTHS}: 6 prompts)")
-    p.add_argument("--topk", type=parse_size, default=None, help="GemFilter: prompt tokens kept (default: GemFilter's own default)")
+    p.add_argument(
+        "--length", type=parse_size, default=4096, help="tokens per prompt, chat template included (default 4096)"
+    )
+    p.add_argument(
+        "--depths",
+        "--depth",
+        type=parse_fractions,
+        default=parse_fractions(DEFAULT_DEPTHS),
+        metavar="D,D,...",
+        help=f"needle depths in [0, 1], one prompt each; the needles (and questions) alternate over the prompts "
+        f"(default {DEFAULT_DEPTHS}: 6 prompts)",
+    )
+    p.add_argument(
+        "--topk", type=parse_size, default=None, help="GemFilter: prompt tokens kept (default: GemFilter's own default)"
+    )
     p.add_argument("--max-new-tokens", type=positive_int, default=32, help="answer tokens at most (default 32)")
-    p.add_argument("--no-follow-up", dest="follow_up", action="store_false",
-                   help="skip the follow-up question through the prefix cache")
-    p.add_argument("--haystack", metavar="FILE", default=None,
-                   help="text file for the haystack (default: the PG-19 book shipped in the package, tokensieve/texts/)")
+    p.add_argument(
+        "--no-follow-up",
+        dest="follow_up",
+        action="store_false",
+        help="skip the follow-up question through the prefix cache",
+    )
+    p.add_argument(
+        "--haystack",
+        metavar="FILE",
+        default=None,
+        help="text file for the haystack (default: the PG-19 book shipped in the package, tokensieve/texts/)",
+    )
     add_text_args(p, "--haystack")
     p.add_argument("--json", metavar="PATH", default=None, help="also write the measured figures to PATH as JSON")
     p.set_defaults(func=run)
@@ -133,56 +165,89 @@ def run(args: argparse.Namespace) -> int:
         if not parent.is_dir():
             raise InputError(f"--json {args.json}: folder {parent} does not exist")
     # the text is read (and a missing or short one refused) before the model loads
-    haystack = (read_document(args.haystack, args.encoding, args.encoding_errors) if args.haystack
-                else shipped_text(min_chars=args.length * 8))
+    haystack = (
+        read_document(args.haystack, args.encoding, args.encoding_errors)
+        if args.haystack
+        else shipped_text(min_chars=args.length * 8)
+    )
     source = args.haystack or "PG-19 text shipped in the package"
     print(f"loading {args.model} ...", flush=True)
     model, tok = load(args)
 
     from tokensieve.decode.static import DecoderPool
-    from tokensieve.evaluation.needle import build_needle_prompt, score_answer
     from tokensieve.engine.runner import generate
+    from tokensieve.evaluation.needle import build_needle_prompt, score_answer
 
     device = model.device
     decoders = DecoderPool(model)
 
     def answer(method: str, messages, max_new_tokens: int = args.max_new_tokens):
-        return generate(model, tok, messages, method=make_method(method, **params[method]),
-                        max_new_tokens=max_new_tokens, decoders=decoders)
+        return generate(
+            model,
+            tok,
+            messages,
+            method=make_method(method, **params[method]),
+            max_new_tokens=max_new_tokens,
+            decoders=decoders,
+        )
 
     prompts = []
     for i, depth in enumerate(args.depths):
         nd = NEEDLES[i % len(NEEDLES)]
         prompts.append((nd, build_needle_prompt(tok, haystack, args.length, depth, nd.sentence, nd.question)))
     shown = ", ".join(f"{k}={v}" for k, v in gem_defaults.items())
-    print(f"model: {args.model} on {device.type} ({str(model.dtype).removeprefix('torch.')}); "
-          f"{len(prompts)} needle prompts of {prompts[0][1].length} tokens ({source}), {len(NEEDLES[:len(prompts)])} "
-          f"different needles, depths {', '.join(f'{d:g}' for d in args.depths)}")
+    print(
+        f"model: {args.model} on {device.type} ({str(model.dtype).removeprefix('torch.')}); "
+        f"{len(prompts)} needle prompts of {prompts[0][1].length} tokens ({source}), {len(NEEDLES[: len(prompts)])} "
+        f"different needles, depths {', '.join(f'{d:g}' for d in args.depths)}"
+    )
     print(f"GemFilter at its defaults{' (topk from --topk)' if args.topk else ''}: {shown}")
 
     # Warm-up (untimed): each method once on a short prompt, GemFilter keeping a quarter of it so that its
     # filter pass runs too. One-time costs are then not charged to whichever method is timed first.
     t0 = time.perf_counter()
     warm = build_needle_prompt(tok, haystack, min(args.length, 512), 0.5)
-    warm_params = {"full": {}, "gemfilter": {**gem_params, "topk": max(1, min(int(gem_defaults["topk"]), warm.length // 4))}}
+    warm_params = {
+        "full": {},
+        "gemfilter": {**gem_params, "topk": max(1, min(int(gem_defaults["topk"]), warm.length // 4))},
+    }
     for m in METHODS:
-        generate(model, tok, warm.messages, method=make_method(m, **warm_params[m]), max_new_tokens=2, decoders=decoders)
-    print(f"warm-up (not timed): both methods on a {warm.length}-token prompt, {time.perf_counter() - t0:.1f} s\n", flush=True)
+        generate(
+            model, tok, warm.messages, method=make_method(m, **warm_params[m]), max_new_tokens=2, decoders=decoders
+        )
+    print(
+        f"warm-up (not timed): both methods on a {warm.length}-token prompt, {time.perf_counter() - t0:.1f} s\n",
+        flush=True,
+    )
 
     rows = []
     for i, (nd, p) in enumerate(prompts):
         order = METHODS if i % 2 == 0 else METHODS[::-1]
-        print(f"[{i + 1}/{len(prompts)}] needle at depth {p.depth:.0%} of {p.length} tokens; "
-              f"Q: {nd.question}  expected: {', '.join(repr(e) for e in nd.expected)}  (order: {' then '.join(order)})")
+        print(
+            f"[{i + 1}/{len(prompts)}] needle at depth {p.depth:.0%} of {p.length} tokens; "
+            f"Q: {nd.question}  expected: {', '.join(repr(e) for e in nd.expected)}  (order: {' then '.join(order)})"
+        )
         res = {m: answer(m, p.messages) for m in order}
-        row = {"needle": nd.sentence, "question": nd.question, "expected": list(nd.expected), "depth": p.depth,
-               "prompt_tokens": p.length, "order": list(order), "results": {}}
+        row = {
+            "needle": nd.sentence,
+            "question": nd.question,
+            "expected": list(nd.expected),
+            "depth": p.depth,
+            "prompt_tokens": p.length,
+            "order": list(order),
+            "results": {},
+        }
         for m in METHODS:
             r = res[m]
             score = score_answer(r.text, nd.expected)
             row["results"][m] = {
-                "answer": r.text, "score": score, "correct": score == 1.0, "ttft_s": r.ttft_s,
-                "kept_tokens": r.kept_tokens, "prompt_tokens": r.prompt_tokens, "kv_bytes_prefill": r.kv_bytes_prefill,
+                "answer": r.text,
+                "score": score,
+                "correct": score == 1.0,
+                "ttft_s": r.ttft_s,
+                "kept_tokens": r.kept_tokens,
+                "prompt_tokens": r.prompt_tokens,
+                "kv_bytes_prefill": r.kv_bytes_prefill,
                 "peak_memory_bytes": r.peak_memory_bytes if device.type == "cuda" else None,
                 "filter_layer": r.details.get("filter_layer"),
             }
@@ -196,7 +261,9 @@ def run(args: argparse.Namespace) -> int:
         rs = [row["results"][m] for row in rows]
         k = sum(r["correct"] for r in rs)
         summary[m] = {
-            "correct": k, "prompts": len(rs), "accuracy": f"{k}/{len(rs)}",
+            "correct": k,
+            "prompts": len(rs),
+            "accuracy": f"{k}/{len(rs)}",
             "median_ttft_s": median([r["ttft_s"] for r in rs]),
             "kept_tokens": int(median([r["kept_tokens"] for r in rs])),
             "prompt_tokens": int(median([r["prompt_tokens"] for r in rs])),
@@ -211,19 +278,28 @@ def run(args: argparse.Namespace) -> int:
     table = [
         ("accuracy (all phrases)", full["accuracy"], gem["accuracy"]),
         ("median TTFT", f"{full['median_ttft_s']:.3f} s", f"{gem['median_ttft_s']:.3f} s"),
-        ("kept prompt tokens", f"{full['kept_tokens']} / {full['prompt_tokens']}", f"{gem['kept_tokens']} / {gem['prompt_tokens']}"),
+        (
+            "kept prompt tokens",
+            f"{full['kept_tokens']} / {full['prompt_tokens']}",
+            f"{gem['kept_tokens']} / {gem['prompt_tokens']}",
+        ),
         ("KV cache after prefill", fmt_bytes(full["kv_bytes_prefill"]), fmt_bytes(gem["kv_bytes_prefill"])),
     ]
     if device.type == "cuda":
         table.append(("peak GPU memory", fmt_bytes(full["peak_memory_bytes"]), fmt_bytes(gem["peak_memory_bytes"])))
     for label, a, b in table:
         print(f"{label:<28}{a:<{w}}{b:<{w}}")
-    memory_note = (CPU_MEMORY_NOTE if device.type != "cuda"
-                   else "CUDA: peak = max allocated during each run (weights included), reset per run")
+    memory_note = (
+        CPU_MEMORY_NOTE
+        if device.type != "cuda"
+        else "CUDA: peak = max allocated during each run (weights included), reset per run"
+    )
     print(f"memory: {memory_note}")
     filter_layer = rows[0]["results"]["gemfilter"]["filter_layer"]
-    print(f"\nTTFT ratio full / GemFilter (medians): {ttft_ratio:.2f} -> GemFilter is {ratio_words(full['median_ttft_s'], gem['median_ttft_s'])} "
-          f"here (filter layer {filter_layer}, {gem['kept_tokens']} of {gem['prompt_tokens']} tokens kept)")
+    print(
+        f"\nTTFT ratio full / GemFilter (medians): {ttft_ratio:.2f} -> GemFilter is {ratio_words(full['median_ttft_s'], gem['median_ttft_s'])} "
+        f"here (filter layer {filter_layer}, {gem['kept_tokens']} of {gem['prompt_tokens']} tokens kept)"
+    )
     print(f"accuracy: full attention {full['accuracy']}, GemFilter {gem['accuracy']}", flush=True)
 
     cold = {m: summary[m]["median_ttft_s"] for m in METHODS}
@@ -234,12 +310,20 @@ def run(args: argparse.Namespace) -> int:
         import json
 
         out = {
-            "model": args.model, "device": device.type, "dtype": str(model.dtype).removeprefix("torch."),
-            "length": args.length, "max_new_tokens": args.max_new_tokens,
-            "params": {"full": {}, "gemfilter": gem_defaults}, "filter_layer": filter_layer,
-            "warmup_prompt_tokens": warm.length, "prompts": rows, "summary": summary,
-            "ttft_ratio_full_over_gemfilter": ttft_ratio, "memory_note": memory_note,
-            "follow_up": follow, "wall_s": wall,
+            "model": args.model,
+            "device": device.type,
+            "dtype": str(model.dtype).removeprefix("torch."),
+            "length": args.length,
+            "max_new_tokens": args.max_new_tokens,
+            "params": {"full": {}, "gemfilter": gem_defaults},
+            "filter_layer": filter_layer,
+            "warmup_prompt_tokens": warm.length,
+            "prompts": rows,
+            "summary": summary,
+            "ttft_ratio_full_over_gemfilter": ttft_ratio,
+            "memory_note": memory_note,
+            "follow_up": follow,
+            "wall_s": wall,
         }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)
@@ -250,23 +334,32 @@ def run(args: argparse.Namespace) -> int:
 
 def follow_up(args, model, tok, haystack, params, decoders, cold_medians: dict[str, float]) -> dict:
     """One document, two questions: the first (cold) computes and stores the document prefix, the follow-up reuses it."""
+    from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, check_model, refusal, store_for_gib
+    from tokensieve.engine.runner import encode_prompt, generate
     from tokensieve.errors import InputError
     from tokensieve.evaluation.needle import make_messages, score_answer
     from tokensieve.methods import make_method
-    from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, check_model, refusal, store_for_gib
-    from tokensieve.engine.runner import encode_prompt, generate
 
     a, b = NEEDLES[0], NEEDLES[1 % len(NEEDLES)]
     p, doc = two_needle_prompt(tok, haystack, args.length, (a, 0.3), (b, 0.7))
     q1, q2 = p.messages, make_messages(doc, b.question)
     ids1, ids2 = encode_prompt(tok, q1), encode_prompt(tok, q2)
-    print(f"\nfollow-up through the prefix cache: one document with two needles, two questions "
-          f"({ids1.shape[1]} and {ids2.shape[1]} prompt tokens)")
-    print(f"    first question (cold: computes the document, stores its prefix): {a.question}  "
-          f"expected: {', '.join(repr(e) for e in a.expected)}")
+    print(
+        f"\nfollow-up through the prefix cache: one document with two needles, two questions "
+        f"({ids1.shape[1]} and {ids2.shape[1]} prompt tokens)"
+    )
+    print(
+        f"    first question (cold: computes the document, stores its prefix): {a.question}  "
+        f"expected: {', '.join(repr(e) for e in a.expected)}"
+    )
     print(f"    follow-up (reuses the stored prefix): {b.question}  expected: {', '.join(repr(e) for e in b.expected)}")
-    out: dict = {"first_question": a.question, "first_expected": list(a.expected), "question": b.question,
-                 "expected": list(b.expected), "methods": {}}
+    out: dict = {
+        "first_question": a.question,
+        "first_expected": list(a.expected),
+        "question": b.question,
+        "expected": list(b.expected),
+        "methods": {},
+    }
     try:
         check_model(model)
     except InputError as exc:
@@ -288,12 +381,21 @@ def follow_up(args, model, tok, haystack, params, decoders, cold_medians: dict[s
         first = cached(ids1, q1)  # nothing stored yet: a cold run that also stores the document's prefix
         again = cached(ids2, q2)  # the follow-up on the stored prefix
         out["methods"][m] = {
-            "first": {"answer": first.text, "correct": score_answer(first.text, a.expected) == 1.0, "ttft_s": first.ttft_s,
-                      "cached_tokens": first.details.get("prefix_cached_tokens", 0),
-                      "stored_tokens": first.details.get("prefix_stored_tokens", 0), "prompt_tokens": first.prompt_tokens},
-            "follow_up": {"answer": again.text, "correct": score_answer(again.text, b.expected) == 1.0,
-                          "ttft_s": again.ttft_s, "cached_tokens": again.details.get("prefix_cached_tokens", 0),
-                          "prompt_tokens": again.prompt_tokens},
+            "first": {
+                "answer": first.text,
+                "correct": score_answer(first.text, a.expected) == 1.0,
+                "ttft_s": first.ttft_s,
+                "cached_tokens": first.details.get("prefix_cached_tokens", 0),
+                "stored_tokens": first.details.get("prefix_stored_tokens", 0),
+                "prompt_tokens": first.prompt_tokens,
+            },
+            "follow_up": {
+                "answer": again.text,
+                "correct": score_answer(again.text, b.expected) == 1.0,
+                "ttft_s": again.ttft_s,
+                "cached_tokens": again.details.get("prefix_cached_tokens", 0),
+                "prompt_tokens": again.prompt_tokens,
+            },
             "speedup_cold_over_cached": first.ttft_s / again.ttft_s,
             "cold_median_ttft_s": cold_medians[m],
         }

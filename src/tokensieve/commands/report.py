@@ -8,20 +8,30 @@ from pathlib import Path
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("report",
-                       description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl, except the files "
-                                   "--restart set aside, <task>.<time>.jsonl) into a markdown table "
-                                   "(accuracy with its 95% interval and the paired difference to full, perplexity, TTFT, peak memory, KV kept, "
-                                   "per model, task, method and length), an "
-                                   "accuracy breakdown by subtask/dataset, an accuracy-vs-TTFT plot and needle heatmaps.")
+    p = sub.add_parser(
+        "report",
+        description="Turn result files of `tokensieve eval` (folders are searched for *.jsonl, except the files "
+        "--restart set aside, <task>.<time>.jsonl) into a markdown table "
+        "(accuracy with its 95% interval and the paired difference to full, perplexity, TTFT, peak memory, KV kept, "
+        "per model, task, method and length), an "
+        "accuracy breakdown by subtask/dataset, an accuracy-vs-TTFT plot and needle heatmaps.",
+    )
     p.add_argument("paths", nargs="+", metavar="DIR", help="result folders or .jsonl files")
     p.add_argument("--out", default=None, help="write the markdown here (default: print it; plots go beside it)")
-    p.add_argument("--plots", default=None, help="folder for the plots (default: plots/ beside --out, else the first DIR's plots/)")
+    p.add_argument(
+        "--plots", default=None, help="folder for the plots (default: plots/ beside --out, else the first DIR's plots/)"
+    )
     p.add_argument("--no-plots", action="store_true", help="tables only")
-    p.add_argument("--paired", action="store_true",
-                   help="compare methods on the same prompts: keep only samples every method scored at that length")
-    p.add_argument("--no-timing", action="store_true",
-                   help="leave out TTFT and the accuracy-vs-TTFT plot (runs timed under different load)")
+    p.add_argument(
+        "--paired",
+        action="store_true",
+        help="compare methods on the same prompts: keep only samples every method scored at that length",
+    )
+    p.add_argument(
+        "--no-timing",
+        action="store_true",
+        help="leave out TTFT and the accuracy-vs-TTFT plot (runs timed under different load)",
+    )
     p.set_defaults(func=run)
 
 

@@ -9,9 +9,11 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from tokensieve.commands.common import non_negative_int, positive_int
+
 
 def _port(text: str) -> int:
     value = non_negative_int(text)
@@ -66,55 +68,132 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "serve",
         description=(
             "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
-            "(\"stream\": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). "
+            '("stream": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). '
             "Requests run one at a time from a bounded queue (or in batches: --max-batch); a request may pick its own method with "
-            "\"tokensieve\": {\"method\": \"snapkv\", \"budget\": 512}. See docs/serve.md."
+            '"tokensieve": {"method": "snapkv", "budget": 512}. See docs/serve.md.'
         ),
     )
     add_model_args(p)
     add_method_args(p, filter_model=False)
-    p.add_argument("--filter-model", dest="filter_models", action="append", default=[], type=parse_model_name, metavar="NAME|PATH",
-                   help="a draft model of the same tokenizer for GemFilter's filter pass (repeatable): loaded at start; a request "
-                        "names one with \"tokensieve\": {\"method\": \"gemfilter\", \"filter_model\": NAME} (null: the model "
-                        "itself); with --method gemfilter the first is the server's default. With --engine vllm the model is not "
-                        "loaded in transformers at all: the filter pass always runs on a draft (docs/gemfilter.md)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; see --api-key)")
-    p.add_argument("--allowed-host", action="append", default=None, metavar="NAME",
-                   help="a Host name the server answers besides loopback ones (repeatable; '*' for any). Bound to loopback, "
-                        "requests whose Host header is not localhost, 127.0.0.1, ::1 or one of these get 421 (DNS rebinding); "
-                        "bound elsewhere, the Host is checked only when this is given")
-    p.add_argument("--api-key", action="append", default=None, metavar="KEY",
-                   help="require 'Authorization: Bearer KEY' on /v1 requests (401 otherwise; /health and /metrics stay open); "
-                        "give it several times for several clients, each with its own prefix-cache entries "
-                        "(default: the TOKENSIEVE_API_KEY environment variable, else no key)")
-    p.add_argument("--max-body-bytes", type=parse_size, default=8 << 20,
-                   help="request bodies larger than this get 413 before they are read (default 8M)")
+    p.add_argument(
+        "--filter-model",
+        dest="filter_models",
+        action="append",
+        default=[],
+        type=parse_model_name,
+        metavar="NAME|PATH",
+        help="a draft model of the same tokenizer for GemFilter's filter pass (repeatable): loaded at start; a request "
+        'names one with "tokensieve": {"method": "gemfilter", "filter_model": NAME} (null: the model '
+        "itself); with --method gemfilter the first is the server's default. With --engine vllm the model is not "
+        "loaded in transformers at all: the filter pass always runs on a draft (docs/gemfilter.md)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1, loopback only; see --api-key)"
+    )
+    p.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a Host name the server answers besides loopback ones (repeatable; '*' for any). Bound to loopback, "
+        "requests whose Host header is not localhost, 127.0.0.1, ::1 or one of these get 421 (DNS rebinding); "
+        "bound elsewhere, the Host is checked only when this is given",
+    )
+    p.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on /v1 requests (401 otherwise; /health and /metrics stay open); "
+        "give it several times for several clients, each with its own prefix-cache entries "
+        "(default: the TOKENSIEVE_API_KEY environment variable, else no key)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=parse_size,
+        default=8 << 20,
+        help="request bodies larger than this get 413 before they are read (default 8M)",
+    )
     p.add_argument("--port", type=_port, default=8000, help="port (default 8000; 0 picks a free one)")
-    p.add_argument("--max-queue", type=non_negative_int, default=16, help="requests that may wait while one runs; more get 429 (default 16)")
-    p.add_argument("--max-batch", type=positive_int, default=1,
-                   help="requests generated together in one batch where they can share it (same method and parameters, "
-                        "full/gemfilter/snapkv/streamingllm, greedy or the same sampling without a seed; default 1: one at a time)")
-    p.add_argument("--lock-params", action="store_true",
-                   help="requests run with this server's --method and its parameters only: a request that names another "
-                        "method or another parameter value in its \"tokensieve\" object gets 400 naming the field")
-    p.add_argument("--request-timeout", type=_seconds, default=600.0, help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)")
-    p.add_argument("--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)")
-    p.add_argument("--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)")
-    p.add_argument("--prefix-cache-gib", type=_gib, default=1.0,
-                   help="prefix cache size in GiB: a shared prompt prefix (system prompt, document) is computed once (default 1; 0 disables it; docs/prefix_cache.md)")
-    p.add_argument("--engine", choices=["transformers", "vllm"], default="transformers",
-                   help="what generates: transformers (default; every method) or vllm (vLLM's async engine on the tokens "
-                        "GemFilter keeps, or the whole prompt with --method full; needs pip install 'tokensieve[vllm]'; docs/vllm.md)")
-    p.add_argument("--vllm-max-model-len", type=positive_int, default=None, help="--engine vllm: vLLM's max_model_len, kept prompt + answer (default: the model's)")
-    p.add_argument("--vllm-max-num-seqs", type=positive_int, default=None, help="--engine vllm: requests vLLM runs at once (default: vLLM's)")
-    p.add_argument("--vllm-gpu-memory-utilization", type=_fraction, default=None,
-                   help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)")
-    p.add_argument("--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)")
-    p.add_argument("--shutdown-timeout", type=_drain_seconds, default=30.0,
-                   help="at SIGTERM or Ctrl-C: seconds the running requests may take to finish while /health answers 503 "
-                        "'draining' and new and queued requests get 503; then they are ended (streams get an error event and "
-                        "[DONE]); a second signal ends them at once (default 30; 0 ends them at once)")
-    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"], help="uvicorn log level (default info)")
+    p.add_argument(
+        "--max-queue",
+        type=non_negative_int,
+        default=16,
+        help="requests that may wait while one runs; more get 429 (default 16)",
+    )
+    p.add_argument(
+        "--max-batch",
+        type=positive_int,
+        default=1,
+        help="requests generated together in one batch where they can share it (same method and parameters, "
+        "full/gemfilter/snapkv/streamingllm, greedy or the same sampling without a seed; default 1: one at a time)",
+    )
+    p.add_argument(
+        "--lock-params",
+        action="store_true",
+        help="requests run with this server's --method and its parameters only: a request that names another "
+        'method or another parameter value in its "tokensieve" object gets 400 naming the field',
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=_seconds,
+        default=600.0,
+        help="seconds from arrival to the last token before a request gets 504 (default 600; 0 = none)",
+    )
+    p.add_argument(
+        "--default-max-tokens", type=parse_size, default=256, help="max_tokens of requests that give none (default 256)"
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="model id in /v1/models and responses (default: the --model value)"
+    )
+    p.add_argument(
+        "--prefix-cache-gib",
+        type=_gib,
+        default=1.0,
+        help="prefix cache size in GiB: a shared prompt prefix (system prompt, document) is computed once (default 1; 0 disables it; docs/prefix_cache.md)",
+    )
+    p.add_argument(
+        "--engine",
+        choices=["transformers", "vllm"],
+        default="transformers",
+        help="what generates: transformers (default; every method) or vllm (vLLM's async engine on the tokens "
+        "GemFilter keeps, or the whole prompt with --method full; needs pip install 'tokensieve[vllm]'; docs/vllm.md)",
+    )
+    p.add_argument(
+        "--vllm-max-model-len",
+        type=positive_int,
+        default=None,
+        help="--engine vllm: vLLM's max_model_len, kept prompt + answer (default: the model's)",
+    )
+    p.add_argument(
+        "--vllm-max-num-seqs",
+        type=positive_int,
+        default=None,
+        help="--engine vllm: requests vLLM runs at once (default: vLLM's)",
+    )
+    p.add_argument(
+        "--vllm-gpu-memory-utilization",
+        type=_fraction,
+        default=None,
+        help="--engine vllm: fraction of GPU memory vLLM may take, leave room for the filter model (default: vLLM's 0.9)",
+    )
+    p.add_argument(
+        "--vllm-enforce-eager", action="store_true", help="--engine vllm: no CUDA graphs / compilation (faster start)"
+    )
+    p.add_argument(
+        "--shutdown-timeout",
+        type=_drain_seconds,
+        default=30.0,
+        help="at SIGTERM or Ctrl-C: seconds the running requests may take to finish while /health answers 503 "
+        "'draining' and new and queued requests get 503; then they are ended (streams get an error event and "
+        "[DONE]); a second signal ends them at once (default 30; 0 ends them at once)",
+    )
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="uvicorn log level (default info)",
+    )
     p.set_defaults(func=run)
 
 
@@ -124,9 +203,9 @@ def run(args: argparse.Namespace) -> int:
     require_extra("serve", "the server")
     import uvicorn
 
-    from tokensieve.serve.app import create_app
     from tokensieve.commands.common import build_methods, load, method_params
     from tokensieve.errors import InputError
+    from tokensieve.serve.app import create_app
 
     build_methods(args)  # bad --param values fail here, before the model loads
     params = method_params(args)[args.method]
@@ -152,14 +231,26 @@ def run(args: argparse.Namespace) -> int:
         if drafts and args.method == "gemfilter":
             params = {**params, "filter_model": args.filter_models[0]}
         app = create_app(
-            model, tok, model_name=args.served_model_name or args.model, method=args.method, method_params=params,
-            max_queue=args.max_queue, request_timeout_s=args.request_timeout, default_max_tokens=args.default_max_tokens,
-            prefix_cache_gib=args.prefix_cache_gib, max_batch=args.max_batch, lock_params=args.lock_params,
-            filter_models=drafts, **front,
+            model,
+            tok,
+            model_name=args.served_model_name or args.model,
+            method=args.method,
+            method_params=params,
+            max_queue=args.max_queue,
+            request_timeout_s=args.request_timeout,
+            default_max_tokens=args.default_max_tokens,
+            prefix_cache_gib=args.prefix_cache_gib,
+            max_batch=args.max_batch,
+            lock_params=args.lock_params,
+            filter_models=drafts,
+            **front,
         )
     if not is_loopback(args.host) and not keys:
-        print(f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
-              f"can use it", file=sys.stderr)
+        print(
+            f"tokensieve serve: warning: listening on {args.host}, not loopback, without --api-key: anyone who can reach it "
+            f"can use it",
+            file=sys.stderr,
+        )
     from tokensieve.serve.server import DrainingServer
 
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
@@ -182,21 +273,25 @@ def _load_drafts(args: argparse.Namespace, model: Any, device: str | None = None
 def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str, Any]) -> Any:
     """``--engine vllm``: the filter model (transformers) and the vLLM engine args for the same checkpoint.
     What can be checked without loading (vLLM installed, the method, the model's form) is checked first."""
-    from tokensieve.errors import InputError
     from tokensieve.core.models import cache_dir, dtype_name, model_source
+    from tokensieve.errors import InputError
+    from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, import_vllm
     from tokensieve.serve.app import app_for_engine
     from tokensieve.serve.vllm_engine import VLLMEngine, vllm_methods
-    from tokensieve.integrations.vllm_adapter import VLLMNotInstalledError, import_vllm
 
     try:
         import_vllm()
     except VLLMNotInstalledError as exc:
         raise InputError(f"--engine vllm: {exc}") from None
     if args.method not in vllm_methods():
-        raise InputError(f"--engine vllm cannot run method {args.method!r}; expected one of: {', '.join(vllm_methods())}")
+        raise InputError(
+            f"--engine vllm cannot run method {args.method!r}; expected one of: {', '.join(vllm_methods())}"
+        )
     kind, where = model_source(args.model)
     if kind == "gguf":
-        raise InputError(f"--engine vllm needs a transformers model folder or an embedded model name, got the .gguf file {where}")
+        raise InputError(
+            f"--engine vllm needs a transformers model folder or an embedded model name, got the .gguf file {where}"
+        )
     from tokensieve.commands.common import load
 
     drafts: dict[str, Any] = {}
@@ -215,15 +310,26 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
         model, tok = load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
     engine_args: dict[str, Any] = {
         "model": str(cache_dir() / str(where)) if kind == "embedded" else str(where),
-        "dtype": dtype_name(str(model.dtype).removeprefix("torch.")), "seed": 0,
-        "enforce_eager": args.vllm_enforce_eager, "disable_log_stats": True,
+        "dtype": dtype_name(str(model.dtype).removeprefix("torch.")),
+        "seed": 0,
+        "enforce_eager": args.vllm_enforce_eager,
+        "disable_log_stats": True,
     }
     for key in ("max_model_len", "max_num_seqs", "gpu_memory_utilization"):
         value = getattr(args, f"vllm_{key}")
         if value is not None:
             engine_args[key] = value
     engine = VLLMEngine(
-        model, tok, engine_args, method=args.method, method_params=params, max_queue=args.max_queue,
-        request_timeout_s=args.request_timeout, lock_params=args.lock_params, filter_models=drafts,
+        model,
+        tok,
+        engine_args,
+        method=args.method,
+        method_params=params,
+        max_queue=args.max_queue,
+        request_timeout_s=args.request_timeout,
+        lock_params=args.lock_params,
+        filter_models=drafts,
     )
-    return app_for_engine(engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens, **front)
+    return app_for_engine(
+        engine, model_name=args.served_model_name or args.model, default_max_tokens=args.default_max_tokens, **front
+    )

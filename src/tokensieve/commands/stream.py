@@ -11,7 +11,10 @@ from tokensieve.errors import InputError
 
 # Old flag -> current flag; the old ones still work for one release, with a deprecation line.
 DEPRECATED_FLAGS: tuple[tuple[str, str], ...] = (
-    ("--init-size", "--n-initial"), ("--sep-size", "--n-separators"), ("--window", "--n-recent"), ("--cache-size", "--budget"),
+    ("--init-size", "--n-initial"),
+    ("--sep-size", "--n-separators"),
+    ("--window", "--n-recent"),
+    ("--cache-size", "--budget"),
 )
 
 DEFAULT_BOOK = "2544.txt"  # the longest PG-19 book shipped in shared/data/pg19 (~90k SmolLM2 tokens)
@@ -36,18 +39,40 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_model_args(p)
     p.add_argument("--method", choices=list(STREAM_METHODS), default="sepllm", help="cache policy (default: sepllm)")
-    p.add_argument("--file", default=None, help="text file to stream (default: the longest PG-19 book in shared/data/pg19)")
+    p.add_argument(
+        "--file", default=None, help="text file to stream (default: the longest PG-19 book in shared/data/pg19)"
+    )
     p.add_argument("--chunk-size", type=int, default=64, help="tokens fed per forward (default 64; 1 = token by token)")
-    p.add_argument("--max-tokens", type=parse_size, default=None, help="stop after this many tokens, e.g. 64k (default: whole text)")
+    p.add_argument(
+        "--max-tokens",
+        type=parse_size,
+        default=None,
+        help="stop after this many tokens, e.g. 64k (default: whole text)",
+    )
     p.add_argument("--n-initial", type=int, default=None, help="a: initial / attention-sink tokens kept (default 4)")
     p.add_argument("--n-separators", type=int, default=None, help="s: separator tokens kept, SepLLM only (default 64)")
-    p.add_argument("--n-recent", type=int, default=None, help="w: recent tokens kept: SepLLM's local window (default 256), StreamingLLM's recent window (default budget - n-initial)")
+    p.add_argument(
+        "--n-recent",
+        type=int,
+        default=None,
+        help="w: recent tokens kept: SepLLM's local window (default 256), StreamingLLM's recent window (default budget - n-initial)",
+    )
     p.add_argument("--budget", type=int, default=None, help="c: KV entries per layer between chunks (default 800)")
-    for old, new in DEPRECATED_FLAGS:  # hidden; one deprecation line on stderr when used
+    for old, _new in DEPRECATED_FLAGS:  # hidden; one deprecation line on stderr when used
         p.add_argument(old, dest=_old_dest(old), type=int, default=None, help=argparse.SUPPRESS)
-    p.add_argument("--allow-long", action="store_true", help="full attention: run past the model's maximum position (to show the breakdown)")
-    p.add_argument("--ppl-window", type=int, default=1024, help="tokens per point of the windowed perplexity curve (default 1024)")
-    p.add_argument("--plot", default=None, help="PNG of perplexity and KV memory vs tokens seen (default runs/stream/<method>.png; '' for none)")
+    p.add_argument(
+        "--allow-long",
+        action="store_true",
+        help="full attention: run past the model's maximum position (to show the breakdown)",
+    )
+    p.add_argument(
+        "--ppl-window", type=int, default=1024, help="tokens per point of the windowed perplexity curve (default 1024)"
+    )
+    p.add_argument(
+        "--plot",
+        default=None,
+        help="PNG of perplexity and KV memory vs tokens seen (default runs/stream/<method>.png; '' for none)",
+    )
     p.add_argument("--json", action="store_true", help="print the final numbers as JSON")
     add_text_args(p, "the text")
     p.set_defaults(func=run)
@@ -76,7 +101,10 @@ def apply_deprecated_flags(args: argparse.Namespace) -> None:
         value = getattr(args, _old_dest(old), None)
         if value is None:
             continue
-        print(f"tokensieve stream: {old} is deprecated, use {new} (the old flag goes in the next release)", file=sys.stderr)
+        print(
+            f"tokensieve stream: {old} is deprecated, use {new} (the old flag goes in the next release)",
+            file=sys.stderr,
+        )
         if getattr(args, _new_dest(new), None) is not None:
             raise InputError(f"give {new} or its old name {old}, not both")
         setattr(args, _new_dest(new), value)
@@ -124,13 +152,26 @@ def run(args: argparse.Namespace) -> int:
 
     def progress(point, done: int) -> None:
         bar.update(done - bar.n)
-        bar.set_postfix(ppl=f"{point.running_ppl:.2f}", tok_s=f"{point.tokens_per_s:.0f}", cache=point.cache_entries, kv=f"{point.kv_bytes / MB:.1f}MiB", refresh=False)
+        bar.set_postfix(
+            ppl=f"{point.running_ppl:.2f}",
+            tok_s=f"{point.tokens_per_s:.0f}",
+            cache=point.cache_entries,
+            kv=f"{point.kv_bytes / MB:.1f}MiB",
+            refresh=False,
+        )
 
     from tokensieve.evaluation.stream_ppl import stream_perplexity
 
     res = stream_perplexity(
-        model, ids, policy, chunk_size=args.chunk_size, max_tokens=args.max_tokens,
-        allow_long=args.allow_long, ppl_window=args.ppl_window, progress=progress, tokenizer=tok,
+        model,
+        ids,
+        policy,
+        chunk_size=args.chunk_size,
+        max_tokens=args.max_tokens,
+        allow_long=args.allow_long,
+        ppl_window=args.ppl_window,
+        progress=progress,
+        tokenizer=tok,
     )
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
@@ -153,4 +194,3 @@ def run(args: argparse.Namespace) -> int:
     if plot:
         print(f"wrote {plot}")
     return 0
-

@@ -17,7 +17,8 @@ Shapes it sees, after RoPE and before GQA repetition:
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -67,8 +68,12 @@ CUDNN_IN_STEPS = False  # True: let PyTorch choose cuDNN in steps too (benchmark
 
 
 def sdpa(
-    module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-    attention_mask: torch.Tensor | None, **kwargs: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``transformers``' SDPA attention (same arguments, output [batch, q_len, q_heads, head_dim]), every caller's.
 
@@ -139,7 +144,8 @@ def ensure_tokensieve_attention(model: torch.nn.Module) -> None:
         f"tokensieve switched {cls} from {was} attention to tokensieve's (SDPA plus the hooks its methods use; "
         f"full attention computes the same); call tokensieve.use_tokensieve_attention(model) after loading to "
         f"do it yourself",
-        AttentionSwitchedWarning, stacklevel=3,
+        AttentionSwitchedWarning,
+        stacklevel=3,
     )
 
 

@@ -121,4 +121,3 @@ class EvictionCache(DynamicCache):
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """``[batch, kv_heads, entries]`` original positions held by the layer (after syncing new entries)."""
         return self.sync_positions(layer_idx)
-

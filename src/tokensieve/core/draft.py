@@ -130,10 +130,14 @@ def check_same_tokenizer(target: Any, draft: Any) -> None:
     for name in SPECIAL_IDS:
         x, y = getattr(target, name, None), getattr(draft, name, None)
         if x != y:
-            raise InputError(f"filter_model's tokenizer has {name} {y}, the model's {x}; a draft model must share the model's tokenizer")
+            raise InputError(
+                f"filter_model's tokenizer has {name} {y}, the model's {x}; a draft model must share the model's tokenizer"
+            )
     sa, sb = sorted(getattr(target, "all_special_ids", []) or []), sorted(getattr(draft, "all_special_ids", []) or [])
     if sa != sb:
-        raise InputError(f"filter_model's tokenizer has special ids {sb}, the model's {sa}; a draft model must share the model's tokenizer")
+        raise InputError(
+            f"filter_model's tokenizer has special ids {sb}, the model's {sa}; a draft model must share the model's tokenizer"
+        )
 
 
 def check_same_config_vocab(target: PreTrainedModel, draft: PreTrainedModel) -> None:
@@ -176,4 +180,3 @@ def _covers(model: PreTrainedModel, size: int, what: str) -> None:
     rows = int(model.get_input_embeddings().weight.shape[0])
     if rows < size:
         raise InputError(f"{what} embeds {rows} token ids, fewer than the draft tokenizer's {size}: not one tokenizer")
-

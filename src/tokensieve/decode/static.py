@@ -64,9 +64,9 @@ import torch
 from transformers import Cache, PreTrainedModel
 
 from tokensieve.core.attention import HOOK_KWARG
-from tokensieve.errors import InputError
 from tokensieve.core.hf import has_sliding_layers
 from tokensieve.core.scoring import matmul_fp32
+from tokensieve.errors import InputError
 
 log = logging.getLogger(__name__)
 
@@ -187,8 +187,10 @@ def kv_buffers(model: PreTrainedModel, batch: int, capacity: int) -> tuple[list[
     cfg = model.config.get_text_config()
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
     dtype = next(model.parameters()).dtype
-    keys = [torch.zeros(batch, cfg.num_key_value_heads, capacity, head_dim, dtype=dtype, device=model.device)
-            for _ in range(cfg.num_hidden_layers)]
+    keys = [
+        torch.zeros(batch, cfg.num_key_value_heads, capacity, head_dim, dtype=dtype, device=model.device)
+        for _ in range(cfg.num_hidden_layers)
+    ]
     return keys, [torch.zeros_like(k) for k in keys]
 
 
@@ -232,8 +234,12 @@ class CapturedStep:
             except RuntimeError as err:  # torch.AcceleratorError and Triton's launch errors are RuntimeErrors
                 first_line = (str(err).splitlines() or [type(err).__name__])[0]
                 if attempt == 2:
-                    warnings.warn(f"CUDA graph capture failed twice ({first_line}); this decoder (capacity "
-                                  f"{self.capacity}) runs its step without a graph", RuntimeWarning, stacklevel=3)
+                    warnings.warn(
+                        f"CUDA graph capture failed twice ({first_line}); this decoder (capacity "
+                        f"{self.capacity}) runs its step without a graph",
+                        RuntimeWarning,
+                        stacklevel=3,
+                    )
                     self.use_graph = False
                     return
                 log.warning("CUDA graph capture failed (%s); trying once more", first_line)
@@ -261,7 +267,9 @@ class StaticDecoder(CapturedStep):
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
     tracks: str = "none"  # per-slot state of an evicting method: "none", "heavy" (H2O), "separators" (SepLLM)
-    attention_kernel: str = "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (see pick_attention_kernel)
+    attention_kernel: str = (
+        "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (see pick_attention_kernel)
+    )
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
@@ -302,14 +310,19 @@ class StaticDecoder(CapturedStep):
             self.sep_limits = torch.zeros(2, dtype=torch.long, device=dev)  # n_initial, window
             self.sep_ids = torch.zeros(0, dtype=torch.long, device=dev)
         if self.heavy:  # attention received [b, hkv, cap] float32, write stamps, the slot the next step writes
-            self.acc = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)]
-            self.stamp = [torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
+            self.acc = [
+                torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)
+            ]
+            self.stamp = [
+                torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)
+            ]
             self.free = [torch.zeros(self.batch, hkv, dtype=torch.long, device=dev) for _ in range(n_layers)]
             self.heavy_limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_keep
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
         self._kernel, self._decode_attention = pick_attention_kernel(
-            self.attention_kernel, dev, "H2O's eviction needs the attention probabilities" if self.heavy else None)
+            self.attention_kernel, dev, "H2O's eviction needs the attention probabilities" if self.heavy else None
+        )
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
 
     @property
@@ -326,7 +339,11 @@ class StaticDecoder(CapturedStep):
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)
 
     def load(
-        self, cache: Cache, next_position: int | torch.Tensor, max_new_tokens: int, kv_mask: torch.Tensor | None = None,
+        self,
+        cache: Cache,
+        next_position: int | torch.Tensor,
+        max_new_tokens: int,
+        kv_mask: torch.Tensor | None = None,
         eviction: DeviceEviction | None = None,
     ) -> None:
         """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers.
@@ -352,7 +369,9 @@ class StaticDecoder(CapturedStep):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
             if (n + max_new_tokens if eviction is None or eviction.kind == "separators" else n) > size:
-                raise ValueError(f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}")
+                raise ValueError(
+                    f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}"
+                )
             if k.shape[0] != self.batch:
                 raise ValueError(f"the cache holds {k.shape[0]} rows; this decoder was made for batch {self.batch}")
             if kv_mask is not None:
@@ -402,8 +421,13 @@ class StaticDecoder(CapturedStep):
         return self.filled.clamp(max=self._held_max).tolist()
 
     def _attend(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """One layer's attention for the fed token: store its key/value in the next slot, attend over the buffer.
 
@@ -480,7 +504,10 @@ class StaticDecoder(CapturedStep):
             # than two small kernels per layer: the fill counts advance only after the model ran
             self._limits = torch.minimum(self.filled, self.ring[1:2] - 1) + 1  # [layers]
         out = self.model(
-            input_ids=self.token, position_ids=self.position, use_cache=False, logits_to_keep=1,
+            input_ids=self.token,
+            position_ids=self.position,
+            use_cache=False,
+            logits_to_keep=1,
             **{HOOK_KWARG: self._attend},
         )
         self.filled.add_(1)
@@ -515,8 +542,9 @@ class DecoderPool:
         key = (batch, bucket(entries), tracks)
         made = key not in self.decoders
         if made:
-            self.decoders[key] = StaticDecoder(self.model, key[1], batch, self.use_graph, self.compile, tracks,
-                                               self.attention_kernel)
+            self.decoders[key] = StaticDecoder(
+                self.model, key[1], batch, self.use_graph, self.compile, tracks, self.attention_kernel
+            )
         return self.decoders[key], made
 
     def get_own(self, kind: Any, entries: int, make: Any) -> tuple[Any, bool]:

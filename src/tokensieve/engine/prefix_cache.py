@@ -132,8 +132,9 @@ class PrefixStore:
         elif self._owner() is not model:
             raise InputError("this prefix store holds another model's prefixes; use one PrefixStore per model")
 
-    def match(self, ids: torch.Tensor, key_layers: int, value_layers: int, salt: str | None = None,
-              source: str | None = None) -> tuple[int, PrefixState | None]:
+    def match(
+        self, ids: torch.Tensor, key_layers: int, value_layers: int, salt: str | None = None, source: str | None = None
+    ) -> tuple[int, PrefixState | None]:
         """The stored prefix of ``salt`` and ``source`` (the model that computed it) sharing the most leading
         tokens with ``ids`` [n] that has at least ``key_layers``/``value_layers`` layers: (shared tokens, entry),
         or (0, None). Marks it used."""
@@ -162,8 +163,13 @@ class PrefixStore:
             self.stats.too_large += 1
             return False
         for key, e in list(self._entries.items()):
-            covered = (e.salt == state.salt and e.source == state.source and e.tokens <= state.tokens and len(e.keys) <= len(state.keys)
-                       and len(e.values) <= len(state.values))
+            covered = (
+                e.salt == state.salt
+                and e.source == state.source
+                and e.tokens <= state.tokens
+                and len(e.keys) <= len(state.keys)
+                and len(e.values) <= len(state.values)
+            )
             if covered and torch.equal(e.ids, state.ids[: e.tokens]):
                 self._drop(key)
         while self.nbytes + size > self.max_bytes and self._entries:
@@ -285,8 +291,9 @@ class CachedPrefix:
         return self._state.keys[layer][:, :, : self.start]
 
     def finish(self, state: DecodeState) -> DecodeState:
-        state.details.update(prefix_cached_tokens=self._cached,
-                             prefix_stored_tokens=self._reuse._stored(self._have, self._reused))
+        state.details.update(
+            prefix_cached_tokens=self._cached, prefix_stored_tokens=self._reuse._stored(self._have, self._reused)
+        )
         return state
 
 
@@ -302,7 +309,9 @@ class PrefixReuse(Method):
     that salt only.
     """
 
-    def __init__(self, inner: Method, store: PrefixStore, store_tokens: int | None = None, salt: str | None = None) -> None:
+    def __init__(
+        self, inner: Method, store: PrefixStore, store_tokens: int | None = None, salt: str | None = None
+    ) -> None:
         why = refusal(inner)
         if why is not None:
             raise InputError(why)
@@ -376,8 +385,13 @@ class PrefixReuse(Method):
         source = self._source(model)
         shared, entry = self.store.match(ids[0], k_layers, v_layers, self.salt, source)
         if entry is not None:
-            entry = PrefixState(entry.ids[:shared], [k[:, :, :shared] for k in entry.keys[:k_layers]],
-                                [v[:, :, :shared] for v in entry.values[:v_layers]], self.salt, source)
+            entry = PrefixState(
+                entry.ids[:shared],
+                [k[:, :, :shared] for k in entry.keys[:k_layers]],
+                [v[:, :, :shared] for v in entry.values[:v_layers]],
+                self.salt,
+                source,
+            )
         want = min(self.store_tokens, n)
         if want <= shared:
             return entry, shared, shared
@@ -389,7 +403,13 @@ class PrefixReuse(Method):
 
     @torch.inference_mode()
     def _extend(
-        self, model: PreTrainedModel, ids: torch.Tensor, entry: PrefixState | None, have: int, k_layers: int, v_layers: int,
+        self,
+        model: PreTrainedModel,
+        ids: torch.Tensor,
+        entry: PrefixState | None,
+        have: int,
+        k_layers: int,
+        v_layers: int,
     ) -> PrefixState:
         """The state of ``ids`` [1, L], computing tokens ``have..L-1`` on top of ``entry``."""
         cache = DynamicCache(config=model.config)
@@ -404,12 +424,14 @@ class PrefixReuse(Method):
 
             def hook(module, query, key, value, attention_mask, **kw):
                 if module.layer_idx == r:
-                    raise _Stop(key[:, :, -new.shape[1]:])
+                    raise _Stop(key[:, :, -new.shape[1] :])
                 return None
 
             kwargs[HOOK_KWARG] = hook
         try:
-            model(input_ids=new, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs)
+            model(
+                input_ids=new, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache), **kwargs
+            )
         except _Stop as stop:
             r_keys = stop.value
         keys = [cache.layers[i].keys for i in range(v_layers)]
@@ -443,7 +465,9 @@ def common_prefix(a: torch.Tensor | list[int], b: torch.Tensor | list[int]) -> i
     return int(diff[0, 0]) if diff.numel() else m
 
 
-def chat_prefix_tokens(tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], input_ids: torch.Tensor) -> int:
+def chat_prefix_tokens(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], input_ids: torch.Tensor
+) -> int:
     """The reusable prefix of a chat prompt: everything before the last line of the last user message.
 
     The chat template is applied to the messages with the last user message's final line (its text
@@ -482,4 +506,3 @@ def text_prefix_tokens(tokenizer: PreTrainedTokenizerBase, text: str, input_ids:
         return 0
     ids = tokenizer(text[: cut + 1], return_tensors="pt")["input_ids"]
     return common_prefix(ids, input_ids)
-

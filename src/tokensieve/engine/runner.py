@@ -13,21 +13,29 @@ measured here and nowhere else. Streaming through a bounded cache has the same t
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import ensure_tokensieve_attention
-from tokensieve.decode.static import DecoderPool, decoder_size, model_refusal, tracks_for, without_needless_eviction
-from tokensieve.errors import ChatTemplateError, EmptyPromptError, InputError, PromptTooLongError, check_int, check_number
 from tokensieve.core.memory import PeakMemory, synchronize
+from tokensieve.core.separators import separator_token_ids
+from tokensieve.decode.static import DecoderPool, decoder_size, model_refusal, tracks_for, without_needless_eviction
+from tokensieve.engine.streaming import ContextFullError, Streamer, StreamPolicy
+from tokensieve.errors import (
+    ChatTemplateError,
+    EmptyPromptError,
+    InputError,
+    PromptTooLongError,
+    check_int,
+    check_number,
+)
 from tokensieve.methods import METHODS, Method, make_method
 from tokensieve.methods.base import Capabilities, DecodeState, batch_refused, cache_stats, left_pad, max_positions
-from tokensieve.core.separators import separator_token_ids
-from tokensieve.engine.streaming import ContextFullError, StreamPolicy, Streamer
 
 Messages = Sequence[dict[str, str]]
 
@@ -67,7 +75,9 @@ def encode_prompt(
         use_chat_template = getattr(tokenizer, "chat_template", None) is not None
     if use_chat_template:
         try:
-            ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            ids = tokenizer.apply_chat_template(
+                messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+            )
         except Exception as exc:
             if type(exc).__module__.startswith("jinja2"):  # the template raised (e.g. roles must alternate)
                 raise ChatTemplateError(f"the model's chat template rejected the messages: {exc}") from None
@@ -146,7 +156,9 @@ def stop_token_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -
 ALLOW_LONG_HINT = "or pass allow_long=True (--allow-long) to run anyway"
 
 
-def check_prompt_length(tokens: int, limit: int | None, *, at_least: str | None = None, hint: str | None = None) -> None:
+def check_prompt_length(
+    tokens: int, limit: int | None, *, at_least: str | None = None, hint: str | None = None
+) -> None:
     """The one prompt-length rule (API, CLI, server): ``PromptTooLongError`` when a prompt of ``tokens`` tokens
     passes the model's ``limit`` positions (None: no limit). ``at_least`` marks ``tokens`` as a lower bound and
     says how it was counted (the server's check before tokenizing); ``hint`` ends the message with what the
@@ -155,7 +167,8 @@ def check_prompt_length(tokens: int, limit: int | None, *, at_least: str | None 
         return
     count = f"at least {tokens} tokens ({at_least})" if at_least else f"{tokens} tokens"
     raise PromptTooLongError(
-        f"prompt has {count}, more than the model's maximum of {limit} positions; shorten it" + (f" {hint}" if hint else "")
+        f"prompt has {count}, more than the model's maximum of {limit} positions; shorten it"
+        + (f" {hint}" if hint else "")
     )
 
 
@@ -222,8 +235,10 @@ def prepare_batch(
     gives the single-prompt ``Prepared`` (no mask); more than one needs a method whose capabilities say ``batch``.
     """
     if isinstance(prompts, (str, torch.Tensor)) or not isinstance(prompts, Sequence) or len(prompts) == 0:
-        raise InputError(f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} of length "
-                         f"{len(prompts) if hasattr(prompts, '__len__') else '?'}")
+        raise InputError(
+            f"prompts must be a non-empty list of prompts, got {type(prompts).__name__} of length "
+            f"{len(prompts) if hasattr(prompts, '__len__') else '?'}"
+        )
     if isinstance(prompts[0], dict):
         raise InputError("prompts is one conversation (a list of messages); pass a list of prompts, e.g. [messages]")
     runs = []
@@ -239,15 +254,19 @@ def join_prepared(runs: Sequence[Prepared]) -> Prepared:
     """Prepared single prompts as one batch, left-padded, run with the first one's method instance: every run
     must have a method of the same name and parameters (each was validated for its own prompt), whose
     ``capabilities`` say ``batch`` when there are several. One run is returned as it is."""
-    if not runs or not all(isinstance(r, Prepared) and r.attention_mask is None and r.input_ids.shape[0] == 1 for r in runs):
+    if not runs or not all(
+        isinstance(r, Prepared) and r.attention_mask is None and r.input_ids.shape[0] == 1 for r in runs
+    ):
         raise InputError("join_prepared takes a non-empty list of prepared single prompts (from prepare)")
     if len(runs) == 1:
         return runs[0]
     m = runs[0].method
     for i, r in enumerate(runs[1:], 1):
         if r.method.name != m.name or r.method.params() != m.params():
-            raise InputError(f"prompt {i} was prepared for {r.method.name} {r.method.params()}, prompt 0 for {m.name} "
-                             f"{m.params()}; a batch runs one method with one set of parameters")
+            raise InputError(
+                f"prompt {i} was prepared for {r.method.name} {r.method.params()}, prompt 0 for {m.name} "
+                f"{m.params()}; a batch runs one method with one set of parameters"
+            )
     if not m.capabilities.batch:
         raise batch_refused(m.name)
     input_ids, mask = left_pad([r.input_ids[0] for r in runs])
@@ -257,7 +276,9 @@ def join_prepared(runs: Sequence[Prepared]) -> Prepared:
 def _given(run: Prepared, method: Any, method_params: dict[str, Any]) -> Prepared:
     """A ``Prepared`` passed as the prompt carries its method: ``InputError`` when another is given too."""
     if method_params or not (isinstance(method, str) and method == "full"):
-        raise InputError("a prepared prompt (tokensieve.runner.Prepared) carries its method; pass no method or parameters with it")
+        raise InputError(
+            "a prepared prompt (tokensieve.runner.Prepared) carries its method; pass no method or parameters with it"
+        )
     return run
 
 
@@ -309,7 +330,11 @@ def __getattr__(name: str) -> Any:
 
 
 def drive(
-    model: PreTrainedModel, run: Prepared, choose: Chooser, max_steps: int, decode: str = "auto",
+    model: PreTrainedModel,
+    run: Prepared,
+    choose: Chooser,
+    max_steps: int,
+    decode: str = "auto",
     decoders: DecoderPool | None = None,
 ) -> Trace:
     """Prefill, then step while ``choose`` returns a token: the one loop behind every entry point.
@@ -351,8 +376,9 @@ def drive(
                 if own:
                     decoder, made = m.static_decoder(pool, state, max_steps)
                 else:
-                    decoder, made = pool.get(run.input_ids.shape[0], decoder_size(eviction, max(kv_pre), max_steps),
-                                             tracks_for(eviction))
+                    decoder, made = pool.get(
+                        run.input_ids.shape[0], decoder_size(eviction, max(kv_pre), max_steps), tracks_for(eviction)
+                    )
                 if made:
                     decoder.capture()
                     capture_s = decoder.capture_s
@@ -362,8 +388,13 @@ def drive(
             if own:
                 m.load_static(decoder, state, max_steps)
             else:
-                decoder.load(state.cache, state.next_position if state.positions is None else state.positions,
-                             max_steps, state.kv_mask, eviction)
+                decoder.load(
+                    state.cache,
+                    state.next_position if state.positions is None else state.positions,
+                    max_steps,
+                    state.kv_mask,
+                    eviction,
+                )
             state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
         while token is not None and len(steps) < max_steps:
@@ -384,8 +415,21 @@ def drive(
         else:
             kv_fin, kv_bytes_fin = cache_stats(state.cache)
             rows_fin = state.real_entries()
-    return Trace(state, ttft, decode_s, steps, mem.peak_bytes, kv_pre, kv_bytes_pre, kv_fin, kv_bytes_fin, path, capture_s,
-                 rows_pre, rows_fin)
+    return Trace(
+        state,
+        ttft,
+        decode_s,
+        steps,
+        mem.peak_bytes,
+        kv_pre,
+        kv_bytes_pre,
+        kv_fin,
+        kv_bytes_fin,
+        path,
+        capture_s,
+        rows_pre,
+        rows_fin,
+    )
 
 
 def kept_tokens(state: DecodeState, prompt_tokens: int) -> int:
@@ -419,22 +463,26 @@ class Sampling:
         check_number("temperature", t, 0, note=" (0 = greedy)")
         check_number("top_p", p, 0, 1, above=True)
         check_int("top_k", k, 0, note=" (0 = no limit)")
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)
-                                      or not -(2**63) <= self.seed < 2**64):
+        if self.seed is not None and (
+            isinstance(self.seed, bool) or not isinstance(self.seed, int) or not -(2**63) <= self.seed < 2**64
+        ):
             raise InputError(f"seed must be an integer in [-2**63, 2**64), got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature < GREEDY_BELOW_TEMPERATURE
 
-    def batches_with(self, other: "Sampling") -> bool:
+    def batches_with(self, other: Sampling) -> bool:
         """Whether two requests may share one ``generate_batch`` run (which draws with one setting and one
         generator): both greedy (``top_p``/``top_k`` do not matter then), or the same temperature, top_p
         and top_k with no seed (a seeded request must draw as it would alone, so it runs alone)."""
         if self.greedy or other.greedy:
             return self.greedy and other.greedy
-        return self.seed is None and other.seed is None and (self.temperature, self.top_p, self.top_k) == (
-            other.temperature, other.top_p, other.top_k)
+        return (
+            self.seed is None
+            and other.seed is None
+            and (self.temperature, self.top_p, self.top_k) == (other.temperature, other.top_p, other.top_k)
+        )
 
     def generator(self, device: torch.device) -> torch.Generator | None:
         if self.greedy:
@@ -465,7 +513,9 @@ class Sampling:
         probs = x.softmax(dim=-1)
         bad = ~torch.isfinite(probs).all(dim=-1, keepdim=True)  # e.g. logits that are all -inf or NaN
         if bool(bad.any()):
-            probs = torch.where(bad, F.one_hot(logits.float().nan_to_num(-float("inf")).argmax(-1), x.shape[-1]).to(probs), probs)
+            probs = torch.where(
+                bad, F.one_hot(logits.float().nan_to_num(-float("inf")).argmax(-1), x.shape[-1]).to(probs), probs
+            )
         return torch.multinomial(probs, 1, generator=generator)
 
 
@@ -491,13 +541,17 @@ def check_call(sampling: Any, on_token: Any, allow_long: Any) -> None:
         raise InputError(f"allow_long must be True or False, got {allow_long!r}")
 
 
-def row_limits(max_new_tokens: Any, rows: int, model: PreTrainedModel | None = None, allow_long: bool = False) -> list[int]:
+def row_limits(
+    max_new_tokens: Any, rows: int, model: PreTrainedModel | None = None, allow_long: bool = False
+) -> list[int]:
     """``generate_batch``'s ``max_new_tokens`` (one int for every row, or one per row) as a list of ``rows`` ints."""
     if isinstance(max_new_tokens, (str, bytes)) or not isinstance(max_new_tokens, Sequence):
         check_max_new_tokens(max_new_tokens, model, allow_long)
         return [max_new_tokens] * rows
     if len(max_new_tokens) != rows:
-        raise InputError(f"max_new_tokens has {len(max_new_tokens)} values for {rows} prompts; give one per prompt or one int")
+        raise InputError(
+            f"max_new_tokens has {len(max_new_tokens)} values for {rows} prompts; give one per prompt or one int"
+        )
     for i, limit in enumerate(max_new_tokens):
         try:
             check_max_new_tokens(limit, model, allow_long)
@@ -553,16 +607,33 @@ def generate(
     tr = drive(model, run, next_token, max_new_tokens - 1, decode, decoders)
     n, kept = run.input_ids.shape[1], tr.state.kept_indices
     return _result(
-        run, tr, tokenizer, stops, out_ids, prompt_tokens=n, kept_tokens=kept_tokens(tr.state, n), kept=kept,
+        run,
+        tr,
+        tokenizer,
+        stops,
+        out_ids,
+        prompt_tokens=n,
+        kept_tokens=kept_tokens(tr.state, n),
+        kept=kept,
         kv=(tr.kv_tokens_prefill, tr.kv_tokens_final, tr.kv_bytes_prefill, tr.kv_bytes_final),
-        decode_s=tr.decode_s, step_times_s=tr.step_times_s,
+        decode_s=tr.decode_s,
+        step_times_s=tr.step_times_s,
     )
 
 
 def _result(
-    run: Prepared, tr: Trace, tokenizer: PreTrainedTokenizerBase, stops: set[int], out_ids: list[int], *,
-    prompt_tokens: int, kept_tokens: int, kept: torch.Tensor | None,
-    kv: tuple[list[int], list[int], int, int], decode_s: float, step_times_s: list[float],
+    run: Prepared,
+    tr: Trace,
+    tokenizer: PreTrainedTokenizerBase,
+    stops: set[int],
+    out_ids: list[int],
+    *,
+    prompt_tokens: int,
+    kept_tokens: int,
+    kept: torch.Tensor | None,
+    kv: tuple[list[int], list[int], int, int],
+    decode_s: float,
+    step_times_s: list[float],
     details: dict[str, Any] | None = None,
 ) -> GenerationResult:
     """One prompt's ``GenerationResult`` from a ``drive`` trace: its tokens, KV (prefill/final entries, bytes),
@@ -630,7 +701,12 @@ def generate_batch(
     sampling = sampling or Sampling()
     if not isinstance(max_new_tokens, Sequence):
         check_max_new_tokens(max_new_tokens, model, allow_long)  # before the prompts are encoded, as generate does
-    if isinstance(prompts, Sequence) and not isinstance(prompts, str) and prompts and all(isinstance(p, Prepared) for p in prompts):
+    if (
+        isinstance(prompts, Sequence)
+        and not isinstance(prompts, str)
+        and prompts
+        and all(isinstance(p, Prepared) for p in prompts)
+    ):
         for p in prompts:
             _given(p, method, method_params)
         run = join_prepared(prompts)
@@ -659,13 +735,21 @@ def generate_batch(
     lengths = mask.sum(-1).tolist() if mask is not None else [run.input_ids.shape[1]]  # prompt tokens per row
     total = sum(len(o) for o in outs)
     wall = tr.ttft_s + tr.decode_s
-    batch_details = {"batch_size": rows,
-                     "batch_generated_tokens": total, "batch_tokens_per_s": total / wall if wall > 0 else None}
+    batch_details = {
+        "batch_size": rows,
+        "batch_generated_tokens": total,
+        "batch_tokens_per_s": total / wall if wall > 0 else None,
+    }
     n_layers = len(tr.kv_tokens_prefill)
     results = []
     for b, out_ids in enumerate(outs):
         if tr.real_entries_prefill is None:  # one prompt: the cache is its own
-            kv_pre, kv_fin, bytes_pre, bytes_fin = tr.kv_tokens_prefill, tr.kv_tokens_final, tr.kv_bytes_prefill, tr.kv_bytes_final
+            kv_pre, kv_fin, bytes_pre, bytes_fin = (
+                tr.kv_tokens_prefill,
+                tr.kv_tokens_final,
+                tr.kv_bytes_prefill,
+                tr.kv_bytes_final,
+            )
         else:  # this row's real entries (every layer holds as many), and its share of the bytes
             per_entry = tr.kv_bytes_prefill / max(1, rows * sum(tr.kv_tokens_prefill))
             kv_pre = [tr.real_entries_prefill[b]] * n_layers
@@ -678,12 +762,22 @@ def generate_batch(
         else:
             kept = None
         n_steps = len(out_ids) - 1
-        results.append(_result(
-            run, tr, tokenizer, stops, out_ids, prompt_tokens=lengths[b],
-            kept_tokens=int(kept.numel()) if kept is not None else kept_tokens(state, lengths[b]), kept=kept,
-            kv=(kv_pre, kv_fin, bytes_pre, bytes_fin), decode_s=sum(tr.step_times_s[:n_steps]),
-            step_times_s=tr.step_times_s[:n_steps], details=batch_details,
-        ))
+        results.append(
+            _result(
+                run,
+                tr,
+                tokenizer,
+                stops,
+                out_ids,
+                prompt_tokens=lengths[b],
+                kept_tokens=int(kept.numel()) if kept is not None else kept_tokens(state, lengths[b]),
+                kept=kept,
+                kv=(kv_pre, kv_fin, bytes_pre, bytes_fin),
+                decode_s=sum(tr.step_times_s[:n_steps]),
+                step_times_s=tr.step_times_s[:n_steps],
+                details=batch_details,
+            )
+        )
     return results
 
 
@@ -777,7 +871,9 @@ def open_stream(
     return streamer
 
 
-def feed_stream(streamer: Streamer, token_ids: torch.Tensor, chunk_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def feed_stream(
+    streamer: Streamer, token_ids: torch.Tensor, chunk_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Feed ``token_ids`` [N] chunk by chunk; yields (chunk [C], its logits [C, vocab] float32).
 
     Stops early, with ``streamer.stopped`` saying why, where full attention reaches the model's maximum position.
@@ -794,7 +890,10 @@ def feed_stream(streamer: Streamer, token_ids: torch.Tensor, chunk_size: int) ->
 
 
 def selection_text(
-    tokenizer: PreTrainedTokenizerBase, input_ids: torch.Tensor | list[int], kept_indices: list[int], gap: str = " [...] "
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: torch.Tensor | list[int],
+    kept_indices: list[int],
+    gap: str = " [...] ",
 ) -> str:
     """The kept tokens as text, with ``gap`` wherever a span of the prompt was dropped."""
     ids = input_ids.reshape(-1).tolist() if torch.is_tensor(input_ids) else list(input_ids)

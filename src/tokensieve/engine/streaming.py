@@ -63,11 +63,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel
 
 from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention, repeat_kv
+from tokensieve.core.rope import RopeTables, apply_rope
 from tokensieve.errors import InputError
 from tokensieve.methods.base import max_positions, num_layers, rename_params
 from tokensieve.methods.sepllm import sepcache_keep
 from tokensieve.methods.streamingllm import keep_sinks_and_recent
-from tokensieve.core.rope import RopeTables, apply_rope
 
 
 class ContextFullError(InputError):
@@ -200,7 +200,10 @@ class SepLLMPolicy(StreamPolicy):
     name: ClassVar[str] = "sepllm"
     needs_separators: ClassVar[bool] = True
     renamed: ClassVar[dict[str, str]] = {
-        "init_size": "n_initial", "sep_size": "n_separators", "local_size": "n_recent", "cache_size": "budget",
+        "init_size": "n_initial",
+        "sep_size": "n_separators",
+        "local_size": "n_recent",
+        "cache_size": "budget",
     }
     n_initial: int = 4
     n_separators: int = 64
@@ -212,7 +215,9 @@ class SepLLMPolicy(StreamPolicy):
         return self.budget
 
     def validate(self) -> None:
-        _check_sizes(n_initial=self.n_initial, n_separators=self.n_separators, n_recent=self.n_recent, budget=self.budget)
+        _check_sizes(
+            n_initial=self.n_initial, n_separators=self.n_separators, n_recent=self.n_recent, budget=self.budget
+        )
         if self.n_recent < 1:
             raise InputError(f"n_recent (w) must be at least 1, got {self.n_recent}")
         if self.n_recent >= self.budget:
@@ -285,7 +290,9 @@ class Streamer:
         self.rope = RopeTables(model)
         self.device = self.rope.device
         self.separator_ids = (
-            separator_ids.to(self.device) if separator_ids is not None else torch.empty(0, dtype=torch.long, device=self.device)
+            separator_ids.to(self.device)
+            if separator_ids is not None
+            else torch.empty(0, dtype=torch.long, device=self.device)
         )
         n_layers = num_layers(model)
         self.keys: list[torch.Tensor | None] = [None] * n_layers  # [1, kv_heads, L, head_dim], pre-RoPE

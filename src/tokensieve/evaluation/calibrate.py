@@ -26,7 +26,14 @@ from tqdm import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import HOOK_KWARG
-from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION, build_needle_prompt, find_span
+from tokensieve.core.scoring import span_topk
+from tokensieve.evaluation.needle import (
+    DEFAULT_EXPECTED,
+    DEFAULT_NEEDLE,
+    DEFAULT_QUESTION,
+    build_needle_prompt,
+    find_span,
+)
 from tokensieve.methods.base import num_layers
 from tokensieve.methods.gemfilter import (
     DEFAULT_N_INITIAL,
@@ -36,7 +43,6 @@ from tokensieve.methods.gemfilter import (
     pool_and_select,
     token_scores,
 )
-from tokensieve.core.scoring import span_topk
 
 # The needles calibrate hides, taken in turn over the prompts: (needle, question, answer phrases). The second
 # one's answer is a value after a key, the case where isolated top-k tokens cut the answer.
@@ -45,18 +51,32 @@ NEEDLES = (
     ("The access code of the north archive is 5183942.", "What is the access code of the north archive?", ("5183942",)),
 )
 # Span rules measured at the chosen layer: (kernel, pooling, dilation); the first is the paper's.
-SPAN_RULES = ((5, "avg", 1), (15, "avg", 1), (31, "avg", 1), (15, "max", 1), (5, "avg", 15), (5, "avg", 31), (5, "avg", 63))
+SPAN_RULES = (
+    (5, "avg", 1),
+    (15, "avg", 1),
+    (31, "avg", 1),
+    (15, "max", 1),
+    (5, "avg", 15),
+    (5, "avg", 31),
+    (5, "avg", 63),
+)
 
 
 def span_label(kernel: int, pooling: str, dilation: int) -> str:
     return f"{pooling}{kernel}" + (f"_d{dilation}" if dilation > 1 else "")
-from tokensieve.engine.runner import encode_prompt
+
+
+from tokensieve.engine.runner import encode_prompt  # noqa: E402
 
 
 @torch.inference_mode()
 def all_layer_scores_by_scoring(
-    model: PreTrainedModel, input_ids: torch.Tensor, scorings: tuple[str, ...], window_size: int = DEFAULT_WINDOW_SIZE,
-    local_window: int | None = None, n_initial: int = DEFAULT_N_INITIAL,
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    scorings: tuple[str, ...],
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    local_window: int | None = None,
+    n_initial: int = DEFAULT_N_INITIAL,
 ) -> dict[str, list[torch.Tensor]]:
     """GemFilter's scores [n] at every layer for each scoring, from one forward (no cache).
 
@@ -65,7 +85,11 @@ def all_layer_scores_by_scoring(
     ``None``: dense causal attention.
     """
     out: dict[str, dict[int, torch.Tensor]] = {s: {} for s in scorings}
-    local = None if local_window is None else GemFilter(filter_attention="local", n_initial=n_initial, n_recent=local_window)
+    local = (
+        None
+        if local_window is None
+        else GemFilter(filter_attention="local", n_initial=n_initial, n_recent=local_window)
+    )
 
     def hook(module, query, key, value, attention_mask, **kwargs):
         for s in scorings:
@@ -137,7 +161,9 @@ def calibrate(
     variants: list[int | None] = [None, *windows]
     sums = {(v, s): torch.zeros(L) for v in variants for s in scorings}
     cells = [(n, d) for n in lengths for d in depths]
-    kept_scores: list[tuple[dict[str, list[torch.Tensor]], torch.Tensor]] = []  # per prompt: dense scores, answer tokens
+    kept_scores: list[
+        tuple[dict[str, list[torch.Tensor]], torch.Tensor]
+    ] = []  # per prompt: dense scores, answer tokens
     for i, (n, d) in enumerate(tqdm(cells, desc="calibrate", disable=not progress)):
         text, question, expected = NEEDLES[i % len(NEEDLES)]
         p = build_needle_prompt(tokenizer, haystack, n, d, text, question)
@@ -147,8 +173,11 @@ def calibrate(
         answer = sorted({j for e in expected for j in find_span(tokenizer, ids[0].tolist(), e)})
         kept_scores.append(({s: [x.cpu() for x in dense[s]] for s in scorings}, torch.tensor(answer)))
         for v in variants:
-            by_scoring = dense if v is None or v >= ids.shape[1] else all_layer_scores_by_scoring(
-                model, ids, scorings, window_size, local_window=v, n_initial=n_initial)
+            by_scoring = (
+                dense
+                if v is None or v >= ids.shape[1]
+                else all_layer_scores_by_scoring(model, ids, scorings, window_size, local_window=v, n_initial=n_initial)
+            )
             for s in scorings:
                 for layer, sc in enumerate(by_scoring[s]):
                     kept = pool_and_select(sc, topk).cpu()
@@ -163,22 +192,38 @@ def calibrate(
     # within tolerance of that best; the earliest such layer wins (the cheapest filter pass), ties by order.
     top = max(max(v) for v in cal.recall.values())
     s, cal.best_layer = min(
-        ((sc, next(i for i, x in enumerate(cal.recall[sc]) if x >= top - tolerance))
-         for sc in scorings if max(cal.recall[sc]) >= top - tolerance),
+        (
+            (sc, next(i for i, x in enumerate(cal.recall[sc]) if x >= top - tolerance))
+            for sc in scorings
+            if max(cal.recall[sc]) >= top - tolerance
+        ),
         key=lambda t: t[1],
     )
     cal.best_scoring = s
     cal.last_layer_recall = cal.recall[s][-1]
     cal.last_layer_gain = round(cal.last_layer_recall - cal.recall[s][cal.best_layer], 4)
     for rule in SPAN_RULES:
-        hits = [torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float() for scores, answer in kept_scores]
-        cal.span_recall[span_label(*rule)] = {"answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),
-                                              "answer_whole": round(sum(bool(h.all()) for h in hits) / len(hits), 4)}
+        hits = [
+            torch.isin(answer, span_topk(scores[s][cal.best_layer], topk, *rule)).float()
+            for scores, answer in kept_scores
+        ]
+        cal.span_recall[span_label(*rule)] = {
+            "answer_recall": round(sum(h.mean().item() for h in hits) / len(hits), 4),
+            "answer_whole": round(sum(bool(h.all()) for h in hits) / len(hits), 4),
+        }
     # the rule that keeps whole answers most often; then more answer tokens; then GemFilter's default rule; then the
     # narrower rule (ties by order)
     default = (GemFilter.kernel, GemFilter.pooling, GemFilter.dilation)
-    best_rule = max(SPAN_RULES, key=lambda r: (cal.span_recall[span_label(*r)]["answer_whole"],
-                                               cal.span_recall[span_label(*r)]["answer_recall"], r == default, -r[2], -r[0]))
+    best_rule = max(
+        SPAN_RULES,
+        key=lambda r: (
+            cal.span_recall[span_label(*r)]["answer_whole"],
+            cal.span_recall[span_label(*r)]["answer_recall"],
+            r == default,
+            -r[2],
+            -r[0],
+        ),
+    )
     cal.suggested_span = {"kernel": best_rule[0], "pooling": best_rule[1], "dilation": best_rule[2]}
     dense_at_best = cal.recall[s][cal.best_layer]
     cal.suggested_window = next(

@@ -38,18 +38,19 @@ import re
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError, PromptTooLongError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tokensieve.methods import Method
     from tokensieve.engine.runner import GenerationResult
+    from tokensieve.methods import Method
 
 SCHEMA = 1
 LOCK_NAME = ".lock"
@@ -68,7 +69,9 @@ class Sample:
     meta: dict[str, Any] = field(default_factory=dict)  # task-specific coordinates (depth, subtask, dataset, ...)
 
 
-def render(tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "", chat: bool | None = None) -> list[int]:
+def render(
+    tokenizer: PreTrainedTokenizerBase, user: str, answer_prefix: str = "", chat: bool | None = None
+) -> list[int]:
     """Token ids of one user message (chat template when the tokenizer has one), then ``answer_prefix``.
 
     The answer prefix goes after the assistant turn's start, as RULER does, so the
@@ -112,7 +115,12 @@ class Task:
         return int(sample.meta.get("max_new_tokens", self.max_new_tokens))
 
     def evaluate(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        sample: Sample,
+        method: Method,
+        allow_long: bool,
     ) -> dict[str, Any]:
         """Run one cell; return the fields of its result line (``score`` included)."""
         res, revivals = run_generation(model, tokenizer, sample.input_ids, method, self.max_tokens(sample), allow_long)
@@ -149,8 +157,12 @@ def generation_fields(res: GenerationResult) -> dict[str, Any]:
 
 
 def run_generation(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, input_ids: Sequence[int] | Any, method: Method,
-    max_new_tokens: int, allow_long: bool,
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    input_ids: Sequence[int] | Any,
+    method: Method,
+    max_new_tokens: int,
+    allow_long: bool,
 ) -> tuple[GenerationResult, dict[str, Any]]:
     """``runner.generate`` for one prompt (token ids) as every generation task runs it: the result, and the
     fields every result line adds for the method (LazyLLM: :func:`revival_fields`; others: none)."""
@@ -163,8 +175,16 @@ def run_generation(
     if probe is None:
         res = generate(model, tokenizer, ids, method=method, max_new_tokens=max_new_tokens, allow_long=allow_long)
         return res, {}
-    res = generate(model, tokenizer, ids, method=probe.method, max_new_tokens=max_new_tokens, allow_long=allow_long,
-                   on_token=probe.on_token, decoders=probe.pool)
+    res = generate(
+        model,
+        tokenizer,
+        ids,
+        method=probe.method,
+        max_new_tokens=max_new_tokens,
+        allow_long=allow_long,
+        on_token=probe.on_token,
+        decoders=probe.pool,
+    )
     return res, revival_fields(probe.per_step(res), res.details)
 
 
@@ -250,8 +270,14 @@ def _observing_class() -> type:
     return _OBSERVING[0]
 
 
-REVIVAL_FIELDS = ("revived_per_step_mean", "revived_per_step_max", "revived_total", "revived_tokens", "revival_steps",
-                  "decode_steps")
+REVIVAL_FIELDS = (
+    "revived_per_step_mean",
+    "revived_per_step_max",
+    "revived_total",
+    "revived_tokens",
+    "revival_steps",
+    "decode_steps",
+)
 
 
 def revival_fields(per_step: list[int] | None, details: dict[str, Any]) -> dict[str, Any]:
@@ -301,8 +327,14 @@ def params_key(params: dict[str, Any]) -> str:
 
 def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
     """What makes a result line unique: task, its configuration, sample key, model, method, parameters."""
-    return (row.get("task", ""), params_key(row.get("task_config", {})), row.get("key", ""), row.get("model", ""),
-            row.get("method", ""), params_key(row.get("params", {})))
+    return (
+        row.get("task", ""),
+        params_key(row.get("task_config", {})),
+        row.get("key", ""),
+        row.get("model", ""),
+        row.get("method", ""),
+        params_key(row.get("params", {})),
+    )
 
 
 def is_backup(path: str | Path) -> bool:
@@ -345,7 +377,9 @@ def read_results(path: str | Path, on_problem: Callable[[str], None] | None = No
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(f"results file {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start})") from None
+        raise InputError(
+            f"results file {p} is not UTF-8 text (byte 0x{data[exc.start]:02x} at byte offset {exc.start})"
+        ) from None
     rows, bad = [], 0
     for line in text.splitlines():
         line = line.strip()
@@ -474,7 +508,9 @@ def model_info(model: PreTrainedModel) -> dict[str, Any]:
     }
 
 
-def prepare_results_file(path: Path, model: str, task: Task, restart: bool = False, append: bool = False) -> list[dict[str, Any]]:
+def prepare_results_file(
+    path: Path, model: str, task: Task, restart: bool = False, append: bool = False
+) -> list[dict[str, Any]]:
     """Check (or set aside) an existing results file; return its lines that count for this run."""
     rows = read_results(path)
     if path.exists() and restart:
@@ -482,7 +518,11 @@ def prepare_results_file(path: Path, model: str, task: Task, restart: bool = Fal
         return []
     now = jsonable(task.config())
     cfg = json.dumps(now, sort_keys=True, default=str)
-    other = [r for r in rows if r.get("model") != model or json.dumps(r.get("task_config"), sort_keys=True, default=str) != cfg]
+    other = [
+        r
+        for r in rows
+        if r.get("model") != model or json.dumps(r.get("task_config"), sort_keys=True, default=str) != cfg
+    ]
     if other and not append:
         r = other[0]
         diff = []
@@ -577,21 +617,40 @@ def run_eval(
         recorded = (InputError, *_oom_errors())
 
         def todo(s: Sample, m: Method) -> bool:
-            cell = {"task": task.name, "task_config": base["task_config"], "key": s.key, "model": model_name,
-                    "method": m.name, "params": jsonable(m.params())}
+            cell = {
+                "task": task.name,
+                "task_config": base["task_config"],
+                "key": s.key,
+                "model": model_name,
+                "method": m.name,
+                "params": jsonable(m.params()),
+            }
             return cell_id(cell) not in done
 
         remaining = sum(todo(s, m) for s in samples for m in methods)
-        bar = tqdm(total=total, initial=total - remaining, desc=f"eval {task.name}", disable=not progress, unit="cell",
-                   file=sys.stderr)
+        bar = tqdm(
+            total=total,
+            initial=total - remaining,
+            desc=f"eval {task.name}",
+            disable=not progress,
+            unit="cell",
+            file=sys.stderr,
+        )
         with open_for_append(path) as f:
             for s in samples:
                 for m in methods:
                     if not todo(s, m):
                         continue
                     bar.set_postfix_str(f"{m.name} {s.key}", refresh=False)
-                    row = dict(base, key=s.key, length=s.length, method=m.name, params=jsonable(m.params()),
-                               meta=s.meta, expected=s.expected)
+                    row = dict(
+                        base,
+                        key=s.key,
+                        length=s.length,
+                        method=m.name,
+                        params=jsonable(m.params()),
+                        meta=s.meta,
+                        expected=s.expected,
+                    )
                     try:
                         if s.key in too_long:
                             from tokensieve.engine.runner import ALLOW_LONG_HINT, check_prompt_length
@@ -601,7 +660,9 @@ def run_eval(
                     except recorded as exc:  # the user's to fix (a prompt too long, a parameter), or out of memory
                         row |= {"error": f"{type(exc).__name__}: {exc}", "score": None}
                         if progress:
-                            bar.write(f"{m.name} {s.key}: {row['error']} (recorded; retried on the next run)", file=sys.stderr)
+                            bar.write(
+                                f"{m.name} {s.key}: {row['error']} (recorded; retried on the next run)", file=sys.stderr
+                            )
                     row["time"] = time.strftime("%Y-%m-%dT%H:%M:%S")
                     f.write(json.dumps(row, default=str) + "\n")
                     f.flush()

@@ -36,8 +36,9 @@ import json
 import re
 import string
 from collections import Counter
+from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError, require_extra
 from tokensieve.evaluation.harness import Sample, Task, render
@@ -52,8 +53,8 @@ _QA_MULTI = (
 )
 _QASPER_RULE = (
     "Answer the question as concisely as you can, using a single phrase or sentence if possible. If the question cannot "
-    "be answered based on the information in the article, write \"unanswerable\". If the question is a yes/no question, "
-    "answer \"yes\", \"no\", or \"unanswerable\". Do not provide any explanation."
+    'be answered based on the information in the article, write "unanswerable". If the question is a yes/no question, '
+    'answer "yes", "no", or "unanswerable". Do not provide any explanation.'
 )
 TEMPLATES: dict[str, str] = {
     "narrativeqa": (
@@ -106,28 +107,61 @@ TEMPLATES: dict[str, str] = {
     "passage_retrieval_en": (
         "Here are 30 paragraphs from Wikipedia, along with an abstract. Please determine which paragraph the abstract is "
         "from.\n\n{context}\n\nThe following is an abstract.\n\n{input}\n\nPlease enter the number of the paragraph that "
-        "the abstract is from. The answer format must be like \"Paragraph 1\", \"Paragraph 2\", etc.\n\nThe answer is: "
+        'the abstract is from. The answer format must be like "Paragraph 1", "Paragraph 2", etc.\n\nThe answer is: '
     ),
     "passage_retrieval_zh": (
         "以下是若干段落文字，以及其中一个段落的摘要。请确定给定的摘要出自哪一段。\n\n{context}\n\n下面是一个摘要\n\n{input}\n\n"
-        "请输入摘要所属段落的编号。答案格式必须是\"段落1\"，\"段落2\"等格式\n\n答案是："
+        '请输入摘要所属段落的编号。答案格式必须是"段落1"，"段落2"等格式\n\n答案是：'
     ),
     "lcc": "Please complete the code given below. \n{context}Now, the next line of code is:\n",
     "repobench-p": "Please complete the code given below. \n{context}{input}Next line of code:\n",
 }
 GENERIC_TEMPLATE = "{context}\n\nAnswer the question based on the text above.\n\nQuestion: {input}\nAnswer:"
 MAX_NEW_TOKENS = {
-    "narrativeqa": 128, "qasper": 128, "multifieldqa_en": 64, "multifieldqa_zh": 64, "hotpotqa": 32, "2wikimqa": 32,
-    "musique": 32, "dureader": 128, "gov_report": 512, "qmsum": 512, "multi_news": 512, "vcsum": 512, "trec": 64,
-    "triviaqa": 32, "samsum": 128, "lsht": 64, "passage_count": 32, "passage_retrieval_en": 32,
-    "passage_retrieval_zh": 32, "lcc": 64, "repobench-p": 64,
+    "narrativeqa": 128,
+    "qasper": 128,
+    "multifieldqa_en": 64,
+    "multifieldqa_zh": 64,
+    "hotpotqa": 32,
+    "2wikimqa": 32,
+    "musique": 32,
+    "dureader": 128,
+    "gov_report": 512,
+    "qmsum": 512,
+    "multi_news": 512,
+    "vcsum": 512,
+    "trec": 64,
+    "triviaqa": 32,
+    "samsum": 128,
+    "lsht": 64,
+    "passage_count": 32,
+    "passage_retrieval_en": 32,
+    "passage_retrieval_zh": 32,
+    "lcc": 64,
+    "repobench-p": 64,
 }
 METRIC_OF = {
-    "narrativeqa": "qa_f1", "qasper": "qa_f1", "multifieldqa_en": "qa_f1", "multifieldqa_zh": "qa_f1_zh",
-    "hotpotqa": "qa_f1", "2wikimqa": "qa_f1", "musique": "qa_f1", "dureader": "rouge_zh", "gov_report": "rouge",
-    "qmsum": "rouge", "multi_news": "rouge", "vcsum": "rouge_zh", "trec": "classification", "triviaqa": "qa_f1",
-    "samsum": "rouge", "lsht": "classification", "passage_retrieval_en": "retrieval", "passage_count": "count",
-    "passage_retrieval_zh": "retrieval_zh", "lcc": "code_sim", "repobench-p": "code_sim",
+    "narrativeqa": "qa_f1",
+    "qasper": "qa_f1",
+    "multifieldqa_en": "qa_f1",
+    "multifieldqa_zh": "qa_f1_zh",
+    "hotpotqa": "qa_f1",
+    "2wikimqa": "qa_f1",
+    "musique": "qa_f1",
+    "dureader": "rouge_zh",
+    "gov_report": "rouge",
+    "qmsum": "rouge",
+    "multi_news": "rouge",
+    "vcsum": "rouge_zh",
+    "trec": "classification",
+    "triviaqa": "qa_f1",
+    "samsum": "rouge",
+    "lsht": "classification",
+    "passage_retrieval_en": "retrieval",
+    "passage_count": "count",
+    "passage_retrieval_zh": "retrieval_zh",
+    "lcc": "code_sim",
+    "repobench-p": "code_sim",
 }
 NO_CHAT_TEMPLATE = {"trec", "triviaqa", "samsum", "lsht", "lcc", "repobench-p"}
 FIRST_LINE_ONLY = {"trec", "triviaqa", "samsum", "lsht"}
@@ -155,7 +189,9 @@ def qa_f1(prediction: str, ground_truth: str, **_: Any) -> float:
     return _f1(normalize_answer(prediction).split(), normalize_answer(ground_truth).split())
 
 
-_ZH_PUNCT = set("！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏.")
+_ZH_PUNCT = set(
+    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
+)
 
 
 def _zh_chars(s: str) -> list[str]:
@@ -255,8 +291,15 @@ def code_sim(prediction: str, ground_truth: str, **_: Any) -> float:
 
 
 METRICS = {
-    "qa_f1": qa_f1, "qa_f1_zh": qa_f1_zh, "rouge": rouge_l, "rouge_zh": rouge_zh, "classification": classification,
-    "retrieval": retrieval, "retrieval_zh": retrieval_zh, "count": count, "code_sim": code_sim,
+    "qa_f1": qa_f1,
+    "qa_f1_zh": qa_f1_zh,
+    "rouge": rouge_l,
+    "rouge_zh": rouge_zh,
+    "classification": classification,
+    "retrieval": retrieval,
+    "retrieval_zh": retrieval_zh,
+    "count": count,
+    "code_sim": code_sim,
 }
 
 
@@ -280,7 +323,9 @@ def read_longbench(path: str | Path, encoding: str = "utf-8", errors: str = "str
 
     p = Path(path)
     rows = []
-    for i, line in enumerate(read_document(p, encoding, errors).split("\n"), 1):  # not splitlines: JSON strings may hold U+2028
+    for i, line in enumerate(
+        read_document(p, encoding, errors).split("\n"), 1
+    ):  # not splitlines: JSON strings may hold U+2028
         if not line.strip():
             continue
         try:
@@ -288,10 +333,14 @@ def read_longbench(path: str | Path, encoding: str = "utf-8", errors: str = "str
         except json.JSONDecodeError as exc:
             raise InputError(f"{p}:{i}: not a JSON object ({exc})") from None
         if not isinstance(row, dict):
-            raise InputError(f"{p}:{i}: expected a JSON object with input, context, answers, dataset; got a {type(row).__name__}")
+            raise InputError(
+                f"{p}:{i}: expected a JSON object with input, context, answers, dataset; got a {type(row).__name__}"
+            )
         missing = [k for k in ("context", "answers", "dataset") if k not in row]
         if missing:
-            raise InputError(f"{p}:{i}: missing field(s) {', '.join(missing)}; expected input, context, answers, dataset")
+            raise InputError(
+                f"{p}:{i}: missing field(s) {', '.join(missing)}; expected input, context, answers, dataset"
+            )
         if not isinstance(row["answers"], list):
             raise InputError(f"{p}:{i}: 'answers' must be a list of strings, got {type(row['answers']).__name__}")
         row.setdefault("input", "")
@@ -307,7 +356,7 @@ def truncate_middle(ids: list[int], budget: int) -> list[int]:
     if len(ids) <= budget:
         return ids
     half = budget // 2
-    return ids[:half] + ids[len(ids) - (budget - half):]
+    return ids[:half] + ids[len(ids) - (budget - half) :]
 
 
 class LongBenchTask(Task):
@@ -315,16 +364,25 @@ class LongBenchTask(Task):
 
     name = "longbench"
 
-    def __init__(self, path: str | Path, lengths: list[int] | None = None, samples: int | None = None,
-                 datasets: list[str] | None = None, max_new_tokens: int | None = None,
-                 encoding: str = "utf-8", errors: str = "strict"):
+    def __init__(
+        self,
+        path: str | Path,
+        lengths: list[int] | None = None,
+        samples: int | None = None,
+        datasets: list[str] | None = None,
+        max_new_tokens: int | None = None,
+        encoding: str = "utf-8",
+        errors: str = "strict",
+    ):
         self.path = Path(path)
         rows = read_longbench(self.path, encoding, errors)
         if datasets:
             present = sorted({r["dataset"] for r in rows})
             missing = [d for d in datasets if d not in present]
             if missing:
-                raise InputError(f"no samples of dataset(s) {', '.join(missing)} in {self.path}; it holds: {', '.join(present)}")
+                raise InputError(
+                    f"no samples of dataset(s) {', '.join(missing)} in {self.path}; it holds: {', '.join(present)}"
+                )
             rows = [r for r in rows if r["dataset"] in datasets]
         if samples:  # the first N of each dataset
             seen: Counter = Counter()
@@ -367,8 +425,12 @@ class LongBenchTask(Task):
             for r in self.rows:
                 ds = r["dataset"]
                 ids = self.prompt_ids(tokenizer, r, n)
-                meta = {"dataset": ds, "id": r["_id"], "metric": METRIC_OF.get(ds, "qa_f1"),
-                        "max_new_tokens": self.max_new_override or MAX_NEW_TOKENS.get(ds, 64)}
+                meta = {
+                    "dataset": ds,
+                    "id": r["_id"],
+                    "metric": METRIC_OF.get(ds, "qa_f1"),
+                    "max_new_tokens": self.max_new_override or MAX_NEW_TOKENS.get(ds, 64),
+                }
                 if r.get("all_classes"):
                     meta["all_classes"] = r["all_classes"]
                 yield Sample(f"{ds}/{n}/{r['_id']}", n, ids, [str(a) for a in r["answers"]], meta)

@@ -36,12 +36,20 @@ and answers (at most ``max_new_tokens`` each).
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError, check_number
 from tokensieve.evaluation.harness import (
-    REVIVAL_FIELDS, Sample, Task, generation_fields, merge_revival_fields, render, run_generation, sample_seed,
+    REVIVAL_FIELDS,
+    Sample,
+    Task,
+    generation_fields,
+    merge_revival_fields,
+    render,
+    run_generation,
+    sample_seed,
 )
 from tokensieve.evaluation.needle import score_answer
 from tokensieve.evaluation.ruler import fit_units, insert_at_depths, pseudo_word, split_sentences, take_sentences
@@ -49,8 +57,8 @@ from tokensieve.evaluation.ruler import fit_units, insert_at_depths, pseudo_word
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-    from tokensieve.methods import Method
     from tokensieve.engine.runner import GenerationResult
+    from tokensieve.methods import Method
 
 INSTRUCTION = "Answer each question from the text above in a few words."
 DEFAULT_TURNS = 5
@@ -68,16 +76,31 @@ def _name(rng: random.Random) -> str:
 
 # kind -> (statement, question, answer drawn from the rng). {s}: the subject, {a}: the answer.
 FACT_KINDS: dict[str, tuple[str, str, Callable[[random.Random], str]]] = {
-    "vault": ("The access code of the {s} vault is {a}.", "What is the access code of the {s} vault?",
-              lambda rng: _digits(rng, 4, 7)),
-    "archive": ("The password of the {s} archive is {a}.", "What is the password of the {s} archive?",
-                lambda rng: pseudo_word(rng, 3)),
-    "ferry": ("The ferry to {s} Island leaves from pier {a}.", "From which pier does the ferry to {s} Island leave?",
-              lambda rng: _digits(rng, 3, 3)),
-    "keeper": ("The keeper of the {s} lighthouse is called {a}.", "What is the keeper of the {s} lighthouse called?",
-               _name),
-    "orchard": ("The {s} orchard has exactly {a} trees.", "How many trees does the {s} orchard have?",
-                lambda rng: _digits(rng, 3, 5)),
+    "vault": (
+        "The access code of the {s} vault is {a}.",
+        "What is the access code of the {s} vault?",
+        lambda rng: _digits(rng, 4, 7),
+    ),
+    "archive": (
+        "The password of the {s} archive is {a}.",
+        "What is the password of the {s} archive?",
+        lambda rng: pseudo_word(rng, 3),
+    ),
+    "ferry": (
+        "The ferry to {s} Island leaves from pier {a}.",
+        "From which pier does the ferry to {s} Island leave?",
+        lambda rng: _digits(rng, 3, 3),
+    ),
+    "keeper": (
+        "The keeper of the {s} lighthouse is called {a}.",
+        "What is the keeper of the {s} lighthouse called?",
+        _name,
+    ),
+    "orchard": (
+        "The {s} orchard has exactly {a} trees.",
+        "How many trees does the {s} orchard have?",
+        lambda rng: _digits(rng, 3, 5),
+    ),
 }
 
 
@@ -165,15 +188,22 @@ class MultiTurnTask(Task):
         check_number("the prefix cache size (GiB)", prefix_cache_gib, 0, note=" (0 disables it)")
         self.sentences = split_sentences(haystack)
         if len(self.sentences) < MIN_SENTENCES_PER_FACT * turns:
-            raise InputError(f"the haystack text has only {len(self.sentences)} sentences; "
-                             f"{turns} facts need at least {MIN_SENTENCES_PER_FACT * turns}")
+            raise InputError(
+                f"the haystack text has only {len(self.sentences)} sentences; "
+                f"{turns} facts need at least {MIN_SENTENCES_PER_FACT * turns}"
+            )
         self.lengths, self.n_samples, self.seed, self.turns = list(lengths), samples, seed, turns
         self.haystack_name, self.prefix_cache_gib = haystack_name, float(prefix_cache_gib)
         self.max_new_tokens = max_new_tokens or 32
 
     def config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "turns": self.turns, "haystack": self.haystack_name,
-                "max_new_tokens": self.max_new_tokens, "prefix_cache_gib": self.prefix_cache_gib}
+        return {
+            "seed": self.seed,
+            "turns": self.turns,
+            "haystack": self.haystack_name,
+            "max_new_tokens": self.max_new_tokens,
+            "prefix_cache_gib": self.prefix_cache_gib,
+        }
 
     # ----- samples ------------------------------------------------------------------------------
     def build_sample(self, tokenizer: PreTrainedTokenizerBase, length: int, index: int) -> MultiTurnSample:
@@ -188,7 +218,9 @@ class MultiTurnTask(Task):
         questions = [facts[i].question for i in order]
 
         def document(units: int) -> str:
-            return insert_at_depths(take_sentences(self.sentences, start, units), [(f.depth, f.statement) for f in facts])
+            return insert_at_depths(
+                take_sentences(self.sentences, start, units), [(f.depth, f.statement) for f in facts]
+            )
 
         def ids_of(units: int) -> tuple[list[int], str]:
             doc = document(units)
@@ -197,18 +229,24 @@ class MultiTurnTask(Task):
         units, ids, doc = fit_units(ids_of, length)
         slots = [round(f.depth * units) for f in facts]
         if len(set(slots)) < len(slots) or units < MIN_SENTENCES_PER_FACT * self.turns:
-            raise InputError(f"length {length} is too short for {self.turns} facts at distinct depths "
-                             f"(the document holds {units} sentences; {MIN_SENTENCES_PER_FACT * self.turns} needed)")
+            raise InputError(
+                f"length {length} is too short for {self.turns} facts at distinct depths "
+                f"(the document holds {units} sentences; {MIN_SENTENCES_PER_FACT * self.turns} needed)"
+            )
         positions = [doc.index(f.statement) / len(doc) for f in facts]
         meta = {
-            "seed": seed, "units": units,
-            "facts": [{"kind": f.kind, "subject": f.subject, "answer": f.answer, "depth": f.depth,
-                       "position": round(p, 4)} for f, p in zip(facts, positions)],
+            "seed": seed,
+            "units": units,
+            "facts": [
+                {"kind": f.kind, "subject": f.subject, "answer": f.answer, "depth": f.depth, "position": round(p, 4)}
+                for f, p in zip(facts, positions)
+            ],
             "order": order,  # turn t asks facts[order[t]]
             "depths": [facts[i].depth for i in order],  # per turn, the asked fact's depth
         }
-        return MultiTurnSample(f"{length}/{index}", length, ids, [facts[i].answer for i in order], meta,
-                               document=doc, questions=questions)
+        return MultiTurnSample(
+            f"{length}/{index}", length, ids, [facts[i].answer for i in order], meta, document=doc, questions=questions
+        )
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
         for n in self.lengths:
@@ -220,14 +258,23 @@ class MultiTurnTask(Task):
 
     # ----- one conversation ---------------------------------------------------------------------
     def evaluate(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample, method: Method, allow_long: bool
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        sample: Sample,
+        method: Method,
+        allow_long: bool,
     ) -> dict[str, Any]:
         from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, store_for_gib
         from tokensieve.engine.runner import encode_prompt
 
         if not isinstance(sample, MultiTurnSample):
             raise TypeError(f"multiturn evaluates its own samples, got {type(sample).__name__}")
-        why = cache_refusal(model, method) if self.prefix_cache_gib > 0 else "the prefix cache is off (prefix_cache_gib=0)"
+        why = (
+            cache_refusal(model, method)
+            if self.prefix_cache_gib > 0
+            else "the prefix cache is off (prefix_cache_gib=0)"
+        )
         store = store_for_gib(self.prefix_cache_gib) if why is None else None
         answers: list[str] = []
         results: list[GenerationResult] = []

@@ -8,9 +8,10 @@ fraction of expected phrases found in the answer (case-insensitive); a cell is
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import Sample, Task
@@ -56,7 +57,9 @@ def build_needle_prompt(
     overhead = encode_prompt(tokenizer, make_messages(needle, question)).shape[1]
     budget = length - overhead
     if budget <= 0:
-        raise InputError(f"length {length} is too short: the needle, question and template alone take {overhead} tokens")
+        raise InputError(
+            f"length {length} is too short: the needle, question and template alone take {overhead} tokens"
+        )
     hay_ids = tokenizer(haystack[: budget * 8], add_special_tokens=False)["input_ids"]
     if len(hay_ids) < budget:
         raise InputError(f"haystack too short for {length} tokens ({len(hay_ids)} available); pass a longer text")
@@ -133,14 +136,21 @@ class NeedleTask(Task):
         if not expected:
             raise InputError("expected phrases must not be empty")
         if not needle.strip() or not question.strip():
-            raise InputError(f"the needle and the question must not be empty (got needle {needle!r}, question {question!r})")
+            raise InputError(
+                f"the needle and the question must not be empty (got needle {needle!r}, question {question!r})"
+            )
         self.haystack, self.lengths, self.depths = haystack, list(lengths), list(depths)
         self.needle, self.question, self.expected = needle, question, list(expected)
         self.haystack_name, self.max_new_tokens = haystack_name, max_new_tokens
 
     def config(self) -> dict[str, Any]:
-        return {"needle": self.needle, "question": self.question, "expected": self.expected,
-                "haystack": self.haystack_name, "max_new_tokens": self.max_new_tokens}
+        return {
+            "needle": self.needle,
+            "question": self.question,
+            "expected": self.expected,
+            "haystack": self.haystack_name,
+            "max_new_tokens": self.max_new_tokens,
+        }
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
         from tokensieve.engine.runner import encode_prompt
@@ -149,7 +159,11 @@ class NeedleTask(Task):
             for d in self.depths:
                 p = build_needle_prompt(tokenizer, self.haystack, n, d, self.needle, self.question)
                 ids = encode_prompt(tokenizer, p.messages)[0].tolist()
-                meta = {"depth": d, "needle_span": p.needle_span, "answer_span": answer_span(tokenizer, ids, self.expected)}
+                meta = {
+                    "depth": d,
+                    "needle_span": p.needle_span,
+                    "answer_span": answer_span(tokenizer, ids, self.expected),
+                }
                 yield Sample(f"{n}/{d:g}", n, ids, list(self.expected), meta)
 
     def score(self, sample: Sample, answer: str) -> float:

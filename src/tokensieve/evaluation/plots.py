@@ -62,7 +62,10 @@ def needle_heatmaps(rows: list[dict[str, Any]], out: str | Path) -> list[Path]:
             sel = [r for r in rows if r["model"] == model and labels[id(r)] == label]
             lengths = sorted({r["length"] for r in sel})
             depths = sorted({r["meta"]["depth"] for r in sel})
-            grid = [[_mean([r["score"] for r in sel if r["length"] == n and r["meta"]["depth"] == d]) for n in lengths] for d in depths]
+            grid = [
+                [_mean([r["score"] for r in sel if r["length"] == n and r["meta"]["depth"] == d]) for n in lengths]
+                for d in depths
+            ]
             safe = "".join(c if c.isalnum() or c in "-_.=" else "_" for c in f"{model}_{label}")
             paths.append(needle_heatmap(grid, lengths, depths, f"{label} on {model}", Path(out) / f"needle_{safe}.png"))
     return paths
@@ -72,7 +75,9 @@ def _mean(xs: list[float]) -> float:
     return sum(xs) / len(xs) if xs else float("nan")
 
 
-def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None) -> Path:
+def bench_plot(
+    result: dict, path: str | Path, anchors: dict[str, dict[int, tuple[float, float]]] | None = None
+) -> Path:
     """TTFT and peak memory vs prompt length, one line per method label (from ``bench.run_bench``), and a third
     panel with the end-to-end latency of the ``answer_tokens`` answer where the result has it.
 
@@ -86,7 +91,9 @@ def bench_plot(result: dict, path: str | Path, anchors: dict[str, dict[int, tupl
         panels.append((axes[2], f"end to end, {result.get('answer_tokens')}-token answer (s)"))
     labels = list(dict.fromkeys(r["label"] for r in result["rows"]))
     for label in labels:
-        rows = sorted((r for r in result["rows"] if r["label"] == label and r["status"] == "ok"), key=lambda r: r["length"])
+        rows = sorted(
+            (r for r in result["rows"] if r["label"] == label and r["status"] == "ok"), key=lambda r: r["length"]
+        )
         if not rows:
             continue
         xs = [r["length"] for r in rows]
@@ -139,8 +146,11 @@ def e2e_bars(results: list[dict], path: str | Path) -> Path:
     axes[0][0].legend(fontsize=7)
     first = results[0]
     env = first.get("environment", {})
-    fig.suptitle(f"end to end, a {first.get('answer_tokens')}-token answer: {first['shape']} ({first['dtype']}, random "
-                 f"weights) on {env.get('gpu') or env.get('cpu', '')}", fontsize=9)
+    fig.suptitle(
+        f"end to end, a {first.get('answer_tokens')}-token answer: {first['shape']} ({first['dtype']}, random "
+        f"weights) on {env.get('gpu') or env.get('cpu', '')}",
+        fontsize=9,
+    )
     return save_figure(fig, path)
 
 

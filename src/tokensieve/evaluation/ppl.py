@@ -28,17 +28,18 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.evaluation.harness import Sample, Task
 from tokensieve.core.memory import PeakMemory, synchronize
-from tokensieve.methods import Method
-from tokensieve.errors import InputError
 from tokensieve.engine.runner import score_continuation
+from tokensieve.errors import InputError
+from tokensieve.evaluation.harness import Sample, Task
+from tokensieve.methods import Method
 
 PPL_MODES = ("decode", "sliding")
 
@@ -46,8 +47,16 @@ PPL_MODES = ("decode", "sliding")
 class PerplexityTask(Task):
     name = "ppl"
 
-    def __init__(self, text: str, lengths: list[int], samples: int = 4, mode: str = "decode",
-                 score_tokens: int = 64, stride: int | None = None, text_name: str = "pg19"):
+    def __init__(
+        self,
+        text: str,
+        lengths: list[int],
+        samples: int = 4,
+        mode: str = "decode",
+        score_tokens: int = 64,
+        stride: int | None = None,
+        text_name: str = "pg19",
+    ):
         if mode not in PPL_MODES:
             raise InputError(f"perplexity mode {mode!r} is not one of {', '.join(PPL_MODES)}")
         if mode == "decode" and any(n <= score_tokens for n in lengths):
@@ -60,8 +69,12 @@ class PerplexityTask(Task):
         self.score_tokens, self.stride, self.text_name = score_tokens, stride, text_name
 
     def config(self) -> dict[str, Any]:
-        return {"text": self.text_name, "mode": self.mode, "score_tokens": self.score_tokens if self.mode == "decode" else None,
-                "stride": self.stride if self.mode == "sliding" else None}
+        return {
+            "text": self.text_name,
+            "mode": self.mode,
+            "score_tokens": self.score_tokens if self.mode == "decode" else None,
+            "stride": self.stride if self.mode == "sliding" else None,
+        }
 
     def samples(self, tokenizer: PreTrainedTokenizerBase) -> Iterator[Sample]:
         need = max(self.lengths) * (self.n_samples + 1)
@@ -78,12 +91,20 @@ class PerplexityTask(Task):
                 scored = self.score_tokens if self.mode == "decode" else (n - 1 if i == 0 else min(stride, n - 1))
                 yield Sample(f"{self.mode}/{n}/{i}", n, ids[s : s + n], [], {"start": s, "scored": scored})
 
-    def evaluate(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sample: Sample,
-                 method: Method, allow_long: bool) -> dict[str, Any]:
+    def evaluate(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        sample: Sample,
+        method: Method,
+        allow_long: bool,
+    ) -> dict[str, Any]:
         ids = torch.tensor([sample.input_ids], device=model.device)  # [1, n]
         if self.mode == "sliding":
             if method.name != "full":
-                raise InputError(f"sliding perplexity is defined for full attention only, not {method.name!r}; use --mode decode")
+                raise InputError(
+                    f"sliding perplexity is defined for full attention only, not {method.name!r}; use --mode decode"
+                )
             return sliding_nll(model, ids, sample.meta["scored"])
         return decode_nll(model, tokenizer, ids, method, sample.meta["scored"], allow_long)
 
@@ -106,15 +127,27 @@ def sliding_nll(model: PreTrainedModel, ids: torch.Tensor, scored: int) -> dict[
     return _fields(nll, scored, prompt_tokens=n, kept_tokens=n, ttft_s=dt, peak_memory_bytes=mem.peak_bytes)
 
 
-def decode_nll(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, ids: torch.Tensor,
-               method: Method, scored: int, allow_long: bool = False) -> dict[str, Any]:
+def decode_nll(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase | None,
+    ids: torch.Tensor,
+    method: Method,
+    scored: int,
+    allow_long: bool = False,
+) -> dict[str, Any]:
     """Prefill ``ids[:, :-scored]`` with ``method``, then teacher-force the last ``scored`` tokens through its
     decoding step (the runner's ``score_continuation``: the same prepare/validate/prefill/step as answering)."""
     prompt, target = ids[:, :-scored], ids[0, -scored:]  # [1, n - scored], [scored]
     res = score_continuation(model, tokenizer, prompt, target, method, allow_long=allow_long)
     kv = res.kv_tokens_prefill
     return _fields(
-        res.total_nll, scored, prompt_tokens=res.prompt_tokens, kept_tokens=res.kept_tokens,
-        kv_tokens_prefill=sum(kv) / len(kv) if kv else None, kv_bytes_prefill=res.kv_bytes_prefill,
-        ttft_s=res.ttft_s, decode_tokens_per_s=res.decode_tokens_per_s, peak_memory_bytes=res.peak_memory_bytes,
+        res.total_nll,
+        scored,
+        prompt_tokens=res.prompt_tokens,
+        kept_tokens=res.kept_tokens,
+        kv_tokens_prefill=sum(kv) / len(kv) if kv else None,
+        kv_bytes_prefill=res.kv_bytes_prefill,
+        ttft_s=res.ttft_s,
+        decode_tokens_per_s=res.decode_tokens_per_s,
+        peak_memory_bytes=res.peak_memory_bytes,
     )

@@ -30,9 +30,10 @@ from __future__ import annotations
 import math
 import warnings
 from collections import defaultdict
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from statistics import NormalDist
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -48,8 +49,18 @@ BOOTSTRAP_RESAMPLES = 10_000
 BOOTSTRAP_SEED = 0
 TOO_SMALL = "n too small"
 
-__all__ = ["load_results", "method_labels", "paired_rows", "summarize", "markdown_table", "build_report",
-           "wilson_interval", "bootstrap_interval", "accuracy_interval", "MIN_SAMPLES_FOR_INTERVAL"]
+__all__ = [
+    "load_results",
+    "method_labels",
+    "paired_rows",
+    "summarize",
+    "markdown_table",
+    "build_report",
+    "wilson_interval",
+    "bootstrap_interval",
+    "accuracy_interval",
+    "MIN_SAMPLES_FOR_INTERVAL",
+]
 
 
 class ResultsWarning(UserWarning):
@@ -60,7 +71,16 @@ def _warn(message: str) -> None:
     warnings.warn(message, ResultsWarning, stacklevel=3)
 
 
-_NUMBER_FIELDS = ("score", "nll", "tokens", "ttft_s", "peak_memory_bytes", "prompt_tokens", "kept_tokens", "kv_tokens_prefill")
+_NUMBER_FIELDS = (
+    "score",
+    "nll",
+    "tokens",
+    "ttft_s",
+    "peak_memory_bytes",
+    "prompt_tokens",
+    "kept_tokens",
+    "kv_tokens_prefill",
+)
 
 
 def _is_number(v: Any) -> bool:
@@ -79,12 +99,16 @@ def well_typed(row: dict[str, Any]) -> bool:
     if "length" in row and (not isinstance(row["length"], int) or isinstance(row["length"], bool)):
         return False
     meta, env = row.get("meta"), row.get("env")
-    if meta is not None and (not isinstance(meta, dict) or any(
-            meta.get(k) is not None and not isinstance(meta.get(k), str) for k in ("subtask", "dataset"))):
+    if meta is not None and (
+        not isinstance(meta, dict)
+        or any(meta.get(k) is not None and not isinstance(meta.get(k), str) for k in ("subtask", "dataset"))
+    ):
         return False
     if env is not None and (not isinstance(env, dict) or not isinstance(env.get("tokensieve", ""), str)):
         return False
-    return all(row.get(k) is None or _is_number(row[k]) or (k == "score" and isinstance(row[k], bool)) for k in _NUMBER_FIELDS)
+    return all(
+        row.get(k) is None or _is_number(row[k]) or (k == "score" and isinstance(row[k], bool)) for k in _NUMBER_FIELDS
+    )
 
 
 def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
@@ -116,8 +140,10 @@ def load_results(paths: Iterable[str | Path], warn: Callable[[str], None] | None
             continue
         good = [r for r in got if well_typed(r)]
         if len(good) < len(got):
-            warn(f"skipped {len(got) - len(good)} result line(s) of {f} whose fields have the wrong types "
-                 f"(e.g. a text score or a list of parameters)")
+            warn(
+                f"skipped {len(got) - len(good)} result line(s) of {f} whose fields have the wrong types "
+                f"(e.g. a text score or a list of parameters)"
+            )
         rows += good
     return latest_rows(rows)
 
@@ -144,8 +170,9 @@ def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, fl
     return lo, hi
 
 
-def bootstrap_interval(xs: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES,
-                       seed: int = BOOTSTRAP_SEED) -> tuple[float, float]:
+def bootstrap_interval(
+    xs: Sequence[float], level: float = 0.95, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``xs``: the central ``level`` share of
     the means of ``resamples`` resamples (n draws with replacement), reproducible for a seed.
 
@@ -166,9 +193,9 @@ def bootstrap_interval(xs: Sequence[float], level: float = 0.95, resamples: int 
     for start in range(0, resamples, step):
         k = min(step, resamples - start)
         if few:
-            means[start:start + k] = rng.multinomial(n, counts / n, size=k) @ values / n
+            means[start : start + k] = rng.multinomial(n, counts / n, size=k) @ values / n
         else:
-            means[start:start + k] = x[rng.integers(0, n, size=(k, n))].mean(axis=1)
+            means[start : start + k] = x[rng.integers(0, n, size=(k, n))].mean(axis=1)
     lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
     return float(lo), float(hi)
 
@@ -228,30 +255,55 @@ def summarize(rows: list[dict[str, Any]], by_part: bool = False) -> list[dict[st
     for (model, task, label, length, part), rs in groups.items():
         ok = [r for r in rs if not r.get("error")]
         scores = [r["score"] for r in ok if r.get("score") is not None]
-        full = {r.get("key"): r["score"] for r in groups.get((model, task, "full", length, part), [])
-                if not r.get("error") and r.get("score") is not None}
-        diffs = [100 * (r["score"] - full[r.get("key")]) for r in ok if r.get("score") is not None and r.get("key") in full]
+        full = {
+            r.get("key"): r["score"]
+            for r in groups.get((model, task, "full", length, part), [])
+            if not r.get("error") and r.get("score") is not None
+        }
+        diffs = [
+            100 * (r["score"] - full[r.get("key")]) for r in ok if r.get("score") is not None and r.get("key") in full
+        ]
         nll, toks = sum(r.get("nll", 0.0) for r in ok if "nll" in r), sum(r.get("tokens", 0) for r in ok if "nll" in r)
-        kv = [r["kv_tokens_prefill"] / r["prompt_tokens"] for r in ok if r.get("kv_tokens_prefill") is not None and r.get("prompt_tokens")]
-        kept = [r["kept_tokens"] / r["prompt_tokens"] for r in ok if r.get("kept_tokens") is not None and r.get("prompt_tokens")]
+        kv = [
+            r["kv_tokens_prefill"] / r["prompt_tokens"]
+            for r in ok
+            if r.get("kv_tokens_prefill") is not None and r.get("prompt_tokens")
+        ]
+        kept = [
+            r["kept_tokens"] / r["prompt_tokens"]
+            for r in ok
+            if r.get("kept_tokens") is not None and r.get("prompt_tokens")
+        ]
         acc_iv = accuracy_interval(scores)
         acc_iv = None if acc_iv is None else (100 * acc_iv[0], 100 * acc_iv[1])
         paired = label != "full" and bool(diffs)
         diff_iv = bootstrap_interval(diffs) if paired and len(diffs) >= MIN_SAMPLES_FOR_INTERVAL else None
-        out.append({
-            "model": model, "task": task, "method": label, "length": length, "part": part,
-            "samples": len(ok), "errors": len(rs) - len(ok),
-            "accuracy": 100 * sum(scores) / len(scores) if scores else None,
-            "accuracy_interval": acc_iv, "accuracy_ci": _half_width(acc_iv),
-            "vs_full": _mean(diffs) if paired else None,
-            "vs_full_n": len(diffs) if paired else 0,
-            "vs_full_interval": diff_iv, "vs_full_ci": _half_width(diff_iv),
-            "ppl": math.exp(nll / toks) if toks else None,
-            "ttft_s": _mean([r.get("ttft_s") for r in ok]),
-            "peak_memory_mb": (m / MB) if (m := _mean([r.get("peak_memory_bytes") for r in ok])) is not None else None,
-            "kv_kept": _mean(kv), "tokens_kept": _mean(kept),
-            "prompt_tokens": _mean([r.get("prompt_tokens") for r in ok]),
-        })
+        out.append(
+            {
+                "model": model,
+                "task": task,
+                "method": label,
+                "length": length,
+                "part": part,
+                "samples": len(ok),
+                "errors": len(rs) - len(ok),
+                "accuracy": 100 * sum(scores) / len(scores) if scores else None,
+                "accuracy_interval": acc_iv,
+                "accuracy_ci": _half_width(acc_iv),
+                "vs_full": _mean(diffs) if paired else None,
+                "vs_full_n": len(diffs) if paired else 0,
+                "vs_full_interval": diff_iv,
+                "vs_full_ci": _half_width(diff_iv),
+                "ppl": math.exp(nll / toks) if toks else None,
+                "ttft_s": _mean([r.get("ttft_s") for r in ok]),
+                "peak_memory_mb": (m / MB)
+                if (m := _mean([r.get("peak_memory_bytes") for r in ok])) is not None
+                else None,
+                "kv_kept": _mean(kv),
+                "tokens_kept": _mean(kept),
+                "prompt_tokens": _mean([r.get("prompt_tokens") for r in ok]),
+            }
+        )
     out.sort(key=lambda g: (g["model"], g["task"], g["part"], g["length"], g["method"]))
     return out
 
@@ -287,13 +339,24 @@ def markdown_table(groups: list[dict[str, Any]], by_part: bool = False, timing: 
     cols += (["accuracy %", "95% interval", "vs full (paired) [95%]"] if has_acc else []) + (["ppl"] if has_ppl else [])
     if not by_part:
         cols += (["TTFT s"] if timing else []) + ["peak MiB", "KV kept", "tokens kept", "errors"]
-    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---:" if c not in ("model", "task", "subtask", "method") else "---" for c in cols) + "|"]
+    lines = [
+        "| " + " | ".join(cols) + " |",
+        "|" + "|".join("---:" if c not in ("model", "task", "subtask", "method") else "---" for c in cols) + "|",
+    ]
     for g in groups:
-        cells = [g["model"], g["task"]] + ([g["part"]] if by_part else []) + [g["method"], str(g["length"]), str(g["samples"])]
+        cells = (
+            [g["model"], g["task"]]
+            + ([g["part"]] if by_part else [])
+            + [g["method"], str(g["length"]), str(g["samples"])]
+        )
         cells += (_accuracy_cells(g) if has_acc else []) + ([_fmt(g["ppl"], ".2f")] if has_ppl else [])
         if not by_part:
-            cells += ([_fmt(g["ttft_s"], ".3f")] if timing else []) + [_fmt(g["peak_memory_mb"], ".0f"), _fmt(g["kv_kept"], ".0%"),
-                      _fmt(g["tokens_kept"], ".0%"), str(g["errors"])]
+            cells += ([_fmt(g["ttft_s"], ".3f")] if timing else []) + [
+                _fmt(g["peak_memory_mb"], ".0f"),
+                _fmt(g["kv_kept"], ".0%"),
+                _fmt(g["tokens_kept"], ".0%"),
+                str(g["errors"]),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -301,7 +364,7 @@ def markdown_table(groups: list[dict[str, Any]], by_part: bool = False, timing: 
 INTERVALS_NOTE = (
     f"95% intervals, in points: accuracy: Wilson score interval for 0/1 scores, percentile bootstrap of the mean "
     f"for fractional scores; vs full: percentile bootstrap of the mean paired difference on the samples both scored "
-    f"({BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}). \"{TOO_SMALL}\": fewer than "
+    f'({BOOTSTRAP_RESAMPLES:,} resamples, seed {BOOTSTRAP_SEED}). "{TOO_SMALL}": fewer than '
     f"{MIN_SAMPLES_FOR_INTERVAL} samples (pairs) for a bootstrap."
 )
 
@@ -324,7 +387,9 @@ def accuracy_vs_ttft_plot(groups: list[dict[str, Any]], path: str | Path) -> Pat
         label = method + (f" [{task}]" if multi_task else "") + (f" on {model}" if multi_model else "")
         ax.plot([g["ttft_s"] for g in gs], [g["accuracy"] for g in gs], marker="o", label=label)
         for g in gs:
-            ax.annotate(_short(g["length"]), (g["ttft_s"], g["accuracy"]), textcoords="offset points", xytext=(3, 3), fontsize=7)
+            ax.annotate(
+                _short(g["length"]), (g["ttft_s"], g["accuracy"]), textcoords="offset points", xytext=(3, 3), fontsize=7
+            )
     ax.set_xscale("log")
     ax.set_xlabel("mean time to first token (s, log scale)")
     ax.set_ylabel("accuracy (%)")
@@ -339,8 +404,13 @@ def _short(n: int) -> str:
     return f"{n // 1024}k" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
-def build_report(rows: list[dict[str, Any]], plot_dir: str | Path | None = None, link_base: str | Path | None = None,
-                 paired: bool = False, timing: bool = True) -> str:
+def build_report(
+    rows: list[dict[str, Any]],
+    plot_dir: str | Path | None = None,
+    link_base: str | Path | None = None,
+    paired: bool = False,
+    timing: bool = True,
+) -> str:
     """Markdown report (and, with ``plot_dir``, the accuracy-vs-TTFT plot and needle heatmaps).
 
     Image links are relative to ``link_base`` (the folder the report is written to) when given.

@@ -38,8 +38,9 @@ import random
 import re
 import uuid
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError
 from tokensieve.evaluation.harness import Sample, Task, render, sample_seed
@@ -170,8 +171,15 @@ class RulerTask(Task):
             raise InputError(f"haystack kind {haystack_kind!r} is not 'essay' or 'noise'")
         if haystack_kind == "essay" and any(t.startswith("niah") for t in tasks) and not haystack:
             raise InputError("the essay haystack needs text (a file or the PG-19 books)")
-        for label, v in (("num_keys", num_keys), ("num_values", num_values), ("num_queries", num_queries),
-                         ("vt_chains", vt_chains), ("vt_hops", vt_hops), ("num_common", num_common), ("samples", samples)):
+        for label, v in (
+            ("num_keys", num_keys),
+            ("num_values", num_values),
+            ("num_queries", num_queries),
+            ("vt_chains", vt_chains),
+            ("vt_hops", vt_hops),
+            ("num_common", num_common),
+            ("samples", samples),
+        ):
             if v < 1:
                 raise InputError(f"{label} must be >= 1, got {v}")
         self.lengths, self.n_samples, self.seed, self.tasks = list(lengths), samples, seed, list(tasks)
@@ -186,11 +194,19 @@ class RulerTask(Task):
 
     def config(self) -> dict[str, Any]:
         return {
-            "seed": self.seed, "haystack": self.haystack_name if self.haystack_kind == "essay" else "noise",
-            "key_type": self.key_type, "value_type": self.value_type, "num_keys": self.num_keys,
-            "num_values": self.num_values, "num_queries": self.num_queries, "vt_chains": self.vt_chains,
-            "vt_hops": self.vt_hops, "num_common": self.num_common, "fwe_alpha": self.fwe_alpha,
-            "answer_prefix": self.answer_prefix, "max_new_tokens": self.max_new_override,
+            "seed": self.seed,
+            "haystack": self.haystack_name if self.haystack_kind == "essay" else "noise",
+            "key_type": self.key_type,
+            "value_type": self.value_type,
+            "num_keys": self.num_keys,
+            "num_values": self.num_values,
+            "num_queries": self.num_queries,
+            "vt_chains": self.vt_chains,
+            "vt_hops": self.vt_hops,
+            "num_common": self.num_common,
+            "fwe_alpha": self.fwe_alpha,
+            "answer_prefix": self.answer_prefix,
+            "max_new_tokens": self.max_new_override,
         }
 
     # ----- generation ---------------------------------------------------------------------------
@@ -207,14 +223,21 @@ class RulerTask(Task):
 
     def _niah(self, task: str, rng: random.Random, units: int) -> Built:
         kind = {"word": "words", "number": "numbers", "uuid": "uuids"}[self.value_type]
-        n_keys = {"niah_single": 1, "niah_multikey": self.num_keys, "niah_multivalue": 1, "niah_multiquery": self.num_queries}[task]
+        n_keys = {
+            "niah_single": 1,
+            "niah_multikey": self.num_keys,
+            "niah_multivalue": 1,
+            "niah_multiquery": self.num_queries,
+        }[task]
         n_vals = self.num_values if task == "niah_multivalue" else 1
         keys = distinct_items(rng, self.key_type, n_keys)
         values = distinct_items(rng, self.value_type, n_keys * n_vals)
         needles = [(keys[i // n_vals], values[i]) for i in range(n_keys * n_vals)]
         depths = [rng.random() for _ in needles]
         hay = self._haystack(rng, units)
-        text = insert_at_depths(hay, [(d, f"One of the special magic {kind} for {k} is: {v}.") for d, (k, v) in zip(depths, needles)])
+        text = insert_at_depths(
+            hay, [(d, f"One of the special magic {kind} for {k} is: {v}.") for d, (k, v) in zip(depths, needles)]
+        )
         if task == "niah_multiquery":
             asked, answers = keys, values
         elif task == "niah_multikey":
@@ -243,7 +266,9 @@ class RulerTask(Task):
             for c in range(self.vt_chains):
                 chain = names[c * (self.vt_hops + 1) : (c + 1) * (self.vt_hops + 1)]
                 depths = sorted(rng.random() for _ in chain)
-                stmts = [f"VAR {chain[0]} = {values[c]}."] + [f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, len(chain))]
+                stmts = [f"VAR {chain[0]} = {values[c]}."] + [
+                    f"VAR {chain[i]} = VAR {chain[i - 1]}." for i in range(1, len(chain))
+                ]
                 inserts += list(zip(depths, stmts))
             answers = names[: self.vt_hops + 1]
             text = insert_at_depths([NOISE] * units, inserts)
@@ -360,7 +385,9 @@ class RulerTask(Task):
         return score_all(answer, sample.expected)
 
 
-def fit_units(ids_of: Callable[[int], tuple[list[int], Any]], length: int, max_units: int = 10_000_000) -> tuple[int, list[int], Any]:
+def fit_units(
+    ids_of: Callable[[int], tuple[list[int], Any]], length: int, max_units: int = 10_000_000
+) -> tuple[int, list[int], Any]:
     """The largest ``units`` >= 1 whose prompt has at most ``length`` tokens (interpolation + bisection search)."""
     cache: dict[int, tuple[list[int], Any]] = {}
 

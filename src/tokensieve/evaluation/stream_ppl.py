@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from tokensieve.errors import InputError
 from tokensieve.engine.runner import feed_stream, open_stream
 from tokensieve.engine.streaming import StreamPolicy
+from tokensieve.errors import InputError
 
 
 @dataclass
@@ -123,8 +124,12 @@ def stream_perplexity(
         max_entries, max_bytes = max(max_entries, entries), max(max_bytes, nbytes)
         elapsed = time.perf_counter() - t0
         point = StreamPoint(
-            tokens_seen=pos, cache_entries=entries, kv_bytes=nbytes, window_ppl=_ppl(win_nll, win_n),
-            running_ppl=_ppl(total_nll, len(nll)), tokens_per_s=pos / elapsed if elapsed > 0 else 0.0,
+            tokens_seen=pos,
+            cache_entries=entries,
+            kv_bytes=nbytes,
+            window_ppl=_ppl(win_nll, win_n),
+            running_ppl=_ppl(total_nll, len(nll)),
+            tokens_per_s=pos / elapsed if elapsed > 0 else 0.0,
         )
         if win_n >= ppl_window or pos >= n:
             points.append(point)
@@ -134,13 +139,27 @@ def stream_perplexity(
     if streamer.stopped is not None:
         stopped = streamer.stopped
     if win_n:  # a partial window left when the stream stopped early
-        points.append(StreamPoint(pos, streamer.cache_len, streamer.kv_bytes(), _ppl(win_nll, win_n), _ppl(total_nll, len(nll)), 0.0))
+        points.append(
+            StreamPoint(
+                pos, streamer.cache_len, streamer.kv_bytes(), _ppl(win_nll, win_n), _ppl(total_nll, len(nll)), 0.0
+            )
+        )
     seconds = time.perf_counter() - t0
     return StreamResult(
-        method=policy.name, params=policy.params(), chunk_size=chunk_size, tokens_seen=streamer.tokens_seen,
-        tokens_scored=len(nll), perplexity=_ppl(total_nll, len(nll)) if nll else None,
-        tokens_per_s=streamer.tokens_seen / seconds if seconds > 0 else 0.0, seconds=seconds,
-        max_cache_entries=max_entries, mean_cache_entries=cache_sum / chunks if chunks else 0.0,
-        max_kv_bytes=max_bytes, max_position_used=streamer.max_position_used, model_max_positions=limit,
-        stopped=stopped, points=points, nll=nll,
+        method=policy.name,
+        params=policy.params(),
+        chunk_size=chunk_size,
+        tokens_seen=streamer.tokens_seen,
+        tokens_scored=len(nll),
+        perplexity=_ppl(total_nll, len(nll)) if nll else None,
+        tokens_per_s=streamer.tokens_seen / seconds if seconds > 0 else 0.0,
+        seconds=seconds,
+        max_cache_entries=max_entries,
+        mean_cache_entries=cache_sum / chunks if chunks else 0.0,
+        max_kv_bytes=max_bytes,
+        max_position_used=streamer.max_position_used,
+        model_max_positions=limit,
+        stopped=stopped,
+        points=points,
+        nll=nll,
     )

@@ -65,9 +65,12 @@ def _check_device_map(device_map: str | dict[str, Any] | None) -> None:
     which places the modules, is not installed (the ``multigpu`` extra)."""
     if device_map is None:
         return
-    if isinstance(device_map, dict) or (isinstance(device_map, str) and (
-        device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "mps") or device_map.startswith("cuda")
-    )):
+    if isinstance(device_map, dict) or (
+        isinstance(device_map, str)
+        and (
+            device_map in DEVICE_MAP_STRATEGIES or device_map in ("cpu", "disk", "mps") or device_map.startswith("cuda")
+        )
+    ):
         require_extra("multigpu", f"a filter model placed with device_map={device_map!r} (or pass device_map=None)")
         return
     raise InputError(
@@ -103,7 +106,13 @@ def load_filter_model(
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from tokensieve.core.attention import use_tokensieve_attention
-    from tokensieve.core.models import ModelLoadError, default_device, default_dtype, drop_null_quantization, parse_dtype
+    from tokensieve.core.models import (
+        ModelLoadError,
+        default_device,
+        default_dtype,
+        drop_null_quantization,
+        parse_dtype,
+    )
 
     _check_device_map(device_map)
     dtype = parse_dtype(dtype) or default_dtype(default_device())
@@ -144,18 +153,27 @@ def filter_fraction(config: PretrainedConfig, filter_layer: int) -> dict[str, fl
         with torch.device("meta"):
             m = AutoModelForCausalLM.from_config(cfg)
         layers = sum(p.numel() for p in m.model.layers.parameters())
-        tied = m.get_output_embeddings() is not None and m.get_output_embeddings().weight is m.get_input_embeddings().weight
+        tied = (
+            m.get_output_embeddings() is not None
+            and m.get_output_embeddings().weight is m.get_input_embeddings().weight
+        )
         head = 0 if tied or m.get_output_embeddings() is None else m.get_output_embeddings().weight.numel()
         return sum(p.numel() for p in m.parameters()), layers, head
 
     full, full_layers, _ = count(config)
     part, part_layers, head = count(filter_config(config, filter_layer))
     kept = part - head
-    return {"layers": part_layers / full_layers, "total": kept / full, "full_params": float(full), "filter_params": float(kept)}
+    return {
+        "layers": part_layers / full_layers,
+        "total": kept / full,
+        "full_params": float(full),
+        "filter_params": float(kept),
+    }
 
 
-def _resolve_device_map(model: torch.nn.Module, device_map: str | dict[str, Any], max_memory: dict | None,
-                        dtype: torch.dtype) -> dict[str, Any]:
+def _resolve_device_map(
+    model: torch.nn.Module, device_map: str | dict[str, Any], max_memory: dict | None, dtype: torch.dtype
+) -> dict[str, Any]:
     """An explicit ``{module name: device}`` map for a model on the meta device (accelerate's rules for
     the strategies, as ``from_pretrained`` applies them)."""
     from accelerate.utils import get_balanced_memory, infer_auto_device_map
@@ -166,8 +184,13 @@ def _resolve_device_map(model: torch.nn.Module, device_map: str | dict[str, Any]
         return {"": device_map}
     no_split = getattr(model, "_no_split_modules", None) or []
     if device_map != "sequential":
-        max_memory = get_balanced_memory(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype,
-                                         low_zero=device_map == "balanced_low_0")
+        max_memory = get_balanced_memory(
+            model,
+            max_memory=max_memory,
+            no_split_module_classes=no_split,
+            dtype=dtype,
+            low_zero=device_map == "balanced_low_0",
+        )
     return infer_auto_device_map(model, max_memory=max_memory, no_split_module_classes=no_split, dtype=dtype)
 
 
@@ -204,15 +227,25 @@ def build_filter_model(
     tied = head is not None and head.weight is model.get_input_embeddings().weight
     placement = {"": "cpu"} if device_map is None else _resolve_device_map(model, device_map, max_memory, dtype)
     if "disk" in placement.values():
-        raise InputError("build_filter_model places modules on GPUs and the CPU, not on disk; drop 'disk' from device_map")
+        raise InputError(
+            "build_filter_model places modules on GPUs and the CPU, not on disk; drop 'disk' from device_map"
+        )
     gen = torch.Generator().manual_seed(seed)
     # Drawing random numbers on the host is slow (minutes for tens of GiB): host-placed weights are drawn on
     # the first GPU, if there is one, and copied.
-    draw_on = next((torch.device("cuda", d) if isinstance(d, int) else torch.device(d) for d in placement.values()
-                    if str(d) not in ("cpu", "meta")), torch.device("cpu"))
+    draw_on = next(
+        (
+            torch.device("cuda", d) if isinstance(d, int) else torch.device(d)
+            for d in placement.values()
+            if str(d) not in ("cpu", "meta")
+        ),
+        torch.device("cpu"),
+    )
     for name, dev in sorted(placement.items(), key=lambda kv: len(kv[0])):  # parents first, children override
         module = model.get_submodule(name) if name else model
-        module.to_empty(device=torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev), recurse=True)
+        module.to_empty(
+            device=torch.device(dev) if not isinstance(dev, int) else torch.device("cuda", dev), recurse=True
+        )
     if head is not None and not tied:
         head.to("meta")
     for pname, p in model.named_parameters():
@@ -252,8 +285,10 @@ def _rebuild_buffers(model: torch.nn.Module, config: PretrainedConfig) -> None:
         if not own:
             continue
         if "rotary" not in type(module).__name__.lower():
-            raise InputError(f"build_filter_model cannot initialise the buffers {[b for b, _ in own]} of {name} "
-                             f"({type(module).__name__}); load the checkpoint with load_filter_model instead")
+            raise InputError(
+                f"build_filter_model cannot initialise the buffers {[b for b, _ in own]} of {name} "
+                f"({type(module).__name__}); load the checkpoint with load_filter_model instead"
+            )
         dev = own[0][1].device
         if dev.type == "meta":
             continue

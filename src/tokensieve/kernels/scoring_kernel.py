@@ -52,11 +52,31 @@ def available() -> bool:
 
 # The kernels, undecorated; jitted below when Triton imported.
 
+
 def _row_lse(
-    Q, K, LSE, scale2, q_len, kv_len, offset, group, hkv,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    scale2,
+    q_len,
+    kv_len,
+    offset,
+    group,
+    hkv,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_bh = tl.program_id(0)  # batch * q_heads + query head
     pid_m = tl.num_programs(1) - 1 - tl.program_id(1)  # the last query blocks (most keys) start first
@@ -69,7 +89,8 @@ def _row_lse(
     row_ok = rows < q_len
     q = tl.load(
         Q + bi.to(tl.int64) * sqb + h.to(tl.int64) * sqh + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
-        mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+        mask=row_ok[:, None] & (dims[None, :] < D),
+        other=0.0,
     )
     if UPCAST:
         q = q.to(tl.float32)
@@ -94,7 +115,8 @@ def _row_lse(
         cols = n0 + tl.arange(0, BLOCK_N)
         k = tl.load(
             k_base + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
-            mask=(cols[None, :] < kv_len) & (dims[:, None] < D), other=0.0,
+            mask=(cols[None, :] < kv_len) & (dims[:, None] < D),
+            other=0.0,
         )  # [BLOCK_D, BLOCK_N]
         if UPCAST:
             k = k.to(tl.float32)
@@ -110,10 +132,30 @@ def _row_lse(
 
 
 def _column_sums(
-    Q, K, LSE, OUT, scale2, q_len, kv_len, offset, group, hkv,
-    sqb, sqh, sqn, sqd, skb, skh, skn, skd,
-    D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    Q,
+    K,
+    LSE,
+    OUT,
+    scale2,
+    q_len,
+    kv_len,
+    offset,
+    group,
+    hkv,
+    sqb,
+    sqh,
+    sqn,
+    sqd,
+    skb,
+    skh,
+    skn,
+    skd,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):
     pid_bk = tl.program_id(0)  # batch * kv_heads + KV head
     pid_n = tl.program_id(1)  # the first key blocks (most queries) start first
@@ -124,7 +166,8 @@ def _column_sums(
     col_ok = cols < kv_len
     k = tl.load(
         K + bi.to(tl.int64) * skb + kh.to(tl.int64) * skh + cols[None, :].to(tl.int64) * skn + dims[:, None] * skd,
-        mask=col_ok[None, :] & (dims[:, None] < D), other=0.0,
+        mask=col_ok[None, :] & (dims[:, None] < D),
+        other=0.0,
     )  # [BLOCK_D, BLOCK_N]
     if UPCAST:
         k = k.to(tl.float32)
@@ -143,7 +186,8 @@ def _column_sums(
             row_ok = rows < q_len
             q = tl.load(
                 q_base + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
-                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+                mask=row_ok[:, None] & (dims[None, :] < D),
+                other=0.0,
             )
             if UPCAST:
                 q = q.to(tl.float32)
@@ -156,7 +200,8 @@ def _column_sums(
             row_ok = rows < q_len
             q = tl.load(
                 q_base + rows[:, None].to(tl.int64) * sqn + dims[None, :] * sqd,
-                mask=row_ok[:, None] & (dims[None, :] < D), other=0.0,
+                mask=row_ok[:, None] & (dims[None, :] < D),
+                other=0.0,
             )
             if UPCAST:
                 q = q.to(tl.float32)
@@ -176,7 +221,9 @@ if triton is not None:  # jitted once; Triton reads TRITON_INTERPRET when it is 
     _COLUMN_SUMS = triton.jit(_column_sums)
     INTERPRETED = type(_ROW_LSE).__name__ == "InterpretedFunction"
     if not INTERPRETED:  # both kernels only store their results, so the autotuner's repeated runs are harmless
-        _configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in GPU_CONFIGS]
+        _configs = [
+            triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=st) for m, n, w, st in GPU_CONFIGS
+        ]
         _ROW_LSE_TUNED = triton.autotune(_configs, key=["D", "UPCAST", "PRECISION"])(triton.jit(_row_lse))
         _COLUMN_SUMS_TUNED = triton.autotune(_configs, key=["D", "UPCAST", "PRECISION"])(triton.jit(_column_sums))
 
@@ -228,8 +275,10 @@ def attention_scores_triton(
     Shapes are checked by the caller (``scoring.attention_scores``).
     """
     if query.dtype != key.dtype or query.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        raise TypeError(f"the Triton scoring kernel takes float16, bfloat16 or float32 query and key of one dtype, "
-                        f"got {query.dtype} and {key.dtype}")
+        raise TypeError(
+            f"the Triton scoring kernel takes float16, bfloat16 or float32 query and key of one dtype, "
+            f"got {query.dtype} and {key.dtype}"
+        )
     if query.device != key.device:
         raise ValueError(f"query and key on different devices: {query.device} and {key.device}")
     b, hq, q_len, d = query.shape
@@ -266,10 +315,12 @@ def attention_scores_triton(
 
     if row_lse is None:
         lse = torch.empty(b, hq, q_len, dtype=torch.float32, device=key.device)
-        lse_kernel[grid(q_len, b * hq, "BLOCK_M")](query, key, lse, scale2, q_len, kv_len, offset, group, hkv,
-                                                   *strides, **meta)
+        lse_kernel[grid(q_len, b * hq, "BLOCK_M")](
+            query, key, lse, scale2, q_len, kv_len, offset, group, hkv, *strides, **meta
+        )
     else:  # the kernels work in base 2
         lse = (row_lse.float() * LOG2E).contiguous()
-    column_sums[grid(kv_len, b * hkv, "BLOCK_N")](query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv,
-                                                   *strides, **meta)
+    column_sums[grid(kv_len, b * hkv, "BLOCK_N")](
+        query, key, lse, out, scale2, q_len, kv_len, offset, group, hkv, *strides, **meta
+    )
     return out

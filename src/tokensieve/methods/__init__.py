@@ -22,8 +22,10 @@ if TYPE_CHECKING:
 
 # class name -> module of the names this package exports (imported on first use, PEP 562)
 _LAZY: dict[str, str] = {
-    "Method": "tokensieve.methods.base", "DecodeState": "tokensieve.methods.base",
-    "Capabilities": "tokensieve.methods.base", "rename_params": "tokensieve.methods.base",
+    "Method": "tokensieve.methods.base",
+    "DecodeState": "tokensieve.methods.base",
+    "Capabilities": "tokensieve.methods.base",
+    "rename_params": "tokensieve.methods.base",
     **{where.split(":")[1]: where.split(":")[0] for where in BUILTIN.values()},
 }
 
@@ -114,17 +116,48 @@ def describe_methods(names: list[str] | None = None) -> list[dict[str, Any]]:
         for f in dataclasses.fields(cls):
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
             doc = docs.get(f.name, "")
-            params.append({"name": f.name, "default": list(default) if isinstance(default, tuple) else default,
-                           "meaning": short_meaning(doc), "doc": doc})
+            params.append(
+                {
+                    "name": f.name,
+                    "default": list(default) if isinstance(default, tuple) else default,
+                    "meaning": short_meaning(doc),
+                    "doc": doc,
+                }
+            )
         summary = (inspect.getdoc(cls) or "").splitlines()
-        out.append({"name": name, "summary": summary[0].replace("``", "`") if summary else "", "parameters": params,
-                    "renamed": dict(cls.renamed)})
+        out.append(
+            {
+                "name": name,
+                "summary": summary[0].replace("``", "`") if summary else "",
+                "parameters": params,
+                "renamed": dict(cls.renamed),
+            }
+        )
     return out
 
 
 __all__ = [
-    "METHODS", "Method", "DecodeState", "Capabilities", "Registry", "accepted_params", "capable", "register",
-    "unregister", "canonical_params", "describe_methods", "make_method",
-    "method_class", "parameter_docs",
-    "parameter_names", "short_meaning", "FullAttention", "GemFilter", "H2O", "LazyLLM", "SepLLM", "SnapKV", "StreamingLLM",
+    "METHODS",
+    "Method",
+    "DecodeState",
+    "Capabilities",
+    "Registry",
+    "accepted_params",
+    "capable",
+    "register",
+    "unregister",
+    "canonical_params",
+    "describe_methods",
+    "make_method",
+    "method_class",
+    "parameter_docs",
+    "parameter_names",
+    "short_meaning",
+    "FullAttention",
+    "GemFilter",
+    "H2O",
+    "LazyLLM",
+    "SepLLM",
+    "SnapKV",
+    "StreamingLLM",
 ]

@@ -99,7 +99,9 @@ class Method:
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         raise NotImplementedError
 
-    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+    def prefill_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> DecodeState:
         """Prefill a left-padded batch: ``input_ids`` [batch, n], ``attention_mask`` [batch, n] (1 = real token).
 
         Each row's positions start at 0 at its first real token; the state carries ``kv_mask`` and
@@ -163,8 +165,14 @@ class Method:
             cache, kwargs = self.prefill_cache(model, input_ids)
             prefix.seed(cache)
             rest, pos = input_ids[:, start:], torch.arange(start, n, device=input_ids.device)[None]
-            out = model(input_ids=rest, position_ids=pos, use_cache=True, logits_to_keep=1, **cache_kwarg(model, cache),
-                        **kwargs)
+            out = model(
+                input_ids=rest,
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwarg(model, cache),
+                **kwargs,
+            )
         return prefix.finish(DecodeState(logits=out.logits[:, -1], cache=cache, next_position=n))
 
     def step(self, model: PreTrainedModel, state: DecodeState, token_ids: torch.Tensor) -> torch.Tensor:
@@ -175,7 +183,9 @@ class Method:
         """
         batch: dict[str, Any] = {}
         if state.kv_mask is not None and state.positions is not None:
-            state.kv_mask = torch.cat([state.kv_mask, state.kv_mask.new_ones(token_ids.shape)], dim=-1)  # [b, entries + 1]
+            state.kv_mask = torch.cat(
+                [state.kv_mask, state.kv_mask.new_ones(token_ids.shape)], dim=-1
+            )  # [b, entries + 1]
             batch = {"attention_mask": state.kv_mask}
             pos = state.positions
         else:
@@ -216,7 +226,8 @@ def rename_params(
         if new is not None:
             warnings.warn(
                 f"{what}: parameter {key!r} is now called {new!r}; the old name goes in the next release",
-                FutureWarning, stacklevel=stacklevel,
+                FutureWarning,
+                stacklevel=stacklevel,
             )
             if new in params:
                 raise InputError(f"{what}: give {new!r} or its old name {key!r}, not both")
@@ -224,7 +235,9 @@ def rename_params(
         out[key] = value
     bad = sorted(set(out) - set(allowed))
     if bad:
-        raise InputError(f"{what} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(allowed) or 'none'}")
+        raise InputError(
+            f"{what} has no parameter(s) {', '.join(bad)}; its parameters are: {', '.join(allowed) or 'none'}"
+        )
     return out
 
 
@@ -270,12 +283,18 @@ def left_pad(rows: list[torch.Tensor], pad_id: int = 0) -> tuple[torch.Tensor, t
 
 
 def batch_prefill(
-    model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, cache: Cache | None = None, **kwargs: Any
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    cache: Cache | None = None,
+    **kwargs: Any,
 ) -> DecodeState:
     """Plain prefill of a left-padded batch ``input_ids`` [batch, n] with ``attention_mask`` [batch, n]:
     each row at positions 0..len-1 of its real tokens; pads are never attended to."""
     mask = attention_mask.bool()
-    state = full_prefill(model, input_ids, cache, attention_mask=mask.long(), position_ids=row_positions(mask), **kwargs)
+    state = full_prefill(
+        model, input_ids, cache, attention_mask=mask.long(), position_ids=row_positions(mask), **kwargs
+    )
     state.kv_mask = mask
     state.positions = mask.sum(-1, keepdim=True)  # [batch, 1]: the next position of each row
     return state

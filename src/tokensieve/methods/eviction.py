@@ -20,9 +20,9 @@ from transformers import PreTrainedModel
 
 from tokensieve.core.attention import HOOK_KWARG, sdpa
 from tokensieve.core.cache import EvictionCache
+from tokensieve.core.scoring import POOLINGS
 from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import DecodeState, Method, cache_kwarg, row_positions
-from tokensieve.core.scoring import POOLINGS
 
 AttnOutput = tuple[torch.Tensor, torch.Tensor | None]
 
@@ -102,7 +102,9 @@ class EvictionMethod(Method):
             raise InputError(f"{self.name} runs one prompt at a time, got batch size {input_ids.shape[0]}")
         return self._prefill(model, input_ids, None)
 
-    def _prefill(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> DecodeState:
+    def _prefill(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> DecodeState:
         """The prompt's forward into an ``EvictionCache``; ``attention_mask`` [batch, n] for a left-padded batch
         (its ``evict`` must then keep per row: ``call.cache.pad_counts``). Subclasses that support batches
         call this from ``prefill_batch``."""
@@ -114,7 +116,11 @@ class EvictionMethod(Method):
             cache.set_padding(mask)
             batch = {"attention_mask": mask.long(), "position_ids": row_positions(mask)}
         out = model(
-            input_ids=input_ids, use_cache=True, logits_to_keep=1, **batch, **cache_kwarg(model, cache),
+            input_ids=input_ids,
+            use_cache=True,
+            logits_to_keep=1,
+            **batch,
+            **cache_kwarg(model, cache),
             **{HOOK_KWARG: self._hook(cache, prefill=True)},
         )
         n = input_ids.shape[1]

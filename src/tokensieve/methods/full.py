@@ -16,11 +16,14 @@ class FullAttention(Method):
     """Plain prefill over the whole prompt, then ordinary decoding (SDPA attention)."""
 
     name: ClassVar[str] = "full"
-    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", prefix_reuse=True,
-                                                        prompt_only=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        batch=True, static_decode="grow", prefix_reuse=True, prompt_only=True
+    )
 
     def prefill(self, model: PreTrainedModel, input_ids: torch.Tensor) -> DecodeState:
         return full_prefill(model, input_ids)
 
-    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+    def prefill_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> DecodeState:
         return batch_prefill(model, input_ids, attention_mask)

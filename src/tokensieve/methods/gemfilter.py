@@ -40,12 +40,19 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import HOOK_KWARG, ensure_tokensieve_attention
 from tokensieve.core.draft import as_draft, check_draft, filter_layer_of, input_device, load_draft
+from tokensieve.core.scoring import attention_scores, head_sum, paper_scores, span_topk
 from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import (
-    Capabilities, DecodeState, Method, cache_kwarg, full_prefill, has_sliding_layers, max_positions, num_layers,
+    Capabilities,
+    DecodeState,
+    Method,
+    cache_kwarg,
+    full_prefill,
+    has_sliding_layers,
+    max_positions,
+    num_layers,
 )
 from tokensieve.methods.eviction import DEFAULT_DILATION, check_span_rule
-from tokensieve.core.scoring import attention_scores, head_sum, paper_scores, span_topk
 
 SCORINGS = ("paper", "window")
 FILTER_ATTENTIONS = ("auto", "dense", "local")
@@ -54,7 +61,9 @@ FILTER_ATTENTIONS = ("auto", "dense", "local")
 # and 32k (0.77 vs 0.63 s) and twice as fast at 128k (2.48 vs 4.84 s).
 LOCAL_FROM_TOKENS = 65536
 DEFAULT_N_INITIAL = 4  # sink tokens every filter-pass query sees with filter_attention="local"
-DEFAULT_N_RECENT = 2048  # recent tokens (itself included) every filter-pass query sees with "local" (measured: docs/gemfilter.md)
+DEFAULT_N_RECENT = (
+    2048  # recent tokens (itself included) every filter-pass query sees with "local" (measured: docs/gemfilter.md)
+)
 LOCAL_QUERY_CHUNK = 1024  # queries per SDPA call of the local filter attention
 DEFAULT_WINDOW_SIZE = 16  # scoring queries of the "window" scoring
 DEFAULT_KERNEL = 5  # average-pool kernel (the paper's)
@@ -69,7 +78,11 @@ KNOWN_FILTER_LAYERS: dict[tuple[str, int, int], int] = {
     ("llama", 30, 576): 18,  # SmolLM2-135M(-Instruct)
     ("gemma3_text", 18, 640): 11,  # Gemma-3-270M
     ("qwen2", 28, 1536): 12,  # Qwen2.5(-Coder)-1.5B(-Instruct): calibrate 2k/4k x 3 depths, window recall 0.99 at 12
-    ("qwen2", 24, 896): 11,  # Qwen2.5(-Coder)-0.5B(-Instruct): calibrate 2k/4k x 5 depths, window scoring recall 1.00 from 11
+    (
+        "qwen2",
+        24,
+        896,
+    ): 11,  # Qwen2.5(-Coder)-0.5B(-Instruct): calibrate 2k/4k x 5 depths, window scoring recall 1.00 from 11
 }
 
 
@@ -107,7 +120,9 @@ def causal_chunk_attention(query: torch.Tensor, key: torch.Tensor, value: torch.
         from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
-        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(
+            query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale
+        )
 
 
 def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_initial: int, n_recent: int) -> torch.Tensor:
@@ -118,8 +133,9 @@ def local_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, n_initial: int, n_recen
     return causal & ((k_pos[None, :] < n_initial) | (k_pos[None, :] > q_pos[:, None] - n_recent))
 
 
-def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor,
-                 scale: float) -> torch.Tensor:
+def _sdpa_masked(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor, scale: float
+) -> torch.Tensor:
     """SDPA with a boolean mask [q, K], GQA handled: query [1, hq, q, d], key/value [1, hkv, K, d] -> [1, hq, q, d].
 
     On CUDA the KV heads are repeated (a block is small) so that the memory-efficient kernel, which
@@ -129,14 +145,18 @@ def _sdpa_masked(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ma
         from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
-        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(
+            query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale
+        )
     try:
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scale, enable_gqa=True)
     except (RuntimeError, TypeError):  # kernels without GQA support for a mask: repeat the KV heads
         from tokensieve.core.attention import repeat_kv
 
         g = query.shape[1] // key.shape[1]
-        return F.scaled_dot_product_attention(query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale)
+        return F.scaled_dot_product_attention(
+            query, repeat_kv(key, g), repeat_kv(value, g), attn_mask=mask, scale=scale
+        )
 
 
 LOCAL_KERNELS = ("auto", "sdpa", "flex")
@@ -153,8 +173,15 @@ def _flex_fn() -> Any:
     return _FLEX["fn"]
 
 
-def flex_local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
-                         n_initial: int, n_recent: int, compiled: bool = True) -> torch.Tensor:
+def flex_local_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    n_initial: int,
+    n_recent: int,
+    compiled: bool = True,
+) -> torch.Tensor:
     """:func:`local_attention` over contiguous positions with FlexAttention: one call, a block mask that
     skips every block outside the sinks and the band, so only ~``n * (n_initial + n_recent)`` scores are
     computed (no chunk loop, no dense masks). query [1, hq, q, d] (the last ``q`` of ``K`` positions),
@@ -183,8 +210,15 @@ def flex_local_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Te
 
 
 def local_attention(
-    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float, n_initial: int, n_recent: int,
-    query_chunk: int = LOCAL_QUERY_CHUNK, key_positions: torch.Tensor | None = None, kernel: str = "sdpa",
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    scale: float,
+    n_initial: int,
+    n_recent: int,
+    query_chunk: int = LOCAL_QUERY_CHUNK,
+    key_positions: torch.Tensor | None = None,
+    kernel: str = "sdpa",
 ) -> torch.Tensor:
     """Causal attention restricted to the first ``n_initial`` and the last ``n_recent`` tokens (itself included).
 
@@ -236,8 +270,12 @@ class _FilterDone(Exception):
 
 
 def token_scores(
-    query: torch.Tensor, key: torch.Tensor, scaling: float, scoring: str = "window",
-    window_size: int = DEFAULT_WINDOW_SIZE, key_chunk: int | None = None,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    scaling: float,
+    scoring: str = "window",
+    window_size: int = DEFAULT_WINDOW_SIZE,
+    key_chunk: int | None = None,
 ) -> torch.Tensor:
     """GemFilter's importance of each prompt token, summed over all heads: float [batch, n].
 
@@ -254,8 +292,9 @@ def token_scores(
     raise InputError(f"unknown GemFilter scoring {scoring!r}; expected one of {SCORINGS}")
 
 
-def pool_and_select(scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL, pooling: str = "avg",
-                    dilation: int = 1) -> torch.Tensor:
+def pool_and_select(
+    scores: torch.Tensor, k: int, kernel: int = DEFAULT_KERNEL, pooling: str = "avg", dilation: int = 1
+) -> torch.Tensor:
     """GemFilter's selection: pool ``scores`` [n] (stride 1, same length), dilate by ``dilation``
     (``scoring.span_rank``), keep the sorted top-``min(k, n)``. The defaults are the paper's rule."""
     return span_topk(scores, k, kernel, pooling, dilation)
@@ -307,8 +346,9 @@ class GemFilter(Method):
     """
 
     name: ClassVar[str] = "gemfilter"
-    capabilities: ClassVar[Capabilities] = Capabilities(batch=True, static_decode="grow", prefix_reuse=True,
-                                                        selects_prompt=True, prompt_only=True)
+    capabilities: ClassVar[Capabilities] = Capabilities(
+        batch=True, static_decode="grow", prefix_reuse=True, selects_prompt=True, prompt_only=True
+    )
     renamed: ClassVar[dict[str, str]] = {"window": "window_size"}
     topk: int = 1024
     filter_layer: int | None = None
@@ -434,8 +474,9 @@ class GemFilter(Method):
             return done.scores[0]
         raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
 
-    def local_layer_attention(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
-                              value: torch.Tensor) -> torch.Tensor:
+    def local_layer_attention(
+        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
+    ) -> torch.Tensor:
         """The local filter pass's attention of one whole layer: [1, n, q_heads, d] (the hook's layout).
 
         Full-attention layers see the sinks plus the last ``n_recent`` tokens; a sliding-window
@@ -483,15 +524,25 @@ class GemFilter(Method):
                     if li == r:
                         if e < n:
                             raise _ChunkDone()
-                        raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window_size,
-                                                       key_chunk=self.chunk_size))
+                        raise _FilterDone(
+                            token_scores(
+                                query, keys, module.scaling, self.scoring, self.window_size, key_chunk=self.chunk_size
+                            )
+                        )
                     values[:, :, s:e] = value
                     out = causal_chunk_attention(query, keys[:, :, :e], values[:, :, :e], module.scaling)
                     return out.transpose(1, 2).contiguous(), None  # [1, chunk, q_heads, head_dim]
 
                 try:
-                    out = layer(hidden[:, s:e], attention_mask=None, position_ids=pos, position_embeddings=rope,
-                                use_cache=False, **cache_kwarg(layer, None), **{HOOK_KWARG: hook})
+                    out = layer(
+                        hidden[:, s:e],
+                        attention_mask=None,
+                        position_ids=pos,
+                        position_embeddings=rope,
+                        use_cache=False,
+                        **cache_kwarg(layer, None),
+                        **{HOOK_KWARG: hook},
+                    )
                 except _ChunkDone:
                     continue
                 except _FilterDone as done:
@@ -515,7 +566,9 @@ class GemFilter(Method):
         base = model.model
         n, dev = input_ids.shape[1], input_ids.device
         bounds = self._chunk_bounds(n)
-        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [None] * r  # (CPU k_pos [K], keys, values)
+        cache: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None] = [
+            None
+        ] * r  # (CPU k_pos [K], keys, values)
         keys_r: torch.Tensor | None = None  # [1, kv_heads, n, head_dim]
         for s, e in bounds:
             hidden = base.embed_tokens(input_ids[:, s:e])  # [1, e-s, D]
@@ -531,16 +584,20 @@ class GemFilter(Method):
                         keys_r[:, :, s:e] = key
                         if e < n:
                             raise _ChunkDone()
-                        raise _FilterDone(token_scores(query, keys_r, module.scaling, self.scoring,
-                                                       self.window_size, key_chunk=self.chunk_size))
+                        raise _FilterDone(
+                            token_scores(
+                                query, keys_r, module.scaling, self.scoring, self.window_size, key_chunk=self.chunk_size
+                            )
+                        )
                     held = cache[li]
                     if held is None:
                         k_pos, k_all, v_all = pos_cpu, key, value
                     else:
                         k_pos = torch.cat([held[0], pos_cpu])  # [K], CPU
                         k_all, v_all = torch.cat([held[1], key], dim=2), torch.cat([held[2], value], dim=2)
-                    out = local_attention(query, k_all, v_all, module.scaling, self.n_initial, self.n_recent,
-                                          key_positions=k_pos)  # [1, q_heads, e-s, head_dim]
+                    out = local_attention(
+                        query, k_all, v_all, module.scaling, self.n_initial, self.n_recent, key_positions=k_pos
+                    )  # [1, q_heads, e-s, head_dim]
                     keep = _rolling_keep(k_pos, e, self.n_initial, self.n_recent)  # [K] bool, CPU
                     idx = keep.nonzero()[:, 0].to(key.device)
                     cache[li] = (k_pos[keep], k_all.index_select(2, idx), v_all.index_select(2, idx))
@@ -548,8 +605,15 @@ class GemFilter(Method):
 
                 layer = base.layers[li]
                 try:
-                    out = layer(hidden, attention_mask=None, position_ids=pos[None], position_embeddings=rope,
-                                use_cache=False, **cache_kwarg(layer, None), **{HOOK_KWARG: hook})
+                    out = layer(
+                        hidden,
+                        attention_mask=None,
+                        position_ids=pos[None],
+                        position_embeddings=rope,
+                        use_cache=False,
+                        **cache_kwarg(layer, None),
+                        **{HOOK_KWARG: hook},
+                    )
                 except _ChunkDone:
                     break
                 except _FilterDone as done:
@@ -585,8 +649,9 @@ class GemFilter(Method):
         # Second pass from scratch on the kept ids; positions are 0..k-1 by default.
         state = full_prefill(model, input_ids[:, idx])
         state.kept_indices = idx
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False,
-                             **self.draft_details())
+        state.details.update(
+            filter_layer=self.resolved_layer(model), filter_s=filter_s, filter_skipped=False, **self.draft_details()
+        )
         return state
 
     def draft_details(self) -> dict[str, Any]:
@@ -597,8 +662,10 @@ class GemFilter(Method):
 
     def prefix_refusal(self) -> str | None:
         if self.chunk_size is not None:
-            return ("the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), "
-                    f"got chunk_size={self.chunk_size}")
+            return (
+                "the prefix cache runs GemFilter's dense filter pass only (chunk_size=None), "
+                f"got chunk_size={self.chunk_size}"
+            )
         if self.filter_attention == "local":
             return "the prefix cache runs GemFilter's dense filter pass only; got filter_attention='local'"
         return None
@@ -623,7 +690,9 @@ class GemFilter(Method):
         net = self.filter_net(model)  # the draft, if any: the cached prefix is its state (``prefix_net``)
         t0 = time.perf_counter()
         start = prefix.take(min(self.window_size, n) if self.scoring == "window" else 1)
-        idx = self.pick(self._scores_after_prefix(net, input_ids.to(input_device(net)), prefix, start, r)).to(input_ids.device)
+        idx = self.pick(self._scores_after_prefix(net, input_ids.to(input_device(net)), prefix, start, r)).to(
+            input_ids.device
+        )
         if input_ids.device.type == "cuda":
             torch.cuda.synchronize()
         filter_s = time.perf_counter() - t0
@@ -638,8 +707,9 @@ class GemFilter(Method):
         return self.filter_net(model)
 
     @torch.inference_mode()
-    def _scores_after_prefix(self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any, start: int,
-                             r: int) -> torch.Tensor:
+    def _scores_after_prefix(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, prefix: Any, start: int, r: int
+    ) -> torch.Tensor:
         """The filter pass over tokens ``start..n-1`` on top of the prefix's first ``start`` tokens: scores [n]."""
         n = input_ids.shape[1]
         cache = prefix.seed(DynamicCache(config=model.config), layers=r)
@@ -648,19 +718,27 @@ class GemFilter(Method):
         def hook(module, query, key, value, attention_mask, **kw):
             if module.layer_idx != r:
                 return None
-            own = key[:, :, -(n - start):]
+            own = key[:, :, -(n - start) :]
             keys = own if old_keys is None else torch.cat([old_keys, own], dim=2)
             raise _FilterDone(token_scores(query, keys, module.scaling, self.scoring, self.window_size))
 
         pos = torch.arange(start, n, device=input_ids.device)[None]
         try:
-            model(input_ids=input_ids[:, start:], position_ids=pos, use_cache=True, logits_to_keep=1,
-                  **cache_kwarg(model, cache), **{HOOK_KWARG: hook})
+            model(
+                input_ids=input_ids[:, start:],
+                position_ids=pos,
+                use_cache=True,
+                logits_to_keep=1,
+                **cache_kwarg(model, cache),
+                **{HOOK_KWARG: hook},
+            )
         except _FilterDone as done:
             return done.scores[0]
         raise RuntimeError(f"filter layer {r} never ran its attention: is the model using tokensieve attention?")
 
-    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+    def prefill_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> DecodeState:
         """A left-padded batch: the filter pass runs per prompt (on its real tokens, exactly as alone), then the
         kept ids of all prompts run as one left-padded batch at positions 0..k_b-1. ``kept_rows``: per row [k_b]."""
         from tokensieve.methods.base import batch_prefill, left_pad  # (kept apart from the filter pass's imports)
@@ -676,7 +754,10 @@ class GemFilter(Method):
         state = batch_prefill(model, ids, kept_mask)
         state.kept_rows = rows
         skipped = all(self.topk >= r.numel() for r in real)
-        state.details.update(filter_layer=self.resolved_layer(model), filter_s=0.0 if skipped else filter_s, filter_skipped=skipped,
-                             **self.draft_details())
+        state.details.update(
+            filter_layer=self.resolved_layer(model),
+            filter_s=0.0 if skipped else filter_s,
+            filter_skipped=skipped,
+            **self.draft_details(),
+        )
         return state
-

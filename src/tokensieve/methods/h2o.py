@@ -28,10 +28,10 @@ import torch
 from transformers import PreTrainedModel
 
 from tokensieve.core.cache import EvictionCache
+from tokensieve.core.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 from tokensieve.errors import InputError, check_choice, check_int
 from tokensieve.methods.base import Capabilities, DeviceEviction
 from tokensieve.methods.eviction import EvictionMethod, LayerCall
-from tokensieve.core.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
 
 
 @dataclass
@@ -88,7 +88,11 @@ class H2O(EvictionMethod):
     def _received(self, call: LayerCall) -> torch.Tensor:
         """Attention each key receives from the call's queries, [b, kv_heads, entries] (a boolean mask is honoured)."""
         return attention_scores(
-            call.query, call.key, call.module.scaling, attention_mask=self._mask(call), query_chunk=self.chunk_size,
+            call.query,
+            call.key,
+            call.module.scaling,
+            attention_mask=self._mask(call),
+            query_chunk=self.chunk_size,
             kernel=self.score_kernel,
         )
 
@@ -107,5 +111,7 @@ class H2O(EvictionMethod):
             call.cache.scores[call.layer_idx] = received
         else:  # the entries' scores so far, plus what the new token gave each (the new entry starts at 0)
             old = call.cache.scores[call.layer_idx]
-            call.cache.scores[call.layer_idx] = received + torch.nn.functional.pad(old, (0, received.shape[-1] - old.shape[-1]))
+            call.cache.scores[call.layer_idx] = received + torch.nn.functional.pad(
+                old, (0, received.shape[-1] - old.shape[-1])
+            )
         self._evict(call.cache, call.layer_idx)

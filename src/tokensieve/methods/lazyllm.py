@@ -34,8 +34,9 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -113,7 +114,11 @@ class LazyModules:
             )
         ensure_tokensieve_attention(model)  # its layer loop calls the attention hooks
         self.embed, self.layers, self.norm, self.rotary, self.lm_head = (
-            body.embed_tokens, body.layers, body.norm, body.rotary_emb, model.lm_head,
+            body.embed_tokens,
+            body.layers,
+            body.norm,
+            body.rotary_emb,
+            model.lm_head,
         )
         self.num_layers = len(self.layers)
         self.softcap = getattr(cfg, "final_logit_softcapping", None)
@@ -126,7 +131,9 @@ class LazyModules:
             (window if t == "sliding_attention" else None) if layer_types else window for t in self.layer_types
         ]
 
-    def rotary_embeddings(self, hidden: torch.Tensor, pos: torch.Tensor, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def rotary_embeddings(
+        self, hidden: torch.Tensor, pos: torch.Tensor, layer: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.rotary_by_type:
             return self.rotary(hidden, pos, self.layer_types[layer])
         return self.rotary(hidden, pos)
@@ -190,7 +197,7 @@ class LazyLLM(Method):
         if any(b <= a for a, b in zip(self.prune_layers, self.prune_layers[1:])):
             raise InputError(f"prune_layers must be strictly increasing, got {list(self.prune_layers)}")
 
-    def schedule(self, dec: "LazyModules") -> dict[int, float]:
+    def schedule(self, dec: LazyModules) -> dict[int, float]:
         """{pruning layer: keep fraction} for this model."""
         if self.prune_layers is None:
             layers = default_prune_layers(dec.num_layers, dec.windows)
@@ -264,8 +271,13 @@ class LazyLLM(Method):
     def static_decoder(self, pool: Any, state: DecodeState, max_new_tokens: int) -> tuple[Any, bool]:
         """A slot per token (the prompt and the answer): the pool's ``LazyDecoder`` for the pruned layers."""
         prune = tuple(state.details["prune_layers"])
-        return pool.get_own(("lazyllm", prune), state.next_position + max_new_tokens, lambda capacity: LazyDecoder(
-            pool.model, capacity, prune, pool.use_graph, pool.speculate, pool.attention_kernel, pool.compile))
+        return pool.get_own(
+            ("lazyllm", prune),
+            state.next_position + max_new_tokens,
+            lambda capacity: LazyDecoder(
+                pool.model, capacity, prune, pool.use_graph, pool.speculate, pool.attention_kernel, pool.compile
+            ),
+        )
 
     def load_static(self, decoder: Any, state: DecodeState, max_new_tokens: int) -> None:
         decoder.load(state, max_new_tokens, tuple(state.details["keep_fractions"]))
@@ -347,7 +359,9 @@ class LazyLLM(Method):
                     raise RuntimeError(f"layer {layer_idx} never called tokensieve attention; is the model using it?")
                 token_scores = torch.zeros(total, device=dev)  # [N]
                 token_scores[st.kv_tokens[layer_idx]] = scores.pop()
-                candidates = self.select(layer_idx, token_scores, candidates, keep_count(prune_at[layer_idx], candidates.numel()))
+                candidates = self.select(
+                    layer_idx, token_scores, candidates, keep_count(prune_at[layer_idx], candidates.numel())
+                )
                 present = torch.zeros_like(present)
                 present[candidates] = True
                 segment = None
@@ -532,8 +546,13 @@ class LazyDecoder(CapturedStep):
         self.steps_left = max_new_tokens
 
     def _attend(
-        self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-        attention_mask: torch.Tensor | None, **kwargs: Any,
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
         """One layer's attention for the rows computed here: store their keys/values in their slots, attend over the
         present tokens at or before each row. query [1, q_heads, t, d]; key/value [1, kv_heads, t, d]."""
@@ -546,17 +565,22 @@ class LazyDecoder(CapturedStep):
         prune = li in self._prune_index
         if t == 1 and not prune and self.kernel == "triton":  # one pass over the present slots up to the token
             hkv = keys.shape[1]
-            out = self._decode_attention(query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling)
+            out = self._decode_attention(
+                query.reshape(1, hkv, hq // hkv, d), keys, values, rows + 1, self._valid, scaling
+            )
             return out.view(1, hq, 1, d).transpose(1, 2), None
         allowed = self.present[None, :] & (self._slots[None, :] <= rows[:, None])  # [t, cap]
         if t == 1:  # the fixed-shape step: one query, the probabilities at hand
             probs32 = self._probs(query, keys, allowed, scaling)  # [hkv, g, cap]
             out = torch.bmm(probs32.to(values.dtype), values[0]).view(1, hq, 1, d).transpose(1, 2)  # [1, 1, hq, d]
         else:  # revived rows too (host-planned): SDPA as on the eager path, rows in chunks (the mask is [rows, cap])
-            out = torch.cat([
-                sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
-                for a, b in spans(t, ROW_CHUNK)
-            ], dim=1)
+            out = torch.cat(
+                [
+                    sdpa(module, query[:, :, a:b], keys, values, allowed[None, None, a:b], scaling=scaling)[0]
+                    for a, b in spans(t, ROW_CHUNK)
+                ],
+                dim=1,
+            )
             probs32 = self._probs(query[:, :, -1:], keys, allowed[-1:], scaling) if prune else None
         if prune:  # LazyLLM's importance: the new token's attention, mean over the query heads
             self._scores = probs32.sum((0, 1)) / hq
@@ -601,8 +625,12 @@ class LazyDecoder(CapturedStep):
             hidden = self.aux.index_select(0, rows)[None]  # [1, t, hidden]
             pos_ids = rows[None]
             out = layer(
-                hidden, attention_mask=None, position_embeddings=dec.rotary_embeddings(hidden, pos_ids, li),
-                position_ids=pos_ids, use_cache=False, **{HOOK_KWARG: self._attend},
+                hidden,
+                attention_mask=None,
+                position_embeddings=dec.rotary_embeddings(hidden, pos_ids, li),
+                position_ids=pos_ids,
+                use_cache=False,
+                **{HOOK_KWARG: self._attend},
             )
             out = out[0] if isinstance(out, tuple) else out
             self.aux.index_copy_(0, rows, out[0])

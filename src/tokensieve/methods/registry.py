@@ -25,6 +25,7 @@ BUILTIN: dict[str, str] = {
     "lazyllm": "tokensieve.methods.lazyllm:LazyLLM",
 }
 
+
 class Registry(Mapping):
     """name -> method class (a read-only mapping; :func:`register` / :func:`unregister` change it).
 
@@ -59,8 +60,12 @@ METHODS = Registry(BUILTIN)
 def register(cls: type[Method]) -> type[Method]:
     """Add a method class under its ``name`` (usable as a class decorator); ``InputError`` if the name is taken
     or ``cls`` is not a dataclass subclass of ``Method``. Returns ``cls``."""
-    if not (isinstance(cls, type) and dataclasses.is_dataclass(cls) and callable(getattr(cls, "prefill", None))
-            and dataclasses.is_dataclass(getattr(cls, "capabilities", None))):
+    if not (
+        isinstance(cls, type)
+        and dataclasses.is_dataclass(cls)
+        and callable(getattr(cls, "prefill", None))
+        and dataclasses.is_dataclass(getattr(cls, "capabilities", None))
+    ):
         raise InputError(f"a method must be a dataclass subclass of tokensieve.methods.Method, got {cls!r}")
     name = getattr(cls, "name", None)
     if not isinstance(name, str) or not re.fullmatch(r"[a-z][a-z0-9_]*", name):

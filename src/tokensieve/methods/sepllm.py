@@ -42,10 +42,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import sdpa
 from tokensieve.core.cache import EvictionCache
+from tokensieve.core.separators import separator_token_ids
 from tokensieve.errors import InputError, check_int
 from tokensieve.methods.base import Capabilities, DecodeState, DeviceEviction
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall
-from tokensieve.core.separators import separator_token_ids
 
 
 def sepllm_rule(
@@ -189,7 +189,9 @@ class SepLLM(EvictionMethod):
             lo = max(0, q0 - self.n_recent)
             # Keys any query of the block may see: special ones before `lo`, all of [lo, q1).
             idx = torch.cat([special_idx[special_idx < lo], pos[lo:q1]])  # [m], ascending
-            mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[None, None]  # [1, 1, c, m]
+            mask = sepllm_visible(pos[q0:q1], idx, is_sep[idx], self.n_initial, self.n_recent)[
+                None, None
+            ]  # [1, 1, c, m]
             if call.attention_mask is not None and call.attention_mask.dtype == torch.bool:
                 mask = mask & call.attention_mask[:, :, q0:q1][..., idx]
             out, _ = sdpa(call.module, query[:, :, q0:q1], key[:, :, idx], value[:, :, idx], mask, **call.kwargs)
@@ -198,14 +200,19 @@ class SepLLM(EvictionMethod):
 
     def decode_eviction(self) -> DeviceEviction:
         # the entry that leaves the window each step goes unless it is an initial token or a separator
-        return DeviceEviction("separators", n_keep=self.n_initial, window=self.n_recent,
-                              separator_ids=tuple(int(i) for i in self._sep.tolist()))
+        return DeviceEviction(
+            "separators",
+            n_keep=self.n_initial,
+            window=self.n_recent,
+            separator_ids=tuple(int(i) for i in self._sep.tolist()),
+        )
 
     def evict(self, call: LayerCall) -> None:
         """Keep what later tokens may still see: initial tokens, separators, the recent window."""
         cache, li = call.cache, call.layer_idx
         pos = cache.positions[li][0, 0]  # [entries] original positions, the same for every head
-        keep = sepllm_keep(pos, self._is_separator(cache, pos), self.n_initial, self.n_recent,
-                           next_position=cache.seen_tokens(li))
+        keep = sepllm_keep(
+            pos, self._is_separator(cache, pos), self.n_initial, self.n_recent, next_position=cache.seen_tokens(li)
+        )
         if not bool(keep.all()):
             cache.keep(li, keep.nonzero().squeeze(-1))

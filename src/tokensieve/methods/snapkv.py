@@ -23,10 +23,10 @@ from typing import ClassVar
 import torch
 from transformers import PreTrainedModel
 
+from tokensieve.core.scoring import attention_scores, span_scores, topk_with_recent
 from tokensieve.errors import InputError, check_int
 from tokensieve.methods.base import Capabilities, DecodeState
 from tokensieve.methods.eviction import DEFAULT_DILATION, EvictionMethod, LayerCall, check_span_rule
-from tokensieve.core.scoring import attention_scores, span_scores, topk_with_recent
 
 
 @dataclass
@@ -100,5 +100,7 @@ class SnapKV(EvictionMethod):
             rows.append(idx)
         call.cache.keep(call.layer_idx, torch.cat(rows))  # [b, hkv, budget]
 
-    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+    def prefill_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> DecodeState:
         return self._prefill(model, input_ids, attention_mask)

@@ -98,7 +98,9 @@ class StreamingLLM(EvictionMethod):
         dev = cache.layers[layer_idx].keys.device
         cache.keep(layer_idx, keep_sinks_and_recent(entries, self.n_initial, self.budget - self.n_initial, dev))
 
-    def prefill_batch(self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> DecodeState:
+    def prefill_batch(
+        self, model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> DecodeState:
         return self._prefill(model, input_ids, attention_mask)
 
     def evict(self, call: LayerCall) -> None:

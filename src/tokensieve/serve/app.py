@@ -16,8 +16,9 @@ import hmac
 import json
 import logging
 import time
+from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Mapping, Sequence
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -30,7 +31,15 @@ from tokensieve.engine.runner import generate, generate_batch
 from tokensieve.errors import InputError, check_int
 from tokensieve.serve.engine import Engine, ServingEngine
 from tokensieve.serve.jobs import (
-    Delta, EngineStoppedError, Event, Failed, Finished, Job, QueueFullError, shutting_down_error, timeout_error,
+    Delta,
+    EngineStoppedError,
+    Event,
+    Failed,
+    Finished,
+    Job,
+    QueueFullError,
+    shutting_down_error,
+    timeout_error,
 )
 from tokensieve.serve.metrics import Metrics, endpoint_label
 from tokensieve.serve.protocol import (
@@ -80,7 +89,7 @@ def host_name(header: str) -> str:
     """The name of a Host header without its port: ``[::1]:8000`` -> ``::1``, ``Example.COM.:80`` -> ``example.com``."""
     h = header.strip()
     if h.startswith("["):
-        name = h[1:h.find("]")] if "]" in h else h[1:]
+        name = h[1 : h.find("]")] if "]" in h else h[1:]
     else:
         name = h.rsplit(":", 1)[0] if h.count(":") == 1 else h
     return name.rstrip(".").lower()
@@ -90,8 +99,10 @@ def _json_reply(status: int, body: dict[str, Any], headers: list[tuple[bytes, by
     """The ASGI messages of a JSON response (for middleware that answers before the app)."""
     data = json.dumps(body).encode("utf-8")
     head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())] + list(headers)
-    return [{"type": "http.response.start", "status": status, "headers": head},
-            {"type": "http.response.body", "body": data}]
+    return [
+        {"type": "http.response.start", "status": status, "headers": head},
+        {"type": "http.response.body", "body": data},
+    ]
 
 
 class _FrontDoor:
@@ -105,12 +116,15 @@ class _FrontDoor:
     (421 otherwise: a DNS-rebinding page reaches a local server under its own domain name); ``"*"``
     allows any."""
 
-    def __init__(self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int,
-                 allowed_hosts: tuple[str, ...] | None = None) -> None:
+    def __init__(
+        self, app: ASGIApp, api_keys: tuple[str, ...], max_body_bytes: int, allowed_hosts: tuple[str, ...] | None = None
+    ) -> None:
         self.app = app
         self.keys = [k.encode("utf-8") for k in api_keys]
         self.max_body_bytes = max_body_bytes
-        self.allowed_hosts = None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+        self.allowed_hosts = (
+            None if allowed_hosts is None or "*" in allowed_hosts else {host_name(h) for h in allowed_hosts}
+        )
 
     def _host_ok(self, headers: dict[bytes, bytes]) -> bool:
         if self.allowed_hosts is None:
@@ -141,24 +155,41 @@ class _FrontDoor:
         reply: list[Message] | None = None
         if not self._host_ok(headers):
             given = headers.get(b"host", b"").decode("latin-1")
-            reply = _json_reply(421, error_body(
-                f"this server does not answer for the host {given!r} (the Host header must name a loopback address or "
-                f"one given with --allowed-host)", type="invalid_request_error", code="invalid_host"))
+            reply = _json_reply(
+                421,
+                error_body(
+                    f"this server does not answer for the host {given!r} (the Host header must name a loopback address or "
+                    f"one given with --allowed-host)",
+                    type="invalid_request_error",
+                    code="invalid_host",
+                ),
+            )
         elif path == "/v1" or path.startswith("/v1/"):
             allowed, tenant = self._tenant(scope)
             if not allowed:
-                reply = _json_reply(401, error_body(
-                    "missing or incorrect API key: send it as 'Authorization: Bearer KEY'", type="invalid_request_error",
-                    code="invalid_api_key"), [(b"www-authenticate", b"Bearer")])
+                reply = _json_reply(
+                    401,
+                    error_body(
+                        "missing or incorrect API key: send it as 'Authorization: Bearer KEY'",
+                        type="invalid_request_error",
+                        code="invalid_api_key",
+                    ),
+                    [(b"www-authenticate", b"Bearer")],
+                )
             else:
                 scope.setdefault("state", {})["tenant"] = tenant
         if reply is None and scope.get("method") == "POST":
             media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
             length = headers.get(b"content-length")
             if media not in JSON_TYPES:
-                reply = _json_reply(415, error_body(
-                    f"the request body must be JSON with 'Content-Type: application/json', got {media or 'no content type'!r}",
-                    type="invalid_request_error", code="unsupported_media_type"))
+                reply = _json_reply(
+                    415,
+                    error_body(
+                        f"the request body must be JSON with 'Content-Type: application/json', got {media or 'no content type'!r}",
+                        type="invalid_request_error",
+                        code="unsupported_media_type",
+                    ),
+                )
             elif length is not None and (not length.strip().isdigit() or int(length) > self.max_body_bytes):
                 reply = _json_reply(413, body_too_large(self.max_body_bytes))
         if reply is None:
@@ -169,8 +200,11 @@ class _FrontDoor:
 
 
 def body_too_large(limit: int) -> dict[str, Any]:
-    return error_body(f"the request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
-                      type="invalid_request_error", code="request_too_large")
+    return error_body(
+        f"the request body is larger than this server's limit of {limit} bytes (--max-body-bytes)",
+        type="invalid_request_error",
+        code="request_too_large",
+    )
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -222,7 +256,9 @@ class _JobStream(StreamingResponse):
     """An SSE response that cancels its job when it ends for any reason (client gone included)."""
 
     def __init__(self, content: AsyncIterator[bytes], job: Job, engine: ServingEngine) -> None:
-        super().__init__(content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+        )
         self._job = job
         self._engine = engine
 
@@ -256,8 +292,13 @@ def _stats(ev: Finished) -> dict[str, Any]:
 def _usage(ev: Finished) -> dict[str, Any]:
     """OpenAI's usage; prompt tokens taken from the prefix cache in ``prompt_tokens_details.cached_tokens``."""
     r = ev.result
-    return usage_body(r.prompt_tokens, r.generated_tokens, int(r.details.get("prefix_cached_tokens", 0)),
-                      kept_tokens=r.kept_tokens, ttft_s=r.ttft_s)
+    return usage_body(
+        r.prompt_tokens,
+        r.generated_tokens,
+        int(r.details.get("prefix_cached_tokens", 0)),
+        kept_tokens=r.kept_tokens,
+        ttft_s=r.ttft_s,
+    )
 
 
 def _error_response(err: APIError) -> JSONResponse:
@@ -300,17 +341,39 @@ def create_app(
     (``"tokensieve": {"method": "gemfilter", "filter_model": name}``; the method parameters may name one too).
     """
     engine = Engine(
-        model, tokenizer, method=method, method_params=method_params, max_queue=max_queue,
-        request_timeout_s=request_timeout_s, metrics=Metrics(), generate_fn=generate_fn, prefix_cache_gib=prefix_cache_gib,
-        max_batch=max_batch, generate_batch_fn=generate_batch_fn, lock_params=lock_params, filter_models=filter_models,
+        model,
+        tokenizer,
+        method=method,
+        method_params=method_params,
+        max_queue=max_queue,
+        request_timeout_s=request_timeout_s,
+        metrics=Metrics(),
+        generate_fn=generate_fn,
+        prefix_cache_gib=prefix_cache_gib,
+        max_batch=max_batch,
+        generate_batch_fn=generate_batch_fn,
+        lock_params=lock_params,
+        filter_models=filter_models,
     )
-    return app_for_engine(engine, model_name=model_name, default_max_tokens=default_max_tokens, api_keys=api_keys,
-                          max_body_bytes=max_body_bytes, allowed_hosts=allowed_hosts)
+    return app_for_engine(
+        engine,
+        model_name=model_name,
+        default_max_tokens=default_max_tokens,
+        api_keys=api_keys,
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=allowed_hosts,
+    )
 
 
-def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens: int = DEFAULT_MAX_TOKENS,
-                   api_keys: Sequence[str] = (), max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-                   allowed_hosts: Sequence[str] | None = None) -> FastAPI:
+def app_for_engine(
+    engine: ServingEngine,
+    *,
+    model_name: str,
+    default_max_tokens: int = DEFAULT_MAX_TOKENS,
+    api_keys: Sequence[str] = (),
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    allowed_hosts: Sequence[str] | None = None,
+) -> FastAPI:
     """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).
 
     The endpoints only use the engine's request interface (prepare, submit, cancel, start/stop and the
@@ -320,8 +383,10 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
     if isinstance(api_keys, str) or not all(isinstance(k, str) and k.strip() and k == k.strip() for k in api_keys):
         raise InputError("api_keys must be a list of non-empty key strings without surrounding spaces")
     check_int("max_body_bytes", max_body_bytes, 1)
-    if allowed_hosts is not None and (isinstance(allowed_hosts, str) or not all(
-            isinstance(h, str) and host_name(h) and " " not in h.strip() for h in allowed_hosts)):
+    if allowed_hosts is not None and (
+        isinstance(allowed_hosts, str)
+        or not all(isinstance(h, str) and host_name(h) and " " not in h.strip() for h in allowed_hosts)
+    ):
         raise InputError("allowed_hosts must be a list of host names (or '*'), without spaces")
     metrics = engine.metrics
     created = now()
@@ -339,8 +404,12 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
     app.state.metrics = metrics
     app.state.model_name = model_name
     app.state.api_keys = bool(api_keys)
-    app.add_middleware(_FrontDoor, api_keys=tuple(api_keys), max_body_bytes=max_body_bytes,
-                       allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts))
+    app.add_middleware(
+        _FrontDoor,
+        api_keys=tuple(api_keys),
+        max_body_bytes=max_body_bytes,
+        allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
+    )
     app.add_middleware(_RequestMetrics, metrics=metrics)  # outermost: counts the front door's answers too
 
     @app.exception_handler(APIError)
@@ -352,14 +421,17 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
         return JSONResponse(
             error_body(str(exc.detail), type="invalid_request_error", code=code),
-            status_code=exc.status_code, headers=getattr(exc, "headers", None),
+            status_code=exc.status_code,
+            headers=getattr(exc, "headers", None),
         )
 
     @app.exception_handler(Exception)
     async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
         log.exception("tokensieve serve: unexpected error")
         return JSONResponse(
-            error_body(f"internal server error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"),
+            error_body(
+                f"internal server error: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
+            ),
             status_code=500,
         )
 
@@ -383,7 +455,9 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
                     engine.cancel(job, "cancelled")
                     raise ClientGone from None
 
-    async def stream_events(kind: Kind, req: GenerationRequest, job: Job, first: Event, rid: str, created_at: int) -> AsyncIterator[bytes]:
+    async def stream_events(
+        kind: Kind, req: GenerationRequest, job: Job, first: Event, rid: str, created_at: int
+    ) -> AsyncIterator[bytes]:
         ev, started = first, False
         while True:
             if isinstance(ev, Delta):
@@ -421,7 +495,11 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
         if getattr(engine, "draining", False):  # shutting down: no body read, no tokenizing
             raise shutting_down_error()
         raw = await read_body(request, max_body_bytes)
-        body = await run_in_threadpool(parse_json_object, raw) if len(raw) > PARSE_OFF_LOOP_BYTES else parse_json_object(raw)
+        body = (
+            await run_in_threadpool(parse_json_object, raw)
+            if len(raw) > PARSE_OFF_LOOP_BYTES
+            else parse_json_object(raw)
+        )
         parse = parse_chat_request if kind == "chat" else parse_completion_request
         req = parse(body, default_max_tokens)
         req.tenant = getattr(request.state, "tenant", None)
@@ -430,7 +508,11 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
             job = engine.submit(prepared, asyncio.get_running_loop())
         except QueueFullError as exc:
             raise APIError(
-                429, str(exc), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(exc.retry_after_s)}
+                429,
+                str(exc),
+                type="rate_limit_error",
+                code="queue_full",
+                headers={"Retry-After": str(exc.retry_after_s)},
             ) from None
         except EngineStoppedError:
             raise shutting_down_error() from None
@@ -446,13 +528,15 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
                     return _error_response(ev.error)
                 ev = await next_event(job, request)
         except ClientGone:
-            return JSONResponse(error_body("the client closed the connection", type="invalid_request_error", code="cancelled"), status_code=499)
+            return JSONResponse(
+                error_body("the client closed the connection", type="invalid_request_error", code="cancelled"),
+                status_code=499,
+            )
         except BaseException:
             engine.cancel(job, "cancelled")
             raise
         return JSONResponse(
-            completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason,
-                            _usage(ev), _stats(ev))
+            completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason, _usage(ev), _stats(ev))
         )
 
     @app.post("/v1/chat/completions")
@@ -473,8 +557,12 @@ def app_for_engine(engine: ServingEngine, *, model_name: str, default_max_tokens
     @app.get("/v1/models/{model_id:path}")
     async def get_model(model_id: str) -> dict[str, Any]:
         if model_id != model_name:
-            raise APIError(404, f"model {model_id!r} is not served here; this server serves {model_name!r}",
-                           param="model", code="model_not_found")
+            raise APIError(
+                404,
+                f"model {model_id!r} is not served here; this server serves {model_name!r}",
+                param="model",
+                code="model_not_found",
+            )
         return model_card()
 
     @app.get("/health")

@@ -42,8 +42,11 @@ class BatchPolicy:
         """Whether ``other`` may share ``head``'s batch: both batchable, the same method with the same
         parameters, and sampling settings one batch can draw with (``Sampling.batches_with``)."""
         return (
-            self.batchable(head) and self.batchable(other) and head.method.name == other.method.name
-            and head.method.params() == other.method.params() and head.sampling.batches_with(other.sampling)
+            self.batchable(head)
+            and self.batchable(other)
+            and head.method.name == other.method.name
+            and head.method.params() == other.method.params()
+            and head.sampling.batches_with(other.sampling)
         )
 
     def take(self, waiting: deque[J]) -> list[J]:

@@ -19,7 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Mapping, Protocol
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -58,10 +59,32 @@ log = logging.getLogger(__name__)
 
 # Names other modules (and earlier releases) import from here.
 __all__ = [
-    "Engine", "ServingEngine", "Delta", "EngineStoppedError", "Event", "Failed", "Finished", "Job", "JobRecord", "QueueFullError",
-    "PreparedRequest", "TextStream", "GenerateFn", "BatchFn", "Interrupted", "STALL_GRACE_S", "PREFIX_ALONE_TOKENS",
-    "MAX_PARAM_INT", "PARAM_MINIMUMS", "check_param_types", "check_param_minimums", "context_length_error",
-    "prefix_salt", "shutting_down_error", "timeout_error", "decoder_layers",
+    "Engine",
+    "ServingEngine",
+    "Delta",
+    "EngineStoppedError",
+    "Event",
+    "Failed",
+    "Finished",
+    "Job",
+    "JobRecord",
+    "QueueFullError",
+    "PreparedRequest",
+    "TextStream",
+    "GenerateFn",
+    "BatchFn",
+    "Interrupted",
+    "STALL_GRACE_S",
+    "PREFIX_ALONE_TOKENS",
+    "MAX_PARAM_INT",
+    "PARAM_MINIMUMS",
+    "check_param_types",
+    "check_param_minimums",
+    "context_length_error",
+    "prefix_salt",
+    "shutting_down_error",
+    "timeout_error",
+    "decoder_layers",
 ]
 
 
@@ -126,7 +149,9 @@ class Engine:
         filter_models: Mapping[str, Any] | None = None,
     ) -> None:
         if request_timeout_s is not None and not (request_timeout_s > 0):
-            raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
+            raise InputError(
+                f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}"
+            )
         policy = BatchPolicy(max_batch)
         # The prefix cache: used by the worker thread only. Off for models whose cache cannot be cut at a prefix.
         self.prefix_store: PrefixStore | None = store_for_gib(prefix_cache_gib)
@@ -137,17 +162,31 @@ class Engine:
             except InputError as exc:
                 self.prefix_store, self.prefix_off_reason = None, str(exc)
                 log.warning("tokensieve serve: no prefix cache: %s", exc)
-        self.preparer = RequestPreparer(model, tokenizer, method=method, method_params=method_params,
-                                        lock_params=lock_params, prefix_store=self.prefix_store,
-                                        filter_models=filter_models)
+        self.preparer = RequestPreparer(
+            model,
+            tokenizer,
+            method=method,
+            method_params=method_params,
+            lock_params=lock_params,
+            prefix_store=self.prefix_store,
+            filter_models=filter_models,
+        )
         self.model = model
         self.tokenizer = tokenizer
         self.metrics = metrics or Metrics()
         self.request_timeout_s = request_timeout_s
         self.worker = Worker(
-            model, Decoder(tokenizer), generate_fn=generate_fn, generate_batch_fn=generate_batch_fn, policy=policy,
-            max_queue=max_queue, request_timeout_s=request_timeout_s, metrics=self.metrics, history=history,
-            prefix_store=self.prefix_store, watched=[d.model for d in self.preparer.filter_models.values()],
+            model,
+            Decoder(tokenizer),
+            generate_fn=generate_fn,
+            generate_batch_fn=generate_batch_fn,
+            policy=policy,
+            max_queue=max_queue,
+            request_timeout_s=request_timeout_s,
+            metrics=self.metrics,
+            history=history,
+            prefix_store=self.prefix_store,
+            watched=[d.model for d in self.preparer.filter_models.values()],
         )
 
     # -- what the app and /health read
@@ -211,8 +250,14 @@ class Engine:
         st = self.prefix_store
         if st is None:
             return {"enabled": False, "reason": self.prefix_off_reason}
-        return {"enabled": True, "max_bytes": st.max_bytes, "bytes": st.nbytes, "entries": len(st),
-                "hits": st.stats.hits, "misses": st.stats.misses}
+        return {
+            "enabled": True,
+            "max_bytes": st.max_bytes,
+            "bytes": st.nbytes,
+            "entries": len(st),
+            "hits": st.stats.hits,
+            "misses": st.stats.misses,
+        }
 
     # -- lifecycle
 

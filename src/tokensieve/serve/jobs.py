@@ -15,8 +15,9 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 from tokensieve.engine.detokenize import TextStream
 from tokensieve.serve.metrics import Metrics
@@ -43,8 +44,10 @@ class EngineStoppedError(Exception):
 
 def timeout_error(timeout_s: float) -> APIError:
     return APIError(
-        504, f"the request did not finish within the server's request timeout of {timeout_s:g} s",
-        type="timeout_error", code="timeout",
+        504,
+        f"the request did not finish within the server's request timeout of {timeout_s:g} s",
+        type="timeout_error",
+        code="timeout",
     )
 
 
@@ -189,8 +192,14 @@ class JobBook:
     queue's condition), so ending a job and taking it from the queue never race.
     """
 
-    def __init__(self, metrics: Metrics, history: int, lock: threading.Condition | threading.Lock,
-                 request_timeout_s: float | None, stopping: Callable[[], bool]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        history: int,
+        lock: threading.Condition | threading.Lock,
+        request_timeout_s: float | None,
+        stopping: Callable[[], bool],
+    ) -> None:
         self.metrics = metrics
         self.records: deque[JobRecord] = deque(maxlen=history)
         self._lock = lock
@@ -214,8 +223,15 @@ class JobBook:
         self.metrics.jobs.labels(outcome).inc()
         self.metrics.generated_tokens.labels(outcome).inc(job.generated_tokens)
         self.records.append(
-            JobRecord(job.id, outcome, job.prepared.method.name, job.prepared.max_tokens, job.generated_tokens, job.queue_s,
-                      job.batch_size)
+            JobRecord(
+                job.id,
+                outcome,
+                job.prepared.method.name,
+                job.prepared.max_tokens,
+                job.generated_tokens,
+                job.queue_s,
+                job.batch_size,
+            )
         )
         job.ended.set()
 
@@ -248,4 +264,6 @@ class JobBook:
         text, finish_reason = answer.finish(eos)
         self.observe(res)
         job.generated_tokens = res.generated_tokens
-        self.finish(job, "completed", Finished(text, finish_reason, res, queue_s if queue_s is not None else job.queue_s or 0.0))
+        self.finish(
+            job, "completed", Finished(text, finish_reason, res, queue_s if queue_s is not None else job.queue_s or 0.0)
+        )

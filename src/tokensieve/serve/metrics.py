@@ -27,54 +27,86 @@ class Metrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry()
         self.requests = Counter(
-            "tokensieve_requests", "HTTP requests answered, by endpoint and status code", ["endpoint", "status"], registry=r
+            "tokensieve_requests",
+            "HTTP requests answered, by endpoint and status code",
+            ["endpoint", "status"],
+            registry=r,
         )
         self.request_duration = Histogram(
             "tokensieve_request_duration_seconds",
             "end-to-end time of a completion request, arrival to last byte (streams included)",
-            ["endpoint"], buckets=TIME_BUCKETS, registry=r,
+            ["endpoint"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.jobs = Counter(
             "tokensieve_jobs",
             "generation jobs that ended, by outcome: completed, cancelled (client went away), timeout, rejected (bad input), failed (server error), shutdown (ended by a shutdown)",
-            ["outcome"], registry=r,
+            ["outcome"],
+            registry=r,
         )
         self.ttft = Histogram(
-            "tokensieve_ttft_seconds", "model time to first token (prefill + first token), by method",
-            ["method"], buckets=TIME_BUCKETS, registry=r,
+            "tokensieve_ttft_seconds",
+            "model time to first token (prefill + first token), by method",
+            ["method"],
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
         self.queue_wait = Histogram(
-            "tokensieve_queue_wait_seconds", "time a request waited in the queue before its generation started",
-            buckets=TIME_BUCKETS, registry=r,
+            "tokensieve_queue_wait_seconds",
+            "time a request waited in the queue before its generation started",
+            buckets=TIME_BUCKETS,
+            registry=r,
         )
-        self.prompt_tokens = Counter("tokensieve_prompt_tokens", "prompt tokens of completed requests, by method", ["method"], registry=r)
+        self.prompt_tokens = Counter(
+            "tokensieve_prompt_tokens", "prompt tokens of completed requests, by method", ["method"], registry=r
+        )
         self.kept_tokens = Counter(
-            "tokensieve_kept_tokens", "prompt tokens the model computed on (after selection/eviction), by method", ["method"], registry=r
+            "tokensieve_kept_tokens",
+            "prompt tokens the model computed on (after selection/eviction), by method",
+            ["method"],
+            registry=r,
         )
         self.kept_ratio = Histogram(
-            "tokensieve_kept_ratio", "kept / prompt tokens per completed request, by method", ["method"], buckets=RATIO_BUCKETS, registry=r
+            "tokensieve_kept_ratio",
+            "kept / prompt tokens per completed request, by method",
+            ["method"],
+            buckets=RATIO_BUCKETS,
+            registry=r,
         )
         self.generated_tokens = Counter(
-            "tokensieve_generated_tokens", "tokens generated, by job outcome (cancelled jobs count what they made before stopping)",
-            ["outcome"], registry=r,
+            "tokensieve_generated_tokens",
+            "tokens generated, by job outcome (cancelled jobs count what they made before stopping)",
+            ["outcome"],
+            registry=r,
         )
         self.prefix_lookups = Counter(
             "tokensieve_prefix_cache_lookups",
-            "prefills that used the prefix cache, by result: hit (reused at least one token) or miss", ["result"], registry=r,
+            "prefills that used the prefix cache, by result: hit (reused at least one token) or miss",
+            ["result"],
+            registry=r,
         )
         self.prefix_cached_tokens = Counter(
-            "tokensieve_prefix_cached_tokens", "prompt tokens taken from the prefix cache instead of computed", registry=r
+            "tokensieve_prefix_cached_tokens",
+            "prompt tokens taken from the prefix cache instead of computed",
+            registry=r,
         )
         self.prefix_bytes = Gauge("tokensieve_prefix_cache_bytes", "bytes held by the prefix cache", registry=r)
         self.prefix_entries = Gauge("tokensieve_prefix_cache_entries", "prefixes held by the prefix cache", registry=r)
         self.prefix_evictions = Counter(
-            "tokensieve_prefix_cache_evictions", "prefixes dropped (least recently used) to stay within the cache's size", registry=r
+            "tokensieve_prefix_cache_evictions",
+            "prefixes dropped (least recently used) to stay within the cache's size",
+            registry=r,
         )
         self.queue_depth = Gauge("tokensieve_queue_depth", "requests waiting for the worker", registry=r)
-        self.running = Gauge("tokensieve_running_requests", "requests being generated now (0, 1, or a batch's size)", registry=r)
+        self.running = Gauge(
+            "tokensieve_running_requests", "requests being generated now (0, 1, or a batch's size)", registry=r
+        )
         self.batch_size = Histogram(
-            "tokensieve_batch_size", "requests generated together in one run (1: alone; more with --max-batch)",
-            buckets=BATCH_BUCKETS, registry=r,
+            "tokensieve_batch_size",
+            "requests generated together in one run (1: alone; more with --max-batch)",
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
 
     def render(self) -> tuple[bytes, str]:

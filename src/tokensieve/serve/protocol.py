@@ -17,8 +17,9 @@ import json
 import math
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 Kind = Literal["chat", "completion"]
 
@@ -103,7 +104,9 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
             code="invalid_json",
         ) from None
     if not isinstance(body, dict):
-        raise invalid(f"the request body must be a JSON object, got a JSON {_json_type(body)}", None, code="invalid_json")
+        raise invalid(
+            f"the request body must be a JSON object, got a JSON {_json_type(body)}", None, code="invalid_json"
+        )
     return body
 
 
@@ -189,7 +192,11 @@ def _reject_unsupported(body: Mapping[str, Any], kind: Kind) -> None:
         if not off:
             raise invalid(f"{name} is not supported by this server, got {_show(v)}", name, code="unsupported_value")
     if kind == "completion" and body.get("suffix") not in (None, ""):
-        raise invalid(f"suffix is not supported by this server, got {_show(body.get('suffix'))}", "suffix", code="unsupported_value")
+        raise invalid(
+            f"suffix is not supported by this server, got {_show(body.get('suffix'))}",
+            "suffix",
+            code="unsupported_value",
+        )
 
 
 def _extension(body: Mapping[str, Any]) -> tuple[str | None, dict[str, Any]]:
@@ -213,8 +220,10 @@ def _cache_salt(body: Mapping[str, Any]) -> str | None:
     if v is None:
         return None
     if not isinstance(v, str) or not v or len(v) > MAX_CACHE_SALT_CHARS:
-        raise invalid(f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, got {_show(v)}",
-                      "cache_salt")
+        raise invalid(
+            f"cache_salt must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters, got {_show(v)}",
+            "cache_salt",
+        )
     return v
 
 
@@ -247,7 +256,8 @@ def _common(body: Mapping[str, Any], kind: Kind, prompt: Any, max_tokens: int) -
         method=method,
         method_params=params,
         model=model,
-        max_tokens_given=body.get("max_tokens") is not None or (kind == "chat" and body.get("max_completion_tokens") is not None),
+        max_tokens_given=body.get("max_tokens") is not None
+        or (kind == "chat" and body.get("max_completion_tokens") is not None),
         cache_salt=_cache_salt(body),
     )
 
@@ -269,7 +279,9 @@ def _content_text(content: Any, where: str) -> str:
                 )
             parts.append(part["text"])
         return "".join(parts)
-    raise invalid(f"{where}.content must be a string or an array of text parts, got {_show(content)}", f"{where}.content")
+    raise invalid(
+        f"{where}.content must be a string or an array of text parts, got {_show(content)}", f"{where}.content"
+    )
 
 
 def parse_chat_request(body: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationRequest:
@@ -286,7 +298,9 @@ def parse_chat_request(body: Mapping[str, Any], default_max_tokens: int = DEFAUL
         role = m.get("role")
         if role not in ROLES:
             raise invalid(f"{where}.role must be one of {', '.join(ROLES)}, got {_show(role)}", f"{where}.role")
-        out.append({"role": "system" if role == "developer" else str(role), "content": _content_text(m.get("content"), where)})
+        out.append(
+            {"role": "system" if role == "developer" else str(role), "content": _content_text(m.get("content"), where)}
+        )
     if not any(m["content"].strip() for m in out):
         raise invalid("messages hold no text: every message's content is empty", "messages", code="empty_prompt")
     max_tokens = _integer(body, "max_completion_tokens", None, 1)
@@ -295,7 +309,9 @@ def parse_chat_request(body: Mapping[str, Any], default_max_tokens: int = DEFAUL
     return _common(body, "chat", out, max_tokens)
 
 
-def parse_completion_request(body: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS) -> GenerationRequest:
+def parse_completion_request(
+    body: Mapping[str, Any], default_max_tokens: int = DEFAULT_MAX_TOKENS
+) -> GenerationRequest:
     """``POST /v1/completions``: ``prompt`` is a string or token ids (one prompt per request)."""
     p = body.get("prompt")
     if isinstance(p, list) and len(p) == 1 and (isinstance(p[0], str) or isinstance(p[0], list)):
@@ -310,7 +326,9 @@ def parse_completion_request(body: Mapping[str, Any], default_max_tokens: int = 
         prompt = [int(t) for t in p]
     elif isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
         raise invalid(
-            f"prompt holds {len(p)} prompts; this server answers one prompt per request", "prompt", code="unsupported_value"
+            f"prompt holds {len(p)} prompts; this server answers one prompt per request",
+            "prompt",
+            code="unsupported_value",
         )
     else:
         got = "nothing" if p is None else ("an empty array" if p == [] else _show(p))
@@ -329,13 +347,21 @@ def now() -> int:
     return int(time.time())
 
 
-def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | None = None,
-               kept_tokens: int | None = None, ttft_s: float | None = None) -> dict[str, Any]:
+def usage_body(
+    prompt_tokens: int,
+    completion_tokens: int,
+    cached_tokens: int | None = None,
+    kept_tokens: int | None = None,
+    ttft_s: float | None = None,
+) -> dict[str, Any]:
     """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
     ``prompt_tokens_details`` as OpenAI reports its own prompt caching; tokensieve adds ``kept_tokens``
     (prompt tokens the method computed on) and ``ttft_s`` (extra fields, which OpenAI clients keep)."""
-    out: dict[str, Any] = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                           "total_tokens": prompt_tokens + completion_tokens}
+    out: dict[str, Any] = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
     if cached_tokens is not None:
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     if kept_tokens is not None:
@@ -346,7 +372,14 @@ def usage_body(prompt_tokens: int, completion_tokens: int, cached_tokens: int | 
 
 
 def completion_body(
-    kind: Kind, rid: str, created: int, model: str, text: str, finish_reason: str, usage: dict[str, Any], stats: dict[str, Any]
+    kind: Kind,
+    rid: str,
+    created: int,
+    model: str,
+    text: str,
+    finish_reason: str,
+    usage: dict[str, Any],
+    stats: dict[str, Any],
 ) -> dict[str, Any]:
     """A ``chat.completion`` or ``text_completion`` object (non-streaming)."""
     if kind == "chat":

@@ -25,8 +25,9 @@ import math
 import threading
 import types
 import typing
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -102,7 +103,9 @@ def check_param_types(method: str, params: dict[str, Any]) -> None:
             raise InputError(f"{method}: parameter {key!r} must be {_describe(hint)}, got {value!r}")
         ints = value if isinstance(value, (list, tuple)) else [value]
         if any(isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_PARAM_INT for v in ints):
-            raise InputError(f"{method}: parameter {key!r} must lie in [-{MAX_PARAM_INT}, {MAX_PARAM_INT}], got {_short(value)}")
+            raise InputError(
+                f"{method}: parameter {key!r} must lie in [-{MAX_PARAM_INT}, {MAX_PARAM_INT}], got {_short(value)}"
+            )
 
 
 def check_param_minimums(method: str, params: dict[str, Any]) -> None:
@@ -128,7 +131,8 @@ def context_length_error(limit: int, prompt_tokens: int, max_tokens: int, param:
         f"This model's maximum context length is {limit} tokens. However, you requested {prompt_tokens + max_tokens} "
         f"tokens ({prompt_tokens} in the messages, {max_tokens} in the completion). "
         f"Please reduce the length of the messages or completion.",
-        param, code="context_length_exceeded",
+        param,
+        code="context_length_exceeded",
     )
 
 
@@ -243,7 +247,9 @@ class RequestPreparer:
         self._vocab = int(model.config.get_text_config().vocab_size)
         self.encode_lock = threading.Lock()
 
-    def resolve_filter_model(self, method: str, params: dict[str, Any], where: str = "tokensieve.filter_model") -> dict[str, Any]:
+    def resolve_filter_model(
+        self, method: str, params: dict[str, Any], where: str = "tokensieve.filter_model"
+    ) -> dict[str, Any]:
         """``params`` with a ``filter_model`` name replaced by the draft this server loaded under that name
         (``filter_models``). ``InputError`` for a name the server did not load, or a value that is not a name
         or null: a request never makes the server load a model."""
@@ -252,8 +258,10 @@ class RequestPreparer:
             return params
         names = ", ".join(self.filter_models) or "none (start the server with --filter-model NAME)"
         if not isinstance(value, str) or value not in self.filter_models:
-            raise InputError(f"{where} must be the name of a filter model this server loaded ({names}) or null for the "
-                             f"model itself, got {_short(value)}")
+            raise InputError(
+                f"{where} must be the name of a filter model this server loaded ({names}) or null for the "
+                f"model itself, got {_short(value)}"
+            )
         if method != "gemfilter":
             raise InputError(f"{where} is a gemfilter parameter, not one of method {method!r}")
         return {**params, "filter_model": self.filter_models[value]}
@@ -263,13 +271,23 @@ class RequestPreparer:
         ``lock_params``: the server's, and a 400 naming the first field the request tried to change)."""
         if self.lock_params:
             if req.method is not None and req.method != self.default_method:
-                raise invalid(f"this server runs method {self.default_method!r} only (--lock-params); got {req.method!r}",
-                              "tokensieve.method", code="locked_parameter")
+                raise invalid(
+                    f"this server runs method {self.default_method!r} only (--lock-params); got {req.method!r}",
+                    "tokensieve.method",
+                    code="locked_parameter",
+                )
             for key, value in req.method_params.items():
                 if key not in self.default_params or self.default_params[key] != value:
-                    fixed = f"fixes {key} at {_short(self.default_params[key])}" if key in self.default_params else f"does not let requests set {key}"
-                    raise invalid(f"this server {fixed} (--lock-params); got {_short(value)}", f"tokensieve.{key}",
-                                  code="locked_parameter")
+                    fixed = (
+                        f"fixes {key} at {_short(self.default_params[key])}"
+                        if key in self.default_params
+                        else f"does not let requests set {key}"
+                    )
+                    raise invalid(
+                        f"this server {fixed} (--lock-params); got {_short(value)}",
+                        f"tokensieve.{key}",
+                        code="locked_parameter",
+                    )
             return self.default_method, dict(self.default_params)
         if req.method is None:
             return self.default_method, {**self.default_params, **req.method_params}
@@ -282,14 +300,21 @@ class RequestPreparer:
         """
         limit = self.max_positions
         if limit is not None and req.max_tokens > limit:
-            raise invalid(f"max_tokens must be at most {limit} (the model's maximum positions), got {req.max_tokens}", "max_tokens")
+            raise invalid(
+                f"max_tokens must be at most {limit} (the model's maximum positions), got {req.max_tokens}",
+                "max_tokens",
+            )
         try:
             sampling = Sampling(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, seed=req.seed)
         except InputError as exc:
             raise invalid(str(exc), None) from None
         name, params = self.method_for(req)
         if name not in METHODS:
-            raise invalid(f"unknown method {name!r}; expected one of: {', '.join(METHODS)}", "tokensieve.method", code="unknown_method")
+            raise invalid(
+                f"unknown method {name!r}; expected one of: {', '.join(METHODS)}",
+                "tokensieve.method",
+                code="unknown_method",
+            )
         refused = self._refuse(name) if self._refuse is not None else None
         if refused is not None:
             raise refused
@@ -316,9 +341,16 @@ class RequestPreparer:
             with self.encode_lock:  # prepare() may read the tokenizer (SepLLM's separators); the length is checked
                 run = prepare(self.model, self.tokenizer, input_ids, method, allow_long=True)
         except (ValueError, TypeError) as exc:  # Method.validate names the bad parameter
-            raise invalid(f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter") from None
-        prepared = PreparedRequest(req, run, sampling, self._prefix_tokens(req, run.method, run.input_ids),
-                                   prefix_salt(req.tenant, req.cache_salt))
+            raise invalid(
+                f"bad tokensieve parameters for method {name!r}: {exc}", "tokensieve", code="invalid_method_parameter"
+            ) from None
+        prepared = PreparedRequest(
+            req,
+            run,
+            sampling,
+            self._prefix_tokens(req, run.method, run.input_ids),
+            prefix_salt(req.tenant, req.cache_salt),
+        )
         if self._check is not None:
             self._check(prepared)
         return prepared

@@ -66,8 +66,11 @@ class DrainingServer(uvicorn.Server):
             self.should_exit = self.force_exit = True
 
     def _begin_drain(self) -> None:
-        log.info("Draining: new requests get 503, queued ones were answered 503; waiting up to %g s for %s",
-                 self.shutdown_timeout_s, "the running request(s)" if self.engine.busy else "nothing (none running)")
+        log.info(
+            "Draining: new requests get 503, queued ones were answered 503; waiting up to %g s for %s",
+            self.shutdown_timeout_s,
+            "the running request(s)" if self.engine.busy else "nothing (none running)",
+        )
         self.engine.drain()
         self._drain_task = asyncio.get_running_loop().create_task(self._drain())
 
@@ -81,5 +84,9 @@ class DrainingServer(uvicorn.Server):
         if self.engine.busy:
             why = "a second signal" if self._abort.is_set() else f"the shutdown timeout ({self.shutdown_timeout_s:g} s)"
             n = self.engine.abort_running()
-            log.warning("Ending %d running request(s) after %s: they get a 503 error (streams: an error event and [DONE])", n, why)
+            log.warning(
+                "Ending %d running request(s) after %s: they get a 503 error (streams: an error event and [DONE])",
+                n,
+                why,
+            )
         self.should_exit = True

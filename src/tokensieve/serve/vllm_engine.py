@@ -29,16 +29,17 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Mapping
+from typing import Any
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.engine.detokenize import Decoder
-from tokensieve.errors import InputError, check_int
-from tokensieve.methods import METHODS, Method
 from tokensieve.engine.runner import GenerationResult, stop_token_ids
+from tokensieve.errors import InputError, check_int
 from tokensieve.integrations.vllm_adapter import Selection, import_vllm, select_tokens
+from tokensieve.methods import METHODS, Method
 from tokensieve.serve.jobs import Answer, EngineStoppedError, Failed, Job, JobBook, QueueFullError, internal_error
 from tokensieve.serve.metrics import Metrics
 from tokensieve.serve.protocol import APIError, GenerationRequest, invalid
@@ -55,8 +56,15 @@ def vllm_methods() -> list[str]:
 
 def _whole_prompt(ids: list[int], method: Method) -> Selection:
     """``full``: every prompt token goes to vLLM, no filter pass."""
-    return Selection(input_ids=ids, kept_indices=list(range(len(ids))), kept_ids=list(ids), filter_s=0.0,
-                     filter_skipped=True, method=method.name, params=method.params())
+    return Selection(
+        input_ids=ids,
+        kept_indices=list(range(len(ids))),
+        kept_ids=list(ids),
+        filter_s=0.0,
+        filter_skipped=True,
+        method=method.name,
+        params=method.params(),
+    )
 
 
 class VLLMEngine:
@@ -90,10 +98,18 @@ class VLLMEngine:
         import_vllm()  # VLLMNotInstalledError (with the install command) before anything else
         check_int("max_queue", max_queue, 0)
         if request_timeout_s is not None and not (request_timeout_s > 0):
-            raise InputError(f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}")
+            raise InputError(
+                f"request_timeout must be a positive number of seconds (or None), got {request_timeout_s!r}"
+            )
         self.preparer = RequestPreparer(
-            filter_model, tokenizer, method=method, method_params=method_params, lock_params=lock_params,
-            refuse=self._refuse, check=self._check, filter_models=filter_models,
+            filter_model,
+            tokenizer,
+            method=method,
+            method_params=method_params,
+            lock_params=lock_params,
+            refuse=self._refuse,
+            check=self._check,
+            filter_models=filter_models,
         )
         if self.default_method not in vllm_methods():
             raise InputError(
@@ -112,7 +128,9 @@ class VLLMEngine:
         self.max_queue = max_queue
         self.request_timeout_s = request_timeout_s
         self.metrics = metrics or Metrics()
-        self.prefix_off_reason = "not used with --engine vllm (vLLM's own prefix caching sees the kept ids, salted per tenant)"
+        self.prefix_off_reason = (
+            "not used with --engine vllm (vLLM's own prefix caching sees the kept ids, salted per tenant)"
+        )
         self.llm: Any = None  # vllm AsyncLLM, from start()
         self.max_model_len = int(self.vllm_config.model_config.max_model_len)
         self.max_num_seqs = int(self.vllm_config.scheduler_config.max_num_seqs)
@@ -162,8 +180,14 @@ class VLLMEngine:
     def engine_info(self) -> dict[str, Any]:
         vllm = import_vllm()
         unfinished = self.llm.get_num_unfinished_requests() if self.llm is not None else 0
-        return {"name": self.name, "vllm_version": getattr(vllm, "__version__", None), "max_model_len": self.max_model_len,
-                "max_num_seqs": self.max_num_seqs, "in_flight": len(self._tasks), "vllm_unfinished_requests": unfinished}
+        return {
+            "name": self.name,
+            "vllm_version": getattr(vllm, "__version__", None),
+            "max_model_len": self.max_model_len,
+            "max_num_seqs": self.max_num_seqs,
+            "in_flight": len(self._tasks),
+            "vllm_unfinished_requests": unfinished,
+        }
 
     def prefix_cache_info(self) -> dict[str, Any]:
         return {"enabled": False, "reason": self.prefix_off_reason}
@@ -226,19 +250,21 @@ class VLLMEngine:
         return invalid(
             f"method {name!r} cannot run with --engine vllm (only prompt-selection methods hand vLLM a shorter "
             f"prompt; KV-cache methods need tokensieve's own decoding); expected one of: {', '.join(vllm_methods())}",
-            "tokensieve.method", code="unsupported_method",
+            "tokensieve.method",
+            code="unsupported_method",
         )
 
     def _check(self, prepared: PreparedRequest) -> None:
         """What only vLLM limits: the kept prompt's length against ``max_model_len``, and the sampling fields."""
         n = prepared.prompt_tokens
-        kept = n if not prepared.method.capabilities.selects_prompt else min(int(getattr(prepared.method, "topk")), n)
+        kept = n if not prepared.method.capabilities.selects_prompt else min(int(prepared.method.topk), n)
         if kept >= self.max_model_len:
             param = "messages" if prepared.request.kind == "chat" else "prompt"
             raise invalid(
                 f"vLLM would get {kept} prompt tokens ({prepared.method.name}, of {n}), but its max_model_len is "
                 f"{self.max_model_len} (--vllm-max-model-len); shorten the prompt or keep fewer tokens (topk)",
-                param, code="context_length_exceeded",
+                param,
+                code="context_length_exceeded",
             )
         self._sampling_params(prepared)  # vLLM's own checks of the sampling fields, answered 400 now
 
@@ -253,9 +279,16 @@ class VLLMEngine:
         s = prepared.sampling
         try:
             return SamplingParams(
-                n=1, temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, seed=s.seed,
-                max_tokens=prepared.max_tokens, stop_token_ids=sorted(self._stops), ignore_eos=True,
-                detokenize=False, output_kind=RequestOutputKind.DELTA,
+                n=1,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                seed=s.seed,
+                max_tokens=prepared.max_tokens,
+                stop_token_ids=sorted(self._stops),
+                ignore_eos=True,
+                detokenize=False,
+                output_kind=RequestOutputKind.DELTA,
             )
         except (VLLMClientError, ValueError, TypeError) as exc:
             raise invalid(f"vLLM refused the sampling parameters: {exc}", None) from None
@@ -344,7 +377,9 @@ class VLLMEngine:
             sel = await self._loop.run_in_executor(self._filter_pool, self._select, job)
         except Exception as exc:
             log.exception("tokensieve vllm engine: filter pass failed for job %s", job.id)
-            self.book.finish(job, "failed", Failed(internal_error(f"the filter pass failed: {type(exc).__name__}: {exc}")))
+            self.book.finish(
+                job, "failed", Failed(internal_error(f"the filter pass failed: {type(exc).__name__}: {exc}"))
+            )
             return
         queue_s = job.queue_s or 0.0
         self.metrics.queue_wait.observe(queue_s)
@@ -387,12 +422,22 @@ class VLLMEngine:
         n_new = job.generated_tokens
         decode_s = last_at - first_at if first_at is not None else 0.0
         res = GenerationResult(
-            text=answer.stream.text, method=sel.method, params=sel.params, prompt_tokens=len(sel.input_ids),
-            kept_tokens=len(sel.kept_ids), ttft_s=(first_at or last_at) - started,
+            text=answer.stream.text,
+            method=sel.method,
+            params=sel.params,
+            prompt_tokens=len(sel.input_ids),
+            kept_tokens=len(sel.kept_ids),
+            ttft_s=(first_at or last_at) - started,
             decode_tokens_per_s=(n_new - 1) / decode_s if n_new >= 2 and decode_s > 0 else None,
             # vLLM holds the KV cache: tokensieve measures neither its memory nor its entries here.
-            peak_memory_bytes=0, kv_tokens_prefill=[], kv_tokens_final=[], kv_bytes_prefill=0, kv_bytes_final=0,
-            generated_tokens=n_new, token_ids=list(answer.stream.ids), kept_indices=sel.kept_indices,
+            peak_memory_bytes=0,
+            kv_tokens_prefill=[],
+            kv_tokens_final=[],
+            kv_bytes_prefill=0,
+            kv_bytes_final=0,
+            generated_tokens=n_new,
+            token_ids=list(answer.stream.ids),
+            kept_indices=sel.kept_indices,
             details={"engine": "vllm", "filter_s": sel.filter_s, "filter_skipped": sel.filter_skipped},
         )
         self.book.complete(answer, res, eos=finish == "stop", queue_s=queue_s)

@@ -16,7 +16,8 @@ import math
 import threading
 import time
 from collections import deque
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -271,8 +272,13 @@ class Worker:
         mark = store.mark() if store is not None else 0
         try:
             res = self._generate(
-                self.model, self.decoder.tokenizer, run, max_new_tokens=prep.max_tokens, sampling=prep.sampling,
-                on_token=answer.push, decoders=self._decoders,
+                self.model,
+                self.decoder.tokenizer,
+                run,
+                max_new_tokens=prep.max_tokens,
+                sampling=prep.sampling,
+                on_token=answer.push,
+                decoders=self._decoders,
             )
         except Exception as exc:
             self._drop_stored(mark)  # what the failed request stored (maybe half-computed); everyone else's stays
@@ -305,9 +311,13 @@ class Worker:
         t0 = time.monotonic()
         try:
             results = self._generate_batch(
-                self.model, self.decoder.tokenizer, [job.prepared.run for job in jobs],
-                max_new_tokens=[job.prepared.max_tokens for job in jobs], sampling=head.sampling,
-                on_token=lambda row, token_id: answers[row].push(token_id), decoders=self._decoders,
+                self.model,
+                self.decoder.tokenizer,
+                [job.prepared.run for job in jobs],
+                max_new_tokens=[job.prepared.max_tokens for job in jobs],
+                sampling=head.sampling,
+                on_token=lambda row, token_id: answers[row].push(token_id),
+                decoders=self._decoders,
             )
         except Exception as exc:
             self._failed(jobs, exc)
@@ -325,9 +335,13 @@ class Worker:
             return
         if isinstance(exc, InputError):
             for job in jobs:
-                self.book.finish(job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter")))
+                self.book.finish(
+                    job, "rejected", Failed(invalid(str(exc), "tokensieve", code="invalid_method_parameter"))
+                )
             return
         log.exception("tokensieve engine: generation failed for job(s) %s", [job.id for job in jobs], exc_info=exc)
-        error = APIError(500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error")
+        error = APIError(
+            500, f"generation failed: {type(exc).__name__}: {exc}", type="server_error", code="internal_error"
+        )
         for job in jobs:
             self.book.finish(job, "failed", Failed(error))

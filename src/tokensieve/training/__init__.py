@@ -4,11 +4,29 @@
 """
 
 from tokensieve.training.mask import (
-    KERNELS, MASKS, TrainingMask, sepllm_block_mask, sepllm_dense_mask, sepllm_mask_mod, training_hook,
+    KERNELS,
+    MASKS,
+    TrainingMask,
+    sepllm_block_mask,
+    sepllm_dense_mask,
+    sepllm_mask_mod,
+    training_hook,
 )
 from tokensieve.training.trainer import TrainConfig, TrainResult, evaluate, lr_at, resume, save_checkpoint, train
 
 __all__ = [
-    "KERNELS", "MASKS", "TrainConfig", "TrainResult", "TrainingMask", "evaluate", "lr_at", "resume",
-    "save_checkpoint", "sepllm_block_mask", "sepllm_dense_mask", "sepllm_mask_mod", "train", "training_hook",
+    "KERNELS",
+    "MASKS",
+    "TrainConfig",
+    "TrainResult",
+    "TrainingMask",
+    "evaluate",
+    "lr_at",
+    "resume",
+    "save_checkpoint",
+    "sepllm_block_mask",
+    "sepllm_dense_mask",
+    "sepllm_mask_mod",
+    "train",
+    "training_hook",
 ]

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import torch
 
@@ -33,8 +33,14 @@ def text_files(paths: Sequence[str | Path], what: str = "--data") -> list[Path]:
     return out
 
 
-def tokenize_files(files: Sequence[Path], tokenizer, max_tokens: int, encoding: str = "utf-8",
-                   errors: str = "strict", progress: Callable[[str], None] | None = None) -> torch.Tensor:
+def tokenize_files(
+    files: Sequence[Path],
+    tokenizer,
+    max_tokens: int,
+    encoding: str = "utf-8",
+    errors: str = "strict",
+    progress: Callable[[str], None] | None = None,
+) -> torch.Tensor:
     """int64 [tokens]: every file's tokens, each document preceded by BOS (where the tokenizer has one) and
     followed by EOS (where it has one), in order, stopping at ``max_tokens``."""
     bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)

@@ -16,7 +16,8 @@ evaluation passes.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -60,8 +61,15 @@ def sepllm_block_mask(is_separator: torch.Tensor, n_initial: int, n_recent: int,
     from torch.nn.attention.flex_attention import create_block_mask
 
     b, n = is_separator.shape
-    return create_block_mask(sepllm_mask_mod(is_separator, n_initial, n_recent), b, None, n, n,
-                             device=is_separator.device, BLOCK_SIZE=block_size)
+    return create_block_mask(
+        sepllm_mask_mod(is_separator, n_initial, n_recent),
+        b,
+        None,
+        n,
+        n,
+        device=is_separator.device,
+        BLOCK_SIZE=block_size,
+    )
 
 
 def special_positions(is_separator: torch.Tensor, n_initial: int, bucket: int = FLEX_BLOCK) -> torch.Tensor:
@@ -112,9 +120,16 @@ class CompactBlockMask:
         bucket = max(block_size, (n // 16) // block_size * block_size)
         self.spec_pos = special_positions(is_separator, n_initial, bucket)  # [b, s]
         s = self.spec_pos.shape[1]
-        self.block_mask = create_block_mask(compact_mask_mod(self.spec_pos, n_initial, n_recent), b, None, n, s + n,
-                                            device=is_separator.device, BLOCK_SIZE=block_size,
-                                            _compile=is_separator.device.type == "cuda")
+        self.block_mask = create_block_mask(
+            compact_mask_mod(self.spec_pos, n_initial, n_recent),
+            b,
+            None,
+            n,
+            s + n,
+            device=is_separator.device,
+            BLOCK_SIZE=block_size,
+            _compile=is_separator.device.type == "cuda",
+        )
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """[b, h, n, d] keys or values -> [b, h, s + n, d]: the specials' rows, then all rows."""
@@ -137,16 +152,26 @@ def flex_attention_fn(device: torch.device) -> Callable:
         import torch._dynamo
 
         # one compiled kernel per shape (sequence length, gathered keys): allow more than dynamo's default 8
-        for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
-                     "accumulated_cache_size_limit"):
+        for name in (
+            "recompile_limit",
+            "cache_size_limit",
+            "accumulated_recompile_limit",
+            "accumulated_cache_size_limit",
+        ):
             if hasattr(torch._dynamo.config, name):
                 setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 256))
         _COMPILED["flex"] = torch.compile(flex_attention, dynamic=False)
     return _COMPILED["flex"]
 
 
-def flex_attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                block_mask: Any, scaling: float | None = None) -> torch.Tensor:
+def flex_attend(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    block_mask: Any,
+    scaling: float | None = None,
+) -> torch.Tensor:
     """FlexAttention under ``block_mask``; output [batch, q_len, q_heads, head_dim] as transformers' functions give.
 
     query: [b, q_heads, n, d]; key, value: [b, kv_heads, n, d] (grouped-query heads shared, not repeated).
@@ -156,8 +181,9 @@ def flex_attend(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor,
     groups = query.shape[1] // key.shape[1]
     with warnings.catch_warnings():  # the eager CPU path warns that it is not the fused kernel
         warnings.simplefilter("ignore", UserWarning)
-        out = flex_attention_fn(query.device)(query, key, value, block_mask=block_mask, scale=scaling,
-                                              enable_gqa=groups > 1)
+        out = flex_attention_fn(query.device)(
+            query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=groups > 1
+        )
     return out.transpose(1, 2).contiguous()
 
 
@@ -169,8 +195,15 @@ class TrainingMask:
     The mask is built once per batch, on first use, and shared by every layer.
     """
 
-    def __init__(self, input_ids: torch.Tensor, separator_ids: torch.Tensor, n_initial: int, n_recent: int,
-                 kernel: str = "sdpa", block_size: int = FLEX_BLOCK):
+    def __init__(
+        self,
+        input_ids: torch.Tensor,
+        separator_ids: torch.Tensor,
+        n_initial: int,
+        n_recent: int,
+        kernel: str = "sdpa",
+        block_size: int = FLEX_BLOCK,
+    ):
         if kernel not in KERNELS:
             raise InputError(f"kernel must be one of {', '.join(KERNELS)}, got {kernel!r}")
         self.is_separator = torch.isin(input_ids, separator_ids.to(input_ids.device))  # [b, n]
@@ -187,15 +220,26 @@ class TrainingMask:
                 self._mask = sepllm_dense_mask(self.is_separator, self.n_initial, self.n_recent)
         return self._mask
 
-    def __call__(self, module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
-                 attention_mask: torch.Tensor | None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    def __call__(
+        self,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, None]:
         n = self.is_separator.shape[1]
         if query.shape[2] != n or key.shape[2] != n:
-            raise InputError(f"the SepLLM training mask is for a forward over the whole batch without a cache "
-                             f"({n} queries and keys), got {query.shape[2]} queries and {key.shape[2]} keys")
+            raise InputError(
+                f"the SepLLM training mask is for a forward over the whole batch without a cache "
+                f"({n} queries and keys), got {query.shape[2]} queries and {key.shape[2]} keys"
+            )
         if kwargs.get("sliding_window") is not None or kwargs.get("softcap") is not None:
-            raise InputError("the SepLLM training mask does not combine with sliding-window layers or logit "
-                             "soft-capping (e.g. Gemma); use a Llama, Qwen2/3 or Mistral-style model")
+            raise InputError(
+                "the SepLLM training mask does not combine with sliding-window layers or logit "
+                "soft-capping (e.g. Gemma); use a Llama, Qwen2/3 or Mistral-style model"
+            )
         if self.kernel == "flex":
             m = self.mask()
             return flex_attend(module, query, m.gather(key), m.gather(value), m.block_mask, kwargs.get("scaling")), None
@@ -208,12 +252,20 @@ class TrainingMask:
         return out, None
 
 
-def training_hook(input_ids: torch.Tensor, separator_ids: torch.Tensor | None, mask: str, n_initial: int,
-                  n_recent: int, kernel: str = "sdpa") -> TrainingMask | None:
+def training_hook(
+    input_ids: torch.Tensor,
+    separator_ids: torch.Tensor | None,
+    mask: str,
+    n_initial: int,
+    n_recent: int,
+    kernel: str = "sdpa",
+) -> TrainingMask | None:
     """The hook for a forward over ``input_ids`` under ``mask`` (``"sepllm"``; ``"full"``: None, plain causal)."""
     check_choice("mask", mask, MASKS)
     if mask == "full":
         return None
     if separator_ids is None:
-        raise InputError("the sepllm mask needs separator ids (tokensieve.core.separators.separator_token_ids(tokenizer))")
+        raise InputError(
+            "the sepllm mask needs separator ids (tokensieve.core.separators.separator_token_ids(tokenizer))"
+        )
     return TrainingMask(input_ids, separator_ids, n_initial, n_recent, kernel)

@@ -23,9 +23,10 @@ import math
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -103,8 +104,10 @@ class TrainConfig:
         check_int("kv_heads", self.kv_heads, 1, self.heads)
         check_int("hidden", self.hidden, 8, 16384)
         if self.hidden % self.heads or self.heads % self.kv_heads:
-            raise InputError(f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) and heads of "
-                             f"kv_heads ({self.kv_heads})")
+            raise InputError(
+                f"hidden ({self.hidden}) must be a multiple of heads ({self.heads}) and heads of "
+                f"kv_heads ({self.kv_heads})"
+            )
         check_int("intermediate", self.intermediate, 0, 65536)
         check_int("seq_len", self.seq_len, 8, 131072)
         check_int("batch_size", self.batch_size, 1, 1024)
@@ -162,9 +165,14 @@ def _new_model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
     torch.manual_seed(cfg.seed)
     ids = {k: getattr(tokenizer, k, None) for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cfg.hidden, intermediate_size=cfg.intermediate or 4 * cfg.hidden,
-        num_hidden_layers=cfg.layers, num_attention_heads=cfg.heads, num_key_value_heads=cfg.kv_heads,
-        max_position_embeddings=max(2048, cfg.seq_len), tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden,
+        intermediate_size=cfg.intermediate or 4 * cfg.hidden,
+        num_hidden_layers=cfg.layers,
+        num_attention_heads=cfg.heads,
+        num_key_value_heads=cfg.kv_heads,
+        max_position_embeddings=max(2048, cfg.seq_len),
+        tie_word_embeddings=True,
         **{k: v for k, v in ids.items() if v is not None},
     )
     return LlamaForCausalLM(config)
@@ -271,13 +279,19 @@ def _log(out: Path, record: dict[str, Any]) -> None:
 def _rows(paths: list[str], tokenizer, cfg: TrainConfig, what: str, say: Callable[[str], None]) -> torch.Tensor:
     from tokensieve.training.data import pack, text_files, tokenize_files
 
-    ids = tokenize_files(text_files(paths, what), tokenizer, cfg.max_tokens, cfg.encoding, cfg.encoding_errors,
-                         progress=say)
+    ids = tokenize_files(
+        text_files(paths, what), tokenizer, cfg.max_tokens, cfg.encoding, cfg.encoding_errors, progress=say
+    )
     return pack(ids, cfg.seq_len, what)
 
 
-def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, float], None] | None = None,
-          _resume_from: Path | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig,
+    *,
+    progress: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+    _resume_from: Path | None = None,
+) -> TrainResult:
     """Train as ``cfg`` says (see the module docstring); returns a ``TrainResult``.
 
     ``on_step(step, loss)`` is called after each optimizer step (1-based step). Ctrl-C (``KeyboardInterrupt``,
@@ -294,8 +308,10 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     device = cfg.device or default_device()
     kernel = cfg.kernel or ("flex" if device.startswith("cuda") else "sdpa")
     if kernel.startswith("flex") and device == "cpu" and cfg.mask == "sepllm":
-        raise InputError(f"kernel {kernel} trains on a GPU only (PyTorch's FlexAttention has no backward on CPU); "
-                         "use --kernel sdpa on the CPU")
+        raise InputError(
+            f"kernel {kernel} trains on a GPU only (PyTorch's FlexAttention has no backward on CPU); "
+            "use --kernel sdpa on the CPU"
+        )
     out = Path(cfg.out).expanduser()
     if _resume_from is None and (out / CHECKPOINT).exists():
         raise InputError(f"{out} already holds a checkpoint; resume it (--resume {out}) or choose another --out")
@@ -317,8 +333,11 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
 
     decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.95))
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+    )
     start = 0
     if _resume_from is not None:
         state = torch.load(_resume_from / STATE_FILE, map_location=device, weights_only=False)
@@ -330,9 +349,18 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     out.mkdir(parents=True, exist_ok=True)
     if start == 0:
         (out / LOG_FILE).unlink(missing_ok=True)
-        _log(out, {"event": "start", "config": asdict(cfg), "kernel": kernel, "device": device,
-                   "train_rows": train_rows.shape[0], "eval_rows": None if eval_rows is None else eval_rows.shape[0],
-                   "parameters": sum(p.numel() for p in model.parameters())})
+        _log(
+            out,
+            {
+                "event": "start",
+                "config": asdict(cfg),
+                "kernel": kernel,
+                "device": device,
+                "train_rows": train_rows.shape[0],
+                "eval_rows": None if eval_rows is None else eval_rows.shape[0],
+                "parameters": sum(p.numel() for p in model.parameters()),
+            },
+        )
 
     result = TrainResult(out, start, [], [])
     if eval_rows is not None and start == 0:
@@ -342,8 +370,7 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
         say(f"step 0: held-out loss {ev['loss_mask']:.4f} (mask) {ev['loss_full']:.4f} (full)")
     model.train()
     tokens_per_step = cfg.batch_size * cfg.grad_accum * cfg.seq_len
-    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, file=sys.stderr,
-               dynamic_ncols=True)
+    bar = tqdm(total=cfg.steps, initial=start, desc="train", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     step, t_run, n_run = start, 0.0, 0
     try:
         while step < cfg.steps:
@@ -358,8 +385,9 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
                     loss = _loss(model, ids, cfg, cfg.mask, kernel, separators)
                 (loss / cfg.grad_accum).backward()
                 total += float(loss.detach()) / cfg.grad_accum
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                              if cfg.max_grad_norm > 0 else 0.0)
+            grad_norm = float(
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else 0.0
+            )
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             if device.startswith("cuda"):
@@ -370,8 +398,18 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
             result.step = step
             result.losses.append(total)
             tps = tokens_per_step / dt
-            _log(out, {"event": "train", "step": step, "loss": total, "lr": lr, "grad_norm": grad_norm,
-                       "tokens": step * tokens_per_step, "tokens_per_s": tps})
+            _log(
+                out,
+                {
+                    "event": "train",
+                    "step": step,
+                    "loss": total,
+                    "lr": lr,
+                    "grad_norm": grad_norm,
+                    "tokens": step * tokens_per_step,
+                    "tokens_per_s": tps,
+                },
+            )
             bar.set_postfix(loss=f"{total:.4f}", tok_s=f"{tps:,.0f}")
             bar.update(1)
             if eval_rows is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
@@ -379,8 +417,10 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
                 result.evals.append(ev)
                 _log(out, ev)
                 if progress:
-                    bar.write(f"step {step}: held-out loss {ev['loss_mask']:.4f} (mask) {ev['loss_full']:.4f} (full)",
-                              file=sys.stderr)
+                    bar.write(
+                        f"step {step}: held-out loss {ev['loss_mask']:.4f} (mask) {ev['loss_full']:.4f} (full)",
+                        file=sys.stderr,
+                    )
             if step % cfg.save_every == 0 and step < cfg.steps:
                 save_checkpoint(out, model, tok, optimizer, step, cfg)
             if on_step is not None:
@@ -402,14 +442,21 @@ def train(cfg: TrainConfig, *, progress: bool = False, on_step: Callable[[int, f
     return result
 
 
-def resume(out: str | Path, *, steps: int | None = None, progress: bool = False,
-           on_step: Callable[[int, float], None] | None = None) -> TrainResult:
+def resume(
+    out: str | Path,
+    *,
+    steps: int | None = None,
+    progress: bool = False,
+    on_step: Callable[[int, float], None] | None = None,
+) -> TrainResult:
     """Continue the run whose checkpoint is in ``out/checkpoint``, with its saved configuration (``steps``: a new
     total, at least the step reached). The weights equal those of a run never interrupted."""
     ckpt = Path(out).expanduser() / CHECKPOINT
     if not (ckpt / STATE_FILE).is_file() or not (ckpt / CONFIG_FILE).is_file():
-        raise InputError(f"{Path(out)} holds no training checkpoint ({CHECKPOINT}/{STATE_FILE}); expected the --out "
-                         f"folder of an earlier `tokensieve train`")
+        raise InputError(
+            f"{Path(out)} holds no training checkpoint ({CHECKPOINT}/{STATE_FILE}); expected the --out "
+            f"folder of an earlier `tokensieve train`"
+        )
     cfg = TrainConfig.from_dict(json.loads((ckpt / CONFIG_FILE).read_text()))
     cfg.out = str(Path(out).expanduser())
     done = int(torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=False)["step"])
@@ -417,8 +464,7 @@ def resume(out: str | Path, *, steps: int | None = None, progress: bool = False,
         check_int("steps", steps, max(1, done), 10_000_000)
         cfg.steps = steps
     if done >= cfg.steps:
-        raise InputError(f"the checkpoint in {out} is at step {done} of {cfg.steps}: nothing left to train "
-                         f"(pass a larger --steps)")
+        raise InputError(
+            f"the checkpoint in {out} is at step {done} of {cfg.steps}: nothing left to train (pass a larger --steps)"
+        )
     return train(cfg, progress=progress, on_step=on_step, _resume_from=ckpt)
-
-

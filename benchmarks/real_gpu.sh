@@ -29,18 +29,7 @@ setup)
   cat "$Q"/qwen05.? > "$Q/qwen05.gguf"
   sha256sum "$Q/qwen05.gguf" | tee "$OUT/sha256.txt"
   grep -q 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "$OUT/sha256.txt"
-  python3 - <<'EOF'
-import torch
-from tokensieve.core.models import _load_gguf, store_copy
-from pathlib import Path
-for name in ("qwen05",):
-    model, tok = _load_gguf(Path(f"/tmp/q/{name}.gguf"), torch.float32)
-    model.config.quantization_config = None
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    store_copy(model, tok, Path(f"/tmp/q/{name}"))
-    print(name, "stored", flush=True)
-EOF
+  python3 benchmarks/gguf_copy.py /tmp/q/qwen05.gguf:/tmp/q/qwen05
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   # TTFT of full attention and the selecting methods, sequential, before anything else shares the GPU.
   PYTHONUNBUFFERED=1 python3 -m tokensieve.cli bench --model "$Q/qwen05" --lengths 8k,16k,32k \
@@ -78,17 +67,7 @@ setup15)  # Qwen2.5-Coder-1.5B (pieces q15.NN), started beside the 0.5B suite
   cat "$Q"/q15.?? > "$Q/qwen15.gguf"
   sha256sum "$Q/qwen15.gguf" | tee "$OUT/sha256_15.txt"
   grep -q cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "$OUT/sha256_15.txt"
-  python3 - <<'EOF2'
-import torch
-from pathlib import Path
-from tokensieve.core.models import _load_gguf, store_copy
-model, tok = _load_gguf(Path("/tmp/q/qwen15.gguf"), torch.float32)
-model.config.quantization_config = None
-if hasattr(model, "hf_quantizer"):
-    model.hf_quantizer = None
-store_copy(model, tok, Path("/tmp/q/qwen15"))
-print("qwen15 stored", flush=True)
-EOF2
+  python3 benchmarks/gguf_copy.py /tmp/q/qwen15.gguf:/tmp/q/qwen15
   setsid nohup bash benchmarks/real_gpu.sh suite15 > "$Q/suite15.log" 2>&1 < /dev/null &
   sleep 2
   ;;
@@ -111,18 +90,7 @@ assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequa
   sha256sum "$Q/qwen05.gguf" "$Q/qwen15.gguf" | tee "$OUT/sha256.txt"
   grep -q 1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32 "$OUT/sha256.txt"
   grep -q cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "$OUT/sha256.txt"
-  python3 - <<'EOF3'
-import torch
-from pathlib import Path
-from tokensieve.core.models import _load_gguf, store_copy
-for name in ("qwen05", "qwen15"):
-    model, tok = _load_gguf(Path(f"/tmp/q/{name}.gguf"), torch.float32)
-    model.config.quantization_config = None
-    if hasattr(model, "hf_quantizer"):
-        model.hf_quantizer = None
-    store_copy(model, tok, Path(f"/tmp/q/{name}"))
-    print(name, "stored", flush=True)
-EOF3
+  python3 benchmarks/gguf_copy.py /tmp/q/qwen05.gguf:/tmp/q/qwen05 /tmp/q/qwen15.gguf:/tmp/q/qwen15
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
   setsid nohup bash benchmarks/real_gpu.sh rows > "$Q/rows.log" 2>&1 < /dev/null &
   sleep "${2:-5}"

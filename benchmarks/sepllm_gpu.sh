@@ -46,17 +46,7 @@ posttrain)
   cat "$S"/smol.? > "$S/smollm2.gguf"
   sha256sum "$S/smollm2.gguf" | tee "$OUT/sha256.txt"
   grep -q b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53 "$OUT/sha256.txt"
-  python3 - <<'EOF'
-import torch
-from pathlib import Path
-from tokensieve.core.models import _load_gguf, store_copy
-model, tok = _load_gguf(Path("/tmp/s/smollm2.gguf"), torch.float32)
-model.config.quantization_config = None
-if hasattr(model, "hf_quantizer"):
-    model.hf_quantizer = None
-store_copy(model, tok, Path("/tmp/s/smollm2"))
-print("stored", flush=True)
-EOF
+  python3 benchmarks/gguf_copy.py /tmp/s/smollm2.gguf:/tmp/s/smollm2
   # ~3 passes over the ~0.25M training tokens (more overfits five books), then the needle grid at 1k and 2k
   python3 benchmarks/sepllm_posttrain.py --model "$S/smollm2" --device cuda --dtype bfloat16 \
     --train-books $(books "$TRAIN") --eval-books $(books "$HELD") --steps 100 --seq-len 2048 --batch-size 4 \

@@ -457,21 +457,26 @@ def load_tokenizer(name_or_path: str) -> PreTrainedTokenizerBase:
 
 
 def _load_embedded(name: str, dtype: torch.dtype) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    import torch
-
     target = cache_dir() / name
     if (target / "config.json").exists():
         return _load_folder(str(target), dtype)
     require_extra("gguf", f"the embedded model {name!r} (a GGUF checkpoint)")  # before a chunked one is assembled
-    gguf = embedded_gguf_path(name)
+    model, tok = store_gguf_copy(embedded_gguf_path(name), target)
+    return model.to(dtype), tok
+
+
+def store_gguf_copy(gguf: Path, target: Path) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Dequantize ``gguf`` (float32) and store it at ``target`` as a plain safetensors folder (no quantization
+    config), so later loads skip dequantization; returns the loaded model and tokenizer."""
+    import torch
+
     model, tok = _load_gguf(gguf, torch.float32)
-    # Store a plain safetensors copy so later loads skip dequantization.
     model.config.quantization_config = None  # the copy holds plain weights: no quantization_config in it
     drop_null_quantization(model.config)
     if hasattr(model, "hf_quantizer"):
         model.hf_quantizer = None
     store_copy(model, tok, target)
-    return model.to(dtype), tok
+    return model, tok
 
 
 def store_copy(model: PreTrainedModel, tok: PreTrainedTokenizerBase, target: Path) -> None:

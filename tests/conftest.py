@@ -163,3 +163,15 @@ def smollm2():
         return tokensieve.load_model("smollm2")
     except tokensieve.ModelLoadError as exc:
         pytest.skip(str(exc))
+
+
+def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    """Exit code, stdout and stderr of the command line (argparse's SystemExit included)."""
+    from tokensieve.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out, err = capsys.readouterr()
+    return code, out, err

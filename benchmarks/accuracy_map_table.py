@@ -73,7 +73,7 @@ def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=N
         if key[-1] and key[-1] > 1 and (paper := scores.get(key[:-1] + (1,))):
             d = [100 * (mine[k] - paper[k]) for k in mine if k in paper]
             iv = bootstrap_interval(d) if len(d) >= MIN_SAMPLES_FOR_INTERVAL else None
-            span_vs_paper[key[:4] + (key[-1],)] = f"{sum(d) / len(d):+.1f} {fmt_iv(iv)} (n={len(d)})" if d else ""
+            span_vs_paper[key[:5] + (key[-1],)] = f"{sum(d) / len(d):+.1f} {fmt_iv(iv)} (n={len(d)})" if d else ""
     for s in summarize(rows):
         g = (s["model"], s["task"], s["length"], s["method"])
         full = ttft.get((s["model"], s["task"], s["length"], "full"), {})
@@ -105,14 +105,110 @@ def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=N
         kv = "" if s.get("kv_kept") is None else f"{100 * s['kv_kept']:.0f}%"
         length = "all" if s["length"] == 0 else f"{s['length'] // 1024}k"
         name = s["method"].split("(")[0]
-        dil = next(
-            (r.get("params", {}).get("dilation") for r in rows if labels[id(r)] == s["method"] and r["method"] == name),
-            None,
-        )
-        vs_paper = span_vs_paper.get((s["model"], s["task"], s["length"], name, dil), "")
+        r0 = next((r for r in rows if labels[id(r)] == s["method"] and r["method"] == name), {})
+        p0 = r0.get("params") or {}
+        rest = repr(sorted((k, v) for k, v in p0.items() if k != "dilation"))
+        vs_paper = span_vs_paper.get((s["model"], s["task"], s["length"], name, rest, p0.get("dilation")), "")
         out.append(
             f"| {s['model']} | {s['task']} | {length} | {s['method']} | {s['samples']} | {acc} | {diff} | "
             f"{'' if ratio is None else f'{ratio:.2f}'} | {kv} | {whole_s} | {split} | {vs_paper} |"
+        )
+    return "\n".join(out) + "\n"
+
+
+def headline(sources: list[tuple[str, list, str]], task: str, methods: tuple[str, ...]) -> str:
+    """One compact table over several result folders: per (model, length) the ``methods`` at their defaults on
+    ``task`` (accuracy, paired difference to full attention, KV kept). ``sources``: (label of the machine, folders,
+    the ``dilation`` of the default rule); rows of other parameter variants are left out."""
+    out = [
+        "| model | machine | length | n | full % | "
+        + " | ".join(f"{m} % (vs full [95%], KV kept)" for m in methods if m != "full")
+        + " |",
+        "|---|---|---:|---:|---:|" + "---:|" * (len(methods) - 1),
+    ]
+    for machine, folders, dilation in sources:
+
+        def at_defaults(p: dict) -> bool:
+            return (
+                p.get("dilation", dilation) == dilation
+                and not p.get("filter_model")
+                and p.get("topk", 1024) == 1024
+                and p.get("budget", 1024) == 1024
+            )
+
+        rows = [
+            r
+            for r in load_results(folders)
+            if r["task"] == task and r["method"] in methods and at_defaults(r.get("params") or {})
+        ]
+        by = {(s["model"], s["length"], s["method"]): s for s in summarize(rows)}
+        for model, length in sorted({(m, n) for m, n, _ in by}):
+            full = by.get((model, length, "full"))
+            if full is None:
+                continue
+            cells = []
+            for m in methods:
+                if m == "full":
+                    continue
+                g = by.get((model, length, m))
+                cells.append(
+                    "-"
+                    if g is None or g["accuracy"] is None
+                    else f"{g['accuracy']:.0f} ({g['vs_full']:+.1f} {fmt_iv(g['vs_full_interval'])}, "
+                    f"{100 * g['kv_kept']:.0f}%)"
+                )
+            out.append(
+                f"| {model} | {machine} | {length // 1024}k | {full['samples']} | {full['accuracy']:.0f} | "
+                + " | ".join(cells)
+                + " |"
+            )
+    return "\n".join(out) + "\n"
+
+
+def pct(xs: list[float]) -> str:
+    """Mean of 0..1 scores as a percentage, "-" for none."""
+    return f"{100 * sum(xs) / len(xs):.1f}" if xs else "-"
+
+
+def paired_to(
+    folders, method: str, variant: dict, baseline: dict, names: tuple[str, str] = ("baseline", "variant")
+) -> str:
+    """Per model x task x length: ``method`` run with the ``variant`` parameters against the same method with the
+    ``baseline`` parameters (e.g. GemFilter with a draft model against its self-filter), paired on the prompts both
+    scored, with the bootstrap interval of the difference; full attention's accuracy beside them."""
+    rows = [r for r in load_results(folders) if not r.get("error") and r.get("score") is not None]
+
+    def has(r: dict, want: dict) -> bool:
+        return r["method"] == method and all((r.get("params") or {}).get(k) == v for k, v in want.items())
+
+    groups: dict[tuple, dict[str, dict[str, float]]] = defaultdict(lambda: defaultdict(dict))
+    for r in rows:
+        side = (
+            "variant"
+            if has(r, variant)
+            else "baseline"
+            if has(r, baseline)
+            else "full"
+            if r["method"] == "full"
+            else None
+        )
+        if side:
+            groups[(r["model"], r["task"], r.get("length", 0))][side][r["key"]] = r["score"]
+    out = [
+        f"| model | task | length | n | full % | {names[0]} % | {names[1]} % | {names[1]} - {names[0]}, points [95%] |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (model, task, length), g in sorted(groups.items()):
+        keys = [k for k in g["variant"] if k in g["baseline"]]
+        if not keys:
+            continue
+        d = [100 * (g["variant"][k] - g["baseline"][k]) for k in keys]
+        iv = bootstrap_interval(d) if len(d) >= MIN_SAMPLES_FOR_INTERVAL else None
+        full = [g["full"][k] for k in keys if k in g["full"]]
+        out.append(
+            f"| {model} | {task} | {length // 1024}k | {len(keys)} | {pct(full)} | "
+            f"{pct([g['baseline'][k] for k in keys])} | {pct([g['variant'][k] for k in keys])} | "
+            f"{sum(d) / len(d):+.1f} {fmt_iv(iv)} |"
         )
     return "\n".join(out) + "\n"
 

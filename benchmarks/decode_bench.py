@@ -38,6 +38,7 @@ import torch
 
 from tokensieve.bench.roofline import copy_bandwidth, decode_step_bytes, median, p90, roofline_step_s, weights_bytes
 from tokensieve.bench.timing import _IdTokenizer, build_model, environment
+from tokensieve.decode.slots import SlotState
 from tokensieve.decode.static import ATTENTION_KERNELS, DecoderPool, StaticDecoder, bucket
 from tokensieve.engine.runner import generate
 from tokensieve.errors import InputError
@@ -83,8 +84,8 @@ class RecordingPool(DecoderPool):
 
     last: StaticDecoder | None = None
 
-    def get(self, batch: int, entries: int, tracks: str = "none") -> tuple[StaticDecoder, bool]:
-        dec, made = super().get(batch, entries, tracks)
+    def get(self, batch: int, entries: int, slots: type[SlotState] = SlotState) -> tuple[StaticDecoder, bool]:
+        dec, made = super().get(batch, entries, slots)
         self.last = dec
         return dec, made
 

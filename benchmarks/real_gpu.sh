@@ -16,6 +16,9 @@
 set -euo pipefail
 Q=/tmp/q
 mkdir -p "$Q"
+# the confirmation needle (the span rule was chosen on other needles) and the RULER retrieval tasks
+NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
+T="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --seed 7"
 case "${1:-}" in
 recv)
   if [ -d .gpu/data ]; then rm -rf "$Q/data"; cp -r .gpu/data "$Q/data"; fi
@@ -44,7 +47,6 @@ suite)
   export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm
   M=$Q/qwen05
   R="--model $M --device cuda --dtype bfloat16 --lengths 8k,16k,32k"
-  NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
   RULER="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --samples ${RULER_SAMPLES:-15} --seed 7"
   # the tuning prompts' answers (the rule was chosen on their answer-token recall on SmolLM2, CPU)
   TOKENSIEVE_PG19=$Q/data/pg19 python3 benchmarks/span_selection.py --model $M --device cuda --dtype bfloat16 \
@@ -74,7 +76,6 @@ setup15)  # Qwen2.5-Coder-1.5B (pieces q15.NN), started beside the 0.5B suite
 suite15)
   export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
   R="--model $Q/qwen15 --device cuda --dtype bfloat16 --lengths 8k,16k"
-  NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
   RULER="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --samples ${RULER_SAMPLES:-10} --seed 7"
   python3 benchmarks/gpu_eval.py --work $Q/work15 --out $Q/results/qwen15 --methods full,gemfilter,snapkv \
     --run "needle $R $NEEDLE" --run "ruler $R $RULER" \
@@ -82,7 +83,8 @@ suite15)
     --run "ruler $R $RULER --methods gemfilter,snapkv --param dilation=1" \
     --deadline "${SUITE_DEADLINE:-600}"
   ;;
-assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequantized once
+assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequantized once; then the rows target
+  # named by the third argument (default `rows`) in the background
   python3 -m pip install -q --no-index --no-deps --target /tmp/site "$Q"/data/gguf-*.whl
   export PYTHONPATH=$PWD/src:/tmp/site
   cat "$Q"/qwen05.? > "$Q/qwen05.gguf"
@@ -92,14 +94,12 @@ assemble)  # both models from their pieces (qwen05.N, q15.NN), checked and dequa
   grep -q cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046 "$OUT/sha256.txt"
   python3 benchmarks/gguf_copy.py /tmp/q/qwen05.gguf:/tmp/q/qwen05 /tmp/q/qwen15.gguf:/tmp/q/qwen15
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-  setsid nohup bash benchmarks/real_gpu.sh rows > "$Q/rows.log" 2>&1 < /dev/null &
+  setsid nohup bash benchmarks/real_gpu.sh "${3:-rows}" > "$Q/rows.log" 2>&1 < /dev/null &
   sleep "${2:-5}"
   bash benchmarks/real_gpu.sh pack
   ;;
 rows)  # the rows the first suite lost (full attention's above all), a few processes at a time, most needed first
   export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-  NEEDLE="--needle 'The flight of Professor Alvarez to Lisbon departs at 6:45 from gate B17.' --question 'From which gate does the flight of Professor Alvarez leave?' --expected B17 --depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1"
-  T="--tasks niah_single,niah_multikey,niah_multivalue,niah_multiquery,vt --seed 7"
   R15="--model $Q/qwen15 --device cuda --dtype bfloat16 --lengths 8k,16k"
   R05="--model $Q/qwen05 --device cuda --dtype bfloat16 --lengths 8k,16k,32k"
   python3 benchmarks/gpu_eval.py --work $Q/workrows --out $Q/results/rows --methods full --jobs "${JOBS:-6}" \
@@ -113,6 +113,22 @@ rows)  # the rows the first suite lost (full attention's above all), a few proce
     --run "needle $R05 $NEEDLE --methods gemfilter,snapkv --param dilation=1" \
     --merge-every 30 --deadline "${ROWS_DEADLINE:-900}"
   ;;
+rows05)  # the 0.5B's rows with the static decoder (capture retried, else no graph), and the 1.5B answering from
+  # the 0.5B's selection (issue 25), paired with the committed qwen15 rows (same prompts: seed 7)
+  export PYTHONPATH=$PWD/src:/tmp/site TOKENSIEVE_PG19=$Q/data/pg19/confirm PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
+  R05="--model $Q/qwen05 --device cuda --dtype bfloat16 --lengths 8k,16k,32k"
+  R15="--model $Q/qwen15 --device cuda --dtype bfloat16 --lengths 8k,16k"
+  python3 benchmarks/gpu_eval.py --work $Q/workrows05 --out $Q/results/rows05 --methods full,gemfilter,snapkv,streamingllm \
+    --jobs "${JOBS:-10}" \
+    --run "ruler $R05 $T --samples 15" \
+    --run "ruler $R15 $T --samples 10 --methods gemfilter --filter-model $Q/qwen05" \
+    --run "needle $R05 $NEEDLE" \
+    --run "needle $R15 $NEEDLE --methods gemfilter --filter-model $Q/qwen05" \
+    --merge-every 30 --deadline "${ROWS_DEADLINE:-600}"
+  ;;
+assemble05)  # `assemble`, starting `rows05` instead of `rows`
+  bash "$0" assemble "${2:-5}" rows05
+  ;;
 pack)
   mkdir -p "$Q/results"
   cp "$Q"/suite*.log "$Q"/span_*.log "$Q"/rows.log "$Q/results/" 2>/dev/null || true
@@ -124,7 +140,7 @@ collect)
   bash benchmarks/real_gpu.sh pack
   ;;
 *)
-  echo "usage: $0 recv|setup [SECONDS]|setup15|assemble [SECONDS]|collect [SECONDS]|pack" >&2
+  echo "usage: $0 recv|setup [SECONDS]|setup15|assemble [SECONDS [ROWS]]|assemble05 [SECONDS]|collect [SECONDS]|pack" >&2
   exit 2
   ;;
 esac

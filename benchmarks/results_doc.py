@@ -34,6 +34,8 @@ GPU = RESULTS / "gpu"
 TEMPLATE = ROOT / "benchmarks" / "results_template.md"
 OUTPUT = ROOT / "docs" / "results.md"
 README = ROOT / "README.md"
+# other pages whose <!-- results:NAME --> blocks are generated too
+BLOCK_PAGES = [ROOT / "docs" / "training.md", ROOT / "docs" / "gemfilter.md"]
 PLACEHOLDER = re.compile(r"^\{\{(\w+)\}\}$")
 # A table inside another page (the README's headline table): its lines between these two comments are generated.
 BLOCK = re.compile(r"(<!-- results:(\w+) -->\n)(.*?)(<!-- /results -->)", re.S)
@@ -66,6 +68,119 @@ def ok(rows: list[dict]) -> list[dict]:
 
 
 # --- per-layout renderers -------------------------------------------------------------------------------------
+
+
+def draft_gpu(name: str, seventy: str) -> str:
+    """GemFilter's selection by a draft model against the target's own filter pass and full attention: TTFT per
+    target x length x selector, the draft's selection alone, and that selection next to the 70B self-filter's."""
+    d = load(GPU / name)
+    cells = d["cells"]
+    self70 = {r["length"]: r["ttft_s"] for r in load(GPU / seventy)["rows"] if r["label"] == "dense"}
+    layers = d["draft"]["layers"]
+    rows = []
+    order = {"full": 0, "self": 1, "draft_last": 2, "draft_early": 3}
+    for key, c in sorted(
+        cells.items(), key=lambda kv: (kv[0].split("/")[0], int(kv[0].split("/")[1]), order.get(kv[0].split("/")[2], 9))
+    ):
+        target, length, who = key.split("/")
+        if target == "draft" or c.get("status") != "ok" or c.get("ttft_s") is None:
+            continue
+        full = cells.get(f"{target}/{length}/full", {}).get("ttft_s")
+        own = cells.get(f"{target}/{length}/self", {}).get("ttft_s")
+        sel = cells.get(f"draft/{length}/{who}", {}).get("select_s")
+        label = {
+            "full": "full attention",
+            "self": f"own filter (layer {d['targets'][target]['self_filter_layer']})",
+            "draft_last": f"{d['draft']['shape']} draft, layer {layers['draft_last']} (its last)",
+            "draft_early": f"{d['draft']['shape']} draft, layer {layers['draft_early']}",
+        }[who]
+        n = int(length)
+        rows.append(
+            [
+                d["targets"][target]["shape"],
+                k_len(n),
+                label,
+                f"{c['ttft_s']:.3f} s",
+                f"{full / c['ttft_s']:.2f}x" if full else "-",
+                f"{own / c['ttft_s']:.2f}x" if own else "-",
+                f"{c['peak_memory_bytes'] / 2**30:.1f}",
+                "-" if sel is None else f"{sel:.3f} s",
+                "-" if sel is None or n not in self70 else f"{100 * sel / self70[n]:.1f}%",
+            ]
+        )
+    return md_table(
+        [
+            "target",
+            "length",
+            "selection by",
+            "TTFT",
+            "vs full",
+            "vs own filter",
+            "peak GiB",
+            "selection alone",
+            "selection / 70B own filter pass",
+        ],
+        rows,
+        right=3,
+    )
+
+
+def training_posttrain(name: str) -> str:
+    """Before / after post-training under SepLLM's rule: held-out perplexity under both rules, needle accuracy, KV."""
+    d = load(GPU / name)
+    rows = []
+    for when, label in (("before", "before (as shipped)"), ("after", f"after {d['training']['steps']} steps")):
+        ppl, nd = d[when]["perplexity"], d[when]["needle"]
+        gap = ppl["ppl_mask"] / ppl["ppl_full"] - 1
+        rows.append(
+            [
+                label,
+                f"{ppl['ppl_full']:.2f}",
+                f"{ppl['ppl_mask']:.2f}",
+                f"{100 * gap:+.1f}%",
+                f"{100 * nd['full']['accuracy']:.0f}% ({nd['full']['prompts']})",
+                f"{100 * nd['sepllm']['accuracy']:.0f}% ({nd['sepllm']['prompts']})",
+                f"{100 * nd['sepllm']['kv_kept']:.0f}%",
+            ]
+        )
+    return md_table(
+        ["SmolLM2-135M", "full ppl", "SepLLM ppl", "gap", "needle full", "needle SepLLM", "KV kept by SepLLM"], rows
+    )
+
+
+def training_kernel(name: str) -> str:
+    """Forward + backward of SepLLM's training mask per kernel and length: attention alone and a whole model step."""
+    d = load(GPU / name)
+    att = {(r["length"], r["kernel"]): r for r in d["rows"] if r["level"] == "attention"}
+    mod = {(r["length"], r["kernel"]): r for r in d["rows"] if r["level"] == "model"}
+    rows = []
+    for n in sorted({n for n, _ in att}):
+        dense = att.get((n, "sdpa"), {}).get("fwd_bwd_ms")
+        cells = [k_len(n)]
+        for k in ("causal", "sdpa", "flex-mask", "flex"):
+            r = att.get((n, k))
+            cells.append("-" if r is None else f"{r['fwd_bwd_ms']:.2f}")
+        flex = att.get((n, "flex"), {}).get("fwd_bwd_ms")
+        cells.append(f"{dense / flex:.2f}x" if dense and flex else "-")
+        m_dense, m_flex = mod.get((n, "sdpa")), mod.get((n, "flex"))
+        cells.append(
+            f"{m_dense['step_ms']:.0f} / {m_flex['step_ms']:.0f} ms ({m_dense['step_ms'] / m_flex['step_ms']:.2f}x)"
+            if m_dense and m_flex
+            else "-"
+        )
+        rows.append(cells)
+    return md_table(
+        [
+            "length",
+            "causal (no mask) ms",
+            "dense masked SDPA ms",
+            "flex-mask ms",
+            "flex ms",
+            "flex vs dense",
+            "30-layer step: dense / flex",
+        ],
+        rows,
+    )
 
 
 def local_recall() -> str:
@@ -357,6 +472,26 @@ def stream_ppl() -> str:
 
 TABLES = {
     "accuracy_map_qwen15_h200": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen15_h200"]),
+    "draft_gpu": lambda: draft_gpu("draft_h100/draft_gpu.json", "filter_70b_h200.json"),
+    "training_posttrain": lambda: training_posttrain("training_h100/posttrain_smollm2_gpu.json"),
+    "training_kernel": lambda: training_kernel("training_h100/sepllm_train_bench.json"),
+    "accuracy_headline": lambda: accuracy_map_table.headline(
+        [
+            ("H100", [RESULTS / "accuracy_map" / "qwen05_h100"], 31),
+            ("H200/H100", [RESULTS / "accuracy_map" / "qwen15_h200"], 31),
+            ("CPU", [RESULTS / "accuracy_map" / "qwen05_cpu"], 31),
+        ],
+        "ruler",
+        ("full", "gemfilter", "snapkv", "streamingllm"),
+    ),
+    "accuracy_map_qwen05_h100": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen05_h100"]),
+    "draft_qwen15": lambda: accuracy_map_table.paired_to(
+        [RESULTS / "accuracy_map" / "qwen15_h200", RESULTS / "accuracy_map" / "draft_qwen15_h100"],
+        "gemfilter",
+        variant={"filter_model": "qwen2.5-coder-0.5b"},
+        baseline={"filter_model": None, "dilation": 31},
+        names=("own GemFilter", "0.5B draft"),
+    ),
     "accuracy_map_qwen05_multiturn": lambda: accuracy_map_table.render(
         [RESULTS / "accuracy_map" / "qwen05_h200"], all_lengths=True, tasks={"multiturn"}
     ),
@@ -489,8 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = ap.parse_args(argv)
     pages = {args.output: render(args.template.read_text())}
-    if args.readme.exists():
-        pages[args.readme] = render_blocks(args.readme.read_text())
+    for page in [args.readme, *BLOCK_PAGES]:
+        if page.exists():
+            pages[page] = render_blocks(page.read_text())
     if args.check:
         stale = 0
         for path, page in pages.items():

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # SepLLM training evidence on a lent GPU (issue 24). Every call runs in the repository root there; $OUT comes back.
 #
-#   bash benchmarks/sepllm_gpu.sh bench       (~4 min, no weights needed) FlexAttention gradient tests on CUDA
+#   bash benchmarks/sepllm_gpu.sh bench       (~2 min, no weights needed) FlexAttention gradient tests on CUDA
 #                                              (pytest where installed; the benchmark's own gradient_check in any
 #                                              case), then the kernel benchmark: $OUT/sepllm_train_bench.json
 #   bash benchmarks/sepllm_gpu.sh scratch     (~4 min, no weights needed) from scratch with and without the mask:
@@ -17,6 +17,9 @@
 #   there: bash benchmarks/sepllm_gpu.sh recv        (carry .gpu/s0 and .gpu/data; then again carrying .gpu/s1)
 #          bash benchmarks/sepllm_gpu.sh posttrain   (assemble, check SHA-256, dequantize, post-train, measure:
 #                                                     $OUT/posttrain_smollm2_gpu.json; ~5 min)
+#          bash benchmarks/sepllm_gpu.sh posttrain-lora   (after posttrain on the same warm machine: the same run
+#                                                     with a rank-16 adapter on q/k/v/o, lr 5e-4:
+#                                                     $OUT/posttrain_smollm2_lora_gpu.json; ~5 min)
 set -euo pipefail
 S=/tmp/s
 mkdir -p "$S"
@@ -27,8 +30,10 @@ books() { for b in $1; do printf '%s ' "$S/data/pg19/$b.txt"; done; }
 case "${1:-}" in
 bench)
   nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-  (python3 -m pytest -q -p no:cacheprovider tests/test_training.py -k "flex" 2>&1 || true) | tee "$OUT/flex_tests.log" | tail -5
-  python3 benchmarks/sepllm_train_bench.py --device cuda --out "$OUT/sepllm_train_bench.json" 2>&1 | tail -40
+  (python3 -m pytest -q -p no:cacheprovider tests/training/test_training.py -k "flex" 2>&1 || true) | tee "$OUT/flex_tests.log" | tail -5
+  # all six lengths x four kernels at both levels ran past a 330 s call on an H100; these three lengths took 86 s
+  python3 benchmarks/sepllm_train_bench.py --device cuda --lengths 2k,16k,64k --model-lengths 2k,16k --repeats 3 \
+    --out "$OUT/sepllm_train_bench.json" > "$OUT/bench.log" 2>&1; tail -40 "$OUT/bench.log"
   ;;
 recv)
   if [ -d .gpu/data ]; then rm -rf "$S/data"; cp -r .gpu/data "$S/data"; fi
@@ -54,8 +59,16 @@ posttrain)
     --needle-depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1 \
     --work /tmp/posttrain --out "$OUT/posttrain_smollm2_gpu.json" 2>&1 | grep -v "it/s\]" | tail -30
   ;;
+posttrain-lora)
+  [ -d "$S/smollm2" ] || { echo "run posttrain first on this machine (it builds $S/smollm2)" >&2; exit 2; }
+  python3 benchmarks/sepllm_posttrain.py --model "$S/smollm2" --device cuda --dtype bfloat16 \
+    --train-books $(books "$TRAIN") --eval-books $(books "$HELD") --steps 100 --seq-len 2048 --batch-size 4 \
+    --lr 5e-4 --lora-rank 16 --lora-alpha 32 --n-recent 256 --eval-windows 16 --needle-lengths 1k,2k \
+    --needle-depths 0,0.11,0.22,0.33,0.44,0.56,0.67,0.78,0.89,1 \
+    --work /tmp/posttrain-lora --out "$OUT/posttrain_smollm2_lora_gpu.json" 2>&1 | grep -v "it/s\]" | tail -30
+  ;;
 *)
-  echo "usage: bash benchmarks/sepllm_gpu.sh bench|recv|scratch|posttrain" >&2
+  echo "usage: bash benchmarks/sepllm_gpu.sh bench|recv|scratch|posttrain|posttrain-lora" >&2
   exit 2
   ;;
 esac

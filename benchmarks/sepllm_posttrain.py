@@ -118,6 +118,9 @@ def main() -> int:
     ap.add_argument("--n-initial", type=int, default=4)
     ap.add_argument("--n-recent", type=int, default=256)
     ap.add_argument("--kernel", default=None, choices=["sdpa", "flex", "flex-mask"])
+    ap.add_argument("--lora-rank", type=int, default=0, help="0: full fine-tune; R: a rank-R adapter, merged")
+    ap.add_argument("--lora-alpha", type=float, default=16.0)
+    ap.add_argument("--lora-targets", default="attn", choices=["attn", "attn+mlp"])
     ap.add_argument("--eval-windows", type=int, default=8)
     ap.add_argument("--eval-every", type=int, default=None, help="default: steps // 4")
     ap.add_argument("--needle-lengths", type=parse_sizes, default=parse_sizes("1k,2k"))
@@ -186,9 +189,16 @@ def main() -> int:
         eval_every=args.eval_every or max(1, args.steps // 4),
         eval_batches=args.eval_windows,
         save_every=max(1, args.steps),
+        lora_rank=args.lora_rank,
+        lora_alpha=args.lora_alpha,
+        lora_targets=args.lora_targets,
     )
     res = train(cfg, progress=True)
     result["training"] = {
+        "lora": {"rank": args.lora_rank, "alpha": args.lora_alpha, "targets": args.lora_targets}
+        if args.lora_rank
+        else None,
+        "trainable_parameters": res.trainable_parameters,
         "steps": res.step,
         "tokens": res.step * args.seq_len * args.batch_size * args.grad_accum,
         "tokens_per_s": res.tokens_per_s,

@@ -156,7 +156,7 @@ def model_row(n: int, kernel: str, args, device: str) -> dict:
 
 def gradient_check(device: str) -> list[dict]:
     """Max |difference| of the logits and of every parameter's gradient between each FlexAttention kernel and the
-    dense masked SDPA reference, on tiny float32 models of four families (what tests/test_training.py asserts)."""
+    dense masked SDPA reference, on tiny float32 models of four families (what tests/training/test_training.py asserts)."""
     from transformers import (
         LlamaConfig,
         LlamaForCausalLM,

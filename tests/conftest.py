@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import (
@@ -21,7 +24,28 @@ from transformers import (
 
 import tokensieve
 
+# The test folders mirror the package (tests/core, tests/methods, ...). Test modules import shared helpers from one
+# another by module name (``from test_serve import serving``, ``from eval_support import byte_model``) wherever
+# they live, so every folder is importable (the module names are unique across folders); subprocesses get
+# ``TEST_DIRS`` on their PYTHONPATH.
+TESTS = Path(__file__).resolve().parent
+TEST_DIRS = [TESTS, *sorted(d for d in TESTS.iterdir() if d.is_dir() and d.name[0] not in "._")]
+for _d in TEST_DIRS:
+    if str(_d) not in sys.path:
+        sys.path.append(str(_d))
+
 VOCAB = 96
+
+
+@pytest.fixture(autouse=True)
+def _torch_threads_restored():
+    """The CLI sets torch's thread count (``--threads`` or the small-machine default): a command run in the test
+    process leaves the suite's own count as it was."""
+    threads = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
 
 # Token ids written into the config by default (TinyTokenizer's bos is 1).
 SUITE_IDS = {"bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 0}

@@ -235,3 +235,72 @@ def test_the_detokenizer_lies_below_the_cli_and_the_server():
         assert ("tokensieve.engine.detokenize", "TextStream") in imports[user], user
     graph = import_graph()
     assert not [m for m in reachable(graph, "tokensieve.engine.detokenize") if wing(m) in ("serve", "commands")]
+
+
+# words that name an eviction rule or a method's slot state; decode/ is generic over slot policies (decode.slots)
+EVICTION_WORDS = {"ring", "heavy", "hitter", "hitters", "sink", "sinks", "separator", "separators", "sep", "recent"}
+
+
+def test_decode_names_no_eviction_rule():
+    """decode/ branches on no eviction kind: no identifier, attribute or string constant in it (docstrings and
+    comments aside) contains a word naming an eviction rule or a method; the rules are the methods' slot policies."""
+    import re
+
+    from tokensieve.methods import METHODS
+
+    words, bad = EVICTION_WORDS | set(METHODS), []
+    files = {name: path for name, path in module_files().items() if wing(name) == "decode"}
+    assert "tokensieve.decode.slots" in files and "tokensieve.decode.static" in files
+    for name, path in files.items():
+        tree = ast.parse(path.read_text())
+        docstrings = {
+            id(n.body[0].value)
+            for n in ast.walk(tree)
+            if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+            and n.body
+            and isinstance(n.body[0], ast.Expr)
+            and isinstance(n.body[0].value, ast.Constant)
+        }
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+                text = node.value
+            elif isinstance(node, ast.Name):
+                text = node.id
+            elif isinstance(node, ast.Attribute):
+                text = node.attr
+            elif isinstance(node, (ast.FunctionDef, ast.ClassDef, ast.arg)):
+                text = getattr(node, "name", None) or node.arg
+            else:
+                continue
+            hits = {w for w in re.split(r"[^a-z0-9]+", text.lower()) if w in words}
+            if hits:
+                bad.append(f"{name}:{node.lineno} {text!r} ({', '.join(sorted(hits))})")
+    assert not bad, "\n".join(bad)
+
+
+def test_each_evicting_method_owns_its_slot_policy():
+    """Every method that evicts on the static path returns a slot policy defined in its own module (next to its
+    eager rule), whose state type is defined there too; methods that grow return none."""
+    import inspect
+
+    from conftest import random_ids, tiny_model
+
+    from tokensieve.decode.slots import SlotPolicy, SlotState
+    from tokensieve.methods import METHODS, make_method
+    from tokensieve.testing import byte_tokenizer
+
+    model, tokenizer = tiny_model(), byte_tokenizer()
+    evicting = [n for n, cls in METHODS.items() if cls.capabilities.static_decode == "evict"]
+    assert len(evicting) >= 3
+    for name, cls in METHODS.items():
+        m = make_method(name)
+        m.prepare(model, tokenizer)
+        m.prefill(model, random_ids(12))  # as the driver does before it asks (SepLLM's separators are known then)
+        policy = m.slot_policy()
+        if name not in evicting:
+            assert policy is None, name
+            continue
+        assert isinstance(policy, SlotPolicy) and issubclass(policy.state_type, SlotState), name
+        assert inspect.getmodule(type(policy)) is inspect.getmodule(cls), name
+        assert inspect.getmodule(policy.state_type) is inspect.getmodule(cls), name
+        assert policy.state_type is not SlotState, name

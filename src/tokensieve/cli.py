@@ -128,8 +128,12 @@ def main(argv: list[str] | None = None) -> int:
     prog = chosen.prog
     # No model hub: hub ids load from the local Hugging Face cache only (no retries on a missing network).
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from tokensieve.commands.common import apply_threads
     from tokensieve.core.models import ModelLoadError
     from tokensieve.errors import InputError
+
+    if hasattr(args, "threads"):  # a command that runs a model
+        apply_threads(args)
 
     with warnings.catch_warnings():
         warnings.showwarning = _print_warning  # one line per warning (e.g. a renamed parameter)

@@ -177,6 +177,7 @@ class BenchRow:
     kv_bytes_prefill: int | None = None
     kv_tokens_prefill: int | None = None  # layer 0
     kept_tokens: int | None = None
+    kv_kept: int | None = None  # KV entries kept after the prefill, the fullest layer (GenerationResult.kv_kept)
     decode_tokens_per_s: float | None = None  # 1 / median step time over decode_tokens steps
     decode_step_median_s: float | None = None
     decode_step_p90_s: float | None = None
@@ -240,6 +241,7 @@ def bench_method(
             row.kv_bytes_prefill = r.kv_bytes_prefill
             row.kv_tokens_prefill = r.kv_tokens_prefill[0] if r.kv_tokens_prefill else None
             row.kept_tokens = r.kept_tokens
+            row.kv_kept = r.kv_kept
             row.details = {k: v for k, v in r.details.items() if isinstance(v, (int, float, str, bool))}
             steps = r.step_times_s
             if steps and decode_tokens > 0:
@@ -285,6 +287,7 @@ class BatchRow:
     per_sequence_tokens_per_s: float | None = None  # one row's decode speed
     peak_memory_bytes: int | None = None
     kept_tokens: int | None = None  # row 0
+    kv_kept: int | None = None  # row 0
     details: dict[str, Any] = field(default_factory=dict)
 
 
@@ -323,6 +326,7 @@ def bench_batch(
         row.per_sequence_tokens_per_s = r0.decode_tokens_per_s
         row.peak_memory_bytes = r0.peak_memory_bytes
         row.kept_tokens = r0.kept_tokens
+        row.kv_kept = r0.kv_kept
         row.details = {k: v for k, v in r0.details.items() if isinstance(v, (int, float, str, bool))}
         del rs, r0
     except torch.OutOfMemoryError:

@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> int:
         ("model", args.model),
         ("prompt tokens", res.prompt_tokens),
         ("kept tokens", res.kept_tokens),
+        ("KV kept", "-" if res.kv_kept is None else f"{res.kv_kept} entries (the fullest layer)"),
         ("TTFT", f"{res.ttft_s:.3f} s"),
         ("decode", f"{res.decode_tokens_per_s:.1f} tok/s" if res.decode_tokens_per_s else "-"),
         ("peak memory", fmt_bytes(res.peak_memory_bytes)),

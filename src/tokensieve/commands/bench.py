@@ -14,7 +14,7 @@ from tokensieve.commands.common import (
     parse_sizes,
 )
 
-# tokensieve.bench.timing.SHAPES' names, for --shape without importing torch (tests/test_cli_errors.py checks they agree).
+# tokensieve.bench.timing.SHAPES' names, for --shape without importing torch (tests/commands/test_cli_errors.py checks they agree).
 SHAPE_NAMES = ("llama3.1-8b", "llama3.1-70b", "llama3.2-1b", "mistral-nemo-12b", "qwen2.5-7b", "smollm2-135m", "tiny")
 
 
@@ -215,7 +215,7 @@ def format_table(res: dict) -> str:
     bw = res.get("bandwidth_gb_s")
     answer = res.get("answer_tokens")
     lines = [
-        f"{'method':>14} {'length':>8} {'TTFT s':>8} {'vs full':>8} {'peak GiB':>9} {'KV GiB':>8} {'kept':>8} "
+        f"{'method':>14} {'length':>8} {'TTFT s':>8} {'vs full':>8} {'peak GiB':>9} {'KV GiB':>8} {'kept':>8} {'KV kept':>8} "
         f"{'dec tok/s':>9} {'step ms':>8} {'p90 ms':>8} {'roofline':>8} {'e2e s':>8}"
     ]
     full = {r["length"]: r["ttft_s"] for r in res["rows"] if r["label"] == "full" and r["status"] == "ok"}
@@ -226,7 +226,7 @@ def format_table(res: dict) -> str:
         ratio = f"{full[r['length']] / r['ttft_s']:.2f}x" if r["length"] in full else "-"
         lines.append(
             f"{r['label']:>14} {r['length']:>8} {r['ttft_s']:8.3f} {ratio:>8} {r['peak_memory_bytes'] / 2**30:9.2f} "
-            f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} "
+            f"{(r['kv_bytes_prefill'] or 0) / 2**30:8.3f} {r['kept_tokens'] or '-':>8} {r.get('kv_kept') or '-':>8} "
             f"{_fmt(r['decode_tokens_per_s'], '.1f'):>9} {_fmt(r.get('decode_step_median_s'), '.2f', 1e3):>8} "
             f"{_fmt(r.get('decode_step_p90_s'), '.2f', 1e3):>8} {_fmt(r.get('roofline_fraction'), '.2g'):>8} "
             f"{_fmt(r.get('e2e_s'), '.3f'):>8}"

@@ -3,6 +3,12 @@
 The document is computed once (its state kept in a prefix cache, ``tokensieve.engine.prefix_cache``); each
 question then runs only its own tokens on top of it (full attention, SnapKV; GemFilter also reuses its
 filter pass), so answers after the first come much faster. Answers stream as they are generated.
+
+On a terminal the prompt has line editing and history (the standard library's ``readline``, where the platform
+has it). Ctrl-C during an answer stops that answer only; Ctrl-C or Ctrl-D at the prompt ends the session
+(``run_session``). With memory (the default) earlier questions and answers stay in the prompt as chat turns
+(``Conversation``): the prefix cache then also holds the conversation so far, and the oldest turns are dropped,
+with a one-line note, when the next prompt and its answer would not fit the model's context.
 """
 
 from __future__ import annotations
@@ -10,6 +16,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
+from collections.abc import Callable
+from typing import Any
 
 from tokensieve.commands.common import (
     add_method_args,
@@ -61,8 +69,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "chat",
         description=(
-            "Ask questions about a document, one per line on standard input (prompt '> '; EOF or /exit ends). "
-            "The model and the document are computed once; each answer streams and reports its TTFT."
+            "Ask questions about a document, one per line on standard input (prompt '> ', with line editing and "
+            "history on a terminal). The model and the document are computed once; each answer streams and reports "
+            "its TTFT. Ctrl-C during an answer stops that answer; Ctrl-C or Ctrl-D (EOF) at the prompt, or /exit, "
+            "ends the session. The conversation is remembered (--no-memory to ask each question alone)."
         ),
     )
     p.add_argument("--file", required=True, help="document to read")
@@ -78,12 +88,120 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "--prefix-cache-gib", type=_gib, default=1.0, help="prefix cache size in GiB (default 1; 0 disables it)"
     )
     p.add_argument("--allow-long", action="store_true", help="run prompts longer than the model's maximum length")
+    p.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the previous questions and answers in the prompt, so a question may refer to an earlier one "
+        "(default on; the oldest turns are dropped, with a note, when the model's context would overflow; "
+        "--no-memory: every question is asked alone about the document)",
+    )
     p.set_defaults(func=run)
 
 
-def messages_for(doc: str, question: str, system: str | None) -> list[dict[str, str]]:
+def messages_for(
+    doc: str, question: str, system: str | None, history: list[tuple[str, str]] | None = None
+) -> list[dict[str, str]]:
+    """The chat messages of ``question`` about ``doc``: the document and the first question in the first user
+    message, then each earlier (question, answer) of ``history`` as turns (oldest first)."""
     out = [{"role": "system", "content": system}] if system else []
-    return out + [{"role": "user", "content": f"{doc}\n\n{INSTRUCTION}\nQuestion: {question}"}]
+    turns = [*(history or []), (question, None)]
+    for i, (q, a) in enumerate(turns):
+        content = f"{doc}\n\n{INSTRUCTION}\nQuestion: {q}" if i == 0 else f"Question: {q}"
+        out.append({"role": "user", "content": content})
+        if a is not None:
+            out.append({"role": "assistant", "content": a})
+    return out
+
+
+class Conversation:
+    """The questions and answers of a chat session kept for the next prompt (``memory``), bounded by the model's
+    context: ``messages(question)`` drops the oldest turns until the prompt plus ``max_new_tokens`` fits ``limit``
+    positions (``None``: no bound), and says so once per drop with ``note``."""
+
+    def __init__(
+        self,
+        doc: str,
+        system: str | None,
+        encode: Callable[[list[dict[str, str]]], Any],
+        limit: int | None,
+        max_new_tokens: int,
+        memory: bool = True,
+        note: Callable[[str], None] = lambda line: print(line, file=sys.stderr),
+    ) -> None:
+        self.doc, self.system, self.encode = doc, system, encode
+        self.limit, self.max_new_tokens, self.memory, self.note = limit, max_new_tokens, memory, note
+        self.turns: list[tuple[str, str]] = []
+
+    def messages(self, question: str) -> tuple[list[dict[str, str]], Any]:
+        """The messages of ``question`` with the turns that fit, and their token ids."""
+        dropped = 0
+        while True:
+            msgs = messages_for(self.doc, question, self.system, self.turns)
+            ids = self.encode(msgs)
+            if not self.turns or self.limit is None or ids.shape[-1] + self.max_new_tokens <= self.limit:
+                break
+            self.turns.pop(0)
+            dropped += 1
+        if dropped:
+            self.note(
+                f"tokensieve chat: note: memory: dropped the {dropped} oldest turn(s) to fit the model's context "
+                f"({self.limit} positions; {len(self.turns)} turn(s) kept)"
+            )
+        return msgs, ids
+
+    def add(self, question: str, answer: str) -> None:
+        if self.memory:
+            self.turns.append((question, answer))
+
+
+STOPPED = "[stopped; ask the next question, or Ctrl-C / Ctrl-D at the prompt to end]"
+
+
+def run_session(read_question: Callable[[], str], answer: Callable[[str], None], err: Any = None) -> str:
+    """The chat loop: ``read_question()`` gives the next line (``EOFError`` at the end of input, ``KeyboardInterrupt``
+    on Ctrl-C: both end the session), ``answer(question)`` answers one (a ``KeyboardInterrupt`` inside it stops that
+    answer only: ``STOPPED`` goes to ``err`` and the next question is read). Blank lines are skipped; ``/exit`` ends.
+    Returns how the session ended: ``"eof"``, ``"interrupt"`` or ``"exit"``."""
+    err = err or sys.stderr
+    while True:
+        try:
+            line = read_question()
+        except EOFError:
+            return "eof"
+        except KeyboardInterrupt:
+            return "interrupt"
+        question = line.strip()
+        if not question:
+            continue
+        if question == "/exit":
+            return "exit"
+        try:
+            answer(question)
+        except KeyboardInterrupt:
+            err.write(f"\n{STOPPED}\n")
+            err.flush()
+
+
+def line_reader(prompt: str = "> ") -> Callable[[], str]:
+    """Questions from standard input: on a terminal through ``input`` with the standard library's ``readline``
+    (line editing and history, where the platform has it), else read line by line, ``prompt`` written first."""
+    if sys.stdin.isatty():
+        try:
+            import readline  # noqa: F401  (importing it gives input() line editing and history)
+        except ImportError:  # not on every platform (Windows)
+            pass
+        return lambda: input(prompt)
+
+    def read() -> str:
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    return read
 
 
 def run(args: argparse.Namespace) -> int:
@@ -105,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
 
     import time
 
+    from tokensieve.core.hf import max_positions
     from tokensieve.engine.detokenize import TextStream
     from tokensieve.engine.prefix_cache import PrefixReuse, chat_prefix_tokens, refusal_on, store_for_gib
     from tokensieve.engine.runner import encode_prompt, generate, prepare
@@ -137,21 +256,16 @@ def run(args: argparse.Namespace) -> int:
     else:
         print(f"document: about {ids.shape[1]} tokens", file=sys.stderr)
 
-    interactive = sys.stdin.isatty()
-    while True:
-        sys.stdout.write("> ")
-        sys.stdout.flush()
-        line = sys.stdin.readline()
-        if not line:
-            if interactive:
-                sys.stdout.write("\n")
-            break
-        question = line.strip()
-        if not question:
-            continue
-        if question == "/exit":
-            break
-        msgs = messages_for(doc, question, args.system)
+    convo = Conversation(
+        doc,
+        args.system,
+        lambda msgs: encode_prompt(tok, msgs),
+        None if args.allow_long else max_positions(model),
+        args.max_new_tokens,
+        memory=args.memory,
+    )
+
+    def answer(question: str) -> None:
         stream = TextStream(lambda t: tok.decode(t, skip_special_tokens=True))
 
         def on_token(token_id: int) -> None:
@@ -159,7 +273,7 @@ def run(args: argparse.Namespace) -> int:
             sys.stdout.flush()
 
         try:
-            q_ids = encode_prompt(tok, msgs)
+            msgs, q_ids = convo.messages(question)
             res = generate(
                 model,
                 tok,
@@ -172,13 +286,21 @@ def run(args: argparse.Namespace) -> int:
             )
         except InputError as exc:
             print(f"tokensieve chat: error: {' '.join(str(exc).split())}", file=sys.stderr)
-            continue
+            return
+        except KeyboardInterrupt:  # the answer so far stays on screen; it is not remembered
+            sys.stdout.flush()
+            raise
         sys.stdout.write(stream.finish() + "\n")
         sys.stdout.flush()
+        convo.add(question, res.text)
         cached = res.details.get("prefix_cached_tokens", 0)
         print(
             f"[TTFT {res.ttft_s:.3f} s; {cached} of {res.prompt_tokens} prompt tokens from the prefix cache; "
-            f"{res.kept_tokens} kept; {res.generated_tokens} generated]",
+            f"{res.kept_tokens} kept, KV kept {res.kv_kept}; {res.generated_tokens} generated]",
             file=sys.stderr,
         )
+
+    ended = run_session(line_reader(), answer)
+    if sys.stdin.isatty() and ended in ("eof", "interrupt"):
+        sys.stdout.write("\n")
     return 0

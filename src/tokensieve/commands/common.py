@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -162,13 +163,13 @@ def parse_literal(v: str) -> Any:
         return v
 
 
-def add_model_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser, default: str = "smollm2") -> None:
     from tokensieve.core.models import EMBEDDED
 
     p.add_argument(
         "--model",
-        default="smollm2",
-        help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: smollm2)",
+        default=default,
+        help=f"embedded name ({', '.join(EMBEDDED)}), model folder or .gguf file (default: {default})",
     )
     add_dtype_device_args(p)
 
@@ -184,6 +185,68 @@ def add_dtype_device_args(p: argparse.ArgumentParser, dtype_default: str | None 
     p.add_argument(
         "--device", type=_type(_device), default=None, help="cpu, cuda, cuda:N or mps (default: cuda when available)"
     )
+    p.add_argument(
+        "--threads",
+        type=_threads,
+        default=None,
+        metavar="N",
+        help=f"CPU threads torch computes with, 1..{MAX_THREADS} (default: $OMP_NUM_THREADS when set, else "
+        f"{SMALL_MACHINE_THREADS} on a machine with at most {SMALL_MACHINE_CORES} cores, else torch's own default; "
+        "-v says which; docs/cli.md)",
+    )
+
+
+# torch's intra-op threads on a small machine: with at most SMALL_MACHINE_CORES cores (a laptop VM, a shared CI
+# runner), one thread per core contends with everything else the machine runs; measured on a shared 2-core machine
+# (benchmarks/threads_cpu.py, benchmarks/results/threads_cpu/; docs/cli.md#threads), one thread was faster in most runs.
+SMALL_MACHINE_CORES = 2
+SMALL_MACHINE_THREADS = 1
+MAX_THREADS = 1024
+
+
+def _threads(text: str) -> int:
+    value = parse_count(text, 1)
+    if value > MAX_THREADS:
+        raise argparse.ArgumentTypeError(f"expected a thread count in 1..{MAX_THREADS}, got {text!r}")
+    return value
+
+
+def default_threads(cores: int | None) -> int | None:
+    """The thread count the commands set when neither ``--threads`` nor ``OMP_NUM_THREADS`` says one:
+    ``SMALL_MACHINE_THREADS`` on a machine of at most ``SMALL_MACHINE_CORES`` cores, else ``None`` (torch's own
+    default, one thread per core)."""
+    return SMALL_MACHINE_THREADS if cores is not None and cores <= SMALL_MACHINE_CORES else None
+
+
+def apply_threads(args: argparse.Namespace) -> int | None:
+    """Set torch's thread count for a command that runs a model (one with ``--threads``), before it loads one:
+    ``--threads N``, else nothing when ``OMP_NUM_THREADS`` is set (torch reads it), else ``default_threads``.
+    torch is not imported here (the "loading NAME ..." line comes first): ``OMP_NUM_THREADS`` is set for it
+    to read (torch caps that at the core count), and ``announce_loading`` calls ``torch.set_num_threads`` once
+    torch is imported; when torch is imported already, it is called here. With -v, says what it chose once on
+    stderr. Returns the count set (``None``: left to torch)."""
+    n, why = getattr(args, "threads", None), "--threads"
+    if n is None:
+        if os.environ.get("OMP_NUM_THREADS", "").strip():
+            if getattr(args, "verbose", False):
+                print(
+                    f"tokensieve: torch threads from OMP_NUM_THREADS={os.environ['OMP_NUM_THREADS']}", file=sys.stderr
+                )
+            return None
+        cores = os.cpu_count()
+        n, why = default_threads(cores), f"the default on a machine with {cores} cores; --threads to change"
+        if n is None:
+            if getattr(args, "verbose", False):
+                print(f"tokensieve: torch threads: torch's default ({cores} cores)", file=sys.stderr)
+            return None
+    args.torch_threads = n
+    if "torch" in sys.modules:
+        set_torch_threads(args)
+    else:
+        os.environ["OMP_NUM_THREADS"] = str(n)
+    if getattr(args, "verbose", False):
+        print(f"tokensieve: using {n} torch thread(s) ({why})", file=sys.stderr)
+    return n
 
 
 def add_text_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -310,11 +373,23 @@ def load_drafts(args: argparse.Namespace, methods: Sequence[Method], model: Any,
             check_draft(m.filter_model, model, tokenizer)  # type: ignore[attr-defined]
 
 
+def set_torch_threads(args: argparse.Namespace) -> None:
+    """``torch.set_num_threads`` with the count ``apply_threads`` chose, if it chose one."""
+    n = getattr(args, "torch_threads", None)
+    if n is not None:
+        import torch
+
+        if torch.get_num_threads() != n:
+            torch.set_num_threads(n)
+
+
 def announce_loading(args: argparse.Namespace, name: str) -> None:
     """Say "loading NAME ..." on stderr (not with --quiet), before the imports of torch and transformers and the
-    weights (10-20 s of silence otherwise), and show transformers' progress bars ("Loading weights") with -v only."""
+    weights (10-20 s of silence otherwise), set torch's threads (``apply_threads``), and show transformers'
+    progress bars ("Loading weights") with -v only."""
     if not getattr(args, "quiet", False):
         print(f"loading {name} ...", file=sys.stderr, flush=True)
+    set_torch_threads(args)
     from transformers.utils import logging as hf_logging
 
     if getattr(args, "verbose", False) and not getattr(args, "quiet", False):

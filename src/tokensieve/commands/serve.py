@@ -7,12 +7,15 @@ server's dependencies (FastAPI, uvicorn and prometheus-client are regular depend
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Callable
 from typing import Any
 
 from tokensieve.commands.common import non_negative_int, positive_int
+
+log = logging.getLogger("tokensieve.serve.banner")
 
 
 def _port(text: str) -> int:
@@ -70,7 +73,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Serve a model over HTTP with OpenAI's API: POST /v1/chat/completions and /v1/completions "
             '("stream": true for server-sent events), GET /v1/models, /health, /metrics (Prometheus). '
             "Requests run one at a time from a bounded queue (or in batches: --max-batch); a request may pick its own method with "
-            '"tokensieve": {"method": "snapkv", "budget": 512}. See docs/serve.md.'
+            '"tokensieve": {"method": "snapkv", "budget": 512}. A web page at / shows which prompt tokens each method '
+            "keeps, its answer, TTFT and KV kept (--no-page turns it off). See docs/serve.md."
         ),
     )
     add_model_args(p)
@@ -189,10 +193,23 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "[DONE]); a second signal ends them at once (default 30; 0 ends them at once)",
     )
     p.add_argument(
+        "--no-page",
+        dest="page",
+        action="store_false",
+        help="do not serve the selection page (GET /) nor its POST /v1/tokensieve/select: an API-only server "
+        "(docs/serve.md, 'The selection page')",
+    )
+    p.add_argument(
         "--log-level",
-        default="info",
+        default=None,
         choices=["critical", "error", "warning", "info", "debug"],
-        help="uvicorn log level (default info)",
+        help="uvicorn's log level (default info; warning with --quiet)",
+    )
+    p.add_argument(
+        "-q",
+        "--quiet",
+        action="store_true",
+        help="no start-up banner, no log line per request, no 'loading' line (warnings and errors still print)",
     )
     p.set_defaults(func=run)
 
@@ -220,7 +237,7 @@ def run(args: argparse.Namespace) -> int:
     if any(not host_name(h) or " " in h.strip() for h in extra):
         raise InputError(f"--allowed-host: a host name must be non-empty, without spaces, got {extra!r}")
     allowed = (list(LOOPBACK_HOSTS) + extra) if is_loopback(args.host) else (extra or None)
-    front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes, "allowed_hosts": allowed}
+    front = {"api_keys": keys, "max_body_bytes": args.max_body_bytes, "allowed_hosts": allowed, "page": args.page}
     if len(set(args.filter_models)) != len(args.filter_models):
         raise InputError(f"--filter-model: each draft once, got {args.filter_models}")
     if args.engine == "vllm":
@@ -253,9 +270,76 @@ def run(args: argparse.Namespace) -> int:
         )
     from tokensieve.serve.server import DrainingServer
 
-    config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level, ws="none", lifespan="on")
+    # The banner and the per-request lines (tokensieve.serve.request_log) go through logging, INFO unless --quiet.
+    logging.getLogger("tokensieve.serve").setLevel(logging.WARNING if args.quiet else logging.INFO)
+    for line in banner(args, app, params, keys):
+        log.info(line)
+    log_level = args.log_level or ("warning" if args.quiet else "info")
+    config = uvicorn.Config(
+        # uvicorn's access log is off: tokensieve's line per request says more (method, tokens, TTFT, time)
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=log_level,
+        access_log=False,
+        ws="none",
+        lifespan="on",
+    )
     DrainingServer(config, app.state.engine, args.shutdown_timeout).run()
     return 0
+
+
+def banner(args: argparse.Namespace, app: Any, params: dict[str, Any], keys: list[str]) -> list[str]:
+    """The start-up banner's lines: model, method(s), address, auth, limits (``tokensieve serve`` logs them)."""
+    import torch
+
+    from tokensieve.methods import METHODS
+    from tokensieve.serve.app import is_loopback
+
+    engine = app.state.engine
+    model = getattr(engine, "model", None)
+    shown = {k: v for k, v in params.items() if not k.startswith("_")}
+    what = f"{args.model}"
+    if args.engine == "transformers" and model is not None and hasattr(model, "dtype"):
+        what += (
+            f" ({type(model).__name__}, {str(model.dtype).removeprefix('torch.')} on {model.device}, "
+            f"{torch.get_num_threads()} CPU threads)"
+        )
+    if args.engine == "vllm":
+        from tokensieve.serve.vllm_engine import vllm_methods
+
+        others = [m for m in vllm_methods() if m != args.method]
+    else:
+        others = [m for m in METHODS if m != args.method]
+    method = f"{args.method}" + (f" {shown}" if shown else "")
+    method += (
+        " for every request (--lock-params)"
+        if args.lock_params
+        else f" by default; a request may name another: {', '.join(others)}"
+    )
+    if args.filter_models:
+        method += f"; drafts for GemFilter's filter pass: {', '.join(args.filter_models)}"
+    port = "a free port (uvicorn's line below says which)" if args.port == 0 else str(args.port)
+    url = f"http://{args.host}:{port}" if args.port else f"{args.host}, {port}"
+    where = url + " (loopback only)" if is_loopback(args.host) else " (reachable from other machines)"
+    auth = f"API key required on /v1 ({len(keys)} key{'s' if len(keys) != 1 else ''})" if keys else "off (no --api-key)"
+    timeout = f"{args.request_timeout:g} s" if args.request_timeout else "none"
+    limits = (
+        f"queue {args.max_queue}, batch {args.max_batch}, request timeout {timeout}, "
+        f"default max_tokens {args.default_max_tokens}, body {args.max_body_bytes} bytes, "
+        f"prefix cache {args.prefix_cache_gib:g} GiB, shutdown drain {args.shutdown_timeout:g} s"
+    )
+    return [
+        f"tokensieve serve: model {what}, engine {args.engine}",
+        f"  method: {method}",
+        f"  address: {where}",
+        f"  auth: {auth}",
+        f"  limits: {limits}",
+        "  selection page: off (--no-page)"
+        if not getattr(args, "page", True)
+        else f"  selection page: {url + '/' if args.port else 'GET /'} (and POST /v1/tokensieve/select; --no-page turns both off)",
+        "  one line per request follows (--quiet: none)",
+    ]
 
 
 def _load_drafts(args: argparse.Namespace, model: Any, device: str | None = None) -> dict[str, Any]:

@@ -3,7 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from tokensieve.commands.common import MB, add_model_args, add_text_args, load, parse_size, print_json
@@ -34,7 +38,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "StreamingLLM: --n-initial sinks + --n-recent recent tokens) with positions shifted inside the cache, "
             "and report running perplexity, tokens/s and cache size. Each chunk's tokens attend to the cache "
             "and to the earlier tokens of the chunk; eviction runs between chunks (--chunk-size 1 is token by token). "
-            "Full attention stops at the model's maximum length unless --allow-long."
+            "Full attention stops at the model's maximum length unless --allow-long. Ctrl-C or SIGTERM stops the "
+            'stream after the chunk being fed and writes what was computed (the JSON says "interrupted": true; '
+            "exit code 130 or 143); a second one stops at once."
         ),
     )
     add_model_args(p)
@@ -126,6 +132,43 @@ def policy_params(args: argparse.Namespace) -> dict:
     return params if args.method != "full" else {}
 
 
+class StopRequest:
+    """Ctrl-C (SIGINT) and SIGTERM while a stream runs: the first asks it to stop after the current chunk
+    (``reason``, read by ``stream_perplexity``'s ``should_stop``), the second stops at once (``KeyboardInterrupt``)."""
+
+    def __init__(self) -> None:
+        self.reason: str | None = None
+        self.signum: int | None = None
+
+    def __call__(self) -> str | None:
+        return self.reason
+
+    def handle(self, signum: int, frame: object) -> None:
+        if self.reason is not None:
+            raise KeyboardInterrupt
+        self.signum, self.reason = signum, f"interrupted ({signal.Signals(signum).name})"
+        print(
+            f"\ntokensieve stream: {signal.Signals(signum).name}: stopping after this chunk and writing what was "
+            "computed (again to stop at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+@contextmanager
+def stop_on_signals(stop: StopRequest) -> Iterator[StopRequest]:
+    """``stop`` handles SIGINT and SIGTERM inside the block (main thread only; the old handlers come back after)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    old = {s: signal.signal(s, stop.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield stop
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
 def run(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -162,17 +205,19 @@ def run(args: argparse.Namespace) -> int:
 
     from tokensieve.evaluation.stream_ppl import stream_perplexity
 
-    res = stream_perplexity(
-        model,
-        ids,
-        policy,
-        chunk_size=args.chunk_size,
-        max_tokens=args.max_tokens,
-        allow_long=args.allow_long,
-        ppl_window=args.ppl_window,
-        progress=progress,
-        tokenizer=tok,
-    )
+    with stop_on_signals(StopRequest()) as stop:
+        res = stream_perplexity(
+            model,
+            ids,
+            policy,
+            chunk_size=args.chunk_size,
+            max_tokens=args.max_tokens,
+            allow_long=args.allow_long,
+            ppl_window=args.ppl_window,
+            progress=progress,
+            tokenizer=tok,
+            should_stop=stop,
+        )
     bar.close()
     if res.stopped not in ("end of text",) and not res.stopped.startswith("max_tokens"):
         print(f"tokensieve stream: stopped: {res.stopped}", file=sys.stderr)
@@ -184,7 +229,7 @@ def run(args: argparse.Namespace) -> int:
     summary.update(model=args.model, file=str(path), plot=plot or None)
     if args.json:
         print_json(summary)
-        return 0
+        return 128 + stop.signum if res.interrupted and stop.signum else 0
     ppl = "-" if res.perplexity is None else f"{res.perplexity:.3f}"
     print(
         f"{res.method}: {res.tokens_seen} tokens, perplexity {ppl}, {res.tokens_per_s:.0f} tok/s, "
@@ -193,4 +238,4 @@ def run(args: argparse.Namespace) -> int:
     )
     if plot:
         print(f"wrote {plot}")
-    return 0
+    return 128 + stop.signum if res.interrupted and stop.signum else 0

@@ -17,6 +17,7 @@ from tokensieve.commands.common import (
 # The trainer's choices, here so that building the parser imports no torch (a test keeps them equal).
 MASK_CHOICES = ("sepllm", "full")
 KERNEL_CHOICES = ("flex", "flex-mask", "sdpa")
+LORA_TARGET_CHOICES = ("attn", "attn+mlp")
 
 
 def _float(text: str) -> float:
@@ -33,11 +34,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
             "Train a causal LM under SepLLM's attention rule (every token sees the first --n-initial tokens, the "
             "separators before it and its --n-recent neighbours; separators from the tokenizer, as the sepllm "
             "method uses at inference), or under full attention (--mask full) as the control. Post-trains --model "
-            "(full fine-tune) or, with --from-scratch, a new Llama-style model of --layers x --hidden with "
+            "(full fine-tune, or a low-rank adapter with --lora-rank, merged into the saved model) or, with --from-scratch, a new Llama-style model of --layers x --hidden with "
             "--model's tokenizer. Text files are tokenized and packed into rows of --seq-len tokens. Writes OUT/ "
             "(the model, loadable with --model OUT by every command), OUT/checkpoint/ (resume with --resume OUT; "
             "also written on Ctrl-C) and OUT/log.jsonl (loss, tokens/s, held-out loss under the mask and under "
-            "full attention). LoRA is not offered (peft is not a dependency)."
+            "full attention)."
         ),
     )
     p.add_argument(
@@ -106,7 +107,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         choices=KERNEL_CHOICES,
         default=None,
         help="flex (FlexAttention over the gathered separators + the window band, GPU), flex-mask (FlexAttention, "
-        "plain n x n block mask, GPU) or sdpa (dense boolean mask) (default: flex on CUDA, else sdpa)",
+        "plain n x n block mask, GPU) or sdpa (dense boolean mask) (default: flex on CUDA for --seq-len >= 16384, "
+        "else sdpa: the faster of the two where measured)",
+    )
+    a = p.add_argument_group("low-rank adapter (LoRA, post-training only)")
+    a.add_argument(
+        "--lora-rank",
+        type=non_negative_int,
+        default=0,
+        help="train a rank-R adapter on frozen weights instead of every weight (default 0: full fine-tune; 1..1024)",
+    )
+    a.add_argument(
+        "--lora-alpha", type=_float, default=16.0, help="adapter scale alpha / rank, alpha in (0, 65536] (default 16)"
+    )
+    a.add_argument(
+        "--lora-targets",
+        choices=LORA_TARGET_CHOICES,
+        default="attn",
+        help="attn: the q/k/v/o projections (default); attn+mlp: also gate/up/down",
     )
     e = p.add_argument_group("evaluation and checkpoints")
     e.add_argument(
@@ -168,6 +186,9 @@ def run(args: argparse.Namespace) -> int:
             max_tokens=args.max_tokens,
             encoding=args.encoding,
             encoding_errors=args.encoding_errors,
+            lora_rank=args.lora_rank,
+            lora_alpha=args.lora_alpha,
+            lora_targets=args.lora_targets,
         )
         res = train(cfg, progress=not args.quiet)
     summary = {
@@ -176,6 +197,7 @@ def run(args: argparse.Namespace) -> int:
         "interrupted": res.interrupted,
         "final_loss": res.losses[-1] if res.losses else None,
         "tokens_per_s": res.tokens_per_s,
+        "trainable_parameters": res.trainable_parameters,
         "evals": res.evals,
     }
     if args.json:

@@ -121,3 +121,19 @@ class EvictionCache(DynamicCache):
     def kept_positions(self, layer_idx: int) -> torch.Tensor:
         """``[batch, kv_heads, entries]`` original positions held by the layer (after syncing new entries)."""
         return self.sync_positions(layer_idx)
+
+    def prompt_coverage(self, prompt_tokens: int) -> tuple[list[int], int, torch.Tensor]:
+        """Which prompt positions each evictable layer holds, for one prompt (batch row 0): ``(layers, kv_heads,
+        counts)`` with ``counts`` ``[len(layers), prompt_tokens]`` int64, how many of the layer's ``kv_heads`` KV
+        heads hold an entry of that prompt position (0: evicted by every head). Sliding-window layers are left
+        out (``layers`` names the layer indices counted). Decoded tokens (positions >= ``prompt_tokens``) are
+        not counted."""
+        layers = [i for i in range(len(self.layers)) if self.is_evictable(i) and self.layers[i].keys is not None]
+        rows, heads = [], 0
+        for i in layers:
+            pos = self.sync_positions(i)[0]  # [kv_heads, entries]
+            heads = int(pos.shape[0])
+            pos = pos[(pos >= 0) & (pos < prompt_tokens)]
+            rows.append(torch.bincount(pos.reshape(-1).cpu(), minlength=prompt_tokens)[:prompt_tokens])
+        counts = torch.stack(rows) if rows else torch.zeros(0, prompt_tokens, dtype=torch.long)
+        return layers, heads, counts

@@ -95,7 +95,7 @@ def accurate_rope(
     ``transformers`` forms the angles in float32: at position ``p`` the product is rounded to
     float32's spacing there (0.0625 rad at 1M, 0.25-0.5 rad at 4M), so the relative angle between
     two tokens, the only thing attention sees, is off by up to that much in the fast dimensions
-    (``tests/test_gemfilter_local.py`` measures it). Here the model's own ``inv_freq`` (its RoPE
+    (``tests/methods/test_gemfilter_local.py`` measures it). Here the model's own ``inv_freq`` (its RoPE
     scaling included) and ``attention_scaling`` are used, only the arithmetic is float64, so the
     result equals the model's tables to float32 rounding at small positions. Rotary embeddings
     whose ``inv_freq`` changes with the length (``rope_type`` dynamic/longrope) fall back to the

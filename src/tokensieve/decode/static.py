@@ -25,28 +25,19 @@ Batches: rows are left-padded; ``valid`` [batch, capacity] marks each row's real
 never attended to) and ``position`` holds each row's own next position, so one captured step serves
 rows of different lengths.
 
-Eviction on the device. A method that evicts while decoding declares how (``Method.decode_eviction``, a
-:class:`DeviceEviction`); its buffer then holds ``budget + 1`` entries: each step writes the new entry into
-the slot freed by the previous step, attends over all of them (exactly what the eager cache holds before it
-evicts) and picks, on the device, the slot the next step overwrites:
+Eviction on the device. The decoder is generic over a *slot policy* (``decode.slots``): a method that evicts
+while decoding returns one (``Method.slot_policy()``, a ``SlotPolicy`` whose ``state_type`` holds the per-slot
+state on the device and the step's rule). The decoder asks the state where the new entry goes, which slots the
+token attends to, and gives it the attention afterwards so it picks the slot the next step overwrites. A bounded
+policy's buffer holds ``budget + 1`` entries: exactly what the eager cache holds before it evicts. The policies
+live next to their eager rules (``methods/streamingllm.py``, ``methods/h2o.py``, ``methods/sepllm.py``). No step
+reads back to the host, so the evicting step is captured like the growing one.
 
-* ``"ring"`` (StreamingLLM: ``n_keep`` = ``n_initial`` sinks + the newest entries): slots ``0 .. n_keep - 1``
-  hold the sinks, the rest is a ring and the oldest entry of the ring goes;
-* ``"heavy"`` (H2O: heavy hitters + the ``n_keep`` newest entries): every slot carries the attention it has
-  received (float32, summed over the query heads that share its KV head, as the eager cache does) and a
-  write stamp; per KV head the lowest-scoring slot outside the ``n_keep`` newest stamps goes.
-* ``"separators"`` (SepLLM: initial tokens, separators and a window): every slot carries its position and
-  whether its token is a separator; the entry that leaves the window goes unless it is an initial token or a
-  separator, and then the next unused slot is taken (the buffer is sized for the whole answer, since
-  separators accumulate).
-
-No step reads back to the host, so the evicting step is captured like the growing one.
-
-A method that decodes in a way of its own (LazyLLM re-selects its tokens at every step) brings its own decoder
-on :class:`CapturedStep` (LazyLLM's is ``methods.lazyllm.LazyDecoder``); ``DecoderPool.get_own`` keeps it.
+A method that decodes in a way of its own brings its own decoder on :class:`CapturedStep` (e.g.
+``methods.lazyllm.LazyDecoder``); ``DecoderPool.get_own`` keeps it.
 
 This module knows no method: a method's ``capabilities.static_decode`` says whether its cache grows, evicts
-(``DeviceEviction``) or decodes on its own decoder, and the driver asks (``engine.runner.supports_static``).
+(``slot_policy()``) or decodes on its own decoder, and the driver asks (``engine.runner.supports_static``).
 Models whose layers all use full attention (Llama, Mistral, Qwen2/3, Phi-3 class) decode here;
 sliding-window models and left-padded batches of the evicting methods decode on the eager path
 (``model_refusal``).
@@ -66,6 +57,13 @@ from transformers import Cache, PreTrainedModel
 from tokensieve.core.attention import HOOK_KWARG
 from tokensieve.core.hf import has_sliding_layers
 from tokensieve.core.scoring import matmul_fp32
+from tokensieve.decode.slots import (  # noqa: F401  (re-exported: the driver sizes decoders with them)
+    SlotPolicy,
+    SlotState,
+    decoder_size,
+    slot_state_for,
+    without_needless_eviction,
+)
 from tokensieve.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -98,59 +96,7 @@ def model_refusal(model: PreTrainedModel, cache: Cache | None) -> str | None:
     return None
 
 
-@dataclass(frozen=True)
-class DeviceEviction:
-    """How a method evicts while decoding (``tokensieve.decode.static`` does it on the device).
-
-    kind: ``"ring"`` (the first ``n_keep`` entries stay, then the newest; ``budget`` in all), ``"heavy"``
-    (the ``n_keep`` newest stay, then the most attended-to; ``budget`` in all) or ``"separators"`` (the
-    first ``n_keep`` tokens, every token in ``separator_ids`` and the ``window`` tokens before the next one
-    stay: SepLLM; no fixed budget).
-    """
-
-    kind: str
-    budget: int = 0
-    n_keep: int = 0
-    window: int = 0
-    separator_ids: tuple[int, ...] = ()
-
-    def __post_init__(self) -> None:
-        ok = {
-            "ring": 0 <= self.n_keep < self.budget,
-            "heavy": 0 <= self.n_keep <= self.budget and self.budget >= 1,
-            "separators": self.n_keep >= 0 and self.window >= 0,
-        }.get(self.kind, False)
-        if not ok:
-            raise ValueError(f"bad DeviceEviction {self}")
-
-
-TRACKS = ("none", "heavy", "separators")
 ATTENTION_KERNELS = ("auto", "torch", "triton")
-
-
-def without_needless_eviction(
-    eviction: DeviceEviction | None, entries: int, max_new_tokens: int
-) -> DeviceEviction | None:
-    """``eviction``, or ``None`` when a bounded eviction (ring, heavy) would evict nothing: the ``entries`` the
-    prefill kept plus ``max_new_tokens`` fit in its budget, so the answer decodes by plain growth. The one
-    place this is decided (the driver sizes the decoder with it, ``StaticDecoder.load`` applies it)."""
-    if eviction is not None and eviction.kind != "separators" and entries + max_new_tokens <= eviction.budget:
-        return None
-    return eviction
-
-
-def decoder_size(eviction: DeviceEviction | None, entries: int, max_new_tokens: int) -> int:
-    """Slots a decoder needs: ``budget + 1`` for a bounded eviction that will evict, else every entry and new
-    token (growth; separators may also grow to that)."""
-    eviction = without_needless_eviction(eviction, entries, max_new_tokens)
-    if eviction is not None and eviction.kind != "separators":
-        return eviction.budget + 1
-    return entries + max_new_tokens
-
-
-def tracks_for(eviction: DeviceEviction | None) -> str:
-    """The per-slot state a decoder needs for an eviction: ``"heavy"``, ``"separators"`` or ``"none"``."""
-    return eviction.kind if eviction is not None and eviction.kind in ("heavy", "separators") else "none"
 
 
 def capture_graph(run: Any, state: list[torch.Tensor]) -> tuple[Any, torch.Tensor, float]:
@@ -259,69 +205,53 @@ class CapturedStep:
 
 @dataclass
 class StaticDecoder(CapturedStep):
-    """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step."""
+    """Preallocated KV buffers for one model, batch size and capacity, and the captured decoding step.
+
+    ``slots``: the slot state type (``decode.slots.SlotState``: growth; an evicting method's policy names its own,
+    ``SlotPolicy.state_type``); ``load`` takes a policy of that type (or ``None`` with growth's)."""
 
     model: PreTrainedModel
     capacity: int
     batch: int = 1
     use_graph: bool | None = None  # None: on CUDA only
     compile: bool = False  # fuse the step's small kernels with torch.compile (inductor) before capturing it
-    tracks: str = "none"  # per-slot state of an evicting method: "none", "heavy" (H2O), "separators" (SepLLM)
+    slots: type[SlotState] = SlotState  # the per-slot state and its step rule (a slot policy's state_type)
     attention_kernel: str = (
         "auto"  # the step's attention: "torch", "triton" (decode_kernel) or "auto" (see pick_attention_kernel)
     )
     keys: list[torch.Tensor] = field(init=False)  # per layer [batch, kv_heads, capacity, head_dim]
     values: list[torch.Tensor] = field(init=False)
     filled: torch.Tensor = field(init=False)  # [layers] int64 on the device: entries written per layer (ever)
-    ring: torch.Tensor = field(init=False)  # [2] int64: fixed slots before the ring, slots in use (ring's end)
     position: torch.Tensor = field(init=False)  # [batch, 1] int64: position id of the token fed next (per row)
     valid: torch.Tensor = field(init=False)  # [batch, capacity] bool: slots a row may attend to (False: a pad)
     token: torch.Tensor = field(init=False)  # [batch, 1] int64: the token fed next (graph input)
+    slot_ids: torch.Tensor = field(init=False)  # [capacity] int64: 0 .. capacity - 1
+    state: SlotState = field(init=False)  # the slot policy's state on the device (``slots(self)``)
     logits: torch.Tensor | None = field(init=False, default=None)  # [batch, vocab]: the graph's output
     capture_s: float = field(init=False, default=0.0)
-    _held_max: int = field(init=False, default=0)
     steps_left: int = field(init=False, default=0)
     _graph: Any = field(init=False, default=None)
     _run: Any = field(init=False, default=None)  # the step function: _forward, or its compiled form
     _kernel: str = field(init=False, default="torch")  # attention_kernel resolved: "torch" or "triton"
     _decode_attention: Any = field(init=False, default=None)  # decode_kernel.decode_attention_triton when "triton"
-    _limits: Any = field(init=False, default=None)  # [layers] int64: slots each layer attends this step ("triton")
 
     def __post_init__(self) -> None:
         cfg = self.model.config.get_text_config()
         dev = self.model.device
-        hkv = cfg.num_key_value_heads
         n_layers = cfg.num_hidden_layers
+        if not (isinstance(self.slots, type) and issubclass(self.slots, SlotState)):
+            raise ValueError(f"slots must be a SlotState subclass (a slot policy's state_type), got {self.slots!r}")
         self.keys, self.values = kv_buffers(self.model, self.batch, self.capacity)
         self.filled = torch.zeros(n_layers, dtype=torch.long, device=dev)
-        self.ring = torch.tensor([0, self.capacity], dtype=torch.long, device=dev)
         self.position = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
         self.valid = torch.ones(self.batch, self.capacity, dtype=torch.bool, device=dev)
         self.token = torch.zeros(self.batch, 1, dtype=torch.long, device=dev)
-        self._slots = torch.arange(self.capacity, device=dev)  # [capacity]
-        # An evicting method's per-slot state, per layer; its limits are device scalars (one graph for any budget).
-        if self.tracks not in TRACKS:
-            raise ValueError(f"tracks must be one of {TRACKS}, got {self.tracks!r}")
-        if self.tracks == "separators":  # per layer [cap]: positions, separator flags; the next free slot, slots used
-            self.stamp = [torch.zeros(self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)]
-            self.is_sep = [torch.zeros(self.capacity, dtype=torch.bool, device=dev) for _ in range(n_layers)]
-            self.free = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]
-            self.used = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]
-            self.sep_limits = torch.zeros(2, dtype=torch.long, device=dev)  # n_initial, window
-            self.sep_ids = torch.zeros(0, dtype=torch.long, device=dev)
-        if self.heavy:  # attention received [b, hkv, cap] float32, write stamps, the slot the next step writes
-            self.acc = [
-                torch.zeros(self.batch, hkv, self.capacity, dtype=torch.float32, device=dev) for _ in range(n_layers)
-            ]
-            self.stamp = [
-                torch.zeros(self.batch, hkv, self.capacity, dtype=torch.long, device=dev) for _ in range(n_layers)
-            ]
-            self.free = [torch.zeros(self.batch, hkv, dtype=torch.long, device=dev) for _ in range(n_layers)]
-            self.heavy_limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_keep
+        self.slot_ids = torch.arange(self.capacity, device=dev)  # [capacity]
+        self.state = self.slots(self)  # its limits are device scalars: one graph for any parameters
         if self.use_graph is None:
             self.use_graph = dev.type == "cuda"
         self._kernel, self._decode_attention = pick_attention_kernel(
-            self.attention_kernel, dev, "H2O's eviction needs the attention probabilities" if self.heavy else None
+            self.attention_kernel, dev, self.slots.needs_probabilities
         )
         self._run = torch.compile(self._forward, dynamic=False) if self.compile else self._forward
 
@@ -329,10 +259,6 @@ class StaticDecoder(CapturedStep):
     def kernel(self) -> str:
         """The attention path the step runs ("torch" or "triton"), ``attention_kernel`` resolved."""
         return self._kernel
-
-    @property
-    def heavy(self) -> bool:
-        return self.tracks == "heavy"
 
     @property
     def kv_bytes(self) -> int:
@@ -344,31 +270,31 @@ class StaticDecoder(CapturedStep):
         next_position: int | torch.Tensor,
         max_new_tokens: int,
         kv_mask: torch.Tensor | None = None,
-        eviction: DeviceEviction | None = None,
+        policy: SlotPolicy | None = None,
     ) -> None:
         """Copy a prefill's KV entries (per layer ``[batch, kv_heads, entries, head_dim]``) into the buffers.
 
         ``next_position``: one int, or per row [batch, 1] (left-padded batches). ``kv_mask`` [batch, entries]
         marks each row's real entries (``None``: all); pad slots are zeroed and never attended to.
-        ``eviction``: how entries go once ``eviction.budget + 1`` are held (the entries must be in position
-        order; ``"heavy"`` also reads the cache's accumulated ``scores``); ``None``: grow only.
+        ``policy``: how entries go while decoding (a ``SlotPolicy`` whose ``state_type`` is this decoder's
+        ``slots``; the entries must be in position order); ``None``: grow only.
         """
         entries = max(layer.keys.shape[-2] for layer in cache.layers)
-        eviction = without_needless_eviction(eviction, entries, max_new_tokens)
-        if tracks_for(eviction) != self.tracks:
-            raise ValueError(f"a {eviction} eviction needs a decoder made with tracks={tracks_for(eviction)!r}")
-        # (fixed, size): the slots in use are 0 .. size - 1; a ring turns over fixed .. size - 1
-        if eviction is None or eviction.kind == "separators":
-            fixed, size = 0, self.capacity
-        else:
-            fixed, size = (eviction.n_keep if eviction.kind == "ring" else 0), eviction.budget + 1
-        if not 0 <= fixed < size <= self.capacity:
-            raise ValueError(f"slots 0 <= {fixed} < {size} do not fit in capacity {self.capacity}")
+        policy = without_needless_eviction(policy, entries, max_new_tokens)
+        if slot_state_for(policy) is not self.slots:
+            raise ValueError(
+                f"a {policy} slot policy needs a decoder made with slots={slot_state_for(policy).__name__}, "
+                f"this one has {self.slots.__name__}"
+            )
+        bounded = policy is not None and policy.budget is not None
+        size = policy.budget + 1 if bounded else self.capacity  # the slots in use are 0 .. size - 1
+        if size > self.capacity:
+            raise ValueError(f"{size} slots do not fit in capacity {self.capacity}")
         lengths = []
         for i, layer in enumerate(cache.layers):
             k, v = layer.keys, layer.values
             n = k.shape[-2]
-            if (n + max_new_tokens if eviction is None or eviction.kind == "separators" else n) > size:
+            if (n if bounded else n + max_new_tokens) > size:
                 raise ValueError(
                     f"layer {i} holds {n} entries; {n} + {max_new_tokens} new tokens exceed capacity {size}"
                 )
@@ -381,30 +307,6 @@ class StaticDecoder(CapturedStep):
             self.values[i][:, :, :n].copy_(v)
             lengths.append(n)
         self.filled.copy_(torch.tensor(lengths, dtype=torch.long))
-        self.ring.copy_(torch.tensor([fixed, size], dtype=torch.long))
-        self._held_max = self.capacity if eviction is None or eviction.kind == "separators" else eviction.budget
-        if self.tracks == "separators":
-            self.sep_limits.copy_(torch.tensor([eviction.n_keep, eviction.window], dtype=torch.long))
-            self.sep_ids = torch.tensor(eviction.separator_ids, dtype=torch.long, device=self.sep_limits.device)
-            for i, n in enumerate(lengths):
-                pos = cache.sync_positions(i)[0, 0]  # [n] original positions (the same in every head)
-                self.stamp[i].fill_(-1)
-                self.stamp[i][:n].copy_(pos)
-                self.is_sep[i].zero_()
-                self.is_sep[i][:n].copy_(torch.isin(cache.token_ids[0, pos], self.sep_ids))
-                self.free[i].fill_(n)
-                self.used[i].fill_(n)
-        if self.heavy:
-            budget, keep = (eviction.budget, eviction.n_keep) if eviction is not None else (self.capacity, 0)
-            self.heavy_limits.copy_(torch.tensor([budget, keep], dtype=torch.long))
-            scores = getattr(cache, "scores", {})
-            for i, n in enumerate(lengths):
-                self.acc[i].zero_()
-                if eviction is not None:
-                    self.acc[i][:, :, :n].copy_(scores[i])
-                self.stamp[i].zero_()
-                self.stamp[i][:, :, :n].copy_(torch.arange(n, device=self.stamp[i].device))  # position order
-                self.free[i].fill_(n)
         self.valid.fill_(True)
         if kv_mask is not None:
             self.valid[:, : kv_mask.shape[1]].copy_(kv_mask)
@@ -412,13 +314,12 @@ class StaticDecoder(CapturedStep):
             self.position.copy_(next_position.reshape(self.batch, 1))
         else:
             self.position.fill_(next_position)
+        self.state.load(policy, cache, lengths)
         self.steps_left = max_new_tokens
 
     def entries(self) -> list[int]:
         """Entries held per layer (reads the device: for stats, not inside the loop)."""
-        if self.tracks == "separators":  # the slots used, less the one freed for the next step
-            return [int(u) - int(f < u) for u, f in zip(self.used, self.free)]
-        return self.filled.clamp(max=self._held_max).tolist()
+        return self.state.entries()
 
     def _attend(
         self,
@@ -429,80 +330,39 @@ class StaticDecoder(CapturedStep):
         attention_mask: torch.Tensor | None,
         **kwargs: Any,
     ) -> tuple[torch.Tensor, None]:
-        """One layer's attention for the fed token: store its key/value in the next slot, attend over the buffer.
+        """One layer's attention for the fed token: store its key/value in its slot, attend over the visible slots,
+        let the slot policy choose the next step's slot.
 
         query [batch, q_heads, 1, d]; key/value [batch, kv_heads, 1, d] (post-RoPE). Returns [batch, 1, q_heads, d].
         """
-        li = module.layer_idx
-        written, fixed, size = self.filled[li : li + 1], self.ring[0:1], self.ring[1:2]  # [1] each, on the device
+        li, state = module.layer_idx, self.state
         keys, values = self.keys[li], self.values[li]
         b, hq, _, d = query.shape
         hkv, cap = keys.shape[1], keys.shape[2]
-        if self.heavy:  # per KV head, the slot freed by the previous step (or the next empty one)
-            free = self.free[li][:, :, None]  # [b, hkv, 1]
-            keys.scatter_(2, free[..., None].expand(b, hkv, 1, d), key)
-            values.scatter_(2, free[..., None].expand(b, hkv, 1, d), value)
-            self.acc[li].scatter_(2, free, 0.0)  # a new entry starts with no attention received
-            self.stamp[li].scatter_(2, free, written.expand(b, hkv, 1))
-        elif self.tracks == "separators":  # the slot the previous step freed, or the next unused one
-            slot = self.free[li]
-            keys.index_copy_(2, slot, key)
-            values.index_copy_(2, slot, value)
-            self.stamp[li].index_copy_(0, slot, self.position[0])
-            self.is_sep[li].index_copy_(0, slot, torch.isin(self.token[0], self.sep_ids))
-            self.used[li].copy_(torch.maximum(self.used[li], slot + 1))
-        else:  # the first free slot; once all `size` are written, the oldest slot of the ring
-            slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
-            keys.index_copy_(2, slot, key)
-            values.index_copy_(2, slot, value)
+        state.write(li, key, value)
         scaling = kwargs.get("scaling", module.scaling)
-        if self._kernel == "triton":  # the visible slots are a prefix (slot < limit) less the pads, as below
-            limit = self.used[li] if self.tracks == "separators" else self._limits[li : li + 1]
+        if self._kernel == "triton":  # the visible slots are a prefix (slot < limit) less the pads
+            limit = state.limit(li)
             out = self._decode_attention(query.reshape(b, hkv, hq // hkv, d), keys, values, limit, self.valid, scaling)
-            if self.tracks == "separators":
-                self._separator_evict(li)
+            state.after(li, None, None)
             return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
         q = query.reshape(b * hkv, hq // hkv, d)  # [b*hkv, group, d]: heads sharing a KV head side by side
         k_t = keys.view(b * hkv, cap, d).transpose(1, 2)  # [b*hkv, d, cap], a view: the keys are read once
         scores = matmul_fp32(q, k_t) * scaling  # [b*hkv, g, cap] float32
-        if self.tracks == "separators":
-            visible = (self._slots < self.used[li]) & self.valid  # every slot in use: what the cache holds
-        else:  # written slots + the new one, no pads
-            visible = (self._slots <= torch.minimum(written, size - 1)) & self.valid  # [b, cap]
+        visible = state.visible(li)  # [b, cap]
         scores = scores.view(b, hkv, hq // hkv, cap).masked_fill(~visible[:, None, None], float("-inf"))
         probs32 = scores.view(b * hkv, hq // hkv, cap).softmax(dim=-1)
-        if self.heavy:
-            self._heavy_evict(li, written, visible, probs32.view(b, hkv, hq // hkv, cap).sum(2))
-        elif self.tracks == "separators":
-            self._separator_evict(li)
+        if state.needs_probabilities:
+            state.after(li, visible, probs32.view(b, hkv, hq // hkv, cap).sum(2))
+        else:
+            state.after(li, None, None)
         probs = probs32.to(values.dtype)
         out = torch.bmm(probs, values.view(b * hkv, cap, d))  # [b*hkv, g, d]
         return out.view(b, hq, 1, d).transpose(1, 2), None  # [b, 1, hq, d]
 
-    def _separator_evict(self, li: int) -> None:
-        """SepLLM: the entry at position ``p - window`` leaves the next token's view unless it is an initial token
-        or a separator; its slot is the next step's, else the next unused slot (on the device)."""
-        n_initial, window = self.sep_limits[0:1], self.sep_limits[1:2]
-        stamp = self.stamp[li]
-        leaving = (stamp == self.position[0] - window) & (stamp >= n_initial) & ~self.is_sep[li]  # [cap], at most one
-        self.free[li].copy_(torch.where(leaving.any(), leaving.int().argmax(), self.used[li]))
-
-    def _heavy_evict(self, li: int, written: torch.Tensor, visible: torch.Tensor, received: torch.Tensor) -> None:
-        """Add this step's attention [b, hkv, cap] to the slots' scores; once ``budget + 1`` entries are held, free
-        each KV head's lowest-scoring slot outside the ``n_keep`` newest for the next step (all on the device)."""
-        acc, budget, keep = self.acc[li], self.heavy_limits[0:1], self.heavy_limits[1:2]
-        acc.add_(received)
-        newest = self.stamp[li] > written - keep  # [b, hkv, cap]: the n_keep most recent writes
-        candidates = acc.masked_fill(newest | ~visible[:, None, :], float("inf"))
-        victim = candidates.argmin(dim=-1)  # [b, hkv]
-        grow = (written + 1).clamp(max=self.capacity - 1).expand_as(victim)  # the next empty slot
-        self.free[li].copy_(torch.where(written + 1 > budget, victim, grow))
-
     def _forward(self) -> torch.Tensor:
-        if self._kernel == "triton" and self.tracks != "separators":
-            # every layer's slots in use (written + the new one, at most the ring's size), once per step rather
-            # than two small kernels per layer: the fill counts advance only after the model ran
-            self._limits = torch.minimum(self.filled, self.ring[1:2] - 1) + 1  # [layers]
+        if self._kernel == "triton":
+            self.state.begin_step()
         out = self.model(
             input_ids=self.token,
             position_ids=self.position,
@@ -527,7 +387,7 @@ class StaticDecoder(CapturedStep):
 
 @dataclass
 class DecoderPool:
-    """Static decoders by (batch, capacity bucket) for one model: a capture is paid once per bucket."""
+    """Static decoders by (batch, capacity bucket, slot state type) for one model: a capture is paid once per bucket."""
 
     model: PreTrainedModel
     use_graph: bool | None = None
@@ -536,14 +396,14 @@ class DecoderPool:
     speculate: bool | None = None  # a decoder of its own may try a fixed-shape step first (None: on CUDA only)
     decoders: dict[tuple[int, int, Any], Any] = field(default_factory=dict)
 
-    def get(self, batch: int, entries: int, tracks: str = "none") -> tuple[StaticDecoder, bool]:
-        """A decoder holding ``entries`` (kept + new; ``tracks``: an evicting method's per-slot state, see
-        ``tracks_for``); the flag says whether it was made (and captured) now."""
-        key = (batch, bucket(entries), tracks)
+    def get(self, batch: int, entries: int, slots: type[SlotState] = SlotState) -> tuple[StaticDecoder, bool]:
+        """A decoder holding ``entries`` (kept + new; ``slots``: the slot policy's state type, see
+        ``decode.slots.slot_state_for``); the flag says whether it was made (and captured) now."""
+        key = (batch, bucket(entries), slots)
         made = key not in self.decoders
         if made:
             self.decoders[key] = StaticDecoder(
-                self.model, key[1], batch, self.use_graph, self.compile, tracks, self.attention_kernel
+                self.model, key[1], batch, self.use_graph, self.compile, slots, self.attention_kernel
             )
         return self.decoders[key], made
 

@@ -99,3 +99,18 @@ class Decoder:
     def __call__(self, ids: list[int]) -> str:
         with self.lock:
             return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def pieces(self, ids: Sequence[int]) -> list[str]:
+        """The text of each token of ``ids``, special tokens included, joining to the decoded text: decoded
+        incrementally (``TextStream``), so a character split over several tokens (UTF-8 bytes) belongs to the
+        token that completes it and the ones before it have ``""``."""
+
+        def decode(window: list[int]) -> str:
+            with self.lock:
+                return self.tokenizer.decode(window, skip_special_tokens=False)
+
+        stream = TextStream(decode)
+        out = [stream.push(t) for t in ids]
+        if out:
+            out[-1] += stream.finish()
+        return out

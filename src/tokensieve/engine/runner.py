@@ -22,9 +22,11 @@ import torch.nn.functional as F
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import ensure_tokensieve_attention
+from tokensieve.core.cache import EvictionCache
 from tokensieve.core.memory import PeakMemory, synchronize
 from tokensieve.core.separators import separator_token_ids
-from tokensieve.decode.static import DecoderPool, decoder_size, model_refusal, tracks_for, without_needless_eviction
+from tokensieve.decode.slots import decoder_size, slot_state_for, without_needless_eviction
+from tokensieve.decode.static import DecoderPool, model_refusal
 from tokensieve.engine.streaming import ContextFullError, Streamer, StreamPolicy
 from tokensieve.errors import (
     ChatTemplateError,
@@ -59,9 +61,24 @@ class GenerationResult:
     kept_indices: list[int] | None = field(default=None, repr=False)
     details: dict[str, Any] = field(default_factory=dict)
     step_times_s: list[float] = field(default_factory=list, repr=False)  # wall time of each decoding step
+    # KV entries the method kept after the prefill: the most any layer holds (``kv_kept_of``); set from
+    # ``kv_tokens_prefill`` when not given (an engine that holds the KV itself, e.g. vLLM, gives it)
+    kv_kept: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kv_kept is None:
+            self.kv_kept = kv_kept_of(self.kv_tokens_prefill)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
+
+
+def kv_kept_of(kv_tokens_prefill: Sequence[int]) -> int | None:
+    """The KV entries a method kept after the prefill, as one number: the most any layer holds (an evicting
+    method's budget, a selection method's kept tokens, the whole prompt for full attention; sliding-window layers
+    of a model such as Gemma 3 hold fewer and do not count). ``None`` when no per-layer count is known.
+    ``kept_tokens`` says how many prompt tokens the output was computed from; this says what the cache holds."""
+    return max(kv_tokens_prefill) if kv_tokens_prefill else None
 
 
 def encode_prompt(
@@ -182,6 +199,9 @@ class Prepared:
     method: Method
     input_ids: torch.Tensor  # [1, n] on the model's device ([batch, n], left-padded, for a batch)
     attention_mask: torch.Tensor | None = None  # [batch, n] bool (True = real token) for a batch; None: one prompt
+    # ``drive`` records, right after the prefill, which prompt positions each layer's KV heads hold
+    # (``details["kept_per_layer"]``: eviction methods on one prompt; the server's selection page asks for it)
+    record_selection: bool = False
 
 
 def prepare(
@@ -306,6 +326,16 @@ class Trace:
     real_entries_final: list[int] | None = None
 
 
+def record_kept_per_layer(state: DecodeState, prompt_tokens: int) -> None:
+    """``state.details["kept_per_layer"]`` for a one-prompt prefill into an eviction cache: ``{"layers": [layer
+    indices], "kv_heads": h, "counts": [[per prompt position, how many of the layer's h KV heads hold it], ...]}``
+    (``EvictionCache.prompt_coverage``); nothing for other caches (full attention, GemFilter: ``kept_indices``)."""
+    if not isinstance(state.cache, EvictionCache) or state.kv_mask is not None:
+        return
+    layers, heads, counts = state.cache.prompt_coverage(prompt_tokens)
+    state.details["kept_per_layer"] = {"layers": layers, "kv_heads": heads, "counts": counts.tolist()}
+
+
 DECODE_MODES = ("auto", "static", "eager")
 
 
@@ -364,6 +394,8 @@ def drive(
         ttft = time.perf_counter() - t0
         kv_pre, kv_bytes_pre = cache_stats(state.cache)
         rows_pre = state.real_entries()
+        if run.record_selection:
+            record_kept_per_layer(state, int(run.input_ids.shape[1]))
         decoder, capture_s, path = None, 0.0, "eager"
         own = m.capabilities.static_decode == "own"  # e.g. LazyLLM (re-selects its tokens at every step)
         if token is not None and max_steps > 0 and decode != "eager":
@@ -372,12 +404,13 @@ def drive(
                 raise InputError(f"static decoding is not available here: {why}")
             if why is None:
                 pool = decoders if decoders is not None else DecoderPool(model)
-                eviction = without_needless_eviction(m.decode_eviction(), max(kv_pre), max_steps)
+                evicts = m.capabilities.static_decode == "evict"
+                policy = without_needless_eviction(m.slot_policy() if evicts else None, max(kv_pre), max_steps)
                 if own:
                     decoder, made = m.static_decoder(pool, state, max_steps)
                 else:
                     decoder, made = pool.get(
-                        run.input_ids.shape[0], decoder_size(eviction, max(kv_pre), max_steps), tracks_for(eviction)
+                        run.input_ids.shape[0], decoder_size(policy, max(kv_pre), max_steps), slot_state_for(policy)
                     )
                 if made:
                     decoder.capture()
@@ -393,7 +426,7 @@ def drive(
                     state.next_position if state.positions is None else state.positions,
                     max_steps,
                     state.kv_mask,
-                    eviction,
+                    policy,
                 )
             state.cache = None  # the static buffers hold it now; free the prefill's copy
         steps: list[float] = []
@@ -795,6 +828,11 @@ class ContinuationScore:
     peak_memory_bytes: int
     kv_tokens_prefill: list[int]
     kv_bytes_prefill: int
+
+    @property
+    def kv_kept(self) -> int | None:
+        """KV entries kept after the prefill (``kv_kept_of``)."""
+        return kv_kept_of(self.kv_tokens_prefill)
 
     @property
     def total_nll(self) -> float:

@@ -145,6 +145,7 @@ def generation_fields(res: GenerationResult) -> dict[str, Any]:
         "answer": res.text,
         "prompt_tokens": res.prompt_tokens,
         "kept_tokens": res.kept_tokens,
+        "kv_kept": res.kv_kept,
         "kv_tokens_prefill": sum(kv) / len(kv) if kv else None,  # mean over layers
         "kv_bytes_prefill": res.kv_bytes_prefill,
         "kv_bytes_final": res.kv_bytes_final,

@@ -309,6 +309,7 @@ def turn_fields(turn: int, question: str, expected: str, res: GenerationResult) 
         "cached_tokens": int(res.details.get("prefix_cached_tokens", 0)),  # computed by an earlier turn, reused
         "stored_tokens": int(res.details.get("prefix_stored_tokens", 0)),  # computed by this turn, kept for later
         "kept_tokens": res.kept_tokens,
+        "kv_kept": res.kv_kept,
         "kv_tokens_prefill": sum(kv) / len(kv) if kv else None,
         "ttft_s": res.ttft_s,
         "decode_tokens_per_s": res.decode_tokens_per_s,

@@ -124,7 +124,7 @@ def sliding_nll(model: PreTrainedModel, ids: torch.Tensor, scored: int) -> dict[
         synchronize(model.device)
         dt = time.perf_counter() - t0
     n = ids.shape[1]
-    return _fields(nll, scored, prompt_tokens=n, kept_tokens=n, ttft_s=dt, peak_memory_bytes=mem.peak_bytes)
+    return _fields(nll, scored, prompt_tokens=n, kept_tokens=n, kv_kept=n, ttft_s=dt, peak_memory_bytes=mem.peak_bytes)
 
 
 def decode_nll(
@@ -145,6 +145,7 @@ def decode_nll(
         scored,
         prompt_tokens=res.prompt_tokens,
         kept_tokens=res.kept_tokens,
+        kv_kept=res.kv_kept,
         kv_tokens_prefill=sum(kv) / len(kv) if kv else None,
         kv_bytes_prefill=res.kv_bytes_prefill,
         ttft_s=res.ttft_s,

@@ -51,6 +51,7 @@ class StreamResult:
     stopped: str  # why the stream ended
     points: list[StreamPoint] = field(default_factory=list)
     nll: list[float] = field(default_factory=list, repr=False)  # per scored token (token i+1 given 0..i)
+    interrupted: bool = False  # stopped by ``should_stop`` (Ctrl-C, SIGTERM): the figures cover the chunks fed
 
     def to_dict(self, with_nll: bool = False) -> dict[str, Any]:
         d = asdict(self)
@@ -74,6 +75,7 @@ def stream_perplexity(
     ppl_window: int = 1024,
     progress: Callable[[StreamPoint, int], None] | None = None,
     tokenizer: PreTrainedTokenizerBase | None = None,
+    should_stop: Callable[[], str | None] | None = None,
 ) -> StreamResult:
     """Stream ``token_ids`` [N] through ``model`` and score every next token.
 
@@ -83,6 +85,8 @@ def stream_perplexity(
     position. ``ppl_window``: tokens per point of the windowed perplexity curve.
     ``progress(point, n_done)`` is called after every chunk. The stream is opened and fed by the
     runner (``open_stream``/``feed_stream``); separator ids come from ``tokenizer`` unless given.
+    ``should_stop()`` is asked after every chunk: a reason (e.g. ``"interrupted (SIGTERM)"``) ends the stream
+    there, and the result covers the chunks fed so far with ``interrupted`` set and ``stopped`` the reason.
     """
     if ppl_window < 1:
         raise InputError(f"ppl_window must be >= 1, got {ppl_window}")
@@ -136,7 +140,13 @@ def stream_perplexity(
             win_nll, win_n = 0.0, 0
         if progress is not None:
             progress(point, pos)
-    if streamer.stopped is not None:
+        reason = should_stop() if should_stop is not None else None
+        if reason and pos < n:
+            stopped, interrupted = reason, True
+            break
+    else:
+        interrupted = False
+    if streamer.stopped is not None and not interrupted:
         stopped = streamer.stopped
     if win_n:  # a partial window left when the stream stopped early
         points.append(
@@ -162,4 +172,5 @@ def stream_perplexity(
         stopped=stopped,
         points=points,
         nll=nll,
+        interrupted=interrupted,
     )

@@ -182,7 +182,7 @@ def _resolve_device_map(
         return dict(device_map)
     if device_map not in DEVICE_MAP_STRATEGIES:  # one device for everything
         return {"": device_map}
-    no_split = getattr(model, "_no_split_modules", None) or []
+    no_split = list(getattr(model, "_no_split_modules", None) or [])
     if device_map != "sequential":
         max_memory = get_balanced_memory(
             model,

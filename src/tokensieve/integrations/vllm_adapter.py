@@ -68,6 +68,11 @@ class VLLMResult:
     method: str
     params: dict[str, Any]
     details: dict[str, Any] = field(default_factory=dict)
+    kv_kept: int | None = None  # KV entries vLLM holds for the prompt: the kept tokens (set when not given)
+
+    def __post_init__(self) -> None:
+        if self.kv_kept is None:
+            self.kv_kept = self.kept_tokens
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -22,7 +22,7 @@ import torch
 from transformers import Cache, DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.hf import cache_kwarg, has_sliding_layers, max_positions, num_layers  # noqa: F401  (re-exported)
-from tokensieve.decode.static import DeviceEviction  # noqa: F401  (re-exported: a method's decode_eviction returns it)
+from tokensieve.decode.slots import SlotPolicy
 
 
 @dataclass
@@ -57,7 +57,7 @@ class Capabilities:
     batch: ``prefill_batch`` runs several left-padded prompts together (``generate_batch``, the server's
         batches); otherwise the method runs one prompt at a time.
     static_decode: how decoding runs on static KV buffers with a captured step: ``"grow"`` (the cache only
-        grows after the prefill), ``"evict"`` (the static decoder evicts as ``decode_eviction()`` says),
+        grows after the prefill), ``"evict"`` (the static decoder evicts by the method's ``slot_policy()``),
         ``"own"`` (the method's own static decoder: ``static_decoder`` / ``load_static``), ``None`` (eager only).
     prefix_reuse: a prefix cache (``PrefixReuse``) can take the prompt's prefix from a store
         (``prefix_refusal`` / ``prefix_prefill`` say how for an instance).
@@ -113,9 +113,10 @@ class Method:
         """Extra keyword arguments for decoding forwards (e.g. an attention hook)."""
         return {}
 
-    def decode_eviction(self) -> DeviceEviction | None:
-        """How decoding evicts, for the static path (``tokensieve.decode.static.DeviceEviction``); ``None`` when the
-        cache only grows after the prefill."""
+    def slot_policy(self) -> SlotPolicy | None:
+        """``capabilities.static_decode == "evict"``: how decoding evicts on the static path, a
+        ``tokensieve.decode.slots.SlotPolicy`` defined next to the method's eager rule; ``None`` when the cache
+        only grows after the prefill."""
         return None
 
     def static_decoder(self, pool: Any, state: DecodeState, max_new_tokens: int) -> tuple[Any, bool]:

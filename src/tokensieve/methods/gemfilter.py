@@ -408,7 +408,7 @@ class GemFilter(Method):
         n_layers = num_layers(net)
         r = self.resolved_layer(model)
         if not isinstance(r, int) or not 0 <= r < n_layers:
-            # Still a plain ValueError: tests/test_bench.py pins "error: ValueError" in bench status rows.
+            # Still a plain ValueError: tests/bench/test_bench.py pins "error: ValueError" in bench status rows.
             whose = "the filter model" if net is not model else "this model"
             raise InputError(f"filter_layer must be in [0, {n_layers - 1}] for {whose}, got {r!r}")
         if net is not model:  # the draft must cover the positions the model does (past them: allow_long's choice)

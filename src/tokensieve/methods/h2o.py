@@ -22,16 +22,82 @@ kernels that never store the probabilities (``scoring_kernel``); elsewhere,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from tokensieve.core.cache import EvictionCache
 from tokensieve.core.scoring import SCORE_KERNELS, attention_scores, topk_with_recent
+from tokensieve.decode.slots import SlotPolicy, SlotState
 from tokensieve.errors import InputError, check_choice, check_int
-from tokensieve.methods.base import Capabilities, DeviceEviction
+from tokensieve.methods.base import Capabilities
 from tokensieve.methods.eviction import EvictionMethod, LayerCall
+
+
+class HeavyHitterSlots(SlotState):
+    """H2O's rule on a static decoder's slots: every slot carries the attention it has received (float32, summed
+    over the query heads that share its KV head, as the eager cache does) and a write stamp; each step writes the
+    new entry, per KV head, into the slot the previous step freed; once ``budget + 1`` entries are held, the
+    lowest-scoring slot outside the ``n_recent`` newest stamps is freed for the next step (all on the device)."""
+
+    needs_probabilities = "H2O's eviction needs the attention probabilities"
+
+    def __init__(self, decoder: Any) -> None:
+        super().__init__(decoder)
+        b, hkv, cap, dev = decoder.batch, decoder.keys[0].shape[1], decoder.capacity, self.size.device
+        n_layers = len(decoder.keys)
+        self.acc = [torch.zeros(b, hkv, cap, dtype=torch.float32, device=dev) for _ in range(n_layers)]
+        self.stamp = [torch.zeros(b, hkv, cap, dtype=torch.long, device=dev) for _ in range(n_layers)]
+        self.free = [torch.zeros(b, hkv, dtype=torch.long, device=dev) for _ in range(n_layers)]  # next step's slot
+        self.limits = torch.zeros(2, dtype=torch.long, device=dev)  # budget, n_recent
+
+    def load(self, policy: SlotPolicy | None, cache: Cache, lengths: list[int]) -> None:
+        super().load(policy, cache, lengths)
+        budget, keep = (policy.budget, policy.n_recent) if policy is not None else (self.decoder.capacity, 0)
+        self.limits.copy_(torch.tensor([budget, keep], dtype=torch.long))
+        scores = getattr(cache, "scores", {})
+        for i, n in enumerate(lengths):
+            self.acc[i].zero_()
+            if policy is not None:
+                self.acc[i][:, :, :n].copy_(scores[i])
+            self.stamp[i].zero_()
+            self.stamp[i][:, :, :n].copy_(torch.arange(n, device=self.stamp[i].device))  # position order
+            self.free[i].fill_(n)
+
+    def write(self, li: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        # per KV head, the slot freed by the previous step (or the next empty one)
+        b, hkv, _, d = key.shape
+        written, free = self.decoder.filled[li : li + 1], self.free[li][:, :, None]  # [1], [b, hkv, 1]
+        self.decoder.keys[li].scatter_(2, free[..., None].expand(b, hkv, 1, d), key)
+        self.decoder.values[li].scatter_(2, free[..., None].expand(b, hkv, 1, d), value)
+        self.acc[li].scatter_(2, free, 0.0)  # a new entry starts with no attention received
+        self.stamp[li].scatter_(2, free, written.expand(b, hkv, 1))
+
+    def after(self, li: int, visible: torch.Tensor | None, received: torch.Tensor | None) -> None:
+        """Add this step's attention [b, hkv, cap] to the slots' scores; once ``budget + 1`` entries are held, free
+        each KV head's lowest-scoring slot outside the ``n_recent`` newest for the next step."""
+        written = self.decoder.filled[li : li + 1]
+        acc, budget, keep = self.acc[li], self.limits[0:1], self.limits[1:2]
+        acc.add_(received)
+        newest = self.stamp[li] > written - keep  # [b, hkv, cap]: the n_recent most recent writes
+        candidates = acc.masked_fill(newest | ~visible[:, None, :], float("inf"))
+        victim = candidates.argmin(dim=-1)  # [b, hkv]
+        grow = (written + 1).clamp(max=self.decoder.capacity - 1).expand_as(victim)  # the next empty slot
+        self.free[li].copy_(torch.where(written + 1 > budget, victim, grow))
+
+
+@dataclass(frozen=True)
+class HeavyHitterPolicy(SlotPolicy):
+    """H2O's slot policy: the ``n_recent`` newest entries stay, then the most attended-to; ``budget`` in all."""
+
+    budget: int
+    n_recent: int
+    state_type: ClassVar[type[SlotState]] = HeavyHitterSlots
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.n_recent <= self.budget and self.budget >= 1):
+            raise ValueError(f"bad {self}: needs 0 <= n_recent <= budget and budget >= 1")
 
 
 @dataclass
@@ -101,9 +167,9 @@ class H2O(EvictionMethod):
         if scores.shape[-1] > self.budget:
             cache.keep(layer_idx, topk_with_recent(scores, self.budget, self.resolved_n_recent))
 
-    def decode_eviction(self) -> DeviceEviction:
+    def slot_policy(self) -> HeavyHitterPolicy:
         # each step adds the new token's attention to every entry, then drops the lowest outside the recent window
-        return DeviceEviction("heavy", self.budget, self.resolved_n_recent)
+        return HeavyHitterPolicy(self.budget, self.resolved_n_recent)
 
     def evict(self, call: LayerCall) -> None:
         received = self._received(call)  # [b, hkv, entries]

@@ -38,13 +38,14 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import Cache, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokensieve.core.attention import sdpa
 from tokensieve.core.cache import EvictionCache
 from tokensieve.core.separators import separator_token_ids
+from tokensieve.decode.slots import SlotPolicy, SlotState
 from tokensieve.errors import InputError, check_int
-from tokensieve.methods.base import Capabilities, DecodeState, DeviceEviction
+from tokensieve.methods.base import Capabilities, DecodeState
 from tokensieve.methods.eviction import AttnOutput, EvictionMethod, LayerCall
 
 
@@ -105,6 +106,87 @@ def sepcache_keep(
     keep = initial | local
     keep[kept_seps] = True
     return idx[keep]
+
+
+class SeparatorSlots(SlotState):
+    """SepLLM's rule on a static decoder's slots (one row): every slot carries its position and whether its token
+    is a separator; after each step the entry that leaves the window is freed for the next step unless it is an
+    initial token or a separator, else the next unused slot is taken (the buffer is sized for the whole answer,
+    since separators accumulate)."""
+
+    def __init__(self, decoder: Any) -> None:
+        super().__init__(decoder)
+        cap, dev, n_layers = decoder.capacity, self.size.device, len(decoder.keys)
+        self.stamp = [torch.zeros(cap, dtype=torch.long, device=dev) for _ in range(n_layers)]  # positions
+        self.is_sep = [torch.zeros(cap, dtype=torch.bool, device=dev) for _ in range(n_layers)]
+        self.free = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]  # the next step's slot
+        self.used = [torch.zeros(1, dtype=torch.long, device=dev) for _ in range(n_layers)]  # slots used
+        self.limits = torch.zeros(2, dtype=torch.long, device=dev)  # n_initial, n_recent
+        # token id -> is a separator: a fixed-shape table filled in place by load, so that a step captured before
+        # (the driver captures a decoder once, then loads each prompt) reads the separators of the prompt loaded
+        vocab = decoder.model.config.get_text_config().vocab_size
+        self.sep_table = torch.zeros(vocab, dtype=torch.bool, device=dev)
+
+    def load(self, policy: SlotPolicy | None, cache: Cache, lengths: list[int]) -> None:
+        super().load(policy, cache, lengths)
+        self.limits.copy_(torch.tensor([policy.n_initial, policy.n_recent], dtype=torch.long))
+        vocab = self.sep_table.numel()
+        self.sep_table.zero_()
+        ids = [i for i in policy.separator_ids if 0 <= i < vocab]
+        self.sep_table[torch.tensor(ids, dtype=torch.long, device=self.sep_table.device)] = True
+        for i, n in enumerate(lengths):
+            pos = cache.sync_positions(i)[0, 0]  # [n] original positions (the same in every head)
+            self.stamp[i].fill_(-1)
+            self.stamp[i][:n].copy_(pos)
+            self.is_sep[i].zero_()
+            self.is_sep[i][:n].copy_(self.sep_table[cache.token_ids[0, pos]])
+            self.free[i].fill_(n)
+            self.used[i].fill_(n)
+
+    def begin_step(self) -> None:
+        pass  # the visible prefix is each layer's slots used
+
+    def write(self, li: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        # the slot the previous step freed, or the next unused one
+        dec, slot = self.decoder, self.free[li]
+        dec.keys[li].index_copy_(2, slot, key)
+        dec.values[li].index_copy_(2, slot, value)
+        self.stamp[li].index_copy_(0, slot, dec.position[0])
+        self.is_sep[li].index_copy_(0, slot, self.sep_table[dec.token[0]])
+        self.used[li].copy_(torch.maximum(self.used[li], slot + 1))
+
+    def visible(self, li: int) -> torch.Tensor:
+        return (self.decoder.slot_ids < self.used[li]) & self.decoder.valid  # every slot in use: what the cache holds
+
+    def limit(self, li: int) -> torch.Tensor:
+        return self.used[li]
+
+    def after(self, li: int, visible: torch.Tensor | None, received: torch.Tensor | None) -> None:
+        """The entry at position ``p - n_recent`` leaves the next token's view unless it is an initial token or a
+        separator; its slot is the next step's, else the next unused slot."""
+        n_initial, window = self.limits[0:1], self.limits[1:2]
+        stamp = self.stamp[li]
+        leaving = (stamp == self.decoder.position[0] - window) & (stamp >= n_initial) & ~self.is_sep[li]  # at most one
+        self.free[li].copy_(torch.where(leaving.any(), leaving.int().argmax(), self.used[li]))
+
+    def entries(self) -> list[int]:
+        return [int(u) - int(f < u) for u, f in zip(self.used, self.free)]  # the slots used, less the one freed
+
+
+@dataclass(frozen=True)
+class SeparatorPolicy(SlotPolicy):
+    """SepLLM's slot policy: the first ``n_initial`` tokens, every token in ``separator_ids`` and the ``n_recent``
+    tokens before the next one stay; no fixed budget (``budget`` is None: separators accumulate)."""
+
+    n_initial: int
+    n_recent: int
+    separator_ids: tuple[int, ...]
+    budget: ClassVar[None] = None  # unbounded
+    state_type: ClassVar[type[SlotState]] = SeparatorSlots
+
+    def __post_init__(self) -> None:
+        if not (self.n_initial >= 0 and self.n_recent >= 0):
+            raise ValueError(f"bad {self}: needs n_initial >= 0 and n_recent >= 0")
 
 
 @dataclass
@@ -198,14 +280,9 @@ class SepLLM(EvictionMethod):
             outs.append(out)  # [b, c, q_heads, head_dim]
         return torch.cat(outs, dim=1), None
 
-    def decode_eviction(self) -> DeviceEviction:
+    def slot_policy(self) -> SeparatorPolicy:
         # the entry that leaves the window each step goes unless it is an initial token or a separator
-        return DeviceEviction(
-            "separators",
-            n_keep=self.n_initial,
-            window=self.n_recent,
-            separator_ids=tuple(int(i) for i in self._sep.tolist()),
-        )
+        return SeparatorPolicy(self.n_initial, self.n_recent, tuple(int(i) for i in self._sep.tolist()))
 
     def evict(self, call: LayerCall) -> None:
         """Keep what later tokens may still see: initial tokens, separators, the recent window."""

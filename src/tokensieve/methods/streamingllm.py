@@ -15,14 +15,15 @@ StreamingLLM policy keeps entries by the same rule, ``keep_sinks_and_recent``.)
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
-from transformers import PreTrainedModel
+from transformers import Cache, PreTrainedModel
 
 from tokensieve.core.cache import EvictionCache
+from tokensieve.decode.slots import SlotPolicy, SlotState
 from tokensieve.errors import InputError, check_int
-from tokensieve.methods.base import Capabilities, DecodeState, DeviceEviction
+from tokensieve.methods.base import Capabilities, DecodeState
 from tokensieve.methods.eviction import EvictionMethod, LayerCall
 
 
@@ -58,6 +59,38 @@ def keep_sinks_and_recent_rows(valid: torch.Tensor, n_initial: int, n_recent: in
     return torch.sort(torch.argsort(order, dim=-1)[:, :kept], dim=-1).values
 
 
+class SinkRingSlots(SlotState):
+    """StreamingLLM's rule on a static decoder's slots: slots ``0 .. n_initial - 1`` hold the sinks, the rest
+    (up to ``budget + 1``) is a ring; once every slot is written the new entry overwrites the ring's oldest."""
+
+    def __init__(self, decoder: Any) -> None:
+        super().__init__(decoder)
+        self.fixed = torch.zeros(1, dtype=torch.long, device=self.size.device)  # [1]: slots before the ring
+
+    def load(self, policy: SlotPolicy | None, cache: Cache, lengths: list[int]) -> None:
+        super().load(policy, cache, lengths)
+        self.fixed.fill_(policy.n_initial if policy is not None else 0)
+
+    def write(self, li: int, key: torch.Tensor, value: torch.Tensor) -> None:
+        written, fixed, size = self.decoder.filled[li : li + 1], self.fixed, self.size
+        slot = torch.where(written < size, written, fixed + (written - fixed) % (size - fixed))
+        self.decoder.keys[li].index_copy_(2, slot, key)
+        self.decoder.values[li].index_copy_(2, slot, value)
+
+
+@dataclass(frozen=True)
+class SinkRingPolicy(SlotPolicy):
+    """StreamingLLM's slot policy: ``n_initial`` sinks + the newest entries, ``budget`` in all."""
+
+    budget: int
+    n_initial: int
+    state_type: ClassVar[type[SlotState]] = SinkRingSlots
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.n_initial < self.budget:
+            raise ValueError(f"bad {self}: needs 0 <= n_initial < budget")
+
+
 @dataclass
 class StreamingLLM(EvictionMethod):
     """StreamingLLM (Xiao et al., 2024): ``n_initial`` first tokens + the most recent ones.
@@ -83,9 +116,9 @@ class StreamingLLM(EvictionMethod):
                 f"n_initial ({self.n_initial}) must be smaller than budget ({self.budget}) to leave a recent window"
             )
 
-    def decode_eviction(self) -> DeviceEviction:
+    def slot_policy(self) -> SinkRingPolicy:
         # each step attends over the sinks and budget - n_initial + 1 newest entries, then drops the oldest
-        return DeviceEviction("ring", self.budget, self.n_initial)
+        return SinkRingPolicy(self.budget, self.n_initial)
 
     def _evict(self, cache: EvictionCache, layer_idx: int, entries: int) -> None:
         if entries <= self.budget:

@@ -5,7 +5,8 @@
 registry; nothing lives at module level, so several apps can run in one process.
 
 Endpoints: ``POST /v1/chat/completions``, ``POST /v1/completions`` (both with ``"stream": true`` for
-server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``.
+server-sent events), ``GET /v1/models``, ``GET /v1/models/{id}``, ``GET /health``, ``GET /metrics``; unless ``page=False``, the selection
+page (``GET /``) and its ``POST /v1/tokensieve/select`` (``tokensieve.serve.selection``).
 See docs/serve.md for the behaviour of each, the errors and the ``tokensieve`` extension field.
 """
 
@@ -32,13 +33,12 @@ from tokensieve.errors import InputError, check_int
 from tokensieve.serve.engine import Engine, ServingEngine
 from tokensieve.serve.jobs import (
     Delta,
-    EngineStoppedError,
     Event,
     Failed,
     Finished,
     Job,
-    QueueFullError,
     shutting_down_error,
+    submit_or_refuse,
     timeout_error,
 )
 from tokensieve.serve.metrics import Metrics, endpoint_label
@@ -60,6 +60,7 @@ from tokensieve.serve.protocol import (
     usage_body,
     usage_chunk,
 )
+from tokensieve.serve.request_log import RequestLog, note_answer
 from tokensieve.serve.worker import BatchFn, GenerateFn
 
 log = logging.getLogger(__name__)
@@ -274,19 +275,22 @@ def _json_safe(obj: Any) -> Any:
 
 
 def _stats(ev: Finished) -> dict[str, Any]:
-    """The response's ``tokensieve`` object."""
+    """The response's ``tokensieve`` object (noted for the request's log line too)."""
     r = ev.result
-    return {
+    out = {
         "method": r.method,
         "params": _json_safe(r.params),
         "prompt_tokens": r.prompt_tokens,
         "kept_tokens": r.kept_tokens,
+        "kv_kept": r.kv_kept,
         "ttft_s": r.ttft_s,
         "queue_s": ev.queue_s,
         "decode_tokens_per_s": r.decode_tokens_per_s,
         "generated_tokens": r.generated_tokens,
         "prefix_cached_tokens": int(r.details.get("prefix_cached_tokens", 0)),
     }
+    note_answer(out)
+    return out
 
 
 def _usage(ev: Finished) -> dict[str, Any]:
@@ -297,6 +301,7 @@ def _usage(ev: Finished) -> dict[str, Any]:
         r.generated_tokens,
         int(r.details.get("prefix_cached_tokens", 0)),
         kept_tokens=r.kept_tokens,
+        kv_kept=r.kv_kept,
         ttft_s=r.ttft_s,
     )
 
@@ -324,6 +329,7 @@ def create_app(
     allowed_hosts: Sequence[str] | None = None,
     lock_params: bool = False,
     filter_models: Mapping[str, Any] | None = None,
+    page: bool = True,
 ) -> FastAPI:
     """An OpenAI-compatible app serving ``model`` with ``method`` (and ``method_params``) by default.
 
@@ -339,6 +345,7 @@ def create_app(
     ``method`` and ``method_params`` only; a request that sets another method or parameter value gets 400.
     ``filter_models``: ``{name: core.draft.DraftModel}``, the draft models GemFilter requests may name
     (``"tokensieve": {"method": "gemfilter", "filter_model": name}``; the method parameters may name one too).
+    ``page``: serve the selection page and its endpoint (``tokensieve.serve.selection``; False: neither).
     """
     engine = Engine(
         model,
@@ -362,6 +369,7 @@ def create_app(
         api_keys=api_keys,
         max_body_bytes=max_body_bytes,
         allowed_hosts=allowed_hosts,
+        page=page,
     )
 
 
@@ -373,6 +381,7 @@ def app_for_engine(
     api_keys: Sequence[str] = (),
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     allowed_hosts: Sequence[str] | None = None,
+    page: bool = True,
 ) -> FastAPI:
     """The app over an engine built elsewhere (``--engine vllm``: :class:`~tokensieve.serve.vllm_engine.VLLMEngine`).
 
@@ -383,6 +392,8 @@ def app_for_engine(
     if isinstance(api_keys, str) or not all(isinstance(k, str) and k.strip() and k == k.strip() for k in api_keys):
         raise InputError("api_keys must be a list of non-empty key strings without surrounding spaces")
     check_int("max_body_bytes", max_body_bytes, 1)
+    if not isinstance(page, bool):
+        raise InputError(f"page must be True or False, got {page!r}")
     if allowed_hosts is not None and (
         isinstance(allowed_hosts, str)
         or not all(isinstance(h, str) and host_name(h) and " " not in h.strip() for h in allowed_hosts)
@@ -410,6 +421,7 @@ def app_for_engine(
         max_body_bytes=max_body_bytes,
         allowed_hosts=None if allowed_hosts is None else tuple(allowed_hosts),
     )
+    app.add_middleware(RequestLog)  # one log line per request, the front door's answers included
     app.add_middleware(_RequestMetrics, metrics=metrics)  # outermost: counts the front door's answers too
 
     @app.exception_handler(APIError)
@@ -504,18 +516,7 @@ def app_for_engine(
         req = parse(body, default_max_tokens)
         req.tenant = getattr(request.state, "tenant", None)
         prepared = await run_in_threadpool(engine.prepare, req)
-        try:
-            job = engine.submit(prepared, asyncio.get_running_loop())
-        except QueueFullError as exc:
-            raise APIError(
-                429,
-                str(exc),
-                type="rate_limit_error",
-                code="queue_full",
-                headers={"Retry-After": str(exc.retry_after_s)},
-            ) from None
-        except EngineStoppedError:
-            raise shutting_down_error() from None
+        job = submit_or_refuse(engine, prepared, asyncio.get_running_loop())
         rid, created_at = new_id(kind), now()
         try:
             ev = await next_event(job, request)  # headers wait for the first token, so errors get their status
@@ -537,6 +538,20 @@ def app_for_engine(
             raise
         return JSONResponse(
             completion_body(kind, rid, created_at, model_name, ev.text, ev.finish_reason, _usage(ev), _stats(ev))
+        )
+
+    if page:
+        from tokensieve.serve.selection import add_selection_routes
+
+        add_selection_routes(
+            app,
+            engine,
+            next_event,
+            model_name=model_name,
+            max_body_bytes=max_body_bytes,
+            api_key_required=bool(api_keys),
+            read_body=read_body,
+            client_gone=ClientGone,
         )
 
     @app.post("/v1/chat/completions")

@@ -33,8 +33,9 @@ class BatchPolicy:
     @staticmethod
     def batchable(prep: PreparedRequest) -> bool:
         """Whether ``prep`` may run in a batch: a method whose capabilities say ``batch``, and no prompt
-        prefix of ``PREFIX_ALONE_TOKENS`` or more for the prefix cache (those run alone, through the cache)."""
-        if not prep.method.capabilities.batch:
+        prefix of ``PREFIX_ALONE_TOKENS`` or more for the prefix cache (those run alone, through the cache); a
+        selection-page request (``run.record_selection``) runs alone too (its per-layer record is of one prompt)."""
+        if not prep.method.capabilities.batch or prep.run.record_selection:
             return False
         return prep.prefix_tokens is None or prep.prefix_tokens < PREFIX_ALONE_TOKENS
 

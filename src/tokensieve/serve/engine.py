@@ -297,6 +297,10 @@ class Engine:
         self.worker.submit(job)
         return job
 
+    def prompt_pieces(self, ids: list[int]) -> list[str]:
+        """Each prompt token's text, special tokens included (``Decoder.pieces``), for the selection page."""
+        return self.worker.decoder.pieces(ids)
+
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """Stop ``job``: drop it from the queue, or stop its generation at the next layer or token.
 

@@ -17,7 +17,7 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tokensieve.engine.detokenize import TextStream
 from tokensieve.serve.metrics import Metrics
@@ -53,6 +53,23 @@ def timeout_error(timeout_s: float) -> APIError:
 
 def shutting_down_error() -> APIError:
     return APIError(503, "the server is shutting down", type="server_error", code="shutting_down")
+
+
+def submit_or_refuse(engine: Any, prepared: PreparedRequest, loop: Any) -> Job:
+    """``engine.submit`` with its refusals as the HTTP errors every endpoint answers: 429 ``queue_full`` (with
+    ``Retry-After``) and 503 ``shutting_down``."""
+    try:
+        return engine.submit(prepared, loop)
+    except QueueFullError as exc:
+        raise APIError(
+            429,
+            str(exc),
+            type="rate_limit_error",
+            code="queue_full",
+            headers={"Retry-After": str(exc.retry_after_s)},
+        ) from None
+    except EngineStoppedError:
+        raise shutting_down_error() from None
 
 
 def internal_error(what: str = "internal error in the engine") -> APIError:
@@ -252,6 +269,8 @@ class JobBook:
         m.ttft.labels(res.method).observe(res.ttft_s)
         m.prompt_tokens.labels(res.method).inc(res.prompt_tokens)
         m.kept_tokens.labels(res.method).inc(res.kept_tokens)
+        if res.kv_kept is not None:
+            m.kv_kept.labels(res.method).inc(res.kv_kept)
         m.kept_ratio.labels(res.method).observe(res.kept_tokens / max(res.prompt_tokens, 1))
 
     def complete(self, answer: Answer, res: GenerationResult, eos: bool, queue_s: float | None = None) -> None:

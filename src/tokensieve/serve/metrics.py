@@ -13,7 +13,15 @@ TIME_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 2
 RATIO_BUCKETS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0)
 BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 128)  # requests per run; le="1.0" counts the runs of one
 
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
+ENDPOINTS = (
+    "/v1/chat/completions",
+    "/v1/completions",
+    "/v1/models",
+    "/v1/tokensieve/select",
+    "/health",
+    "/metrics",
+    "/",
+)
 
 
 def endpoint_label(path: str) -> str:
@@ -64,6 +72,12 @@ class Metrics:
         self.kept_tokens = Counter(
             "tokensieve_kept_tokens",
             "prompt tokens the model computed on (after selection/eviction), by method",
+            ["method"],
+            registry=r,
+        )
+        self.kv_kept = Counter(
+            "tokensieve_kv_kept",
+            "KV entries kept after the prefill (the fullest layer: an evicting method's budget), by method",
             ["method"],
             registry=r,
         )

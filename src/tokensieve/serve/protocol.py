@@ -353,10 +353,12 @@ def usage_body(
     cached_tokens: int | None = None,
     kept_tokens: int | None = None,
     ttft_s: float | None = None,
+    kv_kept: int | None = None,
 ) -> dict[str, Any]:
     """OpenAI's usage object; ``cached_tokens`` (prompt tokens taken from the prefix cache) goes in
     ``prompt_tokens_details`` as OpenAI reports its own prompt caching; tokensieve adds ``kept_tokens``
-    (prompt tokens the method computed on) and ``ttft_s`` (extra fields, which OpenAI clients keep)."""
+    (prompt tokens the method computed on), ``kv_kept`` (KV entries it kept after the prefill, the most any layer
+    holds: an evicting method's budget) and ``ttft_s`` (extra fields, which OpenAI clients keep)."""
     out: dict[str, Any] = {
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
@@ -366,6 +368,8 @@ def usage_body(
         out["prompt_tokens_details"] = {"cached_tokens": cached_tokens}
     if kept_tokens is not None:
         out["kept_tokens"] = kept_tokens
+    if kv_kept is not None:
+        out["kv_kept"] = kv_kept
     if ttft_s is not None:
         out["ttft_s"] = ttft_s
     return out

@@ -312,6 +312,10 @@ class VLLMEngine:
         task.add_done_callback(lambda t: self._task_done(job, t))
         return job
 
+    def prompt_pieces(self, ids: list[int]) -> list[str]:
+        """Each prompt token's text, special tokens included (``Decoder.pieces``), for the selection page."""
+        return self._decoder.pieces(ids)
+
     def cancel(self, job: Job, reason: str = "cancelled") -> None:
         """Stop ``job``: its task is cancelled, which aborts its vLLM request (``reason``: cancelled or timeout)."""
         with self._lock:
@@ -433,6 +437,7 @@ class VLLMEngine:
             peak_memory_bytes=0,
             kv_tokens_prefill=[],
             kv_tokens_final=[],
+            kv_kept=len(sel.kept_ids),  # vLLM holds the kept tokens' KV
             kv_bytes_prefill=0,
             kv_bytes_final=0,
             generated_tokens=n_new,

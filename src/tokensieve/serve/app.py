@@ -49,6 +49,7 @@ from tokensieve.serve.protocol import (
     GenerationRequest,
     Kind,
     chunk_body,
+    client_gone,
     completion_body,
     error_body,
     new_id,
@@ -60,7 +61,7 @@ from tokensieve.serve.protocol import (
     usage_body,
     usage_chunk,
 )
-from tokensieve.serve.request_log import RequestLog, note_answer
+from tokensieve.serve.request_log import RequestLog, StatusWatch, note_answer
 from tokensieve.serve.worker import BatchFn, GenerateFn
 
 log = logging.getLogger(__name__)
@@ -235,20 +236,12 @@ class _RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.monotonic()
-        status: int | None = None
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
+        start, watch = time.monotonic(), StatusWatch(send)
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive, watch)
         finally:
             endpoint = endpoint_label(scope.get("path", ""))
-            self.metrics.requests.labels(endpoint, str(status or 500)).inc()
+            self.metrics.requests.labels(endpoint, str(watch.status or 500)).inc()
             if endpoint in COMPLETION_ENDPOINTS:
                 self.metrics.request_duration.labels(endpoint).observe(time.monotonic() - start)
 
@@ -529,10 +522,7 @@ def app_for_engine(
                     return _error_response(ev.error)
                 ev = await next_event(job, request)
         except ClientGone:
-            return JSONResponse(
-                error_body("the client closed the connection", type="invalid_request_error", code="cancelled"),
-                status_code=499,
-            )
+            return _error_response(client_gone())
         except BaseException:
             engine.cancel(job, "cancelled")
             raise

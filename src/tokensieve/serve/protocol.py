@@ -59,6 +59,11 @@ def error_body(message: str, *, type: str, param: str | None = None, code: str |
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+def client_gone() -> APIError:
+    """499 (nginx's code): the client closed the connection before its answer was ready."""
+    return APIError(499, "the client closed the connection", code="cancelled")
+
+
 def invalid(message: str, param: str | None, code: str = "invalid_value") -> APIError:
     """A 400 for a bad request field."""
     return APIError(400, message, param=param, code=code)

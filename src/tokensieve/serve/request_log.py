@@ -51,6 +51,20 @@ def format_line(method: str, path: str, status: int, stats: dict[str, Any], tota
     return f"{method} {path} status={status} {fields} total_s={total_s:.3f}"
 
 
+class StatusWatch:
+    """An ASGI ``send`` that passes every message on and remembers the response's status (``None`` until the
+    response starts): what a middleware needs to report a request once it has ended."""
+
+    def __init__(self, send: Send) -> None:
+        self.send = send
+        self.status: int | None = None
+
+    async def __call__(self, message: Message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = int(message["status"])
+        await self.send(message)
+
+
 class RequestLog:
     """ASGI middleware: one INFO line per HTTP request on ``tokensieve.serve.requests`` (module docstring)."""
 
@@ -62,19 +76,11 @@ class RequestLog:
         if scope["type"] != "http" or path in QUIET_PATHS or not log.isEnabledFor(logging.INFO):
             await self.app(scope, receive, send)
             return
-        start = time.monotonic()
-        status: int | None = None
+        start, watch = time.monotonic(), StatusWatch(send)
         stats: dict[str, Any] = {}
         token = _CURRENT.set(stats)
-
-        async def send_and_watch(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = int(message["status"])
-            await send(message)
-
         try:
-            await self.app(scope, receive, send_and_watch)
+            await self.app(scope, receive, watch)
         finally:
             _CURRENT.reset(token)
-            log.info(format_line(scope.get("method", "-"), path, status or 500, stats, time.monotonic() - start))
+            log.info(format_line(scope.get("method", "-"), path, watch.status or 500, stats, time.monotonic() - start))

@@ -44,6 +44,7 @@ from tokensieve.serve.jobs import (
     submit_or_refuse,
 )
 from tokensieve.serve.protocol import APIError, GenerationRequest, error_body, invalid, parse_json_object
+from tokensieve.serve.protocol import client_gone as gone
 
 log = logging.getLogger(__name__)
 
@@ -293,10 +294,8 @@ def add_selection_routes(
                         headers=err.headers or None,
                     )
         except client_gone:
-            return JSONResponse(
-                error_body("the client closed the connection", type="invalid_request_error", code="cancelled"),
-                status_code=499,
-            )
+            err = gone()
+            return JSONResponse(err.body(), status_code=err.status)
         except BaseException:
             engine.cancel(job, "cancelled")
             raise

@@ -68,6 +68,25 @@ def test_resume_after_crash_mid_file(model, tok, tmp_path):
     assert run(model, tok, tmp_path)[1] == []
 
 
+def test_resume_counts_lines_written_before_an_option_that_is_off_by_default(model, tok, tmp_path):
+    """A line from before a method gained an option whose default is None (it lacks the key) is done; one that
+    lacks an option with another default (it ran without it) runs again."""
+    path, first = run(model, tok, tmp_path)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    for r in rows:
+        if r["method"] == "gemfilter":
+            assert r["params"]["filter_model"] is None and r["params"]["dilation"] == 31
+            del r["params"]["filter_model"]  # written by a version without the option
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert run(model, tok, tmp_path)[1] == []
+    for r in rows:
+        if r["method"] == "gemfilter":
+            del r["params"]["dilation"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    redone = run(model, tok, tmp_path)[1]
+    assert {r["method"] for r in redone} == {"gemfilter"} and len(redone) == 4
+
+
 def test_adding_a_method_runs_only_its_cells(model, tok, tmp_path):
     run(model, tok, tmp_path, methods=["full"])
     _, seen = run(model, tok, tmp_path, methods=["full", "gemfilter"])

@@ -327,14 +327,20 @@ def params_key(params: dict[str, Any]) -> str:
 
 
 def cell_id(row: dict[str, Any]) -> tuple[str, str, str, str, str, str]:
-    """What makes a result line unique: task, its configuration, sample key, model, method, parameters."""
+    """What makes a result line unique: task, its configuration, sample key, model, method, parameters.
+
+    A parameter whose value is ``None`` is left out of the identity, so a line written before a method gained an
+    option that is off by default (``None``, e.g. GemFilter's ``filter_model``) still counts as done when the run is
+    resumed with the newer code. An option added with any other default changes the identity (the older line ran
+    without it, so the cell runs again)."""
+    params = {k: v for k, v in row.get("params", {}).items() if v is not None}
     return (
         row.get("task", ""),
         params_key(row.get("task_config", {})),
         row.get("key", ""),
         row.get("model", ""),
         row.get("method", ""),
-        params_key(row.get("params", {})),
+        params_key(params),
     )
 
 

@@ -358,7 +358,7 @@ class GemFilter(Method):
     pooling: str = "avg"
     dilation: int = DEFAULT_DILATION
     chunk_size: int | None = None
-    filter_attention: str = "dense"  # local is faster but lost accuracy on both embedded models (docs/gemfilter.md)
+    filter_attention: str = "dense"  # why not "local" or "auto" by default: docs/gemfilter.md (local filter pass)
     n_initial: int = DEFAULT_N_INITIAL
     n_recent: int = DEFAULT_N_RECENT
     local_kernel: str = "auto"

@@ -189,6 +189,29 @@ def smollm2():
         pytest.skip(str(exc))
 
 
+def patch_model_load(monkeypatch, replacement, also_load_model: bool = False) -> None:
+    """Replace the CLI's model load (``commands.common.load``; with ``also_load_model``, ``core.models.load_model``
+    too) with ``replacement`` in every module that imported it by name, for one test. The command modules are imported first: a command
+    module first imported while only ``commands.common.load`` was patched would bind the stand-in for good, and
+    later tests would get it."""
+    import importlib
+    import pkgutil
+    import sys
+
+    import tokensieve.commands as commands
+    from tokensieve.commands import common
+    from tokensieve.core import models
+
+    for info in pkgutil.iter_modules(commands.__path__):
+        importlib.import_module(f"tokensieve.commands.{info.name}")
+    real = {"load": common.load} | ({"load_model": models.load_model} if also_load_model else {})
+    for name, module in list(sys.modules.items()):
+        if name.startswith("tokensieve") and module is not None:
+            for attr, fn in real.items():
+                if getattr(module, attr, None) is fn:
+                    monkeypatch.setattr(module, attr, replacement)
+
+
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
     """Exit code, stdout and stderr of the command line (argparse's SystemExit included)."""
     from tokensieve.cli import main

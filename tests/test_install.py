@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import tomllib
+from conftest import patch_model_load
 
 from tokensieve import cli
 from tokensieve.core import models
@@ -66,8 +67,8 @@ def test_require_extra_names_the_extra_and_its_pip_line(monkeypatch):
 
 
 def test_serve_without_the_serve_extra_exits_2_in_one_line(monkeypatch, capsys):
+    patch_model_load(monkeypatch, lambda *a, **k: pytest.fail("no model load"))
     monkeypatch.setitem(sys.modules, "fastapi", None)
-    monkeypatch.setattr("tokensieve.commands.common.load", lambda args: pytest.fail("no model load"))
     rc, _, err = _run(["serve"], capsys)
     line = _one_error_line(err, "tokensieve serve")
     assert rc == 2 and "'serve' extra (not installed: fastapi)" in line and "pip install 'tokensieve[serve]'" in line
@@ -83,9 +84,8 @@ def test_serve_without_the_serve_extra_exits_2_in_one_line(monkeypatch, capsys):
     ],
 )
 def test_plot_commands_without_matplotlib_say_plots_before_any_work(argv, prog, monkeypatch, capsys):
+    patch_model_load(monkeypatch, lambda *a, **k: pytest.fail("no model load"), also_load_model=True)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    monkeypatch.setattr("tokensieve.core.models.load_model", lambda *a, **k: pytest.fail("no model load"))
-    monkeypatch.setattr("tokensieve.commands.common.load", lambda *a, **k: pytest.fail("no model load"))
     rc, _, err = _run(argv, capsys)
     line = _one_error_line(err, prog)
     assert rc == 2 and "pip install 'tokensieve[plots]'" in line, line

@@ -14,7 +14,7 @@ import types
 
 import pytest
 import torch
-from conftest import TinyTokenizer, random_ids, tiny_model
+from conftest import TinyTokenizer, patch_model_load, random_ids, tiny_model
 from conftest import run_cli as cli
 from eval_support import TEXT, byte_model, byte_tokenizer, save_model_dir
 
@@ -507,7 +507,7 @@ def test_cli_serve_vllm_with_a_draft_loads_only_the_draft_in_transformers(dirs, 
     def no_target(*a, **k):
         raise AssertionError("the model itself was loaded in transformers")
 
-    monkeypatch.setattr("tokensieve.commands.common.load", no_target)
+    patch_model_load(monkeypatch, no_target)
     apps = []
     monkeypatch.setattr(DrainingServer, "run", lambda self: apps.append(self.config.app))
     code, _, err = cli(

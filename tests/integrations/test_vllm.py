@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-from conftest import random_ids, tiny_model
+from conftest import patch_model_load, random_ids, tiny_model
 
 import tokensieve
 from tokensieve.errors import InputError
@@ -120,7 +120,7 @@ def test_serve_engine_vllm_without_vllm_exits_2_with_the_install_line(monkeypatc
     from tokensieve import cli
 
     monkeypatch.setitem(sys.modules, "vllm", None)  # import vllm -> ImportError
-    monkeypatch.setattr("tokensieve.commands.common.load", _no_model_load)
+    patch_model_load(monkeypatch, _no_model_load)
     assert cli.main(["serve", "--engine", "vllm", "--method", "gemfilter", "--topk", "64"]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and err.startswith("tokensieve serve: error: --engine vllm: vLLM is not installed")
@@ -133,7 +133,7 @@ def test_serve_engine_vllm_refuses_kv_cache_methods_before_loading(fake_vllm, mo
 
     assert {"full", "gemfilter"} <= set(vllm_methods())
     assert not {"snapkv", "h2o", "streamingllm", "sepllm", "lazyllm"} & set(vllm_methods())
-    monkeypatch.setattr("tokensieve.commands.common.load", _no_model_load)
+    patch_model_load(monkeypatch, _no_model_load)
     assert cli.main(["serve", "--engine", "vllm", "--method", "snapkv"]) == 2
     err = capsys.readouterr().err.strip()
     assert (

@@ -7,6 +7,7 @@ import re
 
 import httpx2
 import pytest
+from conftest import patch_model_load
 from eval_support import byte_model, byte_tokenizer
 from test_serve import chat, client, serving, wait_until
 
@@ -80,10 +81,9 @@ def test_no_lines_when_the_logger_is_quiet(byte_pair, caplog):
 
 def run_serve(monkeypatch, caplog, byte_pair, *argv: str) -> tuple[int, list[str]]:
     """``tokensieve serve ARGV`` up to the point where uvicorn would start (the model: the byte model)."""
-    from tokensieve.commands import common
     from tokensieve.serve import server
 
-    monkeypatch.setattr(common, "load", lambda args: byte_pair)
+    patch_model_load(monkeypatch, lambda args: byte_pair)
     monkeypatch.setattr(server.DrainingServer, "run", lambda self: None)
     caplog.set_level(logging.DEBUG, logger="tokensieve.serve")  # restored after the test (serve sets its level)
     rc = cli.main(["serve", *argv])

@@ -480,6 +480,7 @@ TABLES = {
             ("H100", [RESULTS / "accuracy_map" / "qwen05_h100"], 31),
             ("H200/H100", [RESULTS / "accuracy_map" / "qwen15_h200"], 31),
             ("CPU", [RESULTS / "accuracy_map" / "qwen05_cpu"], 31),
+            ("CPU", [RESULTS / "accuracy_map" / "smollm2_cpu"], 31),
         ],
         "ruler",
         ("full", "gemfilter", "snapkv", "streamingllm"),

@@ -118,8 +118,9 @@ def render(folders, all_lengths: bool = False, paired_all: bool = False, tasks=N
 
 def headline(sources: list[tuple[str, list, str]], task: str, methods: tuple[str, ...]) -> str:
     """One compact table over several result folders: per (model, length) the ``methods`` at their defaults on
-    ``task`` (accuracy, paired difference to full attention, KV kept). ``sources``: (label of the machine, folders,
-    the ``dilation`` of the default rule); rows of other parameter variants are left out."""
+    ``task`` (accuracy, paired difference to full attention, KV kept), over the prompts every shown method scored
+    (so ``n`` holds for each cell). ``sources``: (label of the machine, folders, the ``dilation`` of the default
+    rule); rows of other parameter variants are left out."""
     out = [
         "| model | machine | length | n | full % | "
         + " | ".join(f"{m} % (vs full [95%], KV kept)" for m in methods if m != "full")
@@ -132,15 +133,18 @@ def headline(sources: list[tuple[str, list, str]], task: str, methods: tuple[str
             return (
                 p.get("dilation", dilation) == dilation
                 and not p.get("filter_model")
+                and p.get("filter_attention", "dense") == "dense"
                 and p.get("topk", 1024) == 1024
                 and p.get("budget", 1024) == 1024
             )
 
-        rows = [
-            r
-            for r in load_results(folders)
-            if r["task"] == task and r["method"] in methods and at_defaults(r.get("params") or {})
-        ]
+        rows = paired_rows(
+            [
+                r
+                for r in load_results(folders)
+                if r["task"] == task and r["method"] in methods and at_defaults(r.get("params") or {})
+            ]
+        )
         by = {(s["model"], s["length"], s["method"]): s for s in summarize(rows)}
         for model, length in sorted({(m, n) for m, n, _ in by}):
             full = by.get((model, length, "full"))

@@ -191,9 +191,9 @@ def smollm2():
 
 def patch_model_load(monkeypatch, replacement, also_load_model: bool = False) -> None:
     """Replace the CLI's model load (``commands.common.load``; with ``also_load_model``, ``core.models.load_model``
-    too) with ``replacement`` in every module that imported it by name, for one test. The command modules are imported first: a command
-    module first imported while only ``commands.common.load`` was patched would bind the stand-in for good, and
-    later tests would get it."""
+    too) with ``replacement`` in every module that imported it by name, for one test. The command modules are
+    imported first: a command module first imported while only ``commands.common.load`` was patched would bind the
+    stand-in for good, and later tests would get it."""
     import importlib
     import pkgutil
     import sys

@@ -15,7 +15,8 @@ Prompts of 32k and 128k run the paper's dense filter pass; 1M runs the local (li
 
 The 70B target (131 GiB of bfloat16 weights) runs only where it fits one GPU with the draft (an H200); its
 self-filter is timed on a filter-only build (layers 0..36, ``tokensieve.filter_model.build_filter_model``) after
-the full model is freed: the selection alone (``select_s``), and ``ttft_s`` = that + the second pass measured in
+the full model is freed (over chunks of the prompt where one layer's activations over all of it do not fit): the
+selection alone (``select_s``), and ``ttft_s`` = that + the second pass measured in
 the draft cell (the same kept tokens). Cells that cannot fit are recorded as ``skipped`` with the reason
 (estimated from the shapes, before anything is allocated); a cell that runs out of memory anyway is ``oom``.
 
@@ -102,11 +103,12 @@ class Sweep:
         old = json.loads(self.path.read_text()) if self.path.exists() and not args.restart else {}
         self.data: dict[str, Any] = {
             "script": "benchmarks/draft_gpu.py",
-            "command": " ".join(sys.argv),
+            "commands": [*old.get("commands", []), " ".join(sys.argv)],  # every run that added cells
             "topk": args.topk,
             "repeats": args.repeats,
             "environment": environment(self.device),
             "cells": old.get("cells", {}),
+            "targets": old.get("targets", {}),
         }
         self.total = (
             torch.cuda.get_device_properties(self.device).total_memory if self.device.type == "cuda" else 1 << 62
@@ -271,11 +273,14 @@ def run(args: argparse.Namespace) -> None:
             "self_filter_layer": r,
         }
         keys = [f"{tname}/{n}/{v}" for n in args.lengths for v in ("full", "self", *draft_layers)]
-        if all(sw.done(k) for k in keys):
-            continue
+        whole_needed = not all(sw.done(k) for k in keys)
+        if args.slow_self:  # the long self-filter cells skipped by an earlier run without it: run them now
+            for n in args.lengths:
+                if sw.data["cells"].get(f"{tname}/{n}/self", {}).get("status") == "skipped":
+                    del sw.data["cells"][f"{tname}/{n}/self"]
         whole_fits = sw.fits(tw + dw + GIB) and not (args.smoke and tname == "70b")  # smoke: the filter-only path too
         model = None
-        if whole_fits and not sw.over_budget():
+        if whole_needed and whole_fits and not sw.over_budget():
             try:
                 model = build_model(shape, sw.dtype, sw.device, seed=0)
             except torch.OutOfMemoryError:  # the estimate was too kind: the draft cells say so, the sweep goes on
@@ -285,8 +290,9 @@ def run(args: argparse.Namespace) -> None:
             fset = filter_settings(n)
             kept = min(args.topk, n)
             base = tw + dw + kv_bytes(cfg, kept) + act_bytes(cfg, kept)
-            # next to a target that fills the GPU (70B), the draft's dense pass runs layer by layer over chunks
-            dset = fset or ({"chunk_size": CHUNK // 4} if tw > sw.total / 2 else {})
+            # next to a target that fills the GPU (70B), the draft's pass runs over smaller chunks (the dense one
+            # layer by layer over chunks)
+            dset = {**fset, "chunk_size": CHUNK // 4} if tw > sw.total / 2 else fset
             draft_need = base + pass_bytes(dcfg, n, dset)
             for v, layer in draft_layers.items():
                 key = f"{tname}/{n}/{v}"
@@ -362,16 +368,19 @@ def run(args: argparse.Namespace) -> None:
                     sw.free()
             for n in todo:
                 fset = filter_settings(n)
-                if n >= LOCAL_FROM and tname == "70b":
+                if n >= LOCAL_FROM and tname == "70b" and not args.slow_self:
                     sw.record(
                         f"{tname}/{n}/self",
                         {
                             "status": "skipped",
-                            "reason": f"the 70B self-filter's local pass over {n} tokens takes minutes: past this script's time budget",
+                            "reason": f"the 70B self-filter's local pass over {n} tokens takes minutes: --slow-self runs it",
                         },
                     )
                     continue
                 need = fw + dw + pass_bytes(cfg, n, fset)
+                if not sw.fits(need):  # one layer's activations over the whole prompt do not fit: over chunks
+                    fset = {**fset, "chunk_size": CHUNK // 4}
+                    need = fw + dw + pass_bytes(cfg, n, fset)
                 if fm is None:
                     sw.record(
                         f"{tname}/{n}/self",
@@ -446,6 +455,11 @@ def main() -> None:
         "--budget-s", type=float, default=420.0, help="start no new cell after this many seconds (default 420)"
     )
     p.add_argument("--restart", action="store_true", help="forget the cells already in the JSON")
+    p.add_argument(
+        "--slow-self",
+        action="store_true",
+        help="also run the 70B self-filter's local pass at 1M and longer (minutes; skipped by default)",
+    )
     p.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU, short prompts: checks the script")
     args = p.parse_args()
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]

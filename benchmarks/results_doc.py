@@ -70,12 +70,23 @@ def ok(rows: list[dict]) -> list[dict]:
 # --- per-layout renderers -------------------------------------------------------------------------------------
 
 
+def own_70b_filter(cells: dict, seventy: str) -> dict[int, float]:
+    """The 70B shape's own filter pass per length: the run's filter-only cells (``70b/<n>/self``) where it has
+    them, else the dense pass of the earlier H200 file ``seventy``."""
+    own = {r["length"]: r["ttft_s"] for r in load(GPU / seventy)["rows"] if r["label"] == "dense"}
+    for key, c in cells.items():
+        target, length, who = key.split("/")
+        if target == "70b" and who == "self" and c.get("status") == "ok" and c.get("select_s"):
+            own[int(length)] = c["select_s"]
+    return own
+
+
 def draft_gpu(name: str, seventy: str) -> str:
     """GemFilter's selection by a draft model against the target's own filter pass and full attention: TTFT per
     target x length x selector, the draft's selection alone, and that selection next to the 70B self-filter's."""
     d = load(GPU / name)
     cells = d["cells"]
-    self70 = {r["length"]: r["ttft_s"] for r in load(GPU / seventy)["rows"] if r["label"] == "dense"}
+    self70 = own_70b_filter(cells, seventy)
     layers = d["draft"]["layers"]
     rows = []
     order = {"full": 0, "self": 1, "draft_last": 2, "draft_early": 3}
@@ -88,11 +99,12 @@ def draft_gpu(name: str, seventy: str) -> str:
         full = cells.get(f"{target}/{length}/full", {}).get("ttft_s")
         own = cells.get(f"{target}/{length}/self", {}).get("ttft_s")
         sel = cells.get(f"draft/{length}/{who}", {}).get("select_s")
+        how = ", local pass" if c["params"].get("filter_attention") == "local" else ""
         label = {
             "full": "full attention",
-            "self": f"own filter (layer {d['targets'][target]['self_filter_layer']})",
-            "draft_last": f"{d['draft']['shape']} draft, layer {layers['draft_last']} (its last)",
-            "draft_early": f"{d['draft']['shape']} draft, layer {layers['draft_early']}",
+            "self": f"own filter (layer {d['targets'][target]['self_filter_layer']}{how})",
+            "draft_last": f"{d['draft']['shape']} draft, layer {layers['draft_last']} (its last){how}",
+            "draft_early": f"{d['draft']['shape']} draft, layer {layers['draft_early']}{how}",
         }[who]
         n = int(length)
         rows.append(
@@ -122,6 +134,37 @@ def draft_gpu(name: str, seventy: str) -> str:
         ],
         rows,
         right=3,
+    )
+
+
+def draft_gpu_70b(name: str) -> str:
+    """The 70B shape's own filter pass (layers 0..36 on a filter-only build) next to the draft's selection, per
+    length, from one run: what a draft saves a target that fills the GPU."""
+    d = load(GPU / name)
+    cells = d["cells"]
+    layers = d["draft"]["layers"]
+    rows = []
+    for key, c in sorted(cells.items(), key=lambda kv: int(kv[0].split("/")[1])):
+        target, length, who = key.split("/")
+        if target != "70b" or who != "self" or c.get("status") != "ok":
+            continue
+        p = c["params"]
+        how = "local" if p.get("filter_attention") == "local" else "dense"
+        how += f", chunks of {k_len(p['chunk_size'])}" if p.get("chunk_size") else ", one shot"
+        row = [k_len(int(length)), f"{c['select_s']:.2f} s ({how})", f"{c['peak_gib']:.1f}"]
+        for who_d in ("draft_last", "draft_early"):
+            sel = cells.get(f"draft/{length}/{who_d}", {}).get("select_s")
+            row.append("-" if sel is None else f"{sel:.2f} s = {100 * sel / c['select_s']:.1f}%")
+        rows.append(row)
+    return md_table(
+        [
+            "length",
+            "70B own filter pass (layer 36)",
+            "its peak GiB",
+            f"draft, layer {layers['draft_last']} (its last)",
+            f"draft, layer {layers['draft_early']}",
+        ],
+        rows,
     )
 
 
@@ -472,7 +515,8 @@ def stream_ppl() -> str:
 
 TABLES = {
     "accuracy_map_qwen15_h200": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen15_h200"]),
-    "draft_gpu": lambda: draft_gpu("draft_h100/draft_gpu.json", "filter_70b_h200.json"),
+    "draft_gpu": lambda: draft_gpu("draft_h100_1m/draft_gpu.json", "filter_70b_h200.json"),
+    "draft_gpu_70b": lambda: draft_gpu_70b("draft_h100_1m/draft_gpu.json"),
     "training_posttrain": lambda: training_posttrain("training_h100/posttrain_smollm2_gpu.json"),
     "training_kernel": lambda: training_kernel("training_h100/sepllm_train_bench.json"),
     "accuracy_headline": lambda: accuracy_map_table.headline(

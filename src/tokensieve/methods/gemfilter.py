@@ -187,7 +187,9 @@ def flex_local_attention(
     computed (no chunk loop, no dense masks). query [1, hq, q, d] (the last ``q`` of ``K`` positions),
     key/value [1, hkv, K, d] -> [1, hq, q, d]. ``compiled=False`` runs flex's eager reference (CPU tests).
     """
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import flex_attention
+
+    from tokensieve.kernels.flex import block_mask
 
     nq, nk = query.shape[2], key.shape[2]
     offset = nk - nq
@@ -199,7 +201,7 @@ def flex_local_attention(
     key_ = (nq, nk, n_initial, n_recent, str(query.device))
     cached_key, block = _FLEX.get("mask", (None, None))
     if cached_key != key_:  # one mask serves every layer of a pass (same shapes); built by a compiled kernel on CUDA
-        block = create_block_mask(visible, None, None, nq, nk, device=query.device, _compile=compiled)
+        block = block_mask(visible, None, None, nq, nk, device=query.device, compiled=compiled)
         _FLEX["mask"] = (key_, block)
     gqa = query.shape[1] != key.shape[1]
     if compiled:

@@ -114,13 +114,13 @@ class CompactBlockMask:
     which holds some separator). Attention over it equals the dense masked attention (tested)."""
 
     def __init__(self, is_separator: torch.Tensor, n_initial: int, n_recent: int, block_size: int = FLEX_BLOCK):
-        from torch.nn.attention.flex_attention import create_block_mask
+        from tokensieve.kernels.flex import block_mask
 
         b, n = is_separator.shape
         bucket = max(block_size, (n // 16) // block_size * block_size)
         self.spec_pos = special_positions(is_separator, n_initial, bucket)  # [b, s]
         s = self.spec_pos.shape[1]
-        self.block_mask = create_block_mask(
+        self.block_mask = block_mask(
             compact_mask_mod(self.spec_pos, n_initial, n_recent),
             b,
             None,
@@ -128,7 +128,7 @@ class CompactBlockMask:
             s + n,
             device=is_separator.device,
             BLOCK_SIZE=block_size,
-            _compile=is_separator.device.type == "cuda",
+            compiled=is_separator.device.type == "cuda",
         )
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:

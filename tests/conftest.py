@@ -190,10 +190,10 @@ def smollm2():
 
 
 def patch_model_load(monkeypatch, replacement, also_load_model: bool = False) -> None:
-    """Replace the CLI's model load (``commands.common.load``; with ``also_load_model``, ``core.models.load_model``
-    too) with ``replacement`` in every module that imported it by name, for one test. The command modules are
-    imported first: a command module first imported while only ``commands.common.load`` was patched would bind the
-    stand-in for good, and later tests would get it."""
+    """Replace the CLI's model load (``commands.common.load``, which the commands call as ``common.load``; with
+    ``also_load_model``, ``core.models.load_model`` too, in every module that imported it by name) with
+    ``replacement``, for one test. The command modules are imported first, so that none is first imported while
+    the stand-in is in place."""
     import importlib
     import pkgutil
     import sys

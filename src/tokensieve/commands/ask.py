@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 
+from tokensieve.commands import common
 from tokensieve.commands.common import (
     add_method_args,
     add_model_args,
     add_text_args,
     build_methods,
     fmt_bytes,
-    load,
     load_drafts,
     parse_size,
     parse_text,
@@ -56,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     if not doc.strip():
         raise InputError(f"the document {'on standard input' if args.file == '-' else args.file} is empty")
     (method,) = build_methods(args)
-    model, tok = load(args)
+    model, tok = common.load(args)
     load_drafts(args, [method], model, tok)
     import sys
 

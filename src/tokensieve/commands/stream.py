@@ -10,7 +10,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from tokensieve.commands.common import MB, add_model_args, add_text_args, load, parse_size, print_json
+from tokensieve.commands import common
+from tokensieve.commands.common import MB, add_model_args, add_text_args, parse_size, print_json
 from tokensieve.errors import InputError
 
 # Old flag -> current flag; the old ones still work for one release, with a deprecation line.
@@ -188,7 +189,7 @@ def run(args: argparse.Namespace) -> int:
     text = read_document(path, args.encoding, args.encoding_errors)
     if args.max_tokens:
         text = text[: args.max_tokens * 12]  # plenty of characters; tokenizing a whole huge file is slow
-    model, tok = load(args)
+    model, tok = common.load(args)
     ids = tok(text, return_tensors="pt")["input_ids"][0]
     total = min(ids.numel(), args.max_tokens or ids.numel())
     bar = tqdm(total=total, desc=f"stream {args.method}", unit="tok", file=sys.stderr)

@@ -168,6 +168,42 @@ def draft_gpu_70b(name: str) -> str:
     )
 
 
+def draft_multiturn_cpu(folders: list[Path]) -> str:
+    """Multi-turn conversations (``eval multiturn``) of one model, its own GemFilter against the draft's selection
+    and full attention: conversations, turns answered, and the median TTFT of first and later turns."""
+    from tokensieve.evaluation.report import load_results
+
+    rows = [r for r in load_results(folders) if r["task"] == "multiturn" and r.get("score") is not None]
+    out = []
+    for label, want in (
+        ("full attention", lambda r: r["method"] == "full"),
+        ("own GemFilter", lambda r: r["method"] == "gemfilter" and not r["params"].get("filter_model")),
+        ("0.5B draft's selection", lambda r: r["method"] == "gemfilter" and r["params"].get("filter_model")),
+    ):
+        rs = [r for r in rows if want(r)]
+        if not rs:
+            continue
+        turns = [t for r in rs for t in r["turn_scores"]]
+        first = sorted(r["ttft_s_first"] for r in rs)
+        later = sorted(r["ttft_s_later"] for r in rs)
+        out.append(
+            [
+                label,
+                k_len(rs[0]["length"]),
+                str(len(rs)),
+                f"{sum(turns):g} / {len(turns)}",
+                f"{first[len(first) // 2]:.1f} s",
+                f"{later[len(later) // 2]:.1f} s",
+                str(max(r["kept_tokens"] for r in rs)),
+            ]
+        )
+    return md_table(
+        ["selection", "length", "conversations", "turns answered", "TTFT, first turn", "TTFT, later turns", "kept"],
+        out,
+        right=1,
+    )
+
+
 def training_posttrain(name: str) -> str:
     """Before / after post-training under SepLLM's rule: held-out perplexity under both rules, needle accuracy, KV."""
     d = load(GPU / name)
@@ -517,6 +553,9 @@ TABLES = {
     "accuracy_map_qwen15_h200": lambda: accuracy_map_table.render([RESULTS / "accuracy_map" / "qwen15_h200"]),
     "draft_gpu": lambda: draft_gpu("draft_h100_1m/draft_gpu.json", "filter_70b_h200.json"),
     "draft_gpu_70b": lambda: draft_gpu_70b("draft_h100_1m/draft_gpu.json"),
+    "draft_multiturn_cpu": lambda: draft_multiturn_cpu(
+        [RESULTS / "draft" / "qwen15_cpu" / "own", RESULTS / "draft" / "qwen15_cpu" / "draft"]
+    ),
     "training_posttrain": lambda: training_posttrain("training_h100/posttrain_smollm2_gpu.json"),
     "training_kernel": lambda: training_kernel("training_h100/sepllm_train_bench.json"),
     "accuracy_headline": lambda: accuracy_map_table.headline(

@@ -262,3 +262,16 @@ def test_the_selection_endpoint_answers_any_body_with_200_or_a_4xx(fuzz_server, 
     else:
         assert r.json()["error"]["message"] and "internal_error" not in r.text, r.text[:300]
     assert not [rec for rec in app.state.engine.records if rec.outcome == "failed"]
+
+
+def test_api_error_response_carries_status_body_and_headers():
+    from tokensieve.serve.protocol import client_gone
+
+    err = APIError(429, "the queue is full", type="rate_limit_error", code="queue_full", headers={"Retry-After": "3"})
+    res = err.response()
+    assert res.status_code == 429 and res.headers["retry-after"] == "3"
+    assert json.loads(res.body) == {
+        "error": {"message": "the queue is full", "type": "rate_limit_error", "param": None, "code": "queue_full"}
+    }
+    gone = client_gone().response()
+    assert gone.status_code == 499 and json.loads(gone.body)["error"]["code"] == "cancelled"

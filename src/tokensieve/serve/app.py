@@ -299,10 +299,6 @@ def _usage(ev: Finished) -> dict[str, Any]:
     )
 
 
-def _error_response(err: APIError) -> JSONResponse:
-    return JSONResponse(err.body(), status_code=err.status, headers=err.headers or None)
-
-
 def create_app(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -419,7 +415,7 @@ def app_for_engine(
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
-        return _error_response(exc)
+        return exc.response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -514,15 +510,15 @@ def app_for_engine(
         try:
             ev = await next_event(job, request)  # headers wait for the first token, so errors get their status
             if isinstance(ev, Failed):
-                return _error_response(ev.error)
+                return ev.error.response()
             if req.stream:
                 return _JobStream(stream_events(kind, req, job, ev, rid, created_at), job, engine)
             while not isinstance(ev, Finished):
                 if isinstance(ev, Failed):
-                    return _error_response(ev.error)
+                    return ev.error.response()
                 ev = await next_event(job, request)
         except ClientGone:
-            return _error_response(client_gone())
+            return client_gone().response()
         except BaseException:
             engine.cancel(job, "cancelled")
             raise

@@ -54,6 +54,12 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, type=self.type, param=self.param, code=self.code)
 
+    def response(self) -> Any:
+        """The error as the server answers it: a JSON response with its status and headers."""
+        from fastapi.responses import JSONResponse  # the serve extra; this module itself needs no fastapi
+
+        return JSONResponse(self.body(), status_code=self.status, headers=self.headers or None)
+
 
 def error_body(message: str, *, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}

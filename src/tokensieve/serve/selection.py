@@ -43,7 +43,7 @@ from tokensieve.serve.jobs import (
     shutting_down_error,
     submit_or_refuse,
 )
-from tokensieve.serve.protocol import APIError, GenerationRequest, error_body, invalid, parse_json_object
+from tokensieve.serve.protocol import APIError, GenerationRequest, invalid, parse_json_object
 from tokensieve.serve.protocol import client_gone as gone
 
 log = logging.getLogger(__name__)
@@ -286,16 +286,16 @@ def add_selection_routes(
                     return ev
                 if isinstance(ev, Failed):
                     err = ev.error
-                    return JSONResponse(
-                        error_body(
-                            f"{prepared.method.name}: {err.message}", type=err.type, param=err.param, code=err.code
-                        ),
-                        status_code=err.status,
-                        headers=err.headers or None,
-                    )
+                    return APIError(
+                        err.status,
+                        f"{prepared.method.name}: {err.message}",
+                        type=err.type,
+                        param=err.param,
+                        code=err.code,
+                        headers=err.headers,
+                    ).response()
         except client_gone:
-            err = gone()
-            return JSONResponse(err.body(), status_code=err.status)
+            return gone().response()
         except BaseException:
             engine.cancel(job, "cancelled")
             raise

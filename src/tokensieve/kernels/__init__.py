@@ -1,3 +1,4 @@
-"""Triton kernels as torch functions: fused attention scoring and split-KV decode attention.
+"""Kernels as torch functions: Triton's fused attention scoring and split-KV decode attention (imported only where
+a GPU call may use them), and FlexAttention block masks (``flex``: compiled on CUDA, eager elsewhere).
 
-Optional: imported only where a GPU call may use them. Imports nothing else from tokensieve."""
+Imports nothing else from tokensieve."""

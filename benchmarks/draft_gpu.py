@@ -36,7 +36,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import torch
 
@@ -44,6 +44,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "src"))
 
 GIB = 1 << 30
+
+
+def bad_input(message: str) -> NoReturn:
+    """One line on stderr and exit code 2, as the CLI answers bad input."""
+    print(f"draft_gpu.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 TARGETS = {"8b": "llama3.1-8b", "70b": "llama3.1-70b"}
 DRAFT_SHAPE = "llama3.2-1b"
 SELF_LAYER = {"llama3.1-8b": 13, "llama3.1-70b": 36, "tiny": 2}  # the 8B's is the paper's; 70B: int(0.45 * 80)
@@ -59,9 +67,12 @@ def parse_sizes(text: str) -> list[int]:
     for part in text.split(","):
         t = part.strip().lower()
         mult = {"k": 1024, "m": 1 << 20}.get(t[-1:], 1)
-        out.append(int(float(t[:-1] if mult > 1 else t) * mult))
-    if not out or any(n < 64 for n in out):
-        raise SystemExit(f"draft_gpu.py: --lengths must be sizes >= 64, got {text!r}")
+        try:
+            out.append(int(float(t[:-1] if mult > 1 else t) * mult))
+        except ValueError:
+            bad_input(f"--lengths must be sizes such as 32k,128k,1m; got {text!r}")
+    if not out or any(not 64 <= n <= 1 << 22 for n in out):
+        bad_input(f"--lengths must be sizes from 64 to 4m, got {text!r}")
     return out
 
 
@@ -464,9 +475,9 @@ def main() -> None:
     args = p.parse_args()
     args.targets = [t.strip() for t in args.targets.split(",") if t.strip()]
     if not args.targets or any(t not in TARGETS for t in args.targets):
-        raise SystemExit(f"draft_gpu.py: --targets must be a subset of {list(TARGETS)}, got {args.targets}")
+        bad_input(f"--targets must be a subset of {list(TARGETS)}, got {args.targets}")
     if not 1 <= args.topk <= 1 << 20 or not 1 <= args.repeats <= 10 or not args.budget_s > 0:
-        raise SystemExit("draft_gpu.py: --topk in [1, 1M], --repeats in [1, 10], --budget-s > 0")
+        bad_input("--topk in [1, 1M], --repeats in [1, 10], --budget-s > 0")
     args.lengths = parse_sizes(args.lengths)
     if args.smoke:
         global LOCAL_FROM, CHUNK, FULL_MAX_TOKENS

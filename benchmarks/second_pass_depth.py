@@ -22,6 +22,7 @@ import os
 import sys
 from dataclasses import asdict
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 
@@ -31,13 +32,19 @@ sys.path.insert(0, str(ROOT / "src"))
 GIB = 1 << 30
 
 
+def bad_input(message: str) -> NoReturn:
+    """One line on stderr and exit code 2, as the CLI answers bad input."""
+    print(f"second_pass_depth.py: error: {message}", file=sys.stderr)
+    raise SystemExit(2)
+
+
 def parse_ints(text: str, what: str, lo: int, hi: int) -> list[int]:
     try:
         out = sorted({int(t) for t in text.split(",") if t.strip()})
     except ValueError:
-        raise SystemExit(f"second_pass_depth.py: {what} must be comma-separated integers, got {text!r}") from None
+        bad_input(f"{what} must be comma-separated integers, got {text!r}")
     if len(out) < 2 or not all(lo <= v <= hi for v in out):
-        raise SystemExit(f"second_pass_depth.py: {what} needs two or more values in [{lo}, {hi}], got {text!r}")
+        bad_input(f"{what} needs two or more values in [{lo}, {hi}], got {text!r}")
     return out
 
 
@@ -95,9 +102,9 @@ def main() -> None:
         args.shape, args.check_shape, args.layers, args.check_layers, args.tokens = "tiny", "tiny", "1,2", "1,2", 64
     for s in (args.shape, args.check_shape):
         if s not in SHAPES:
-            raise SystemExit(f"second_pass_depth.py: unknown shape {s!r}; expected one of: {', '.join(SHAPES)}")
+            bad_input(f"unknown shape {s!r}; expected one of: {', '.join(SHAPES)}")
     if not 1 <= args.tokens <= 1 << 20 or not 1 <= args.repeats <= 20:
-        raise SystemExit("second_pass_depth.py: --tokens in [1, 1M], --repeats in [1, 20]")
+        bad_input("--tokens in [1, 1M], --repeats in [1, 20]")
     full_depth = shape_config(args.shape).num_hidden_layers
     check_depth = shape_config(args.check_shape).num_hidden_layers
     layers = parse_ints(args.layers, "--layers", 1, full_depth)

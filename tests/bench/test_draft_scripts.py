@@ -59,5 +59,20 @@ def test_second_pass_depth_fit_recovers_a_line_and_the_smoke_run_reports_both_sh
     t = d["target"]
     assert t["estimate_s"] == pytest.approx(t["intercept_s"] + t["per_layer_s"] * 4)
     assert d["check"]["measured_s"] == d["rows"][2]["ttft_s"]
-    bad = script("second_pass_depth.py", "--layers", "40")
-    assert bad.returncode != 0 and "--layers needs two or more values" in bad.stderr
+    for args, said in ((["--layers", "40"], "--layers needs two or more values"), (["--layers", "a,b"], "integers")):
+        bad = script("second_pass_depth.py", *args)
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and said in bad.stderr, bad.stderr
+
+
+@pytest.mark.parametrize(
+    "args,said",
+    [
+        (["--lengths", "32q"], "sizes such as"),
+        (["--lengths", "8m"], "from 64 to 4m"),
+        (["--targets", "13b"], "subset of"),
+        (["--topk", "0"], "--topk in"),
+    ],
+)
+def test_draft_gpu_refuses_bad_arguments_in_one_line(args, said):
+    bad = script("draft_gpu.py", *args)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and said in bad.stderr, bad.stderr

@@ -17,8 +17,9 @@ The 70B target (131 GiB of bfloat16 weights) runs only where it fits one GPU wit
 self-filter is timed on a filter-only build (layers 0..36,
 ``tokensieve.integrations.filter_model.build_filter_model``) after the full model is freed (over chunks of the
 prompt where one layer's activations over all of it do not fit): the selection alone (``select_s``), and
-``ttft_s`` = that + the second pass measured in the draft cell (the same kept tokens). Cells that cannot fit are recorded as ``skipped`` with the reason
-(estimated from the shapes, before anything is allocated); a cell that runs out of memory anyway is ``oom``.
+``ttft_s`` = that + the second pass measured in the draft cell (the same kept tokens). Cells that cannot fit are
+recorded as ``skipped`` with the reason (estimated from the shapes, before anything is allocated); a cell that
+runs out of memory anyway is ``oom``.
 
 Resumable: the JSON is rewritten after every cell, and a rerun skips the cells already in it (``--restart``
 forgets them). ``--budget-s`` stops starting new cells past that many seconds (the rest are left for a rerun).

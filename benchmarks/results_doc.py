@@ -171,6 +171,7 @@ def draft_gpu_70b(name: str) -> str:
 def draft_multiturn_cpu(folders: list[Path]) -> str:
     """Multi-turn conversations (``eval multiturn``) of one model, its own GemFilter against the draft's selection
     and full attention: conversations, turns answered, and the median TTFT of first and later turns."""
+    from tokensieve.bench.roofline import median
     from tokensieve.evaluation.report import load_results
 
     rows = [r for r in load_results(folders) if r["task"] == "multiturn" and r.get("score") is not None]
@@ -184,16 +185,14 @@ def draft_multiturn_cpu(folders: list[Path]) -> str:
         if not rs:
             continue
         turns = [t for r in rs for t in r["turn_scores"]]
-        first = sorted(r["ttft_s_first"] for r in rs)
-        later = sorted(r["ttft_s_later"] for r in rs)
         out.append(
             [
                 label,
                 k_len(rs[0]["length"]),
                 str(len(rs)),
                 f"{sum(turns):g} / {len(turns)}",
-                f"{first[len(first) // 2]:.1f} s",
-                f"{later[len(later) // 2]:.1f} s",
+                f"{median([r['ttft_s_first'] for r in rs]):.1f} s",
+                f"{median([r['ttft_s_later'] for r in rs]):.1f} s",
                 str(max(r["kept_tokens"] for r in rs)),
             ]
         )

@@ -19,6 +19,7 @@ import argparse
 import gc
 import json
 import os
+import statistics
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -50,33 +51,21 @@ def parse_ints(text: str, what: str, lo: int, hi: int) -> list[int]:
 
 def fit(points: list[tuple[int, float]]) -> tuple[float, float]:
     """Least-squares intercept and slope of (layers, seconds)."""
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    slope = sum((x - mx) * (y - my) for x, y in points) / sum((x - mx) ** 2 for x, _ in points)
-    return my - slope * mx, slope
+    slope, intercept = statistics.linear_regression([x for x, _ in points], [y for _, y in points])
+    return intercept, slope
 
 
 def time_depth(shape: str, layers: int, tokens: int, repeats: int, device: torch.device, dtype: torch.dtype) -> dict:
     """TTFT of full attention over ``tokens`` on ``shape`` cut to ``layers`` decoder layers (random weights)."""
-    from transformers import AutoModelForCausalLM
-
-    from tokensieve.bench.timing import bench_method, shape_config
-    from tokensieve.core.attention import use_tokensieve_attention
+    from tokensieve.bench.roofline import weights_bytes
+    from tokensieve.bench.timing import bench_method, build_model
     from tokensieve.methods import make_method
 
-    cfg = shape_config(shape)
-    cfg.num_hidden_layers = layers
-    torch.manual_seed(0)
-    with torch.device(device):
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
-    model.eval()
-    model.generation_config.eos_token_id = None
-    use_tokensieve_attention(model)
+    model = build_model(shape, dtype, device, seed=0, layers=layers)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     row = asdict(bench_method(model, make_method("full"), tokens, repeats=repeats, decode_tokens=0, cold_run=True))
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weights_bytes(model)
     del model
     gc.collect()
     if device.type == "cuda":

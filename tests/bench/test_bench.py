@@ -487,3 +487,16 @@ def test_e2e_bars_merge_runs_and_refuse_results_without_e2e(tmp_path):
     bad["rows"][0]["e2e_s"] = None
     with pytest.raises(ValueError, match="no row with an end-to-end latency"):
         e2e_bars([bad], tmp_path / "none.png")
+
+
+def test_build_model_cuts_the_decoder_stack_to_layers_and_bounds_it():
+    from tokensieve.bench.timing import shape_config
+    from tokensieve.errors import InputError
+
+    whole = shape_config("tiny").num_hidden_layers
+    cut = build_model("tiny", torch.float32, "cpu", layers=1)
+    assert whole > 1 and cut.config.num_hidden_layers == 1 and len(cut.model.layers) == 1
+    same = build_model("tiny", torch.float32, "cpu")
+    assert len(same.model.layers) == whole
+    with pytest.raises(InputError, match="layers"):
+        shape_config("tiny", layers=0)

@@ -122,11 +122,13 @@ SHAPES: dict[str, dict[str, Any]] = {
 }
 
 
-def shape_config(shape: str) -> PretrainedConfig:
-    """The transformers config of one of :data:`SHAPES`."""
+def shape_config(shape: str, layers: int | None = None) -> PretrainedConfig:
+    """The transformers config of one of :data:`SHAPES`; ``layers``: its decoder stack cut (or grown) to that many."""
     if shape not in SHAPES:
         raise InputError(f"unknown shape {shape!r}; expected one of: {', '.join(SHAPES)}")
     cfg = dict(SHAPES[shape])
+    if layers is not None:
+        cfg["num_hidden_layers"] = check_int("layers", layers, 1, 1024)
     model_type = cfg.pop("model_type")
     return AutoConfig.for_model(model_type, **cfg)
 
@@ -143,9 +145,12 @@ def shape_parameters(shape: str) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-def build_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0) -> PreTrainedModel:
-    """A causal LM in ``shape``'s architecture with random weights, built directly on ``device``."""
-    config = shape_config(shape)
+def build_model(
+    shape: str, dtype: torch.dtype, device: str | torch.device, seed: int = 0, layers: int | None = None
+) -> PreTrainedModel:
+    """A causal LM in ``shape``'s architecture with random weights, built directly on ``device`` (``layers``: see
+    :func:`shape_config`)."""
+    config = shape_config(shape, layers)
     torch.manual_seed(seed)
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
